@@ -1,0 +1,36 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install system-deps test demo bench clean
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Prometheus, promtool, Alertmanager and amtool from Debian's packages (needs root);
+# PostgreSQL 15's server binaries are expected on the machine.
+system-deps:
+	@if command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; \
+	else echo "note: prometheus/alertmanager not installed and not root: tests that need them will skip"; fi
+
+test: install system-deps
+	$(PY) -m pytest -q -ra
+
+demo: install
+	$(VENV)/bin/numwatch demo
+
+bench: install
+	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""numwatch's training-side hooks: ``watcher = hooks.watch(model, optimizer, scaler=scaler)``."""
