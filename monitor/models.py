@@ -1,0 +1,184 @@
+"""SQLAlchemy 2 models of the collector's store (schema changes go through Alembic).
+
+Per-step per-tensor statistics are stored packed: one ``steps`` row per (run, rank,
+step) whose ``tensor_stats`` blob is the concatenation of the raw little-endian arrays
+named, in order, by ``stat_names`` (dtypes from ``hooks.protocol.TENSOR_STATS``; each
+array has one element per tensor of the run's schema). Run-level state that /metrics
+serves (counters, last values) lives in ``rank_state`` and is updated in the same
+transaction as the steps it counts, so every replica sharing the database reports the
+same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from hooks.protocol import decode_float
+
+# Upper bounds of the classic histogram of the global gradient norm exported to
+# Prometheus (log-spaced, one per decade; +Inf is implicit). Spikes between scrapes
+# survive in these counts.
+GRAD_NORM_BUCKETS: tuple[float, ...] = tuple(10.0**e for e in range(-8, 9))
+
+
+class ExactFloat(TypeDecorator):
+    """A float column that keeps NaN and ±Inf on every backend.
+
+    PostgreSQL's double precision holds them natively; SQLite turns a NaN REAL into
+    NULL, so there NaN is stored as the text 'NaN' (a REAL-affinity column keeps text
+    that does not look numeric) and read back as float('nan').
+    """
+
+    impl = Float(precision=53)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is None:
+            return None
+        value = float(value)
+        if dialect.name == "sqlite" and math.isnan(value):
+            return "NaN"
+        return value
+
+    def process_result_value(self, value: Any, dialect: Any) -> float | None:
+        return decode_float(value)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Token(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project: Mapped[str] = mapped_column(String(200), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    # sha256 hex of the token; the token itself is never stored.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(512), unique=True)
+    project: Mapped[str] = mapped_column(String(200), index=True)
+    format: Mapped[str] = mapped_column(String(16))
+    world_size: Mapped[int] = mapped_column(Integer, default=1)
+    tensors: Mapped[list] = mapped_column(JSON)  # [{"name","shape","dtype","group"}]
+    modules: Mapped[list] = mapped_column(JSON, default=list)
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    # running | finished | crashed; "stale" is derived at read time from last_seen_at.
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Step(Base):
+    __tablename__ = "steps"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    time: Mapped[float] = mapped_column(Float(precision=53))
+    step_time: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    loss: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    loss_scale: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    new_loss_scale: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    scale_decision: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
+    global_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    headroom_bits: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    lr: Mapped[list] = mapped_column(JSON, default=list)
+    scalars: Mapped[dict] = mapped_column(JSON, default=dict)  # floats encoded as in the protocol
+    stat_names: Mapped[str] = mapped_column(Text, default="")  # comma-separated, blob order
+    tensor_stats: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    activation_absmax: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    activation_nonfinite: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class Histogram(Base):
+    __tablename__ = "histograms"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # grad | weight
+    exponent: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x EXPONENT_BINS
+    linear_min: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
+    linear_max: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
+    linear: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x LINEAR_BINS
+
+
+class Event(Base):
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("run_id", "rank", "step", "kind", name="uq_event_run_rank_step_kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    time: Mapped[float] = mapped_column(Float(precision=53))
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class RankState(Base):
+    """Run-level state per (run, rank), updated with each ingested batch; /metrics reads it."""
+
+    __tablename__ = "rank_state"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_step_time: Mapped[float] = mapped_column(Float(precision=53), default=0.0)  # epoch s
+    steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    skipped_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    nonfinite_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)  # any non-finite grad
+    nonfinite_loss_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    loss_scale_backoffs_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    loss_scale_growths_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Classic histogram of global_grad_norm: non-cumulative counts per GRAD_NORM_BUCKETS
+    # bound plus a final +Inf (and NaN) bucket, and the sum of finite observations.
+    grad_norm_bucket_counts: Mapped[list] = mapped_column(JSON, default=list)
+    grad_norm_sum: Mapped[float] = mapped_column(Float(precision=53), default=0.0)
+    # Last values (of the highest step seen).
+    loss: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    loss_scale: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    global_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    max_layer_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    layers_nonfinite: Mapped[int] = mapped_column(Integer, default=0)
+    headroom_bits: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    lr: Mapped[list] = mapped_column(JSON, default=list)
+    # Share of gradient elements per format-count outcome at the last step that had them.
+    zero_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    underflow_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    subnormal_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    overflow_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    # Sampled: mean over tensors at the last sampled step.
+    stale_fraction: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    update_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
