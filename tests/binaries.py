@@ -1,0 +1,22 @@
+"""Locating external server binaries for tests: skip locally when absent, fail in CI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+REQUIRE_ENV = "NUMWATCH_REQUIRE_BINARIES"
+
+
+def require_binary(name: str) -> str:
+    """Path of ``name`` on PATH; skips the test when it is missing, or fails when
+    NUMWATCH_REQUIRE_BINARIES=1 (CI installs every binary and must not skip)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    reason = f"{name} is not installed (Debian: apt-get install prometheus prometheus-alertmanager; PostgreSQL 15 server binaries for initdb/pg_ctl)"
+    if os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_ENV}=1 requires it")
+    pytest.skip(reason)
