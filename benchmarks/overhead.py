@@ -1,0 +1,92 @@
+"""Training-step overhead of hooks.watch against an uninstrumented baseline, same process.
+
+    python benchmarks/overhead.py [--rounds 6 --steps 8]
+
+A GPT-style transformer (4 layers, d_model 256) is trained on CPU in fp32 and under
+bf16 autocast. For each watcher configuration, a baseline model and a watched copy are
+stepped in interleaved blocks (baseline block, watched block, ...) so drift in machine
+load hits both alike; the printed ratio is median(watched step) / median(baseline step).
+Targets (issue #2): defaults <= 1.03x, activation tracing <= 1.05x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hooks  # noqa: E402
+from monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches  # noqa: E402
+
+VARIANTS: dict[str, dict] = {
+    "defaults": {},
+    "format counts every step": {"format_every": 1},
+    "histograms every step": {"histogram_every": 1},
+    "activation tracing": {"trace_activations": True},
+}
+
+
+def step_times(model, optimizer, batches, n: int, autocast_dtype) -> list[float]:
+    times = []
+    for _ in range(n):
+        inputs, targets = next(batches)
+        start = time.perf_counter()
+        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        with ctx:
+            loss = lm_loss(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(variant: dict, autocast_dtype, batch_size: int, rounds: int, steps: int, spool: str) -> tuple[float, float]:
+    torch.manual_seed(0)
+    cfg = GPTConfig()
+    base_model = TinyGPT(cfg)
+    watched_model = copy.deepcopy(base_model)
+    base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-3)
+    watched_opt = torch.optim.AdamW(watched_model.parameters(), lr=1e-3)
+    base_batches = synthetic_batches(cfg, batch_size, seed=1)
+    watched_batches = synthetic_batches(cfg, batch_size, seed=1)
+    base_times: list[float] = []
+    watched_times: list[float] = []
+    with hooks.watch(watched_model, watched_opt, run="bench", spool_dir=spool, **variant):
+        # warm-up (allocator, first-call overheads, thread start) is not measured
+        step_times(base_model, base_opt, base_batches, 2, autocast_dtype)
+        step_times(watched_model, watched_opt, watched_batches, 2, autocast_dtype)
+        for _ in range(rounds):
+            base_times += step_times(base_model, base_opt, base_batches, steps, autocast_dtype)
+            watched_times += step_times(watched_model, watched_opt, watched_batches, steps, autocast_dtype)
+    return statistics.median(base_times), statistics.median(watched_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved blocks per configuration")
+    parser.add_argument("--steps", type=int, default=8, help="steps per block")
+    parser.add_argument("--bf16-batch", type=int, default=2, help="batch size under bf16 autocast (CPU bf16 matmul is slow)")
+    parser.add_argument("--batch", type=int, default=16, help="batch size in fp32")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median step time, interleaved, same process")
+    print(f"{'precision':<10} {'configuration':<26} {'baseline ms':>12} {'watched ms':>11} {'ratio':>7}")
+    with tempfile.TemporaryDirectory() as spool:
+        for precision, dtype, batch in (("fp32", None, args.batch), ("bf16", torch.bfloat16, args.bf16_batch)):
+            for name, variant in VARIANTS.items():
+                base, watched = measure(variant, dtype, batch, args.rounds, args.steps, spool)
+                print(f"{precision:<10} {name:<26} {base * 1e3:>12.2f} {watched * 1e3:>11.2f} {watched / base:>6.3f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

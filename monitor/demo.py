@@ -1,0 +1,177 @@
+"""`numwatch demo`: a watched fp16 training run that goes wrong on purpose, end to end.
+
+It starts a collector on a temporary SQLite database (or uses ``--url``), trains a small
+transformer on CPU under fp16 autocast with a GradScaler, and partway through provokes a
+real instability: a learning-rate spike that explodes the gradients, loss-scale backoffs,
+then NaN. At the end it prints what the collector detected and where to look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, TextIO
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    steps: int = 240
+    spike_at: int = 120  # learning rate jumps here ...
+    spike_lr: float = 50.0  # ... to this, which sends the weights (and fp16 activations) to Inf
+    base_lr: float = 3e-3
+    batch_size: int = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _get_json(url: str, timeout: float = 5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``{url}/readyz`` until the collector answers 200 (or fail with its output)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the collector exited with code {proc.returncode} before becoming ready")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.2)
+    raise RuntimeError(f"the collector at {url} was not ready after {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def local_collector(workdir: str) -> Iterator[str]:
+    """A collector subprocess on 127.0.0.1 with its own SQLite file; yields its URL."""
+    port = _free_port()
+    database_url = f"sqlite:///{os.path.join(workdir, 'demo.db')}"
+    log_path = os.path.join(workdir, "collector.log")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+             "--database-url", database_url],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_ready(url, proc=proc)
+        except RuntimeError:
+            with open(log_path, encoding="utf-8", errors="replace") as log:
+                sys.stderr.write(log.read()[-4000:])
+            raise
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
+    """The user's training loop: unchanged except for the one ``hooks.watch`` line."""
+    import torch
+
+    import hooks
+    from monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=512, context=32, d_model=128, n_heads=4, n_layers=2)
+    model = TinyGPT(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=plan.base_lr)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=50)
+    batches = synthetic_batches(cfg, plan.batch_size)
+
+    watcher = hooks.watch(model, optimizer, scaler=scaler, run=run, url=url, token=None,
+                          histogram_every=20, trace_activations=True, on_nonfinite="ignore",
+                          config={"model": "TinyGPT", "precision": "fp16-autocast", "demo": True})
+    with watcher:
+        for step in range(1, plan.steps + 1):
+            if step == plan.spike_at:
+                for group in optimizer.param_groups:
+                    group["lr"] = plan.spike_lr
+                out.write(f"  step {step}: learning rate spiked to {plan.spike_lr} (the mistake)\n")
+            inputs, targets = next(batches)
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = lm_loss(model(inputs), targets)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if step % 20 == 0 or step == plan.steps:
+                _progress(out, step, plan.steps, float(loss), scaler.get_scale())
+
+
+def _progress(out: TextIO, step: int, total: int, loss: float, scale: float) -> None:
+    width = 30
+    done = width * step // total
+    out.write(f"  [{'#' * done}{'.' * (width - done)}] step {step:>4}/{total}  loss {loss:>9.4g}  loss scale {scale:>8.4g}\n")
+    out.flush()
+
+
+def report(url: str, run: str, out: TextIO, timeout: float = 30.0) -> list[dict]:
+    """Wait until every step is stored, then print the detected events and where to look."""
+    deadline = time.monotonic() + timeout
+    info = {}
+    while time.monotonic() < deadline:
+        info = _get_json(f"{url}/api/v1/runs/{run}")
+        if info.get("status") in ("finished", "crashed"):
+            break
+        time.sleep(0.3)
+    events = _get_json(f"{url}/api/v1/runs/{run}/events")
+    by_kind = Counter(e["kind"] for e in events)
+    first = {}
+    for event in sorted(events, key=lambda e: e["step"]):
+        first.setdefault(event["kind"], event)
+    out.write(f"\nThe collector detected {len(events)} events in run {run!r}:\n")
+    out.write(f"  {'kind':<22} {'count':>5}  {'first at step':>13}  details of the first\n")
+    for kind, count in sorted(by_kind.items(), key=lambda kv: first[kv[0]]["step"]):
+        details = json.dumps(first[kind]["details"])[:70]
+        out.write(f"  {kind:<22} {count:>5}  {first[kind]['step']:>13}  {details}\n")
+    out.write(
+        "\nWhere to look:\n"
+        f"  runs:     {url}/api/v1/runs\n"
+        f"  events:   {url}/api/v1/runs/{run}/events\n"
+        f"  series:   {url}/api/v1/runs/{run}/series?metric=global_grad_norm&max_points=50\n"
+        f"  metrics:  {url}/metrics   (what Prometheus scrapes; alert rules in deploy/prometheus/)\n"
+    )
+    return events
+
+
+def run_demo(url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: bool = False, out: TextIO = sys.stdout) -> list[dict]:
+    """The whole demo; returns the events the collector stored."""
+    run = f"demo-fp16-{time.strftime('%Y%m%d-%H%M%S')}"
+    with contextlib.ExitStack() as stack:
+        if url is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="numwatch-demo-"))
+            out.write("Starting a collector on a temporary SQLite database ...\n")
+            url = stack.enter_context(local_collector(workdir))
+        out.write(f"Collector at {url}. Training {run!r}: TinyGPT, fp16 autocast + GradScaler, CPU\n")
+        started = time.monotonic()
+        train(url, run, plan, out)
+        out.write(f"Training finished in {time.monotonic() - started:.0f} s.\n")
+        events = report(url, run, out)
+        if keep_serving:
+            out.write("Collector still serving; press Ctrl-C to stop.\n")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+        return events
