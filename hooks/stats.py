@@ -141,12 +141,6 @@ def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.stack(nan_counts), torch.stack(inf_counts)])
 
 
-def _float32_nextdown(value: float) -> float:
-    """The largest float32 strictly below float32(value) (toward zero, value >= 0)."""
-    rounded = torch.tensor(value, dtype=torch.float32)
-    return float(torch.nextafter(rounded, torch.zeros((), dtype=torch.float32)))
-
-
 @functools.lru_cache(maxsize=64)
 def _format_boundaries(fmt: FormatSpec, device: torch.device) -> Tensor:
     """float32 bucket boundaries for |x| such that ``bucketize`` (b[i-1] < |x| <= b[i]) yields
@@ -163,15 +157,19 @@ def _format_boundaries(fmt: FormatSpec, device: torch.device) -> Tensor:
     Cached per (format, device) so the small host-to-device copy happens once.
     """
     half_subnormal = fmt.smallest_subnormal / 2
-    subnormal_limit = _float32_nextdown(fmt.smallest_normal - half_subnormal)
     if fmt.has_inf:
-        mantissa, exponent = math.frexp(fmt.max)  # max = mantissa * 2**exponent, mantissa in [0.5, 1)
+        _, exponent = math.frexp(fmt.max)  # max = m * 2**exponent with m in [0.5, 1)
         ulp_of_max = math.ldexp(torch.finfo(fmt.dtype).eps, exponent - 1)
-        normal_limit = _float32_nextdown(fmt.max + ulp_of_max / 2)
+        overflow_limit = fmt.max + ulp_of_max / 2  # the first |x| that casts to Inf
     else:
-        normal_limit = fmt.max
-    boundaries = [0.0, half_subnormal, subnormal_limit, normal_limit, float(torch.finfo(torch.float32).max)]
-    return torch.tensor(boundaries, dtype=torch.float32).to(device)
+        overflow_limit = fmt.max  # the last |x| that is not an overflow
+    largest_float32 = torch.finfo(torch.float32).max
+    # Rounded to float32 by the constructor (to nearest even; beyond the range to Inf).
+    limits = torch.tensor([0.0, half_subnormal, fmt.smallest_normal - half_subnormal, overflow_limit, largest_float32], dtype=torch.float32)
+    # Bucket edges are inclusive: "|x| below a limit" becomes "|x| <= the float32 just below it".
+    below = [2, 3] if fmt.has_inf else [2]
+    limits[below] = torch.nextafter(limits[below], torch.zeros(len(below), dtype=torch.float32))
+    return limits.to(device)
 
 
 # Bucket columns (see _format_boundaries) in the order of hooks.protocol.FORMAT_COUNT_STATS.
@@ -272,7 +270,8 @@ def _linear_bins(tensor: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor
     A zero-width range puts every finite value in bin 0."""
     values = tensor.detach().double().reshape(-1)
     width = torch.where(high > low, high - low, 1.0)
-    index = ((values - low) * (bins / width)).floor_().clamp_(0, bins - 1)
+    # Same operation order as numpy.histogram, so the two agree to the last rounding.
+    index = ((values - low) / width * bins).floor_().clamp_(0, bins - 1)
     index = torch.where(torch.isfinite(values), index, float(bins))
     return index.to(torch.int64)
 
