@@ -367,9 +367,11 @@ class Watcher:
             present = self._present if self._present is not None else range(len(weights))
             stack.add(records.UPDATE, stats.update_stats([self._snapshot[i] for i in present], [weights[i] for i in present], self._grads))
         if self.optimizer is not None:
+            # Adam family: tensors without state yet report NaN.
             states = [self.optimizer.state.get(p, {}).get("exp_avg_sq") for p in self._parameters]
-            if states and all(isinstance(s, torch.Tensor) for s in states):
-                state_format = format_spec(format_name_for_dtype(states[0].dtype))
+            present_states = [s for s in states if isinstance(s, torch.Tensor)]
+            if present_states:
+                state_format = format_spec(format_name_for_dtype(present_states[0].dtype))
                 stack.add(records.EXP_AVG_SQ, stats.exp_avg_sq_underflow(states, state_format))
 
     def _nonfinite_counts_due(self, skip_known: bool | None) -> bool:
