@@ -161,7 +161,7 @@ class Watcher:
         self._fused = bool(optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False))
         self.tracer = ActivationTracer(model) if trace_activations else None
 
-        self.steps = 0  # optimizer-step attempts measured
+        self.steps = 0  # optimizer-step attempts seen (skipped ones included)
         self.monitoring_errors = 0
         self._failed_sites: set[str] = set()
         self._warnings = _RepeatLimiter()
@@ -275,6 +275,7 @@ class Watcher:
         def update(*args: Any, **kwargs: Any) -> Any:
             before = self._guarded("scaler.update wrapper", self._before_scaler_update)()
             result = original(*args, **kwargs)
+            self.steps += 1  # an attempt counts even when measuring it fails
             if before is not None:
                 self._guarded("scaler.update wrapper", self._after_scaler_update)(*before)
             return result
@@ -282,14 +283,17 @@ class Watcher:
         return update
 
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        upcoming = self.steps + 1
-        if self._is_sampled(upcoming):
-            self._snapshot = stats.snapshot(self._parameters)
         if self.scaler is None:
-            self._measure_gradients(upcoming, grad_multiplier=None, format_multiplier=None)
-            if not self._is_sampled(upcoming):
+            self.steps += 1  # first, so that a failure below cannot shift later step numbers
+            if self._is_sampled(self.steps):
+                self._snapshot = stats.snapshot(self._parameters)
+            self._measure_gradients(self.steps, grad_multiplier=None, format_multiplier=None)
+            if not self._is_sampled(self.steps):
                 self._finish_step(skip_known=None)
             return
+        upcoming = self.steps + 1  # counted when scaler.update() runs
+        if self._is_sampled(upcoming):
+            self._snapshot = stats.snapshot(self._parameters)
         self._step_ran = True
         state = self.scaler._per_optimizer_states.get(id(optimizer))
         if self._fused and state is not None and state["stage"].name == "READY":
@@ -315,9 +319,8 @@ class Watcher:
 
     def _after_scaler_update(self, scale_before: torch.Tensor, found_inf: torch.Tensor | None) -> None:
         assert self.scaler is not None
-        upcoming = self.steps + 1
         if self._stack is None:
-            self._measure_gradients(upcoming, grad_multiplier=None, format_multiplier=scale_before)
+            self._measure_gradients(self.steps, grad_multiplier=None, format_multiplier=scale_before)
         assert self._stack is not None
         self._stack.add(records.LOSS_SCALE, scale_before)
         self._stack.add(records.NEW_LOSS_SCALE, self.scaler._get_scale_async())
@@ -384,13 +387,15 @@ class Watcher:
         """Complete the step's stack, start its host copy and hand it on."""
         stack, self._stack = self._stack, None
         assert stack is not None
-        step = self.steps = self.steps + 1
+        step = self.steps
         if self._grads and self._nonfinite_counts_due(skip_known):
             stack.add(records.NONFINITE, stats.nonfinite_counts(self._grads))
         if self._is_sampled(step):
             self._add_sampled_weight_stats(stack)
         self._snapshot = None
         if self._loss_parts:
+            # The loss whose gradient was measured: the sum of what went through
+            # scaler.scale() since the last step (micro-batches under accumulation).
             stack.add(records.LOSS, torch.stack([loss.float().to(self.device) for loss in self._loss_parts]).sum())
         self._loss_parts = []
         host_scalars, logged_loss = self._take_logged(stack)
@@ -490,8 +495,9 @@ class Watcher:
         """Mark a step by hand (loops without an optimizer object): measure the gradients now."""
         if self._closed:
             return
+        self.steps += 1
         try:
-            self._measure_gradients(self.steps + 1, grad_multiplier=None, format_multiplier=None)
+            self._measure_gradients(self.steps, grad_multiplier=None, format_multiplier=None)
             self._finish_step(skip_known=None)
         except NonFiniteError:
             raise

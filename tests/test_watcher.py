@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,7 +308,7 @@ def test_monitoring_failure_never_breaks_training(tmp_path, monkeypatch, caplog)
             optimizer.step()
             optimizer.zero_grad()
     watcher.close()
-    assert watcher.monitoring_errors == 3
+    assert watcher.monitoring_errors == 3 and watcher.steps == 3
     assert sum("monitoring failed" in r.getMessage() for r in caplog.records) == 1
 
 
@@ -319,3 +323,22 @@ def test_crash_in_with_block_marks_the_run_crashed(tmp_path):
             raise KeyError("user code failed")
     spooled = read_spool(watcher.spool_dir)
     assert spooled.statuses[-1] == "crashed" and len(spooled.steps) == 1
+
+
+def test_unclosed_watcher_is_flushed_at_interpreter_exit(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import torch, hooks
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        watcher = hooks.watch(model, optimizer, run="exit", spool_dir={str(tmp_path)!r})
+        for _ in range(3):
+            model(torch.ones(4, 3)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    spooled = read_spool(tmp_path / "exit" / "rank0")
+    assert [s["step"] for s in spooled.steps] == [1, 2, 3] and spooled.statuses[-1] == "finished"
