@@ -61,6 +61,7 @@ class DeviceStack:
         device = self._tensors[0].device
         stacked = torch.cat([t.to(device, non_blocking=True) for t in self._tensors])
         if device.type == "cuda":
+            # Pinned blocks come from torch's caching host allocator: reused, not re-pinned.
             host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
             host.copy_(stacked, non_blocking=True)
             event = torch.cuda.Event()

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
+from torch.amp.grad_scaler import OptState
 
 from hooks import protocol, records, stats
 from hooks.activations import ActivationTracer
@@ -82,8 +83,8 @@ class _RepeatLimiter:
 
 
 def _select_parameters(model: nn.Module, include: Iterable[str] | None, exclude: Iterable[str] | None) -> list[tuple[str, nn.Parameter]]:
-    include = list(include) if include is not None else None
-    exclude = list(exclude or ())
+    include = [include] if isinstance(include, str) else list(include) if include is not None else None
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
     chosen = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -159,6 +160,8 @@ class Watcher:
         self.rank, self.world_size = _distributed_rank()
         self.run = run or _default_run_name(model, self.world_size)
         self._fused = bool(optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False))
+        if self.scaler is not None and {"update", "scale"} & set(vars(self.scaler)):
+            raise RuntimeError("this GradScaler's update/scale are already patched (watched by another watcher?)")
         self.tracer = ActivationTracer(model) if trace_activations else None
 
         self.steps = 0  # optimizer-step attempts seen (skipped ones included)
@@ -189,7 +192,11 @@ class Watcher:
             spool_dir=self.spool_dir,
         )
         if self.transport.url is None:
-            self.transport.open_spool()
+            try:
+                self.transport.open_spool()
+            except OSError:
+                # Not fatal to training: every step will be counted in dropped_steps.
+                log.exception("numwatch: cannot write the spool %s", self.spool_dir)
         self._install()
         _watched_models[model] = self
         atexit.register(self._close_at_exit)
@@ -235,8 +242,6 @@ class Watcher:
 
     def _patch_scaler(self, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
         assert self.scaler is not None
-        if name in vars(self.scaler):
-            raise RuntimeError(f"scaler.{name} is already patched (watched by another watcher?)")
         setattr(self.scaler, name, wrapper(getattr(self.scaler, name)))
         self._patched.append(name)
 
@@ -296,7 +301,7 @@ class Watcher:
             self._snapshot = stats.snapshot(self._parameters)
         self._step_ran = True
         state = self.scaler._per_optimizer_states.get(id(optimizer))
-        if self._fused and state is not None and state["stage"].name == "READY":
+        if self._fused and state is not None and state["stage"] is OptState.READY:
             # The fused kernel will unscale: .grad holds g*S now, on every step.
             scale = self.scaler._get_scale_async()
             self._measure_gradients(upcoming, grad_multiplier=scale.double().reciprocal().float(), format_multiplier=None)
@@ -343,11 +348,10 @@ class Watcher:
         grads = [self._parameters[i].grad for i in present]
         self._present = None if len(present) == len(self._parameters) else present
         self._grads = grads
-        if not grads:
-            stack.add(records.GRAD, torch.zeros((2, 0), device=self.device))
-            return
-        self._grad_stats = stats.grad_norms(grads, multiplier=grad_multiplier)
+        self._grad_stats = stats.grad_norms(grads, multiplier=grad_multiplier) if grads else torch.zeros((2, 0), device=self.device)
         stack.add(records.GRAD, self._grad_stats)
+        if not grads:
+            return
         if self.format_every > 0 and (step - 1) % self.format_every == 0:
             # For a fused optimizer .grad already is g*S, which is what the counts are about.
             stack.add(records.FORMAT, stats.format_counts(grads, self.format, multiplier=format_multiplier))

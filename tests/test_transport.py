@@ -198,3 +198,22 @@ def test_unwritable_spool_counts_dropped_and_reports_it(tmp_path, collector):
     assert collector.steps() == [1, 2]
     events = [e for _, _, body in collector.requests if "events" in body for e in body["events"]]
     assert [(e["kind"], e["details"]["dropped_steps"]) for e in events] == [("monitoring_dropped", 1)]
+
+
+def test_device_stack_round_trips_floats_and_ints_exactly():
+    from hooks.hostcopy import DeviceStack
+
+    stack = DeviceStack()
+    floats = torch.tensor([[1.5, math.nan], [math.inf, -math.inf]], dtype=torch.float32)
+    ints = torch.tensor([2**62 + 1, -7, 0], dtype=torch.int64)
+    stack.add("floats", floats)
+    stack.add("ints", ints)
+    stack.add("flag", torch.tensor(True))
+    stack.add("half", torch.tensor([65504.0], dtype=torch.float16))
+    with pytest.raises(ValueError, match="twice"):
+        stack.add("ints", ints)
+    host = stack.to_host()
+    assert host.names() == ["floats", "ints", "flag", "half"]
+    np.testing.assert_array_equal(host.get("floats", "<f4"), floats.numpy())
+    assert host.get("ints").tolist() == [2**62 + 1, -7, 0] and host.get("ints").dtype == np.int64
+    assert host.scalar("flag") == 1.0 and host.get("half").tolist() == [65504.0]
