@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from hooks import protocol
-from hooks.spool import SpoolWriter, mark_uploaded, read_entries, read_uploaded_mark
+from hooks.spool import SpoolWriter, discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Transport:
         self._spool: SpoolWriter | None = None
         self._spool_lock = threading.Lock()
         self._run_acknowledged = False
-        self._spool_pending = self._has_pending_spool()
+        self._spool_pending = False  # set from disk when the sender starts (leftovers of an earlier process)
         self._next_retry = 0.0
         self._retry_delay = retry_seconds
         self._closed = False
@@ -168,6 +168,7 @@ class Transport:
     # -- sender thread ---------------------------------------------------------------
 
     def _run_sender(self) -> None:
+        self._spool_pending = self._spool_pending or self._has_pending_spool()
         closing: _Control | None = None
         while closing is None:
             sources, controls = self._collect()
@@ -322,6 +323,7 @@ class Transport:
             mark_uploaded(self.spool_dir, entry.end)
         self._spool_pending = False
         self._retry_delay = self.retry_seconds
+        discard_uploaded_segments(self.spool_dir)
         log.info("numwatch: spool %s drained to %s", self.spool_dir, self.url)
 
     def _post(self, path: str, document: dict[str, Any]) -> str:

@@ -472,7 +472,7 @@ class Watcher:
             self._nonfinite_reported = True
             details = {"tensors": offenders, "nonfinite_tensors": len(bad), "loss": protocol.encode_float(loss), "module": module}
             record.events.append(event_document(record.step_number, "nonfinite_origin", details))
-        described = ", ".join(f"{o['name']} (nan={o['nan']}, inf={o['inf']})" for o in offenders) or "no gradient"
+        described = ", ".join(f"{o['name']} (nan={o['nan']}, inf={o['inf']})" for o in offenders) or "all finite"
         more = f" and {len(bad) - len(offenders)} more" if len(bad) > len(offenders) else ""
         origin = f"; first non-finite module output: {module}" if module else ""
         message = f"numwatch: non-finite values at step {record.step_number} of run {self.run!r}: loss={loss}; gradients: {described}{more}{origin}"

@@ -217,3 +217,25 @@ def test_device_stack_round_trips_floats_and_ints_exactly():
     np.testing.assert_array_equal(host.get("floats", "<f4"), floats.numpy())
     assert host.get("ints").tolist() == [2**62 + 1, -7, 0] and host.get("ints").dtype == np.int64
     assert host.scalar("flag") == 1.0 and host.get("half").tolist() == [65504.0]
+
+
+def test_leftover_spool_of_an_earlier_process_is_uploaded(tmp_path):
+    server = Collector()
+    url = server.url
+    port = server.server.server_address[1]
+    server.stop()  # the collector is down for the whole first "process"
+    first = Transport(_run_document(), url=url, token=None, spool_dir=tmp_path, batch_seconds=0.05)
+    for number in range(1, 4):
+        first.submit(FakeStep(number))
+    first.close("crashed", 10)
+    assert first.sent_batches == 0 and len(list(hooks.iter_spool(tmp_path, pending_only=True))) >= 2
+    server = Collector(port=port)
+    try:
+        second = Transport(_run_document(), url=url, token=None, spool_dir=tmp_path, batch_seconds=0.05)
+        second.submit(FakeStep(4))
+        second.close("finished", 10)
+    finally:
+        server.stop()
+    assert server.steps() == [1, 2, 3, 4]
+    assert [body["status"] for path, _, body in server.requests if path.endswith("/batches")][-2:] == ["crashed", "finished"]
+    assert list(hooks.iter_spool(tmp_path, pending_only=True)) == []
