@@ -377,7 +377,9 @@ def test_no_stat_function_reads_values_on_the_host(monkeypatch: pytest.MonkeyPat
     after = [g * 0.5 for g in grads]
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, _raise_sync)
-    stats._format_boundaries.cache_clear()  # the boundary table is built inside the guard too
+    # The cached limit and bin tables are built inside the guard too.
+    stats._format_limits.cache_clear()
+    stats._exponent_bin_tables.cache_clear()
     results = [
         stats.grad_norms(grads, torch.tensor(0.5)),
         stats.nonfinite_counts(grads),
