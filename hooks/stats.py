@@ -69,15 +69,15 @@ def _absmax(tensors: list[Tensor]) -> Tensor:
     mins, maxs = [], []
     for tensor in tensors:
         if tensor.numel() == 0:
-            empty = tensor.new_zeros((), dtype=torch.float32)
+            empty = tensor.new_zeros(())
             mins.append(empty)
             maxs.append(empty)
             continue
         low, high = torch.aminmax(tensor)
-        mins.append(low.float())
-        maxs.append(high.float())
+        mins.append(low)
+        maxs.append(high)
     # torch.maximum propagates NaN, so a NaN anywhere in a tensor gives a NaN absmax.
-    return torch.maximum(torch.stack(mins).neg(), torch.stack(maxs))
+    return torch.maximum(torch.stack(mins).neg(), torch.stack(maxs)).float()
 
 
 def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
@@ -90,9 +90,12 @@ def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
     absmaxes: list[Tensor | None] = [None] * n
     for positions, members in _groups(tensors):
         group_norms = torch._foreach_norm(members, 2, dtype=torch.float32)
-        group_absmax = _absmax(members).to(device, non_blocking=True)
+        group_absmax = _absmax(members).unbind()
+        if members[0].device != device:  # model parallel: gather the results on one device
+            group_norms = [norm.to(device, non_blocking=True) for norm in group_norms]
+            group_absmax = [absmax.to(device, non_blocking=True) for absmax in group_absmax]
         for slot, position in enumerate(positions):
-            norms[position] = group_norms[slot].to(device, non_blocking=True)
+            norms[position] = group_norms[slot]
             absmaxes[position] = group_absmax[slot]
     return torch.stack([torch.stack(norms), torch.stack(absmaxes)])
 
@@ -106,6 +109,11 @@ def _count_values(codes: Tensor, bins: int) -> Tensor:
     flat = codes.reshape(-1)
     if flat.device.type == "cpu":
         return torch.bincount(flat, minlength=bins)
+    return _scatter_count(flat, bins)
+
+
+def _scatter_count(flat: Tensor, bins: int) -> Tensor:
+    """int64 [bins]: counts of the integers 0..bins-1 in 1-D ``flat`` by index_add (no sync)."""
     counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
     return counts.index_add_(0, flat, torch.ones((), dtype=torch.int64, device=flat.device).expand(flat.numel()))
 
@@ -253,7 +261,6 @@ _IEEE_LAYOUTS: dict[torch.dtype, _IeeeLayout] = {
     torch.float32: _IeeeLayout(torch.int32, torch.int32, 23, 8, torch.float32),
     torch.float64: _IeeeLayout(torch.int64, torch.int64, 52, 11, torch.float64),
 }
-_LOG2_LAYOUTS = {torch.float32: _IEEE_LAYOUTS[torch.float32], torch.float64: _IEEE_LAYOUTS[torch.float64]}
 _SINK_BIN = EXPONENT_BINS  # a scratch bin for counts resolved elsewhere, dropped at the end
 
 
@@ -274,7 +281,7 @@ def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> tuple[Tens
       2**mantissa_bits are the subnormals, of binade floor(log2 m) + 1 - bias - mantissa_bits.
     """
     layout = _IEEE_LAYOUTS[dtype]
-    log2_layout = _LOG2_LAYOUTS[layout.log2_dtype]
+    log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
     fields = 1 << layout.exponent_bits
     by_exponent = [_SINK_BIN] + [_binade_bin(field - layout.bias) for field in range(1, fields - 1)] + [EXPONENT_NAN_BIN]
     log2_fields = log2_layout.bias + layout.mantissa_bits + 1
@@ -302,7 +309,7 @@ def _exponent_counts(tensor: Tensor) -> Tensor:
         # fp8 widens to float16 exactly (float8_e4m3fn's NaN stays NaN); its subnormals become normal.
         tensor = tensor.half() if tensor.element_size() == 1 else tensor.float()
     layout = _IEEE_LAYOUTS[tensor.dtype]
-    log2_layout = _LOG2_LAYOUTS[layout.log2_dtype]
+    log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
     by_exponent_bin, by_log2_bin, inf_correction = _exponent_bin_tables(tensor.dtype, tensor.device)
     sign_mask = (1 << (layout.exponent_bits + layout.mantissa_bits)) - 1
     magnitude = tensor.detach().contiguous().view(layout.int_dtype).to(layout.work_dtype) & sign_mask

@@ -158,7 +158,7 @@ def _boundary_values(fmt: FormatSpec) -> list[float]:
 
 
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("name", [name for name in FORMATS])
+@pytest.mark.parametrize("name", FORMATS)
 def test_format_counts_equal_the_literal_cast_at_every_boundary(name: str, scale: float) -> None:
     fmt = format_spec(name)
     x = torch.tensor(_boundary_values(fmt), dtype=torch.float32)
@@ -364,6 +364,12 @@ def test_exp_avg_sq_underflow_share() -> None:
 
 
 # --------------------------------------------------------------------------- no host-device sync
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_scatter_count_used_off_the_cpu_equals_bincount(index_dtype: torch.dtype) -> None:
+    codes = torch.randint(0, 40, (5000,), generator=torch.Generator().manual_seed(2)).to(index_dtype)
+    np.testing.assert_array_equal(stats._scatter_count(codes, 45).numpy(), np.bincount(codes.numpy(), minlength=45))
 
 
 def _raise_sync(*_args: object, **_kwargs: object) -> None:
