@@ -426,7 +426,8 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
 def _underflow_share(state: Tensor | None, fmt: FormatSpec, device: torch.device) -> Tensor:
     if state is None or state.numel() == 0:
         return torch.full((), math.nan, dtype=torch.float32, device=device)
-    below_normal = (state.detach().abs() < fmt.smallest_normal).sum()
+    # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
+    below_normal = (state.detach().float().abs() < fmt.smallest_normal).sum()
     return (below_normal.float() / state.numel()).to(device, non_blocking=True)
 
 

@@ -361,6 +361,9 @@ def test_exp_avg_sq_underflow_share() -> None:
     assert result.dtype == torch.float32
     assert result[0] == pytest.approx(3 / 5)
     assert math.isnan(result[1]) and result[2] == 1.0
+    # A state dtype (fp16) narrower than the format's range (bf16): its zeros still count.
+    fp16_state = torch.tensor([0.0, 2.0**-24, 1.0, 0.0], dtype=torch.float16)
+    assert stats.exp_avg_sq_underflow([fp16_state], format_spec("bf16")).tolist() == [0.5]
 
 
 # --------------------------------------------------------------------------- no host-device sync
