@@ -147,8 +147,8 @@ def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
     device = _result_device(grads)
     if not grads:
         return torch.zeros((2, 0), dtype=torch.int64, device=device)
-    nan_counts = [torch.isnan(grad).sum().to(device, non_blocking=True) for grad in grads]
-    inf_counts = [torch.isinf(grad).sum().to(device, non_blocking=True) for grad in grads]
+    nan_counts = [torch.count_nonzero(torch.isnan(grad)).to(device, non_blocking=True) for grad in grads]
+    inf_counts = [torch.count_nonzero(torch.isinf(grad)).to(device, non_blocking=True) for grad in grads]
     return torch.stack([torch.stack(nan_counts), torch.stack(inf_counts)])
 
 
@@ -212,7 +212,7 @@ def _format_counts_of(x: Tensor, limits: tuple[float, ...]) -> Tensor:
     """int64 [4]: zeros, underflow, subnormal, overflow of float32 ``x`` given ``_format_limits``.
     NaN and ±Inf fail every ``<=`` test and so count nowhere."""
     magnitude = x.abs()
-    at_most = torch.stack([(magnitude <= limit).sum() for limit in limits])
+    at_most = torch.stack([torch.count_nonzero(magnitude <= limit) for limit in limits])
     return torch.cat([at_most[:1], at_most[1:3] - at_most[:2], at_most[4:] - at_most[3:4]])
 
 
@@ -269,58 +269,61 @@ def _binade_bin(binade: int) -> int:
     return min(max(binade, EXPONENT_MIN), EXPONENT_MAX) - EXPONENT_MIN
 
 
-@functools.lru_cache(maxsize=None)
-def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Lookup tables from the two per-tensor counts of :func:`_exponent_counts` to histogram bins,
-    and the correction vector that moves Inf counts out of the NaN bin.
+def _log2_field_limit(layout: _IeeeLayout) -> int:
+    """The exponent field, in ``layout.log2_dtype``, of the float value 2**mantissa_bits."""
+    return _IEEE_LAYOUTS[layout.log2_dtype].bias + layout.mantissa_bits
 
-    - by exponent field: field 0 (zero and subnormals) goes to the sink, the all-ones field
-      to the NaN bin (Inf is moved out by the correction), others to binade field - bias;
-    - by log2 of the magnitude clamped to 2**mantissa_bits: the exponent field of that value
-      as a float is 0 for zero, else bias' + floor(log2 magnitude); magnitudes below
-      2**mantissa_bits are the subnormals, of binade floor(log2 m) + 1 - bias - mantissa_bits.
+
+@functools.lru_cache(maxsize=None)
+def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The lookup table from the keys of :func:`_exponent_counts` to histogram bins, and the
+    correction vector that moves Inf counts out of the NaN bin.
+
+    key = exponent field + log2 field, where the log2 field is the exponent field of the
+    magnitude bits m, clamped to 2**mantissa_bits, converted to a float: 0 for m = 0,
+    bias' + floor(log2 m) for the subnormals (m below 2**mantissa_bits), and the limit
+    bias' + mantissa_bits for every other value. So keys up to the limit are zero and the
+    subnormal binades (floor(log2 m) + 1 - bias - mantissa_bits), and keys above it are the
+    exponent fields of normal values (binade field - bias), with Inf and NaN at the top.
     """
     layout = _IEEE_LAYOUTS[dtype]
-    log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
-    fields = 1 << layout.exponent_bits
-    by_exponent = [_SINK_BIN] + [_binade_bin(field - layout.bias) for field in range(1, fields - 1)] + [EXPONENT_NAN_BIN]
-    log2_fields = log2_layout.bias + layout.mantissa_bits + 1
-    by_log2 = [_SINK_BIN] * log2_fields
-    by_log2[0] = EXPONENT_ZERO_BIN
+    log2_bias = _IEEE_LAYOUTS[layout.log2_dtype].bias
+    limit = _log2_field_limit(layout)
+    top_field = (1 << layout.exponent_bits) - 1
+    table = [_SINK_BIN] * (limit + top_field + 1)  # unreachable keys go to the sink
+    table[0] = EXPONENT_ZERO_BIN
     for floor_log2 in range(layout.mantissa_bits):
-        by_log2[log2_layout.bias + floor_log2] = _binade_bin(floor_log2 + 1 - layout.bias - layout.mantissa_bits)
+        table[log2_bias + floor_log2] = _binade_bin(floor_log2 + 1 - layout.bias - layout.mantissa_bits)
+    for field in range(1, top_field):
+        table[limit + field] = _binade_bin(field - layout.bias)
+    table[limit + top_field] = EXPONENT_NAN_BIN
     inf_correction = [0] * (EXPONENT_BINS + 1)
     inf_correction[EXPONENT_INF_BIN], inf_correction[EXPONENT_NAN_BIN] = 1, -1
-    return (
-        torch.tensor(by_exponent, dtype=torch.int64).to(device),
-        torch.tensor(by_log2, dtype=torch.int64).to(device),
-        torch.tensor(inf_correction, dtype=torch.int64).to(device),
-    )
+    return torch.tensor(table, dtype=torch.int64).to(device), torch.tensor(inf_correction, dtype=torch.int64).to(device)
 
 
 def _exponent_counts(tensor: Tensor) -> Tensor:
     """int64 [EXPONENT_BINS]: exponent histogram of one tensor from its IEEE bits.
 
-    Two small histograms replace per-element bin arithmetic: one of the exponent field
-    (every normal value, and Inf/NaN together), one of floor(log2) of the magnitude bits
-    clamped at the first normal (zero and each subnormal binade). Inf is counted apart.
+    One small histogram of a key per element (see :func:`_exponent_bin_tables`) replaces
+    per-element bin arithmetic; a lookup table folds it into the protocol's bins. Inf shares
+    its exponent field with NaN and is counted apart.
     """
     if tensor.dtype not in _IEEE_LAYOUTS:
         # fp8 widens to float16 exactly (float8_e4m3fn's NaN stays NaN); its subnormals become normal.
         tensor = tensor.half() if tensor.element_size() == 1 else tensor.float()
     layout = _IEEE_LAYOUTS[tensor.dtype]
     log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
-    by_exponent_bin, by_log2_bin, inf_correction = _exponent_bin_tables(tensor.dtype, tensor.device)
+    key_bins, inf_correction = _exponent_bin_tables(tensor.dtype, tensor.device)
     sign_mask = (1 << (layout.exponent_bits + layout.mantissa_bits)) - 1
     magnitude = tensor.detach().contiguous().view(layout.int_dtype).to(layout.work_dtype) & sign_mask
-    by_exponent = _count_values(magnitude >> layout.mantissa_bits, by_exponent_bin.numel())
-    # An integer below 2**mantissa_bits is exact in log2_dtype; its exponent field is its floor(log2).
-    below_normal = magnitude.clamp(max=1 << layout.mantissa_bits).to(layout.log2_dtype)
-    log2_fields = below_normal.view(log2_layout.int_dtype) >> log2_layout.mantissa_bits
-    by_log2 = _count_values(log2_fields, by_log2_bin.numel())
-    infinities = (magnitude == layout.inf_pattern).sum()
-    counts = torch.zeros(EXPONENT_BINS + 1, dtype=torch.int64, device=tensor.device)
-    counts.index_add_(0, by_exponent_bin, by_exponent).index_add_(0, by_log2_bin, by_log2)
+    # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its floor(log2).
+    clamped = magnitude.clamp(max=1 << layout.mantissa_bits).to(layout.log2_dtype)
+    log2_field = clamped.view(log2_layout.int_dtype) >> log2_layout.mantissa_bits
+    keys = (magnitude >> layout.mantissa_bits).add_(log2_field)
+    by_key = _count_values(keys, key_bins.numel())
+    infinities = torch.count_nonzero(magnitude == layout.inf_pattern)
+    counts = torch.zeros(EXPONENT_BINS + 1, dtype=torch.int64, device=tensor.device).index_add_(0, key_bins, by_key)
     return (counts + infinities * inf_correction)[:EXPONENT_BINS]
 
 
@@ -400,8 +403,8 @@ def _stale_fraction(before: Tensor, after: Tensor, grad: Tensor | None) -> Tenso
         return torch.zeros((), dtype=torch.float32, device=after.device)
     has_grad = grad.detach() != 0
     unchanged = _bits(before) == _bits(after)
-    with_grad = has_grad.sum()
-    stale = (has_grad & unchanged).sum()
+    with_grad = torch.count_nonzero(has_grad)
+    stale = torch.count_nonzero(has_grad & unchanged)
     return torch.where(with_grad > 0, stale.float() / with_grad.clamp(min=1).float(), 0.0)
 
 
@@ -427,7 +430,7 @@ def _underflow_share(state: Tensor | None, fmt: FormatSpec, device: torch.device
     if state is None or state.numel() == 0:
         return torch.full((), math.nan, dtype=torch.float32, device=device)
     # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
-    below_normal = (state.detach().float().abs() < fmt.smallest_normal).sum()
+    below_normal = torch.count_nonzero(state.detach().float().abs() < fmt.smallest_normal)
     return (below_normal.float() / state.numel()).to(device, non_blocking=True)
 
 
