@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -67,15 +69,15 @@ def _absmax(tensors: list[Tensor]) -> Tensor:
     mins, maxs = [], []
     for tensor in tensors:
         if tensor.numel() == 0:
-            empty = tensor.new_zeros((), dtype=torch.float32)
+            empty = tensor.new_zeros(())
             mins.append(empty)
             maxs.append(empty)
             continue
         low, high = torch.aminmax(tensor)
-        mins.append(low.float())
-        maxs.append(high.float())
+        mins.append(low)
+        maxs.append(high)
     # torch.maximum propagates NaN, so a NaN anywhere in a tensor gives a NaN absmax.
-    return torch.maximum(torch.stack(mins).neg(), torch.stack(maxs))
+    return torch.maximum(torch.stack(mins).neg(), torch.stack(maxs)).float()
 
 
 def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
@@ -88,30 +90,39 @@ def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
     absmaxes: list[Tensor | None] = [None] * n
     for positions, members in _groups(tensors):
         group_norms = torch._foreach_norm(members, 2, dtype=torch.float32)
-        group_absmax = _absmax(members).to(device, non_blocking=True)
+        group_absmax = _absmax(members).unbind()
+        if members[0].device != device:  # model parallel: gather the results on one device
+            group_norms = [norm.to(device, non_blocking=True) for norm in group_norms]
+            group_absmax = [absmax.to(device, non_blocking=True) for absmax in group_absmax]
         for slot, position in enumerate(positions):
-            norms[position] = group_norms[slot].to(device, non_blocking=True)
+            norms[position] = group_norms[slot]
             absmaxes[position] = group_absmax[slot]
     return torch.stack([torch.stack(norms), torch.stack(absmaxes)])
 
 
-def _segment_counts(codes: Sequence[Tensor], bins: int, device: torch.device) -> Tensor:
-    """int64 [n, bins]: how often each code 0..bins-1 occurs in each tensor of ``codes``.
+def _count_values(codes: Tensor, bins: int) -> Tensor:
+    """int64 [bins]: how often each integer 0..bins-1 occurs in ``codes`` (no other values occur).
 
-    All tensors are counted by one histogram call over keys ``code + bins * position``.
-    ``torch.bincount`` sizes its output from the data (a sync on accelerators), so
-    off the CPU the counts are scattered into a buffer of known size instead.
+    ``torch.bincount`` sizes its output from the data, a sync on accelerators, so off the
+    CPU the counts are scattered into a buffer of known size instead.
     """
-    n = len(codes)
-    if n == 0:
-        return torch.zeros((0, bins), dtype=torch.int64, device=device)
-    keys = torch.cat([code.reshape(-1).to(device=device, dtype=torch.int64) + bins * position for position, code in enumerate(codes)])
-    if device.type == "cpu":
-        counts = torch.bincount(keys, minlength=n * bins)
-    else:
-        counts = torch.zeros(n * bins, dtype=torch.int64, device=device)
-        counts.index_add_(0, keys, torch.ones((), dtype=torch.int64, device=device).expand(keys.numel()))
-    return counts.view(n, bins)
+    flat = codes.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=bins)
+    return _scatter_count(flat, bins)
+
+
+def _scatter_count(flat: Tensor, bins: int) -> Tensor:
+    """int64 [bins]: counts of the integers 0..bins-1 in 1-D ``flat`` by index_add (no sync)."""
+    counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones((), dtype=torch.int64, device=flat.device).expand(flat.numel()))
+
+
+def _stack_rows(rows: list[Tensor], width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[n, width] from n per-tensor rows ([0, width] for none)."""
+    if not rows:
+        return torch.zeros((0, width), dtype=dtype, device=device)
+    return torch.stack([row.to(device, non_blocking=True) for row in rows])
 
 
 # --------------------------------------------------------------------------- gradients
@@ -136,51 +147,73 @@ def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
     device = _result_device(grads)
     if not grads:
         return torch.zeros((2, 0), dtype=torch.int64, device=device)
-    nan_counts = [torch.isnan(grad).sum().to(device, non_blocking=True) for grad in grads]
-    inf_counts = [torch.isinf(grad).sum().to(device, non_blocking=True) for grad in grads]
+    nan_counts = [torch.count_nonzero(torch.isnan(grad)).to(device, non_blocking=True) for grad in grads]
+    inf_counts = [torch.count_nonzero(torch.isinf(grad)).to(device, non_blocking=True) for grad in grads]
     return torch.stack([torch.stack(nan_counts), torch.stack(inf_counts)])
 
 
-@functools.lru_cache(maxsize=64)
-def _format_boundaries(fmt: FormatSpec, device: torch.device) -> Tensor:
-    """float32 bucket boundaries for |x| such that ``bucketize`` (b[i-1] < |x| <= b[i]) yields
-    0 zero, 1 underflow, 2 subnormal, 3 normal, 4 overflow, 5 Inf or NaN, exactly as a
-    round-to-nearest-even cast of the float32 value x to ``fmt`` classifies it.
+def _float32_at_most(value: float) -> float:
+    """The largest float32 <= ``value`` (``value`` >= 0; the float32 max beyond its range)."""
+    largest = float(torch.finfo(torch.float32).max)
+    if value >= largest:
+        return largest
+    nearest = struct.unpack("<f", struct.pack("<f", value))[0]
+    if nearest <= value:
+        return nearest
+    (bits,) = struct.unpack("<I", struct.pack("<f", nearest))
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
 
-    - underflow: |x| <= smallest_subnormal / 2 (the tie rounds to the even 0).
-    - subnormal: below smallest_normal - smallest_subnormal / 2 (the tie rounds up to
-      the even smallest normal, so it is not subnormal).
+
+def _float32_below(value: float) -> float:
+    """The largest float32 < ``value`` (``value`` > 0)."""
+    at_most = _float32_at_most(value)
+    if at_most < value:
+        return at_most
+    (bits,) = struct.unpack("<I", struct.pack("<f", at_most))
+    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _format_limits(fmt: FormatSpec) -> tuple[float, float, float, float, float]:
+    """float32 limits L0..L4 on |x| with: zero |x| <= L0; underflow L0 < |x| <= L1;
+    subnormal L1 < |x| <= L2; normal L2 < |x| <= L3; overflow L3 < |x| <= L4 (finite).
+
+    They reproduce a round-to-nearest-even cast of the float32 x to ``fmt``:
+    - underflow: |x| <= smallest_subnormal / 2 (the tie rounds to the even 0);
+    - subnormal: |x| < smallest_normal - smallest_subnormal / 2 (the tie rounds up to the
+      even smallest normal);
     - overflow: |x| >= max + ulp(max) / 2 (max has an odd last bit: the tie rounds to Inf);
-      for formats without Inf (saturating casts), |x| > max.
-    Each threshold is exact in float32 for the 16- and 8-bit formats; for the fp32 target
-    the underflow and overflow buckets come out empty, as they must.
-    Cached per (format, device) so the small host-to-device copy happens once.
+      for formats without Inf, whose casts saturate, |x| > max.
+    For the fp32 target the underflow and overflow ranges come out empty, as they must.
     """
     half_subnormal = fmt.smallest_subnormal / 2
     if fmt.has_inf:
         _, exponent = math.frexp(fmt.max)  # max = m * 2**exponent with m in [0.5, 1)
         ulp_of_max = math.ldexp(torch.finfo(fmt.dtype).eps, exponent - 1)
-        overflow_limit = fmt.max + ulp_of_max / 2  # the first |x| that casts to Inf
+        last_normal = _float32_below(fmt.max + ulp_of_max / 2)
     else:
-        overflow_limit = fmt.max  # the last |x| that is not an overflow
-    largest_float32 = torch.finfo(torch.float32).max
-    # Rounded to float32 by the constructor (to nearest even; beyond the range to Inf).
-    limits = torch.tensor([0.0, half_subnormal, fmt.smallest_normal - half_subnormal, overflow_limit, largest_float32], dtype=torch.float32)
-    # Bucket edges are inclusive: "|x| below a limit" becomes "|x| <= the float32 just below it".
-    below = [2, 3] if fmt.has_inf else [2]
-    limits[below] = torch.nextafter(limits[below], torch.zeros(len(below), dtype=torch.float32))
-    return limits.to(device)
-
-
-# Bucket columns (see _format_boundaries) in the order of hooks.protocol.FORMAT_COUNT_STATS.
-_FORMAT_COUNT_COLUMNS = [0, 1, 2, 4]
-_FORMAT_BUCKETS = 6
+        last_normal = _float32_at_most(fmt.max)
+    return (
+        0.0,
+        _float32_at_most(half_subnormal),
+        _float32_below(fmt.smallest_normal - half_subnormal),
+        last_normal,
+        _float32_at_most(math.inf),
+    )
 
 
 def _scaled_float32(grad: Tensor, multiplier: Tensor | float | None) -> Tensor:
     """x = grad * multiplier formed in float32, the precision loss scaling runs in."""
     x = grad.detach().float()
     return x if multiplier is None else x * multiplier
+
+
+def _format_counts_of(x: Tensor, limits: tuple[float, ...]) -> Tensor:
+    """int64 [4]: zeros, underflow, subnormal, overflow of float32 ``x`` given ``_format_limits``.
+    NaN and ±Inf fail every ``<=`` test and so count nowhere."""
+    magnitude = x.abs()
+    at_most = torch.stack([torch.count_nonzero(magnitude <= limit) for limit in limits])
+    return torch.cat([at_most[:1], at_most[1:3] - at_most[:2], at_most[4:] - at_most[3:4]])
 
 
 def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multiplier = None) -> Tensor:
@@ -190,65 +223,117 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     Defined by what a cast does: zeros: x == 0; underflow: x != 0 but x.to(fmt.dtype) == 0;
     subnormal: the cast is non-zero but below fmt.smallest_normal; overflow: x finite but the
     cast is ±Inf (for formats without Inf, |x| > fmt.max). NaN/Inf elements count in none.
-    x is formed in float32; thresholds reproduce round-to-nearest-even exactly, so the
-    counts equal those of the literal cast ``x.to(fmt.dtype)``.
+    x is formed in float32; the limits reproduce round-to-nearest-even exactly, so the
+    counts equal those of the literal cast ``x.to(fmt.dtype)``, for any multiplier.
     """
     device = _result_device(grads)
-    boundaries = _format_boundaries(fmt, device)
+    limits = _format_limits(fmt)
     factor = None if multiplier is None else _as_factor(multiplier, device)
-    codes = [torch.bucketize(_scaled_float32(grad, factor).abs(), boundaries) for grad in grads]
-    buckets = _segment_counts(codes, _FORMAT_BUCKETS, device)
-    return buckets[:, _FORMAT_COUNT_COLUMNS].t().contiguous()
+    rows = [_format_counts_of(_scaled_float32(grad, factor), limits) for grad in grads]
+    return _stack_rows(rows, 4, torch.int64, device).t().contiguous()
 
 
 # --------------------------------------------------------------------------- histograms
 
 
-# (integer view dtype, mantissa bits, exponent bias) of each IEEE layout read bit by bit.
-_IEEE_LAYOUTS: dict[torch.dtype, tuple[torch.dtype, int, int]] = {
-    torch.float16: (torch.int16, 10, 15),
-    torch.bfloat16: (torch.int16, 7, 127),
-    torch.float32: (torch.int32, 23, 127),
-    torch.float64: (torch.int64, 52, 1023),
+@dataclass(frozen=True)
+class _IeeeLayout:
+    """Bit layout of a binary floating-point dtype, read through an integer view."""
+
+    int_dtype: torch.dtype  # same-width integer view
+    work_dtype: torch.dtype  # integer type the bits are handled in (room for the bin arithmetic)
+    mantissa_bits: int
+    exponent_bits: int
+    log2_dtype: torch.dtype  # float type that holds every subnormal mantissa exactly
+
+    @property
+    def bias(self) -> int:
+        return (1 << (self.exponent_bits - 1)) - 1
+
+    @property
+    def inf_pattern(self) -> int:
+        return ((1 << self.exponent_bits) - 1) << self.mantissa_bits
+
+
+_IEEE_LAYOUTS: dict[torch.dtype, _IeeeLayout] = {
+    torch.float16: _IeeeLayout(torch.int16, torch.int32, 10, 5, torch.float32),
+    torch.bfloat16: _IeeeLayout(torch.int16, torch.int32, 7, 8, torch.float32),
+    torch.float32: _IeeeLayout(torch.int32, torch.int32, 23, 8, torch.float32),
+    torch.float64: _IeeeLayout(torch.int64, torch.int64, 52, 11, torch.float64),
 }
+_SINK_BIN = EXPONENT_BINS  # a scratch bin for counts resolved elsewhere, dropped at the end
 
 
-def _floor_log2_of_small_int(value: Tensor) -> Tensor:
-    """floor(log2(v)) for integers 0 < v < 2**24, read from the exponent of float32(v) (exact)."""
-    return (value.float().view(torch.int32) >> 23) - 127
+def _binade_bin(binade: int) -> int:
+    """Histogram bin of a binade, clamped into the first/last binade bin."""
+    return min(max(binade, EXPONENT_MIN), EXPONENT_MAX) - EXPONENT_MIN
 
 
-def _exponent_bins(tensor: Tensor) -> Tensor:
-    """Exponent-histogram bin of every element (hooks.protocol layout), from the IEEE bits."""
+def _log2_field_limit(layout: _IeeeLayout) -> int:
+    """The exponent field, in ``layout.log2_dtype``, of the float value 2**mantissa_bits."""
+    return _IEEE_LAYOUTS[layout.log2_dtype].bias + layout.mantissa_bits
+
+
+@functools.lru_cache(maxsize=None)
+def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The lookup table from the keys of :func:`_exponent_counts` to histogram bins, and the
+    correction vector that moves Inf counts out of the NaN bin.
+
+    key = exponent field + log2 field, where the log2 field is the exponent field of the
+    magnitude bits m, clamped to 2**mantissa_bits, converted to a float: 0 for m = 0,
+    bias' + floor(log2 m) for the subnormals (m below 2**mantissa_bits), and the limit
+    bias' + mantissa_bits for every other value. So keys up to the limit are zero and the
+    subnormal binades (floor(log2 m) + 1 - bias - mantissa_bits), and keys above it are the
+    exponent fields of normal values (binade field - bias), with Inf and NaN at the top.
+    """
+    layout = _IEEE_LAYOUTS[dtype]
+    log2_bias = _IEEE_LAYOUTS[layout.log2_dtype].bias
+    limit = _log2_field_limit(layout)
+    top_field = (1 << layout.exponent_bits) - 1
+    table = [_SINK_BIN] * (limit + top_field + 1)  # unreachable keys go to the sink
+    table[0] = EXPONENT_ZERO_BIN
+    for floor_log2 in range(layout.mantissa_bits):
+        table[log2_bias + floor_log2] = _binade_bin(floor_log2 + 1 - layout.bias - layout.mantissa_bits)
+    for field in range(1, top_field):
+        table[limit + field] = _binade_bin(field - layout.bias)
+    table[limit + top_field] = EXPONENT_NAN_BIN
+    inf_correction = [0] * (EXPONENT_BINS + 1)
+    inf_correction[EXPONENT_INF_BIN], inf_correction[EXPONENT_NAN_BIN] = 1, -1
+    return torch.tensor(table, dtype=torch.int64).to(device), torch.tensor(inf_correction, dtype=torch.int64).to(device)
+
+
+def _exponent_counts(tensor: Tensor) -> Tensor:
+    """int64 [EXPONENT_BINS]: exponent histogram of one tensor from its IEEE bits.
+
+    One small histogram of a key per element (see :func:`_exponent_bin_tables`) replaces
+    per-element bin arithmetic; a lookup table folds it into the protocol's bins. Inf shares
+    its exponent field with NaN and is counted apart.
+    """
     if tensor.dtype not in _IEEE_LAYOUTS:
-        # fp8 and other narrow floats widen to float32 exactly; their subnormals become normal.
-        tensor = tensor.float()
-    int_dtype, mantissa_bits, bias = _IEEE_LAYOUTS[tensor.dtype]
-    exponent_bits = torch.finfo(tensor.dtype).bits - 1 - mantissa_bits
-    # Work in int32 for 16-bit layouts (room for the bin arithmetic), int64 for float64.
-    work_dtype = torch.int64 if int_dtype == torch.int64 else torch.int32
-    magnitude = tensor.detach().contiguous().view(int_dtype).to(work_dtype) & ((1 << (exponent_bits + mantissa_bits)) - 1)
-    biased_exponent = magnitude >> mantissa_bits
-    inf_pattern = ((1 << exponent_bits) - 1) << mantissa_bits
-    binade = biased_exponent - bias
-    if int_dtype != torch.int64:
-        # Subnormals (biased exponent 0): value = mantissa * 2**(1 - bias - mantissa_bits).
-        # float64 subnormals lie far below EXPONENT_MIN and clamp into the first bin anyway.
-        subnormal_binade = _floor_log2_of_small_int(magnitude) + (1 - bias - mantissa_bits)
-        binade = torch.where(biased_exponent == 0, subnormal_binade.to(work_dtype), binade)
-    bins = (binade.clamp(EXPONENT_MIN, EXPONENT_MAX) - EXPONENT_MIN).to(torch.int32)
-    special = torch.where(magnitude == inf_pattern, EXPONENT_INF_BIN, EXPONENT_NAN_BIN)
-    bins = torch.where(magnitude >= inf_pattern, special, bins)
-    return torch.where(magnitude == 0, EXPONENT_ZERO_BIN, bins)
+        # fp8 widens to float16 exactly (float8_e4m3fn's NaN stays NaN); its subnormals become normal.
+        tensor = tensor.half() if tensor.element_size() == 1 else tensor.float()
+    layout = _IEEE_LAYOUTS[tensor.dtype]
+    log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
+    key_bins, inf_correction = _exponent_bin_tables(tensor.dtype, tensor.device)
+    sign_mask = (1 << (layout.exponent_bits + layout.mantissa_bits)) - 1
+    magnitude = tensor.detach().contiguous().view(layout.int_dtype).to(layout.work_dtype) & sign_mask
+    # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its floor(log2).
+    clamped = magnitude.clamp(max=1 << layout.mantissa_bits).to(layout.log2_dtype)
+    log2_field = clamped.view(log2_layout.int_dtype) >> log2_layout.mantissa_bits
+    keys = (magnitude >> layout.mantissa_bits).add_(log2_field)
+    by_key = _count_values(keys, key_bins.numel())
+    infinities = torch.count_nonzero(magnitude == layout.inf_pattern)
+    counts = torch.zeros(EXPONENT_BINS + 1, dtype=torch.int64, device=tensor.device).index_add_(0, key_bins, by_key)
+    return (counts + infinities * inf_correction)[:EXPONENT_BINS]
 
 
 def exponent_histogram(tensors: Sequence[Tensor]) -> Tensor:
     """int64 [n, EXPONENT_BINS]: per tensor, counts per binade floor(log2|x|) - EXPONENT_MIN of
     its finite non-zero values (clamped into the first/last binade bin), then zero, ±Inf and
-    NaN bins (hooks.protocol layout). Read from the IEEE exponent bits; subnormals get
-    their true binade. One histogram call counts all tensors."""
+    NaN bins (hooks.protocol layout). Read from the IEEE exponent bits (no frexp);
+    subnormals get their true binade."""
     device = _result_device(tensors)
-    return _segment_counts([_exponent_bins(tensor) for tensor in tensors], EXPONENT_BINS, device)
+    return _stack_rows([_exponent_counts(tensor) for tensor in tensors], EXPONENT_BINS, torch.int64, device)
 
 
 def _finite_range(tensor: Tensor) -> tuple[Tensor, Tensor]:
@@ -283,8 +368,8 @@ def linear_histogram(tensors: Sequence[Tensor], bins: int = LINEAR_BINS) -> tupl
     tensor without finite values, whose counts are all zero."""
     device = _result_device(tensors)
     ranges = [_finite_range(tensor) for tensor in tensors]
-    codes = [_linear_bins(tensor, low, high, bins) for tensor, (low, high) in zip(tensors, ranges)]
-    counts = _segment_counts(codes, bins + 1, device)[:, :bins].contiguous()
+    rows = [_count_values(_linear_bins(tensor, low, high, bins), bins + 1)[:bins] for tensor, (low, high) in zip(tensors, ranges)]
+    counts = _stack_rows(rows, bins, torch.int64, device)
     if not tensors:
         empty = torch.zeros(0, dtype=torch.float32, device=device)
         return empty, empty.clone(), counts
@@ -318,8 +403,8 @@ def _stale_fraction(before: Tensor, after: Tensor, grad: Tensor | None) -> Tenso
         return torch.zeros((), dtype=torch.float32, device=after.device)
     has_grad = grad.detach() != 0
     unchanged = _bits(before) == _bits(after)
-    with_grad = has_grad.sum()
-    stale = (has_grad & unchanged).sum()
+    with_grad = torch.count_nonzero(has_grad)
+    stale = torch.count_nonzero(has_grad & unchanged)
     return torch.where(with_grad > 0, stale.float() / with_grad.clamp(min=1).float(), 0.0)
 
 
@@ -344,7 +429,8 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
 def _underflow_share(state: Tensor | None, fmt: FormatSpec, device: torch.device) -> Tensor:
     if state is None or state.numel() == 0:
         return torch.full((), math.nan, dtype=torch.float32, device=device)
-    below_normal = (state.detach().abs() < fmt.smallest_normal).sum()
+    # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
+    below_normal = torch.count_nonzero(state.detach().float().abs() < fmt.smallest_normal)
     return (below_normal.float() / state.numel()).to(device, non_blocking=True)
 
 

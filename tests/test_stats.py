@@ -158,7 +158,7 @@ def _boundary_values(fmt: FormatSpec) -> list[float]:
 
 
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("name", [name for name in FORMATS])
+@pytest.mark.parametrize("name", FORMATS)
 def test_format_counts_equal_the_literal_cast_at_every_boundary(name: str, scale: float) -> None:
     fmt = format_spec(name)
     x = torch.tensor(_boundary_values(fmt), dtype=torch.float32)
@@ -361,9 +361,18 @@ def test_exp_avg_sq_underflow_share() -> None:
     assert result.dtype == torch.float32
     assert result[0] == pytest.approx(3 / 5)
     assert math.isnan(result[1]) and result[2] == 1.0
+    # A state dtype (fp16) narrower than the format's range (bf16): its zeros still count.
+    fp16_state = torch.tensor([0.0, 2.0**-24, 1.0, 0.0], dtype=torch.float16)
+    assert stats.exp_avg_sq_underflow([fp16_state], format_spec("bf16")).tolist() == [0.5]
 
 
 # --------------------------------------------------------------------------- no host-device sync
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_scatter_count_used_off_the_cpu_equals_bincount(index_dtype: torch.dtype) -> None:
+    codes = torch.randint(0, 40, (5000,), generator=torch.Generator().manual_seed(2)).to(index_dtype)
+    np.testing.assert_array_equal(stats._scatter_count(codes, 45).numpy(), np.bincount(codes.numpy(), minlength=45))
 
 
 def _raise_sync(*_args: object, **_kwargs: object) -> None:
@@ -377,7 +386,9 @@ def test_no_stat_function_reads_values_on_the_host(monkeypatch: pytest.MonkeyPat
     after = [g * 0.5 for g in grads]
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, _raise_sync)
-    stats._format_boundaries.cache_clear()  # the boundary table is built inside the guard too
+    # The cached limit and bin tables are built inside the guard too.
+    stats._format_limits.cache_clear()
+    stats._exponent_bin_tables.cache_clear()
     results = [
         stats.grad_norms(grads, torch.tensor(0.5)),
         stats.nonfinite_counts(grads),
