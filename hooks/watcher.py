@@ -281,8 +281,11 @@ class Watcher:
             before = self._guarded("scaler.update wrapper", self._before_scaler_update)()
             result = original(*args, **kwargs)
             self.steps += 1  # an attempt counts even when measuring it fails
-            if before is not None:
-                self._guarded("scaler.update wrapper", self._after_scaler_update)(*before)
+            try:
+                if before is not None:
+                    self._guarded("scaler.update wrapper", self._after_scaler_update)(*before)
+            finally:
+                self._step_ran = False
             return result
 
         return update
@@ -333,7 +336,6 @@ class Watcher:
             self._stack.add(records.FOUND_INF, found_inf)
         # A non-fused optimizer's step runs only when the scaler found no Inf/NaN.
         skip_known = None if self._fused or self.optimizer is None else not self._step_ran
-        self._step_ran = False
         self._finish_step(skip_known=skip_known)
 
     # -- measuring ----------------------------------------------------------------------
