@@ -239,3 +239,18 @@ def test_leftover_spool_of_an_earlier_process_is_uploaded(tmp_path):
     assert server.steps() == [1, 2, 3, 4]
     assert [body["status"] for path, _, body in server.requests if path.endswith("/batches")][-2:] == ["crashed", "finished"]
     assert list(hooks.iter_spool(tmp_path, pending_only=True)) == []
+
+
+def test_url_token_and_spool_default_to_the_environment(tmp_path, collector, monkeypatch):
+    monkeypatch.setenv("NUMWATCH_URL", collector.url)
+    monkeypatch.setenv("NUMWATCH_TOKEN", "from-env")
+    monkeypatch.setenv("NUMWATCH_SPOOL_DIR", str(tmp_path))
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with hooks.watch(model, optimizer, run="env") as watcher:
+        x, y = batch(0)
+        (model(x) - y).pow(2).mean().backward()
+        optimizer.step()
+    assert watcher.spool_dir == tmp_path / "env" / "rank0"
+    assert collector.steps() == [1]
+    assert {headers["Authorization"] for _, headers, _ in collector.requests} == {"Bearer from-env"}
