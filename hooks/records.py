@@ -1,0 +1,198 @@
+"""A measured step on the host side, and the protocol documents built from it.
+
+The watcher adds a step's device statistics to a :class:`~hooks.hostcopy.DeviceStack`
+under the part names below; :class:`StepRecord` reads the host copy and builds the
+``step``, ``histogram`` and ``event`` documents (on the sender thread). Gradient-based
+parts cover only the tensors that had a gradient at that step (``present``); the record
+spreads them over the run's full tensor list, with zeros for the others (no gradient is a
+zero gradient, as for ``clip_grad_norm_``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hooks import protocol
+from hooks.hostcopy import HostStack
+from hooks.transport import StepDocuments
+
+# Part names in the device stack, and the protocol statistics each one holds (rows).
+GRAD = "grad"  # float32 [2, k]: grad_norm, grad_absmax
+NONFINITE = "nonfinite"  # int64 [2, k]: nan_count, inf_count
+FORMAT = "format"  # int64 [4, k]: zeros, underflow, subnormal, overflow
+WEIGHT = "weight"  # float32 [2, n]: weight_norm, weight_absmax
+UPDATE = "update"  # float32 [2, k]: update_ratio, stale_fraction
+EXP_AVG_SQ = "exp_avg_sq_underflow"  # float32 [n]
+LOSS = "loss"
+LOSS_SCALE = "loss_scale"
+NEW_LOSS_SCALE = "new_loss_scale"
+FOUND_INF = "found_inf"
+ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
+SCALAR_PREFIX = "scalar:"
+
+_ROWS: dict[str, tuple[str, ...]] = {
+    GRAD: ("grad_norm", "grad_absmax"),
+    NONFINITE: ("nan_count", "inf_count"),
+    FORMAT: protocol.FORMAT_COUNT_STATS,
+    UPDATE: ("update_ratio", "stale_fraction"),
+    WEIGHT: ("weight_norm", "weight_absmax"),
+}
+_GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
+
+
+def histogram_part(kind: str, field_name: str) -> str:
+    """Stack part name of one histogram field ('exponent', 'linear_min', 'linear_max', 'linear')."""
+    return f"hist:{kind}:{field_name}"
+
+
+@dataclass
+class StepRecord:
+    """One measured step awaiting its documents; ``build`` runs on the sender thread."""
+
+    step_number: int
+    time: float
+    step_time: float | None
+    host: HostStack
+    n_tensors: int
+    present: list[int] | None  # indices of tensors with a gradient; None: all of them
+    lr: list[float]
+    scalars: dict[str, float]
+    format_max: float
+    loss: float | None = None  # host value given to watcher.log
+    module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    # -- host values, also used on the training thread for non-finite checks ----------
+
+    def grad_rows(self) -> np.ndarray:
+        """grad_norm and grad_absmax of the present tensors, float32 [2, k]."""
+        return self.host.get(GRAD, "<f4")
+
+    def nonfinite_rows(self) -> np.ndarray | None:
+        """nan/inf counts of the present tensors, int64 [2, k], when they were counted."""
+        return self.host.get(NONFINITE) if NONFINITE in self.host else None
+
+    def loss_value(self) -> float | None:
+        """The step's loss: logged on the host, or captured on the device."""
+        if self.loss is not None:
+            return self.loss
+        return self.host.scalar(LOSS) if LOSS in self.host else None
+
+    def skipped(self) -> bool:
+        """Whether the GradScaler skipped the optimizer step (found Inf/NaN)."""
+        return FOUND_INF in self.host and self.host.scalar(FOUND_INF) != 0.0
+
+    def present_indices(self) -> np.ndarray:
+        """Schema indices of the tensors the gradient statistics cover."""
+        return np.arange(self.n_tensors) if self.present is None else np.asarray(self.present, dtype=np.int64)
+
+    # -- documents --------------------------------------------------------------------
+
+    def build(self) -> StepDocuments:
+        """The step document, its histograms and events."""
+        self.host.wait()
+        return StepDocuments(self._step_document(), self._histograms(), self.events)
+
+    def _spread(self, values: np.ndarray, part: str) -> np.ndarray:
+        """Gradient-based values of the present tensors spread over all tensors (zeros elsewhere)."""
+        if part not in _GRAD_BASED or self.present is None:
+            return values
+        full = np.zeros(values.shape[:-1] + (self.n_tensors,), dtype=values.dtype)
+        full[..., self.present_indices()] = values
+        return full
+
+    def _tensor_stats(self, skipped: bool) -> dict[str, str]:
+        stats: dict[str, str] = {}
+        for part, names in _ROWS.items():
+            if part not in self.host or (part == UPDATE and skipped):
+                continue  # an update measured across a skipped step says nothing
+            rows = self._spread(self.host.get(part), part)
+            for name, row in zip(names, rows):
+                stats[name] = protocol.pack_bytes(row.astype(protocol.TENSOR_STATS[name]).tobytes())
+        if EXP_AVG_SQ in self.host:
+            stats[EXP_AVG_SQ] = protocol.pack_bytes(self.host.get(EXP_AVG_SQ, "<f4").tobytes())
+        return stats
+
+    def _scale_fields(self) -> dict[str, Any]:
+        if LOSS_SCALE not in self.host:
+            return {"loss_scale": None, "new_loss_scale": None, "scale_decision": None}
+        before, after = self.host.scalar(LOSS_SCALE), self.host.scalar(NEW_LOSS_SCALE)
+        decision = "growth" if after > before else "backoff" if after < before else "none"
+        return {"loss_scale": protocol.encode_float(before), "new_loss_scale": protocol.encode_float(after), "scale_decision": decision}
+
+    def global_grad_norm(self) -> float:
+        """sqrt(sum of squared per-tensor norms), in float64: what clip_grad_norm_ sees."""
+        norms = self.grad_rows()[0].astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.sqrt(np.sum(norms * norms)))
+
+    def headroom_bits(self) -> float | None:
+        """log2(format max / (S * largest |g|)); None when no tensor had a gradient."""
+        absmax = self.grad_rows()[1].astype(np.float64)
+        if absmax.size == 0:
+            return None
+        scale = self.host.scalar(LOSS_SCALE) if LOSS_SCALE in self.host else 1.0
+        largest = math.nan if np.isnan(absmax).any() else float(absmax.max()) * scale
+        if math.isnan(largest):
+            return math.nan
+        if largest == 0.0:
+            return math.inf
+        return math.log2(self.format_max / largest) if math.isfinite(largest) else -math.inf
+
+    def _activations(self) -> dict[str, str] | None:
+        if ACTIVATION_ABSMAX not in self.host:
+            return None
+        absmax = self.host.get(ACTIVATION_ABSMAX, "<f4")
+        nonfinite = (~np.isfinite(absmax)).astype("<i8")
+        return {"absmax": protocol.pack_bytes(absmax.tobytes()), "nonfinite": protocol.pack_bytes(nonfinite.tobytes())}
+
+    def _step_document(self) -> dict[str, Any]:
+        skipped = self.skipped()
+        scalars = {name: protocol.encode_float(value) for name, value in self.scalars.items()}
+        for name in self.host_scalar_names():
+            scalars[name] = protocol.encode_float(self.host.scalar(SCALAR_PREFIX + name))
+        return {
+            "step": self.step_number,
+            "time": self.time,
+            "step_time": self.step_time,
+            "loss": protocol.encode_float(self.loss_value()),
+            **self._scale_fields(),
+            "skipped": skipped,
+            "lr": [protocol.encode_float(lr) for lr in self.lr],
+            "global_grad_norm": protocol.encode_float(self.global_grad_norm()),
+            "headroom_bits": protocol.encode_float(self.headroom_bits()),
+            "scalars": scalars,
+            "tensors": self._tensor_stats(skipped),
+            "activations": self._activations(),
+        }
+
+    def host_scalar_names(self) -> list[str]:
+        """Names of scalars logged as device tensors (kept in the stack)."""
+        return [name[len(SCALAR_PREFIX) :] for name in self.host.names() if name.startswith(SCALAR_PREFIX)]
+
+    def _histograms(self) -> list[dict[str, Any]]:
+        documents = []
+        for kind in protocol.HISTOGRAM_KINDS:
+            if histogram_part(kind, "exponent") not in self.host:
+                continue
+            spread = kind == "grad" and self.present is not None
+            fields: dict[str, Any] = {"step": self.step_number, "kind": kind}
+            for field_name, dtype in (("exponent", "<i8"), ("linear_min", "<f4"), ("linear_max", "<f4"), ("linear", "<i8")):
+                values = self.host.get(histogram_part(kind, field_name), dtype)
+                if spread:
+                    full = np.zeros((self.n_tensors,) + values.shape[1:], dtype=values.dtype)
+                    full[self.present_indices()] = values
+                    values = full
+                fields[field_name] = protocol.pack_bytes(np.ascontiguousarray(values).tobytes())
+            documents.append(fields)
+        return documents
+
+
+def event_document(step: int, kind: str, details: dict[str, Any]) -> dict[str, Any]:
+    """An ``event`` document stamped now."""
+    return {"step": step, "kind": kind, "time": time.time(), "details": details}

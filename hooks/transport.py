@@ -1,0 +1,351 @@
+"""Getting step documents to the collector without ever holding up training.
+
+The training thread hands each step to :meth:`Transport.submit`, which never blocks: a
+bounded queue feeds a daemon sender thread that builds the protocol documents, batches
+them (up to ``batch_steps`` steps or ``batch_seconds``) and POSTs them with the standard
+library. When there is no collector URL, or the collector is unreachable, documents go to
+the on-disk spool instead; while the spool holds anything not yet acknowledged, new
+batches are appended behind it and the spool is drained in order once the collector
+answers again, so nothing is reordered, lost or sent twice by this process. Whatever could
+not be queued nor spooled is counted (``dropped_steps``), logged once and reported as a
+``monitoring_dropped`` event when possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from hooks import protocol
+from hooks.spool import SpoolWriter, discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark
+
+log = logging.getLogger(__name__)
+
+BATCH_STEPS = 64
+BATCH_SECONDS = 1.0
+QUEUE_STEPS = 1024
+HTTP_TIMEOUT_SECONDS = 5.0
+RETRY_SECONDS = 1.0
+MAX_RETRY_SECONDS = 30.0
+CLOSE_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass
+class StepDocuments:
+    """What one step contributes to a batch."""
+
+    step: dict[str, Any]
+    histograms: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StepSource(Protocol):
+    """A step measured on the training thread, turned into documents on the sender thread."""
+
+    step_number: int
+
+    def build(self) -> StepDocuments: ...
+
+
+class _Control:
+    """A flush or close request travelling through the queue behind the steps before it."""
+
+    def __init__(self, status: str | None = None) -> None:
+        self.status = status  # None: flush; "finished" | "crashed": close
+        self.done = threading.Event()
+
+
+def _classify(status: int) -> str:
+    """'ok' (acknowledged), 'retry' (try again later) or 'rejected' (the collector refuses it)."""
+    if 200 <= status < 300:
+        return "ok"
+    if status == 429 or status >= 500:
+        return "retry"
+    return "rejected"
+
+
+class Transport:
+    """Batches step documents to a collector (or the spool) on a background thread."""
+
+    def __init__(
+        self,
+        run_document: dict[str, Any],
+        *,
+        url: str | None,
+        token: str | None,
+        spool_dir: str | Path,
+        batch_steps: int = BATCH_STEPS,
+        batch_seconds: float = BATCH_SECONDS,
+        queue_steps: int = QUEUE_STEPS,
+        http_timeout: float = HTTP_TIMEOUT_SECONDS,
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
+        self.run_document = run_document
+        self.run = run_document["run"]
+        self.rank = run_document["rank"]
+        self.url = url.rstrip("/") if url else None
+        self.token = token
+        self.spool_dir = Path(spool_dir)
+        self.batch_steps = batch_steps
+        self.batch_seconds = batch_seconds
+        self.http_timeout = http_timeout
+        self.retry_seconds = retry_seconds
+        # Counters (read by the watcher; written by one thread each, or under _count_lock).
+        self.sent_batches = 0
+        self.spooled_batches = 0
+        self.rejected_documents = 0
+        self.dropped_steps = 0
+        self._count_lock = threading.Lock()
+        self._reported_dropped = 0
+        self._queue: queue.Queue[StepSource | _Control] = queue.Queue(maxsize=queue_steps)
+        self._spool: SpoolWriter | None = None
+        self._spool_lock = threading.Lock()
+        self._run_acknowledged = False
+        self._spool_pending = False  # set from disk when the sender starts (leftovers of an earlier process)
+        self._next_retry = 0.0
+        self._retry_delay = retry_seconds
+        self._closed = False
+        self._thread = threading.Thread(target=self._run_sender, name=f"numwatch-sender-{self.run}-{self.rank}", daemon=True)
+        self._thread.start()
+
+    # -- training thread -------------------------------------------------------------
+
+    def submit(self, source: StepSource) -> None:
+        """Queue a step without blocking; a full queue sends it to the spool instead."""
+        if self._closed:
+            return
+        try:
+            self._queue.put_nowait(source)
+        except queue.Full:
+            self._spool_overflow(source)
+
+    def flush(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> bool:
+        """Send (or spool) everything submitted so far; False if it did not finish in time."""
+        return self._request(_Control(), timeout)
+
+    def close(self, status: str = "finished", timeout: float = CLOSE_TIMEOUT_SECONDS) -> bool:
+        """Send the final batch with ``status`` and stop the sender; idempotent."""
+        if self._closed:
+            return True
+        finished = self._request(_Control(status), timeout)
+        self._closed = True
+        self._thread.join(timeout=max(0.0, timeout))
+        return finished
+
+    def _request(self, control: _Control, timeout: float) -> bool:
+        if self._closed or not self._thread.is_alive():
+            return False
+        try:
+            self._queue.put(control, timeout=timeout)
+        except queue.Full:
+            log.warning("numwatch: the sender queue stayed full for %.0f s; not waiting for it", timeout)
+            return False
+        return control.done.wait(timeout)
+
+    def _spool_overflow(self, source: StepSource) -> None:
+        try:
+            documents = source.build()
+            self._spool_batch(self._batch_document([documents], "running"))
+        except Exception:  # a full queue and an unwritable spool: count, never raise
+            self._count_dropped(1)
+
+    def _count_dropped(self, steps: int) -> None:
+        with self._count_lock:
+            first = self.dropped_steps == 0
+            self.dropped_steps += steps
+        if first:
+            log.error("numwatch: monitoring data dropped (queue full and spool %s not writable); counting in dropped_steps", self.spool_dir, exc_info=True)
+
+    # -- sender thread ---------------------------------------------------------------
+
+    def _run_sender(self) -> None:
+        self._spool_pending = self._spool_pending or self._has_pending_spool()
+        closing: _Control | None = None
+        while closing is None:
+            sources, controls = self._collect()
+            closing = next((c for c in controls if c.status is not None), None)
+            try:
+                if sources or closing is not None:
+                    self._deliver_steps(sources, closing.status if closing else "running")
+                elif self._spool_pending and self.url and time.monotonic() >= self._next_retry:
+                    self._drain_spool()
+                if controls and self._spool is not None:
+                    with self._spool_lock:
+                        self._spool.flush()
+            except Exception:
+                log.exception("numwatch: sender failed on a batch of %d steps; they are counted as dropped", len(sources))
+                self._count_dropped(len(sources))
+            for control in controls:
+                control.done.set()
+        if self._spool is not None:
+            with self._spool_lock:
+                self._spool.close()
+        if self._spool_pending:
+            log.warning("numwatch: unsent data for run %r rank %d is in %s; upload it with `numwatch sync`", self.run, self.rank, self.spool_dir)
+
+    def _collect(self) -> tuple[list[StepSource], list[_Control]]:
+        """Wait for steps: up to ``batch_steps`` of them, ``batch_seconds`` after the first,
+        or until a flush/close request arrives."""
+        sources: list[StepSource] = []
+        controls: list[_Control] = []
+        deadline = time.monotonic() + self.batch_seconds
+        while len(sources) < self.batch_steps:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if isinstance(item, _Control):
+                controls.append(item)
+                break
+            sources.append(item)
+        return sources, controls
+
+    def _deliver_steps(self, sources: list[StepSource], status: str) -> None:
+        documents = []
+        for source in sources:
+            try:
+                documents.append(source.build())
+            except Exception:
+                log.exception("numwatch: could not build the documents of step %s", getattr(source, "step_number", "?"))
+                self._count_dropped(1)
+        self._deliver(self._batch_document(documents, status))
+
+    def _batch_document(self, documents: list[StepDocuments], status: str) -> dict[str, Any]:
+        events = [event for d in documents for event in d.events]
+        events.extend(self._dropped_event(documents))
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "run": self.run,
+            "rank": self.rank,
+            "batch_id": uuid.uuid4().hex,
+            "steps": [d.step for d in documents],
+            "histograms": [h for d in documents for h in d.histograms],
+            "events": events,
+            "status": status,
+        }
+
+    def _dropped_event(self, documents: list[StepDocuments]) -> list[dict[str, Any]]:
+        """A ``monitoring_dropped`` event when steps were dropped since the last report."""
+        with self._count_lock:
+            dropped = self.dropped_steps
+            if dropped == self._reported_dropped:
+                return []
+            newly = dropped - self._reported_dropped
+            self._reported_dropped = dropped
+        step = documents[-1].step["step"] if documents else 0
+        return [{"step": step, "kind": "monitoring_dropped", "time": time.time(), "details": {"dropped_steps": dropped, "since_last_report": newly}}]
+
+    def _deliver(self, batch: dict[str, Any]) -> None:
+        if self.url is None:
+            self._spool_batch(batch)
+            return
+        if self._spool_pending:
+            self._drain_spool(force=batch["status"] != "running")
+        if self._spool_pending:
+            self._spool_batch(batch)
+            return
+        if not self._run_acknowledged and not self._post_run():
+            self._spool_batch(batch)
+            return
+        outcome = self._post(f"/api/v1/runs/{urllib.parse.quote(self.run, safe='')}/batches", batch)
+        if outcome == "ok":
+            self.sent_batches += 1
+        elif outcome == "retry":
+            self._spool_batch(batch)
+
+    def _post_run(self) -> bool:
+        """Register the run; True when the collector acknowledged (or refused) it for good."""
+        outcome = self._post("/api/v1/runs", self.run_document)
+        if outcome == "retry":
+            return False
+        self._run_acknowledged = True
+        return True
+
+    def _ensure_spool(self) -> SpoolWriter:
+        with self._spool_lock:
+            if self._spool is None:
+                self._spool = SpoolWriter(self.spool_dir)
+                # The spool is self-contained: its run document comes first (a collector
+                # registers a run idempotently, so a repeat is harmless).
+                self._spool.append("run", self.run_document)
+            return self._spool
+
+    def open_spool(self) -> None:
+        """Create the spool now (spool-only runs), so the run document is on disk at once."""
+        self._ensure_spool()
+
+    def _spool_batch(self, batch: dict[str, Any]) -> None:
+        spool = self._ensure_spool()
+        spool.append("batch", batch)
+        with self._count_lock:
+            self.spooled_batches += 1
+        if self.url:
+            self._spool_pending = True
+
+    def _has_pending_spool(self) -> bool:
+        if not self.url or not self.spool_dir.is_dir():
+            return False
+        return next(read_entries(self.spool_dir, read_uploaded_mark(self.spool_dir)), None) is not None
+
+    def _drain_spool(self, force: bool = False) -> None:
+        """Upload spooled documents in order, marking each as uploaded once acknowledged;
+        stops at the first that must be retried (and backs off)."""
+        if not force and time.monotonic() < self._next_retry:
+            return
+        if self._spool is not None:
+            with self._spool_lock:
+                self._spool.flush()
+        for entry in read_entries(self.spool_dir, read_uploaded_mark(self.spool_dir)):
+            if entry.kind == "run":
+                outcome = self._post("/api/v1/runs", entry.body)
+            else:
+                outcome = self._post(f"/api/v1/runs/{urllib.parse.quote(entry.body['run'], safe='')}/batches", entry.body)
+            if outcome == "retry":
+                self._next_retry = time.monotonic() + self._retry_delay
+                self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_SECONDS)
+                return
+            if entry.kind == "run":
+                self._run_acknowledged = True
+            elif outcome == "ok":
+                self.sent_batches += 1
+            mark_uploaded(self.spool_dir, entry.end)
+        self._spool_pending = False
+        self._retry_delay = self.retry_seconds
+        discard_uploaded_segments(self.spool_dir)
+        log.info("numwatch: spool %s drained to %s", self.spool_dir, self.url)
+
+    def _post(self, path: str, document: dict[str, Any]) -> str:
+        """POST one document; 'ok', 'retry' or 'rejected' (logged and counted)."""
+        assert self.url is not None
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=protocol.dumps(document), headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.http_timeout) as response:
+                outcome = _classify(response.status)
+                detail = ""
+        except urllib.error.HTTPError as error:
+            outcome = _classify(error.code)
+            detail = f"{error.code} {error.read(2000).decode('utf-8', 'replace')}"
+        except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out
+            log.debug("numwatch: collector %s unreachable: %s", self.url, error)
+            return "retry"
+        if outcome == "rejected":
+            self.rejected_documents += 1
+            log.error("numwatch: collector %s rejected %s: %s", self.url, path, detail)
+        elif outcome == "retry":
+            log.debug("numwatch: collector %s asked to retry %s: %s", self.url, path, detail)
+        return outcome

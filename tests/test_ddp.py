@@ -1,0 +1,61 @@
+"""Two DDP processes (gloo, CPU): every rank spools its own records, tagged with its rank."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.watch_helpers import read_spool
+
+WORLD_SIZE = 2
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _train(rank: int, port: int, spool_root: str, root: str) -> None:
+    sys.path.insert(0, root)
+    import hooks  # imported in the child: spawn starts a fresh interpreter
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        watcher = hooks.watch(model, optimizer, spool_dir=spool_root)  # run name comes from rank 0
+        generator = torch.Generator().manual_seed(rank)
+        for _ in range(STEPS):
+            loss = model(torch.randn(8, 5, generator=generator)).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        watcher.close()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_both_ranks_spool_their_records(tmp_path):
+    root = str(Path(__file__).resolve().parents[1])
+    mp.spawn(_train, args=(_free_port(), str(tmp_path), root), nprocs=WORLD_SIZE, join=True)
+    (run_dir,) = list(tmp_path.iterdir())
+    per_rank = {rank: read_spool(run_dir / f"rank{rank}") for rank in range(WORLD_SIZE)}
+    for rank, spooled in per_rank.items():
+        (run,) = spooled.runs
+        assert (run["rank"], run["world_size"], run["run"]) == (rank, WORLD_SIZE, per_rank[0].runs[0]["run"])
+        assert [s["step"] for s in spooled.steps] == list(range(1, STEPS + 1))
+        assert spooled.statuses[-1] == "finished"
+    # Measured after the all-reduce: both ranks see the same averaged gradients.
+    for step0, step1 in zip(per_rank[0].steps, per_rank[1].steps):
+        np.testing.assert_array_equal(per_rank[0].stat(step0, "grad_norm"), per_rank[1].stat(step1, "grad_norm"))

@@ -1,0 +1,49 @@
+"""The training side imports without any server dependency."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER_PACKAGES = ("fastapi", "sqlalchemy", "uvicorn", "prometheus_client", "starlette", "alembic", "psycopg", "monitor")
+
+
+def test_hooks_imports_and_watches_with_server_packages_blocked(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        BLOCKED = {SERVER_PACKAGES!r}
+
+        class Blocker:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError(f"blocked: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        import torch
+        import hooks
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with hooks.watch(model, optimizer, run="light", spool_dir={str(tmp_path)!r}) as watcher:
+            model(torch.ones(4, 3)).sum().backward()
+            optimizer.step()
+        assert watcher.steps == 1
+        loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+        assert not loaded, loaded
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_protocol_imports_without_torch():
+    script = "import sys, hooks.protocol, hooks.spool; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

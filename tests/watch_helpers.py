@@ -1,0 +1,60 @@
+"""Shared pieces of the watcher tests: small models and reading back what a watcher spooled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hooks import protocol
+from hooks.spool import iter_spool
+
+
+@dataclass
+class Spooled:
+    """Everything one (run, rank) spool directory holds, decoded."""
+
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    histograms: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+
+    def stat(self, step: dict[str, Any], name: str) -> np.ndarray:
+        """A per-tensor statistic of a step document as a numpy array."""
+        n = len(self.runs[0]["tensors"])
+        return np.frombuffer(protocol.unpack_bytes(step["tensors"][name], protocol.TENSOR_STATS[name], n), dtype=protocol.TENSOR_STATS[name])
+
+
+def read_spool(directory: Path) -> Spooled:
+    """Decode a spool directory (documents in write order)."""
+    spooled = Spooled()
+    for kind, body in iter_spool(directory):
+        if kind == "run":
+            spooled.runs.append(body)
+            continue
+        spooled.steps.extend(body["steps"])
+        spooled.histograms.extend(body["histograms"])
+        spooled.events.extend(body["events"])
+        spooled.statuses.append(body["status"])
+    return spooled
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
+
+
+def reference_norms(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """float64 L2 norm and absmax per tensor, computed independently of hooks.stats."""
+    as64 = [g.detach().to(torch.float64).numpy().ravel() for g in grads]
+    return np.array([np.sqrt(np.sum(a * a)) for a in as64]), np.array([np.max(np.abs(a)) for a in as64])
