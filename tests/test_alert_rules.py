@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.binaries import require_binary
-from tests.metrics_contract import unknown_metric_names
+from tests.metrics_contract import sample_exposition, unknown_metric_names
+from tests.promstack import alertmanager_alerts, running_alertmanager, running_prometheus, serving_metrics, wait_for
 
 RULES_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules"
 RULES = RULES_DIR / "numwatch.rules.yml"
@@ -88,3 +90,33 @@ def test_every_alert_has_a_firing_and_a_silent_unit_test() -> None:
         mine = [case for case in cases if case["alertname"] == name]
         assert any(case["exp_alerts"] for case in mine), f"{name} is never expected to fire"
         assert any(not case["exp_alerts"] for case in mine), f"{name} has no case where it must stay silent"
+
+
+ALERT_ARRIVAL_TIMEOUT_S = 60.0
+
+
+@pytest.mark.binaries
+@pytest.mark.slow
+def test_nan_alert_reaches_real_alertmanager(tmp_path: Path) -> None:
+    """Static /metrics with a NaN-step counter > 0 → real Prometheus with the real rules →
+    real Alertmanager: the NaN alert arrives with the run label, and no explosion alert."""
+    run = "e2e-fp16-run"
+    with (
+        serving_metrics(sample_exposition(run, now=time.time(), nonfinite_steps=2)) as target,
+        running_alertmanager(tmp_path) as alertmanager,
+        running_prometheus(tmp_path, target, alertmanager=alertmanager),
+    ):
+
+        def nan_alerts() -> list[dict]:
+            alerts = alertmanager_alerts(alertmanager)
+            return [alert for alert in alerts if alert["labels"]["alertname"] == "NumwatchNonFiniteGradients"]
+
+        arrived = wait_for(nan_alerts, ALERT_ARRIVAL_TIMEOUT_S)
+        assert arrived, f"no NaN alert within {ALERT_ARRIVAL_TIMEOUT_S}s"
+        (alert,) = arrived
+        assert alert["labels"]["run"] == run
+        assert alert["labels"]["severity"] == "critical"
+        assert alert["annotations"]["dashboard"].endswith(f"/d/numwatch-run/numwatch-run?var-run={run}")
+        names = {alert["labels"]["alertname"] for alert in alertmanager_alerts(alertmanager)}
+        assert "NumwatchGradientExplosion" not in names
+        assert "NumwatchNonFiniteLoss" not in names
