@@ -336,6 +336,14 @@ def build_run_dashboard() -> dict[str, Any]:
     ]
     annotations = [
         {
+            # Posted by monitor.grafana.AnnotationSink, tagged [numwatch, kind, run].
+            "name": "numwatch annotations",
+            "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+            "enable": True,
+            "iconColor": "purple",
+            "target": {"type": "tags", "tags": ["numwatch", "$run"], "matchAny": False, "limit": 200},
+        },
+        {
             "name": "Loss-scale backoffs",
             "datasource": PROMETHEUS,
             "enable": True,
