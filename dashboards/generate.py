@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -421,13 +422,13 @@ def build_overview_dashboard() -> dict[str, Any]:
     return dashboard(OVERVIEW_DASHBOARD_UID, "numwatch overview", panels, [], [])
 
 
-DASHBOARDS = {
+DASHBOARDS: dict[str, Callable[[], dict[str, Any]]] = {
     "numwatch-overview.json": build_overview_dashboard,
     "numwatch-run.json": build_run_dashboard,
 }
 
 
-def render(build: Any) -> str:
+def render(build: Callable[[], dict[str, Any]]) -> str:
     """The file text of a dashboard (stable key order, trailing newline)."""
     return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
 
