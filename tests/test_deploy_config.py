@@ -170,3 +170,20 @@ def test_compose_dependencies_name_real_services() -> None:
             source = volume.split(":")[0]
             if not source.startswith((".", "/")):
                 assert source in COMPOSE["volumes"], f"{name} mounts undeclared volume {source}"
+
+
+@pytest.mark.binaries
+@pytest.mark.parametrize(
+    "labels, receiver",
+    [
+        (["alertname=NumwatchNonFiniteGradients", "severity=critical", "run=r1"], "pager"),
+        (["alertname=NumwatchCollectorDown", "severity=critical"], "pager"),
+        (["alertname=NumwatchUnderflowHigh", "severity=warning", "run=r1"], "chat"),
+    ],
+)
+def test_alertmanager_routes_alerts_to_receivers(labels: list[str], receiver: str) -> None:
+    """amtool resolves the receiver an alert with ``labels`` is routed to."""
+    argv = [require_binary("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", f"--verify.receivers={receiver}", *labels]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == receiver
