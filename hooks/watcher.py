@@ -565,7 +565,7 @@ def watch(
     token: str | None = None,
     project: str | None = None,
     histogram_every: int = 100,
-    format_every: int = 1,
+    format_every: int = 50,
     format: str | None = None,
     on_nonfinite: str = "warn",
     trace_activations: bool = False,
