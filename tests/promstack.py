@@ -14,10 +14,7 @@ The fixtures ``alertmanager`` and ``prometheus_for`` wrap these for pytest.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,22 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from monitor import stack
+from monitor.stack import free_port, wait_for  # noqa: F401 (re-exported for the tests)
 from tests.binaries import require_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RULE_FILES = (REPO_ROOT / "deploy" / "prometheus" / "rules" / "numwatch.rules.yml",)
-READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 GRAFANA_URL = "http://127.0.0.1:3000"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get_json(url: str, timeout: float = 5.0) -> Any:
@@ -52,79 +42,14 @@ def get_json(url: str, timeout: float = 5.0) -> Any:
         return json.load(response)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.25) -> Any:
-    """Poll ``predicate`` until it returns something truthy; its last value (falsy on timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def _is_ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@contextmanager
-def _server(argv: list[str], url: str, log_path: Path) -> Iterator[str]:
-    """Run ``argv`` until the context exits; yields ``url`` once it reports ready."""
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            ready = wait_for(lambda: process.poll() is not None or _is_ready(url), READY_TIMEOUT_S)
-            if process.poll() is not None or not ready:
-                raise RuntimeError(f"{argv[0]} did not become ready at {url}:\n{log_path.read_text()[-3000:]}")
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=STOP_TIMEOUT_S)
+SILENT_ALERTMANAGER = {"route": {"receiver": "null", "group_by": ["run", "alertname"]}, "receivers": [{"name": "null"}]}
 
 
 @contextmanager
 def running_alertmanager(workdir: Path, config: dict | None = None) -> Iterator[str]:
     """A real Alertmanager (clustering off) with ``config`` (default: one silent receiver); yields its URL."""
-    binary = require_binary("prometheus-alertmanager")
-    root = workdir / "alertmanager"
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    config = config or {"route": {"receiver": "null", "group_by": ["run", "alertname"]}, "receivers": [{"name": "null"}]}
-    config_path = root / "alertmanager.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    argv = [
-        binary,
-        f"--config.file={config_path}",
-        f"--storage.path={root / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--cluster.listen-address=",
-    ]
-    with _server(argv, f"http://127.0.0.1:{port}", root / "alertmanager.log") as url:
+    with stack.running_alertmanager(require_binary("prometheus-alertmanager"), workdir, config or SILENT_ALERTMANAGER) as url:
         yield url
-
-
-def prometheus_config(target: str, alertmanager: str | None, rule_files: tuple[Path, ...]) -> dict:
-    """Prometheus config scraping ``target`` (host:port) as job numwatch every second."""
-    config: dict = {
-        "global": {
-            "scrape_interval": "1s",
-            "evaluation_interval": "1s",
-            "external_labels": {"grafana_url": GRAFANA_URL},
-        },
-        "rule_files": [str(path) for path in rule_files],
-        "scrape_configs": [{"job_name": "numwatch", "static_configs": [{"targets": [target]}]}],
-    }
-    if alertmanager:
-        host = urllib.parse.urlsplit(alertmanager).netloc
-        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [host]}]}]}
-    return config
 
 
 @contextmanager
@@ -134,20 +59,10 @@ def running_prometheus(
     alertmanager: str | None = None,
     rule_files: tuple[Path, ...] = RULE_FILES,
 ) -> Iterator[str]:
-    """A real Prometheus scraping ``target`` with the repository's rules; yields its URL."""
-    binary = require_binary("prometheus")
-    root = workdir / "prometheus"
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    config_path = root / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(prometheus_config(target, alertmanager, rule_files)))
-    port = free_port()
-    argv = [
-        binary,
-        f"--config.file={config_path}",
-        f"--storage.tsdb.path={root / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    with _server(argv, f"http://127.0.0.1:{port}", root / "prometheus.log") as url:
+    """A real Prometheus from deploy/'s config scraping ``target`` every second; yields its URL."""
+    alertmanager_address = urllib.parse.urlsplit(alertmanager).netloc if alertmanager else None
+    config = stack.prometheus_config(target, alertmanager_address, interval="1s", grafana_url=GRAFANA_URL, rule_files=rule_files)
+    with stack.running_prometheus(require_binary("prometheus"), workdir, config) as url:
         yield url
 
 
