@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test demo bench clean
+.PHONY: install system-deps test demo stack bench clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install system-deps
 
 demo: install
 	$(VENV)/bin/numwatch demo
+
+# Collector, Prometheus and Alertmanager from installed binaries with deploy/'s configs (no Docker).
+stack: install system-deps
+	$(VENV)/bin/numwatch stack
 
 bench: install
 	$(PY) benchmarks/overhead.py
