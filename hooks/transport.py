@@ -73,6 +73,28 @@ def _classify(status: int) -> str:
     return "rejected"
 
 
+def document_path(kind: str, document: dict[str, Any]) -> str:
+    """Where a protocol document is posted: run documents register, batches go under their run."""
+    if kind == "run":
+        return "/api/v1/runs"
+    return f"/api/v1/runs/{urllib.parse.quote(document['run'], safe='')}/batches"
+
+
+def post_document(url: str, token: str | None, path: str, document: dict[str, Any], timeout: float) -> tuple[str, str]:
+    """POST one document to the collector at ``url``: ('ok' | 'retry' | 'rejected', detail)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url + path, data=protocol.dumps(document), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return _classify(response.status), ""
+    except urllib.error.HTTPError as error:
+        return _classify(error.code), f"{error.code} {error.read(2000).decode('utf-8', 'replace')}"
+    except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out
+        return "retry", f"unreachable: {error}"
+
+
 class Transport:
     """Batches step documents to a collector (or the spool) on a background thread."""
 
@@ -259,7 +281,7 @@ class Transport:
         if not self._run_acknowledged and not self._post_run():
             self._spool_batch(batch)
             return
-        outcome = self._post(f"/api/v1/runs/{urllib.parse.quote(self.run, safe='')}/batches", batch)
+        outcome = self._post(document_path("batch", batch), batch)
         if outcome == "ok":
             self.sent_batches += 1
         elif outcome == "retry":
@@ -267,7 +289,7 @@ class Transport:
 
     def _post_run(self) -> bool:
         """Register the run; True when the collector acknowledged (or refused) it for good."""
-        outcome = self._post("/api/v1/runs", self.run_document)
+        outcome = self._post(document_path("run", self.run_document), self.run_document)
         if outcome == "retry":
             return False
         self._run_acknowledged = True
@@ -308,10 +330,7 @@ class Transport:
             with self._spool_lock:
                 self._spool.flush()
         for entry in read_entries(self.spool_dir, read_uploaded_mark(self.spool_dir)):
-            if entry.kind == "run":
-                outcome = self._post("/api/v1/runs", entry.body)
-            else:
-                outcome = self._post(f"/api/v1/runs/{urllib.parse.quote(entry.body['run'], safe='')}/batches", entry.body)
+            outcome = self._post(document_path(entry.kind, entry.body), entry.body)
             if outcome == "retry":
                 self._next_retry = time.monotonic() + self._retry_delay
                 self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_SECONDS)
@@ -329,20 +348,7 @@ class Transport:
     def _post(self, path: str, document: dict[str, Any]) -> str:
         """POST one document; 'ok', 'retry' or 'rejected' (logged and counted)."""
         assert self.url is not None
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, data=protocol.dumps(document), headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.http_timeout) as response:
-                outcome = _classify(response.status)
-                detail = ""
-        except urllib.error.HTTPError as error:
-            outcome = _classify(error.code)
-            detail = f"{error.code} {error.read(2000).decode('utf-8', 'replace')}"
-        except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out
-            log.debug("numwatch: collector %s unreachable: %s", self.url, error)
-            return "retry"
+        outcome, detail = post_document(self.url, self.token, path, document, self.http_timeout)
         if outcome == "rejected":
             self.rejected_documents += 1
             log.error("numwatch: collector %s rejected %s: %s", self.url, path, detail)

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, TextIO
+from pathlib import Path
+from typing import TextIO
+
+from monitor.stack import running_collector
 
 
 @dataclass(frozen=True)
@@ -32,58 +31,9 @@ class DemoPlan:
     batch_size: int = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get_json(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
-
-
-def wait_ready(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll ``{url}/readyz`` until the collector answers 200 (or fail with its output)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the collector exited with code {proc.returncode} before becoming ready")
-        with contextlib.suppress(OSError, urllib.error.URLError):
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        time.sleep(0.2)
-    raise RuntimeError(f"the collector at {url} was not ready after {timeout:.0f} s")
-
-
-@contextlib.contextmanager
-def local_collector(workdir: str) -> Iterator[str]:
-    """A collector subprocess on 127.0.0.1 with its own SQLite file; yields its URL."""
-    port = _free_port()
-    database_url = f"sqlite:///{os.path.join(workdir, 'demo.db')}"
-    log_path = os.path.join(workdir, "collector.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--database-url", database_url],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_ready(url, proc=proc)
-        except RuntimeError:
-            with open(log_path, encoding="utf-8", errors="replace") as log:
-                sys.stderr.write(log.read()[-4000:])
-            raise
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
@@ -117,7 +67,7 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if step % 20 == 0 or step == plan.steps:
-                _progress(out, step, plan.steps, float(loss), scaler.get_scale())
+                _progress(out, step, plan.steps, loss.item(), scaler.get_scale())
 
 
 def _progress(out: TextIO, step: int, total: int, loss: float, scale: float) -> None:
@@ -159,11 +109,11 @@ def report(url: str, run: str, out: TextIO, timeout: float = 30.0) -> list[dict]
 def run_demo(url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: bool = False, out: TextIO = sys.stdout) -> list[dict]:
     """The whole demo; returns the events the collector stored."""
     run = f"demo-fp16-{time.strftime('%Y%m%d-%H%M%S')}"
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as resources:
         if url is None:
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="numwatch-demo-"))
+            workdir = resources.enter_context(tempfile.TemporaryDirectory(prefix="numwatch-demo-"))
             out.write("Starting a collector on a temporary SQLite database ...\n")
-            url = stack.enter_context(local_collector(workdir))
+            url = resources.enter_context(running_collector(Path(workdir)))
         out.write(f"Collector at {url}. Training {run!r}: TinyGPT, fp16 autocast + GradScaler, CPU\n")
         started = time.monotonic()
         train(url, run, plan, out)

@@ -182,3 +182,16 @@ class RankState(Base):
     stale_fraction: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     update_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
+
+
+class Conflict(Base):
+    """A step received again with different content: the first stored version wins, this records the loser."""
+
+    __tablename__ = "conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(BigInteger)
+    batch_id: Mapped[str] = mapped_column(String(200), default="")
+    received_at: Mapped[float] = mapped_column(Float(precision=53))

@@ -1,0 +1,87 @@
+"""The collector's FastAPI application, built by :func:`create_app` from :class:`Settings`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
+
+from monitor import db
+from monitor.detectors import DetectorConfig
+from monitor.exposition import IngestMetrics, NumwatchCollector
+from monitor.ratelimit import RateLimiter
+from monitor.routers import health, metrics, query, runs_write
+from monitor.settings import Settings
+
+log = logging.getLogger("numwatch.collector")
+
+
+def detector_config(settings: Settings) -> DetectorConfig:
+    return DetectorConfig(
+        explosion_factor=settings.detect_explosion_factor, window=settings.detect_window, min_history=settings.detect_min_history,
+        vanishing_floor=settings.detect_vanishing_floor, underflow_threshold=settings.detect_underflow_threshold,
+        collapse_floor=settings.detect_collapse_floor, collapse_backoffs=settings.detect_collapse_backoffs,
+    )
+
+
+def prepare_database(settings: Settings) -> None:
+    """Create and migrate an empty SQLite database (the embedded default); refuse an outdated schema."""
+    engine = db.make_engine(settings.database_url)
+    try:
+        empty = not inspect(engine).get_table_names()
+        if empty and engine.url.get_backend_name() == "sqlite":
+            db.upgrade(settings.database_url)
+            log.info("created the database at %s", engine.url.render_as_string(hide_password=True))
+        db.check_schema(engine)
+    finally:
+        engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The collector app: storage, auth, write and read API, /metrics and health, per ``settings``."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth_enabled:
+            log.warning("auth is off: anyone who can reach %s:%s can write and read runs", settings.host, settings.port)
+        yield
+        if app.state.annotations is not None:
+            app.state.annotations.close()
+        app.state.engine.dispose()
+
+    app = FastAPI(
+        title="numwatch collector",
+        version="1",
+        description="Stores numeric-health statistics of PyTorch training runs, judges them, and exposes them to Prometheus.",
+        lifespan=lifespan,
+    )
+    engine = db.make_engine(settings.database_url)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = db.make_session_factory(engine)
+    app.state.detector_config = detector_config(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    registry = CollectorRegistry()
+    app.state.ingest_metrics = IngestMetrics(registry)
+    registry.register(NumwatchCollector(app.state.session_factory, settings))
+    app.state.metrics_registry = registry
+    app.state.annotations = None
+    if settings.grafana_url:
+        from monitor.grafana import AnnotationSink
+
+        app.state.annotations = AnnotationSink(settings.grafana_url, settings.grafana_token)
+
+    @app.exception_handler(OperationalError)
+    async def database_unavailable(request: Request, error: OperationalError) -> JSONResponse:
+        return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503)
+
+    for router in (health.router, runs_write.router, query.router, metrics.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,260 @@
+"""The ``numwatch`` command line.
+
+Server-side imports happen inside the commands, so a client-only install (torch, no
+FastAPI) can still run ``numwatch sync``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+DATABASE_HELP = "database URL (default: env NUMWATCH_DATABASE_URL, else a SQLite file under the user's data directory)"
+
+
+def _add_database(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", default=os.environ.get("NUMWATCH_DATABASE_URL"), help=DATABASE_HELP)
+
+
+def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = None) -> None:
+    parser.add_argument("--url", default=os.environ.get("NUMWATCH_URL", default_url), help="collector URL (env NUMWATCH_URL)")
+    parser.add_argument("--token", default=os.environ.get("NUMWATCH_TOKEN"), help="write token (env NUMWATCH_TOKEN)")
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from monitor.settings import Settings
+
+    if args.database_url:
+        overrides["database_url"] = args.database_url
+    return Settings(**overrides)
+
+
+def _session(args: argparse.Namespace) -> Any:
+    """A session on the database of ``args``, after checking its schema."""
+    from monitor import db
+
+    settings = _settings(args)
+    engine = db.make_engine(settings.database_url)
+    try:
+        db.check_schema(engine)
+    except db.SchemaOutdated as error:
+        raise SystemExit(f"numwatch: {error}") from None
+    return db.make_session_factory(engine)()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from monitor.app import create_app, prepare_database
+    from monitor.db import SchemaOutdated
+    from monitor.settings import LOOPBACK_HOSTS
+
+    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
+    if args.open_reads:
+        overrides["open_reads"] = True
+    auth = args.auth or os.environ.get("NUMWATCH_AUTH") or ("off" if args.host in LOOPBACK_HOSTS else "token")
+    overrides["auth"] = auth
+    if auth == "off" and args.host not in LOOPBACK_HOSTS and not args.insecure_no_auth:
+        print(f"numwatch serve: refusing to serve {args.host} without auth: anyone who reaches it could write and read runs.\n"
+              "Create a token (`numwatch token create --project P`) and drop --auth off, or pass --insecure-no-auth.", file=sys.stderr)
+        return 2
+    settings = _settings(args, **overrides)
+    try:
+        prepare_database(settings)
+    except SchemaOutdated as error:
+        print(f"numwatch serve: {error}", file=sys.stderr)
+        return 2
+    if auth == "off":
+        print(f"numwatch: auth is off (bound to {args.host}): writes and reads need no token", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from monitor import db
+
+    settings = _settings(args)
+    db.upgrade(settings.database_url)
+    print(f"database at revision {db.head_revision()}")
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from monitor.auth import create_token
+
+    with _session(args) as session:
+        token = create_token(session, args.project, args.name)
+        session.commit()
+    print(f"token for project {args.project!r} (shown once; store it as NUMWATCH_TOKEN):", file=sys.stderr)
+    print(token)
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from monitor.auth import revoke_token
+
+    with _session(args) as session:
+        revoked = revoke_token(session, args.id)
+        session.commit()
+    if not revoked:
+        print(f"numwatch: no active token with id {args.id} (see `numwatch token list`)", file=sys.stderr)
+        return 1
+    print(f"token {args.id} revoked")
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from monitor.auth import list_tokens
+
+    with _session(args) as session:
+        for token in list_tokens(session):
+            state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
+            print(f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  {state}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from monitor.report import render_runs
+
+    with _session(args) as session:
+        print(render_runs(session))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from monitor.ingest import IngestError
+    from monitor.report import render_run
+
+    with _session(args) as session:
+        try:
+            print(render_run(session, args.run))
+        except IngestError as error:
+            print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
+            return 1
+    return 0
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.done, self.label = total, 0, label
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        end = "\n" if self.done >= self.total else ""
+        print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}", end=end, file=sys.stderr, flush=True)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from hooks.spool import default_spool_root
+    from hooks.sync import pending_documents, upload_spool
+
+    root = args.spool_dir or default_spool_root()
+    if not args.url:
+        print("numwatch sync: no collector URL: pass --url or set NUMWATCH_URL", file=sys.stderr)
+        return 2
+    total = pending_documents(root)
+    if total == 0:
+        print(f"nothing to upload in {root}")
+        return 0
+    report = upload_spool(root, args.url, args.token, Progress(total, "uploading"))
+    print(f"uploaded {report.uploaded} documents from {report.directories} run/rank directories in {root}")
+    for line in report.rejected:
+        print(f"rejected by the collector (not retried): {line}", file=sys.stderr)
+    if report.unreachable:
+        print(f"\nnumwatch sync: stopped, collector unavailable ({report.unreachable}); run it again later — it resumes where it stopped", file=sys.stderr)
+        return 1
+    return 1 if report.rejected else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from monitor.demo import run_demo
+
+    run_demo(url=args.url, keep_serving=args.keep_serving)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="numwatch",
+        description="numwatch: numeric-health monitoring for PyTorch training (collector, tokens, runs, sync, demo).",
+        epilog="Training side: `import hooks; hooks.watch(model, optimizer, scaler=scaler)`. Each command has its own --help.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the collector (HTTP API, /metrics)", description=(
+        "Run the collector. On 127.0.0.1 auth is off unless --auth token; elsewhere tokens are required. "
+        "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db upgrade`."))
+    serve.add_argument("--host", default=os.environ.get("NUMWATCH_HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("NUMWATCH_PORT", "8428")), help="port (default 8428)")
+    serve.add_argument("--auth", choices=("token", "off"), help="require bearer tokens (default: off on loopback, token elsewhere)")
+    serve.add_argument("--open-reads", action="store_true", help="let reads (API, not /metrics) through without a token")
+    serve.add_argument("--insecure-no-auth", action="store_true", help="allow --auth off on a non-loopback address")
+    serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    _add_database(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    database = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    upgrade = database.add_parser("upgrade", help="create or migrate the database schema to this version")
+    _add_database(upgrade)
+    upgrade.set_defaults(func=cmd_db_upgrade)
+
+    token = commands.add_parser("token", help="bearer tokens for writers and readers").add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token.add_parser("create", help="create a token for a project (printed once, on the last line)")
+    create.add_argument("--project", required=True, help="the project the token may write and read")
+    create.add_argument("--name", default="", help="a label, e.g. who uses it")
+    _add_database(create)
+    create.set_defaults(func=cmd_token_create)
+    revoke = token.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("id", type=int, help="token id (see `numwatch token list`)")
+    _add_database(revoke)
+    revoke.set_defaults(func=cmd_token_revoke)
+    listing = token.add_parser("list", help="list tokens (ids, projects; never the tokens)")
+    _add_database(listing)
+    listing.set_defaults(func=cmd_token_list)
+
+    runs = commands.add_parser("runs", help="table of runs: status, last step, loss, grad norm, scale, events")
+    _add_database(runs)
+    runs.set_defaults(func=cmd_runs)
+    show = commands.add_parser("show", help="one run's state and recent events")
+    show.add_argument("run", help="run name")
+    _add_database(show)
+    show.set_defaults(func=cmd_show)
+
+    sync = commands.add_parser("sync", help="upload the local spool (written while offline) to a collector")
+    _add_collector(sync)
+    sync.add_argument("--spool-dir", default=None, help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)")
+    sync.set_defaults(func=cmd_sync)
+
+    demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose and show what numwatch caught")
+    demo.add_argument("--url", default=None, help="use this collector instead of starting one")
+    demo.add_argument("--keep-serving", action="store_true", help="keep the demo collector running at the end")
+    demo.set_defaults(func=cmd_demo)
+
+    _add_server_commands(commands)
+    return parser
+
+
+def _add_server_commands(commands: Any) -> None:
+    """`stack` and `grafana`, when the server extra is installed (a client-only install has `sync`)."""
+    try:
+        from monitor.grafana import add_grafana_cli
+        from monitor.stack import add_stack_cli
+    except ImportError:
+        return
+    add_stack_cli(commands)
+    add_grafana_cli(commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

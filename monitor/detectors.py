@@ -1,0 +1,184 @@
+"""Detectors run on ingest: they turn stored steps into events.
+
+Pure functions over "step views" (dicts: step, time, loss, loss_scale, new_loss_scale,
+global_grad_norm, headroom_bits, scale_decision, skipped, tensors: stat -> numpy array).
+``detect(history, new_steps, config)`` judges only ``new_steps``; ``history`` is the run
+rank's preceding stored steps (ascending), which rolling windows and episodes need.
+
+Episode detectors (vanishing, underflow, collapse) fire once when their condition starts,
+not on every step it lasts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hooks.protocol import FORMAT_COUNT_STATS
+
+EVENT_KINDS = (
+    "nonfinite_grad",
+    "nonfinite_loss",
+    "loss_scale_backoff",
+    "loss_scale_growth",
+    "skipped_step",
+    "grad_explosion",
+    "vanishing_grad",
+    "underflow_high",
+    "loss_scale_collapse",
+)
+MAX_NAMED_TENSORS = 10
+
+
+@dataclass
+class DetectorConfig:
+    """Thresholds; every field can be set with ``NUMWATCH_DETECT_<FIELD>`` on the collector."""
+
+    explosion_factor: float = 10.0  # global norm above k x its rolling median...
+    window: int = 50  # ...over the last W finite norms; also W for backoff counting and vanishing streaks
+    min_history: int = 10  # finite norms needed before explosion is judged (a fresh run's first steps are not)
+    vanishing_floor: float = 1e-10  # a tensor's grad norm below this for W consecutive steps
+    underflow_threshold: float = 0.01  # share of gradient elements the cast flushes to zero
+    collapse_floor: float = 1.0  # a loss scale below this no longer scales anything up
+    collapse_backoffs: int = 5  # more backoffs than this within W steps
+
+
+def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:
+    """Tensors with a NaN/Inf gradient: non-zero NaN/Inf counts or a non-finite norm."""
+    norms = tensors.get("grad_norm")
+    mask = np.zeros(0 if norms is None else len(norms), dtype=bool)
+    if norms is not None:
+        mask = ~np.isfinite(norms)
+    for name in ("nan_count", "inf_count"):
+        if name in tensors:
+            counts = tensors[name] > 0
+            mask = counts if mask.size == 0 else mask | counts
+    return mask
+
+
+def has_nonfinite_grad(view: dict[str, Any]) -> bool:
+    norm = view.get("global_grad_norm")
+    return (norm is not None and not math.isfinite(norm)) or bool(nonfinite_tensor_mask(view["tensors"]).any())
+
+
+def _event(view: dict[str, Any], kind: str, **details: Any) -> dict[str, Any]:
+    return {"step": view["step"], "kind": kind, "time": view["time"], "details": details}
+
+
+def _scale(view: dict[str, Any]) -> float | None:
+    return view["new_loss_scale"] if view.get("new_loss_scale") is not None else view.get("loss_scale")
+
+
+def _nonfinite_details(view: dict[str, Any], names: list[str] | None) -> dict[str, Any]:
+    tensors = view["tensors"]
+    indices = np.flatnonzero(nonfinite_tensor_mask(tensors))
+    named = []
+    for index in indices[:MAX_NAMED_TENSORS]:
+        entry: dict[str, Any] = {"index": int(index)}
+        if names is not None and index < len(names):
+            entry["name"] = names[index]
+        for stat, key in (("nan_count", "nan"), ("inf_count", "inf")):
+            if stat in tensors:
+                entry[key] = int(tensors[stat][index])
+        named.append(entry)
+    return {"tensors": named, "tensor_count": int(len(indices)), "global_grad_norm": _json_float(view.get("global_grad_norm"))}
+
+
+def _json_float(value: float | None) -> float | str | None:
+    if value is None or math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _underflow_share(view: dict[str, Any], numel: np.ndarray | None) -> float | None:
+    tensors = view["tensors"]
+    if numel is None or not all(name in tensors for name in FORMAT_COUNT_STATS) or numel.sum() <= 0:
+        return None
+    return float(tensors["underflow"].sum() / numel.sum())
+
+
+def _collapsed(scale: float | None, recent_backoffs: int, config: DetectorConfig) -> bool:
+    return (scale is not None and scale < config.collapse_floor) or recent_backoffs > config.collapse_backoffs
+
+
+def detect(
+    history: list[dict[str, Any]],
+    new_steps: list[dict[str, Any]],
+    config: DetectorConfig,
+    tensor_names: list[str] | None = None,
+    tensor_numel: np.ndarray | None = None,
+) -> list[dict[str, Any]]:
+    """Events for ``new_steps`` (ascending), judged with ``history`` (the preceding steps, ascending)."""
+    events: list[dict[str, Any]] = []
+    window = list(history)
+    norms = [v["global_grad_norm"] for v in window if v["global_grad_norm"] is not None and math.isfinite(v["global_grad_norm"])]
+    backoff_steps = [v["step"] for v in window if v["scale_decision"] == "backoff"]
+    # Vanishing streaks per tensor, carried over from the history.
+    streak: np.ndarray | None = None
+    for view in window:
+        streak = _advance_streak(streak, view, config)
+    previous_underflow = next((s for s in (_underflow_share(v, tensor_numel) for v in reversed(window)) if s is not None), None)
+    previous = window[-1] if window else None
+    previous_collapsed = previous is not None and _collapsed(
+        _scale(previous), sum(1 for s in backoff_steps if s > previous["step"] - config.window), config
+    )
+
+    for view in new_steps:
+        if has_nonfinite_grad(view):
+            events.append(_event(view, "nonfinite_grad", **_nonfinite_details(view, tensor_names)))
+        loss = view.get("loss")
+        if loss is not None and not math.isfinite(loss):
+            events.append(_event(view, "nonfinite_loss", loss=_json_float(loss)))
+        if view["scale_decision"] in ("backoff", "growth"):
+            kind = "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
+            events.append(_event(view, kind, loss_scale=view.get("loss_scale"), new_loss_scale=view.get("new_loss_scale")))
+        if view["skipped"]:
+            events.append(_event(view, "skipped_step", loss_scale=view.get("loss_scale")))
+
+        norm = view["global_grad_norm"]
+        if norm is not None and math.isfinite(norm):
+            recent = norms[-config.window:]
+            if len(recent) >= config.min_history:
+                median = float(np.median(recent))
+                if median > 0 and norm > config.explosion_factor * median:
+                    events.append(_event(view, "grad_explosion", global_grad_norm=norm, rolling_median=median,
+                                         factor=norm / median, window=len(recent)))
+            norms.append(norm)
+
+        streak = _advance_streak(streak, view, config)
+        if streak is not None:
+            started = np.flatnonzero(streak == config.window)
+            if started.size:
+                events.append(_event(view, "vanishing_grad", floor=config.vanishing_floor, steps=config.window,
+                                     tensors=[tensor_names[i] if tensor_names and i < len(tensor_names) else int(i) for i in started[:MAX_NAMED_TENSORS]],
+                                     tensor_count=int(started.size)))
+
+        share = _underflow_share(view, tensor_numel)
+        if share is not None:
+            if share > config.underflow_threshold and (previous_underflow is None or previous_underflow <= config.underflow_threshold):
+                events.append(_event(view, "underflow_high", underflow_share=share, threshold=config.underflow_threshold))
+            previous_underflow = share
+
+        if view["scale_decision"] == "backoff":
+            backoff_steps.append(view["step"])
+        recent_backoffs = sum(1 for s in backoff_steps if s > view["step"] - config.window)
+        collapsed = _collapsed(_scale(view), recent_backoffs, config)
+        if collapsed and not previous_collapsed:
+            events.append(_event(view, "loss_scale_collapse", loss_scale=_scale(view), backoffs=recent_backoffs,
+                                 window=config.window, floor=config.collapse_floor))
+        previous_collapsed = collapsed
+    return events
+
+
+def _advance_streak(streak: np.ndarray | None, view: dict[str, Any], config: DetectorConfig) -> np.ndarray | None:
+    """Consecutive steps each tensor's grad norm has been below the floor, including ``view``."""
+    norms = view["tensors"].get("grad_norm")
+    if norms is None:
+        return streak
+    below = np.isfinite(norms) & (norms < config.vanishing_floor)
+    if streak is None or streak.shape != below.shape:
+        streak = np.zeros(below.shape, dtype=np.int64)
+    return np.where(below, streak + 1, 0)

@@ -1,0 +1,305 @@
+"""Registering runs and storing batches: one transaction per batch, idempotent on (run, rank, step).
+
+A retried batch stores nothing twice. A step that arrives again with different content
+keeps the first version and records a :class:`~monitor.models.Conflict`. Detectors run on
+the newly stored steps only, and every counter of ``rank_state`` moves in the same
+transaction as the rows it counts, so all replicas on one database agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from sqlalchemy import insert, select, tuple_
+from sqlalchemy.orm import Session
+
+from hooks import protocol
+from monitor import detectors
+from monitor.auth import Principal
+from monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
+from monitor.packing import pack_stats, unpack_stats
+from monitor.schemas import HISTOGRAM_DTYPES, BatchDocument, IngestResult, RunDocument
+
+HISTOGRAM_LENGTHS = {"exponent": protocol.EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": protocol.LINEAR_BINS}
+
+
+class IngestError(Exception):
+    """A request the collector refuses; ``status`` is the HTTP status, the message names the field."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class StoredBatch:
+    result: IngestResult
+    new_events: list[dict[str, Any]]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def find_run(session: Session, name: str, principal: Principal) -> Run:
+    """The run called ``name`` if the caller may see it; 404 otherwise (also for other projects' runs)."""
+    run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
+    if run is None or not principal.may_access(run.project):
+        raise IngestError(404, f"unknown run {name!r}: register it first with POST /api/v1/runs")
+    return run
+
+
+def _schema_difference(old: list[dict], new: list[dict]) -> str | None:
+    old_key, new_key = protocol.tensor_schema_key(old), protocol.tensor_schema_key(new)
+    if old_key == new_key:
+        return None
+    if len(old_key) != len(new_key):
+        return f"{len(new_key)} tensors, the registered schema has {len(old_key)}"
+    index = next(i for i, (a, b) in enumerate(zip(old_key, new_key)) if a != b)
+    return f"tensor {index} is {new_key[index]}, the registered schema has {old_key[index]}"
+
+
+def register_run(session: Session, document: RunDocument, principal: Principal) -> bool:
+    """Register (run, rank); True if the run is new. Registering again with the same schema is a no-op."""
+    if not principal.may_access(document.project):
+        raise IngestError(403, f"this token may not write runs of project {document.project!r}")
+    tensors = [tensor.model_dump() for tensor in document.tensors]
+    now = utcnow()
+    run = session.execute(select(Run).where(Run.name == document.run)).scalar_one_or_none()
+    created = run is None
+    if run is None:
+        run = Run(
+            name=document.run, project=document.project, format=document.format, world_size=document.world_size,
+            tensors=tensors, modules=document.modules, config=document.config, status="running",
+            started_at=datetime.fromtimestamp(document.started_at, timezone.utc), created_at=now, last_seen_at=now,
+        )
+        session.add(run)
+        session.flush()
+    else:
+        if run.project != document.project or not principal.may_access(run.project):
+            raise IngestError(409 if principal.may_access(run.project) else 403, f"run {document.run!r} belongs to another project")
+        difference = _schema_difference(run.tensors, tensors)
+        if difference:
+            raise IngestError(409, f"run {document.run!r} is registered with a different tensor schema: {difference}; use a new run name")
+        run.world_size = max(run.world_size, document.world_size)
+        run.last_seen_at = now
+    if session.get(RankState, (run.id, document.rank)) is None:
+        session.add(RankState(run_id=run.id, rank=document.rank, grad_norm_bucket_counts=[0] * (len(GRAD_NORM_BUCKETS) + 1), lr=[], events_total={}))
+    return created
+
+
+def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> list[dict[str, bytes]]:
+    """Each step's raw stat bytes, with the length of every array checked against the run's schema."""
+    decoded = []
+    for i, step in enumerate(document.steps):
+        raw = {}
+        for name, text in step.tensors.items():
+            try:
+                raw[name] = protocol.unpack_bytes(text, protocol.TENSOR_STATS[name], n_tensors)
+            except ValueError as error:
+                raise IngestError(422, f"steps[{i}].tensors.{name}: {error} (the run has {n_tensors} tensors)") from None
+        if step.activations is not None:
+            for name in protocol.ACTIVATION_STATS:
+                try:
+                    raw[f"activation_{name}"] = protocol.unpack_bytes(getattr(step.activations, name), protocol.ACTIVATION_STATS[name], n_modules)
+                except ValueError as error:
+                    raise IngestError(422, f"steps[{i}].activations.{name}: {error} (the run traces {n_modules} modules)") from None
+        decoded.append(raw)
+    for i, histogram in enumerate(document.histograms):
+        for name, per_tensor in HISTOGRAM_LENGTHS.items():
+            try:
+                protocol.unpack_bytes(getattr(histogram, name), HISTOGRAM_DTYPES[name], n_tensors * per_tensor)
+            except ValueError as error:
+                raise IngestError(422, f"histograms[{i}].{name}: {error}") from None
+    return decoded
+
+
+def _step_row(run_id: int, rank: int, step: Any, raw: dict[str, bytes]) -> dict[str, Any]:
+    stat_names, blob = pack_stats({name: value for name, value in raw.items() if name in protocol.TENSOR_STATS})
+    return {
+        "run_id": run_id, "rank": rank, "step": step.step, "time": step.time, "step_time": step.step_time,
+        "loss": step.loss, "loss_scale": step.loss_scale, "new_loss_scale": step.new_loss_scale,
+        "scale_decision": step.scale_decision, "skipped": step.skipped, "global_grad_norm": step.global_grad_norm,
+        "headroom_bits": step.headroom_bits, "lr": [protocol.encode_float(v) for v in step.lr],
+        "scalars": {k: protocol.encode_float(v) for k, v in step.scalars.items()},
+        "stat_names": stat_names, "tensor_stats": blob,
+        "activation_absmax": raw.get("activation_absmax"), "activation_nonfinite": raw.get("activation_nonfinite"),
+    }
+
+
+def _same_float(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _same_content(stored: Step, row: dict[str, Any]) -> bool:
+    return (
+        stored.stat_names == row["stat_names"]
+        and bytes(stored.tensor_stats) == row["tensor_stats"]
+        and stored.skipped == row["skipped"]
+        and all(_same_float(getattr(stored, key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm"))
+    )
+
+
+def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
+    """A stored or about-to-be-stored step as the detectors read it."""
+    get = row.get if isinstance(row, dict) else lambda key: getattr(row, key)
+    return {
+        "step": get("step"), "time": get("time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
+        "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
+        "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
+        "lr": get("lr"),
+        "tensors": unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors),
+    }
+
+
+def _history(session: Session, run: Run, rank: int, before: int, window: int) -> list[dict[str, Any]]:
+    rows = session.execute(
+        select(Step).where(Step.run_id == run.id, Step.rank == rank, Step.step < before).order_by(Step.step.desc()).limit(window)
+    ).scalars().all()
+    return [step_view(row, len(run.tensors)) for row in reversed(rows)]
+
+
+def _not_finite(value: float | None) -> bool:
+    return value is not None and not math.isfinite(value)
+
+
+def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.ndarray) -> None:
+    """Counters from the newly stored ``views`` (ascending); last values from the highest step."""
+    state.steps_total += len(views)
+    state.skipped_steps_total += sum(view["skipped"] for view in views)
+    state.nonfinite_steps_total += sum(detectors.has_nonfinite_grad(view) for view in views)
+    state.nonfinite_loss_total += sum(_not_finite(view["loss"]) for view in views)
+    state.loss_scale_backoffs_total += sum(view["scale_decision"] == "backoff" for view in views)
+    state.loss_scale_growths_total += sum(view["scale_decision"] == "growth" for view in views)
+    norms = np.array([view["global_grad_norm"] for view in views if view["global_grad_norm"] is not None], dtype=np.float64)
+    buckets = np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64)
+    finite = norms[np.isfinite(norms)]
+    # Non-finite norms go to the +Inf bucket (the last); finite ones to the first bound >= value.
+    buckets += np.bincount(np.searchsorted(GRAD_NORM_BUCKETS, finite, side="left"), minlength=len(buckets))[: len(buckets)]
+    buckets[-1] += len(norms) - len(finite)
+    state.grad_norm_bucket_counts = buckets.tolist()
+    state.grad_norm_sum = float(state.grad_norm_sum + finite.sum())
+
+    last = views[-1]
+    if last["step"] >= state.last_step:
+        state.last_step, state.last_step_time = last["step"], last["time"]
+        state.loss, state.global_grad_norm, state.headroom_bits = last["loss"], last["global_grad_norm"], last["headroom_bits"]
+        state.lr = list(last["lr"] or [])
+        state.loss_scale = last["new_loss_scale"] if last["new_loss_scale"] is not None else last["loss_scale"]
+        grad_norm = last["tensors"].get("grad_norm")
+        if grad_norm is not None and len(grad_norm):
+            state.max_layer_grad_norm = float(np.nan if np.isnan(grad_norm).all() else np.nanmax(grad_norm))
+        state.layers_nonfinite = int(detectors.nonfinite_tensor_mask(last["tensors"]).sum())
+    for view in reversed(views):
+        if all(name in view["tensors"] for name in protocol.FORMAT_COUNT_STATS) and numel.sum() > 0:
+            total = float(numel.sum())
+            state.zero_ratio, state.underflow_ratio, state.subnormal_ratio, state.overflow_ratio = (
+                float(view["tensors"][name].sum()) / total for name in protocol.FORMAT_COUNT_STATS
+            )
+            break
+    for view in reversed(views):
+        if "update_ratio" in view["tensors"] or "stale_fraction" in view["tensors"]:
+            for name in ("update_ratio", "stale_fraction"):
+                values = view["tensors"].get(name)
+                if values is not None and np.isfinite(values).any():
+                    setattr(state, name, float(np.nanmean(np.where(np.isfinite(values), values, np.nan))))
+            break
+
+
+def _existing_event_keys(session: Session, run_id: int, rank: int, events: list[dict[str, Any]]) -> set[tuple[int, str]]:
+    if not events:
+        return set()
+    keys = {(event["step"], event["kind"]) for event in events}
+    rows = session.execute(
+        select(Event.step, Event.kind).where(Event.run_id == run_id, Event.rank == rank, tuple_(Event.step, Event.kind).in_(list(keys)))
+    ).all()
+    return {(row.step, row.kind) for row in rows}
+
+
+def store_batch(session: Session, run: Run, document: BatchDocument, config: detectors.DetectorConfig) -> StoredBatch:
+    """Store ``document`` (caller commits); what was new, and the events it produced."""
+    n_tensors = len(run.tensors)
+    decoded = _decode_steps(document, n_tensors, len(run.modules))
+    rank = document.rank
+    state = session.get(RankState, (run.id, rank))
+    if state is None:
+        raise IngestError(409, f"rank {rank} of run {run.name!r} is not registered: POST the run document for this rank first")
+
+    # Within one batch the first copy of a step wins too.
+    rows_by_step: dict[int, dict[str, Any]] = {}
+    for step, raw in zip(document.steps, decoded):
+        rows_by_step.setdefault(step.step, _step_row(run.id, rank, step, raw))
+    stored = {
+        row.step: row
+        for row in session.execute(
+            select(Step).where(Step.run_id == run.id, Step.rank == rank, Step.step.in_(list(rows_by_step)))
+        ).scalars()
+    } if rows_by_step else {}
+    new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
+    conflicts = [number for number, row in rows_by_step.items() if number in stored and not _same_content(stored[number], row)]
+    now = time.time()
+    if conflicts:
+        session.execute(insert(Conflict), [{"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now} for n in conflicts])
+
+    new_events: list[dict[str, Any]] = [event.model_dump() for event in document.events]
+    numel = np.array([math.prod(t["shape"]) for t in run.tensors], dtype=np.float64)
+    if new_rows:
+        session.execute(insert(Step), new_rows)
+        views = [step_view(row, n_tensors) for row in new_rows]
+        history = _history(session, run, rank, new_rows[0]["step"], config.window)
+        new_events += detectors.detect(history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel)
+    else:
+        views = []
+
+    histogram_keys = {(h.step, h.kind) for h in document.histograms}
+    if histogram_keys:
+        existing = set(session.execute(
+            select(Histogram.step, Histogram.kind).where(Histogram.run_id == run.id, Histogram.rank == rank, tuple_(Histogram.step, Histogram.kind).in_(list(histogram_keys)))
+        ).tuples())
+        fresh = {}
+        for h in document.histograms:
+            if (h.step, h.kind) not in existing:
+                fresh.setdefault((h.step, h.kind), {
+                    "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
+                    **{name: protocol.unpack_bytes(getattr(h, name), HISTOGRAM_DTYPES[name]) for name in HISTOGRAM_LENGTHS},
+                })
+        if fresh:
+            session.execute(insert(Histogram), list(fresh.values()))
+
+    existing_events = _existing_event_keys(session, run.id, rank, new_events)
+    unique_events: dict[tuple[int, str], dict[str, Any]] = {}
+    for event in new_events:
+        key = (event["step"], event["kind"])
+        if key not in existing_events:
+            unique_events.setdefault(key, event)
+    stored_events = list(unique_events.values())
+    if stored_events:
+        session.execute(insert(Event), [{"run_id": run.id, "rank": rank, **event} for event in stored_events])
+
+    if views:
+        _update_rank_state(state, views, numel)
+    _count_events(state, stored_events)
+    run.last_seen_at = utcnow()
+    if document.status != "running" or run.status != "running":
+        run.status = document.status
+        run.finished_at = run.last_seen_at if document.status != "running" else None
+    result = IngestResult(
+        stored_steps=len(new_rows), duplicate_steps=len(rows_by_step) - len(new_rows),
+        conflicting_steps=len(conflicts), events=len(stored_events),
+    )
+    return StoredBatch(result, stored_events)
+
+
+def _count_events(state: RankState, events: list[dict[str, Any]]) -> None:
+    totals = dict(state.events_total)
+    for event in events:
+        totals[event["kind"]] = totals.get(event["kind"], 0) + 1
+    state.events_total = totals

@@ -1,0 +1,92 @@
+"""Read API: runs, series, steps, histograms, events and a per-layer heatmap (flat JSON for Grafana)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from sqlalchemy.orm import Session
+
+from monitor import queries
+from monitor.auth import Principal
+from monitor.deps import get_session, get_settings, require_reader
+from monitor.ingest import IngestError
+from monitor.settings import Settings
+
+router = APIRouter(prefix="/api/v1", tags=["read"])
+
+
+def _answer(work: Any) -> Any:
+    """``work()``, with a query's not-found turned into an HTTP 404 that says what exists."""
+    try:
+        return work()
+    except IngestError as error:
+        raise HTTPException(error.status, error.message) from None
+
+
+def _run(session: Session, name: str, principal: Principal) -> Any:
+    return _answer(lambda: queries.get_run(session, name, principal))
+
+
+@router.get("/runs", summary="Runs with status, last step and event counts by kind")
+def list_runs(principal: Principal = Depends(require_reader), session: Session = Depends(get_session), settings: Settings = Depends(get_settings)) -> list[dict]:
+    return [queries.run_summary(session, run, settings.stale_after_seconds) for run in queries.visible_runs(session, principal)]
+
+
+@router.get("/runs/{run}", summary="A run's config, tensor schema, status and ranks")
+def get_run(run: str, principal: Principal = Depends(require_reader), session: Session = Depends(get_session), settings: Settings = Depends(get_settings)) -> dict:
+    return queries.run_detail(session, _run(session, run, principal), settings.stale_after_seconds)
+
+
+@router.get("/runs/{run}/series", summary="One metric over steps, downsampled keeping extremes")
+def get_series(
+    run: str,
+    metric: str = Query(..., description="a per-step scalar (loss, global_grad_norm, loss_scale, headroom_bits, step_time, lr...) or a per-tensor stat (grad_norm, underflow...)"),
+    tensor: str | None = Query(None, description="tensor name, for per-tensor stats"),
+    rank: int = Query(0, ge=0),
+    start: int | None = Query(None, ge=0),
+    end: int | None = Query(None, ge=0),
+    max_points: int = Query(1000, ge=2, le=100_000),
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> dict:
+    found = _run(session, run, principal)
+    return _answer(lambda: queries.series(session, found, metric, tensor, rank, start, end, max_points))
+
+
+@router.get("/runs/{run}/steps/{step}", summary="Everything recorded for one step, per-tensor stats by tensor name")
+def get_step(run: str, step: int, rank: int = Query(0, ge=0), principal: Principal = Depends(require_reader), session: Session = Depends(get_session)) -> dict:
+    found = _run(session, run, principal)
+    return _answer(lambda: queries.step_record(session, found, step, rank))
+
+
+@router.get("/runs/{run}/histograms", summary="Exponent (binade) and linear histogram of one tensor")
+def get_histograms(
+    run: str,
+    tensor: str,
+    kind: Literal["grad", "weight"] = "grad",
+    rank: int = Query(0, ge=0),
+    step: int | None = Query(None, ge=0, description="default: the latest sampled step"),
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> dict:
+    found = _run(session, run, principal)
+    return _answer(lambda: queries.histograms(session, found, tensor, kind, rank, step))
+
+
+@router.get("/runs/{run}/events", summary="Events (detector and client), with time_ms for Grafana annotations")
+def get_events(run: str, kind: str | None = None, principal: Principal = Depends(require_reader), session: Session = Depends(get_session)) -> list[dict]:
+    return queries.events(session, _run(session, run, principal), kind)
+
+
+@router.get("/runs/{run}/heatmap", summary="Flat [{step, tensor, value}] of a per-tensor stat over recent steps")
+def get_heatmap(
+    run: str,
+    stat: str = "grad_norm",
+    rank: int = Query(0, ge=0),
+    max_steps: int = Query(200, ge=1, le=10_000),
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> list[dict]:
+    found = _run(session, run, principal)
+    return _answer(lambda: queries.heatmap(session, found, stat, rank, max_steps))

@@ -1,0 +1,141 @@
+"""Pydantic models of the wire protocol's documents (``hooks.protocol``), as the collector validates them.
+
+Floats accept the protocol's "NaN"/"Infinity"/"-Infinity" strings; arrays are base64 text
+checked against their dtype here and against the run's tensor count at ingest.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from hooks import protocol
+
+MAX_STEP = 2**62  # BIGINT with room to spare
+RunName = Annotated[str, Field(min_length=1, max_length=512)]
+ProjectName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def _decode_float(value: Any) -> float | None:
+    return protocol.decode_float(value)
+
+
+ProtocolFloat = Annotated[float | None, BeforeValidator(_decode_float)]
+FiniteOrNonFinite = Annotated[float, BeforeValidator(_decode_float)]
+HISTOGRAM_DTYPES = {"exponent": "<i8", "linear_min": "<f4", "linear_max": "<f4", "linear": "<i8"}
+ArrayText = Annotated[str, Field(max_length=256 * 1024 * 1024, description="base64 of little-endian raw values")]
+
+
+def _check_arrays(arrays: dict[str, str], dtypes: dict[str, str]) -> dict[str, str]:
+    for name, text in arrays.items():
+        if name not in dtypes:
+            raise ValueError(f"unknown stat {name!r}; known: {', '.join(dtypes)}")
+        try:
+            protocol.unpack_bytes(text, dtypes[name])
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+    return arrays
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TensorSpec(Strict):
+    name: str = Field(min_length=1, max_length=1000)
+    shape: list[Annotated[int, Field(ge=0)]]
+    dtype: str = Field(max_length=64)
+    group: int = Field(ge=0)
+
+
+class RunDocument(Strict):
+    protocol: Literal[1]
+    run: RunName
+    project: ProjectName = "default"
+    rank: int = Field(ge=0, le=1_000_000)
+    world_size: int = Field(ge=1, le=1_000_000)
+    format: Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
+    tensors: list[TensorSpec] = Field(max_length=1_000_000)
+    modules: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    started_at: float = Field(allow_inf_nan=False)
+
+
+class Activations(Strict):
+    absmax: ArrayText
+    nonfinite: ArrayText
+
+    @field_validator("absmax", "nonfinite")
+    @classmethod
+    def _arrays(cls, text: str, info: Any) -> str:
+        _check_arrays({info.field_name: text}, protocol.ACTIVATION_STATS)
+        return text
+
+
+class StepDocument(Strict):
+    step: int = Field(ge=1, le=MAX_STEP)
+    time: float = Field(allow_inf_nan=False)
+    step_time: ProtocolFloat = None
+    loss: ProtocolFloat = None
+    loss_scale: ProtocolFloat = None
+    new_loss_scale: ProtocolFloat = None
+    scale_decision: Literal["growth", "backoff", "none"] | None = None
+    skipped: bool = False
+    lr: list[FiniteOrNonFinite] = Field(default_factory=list, max_length=10_000)
+    global_grad_norm: ProtocolFloat = None
+    headroom_bits: ProtocolFloat = None
+    scalars: dict[str, ProtocolFloat] = Field(default_factory=dict)
+    tensors: dict[str, ArrayText] = Field(default_factory=dict)
+    activations: Activations | None = None
+
+    @field_validator("tensors")
+    @classmethod
+    def _tensor_arrays(cls, arrays: dict[str, str]) -> dict[str, str]:
+        return _check_arrays(arrays, protocol.TENSOR_STATS)
+
+
+class HistogramDocument(Strict):
+    step: int = Field(ge=1, le=MAX_STEP)
+    kind: Literal["grad", "weight"]
+    exponent: ArrayText
+    linear_min: ArrayText
+    linear_max: ArrayText
+    linear: ArrayText
+
+    @field_validator("exponent", "linear_min", "linear_max", "linear")
+    @classmethod
+    def _arrays(cls, text: str, info: Any) -> str:
+        _check_arrays({info.field_name: text}, HISTOGRAM_DTYPES)
+        return text
+
+
+class EventDocument(Strict):
+    step: int = Field(ge=0, le=MAX_STEP)
+    kind: str = Field(min_length=1, max_length=32)
+    time: float = Field(allow_inf_nan=False)
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class BatchDocument(Strict):
+    protocol: Literal[1]
+    run: RunName
+    rank: int = Field(ge=0, le=1_000_000)
+    batch_id: str = Field(default="", max_length=200)
+    steps: list[StepDocument] = Field(default_factory=list, max_length=100_000)
+    histograms: list[HistogramDocument] = Field(default_factory=list, max_length=100_000)
+    events: list[EventDocument] = Field(default_factory=list, max_length=100_000)
+    status: Literal["running", "finished", "crashed"] = "running"
+
+
+class IngestResult(BaseModel):
+    stored_steps: int
+    duplicate_steps: int
+    conflicting_steps: int = 0
+    events: int = 0
+
+
+class RunRegistered(BaseModel):
+    run: str
+    rank: int
+    created: bool

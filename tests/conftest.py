@@ -1,0 +1,90 @@
+"""Shared fixtures: a real PostgreSQL server and real collector servers on loopback ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from monitor import stack
+from tests.binaries import require_binary
+from tests.postgres import PostgresUnavailable, running_postgres
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's PostgreSQL server (skips, or fails in CI, without the binaries)."""
+    require_binary("initdb")
+    try:
+        with running_postgres(tmp_path_factory.mktemp("postgres")) as url:
+            yield url
+    except PostgresUnavailable as reason:
+        if os.environ.get("NUMWATCH_REQUIRE_BINARIES") == "1":
+            pytest.fail(f"PostgreSQL unavailable: {reason}")
+        pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty database on the session's PostgreSQL server for this test."""
+    import sqlalchemy as sa
+
+    name = f"nw_{os.getpid()}_{next(_database_numbers)}"
+    admin = sa.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _numbers() -> Iterator[int]:
+    number = 0
+    while True:
+        number += 1
+        yield number
+
+
+_database_numbers = _numbers()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs on SQLite and on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'numwatch.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def collector(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Factory: ``collector(database_url=None, *extra_serve_args, **env)`` starts ``numwatch serve``
+    in a subprocess on a free loopback port (migrating the database first) and returns its URL."""
+    from monitor import db
+
+    with ExitStack() as resources:
+
+        def start(database_url: str | None = None, *extra_args: str, **env: str) -> str:
+            workdir = tmp_path / f"collector-{stack.free_port()}"
+            workdir.mkdir()
+            database_url = database_url or f"sqlite:///{workdir / 'numwatch.db'}"
+            db.upgrade(database_url)
+            previous = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)
+            try:
+                return resources.enter_context(stack.running_collector(workdir, database_url, extra_args=extra_args))
+            finally:
+                for key, value in previous.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+        yield start
