@@ -175,7 +175,10 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
     """Counters from the newly stored ``views`` (ascending); last values from the highest step."""
     state.steps_total += len(views)
     state.skipped_steps_total += sum(view["skipped"] for view in views)
-    state.nonfinite_steps_total += sum(detectors.has_nonfinite_grad(view) for view in views)
+    # An overflow the GradScaler absorbed (skipped step, scale backed off) is AMP working as
+    # designed and is counted as a skipped step; only non-finite gradients that reached the
+    # optimizer count here (and page).
+    state.nonfinite_steps_total += sum(detectors.has_nonfinite_grad(view) and not view["skipped"] for view in views)
     state.nonfinite_loss_total += sum(_not_finite(view["loss"]) for view in views)
     state.loss_scale_backoffs_total += sum(view["scale_decision"] == "backoff" for view in views)
     state.loss_scale_growths_total += sum(view["scale_decision"] == "growth" for view in views)
