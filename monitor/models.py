@@ -58,6 +58,16 @@ class ExactFloat(TypeDecorator):
             return "NaN"
         return value
 
+    def bind_processor(self, dialect: Any) -> Any:
+        if dialect.name != "sqlite":
+            return super().bind_processor(dialect)
+
+        # Float's own bind processor would turn the 'NaN' text back into a float (stored as NULL).
+        def process(value: Any) -> Any:
+            return self.process_bind_param(value, dialect)
+
+        return process
+
     def process_result_value(self, value: Any, dialect: Any) -> float | None:
         return decode_float(value)
 

@@ -15,11 +15,16 @@ from tests.postgres import PostgresUnavailable, running_postgres
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of the session's PostgreSQL server (skips, or fails in CI, without the binaries)."""
+def postgres_server() -> Iterator[str]:
+    """URL of the session's PostgreSQL server (skips, or fails in CI, without the binaries).
+
+    Its data live in a fresh directory under the system temp dir, not pytest's: pytest
+    makes its own base directory private (0700) at every session start, which would lock
+    the server's unprivileged user out of its files.
+    """
     require_binary("initdb")
     try:
-        with running_postgres(tmp_path_factory.mktemp("postgres")) as url:
+        with running_postgres() as url:
             yield url
     except PostgresUnavailable as reason:
         if os.environ.get("NUMWATCH_REQUIRE_BINARIES") == "1":

@@ -43,6 +43,8 @@ def _as_server_user(argv: list[str]) -> list[str]:
 def running_postgres(workdir: Path | None = None, *, durable: bool = False) -> Iterator[str]:
     """Start PostgreSQL in ``workdir`` (default: a new temporary directory); yields a SQLAlchemy URL.
 
+    As root, the server user must be able to reach ``workdir`` (the default always is).
+
     The database is initialised with trust auth for loopback connections only and stopped
     (``pg_ctl stop -m immediate``) when the context exits, also on error. Tests run with
     ``fsync=off``; ``durable=True`` keeps PostgreSQL's defaults (for benchmarks).
@@ -61,10 +63,6 @@ def running_postgres(workdir: Path | None = None, *, durable: bool = False) -> I
             for path in (root, socket_dir):
                 shutil.chown(path, SERVICE_USER)
             os.chmod(root, 0o755)
-            for parent in root.parents:
-                if parent == Path(tempfile.gettempdir()) or parent == Path("/"):
-                    break
-                os.chmod(parent, os.stat(parent).st_mode | 0o011)
         subprocess.run(
             _as_server_user([binaries["initdb"], "-D", str(data), "-A", "trust", "-U", "postgres", *([] if durable else ["--no-sync"])]),
             check=True, capture_output=True,

@@ -1,0 +1,53 @@
+"""Protocol documents built by hand for collector tests, with values known in advance."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from hooks import protocol
+
+TENSORS = [
+    {"name": "embed.weight", "shape": [10, 4], "dtype": "float32", "group": 0},
+    {"name": "head.weight", "shape": [4, 4], "dtype": "float32", "group": 0},
+    {"name": "head.bias", "shape": [4], "dtype": "float32", "group": 0},
+]
+NUMEL = [40, 16, 4]
+
+
+def run_doc(run: str = "r1", project: str = "default", rank: int = 0, tensors: list[dict] | None = None) -> dict[str, Any]:
+    return {
+        "protocol": 1, "run": run, "project": project, "rank": rank, "world_size": 1, "format": "fp16",
+        "tensors": tensors or TENSORS, "modules": [], "config": {"lr": 0.001}, "started_at": time.time(),
+    }
+
+
+def array(values: list[float] | np.ndarray, dtype: str) -> str:
+    return protocol.pack_bytes(np.asarray(values, dtype=dtype).tobytes())
+
+
+def step_doc(step: int, norms: list[float] | None = None, loss: float | None = 1.0, **fields: Any) -> dict[str, Any]:
+    norms = norms if norms is not None else [0.5, 0.25, 0.125]
+    tensors = {
+        "grad_norm": array(norms, "<f4"),
+        "grad_absmax": array([n / 2 for n in norms], "<f4"),
+        "nan_count": array([0 if np.isfinite(n) else 3 for n in norms], "<i8"),
+        "inf_count": array([0] * len(norms), "<i8"),
+    }
+    tensors.update(fields.pop("tensors", {}))
+    global_norm = float(np.sqrt(np.sum(np.square(np.asarray(norms, dtype=np.float64)))))
+    doc = {
+        "step": step, "time": time.time(), "step_time": 0.1, "loss": protocol.encode_float(loss), "loss_scale": 1024.0,
+        "new_loss_scale": 1024.0, "scale_decision": "none", "skipped": False, "lr": [0.001],
+        "global_grad_norm": protocol.encode_float(global_norm), "headroom_bits": 5.0, "scalars": {}, "tensors": tensors,
+        "activations": None,
+    }
+    doc.update(fields)
+    return doc
+
+
+def batch_doc(run: str = "r1", steps: list[dict] | None = None, rank: int = 0, **fields: Any) -> dict[str, Any]:
+    return {"protocol": 1, "run": run, "rank": rank, "batch_id": f"b-{time.monotonic_ns()}", "steps": steps or [],
+            "histograms": [], "events": [], "status": "running", **fields}
