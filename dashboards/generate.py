@@ -280,7 +280,7 @@ def build_run_dashboard() -> dict[str, Any]:
             ],
             unit="percentunit",
         ),
-        timeseries("Headroom to overflow", [prom(run_metric("numwatch_headroom_bits"), "rank {{rank}}")], unit="bits"),
+        timeseries("Headroom to overflow", [prom(run_metric("numwatch_headroom_log2"), "rank {{rank}}")], unit="bits"),
         timeseries(
             "Top layers by gradient norm (last step)",
             [prom(f"topk(10, {run_metric('numwatch_layer_grad_norm')})", "{{tensor}} (rank {{rank}})")],

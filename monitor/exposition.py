@@ -120,7 +120,7 @@ class _Families:
             "global_grad_norm": gauge("numwatch_global_grad_norm", "Global gradient L2 norm of the last step (unscaled).", labels=RUN_LABELS),
             "max_layer_grad_norm": gauge("numwatch_max_layer_grad_norm", "Largest per-tensor gradient norm of the last step.", labels=RUN_LABELS),
             "layers_nonfinite": gauge("numwatch_layers_nonfinite", "Tensors with NaN/Inf gradients at the last step.", labels=RUN_LABELS),
-            "headroom_bits": gauge("numwatch_headroom_bits", "log2(format max / (scale x max grad abs-max)) at the last step.", labels=RUN_LABELS),
+            "headroom_bits": gauge("numwatch_headroom_log2", "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the last step; promtool rejects a _bits suffix.", labels=RUN_LABELS),
             "stale_fraction": gauge("numwatch_stale_fraction", "Mean share of weights that did not move although their gradient was non-zero (last sampled step).", labels=RUN_LABELS),
             "update_ratio": gauge("numwatch_update_ratio", "Mean ||dw||/||w|| over tensors (last sampled step).", labels=RUN_LABELS),
         }

@@ -18,7 +18,7 @@ GAUGES = (
     "numwatch_global_grad_norm",
     "numwatch_max_layer_grad_norm",
     "numwatch_layers_nonfinite",
-    "numwatch_headroom_bits",
+    "numwatch_headroom_log2",
     "numwatch_grad_zero_ratio",
     "numwatch_grad_underflow_ratio",
     "numwatch_grad_subnormal_ratio",
@@ -95,7 +95,7 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
         "numwatch_global_grad_norm": 0.75,
         "numwatch_max_layer_grad_norm": 0.5,
         "numwatch_layers_nonfinite": 0.0,
-        "numwatch_headroom_bits": 6.0,
+        "numwatch_headroom_log2": 6.0,
         "numwatch_stale_fraction": 0.01,
         "numwatch_update_ratio": 0.001,
     }
