@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hooks import protocol  # noqa: E402
-from monitor import stack  # noqa: E402
+from monitor import db, stack  # noqa: E402
 from tests.postgres import PostgresUnavailable, running_postgres  # noqa: E402
 
 EVERY_STEP_STATS = ("grad_norm", "grad_absmax", "nan_count", "inf_count")
@@ -139,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         databases = {"sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}"}
         if not args.no_postgres:
             try:
-                databases["postgresql"] = resources.enter_context(running_postgres(Path(tmp) / "pg", durable=True))
+                databases["postgresql"] = resources.enter_context(running_postgres(durable=True))
             except PostgresUnavailable as reason:
                 print(f"postgresql: skipped ({reason})")
         print(f"{args.tensors} tensors, {args.steps_per_batch}-step batches, {args.batches} batches, format counts every {args.format_every} steps")
         for name, database_url in databases.items():
             workdir = Path(tmp) / name
             workdir.mkdir()
+            db.upgrade(database_url)  # PostgreSQL is not migrated implicitly (SQLite would be)
             with stack.running_collector(workdir, database_url) as url:
                 result = bench_ingest(url, args)
                 print(

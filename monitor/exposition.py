@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from hooks.protocol import decode_float
 from monitor.models import GRAD_NORM_BUCKETS, RankState, Run, Step
@@ -54,6 +54,8 @@ class NumwatchCollector(Collector):
         self.settings = settings
         self._lock = threading.Lock()
         self._cached: tuple[float, list[Metric]] | None = None
+        # A run's tensor schema never changes once registered: parse its JSON once per process.
+        self._tensor_names: dict[int, list[str]] = {}
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
@@ -65,7 +67,8 @@ class NumwatchCollector(Collector):
     def _visible_runs(self, session: Session) -> list[Run]:
         cutoff = datetime.fromtimestamp(time.time() - self.settings.finished_grace_seconds, timezone.utc)
         return list(session.execute(
-            select(Run).where(or_(Run.status == "running", Run.finished_at.is_(None), Run.finished_at >= cutoff)).order_by(Run.id)
+            select(Run).options(defer(Run.tensors), defer(Run.config), defer(Run.modules))
+            .where(or_(Run.status == "running", Run.finished_at.is_(None), Run.finished_at >= cutoff)).order_by(Run.id)
         ).scalars())
 
     def _build(self) -> list[Metric]:
@@ -93,17 +96,24 @@ class NumwatchCollector(Collector):
                     m.events.add_metric([run.name, kind], count)
         return m.families()
 
+    def _names(self, session: Session, run_id: int) -> list[str]:
+        if run_id not in self._tensor_names:
+            tensors = session.execute(select(Run.tensors).where(Run.id == run_id)).scalar_one()
+            self._tensor_names[run_id] = [tensor["name"] for tensor in tensors]
+        return self._tensor_names[run_id]
+
     def _top_layers(self, session: Session, run: Run, state: RankState, family: GaugeMetricFamily) -> None:
         row = session.execute(
             select(Step.stat_names, Step.tensor_stats).where(Step.run_id == run.id, Step.rank == state.rank, Step.step == state.last_step)
         ).first()
         if row is None or "grad_norm" not in row.stat_names.split(","):
             return
-        norms = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))["grad_norm"].astype(np.float64)
+        names = self._names(session, run.id)
+        norms = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(names))["grad_norm"].astype(np.float64)
         # NaN sorts as the largest: the tensors that went non-finite are the ones to show.
         order = np.argsort(np.where(np.isnan(norms), np.inf, norms))[::-1][: self.settings.metrics_top_k]
         for index in order:
-            family.add_metric([run.name, str(state.rank), run.tensors[index]["name"]], float(norms[index]))
+            family.add_metric([run.name, str(state.rank), names[index]], float(norms[index]))
 
 
 class _Families:
