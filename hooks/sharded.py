@@ -52,7 +52,7 @@ def _shard_dim(parameter: Tensor, name: str) -> tuple[object, int] | None:
         if isinstance(placement, Shard):
             sharded.append(mesh_dim)
         elif not isinstance(placement, Replicate):
-            raise UnsupportedConfiguration(f"numwatch: parameter {name!r} has placement {placement}; only Shard and Replicate DTensor parameters are supported")
+            raise UnsupportedConfiguration(f"numwatch: parameter {name!r} has placement {type(placement).__name__} ({placement}); only Shard and Replicate DTensor parameters are supported")
     if len(sharded) > 1:
         raise UnsupportedConfiguration(f"numwatch: parameter {name!r} is sharded over {len(sharded)} mesh dimensions (e.g. FSDP + tensor parallel); only one is supported")
     return (parameter.device_mesh, sharded[0]) if sharded else None
@@ -127,7 +127,8 @@ class ShardReduction:
     def ranges(self, lows: Tensor, highs: Tensor) -> tuple[Tensor, Tensor]:
         """Whole-tensor float64 (min, max) of the finite values from per-shard ones (NaN where
         a shard has none; both NaN where no shard has any): one collective."""
-        _, (negated_low, high) = self.reduce([], [(-lows).nan_to_num(nan=-math.inf), highs.nan_to_num(nan=-math.inf)])
+        # A shard without finite values contributes nothing (-inf) to either maximum.
+        negated_low, high = self._all_reduce([(-lows.double()).nan_to_num(nan=-math.inf), highs.double().nan_to_num(nan=-math.inf)], dist.ReduceOp.MAX)
         low = -negated_low
         none = low > high
         return low.masked_fill(none, math.nan), high.masked_fill(none, math.nan)
