@@ -122,6 +122,16 @@ def _default_run_name(model: nn.Module, world_size: int) -> str:
     return name
 
 
+def unwrap_optimizer(optimizer: Any, scaler: torch.amp.GradScaler | None) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
+    """The torch optimizer inside a framework wrapper (Accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``: ``.optimizer``), and the wrapper's GradScaler when
+    none is given. The wrapper's own ``step`` may skip accumulation steps or run no hooks."""
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        return inner, scaler if scaler is not None else getattr(optimizer, "scaler", None)
+    return optimizer, scaler
+
+
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, allow_nan=False)) if value is not None else {}
 
@@ -193,6 +203,7 @@ class Watcher:
         self._grads: list[torch.Tensor] = []  # the step's gradients (those not None)
         self._present: list[int] | None = None  # their schema indices; None: all
         self._grad_stats = torch.zeros((2, 0))
+        self._lr: list[float] = []  # learning rates of the step being measured
         self._pending: StepRecord | None = None  # measured, host copy not yet read
         self._last_step_clock: float | None = None
         self._handles: list[Any] = []
@@ -389,6 +400,8 @@ class Watcher:
     def _measure_gradients(self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> None:
         """Start the step's device stack with the gradient statistics."""
         self._stack = stack = DeviceStack()
+        # The rates the coming update uses: read now, before a scheduler can step (manual mode).
+        self._lr = [float(group["lr"]) for group in self.optimizer.param_groups] if self.optimizer is not None else []
         present = [i for i, p in enumerate(self._parameters) if p.grad is not None]
         grads = [local_tensor(self._parameters[i].grad) for i in present]
         self._present = None if len(present) == len(self._parameters) else present
@@ -480,7 +493,7 @@ class Watcher:
             host=stack.to_host(),
             n_tensors=len(self._parameters),
             present=self._present,
-            lr=[float(group["lr"]) for group in self.optimizer.param_groups] if self.optimizer is not None else [],
+            lr=self._lr,
             scalars=host_scalars,
             format_max=self.format.max,
             loss=logged_loss,
@@ -559,6 +572,11 @@ class Watcher:
         """Attach scalars (``loss=...``, custom values) to the current step. Tensors stay on
         the device and travel with the step's single host copy."""
         self._logged.update(scalars)
+
+    @property
+    def step_in_progress(self) -> bool:
+        """Whether a step has been measured and not yet ended."""
+        return self._stack is not None
 
     def gradients_ready(self) -> None:
         """Measure the gradients of the coming optimizer step now.
@@ -678,6 +696,9 @@ def watch(
 ) -> Watcher:
     """Watch ``model``'s gradients (and ``optimizer``, ``scaler``) at every optimizer step.
 
+    ``optimizer`` may be a framework's wrapper (Accelerate, Lightning): the torch optimizer
+    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given.
+
     ``url``/``token`` default to ``NUMWATCH_URL``/``NUMWATCH_TOKEN``; without a URL the
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
     data directory) for ``numwatch sync``. ``include``/``exclude`` are fnmatch patterns on
@@ -691,6 +712,7 @@ def watch(
     Raises :class:`~hooks.sharded.UnsupportedConfiguration` for setups it cannot measure
     correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
+    optimizer, scaler = unwrap_optimizer(optimizer, scaler)
     return Watcher(
         model,
         optimizer,
