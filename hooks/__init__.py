@@ -13,6 +13,7 @@ _EXPORTS = {
     "watch": "hooks.watcher",
     "Watcher": "hooks.watcher",
     "NonFiniteError": "hooks.watcher",
+    "UnsupportedConfiguration": "hooks.sharded",
     "iter_spool": "hooks.spool",
     "spool_directories": "hooks.spool",
 }

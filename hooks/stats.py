@@ -361,21 +361,33 @@ def _linear_bins(tensor: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor
     return index.to(torch.int64)
 
 
+def finite_ranges(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """float64 [n] (min, max) of each tensor's finite values; NaN for a tensor without any."""
+    device = _result_device(tensors)
+    if not tensors:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        return empty, empty.clone()
+    ranges = [_finite_range(tensor) for tensor in tensors]
+    lows = torch.stack([low.to(device, non_blocking=True) for low, _ in ranges])
+    highs = torch.stack([high.to(device, non_blocking=True) for _, high in ranges])
+    return lows, highs
+
+
+def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tensor, bins: int = LINEAR_BINS) -> Tensor:
+    """int64 [n, bins]: counts of each tensor's finite values in ``bins`` equal bins over
+    [lows[i], highs[i]] (a range that covers them, e.g. the whole tensor's of a shard)."""
+    device = _result_device(tensors)
+    rows = [_count_values(_linear_bins(tensor, lows[i].to(tensor.device), highs[i].to(tensor.device), bins), bins + 1)[:bins] for i, tensor in enumerate(tensors)]
+    return _stack_rows(rows, bins, torch.int64, device)
+
+
 def linear_histogram(tensors: Sequence[Tensor], bins: int = LINEAR_BINS) -> tuple[Tensor, Tensor, Tensor]:
     """(min float32 [n], max float32 [n], counts int64 [n, bins]): ``bins`` equal bins over
     [min, max] of each tensor's finite values (torch.histc semantics: the max falls in the
     last bin; when min == max all finite values are in bin 0). min and max are NaN for a
     tensor without finite values, whose counts are all zero."""
-    device = _result_device(tensors)
-    ranges = [_finite_range(tensor) for tensor in tensors]
-    rows = [_count_values(_linear_bins(tensor, low, high, bins), bins + 1)[:bins] for tensor, (low, high) in zip(tensors, ranges)]
-    counts = _stack_rows(rows, bins, torch.int64, device)
-    if not tensors:
-        empty = torch.zeros(0, dtype=torch.float32, device=device)
-        return empty, empty.clone(), counts
-    lows = torch.stack([low.to(device, non_blocking=True) for low, _ in ranges]).float()
-    highs = torch.stack([high.to(device, non_blocking=True) for _, high in ranges]).float()
-    return lows, highs, counts
+    lows, highs = finite_ranges(tensors)
+    return lows.float(), highs.float(), linear_histogram_counts(tensors, lows, highs, bins)
 
 
 # --------------------------------------------------------------------------- weights and optimizer state

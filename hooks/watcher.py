@@ -12,6 +12,13 @@ Where the numbers are taken (ARCHITECTURE §1):
 * Without a scaler: in the optimizer step pre-hook (after accumulation and the DDP
   all-reduce); sampled steps finish in the step post-hook, once the update is applied.
 * Without an optimizer: when ``watcher.step()`` is called.
+* Frameworks that clip between backward and ``optimizer.step()`` (Hugging Face, Lightning)
+  call ``watcher.gradients_ready()`` before clipping: the step is measured there, as
+  ``clip_grad_norm_`` sees it. With ``measure="manual"`` (frameworks that run the backward
+  inside ``optimizer.step(closure)``) only that call measures and ``watcher.finish_step()``
+  ends the step.
+* Sharded (DTensor, FSDP2) parameters: each rank measures its shard and
+  :mod:`hooks.sharded` combines them into whole-tensor statistics.
 
 NaN/Inf counts are only meaningful for tensors whose norm is not finite, and are taken
 when that is known without a host-device sync: on CPU (reading is free) after looking at
@@ -45,12 +52,14 @@ from hooks.activations import ActivationTracer
 from hooks.formats import FormatSpec, format_name_for_dtype, format_spec
 from hooks.hostcopy import DeviceStack
 from hooks.records import StepRecord, event_document, histogram_part
+from hooks.sharded import ShardReduction, local_tensor, refuse_unsupported
 from hooks.spool import default_spool_root, spool_directory
 from hooks.transport import Transport
 
 log = logging.getLogger("numwatch")
 
 ON_NONFINITE = ("warn", "raise", "ignore")
+MEASURE_MODES = ("auto", "manual")
 # How many offending tensors a warning, error or event names.
 NAMED_TENSORS = 10
 
@@ -113,6 +122,16 @@ def _default_run_name(model: nn.Module, world_size: int) -> str:
     return name
 
 
+def unwrap_optimizer(optimizer: Any, scaler: torch.amp.GradScaler | None) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
+    """The torch optimizer inside a framework wrapper (Accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``: ``.optimizer``), and the wrapper's GradScaler when
+    none is given. The wrapper's own ``step`` may skip accumulation steps or run no hooks."""
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        return inner, scaler if scaler is not None else getattr(optimizer, "scaler", None)
+    return optimizer, scaler
+
+
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, allow_nan=False)) if value is not None else {}
 
@@ -134,6 +153,7 @@ class Watcher:
         format_every: int,
         format: str | None,
         on_nonfinite: str,
+        measure: str,
         trace_activations: bool,
         include: Iterable[str] | None,
         exclude: Iterable[str] | None,
@@ -142,6 +162,9 @@ class Watcher:
     ) -> None:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, not {on_nonfinite!r}")
+        if measure not in MEASURE_MODES:
+            raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
+        refuse_unsupported(model, optimizer)
         if model in _watched_models:
             raise RuntimeError(f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that watcher first")
         self.model = model
@@ -150,9 +173,11 @@ class Watcher:
         self.histogram_every = histogram_every
         self.format_every = format_every
         self.on_nonfinite = on_nonfinite
+        self.measure = measure
         self._selected = _select_parameters(model, include, exclude)
         if not self._selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
+        self._sharding = ShardReduction.for_parameters(self._selected)
         self.tensor_names = [name for name, _ in self._selected]
         self._parameters = [parameter for _, parameter in self._selected]
         self.device = self._parameters[0].device
@@ -174,9 +199,11 @@ class Watcher:
         self._stack: DeviceStack | None = None  # a step's measurements in progress
         self._snapshot: list[torch.Tensor] | None = None
         self._step_ran = False
+        self._skip_known: bool | None = None  # manual mode: the scaler's verdict until finish_step()
         self._grads: list[torch.Tensor] = []  # the step's gradients (those not None)
         self._present: list[int] | None = None  # their schema indices; None: all
         self._grad_stats = torch.zeros((2, 0))
+        self._lr: list[float] = []  # learning rates of the step being measured
         self._pending: StepRecord | None = None  # measured, host copy not yet read
         self._last_step_clock: float | None = None
         self._handles: list[Any] = []
@@ -223,6 +250,7 @@ class Watcher:
                 "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
                 "grad_scaler": self.scaler is not None,
                 "fused_optimizer": self._fused,
+                "sharded": self._sharding is not None,
                 "histogram_every": self.histogram_every,
                 "format_every": self.format_every,
                 "torch": torch.__version__,
@@ -233,8 +261,10 @@ class Watcher:
 
     def _install(self) -> None:
         if self.optimizer is not None:
-            self._handles.append(self.optimizer.register_step_pre_hook(self._guarded("step pre-hook", self._before_optimizer_step)))
-            if self.scaler is None:
+            # Manual mode without a scaler: the step pre-hook may run before the backward (closures).
+            if self.scaler is not None or self.measure == "auto":
+                self._handles.append(self.optimizer.register_step_pre_hook(self._guarded("step pre-hook", self._before_optimizer_step)))
+            if self.scaler is None and self.measure == "auto":
                 self._handles.append(self.optimizer.register_step_post_hook(self._guarded("step post-hook", self._after_optimizer_step)))
         if self.scaler is not None:
             self._patch_scaler("update", self._wrap_update)
@@ -262,6 +292,7 @@ class Watcher:
     def _count_failure(self, site: str) -> None:
         self.monitoring_errors += 1
         self._stack = None
+        self._snapshot = None
         if site not in self._failed_sites:
             self._failed_sites.add(site)
             log.exception("numwatch: monitoring failed in the %s (training continues; counted in monitoring_errors)", site)
@@ -293,18 +324,17 @@ class Watcher:
     def _before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self.scaler is None:
             self.steps += 1  # first, so that a failure below cannot shift later step numbers
-            if self._is_sampled(self.steps):
-                self._snapshot = stats.snapshot(self._parameters)
-            self._measure_gradients(self.steps, grad_multiplier=None, format_multiplier=None)
+            if self._stack is None:  # not measured already by gradients_ready()
+                self._take_snapshot_if_sampled(self.steps)
+                self._measure_gradients(self.steps, grad_multiplier=None, format_multiplier=None)
             if not self._is_sampled(self.steps):
                 self._finish_step(skip_known=None)
             return
         upcoming = self.steps + 1  # counted when scaler.update() runs
-        if self._is_sampled(upcoming):
-            self._snapshot = stats.snapshot(self._parameters)
+        self._take_snapshot_if_sampled(upcoming)
         self._step_ran = True
         state = self.scaler._per_optimizer_states.get(id(optimizer))
-        if self._fused and state is not None and state["stage"] is OptState.READY:
+        if self._stack is None and self.measure == "auto" and self._fused and state is not None and state["stage"] is OptState.READY:
             # The fused kernel will unscale: .grad holds g*S now, on every step.
             scale = self.scaler._get_scale_async()
             self._measure_gradients(upcoming, grad_multiplier=scale.double().reciprocal().float(), format_multiplier=None)
@@ -336,42 +366,85 @@ class Watcher:
             self._stack.add(records.FOUND_INF, found_inf)
         # A non-fused optimizer's step runs only when the scaler found no Inf/NaN.
         skip_known = None if self._fused or self.optimizer is None else not self._step_ran
-        self._finish_step(skip_known=skip_known)
+        if self.measure == "manual":
+            self._skip_known = skip_known  # finish_step() ends the step
+        else:
+            self._finish_step(skip_known=skip_known)
 
     # -- measuring ----------------------------------------------------------------------
 
     def _is_sampled(self, step: int) -> bool:
         return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
 
+    def _take_snapshot_if_sampled(self, step: int) -> None:
+        if self._snapshot is None and self._is_sampled(step) and self._sharding is None:
+            self._snapshot = stats.snapshot(self._local_parameters())
+
+    def _local_parameters(self) -> list[torch.Tensor]:
+        """The watched parameters, or this rank's shards of the sharded ones."""
+        return [local_tensor(p.detach()) for p in self._parameters]
+
+    def _current_scaling(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(grad multiplier, format multiplier) for gradients read now: 1/S while the
+        GradScaler has not unscaled them yet, else S for the format counts."""
+        if self.scaler is None:
+            return None, None
+        scale = self.scaler._get_scale_async()
+        if scale is None:
+            return None, None
+        state = self.scaler._per_optimizer_states.get(id(self.optimizer)) if self.optimizer is not None else None
+        if state is not None and state["stage"] is not OptState.READY:
+            return None, scale
+        return scale.double().reciprocal().float(), None
+
     def _measure_gradients(self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> None:
         """Start the step's device stack with the gradient statistics."""
         self._stack = stack = DeviceStack()
+        # The rates the coming update uses: read now, before a scheduler can step (manual mode).
+        self._lr = [float(group["lr"]) for group in self.optimizer.param_groups] if self.optimizer is not None else []
         present = [i for i, p in enumerate(self._parameters) if p.grad is not None]
-        grads = [self._parameters[i].grad for i in present]
+        grads = [local_tensor(self._parameters[i].grad) for i in present]
         self._present = None if len(present) == len(self._parameters) else present
         self._grads = grads
-        self._grad_stats = stats.grad_norms(grads, multiplier=grad_multiplier) if grads else torch.zeros((2, 0), device=self.device)
-        stack.add(records.GRAD, self._grad_stats)
+        grad_stats = stats.grad_norms(grads, multiplier=grad_multiplier) if grads else torch.zeros((2, 0), device=self.device)
+        # For a fused optimizer .grad already is g*S, which is what the counts are about.
+        counts = [stats.format_counts(grads, self.format, multiplier=format_multiplier)] if grads and self.format_every > 0 and (step - 1) % self.format_every == 0 else []
+        if self._sharding is not None and grads:
+            grad_stats, counts = self._sharding.norms(grad_stats, counts, self._present)
+        self._grad_stats = grad_stats
+        stack.add(records.GRAD, grad_stats)
         if not grads:
             return
-        if self.format_every > 0 and (step - 1) % self.format_every == 0:
-            # For a fused optimizer .grad already is g*S, which is what the counts are about.
-            stack.add(records.FORMAT, stats.format_counts(grads, self.format, multiplier=format_multiplier))
+        if counts:
+            stack.add(records.FORMAT, counts[0])
         if self._is_sampled(step):
             unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
             self._add_histograms(stack, "grad", unscaled)
 
     def _add_histograms(self, stack: DeviceStack, kind: str, tensors: list[torch.Tensor]) -> None:
-        stack.add(histogram_part(kind, "exponent"), stats.exponent_histogram(tensors))
-        minimum, maximum, counts = stats.linear_histogram(tensors)
-        stack.add(histogram_part(kind, "linear_min"), minimum)
-        stack.add(histogram_part(kind, "linear_max"), maximum)
+        exponent = stats.exponent_histogram(tensors)
+        lows, highs = stats.finite_ranges(tensors)
+        if self._sharding is not None:
+            positions = self._present if kind == "grad" else None
+            lows, highs = self._sharding.ranges(lows, highs)
+            counts = stats.linear_histogram_counts(tensors, lows, highs)
+            exponent, counts = (part.t() for part in self._sharding.counts([exponent.t(), counts.t()], positions))
+        else:
+            counts = stats.linear_histogram_counts(tensors, lows, highs)
+        stack.add(histogram_part(kind, "exponent"), exponent)
+        stack.add(histogram_part(kind, "linear_min"), lows.float())
+        stack.add(histogram_part(kind, "linear_max"), highs.float())
         stack.add(histogram_part(kind, "linear"), counts)
 
     def _add_sampled_weight_stats(self, stack: DeviceStack) -> None:
-        weights = [p.detach() for p in self._parameters]
-        stack.add(records.WEIGHT, stats.weight_stats(weights))
+        weights = self._local_parameters()
+        weight_stats = stats.weight_stats(weights)
+        if self._sharding is not None:
+            weight_stats, _ = self._sharding.norms(weight_stats, [], None)
+        stack.add(records.WEIGHT, weight_stats)
         self._add_histograms(stack, "weight", weights)
+        if self._sharding is not None:
+            return  # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards
         if self._snapshot is not None and self._grads:
             present = self._present if self._present is not None else range(len(weights))
             stack.add(records.UPDATE, stats.update_stats([self._snapshot[i] for i in present], [weights[i] for i in present], self._grads))
@@ -395,7 +468,10 @@ class Watcher:
         assert stack is not None
         step = self.steps
         if self._grads and self._nonfinite_counts_due(skip_known):
-            stack.add(records.NONFINITE, stats.nonfinite_counts(self._grads))
+            nonfinite = stats.nonfinite_counts(self._grads)
+            if self._sharding is not None:
+                (nonfinite,) = self._sharding.counts([nonfinite], self._present)
+            stack.add(records.NONFINITE, nonfinite)
         if self._is_sampled(step):
             self._add_sampled_weight_stats(stack)
         self._snapshot = None
@@ -417,7 +493,7 @@ class Watcher:
             host=stack.to_host(),
             n_tensors=len(self._parameters),
             present=self._present,
-            lr=[float(group["lr"]) for group in self.optimizer.param_groups] if self.optimizer is not None else [],
+            lr=self._lr,
             scalars=host_scalars,
             format_max=self.format.max,
             loss=logged_loss,
@@ -497,6 +573,49 @@ class Watcher:
         the device and travel with the step's single host copy."""
         self._logged.update(scalars)
 
+    @property
+    def step_in_progress(self) -> bool:
+        """Whether a step has been measured and not yet ended."""
+        return self._stack is not None
+
+    def gradients_ready(self) -> None:
+        """Measure the gradients of the coming optimizer step now.
+
+        For adapters whose framework changes the gradients between the backward and
+        ``optimizer.step()`` (clipping): called before clipping, the numbers are what
+        ``clip_grad_norm_`` sees. Gradients the GradScaler has not unscaled yet are measured
+        times 1/S. The step still ends where it would (optimizer step, ``scaler.update()``)
+        or, with ``measure="manual"``, at :meth:`finish_step`.
+        """
+        if self._closed:
+            return
+        try:
+            upcoming = self.steps + 1
+            self._take_snapshot_if_sampled(upcoming)
+            grad_multiplier, format_multiplier = self._current_scaling()
+            self._measure_gradients(upcoming, grad_multiplier=grad_multiplier, format_multiplier=format_multiplier)
+        except NonFiniteError:
+            raise
+        except Exception:
+            self._count_failure("watcher.gradients_ready")
+
+    def finish_step(self) -> None:
+        """End a step measured by :meth:`gradients_ready` (``measure="manual"``), after the
+        optimizer update (and ``scaler.update()``). Does nothing when no step was measured."""
+        if self._closed or self.measure != "manual" or self._stack is None:
+            return
+        if self.scaler is None:
+            self.steps += 1
+        skip_known, self._skip_known = self._skip_known, None
+        try:
+            self._finish_step(skip_known=skip_known)
+        except NonFiniteError:
+            raise
+        except Exception:
+            self._count_failure("watcher.finish_step")
+        finally:
+            self._step_ran = False
+
     def step(self) -> None:
         """Mark a step by hand (loops without an optimizer object): measure the gradients now."""
         if self._closed:
@@ -568,6 +687,7 @@ def watch(
     format_every: int = 50,
     format: str | None = None,
     on_nonfinite: str = "warn",
+    measure: str = "auto",
     trace_activations: bool = False,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
@@ -576,6 +696,9 @@ def watch(
 ) -> Watcher:
     """Watch ``model``'s gradients (and ``optimizer``, ``scaler``) at every optimizer step.
 
+    ``optimizer`` may be a framework's wrapper (Accelerate, Lightning): the torch optimizer
+    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given.
+
     ``url``/``token`` default to ``NUMWATCH_URL``/``NUMWATCH_TOKEN``; without a URL the
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
     data directory) for ``numwatch sync``. ``include``/``exclude`` are fnmatch patterns on
@@ -583,7 +706,13 @@ def watch(
     statistics and of the format counts (0 turns them off). ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
+    ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
+    :meth:`Watcher.gradients_ready` call measures earlier) or "manual" (only
+    ``gradients_ready()`` measures; :meth:`Watcher.finish_step` ends each step).
+    Raises :class:`~hooks.sharded.UnsupportedConfiguration` for setups it cannot measure
+    correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
+    optimizer, scaler = unwrap_optimizer(optimizer, scaler)
     return Watcher(
         model,
         optimizer,
@@ -596,6 +725,7 @@ def watch(
         format_every=format_every,
         format=format,
         on_nonfinite=on_nonfinite,
+        measure=measure,
         trace_activations=trace_activations,
         include=include,
         exclude=exclude,

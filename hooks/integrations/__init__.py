@@ -1,0 +1,31 @@
+"""Framework adapters over :func:`hooks.watch`, each imported only when used.
+
+``from hooks.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``) or
+``LightningCallback`` (``lightning.pytorch.Callback``); importing ``hooks`` or this package
+imports neither framework. Accelerate needs no adapter: ``hooks.watch(model, optimizer)``
+on the objects ``accelerator.prepare`` returned.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "HuggingFaceCallback": ("hooks.integrations.huggingface", "NumwatchCallback"),
+    "LightningCallback": ("hooks.integrations.lightning", "NumwatchCallback"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hooks.integrations' has no attribute {name!r}")
+    module, attribute = _EXPORTS[name]
+    value = getattr(import_module(module), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
