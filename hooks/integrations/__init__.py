@@ -1,8 +1,7 @@
 """Framework adapters over :func:`hooks.watch`, each imported only when used.
 
-``from hooks.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``) or
-``LightningCallback`` (``lightning.pytorch.Callback``); importing ``hooks`` or this package
-imports neither framework. Accelerate needs no adapter: ``hooks.watch(model, optimizer)``
+``from hooks.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``);
+importing ``hooks`` or this package imports no framework. Accelerate needs no adapter: ``hooks.watch(model, optimizer)``
 on the objects ``accelerator.prepare`` returned.
 """
 
@@ -13,7 +12,6 @@ from typing import Any
 
 _EXPORTS = {
     "HuggingFaceCallback": ("hooks.integrations.huggingface", "NumwatchCallback"),
-    "LightningCallback": ("hooks.integrations.lightning", "NumwatchCallback"),
 }
 __all__ = sorted(_EXPORTS)
 
