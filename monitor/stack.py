@@ -153,41 +153,30 @@ def alertmanager_config(webhook_url: str | None = None, deploy_dir: Path = DEPLO
 
 
 @contextmanager
-def running_alertmanager(binary: str, workdir: Path, config: dict, port: int | None = None) -> Iterator[str]:
-    """A real Alertmanager (clustering off) with ``config``; yields its URL."""
-    root = workdir / "alertmanager"
+def _running_server(name: str, argv: list[str], workdir: Path, config: dict, port: int | None, data_flag: str) -> Iterator[str]:
+    """``argv`` + config/data/listen flags for a Prometheus-family server in ``workdir/name``; yields its URL."""
+    root = workdir / name
     (root / "data").mkdir(parents=True, exist_ok=True)
-    config_path = root / "alertmanager.yml"
+    config_path = root / f"{name}.yml"
     config_path.write_text(yaml.safe_dump(config))
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [
-        binary,
-        f"--config.file={config_path}",
-        f"--storage.path={root / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        "--cluster.listen-address=",
-    ]
-    with managed_process(argv, f"{url}/-/ready", root / "alertmanager.log"):
+    flags = [f"--config.file={config_path}", f"{data_flag}={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}"]
+    with managed_process([*argv[:1], *flags, *argv[1:]], f"{url}/-/ready", root / f"{name}.log"):
+        yield url
+
+
+@contextmanager
+def running_alertmanager(binary: str, workdir: Path, config: dict, port: int | None = None) -> Iterator[str]:
+    """A real Alertmanager (clustering off) with ``config``; yields its URL."""
+    with _running_server("alertmanager", [binary, "--cluster.listen-address="], workdir, config, port, "--storage.path") as url:
         yield url
 
 
 @contextmanager
 def running_prometheus(binary: str, workdir: Path, config: dict, port: int | None = None) -> Iterator[str]:
     """A real Prometheus with ``config``; yields its URL."""
-    root = workdir / "prometheus"
-    (root / "data").mkdir(parents=True, exist_ok=True)
-    config_path = root / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(config))
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = [
-        binary,
-        f"--config.file={config_path}",
-        f"--storage.tsdb.path={root / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    with managed_process(argv, f"{url}/-/ready", root / "prometheus.log"):
+    with _running_server("prometheus", [binary], workdir, config, port, "--storage.tsdb.path") as url:
         yield url
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import re
 
+from hooks.protocol import CLIENT_EVENT_KINDS
+from monitor.detectors import EVENT_KINDS as DETECTOR_EVENT_KINDS
+
 GAUGES = (
     "numwatch_run_info",
     "numwatch_run_last_step",
@@ -49,19 +52,8 @@ SERIES_NAMES: frozenset[str] = frozenset(
 )
 PROMETHEUS_OWN = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
 
-EVENT_KINDS = (
-    "nonfinite_grad",
-    "nonfinite_loss",
-    "loss_scale_backoff",
-    "loss_scale_growth",
-    "skipped_step",
-    "grad_explosion",
-    "vanishing_grad",
-    "underflow_high",
-    "loss_scale_collapse",
-    "nonfinite_origin",
-    "monitoring_dropped",
-)
+# Event kinds (the `kind` label): the collector's detectors, then the client's own.
+EVENT_KINDS = DETECTOR_EVENT_KINDS + CLIENT_EVENT_KINDS
 
 _NUMWATCH_NAME = re.compile(r"\bnumwatch_[A-Za-z0-9_]+")
 
