@@ -40,7 +40,7 @@ class Regression(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         inputs, targets = batch
         loss = torch.nn.functional.mse_loss(self.net(inputs).float(), targets)
-        self.batch_losses.append(float(loss))
+        self.batch_losses.append(float(loss.detach()))
         return loss
 
     def on_before_optimizer_step(self, optimizer):
