@@ -12,6 +12,7 @@ same values on every rank of the group: their sums are counted once (group rank 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -24,6 +25,7 @@ class UnsupportedConfiguration(RuntimeError):
     """A parallel setup numwatch cannot measure correctly (it refuses rather than report wrong numbers)."""
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     if not dist.is_available():
         return None

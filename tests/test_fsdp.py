@@ -111,6 +111,13 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
                 reference_optimizer.step()
                 reference_optimizer.zero_grad()
                 saved["weights"].append(_weights(reference))
+        # One more step with a NaN in rank 1's shard of the first weight only.
+        inputs, targets = _batch(STEPS + 1)
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        if rank == 1:
+            model[0].weight.grad.to_local()[0, 1] = float("nan")
+        collectives.append(0)
+        optimizer.step()
         watcher.close()
 
         saved["collectives"] = collectives
@@ -141,7 +148,7 @@ def fsdp_run(tmp_path_factory):
 def test_gradient_statistics_describe_the_whole_tensor(fsdp_run):
     saved, per_rank = fsdp_run
     for rank, spooled in per_rank.items():
-        assert [s["step"] for s in spooled.steps] == list(range(1, STEPS + 1))
+        assert [s["step"] for s in spooled.steps] == list(range(1, STEPS + 2))
         assert spooled.runs[0]["config"]["sharded"] is True
         assert [t["shape"] for t in spooled.runs[0]["tensors"]] == [[17, 6], [17], [3, 17], [3]]
         for step, expected in zip(spooled.steps, saved["steps"]):
@@ -153,6 +160,21 @@ def test_gradient_statistics_describe_the_whole_tensor(fsdp_run):
             # The global norm equals the unsharded single-process run's.
             reference_global = np.sqrt(np.sum(expected["grad_norm"] ** 2))
             assert step["global_grad_norm"] == pytest.approx(reference_global, rel=RTOL)
+
+
+def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
+    saved, per_rank = fsdp_run
+    for spooled in per_rank.values():
+        last = spooled.steps[-1]
+        norms, absmax = spooled.stat(last, "grad_norm"), spooled.stat(last, "grad_absmax")
+        assert np.isnan(norms[0]) and np.isnan(absmax[0])
+        assert np.all(np.isfinite(norms[1:])) and np.all(np.isfinite(absmax[1:]))
+        np.testing.assert_array_equal(spooled.stat(last, "nan_count"), [1, 0, 0, 0])
+        np.testing.assert_array_equal(spooled.stat(last, "inf_count"), [0, 0, 0, 0])
+        (event,) = [e for e in spooled.events if e["kind"] == "nonfinite_origin"]
+        assert event["details"]["tensors"][0] == {"name": "0.weight", "nan": 1, "inf": 0}
+    # Norms and abs-max (one SUM, one MAX), then the NaN counts (one SUM).
+    assert saved["collectives"][STEPS] == 3
 
 
 def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_run):

@@ -47,3 +47,17 @@ def test_protocol_imports_without_torch():
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_integrations_import_no_framework():
+    frameworks = ("transformers", "lightning", "pytorch_lightning", "accelerate", "deepspeed")
+    script = (
+        "import sys, hooks, hooks.integrations, hooks.sharded\n"
+        "hooks.watch, hooks.UnsupportedConfiguration, dir(hooks.integrations)\n"
+        f"loaded = sorted(n for n in sys.modules if n.split('.')[0] in {frameworks!r})\n"
+        "assert not loaded, loaded\n"
+        "print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

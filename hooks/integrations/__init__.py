@@ -1,6 +1,7 @@
 """Framework adapters over :func:`hooks.watch`, each imported only when used.
 
-``from hooks.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``);
+``from hooks.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``) or ``LightningCallback``
+(``lightning.pytorch.Callback``);
 importing ``hooks`` or this package imports no framework. Accelerate needs no adapter: ``hooks.watch(model, optimizer)``
 on the objects ``accelerator.prepare`` returned.
 """
@@ -12,6 +13,7 @@ from typing import Any
 
 _EXPORTS = {
     "HuggingFaceCallback": ("hooks.integrations.huggingface", "NumwatchCallback"),
+    "LightningCallback": ("hooks.integrations.lightning", "NumwatchCallback"),
 }
 __all__ = sorted(_EXPORTS)
 
