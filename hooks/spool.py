@@ -6,9 +6,9 @@ per line, the exact documents of :mod:`hooks.protocol`. A file ``uploaded`` reco
 the collector has acknowledged (segment name and byte offset), replaced atomically.
 
 Crash safety: a line only counts once its newline is written, so a torn last line (the
-process died mid-write) is skipped by readers and never affects the lines before it; a
-writer that finds a torn tail starts on a fresh line, so the fragment stays a line of its
-own that readers skip.
+process died mid-write, or the disk filled up) is skipped by readers and never affects the
+lines before it; a writer that finds or leaves a torn tail starts its next line on a fresh
+line, so the fragment stays a line of its own that readers skip.
 """
 
 from __future__ import annotations
@@ -174,25 +174,32 @@ class SpoolWriter:
         self._handle = self._open_segment(self._segment)
 
     def _open_segment(self, number: int) -> Any:
-        handle = open(_segment_path(self.directory, number), "ab")
+        # Unbuffered: a failed write (disk full) leaves nothing behind in a buffer to resurface later.
+        handle = open(_segment_path(self.directory, number), "ab", buffering=0)
+        self._torn = False
         if handle.tell() > 0:
             with open(_segment_path(self.directory, number), "rb") as reader:
                 reader.seek(-1, os.SEEK_END)
-                torn_tail = reader.read(1) != b"\n"
-            if torn_tail:
-                handle.write(b"\n")  # close the torn fragment so it stays a line of its own
+                self._torn = reader.read(1) != b"\n"
         return handle
 
     def append(self, kind: str, body: dict[str, Any]) -> SpoolPosition:
-        """Write one document as a line (one write call); returns where it ends."""
+        """Write one document as a line; returns where it ends.
+
+        Raises ``OSError`` when the disk refuses it (full, read-only); the next append then
+        starts on a fresh line, so a partly written line never swallows a later document.
+        """
         if kind not in DOCUMENT_KINDS:
             raise ValueError(f"spool documents are {DOCUMENT_KINDS}, not {kind!r}")
         line = json.dumps({"type": kind, "body": body}, separators=(",", ":"), allow_nan=False).encode() + b"\n"
         with self._lock:
             if self._handle.tell() > 0 and self._handle.tell() + len(line) > self._segment_bytes:
                 self._rotate()
-            self._handle.write(line)
-            self._handle.flush()
+            data = memoryview(b"\n" + line if self._torn else line)
+            self._torn = True  # until the whole line is down
+            while data:
+                data = data[self._handle.write(data):]
+            self._torn = False
             return SpoolPosition(self._segment, self._handle.tell())
 
     def _rotate(self) -> None:
@@ -202,7 +209,6 @@ class SpoolWriter:
         self._handle = self._open_segment(self._segment)
 
     def _sync_locked(self) -> None:
-        self._handle.flush()
         os.fsync(self._handle.fileno())
 
     def flush(self) -> None:

@@ -105,12 +105,18 @@ class Transport:
         url: str | None,
         token: str | None,
         spool_dir: str | Path,
-        batch_steps: int = BATCH_STEPS,
-        batch_seconds: float = BATCH_SECONDS,
-        queue_steps: int = QUEUE_STEPS,
-        http_timeout: float = HTTP_TIMEOUT_SECONDS,
-        retry_seconds: float = RETRY_SECONDS,
+        batch_steps: int | None = None,
+        batch_seconds: float | None = None,
+        queue_steps: int | None = None,
+        http_timeout: float | None = None,
+        retry_seconds: float | None = None,
     ) -> None:
+        # Unset options take the module's constants when the transport is made (tests shrink them).
+        batch_steps = batch_steps or BATCH_STEPS
+        batch_seconds = batch_seconds or BATCH_SECONDS
+        queue_steps = queue_steps or QUEUE_STEPS
+        http_timeout = http_timeout or HTTP_TIMEOUT_SECONDS
+        retry_seconds = retry_seconds or RETRY_SECONDS
         self.run_document = run_document
         self.run = run_document["run"]
         self.rank = run_document["rank"]
@@ -133,6 +139,7 @@ class Transport:
         self._spool_lock = threading.Lock()
         self._run_acknowledged = False
         self._spool_pending = False  # set from disk when the sender starts (leftovers of an earlier process)
+        self._spooled_documents = 0  # bumped by every append, so a drain racing an append keeps it pending
         self._next_retry = 0.0
         self._retry_delay = retry_seconds
         self._closed = False
@@ -177,15 +184,17 @@ class Transport:
         try:
             documents = source.build()
             self._spool_batch(self._batch_document([documents], "running"))
-        except Exception:  # a full queue and an unwritable spool: count, never raise
-            self._count_dropped(1)
+        except Exception as error:  # a full queue and an unwritable spool: count, never raise
+            self._count_dropped(1, f"the sender queue is full and the spool failed: {error!r}")
 
-    def _count_dropped(self, steps: int) -> None:
+    def _count_dropped(self, steps: int, reason: str) -> None:
         with self._count_lock:
             first = self.dropped_steps == 0
             self.dropped_steps += steps
         if first:
-            log.error("numwatch: monitoring data dropped (queue full and spool %s not writable); counting in dropped_steps", self.spool_dir, exc_info=True)
+            log.error("numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
+                      "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
+                      steps, self.run, reason, self.spool_dir)
 
     # -- sender thread ---------------------------------------------------------------
 
@@ -200,17 +209,12 @@ class Transport:
                     self._deliver_steps(sources, closing.status if closing else "running")
                 elif self._spool_pending and self.url and time.monotonic() >= self._next_retry:
                     self._drain_spool()
-                if controls and self._spool is not None:
-                    with self._spool_lock:
-                        self._spool.flush()
-            except Exception:
-                log.exception("numwatch: sender failed on a batch of %d steps; they are counted as dropped", len(sources))
-                self._count_dropped(len(sources))
+            except Exception as error:  # typically the spool: disk full, directory not writable
+                self._count_dropped(len(sources), f"neither sent nor spooled: {error!r}")
+            if controls:
+                self._sync_spool(close=closing is not None)
             for control in controls:
                 control.done.set()
-        if self._spool is not None:
-            with self._spool_lock:
-                self._spool.close()
         if self._spool_pending:
             log.warning("numwatch: unsent data for run %r rank %d is in %s; upload it with `numwatch sync`", self.run, self.rank, self.spool_dir)
 
@@ -239,9 +243,8 @@ class Transport:
         for source in sources:
             try:
                 documents.append(source.build())
-            except Exception:
-                log.exception("numwatch: could not build the documents of step %s", getattr(source, "step_number", "?"))
-                self._count_dropped(1)
+            except Exception as error:
+                self._count_dropped(1, f"could not build the documents of step {getattr(source, 'step_number', '?')}: {error!r}")
         self._deliver(self._batch_document(documents, status))
 
     def _batch_document(self, documents: list[StepDocuments], status: str) -> dict[str, Any]:
@@ -313,8 +316,19 @@ class Transport:
         spool.append("batch", batch)
         with self._count_lock:
             self.spooled_batches += 1
-        if self.url:
-            self._spool_pending = True
+            self._spooled_documents += 1
+            if self.url:
+                self._spool_pending = True
+
+    def _sync_spool(self, close: bool) -> None:
+        """fsync (and close) the spool, if one is open; a failure is logged, never raised."""
+        if self._spool is None:
+            return
+        try:
+            with self._spool_lock:
+                self._spool.close() if close else self._spool.flush()
+        except OSError:
+            log.warning("numwatch: could not fsync the spool %s", self.spool_dir, exc_info=True)
 
     def _has_pending_spool(self) -> bool:
         if not self.url or not self.spool_dir.is_dir():
@@ -326,9 +340,8 @@ class Transport:
         stops at the first that must be retried (and backs off)."""
         if not force and time.monotonic() < self._next_retry:
             return
-        if self._spool is not None:
-            with self._spool_lock:
-                self._spool.flush()
+        with self._count_lock:
+            spooled_before = self._spooled_documents
         for entry in read_entries(self.spool_dir, read_uploaded_mark(self.spool_dir)):
             outcome = self._post(document_path(entry.kind, entry.body), entry.body)
             if outcome == "retry":
@@ -340,7 +353,9 @@ class Transport:
             elif outcome == "ok":
                 self.sent_batches += 1
             mark_uploaded(self.spool_dir, entry.end)
-        self._spool_pending = False
+        with self._count_lock:
+            # A step spooled by the training thread (full queue) while this read ran stays pending.
+            self._spool_pending = self._spooled_documents != spooled_before
         self._retry_delay = self.retry_seconds
         discard_uploaded_segments(self.spool_dir)
         log.info("numwatch: spool %s drained to %s", self.spool_dir, self.url)

@@ -186,9 +186,13 @@ def running_collector(workdir: Path, database_url: str | None = None, port: int 
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     database_url = database_url or f"sqlite:///{workdir / 'numwatch.db'}"
-    argv = [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--database-url", database_url, *extra_args]
-    with managed_process(argv, f"{url}/readyz", workdir / "collector.log"):
+    with managed_process(collector_argv(port, database_url, extra_args), f"{url}/readyz", workdir / "collector.log"):
         yield url
+
+
+def collector_argv(port: int, database_url: str, extra_args: tuple[str, ...] = ()) -> list[str]:
+    """The command line of ``numwatch serve`` on 127.0.0.1:``port`` (this Python's monitor package)."""
+    return [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--database-url", database_url, *extra_args]
 
 
 def run_stack(args: argparse.Namespace) -> int:

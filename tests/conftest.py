@@ -11,7 +11,8 @@ import pytest
 
 from monitor import stack
 from tests.binaries import require_binary
-from tests.postgres import PostgresUnavailable, running_postgres
+from tests import postgres
+from tests.postgres import PostgresServer, PostgresUnavailable
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +23,22 @@ def postgres_server() -> Iterator[str]:
     makes its own base directory private (0700) at every session start, which would lock
     the server's unprivileged user out of its files.
     """
+    with ExitStack() as resources:
+        yield start_postgres(resources).url
+
+
+@pytest.fixture
+def restartable_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test's own, which it may stop and start again."""
+    with ExitStack() as resources:
+        yield start_postgres(resources)
+
+
+def start_postgres(resources: ExitStack) -> PostgresServer:
+    """A new server kept until ``resources`` close; skips (fails in CI) without PostgreSQL."""
     require_binary("initdb")
     try:
-        with running_postgres() as url:
-            yield url
+        return resources.enter_context(postgres.postgres_server())
     except PostgresUnavailable as reason:
         if os.environ.get("NUMWATCH_REQUIRE_BINARIES") == "1":
             pytest.fail(f"PostgreSQL unavailable: {reason}")

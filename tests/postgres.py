@@ -14,6 +14,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 SERVICE_USER = "postgres"
@@ -39,9 +40,29 @@ def _as_server_user(argv: list[str]) -> list[str]:
     return [runuser, "-u", SERVICE_USER, "--", *argv]
 
 
+@dataclass
+class PostgresServer:
+    """A started server: its SQLAlchemy ``url``; :meth:`stop` and :meth:`start` it again (fault tests)."""
+
+    url: str
+    pg_ctl: str
+    data: Path
+    options: str
+    log: Path
+
+    def start(self) -> None:
+        subprocess.run(
+            _as_server_user([self.pg_ctl, "-D", str(self.data), "-o", self.options, "-l", str(self.log), "-w", "-t", str(START_TIMEOUT_S), "start"]),
+            check=True, capture_output=True,
+        )
+
+    def stop(self, mode: str = "immediate") -> None:
+        subprocess.run(_as_server_user([self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop"]), capture_output=True)
+
+
 @contextmanager
-def running_postgres(workdir: Path | None = None, *, durable: bool = False) -> Iterator[str]:
-    """Start PostgreSQL in ``workdir`` (default: a new temporary directory); yields a SQLAlchemy URL.
+def postgres_server(workdir: Path | None = None, *, durable: bool = False) -> Iterator[PostgresServer]:
+    """Start PostgreSQL in ``workdir`` (default: a new temporary directory); yields the server.
 
     As root, the server user must be able to reach ``workdir`` (the default always is).
 
@@ -68,16 +89,26 @@ def running_postgres(workdir: Path | None = None, *, durable: bool = False) -> I
             check=True, capture_output=True,
         )
         port = _free_port()
-        options = f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1" + ("" if durable else " -c fsync=off")
         log = root / "postgres.log"
         if os.geteuid() == 0:
             log.touch()
             shutil.chown(log, SERVICE_USER)
-        subprocess.run(
-            _as_server_user([binaries["pg_ctl"], "-D", str(data), "-o", options, "-l", str(log), "-w", "-t", str(START_TIMEOUT_S), "start"]),
-            check=True, capture_output=True,
+        server = PostgresServer(
+            url=f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres",
+            pg_ctl=binaries["pg_ctl"],
+            data=data,
+            options=f"-p {port} -k {socket_dir} -c listen_addresses=127.0.0.1" + ("" if durable else " -c fsync=off"),
+            log=log,
         )
+        server.start()
         try:
-            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+            yield server
         finally:
-            subprocess.run(_as_server_user([binaries["pg_ctl"], "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+            server.stop()
+
+
+@contextmanager
+def running_postgres(workdir: Path | None = None, *, durable: bool = False) -> Iterator[str]:
+    """:func:`postgres_server`, yielding only its URL."""
+    with postgres_server(workdir, durable=durable) as server:
+        yield server.url
