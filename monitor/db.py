@@ -30,7 +30,8 @@ def make_engine(database_url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record) -> None:  # noqa: ANN001 (DBAPI objects)
             cursor = connection.cursor()
-            # WAL: readers (/metrics, queries) never block the writer; NORMAL is durable in WAL.
+            # WAL: readers (/metrics, queries) never block the writer. NORMAL survives a process crash;
+            # a power loss may undo the last commits (README, Guarantees: use PostgreSQL for that).
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")

@@ -364,6 +364,8 @@ def test_postgresql_restart_gives_503_then_ingest_resumes_by_itself(restartable_
         readiness = httpx.get(f"{url}/readyz", timeout=30)
         assert readiness.status_code == 503 and "database unreachable" in readiness.json()["detail"]
         assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200  # alive, only not ready
+        assert httpx.get(f"{url}/api/v1/runs/r1", timeout=30).status_code == 503
+        assert httpx.get(f"{url}/metrics", timeout=30).status_code == 503
         before_restart = len(stored_steps)
         restartable_postgres.start()
         assert stack.wait_for(lambda: len(stored_steps) >= before_restart + 10, RECOVERY_TIMEOUT_S, 0.05)
