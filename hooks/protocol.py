@@ -157,6 +157,11 @@ def unpack_bytes(text: str, dtype: str, length: int | None = None) -> bytes:
         raw = base64.b64decode(text, validate=True)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"not base64 array text: {exc}") from None
+    return check_raw(raw, dtype, length)
+
+
+def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
+    """``raw`` if it holds a whole number of ``dtype`` values (exactly ``length`` when given); else ValueError."""
     itemsize = int(dtype[2:])
     if len(raw) % itemsize:
         raise ValueError(f"{len(raw)} bytes is not a whole number of {dtype} values")

@@ -99,22 +99,22 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
     decoded = []
     for i, step in enumerate(document.steps):
         raw = {}
-        for name, text in step.tensors.items():
+        for name, values in step.tensors.items():
             try:
-                raw[name] = protocol.unpack_bytes(text, protocol.TENSOR_STATS[name], n_tensors)
+                raw[name] = protocol.check_raw(values, protocol.TENSOR_STATS[name], n_tensors)
             except ValueError as error:
                 raise IngestError(422, f"steps[{i}].tensors.{name}: {error} (the run has {n_tensors} tensors)") from None
         if step.activations is not None:
             for name in protocol.ACTIVATION_STATS:
                 try:
-                    raw[f"activation_{name}"] = protocol.unpack_bytes(getattr(step.activations, name), protocol.ACTIVATION_STATS[name], n_modules)
+                    raw[f"activation_{name}"] = protocol.check_raw(getattr(step.activations, name), protocol.ACTIVATION_STATS[name], n_modules)
                 except ValueError as error:
                     raise IngestError(422, f"steps[{i}].activations.{name}: {error} (the run traces {n_modules} modules)") from None
         decoded.append(raw)
     for i, histogram in enumerate(document.histograms):
         for name, per_tensor in HISTOGRAM_LENGTHS.items():
             try:
-                protocol.unpack_bytes(getattr(histogram, name), HISTOGRAM_DTYPES[name], n_tensors * per_tensor)
+                protocol.check_raw(getattr(histogram, name), HISTOGRAM_DTYPES[name], n_tensors * per_tensor)
             except ValueError as error:
                 raise IngestError(422, f"histograms[{i}].{name}: {error}") from None
     return decoded
@@ -272,7 +272,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: protocol.unpack_bytes(getattr(h, name), HISTOGRAM_DTYPES[name]) for name in HISTOGRAM_LENGTHS},
+                    **{name: getattr(h, name) for name in HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))

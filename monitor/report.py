@@ -7,9 +7,8 @@ import time
 from sqlalchemy.orm import Session
 
 from monitor import queries
-from monitor.auth import Principal
+from monitor.auth import EVERYTHING, Principal
 
-EVERYTHING = Principal(project=None)
 RECENT_EVENTS = 15
 
 
