@@ -64,6 +64,11 @@ def histogram_document(step: int, kind: str, n_tensors: int, rng: np.random.Gene
     }
 
 
+def sampled(step: int, every: int) -> bool:
+    """Whether the hooks measure a stat of cadence ``every`` at ``step`` (steps count from 1; 0 = never)."""
+    return every > 0 and (step - 1) % every == 0
+
+
 def batch_document(
     run: str,
     first_step: int,
@@ -77,10 +82,6 @@ def batch_document(
     """Steps ``first_step .. first_step + steps - 1`` of ``run``, with the hooks' sampling cadences
     (every ``format_every``-th and ``histogram_every``-th step from step 1; 0 turns one off)."""
     numbers = range(first_step, first_step + steps)
-
-    def sampled(step: int, every: int) -> bool:
-        return every > 0 and (step - 1) % every == 0
-
     return {
         "protocol": protocol.PROTOCOL_VERSION, "run": run, "rank": rank, "batch_id": f"{run}-{rank}-{first_step}",
         "steps": [step_document(s, n_tensors, rng, sampled(s, format_every)) for s in numbers],
