@@ -25,54 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.documents import batch_document, run_document, values_in  # noqa: E402
 from hooks import protocol  # noqa: E402
 from monitor import db, stack  # noqa: E402
 from tests.postgres import PostgresUnavailable, running_postgres  # noqa: E402
-
-EVERY_STEP_STATS = ("grad_norm", "grad_absmax", "nan_count", "inf_count")
-
-
-def run_document(run: str, n_tensors: int) -> dict:
-    """A run of ``n_tensors`` fp16-trained tensors."""
-    tensors = [{"name": f"layers.{i // 4}.w{i % 4}", "shape": [256, 256], "dtype": "float32", "group": 0} for i in range(n_tensors)]
-    return {
-        "protocol": protocol.PROTOCOL_VERSION, "run": run, "project": "bench", "rank": 0, "world_size": 1,
-        "format": "fp16", "tensors": tensors, "modules": [], "config": {"bench": True}, "started_at": time.time(),
-    }
-
-
-def step_document(step: int, n_tensors: int, rng: np.random.Generator, with_format_counts: bool) -> dict:
-    """One step as the hooks send it: every-step stats, format counts on sampled steps."""
-    norms = rng.lognormal(-3.0, 1.0, n_tensors).astype(np.float32)
-    stats = {
-        "grad_norm": norms,
-        "grad_absmax": (norms / 10).astype(np.float32),
-        "nan_count": np.zeros(n_tensors, np.int64),
-        "inf_count": np.zeros(n_tensors, np.int64),
-    }
-    if with_format_counts:
-        for name in protocol.FORMAT_COUNT_STATS:
-            stats[name] = rng.integers(0, 1000, n_tensors, dtype=np.int64)
-    return {
-        "step": step, "time": time.time(), "step_time": 0.2, "loss": float(2.0 + rng.random()),
-        "loss_scale": 65536.0, "new_loss_scale": 65536.0, "scale_decision": "none", "skipped": False,
-        "lr": [3e-4], "global_grad_norm": float(np.sqrt((norms.astype(np.float64) ** 2).sum())), "headroom_bits": 4.0,
-        "scalars": {}, "tensors": {name: protocol.pack_bytes(values.astype(protocol.TENSOR_STATS[name]).tobytes()) for name, values in stats.items()},
-        "activations": None,
-    }
-
-
-def batch_document(run: str, first_step: int, steps: int, n_tensors: int, rng: np.random.Generator, format_every: int) -> dict:
-    return {
-        "protocol": protocol.PROTOCOL_VERSION, "run": run, "rank": 0, "batch_id": f"{run}-{first_step}",
-        "steps": [step_document(s, n_tensors, rng, s % format_every == 1 or format_every == 1) for s in range(first_step, first_step + steps)],
-        "histograms": [], "events": [], "status": "running",
-    }
-
-
-def values_in(batch: dict, n_tensors: int) -> int:
-    """Per-tensor values a batch carries: one per tensor per stat array."""
-    return n_tensors * sum(len(step["tensors"]) for step in batch["steps"])
 
 
 def bench_ingest(url: str, args: argparse.Namespace) -> dict:

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select, tuple_
+from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from hooks import protocol
@@ -227,12 +227,28 @@ def _existing_event_keys(session: Session, run_id: int, rank: int, events: list[
     return {(row.step, row.kind) for row in rows}
 
 
+def _locked_rank_state(session: Session, run_id: int, rank: int) -> RankState | None:
+    """The (run, rank)'s state row, write-locked until the transaction ends.
+
+    Batches of one (run, rank) can arrive at once (two replicas behind a load balancer, or a
+    client's retry while the first attempt is still in flight). Each reads the counters,
+    adds its steps and writes them back, so without a lock the later commit overwrites the
+    earlier one's increments and last values. A no-op UPDATE as the transaction's first
+    write takes the row lock on PostgreSQL and the database write lock on SQLite (where a
+    SELECT ... FOR UPDATE does not exist), so the second batch waits, then reads the first's
+    committed state and steps.
+    """
+    key = (RankState.run_id == run_id) & (RankState.rank == rank)
+    session.execute(update(RankState).where(key).values(last_step=RankState.last_step).execution_options(synchronize_session=False))
+    return session.execute(select(RankState).where(key).execution_options(populate_existing=True)).scalar_one_or_none()
+
+
 def store_batch(session: Session, run: Run, document: BatchDocument, config: detectors.DetectorConfig) -> StoredBatch:
     """Store ``document`` (caller commits); what was new, and the events it produced."""
     n_tensors = len(run.tensors)
     decoded = _decode_steps(document, n_tensors, len(run.modules))
     rank = document.rank
-    state = session.get(RankState, (run.id, rank))
+    state = _locked_rank_state(session, run.id, rank)
     if state is None:
         raise IngestError(409, f"rank {rank} of run {run.name!r} is not registered: POST the run document for this rank first")
 
