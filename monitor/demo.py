@@ -2,7 +2,7 @@
 
 It starts a collector on a temporary SQLite database (or uses ``--url``), trains a small
 transformer on CPU under fp16 autocast with a GradScaler, and partway through provokes a
-real instability: a learning-rate spike that explodes the gradients, loss-scale backoffs,
+real instability: a runaway learning rate that explodes the gradients, loss-scale backoffs,
 then NaN. At the end it prints what the collector detected and where to look.
 """
 
@@ -25,8 +25,9 @@ from monitor.stack import running_collector
 @dataclass(frozen=True)
 class DemoPlan:
     steps: int = 240
-    spike_at: int = 120  # learning rate jumps here ...
-    spike_lr: float = 50.0  # ... to this, which sends the weights (and fp16 activations) to Inf
+    spike_at: int = 120  # the learning rate starts climbing here ...
+    spike_lr: float = 50.0  # ... geometrically to this, which sends the weights (and fp16 activations) to Inf
+    ramp_steps: int = 30  # ... over this many steps, so the gradients grow before anything is NaN
     base_lr: float = 3e-3
     batch_size: int = 8
 
@@ -55,10 +56,12 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
                           config={"model": "TinyGPT", "precision": "fp16-autocast", "demo": True})
     with watcher:
         for step in range(1, plan.steps + 1):
-            if step == plan.spike_at:
+            if plan.spike_at <= step <= plan.spike_at + plan.ramp_steps:
+                progress = (step - plan.spike_at) / plan.ramp_steps
                 for group in optimizer.param_groups:
-                    group["lr"] = plan.spike_lr
-                out.write(f"  step {step}: learning rate spiked to {plan.spike_lr} (the mistake)\n")
+                    group["lr"] = plan.base_lr * (plan.spike_lr / plan.base_lr) ** progress
+                if step == plan.spike_at:
+                    out.write(f"  step {step}: learning rate starts climbing to {plan.spike_lr} over {plan.ramp_steps} steps (the mistake)\n")
             inputs, targets = next(batches)
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = lm_loss(model(inputs), targets)
