@@ -15,8 +15,10 @@ from hooks import protocol
 
 MAX_STEP = 2**62  # BIGINT with room to spare
 MAX_RANK = 1_000_000
-# Run start times are stored as datetimes, whose range ends with the year 9999.
+# Run start times are stored as datetimes, whose range ends with the year 9999; step and event
+# times are read back in milliseconds too, which overflow near float's max.
 MAX_EPOCH_SECONDS = datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp()
+EpochSeconds = Annotated[float, Field(ge=0, le=MAX_EPOCH_SECONDS, description="seconds since the Unix epoch")]
 RunName = Annotated[str, Field(min_length=1, max_length=512)]
 ProjectName = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -70,7 +72,7 @@ class RunDocument(Strict):
     tensors: list[TensorSpec] = Field(max_length=1_000_000)
     modules: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
-    started_at: float = Field(ge=0, le=MAX_EPOCH_SECONDS)
+    started_at: EpochSeconds
 
 
 class Activations(Strict):
@@ -86,7 +88,7 @@ class Activations(Strict):
 
 class StepDocument(Strict):
     step: int = Field(ge=1, le=MAX_STEP)
-    time: float = Field(allow_inf_nan=False)
+    time: EpochSeconds
     step_time: ProtocolFloat = None
     loss: ProtocolFloat = None
     loss_scale: ProtocolFloat = None
@@ -124,7 +126,7 @@ class HistogramDocument(Strict):
 class EventDocument(Strict):
     step: int = Field(ge=0, le=MAX_STEP)
     kind: str = Field(min_length=1, max_length=32)
-    time: float = Field(allow_inf_nan=False)
+    time: EpochSeconds
     details: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -201,6 +201,16 @@ def test_text_the_database_cannot_store_is_422_in_every_free_form_field(api: htt
     assert api.get("/api/v1/runs/r1/events").json() == [] and api.get("/api/v1/runs/r1").json()["steps_total"] == 0
 
 
+def test_step_and_event_times_past_year_9999_are_422(api: httpx.Client) -> None:
+    """An event at t=1e308 was stored, then its time_ms (t*1000 = inf) made reads of its events a 500."""
+    event = {"step": 1, "kind": "note", "time": 1e308, "details": {}}
+    responses = [post_batch(api, batch_doc(steps=[step_doc(1)], events=[event])), post_batch(api, batch_doc(steps=[step_doc(1, time=1e308)])),
+                 post_batch(api, batch_doc(steps=[step_doc(1, time=-1.0)]))]
+    assert [r.status_code for r in responses] == [422, 422, 422], [r.text for r in responses]
+    assert "events[0].time" in str(responses[0].json()["detail"]) and "steps[0].time" in str(responses[1].json()["detail"])
+    assert api.get("/api/v1/runs/r1/events").json() == []
+
+
 def test_steps_out_of_order_are_stored_and_read_back_in_step_order(api: httpx.Client) -> None:
     assert post_batch(api, batch_doc(steps=[step_doc(s, loss=float(s)) for s in (5, 2, 9)])).status_code == 200
     assert post_batch(api, batch_doc(steps=[step_doc(s, loss=float(s)) for s in (1, 7)])).status_code == 200
