@@ -5,8 +5,9 @@ Every operation of ``/openapi.json`` (every path and method) gets ``EXAMPLES_PER
 derandomized so a failure reproduces. The server runs with auth on and the requests carry a
 valid token, so write endpoints are exercised past auth; one run with steps, histograms and
 events is registered first and half the requests are aimed at it (its name in the path, the
-token's project in the body), so read endpoints hit stored data and writes get past 403/404. Checked on each response: no 5xx (``not_a_server_error``),
-status codes, content types and bodies as the schema documents them.
+token's project in the body), so read endpoints hit stored data and writes get past 403/404.
+Checked on each response: no 5xx (``not_a_server_error``), and status codes, content types
+and bodies as the schema documents them. The file takes about 20 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 import pytest
 import requests
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
@@ -35,27 +36,33 @@ from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 EXAMPLES_PER_OPERATION = 25
 FUZZ_RUN = "fuzz-run"
-MAX_REPORT_CHARS = 20_000
 FUZZ_PROJECT = "fuzz"
+MAX_REPORT_CHARS = 20_000  # of the failure report, which quotes every failing request
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
 @dataclass(frozen=True)
 class FuzzCollector:
+    """Where the fuzzed collector listens and the token that writes to it."""
+
     url: str
     token: str
 
 
 def _token(database_url: str) -> str:
     """A writer token for FUZZ_PROJECT, created in the collector's database before it starts."""
-    factory = db.make_session_factory(db.make_engine(database_url))
-    with factory() as session:
-        token = create_token(session, FUZZ_PROJECT, name="fuzz")
-        session.commit()
+    engine = db.make_engine(database_url)
+    try:
+        with db.make_session_factory(engine)() as session:
+            token = create_token(session, FUZZ_PROJECT, name="fuzz")
+            session.commit()
+    finally:
+        engine.dispose()
     return token
 
 
 def _histogram(step: int) -> dict:
+    """A gradient histogram of every tensor at ``step``, one count in each bin."""
     n = len(TENSORS)
     return {
         "step": step, "kind": "grad",
