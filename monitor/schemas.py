@@ -7,6 +7,7 @@ decoded to bytes and checked against their dtype here, and against the run's ten
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator
@@ -14,12 +15,24 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidat
 from hooks import protocol
 
 MAX_STEP = 2**62  # BIGINT with room to spare
+MAX_RANK = 1_000_000
+# Run start times are stored as datetimes, whose range ends with the year 9999; step and event
+# times are read back in milliseconds too, which overflow near float's max.
+MAX_EPOCH_SECONDS = datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp()
+EpochSeconds = Annotated[float, Field(ge=0, le=MAX_EPOCH_SECONDS, description="seconds since the Unix epoch")]
 RunName = Annotated[str, Field(min_length=1, max_length=512)]
 ProjectName = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 def _decode_float(value: Any) -> float | None:
-    return protocol.decode_float(value)
+    # pydantic turns only ValueError into a 422; float() raises TypeError for a list or
+    # object and OverflowError for an integer past float's range, which would be a 500.
+    if value is not None and not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number or 'NaN'/'Infinity'/'-Infinity', got a JSON {type(value).__name__}")
+    try:
+        return protocol.decode_float(value)
+    except OverflowError:
+        raise ValueError("number out of the float range") from None
 
 
 ProtocolFloat = Annotated[float | None, BeforeValidator(_decode_float)]
@@ -72,13 +85,13 @@ class RunDocument(Strict):
     protocol: Literal[1]
     run: RunName
     project: ProjectName = "default"
-    rank: int = Field(ge=0, le=1_000_000)
-    world_size: int = Field(ge=1, le=1_000_000)
+    rank: int = Field(ge=0, le=MAX_RANK)
+    world_size: int = Field(ge=1, le=MAX_RANK)
     format: Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
     tensors: list[TensorSpec] = Field(max_length=1_000_000)
     modules: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
-    started_at: float = Field(allow_inf_nan=False)
+    started_at: EpochSeconds
 
 
 class Activations(Strict):
@@ -94,7 +107,7 @@ class Activations(Strict):
 
 class StepDocument(Strict):
     step: int = Field(ge=1, le=MAX_STEP)
-    time: float = Field(allow_inf_nan=False)
+    time: EpochSeconds
     step_time: ProtocolFloat = None
     loss: ProtocolFloat = None
     loss_scale: ProtocolFloat = None
@@ -132,19 +145,25 @@ class HistogramDocument(Strict):
 class EventDocument(Strict):
     step: int = Field(ge=0, le=MAX_STEP)
     kind: str = Field(min_length=1, max_length=32)
-    time: float = Field(allow_inf_nan=False)
+    time: EpochSeconds
     details: dict[str, Any] = Field(default_factory=dict)
 
 
 class BatchDocument(Strict):
     protocol: Literal[1]
     run: RunName
-    rank: int = Field(ge=0, le=1_000_000)
+    rank: int = Field(ge=0, le=MAX_RANK)
     batch_id: str = Field(default="", max_length=200)
     steps: list[StepDocument] = Field(default_factory=list, max_length=100_000)
     histograms: list[HistogramDocument] = Field(default_factory=list, max_length=100_000)
     events: list[EventDocument] = Field(default_factory=list, max_length=100_000)
     status: Literal["running", "finished", "crashed"] = "running"
+
+
+class ErrorDetail(BaseModel):
+    """A refusal: a message, the write API's list of invalid fields, or FastAPI's parameter errors."""
+
+    detail: str | list[str] | list[dict[str, Any]]
 
 
 class IngestResult(BaseModel):

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy.orm import Session
 
 from monitor import queries
 from monitor.auth import Principal
 from monitor.deps import get_session, get_settings, require_reader
 from monitor.ingest import IngestError
+from monitor.responses import AUTH_RESPONSES, error_responses
+from monitor.schemas import MAX_RANK, MAX_STEP
 from monitor.settings import Settings
 
-router = APIRouter(prefix="/api/v1", tags=["read"])
+router = APIRouter(prefix="/api/v1", tags=["read"], responses=AUTH_RESPONSES)
+RUN_RESPONSES = error_responses(404, 422)
+# Bounded like the stored values (BIGINT): an unbounded integer reaching the database is a 500 there.
+RankQuery = Annotated[int, Query(ge=0, le=MAX_RANK)]
+StepQuery = Annotated[int | None, Query(ge=0, le=MAX_STEP)]
 
 
 def _answer(work: Any) -> Any:
@@ -33,19 +39,19 @@ def list_runs(principal: Principal = Depends(require_reader), session: Session =
     return [queries.run_summary(session, run, settings.stale_after_seconds) for run in queries.visible_runs(session, principal)]
 
 
-@router.get("/runs/{run}", summary="A run's config, tensor schema, status and ranks")
+@router.get("/runs/{run}", responses=RUN_RESPONSES, summary="A run's config, tensor schema, status and ranks")
 def get_run(run: str, principal: Principal = Depends(require_reader), session: Session = Depends(get_session), settings: Settings = Depends(get_settings)) -> dict:
     return queries.run_detail(session, _run(session, run, principal), settings.stale_after_seconds)
 
 
-@router.get("/runs/{run}/series", summary="One metric over steps, downsampled keeping extremes")
+@router.get("/runs/{run}/series", responses=RUN_RESPONSES, summary="One metric over steps, downsampled keeping extremes")
 def get_series(
     run: str,
     metric: str = Query(..., description="a per-step scalar (loss, global_grad_norm, loss_scale, headroom_bits, step_time, lr...) or a per-tensor stat (grad_norm, underflow...)"),
     tensor: str | None = Query(None, description="tensor name, for per-tensor stats"),
-    rank: int = Query(0, ge=0),
-    start: int | None = Query(None, ge=0),
-    end: int | None = Query(None, ge=0),
+    rank: RankQuery = 0,
+    start: StepQuery = None,
+    end: StepQuery = None,
     max_points: int = Query(1000, ge=2, le=100_000),
     principal: Principal = Depends(require_reader),
     session: Session = Depends(get_session),
@@ -54,19 +60,19 @@ def get_series(
     return _answer(lambda: queries.series(session, found, metric, tensor, rank, start, end, max_points))
 
 
-@router.get("/runs/{run}/steps/{step}", summary="Everything recorded for one step, per-tensor stats by tensor name")
-def get_step(run: str, step: int, rank: int = Query(0, ge=0), principal: Principal = Depends(require_reader), session: Session = Depends(get_session)) -> dict:
+@router.get("/runs/{run}/steps/{step}", responses=RUN_RESPONSES, summary="Everything recorded for one step, per-tensor stats by tensor name")
+def get_step(run: str, step: Annotated[int, Path(ge=0, le=MAX_STEP)], rank: RankQuery = 0, principal: Principal = Depends(require_reader), session: Session = Depends(get_session)) -> dict:
     found = _run(session, run, principal)
     return _answer(lambda: queries.step_record(session, found, step, rank))
 
 
-@router.get("/runs/{run}/histograms", summary="Exponent (binade) and linear histogram of one tensor")
+@router.get("/runs/{run}/histograms", responses=RUN_RESPONSES, summary="Exponent (binade) and linear histogram of one tensor")
 def get_histograms(
     run: str,
     tensor: str,
     kind: Literal["grad", "weight"] = "grad",
-    rank: int = Query(0, ge=0),
-    step: int | None = Query(None, ge=0, description="default: the latest sampled step"),
+    rank: RankQuery = 0,
+    step: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="default: the latest sampled step")] = None,
     principal: Principal = Depends(require_reader),
     session: Session = Depends(get_session),
 ) -> dict:
@@ -74,16 +80,16 @@ def get_histograms(
     return _answer(lambda: queries.histograms(session, found, tensor, kind, rank, step))
 
 
-@router.get("/runs/{run}/events", summary="Events (detector and client), with time_ms for Grafana annotations")
+@router.get("/runs/{run}/events", responses=RUN_RESPONSES, summary="Events (detector and client), with time_ms for Grafana annotations")
 def get_events(run: str, kind: str | None = None, principal: Principal = Depends(require_reader), session: Session = Depends(get_session)) -> list[dict]:
     return queries.events(session, _run(session, run, principal), kind)
 
 
-@router.get("/runs/{run}/heatmap", summary="Flat [{step, tensor, value}] of a per-tensor stat over recent steps")
+@router.get("/runs/{run}/heatmap", responses=RUN_RESPONSES, summary="Flat [{step, tensor, value}] of a per-tensor stat over recent steps")
 def get_heatmap(
     run: str,
     stat: str = "grad_norm",
-    rank: int = Query(0, ge=0),
+    rank: RankQuery = 0,
     max_steps: int = Query(200, ge=1, le=10_000),
     principal: Principal = Depends(require_reader),
     session: Session = Depends(get_session),

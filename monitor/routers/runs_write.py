@@ -16,9 +16,12 @@ from hooks import protocol
 from monitor.auth import Principal
 from monitor.deps import get_session, require_writer
 from monitor.ingest import IngestError, find_run, register_run, store_batch
+from monitor.openapi_body import json_request_body
+from monitor.responses import AUTH_RESPONSES, error_responses
+from monitor.storable import find_unstorable_text
 from monitor.schemas import BatchDocument, IngestResult, RunDocument, RunRegistered
 
-router = APIRouter(prefix="/api/v1", tags=["write"])
+router = APIRouter(prefix="/api/v1", tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)})
 Document = TypeVar("Document", bound=BaseModel)
 COMMIT_ATTEMPTS = 3  # replicas racing on one step: the loser retries and finds it stored
 ANNOTATED_KINDS = ("nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "grad_explosion", "loss_scale_collapse")
@@ -51,6 +54,9 @@ async def read_document(request: Request, model: type[Document]) -> Document:
         raise HTTPException(422, "body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise HTTPException(422, f"body is not valid JSON: {error}") from None
+    unstorable = find_unstorable_text(data)
+    if unstorable:
+        raise HTTPException(422, f"body: {unstorable}")
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -80,12 +86,12 @@ def _in_transaction(session: Session, work: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-_RUN_DOCUMENT = {"requestBody": {"required": True, "content": {"application/json": {"schema": RunDocument.model_json_schema()}}}}
-_BATCH_DOCUMENT = {"requestBody": {"required": True, "content": {"application/json": {"schema": BatchDocument.model_json_schema()}}}}
+_RUN_DOCUMENT = json_request_body(RunDocument)
+_BATCH_DOCUMENT = json_request_body(BatchDocument)
 
 
 @router.post("/runs", response_model=RunRegistered, summary="Register a run (once per rank)", openapi_extra=_RUN_DOCUMENT,
-             responses={409: {"description": "the run exists with a different tensor schema"}, 403: {"description": "token of another project"}})
+             responses=error_responses(403, 409))
 async def post_run(request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)) -> RunRegistered:
     document = await read_document(request, RunDocument)
     created = await run_in_threadpool(_in_transaction, session, lambda s: register_run(s, document, principal))
@@ -93,7 +99,7 @@ async def post_run(request: Request, principal: Principal = Depends(require_writ
 
 
 @router.post("/runs/{run}/batches", response_model=IngestResult, summary="Store a batch; answered after commit", openapi_extra=_BATCH_DOCUMENT,
-             responses={404: {"description": "unknown run"}, 413: {"description": "body too large"}, 422: {"description": "invalid document"}})
+             responses=error_responses(404, 409))
 async def post_batch(run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)) -> IngestResult:
     state = request.app.state
     state.ingest_metrics.requests.inc()

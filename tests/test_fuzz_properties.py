@@ -1,0 +1,332 @@
+"""Hypothesis properties of the bad-input paths: the batch decoder, the packed arrays, the spool reader.
+
+The collector runs in process (``TestClient(create_app(settings))``, SQLite, auth off) for
+speed. Bounded: ``MAX_EXAMPLES`` (150) examples per property, no deadline, derandomized;
+the file takes about 30 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import tempfile
+from collections.abc import Iterator
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from hooks import protocol
+from hooks.spool import DOCUMENT_KINDS, SpoolWriter, iter_spool, read_entries
+from monitor.app import create_app, prepare_database
+from monitor.packing import pack_stats, unpack_stats
+from monitor.schemas import HistogramDocument, StepDocument
+from monitor.settings import Settings
+from tests.collector_docs import TENSORS, batch_doc, run_doc, step_doc
+
+MAX_EXAMPLES = 150
+N_TENSORS = len(TENSORS)
+MODULES = ["encoder", "head"]
+BOUNDED = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+JSON_TYPE = {"Content-Type": "application/json"}
+_run_numbers = count(1)
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The collector app on a fresh SQLite file, with run ``r1`` (3 tensors, 2 traced modules) registered."""
+    settings_ = Settings(database_url=f"sqlite:///{tmp_path_factory.mktemp('fuzz') / 'numwatch.db'}", auth="off")
+    prepare_database(settings_)
+    with TestClient(create_app(settings_), raise_server_exceptions=False) as test_client:
+        registered = test_client.post("/api/v1/runs", json={**run_doc(), "modules": MODULES})
+        assert registered.status_code == 200, registered.text
+        yield test_client
+
+
+def post_batch(client: TestClient, body: bytes, run: str = "r1") -> int:
+    """POST ``body`` as a batch; the status, after checking the server still answers."""
+    status = client.post(f"/api/v1/runs/{run}/batches", content=body, headers=JSON_TYPE).status_code
+    assert client.get("/healthz").status_code == 200
+    return status
+
+
+# --- the batch decoder never answers 5xx -------------------------------------------------------
+
+
+@BOUNDED
+@given(body=st.binary(max_size=2048))
+def test_arbitrary_bytes_are_refused_with_a_4xx(client: TestClient, body: bytes) -> None:
+    assert 400 <= post_batch(client, body) < 500
+
+
+@BOUNDED
+@given(document=json_values)
+def test_arbitrary_json_values_are_refused_with_a_4xx(client: TestClient, document: Any) -> None:
+    assert 400 <= post_batch(client, json.dumps(document).encode()) < 500
+
+
+def _valid_batch() -> dict[str, Any]:
+    step = step_doc(1, activations={"absmax": protocol.pack_array([1.0, 2.0], "<f4"), "nonfinite": protocol.pack_array([0, 1], "<i8")})
+    histogram = {
+        "step": 1, "kind": "grad",
+        "exponent": protocol.pack_array([1] * (N_TENSORS * protocol.EXPONENT_BINS), "<i8"),
+        "linear_min": protocol.pack_array([-1.0] * N_TENSORS, "<f4"), "linear_max": protocol.pack_array([1.0] * N_TENSORS, "<f4"),
+        "linear": protocol.pack_array([1] * (N_TENSORS * protocol.LINEAR_BINS), "<i8"),
+    }
+    event = {"step": 1, "kind": "nonfinite_origin", "time": 1.0, "details": {"tensor": "head.bias"}}
+    steps = [{**step, "time": 1.0}, {**step_doc(2), "time": 2.0}]  # fixed: the mutation strategy must be reproducible
+    return {**batch_doc(steps=steps, histograms=[histogram], events=[event]), "batch_id": "fuzz"}
+
+
+def _paths(document: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path (tuple of keys and indexes) to a value inside ``document``."""
+    paths = [prefix] if prefix else []
+    if isinstance(document, dict):
+        for key, value in document.items():
+            paths += _paths(value, (*prefix, key))
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            paths += _paths(value, (*prefix, index))
+    return paths
+
+
+def _container(document: Any, path: tuple) -> Any:
+    """The dict or list holding the value at ``path``."""
+    for key in path[:-1]:
+        document = document[key]
+    return document
+
+
+def _packed(value: Any) -> bytes | None:
+    """The raw bytes if ``value`` is packed array text (longer than a short word), else None."""
+    if not isinstance(value, str) or len(value) <= 8:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        return None
+
+
+def _array_variants(text: str, raw: bytes) -> st.SearchStrategy[str]:
+    """A packed array cut short, lengthened, cut mid-character or garbled."""
+    return st.one_of(
+        st.integers(0, max(0, len(raw) - 1)).map(lambda n: protocol.pack_bytes(raw[:n])),
+        st.binary(min_size=1, max_size=16).map(lambda extra: protocol.pack_bytes(raw + extra)),
+        st.integers(0, max(0, len(text) - 1)).map(lambda n: text[:n]),
+        st.text(max_size=30),
+    )
+
+
+@st.composite
+def mutated_batches(draw: st.DrawFn) -> bytes:
+    """A valid batch with 1-3 values replaced or deleted (packed arrays garbled), maybe damaged bytewise too."""
+    batch = _valid_batch()
+    for _ in range(draw(st.integers(1, 3))):
+        paths = _paths(batch)
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        container, key = _container(batch, path), path[-1]
+        value = container[key]
+        if isinstance(container, dict) and draw(st.booleans()):
+            del container[key]
+        else:
+            raw = _packed(value)
+            container[key] = draw(json_values if raw is None else _array_variants(value, raw))
+    body = protocol.dumps(batch)
+    if draw(st.booleans()):  # byte-level damage on top: cut, or flip one byte
+        position = draw(st.integers(0, len(body) - 1))
+        body = body[:position] if draw(st.booleans()) else body[:position] + bytes([body[position] ^ draw(st.integers(1, 255))]) + body[position + 1:]
+    return body
+
+
+@BOUNDED
+@given(body=mutated_batches())
+def test_mutated_valid_batches_are_stored_or_refused_never_5xx(client: TestClient, body: bytes) -> None:
+    status = post_batch(client, body)
+    assert status == 200 or 400 <= status < 500, status
+
+
+def test_the_unmutated_batch_is_stored(client: TestClient) -> None:
+    """The mutation base is valid, so the mutations above start from an accepted batch."""
+    assert client.post("/api/v1/runs/r1/batches", content=protocol.dumps(_valid_batch()), headers=JSON_TYPE).status_code == 200
+
+
+# --- the packed-array decoders raise their validation error, nothing else -----------------------
+
+
+dtypes = st.sampled_from(sorted(set(protocol.TENSOR_STATS.values())))
+
+
+@BOUNDED
+@given(text=st.text(max_size=64) | st.binary(max_size=48).map(protocol.pack_bytes), dtype=dtypes, length=st.none() | st.integers(0, 10))
+def test_unpack_of_arbitrary_text_returns_whole_values_or_raises_value_error(text: str, dtype: str, length: int | None) -> None:
+    itemsize = int(dtype[2:])
+    try:
+        raw = protocol.unpack_bytes(text, dtype, length)
+    except ValueError:
+        return
+    assert len(raw) % itemsize == 0 and (length is None or len(raw) == length * itemsize)
+    assert len(protocol.unpack_array(text, dtype, length)) == len(raw) // itemsize
+
+
+@BOUNDED
+@given(stat=st.sampled_from(list(protocol.TENSOR_STATS)), raw=st.binary(max_size=40))
+def test_documents_with_wrong_array_bytes_fail_validation_with_the_field_named(stat: str, raw: bytes) -> None:
+    itemsize = int(protocol.TENSOR_STATS[stat][2:])
+    step = {**step_doc(1), "tensors": {stat: protocol.pack_bytes(raw)}}
+    histogram = {**_valid_batch()["histograms"][0], "linear": protocol.pack_bytes(raw)}
+    if len(raw) % itemsize == 0:
+        assert StepDocument.model_validate(step).tensors[stat] == raw  # validated arrays are the decoded bytes
+    else:
+        with pytest.raises(ValidationError, match=stat):
+            StepDocument.model_validate(step)
+    if len(raw) % 8:
+        with pytest.raises(ValidationError, match="linear"):
+            HistogramDocument.model_validate(histogram)
+
+
+@BOUNDED
+@given(raw=st.binary(max_size=64), n_tensors=st.integers(0, 4), stat=st.sampled_from(list(protocol.TENSOR_STATS)))
+def test_unpacking_stats_of_the_wrong_size_raises_value_error(raw: bytes, n_tensors: int, stat: str) -> None:
+    expected = np.dtype(protocol.TENSOR_STATS[stat]).itemsize * n_tensors
+    if len(raw) == expected:
+        assert unpack_stats(stat, raw, n_tensors)[stat].tobytes() == raw
+    else:
+        with pytest.raises(ValueError):
+            unpack_stats(stat, raw, n_tensors)
+
+
+@BOUNDED
+@given(n_values=st.integers(0, 2 * N_TENSORS).filter(lambda n: n != N_TENSORS), stat=st.sampled_from(list(protocol.TENSOR_STATS)))
+def test_arrays_not_matching_the_runs_tensor_count_are_422(client: TestClient, n_values: int, stat: str) -> None:
+    values = np.arange(n_values, dtype=protocol.TENSOR_STATS[stat])
+    step = step_doc(1, tensors={stat: protocol.pack_bytes(values.tobytes())})
+    response = client.post("/api/v1/runs/r1/batches", content=protocol.dumps(batch_doc(steps=[step])), headers=JSON_TYPE)
+    assert response.status_code == 422 and f"tensors.{stat}" in str(response.json()["detail"])
+
+
+# --- valid batches round-trip -------------------------------------------------------------------
+
+
+any_float = st.floats(allow_nan=True, allow_infinity=True)
+float32s = st.floats(width=32, allow_nan=True, allow_infinity=True)
+counts = st.integers(0, 2**62)
+
+
+@st.composite
+def valid_steps(draw: st.DrawFn, number: int) -> dict[str, Any]:
+    """A step with every scalar drawn (NaN and ±Inf included) and a drawn subset of per-tensor stats."""
+    stats = draw(st.lists(st.sampled_from(list(protocol.TENSOR_STATS)), unique=True, max_size=len(protocol.TENSOR_STATS)))
+    tensors = {}
+    for stat in stats:
+        dtype = protocol.TENSOR_STATS[stat]
+        tensors[stat] = protocol.pack_array(draw(st.lists(float32s if dtype == "<f4" else counts, min_size=N_TENSORS, max_size=N_TENSORS)), dtype)
+    maybe = st.none() | any_float
+    return {
+        "step": number, "time": draw(st.floats(0, 4e9)), "skipped": draw(st.booleans()),
+        "scale_decision": draw(st.sampled_from([None, *protocol.SCALE_DECISIONS])),
+        **{key: protocol.encode_float(draw(maybe)) for key in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits")},
+        "lr": [protocol.encode_float(v) for v in draw(st.lists(any_float, max_size=3))],
+        "scalars": {k: protocol.encode_float(v) for k, v in draw(st.dictionaries(st.text(min_size=1, max_size=8), any_float, max_size=3)).items()},
+        "tensors": tensors, "activations": None,
+    }
+
+
+def _same(sent: Any, received: Any) -> bool:
+    """Protocol floats equal, NaN equal to NaN (they travel as the string "NaN")."""
+    a, b = protocol.decode_float(sent), protocol.decode_float(received)
+    return (a is None and b is None) or (a is not None and b is not None and (a == b or (math.isnan(a) and math.isnan(b))))
+
+
+@BOUNDED
+@given(data=st.data())
+def test_valid_steps_read_back_equal(client: TestClient, data: st.DataObject) -> None:
+    run = f"round-trip-{next(_run_numbers)}"
+    assert client.post("/api/v1/runs", json=run_doc(run=run)).status_code == 200
+    numbers = data.draw(st.lists(st.integers(1, 2**62), min_size=1, max_size=3, unique=True))
+    steps = [data.draw(valid_steps(number)) for number in numbers]
+    response = client.post(f"/api/v1/runs/{run}/batches", content=protocol.dumps(batch_doc(run=run, steps=steps)), headers=JSON_TYPE)
+    assert response.status_code == 200 and response.json()["stored_steps"] == len(steps), response.text
+    for sent in steps:
+        record = client.get(f"/api/v1/runs/{run}/steps/{sent['step']}").json()
+        assert record["time"] == sent["time"] and record["skipped"] == sent["skipped"] and record["scale_decision"] == sent["scale_decision"]
+        for key in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits"):
+            assert _same(sent[key], record[key]), key
+        assert len(record["lr"]) == len(sent["lr"]) and all(map(_same, sent["lr"], record["lr"]))
+        assert record["scalars"].keys() == sent["scalars"].keys() and all(_same(v, record["scalars"][k]) for k, v in sent["scalars"].items())
+        for stat, text in sent["tensors"].items():
+            expected = protocol.unpack_array(text, protocol.TENSOR_STATS[stat], N_TENSORS)
+            received = [record["tensors"][t["name"]][stat] for t in TENSORS]
+            assert all(map(_same, expected, received)), (stat, expected, received)
+        assert all(set(per_tensor) == set(sent["tensors"]) for per_tensor in record["tensors"].values())
+
+
+# --- the spool reader ---------------------------------------------------------------------------
+
+
+spool_bodies = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+spool_documents = st.lists(st.tuples(st.sampled_from(DOCUMENT_KINDS), spool_bodies), max_size=8)
+
+
+@BOUNDED
+@given(segments=st.lists(st.binary(max_size=300) | spool_documents.map(lambda docs: b"".join(_line(*d) for d in docs)), min_size=1, max_size=3),
+       damage=st.binary(max_size=40))
+def test_reader_survives_arbitrary_segment_bytes_yielding_only_well_formed_lines(segments: list[bytes], damage: bytes) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        files = []
+        for number, content in enumerate(segments, start=1):
+            files.append(content + damage)
+            (Path(directory) / f"{number:06d}.jsonl").write_bytes(files[-1])
+        entries = list(read_entries(directory))
+        for entry in entries:
+            content = files[entry.end.segment - 1]
+            line_start = content.rfind(b"\n", 0, entry.end.offset - 1) + 1
+            line = content[line_start:entry.end.offset]
+            assert line.endswith(b"\n") and entry.kind in DOCUMENT_KINDS
+            assert protocol.loads(line) == {"type": entry.kind, "body": entry.body}
+        assert [(kind, body) for kind, body in iter_spool(directory)] == [(e.kind, e.body) for e in entries]
+
+
+def _line(kind: str, body: dict[str, Any]) -> bytes:
+    return json.dumps({"type": kind, "body": body}, separators=(",", ":")).encode() + b"\n"
+
+
+@BOUNDED
+@given(documents=spool_documents, cut_share=st.floats(0, 1))
+def test_truncated_spool_reads_back_exactly_the_complete_prefix(documents: list[tuple[str, dict]], cut_share: float) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        writer = SpoolWriter(directory)
+        ends = [writer.append(kind, body).offset for kind, body in documents]
+        writer.close()
+        segment = Path(directory) / "000001.jsonl"
+        content = segment.read_bytes()
+        cut = round(cut_share * len(content))
+        segment.write_bytes(content[:cut])
+        expected = [document for document, end in zip(documents, ends) if end <= cut]
+        assert list(iter_spool(directory)) == expected
+
+
+@BOUNDED
+@given(documents=spool_documents, segment_bytes=st.integers(1, 400), loss=any_float)
+def test_spooled_documents_round_trip_across_segments(documents: list[tuple[str, dict]], segment_bytes: int, loss: float) -> None:
+    documents = [*documents, ("batch", {"steps": [{"loss": protocol.encode_float(loss)}]})]
+    with tempfile.TemporaryDirectory() as directory:
+        writer = SpoolWriter(directory, segment_bytes=segment_bytes)
+        for kind, body in documents:
+            writer.append(kind, body)
+        writer.close()
+        read = list(iter_spool(directory))
+    assert read == documents
+    assert _same(protocol.encode_float(loss), read[-1][1]["steps"][0]["loss"])
