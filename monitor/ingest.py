@@ -280,9 +280,9 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
 
     histogram_keys = {(h.step, h.kind) for h in document.histograms}
     if histogram_keys:
-        existing = set(session.execute(
+        existing = {tuple(row) for row in session.execute(
             select(Histogram.step, Histogram.kind).where(Histogram.run_id == run.id, Histogram.rank == rank, tuple_(Histogram.step, Histogram.kind).in_(list(histogram_keys)))
-        ).tuples())
+        )}
         fresh = {}
         for h in document.histograms:
             if (h.step, h.kind) not in existing:
