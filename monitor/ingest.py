@@ -139,12 +139,14 @@ def _same_float(a: float | None, b: float | None) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def _same_content(stored: Step, row: dict[str, Any]) -> bool:
+def _same_content(first: Step | dict[str, Any], row: dict[str, Any]) -> bool:
+    """Whether ``row`` repeats ``first`` (a stored step, or an earlier copy in the same batch)."""
+    get = first.get if isinstance(first, dict) else lambda key: getattr(first, key)
     return (
-        stored.stat_names == row["stat_names"]
-        and bytes(stored.tensor_stats) == row["tensor_stats"]
-        and stored.skipped == row["skipped"]
-        and all(_same_float(getattr(stored, key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm"))
+        get("stat_names") == row["stat_names"]
+        and bytes(get("tensor_stats")) == row["tensor_stats"]
+        and get("skipped") == row["skipped"]
+        and all(_same_float(get(key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm"))
     )
 
 
@@ -254,8 +256,12 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
 
     # Within one batch the first copy of a step wins too.
     rows_by_step: dict[int, dict[str, Any]] = {}
+    conflicts: list[int] = []
     for step, raw in zip(document.steps, decoded):
-        rows_by_step.setdefault(step.step, _step_row(run.id, rank, step, raw))
+        row = _step_row(run.id, rank, step, raw)
+        first = rows_by_step.setdefault(step.step, row)
+        if first is not row and not _same_content(first, row):
+            conflicts.append(step.step)
     stored = {
         row.step: row
         for row in session.execute(
@@ -263,7 +269,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         ).scalars()
     } if rows_by_step else {}
     new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
-    conflicts = [number for number, row in rows_by_step.items() if number in stored and not _same_content(stored[number], row)]
+    conflicts += [number for number, row in rows_by_step.items() if number in stored and not _same_content(stored[number], row)]
     now = time.time()
     if conflicts:
         session.execute(insert(Conflict), [{"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now} for n in conflicts])
@@ -311,7 +317,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         run.status = document.status
         run.finished_at = run.last_seen_at if document.status != "running" else None
     result = IngestResult(
-        stored_steps=len(new_rows), duplicate_steps=len(rows_by_step) - len(new_rows),
+        stored_steps=len(new_rows), duplicate_steps=len(document.steps) - len(new_rows),
         conflicting_steps=len(conflicts), events=len(stored_events),
     )
     return StoredBatch(result, stored_events)

@@ -55,6 +55,13 @@ def test_retried_batch_stores_nothing_twice_and_conflicts_are_recorded(api: http
     assert summary["steps_total"] == 6 and summary["last_step"] == 6
 
 
+def test_a_step_repeated_inside_one_batch_keeps_the_first_copy_and_records_the_conflict(api: httpx.Client) -> None:
+    batch = batch_doc(steps=[step_doc(1), step_doc(2), step_doc(2), step_doc(2, norms=[9.0, 9.0, 9.0])])
+    assert post_batch(api, batch).json() == {"stored_steps": 2, "duplicate_steps": 2, "conflicting_steps": 1, "events": 0}
+    assert api.get("/api/v1/runs/r1/steps/2").json()["tensors"]["embed.weight"]["grad_norm"] == 0.5
+    assert api.get("/api/v1/runs/r1").json()["steps_total"] == 2
+
+
 def test_rank_state_counts_only_new_steps(api: httpx.Client) -> None:
     counts = {"zeros": [4, 0, 0], "underflow": [8, 2, 0], "subnormal": [1, 1, 1], "overflow": [0, 0, 0]}
     steps = [
