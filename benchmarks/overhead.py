@@ -67,7 +67,9 @@ def measure(variant: dict, autocast_dtype, batch_size: int, rounds: int, steps: 
     watched_batches = synthetic_batches(cfg, batch_size, seed=1)
     base_times: list[float] = []
     watched_times: list[float] = []
-    with hooks.watch(watched_model, watched_opt, run="bench", spool_dir=spool, **variant):
+    # A fresh spool and run name per configuration: a spool left by one must not drain into the next.
+    run = f"bench-{time.monotonic_ns()}"
+    with hooks.watch(watched_model, watched_opt, run=run, spool_dir=tempfile.mkdtemp(dir=spool), **variant):
         # warm-up (allocator, first-call overheads, thread start) is not measured
         step_times(base_model, base_opt, base_batches, 2, autocast_dtype)
         step_times(watched_model, watched_opt, watched_batches, 2, autocast_dtype)
