@@ -1,15 +1,17 @@
 """Training-step overhead of hooks.watch against an uninstrumented baseline, same process.
 
-    python benchmarks/overhead.py [--rounds 6 --steps 8]
+    python benchmarks/overhead.py [--rounds 6 --steps 8] [--device cuda --d-model 1024 --layers 8]
 
-A GPT-style transformer (4 layers, d_model 256) is trained on CPU in fp32 and under
-bf16 autocast. For each watcher configuration, a baseline model and a watched copy are
+A GPT-style transformer (default 4 layers, d_model 256) is trained on ``--device`` (CPU by
+default) in fp32 and under bf16 autocast. For each watcher configuration, a baseline model and a watched copy are
 stepped in interleaved blocks (baseline block, watched block, ...) so drift in machine
 load hits both alike; the printed ratio is median(watched step) / median(baseline step).
 Targets (issue #2): defaults <= 1.03x, activation tracing <= 1.05x. The "collector ..."
 rows stream to a real collector (``numwatch serve`` on loopback) and to a port where none
 listens (everything spools, retries back off); issue #5: the down case adds at most 1 ms
-per step over the healthy one.
+per step over the healthy one. They need the collector's dependencies (``numwatch[server]``);
+``--no-collector`` leaves them out (e.g. on a GPU machine with torch only). On CUDA each timed
+step ends with a synchronize, so the time includes the GPU's work, watched and baseline alike.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hooks  # noqa: E402
-from monitor import stack  # noqa: E402
 from monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
@@ -41,25 +42,33 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def step_times(model, optimizer, batches, n: int, autocast_dtype) -> list[float]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(model, optimizer, batches, n: int, autocast_dtype, device: torch.device) -> list[float]:
     times = []
     for _ in range(n):
-        inputs, targets = next(batches)
+        inputs, targets = (t.to(device) for t in next(batches))
+        _synchronize(device)
         start = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with ctx:
             loss = lm_loss(model(inputs), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
 
-def measure(variant: dict, autocast_dtype, batch_size: int, rounds: int, steps: int, spool: str) -> tuple[float, float]:
+def measure(variant: dict, autocast_dtype, batch_size: int, args: argparse.Namespace, spool: str) -> tuple[float, float]:
     torch.manual_seed(0)
-    cfg = GPTConfig()
-    base_model = TinyGPT(cfg)
+    device = torch.device(args.device)
+    cfg = GPTConfig(d_model=args.d_model, n_layers=args.layers, context=args.context, n_heads=max(4, args.d_model // 64))
+    base_model = TinyGPT(cfg).to(device)
     watched_model = copy.deepcopy(base_model)
     base_opt = torch.optim.AdamW(base_model.parameters(), lr=1e-3)
     watched_opt = torch.optim.AdamW(watched_model.parameters(), lr=1e-3)
@@ -71,11 +80,11 @@ def measure(variant: dict, autocast_dtype, batch_size: int, rounds: int, steps: 
     run = f"bench-{time.monotonic_ns()}"
     with hooks.watch(watched_model, watched_opt, run=run, spool_dir=tempfile.mkdtemp(dir=spool), **variant):
         # warm-up (allocator, first-call overheads, thread start) is not measured
-        step_times(base_model, base_opt, base_batches, 2, autocast_dtype)
-        step_times(watched_model, watched_opt, watched_batches, 2, autocast_dtype)
-        for _ in range(rounds):
-            base_times += step_times(base_model, base_opt, base_batches, steps, autocast_dtype)
-            watched_times += step_times(watched_model, watched_opt, watched_batches, steps, autocast_dtype)
+        step_times(base_model, base_opt, base_batches, 2, autocast_dtype, device)
+        step_times(watched_model, watched_opt, watched_batches, 2, autocast_dtype, device)
+        for _ in range(args.rounds):
+            base_times += step_times(base_model, base_opt, base_batches, args.steps, autocast_dtype, device)
+            watched_times += step_times(watched_model, watched_opt, watched_batches, args.steps, autocast_dtype, device)
     return statistics.median(base_times), statistics.median(watched_times)
 
 
@@ -85,21 +94,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per block")
     parser.add_argument("--bf16-batch", type=int, default=2, help="batch size under bf16 autocast (CPU bf16 matmul is slow)")
     parser.add_argument("--batch", type=int, default=16, help="batch size in fp32")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--no-collector", action="store_true", help="leave out the rows that stream to a collector")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median step time, interleaved, same process")
+    print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads; d_model {args.d_model}, {args.layers} layers, "
+          f"context {args.context}; median step time, interleaved, same process")
     print(f"{'precision':<10} {'configuration':<26} {'baseline ms':>12} {'watched ms':>11} {'ratio':>7} {'added ms':>9}")
-    with tempfile.TemporaryDirectory() as spool, stack.running_collector(Path(spool)) as collector_url:
-        urls = {"healthy": collector_url, "down": f"http://127.0.0.1:{stack.free_port()}"}
+    with tempfile.TemporaryDirectory() as spool, ExitStack() as resources:
+        variants = {name: variant for name, variant in VARIANTS.items() if not (args.no_collector and "url" in variant)}
+        if not args.no_collector:
+            from monitor import stack  # the collector's dependencies are needed only here
+
+            urls = {"healthy": resources.enter_context(stack.running_collector(Path(spool))), "down": f"http://127.0.0.1:{stack.free_port()}"}
         for precision, dtype, batch in (("fp32", None, args.batch), ("bf16", torch.bfloat16, args.bf16_batch)):
             added: dict[str, float] = {}
-            for name, variant in VARIANTS.items():
+            for name, variant in variants.items():
                 if "url" in variant:
                     variant = {**variant, "url": urls[variant["url"]]}
-                base, watched = measure(variant, dtype, batch, args.rounds, args.steps, spool)
+                base, watched = measure(variant, dtype, batch, args, spool)
                 added[name] = (watched - base) * 1e3
                 print(f"{precision:<10} {name:<26} {base * 1e3:>12.2f} {watched * 1e3:>11.2f} {watched / base:>6.3f}x {added[name]:>+9.2f}", flush=True)
-            print(f"{precision:<10} collector down - healthy: {added['collector down'] - added['collector healthy']:+.2f} ms per step (target <= 1 ms)", flush=True)
+            if "collector down" in added:
+                print(f"{precision:<10} collector down - healthy: {added['collector down'] - added['collector healthy']:+.2f} ms per step (target <= 1 ms)", flush=True)
 
 
 if __name__ == "__main__":

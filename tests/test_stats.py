@@ -370,9 +370,10 @@ def test_exp_avg_sq_underflow_share() -> None:
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_scatter_count_used_off_the_cpu_equals_bincount(index_dtype: torch.dtype) -> None:
+def test_histc_count_used_off_the_cpu_equals_bincount(index_dtype: torch.dtype) -> None:
     codes = torch.randint(0, 40, (5000,), generator=torch.Generator().manual_seed(2)).to(index_dtype)
-    np.testing.assert_array_equal(stats._scatter_count(codes, 45).numpy(), np.bincount(codes.numpy(), minlength=45))
+    codes[:7] = 44  # the last bin: histc's closed upper edge must not swallow or drop it
+    np.testing.assert_array_equal(stats._histc_count(codes, 45).numpy(), np.bincount(codes.numpy(), minlength=45))
 
 
 def _raise_sync(*_args: object, **_kwargs: object) -> None:
