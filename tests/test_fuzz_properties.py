@@ -225,6 +225,10 @@ float32s = st.floats(width=32, allow_nan=True, allow_infinity=True)
 counts = st.integers(0, 2**62)
 
 
+# Names the collector stores: valid Unicode without NUL (lone surrogates and NUL are refused with a 422).
+storable_names = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=8)
+
+
 @st.composite
 def valid_steps(draw: st.DrawFn, number: int) -> dict[str, Any]:
     """A step with every scalar drawn (NaN and ±Inf included) and a drawn subset of per-tensor stats."""
@@ -239,7 +243,7 @@ def valid_steps(draw: st.DrawFn, number: int) -> dict[str, Any]:
         "scale_decision": draw(st.sampled_from([None, *protocol.SCALE_DECISIONS])),
         **{key: protocol.encode_float(draw(maybe)) for key in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits")},
         "lr": [protocol.encode_float(v) for v in draw(st.lists(any_float, max_size=3))],
-        "scalars": {k: protocol.encode_float(v) for k, v in draw(st.dictionaries(st.text(min_size=1, max_size=8), any_float, max_size=3)).items()},
+        "scalars": {k: protocol.encode_float(v) for k, v in draw(st.dictionaries(storable_names, any_float, max_size=3)).items()},
         "tensors": tensors, "activations": None,
     }
 
