@@ -146,6 +146,11 @@ class Transport:
         self._thread = threading.Thread(target=self._run_sender, name=f"numwatch-sender-{self.run}-{self.rank}", daemon=True)
         self._thread.start()
 
+    @property
+    def queued_steps(self) -> int:
+        """Steps waiting in memory for the sender (at most ``queue_steps``; beyond, they spool)."""
+        return self._queue.qsize()
+
     # -- training thread -------------------------------------------------------------
 
     def submit(self, source: StepSource) -> None:

@@ -209,7 +209,7 @@ def test_slow_collector_keeps_the_queue_bounded_spools_and_recovers(killable, tm
     queue_depths: list[int] = []
 
     def record_queue_depth(watcher: hooks.Watcher) -> None:
-        queue_depths.append(watcher.transport._queue.qsize())
+        queue_depths.append(watcher.transport.queued_steps)
 
     def become_fast(watcher: hooks.Watcher) -> None:
         server.stop()
