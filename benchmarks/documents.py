@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hooks import protocol
+from numwatch import protocol
 
 
 def _array(values: np.ndarray, dtype: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -23,11 +22,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.documents import batch_document, run_document, values_in  # noqa: E402
-from hooks import protocol  # noqa: E402
-from monitor import db, stack  # noqa: E402
+from numwatch import protocol  # noqa: E402
+from numwatch.monitor import db, stack  # noqa: E402
 from tests.postgres import PostgresUnavailable, running_postgres  # noqa: E402
 
 

@@ -18,7 +18,6 @@ import argparse
 import multiprocessing
 import os
 import queue
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,11 +30,10 @@ import httpx
 import numpy as np
 from sqlalchemy import func, select
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.load_client import ClientPlan, ClientReport, run_client  # noqa: E402
-from monitor import db, stack  # noqa: E402
-from monitor.models import Run, Step  # noqa: E402
+from numwatch.monitor import db, stack  # noqa: E402
+from numwatch.monitor.models import Run, Step  # noqa: E402
 from tests.postgres import PostgresUnavailable, running_postgres  # noqa: E402
 
 PROGRESS_EVERY_S = 5.0

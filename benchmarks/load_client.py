@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 
 from benchmarks.documents import histogram_document, run_document, sampled, step_document, values_in
-from hooks import protocol
+from numwatch import protocol
 
 POOL_SIZE = 8  # distinct per-step payloads per client
 RETRY_PAUSE_S = 0.1

@@ -1,4 +1,4 @@
-"""Training-step overhead of hooks.watch against an uninstrumented baseline, same process.
+"""Training-step overhead of numwatch.watch against an uninstrumented baseline, same process.
 
     python benchmarks/overhead.py [--rounds 6 --steps 8] [--device cuda --d-model 1024 --layers 8]
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import ExitStack, nullcontext
@@ -27,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import hooks  # noqa: E402
-from monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches  # noqa: E402
+import numwatch  # noqa: E402
+from numwatch.monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "defaults": {},
@@ -78,7 +76,7 @@ def measure(variant: dict, autocast_dtype, batch_size: int, args: argparse.Names
     watched_times: list[float] = []
     # A fresh spool and run name per configuration: a spool left by one must not drain into the next.
     run = f"bench-{time.monotonic_ns()}"
-    with hooks.watch(watched_model, watched_opt, run=run, spool_dir=tempfile.mkdtemp(dir=spool), **variant):
+    with numwatch.watch(watched_model, watched_opt, run=run, spool_dir=tempfile.mkdtemp(dir=spool), **variant):
         # warm-up (allocator, first-call overheads, thread start) is not measured
         step_times(base_model, base_opt, base_batches, 2, autocast_dtype, device)
         step_times(watched_model, watched_opt, watched_batches, 2, autocast_dtype, device)
@@ -106,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as spool, ExitStack() as resources:
         variants = {name: variant for name, variant in VARIANTS.items() if not (args.no_collector and "url" in variant)}
         if not args.no_collector:
-            from monitor import stack  # the collector's dependencies are needed only here
+            from numwatch.monitor import stack  # the collector's dependencies are needed only here
 
             urls = {"healthy": resources.enter_context(stack.running_collector(Path(spool))), "down": f"http://127.0.0.1:{stack.free_port()}"}
         for precision, dtype, batch in (("fp32", None, args.batch), ("bf16", torch.bfloat16, args.bf16_batch)):

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hooks import stats  # noqa: E402
-from hooks.formats import format_spec  # noqa: E402
+from numwatch import stats  # noqa: E402
+from numwatch.formats import format_spec  # noqa: E402
 
 VOCAB = 8192
 D_MODEL = 256

@@ -1,6 +1,6 @@
-"""numwatch's training-side hooks: ``watcher = hooks.watch(model, optimizer, scaler=scaler)``.
+"""numwatch's training-side hooks: ``watcher = numwatch.watch(model, optimizer, scaler=scaler)``.
 
-The public names are imported lazily, so the collector can import ``hooks.protocol``
+The public names are imported lazily, so the collector can import ``numwatch.protocol``
 without pulling in torch.
 """
 
@@ -10,12 +10,12 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "watch": "hooks.watcher",
-    "Watcher": "hooks.watcher",
-    "NonFiniteError": "hooks.watcher",
-    "UnsupportedConfiguration": "hooks.sharded",
-    "iter_spool": "hooks.spool",
-    "spool_directories": "hooks.spool",
+    "watch": "numwatch.watcher",
+    "Watcher": "numwatch.watcher",
+    "NonFiniteError": "numwatch.watcher",
+    "UnsupportedConfiguration": "numwatch.sharded",
+    "iter_spool": "numwatch.spool",
+    "spool_directories": "numwatch.spool",
 }
 __all__ = sorted(_EXPORTS)
 

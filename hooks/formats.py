@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from hooks.protocol import FORMATS
+from numwatch.protocol import FORMATS
 
 
 @dataclass(frozen=True)
 class FormatSpec:
     """A floating-point format gradients are cast to, with the limits that define its counts."""
 
-    name: str  # one of hooks.protocol.FORMATS
+    name: str  # one of numwatch.protocol.FORMATS
     dtype: torch.dtype
     max: float
     smallest_normal: float

@@ -1,6 +1,6 @@
 """A measured step on the host side, and the protocol documents built from it.
 
-The watcher adds a step's device statistics to a :class:`~hooks.hostcopy.DeviceStack`
+The watcher adds a step's device statistics to a :class:`~numwatch.hostcopy.DeviceStack`
 under the part names below; :class:`StepRecord` reads the host copy and builds the
 ``step``, ``histogram`` and ``event`` documents (on the sender thread). Gradient-based
 parts cover only the tensors that had a gradient at that step (``present``); the record
@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from hooks import protocol
-from hooks.hostcopy import HostStack
-from hooks.transport import StepDocuments
+from numwatch import protocol
+from numwatch.hostcopy import HostStack
+from numwatch.transport import StepDocuments
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
 GRAD = "grad"  # float32 [2, k]: grad_norm, grad_absmax

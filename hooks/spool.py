@@ -2,7 +2,7 @@
 
 One directory per (run, rank) under a spool root. Inside it, append-only segment files
 ``000001.jsonl``, ``000002.jsonl``, ... hold one ``{"type": "run"|"batch", "body": {...}}``
-per line, the exact documents of :mod:`hooks.protocol`. A file ``uploaded`` records how far
+per line, the exact documents of :mod:`numwatch.protocol`. A file ``uploaded`` records how far
 the collector has acknowledged (segment name and byte offset), replaced atomically.
 
 Crash safety: a line only counts once its newline is written, so a torn last line (the
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from hooks import protocol
+from numwatch import protocol
 
 log = logging.getLogger(__name__)
 

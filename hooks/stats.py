@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hooks.formats import FormatSpec
-from hooks.protocol import (
+from numwatch.formats import FormatSpec
+from numwatch.protocol import (
     EXPONENT_BINS,
     EXPONENT_INF_BIN,
     EXPONENT_MAX,
@@ -223,7 +223,7 @@ def _format_counts_of(x: Tensor, limits: tuple[float, ...]) -> Tensor:
 
 
 def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multiplier = None) -> Tensor:
-    """int64 [4, n]: rows zeros, underflow, subnormal, overflow (hooks.protocol.FORMAT_COUNT_STATS)
+    """int64 [4, n]: rows zeros, underflow, subnormal, overflow (numwatch.protocol.FORMAT_COUNT_STATS)
     of x = grad * multiplier (the loss scale S the format sees) against ``fmt``.
 
     Defined by what a cast does: zeros: x == 0; underflow: x != 0 but x.to(fmt.dtype) == 0;
@@ -343,7 +343,7 @@ def _exponent_counts(tensor: Tensor) -> Tensor:
 def exponent_histogram(tensors: Sequence[Tensor]) -> Tensor:
     """int64 [n, EXPONENT_BINS]: per tensor, counts per binade floor(log2|x|) - EXPONENT_MIN of
     its finite non-zero values (clamped into the first/last binade bin), then zero, ±Inf and
-    NaN bins (hooks.protocol layout). Read from the IEEE exponent bits (no frexp);
+    NaN bins (numwatch.protocol layout). Read from the IEEE exponent bits (no frexp);
     subnormals get their true binade."""
     device = _result_device(tensors)
     return _stack_rows([_exponent_counts(tensor) for tensor in tensors], EXPONENT_BINS, torch.int64, device)

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hooks.spool import discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark, spool_directories
-from hooks.transport import document_path, post_document
+from numwatch.spool import discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark, spool_directories
+from numwatch.transport import document_path, post_document
 
 HTTP_TIMEOUT_S = 60.0
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hooks import protocol
-from hooks.spool import SpoolWriter, discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark
+from numwatch import protocol
+from numwatch.spool import SpoolWriter, discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark
 
 log = logging.getLogger(__name__)
 

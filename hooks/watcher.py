@@ -1,4 +1,4 @@
-"""``hooks.watch``: measure a training run's numeric health at every optimizer step.
+"""``numwatch.watch``: measure a training run's numeric health at every optimizer step.
 
 Where the numbers are taken (ARCHITECTURE §1):
 
@@ -18,7 +18,7 @@ Where the numbers are taken (ARCHITECTURE §1):
   inside ``optimizer.step(closure)``) only that call measures and ``watcher.finish_step()``
   ends the step.
 * Sharded (DTensor, FSDP2) parameters: each rank measures its shard and
-  :mod:`hooks.sharded` combines them into whole-tensor statistics.
+  :mod:`numwatch.sharded` combines them into whole-tensor statistics.
 
 NaN/Inf counts are only meaningful for tensors whose norm is not finite, and are taken
 when that is known without a host-device sync: on CPU (reading is free) after looking at
@@ -47,14 +47,14 @@ import torch
 from torch import nn
 from torch.amp.grad_scaler import OptState
 
-from hooks import protocol, records, stats
-from hooks.activations import ActivationTracer
-from hooks.formats import FormatSpec, format_name_for_dtype, format_spec
-from hooks.hostcopy import DeviceStack
-from hooks.records import StepRecord, event_document, histogram_part
-from hooks.sharded import ShardReduction, local_tensor, refuse_unsupported
-from hooks.spool import default_spool_root, spool_directory
-from hooks.transport import Transport
+from numwatch import protocol, records, stats
+from numwatch.activations import ActivationTracer
+from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
+from numwatch.hostcopy import DeviceStack
+from numwatch.records import StepRecord, event_document, histogram_part
+from numwatch.sharded import ShardReduction, local_tensor, refuse_unsupported
+from numwatch.spool import default_spool_root, spool_directory
+from numwatch.transport import Transport
 
 log = logging.getLogger("numwatch")
 
@@ -719,7 +719,7 @@ def watch(
     ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
     :meth:`Watcher.gradients_ready` call measures earlier) or "manual" (only
     ``gradients_ready()`` measures; :meth:`Watcher.finish_step` ends each step).
-    Raises :class:`~hooks.sharded.UnsupportedConfiguration` for setups it cannot measure
+    Raises :class:`~numwatch.sharded.UnsupportedConfiguration` for setups it cannot measure
     correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
     optimizer, scaler = unwrap_optimizer(optimizer, scaler)

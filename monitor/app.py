@@ -12,12 +12,12 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from monitor import db
-from monitor.detectors import DetectorConfig
-from monitor.exposition import IngestMetrics, NumwatchCollector
-from monitor.ratelimit import RateLimiter
-from monitor.routers import health, metrics, query, runs_write
-from monitor.settings import Settings
+from numwatch.monitor import db
+from numwatch.monitor.detectors import DetectorConfig
+from numwatch.monitor.exposition import IngestMetrics, NumwatchCollector
+from numwatch.monitor.ratelimit import RateLimiter
+from numwatch.monitor.routers import health, metrics, query, runs_write
+from numwatch.monitor.settings import Settings
 
 log = logging.getLogger("numwatch.collector")
 
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     app.state.annotations = None
     if settings.grafana_url:
-        from monitor.grafana import AnnotationSink
+        from numwatch.monitor.grafana import AnnotationSink
 
         app.state.annotations = AnnotationSink(settings.grafana_url, settings.grafana_token)
 

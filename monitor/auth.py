@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from monitor.models import Token
+from numwatch.monitor.models import Token
 
 TOKEN_PREFIX = "nw_"
 

@@ -24,7 +24,7 @@ def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = No
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
-    from monitor.settings import Settings
+    from numwatch.monitor.settings import Settings
 
     if args.database_url:
         overrides["database_url"] = args.database_url
@@ -33,7 +33,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
 
 def _session(args: argparse.Namespace) -> Any:
     """A session on the database of ``args``, after checking its schema."""
-    from monitor import db
+    from numwatch.monitor import db
 
     settings = _settings(args)
     engine = db.make_engine(settings.database_url)
@@ -47,9 +47,9 @@ def _session(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from monitor.app import create_app, prepare_database
-    from monitor.db import SchemaOutdated
-    from monitor.settings import LOOPBACK_HOSTS
+    from numwatch.monitor.app import create_app, prepare_database
+    from numwatch.monitor.db import SchemaOutdated
+    from numwatch.monitor.settings import LOOPBACK_HOSTS
 
     overrides: dict[str, Any] = {"host": args.host, "port": args.port}
     if args.open_reads:
@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from monitor import db
+    from numwatch.monitor import db
 
     settings = _settings(args)
     db.upgrade(settings.database_url)
@@ -82,7 +82,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from monitor.auth import create_token
+    from numwatch.monitor.auth import create_token
 
     with _session(args) as session:
         token = create_token(session, args.project, args.name)
@@ -93,7 +93,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from monitor.auth import revoke_token
+    from numwatch.monitor.auth import revoke_token
 
     with _session(args) as session:
         revoked = revoke_token(session, args.id)
@@ -106,7 +106,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    from monitor.auth import list_tokens
+    from numwatch.monitor.auth import list_tokens
 
     with _session(args) as session:
         for token in list_tokens(session):
@@ -116,7 +116,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from monitor.report import render_runs
+    from numwatch.monitor.report import render_runs
 
     with _session(args) as session:
         print(render_runs(session))
@@ -124,8 +124,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from monitor.ingest import IngestError
-    from monitor.report import render_run
+    from numwatch.monitor.ingest import IngestError
+    from numwatch.monitor.report import render_run
 
     with _session(args) as session:
         try:
@@ -151,8 +151,8 @@ class Progress:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from hooks.spool import default_spool_root
-    from hooks.sync import pending_documents, upload_spool
+    from numwatch.spool import default_spool_root
+    from numwatch.sync import pending_documents, upload_spool
 
     root = args.spool_dir or default_spool_root()
     if not args.url:
@@ -173,7 +173,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from monitor.demo import run_demo
+    from numwatch.monitor.demo import run_demo
 
     run_demo(url=args.url, keep_serving=args.keep_serving)
     return 0
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numwatch",
         description="numwatch: numeric-health monitoring for PyTorch training (collector, tokens, runs, sync, demo).",
-        epilog="Training side: `import hooks; hooks.watch(model, optimizer, scaler=scaler)`. Each command has its own --help.",
+        epilog="Training side: `import numwatch; numwatch.watch(model, optimizer, scaler=scaler)`. Each command has its own --help.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_server_commands(commands: Any) -> None:
     """`stack` and `grafana`, when the server extra is installed (a client-only install has `sync`)."""
     try:
-        from monitor.grafana import add_grafana_cli
-        from monitor.stack import add_stack_cli
+        from numwatch.monitor.grafana import add_grafana_cli
+        from numwatch.monitor.stack import add_stack_cli
     except ImportError:
         return
     add_stack_cli(commands)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from monitor.stack import running_collector
+from numwatch.monitor.stack import running_collector
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,11 @@ def _get_json(url: str, timeout: float = 5.0):
 
 
 def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
-    """The user's training loop: unchanged except for the one ``hooks.watch`` line."""
+    """The user's training loop: unchanged except for the one ``numwatch.watch`` line."""
     import torch
 
-    import hooks
-    from monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
+    import numwatch
+    from numwatch.monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=512, context=32, d_model=128, n_heads=4, n_layers=2)
@@ -51,7 +51,7 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
     scaler = torch.amp.GradScaler("cpu", growth_interval=50)
     batches = synthetic_batches(cfg, plan.batch_size)
 
-    watcher = hooks.watch(model, optimizer, scaler=scaler, run=run, url=url, token=None,
+    watcher = numwatch.watch(model, optimizer, scaler=scaler, run=run, url=url, token=None,
                           histogram_every=20, trace_activations=True, on_nonfinite="ignore",
                           config={"model": "TinyGPT", "precision": "fp16-autocast", "demo": True})
     with watcher:

@@ -9,9 +9,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from monitor.auth import EVERYTHING, Principal, authenticate
-from monitor.ratelimit import retry_after_header
-from monitor.settings import Settings
+from numwatch.monitor.auth import EVERYTHING, Principal, authenticate
+from numwatch.monitor.ratelimit import retry_after_header
+from numwatch.monitor.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="a token from `numwatch token create --project P`")
 

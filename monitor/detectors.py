@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hooks.protocol import FORMAT_COUNT_STATS
+from numwatch.protocol import FORMAT_COUNT_STATS
 
 EVENT_KINDS = (
     "nonfinite_grad",

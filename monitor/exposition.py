@@ -21,10 +21,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, defer
 
-from hooks.protocol import decode_float
-from monitor.models import GRAD_NORM_BUCKETS, RankState, Run, Step
-from monitor.packing import unpack_stats
-from monitor.settings import Settings
+from numwatch.protocol import decode_float
+from numwatch.monitor.models import GRAD_NORM_BUCKETS, RankState, Run, Step
+from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor.settings import Settings
 
 RUN_LABELS = ("run", "rank")
 

@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 # provisioning under deploy/grafana use the same ones).
 PROMETHEUS_DATASOURCE = {"name": "numwatch Prometheus", "uid": "numwatch-prometheus", "type": "prometheus"}
 COLLECTOR_DATASOURCE = {"name": "numwatch collector", "uid": "numwatch-collector", "type": "yesoreyeram-infinity-datasource"}
-DEFAULT_DASHBOARDS_DIR = Path(__file__).resolve().parent.parent / "dashboards"
+DEFAULT_DASHBOARDS_DIR = Path(str(files("numwatch.dashboards")))
 HTTP_NOT_FOUND = 404
 
 

@@ -1,7 +1,7 @@
 """Registering runs and storing batches: one transaction per batch, idempotent on (run, rank, step).
 
 A retried batch stores nothing twice. A step that arrives again with different content
-keeps the first version and records a :class:`~monitor.models.Conflict`. Detectors run on
+keeps the first version and records a :class:`~numwatch.monitor.models.Conflict`. Detectors run on
 the newly stored steps only, and every counter of ``rank_state`` moves in the same
 transaction as the rows it counts, so all replicas on one database agree.
 """
@@ -18,12 +18,12 @@ import numpy as np
 from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from hooks import protocol
-from monitor import detectors
-from monitor.auth import Principal
-from monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
-from monitor.packing import pack_stats, unpack_stats
-from monitor.schemas import HISTOGRAM_DTYPES, BatchDocument, IngestResult, RunDocument
+from numwatch import protocol
+from numwatch.monitor import detectors
+from numwatch.monitor.auth import Principal
+from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
+from numwatch.monitor.packing import pack_stats, unpack_stats
+from numwatch.monitor.schemas import HISTOGRAM_DTYPES, BatchDocument, IngestResult, RunDocument
 
 HISTOGRAM_LENGTHS = {"exponent": protocol.EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": protocol.LINEAR_BINS}
 

@@ -2,7 +2,7 @@
 
 Per-step per-tensor statistics are stored packed: one ``steps`` row per (run, rank,
 step) whose ``tensor_stats`` blob is the concatenation of the raw little-endian arrays
-named, in order, by ``stat_names`` (dtypes from ``hooks.protocol.TENSOR_STATS``; each
+named, in order, by ``stat_names`` (dtypes from ``numwatch.protocol.TENSOR_STATS``; each
 array has one element per tensor of the run's schema). Run-level state that /metrics
 serves (counters, last values) lives in ``rank_state`` and is updated in the same
 transaction as the steps it counts, so every replica sharing the database reports the
@@ -31,7 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from hooks.protocol import decode_float
+from numwatch.protocol import decode_float
 
 # Upper bounds of the classic histogram of the global gradient norm exported to
 # Prometheus (log-spaced, one per decade; +Inf is implicit). Spikes between scrapes

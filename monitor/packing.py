@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hooks.protocol import TENSOR_STATS
+from numwatch.protocol import TENSOR_STATS
 
 
 def pack_stats(stats: dict[str, bytes]) -> tuple[str, bytes]:

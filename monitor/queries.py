@@ -9,11 +9,11 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hooks import protocol
-from monitor.auth import Principal
-from monitor.ingest import IngestError
-from monitor.models import Event, Histogram, RankState, Run, Step
-from monitor.packing import unpack_stats
+from numwatch import protocol
+from numwatch.monitor.auth import Principal
+from numwatch.monitor.ingest import IngestError
+from numwatch.monitor.models import Event, Histogram, RankState, Run, Step
+from numwatch.monitor.packing import unpack_stats
 
 STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time")
 DERIVED_SCALARS = ("lr", "skipped")

@@ -6,8 +6,8 @@ import time
 
 from sqlalchemy.orm import Session
 
-from monitor import queries
-from monitor.auth import EVERYTHING, Principal
+from numwatch.monitor import queries
+from numwatch.monitor.auth import EVERYTHING
 
 RECENT_EVENTS = 15
 
@@ -34,7 +34,7 @@ def render_runs(session: Session, stale_after: float = 300.0) -> str:
     """One line per run: status, last step, loss, grad norm, loss scale, events by kind."""
     summaries = [queries.run_summary(session, run, stale_after) for run in queries.visible_runs(session, EVERYTHING)]
     if not summaries:
-        return "no runs yet: watch a training with hooks.watch(...) and point it at this collector"
+        return "no runs yet: watch a training with numwatch.watch(...) and point it at this collector"
     rows = [
         [s["run"], s["project"], s["status"], str(s["last_step"]), _number(s["loss"]), _number(s["global_grad_norm"]), _number(s["loss_scale"]), _events(s["events"])]
         for s in summaries

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from monitor.schemas import ErrorDetail
+from numwatch.monitor.schemas import ErrorDetail
 
 _DESCRIPTIONS = {
     401: "missing, invalid or revoked bearer token",

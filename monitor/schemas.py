@@ -1,4 +1,4 @@
-"""Pydantic models of the wire protocol's documents (``hooks.protocol``), as the collector validates them.
+"""Pydantic models of the wire protocol's documents (``numwatch.protocol``), as the collector validates them.
 
 Floats accept the protocol's "NaN"/"Infinity"/"-Infinity" strings; arrays are base64 text,
 decoded to bytes and checked against their dtype here, and against the run's tensor count at ingest.
@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator
 
-from hooks import protocol
+from numwatch import protocol
 
 MAX_STEP = 2**62  # BIGINT with room to spare
 MAX_RANK = 1_000_000

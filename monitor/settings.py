@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     finished_grace_seconds: float = 300.0
     metrics_top_k: int = 10
     metrics_cache_seconds: float = 1.0
-    # Detectors (see monitor.detectors.DetectorConfig).
+    # Detectors (see numwatch.monitor.detectors.DetectorConfig).
     detect_explosion_factor: float = 10.0
     detect_window: int = 50
     detect_min_history: int = 10

@@ -20,12 +20,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-DEPLOY_DIR = Path(__file__).resolve().parent.parent / "deploy"
+# deploy/ ships as the package data of numwatch.deploy: the same files in a checkout and a wheel.
+DEPLOY_DIR = Path(str(files("numwatch.deploy")))
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")  # Debian's name first
@@ -91,10 +93,10 @@ def managed_process(argv: list[str], ready_url: str, log_path: Path) -> Iterator
 
 
 def load_deploy_yaml(relative: str, deploy_dir: Path = DEPLOY_DIR) -> dict:
-    """A YAML file of ``deploy/``, with a clear error when run outside a source checkout."""
+    """A YAML file of ``deploy/``."""
     path = deploy_dir / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run this from a numwatch source checkout (the deploy/ directory)")
+        raise FileNotFoundError(f"{path} not found: the numwatch installation is incomplete; reinstall it (pip install --force-reinstall numwatch)")
     return yaml.safe_load(path.read_text())
 
 
@@ -192,7 +194,7 @@ def running_collector(workdir: Path, database_url: str | None = None, port: int 
 
 def collector_argv(port: int, database_url: str, extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command line of ``numwatch serve`` on 127.0.0.1:``port`` (this Python's monitor package)."""
-    return [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--database-url", database_url, *extra_args]
+    return [sys.executable, "-m", "numwatch.monitor.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--database-url", database_url, *extra_args]
 
 
 def run_stack(args: argparse.Namespace) -> int:

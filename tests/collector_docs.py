@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from hooks import protocol
+from numwatch import protocol
 
 TENSORS = [
     {"name": "embed.weight", "shape": [10, 4], "dtype": "float32", "group": 0},

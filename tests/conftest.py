@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import stack
+from numwatch.monitor import stack
 from tests.binaries import require_binary
 from tests import postgres
 from tests.postgres import PostgresServer, PostgresUnavailable
@@ -85,7 +85,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def collector(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Factory: ``collector(database_url=None, *extra_serve_args, **env)`` starts ``numwatch serve``
     in a subprocess on a free loopback port (migrating the database first) and returns its URL."""
-    from monitor import db
+    from numwatch.monitor import db
 
     with ExitStack() as resources:
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from hooks.protocol import CLIENT_EVENT_KINDS
-from monitor.detectors import EVENT_KINDS as DETECTOR_EVENT_KINDS
+from numwatch.protocol import CLIENT_EVENT_KINDS
+from numwatch.monitor.detectors import EVENT_KINDS as DETECTOR_EVENT_KINDS
 
 GAUGES = (
     "numwatch_run_info",

@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from monitor import stack
-from monitor.stack import free_port, wait_for  # noqa: F401 (re-exported for the tests)
+from numwatch.monitor import stack
+from numwatch.monitor.stack import free_port, wait_for  # noqa: F401 (re-exported for the tests)
 from tests.binaries import require_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -11,23 +11,23 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
-from hooks import protocol
-from monitor import db
+import numwatch
+from numwatch import protocol
+from numwatch.monitor import db
 from tests.collector_docs import batch_doc, run_doc, step_doc
 
 
-def numwatch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "monitor.cli", *args], capture_output=True, text=True, timeout=120)
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "numwatch.monitor.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_tokens_scope_projects_and_revoke(collector, tmp_path) -> None:
     database_url = f"sqlite:///{tmp_path / 'auth.db'}"
     db.upgrade(database_url)
-    created = numwatch("token", "create", "--project", "alpha", "--database-url", database_url)
+    created = run_cli("token", "create", "--project", "alpha", "--database-url", database_url)
     assert created.returncode == 0, created.stderr
     alpha = created.stdout.strip().splitlines()[-1]
-    beta = numwatch("token", "create", "--project", "beta", "--database-url", database_url).stdout.strip().splitlines()[-1]
+    beta = run_cli("token", "create", "--project", "beta", "--database-url", database_url).stdout.strip().splitlines()[-1]
     url = collector(database_url, "--auth", "token")
     with httpx.Client(base_url=url, timeout=30) as client:
         assert client.post("/api/v1/runs", json=run_doc(project="alpha")).status_code == 401
@@ -44,10 +44,10 @@ def test_tokens_scope_projects_and_revoke(collector, tmp_path) -> None:
         assert [r["run"] for r in client.get("/api/v1/runs", headers=as_alpha).json()] == ["r1"]
         assert client.get("/api/v1/runs", headers=as_beta).json() == []
         assert client.get("/api/v1/runs").status_code == 401
-        listing = numwatch("token", "list", "--database-url", database_url).stdout
+        listing = run_cli("token", "list", "--database-url", database_url).stdout
         assert alpha not in listing and "alpha" in listing
         token_id = listing.split()[0]
-        assert numwatch("token", "revoke", token_id, "--database-url", database_url).returncode == 0
+        assert run_cli("token", "revoke", token_id, "--database-url", database_url).returncode == 0
         assert client.get("/api/v1/runs", headers=as_alpha).status_code == 401
     log = (next(tmp_path.glob("collector-*")) / "collector.log").read_text()
     assert alpha not in log and beta not in log
@@ -56,7 +56,7 @@ def test_tokens_scope_projects_and_revoke(collector, tmp_path) -> None:
 def test_rate_limit_answers_429_with_retry_after(collector, tmp_path) -> None:
     database_url = f"sqlite:///{tmp_path / 'rate.db'}"
     db.upgrade(database_url)
-    token = numwatch("token", "create", "--project", "p", "--database-url", database_url).stdout.strip().splitlines()[-1]
+    token = run_cli("token", "create", "--project", "p", "--database-url", database_url).stdout.strip().splitlines()[-1]
     url = collector(database_url, "--auth", "token", NUMWATCH_RATE_LIMIT_PER_MINUTE="5")
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
         codes = [client.get("/api/v1/runs").status_code for _ in range(8)]
@@ -65,7 +65,7 @@ def test_rate_limit_answers_429_with_retry_after(collector, tmp_path) -> None:
 
 
 def test_serve_refuses_public_bind_without_auth() -> None:
-    result = numwatch("serve", "--host", "0.0.0.0", "--auth", "off")
+    result = run_cli("serve", "--host", "0.0.0.0", "--auth", "off")
     assert result.returncode == 2 and "--insecure-no-auth" in result.stderr
 
 
@@ -73,7 +73,7 @@ def _train(url: str | None, spool_dir, run: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    with hooks.watch(model, optimizer, run=run, url=url, spool_dir=spool_dir, histogram_every=4, format_every=2, format="bf16"):
+    with numwatch.watch(model, optimizer, run=run, url=url, spool_dir=spool_dir, histogram_every=4, format_every=2, format="bf16"):
         for step in range(12):
             inputs = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
             optimizer.zero_grad()
@@ -96,10 +96,10 @@ def test_sync_of_an_offline_run_stores_what_a_live_run_stores(collector, tmp_pat
     _train(None, offline_spool, "same-run")
     other = collector()
     with caplog.at_level(logging.ERROR):
-        result = numwatch("sync", "--url", other, "--spool-dir", str(offline_spool))
+        result = run_cli("sync", "--url", other, "--spool-dir", str(offline_spool))
     assert result.returncode == 0, result.stderr
     assert "uploaded" in result.stdout and "12/" not in result.stdout
-    again = numwatch("sync", "--url", other, "--spool-dir", str(offline_spool))
+    again = run_cli("sync", "--url", other, "--spool-dir", str(offline_spool))
     assert "nothing to upload" in again.stdout
     with httpx.Client(timeout=30) as client:
         live, synced = httpx.Client(base_url=url), httpx.Client(base_url=other)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
+import numwatch
 from tests.watch_helpers import read_spool
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,14 +29,14 @@ def _inputs(step: int) -> torch.Tensor:
 
 
 def _reference_norms(model: nn.Module, divide_by: float = 1.0) -> np.ndarray:
-    """float64 per-tensor gradient norms, computed on the host independently of hooks.stats."""
+    """float64 per-tensor gradient norms, computed on the host independently of numwatch.stats."""
     return np.array([np.linalg.norm(p.grad.detach().double().cpu().numpy().ravel()) / divide_by for p in model.parameters()])
 
 
 def test_measuring_a_step_never_synchronizes_and_matches_float64(tmp_path) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    watcher = hooks.watch(model, optimizer, run="cuda-fp32", spool_dir=tmp_path, format_every=2, histogram_every=3, format="bf16")
+    watcher = numwatch.watch(model, optimizer, run="cuda-fp32", spool_dir=tmp_path, format_every=2, histogram_every=3, format="bf16")
     references = []
     for step in range(1, STEPS + 1):
         model(_inputs(step)).pow(2).mean().backward()
@@ -61,7 +61,7 @@ def test_fp16_autocast_with_grad_scaler_reports_unscaled_norms(tmp_path) -> None
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**12)
-    watcher = hooks.watch(model, optimizer, scaler=scaler, run="cuda-fp16", spool_dir=tmp_path)
+    watcher = numwatch.watch(model, optimizer, scaler=scaler, run="cuda-fp16", spool_dir=tmp_path)
     references, scales = [], []
     for step in range(1, STEPS + 1):
         with torch.autocast("cuda", dtype=torch.float16):
@@ -86,7 +86,7 @@ def _nan_equal(actual: np.ndarray, expected: np.ndarray) -> None:
 def test_non_finite_gradients_are_flagged_every_step_and_counted_soon_after(tmp_path) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    watcher = hooks.watch(model, optimizer, run="cuda-nan", spool_dir=tmp_path, on_nonfinite="ignore", histogram_every=0)
+    watcher = numwatch.watch(model, optimizer, run="cuda-nan", spool_dir=tmp_path, on_nonfinite="ignore", histogram_every=0)
     first_bad = 4
     references = []
     for step in range(1, 13):

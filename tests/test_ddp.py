@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 def _train(rank: int, port: int, spool_root: str, root: str) -> None:
     sys.path.insert(0, root)
-    import hooks  # imported in the child: spawn starts a fresh interpreter
+    import numwatch  # imported in the child: spawn starts a fresh interpreter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -34,7 +34,7 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         torch.manual_seed(0)
         model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        watcher = hooks.watch(model, optimizer, spool_dir=spool_root)  # run name comes from rank 0
+        watcher = numwatch.watch(model, optimizer, spool_dir=spool_root)  # run name comes from rank 0
         generator = torch.Generator().manual_seed(rank)
         for _ in range(STEPS):
             loss = model(torch.randn(8, 5, generator=generator)).pow(2).mean()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from monitor.demo import DemoPlan, run_demo
+from numwatch.monitor.demo import DemoPlan, run_demo
 
 
 def test_demo_detects_explosion_before_nan_and_names_the_origin() -> None:

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from monitor import grafana
+from numwatch.monitor import grafana
 from tests.binaries import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +143,7 @@ def test_grafana_installs_infinity_and_provisions_both_datasources() -> None:
     datasources = {ds["uid"]: ds for ds in _load(provisioning / "datasources" / "numwatch.yml")["datasources"]}
     prometheus_url = f"http://prometheus:{_container_port('prometheus')}"
     collector_url = f"http://collector:{_container_port('collector')}"
-    # The API push (monitor.grafana) and the file provisioning define the same datasources.
+    # The API push (numwatch.monitor.grafana) and the file provisioning define the same datasources.
     for model in grafana.datasource_models(prometheus_url, collector_url, collector_token="t"):
         provisioned = datasources[model["uid"]]
         for key in ("name", "type", "url", "access", "isDefault"):

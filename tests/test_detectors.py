@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.detectors import DetectorConfig, detect
+from numwatch.monitor.detectors import DetectorConfig, detect
 
 CONFIG = DetectorConfig(explosion_factor=10.0, window=20, min_history=5, vanishing_floor=1e-10,
                         underflow_threshold=0.01, collapse_floor=1.0, collapse_backoffs=3)

@@ -1,6 +1,6 @@
 """End to end: a watched training → real collector → real Prometheus → real Alertmanager.
 
-All on loopback, started from deploy/'s configs (`monitor.stack`, the code behind
+All on loopback, started from deploy/'s configs (`numwatch.monitor.stack`, the code behind
 `numwatch stack`) with one-second intervals. The training is healthy for
 ``HEALTHY_STEPS`` optimizer steps, then one batch carries a NaN: the NaN alert must
 reach Alertmanager (and the pager receiver its route sends it to) with the run's label,
@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
+import numwatch
 from dashboards import generate
-from monitor import stack
+from numwatch.monitor import stack
 from tests.binaries import require_binary
 from tests.promstack import alertmanager_alerts, get_json, instant_query, wait_for
 
@@ -113,7 +113,7 @@ def trained_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler("cpu")
-        watcher = hooks.watch(model, optimizer, scaler=scaler, run=RUN, url=collector, histogram_every=5, format_every=1)
+        watcher = numwatch.watch(model, optimizer, scaler=scaler, run=RUN, url=collector, histogram_every=5, format_every=1)
         resources.callback(watcher.close)
         for _ in range(HEALTHY_STEPS):
             _train_step(model, optimizer, scaler, torch.randn(8, 16))

@@ -8,7 +8,7 @@ import time
 import httpx
 import numpy as np
 
-from hooks import protocol
+from numwatch import protocol
 from tests.binaries import require_binary
 from tests.collector_docs import array, batch_doc, run_doc, step_doc
 from tests.metrics_contract import SERIES_NAMES

@@ -24,11 +24,11 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-import hooks
-from hooks import protocol, transport
-from hooks.spool import read_entries, spool_directory
-from hooks.sync import pending_documents
-from monitor import db, stack
+import numwatch
+from numwatch import protocol, transport
+from numwatch.spool import read_entries, spool_directory
+from numwatch.sync import pending_documents
+from numwatch.monitor import db, stack
 from tests.collector_docs import batch_doc, run_doc, step_doc
 from tests.watch_helpers import batch, small_model
 
@@ -100,13 +100,13 @@ def killable(tmp_path: Path):
         server.stop()
 
 
-def train(url: str | None, spool_root: Path, run: str, steps: int, at_step: dict[int, Callable[[hooks.Watcher], Any]] | None = None) -> hooks.Watcher:
+def train(url: str | None, spool_root: Path, run: str, steps: int, at_step: dict[int, Callable[[numwatch.Watcher], Any]] | None = None) -> numwatch.Watcher:
     """A deterministic small run (same numbers every time); ``at_step[n](watcher)`` runs after step n.
     Step NAN_LOSS_STEP logs a NaN loss, so the run has a detector event to deliver exactly once."""
     torch.manual_seed(0)
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    watcher = hooks.watch(model, optimizer, run=run, url=url, spool_dir=spool_root, histogram_every=16, format_every=4, on_nonfinite="ignore")
+    watcher = numwatch.watch(model, optimizer, run=run, url=url, spool_dir=spool_root, histogram_every=16, format_every=4, on_nonfinite="ignore")
     for step in range(1, steps + 1):
         inputs, targets = batch(step)
         optimizer.zero_grad()
@@ -193,7 +193,7 @@ def test_collector_down_for_the_whole_run_then_sync_stores_what_a_live_run_store
     assert watcher.dropped_steps == 0 and watcher.transport.sent_batches == 0
     assert pending_documents(spool_root) > 0
     server.start()
-    result = subprocess.run([sys.executable, "-m", "monitor.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
+    result = subprocess.run([sys.executable, "-m", "numwatch.monitor.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert pending_documents(spool_root) == 0
@@ -208,15 +208,15 @@ def test_slow_collector_keeps_the_queue_bounded_spools_and_recovers(killable, tm
     server.start()
     queue_depths: list[int] = []
 
-    def record_queue_depth(watcher: hooks.Watcher) -> None:
+    def record_queue_depth(watcher: numwatch.Watcher) -> None:
         queue_depths.append(watcher.transport.queued_steps)
 
-    def become_fast(watcher: hooks.Watcher) -> None:
+    def become_fast(watcher: numwatch.Watcher) -> None:
         server.stop()
         server.env = {}
         server.start()
 
-    schedule: dict[int, Callable[[hooks.Watcher], Any]] = {step: record_queue_depth for step in range(1, 240)}
+    schedule: dict[int, Callable[[numwatch.Watcher], Any]] = {step: record_queue_depth for step in range(1, 240)}
     schedule[240] = become_fast
     watcher = train(server.url, tmp_path / "spool", "reference-300", 300, schedule)
     assert max(queue_depths) <= queue_steps and max(queue_depths) > 0
@@ -258,7 +258,7 @@ def test_unwritable_spool_loses_only_what_it_must_and_says_so(kind, killable, tm
         spool_root.mkdir()
         (spool_root / "full").write_text("not a directory")
 
-    def flush_then_start_collector(watcher: hooks.Watcher) -> None:
+    def flush_then_start_collector(watcher: numwatch.Watcher) -> None:
         watcher.flush()
         server.start()
 
@@ -279,14 +279,14 @@ def test_unwritable_spool_loses_only_what_it_must_and_says_so(kind, killable, tm
 
 TRAINING_SCRIPT = textwrap.dedent("""
     import sys, time, torch
-    import hooks
-    from hooks import transport
+    import numwatch
+    from numwatch import transport
     transport.BATCH_STEPS, transport.BATCH_SECONDS = 4, 0.02
     url, spool_root = (sys.argv[1] or None), sys.argv[2]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    watcher = hooks.watch(model, optimizer, run="killed", url=url, spool_dir=spool_root, format_every=2, histogram_every=5)
+    watcher = numwatch.watch(model, optimizer, run="killed", url=url, spool_dir=spool_root, format_every=2, histogram_every=5)
     for step in range(1, 100_000):
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 3)).backward()
@@ -318,7 +318,7 @@ def test_killed_training_leaves_a_readable_spool_that_syncs(killable, tmp_path) 
     assert spooled_steps == list(range(1, len(spooled_steps) + 1)) and len(spooled_steps) >= 20
     server = killable()
     server.start()
-    result = subprocess.run([sys.executable, "-m", "monitor.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
+    result = subprocess.run([sys.executable, "-m", "numwatch.monitor.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     summary = httpx.get(f"{server.url}/api/v1/runs/killed", timeout=30).json()

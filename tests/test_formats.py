@@ -1,12 +1,12 @@
-"""hooks.formats: format limits agree with what casts to each dtype actually do."""
+"""numwatch.formats: format limits agree with what casts to each dtype actually do."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hooks.formats import FormatSpec, format_name_for_dtype, format_spec
-from hooks.protocol import FORMATS
+from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
+from numwatch.protocol import FORMATS
 
 DTYPES = {
     "fp16": torch.float16,

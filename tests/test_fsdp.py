@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hooks import protocol
+from numwatch import protocol
 from tests.watch_helpers import read_spool
 
 WORLD_SIZE = 2
@@ -67,8 +67,8 @@ def _weights(model: torch.nn.Module) -> list[np.ndarray]:
 
 def _train(rank: int, port: int, spool_root: str, root: str) -> None:
     sys.path.insert(0, root)
-    import hooks  # imported in the child: spawn starts a fresh interpreter
-    from hooks.sharded import ShardReduction
+    import numwatch  # imported in the child: spawn starts a fresh interpreter
+    from numwatch.sharded import ShardReduction
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Partial, init_device_mesh
 
@@ -91,7 +91,7 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        watcher = hooks.watch(model, optimizer, run="fsdp", spool_dir=spool_root, format="fp16", format_every=1, histogram_every=HISTOGRAM_EVERY)
+        watcher = numwatch.watch(model, optimizer, run="fsdp", spool_dir=spool_root, format="fp16", format_every=1, histogram_every=HISTOGRAM_EVERY)
 
         reference = _model() if rank == 0 else None
         reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5) if reference is not None else None
@@ -124,8 +124,8 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         partial = torch.nn.Linear(2, 2)
         partial.weight = torch.nn.Parameter(DTensor.from_local(torch.ones(2, 2), mesh, [Partial()]))
         try:
-            hooks.watch(partial, run="partial", spool_dir=spool_root)
-        except hooks.UnsupportedConfiguration as refusal:
+            numwatch.watch(partial, run="partial", spool_dir=spool_root)
+        except numwatch.UnsupportedConfiguration as refusal:
             saved["refusal"] = str(refusal)
         if rank == 0:
             torch.save(saved, Path(spool_root) / "reference.pt")

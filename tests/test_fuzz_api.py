@@ -27,11 +27,11 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
-from hooks import protocol
-from monitor import db
-from monitor.app import create_app
-from monitor.auth import create_token
-from monitor.settings import Settings
+from numwatch import protocol
+from numwatch.monitor import db
+from numwatch.monitor.app import create_app
+from numwatch.monitor.auth import create_token
+from numwatch.monitor.settings import Settings
 from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 EXAMPLES_PER_OPERATION = 25

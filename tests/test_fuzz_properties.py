@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from hooks import protocol
-from hooks.spool import DOCUMENT_KINDS, SpoolWriter, iter_spool, read_entries
-from monitor.app import create_app, prepare_database
-from monitor.packing import pack_stats, unpack_stats
-from monitor.schemas import HistogramDocument, StepDocument
-from monitor.settings import Settings
+from numwatch import protocol
+from numwatch.spool import DOCUMENT_KINDS, SpoolWriter, iter_spool, read_entries
+from numwatch.monitor.app import create_app, prepare_database
+from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor.schemas import HistogramDocument, StepDocument
+from numwatch.monitor.settings import Settings
 from tests.collector_docs import TENSORS, batch_doc, run_doc, step_doc
 
 MAX_EXAMPLES = 150

@@ -1,4 +1,4 @@
-"""monitor.grafana against a real local HTTP server that checks each request the way
+"""numwatch.monitor.grafana against a real local HTTP server that checks each request the way
 Grafana's documented HTTP API accepts it (grafana-client uses niquests, which
 responses/requests_mock cannot intercept)."""
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from monitor import grafana
+from numwatch.monitor import grafana
 from tests.promstack import free_port
 
 TOKEN = "glsa_test_token"

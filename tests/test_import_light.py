@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER_PACKAGES = ("fastapi", "sqlalchemy", "uvicorn", "prometheus_client", "starlette", "alembic", "psycopg", "monitor")
+SERVER_PACKAGES = ("fastapi", "sqlalchemy", "uvicorn", "prometheus_client", "starlette", "alembic", "psycopg", "numwatch.monitor")
 
 
 def test_hooks_imports_and_watches_with_server_packages_blocked(tmp_path):
@@ -19,45 +19,45 @@ def test_hooks_imports_and_watches_with_server_packages_blocked(tmp_path):
 
         class Blocker:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in BLOCKED:
+                if any(name == blocked or name.startswith(blocked + ".") for blocked in BLOCKED):
                     raise ImportError(f"blocked: {{name}}")
                 return None
 
         sys.meta_path.insert(0, Blocker())
         import torch
-        import hooks
+        import numwatch
         model = torch.nn.Linear(3, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with hooks.watch(model, optimizer, run="light", spool_dir={str(tmp_path)!r}) as watcher:
+        with numwatch.watch(model, optimizer, run="light", spool_dir={str(tmp_path)!r}) as watcher:
             model(torch.ones(4, 3)).sum().backward()
             optimizer.step()
         assert watcher.steps == 1
-        loaded = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+        loaded = sorted(name for name in sys.modules if any(name == b or name.startswith(b + ".") for b in BLOCKED))
         assert not loaded, loaded
         print("ok")
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
 
-def test_protocol_imports_without_torch():
-    script = "import sys, hooks.protocol, hooks.spool; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+def test_protocol_imports_without_torch(tmp_path):
+    script = "import sys, numwatch.protocol, numwatch.spool; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
 
-def test_integrations_import_no_framework():
+def test_integrations_import_no_framework(tmp_path):
     frameworks = ("transformers", "lightning", "pytorch_lightning", "accelerate", "deepspeed")
     script = (
-        "import sys, hooks, hooks.integrations, hooks.sharded\n"
-        "hooks.watch, hooks.UnsupportedConfiguration, dir(hooks.integrations)\n"
+        "import sys, hooks, numwatch.integrations, numwatch.sharded\n"
+        "numwatch.watch, numwatch.UnsupportedConfiguration, dir(numwatch.integrations)\n"
         f"loaded = sorted(n for n in sys.modules if n.split('.')[0] in {frameworks!r})\n"
         "assert not loaded, loaded\n"
         "print('ok')"
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

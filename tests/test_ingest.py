@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from hooks import protocol
+from numwatch import protocol
 from tests.collector_docs import NUMEL, TENSORS, array, batch_doc, run_doc, step_doc
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import httpx
 
-from hooks import protocol
+from numwatch import protocol
 from tests.collector_docs import TENSORS, batch_doc, run_doc, step_doc
 from tests.test_ingest import api, post_batch  # noqa: F401 - api is a fixture
 
@@ -145,8 +145,8 @@ def test_openapi_request_bodies_are_self_contained_and_refusals_documented() -> 
     schema-driven clients (schemathesis) sent no body at all; 401/404/415 were undocumented."""
     import json
 
-    from monitor.app import create_app
-    from monitor.settings import Settings
+    from numwatch.monitor.app import create_app
+    from numwatch.monitor.settings import Settings
 
     spec = create_app(Settings(database_url="sqlite://")).openapi()
     for path in ("/api/v1/runs", "/api/v1/runs/{run}/batches"):

@@ -1,4 +1,4 @@
-"""Accelerate: ``hooks.watch(model, optimizer)`` on the objects ``accelerator.prepare`` returned."""
+"""Accelerate: ``numwatch.watch(model, optimizer)`` on the objects ``accelerator.prepare`` returned."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 accelerate = pytest.importorskip("accelerate")
 
-import hooks  # noqa: E402
+import numwatch  # noqa: E402
 from tests.watch_helpers import read_spool, reference_norms, small_model  # noqa: E402
 
 ACCUMULATION = 2
@@ -27,7 +27,7 @@ def _prepared():
 
 def _train(tmp_path, run: str, clip: float | None):
     accelerator, model, optimizer, loader = _prepared()
-    watcher = hooks.watch(model, optimizer, run=run, spool_dir=tmp_path)  # the one line
+    watcher = numwatch.watch(model, optimizer, run=run, spool_dir=tmp_path)  # the one line
     expected, clip_norms = [], []
     for inputs, targets in loader:
         with accelerator.accumulate(model):

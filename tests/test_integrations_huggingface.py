@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from hooks.integrations import HuggingFaceCallback  # noqa: E402
+from numwatch.integrations import HuggingFaceCallback  # noqa: E402
 from tests.watch_helpers import read_spool  # noqa: E402
 
 MAX_STEPS = 4

@@ -13,7 +13,7 @@ pl = pytest.importorskip("pytorch_lightning")
 from pytorch_lightning.plugins.precision import MixedPrecision  # noqa: E402
 from pytorch_lightning.utilities import grad_norm  # noqa: E402
 
-from hooks.integrations import LightningCallback  # noqa: E402
+from numwatch.integrations import LightningCallback  # noqa: E402
 from tests.watch_helpers import read_spool  # noqa: E402
 
 MAX_STEPS = 4
@@ -124,7 +124,7 @@ def test_two_optimizers_are_refused(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)
 
-    from hooks import UnsupportedConfiguration
+    from numwatch import UnsupportedConfiguration
 
     with pytest.raises(UnsupportedConfiguration, match="one optimizer"):
         _trainer(LightningCallback(run="two", spool_dir=tmp_path)).fit(TwoOptimizers(), _loader(2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hooks
+import numwatch
 from tests.watch_helpers import small_model
 
 
@@ -21,24 +21,24 @@ _Engine.__module__ = "deepspeed.runtime.engine"
 
 
 def test_deepspeed_engine_is_refused(tmp_path):
-    with pytest.raises(hooks.UnsupportedConfiguration, match="DeepSpeed"):
-        hooks.watch(_Engine(), spool_dir=tmp_path)
+    with pytest.raises(numwatch.UnsupportedConfiguration, match="DeepSpeed"):
+        numwatch.watch(_Engine(), spool_dir=tmp_path)
 
 
 def test_zero3_partitioned_parameters_are_refused(tmp_path):
     model = small_model()
     model[0].weight.ds_id = 0  # ZeRO-3 tags the parameters it partitions
-    with pytest.raises(hooks.UnsupportedConfiguration, match="ZeRO"):
-        hooks.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), spool_dir=tmp_path)
+    with pytest.raises(numwatch.UnsupportedConfiguration, match="ZeRO"):
+        numwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), spool_dir=tmp_path)
 
 
 def test_a_refused_watch_leaves_the_model_watchable(tmp_path):
     model = small_model()
     model[0].weight.ds_id = 0
-    with pytest.raises(hooks.UnsupportedConfiguration):
-        hooks.watch(model, spool_dir=tmp_path)
+    with pytest.raises(numwatch.UnsupportedConfiguration):
+        numwatch.watch(model, spool_dir=tmp_path)
     del model[0].weight.ds_id
-    with hooks.watch(model, run="after", spool_dir=tmp_path) as watcher:
+    with numwatch.watch(model, run="after", spool_dir=tmp_path) as watcher:
         model(torch.ones(2, 6)).sum().backward()
         watcher.step()
     assert watcher.steps == 1

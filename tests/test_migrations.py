@@ -9,8 +9,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from monitor import db
-from monitor.models import Base
+from numwatch.monitor import db
+from numwatch.monitor.models import Base
 
 
 def test_upgrade_from_empty_matches_models(database_url: str) -> None:
@@ -30,7 +30,7 @@ def test_serve_refuses_an_outdated_schema_and_says_what_to_run(tmp_path) -> None
     with engine.begin() as connection:  # a database from some other tool/version: tables but no revision
         connection.execute(sa.text("CREATE TABLE runs (id INTEGER PRIMARY KEY)"))
     engine.dispose()
-    result = subprocess.run([sys.executable, "-m", "monitor.cli", "serve", "--port", "1", "--database-url", url],
+    result = subprocess.run([sys.executable, "-m", "numwatch.monitor.cli", "serve", "--port", "1", "--database-url", url],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "numwatch db upgrade --database-url" in result.stderr

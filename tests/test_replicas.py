@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from hooks import protocol
-from monitor.models import GRAD_NORM_BUCKETS
-from monitor.settings import Settings
+from numwatch import protocol
+from numwatch.monitor.models import GRAD_NORM_BUCKETS
+from numwatch.monitor.settings import Settings
 from tests.collector_docs import batch_doc, run_doc, step_doc
 
 RUN = "replicated"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from hooks import protocol
-from hooks.spool import (
+from numwatch import protocol
+from numwatch.spool import (
     SpoolWriter,
     default_spool_root,
     discard_uploaded_segments,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from monitor import stack
+from numwatch.monitor import stack
 from tests.binaries import require_binary
 
 

@@ -1,4 +1,4 @@
-"""hooks.stats against independent float64 references on tensors built so the answer is known."""
+"""numwatch.stats against independent float64 references on tensors built so the answer is known."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hooks import stats
-from hooks.formats import FormatSpec, format_spec
-from hooks.protocol import (
+from numwatch import stats
+from numwatch.formats import FormatSpec, format_spec
+from numwatch.protocol import (
     EXPONENT_BINADES,
     EXPONENT_BINS,
     EXPONENT_INF_BIN,

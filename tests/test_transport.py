@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-import hooks
-from hooks import protocol
-from hooks.transport import StepDocuments, Transport
+import numwatch
+from numwatch import protocol
+from numwatch.transport import StepDocuments, Transport
 from tests.watch_helpers import batch, read_spool, small_model
 
 
@@ -97,7 +97,7 @@ def _wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
 def test_watcher_streams_run_once_and_batches_with_bearer(tmp_path, collector):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    watcher = hooks.watch(model, optimizer, run="net/1", url=collector.url, token="s3cret", spool_dir=tmp_path, on_nonfinite="ignore")
+    watcher = numwatch.watch(model, optimizer, run="net/1", url=collector.url, token="s3cret", spool_dir=tmp_path, on_nonfinite="ignore")
     for step in range(1, 6):
         x, y = batch(step)
         (model(x) - y).pow(2).mean().backward()
@@ -149,8 +149,8 @@ def test_outage_spools_then_drains_in_order_without_duplicates(tmp_path, outage)
     assert server.steps() == list(range(1, 9))
     assert server.paths().count("/api/v1/runs") == 1 and server.paths()[0] == "/api/v1/runs"
     assert server.requests[-1][2]["status"] == "finished"
-    assert list(hooks.iter_spool(tmp_path, pending_only=True)) == []
-    assert [body["steps"][0]["step"] for kind, body in hooks.iter_spool(tmp_path) if kind == "batch" and body["steps"]][:1] == [1]
+    assert list(numwatch.iter_spool(tmp_path, pending_only=True)) == []
+    assert [body["steps"][0]["step"] for kind, body in numwatch.iter_spool(tmp_path) if kind == "batch" and body["steps"]][:1] == [1]
 
 
 def test_rejected_batches_are_counted_not_retried(tmp_path):
@@ -201,7 +201,7 @@ def test_unwritable_spool_counts_dropped_and_reports_it(tmp_path, collector):
 
 
 def test_device_stack_round_trips_floats_and_ints_exactly():
-    from hooks.hostcopy import DeviceStack
+    from numwatch.hostcopy import DeviceStack
 
     stack = DeviceStack()
     floats = torch.tensor([[1.5, math.nan], [math.inf, -math.inf]], dtype=torch.float32)
@@ -228,7 +228,7 @@ def test_leftover_spool_of_an_earlier_process_is_uploaded(tmp_path):
     for number in range(1, 4):
         first.submit(FakeStep(number))
     first.close("crashed", 10)
-    assert first.sent_batches == 0 and len(list(hooks.iter_spool(tmp_path, pending_only=True))) >= 2
+    assert first.sent_batches == 0 and len(list(numwatch.iter_spool(tmp_path, pending_only=True))) >= 2
     server = Collector(port=port)
     try:
         second = Transport(_run_document(), url=url, token=None, spool_dir=tmp_path, batch_seconds=0.05)
@@ -238,7 +238,7 @@ def test_leftover_spool_of_an_earlier_process_is_uploaded(tmp_path):
         server.stop()
     assert server.steps() == [1, 2, 3, 4]
     assert [body["status"] for path, _, body in server.requests if path.endswith("/batches")][-2:] == ["crashed", "finished"]
-    assert list(hooks.iter_spool(tmp_path, pending_only=True)) == []
+    assert list(numwatch.iter_spool(tmp_path, pending_only=True)) == []
 
 
 def test_url_token_and_spool_default_to_the_environment(tmp_path, collector, monkeypatch):
@@ -247,7 +247,7 @@ def test_url_token_and_spool_default_to_the_environment(tmp_path, collector, mon
     monkeypatch.setenv("NUMWATCH_SPOOL_DIR", str(tmp_path))
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with hooks.watch(model, optimizer, run="env") as watcher:
+    with numwatch.watch(model, optimizer, run="env") as watcher:
         x, y = batch(0)
         (model(x) - y).pow(2).mean().backward()
         optimizer.step()

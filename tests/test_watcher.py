@@ -1,4 +1,4 @@
-"""Wiring of hooks.watch on CPU: where and when the numbers are taken, and what they are."""
+"""Wiring of numwatch.watch on CPU: where and when the numbers are taken, and what they are."""
 
 from __future__ import annotations
 
@@ -14,20 +14,20 @@ import pytest
 import torch
 from torch import nn
 
-import hooks
-from hooks import protocol, stats
+import numwatch
+from numwatch import protocol, stats
 from tests.watch_helpers import batch, read_spool, reference_norms, small_model
 
 INF_STEPS = {3, 4, 9}  # 1-based optimizer steps whose gradient gets an Inf
 
 
-def _scaler_run(tmp_path, fused: bool, steps: int = 10) -> tuple[hooks.Watcher, list[dict]]:
+def _scaler_run(tmp_path, fused: bool, steps: int = 10) -> tuple[numwatch.Watcher, list[dict]]:
     """Train with a GradScaler, injecting Inf at INF_STEPS; return the scaler's own history
     and float64 reference norms of the unscaled gradients of every step."""
     model = small_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
-    watcher = hooks.watch(model, optimizer, scaler=scaler, run="amp", spool_dir=tmp_path, histogram_every=4)
+    watcher = numwatch.watch(model, optimizer, scaler=scaler, run="amp", spool_dir=tmp_path, histogram_every=4)
     truth = []
     for step in range(1, steps + 1):
         x, y = batch(step)
@@ -80,7 +80,7 @@ def test_format_counts_follow_the_cast_at_the_loss_scale(tmp_path):
     model = nn.Linear(4, 1, bias=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    watcher = hooks.watch(model, optimizer, scaler=scaler, run="fmt", spool_dir=tmp_path)
+    watcher = numwatch.watch(model, optimizer, scaler=scaler, run="fmt", spool_dir=tmp_path)
     tiny = torch.finfo(torch.float16).smallest_normal
     # grad = x (loss = w.x with w = 1): zero, an fp16 underflow even at S, a subnormal, a normal.
     x = torch.tensor([[0.0, tiny * 2.0**-22, tiny * 2.0**-12, 1.0]])
@@ -99,7 +99,7 @@ def test_format_counts_follow_the_cast_at_the_loss_scale(tmp_path):
 def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    watcher = hooks.watch(model, optimizer, run="accum", spool_dir=tmp_path, histogram_every=2)
+    watcher = numwatch.watch(model, optimizer, run="accum", spool_dir=tmp_path, histogram_every=2)
     seen = []
     # Registered after the watcher's hook: sees the same gradients, just later.
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.grad.clone() for p in model.parameters()]))
@@ -138,7 +138,7 @@ def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
 def test_update_ratio_matches_the_applied_step(tmp_path):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    watcher = hooks.watch(model, optimizer, run="upd", spool_dir=tmp_path, histogram_every=1)
+    watcher = numwatch.watch(model, optimizer, run="upd", spool_dir=tmp_path, histogram_every=1)
     before = [p.detach().clone().double() for p in model.parameters()]
     x, y = batch(0)
     (model(x) - y).pow(2).mean().backward()
@@ -154,7 +154,7 @@ def test_update_ratio_matches_the_applied_step(tmp_path):
 
 def test_manual_step_and_missing_gradients(tmp_path):
     model = small_model()
-    watcher = hooks.watch(model, run="manual", spool_dir=tmp_path, histogram_every=1)
+    watcher = numwatch.watch(model, run="manual", spool_dir=tmp_path, histogram_every=1)
     x, y = batch(0)
     (model[0](x).sum()).backward()  # only the first layer gets gradients
     watcher.step()
@@ -170,7 +170,7 @@ def test_manual_step_and_missing_gradients(tmp_path):
 def test_include_exclude_choose_tensors(tmp_path):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    watcher = hooks.watch(model, optimizer, run="sel", spool_dir=tmp_path, include=["*.weight", "2.*"], exclude=["2.bias"])
+    watcher = numwatch.watch(model, optimizer, run="sel", spool_dir=tmp_path, include=["*.weight", "2.*"], exclude=["2.bias"])
     assert watcher.tensor_names == ["0.weight", "2.weight"]
     x, y = batch(0)
     (model(x) - y).pow(2).mean().backward()
@@ -181,7 +181,7 @@ def test_include_exclude_choose_tensors(tmp_path):
     reference, _ = reference_norms([model[0].weight.grad, model[2].weight.grad])
     np.testing.assert_allclose(spooled.stat(spooled.steps[0], "grad_norm"), reference, rtol=1e-5)
     with pytest.raises(ValueError, match="nothing to watch"):
-        hooks.watch(model, optimizer, run="none", spool_dir=tmp_path, include=["nope*"])
+        numwatch.watch(model, optimizer, run="none", spool_dir=tmp_path, include=["nope*"])
 
 
 def _train(model, optimizer, scaler, steps: range) -> None:
@@ -207,9 +207,9 @@ def test_watched_run_is_bit_identical_and_close_removes_everything(tmp_path):
     _train(plain_model, plain_optimizer, plain_scaler, range(1, 7))
 
     model, optimizer, scaler = _fresh()
-    watcher = hooks.watch(model, optimizer, scaler=scaler, run="same", spool_dir=tmp_path, histogram_every=1, trace_activations=True, on_nonfinite="ignore")
+    watcher = numwatch.watch(model, optimizer, scaler=scaler, run="same", spool_dir=tmp_path, histogram_every=1, trace_activations=True, on_nonfinite="ignore")
     with pytest.raises(RuntimeError, match="already watched"):
-        hooks.watch(model, optimizer, scaler=scaler, run="again", spool_dir=tmp_path)
+        numwatch.watch(model, optimizer, scaler=scaler, run="again", spool_dir=tmp_path)
     _train(model, optimizer, scaler, range(1, 4))
     watcher.close()
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
@@ -221,20 +221,20 @@ def test_watched_run_is_bit_identical_and_close_removes_everything(tmp_path):
         assert torch.equal(watched, plain)
     assert scaler.state_dict() == plain_scaler.state_dict()
     assert len(read_spool(watcher.spool_dir).steps) == 3
-    hooks.watch(model, optimizer, scaler=scaler, run="after-close", spool_dir=tmp_path).close()
+    numwatch.watch(model, optimizer, scaler=scaler, run="after-close", spool_dir=tmp_path).close()
 
 
 def test_raise_names_the_tensor_at_the_step(tmp_path):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    watcher = hooks.watch(model, optimizer, run="raise", spool_dir=tmp_path, on_nonfinite="raise")
+    watcher = numwatch.watch(model, optimizer, run="raise", spool_dir=tmp_path, on_nonfinite="raise")
     for step in range(1, 3):
         x, y = batch(step)
         (model(x) - y).pow(2).mean().backward()
         if step == 2:
             model[2].weight.grad[0, :2] = torch.tensor([math.nan, math.inf])
             before = model[2].weight.detach().clone()
-            with pytest.raises(hooks.NonFiniteError, match=r"step 2 .*2\.weight \(nan=1, inf=1\)"):
+            with pytest.raises(numwatch.NonFiniteError, match=r"step 2 .*2\.weight \(nan=1, inf=1\)"):
                 optimizer.step()
             assert torch.equal(model[2].weight, before)  # raised before the update
         else:
@@ -247,7 +247,7 @@ def test_raise_names_the_tensor_at_the_step(tmp_path):
 def test_warnings_are_rate_limited(tmp_path, caplog):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    watcher = hooks.watch(model, optimizer, run="warn", spool_dir=tmp_path)
+    watcher = numwatch.watch(model, optimizer, run="warn", spool_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="numwatch"):
         for step in range(1, 7):
             x, y = batch(step)
@@ -274,7 +274,7 @@ def test_activation_tracing_names_the_first_nonfinite_module(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), _Sqrt(), nn.Linear(4, 2), nn.ReLU())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    watcher = hooks.watch(model, optimizer, run="trace", spool_dir=tmp_path, trace_activations=True, on_nonfinite="ignore")
+    watcher = numwatch.watch(model, optimizer, run="trace", spool_dir=tmp_path, trace_activations=True, on_nonfinite="ignore")
     x = torch.randn(16, 4)
     with torch.no_grad():
         expected = float(model[0](x).abs().max())
@@ -300,7 +300,7 @@ def test_monitoring_failure_never_breaks_training(tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(stats, "grad_norms", broken)
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    watcher = hooks.watch(model, optimizer, run="broken", spool_dir=tmp_path)
+    watcher = numwatch.watch(model, optimizer, run="broken", spool_dir=tmp_path)
     with caplog.at_level(logging.ERROR, logger="numwatch"):
         for step in range(1, 4):
             x, y = batch(step)
@@ -316,7 +316,7 @@ def test_crash_in_with_block_marks_the_run_crashed(tmp_path):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(KeyError):
-        with hooks.watch(model, optimizer, run="crash", spool_dir=tmp_path) as watcher:
+        with numwatch.watch(model, optimizer, run="crash", spool_dir=tmp_path) as watcher:
             x, y = batch(0)
             (model(x) - y).pow(2).mean().backward()
             optimizer.step()
@@ -331,7 +331,7 @@ def test_unclosed_watcher_is_flushed_at_interpreter_exit(tmp_path):
         import torch, hooks
         model = torch.nn.Linear(3, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        watcher = hooks.watch(model, optimizer, run="exit", spool_dir={str(tmp_path)!r})
+        watcher = numwatch.watch(model, optimizer, run="exit", spool_dir={str(tmp_path)!r})
         for _ in range(3):
             model(torch.ones(4, 3)).sum().backward()
             optimizer.step()

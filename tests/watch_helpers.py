@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hooks import protocol
-from hooks.spool import iter_spool
+from numwatch import protocol
+from numwatch.spool import iter_spool
 
 
 @dataclass
@@ -55,6 +55,6 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference_norms(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-    """float64 L2 norm and absmax per tensor, computed independently of hooks.stats."""
+    """float64 L2 norm and absmax per tensor, computed independently of numwatch.stats."""
     as64 = [g.detach().to(torch.float64).numpy().ravel() for g in grads]
     return np.array([np.sqrt(np.sum(a * a)) for a in as64]), np.array([np.max(np.abs(a)) for a in as64])

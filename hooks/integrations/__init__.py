@@ -1,8 +1,8 @@
-"""Framework adapters over :func:`hooks.watch`, each imported only when used.
+"""Framework adapters over :func:`numwatch.watch`, each imported only when used.
 
-``from hooks.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``) or ``LightningCallback``
+``from numwatch.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``) or ``LightningCallback``
 (``lightning.pytorch.Callback``);
-importing ``hooks`` or this package imports no framework. Accelerate needs no adapter: ``hooks.watch(model, optimizer)``
+importing ``numwatch`` or this package imports no framework. Accelerate needs no adapter: ``numwatch.watch(model, optimizer)``
 on the objects ``accelerator.prepare`` returned.
 """
 
@@ -12,15 +12,15 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "HuggingFaceCallback": ("hooks.integrations.huggingface", "NumwatchCallback"),
-    "LightningCallback": ("hooks.integrations.lightning", "NumwatchCallback"),
+    "HuggingFaceCallback": ("numwatch.integrations.huggingface", "NumwatchCallback"),
+    "LightningCallback": ("numwatch.integrations.lightning", "NumwatchCallback"),
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'hooks.integrations' has no attribute {name!r}")
+        raise AttributeError(f"module 'numwatch.integrations' has no attribute {name!r}")
     module, attribute = _EXPORTS[name]
     value = getattr(import_module(module), attribute)
     globals()[name] = value

@@ -15,12 +15,12 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from hooks.integrations.backward_end import BackwardEndTrigger
-from hooks.watcher import Watcher, watch
+from numwatch.integrations.backward_end import BackwardEndTrigger
+from numwatch.watcher import Watcher, watch
 
 
 class NumwatchCallback(TrainerCallback):
-    """Watches the Trainer's model, optimizer and GradScaler; ``watch_options`` go to :func:`hooks.watch`."""
+    """Watches the Trainer's model, optimizer and GradScaler; ``watch_options`` go to :func:`numwatch.watch`."""
 
     def __init__(self, run: str | None = None, **watch_options: Any) -> None:
         self.run = run

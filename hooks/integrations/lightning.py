@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from hooks.sharded import UnsupportedConfiguration
-from hooks.watcher import Watcher, watch
+from numwatch.sharded import UnsupportedConfiguration
+from numwatch.watcher import Watcher, watch
 
 try:
     from lightning.pytorch import Callback
@@ -28,7 +28,7 @@ except ImportError:
 
 class NumwatchCallback(Callback):
     """Watches the LightningModule, its optimizer and the precision plugin's GradScaler;
-    ``watch_options`` go to :func:`hooks.watch`. One optimizer only."""
+    ``watch_options`` go to :func:`numwatch.watch`. One optimizer only."""
 
     def __init__(self, run: str | None = None, **watch_options: Any) -> None:
         super().__init__()
@@ -41,7 +41,7 @@ class NumwatchCallback(Callback):
         if len(trainer.optimizers) != 1:
             raise UnsupportedConfiguration(
                 f"numwatch: the Lightning callback watches one optimizer; this module configures {len(trainer.optimizers)}. "
-                "Call hooks.watch(module, optimizer, include=[...]) per optimizer instead."
+                "Call numwatch.watch(module, optimizer, include=[...]) per optimizer instead."
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         config = {"framework": "lightning", "precision": str(trainer.precision), "accumulate_grad_batches": trainer.accumulate_grad_batches, "automatic_optimization": pl_module.automatic_optimization}

@@ -1,11 +1,11 @@
-"""Alembic environment: migrations run on the connection ``monitor.db.upgrade`` hands over."""
+"""Alembic environment: migrations run on the connection ``numwatch.monitor.db.upgrade`` hands over."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from monitor.models import Base
+from numwatch.monitor.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from monitor.db import SchemaOutdated, check_schema
+from numwatch.monitor.db import SchemaOutdated, check_schema
 
 router = APIRouter(tags=["health"])
 

@@ -7,13 +7,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy.orm import Session
 
-from monitor import queries
-from monitor.auth import Principal
-from monitor.deps import get_session, get_settings, require_reader
-from monitor.ingest import IngestError
-from monitor.responses import AUTH_RESPONSES, error_responses
-from monitor.schemas import MAX_RANK, MAX_STEP
-from monitor.settings import Settings
+from numwatch.monitor import queries
+from numwatch.monitor.auth import Principal
+from numwatch.monitor.deps import get_session, get_settings, require_reader
+from numwatch.monitor.ingest import IngestError
+from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
+from numwatch.monitor.schemas import MAX_RANK, MAX_STEP
+from numwatch.monitor.settings import Settings
 
 router = APIRouter(prefix="/api/v1", tags=["read"], responses=AUTH_RESPONSES)
 RUN_RESPONSES = error_responses(404, 422)

@@ -12,14 +12,14 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from hooks import protocol
-from monitor.auth import Principal
-from monitor.deps import get_session, require_writer
-from monitor.ingest import IngestError, find_run, register_run, store_batch
-from monitor.openapi_body import json_request_body
-from monitor.responses import AUTH_RESPONSES, error_responses
-from monitor.storable import find_unstorable_text
-from monitor.schemas import BatchDocument, IngestResult, RunDocument, RunRegistered
+from numwatch import protocol
+from numwatch.monitor.auth import Principal
+from numwatch.monitor.deps import get_session, require_writer
+from numwatch.monitor.ingest import IngestError, find_run, register_run, store_batch
+from numwatch.monitor.openapi_body import json_request_body
+from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
+from numwatch.monitor.storable import find_unstorable_text
+from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument, RunRegistered
 
 router = APIRouter(prefix="/api/v1", tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)})
 Document = TypeVar("Document", bound=BaseModel)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import monitor.models
+import numwatch.monitor.models
 
 
 revision = '0001'
@@ -108,19 +108,19 @@ def upgrade() -> None:
     sa.Column('loss_scale_growths_total', sa.BigInteger(), nullable=False),
     sa.Column('grad_norm_bucket_counts', sa.JSON(), nullable=False),
     sa.Column('grad_norm_sum', sa.Float(precision=53), nullable=False),
-    sa.Column('loss', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('loss_scale', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('global_grad_norm', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('max_layer_grad_norm', monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('loss', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('loss_scale', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('global_grad_norm', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('max_layer_grad_norm', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
     sa.Column('layers_nonfinite', sa.Integer(), nullable=False),
-    sa.Column('headroom_bits', monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('headroom_bits', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
     sa.Column('lr', sa.JSON(), nullable=False),
-    sa.Column('zero_ratio', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('underflow_ratio', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('subnormal_ratio', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('overflow_ratio', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('stale_fraction', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('update_ratio', monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('zero_ratio', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('underflow_ratio', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('subnormal_ratio', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('overflow_ratio', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('stale_fraction', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('update_ratio', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
     sa.Column('events_total', sa.JSON(), nullable=False),
     sa.ForeignKeyConstraint(['run_id'], ['runs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('run_id', 'rank')
@@ -130,14 +130,14 @@ def upgrade() -> None:
     sa.Column('rank', sa.Integer(), nullable=False),
     sa.Column('step', sa.BigInteger(), nullable=False),
     sa.Column('time', sa.Float(precision=53), nullable=False),
-    sa.Column('step_time', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('loss', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('loss_scale', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('new_loss_scale', monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('step_time', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('loss', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('loss_scale', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('new_loss_scale', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
     sa.Column('scale_decision', sa.String(length=8), nullable=True),
     sa.Column('skipped', sa.Boolean(), nullable=False),
-    sa.Column('global_grad_norm', monitor.models.ExactFloat(precision=53), nullable=True),
-    sa.Column('headroom_bits', monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('global_grad_norm', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
+    sa.Column('headroom_bits', numwatch.monitor.models.ExactFloat(precision=53), nullable=True),
     sa.Column('lr', sa.JSON(), nullable=False),
     sa.Column('scalars', sa.JSON(), nullable=False),
     sa.Column('stat_names', sa.Text(), nullable=False),
