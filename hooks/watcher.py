@@ -385,7 +385,7 @@ class Watcher:
 
     def _local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
-        return [local_tensor(p.detach()) for p in self._parameters]
+        return [local_tensor(p) for p in self._parameters]  # the stats run under no_grad: no per-tensor detach
 
     def _current_scaling(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(grad multiplier, format multiplier) for gradients read now: 1/S while the
