@@ -13,27 +13,28 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from numwatch.protocol import FORMAT_COUNT_STATS, DetectorEventKind, encode_float, event_document
 
 MAX_NAMED_TENSORS = 10
 
 
-@dataclass
-class DetectorConfig:
-    """Thresholds; every field can be set with ``NUMWATCH_DETECT_<FIELD>`` on the collector."""
+class DetectorConfig(BaseModel):
+    """The detectors' thresholds: ``Settings.detect``, so each reads ``NUMWATCH_DETECT_<FIELD>`` on the collector."""
 
-    explosion_factor: float = 10.0  # global norm above k x its rolling median...
-    window: int = 50  # ...over the last W finite norms; also W for backoff counting and vanishing streaks
-    min_history: int = 10  # finite norms needed before explosion is judged (a fresh run's first steps are not)
-    vanishing_floor: float = 1e-10  # a tensor's grad norm below this for W consecutive steps
-    underflow_threshold: float = 0.01  # share of gradient elements the cast flushes to zero
-    collapse_floor: float = 1.0  # a loss scale below this no longer scales anything up
-    collapse_backoffs: int = 5  # more backoffs than this within W steps
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    explosion_factor: float = Field(10.0, gt=0, description="global norm above this many times its rolling median is an explosion")
+    window: int = Field(50, ge=1, description="finite norms in the rolling median; also the steps for backoff counting and vanishing streaks")
+    min_history: int = Field(10, ge=1, description="finite norms needed before explosion is judged (a fresh run's first steps are not)")
+    vanishing_floor: float = Field(1e-10, ge=0, description="a tensor's grad norm below this for `window` consecutive steps is vanishing")
+    underflow_threshold: float = Field(0.01, ge=0, le=1, description="share of gradient elements the cast flushes to zero")
+    collapse_floor: float = Field(1.0, ge=0, description="a loss scale below this no longer scales anything up")
+    collapse_backoffs: int = Field(5, ge=0, description="more backoffs than this within `window` steps is a collapse")
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:
