@@ -1,6 +1,6 @@
 """``numwatch.watch``: measure a training run's numeric health at every optimizer step.
 
-Where the numbers are taken (ARCHITECTURE §1):
+Where the numbers are taken:
 
 * With an enabled ``torch.amp.GradScaler``: when ``scaler.update()`` runs (the instance's
   ``update`` is wrapped). The scaler has unscaled the gradients by then, also on a skipped
