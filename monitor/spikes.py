@@ -26,11 +26,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from numwatch.protocol import DetectorEventKind, event_document
 from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.models import Step
 
 # signal -> (step column, event kind)
-SIGNALS: dict[str, tuple[str, str]] = {
+SIGNALS: dict[str, tuple[str, DetectorEventKind]] = {
     "loss": ("loss", "loss_spike"),
     "grad_norm": ("global_grad_norm", "grad_norm_spike"),
 }
@@ -112,7 +113,7 @@ def detect(history: dict[str, Points], views: list[dict[str, Any]], config: Dete
                     earlier = judgement.step - grad_step
                     details["grad_norm_spike_steps_earlier"] = earlier
                     details["note"] = f"grad norm spiked {earlier} steps earlier" if earlier else "grad norm spiked at the same step"
-            events.append({"step": judgement.step, "kind": kind, "time": times[judgement.step], "details": details})
+            events.append(dict(event_document(judgement.step, kind, details, time=times[judgement.step])))
     return events, fresh
 
 
