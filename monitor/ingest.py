@@ -23,9 +23,7 @@ from numwatch.monitor import detectors
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
 from numwatch.monitor.packing import pack_stats, unpack_stats
-from numwatch.monitor.schemas import HISTOGRAM_DTYPES, BatchDocument, IngestResult, RunDocument
-
-HISTOGRAM_LENGTHS = {"exponent": protocol.EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": protocol.LINEAR_BINS}
+from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
 
 
 class IngestError(Exception):
@@ -112,9 +110,9 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                     raise IngestError(422, f"steps[{i}].activations.{name}: {error} (the run traces {n_modules} modules)") from None
         decoded.append(raw)
     for i, histogram in enumerate(document.histograms):
-        for name, per_tensor in HISTOGRAM_LENGTHS.items():
+        for name, per_tensor in protocol.HISTOGRAM_LENGTHS.items():
             try:
-                protocol.check_raw(getattr(histogram, name), HISTOGRAM_DTYPES[name], n_tensors * per_tensor)
+                protocol.check_raw(getattr(histogram, name), protocol.HISTOGRAM_DTYPES[name], n_tensors * per_tensor)
             except ValueError as error:
                 raise IngestError(422, f"histograms[{i}].{name}: {error}") from None
     return decoded
@@ -294,7 +292,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: getattr(h, name) for name in HISTOGRAM_LENGTHS},
+                    **{name: getattr(h, name) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))

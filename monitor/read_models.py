@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-WireFloat = float | Literal["NaN", "Infinity", "-Infinity"] | None
+from numwatch.protocol import HistogramKind, WireFloat
 
 
 class Series(BaseModel):
@@ -26,7 +26,7 @@ class TensorSummary(BaseModel):
 
 
 class HistogramSteps(BaseModel):
-    kind: Literal["grad", "weight"]
+    kind: HistogramKind
     rank: int
     steps: list[int] = Field(description="the sampled steps that have this kind of histogram, ascending")
 

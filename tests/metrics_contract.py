@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 
-from numwatch.protocol import CLIENT_EVENT_KINDS
-from numwatch.monitor.detectors import EVENT_KINDS as DETECTOR_EVENT_KINDS
+from numwatch.protocol import CLIENT_EVENT_KINDS, DETECTOR_EVENT_KINDS
 
 GAUGES = (
     "numwatch_run_info",
