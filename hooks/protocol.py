@@ -121,7 +121,7 @@ ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
 CLIENT_EVENT_KINDS: tuple[ClientEventKind, ...] = get_args(ClientEventKind)
 DetectorEventKind = Literal[
     "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
-    "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse",
+    "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
 ]
 DETECTOR_EVENT_KINDS: tuple[DetectorEventKind, ...] = get_args(DetectorEventKind)
 

@@ -34,6 +34,9 @@ class DetectorConfig:
     underflow_threshold: float = 0.01  # share of gradient elements the cast flushes to zero
     collapse_floor: float = 1.0  # a loss scale below this no longer scales anything up
     collapse_backoffs: int = 5  # more backoffs than this within W steps
+    spike_sigmas: float = 6.0  # a loss or global grad norm above mean + k x sigma...
+    spike_window: int = 128  # ...of its last W finite values is a spike (judged once W values precede it)
+    spike_score_steps: int = 10_000  # the spike score is the share of spikes among the last N judged values
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:
