@@ -27,6 +27,8 @@ def detector_config(settings: Settings) -> DetectorConfig:
         explosion_factor=settings.detect_explosion_factor, window=settings.detect_window, min_history=settings.detect_min_history,
         vanishing_floor=settings.detect_vanishing_floor, underflow_threshold=settings.detect_underflow_threshold,
         collapse_floor=settings.detect_collapse_floor, collapse_backoffs=settings.detect_collapse_backoffs,
+        spike_sigmas=settings.detect_spike_sigmas, spike_window=settings.detect_spike_window,
+        spike_score_steps=settings.detect_spike_score_steps,
     )
 
 

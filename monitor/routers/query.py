@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy.orm import Session
 
+from numwatch import protocol
 from numwatch.monitor import queries
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, get_settings, require_reader
@@ -70,7 +71,7 @@ def get_step(run: str, step: Annotated[int, Path(ge=0, le=MAX_STEP)], rank: Rank
 def get_histograms(
     run: str,
     tensor: str,
-    kind: Literal["grad", "weight"] = "grad",
+    kind: protocol.HistogramKind = "grad",
     rank: RankQuery = 0,
     step: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="default: the latest sampled step")] = None,
     principal: Principal = Depends(require_reader),
