@@ -116,7 +116,7 @@ RunStatus = Literal["running", "finished", "crashed"]
 ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
 DetectorEventKind = Literal[
     "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
-    "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse",
+    "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
 ]
 
 # An encoded float (see encode_float) and an array's base64 text.

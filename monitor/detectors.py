@@ -35,6 +35,9 @@ class DetectorConfig(BaseModel):
     underflow_threshold: float = Field(0.01, ge=0, le=1, description="share of gradient elements the cast flushes to zero")
     collapse_floor: float = Field(1.0, ge=0, description="a loss scale below this no longer scales anything up")
     collapse_backoffs: int = Field(5, ge=0, description="more backoffs than this within `window` steps is a collapse")
+    spike_sigmas: float = Field(6.0, gt=0, description="a loss or global grad norm above mean + this many sigma of its window is a spike")
+    spike_window: int = Field(128, ge=2, description="finite values a spike is judged against (judged once this many precede it)")
+    spike_score_steps: int = Field(10_000, ge=1, description="the spike score is the share of spikes among this many last judged values")
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:

@@ -19,7 +19,7 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors
+from numwatch.monitor import detectors, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError
 from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
@@ -263,6 +263,13 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         views = [step_view(row, n_tensors) for row in new_rows]
         history = _history(session, run, rank, new_rows[0]["step"], config.window)
         new_events += detectors.detect(history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel)
+        spike_history = {
+            signal: spikes.stored_points(session, run.id, rank, new_rows[0]["step"], signal, 2 * config.spike_window)
+            for signal in spikes.SIGNALS
+        }
+        spike_events, judged = spikes.detect(spike_history, views, config)
+        new_events += spike_events
+        state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
     else:
         views = []
 
