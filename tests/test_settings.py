@@ -11,9 +11,10 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from numwatch.monitor import db
+from numwatch.monitor import db, overview, queries
 from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.detectors import DetectorConfig
+from numwatch.monitor.exposition import NumwatchCollector
 from numwatch.monitor.ingest import register_run, store_batch
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import BatchDocument, RunDocument
@@ -55,7 +56,7 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "numwatch.monitor.cli", *args], capture_output=True, text=True, timeout=120, env=environ)
 
 
-def test_runs_and_show_follow_numwatch_stale_after_seconds(tmp_path) -> None:
+def test_one_stale_rule_and_runs_show_follow_numwatch_stale_after_seconds(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'stale.db'}"
     db.upgrade(url)
     engine = db.make_engine(url)
@@ -66,6 +67,14 @@ def test_runs_and_show_follow_numwatch_stale_after_seconds(tmp_path) -> None:
             batch = BatchDocument.model_validate(batch_doc(rank=rank, steps=[step_doc(step, time=time.time() - age)]))
             store_batch(session, find_run(session, "r1", EVERYTHING), batch, DetectorConfig())
         session.commit()
+        # The read API's summary, the live tail (no steps after 100) and /metrics judge by the same rule.
+        collector = NumwatchCollector(db.make_session_factory(engine), Settings(database_url=url, stale_after_seconds=30, metrics_cache_seconds=0))
+        run_info = next(metric for metric in collector.collect() if metric.name == "numwatch_run_info")
+        run = find_run(session, "r1", EVERYTHING)
+        for stale_after, expected in ((30.0, "stale"), (120.0, "running")):
+            assert queries.run_summary(session, run, stale_after)["status"] == expected
+            assert overview.tail(session, run, 0, 100, stale_after)["status"] == expected
+        assert [sample.labels["status"] for sample in run_info.samples] == ["stale"]
     engine.dispose()
 
     def status(command: str, **env: str) -> str:
