@@ -25,10 +25,16 @@ class TensorSummary(BaseModel):
     stale_fraction: Series
 
 
+class HistogramChoice(BaseModel):
+    tensor: str
+    step: int
+
+
 class HistogramSteps(BaseModel):
     kind: HistogramKind
     rank: int
     steps: list[int] = Field(description="the sampled steps that have this kind of histogram, ascending")
+    suggested: HistogramChoice | None = Field(description="what to show first: the first tensor that went non-finite, at the last sampled step before it (else the latest)")
 
 
 class EventOut(BaseModel):

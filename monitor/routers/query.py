@@ -132,7 +132,7 @@ def get_histogram_steps(
     principal: Principal = Depends(require_reader),
     session: Session = Depends(get_session),
 ) -> dict:
-    return {"kind": kind, "rank": rank, "steps": overview.histogram_steps(session, _run(session, run, principal), kind, rank)}
+    return overview.histogram_steps(session, _run(session, run, principal), kind, rank)
 
 
 @router.get("/runs/{run}/tail", responses=RUN_RESPONSES, response_model=Tail, summary="Per-step scalars and events after a step (what a live page polls)")
