@@ -136,6 +136,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from numwatch.monitor.ingest import IngestError
+    from numwatch.monitor.web.export import export_run_page
+
+    with _session(args) as session:
+        try:
+            page = export_run_page(session, args.run)
+        except IngestError as error:
+            print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
+            return 1
+    output = Path(args.output or f"{args.run}.html")
+    output.write_text(page, encoding="utf-8")
+    print(f"wrote the run page of {args.run!r} to {output} ({len(page) / 1e6:.1f} MB, opens offline)")
+    return 0
+
+
 class Progress:
     """A one-line progress bar on stderr."""
 
@@ -229,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run", help="run name")
     _add_database(show)
     show.set_defaults(func=cmd_show)
+
+    export = commands.add_parser("export", help="write a run's page as one self-contained HTML file (data and scripts inline)")
+    export.add_argument("run", help="run name")
+    export.add_argument("-o", "--output", help="file to write (default: RUN.html)")
+    _add_database(export)
+    export.set_defaults(func=cmd_export)
 
     sync = commands.add_parser("sync", help="upload the local spool (written while offline) to a collector")
     _add_collector(sync)

@@ -16,6 +16,7 @@ from numwatch.monitor.packing import unpack_stats
 from numwatch.monitor.queries import downsample, event_record, rank_states, run_status
 
 MEAN_STATS = ("update_ratio", "stale_fraction")
+ORIGIN_KINDS = ("nonfinite_origin", "nonfinite_grad")
 TAIL_SCALARS = ("loss", "global_grad_norm", "loss_scale", "headroom_bits", "step_time")
 TAIL_LIMIT = 2000
 
@@ -57,9 +58,23 @@ def tensor_summary(session: Session, run: Run, rank: int, max_points: int) -> di
     return {name: _series(steps, values, max_points) for name, (steps, values) in columns.items()}
 
 
-def histogram_steps(session: Session, run: Run, kind: str, rank: int) -> list[int]:
+def histogram_steps(session: Session, run: Run, kind: str, rank: int) -> dict[str, Any]:
+    """The sampled steps with a ``kind`` histogram, and the one to show first: the tensor named
+    first where values went non-finite, at the last sampled step before that (else the latest)."""
     query = select(Histogram.step).where(Histogram.run_id == run.id, Histogram.rank == rank, Histogram.kind == kind).order_by(Histogram.step)
-    return list(session.execute(query).scalars())
+    steps = list(session.execute(query).scalars())
+    names = [t["name"] for t in run.tensors]
+    if not steps or not names:
+        return {"kind": kind, "rank": rank, "steps": steps, "suggested": None}
+    origin = session.execute(
+        select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.kind.in_(ORIGIN_KINDS)).order_by(Event.step, Event.id).limit(1)
+    ).scalar_one_or_none()
+    tensor, step = names[0], steps[-1]
+    if origin is not None:
+        named = [t.get("name") for t in origin.details.get("tensors", []) if isinstance(t, dict)]
+        tensor = next((name for name in named if name in names), tensor)
+        step = max((s for s in steps if s <= origin.step), default=step)
+    return {"kind": kind, "rank": rank, "steps": steps, "suggested": {"tensor": tensor, "step": step}}
 
 
 def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) -> dict[str, Any]:
