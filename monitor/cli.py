@@ -139,13 +139,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from numwatch.monitor.ingest import IngestError
+    from numwatch.monitor.errors import NotFound
     from numwatch.monitor.web.export import export_run_page
 
-    with _session(args) as session:
+    settings = _settings(args)
+    with _session(settings) as session:
         try:
-            page = export_run_page(session, args.run)
-        except IngestError as error:
+            page = export_run_page(session, args.run, settings.stale_after_seconds)
+        except NotFound as error:
             print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
             return 1
     output = Path(args.output or f"{args.run}.html")

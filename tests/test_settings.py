@@ -86,5 +86,9 @@ def test_one_stale_rule_and_runs_show_follow_numwatch_stale_after_seconds(tmp_pa
     assert status("runs") == status("show") == "running"  # the 300 s default
     assert status("runs", NUMWATCH_STALE_AFTER_SECONDS="30") == status("show", NUMWATCH_STALE_AFTER_SECONDS="30") == "stale"
     assert status("runs", NUMWATCH_STALE_AFTER_SECONDS="120") == "running"  # rank 1 is recent enough
-    missing = _cli("show", "nope", NUMWATCH_DATABASE_URL=url)
-    assert missing.returncode == 1 and "unknown run 'nope'" in missing.stderr
+    for command in ("show", "export"):
+        missing = _cli(command, "nope", NUMWATCH_DATABASE_URL=url)
+        assert missing.returncode == 1 and "unknown run 'nope'" in missing.stderr, missing.stderr
+    exported = _cli("export", "r1", "--output", str(tmp_path / "r1.html"), NUMWATCH_DATABASE_URL=url, NUMWATCH_STALE_AFTER_SECONDS="30")
+    assert exported.returncode == 0, exported.stderr
+    assert '"status":"stale"' in (tmp_path / "r1.html").read_text()  # the page's data, judged with the same setting
