@@ -10,7 +10,7 @@ import numpy as np
 
 from numwatch import protocol, records
 from numwatch.activations import ActivationTracer
-from numwatch.records import StepRecord, event_document
+from numwatch.records import StepRecord
 
 log = logging.getLogger("numwatch")
 
@@ -78,7 +78,7 @@ class NonFiniteCheck:
         if not self.reported:
             self.reported = True
             details = {"tensors": offenders, "nonfinite_tensors": len(bad), "loss": protocol.encode_float(loss), "module": module}
-            record.events.append(event_document(record.step_number, "nonfinite_origin", details))
+            record.events.append(protocol.event_document(record.step_number, "nonfinite_origin", details))
         described = ", ".join(f"{o['name']} (nan={o['nan']}, inf={o['inf']})" for o in offenders) or "all finite"
         more = f" and {len(bad) - len(offenders)} more" if len(bad) > len(offenders) else ""
         origin = f"; first non-finite module output: {module}" if module else ""

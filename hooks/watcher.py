@@ -229,34 +229,31 @@ class Watcher:
         assert self._transport is not None
         return self._transport
 
-    def _run_document(self, project: str | None, config: dict[str, Any] | None) -> dict[str, Any]:
+    def _run_document(self, project: str | None, config: dict[str, Any] | None) -> protocol.RunDocument:
         groups = {}
         if self.optimizer is not None:
             for index, group in enumerate(self.optimizer.param_groups):
                 groups.update({id(p): index for p in group["params"]})
-        return {
-            "protocol": protocol.PROTOCOL_VERSION,
-            "run": self.run,
-            "project": project or os.environ.get("NUMWATCH_PROJECT") or "default",
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "format": self.format.name,
-            # group -1: the parameter is in no param group of the watched optimizer
-            "tensors": [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "group": groups.get(id(p), -1)} for n, p in zip(self.watched.names, self.watched.parameters)],
-            "modules": self.tracer.module_names if self.tracer else [],
-            "config": {
-                "model": type(self.model).__name__,
-                "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
-                "grad_scaler": self.scaler is not None,
-                "fused_optimizer": bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)),
-                "sharded": self.watched.sharding is not None,
-                "histogram_every": self.histogram_every,
-                "format_every": self.format_every,
-                "torch": torch.__version__,
-                "user": _json_safe(config),
-            },
-            "started_at": time.time(),
+        # group -1: the parameter is in no param group of the watched optimizer
+        tensors: list[protocol.TensorSpec] = [
+            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "group": groups.get(id(p), -1)} for n, p in zip(self.watched.names, self.watched.parameters)
+        ]
+        settings = {
+            "model": type(self.model).__name__,
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "grad_scaler": self.scaler is not None,
+            "fused_optimizer": bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)),
+            "sharded": self.watched.sharding is not None,
+            "histogram_every": self.histogram_every,
+            "format_every": self.format_every,
+            "torch": torch.__version__,
+            "user": _json_safe(config),
         }
+        return protocol.run_document(
+            self.run, rank=self.rank, world_size=self.world_size, format=self.format.name, tensors=tensors,
+            project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
+            modules=self.tracer.module_names if self.tracer else [], config=settings,
+        )
 
     def guarded(self, site: str, function: Callable[..., Any]) -> Callable[..., Any]:
         """``function`` made harmless to training: a failure is logged once per site, counted,

@@ -136,6 +136,24 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from numwatch.monitor.ingest import IngestError
+    from numwatch.monitor.web.export import export_run_page
+
+    with _session(args) as session:
+        try:
+            page = export_run_page(session, args.run)
+        except IngestError as error:
+            print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
+            return 1
+    output = Path(args.output or f"{args.run}.html")
+    output.write_text(page, encoding="utf-8")
+    print(f"wrote the run page of {args.run!r} to {output} ({len(page) / 1e6:.1f} MB, opens offline)")
+    return 0
+
+
 class Progress:
     """A one-line progress bar on stderr."""
 
@@ -173,9 +191,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from numwatch.monitor.demo import run_demo
+    from numwatch.monitor.demo import DemoPlan, run_demo
 
-    run_demo(url=args.url, keep_serving=args.keep_serving)
+    try:
+        plan = DemoPlan.of_length(args.steps)
+    except ValueError as error:
+        raise SystemExit(f"numwatch demo: {error}") from None
+    run_demo(url=args.url, plan=plan, keep_serving=args.keep_serving)
     return 0
 
 
@@ -226,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database(show)
     show.set_defaults(func=cmd_show)
 
+    export = commands.add_parser("export", help="write a run's page as one self-contained HTML file (data and scripts inline)")
+    export.add_argument("run", help="run name")
+    export.add_argument("-o", "--output", help="file to write (default: RUN.html)")
+    _add_database(export)
+    export.set_defaults(func=cmd_export)
+
     sync = commands.add_parser("sync", help="upload the local spool (written while offline) to a collector")
     _add_collector(sync)
     sync.add_argument("--spool-dir", default=None, help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)")
@@ -233,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose and show what numwatch caught")
     demo.add_argument("--url", default=None, help="use this collector instead of starting one")
+    demo.add_argument("--steps", type=int, default=240, help="training steps (default 240; at least 60): the instability starts halfway")
     demo.add_argument("--keep-serving", action="store_true", help="keep the demo collector running at the end")
     demo.set_defaults(func=cmd_demo)
 

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     detect_underflow_threshold: float = 0.01
     detect_collapse_floor: float = 1.0
     detect_collapse_backoffs: int = 5
+    detect_spike_sigmas: float = 6.0
+    detect_spike_window: int = 128
+    detect_spike_score_steps: int = 10_000
     # Grafana annotations for events (off when no URL).
     grafana_url: str | None = None
     grafana_token: str | None = None
