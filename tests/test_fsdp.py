@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from numwatch import protocol
+from tests.collector_docs import values
 from tests.watch_helpers import read_spool
 
 WORLD_SIZE = 2
@@ -190,15 +190,15 @@ def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_ru
             np.testing.assert_allclose(spooled.stat(step, "weight_absmax"), [np.abs(w).max() for w in weights], rtol=RTOL)
         n_tensors = len(spooled.runs[0]["tensors"])
         for histogram in spooled.histograms:
-            exponent = np.frombuffer(protocol.unpack_bytes(histogram["exponent"], "<i8", None), dtype="<i8").reshape(n_tensors, -1)
-            linear = np.frombuffer(protocol.unpack_bytes(histogram["linear"], "<i8", None), dtype="<i8").reshape(n_tensors, -1)
+            exponent = values(histogram["exponent"], "<i8").reshape(n_tensors, -1)
+            linear = values(histogram["linear"], "<i8").reshape(n_tensors, -1)
             # Every element of every whole tensor is counted exactly once, in both histograms.
             np.testing.assert_array_equal(exponent.sum(axis=1), [17 * 6, 17, 3 * 17, 3])
             np.testing.assert_array_equal(linear.sum(axis=1), [17 * 6, 17, 3 * 17, 3])
             if histogram["kind"] == "weight":
                 weights = saved["weights"][histogram["step"] - 1]
-                low = np.frombuffer(protocol.unpack_bytes(histogram["linear_min"], "<f4", None), dtype="<f4")
-                high = np.frombuffer(protocol.unpack_bytes(histogram["linear_max"], "<f4", None), dtype="<f4")
+                low = values(histogram["linear_min"], "<f4")
+                high = values(histogram["linear_max"], "<f4")
                 np.testing.assert_allclose(low, [w.min() for w in weights], rtol=RTOL)
                 np.testing.assert_allclose(high, [w.max() for w in weights], rtol=RTOL)
 

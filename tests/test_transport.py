@@ -16,7 +16,12 @@ import torch
 import numwatch
 from numwatch import protocol
 from numwatch.transport import StepDocuments, Transport
+<<<<<<< HEAD
 from tests.watch_helpers import BackwardInjection, batch, read_spool, small_model
+=======
+from tests.collector_docs import values
+from tests.watch_helpers import batch, read_spool, small_model
+>>>>>>> main
 
 
 class Collector:
@@ -115,10 +120,10 @@ def test_watcher_streams_run_once_and_batches_with_bearer(tmp_path, collector):
     assert batches[-1]["status"] == "finished" and all(b["status"] == "running" for b in batches[:-1])
     step3 = next(s for b in batches for s in b["steps"] if s["step"] == 3)
     assert step3["loss"] == "NaN" and math.isnan(protocol.decode_float(step3["loss"]))
-    norms = np.frombuffer(protocol.unpack_bytes(step3["tensors"]["grad_norm"], "<f4", 4), dtype="<f4")
+    norms = values(step3["tensors"]["grad_norm"], "<f4", 4)
     assert norms[3] == np.inf and np.isfinite(norms[:3]).all()
     assert protocol.decode_float(step3["global_grad_norm"]) == math.inf
-    assert step3["tensors"]["inf_count"] and protocol.unpack_array(step3["tensors"]["inf_count"], "<i8") == [0, 0, 0, 1]
+    assert step3["tensors"]["inf_count"] and values(step3["tensors"]["inf_count"], "<i8").tolist() == [0, 0, 0, 1]
     assert not watcher.spool_dir.exists()  # everything acknowledged: nothing spooled
     assert watcher.transport.sent_batches == len(batches)
 

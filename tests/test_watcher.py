@@ -15,6 +15,7 @@ from torch import nn
 
 import numwatch
 from numwatch import protocol, stats
+from tests.collector_docs import values
 from tests.watch_helpers import BackwardInjection, batch, read_spool, reference_norms, small_model
 
 INF_STEPS = {3, 4, 9}  # 1-based optimizer steps whose gradient gets an Inf
@@ -287,8 +288,8 @@ def test_activation_tracing_names_the_first_nonfinite_module(tmp_path):
     assert event["kind"] == "nonfinite_origin" and event["details"]["module"] == "2"
     assert event["details"]["tensors"][0]["name"] == "0.weight" and event["details"]["tensors"][0]["nan"] > 0
     activations = spooled.steps[0]["activations"]
-    nonfinite = protocol.unpack_array(activations["nonfinite"], "<i8", 5)
-    absmax = protocol.unpack_array(activations["absmax"], "<f4", 5)
+    nonfinite = values(activations["nonfinite"], "<i8", 5).tolist()
+    absmax = values(activations["absmax"], "<f4", 5).tolist()
     assert nonfinite == [0, 0, 1, 1, 1]
     assert absmax[0] == pytest.approx(expected, rel=1e-6)
 

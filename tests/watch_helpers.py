@@ -12,6 +12,7 @@ from torch import nn
 
 from numwatch import protocol
 from numwatch.spool import iter_spool
+from tests.collector_docs import values
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Spooled:
     def stat(self, step: dict[str, Any], name: str) -> np.ndarray:
         """A per-tensor statistic of a step document as a numpy array."""
         n = len(self.runs[0]["tensors"])
-        return np.frombuffer(protocol.unpack_bytes(step["tensors"][name], protocol.TENSOR_STATS[name], n), dtype=protocol.TENSOR_STATS[name])
+        return values(step["tensors"][name], protocol.TENSOR_STATS[name], n)
 
 
 def read_spool(directory: Path) -> Spooled:
