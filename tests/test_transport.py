@@ -16,12 +16,8 @@ import torch
 import numwatch
 from numwatch import protocol
 from numwatch.transport import StepDocuments, Transport
-<<<<<<< HEAD
-from tests.watch_helpers import BackwardInjection, batch, read_spool, small_model
-=======
 from tests.collector_docs import values
-from tests.watch_helpers import batch, read_spool, small_model
->>>>>>> main
+from tests.watch_helpers import BackwardInjection, batch, read_spool, small_model
 
 
 class Collector:
