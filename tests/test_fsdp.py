@@ -100,8 +100,8 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         for step in range(1, STEPS + 1):
             inputs, targets = _batch(step)
             mine = slice(rank * half, (rank + 1) * half)
+            collectives.append(0)  # the gradients are read when the backward ends
             torch.nn.functional.mse_loss(model(inputs[mine]), targets[mine]).backward()
-            collectives.append(0)
             optimizer.step()
             optimizer.zero_grad()
             if reference is not None:
@@ -113,10 +113,12 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
                 saved["weights"].append(_weights(reference))
         # One more step with a NaN in rank 1's shard of the first weight only.
         inputs, targets = _batch(STEPS + 1)
+        collectives.append(0)
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
         if rank == 1:
             model[0].weight.grad.to_local()[0, 1] = float("nan")
         collectives.append(0)
+        watcher.gradients_ready()  # the gradients changed after the backward: read them again
         optimizer.step()
         watcher.close()
 
@@ -173,8 +175,8 @@ def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
         np.testing.assert_array_equal(spooled.stat(last, "inf_count"), [0, 0, 0, 0])
         (event,) = [e for e in spooled.events if e["kind"] == "nonfinite_origin"]
         assert event["details"]["tensors"][0] == {"name": "0.weight", "nan": 1, "inf": 0}
-    # Norms and abs-max (one SUM, one MAX), then the NaN counts (one SUM).
-    assert saved["collectives"][STEPS] == 3
+    # Read again after the NaN was written: norms and abs-max (one SUM, one MAX), then the NaN counts (one SUM).
+    assert saved["collectives"][STEPS + 1] == 3
 
 
 def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_run):

@@ -17,7 +17,7 @@ import numwatch
 from numwatch import protocol
 from numwatch.transport import StepDocuments, Transport
 from tests.collector_docs import values
-from tests.watch_helpers import batch, read_spool, small_model
+from tests.watch_helpers import BackwardInjection, batch, read_spool, small_model
 
 
 class Collector:
@@ -99,11 +99,11 @@ def test_watcher_streams_run_once_and_batches_with_bearer(tmp_path, collector):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     watcher = numwatch.watch(model, optimizer, run="net/1", url=collector.url, token="s3cret", spool_dir=tmp_path, on_nonfinite="ignore")
+    inject = BackwardInjection(model[2].bias, (slice(0, 1),), [math.inf], {3})
     for step in range(1, 6):
+        inject.step = step
         x, y = batch(step)
         (model(x) - y).pow(2).mean().backward()
-        if step == 3:
-            model[2].bias.grad[0] = math.inf
         watcher.log(loss=math.nan if step == 3 else float(step))
         optimizer.step()
         optimizer.zero_grad()

@@ -59,3 +59,20 @@ def reference_norms(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """float64 L2 norm and absmax per tensor, computed independently of numwatch.stats."""
     as64 = [g.detach().to(torch.float64).numpy().ravel() for g in grads]
     return np.array([np.sqrt(np.sum(a * a)) for a in as64]), np.array([np.max(np.abs(a)) for a in as64])
+
+
+class BackwardInjection:
+    """Writes values into a parameter's gradient inside the backward, at chosen steps: the
+    way a real overflow arrives (numwatch reads the gradients when the backward ends)."""
+
+    def __init__(self, parameter: torch.Tensor, index: tuple, values: list[float], steps: set[int] | None = None) -> None:
+        self.step = 0
+        self.index, self.values, self.steps = index, values, steps
+        parameter.register_hook(self._inject)
+
+    def _inject(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.steps is not None and self.step not in self.steps:
+            return grad
+        grad = grad.clone()
+        grad[self.index] = torch.tensor(self.values, dtype=grad.dtype)
+        return grad
