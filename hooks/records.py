@@ -11,14 +11,14 @@ zero gradient, as for ``clip_grad_norm_``).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from numwatch import protocol
-from numwatch.hostcopy import HostStack
+from numwatch.hostcopy import DeviceStack, HostStack
 from numwatch.transport import StepDocuments
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
@@ -66,6 +66,39 @@ class StepRecord:
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
     events: list[dict[str, Any]] = field(default_factory=list)
+    late: HostStack | None = None  # device values logged after the step ended, copied by seal()
+    _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    _logged_late: bool = False
+
+    # -- values logged after the step ended (before the model's next forward) -------------
+
+    def log_late(self, scalars: dict[str, Any]) -> None:
+        """Attach ``watcher.log`` values that arrive after the step ended; later values win."""
+        self._logged_late = True
+        for name, value in scalars.items():
+            if isinstance(value, torch.Tensor):
+                self._late_tensors[name] = value.detach().reshape(())
+            elif name == "loss":
+                self._late_tensors.pop(name, None)
+                self.loss = float(value)
+            else:
+                self._late_tensors.pop(name, None)
+                self.scalars[name] = float(value)
+
+    def seal(self) -> bool:
+        """No more values come: start the host copy of the late device values. Whether any value came late."""
+        if not self._late_tensors:
+            return self._logged_late
+        stack = DeviceStack()
+        for name, value in self._late_tensors.items():
+            self.scalars.pop(name, None)
+            stack.add(LOSS if name == "loss" else SCALAR_PREFIX + name, value)
+        self._late_tensors = {}
+        self.late = stack.to_host()
+        return True
+
+    def _stacks(self) -> list[HostStack]:
+        return [self.host] + ([self.late] if self.late is not None else [])
 
     # -- host values, also used on the training thread for non-finite checks ----------
 
@@ -78,7 +111,9 @@ class StepRecord:
         return self.host.get(NONFINITE) if NONFINITE in self.host else None
 
     def loss_value(self) -> float | None:
-        """The step's loss: logged on the host, or captured on the device."""
+        """The step's loss: logged late on the device, logged on the host, else captured or logged on the device."""
+        if self.late is not None and LOSS in self.late:
+            return self.late.scalar(LOSS)
         if self.loss is not None:
             return self.loss
         return self.host.scalar(LOSS) if LOSS in self.host else None
@@ -95,7 +130,8 @@ class StepRecord:
 
     def build(self) -> StepDocuments:
         """The step document, its histograms and events."""
-        self.host.wait()
+        for stack in self._stacks():
+            stack.wait()
         return StepDocuments(self._step_document(), self._histograms(), self.events)
 
     def _spread(self, values: np.ndarray, part: str) -> np.ndarray:
@@ -117,13 +153,6 @@ class StepRecord:
         if EXP_AVG_SQ in self.host:
             stats[EXP_AVG_SQ] = protocol.pack_bytes(self.host.get(EXP_AVG_SQ, "<f4").tobytes())
         return stats
-
-    def _scale_fields(self) -> dict[str, Any]:
-        if LOSS_SCALE not in self.host:
-            return {"loss_scale": None, "new_loss_scale": None, "scale_decision": None}
-        before, after = self.host.scalar(LOSS_SCALE), self.host.scalar(NEW_LOSS_SCALE)
-        decision = "growth" if after > before else "backoff" if after < before else "none"
-        return {"loss_scale": protocol.encode_float(before), "new_loss_scale": protocol.encode_float(after), "scale_decision": decision}
 
     def global_grad_norm(self) -> float:
         """sqrt(sum of squared per-tensor norms), in float64: what clip_grad_norm_ sees."""
@@ -151,48 +180,35 @@ class StepRecord:
         nonfinite = (~np.isfinite(absmax)).astype("<i8")
         return {"absmax": protocol.pack_bytes(absmax.tobytes()), "nonfinite": protocol.pack_bytes(nonfinite.tobytes())}
 
-    def _step_document(self) -> dict[str, Any]:
+    def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()
-        scalars = {name: protocol.encode_float(value) for name, value in self.scalars.items()}
-        for name in self.host_scalar_names():
-            scalars[name] = protocol.encode_float(self.host.scalar(SCALAR_PREFIX + name))
-        return {
-            "step": self.step_number,
-            "time": self.time,
-            "step_time": self.step_time,
-            "loss": protocol.encode_float(self.loss_value()),
-            **self._scale_fields(),
-            "skipped": skipped,
-            "lr": [protocol.encode_float(lr) for lr in self.lr],
-            "global_grad_norm": protocol.encode_float(self.global_grad_norm()),
-            "headroom_bits": protocol.encode_float(self.headroom_bits()),
-            "scalars": scalars,
-            "tensors": self._tensor_stats(skipped),
-            "activations": self._activations(),
-        }
+        scalars = dict(self.scalars)
+        for stack in self._stacks():
+            for name in stack.names():
+                if name.startswith(SCALAR_PREFIX):
+                    scalars[name[len(SCALAR_PREFIX) :]] = stack.scalar(name)
+        scaled = LOSS_SCALE in self.host
+        return protocol.step_document(
+            self.step_number, time=self.time, step_time=self.step_time, loss=self.loss_value(),
+            loss_scale=self.host.scalar(LOSS_SCALE) if scaled else None,
+            new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
+            skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
+            scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
+        )
 
-    def host_scalar_names(self) -> list[str]:
-        """Names of scalars logged as device tensors (kept in the stack)."""
-        return [name[len(SCALAR_PREFIX) :] for name in self.host.names() if name.startswith(SCALAR_PREFIX)]
-
-    def _histograms(self) -> list[dict[str, Any]]:
+    def _histograms(self) -> list[protocol.HistogramDocument]:
         documents = []
         for kind in protocol.HISTOGRAM_KINDS:
             if histogram_part(kind, "exponent") not in self.host:
                 continue
             spread = kind == "grad" and self.present is not None
-            fields: dict[str, Any] = {"step": self.step_number, "kind": kind}
-            for field_name, dtype in (("exponent", "<i8"), ("linear_min", "<f4"), ("linear_max", "<f4"), ("linear", "<i8")):
+            fields: dict[str, str] = {}
+            for field_name, dtype in protocol.HISTOGRAM_DTYPES.items():
                 values = self.host.get(histogram_part(kind, field_name), dtype)
                 if spread:
                     full = np.zeros((self.n_tensors,) + values.shape[1:], dtype=values.dtype)
                     full[self.present_indices()] = values
                     values = full
                 fields[field_name] = protocol.pack_bytes(np.ascontiguousarray(values).tobytes())
-            documents.append(fields)
+            documents.append(protocol.histogram_document(self.step_number, kind, **fields))
         return documents
-
-
-def event_document(step: int, kind: str, details: dict[str, Any]) -> dict[str, Any]:
-    """An ``event`` document stamped now."""
-    return {"step": step, "kind": kind, "time": time.time(), "details": details}

@@ -13,38 +13,31 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from numwatch.protocol import FORMAT_COUNT_STATS
+from numwatch.protocol import FORMAT_COUNT_STATS, DetectorEventKind, encode_float, event_document
 
-EVENT_KINDS = (
-    "nonfinite_grad",
-    "nonfinite_loss",
-    "loss_scale_backoff",
-    "loss_scale_growth",
-    "skipped_step",
-    "grad_explosion",
-    "vanishing_grad",
-    "underflow_high",
-    "loss_scale_collapse",
-)
 MAX_NAMED_TENSORS = 10
 
 
-@dataclass
-class DetectorConfig:
-    """Thresholds; every field can be set with ``NUMWATCH_DETECT_<FIELD>`` on the collector."""
+class DetectorConfig(BaseModel):
+    """The detectors' thresholds: ``Settings.detect``, so each reads ``NUMWATCH_DETECT_<FIELD>`` on the collector."""
 
-    explosion_factor: float = 10.0  # global norm above k x its rolling median...
-    window: int = 50  # ...over the last W finite norms; also W for backoff counting and vanishing streaks
-    min_history: int = 10  # finite norms needed before explosion is judged (a fresh run's first steps are not)
-    vanishing_floor: float = 1e-10  # a tensor's grad norm below this for W consecutive steps
-    underflow_threshold: float = 0.01  # share of gradient elements the cast flushes to zero
-    collapse_floor: float = 1.0  # a loss scale below this no longer scales anything up
-    collapse_backoffs: int = 5  # more backoffs than this within W steps
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    explosion_factor: float = Field(10.0, gt=0, description="global norm above this many times its rolling median is an explosion")
+    window: int = Field(50, ge=1, description="finite norms in the rolling median; also the steps for backoff counting and vanishing streaks")
+    min_history: int = Field(10, ge=1, description="finite norms needed before explosion is judged (a fresh run's first steps are not)")
+    vanishing_floor: float = Field(1e-10, ge=0, description="a tensor's grad norm below this for `window` consecutive steps is vanishing")
+    underflow_threshold: float = Field(0.01, ge=0, le=1, description="share of gradient elements the cast flushes to zero")
+    collapse_floor: float = Field(1.0, ge=0, description="a loss scale below this no longer scales anything up")
+    collapse_backoffs: int = Field(5, ge=0, description="more backoffs than this within `window` steps is a collapse")
+    spike_sigmas: float = Field(6.0, gt=0, description="a loss or global grad norm above mean + this many sigma of its window is a spike")
+    spike_window: int = Field(128, ge=2, description="finite values a spike is judged against (judged once this many precede it)")
+    spike_score_steps: int = Field(10_000, ge=1, description="the spike score is the share of spikes among this many last judged values")
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:
@@ -65,8 +58,8 @@ def has_nonfinite_grad(view: dict[str, Any]) -> bool:
     return (norm is not None and not math.isfinite(norm)) or bool(nonfinite_tensor_mask(view["tensors"]).any())
 
 
-def _event(view: dict[str, Any], kind: str, **details: Any) -> dict[str, Any]:
-    return {"step": view["step"], "kind": kind, "time": view["time"], "details": details}
+def _event(view: dict[str, Any], kind: DetectorEventKind, **details: Any) -> dict[str, Any]:
+    return dict(event_document(view["step"], kind, details, time=view["time"]))
 
 
 def _scale(view: dict[str, Any]) -> float | None:
@@ -85,13 +78,7 @@ def _nonfinite_details(view: dict[str, Any], names: list[str] | None) -> dict[st
             if stat in tensors:
                 entry[key] = int(tensors[stat][index])
         named.append(entry)
-    return {"tensors": named, "tensor_count": int(len(indices)), "global_grad_norm": _json_float(view.get("global_grad_norm"))}
-
-
-def _json_float(value: float | None) -> float | str | None:
-    if value is None or math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return {"tensors": named, "tensor_count": int(len(indices)), "global_grad_norm": encode_float(view.get("global_grad_norm"))}
 
 
 def _underflow_share(view: dict[str, Any], numel: np.ndarray | None) -> float | None:
@@ -132,7 +119,7 @@ def detect(
             events.append(_event(view, "nonfinite_grad", **_nonfinite_details(view, tensor_names)))
         loss = view.get("loss")
         if loss is not None and not math.isfinite(loss):
-            events.append(_event(view, "nonfinite_loss", loss=_json_float(loss)))
+            events.append(_event(view, "nonfinite_loss", loss=encode_float(loss)))
         if view["scale_decision"] in ("backoff", "growth"):
             kind = "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
             events.append(_event(view, kind, loss_scale=view.get("loss_scale"), new_loss_scale=view.get("new_loss_scale")))

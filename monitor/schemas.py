@@ -6,11 +6,10 @@ decoded to bytes and checked against their dtype here, and against the run's ten
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator
 
 from numwatch import protocol
 
@@ -37,7 +36,6 @@ def _decode_float(value: Any) -> float | None:
 
 ProtocolFloat = Annotated[float | None, BeforeValidator(_decode_float)]
 FiniteOrNonFinite = Annotated[float, BeforeValidator(_decode_float)]
-HISTOGRAM_DTYPES = {"exponent": "<i8", "linear_min": "<f4", "linear_max": "<f4", "linear": "<i8"}
 MAX_ARRAY_TEXT = 256 * 1024 * 1024
 
 
@@ -47,10 +45,7 @@ def _decode_array(value: Any) -> bytes:
         raise ValueError("expected base64 array text (a string)")
     if len(value) > MAX_ARRAY_TEXT:
         raise ValueError(f"array text over {MAX_ARRAY_TEXT} characters")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError as error:  # binascii.Error, non-ASCII text
-        raise ValueError(f"not base64 array text: {error}") from None
+    return protocol.unpack_bytes(value)
 
 
 # Base64 text on the wire, raw little-endian bytes once validated.
@@ -70,6 +65,16 @@ def _check_arrays(arrays: dict[str, bytes], dtypes: dict[str, str]) -> dict[str,
     return arrays
 
 
+def _fields_of_dtypes(dtypes: dict[str, str]) -> Any:
+    """A validator checking each array field named in ``dtypes`` against its dtype there."""
+
+    def check(cls: type, raw: bytes, info: ValidationInfo) -> bytes:
+        _check_arrays({info.field_name: raw}, dtypes)
+        return raw
+
+    return field_validator(*dtypes)(classmethod(check))
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -82,12 +87,12 @@ class TensorSpec(Strict):
 
 
 class RunDocument(Strict):
-    protocol: Literal[1]
+    protocol: protocol.ProtocolVersion
     run: RunName
     project: ProjectName = "default"
     rank: int = Field(ge=0, le=MAX_RANK)
     world_size: int = Field(ge=1, le=MAX_RANK)
-    format: Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
+    format: protocol.Format
     tensors: list[TensorSpec] = Field(max_length=1_000_000)
     modules: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
@@ -98,11 +103,7 @@ class Activations(Strict):
     absmax: ArrayBytes
     nonfinite: ArrayBytes
 
-    @field_validator("absmax", "nonfinite")
-    @classmethod
-    def _arrays(cls, raw: bytes, info: Any) -> bytes:
-        _check_arrays({info.field_name: raw}, protocol.ACTIVATION_STATS)
-        return raw
+    _arrays = _fields_of_dtypes(protocol.ACTIVATION_STATS)
 
 
 class StepDocument(Strict):
@@ -112,7 +113,7 @@ class StepDocument(Strict):
     loss: ProtocolFloat = None
     loss_scale: ProtocolFloat = None
     new_loss_scale: ProtocolFloat = None
-    scale_decision: Literal["growth", "backoff", "none"] | None = None
+    scale_decision: protocol.ScaleDecision | None = None
     skipped: bool = False
     lr: list[FiniteOrNonFinite] = Field(default_factory=list, max_length=10_000)
     global_grad_norm: ProtocolFloat = None
@@ -129,17 +130,13 @@ class StepDocument(Strict):
 
 class HistogramDocument(Strict):
     step: int = Field(ge=1, le=MAX_STEP)
-    kind: Literal["grad", "weight"]
+    kind: protocol.HistogramKind
     exponent: ArrayBytes
     linear_min: ArrayBytes
     linear_max: ArrayBytes
     linear: ArrayBytes
 
-    @field_validator("exponent", "linear_min", "linear_max", "linear")
-    @classmethod
-    def _arrays(cls, raw: bytes, info: Any) -> bytes:
-        _check_arrays({info.field_name: raw}, HISTOGRAM_DTYPES)
-        return raw
+    _arrays = _fields_of_dtypes(protocol.HISTOGRAM_DTYPES)
 
 
 class EventDocument(Strict):
@@ -150,14 +147,14 @@ class EventDocument(Strict):
 
 
 class BatchDocument(Strict):
-    protocol: Literal[1]
+    protocol: protocol.ProtocolVersion
     run: RunName
     rank: int = Field(ge=0, le=MAX_RANK)
     batch_id: str = Field(default="", max_length=200)
     steps: list[StepDocument] = Field(default_factory=list, max_length=100_000)
     histograms: list[HistogramDocument] = Field(default_factory=list, max_length=100_000)
     events: list[EventDocument] = Field(default_factory=list, max_length=100_000)
-    status: Literal["running", "finished", "crashed"] = "running"
+    status: protocol.RunStatus = "running"
 
 
 class ErrorDetail(BaseModel):
