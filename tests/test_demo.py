@@ -19,6 +19,8 @@ from numwatch.monitor.demo import DemoPlan
 from tests import browser
 
 STEPS = 90
+# Training the demo dominates (about a minute alone on two cores; several on a shared machine).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @dataclass

@@ -40,5 +40,5 @@ NW.start(async () => {
 
   main.append(el("h2", {}, `Events (${events.length})`), RunView.eventsTable(run, events));
   if (!NW.exported() && (detail.status === "running" || detail.status === "stale")) RunView.follow(run, end, live);
-  document.body.dataset.ready = "true";
+  NW.ready();
 });
