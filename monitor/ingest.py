@@ -19,10 +19,10 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors
+from numwatch.monitor import detectors, rollups
 from numwatch.monitor.auth import Principal
-from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import pack_stats, unpack_stats
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
+from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
 from numwatch.monitor.schemas import HISTOGRAM_DTYPES, BatchDocument, IngestResult, RunDocument
 
 HISTOGRAM_LENGTHS = {"exponent": protocol.EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": protocol.LINEAR_BINS}
@@ -50,7 +50,7 @@ def utcnow() -> datetime:
 def find_run(session: Session, name: str, principal: Principal) -> Run:
     """The run called ``name`` if the caller may see it; 404 otherwise (also for other projects' runs)."""
     run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
-    if run is None or not principal.may_access(run.project):
+    if run is None or run.status == DELETING or not principal.may_access(run.project):
         raise IngestError(404, f"unknown run {name!r}: register it first with POST /api/v1/runs")
     return run
 
@@ -82,6 +82,8 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
         session.add(run)
         session.flush()
     else:
+        if run.status == DELETING:
+            raise IngestError(409, f"run {document.run!r} is being deleted; register it again once it is gone, or use a new run name")
         if run.project != document.project or not principal.may_access(run.project):
             raise IngestError(409 if principal.may_access(run.project) else 403, f"run {document.run!r} belongs to another project")
         difference = _schema_difference(run.tensors, tensors)
@@ -154,7 +156,7 @@ def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
     """A stored or about-to-be-stored step as the detectors read it."""
     get = row.get if isinstance(row, dict) else lambda key: getattr(row, key)
     return {
-        "step": get("step"), "time": get("time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
+        "step": get("step"), "time": get("time"), "step_time": get("step_time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
         "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
         "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
         "lr": get("lr"),
@@ -281,6 +283,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         views = [step_view(row, n_tensors) for row in new_rows]
         history = _history(session, run, rank, new_rows[0]["step"], config.window)
         new_events += detectors.detect(history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel)
+        rollups.record(session, run.id, rank, views, n_tensors)
     else:
         views = []
 
@@ -294,7 +297,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: getattr(h, name) for name in HISTOGRAM_LENGTHS},
+                    **{name: compress_array(getattr(h, name), int(HISTOGRAM_DTYPES[name][-1])) for name in HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))
