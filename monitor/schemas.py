@@ -177,3 +177,10 @@ class RunRegistered(BaseModel):
     run: str
     rank: int
     created: bool
+
+
+class RunDeleting(BaseModel):
+    """A run marked for deletion: reads no longer see it; its rows are deleted in the background."""
+
+    run: str
+    status: Literal["deleting"] = "deleting"
