@@ -14,13 +14,13 @@ $(STAMP): pyproject.toml requirements-dev.txt
 
 install: $(STAMP)
 
-# Prometheus, promtool, Alertmanager and amtool from Debian's packages (needs root);
-# PostgreSQL 15's server binaries are expected on the machine.
+# Prometheus, promtool, Alertmanager and amtool, Chromium and its driver (the web view's browser
+# tests) from Debian's packages (needs root); PostgreSQL 15's server binaries are expected on the machine.
 system-deps:
-	@if command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; then :; \
+	@if command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq prometheus prometheus-alertmanager >/dev/null; \
-	else echo "note: prometheus/alertmanager not installed and not root: tests that need them will skip"; fi
+		apt-get update -qq && apt-get install -y -qq prometheus prometheus-alertmanager chromium chromium-driver >/dev/null; \
+	else echo "note: prometheus/alertmanager/chromium not installed and not root: tests that need them will skip"; fi
 
 test: install system-deps
 	$(PY) -m pytest -q -ra

@@ -76,10 +76,7 @@ class BatchStream:
             for s in numbers
         ]
         histograms = [{**h, "step": s} for s in numbers if sampled(s, plan.histogram_every) for h in self.histograms]
-        return {
-            "protocol": protocol.PROTOCOL_VERSION, "run": plan.run, "rank": 0, "batch_id": f"{plan.run}-{first_step}",
-            "steps": steps, "histograms": histograms, "events": [], "status": "running",
-        }
+        return dict(protocol.batch_document(plan.run, batch_id=f"{plan.run}-{first_step}", steps=steps, histograms=histograms))
 
 
 def _register(client: httpx.Client, plan: ClientPlan, deadline: float) -> None:

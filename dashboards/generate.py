@@ -295,6 +295,12 @@ def build_run_dashboard() -> dict[str, Any]:
             log_base=10,
         ),
         timeseries("Learning rate", [prom(run_metric("numwatch_learning_rate"), "group {{group}}, rank {{rank}}")]),
+        timeseries(
+            "Spike score (share of spikes among the recent judged steps)",
+            [prom(run_metric("numwatch_spike_score"), "{{signal}}, rank {{rank}}")],
+            unit="percentunit",
+            width=24,
+        ),
         panel(
             "heatmap",
             "Per-layer gradient norm",

@@ -1,7 +1,9 @@
-"""numwatch's training-side hooks: ``watcher = numwatch.watch(model, optimizer, scaler=scaler)``.
+"""numwatch: numeric-health monitoring for PyTorch training.
 
-The public names are imported lazily, so the collector can import ``numwatch.protocol``
-without pulling in torch.
+``watcher = numwatch.watch(model, optimizer, scaler=scaler)`` is the training side's one line;
+the collector is :mod:`numwatch.monitor`. The public names are imported lazily, so the
+collector can import ``numwatch.protocol`` without torch, and a missing torch is one clear
+error where the client is first used rather than at ``import numwatch``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,18 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'hooks' has no attribute {name!r}")
-    value = getattr(import_module(_EXPORTS[name]), name)
+        raise AttributeError(f"module 'numwatch' has no attribute {name!r}")
+    try:
+        module = import_module(_EXPORTS[name])
+    except ModuleNotFoundError as missing:
+        if missing.name != "torch":
+            raise
+        # numwatch does not declare torch (pip could replace the user's own build), so say what to do.
+        raise ImportError(
+            f"numwatch.{name} needs PyTorch, which is not installed in this Python environment: "
+            "install the torch build for your machine first (see pytorch.org), then import numwatch again"
+        ) from None
+    value = getattr(module, name)
     globals()[name] = value
     return value
 

@@ -57,38 +57,42 @@ import base64
 import json
 import math
 import sys
+import time as _time
+import uuid
 from array import array
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence, TypedDict, get_args
 
-PROTOCOL_VERSION = 1
+# -- wire types: each value set written once, as a Literal; the tuples derive from it --
+
+ProtocolVersion = Literal[1]
+PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[0]
 
 # Target formats the format counts are taken against (names on the wire).
-FORMATS = ("fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32")
+Format = Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
+FORMATS: tuple[Format, ...] = get_args(Format)
 
 # array dtype codes: '<f4' float32, '<f8' float64, '<i8' int64 (all little-endian).
-_ARRAY_TYPECODES = {"<f4": "f", "<f8": "d", "<i8": "q"}
+ArrayDtype = Literal["<f4", "<f8", "<i8"]
+_ARRAY_TYPECODES: dict[ArrayDtype, str] = {"<f4": "f", "<f8": "d", "<i8": "q"}
 
-# Per-tensor statistics of a step and the dtype of their arrays.
-TENSOR_STATS: dict[str, str] = {
+# Per-tensor statistics of a step.
+TensorStat = Literal[
     # every step
-    "grad_norm": "<f4",
-    "grad_absmax": "<f4",
-    "nan_count": "<i8",
-    "inf_count": "<i8",
+    "grad_norm", "grad_absmax", "nan_count", "inf_count",
     # format counts (``format_every``): what a cast of g*S to the run's format does
-    "zeros": "<i8",
-    "underflow": "<i8",
-    "subnormal": "<i8",
-    "overflow": "<i8",
+    "zeros", "underflow", "subnormal", "overflow",
     # sampled (``histogram_every``)
-    "weight_norm": "<f4",
-    "weight_absmax": "<f4",
-    "update_ratio": "<f4",
-    "stale_fraction": "<f4",
-    "exp_avg_sq_underflow": "<f4",  # share of Adam's exp_avg_sq that is 0 or subnormal
-}
-FORMAT_COUNT_STATS = ("zeros", "underflow", "subnormal", "overflow")
-ACTIVATION_STATS: dict[str, str] = {"absmax": "<f4", "nonfinite": "<i8"}
+    "weight_norm", "weight_absmax", "update_ratio", "stale_fraction",
+    "exp_avg_sq_underflow",  # share of Adam's exp_avg_sq that is 0 or subnormal
+]
+FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
+FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
+_INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)
+# The dtype of each stat's array.
+TENSOR_STATS: dict[TensorStat, ArrayDtype] = {name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)}
+
+ActivationStat = Literal["absmax", "nonfinite"]
+ACTIVATION_STATS: dict[ActivationStat, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
 
 # Exponent histogram layout: one bin per binade floor(log2|x|) from EXPONENT_MIN to
 # EXPONENT_MAX (the float32 range, subnormals included), then zero, +-Inf and NaN bins.
@@ -101,13 +105,99 @@ EXPONENT_INF_BIN = EXPONENT_BINADES + 1
 EXPONENT_NAN_BIN = EXPONENT_BINADES + 2
 EXPONENT_BINS = EXPONENT_BINADES + 3
 LINEAR_BINS = 64
-HISTOGRAM_KINDS = ("grad", "weight")
+HistogramKind = Literal["grad", "weight"]
+HISTOGRAM_KINDS: tuple[HistogramKind, ...] = get_args(HistogramKind)
+HistogramField = Literal["exponent", "linear_min", "linear_max", "linear"]
+# Each histogram field's dtype, and how many values it holds per tensor.
+HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {"exponent": "<i8", "linear_min": "<f4", "linear_max": "<f4", "linear": "<i8"}
+HISTOGRAM_LENGTHS: dict[HistogramField, int] = {"exponent": EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": LINEAR_BINS}
 
-SCALE_DECISIONS = ("growth", "backoff", "none")
-RUN_STATUSES = ("running", "finished", "crashed")
+ScaleDecision = Literal["growth", "backoff", "none"]
+SCALE_DECISIONS: tuple[ScaleDecision, ...] = get_args(ScaleDecision)
+RunStatus = Literal["running", "finished", "crashed"]
 
-# Event kinds the client itself emits (the collector's detectors add their own).
-CLIENT_EVENT_KINDS = ("nonfinite_origin", "monitoring_dropped")
+# Event kinds the client itself emits, and those the collector's detectors add.
+ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
+CLIENT_EVENT_KINDS: tuple[ClientEventKind, ...] = get_args(ClientEventKind)
+DetectorEventKind = Literal[
+    "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
+    "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
+]
+DETECTOR_EVENT_KINDS: tuple[DetectorEventKind, ...] = get_args(DetectorEventKind)
+
+# An encoded float (see encode_float) and an array's base64 text.
+WireFloat = float | str | None
+ArrayText = str
+
+
+class TensorSpec(TypedDict):
+    name: str
+    shape: list[int]
+    dtype: str
+    group: int
+
+
+class RunDocument(TypedDict):
+    protocol: ProtocolVersion
+    run: str
+    project: str
+    rank: int
+    world_size: int
+    format: Format
+    tensors: list[TensorSpec]
+    modules: list[str]
+    config: dict[str, Any]
+    started_at: float
+
+
+class Activations(TypedDict):
+    absmax: ArrayText
+    nonfinite: ArrayText
+
+
+class StepDocument(TypedDict):
+    step: int
+    time: float
+    step_time: WireFloat
+    loss: WireFloat
+    loss_scale: WireFloat
+    new_loss_scale: WireFloat
+    scale_decision: ScaleDecision | None
+    skipped: bool
+    lr: list[WireFloat]
+    global_grad_norm: WireFloat
+    headroom_bits: WireFloat
+    scalars: dict[str, WireFloat]
+    tensors: dict[str, ArrayText]
+    activations: Activations | None
+
+
+class HistogramDocument(TypedDict):
+    step: int
+    kind: HistogramKind
+    exponent: ArrayText
+    linear_min: ArrayText
+    linear_max: ArrayText
+    linear: ArrayText
+
+
+class EventDocument(TypedDict):
+    step: int
+    kind: str
+    time: float
+    details: dict[str, Any]
+
+
+class BatchDocument(TypedDict):
+    protocol: ProtocolVersion
+    run: str
+    rank: int
+    batch_id: str
+    steps: list[StepDocument]
+    histograms: list[HistogramDocument]
+    events: list[EventDocument]
+    status: RunStatus
+
 
 _NONFINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
@@ -136,6 +226,66 @@ def decode_float(value: float | int | str | None) -> float | None:
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
     return float(value)
+
+
+def run_document(
+    run: str, *, rank: int = 0, world_size: int = 1, format: Format, tensors: list[TensorSpec], project: str = "default",
+    modules: Sequence[str] = (), config: dict[str, Any] | None = None, started_at: float | None = None,
+) -> RunDocument:
+    """A ``run`` document (``started_at`` defaults to now)."""
+    return {
+        "protocol": PROTOCOL_VERSION, "run": run, "project": project, "rank": rank, "world_size": world_size,
+        "format": format, "tensors": list(tensors), "modules": list(modules), "config": dict(config or {}),
+        "started_at": _time.time() if started_at is None else started_at,
+    }
+
+
+def scale_decision(before: float | None, after: float | None) -> ScaleDecision | None:
+    """What the GradScaler's update did to the loss scale; None without a scaler."""
+    if before is None or after is None:
+        return None
+    return "growth" if after > before else "backoff" if after < before else "none"
+
+
+def step_document(
+    step: int, *, time: float, tensors: dict[str, ArrayText], step_time: float | None = None, loss: float | None = None,
+    loss_scale: float | None = None, new_loss_scale: float | None = None, skipped: bool = False, lr: Iterable[float] = (),
+    global_grad_norm: float | None = None, headroom_bits: float | None = None, scalars: dict[str, float] | None = None,
+    activations: Activations | None = None,
+) -> StepDocument:
+    """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
+    return {
+        "step": step, "time": time, "step_time": encode_float(step_time), "loss": encode_float(loss),
+        "loss_scale": encode_float(loss_scale), "new_loss_scale": encode_float(new_loss_scale),
+        "scale_decision": scale_decision(loss_scale, new_loss_scale), "skipped": skipped,
+        "lr": [encode_float(value) for value in lr], "global_grad_norm": encode_float(global_grad_norm),
+        "headroom_bits": encode_float(headroom_bits),
+        "scalars": {name: encode_float(value) for name, value in (scalars or {}).items()},
+        "tensors": tensors, "activations": activations,
+    }
+
+
+def histogram_document(
+    step: int, kind: HistogramKind, *, exponent: ArrayText, linear_min: ArrayText, linear_max: ArrayText, linear: ArrayText,
+) -> HistogramDocument:
+    """A ``histogram`` document (arrays of the ``HISTOGRAM_DTYPES`` dtypes, ``HISTOGRAM_LENGTHS`` values per tensor)."""
+    return {"step": step, "kind": kind, "exponent": exponent, "linear_min": linear_min, "linear_max": linear_max, "linear": linear}
+
+
+def event_document(step: int, kind: str, details: dict[str, Any], time: float | None = None) -> EventDocument:
+    """An ``event`` document (stamped now unless ``time`` is given)."""
+    return {"step": step, "kind": kind, "time": _time.time() if time is None else time, "details": details}
+
+
+def batch_document(
+    run: str, *, rank: int = 0, steps: Sequence[StepDocument] = (), histograms: Sequence[HistogramDocument] = (),
+    events: Sequence[EventDocument] = (), status: RunStatus = "running", batch_id: str | None = None,
+) -> BatchDocument:
+    """A ``batch`` document; ``batch_id`` defaults to a fresh random one."""
+    return {
+        "protocol": PROTOCOL_VERSION, "run": run, "rank": rank, "batch_id": uuid.uuid4().hex if batch_id is None else batch_id,
+        "steps": list(steps), "histograms": list(histograms), "events": list(events), "status": status,
+    }
 
 
 def pack_array(values: Iterable[float] | Iterable[int], dtype: str) -> str:

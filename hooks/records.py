@@ -11,7 +11,6 @@ zero gradient, as for ``clip_grad_norm_``).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,13 +117,6 @@ class StepRecord:
             stats[EXP_AVG_SQ] = protocol.pack_bytes(self.host.get(EXP_AVG_SQ, "<f4").tobytes())
         return stats
 
-    def _scale_fields(self) -> dict[str, Any]:
-        if LOSS_SCALE not in self.host:
-            return {"loss_scale": None, "new_loss_scale": None, "scale_decision": None}
-        before, after = self.host.scalar(LOSS_SCALE), self.host.scalar(NEW_LOSS_SCALE)
-        decision = "growth" if after > before else "backoff" if after < before else "none"
-        return {"loss_scale": protocol.encode_float(before), "new_loss_scale": protocol.encode_float(after), "scale_decision": decision}
-
     def global_grad_norm(self) -> float:
         """sqrt(sum of squared per-tensor norms), in float64: what clip_grad_norm_ sees."""
         norms = self.grad_rows()[0].astype(np.float64)
@@ -151,48 +143,37 @@ class StepRecord:
         nonfinite = (~np.isfinite(absmax)).astype("<i8")
         return {"absmax": protocol.pack_bytes(absmax.tobytes()), "nonfinite": protocol.pack_bytes(nonfinite.tobytes())}
 
-    def _step_document(self) -> dict[str, Any]:
+    def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()
-        scalars = {name: protocol.encode_float(value) for name, value in self.scalars.items()}
+        scalars = dict(self.scalars)
         for name in self.host_scalar_names():
-            scalars[name] = protocol.encode_float(self.host.scalar(SCALAR_PREFIX + name))
-        return {
-            "step": self.step_number,
-            "time": self.time,
-            "step_time": self.step_time,
-            "loss": protocol.encode_float(self.loss_value()),
-            **self._scale_fields(),
-            "skipped": skipped,
-            "lr": [protocol.encode_float(lr) for lr in self.lr],
-            "global_grad_norm": protocol.encode_float(self.global_grad_norm()),
-            "headroom_bits": protocol.encode_float(self.headroom_bits()),
-            "scalars": scalars,
-            "tensors": self._tensor_stats(skipped),
-            "activations": self._activations(),
-        }
+            scalars[name] = self.host.scalar(SCALAR_PREFIX + name)
+        scaled = LOSS_SCALE in self.host
+        return protocol.step_document(
+            self.step_number, time=self.time, step_time=self.step_time, loss=self.loss_value(),
+            loss_scale=self.host.scalar(LOSS_SCALE) if scaled else None,
+            new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
+            skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
+            scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
+        )
 
     def host_scalar_names(self) -> list[str]:
         """Names of scalars logged as device tensors (kept in the stack)."""
         return [name[len(SCALAR_PREFIX) :] for name in self.host.names() if name.startswith(SCALAR_PREFIX)]
 
-    def _histograms(self) -> list[dict[str, Any]]:
+    def _histograms(self) -> list[protocol.HistogramDocument]:
         documents = []
         for kind in protocol.HISTOGRAM_KINDS:
             if histogram_part(kind, "exponent") not in self.host:
                 continue
             spread = kind == "grad" and self.present is not None
-            fields: dict[str, Any] = {"step": self.step_number, "kind": kind}
-            for field_name, dtype in (("exponent", "<i8"), ("linear_min", "<f4"), ("linear_max", "<f4"), ("linear", "<i8")):
+            fields: dict[str, str] = {}
+            for field_name, dtype in protocol.HISTOGRAM_DTYPES.items():
                 values = self.host.get(histogram_part(kind, field_name), dtype)
                 if spread:
                     full = np.zeros((self.n_tensors,) + values.shape[1:], dtype=values.dtype)
                     full[self.present_indices()] = values
                     values = full
                 fields[field_name] = protocol.pack_bytes(np.ascontiguousarray(values).tobytes())
-            documents.append(fields)
+            documents.append(protocol.histogram_document(self.step_number, kind, **fields))
         return documents
-
-
-def event_document(step: int, kind: str, details: dict[str, Any]) -> dict[str, Any]:
-    """An ``event`` document stamped now."""
-    return {"step": step, "kind": kind, "time": time.time(), "details": details}

@@ -20,7 +20,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -255,16 +254,10 @@ class Transport:
     def _batch_document(self, documents: list[StepDocuments], status: str) -> dict[str, Any]:
         events = [event for d in documents for event in d.events]
         events.extend(self._dropped_event(documents))
-        return {
-            "protocol": protocol.PROTOCOL_VERSION,
-            "run": self.run,
-            "rank": self.rank,
-            "batch_id": uuid.uuid4().hex,
-            "steps": [d.step for d in documents],
-            "histograms": [h for d in documents for h in d.histograms],
-            "events": events,
-            "status": status,
-        }
+        return protocol.batch_document(
+            self.run, rank=self.rank, steps=[d.step for d in documents], histograms=[h for d in documents for h in d.histograms],
+            events=events, status=status,
+        )
 
     def _dropped_event(self, documents: list[StepDocuments]) -> list[dict[str, Any]]:
         """A ``monitoring_dropped`` event when steps were dropped since the last report."""
@@ -275,7 +268,7 @@ class Transport:
             newly = dropped - self._reported_dropped
             self._reported_dropped = dropped
         step = documents[-1].step["step"] if documents else 0
-        return [{"step": step, "kind": "monitoring_dropped", "time": time.time(), "details": {"dropped_steps": dropped, "since_last_report": newly}}]
+        return [protocol.event_document(step, "monitoring_dropped", {"dropped_steps": dropped, "since_last_report": newly})]
 
     def _deliver(self, batch: dict[str, Any]) -> None:
         if self.url is None:

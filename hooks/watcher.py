@@ -51,7 +51,7 @@ from numwatch import protocol, records, stats
 from numwatch.activations import ActivationTracer
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.hostcopy import DeviceStack
-from numwatch.records import StepRecord, event_document, histogram_part
+from numwatch.records import StepRecord, histogram_part
 from numwatch.sharded import ShardReduction, local_tensor, refuse_unsupported
 from numwatch.spool import default_spool_root, spool_directory
 from numwatch.transport import Transport
@@ -238,29 +238,26 @@ class Watcher:
         if self.optimizer is not None:
             for index, group in enumerate(self.optimizer.param_groups):
                 groups.update({id(p): index for p in group["params"]})
-        return {
-            "protocol": protocol.PROTOCOL_VERSION,
-            "run": self.run,
-            "project": project or os.environ.get("NUMWATCH_PROJECT") or "default",
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "format": self.format.name,
-            # group -1: the parameter is in no param group of the watched optimizer
-            "tensors": [{"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "group": groups.get(id(p), -1)} for n, p in self._selected],
-            "modules": self.tracer.module_names if self.tracer else [],
-            "config": {
-                "model": type(self.model).__name__,
-                "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
-                "grad_scaler": self.scaler is not None,
-                "fused_optimizer": self._fused,
-                "sharded": self._sharding is not None,
-                "histogram_every": self.histogram_every,
-                "format_every": self.format_every,
-                "torch": torch.__version__,
-                "user": _json_safe(config),
-            },
-            "started_at": time.time(),
+        # group -1: the parameter is in no param group of the watched optimizer
+        tensors: list[protocol.TensorSpec] = [
+            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "group": groups.get(id(p), -1)} for n, p in self._selected
+        ]
+        config = {
+            "model": type(self.model).__name__,
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "grad_scaler": self.scaler is not None,
+            "fused_optimizer": self._fused,
+            "sharded": self._sharding is not None,
+            "histogram_every": self.histogram_every,
+            "format_every": self.format_every,
+            "torch": torch.__version__,
+            "user": _json_safe(config),
         }
+        return protocol.run_document(
+            self.run, rank=self.rank, world_size=self.world_size, format=self.format.name, tensors=tensors,
+            project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
+            modules=self.tracer.module_names if self.tracer else [], config=config,
+        )
 
     def _install(self) -> None:
         if self.optimizer is not None:
@@ -559,7 +556,7 @@ class Watcher:
         if not self._nonfinite_reported:
             self._nonfinite_reported = True
             details = {"tensors": offenders, "nonfinite_tensors": len(bad), "loss": protocol.encode_float(loss), "module": module}
-            record.events.append(event_document(record.step_number, "nonfinite_origin", details))
+            record.events.append(protocol.event_document(record.step_number, "nonfinite_origin", details))
         described = ", ".join(f"{o['name']} (nan={o['nan']}, inf={o['inf']})" for o in offenders) or "all finite"
         more = f" and {len(bad) - len(offenders)} more" if len(bad) > len(offenders) else ""
         origin = f"; first non-finite module output: {module}" if module else ""

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
@@ -18,8 +19,10 @@ from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.exposition import IngestMetrics, NumwatchCollector
 from numwatch.monitor.ratelimit import RateLimiter
 from numwatch.monitor.retention import Reaper
-from numwatch.monitor.routers import health, metrics, query, runs_write
+from numwatch.monitor.routers import health, metrics, pages, query, runs_write
+from numwatch.monitor.security_headers import SecurityHeaders
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.web import STATIC_DIR
 
 log = logging.getLogger("numwatch.collector")
 
@@ -29,6 +32,8 @@ def detector_config(settings: Settings) -> DetectorConfig:
         explosion_factor=settings.detect_explosion_factor, window=settings.detect_window, min_history=settings.detect_min_history,
         vanishing_floor=settings.detect_vanishing_floor, underflow_threshold=settings.detect_underflow_threshold,
         collapse_floor=settings.detect_collapse_floor, collapse_backoffs=settings.detect_collapse_backoffs,
+        spike_sigmas=settings.detect_spike_sigmas, spike_window=settings.detect_spike_window,
+        spike_score_steps=settings.detect_spike_score_steps,
     )
 
 
@@ -46,7 +51,7 @@ def prepare_database(settings: Settings) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """The collector app: storage, auth, write and read API, /metrics and health, per ``settings``."""
+    """The collector app: storage, auth, write and read API, web pages, /metrics and health, per ``settings``."""
     settings = settings or Settings()
 
     @asynccontextmanager
@@ -88,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def database_unavailable(request: Request, error: OperationalError) -> JSONResponse:
         return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503)
 
-    for router in (health.router, runs_write.router, query.router, metrics.router):
+    for router in (health.router, runs_write.router, query.router, metrics.router, pages.router):
         app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_middleware(SecurityHeaders)
     return app

@@ -239,9 +239,13 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from numwatch.monitor.demo import run_demo
+    from numwatch.monitor.demo import DemoPlan, run_demo
 
-    run_demo(url=args.url, keep_serving=args.keep_serving)
+    try:
+        plan = DemoPlan.of_length(args.steps)
+    except ValueError as error:
+        raise SystemExit(f"numwatch demo: {error}") from None
+    run_demo(url=args.url, plan=plan, keep_serving=args.keep_serving)
     return 0
 
 
@@ -311,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose and show what numwatch caught")
     demo.add_argument("--url", default=None, help="use this collector instead of starting one")
+    demo.add_argument("--steps", type=int, default=240, help="training steps (default 240; at least 60): the instability starts halfway")
     demo.add_argument("--keep-serving", action="store_true", help="keep the demo collector running at the end")
     demo.set_defaults(func=cmd_demo)
 

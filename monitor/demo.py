@@ -31,6 +31,13 @@ class DemoPlan:
     base_lr: float = 3e-3
     batch_size: int = 8
 
+    @classmethod
+    def of_length(cls, steps: int) -> "DemoPlan":
+        """The same story in ``steps`` steps: healthy first half, then the runaway learning rate."""
+        if steps < 60:
+            raise ValueError(f"the demo needs at least 60 steps to tell its story, got {steps}")
+        return cls(steps=steps, spike_at=steps // 2, ramp_steps=min(cls.ramp_steps, steps // 3))
+
 
 def _get_json(url: str, timeout: float = 5.0):
     with urllib.request.urlopen(url, timeout=timeout) as response:

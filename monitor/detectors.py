@@ -18,19 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from numwatch.protocol import FORMAT_COUNT_STATS
+from numwatch.protocol import FORMAT_COUNT_STATS, DetectorEventKind, encode_float, event_document
 
-EVENT_KINDS = (
-    "nonfinite_grad",
-    "nonfinite_loss",
-    "loss_scale_backoff",
-    "loss_scale_growth",
-    "skipped_step",
-    "grad_explosion",
-    "vanishing_grad",
-    "underflow_high",
-    "loss_scale_collapse",
-)
 MAX_NAMED_TENSORS = 10
 
 
@@ -45,6 +34,9 @@ class DetectorConfig:
     underflow_threshold: float = 0.01  # share of gradient elements the cast flushes to zero
     collapse_floor: float = 1.0  # a loss scale below this no longer scales anything up
     collapse_backoffs: int = 5  # more backoffs than this within W steps
+    spike_sigmas: float = 6.0  # a loss or global grad norm above mean + k x sigma...
+    spike_window: int = 128  # ...of its last W finite values is a spike (judged once W values precede it)
+    spike_score_steps: int = 10_000  # the spike score is the share of spikes among the last N judged values
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:
@@ -65,8 +57,8 @@ def has_nonfinite_grad(view: dict[str, Any]) -> bool:
     return (norm is not None and not math.isfinite(norm)) or bool(nonfinite_tensor_mask(view["tensors"]).any())
 
 
-def _event(view: dict[str, Any], kind: str, **details: Any) -> dict[str, Any]:
-    return {"step": view["step"], "kind": kind, "time": view["time"], "details": details}
+def _event(view: dict[str, Any], kind: DetectorEventKind, **details: Any) -> dict[str, Any]:
+    return dict(event_document(view["step"], kind, details, time=view["time"]))
 
 
 def _scale(view: dict[str, Any]) -> float | None:
@@ -85,13 +77,7 @@ def _nonfinite_details(view: dict[str, Any], names: list[str] | None) -> dict[st
             if stat in tensors:
                 entry[key] = int(tensors[stat][index])
         named.append(entry)
-    return {"tensors": named, "tensor_count": int(len(indices)), "global_grad_norm": _json_float(view.get("global_grad_norm"))}
-
-
-def _json_float(value: float | None) -> float | str | None:
-    if value is None or math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return {"tensors": named, "tensor_count": int(len(indices)), "global_grad_norm": encode_float(view.get("global_grad_norm"))}
 
 
 def _underflow_share(view: dict[str, Any], numel: np.ndarray | None) -> float | None:
@@ -132,7 +118,7 @@ def detect(
             events.append(_event(view, "nonfinite_grad", **_nonfinite_details(view, tensor_names)))
         loss = view.get("loss")
         if loss is not None and not math.isfinite(loss):
-            events.append(_event(view, "nonfinite_loss", loss=_json_float(loss)))
+            events.append(_event(view, "nonfinite_loss", loss=encode_float(loss)))
         if view["scale_decision"] in ("backoff", "growth"):
             kind = "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
             events.append(_event(view, kind, loss_scale=view.get("loss_scale"), new_loss_scale=view.get("new_loss_scale")))

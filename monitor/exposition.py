@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, defer
 
 from numwatch.protocol import decode_float
 from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run, Step
+from numwatch.monitor import spikes
 from numwatch.monitor.packing import unpack_stats
 from numwatch.monitor.settings import Settings
 
@@ -72,7 +73,7 @@ class NumwatchCollector(Collector):
         ).scalars())
 
     def _build(self) -> list[Metric]:
-        m = _Families()
+        m = _Families(self.settings.detect_spike_score_steps)
         with self.session_factory() as session:
             runs = self._visible_runs(session)
             states = session.execute(select(RankState).where(RankState.run_id.in_([r.id for r in runs]))).scalars().all() if runs else []
@@ -119,7 +120,8 @@ class NumwatchCollector(Collector):
 class _Families:
     """The families of one scrape, filled run by run."""
 
-    def __init__(self) -> None:
+    def __init__(self, score_steps: int) -> None:
+        self.score_steps = score_steps
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
         self.run_info = gauge("numwatch_run_info", "A run numwatch knows about (value 1).", labels=["run", "project", "format", "world_size", "status"])
         self.scalar_gauges = {
@@ -146,6 +148,10 @@ class _Families:
             name: gauge(f"numwatch_grad_{name}", f"Share of gradient elements whose cast to the run's format is {what} (last step with format counts).", labels=[*RUN_LABELS, "format"])
             for name, what in (("zero_ratio", "zero already"), ("underflow_ratio", "flushed to zero"), ("subnormal_ratio", "subnormal"), ("overflow_ratio", "overflowing"))
         }
+        self.spike_score = gauge(
+            "numwatch_spike_score", "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 before any is judged.",
+            labels=[*RUN_LABELS, "signal"],
+        )
         self.learning_rate = gauge("numwatch_learning_rate", "Learning rate of each param group at the last step.", labels=[*RUN_LABELS, "group"])
         self.grad_norm_distribution = HistogramMetricFamily(
             "numwatch_global_grad_norm_distribution", "Global gradient norms of all stored steps.", labels=RUN_LABELS
@@ -165,6 +171,8 @@ class _Families:
             value = getattr(state, attribute)
             if value is not None:
                 family.add_metric([*labels, run.format], float(value))
+        for signal in spikes.SIGNALS:
+            self.spike_score.add_metric([*labels, signal], spikes.score((state.spike_state or {}).get(signal, spikes.EMPTY), self.score_steps))
         for group, lr in enumerate(state.lr or []):
             self.learning_rate.add_metric([*labels, str(group)], _finite_or_nan(decode_float(lr)))
         counts = np.cumsum(np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64))
@@ -174,5 +182,5 @@ class _Families:
     def families(self) -> list[Metric]:
         return [
             self.run_info, *self.scalar_gauges.values(), *self.counters.values(), *self.ratios.values(),
-            self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
+            self.spike_score, self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
         ]

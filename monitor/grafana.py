@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -81,11 +82,34 @@ def _upsert_datasource(api: Any, model: dict[str, Any], summary: PushSummary) ->
     summary.datasources_updated.append(model["name"])
 
 
+class DashboardFileError(ValueError):
+    """A dashboard file that cannot be pushed: missing, not JSON, or not a dashboard model."""
+
+
+REQUIRED_DASHBOARD_KEYS = {"uid": str, "title": str, "panels": list}
+
+
 def load_dashboards(dashboards_dir: Path) -> list[dict[str, Any]]:
-    """Every dashboard model (``*.json``) in ``dashboards_dir``, sorted by file name."""
-    models = [json.loads(path.read_text(encoding="utf-8")) for path in sorted(Path(dashboards_dir).glob("*.json"))]
-    if not models:
-        raise FileNotFoundError(f"no dashboard JSON files in {dashboards_dir}")
+    """Every dashboard model (``*.json``) in ``dashboards_dir``, sorted by file name, each checked
+    to be a dashboard Grafana accepts (an object with a string uid and title and a panel list).
+
+    Raises :class:`DashboardFileError` naming the file, so a push can refuse before its first request.
+    """
+    paths = sorted(Path(dashboards_dir).glob("*.json"))
+    if not paths:
+        raise DashboardFileError(f"no dashboard JSON files in {dashboards_dir}")
+    models = []
+    for path in paths:
+        try:
+            model = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DashboardFileError(f"{path}: not a readable JSON file ({error})") from None
+        if not isinstance(model, dict):
+            raise DashboardFileError(f"{path}: a dashboard must be a JSON object, got {type(model).__name__}")
+        for key, kind in REQUIRED_DASHBOARD_KEYS.items():
+            if not isinstance(model.get(key), kind):
+                raise DashboardFileError(f"{path}: field {key!r} must be a {kind.__name__}")
+        models.append(model)
     return models
 
 
@@ -102,15 +126,17 @@ def push_dashboards(
 ) -> PushSummary:
     """Create or update the numwatch datasources and dashboards in the Grafana at ``url``.
 
-    Datasources are looked up by name and updated in place (keeping their uid), else
-    created with the uids the dashboards reference. Dashboards are written with
-    ``overwrite`` so a push is idempotent.
+    Every dashboard file is read and checked first, so a bad or missing file fails the push
+    before anything is sent (never a half-applied push). Datasources are looked up by name
+    and updated in place (keeping their uid), else created with the uids the dashboards
+    reference. Dashboards are written with ``overwrite`` so a push is idempotent.
     """
+    dashboards = load_dashboards(Path(dashboards_dir))
     api = _grafana_api(url, token, timeout)
     summary = PushSummary()
     for model in datasource_models(prometheus_url, collector_url, collector_token):
         _upsert_datasource(api, model, summary)
-    for model in load_dashboards(Path(dashboards_dir)):
+    for model in dashboards:
         # Grafana matches by uid; a numeric id from another instance would clash.
         payload: dict[str, Any] = {"dashboard": {**model, "id": None}, "overwrite": True, "message": "numwatch grafana push"}
         if folder_uid:
@@ -190,15 +216,19 @@ class AnnotationSink:
 
 
 def _push_command(args: argparse.Namespace) -> int:
-    summary = push_dashboards(
-        args.url,
-        args.token,
-        args.dashboards_dir,
-        args.prometheus_url,
-        args.collector_url,
-        folder_uid=args.folder_uid,
-        collector_token=args.collector_token,
-    )
+    try:
+        summary = push_dashboards(
+            args.url,
+            args.token,
+            args.dashboards_dir,
+            args.prometheus_url,
+            args.collector_url,
+            folder_uid=args.folder_uid,
+            collector_token=args.collector_token,
+        )
+    except DashboardFileError as error:
+        print(f"numwatch grafana push: nothing was sent: {error}", file=sys.stderr)
+        return 2
     print(f"datasources created: {', '.join(summary.datasources_created) or '-'}")
     print(f"datasources updated: {', '.join(summary.datasources_updated) or '-'}")
     print(f"dashboards written: {', '.join(summary.dashboards)}")

@@ -19,13 +19,11 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors, rollups
+from numwatch.monitor import detectors, rollups, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
 from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
-from numwatch.monitor.schemas import HISTOGRAM_DTYPES, BatchDocument, IngestResult, RunDocument
-
-HISTOGRAM_LENGTHS = {"exponent": protocol.EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": protocol.LINEAR_BINS}
+from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
 
 
 class IngestError(Exception):
@@ -114,9 +112,9 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                     raise IngestError(422, f"steps[{i}].activations.{name}: {error} (the run traces {n_modules} modules)") from None
         decoded.append(raw)
     for i, histogram in enumerate(document.histograms):
-        for name, per_tensor in HISTOGRAM_LENGTHS.items():
+        for name, per_tensor in protocol.HISTOGRAM_LENGTHS.items():
             try:
-                protocol.check_raw(getattr(histogram, name), HISTOGRAM_DTYPES[name], n_tensors * per_tensor)
+                protocol.check_raw(getattr(histogram, name), protocol.HISTOGRAM_DTYPES[name], n_tensors * per_tensor)
             except ValueError as error:
                 raise IngestError(422, f"histograms[{i}].{name}: {error}") from None
     return decoded
@@ -283,6 +281,13 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         views = [step_view(row, n_tensors) for row in new_rows]
         history = _history(session, run, rank, new_rows[0]["step"], config.window)
         new_events += detectors.detect(history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel)
+        spike_history = {
+            signal: spikes.stored_points(session, run.id, rank, new_rows[0]["step"], signal, 2 * config.spike_window)
+            for signal in spikes.SIGNALS
+        }
+        spike_events, judged = spikes.detect(spike_history, views, config)
+        new_events += spike_events
+        state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
         rollups.record(session, run.id, rank, views, n_tensors)
     else:
         views = []
@@ -297,7 +302,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: compress_array(getattr(h, name), int(HISTOGRAM_DTYPES[name][-1])) for name in HISTOGRAM_LENGTHS},
+                    **{name: compress_array(getattr(h, name), int(protocol.HISTOGRAM_DTYPES[name][-1])) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))

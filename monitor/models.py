@@ -212,6 +212,8 @@ class RankState(Base):
     stale_fraction: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     update_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
+    # Rolling spike score per signal: judged-value count and recent spike episodes (numwatch.monitor.spikes).
+    spike_state: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
 class Conflict(Base):

@@ -59,6 +59,7 @@ def run_summary(session: Session, run: Run, stale_after: float) -> dict[str, Any
             events[kind] = events.get(kind, 0) + count
     return {
         "run": run.name, "project": run.project, "format": run.format, "world_size": run.world_size,
+        "started_at": run.started_at.timestamp(),
         "status": run_status(run, lead.last_step_time if lead else None, stale_after),
         "last_step": lead.last_step if lead else 0,
         "last_step_time": lead.last_step_time if lead else None,
@@ -75,7 +76,7 @@ def run_detail(session: Session, run: Run, stale_after: float) -> dict[str, Any]
     return {
         **run_summary(session, run, stale_after),
         "config": run.config, "tensors": run.tensors, "modules": run.modules,
-        "started_at": run.started_at.timestamp(), "finished_at": run.finished_at.timestamp() if run.finished_at else None,
+        "finished_at": run.finished_at.timestamp() if run.finished_at else None,
         "ranks": [state.rank for state in rank_states(session, run)],
     }
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator
 
@@ -37,7 +37,6 @@ def _decode_float(value: Any) -> float | None:
 
 ProtocolFloat = Annotated[float | None, BeforeValidator(_decode_float)]
 FiniteOrNonFinite = Annotated[float, BeforeValidator(_decode_float)]
-HISTOGRAM_DTYPES = {"exponent": "<i8", "linear_min": "<f4", "linear_max": "<f4", "linear": "<i8"}
 MAX_ARRAY_TEXT = 256 * 1024 * 1024
 
 
@@ -82,12 +81,12 @@ class TensorSpec(Strict):
 
 
 class RunDocument(Strict):
-    protocol: Literal[1]
+    protocol: protocol.ProtocolVersion
     run: RunName
     project: ProjectName = "default"
     rank: int = Field(ge=0, le=MAX_RANK)
     world_size: int = Field(ge=1, le=MAX_RANK)
-    format: Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
+    format: protocol.Format
     tensors: list[TensorSpec] = Field(max_length=1_000_000)
     modules: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
@@ -112,7 +111,7 @@ class StepDocument(Strict):
     loss: ProtocolFloat = None
     loss_scale: ProtocolFloat = None
     new_loss_scale: ProtocolFloat = None
-    scale_decision: Literal["growth", "backoff", "none"] | None = None
+    scale_decision: protocol.ScaleDecision | None = None
     skipped: bool = False
     lr: list[FiniteOrNonFinite] = Field(default_factory=list, max_length=10_000)
     global_grad_norm: ProtocolFloat = None
@@ -129,7 +128,7 @@ class StepDocument(Strict):
 
 class HistogramDocument(Strict):
     step: int = Field(ge=1, le=MAX_STEP)
-    kind: Literal["grad", "weight"]
+    kind: protocol.HistogramKind
     exponent: ArrayBytes
     linear_min: ArrayBytes
     linear_max: ArrayBytes
@@ -138,7 +137,7 @@ class HistogramDocument(Strict):
     @field_validator("exponent", "linear_min", "linear_max", "linear")
     @classmethod
     def _arrays(cls, raw: bytes, info: Any) -> bytes:
-        _check_arrays({info.field_name: raw}, HISTOGRAM_DTYPES)
+        _check_arrays({info.field_name: raw}, protocol.HISTOGRAM_DTYPES)
         return raw
 
 
@@ -150,14 +149,14 @@ class EventDocument(Strict):
 
 
 class BatchDocument(Strict):
-    protocol: Literal[1]
+    protocol: protocol.ProtocolVersion
     run: RunName
     rank: int = Field(ge=0, le=MAX_RANK)
     batch_id: str = Field(default="", max_length=200)
     steps: list[StepDocument] = Field(default_factory=list, max_length=100_000)
     histograms: list[HistogramDocument] = Field(default_factory=list, max_length=100_000)
     events: list[EventDocument] = Field(default_factory=list, max_length=100_000)
-    status: Literal["running", "finished", "crashed"] = "running"
+    status: protocol.RunStatus = "running"
 
 
 class ErrorDetail(BaseModel):

@@ -48,6 +48,15 @@ def summary_points(summary: rollups.Summary) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every point when at most ``max_points``, else each bucket's kept points (ascending ``steps``)."""
+    if len(steps) <= max_points:
+        return steps, values
+    rows = list(zip(steps.tolist(), values.reshape(-1, 1)))
+    points = [p for _, summary in raw_buckets(rows, int(steps[0]), bucket_width(int(steps[0]), int(steps[-1]), max(1, max_points // 3))) for p in summary_points(summary)]
+    return np.array([p[0] for p in points], np.int64), np.array([p[1] for p in points], np.float64)
+
+
 def step_range(session: Session, run_id: int, rank: int, start: int | None, end: int | None) -> tuple[int, int] | None:
     """The first and last stored step of the window, or None when it holds none."""
     query = select(Step.step).where(Step.run_id == run_id, Step.rank == rank)

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     detect_underflow_threshold: float = 0.01
     detect_collapse_floor: float = 1.0
     detect_collapse_backoffs: int = 5
+    detect_spike_sigmas: float = 6.0
+    detect_spike_window: int = 128
+    detect_spike_score_steps: int = 10_000
     # Retention: runs not heard from for this many days are deleted by the collector (0 = keep every run);
     # it looks every retention_check_seconds, and at once for runs deleted through the API.
     retention_days: float = Field(default=0.0, ge=0)

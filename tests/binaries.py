@@ -10,13 +10,16 @@ import pytest
 REQUIRE_ENV = "NUMWATCH_REQUIRE_BINARIES"
 
 
-def require_binary(name: str) -> str:
+DEFAULT_HINT = "Debian: apt-get install prometheus prometheus-alertmanager; PostgreSQL 15 server binaries for initdb/pg_ctl"
+
+
+def require_binary(name: str, hint: str = DEFAULT_HINT) -> str:
     """Path of ``name`` on PATH; skips the test when it is missing, or fails when
     NUMWATCH_REQUIRE_BINARIES=1 (CI installs every binary and must not skip)."""
     path = shutil.which(name)
     if path:
         return path
-    reason = f"{name} is not installed (Debian: apt-get install prometheus prometheus-alertmanager; PostgreSQL 15 server binaries for initdb/pg_ctl)"
+    reason = f"{name} is not installed ({hint})"
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason}, and {REQUIRE_ENV}=1 requires it")
     pytest.skip(reason)

@@ -18,10 +18,7 @@ NUMEL = [40, 16, 4]
 
 
 def run_doc(run: str = "r1", project: str = "default", rank: int = 0, tensors: list[dict] | None = None) -> dict[str, Any]:
-    return {
-        "protocol": 1, "run": run, "project": project, "rank": rank, "world_size": 1, "format": "fp16",
-        "tensors": tensors or TENSORS, "modules": [], "config": {"lr": 0.001}, "started_at": time.time(),
-    }
+    return dict(protocol.run_document(run, rank=rank, format="fp16", tensors=tensors or TENSORS, project=project, config={"lr": 0.001}))
 
 
 def array(values: list[float] | np.ndarray, dtype: str) -> str:
@@ -29,6 +26,7 @@ def array(values: list[float] | np.ndarray, dtype: str) -> str:
 
 
 def step_doc(step: int, norms: list[float] | None = None, loss: float | None = 1.0, **fields: Any) -> dict[str, Any]:
+    """A valid step of the three TENSORS; ``fields`` then overwrite document fields as given (bad input included)."""
     norms = norms if norms is not None else [0.5, 0.25, 0.125]
     tensors = {
         "grad_norm": array(norms, "<f4"),
@@ -38,16 +36,13 @@ def step_doc(step: int, norms: list[float] | None = None, loss: float | None = 1
     }
     tensors.update(fields.pop("tensors", {}))
     global_norm = float(np.sqrt(np.sum(np.square(np.asarray(norms, dtype=np.float64)))))
-    doc = {
-        "step": step, "time": time.time(), "step_time": 0.1, "loss": protocol.encode_float(loss), "loss_scale": 1024.0,
-        "new_loss_scale": 1024.0, "scale_decision": "none", "skipped": False, "lr": [0.001],
-        "global_grad_norm": protocol.encode_float(global_norm), "headroom_bits": 5.0, "scalars": {}, "tensors": tensors,
-        "activations": None,
-    }
+    doc = dict(protocol.step_document(
+        step, time=time.time(), step_time=0.1, loss=loss, loss_scale=1024.0, new_loss_scale=1024.0, lr=[0.001],
+        global_grad_norm=global_norm, headroom_bits=5.0, tensors=tensors,
+    ))
     doc.update(fields)
     return doc
 
 
 def batch_doc(run: str = "r1", steps: list[dict] | None = None, rank: int = 0, **fields: Any) -> dict[str, Any]:
-    return {"protocol": 1, "run": run, "rank": rank, "batch_id": f"b-{time.monotonic_ns()}", "steps": steps or [],
-            "histograms": [], "events": [], "status": "running", **fields}
+    return {**protocol.batch_document(run, rank=rank, steps=steps or []), **fields}

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import re
 
-from numwatch.protocol import CLIENT_EVENT_KINDS
-from numwatch.monitor.detectors import EVENT_KINDS as DETECTOR_EVENT_KINDS
+from numwatch.protocol import CLIENT_EVENT_KINDS, DETECTOR_EVENT_KINDS
 
 GAUGES = (
     "numwatch_run_info",
@@ -29,6 +28,7 @@ GAUGES = (
     "numwatch_stale_fraction",
     "numwatch_update_ratio",
     "numwatch_layer_grad_norm",
+    "numwatch_spike_score",
 )
 COUNTERS = (
     "numwatch_steps_total",
@@ -96,6 +96,7 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     family("numwatch_learning_rate", "gauge", [("", f'{run_rank},group="0"', 3e-4)])
     for name in ("numwatch_grad_zero_ratio", "numwatch_grad_underflow_ratio", "numwatch_grad_subnormal_ratio", "numwatch_grad_overflow_ratio"):
         family(name, "gauge", [("", f'{run_rank},format="fp16"', 0.001)])
+    family("numwatch_spike_score", "gauge", [("", f'{run_rank},signal="{signal}"', 0.0) for signal in ("loss", "grad_norm")])
     family("numwatch_layer_grad_norm", "gauge", [("", f'{run_rank},tensor="fc{i}.weight"', 0.1 * (i + 1)) for i in range(3)])
     counters = {
         "numwatch_steps_total": 121.0,

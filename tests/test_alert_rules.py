@@ -25,6 +25,7 @@ EXPECTED_ALERTS = {
     "NumwatchSkippedStepRateHigh",
     "NumwatchUnderflowHigh",
     "NumwatchVanishingGradients",
+    "NumwatchSpikeRateHigh",
     "NumwatchRunStalled",
     "NumwatchCollectorDown",
     "NumwatchCollectorRejectingBatches",

@@ -205,10 +205,25 @@ def test_push_from_the_cli(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
     assert args.func(args) == 0
     assert fake_grafana.datasources["numwatch collector"]["url"] == "http://numwatch:8428"
     assert set(fake_grafana.dashboards) == {"numwatch-overview", "numwatch-run"}
-    empty = tmp_path / "none"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError):
-        grafana.load_dashboards(empty)
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [(None, "no dashboard JSON files"), ("{not json", "not a readable JSON file"), ("[1, 2]", "must be a JSON object"), ('{"uid": "x", "title": "t"}', "'panels' must be a list")],
+)
+def test_push_sends_nothing_when_a_dashboard_file_is_bad(fake_grafana: FakeGrafana, tmp_path: Path, capsys, content: str | None, complaint: str) -> None:
+    """The files are checked before the first request: a bad file never leaves Grafana half-updated."""
+    dashboards = tmp_path / "dashboards"
+    dashboards.mkdir()
+    if content is not None:
+        (dashboards / "a-good.json").write_text((REPO_DASHBOARDS / "numwatch-run.json").read_text())
+        (dashboards / "b-bad.json").write_text(content)
+    parser = argparse.ArgumentParser(prog="numwatch")
+    grafana.add_grafana_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, "--dashboards-dir", str(dashboards)])
+    assert args.func(args) == 2
+    assert complaint in capsys.readouterr().err
+    assert fake_grafana.requests == []
 
 
 def test_annotation_sink_posts_events(fake_grafana: FakeGrafana) -> None:

@@ -52,7 +52,7 @@ def test_protocol_imports_without_torch(tmp_path):
 def test_integrations_import_no_framework(tmp_path):
     frameworks = ("transformers", "lightning", "pytorch_lightning", "accelerate", "deepspeed")
     script = (
-        "import sys, hooks, numwatch.integrations, numwatch.sharded\n"
+        "import sys, numwatch, numwatch.integrations, numwatch.sharded\n"
         "numwatch.watch, numwatch.UnsupportedConfiguration, dir(numwatch.integrations)\n"
         f"loaded = sorted(n for n in sys.modules if n.split('.')[0] in {frameworks!r})\n"
         "assert not loaded, loaded\n"

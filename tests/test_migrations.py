@@ -45,17 +45,21 @@ def test_serve_refuses_an_outdated_schema_and_says_what_to_run(tmp_path) -> None
     assert "numwatch db upgrade --database-url" in result.stderr
 
 
+OLD_REVISION = "0002"  # the schema before compressed arrays and rollups
+
+
 def _old_database(database_url: str) -> None:
-    """A database at revision 0001 holding a run as that version stored it: raw arrays, no rollups."""
+    """A database at ``OLD_REVISION``, to hold a run as that version stored it: raw arrays, no rollups."""
     engine = db.make_engine(database_url)
     with engine.begin() as connection:
         config = db.alembic_config(database_url)
         config.attributes["connection"] = connection
-        command.upgrade(config, "0001")
+        command.upgrade(config, OLD_REVISION)
     engine.dispose()
 
 
 OLD_NORMS = [np.array([0.5, np.nan, np.inf], np.float32), np.array([0.25, 1e-30, -np.inf], np.float32)]
+OLD_LOSS = [3.0, math.nan]  # SQLite held NaN as the text 'NaN'
 OLD_NAN = [np.array([0, 4, 0], np.int64), np.array([0, 0, 0], np.int64)]
 EXPONENT = np.arange(3 * protocol.EXPONENT_BINS, dtype=np.int64) % 7
 LINEAR = np.arange(3 * protocol.LINEAR_BINS, dtype=np.int64)
@@ -72,12 +76,14 @@ def _insert_old_rows(database_url: str) -> None:
              "status": "finished", "started_at": now, "created_at": now, "last_seen_at": now},
         ])
         connection.execute(tables.tables["steps"].insert(), [
-            {"run_id": 1, "rank": 0, "step": step, "time": 1e9 + step, "step_time": 0.1, "loss": 2.0 + step, "loss_scale": 1024.0,
+            {"run_id": 1, "rank": 0, "step": step, "time": 1e9 + step, "step_time": 0.1, "loss": OLD_LOSS[i], "loss_scale": 1024.0,
              "new_loss_scale": 1024.0, "scale_decision": "none", "skipped": False, "global_grad_norm": 1.5, "headroom_bits": 3.0,
              "lr": [0.001], "scalars": {"tokens": 10.0}, "stat_names": "grad_norm,nan_count",
              "tensor_stats": OLD_NORMS[i].tobytes() + OLD_NAN[i].tobytes(), "activation_absmax": None, "activation_nonfinite": None}
             for i, step in enumerate((1, 2))
         ])
+        if engine.dialect.name == "sqlite":  # as ExactFloat wrote it there (a REAL column turns NaN into NULL)
+            connection.execute(sa.text("UPDATE steps SET loss = 'NaN' WHERE step = 2"))
         connection.execute(tables.tables["histograms"].insert(), [
             {"run_id": 1, "rank": 0, "step": 1, "kind": "grad", "exponent": EXPONENT.tobytes(),
              "linear_min": np.array([-1, -2, -3], np.float32).tobytes(), "linear_max": np.array([1, 2, 3], np.float32).tobytes(), "linear": LINEAR.tobytes()},
@@ -93,7 +99,7 @@ def _insert_old_rows(database_url: str) -> None:
     engine.dispose()
 
 
-def test_upgrade_from_0001_with_data_keeps_every_value_readable(database_url: str) -> None:
+def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_url: str) -> None:
     _old_database(database_url)
     _insert_old_rows(database_url)
     db.upgrade(database_url)
@@ -106,7 +112,7 @@ def test_upgrade_from_0001_with_data_keeps_every_value_readable(database_url: st
                 record = queries.step_record(session, run, step, 0)
                 assert [record["tensors"][t["name"]]["grad_norm"] for t in TENSORS] == [protocol.encode_float(float(v)) for v in OLD_NORMS[i]]
                 assert [record["tensors"][t["name"]]["nan_count"] for t in TENSORS] == OLD_NAN[i].tolist()
-                assert (record["loss"], record["lr"], record["scalars"]) == (2.0 + step, [0.001], {"tokens": 10.0})
+                assert (record["loss"], record["lr"], record["scalars"]) == (protocol.encode_float(OLD_LOSS[i]), [0.001], {"tokens": 10.0})
             histogram = queries.histograms(session, run, TENSORS[1]["name"], "grad", 0, 1)
             assert [bin_["count"] for bin_ in histogram["linear"]] == LINEAR.reshape(3, -1)[1].tolist()
             assert histogram["linear"][0]["low"] == -2.0 and histogram["linear"][-1]["high"] == 2.0
@@ -117,7 +123,9 @@ def test_upgrade_from_0001_with_data_keeps_every_value_readable(database_url: st
             summary = next(iter(rollups.read_buckets(session, run.id, 0, "grad_norm", rollups.LEVELS[0], [0], len(TENSORS), None)))[1]
             assert [repr(float(v)) for v in summary.high] == [repr(0.5), repr(float(np.float32(1e-30))), repr(math.inf)]
             assert summary.nan_at.tolist() == [-1, 1, -1] and summary.count.tolist() == [2, 2, 2]
-            assert queries.series(session, run, "loss", None, 0, None, None, 1000) == {"steps": [1, 2], "values": [3.0, 4.0]}
+            loss = next(iter(rollups.read_buckets(session, run.id, 0, "loss", rollups.LEVELS[-1], [0], len(TENSORS), None)))[1]
+            assert (loss.low.tolist(), loss.nan_at.tolist(), loss.nonfinite.tolist()) == ([3.0], [2], [1])
+            assert queries.series(session, run, "loss", None, 0, None, None, 1000) == {"steps": [1, 2], "values": [3.0, "NaN"]}
             orphans = session.execute(sa.text("SELECT count(*) FROM steps WHERE run_id NOT IN (SELECT id FROM runs)")).scalar()
             assert orphans == 0
             if engine.dialect.name == "sqlite":

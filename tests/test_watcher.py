@@ -7,7 +7,6 @@ import math
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,7 +327,7 @@ def test_crash_in_with_block_marks_the_run_crashed(tmp_path):
 def test_unclosed_watcher_is_flushed_at_interpreter_exit(tmp_path):
     script = textwrap.dedent(
         f"""
-        import torch, hooks
+        import torch, numwatch
         model = torch.nn.Linear(3, 2)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         watcher = numwatch.watch(model, optimizer, run="exit", spool_dir={str(tmp_path)!r})
@@ -338,7 +337,7 @@ def test_unclosed_watcher_is_flushed_at_interpreter_exit(tmp_path):
             optimizer.zero_grad()
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     spooled = read_spool(tmp_path / "exit" / "rank0")
     assert [s["step"] for s in spooled.steps] == [1, 2, 3] and spooled.statuses[-1] == "finished"

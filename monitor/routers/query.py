@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy.orm import Session
 
-from numwatch.monitor import queries
+from numwatch import protocol
+from numwatch.monitor import overview, queries
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, get_settings, require_reader
 from numwatch.monitor.ingest import IngestError
+from numwatch.monitor.read_models import HistogramSteps, Tail, TensorSummary
 from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.schemas import MAX_RANK, MAX_STEP
 from numwatch.monitor.settings import Settings
@@ -70,7 +72,7 @@ def get_step(run: str, step: Annotated[int, Path(ge=0, le=MAX_STEP)], rank: Rank
 def get_histograms(
     run: str,
     tensor: str,
-    kind: Literal["grad", "weight"] = "grad",
+    kind: protocol.HistogramKind = "grad",
     rank: RankQuery = 0,
     step: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="default: the latest sampled step")] = None,
     principal: Principal = Depends(require_reader),
@@ -96,3 +98,38 @@ def get_heatmap(
 ) -> list[dict]:
     found = _run(session, run, principal)
     return _answer(lambda: queries.heatmap(session, found, stat, rank, max_steps))
+
+
+@router.get("/runs/{run}/tensor-summary", responses=RUN_RESPONSES, response_model=TensorSummary,
+            summary="Whole-model shares of zero/underflow/subnormal/overflow gradient elements and mean update ratio, stale fraction, per step")
+def get_tensor_summary(
+    run: str,
+    rank: RankQuery = 0,
+    max_points: int = Query(1000, ge=2, le=100_000),
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> dict:
+    return overview.tensor_summary(session, _run(session, run, principal), rank, max_points)
+
+
+@router.get("/runs/{run}/histogram-steps", responses=RUN_RESPONSES, response_model=HistogramSteps, summary="The sampled steps that have histograms")
+def get_histogram_steps(
+    run: str,
+    kind: protocol.HistogramKind = "grad",
+    rank: RankQuery = 0,
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> dict:
+    return {"kind": kind, "rank": rank, "steps": overview.histogram_steps(session, _run(session, run, principal), kind, rank)}
+
+
+@router.get("/runs/{run}/tail", responses=RUN_RESPONSES, response_model=Tail, summary="Per-step scalars and events after a step (what a live page polls)")
+def get_tail(
+    run: str,
+    after: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
+    rank: RankQuery = 0,
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
+) -> dict:
+    return overview.tail(session, _run(session, run, principal), rank, after, settings.stale_after_seconds)

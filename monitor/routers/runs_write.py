@@ -25,7 +25,7 @@ from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDeleting, R
 router = APIRouter(prefix="/api/v1", tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)})
 Document = TypeVar("Document", bound=BaseModel)
 COMMIT_ATTEMPTS = 3  # replicas racing on one step: the loser retries and finds it stored
-ANNOTATED_KINDS = ("nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "grad_explosion", "loss_scale_collapse")
+ANNOTATED_KINDS: tuple[protocol.DetectorEventKind, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "grad_explosion", "loss_scale_collapse")
 
 
 def _location(loc: tuple[Any, ...]) -> str:

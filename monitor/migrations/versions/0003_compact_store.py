@@ -1,11 +1,13 @@
 """compact store: compressed arrays, rollups, run ids never reused, orphans removed
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-12-01 20:40:00
 
 Existing rows are converted in place, a thousand at a time: step stats and histogram
-arrays are compressed, and the rollups of every stored step are built.
+arrays are compressed, and the rollups of every stored step are built. The old rows are
+read through the tables as they are at this revision (reflected), not through the models,
+which later revisions may extend.
 """
 
 from __future__ import annotations
@@ -13,17 +15,16 @@ from __future__ import annotations
 import numpy as np
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor import rollups
 from numwatch.monitor.ingest import step_view
-from numwatch.monitor.models import Histogram, Run, Step
 from numwatch.monitor.packing import compress_array, pack_stats
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
@@ -43,42 +44,46 @@ def _raw_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, bytes]
     return out
 
 
-def _convert_steps(session: Session, run_id: int, rank: int, n_tensors: int) -> None:
+def _key(table: sa.Table, names: tuple[str, ...]) -> sa.ColumnElement:
+    return sa.and_(*(table.c[name] == bindparam(f"key_{name}") for name in names))
+
+
+def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_tensors: int) -> None:
+    keys = ("run_id", "rank", "step")
+    change = steps.update().where(_key(steps, keys)).values(stat_names=bindparam("new_names"), tensor_stats=bindparam("new_blob"))
     last = -1
     while True:
         rows = session.execute(
-            select(Step).where(Step.run_id == run_id, Step.rank == rank, Step.step > last).order_by(Step.step).limit(CHUNK)
-        ).scalars().all()
+            select(steps).where(steps.c.run_id == run_id, steps.c.rank == rank, steps.c.step > last).order_by(steps.c.step).limit(CHUNK)
+        ).mappings().all()
         if not rows:
             return
         changes, views = [], []
         for row in rows:
-            stat_names, blob = pack_stats(_raw_stats(row.stat_names, bytes(row.tensor_stats), n_tensors))
-            changes.append({"run_id": run_id, "rank": rank, "step": row.step, "stat_names": stat_names, "tensor_stats": blob})
-            view = {column.key: getattr(row, column.key) for column in Step.__table__.columns}
-            views.append(step_view({**view, "stat_names": stat_names, "tensor_stats": blob}, n_tensors))
-        session.expunge_all()
-        session.execute(update(Step), changes)
+            stat_names, blob = pack_stats(_raw_stats(row["stat_names"], bytes(row["tensor_stats"]), n_tensors))
+            changes.append({**{f"key_{name}": row[name] for name in keys}, "new_names": stat_names, "new_blob": blob})
+            scalars = {name: protocol.decode_float(row[name]) for name in rollups.STEP_SCALARS}  # SQLite holds NaN as 'NaN'
+            views.append(step_view({**row, **scalars, "stat_names": stat_names, "tensor_stats": blob}, n_tensors))
+        session.execute(change, changes)
         rollups.record(session, run_id, rank, views, n_tensors)
-        last = rows[-1].step
+        last = rows[-1]["step"]
 
 
-def _convert_histograms(session: Session) -> None:
+def _convert_histograms(session: Session, histograms: sa.Table) -> None:
+    keys = ("run_id", "rank", "step", "kind")
+    arrays = {"exponent": 8, "linear_min": 4, "linear_max": 4, "linear": 8}
+    change = histograms.update().where(_key(histograms, keys)).values(**{name: bindparam(f"new_{name}") for name in arrays})
+    order = [histograms.c[name] for name in keys]
     last: tuple = (-1, -1, -1, "")
-    key = sa.tuple_(Histogram.run_id, Histogram.rank, Histogram.step, Histogram.kind)
     while True:
-        rows = session.execute(select(Histogram).where(key > last).order_by(Histogram.run_id, Histogram.rank, Histogram.step, Histogram.kind).limit(CHUNK)).scalars().all()
+        rows = session.execute(select(histograms).where(sa.tuple_(*order) > last).order_by(*order).limit(CHUNK)).mappings().all()
         if not rows:
             return
-        changes = [
-            {"run_id": r.run_id, "rank": r.rank, "step": r.step, "kind": r.kind,
-             "exponent": compress_array(bytes(r.exponent), 8), "linear_min": compress_array(bytes(r.linear_min), 4),
-             "linear_max": compress_array(bytes(r.linear_max), 4), "linear": compress_array(bytes(r.linear), 8)}
-            for r in rows
-        ]
-        last = (rows[-1].run_id, rows[-1].rank, rows[-1].step, rows[-1].kind)
-        session.expunge_all()
-        session.execute(update(Histogram), changes)
+        session.execute(change, [
+            {**{f"key_{name}": row[name] for name in keys}, **{f"new_{name}": compress_array(bytes(row[name]), size) for name, size in arrays.items()}}
+            for row in rows
+        ])
+        last = tuple(rows[-1][name] for name in keys)
 
 
 def upgrade() -> None:
@@ -104,11 +109,14 @@ def upgrade() -> None:
         for table, columns in COMPRESSED_COLUMNS.items():
             for column in columns:
                 op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET STORAGE EXTERNAL")
+    tables = sa.MetaData()
+    tables.reflect(bind, only=("runs", "steps", "histograms"))
+    runs, steps = tables.tables["runs"], tables.tables["steps"]
     session = Session(bind=bind)
-    tensors = dict(session.execute(select(Run.id, Run.tensors)).all())
-    for run_id, rank in session.execute(select(Step.run_id, Step.rank).distinct()).all():
-        _convert_steps(session, run_id, rank, len(tensors[run_id]))
-    _convert_histograms(session)
+    tensors = {row.id: row.tensors for row in session.execute(select(runs.c.id, runs.c.tensors))}
+    for run_id, rank in session.execute(select(steps.c.run_id, steps.c.rank).distinct()).all():
+        _convert_steps(session, steps, run_id, rank, len(tensors[run_id]))
+    _convert_histograms(session, tables.tables["histograms"])
     session.flush()
 
 

@@ -1,0 +1,88 @@
+"""Reads for the run page that the generic read API lacks: whole-model shares per step,
+the steps that have histograms, and the live tail (what a page polls for)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from numwatch import protocol
+from numwatch.monitor.models import Event, Histogram, Run, Step
+from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor.queries import event_record, run_status
+from numwatch.monitor.series import downsample
+
+MEAN_STATS = ("update_ratio", "stale_fraction")
+TAIL_SCALARS = ("loss", "global_grad_norm", "loss_scale", "headroom_bits", "step_time")
+TAIL_LIMIT = 2000
+
+
+def _series(steps: list[int], values: list[float], max_points: int) -> dict[str, list]:
+    step_array, value_array = downsample(np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64), max_points)
+    return {"steps": step_array.tolist(), "values": [protocol.encode_float(v) for v in value_array.tolist()]}
+
+
+def tensor_summary(session: Session, run: Run, rank: int, max_points: int) -> dict[str, dict[str, list]]:
+    """Per step, over all tensors: the share of gradient elements per format-count outcome
+    (zeros, underflow, subnormal, overflow of the cast to the run's format) and the mean of
+    the sampled ``update_ratio`` and ``stale_fraction``; each downsampled keeping extremes."""
+    numel = np.array([math.prod(t["shape"]) for t in run.tensors], dtype=np.float64)
+    total = float(numel.sum())
+    wanted = (*protocol.FORMAT_COUNT_STATS, *MEAN_STATS)
+    columns: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in wanted}
+    query = (
+        select(Step.step, Step.stat_names, Step.tensor_stats)
+        .where(Step.run_id == run.id, Step.rank == rank, or_(Step.stat_names.contains("zeros"), Step.stat_names.contains("update_ratio")))
+        .order_by(Step.step)
+        .execution_options(yield_per=1000)
+    )
+    for row in session.execute(query):
+        stats = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))
+        for name in wanted:
+            if name not in stats:
+                continue
+            values = stats[name].astype(np.float64)
+            if name in MEAN_STATS:
+                finite = values[np.isfinite(values)]
+                value = float(finite.mean()) if finite.size else math.nan
+            elif total > 0:
+                value = float(values.sum()) / total
+            else:
+                continue
+            columns[name][0].append(row.step)
+            columns[name][1].append(value)
+    return {name: _series(steps, values, max_points) for name, (steps, values) in columns.items()}
+
+
+def histogram_steps(session: Session, run: Run, kind: str, rank: int) -> list[int]:
+    query = select(Histogram.step).where(Histogram.run_id == run.id, Histogram.rank == rank, Histogram.kind == kind).order_by(Histogram.step)
+    return list(session.execute(query).scalars())
+
+
+def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) -> dict[str, Any]:
+    """The per-step scalars and the events of the steps after ``after`` (at most ``TAIL_LIMIT`` steps):
+    one index range read, so a live page costs the collector little per poll."""
+    rows = session.execute(
+        select(Step.step, Step.time, Step.lr, *(getattr(Step, name) for name in TAIL_SCALARS))
+        .where(Step.run_id == run.id, Step.rank == rank, Step.step > after)
+        .order_by(Step.step)
+        .limit(TAIL_LIMIT + 1)
+    ).all()
+    truncated = len(rows) > TAIL_LIMIT
+    rows = rows[:TAIL_LIMIT]
+    values: dict[str, list] = {name: [protocol.encode_float(getattr(row, name)) for row in rows] for name in TAIL_SCALARS}
+    values["lr"] = [row.lr[0] if row.lr else None for row in rows]
+    last_time = rows[-1].time if rows else None
+    until = rows[-1].step if rows else None
+    query = select(Event).where(Event.run_id == run.id, Event.step > after).order_by(Event.step, Event.rank, Event.id)
+    if truncated and until is not None:
+        query = query.where(Event.step <= until)
+    return {
+        "run": run.name, "status": run_status(run, last_time, stale_after), "after": after,
+        "steps": [row.step for row in rows], "values": values, "truncated": truncated,
+        "events": [event_record(event) for event in session.execute(query).scalars()],
+    }

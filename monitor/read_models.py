@@ -1,0 +1,52 @@
+"""Response models of the run page's reads (floats as the protocol writes them: non-finite as text)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from numwatch.protocol import HistogramKind, WireFloat
+
+
+class Series(BaseModel):
+    steps: list[int]
+    values: list[WireFloat]
+
+
+class TensorSummary(BaseModel):
+    """Whole-model series: shares of gradient elements per format-count outcome, means of sampled stats."""
+
+    zeros: Series
+    underflow: Series
+    subnormal: Series
+    overflow: Series
+    update_ratio: Series
+    stale_fraction: Series
+
+
+class HistogramSteps(BaseModel):
+    kind: HistogramKind
+    rank: int
+    steps: list[int] = Field(description="the sampled steps that have this kind of histogram, ascending")
+
+
+class EventOut(BaseModel):
+    step: int
+    rank: int
+    kind: str
+    details: dict[str, Any]
+    time: float
+    time_ms: int
+
+
+class Tail(BaseModel):
+    """What a live page polls for: the steps after ``after`` and their events."""
+
+    run: str
+    status: str
+    after: int
+    steps: list[int]
+    values: dict[str, list[WireFloat]] = Field(description="per-step scalar name -> one value per step (lr: the first group's)")
+    truncated: bool = Field(description="more steps follow: poll again with after = the last step")
+    events: list[EventOut]

@@ -1,0 +1,154 @@
+// Pieces of the run page (also used by the step page): summary, diagnosis, events, histogram, live updates.
+"use strict";
+
+const POLL_MS = 2000;
+
+const RunView = (() => {
+  const { el, fmt, apiRun } = NW;
+
+  function badge(status) { return el("span", { class: "status " + status, id: "run-status" }, status); }
+
+  function summary(d) {
+    const rows = [
+      ["project", d.project], ["format", d.format], ["world size", d.world_size], ["status", badge(d.status)],
+      ["last step", el("span", { id: "run-last-step" }, String(d.last_step))], ["attempts", `${d.steps_total} (${d.skipped_steps_total} skipped)`],
+      ["loss", fmt(d.loss)], ["global grad norm", fmt(d.global_grad_norm)], ["loss scale", fmt(d.loss_scale)],
+      ["started", NW.fmtTime(d.started_at)], ["last seen", d.last_step_time ? `${NW.fmtTime(d.last_step_time)} (${NW.ago(d.last_step_time)})` : "–"],
+      ["tensors", String(d.tensors.length)],
+    ];
+    const table = el("dl", { class: "facts" }, rows.map(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+    const config = Object.entries(d.config || {});
+    const configBox = config.length ? el("details", { class: "config" }, el("summary", {}, `config (${config.length})`),
+      el("dl", { class: "facts" }, config.map(([k, v]) => [el("dt", {}, k), el("dd", { class: "mono" }, typeof v === "string" ? v : JSON.stringify(v))]))) : null;
+    return el("section", { class: "summary" }, el("h1", { class: "mono", id: "run-name" }, d.run), table, configBox);
+  }
+
+  const first = (events, kind) => events.find((e) => e.kind === kind);
+  const count = (events, kind) => events.filter((e) => e.kind === kind).length;
+
+  function tensorsText(list) {
+    return (list || []).slice(0, 3).map((t) => `${t.name} (${t.nan ? t.nan + " NaN" : ""}${t.nan && t.inf ? ", " : ""}${t.inf ? t.inf + " Inf" : ""})`).join(", ");
+  }
+
+  // The run's story in words, in step order, each line linking to its step.
+  function diagnosis(run, detail, events) {
+    const items = [];
+    const add = (step, ...text) => items.push({ step, node: el("li", {}, NW.link(NW.stepUrl(run, step), `step ${step}`), ": ", ...text) });
+    const origin = first(events, "nonfinite_origin");
+    const grad = first(events, "nonfinite_grad");
+    if (origin) {
+      const d = origin.details || {};
+      const where = d.module ? ["the first non-finite module output was ", el("strong", { class: "mono", id: "origin-module" }, d.module), " (forward pass)"]
+        : [(detail.modules || []).length ? "every traced module output was finite: the values went non-finite in the backward pass" : "activation tracing was off, so the module is unknown"];
+      add(origin.step, "first non-finite values; tensors ", el("span", { class: "mono" }, tensorsText(d.tensors)),
+        d.nonfinite_tensors > 3 ? ` and ${d.nonfinite_tensors - 3} more` : "", "; ", ...where, ".");
+    } else if (grad) {
+      add(grad.step, "first non-finite gradients: ", el("span", { class: "mono" }, tensorsText((grad.details || {}).tensors)), ".");
+    }
+    const explosion = first(events, "grad_explosion");
+    if (explosion) {
+      const d = explosion.details || {};
+      add(explosion.step, `gradient explosion: global norm ${fmt(d.global_grad_norm)}, ${fmt(d.factor, 3)}× the rolling median ${fmt(d.rolling_median)}`,
+        count(events, "grad_explosion") > 1 ? ` (${count(events, "grad_explosion")} steps in all).` : ".");
+    }
+    const loss = first(events, "nonfinite_loss");
+    if (loss) add(loss.step, `the loss became ${fmt((loss.details || {}).loss)} (${count(events, "nonfinite_loss")} steps with a non-finite loss).`);
+    const collapse = first(events, "loss_scale_collapse");
+    if (collapse) {
+      const d = collapse.details || {};
+      add(collapse.step, `loss scale collapse: ${fmt(d.loss_scale)} after ${d.backoffs} backoffs in ${d.window} steps.`);
+    }
+    const skipped = first(events, "skipped_step");
+    if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${count(events, "loss_scale_backoff")} loss-scale backoffs in all.`);
+    const told = new Set(["nonfinite_origin", "nonfinite_grad", "grad_explosion", "nonfinite_loss", "loss_scale_collapse", "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
+    for (const kind of [...new Set(events.map((e) => e.kind))].filter((k) => !told.has(k))) {
+      const e = first(events, kind);
+      add(e.step, el("span", { class: "mono" }, kind), ` (${count(events, kind)} events).`);
+    }
+    items.sort((a, b) => a.step - b.step);
+    const box = el("section", { class: "diagnosis", id: "diagnosis" }, el("h2", {}, "Diagnosis"));
+    if (!items.length) box.append(el("p", { class: "ok" }, `No numeric problems detected in ${detail.last_step} steps.`));
+    else box.append(el("ol", {}, items.map((i) => i.node)));
+    return box;
+  }
+
+  function detailsText(details) {
+    return Object.entries(details || {}).map(([k, v]) => {
+      if (Array.isArray(v)) return `${k}: ${v.slice(0, 3).map((x) => (x && typeof x === "object" ? x.name ?? JSON.stringify(x) : String(x))).join(", ")}${v.length > 3 ? " …" : ""}`;
+      if (v && typeof v === "object") return `${k}: ${JSON.stringify(v)}`;
+      return `${k}: ${typeof v === "number" ? fmt(v) : String(v)}`;
+    }).join("; ");
+  }
+
+  const SHOWN_EVENTS = 1000;
+  function eventRow(run, e) {
+    return el("tr", { class: "event " + e.kind }, el("td", { class: "num" }, NW.link(NW.stepUrl(run, e.step), String(e.step))), el("td", { class: "num" }, String(e.rank)),
+      el("td", { class: "mono" }, e.kind), el("td", { class: "details" }, detailsText(e.details)));
+  }
+
+  function eventsTable(run, events) {
+    const body = el("tbody", {}, events.slice(0, SHOWN_EVENTS).map((e) => eventRow(run, e)));
+    const table = el("table", { class: "events", id: "events-table" },
+      el("thead", {}, el("tr", {}, ["step", "rank", "kind", "details"].map((h) => el("th", {}, h)))), body);
+    const box = el("div", { class: "table-wrap" }, table);
+    if (events.length > SHOWN_EVENTS) box.append(el("p", { class: "muted" }, `first ${SHOWN_EVENTS} of ${events.length} events shown`));
+    if (!events.length) box.append(el("p", { class: "muted" }, "no events"));
+    return box;
+  }
+
+  async function histogramSection(main, run, detail, events) {
+    const box = el("div", { id: "histogram-box" });
+    main.append(box);
+    const sampled = (await apiRun(run, "/histogram-steps", { kind: "grad" })).steps;
+    if (!sampled.length || !detail.tensors.length) { box.append(el("p", { class: "muted" }, "no histograms recorded (sampled every histogram_every steps)")); return; }
+    const origin = first(events, "nonfinite_origin") || first(events, "nonfinite_grad");
+    const originTensor = origin && (origin.details.tensors || [])[0];
+    let tensor = originTensor && detail.tensors.some((t) => t.name === originTensor.name) ? originTensor.name : detail.tensors[0].name;
+    const before = origin ? sampled.filter((s) => s <= origin.step) : [];
+    let step = before.length ? before[before.length - 1] : sampled[sampled.length - 1];
+    const tensorSelect = el("select", { id: "histogram-tensor", disabled: NW.exported() || undefined }, detail.tensors.map((t) => el("option", { value: t.name }, t.name)));
+    const stepSelect = el("select", { id: "histogram-step", disabled: NW.exported() || undefined }, sampled.map((s) => el("option", { value: String(s) }, String(s))));
+    tensorSelect.value = tensor; stepSelect.value = String(step);
+    const chart = el("div", {});
+    box.append(el("p", { class: "controls" }, el("label", {}, "tensor ", tensorSelect), " ", el("label", {}, "sampled step ", stepSelect),
+      NW.exported() ? el("span", { class: "muted" }, " (an exported page holds this one histogram)") : null), chart);
+    const draw = async () => {
+      const [data, record] = await Promise.all([apiRun(run, "/histograms", { tensor, step, kind: "grad" }), apiRun(run, "/steps/" + step)]);
+      const scale = NW.num(record.loss_scale);
+      const shift = scale && Number.isFinite(scale) && scale > 0 ? Math.round(Math.log2(scale)) : 0;
+      NW.clear(chart).append(el("p", { class: "muted small" },
+        `Unscaled gradient of ${tensor} at step ${step}, against the normal (blue) and subnormal (amber) ranges of each format.`,
+        shift ? ` The loss scale was 2^${shift}: the gradients are cast to ${detail.format} after multiplying by it, so the top band shows ${detail.format}'s range as it applies to these unscaled values.` : ""));
+      Charts.histogram(chart, { data, format: detail.format, scaleShift: shift });
+    };
+    tensorSelect.addEventListener("change", () => { tensor = tensorSelect.value; draw().catch(NW.showError); });
+    stepSelect.addEventListener("change", () => { step = Number(stepSelect.value); draw().catch(NW.showError); });
+    await draw();
+  }
+
+  // Live: poll the tail (the steps after the last one shown) and append to every chart.
+  function follow(run, after, live) {
+    let last = after;
+    const tick = async () => {
+      const tail = await apiRun(run, "/tail", { after: last });
+      if (tail.steps.length) {
+        for (const { entry, metrics } of live) entry.append(tail.steps, metrics.map((m) => tail.values[m] || tail.steps.map(() => null)));
+        last = tail.steps[tail.steps.length - 1];
+        document.getElementById("run-last-step").textContent = String(last);
+      }
+      if (tail.events.length) {
+        for (const { entry } of live) entry.addEvents(tail.events);
+        const body = document.querySelector("#events-table tbody");
+        if (body) body.append(...tail.events.map((e) => eventRow(run, e)));
+      }
+      const status = document.getElementById("run-status");
+      status.textContent = tail.status; status.className = "status " + tail.status;
+      document.body.dataset.liveStep = String(last);
+      if (tail.truncated) return tick();
+      if (tail.status === "running" || tail.status === "stale") setTimeout(() => tick().catch(NW.showError), POLL_MS);
+    };
+    setTimeout(() => tick().catch(NW.showError), POLL_MS);
+  }
+
+  return { summary, diagnosis, eventsTable, eventRow, histogramSection, follow, detailsText, badge };
+})();

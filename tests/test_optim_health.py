@@ -1,0 +1,131 @@
+"""Adam-family health (update RMS, ε-dominated share) against float64 references written here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from numwatch import optim_health
+from numwatch.optim_health import adam_health
+
+EPS = 1e-8
+
+
+def chosen_state(step: int, beta2: float = 0.999) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """m and v (float32) with 3 elements whose √v̂ is just below ε and 5 just above."""
+    rng = np.random.default_rng(0)
+    bc2 = 1 - beta2**step
+    root_hat = np.concatenate([EPS * np.array([0.99, 0.995, 0.999]), EPS * np.array([1.001, 1.005, 1.01, 1.05, 2.0]), 10 ** rng.uniform(-6, -2, 92)])
+    v = torch.tensor(root_hat**2 * bc2, dtype=torch.float32)
+    m = torch.tensor(rng.standard_normal(100) * 1e-4, dtype=torch.float32)
+    return m, v, 3
+
+
+def reference_adam(m: torch.Tensor, v: torch.Tensor, step: int, betas: tuple[float, float], eps: float) -> tuple[float, float]:
+    m64, v64 = m.double().numpy(), v.double().numpy()
+    m_hat = m64 / (1 - betas[0] ** step)
+    root = np.sqrt(v64 / (1 - betas[1] ** step))
+    update = m_hat / (root + eps)
+    return float(np.sqrt(np.mean(update**2))), float(np.mean(root < eps))
+
+
+@pytest.mark.parametrize("kind", [torch.optim.Adam, torch.optim.AdamW])
+def test_chosen_state_matches_the_reference(kind: type) -> None:
+    param = nn.Parameter(torch.zeros(100))
+    optimizer = kind([param], lr=1e-3, betas=(0.9, 0.999), eps=EPS)
+    m, v, below = chosen_state(step=7)
+    optimizer.state[param] = {"step": torch.tensor(7.0), "exp_avg": m, "exp_avg_sq": v}
+    rms, dominated = adam_health(optimizer, [param])[:, 0].tolist()
+    expected_rms, expected_dominated = reference_adam(m, v, 7, (0.9, 0.999), EPS)
+    assert expected_dominated == below / 100
+    assert dominated == pytest.approx(expected_dominated, rel=1e-6)  # float32 of 3/100
+    assert rms == pytest.approx(expected_rms, rel=1e-5)
+
+
+def test_amsgrad_uses_the_running_maximum() -> None:
+    param = nn.Parameter(torch.zeros(100))
+    optimizer = torch.optim.Adam([param], eps=EPS, amsgrad=True)
+    m, v, _ = chosen_state(step=3)
+    optimizer.state[param] = {"step": torch.tensor(3.0), "exp_avg": m, "exp_avg_sq": v / 100, "max_exp_avg_sq": v}
+    assert adam_health(optimizer, [param])[:, 0].tolist() == pytest.approx(reference_adam(m, v, 3, (0.9, 0.999), EPS), rel=1e-5)
+
+
+def _train(optimizer_factory, steps: int = 5, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, list[torch.Tensor]]:
+    """A float64 MLP trained ``steps`` steps; returns the model, optimizer and the last step's
+    applied update per parameter divided by the learning rate."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    optimizer = optimizer_factory(model.parameters())
+    for _ in range(steps):
+        optimizer.zero_grad()
+        inputs = torch.randn(32, 6, dtype=torch.float64)
+        nn.functional.mse_loss(model(inputs), inputs[:, :2].sin()).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    return model, optimizer, [(b - p.detach()) / lr for b, p in zip(before, model.parameters())]
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.0, foreach=False),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, foreach=True),
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True),
+        lambda ps: torch.optim.RAdam(ps, lr=1e-2),
+        lambda ps: torch.optim.RAdam(ps, lr=1e-2, weight_decay=0.1),
+    ],
+    ids=["adam", "adamw-single-tensor", "adam-amsgrad-foreach", "nadam", "nadam-decoupled", "radam-unrectified", "radam-coupled-wd"],
+)
+def test_rms_is_the_update_the_optimizer_applied(factory) -> None:
+    """After a real step, the RMS equals that of (w_before − w_after) / lr (no weight decay on w)."""
+    model, optimizer, applied = _train(factory)
+    got = adam_health(optimizer, list(model.parameters()))
+    decay = optimizer.param_groups[0]["weight_decay"] if optimizer.param_groups[0].get("decoupled_weight_decay") else 0.0
+    for i, (param, update) in enumerate(zip(model.parameters(), applied)):
+        # Decoupled decay moved w by lr·λ·w_before on top: take it out.
+        before = param.detach() + update * optimizer.param_groups[0]["lr"]
+        update = update - decay * before
+        assert got[0, i].item() == pytest.approx(update.square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_radam_after_warmup_is_rectified() -> None:
+    model, optimizer, applied = _train(lambda ps: torch.optim.RAdam(ps, lr=1e-3), steps=12)
+    got = adam_health(optimizer, list(model.parameters()))
+    for i, update in enumerate(applied):
+        assert got[0, i].item() == pytest.approx(update.square().mean().sqrt().item(), rel=1e-5)
+
+
+def test_fused_and_foreach_adamw_agree() -> None:
+    results = []
+    for flags in ({"foreach": True}, {"fused": True}):
+        model, optimizer, _ = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, **flags), steps=4)
+        results.append(adam_health(optimizer, list(model.parameters())))
+    assert torch.allclose(results[0], results[1], rtol=1e-6, atol=0)
+    assert torch.isfinite(results[0]).all()
+
+
+def test_nan_without_state_and_for_other_optimizers() -> None:
+    model = nn.Linear(3, 2)
+    fresh = torch.optim.Adam(model.parameters())
+    assert torch.isnan(adam_health(fresh, list(model.parameters()))).all()
+    assert torch.isnan(adam_health(torch.optim.SGD(model.parameters(), lr=0.1), list(model.parameters()))).all()
+    assert torch.isnan(adam_health(None, list(model.parameters()))).all()
+    # NAdam with coupled weight decay: the gradient it used included the pre-step weights.
+    _, nadam, _ = _train(lambda ps: torch.optim.NAdam(ps, weight_decay=0.1))
+    assert torch.isnan(adam_health(nadam, [p for g in nadam.param_groups for p in g["params"]])).all()
+    assert adam_health(fresh, []).shape == (2, 0)
+
+
+def test_chunks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer, _ = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    whole = adam_health(optimizer, list(model.parameters()))
+    monkeypatch.setattr(optim_health, "CHUNK", 7)
+    assert torch.allclose(adam_health(optimizer, list(model.parameters())), whole, rtol=1e-6)
+    assert not math.isnan(whole[1, 0].item())

@@ -1,0 +1,233 @@
+"""The web view in a real browser: headless Chromium (Selenium) against a real collector
+(``numwatch serve`` in a subprocess) holding real watched training runs.
+
+Screenshots of every page land in test-artifacts/ (1280x800).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import numwatch
+from numwatch.monitor import stack
+from tests import browser
+
+pytestmark = [pytest.mark.binaries, pytest.mark.slow]
+
+STEPS = 40
+BLOW_UP_AT = 17  # the input is multiplied so the first layer's fp16 output overflows at this step
+LIVE_MORE = 6
+
+
+def get_json(url: str, token: str | None = None) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(embed=nn.Linear(16, 64), act=nn.GELU(), hidden=nn.Linear(64, 64), act2=nn.GELU(), head=nn.Linear(64, 4)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, optimizer, torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10)
+
+
+def train(watcher: numwatch.Watcher, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, first: int, last: int) -> None:
+    """The AMP loop users write (scale, backward, step, update); ``BLOW_UP_AT`` gets a huge input."""
+    generator = torch.Generator().manual_seed(first)
+    for step in range(first, last + 1):
+        inputs = torch.randn(32, 16, generator=generator) * (1e6 if step == BLOW_UP_AT else 1.0)
+        targets = torch.randint(0, 4, (32,), generator=generator)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = nn.functional.cross_entropy(model(inputs), targets)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    watcher.flush()
+
+
+@dataclass
+class Served:
+    url: str
+    run: str
+    live_run: str
+    live: tuple  # (watcher, model, optimizer, scaler) of the run kept open for the live test
+    driver: Any
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    workdir = tmp_path_factory.mktemp("web")
+    with browser.chromium() as driver, stack.running_collector(workdir) as url:
+        model, optimizer, scaler = model_and_optimizer()
+        with numwatch.watch(model, optimizer, scaler=scaler, run="mlp-fp16", url=url, token=None, histogram_every=5, format_every=5,
+                            trace_activations=True, on_nonfinite="ignore", config={"loop": "amp", "lr": 1e-3}) as watcher:
+            train(watcher, model, optimizer, scaler, 1, STEPS)
+        live_model, live_optimizer, live_scaler = model_and_optimizer()
+        live = numwatch.watch(live_model, live_optimizer, scaler=live_scaler, run="mlp-live", url=url, token=None, histogram_every=5, on_nonfinite="ignore")
+        try:
+            train(live, live_model, live_optimizer, live_scaler, 1, 10)
+            yield Served(url, "mlp-fp16", "mlp-live", (live, live_model, live_optimizer, live_scaler), driver)
+        finally:
+            live.close()
+
+
+def page(served: Served, path: str) -> Any:
+    browser.console_errors(served.driver)
+    browser.open_page(served.driver, served.url + path)
+    assert not served.driver.find_elements("id", "page-error"), served.driver.find_element("id", "page-error").text
+    return served.driver
+
+
+def test_runs_page_lists_the_runs(served: Served) -> None:
+    driver = page(served, "/")
+    names = [a.text for a in driver.find_elements("css selector", "#runs-table a.run-link")]
+    assert names[:2] == ["mlp-live", "mlp-fp16"]  # newest first
+    row = driver.find_element("css selector", "tr[data-run='mlp-fp16']")
+    assert "finished" in row.text and str(STEPS) in row.text and "nonfinite_grad" in row.text
+    assert browser.console_errors(driver) == []
+    browser.screenshot(driver, "runs-page")
+
+
+def test_every_page_and_file_carries_the_security_headers(served: Served) -> None:
+    for path in ("/", "/runs/mlp-fp16", "/runs/mlp-fp16/steps/3", "/compare?run=mlp-fp16", "/static/run.js", "/static/vendor/uPlot.iife.min.js", "/api/v1/runs"):
+        with urllib.request.urlopen(served.url + path, timeout=10) as response:
+            policy = response.headers["Content-Security-Policy"]
+            assert "script-src 'self'" in policy and "default-src 'none'" in policy and "unsafe-inline" not in policy, path
+            assert response.headers["X-Content-Type-Options"] == "nosniff", path
+
+
+def plotted(driver: Any, chart: str) -> dict:
+    return driver.execute_script(f"const c = Charts.registry[{json.dumps(chart)}]; return {{x: c.uplot.data[0], y: c.uplot.data.slice(1), marks: c.marks.nonfinite, log: c.log}};")
+
+
+def test_run_page_charts_hold_exactly_the_points_the_api_returns(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    assert browser.console_errors(driver) == []
+    layout = get_json(served.url + "/static/charts.json")
+    last = get_json(f"{served.url}/api/v1/runs/mlp-fp16")["last_step"]
+    checked = 0
+    for chart in layout["series_charts"]:
+        page_data = plotted(driver, chart["id"])
+        for k, series in enumerate(chart["series"]):
+            api = get_json(f"{served.url}/api/v1/runs/mlp-fp16/series?" + urllib.parse.urlencode({"metric": series["metric"], "max_points": layout["max_points"], "end": last}))
+            assert page_data["x"] == api["steps"], chart["id"]
+            marks = {m["step"]: m["kind"] for m in page_data["marks"]}
+            for step, value, shown in zip(api["steps"], api["values"], page_data["y"][k]):
+                if isinstance(value, str):  # non-finite: a gap in the line, drawn as a coloured mark
+                    assert shown is None and marks[step] == {"NaN": "nan", "Infinity": "inf", "-Infinity": "ninf"}[value]
+                elif page_data["log"] and value <= 0:
+                    assert shown is None
+                else:
+                    assert shown == value, (chart["id"], step)
+                checked += 1
+    assert checked >= STEPS * 4
+    # The blow-up step is visible on the loss chart as non-finite.
+    assert any(m["step"] == BLOW_UP_AT for m in plotted(driver, "loss")["marks"])
+
+
+def test_diagnosis_names_the_nan_step_and_its_origin_module(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    origin = [e for e in get_json(f"{served.url}/api/v1/runs/mlp-fp16/events") if e["kind"] == "nonfinite_origin"]
+    assert origin and origin[0]["step"] == BLOW_UP_AT and origin[0]["details"]["module"] == "embed"
+    diagnosis = driver.find_element("id", "diagnosis")
+    first = diagnosis.find_element("css selector", "li")
+    assert first.text.startswith(f"step {BLOW_UP_AT}:") and "first non-finite" in first.text
+    assert driver.find_element("id", "origin-module").text == "embed"
+    assert first.find_element("css selector", "a").get_attribute("href").endswith(f"/runs/mlp-fp16/steps/{BLOW_UP_AT}")
+    browser.screenshot(driver, "run-page")
+
+
+def test_heatmap_marks_the_nonfinite_tensors(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    step = get_json(f"{served.url}/api/v1/runs/mlp-fp16/steps/{BLOW_UP_AT}")
+    bad = [name for name, stats in step["tensors"].items() if stats["nan_count"] or stats["inf_count"]]
+    assert bad  # the non-finite loss makes every gradient of this step non-finite (mixed steps: the posted run below)
+
+    def colour(tensor: str, at: int) -> list[int]:
+        return driver.execute_script(
+            "const h = Charts.registry.heatmap, p = h.layout.cellCenter(arguments[0], arguments[1]);"
+            "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * h.layout.px), 1, 1).data).slice(0, 3);",
+            tensor, at)
+
+    nonfinite = {"NaN": (0xD0, 0x00, 0xD0), "Infinity": (0xE1, 0x1D, 0x1D)}
+    for name in bad:
+        value = step["tensors"][name]["grad_norm"]
+        assert tuple(colour(name, BLOW_UP_AT)) == nonfinite[value], name
+    for name in step["tensors"]:
+        assert tuple(colour(name, BLOW_UP_AT - 1)) not in nonfinite.values(), name
+    listed = driver.find_element("id", "heatmap-nonfinite").text
+    assert all(name in listed for name in bad)
+
+
+def test_histogram_shows_the_format_bands_at_torch_limits(served: Served) -> None:
+    from numwatch.formats import format_spec
+
+    driver = page(served, "/runs/mlp-fp16")
+    bands = driver.execute_script("return Charts.FORMAT_BANDS")
+    for name, band in bands.items():
+        spec = format_spec(name)
+        binade = lambda x: math.floor(math.log2(x))  # noqa: E731
+        assert band["normal"] == [binade(spec.smallest_normal), binade(spec.max)], name
+        assert band["subnormal"] == [binade(spec.smallest_subnormal), binade(spec.smallest_normal) - 1], name
+    drawn = driver.execute_script("return Charts.registry.histogram.bands.map(b => b.name)")
+    assert {"fp16", "bf16", "fp8_e4m3", "fp8_e5m2"} <= set(drawn)
+    tensor = driver.execute_script("return document.getElementById('histogram-tensor').value")
+    step = int(driver.execute_script("return document.getElementById('histogram-step').value"))
+    assert step < BLOW_UP_AT  # the picture before the failure
+    api = get_json(f"{served.url}/api/v1/runs/mlp-fp16/histograms?" + urllib.parse.urlencode({"tensor": tensor, "step": step}))
+    data = driver.execute_script("const u = Charts.registry.histogram.uplot; return [u.data[0], u.data[1]];")
+    shown = {b: c for b, c in zip(*data) if c}
+    assert shown == {b["binade"]: b["count"] for b in api["exponent"]}
+
+
+def test_step_page_lists_every_tensor_worst_first(served: Served) -> None:
+    driver = page(served, f"/runs/mlp-fp16/steps/{BLOW_UP_AT}")
+    assert browser.console_errors(driver) == []
+    step = get_json(f"{served.url}/api/v1/runs/mlp-fp16/steps/{BLOW_UP_AT}")
+    rows = driver.find_elements("css selector", "#tensor-table tbody tr")
+    assert len(rows) == len(step["tensors"])
+    names = [r.find_element("css selector", "td").text for r in rows]
+    bad = {name for name, s in step["tensors"].items() if s["nan_count"] or s["inf_count"]}
+    assert set(names[: len(bad)]) == bad
+    assert "skipped" in driver.find_element("id", "step-events").text
+    browser.screenshot(driver, "step-page")
+
+
+def test_compare_view_overlays_two_runs(served: Served) -> None:
+    driver = page(served, "/compare?run=mlp-fp16&run=mlp-live&metric=loss")
+    assert browser.console_errors(driver) == []
+    labels = driver.execute_script("return Charts.registry.compare.uplot.series.slice(1).map(s => s.label)")
+    assert labels == ["mlp-fp16", "mlp-live"]
+    data = plotted(driver, "compare")
+    for k, run in enumerate(("mlp-fp16", "mlp-live")):
+        api = get_json(f"{served.url}/api/v1/runs/{run}/series?metric=loss&max_points=1000")
+        finite = {s: v for s, v in zip(api["steps"], api["values"]) if not isinstance(v, str)}
+        assert {x: y for x, y in zip(data["x"], data["y"][k]) if y is not None} == finite
+    browser.screenshot(driver, "compare-page")
+
+
+def test_live_page_picks_up_steps_posted_after_it_loaded(served: Served) -> None:
+    driver = page(served, f"/runs/{served.live_run}")
+    before = plotted(driver, "loss")["x"]
+    assert before[-1] == 10
+    watcher, model, optimizer, scaler = served.live
+    train(watcher, model, optimizer, scaler, 11, 10 + LIVE_MORE)
+    browser.wait_for(driver, f"return document.body.dataset.liveStep === '{10 + LIVE_MORE}'", timeout=20)
+    after = plotted(driver, "loss")["x"]
+    assert after == list(range(1, 11 + LIVE_MORE))
+    assert driver.find_element("id", "run-last-step").text == str(10 + LIVE_MORE)
+    assert browser.console_errors(driver) == []
