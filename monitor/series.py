@@ -23,7 +23,7 @@ from numwatch.monitor import rollups
 from numwatch.monitor.models import Step
 from numwatch.monitor.packing import unpack_stats
 
-RAW_SPAN = 4096
+RAW_SPAN = 1024
 ROW_BUDGET = 1024
 
 

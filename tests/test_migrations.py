@@ -131,5 +131,6 @@ def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_u
             if engine.dialect.name == "sqlite":
                 assert "AUTOINCREMENT" in session.execute(sa.text("SELECT sql FROM sqlite_master WHERE name = 'runs'")).scalar()
                 assert session.execute(sa.text("PRAGMA auto_vacuum")).scalar() == db.INCREMENTAL_VACUUM
+                assert session.execute(sa.text("PRAGMA page_size")).scalar() == db.PAGE_SIZE
     finally:
         engine.dispose()
