@@ -40,7 +40,7 @@ def compress_arrays(arrays: list[tuple[bytes, int]], level: int = FAST) -> bytes
 
 def decompress_arrays(blob: bytes, sizes: list[tuple[int, int]]) -> list[bytes]:
     """Inverse of :func:`compress_arrays` for arrays of ``(n_bytes, itemsize)``; ValueError if they do not add up."""
-    data = zlib.decompress(blob) if blob else b""
+    data = inflate(blob)
     expected = sum(n for n, _ in sizes)
     if len(data) != expected:
         raise ValueError(f"packed arrays hold {len(data)} bytes, expected {expected}")
@@ -49,6 +49,16 @@ def decompress_arrays(blob: bytes, sizes: list[tuple[int, int]]) -> list[bytes]:
         out.append(_unshuffle(data[offset:offset + n], itemsize))
         offset += n
     return out
+
+
+def inflate(blob: bytes) -> bytes:
+    """The shuffled arrays of a :func:`compress_arrays` blob, concatenated (for :func:`element`)."""
+    return zlib.decompress(blob) if blob else b""
+
+
+def element(shuffled: bytes, offset: int, n: int, itemsize: int, index: int) -> bytes:
+    """The bytes of element ``index`` of the shuffled ``n``-element array at ``offset``: one value without unshuffling all."""
+    return bytes(shuffled[offset + j * n + index] for j in range(itemsize))
 
 
 def compress_array(raw: bytes, itemsize: int) -> bytes:

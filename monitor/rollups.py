@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor.models import Rollup
-from numwatch.monitor.packing import compress_arrays, decompress_arrays
+from numwatch.monitor.packing import compress_arrays, decompress_arrays, element, inflate
 
 LEVELS = (64, 1024, 16384, 262144)
 # Per-step scalars with a series: the step columns, then the first param group's lr and the skip flag.
@@ -52,8 +52,6 @@ class Summary:
     count: np.ndarray
     nonfinite: np.ndarray
 
-    def column(self, index: int) -> Summary:
-        return Summary(*(getattr(self, name)[index:index + 1] for name in _FIELDS))
 
 
 _FIELDS = ("low", "low_at", "high", "high_at", "nan_at", "last", "last_at", "count", "nonfinite")
@@ -136,6 +134,60 @@ def decode(blob: bytes, origin: int, dtype: np.dtype, n: int) -> Summary:
     return Summary(**fields)
 
 
+def decode_column(blob: bytes, origin: int, dtype: np.dtype, n: int, index: int) -> Summary:
+    """The summary of tensor ``index`` alone (what :func:`decode` gives, one column), without decoding the others."""
+    shuffled, offset, fields = inflate(blob), 0, {}
+    for name in _FIELDS:
+        size = dtype.itemsize if name in _VALUE_FIELDS else 4
+        raw = element(shuffled, offset, n, size, index)
+        offset += size * n
+        if name in _VALUE_FIELDS:
+            fields[name] = np.frombuffer(raw, dtype=dtype)
+        else:
+            value = int.from_bytes(raw, "little")
+            if name in _STEP_FIELDS:
+                value = -1 if value == _NO_STEP else value + origin
+            fields[name] = np.array([value], np.int64)
+    return Summary(**fields)
+
+
+def stack(summaries: list[Summary]) -> Summary:
+    """Summaries of consecutive pieces as one whose fields have a row per piece."""
+    return Summary(*(np.stack([getattr(s, name) for s in summaries]) for name in _FIELDS))
+
+
+def _group_extreme(values: np.ndarray, at: np.ndarray, groups: np.ndarray, starts: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (consecutive rows of one column): the extreme value with the earliest step holding it."""
+    missing = at < 0
+    key = np.where(missing, 0, values)
+    order = np.lexsort((at, -key if largest else key, missing, groups))
+    pick = order[starts]
+    return values[pick], at[pick]
+
+
+def reduce_groups(pieces: Summary, groups: np.ndarray) -> Summary:
+    """Merge the rows of ``pieces`` (one per piece, in step order) sharing a value of ``groups`` (non-decreasing)."""
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ends = np.r_[starts[1:], len(groups)] - 1
+    columns = []
+    for c in range(pieces.low.shape[1]):
+        low, low_at = _group_extreme(pieces.low[:, c], pieces.low_at[:, c], groups, starts, largest=False)
+        high, high_at = _group_extreme(pieces.high[:, c], pieces.high_at[:, c], groups, starts, largest=True)
+        nan = pieces.nan_at[:, c]
+        first_nan = np.minimum.reduceat(np.where(nan < 0, np.iinfo(np.int64).max, nan), starts)
+        columns.append((low, low_at, high, high_at, np.where(first_nan == np.iinfo(np.int64).max, -1, first_nan)))
+    fields = [np.stack([column[k] for column in columns], axis=1) for k in range(5)]
+    # Each piece holds values, so a group's last value is its last piece's.
+    return Summary(
+        *fields, pieces.last[ends], pieces.last_at[ends],
+        np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0),
+    )
+
+
+def row(summary: Summary, index: int) -> Summary:
+    return Summary(*(getattr(summary, name)[index] for name in _FIELDS))
+
+
 def _lr(encoded: list | None) -> float | None:
     return protocol.decode_float(encoded[0]) if encoded else None
 
@@ -200,6 +252,6 @@ def read_buckets(session: Session, run_id: int, rank: int, series: str, level: i
         .where(Rollup.run_id == run_id, Rollup.rank == rank, Rollup.series == series, Rollup.level == level, Rollup.bucket.in_(buckets))
         .execution_options(yield_per=256)
     )
-    for row in rows:
-        summary = decode(bytes(row.data), row.bucket * level, dtype, n)
-        yield row.bucket, summary.column(column) if column is not None else summary
+    for found in rows:
+        origin = found.bucket * level
+        yield found.bucket, decode(bytes(found.data), origin, dtype, n) if column is None else decode_column(bytes(found.data), origin, dtype, n, column)

@@ -133,20 +133,12 @@ def bucket_summaries(session: Session, run_id: int, rank: int, name: str, low: i
             rows = list(raw_values(session, run_id, rank, name, first, last, n_tensors, column))
             if rows:
                 found[(1, first)] = rollups.summarize(np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]))
-    current, merged = None, None
-    for part_level, first, _ in parts:
-        summary = found.get((part_level, first))
-        if summary is None:
-            continue
-        bucket = first // width
-        if bucket != current:
-            if merged is not None:
-                yield max(low, current * width), merged
-            current, merged = bucket, summary
-        else:
-            merged = rollups.merge(merged, summary)
-    if merged is not None:
-        yield max(low, current * width), merged
+    firsts = [first for part_level, first, _ in parts if (part_level, first) in found]
+    if not firsts:
+        return
+    merged = rollups.reduce_groups(rollups.stack([found[(part_level, first)] for part_level, first, _ in parts if (part_level, first) in found]), np.array(firsts, np.int64) // width)
+    for index, bucket in enumerate(sorted({first // width for first in firsts})):
+        yield max(low, bucket * width), rollups.row(merged, index)
 
 
 def raw_buckets(rows: list[tuple[int, np.ndarray]], low: int, width: int) -> list[tuple[int, rollups.Summary]]:
