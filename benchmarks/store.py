@@ -36,7 +36,8 @@ from numwatch import protocol
 from numwatch.monitor import db, stack
 from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.detectors import DetectorConfig
-from numwatch.monitor.ingest import find_run, store_batch
+from numwatch.monitor.ingest import store_batch
+from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import BatchDocument
 from tests.postgres import PostgresUnavailable, running_postgres
 

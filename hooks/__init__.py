@@ -15,6 +15,7 @@ _EXPORTS = {
     "watch": "numwatch.watcher",
     "Watcher": "numwatch.watcher",
     "NonFiniteError": "numwatch.watcher",
+    "observe_attention": "numwatch.attention",
     "UnsupportedConfiguration": "numwatch.sharded",
     "iter_spool": "numwatch.spool",
     "spool_directories": "numwatch.spool",

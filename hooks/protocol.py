@@ -1,4 +1,8 @@
-"""The numwatch wire protocol, version 1: written down once, imported by both sides.
+"""The numwatch wire protocol, version 2: written down once, imported by both sides.
+
+Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``); the
+collector still accepts version 1 documents (old clients, old spools), which cannot carry
+them.
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
@@ -7,7 +11,7 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
 
 ``run`` document — ``POST /api/v1/runs``, sent once per (run, rank) when watching starts::
 
-    {"protocol": 1, "run": str, "project": str, "rank": int, "world_size": int,
+    {"protocol": 2, "run": str, "project": str, "rank": int, "world_size": int,
      "format": "fp16" | "bf16" | "fp8_e4m3" | "fp8_e5m2" | "fp32",
      "tensors": [{"name": str, "shape": [int], "dtype": str, "group": int}],
      "modules": [str],            # traced modules (activation tracing), else []
@@ -16,7 +20,7 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
 
 ``batch`` document — ``POST /api/v1/runs/{run}/batches``::
 
-    {"protocol": 1, "run": str, "rank": int, "batch_id": str,
+    {"protocol": 2, "run": str, "rank": int, "batch_id": str,
      "steps": [step], "histograms": [histogram], "events": [event],
      "status": "running" | "finished" | "crashed"}
 
@@ -56,16 +60,14 @@ from __future__ import annotations
 import base64
 import json
 import math
-import sys
 import time as _time
 import uuid
-from array import array
 from typing import Any, Iterable, Literal, Sequence, TypedDict, get_args
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
-ProtocolVersion = Literal[1]
-PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[0]
+ProtocolVersion = Literal[1, 2]
+PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[-1]
 
 # Target formats the format counts are taken against (names on the wire).
 Format = Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
@@ -73,7 +75,6 @@ FORMATS: tuple[Format, ...] = get_args(Format)
 
 # array dtype codes: '<f4' float32, '<f8' float64, '<i8' int64 (all little-endian).
 ArrayDtype = Literal["<f4", "<f8", "<i8"]
-_ARRAY_TYPECODES: dict[ArrayDtype, str] = {"<f4": "f", "<f8": "d", "<i8": "q"}
 
 # Per-tensor statistics of a step.
 TensorStat = Literal[
@@ -84,7 +85,16 @@ TensorStat = Literal[
     # sampled (``histogram_every``)
     "weight_norm", "weight_absmax", "update_ratio", "stale_fraction",
     "exp_avg_sq_underflow",  # share of Adam's exp_avg_sq that is 0 or subnormal
+    # sampled, Adam family (version 2): RMS of the update before the learning rate, share where eps dominates
+    "adam_update_rms", "adam_eps_dominated",
+    # ``quant_every`` and close() (version 2): SQNR in dB of the weights under each scheme
+    "quant_sqnr_int8", "quant_sqnr_int4", "quant_sqnr_nf4", "quant_sqnr_fp8",
 ]
+QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
+QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
+QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
+ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
+V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
 _INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)
@@ -113,17 +123,14 @@ HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {"exponent": "<i8", "linear
 HISTOGRAM_LENGTHS: dict[HistogramField, int] = {"exponent": EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": LINEAR_BINS}
 
 ScaleDecision = Literal["growth", "backoff", "none"]
-SCALE_DECISIONS: tuple[ScaleDecision, ...] = get_args(ScaleDecision)
 RunStatus = Literal["running", "finished", "crashed"]
 
 # Event kinds the client itself emits, and those the collector's detectors add.
 ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
-CLIENT_EVENT_KINDS: tuple[ClientEventKind, ...] = get_args(ClientEventKind)
 DetectorEventKind = Literal[
     "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
     "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
 ]
-DETECTOR_EVENT_KINDS: tuple[DetectorEventKind, ...] = get_args(DetectorEventKind)
 
 # An encoded float (see encode_float) and an array's base64 text.
 WireFloat = float | str | None
@@ -288,26 +295,18 @@ def batch_document(
     }
 
 
-def pack_array(values: Iterable[float] | Iterable[int], dtype: str) -> str:
-    """Values as the protocol's base64 array text of ``dtype`` ('<f4', '<f8', '<i8')."""
-    arr = array(_ARRAY_TYPECODES[dtype], values)
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return base64.b64encode(arr.tobytes()).decode("ascii")
-
-
 def pack_bytes(raw: bytes) -> str:
     """Already little-endian raw bytes (e.g. from a tensor) as array text."""
     return base64.b64encode(raw).decode("ascii")
 
 
-def unpack_bytes(text: str, dtype: str, length: int | None = None) -> bytes:
-    """Array text back to raw little-endian bytes, checking size (and length when given)."""
+def unpack_bytes(text: str) -> bytes:
+    """Array text back to its raw little-endian bytes (ValueError if it is not base64);
+    :func:`check_raw` then checks them against the field's dtype."""
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not base64 array text: {exc}") from None
-    return check_raw(raw, dtype, length)
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as error:  # binascii.Error, non-ASCII text
+        raise ValueError(f"not base64 array text: {error}") from None
 
 
 def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
@@ -318,15 +317,6 @@ def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
     if length is not None and len(raw) != length * itemsize:
         raise ValueError(f"expected {length} values, got {len(raw) // itemsize}")
     return raw
-
-
-def unpack_array(text: str, dtype: str, length: int | None = None) -> list[float] | list[int]:
-    """Array text back to a list of Python numbers (NaN and ±Inf bit-exact)."""
-    arr = array(_ARRAY_TYPECODES[dtype])
-    arr.frombytes(unpack_bytes(text, dtype, length))
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return arr.tolist()
 
 
 def dumps(document: dict[str, Any]) -> bytes:

@@ -15,7 +15,6 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
 from numwatch.monitor import db
-from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.exposition import IngestMetrics, NumwatchCollector
 from numwatch.monitor.ratelimit import RateLimiter
 from numwatch.monitor.retention import Reaper
@@ -25,16 +24,6 @@ from numwatch.monitor.settings import Settings
 from numwatch.monitor.web import STATIC_DIR
 
 log = logging.getLogger("numwatch.collector")
-
-
-def detector_config(settings: Settings) -> DetectorConfig:
-    return DetectorConfig(
-        explosion_factor=settings.detect_explosion_factor, window=settings.detect_window, min_history=settings.detect_min_history,
-        vanishing_floor=settings.detect_vanishing_floor, underflow_threshold=settings.detect_underflow_threshold,
-        collapse_floor=settings.detect_collapse_floor, collapse_backoffs=settings.detect_collapse_backoffs,
-        spike_sigmas=settings.detect_spike_sigmas, spike_window=settings.detect_spike_window,
-        spike_score_steps=settings.detect_spike_score_steps,
-    )
 
 
 def prepare_database(settings: Settings) -> None:
@@ -75,7 +64,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = db.make_session_factory(engine)
-    app.state.detector_config = detector_config(settings)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     retention = timedelta(days=settings.retention_days) if settings.retention_days > 0 else None
     app.state.reaper = Reaper(app.state.session_factory, retention, settings.retention_check_seconds)

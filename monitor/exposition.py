@@ -25,6 +25,7 @@ from numwatch.protocol import decode_float
 from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run, Step
 from numwatch.monitor import spikes
 from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor.queries import run_status
 from numwatch.monitor.settings import Settings
 
 RUN_LABELS = ("run", "rank")
@@ -73,18 +74,17 @@ class NumwatchCollector(Collector):
         ).scalars())
 
     def _build(self) -> list[Metric]:
-        m = _Families(self.settings.detect_spike_score_steps)
+        m = _Families(self.settings.detect.spike_score_steps)
         with self.session_factory() as session:
             runs = self._visible_runs(session)
             states = session.execute(select(RankState).where(RankState.run_id.in_([r.id for r in runs]))).scalars().all() if runs else []
             by_run: dict[int, list[RankState]] = {}
             for state in states:
                 by_run.setdefault(state.run_id, []).append(state)
-            stale_before = time.time() - self.settings.stale_after_seconds
+            now = time.time()
             for run in runs:
                 run_states = by_run.get(run.id, [])
-                last_seen = max((s.last_step_time for s in run_states), default=0.0) or run.last_seen_at.timestamp()
-                status = "stale" if run.status == "running" and last_seen < stale_before else run.status
+                status = run_status(run, run_states, self.settings.stale_after_seconds, now)
                 m.run_info.add_metric([run.name, run.project, run.format, str(run.world_size), status], 1)
                 events: dict[str, int] = {}
                 for state in run_states:
@@ -135,6 +135,8 @@ class _Families:
             "headroom_bits": gauge("numwatch_headroom_log2", "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the last step; promtool rejects a _bits suffix.", labels=RUN_LABELS),
             "stale_fraction": gauge("numwatch_stale_fraction", "Mean share of weights that did not move although their gradient was non-zero (last sampled step).", labels=RUN_LABELS),
             "update_ratio": gauge("numwatch_update_ratio", "Mean ||dw||/||w|| over tensors (last sampled step).", labels=RUN_LABELS),
+            "adam_update_rms": gauge("numwatch_adam_update_rms", "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) (last sampled step).", labels=RUN_LABELS),
+            "adam_eps_dominated": gauge("numwatch_adam_eps_dominated", "Mean over tensors of the share of elements where Adam's eps exceeds sqrt(v_hat) (last sampled step).", labels=RUN_LABELS),
         }
         self.counters = {
             "steps_total": counter("numwatch_steps", "Optimizer-step attempts stored.", labels=RUN_LABELS),
@@ -151,6 +153,10 @@ class _Families:
         self.spike_score = gauge(
             "numwatch_spike_score", "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 before any is judged.",
             labels=[*RUN_LABELS, "signal"],
+        )
+        self.quant_sqnr_min = gauge(
+            "numwatch_quant_sqnr_min_decibels", "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last quantization step).",
+            labels=[*RUN_LABELS, "scheme"],
         )
         self.learning_rate = gauge("numwatch_learning_rate", "Learning rate of each param group at the last step.", labels=[*RUN_LABELS, "group"])
         self.grad_norm_distribution = HistogramMetricFamily(
@@ -173,6 +179,8 @@ class _Families:
                 family.add_metric([*labels, run.format], float(value))
         for signal in spikes.SIGNALS:
             self.spike_score.add_metric([*labels, signal], spikes.score((state.spike_state or {}).get(signal, spikes.EMPTY), self.score_steps))
+        for scheme, value in sorted((state.quant_sqnr_min or {}).items()):
+            self.quant_sqnr_min.add_metric([*labels, scheme], _finite_or_nan(decode_float(value)))
         for group, lr in enumerate(state.lr or []):
             self.learning_rate.add_metric([*labels, str(group)], _finite_or_nan(decode_float(lr)))
         counts = np.cumsum(np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64))
@@ -182,5 +190,5 @@ class _Families:
     def families(self) -> list[Metric]:
         return [
             self.run_info, *self.scalar_gauges.values(), *self.counters.values(), *self.ratios.values(),
-            self.spike_score, self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
+            self.spike_score, self.quant_sqnr_min, self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
         ]

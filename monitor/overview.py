@@ -13,10 +13,11 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor.models import Event, Histogram, Run, Step
 from numwatch.monitor.packing import unpack_stats
-from numwatch.monitor.queries import event_record, run_status
+from numwatch.monitor.queries import event_record, rank_states, run_status
 from numwatch.monitor.series import downsample
 
 MEAN_STATS = ("update_ratio", "stale_fraction")
+ORIGIN_KINDS = ("nonfinite_origin", "nonfinite_grad")
 TAIL_SCALARS = ("loss", "global_grad_norm", "loss_scale", "headroom_bits", "step_time")
 TAIL_LIMIT = 2000
 
@@ -58,9 +59,23 @@ def tensor_summary(session: Session, run: Run, rank: int, max_points: int) -> di
     return {name: _series(steps, values, max_points) for name, (steps, values) in columns.items()}
 
 
-def histogram_steps(session: Session, run: Run, kind: str, rank: int) -> list[int]:
+def histogram_steps(session: Session, run: Run, kind: str, rank: int) -> dict[str, Any]:
+    """The sampled steps with a ``kind`` histogram, and the one to show first: the tensor named
+    first where values went non-finite, at the last sampled step before that (else the latest)."""
     query = select(Histogram.step).where(Histogram.run_id == run.id, Histogram.rank == rank, Histogram.kind == kind).order_by(Histogram.step)
-    return list(session.execute(query).scalars())
+    steps = list(session.execute(query).scalars())
+    names = [t["name"] for t in run.tensors]
+    if not steps or not names:
+        return {"kind": kind, "rank": rank, "steps": steps, "suggested": None}
+    origin = session.execute(
+        select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.kind.in_(ORIGIN_KINDS)).order_by(Event.step, Event.id).limit(1)
+    ).scalar_one_or_none()
+    tensor, step = names[0], steps[-1]
+    if origin is not None:
+        named = [t.get("name") for t in origin.details.get("tensors", []) if isinstance(t, dict)]
+        tensor = next((name for name in named if name in names), tensor)
+        step = max((s for s in steps if s <= origin.step), default=step)
+    return {"kind": kind, "rank": rank, "steps": steps, "suggested": {"tensor": tensor, "step": step}}
 
 
 def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) -> dict[str, Any]:
@@ -76,13 +91,12 @@ def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) 
     rows = rows[:TAIL_LIMIT]
     values: dict[str, list] = {name: [protocol.encode_float(getattr(row, name)) for row in rows] for name in TAIL_SCALARS}
     values["lr"] = [row.lr[0] if row.lr else None for row in rows]
-    last_time = rows[-1].time if rows else None
     until = rows[-1].step if rows else None
     query = select(Event).where(Event.run_id == run.id, Event.step > after).order_by(Event.step, Event.rank, Event.id)
     if truncated and until is not None:
         query = query.where(Event.step <= until)
     return {
-        "run": run.name, "status": run_status(run, last_time, stale_after), "after": after,
+        "run": run.name, "status": run_status(run, rank_states(session, run), stale_after), "after": after,
         "steps": [row.step for row in rows], "values": values, "truncated": truncated,
         "events": [event_record(event) for event in session.execute(query).scalars()],
     }

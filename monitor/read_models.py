@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from numwatch.protocol import HistogramKind, WireFloat
+from numwatch.protocol import HistogramKind, QuantScheme, WireFloat
 
 
 class Series(BaseModel):
@@ -25,10 +25,16 @@ class TensorSummary(BaseModel):
     stale_fraction: Series
 
 
+class HistogramChoice(BaseModel):
+    tensor: str
+    step: int
+
+
 class HistogramSteps(BaseModel):
     kind: HistogramKind
     rank: int
     steps: list[int] = Field(description="the sampled steps that have this kind of histogram, ascending")
+    suggested: HistogramChoice | None = Field(description="what to show first: the first tensor that went non-finite, at the last sampled step before it (else the latest)")
 
 
 class EventOut(BaseModel):
@@ -50,3 +56,16 @@ class Tail(BaseModel):
     values: dict[str, list[WireFloat]] = Field(description="per-step scalar name -> one value per step (lr: the first group's)")
     truncated: bool = Field(description="more steps follow: poll again with after = the last step")
     events: list[EventOut]
+
+
+class QuantizedTensor(BaseModel):
+    tensor: str
+    shape: list[int]
+    sqnr_db: dict[QuantScheme, WireFloat] = Field(description="20 log10(||w|| / ||w - Q(w)||) per scheme; Infinity when exact")
+
+
+class QuantizationTable(BaseModel):
+    step: int | None = Field(description="the last step whose weights were measured; null before the first")
+    rank: int
+    sort: QuantScheme
+    tensors: list[QuantizedTensor] = Field(description="weight tensors (2-D and up), lowest SQNR of `sort` first")

@@ -1,4 +1,4 @@
-"""The /metrics names the exposition promises (ARCHITECTURE §5, issue #4's table).
+"""The /metrics names the exposition promises: the contract between the collector, the alert rules and the dashboards.
 
 Alert rules and dashboards may reference only these (plus Prometheus's own ``up`` and
 ``ALERTS``); tests on both sides check against this one list.
@@ -7,8 +7,9 @@ Alert rules and dashboards may reference only these (plus Prometheus's own ``up`
 from __future__ import annotations
 
 import re
+from typing import get_args
 
-from numwatch.protocol import CLIENT_EVENT_KINDS, DETECTOR_EVENT_KINDS
+from numwatch.protocol import ClientEventKind, DetectorEventKind
 
 GAUGES = (
     "numwatch_run_info",
@@ -29,6 +30,9 @@ GAUGES = (
     "numwatch_update_ratio",
     "numwatch_layer_grad_norm",
     "numwatch_spike_score",
+    "numwatch_adam_update_rms",
+    "numwatch_adam_eps_dominated",
+    "numwatch_quant_sqnr_min_decibels",
 )
 COUNTERS = (
     "numwatch_steps_total",
@@ -53,7 +57,7 @@ SERIES_NAMES: frozenset[str] = frozenset(
 PROMETHEUS_OWN = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
 
 # Event kinds (the `kind` label): the collector's detectors, then the client's own.
-EVENT_KINDS = DETECTOR_EVENT_KINDS + CLIENT_EVENT_KINDS
+EVENT_KINDS = get_args(DetectorEventKind) + get_args(ClientEventKind)
 
 _NUMWATCH_NAME = re.compile(r"\bnumwatch_[A-Za-z0-9_]+")
 
@@ -90,6 +94,8 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
         "numwatch_headroom_log2": 6.0,
         "numwatch_stale_fraction": 0.01,
         "numwatch_update_ratio": 0.001,
+        "numwatch_adam_update_rms": 0.3,
+        "numwatch_adam_eps_dominated": 0.0,
     }
     for name, value in gauges.items():
         family(name, "gauge", [("", run_rank, value)])
@@ -97,6 +103,7 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     for name in ("numwatch_grad_zero_ratio", "numwatch_grad_underflow_ratio", "numwatch_grad_subnormal_ratio", "numwatch_grad_overflow_ratio"):
         family(name, "gauge", [("", f'{run_rank},format="fp16"', 0.001)])
     family("numwatch_spike_score", "gauge", [("", f'{run_rank},signal="{signal}"', 0.0) for signal in ("loss", "grad_norm")])
+    family("numwatch_quant_sqnr_min_decibels", "gauge", [("", f'{run_rank},scheme="{scheme}"', value) for scheme, value in (("int8", 38.0), ("int4", 17.5), ("nf4", 20.0), ("fp8", 31.0))])
     family("numwatch_layer_grad_norm", "gauge", [("", f'{run_rank},tensor="fc{i}.weight"', 0.1 * (i + 1)) for i in range(3)])
     counters = {
         "numwatch_steps_total": 121.0,

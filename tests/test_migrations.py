@@ -45,7 +45,7 @@ def test_serve_refuses_an_outdated_schema_and_says_what_to_run(tmp_path) -> None
     assert "numwatch db upgrade --database-url" in result.stderr
 
 
-OLD_REVISION = "0002"  # the schema before compressed arrays and rollups
+OLD_REVISION = "0003"  # the schema before compressed arrays and rollups
 
 
 def _old_database(database_url: str) -> None:
@@ -107,7 +107,7 @@ def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_u
     try:
         db.check_schema(engine)
         with Session(engine) as session:
-            run = queries.get_run(session, "old", EVERYTHING)
+            run = queries.find_run(session, "old", EVERYTHING)
             for i, step in enumerate((1, 2)):
                 record = queries.step_record(session, run, step, 0)
                 assert [record["tensors"][t["name"]]["grad_norm"] for t in TENSORS] == [protocol.encode_float(float(v)) for v in OLD_NORMS[i]]

@@ -18,7 +18,8 @@ from numwatch import protocol
 from numwatch.monitor import db, queries, rollups, series
 from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.detectors import DetectorConfig
-from numwatch.monitor.ingest import find_run, register_run, store_batch
+from numwatch.monitor.ingest import register_run, store_batch
+from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import BatchDocument, RunDocument
 from tests.collector_docs import TENSORS, array, run_doc
 

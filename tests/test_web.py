@@ -62,6 +62,7 @@ def train(watcher: numwatch.Watcher, model: nn.Module, optimizer: torch.optim.Op
 @dataclass
 class Served:
     url: str
+    database_url: str
     run: str
     live_run: str
     live: tuple  # (watcher, model, optimizer, scaler) of the run kept open for the live test
@@ -71,7 +72,8 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     workdir = tmp_path_factory.mktemp("web")
-    with browser.chromium() as driver, stack.running_collector(workdir) as url:
+    database_url = f"sqlite:///{workdir / 'numwatch.db'}"
+    with browser.chromium() as driver, stack.running_collector(workdir, database_url) as url:
         model, optimizer, scaler = model_and_optimizer()
         with numwatch.watch(model, optimizer, scaler=scaler, run="mlp-fp16", url=url, token=None, histogram_every=5, format_every=5,
                             trace_activations=True, on_nonfinite="ignore", config={"loop": "amp", "lr": 1e-3}) as watcher:
@@ -80,7 +82,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         live = numwatch.watch(live_model, live_optimizer, scaler=live_scaler, run="mlp-live", url=url, token=None, histogram_every=5, on_nonfinite="ignore")
         try:
             train(live, live_model, live_optimizer, live_scaler, 1, 10)
-            yield Served(url, "mlp-fp16", "mlp-live", (live, live_model, live_optimizer, live_scaler), driver)
+            yield Served(url, database_url, "mlp-fp16", "mlp-live", (live, live_model, live_optimizer, live_scaler), driver)
         finally:
             live.close()
 
@@ -231,3 +233,160 @@ def test_live_page_picks_up_steps_posted_after_it_loaded(served: Served) -> None
     assert after == list(range(1, 11 + LIVE_MORE))
     assert driver.find_element("id", "run-last-step").text == str(10 + LIVE_MORE)
     assert browser.console_errors(driver) == []
+
+
+# -- hostile names -----------------------------------------------------------------------------
+
+IMG = "<img src=x onerror=window.__pwned=1>"
+SCRIPT = '"><script>window.__pwned=2</script>'
+SVG = '"><svg onload=window.__pwned=3>'
+XSS_STEP = 4
+
+
+def post(url: str, path: str, body: dict, token: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def post_run(url: str, run: str, project: str, specs: list[dict], token: str | None = None, modules: tuple[str, ...] = (), config: dict | None = None) -> None:
+    """A run of three tensors and ``XSS_STEP + 2`` steps posted as the protocol's documents; at
+    ``XSS_STEP`` the first tensor's norm is NaN and the second's +Inf, the third finite."""
+    from numwatch import protocol
+    from tests.collector_docs import array, step_doc
+
+    post(url, "/api/v1/runs", dict(protocol.run_document(run, format="fp16", tensors=specs, project=project, modules=modules, config=config)), token)
+    steps = []
+    for step in range(1, XSS_STEP + 3):
+        norms, inf = [0.5 * step, 0.25, 0.125], [0, 0, 0]
+        if step == XSS_STEP:
+            norms[:2], inf[1] = [math.nan, math.inf], 2
+        steps.append(step_doc(step, norms, tensors={"inf_count": array(inf, "<i8")}))
+    origin = protocol.event_document(XSS_STEP, "nonfinite_origin", {"tensors": [{"name": specs[0]["name"], "nan": 3, "inf": 0}], "module": modules[0] if modules else None})
+    path = "/api/v1/runs/" + urllib.parse.quote(run, safe="") + "/batches"
+    post(url, path, dict(protocol.batch_document(run, steps=steps, events=[origin], status="finished")), token)
+
+
+def tensors(*names: str) -> list[dict]:
+    return [{"name": name, "shape": [4, 4], "dtype": "float32", "group": 0} for name in names]
+
+
+def test_client_strings_render_as_text_and_never_run(served: Served) -> None:
+    post_run(served.url, IMG, SCRIPT, tensors(IMG, SCRIPT, "plain.weight"), modules=(SVG, IMG), config={IMG: SCRIPT})
+    post_run(served.url, SVG, IMG, tensors(IMG, SCRIPT, "plain.weight"))
+    driver = served.driver
+    pages = ["/", f"/runs/{urllib.parse.quote(IMG, safe='')}", f"/runs/{urllib.parse.quote(IMG, safe='')}/steps/{XSS_STEP}",
+             f"/compare?run={urllib.parse.quote(IMG, safe='')}&run={urllib.parse.quote(SVG, safe='')}&metric=global_grad_norm"]
+    for path in pages:
+        page(served, path)
+        assert driver.execute_script("return typeof window.__pwned") == "undefined", path
+        assert driver.execute_script("return document.querySelectorAll('img, svg, main script').length") == 0, path
+        assert browser.console_errors(driver) == [], path
+    page(served, "/")
+    texts = {a.text for a in driver.find_elements("css selector", "#runs-table a.run-link")}
+    assert {IMG, SVG} <= texts
+    assert SCRIPT in driver.find_element("id", "runs-table").text  # the project, as text
+    page(served, f"/runs/{urllib.parse.quote(IMG, safe='')}")
+    assert driver.find_element("id", "run-name").text == IMG
+    assert driver.find_element("id", "origin-module").text == SVG
+    assert IMG in driver.find_element("id", "diagnosis").text  # the origin tensor, as text
+    assert driver.execute_script("return document.querySelector('details.config').textContent").endswith(IMG + SCRIPT)
+    heat = driver.execute_script("return Charts.registry.heatmap.layout.names")
+    assert heat == [IMG, SCRIPT, "plain.weight"]
+    browser.screenshot(driver, "hostile-names-run-page")
+    page(served, f"/runs/{urllib.parse.quote(IMG, safe='')}/steps/{XSS_STEP}")
+    names = [r.find_element("css selector", "td").text for r in driver.find_elements("css selector", "#tensor-table tbody tr")]
+    assert set(names[:2]) == {IMG, SCRIPT} and names[2] == "plain.weight"  # worst (non-finite) first
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+
+
+def test_heatmap_colours_nan_inf_and_finite_cells_of_one_step_apart(served: Served) -> None:
+    post_run(served.url, "mixed-step", "default", tensors("a.nan", "b.inf", "c.finite"))
+    driver = page(served, "/runs/mixed-step")
+    pixel = ("const h = Charts.registry.heatmap, p = h.layout.cellCenter(arguments[0], arguments[1]);"
+             "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * h.layout.px), 1, 1).data).slice(0, 3);")
+    assert driver.execute_script(pixel, "a.nan", XSS_STEP) == [0xD0, 0x00, 0xD0]
+    assert driver.execute_script(pixel, "b.inf", XSS_STEP) == [0xE1, 0x1D, 0x1D]
+    finite = driver.execute_script(pixel, "c.finite", XSS_STEP)
+    assert finite not in ([0xD0, 0x00, 0xD0], [0xE1, 0x1D, 0x1D], [0x1D, 0x4E, 0xD8])
+    assert driver.execute_script(pixel, "a.nan", XSS_STEP - 1) != [0xD0, 0x00, 0xD0]
+    listed = driver.find_element("id", "heatmap-nonfinite").text
+    assert "a.nan" in listed and "b.inf" in listed and "c.finite" not in listed
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def test_export_is_one_file_that_works_offline(served: Served, tmp_path: Path) -> None:
+    from numwatch.monitor.cli import main
+
+    output = tmp_path / "run.html"
+    assert main(["export", "mlp-fp16", "-o", str(output), "--database-url", served.database_url]) == 0
+    text = output.read_text()
+    assert "/static/" not in text.replace('"/static/charts.json"', "")  # every asset inlined
+    browser.console_errors(served.driver)
+    browser.open_page(served.driver, output.as_uri())
+    driver = served.driver
+    assert not driver.find_elements("id", "page-error"), driver.find_element("id", "page-error").text
+    assert browser.console_errors(driver) == []
+    assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0  # no request left the page
+    assert driver.find_element("id", "origin-module").text == "embed"
+    api = get_json(f"{served.url}/api/v1/runs/mlp-fp16/series?metric=global_grad_norm&max_points=1000&end={STEPS}")
+    assert plotted(driver, "grad_norm")["x"] == api["steps"]
+    assert driver.execute_script("return Charts.registry.histogram.uplot.data[1].filter(v => v).length") > 0
+
+
+# -- auth --------------------------------------------------------------------------------------
+
+
+def make_token(database_url: str, project: str) -> str:
+    import contextlib
+    import io
+
+    from numwatch.monitor.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert main(["token", "create", "--project", project, "--database-url", database_url]) == 0
+    return out.getvalue().strip().splitlines()[-1]
+
+
+def test_with_auth_pages_ask_for_a_token_and_show_only_its_project(served: Served, tmp_path: Path) -> None:
+    from numwatch.monitor.cli import main
+
+    database_url = f"sqlite:///{tmp_path / 'auth.db'}"
+    assert main(["db", "upgrade", "--database-url", database_url]) == 0
+    token_a, token_b = make_token(database_url, "team-a"), make_token(database_url, "team-b")
+    driver = served.driver
+    with stack.running_collector(tmp_path, database_url, extra_args=("--auth", "token")) as url:
+        post_run(url, "run-of-a", "team-a", tensors("a", "b", "c"), token_a)
+        post_run(url, "run-of-b", "team-b", tensors("a", "b", "c"), token_b)
+        for path in ("/", "/runs/run-of-a", "/runs/run-of-b/steps/2", "/compare?run=run-of-a"):
+            browser.open_page(driver, url + path)
+            assert driver.find_elements("id", "token-form"), path
+            assert not driver.find_elements("css selector", "#runs-table, #diagnosis, #tensor-table, .chart"), path
+            assert "run-of" not in driver.find_element("id", "main").text or path != "/", path
+        browser.open_page(driver, url + "/runs/run-of-a")
+        browser.screenshot(driver, "token-prompt")
+        driver.find_element("id", "token-input").send_keys(token_a)
+        driver.find_element("css selector", "#token-form button").click()
+        browser.wait_for(driver, "return document.body.dataset.ready === 'true' && !!document.getElementById('diagnosis')")
+        assert driver.find_element("id", "run-name").text == "run-of-a"
+        assert token_a not in driver.current_url
+        assert driver.execute_script("return sessionStorage.getItem('numwatch.readToken')") == token_a
+        browser.open_page(driver, url + "/")
+        assert [a.text for a in driver.find_elements("css selector", "#runs-table a.run-link")] == ["run-of-a"]
+        for path in ("/runs/run-of-b", "/runs/run-of-b/steps/2", "/compare?run=run-of-b"):
+            browser.open_page(driver, url + path)
+            error = driver.find_element("id", "page-error").text
+            assert "404" in error and "unknown run" in error, path
+            assert not driver.find_elements("css selector", "#diagnosis, #tensor-table, .chart .u-wrap"), path
+        driver.find_element("id", "sign-out").click()
+        browser.wait_for(driver, "return !!document.getElementById('token-form')")
+        assert driver.execute_script("return sessionStorage.getItem('numwatch.readToken')") is None
+    with stack.running_collector(tmp_path, database_url, extra_args=("--auth", "token", "--open-reads")) as url:
+        browser.open_page(driver, url + "/runs/run-of-b")
+        assert not driver.find_elements("id", "token-form")
+        assert driver.find_element("id", "run-name").text == "run-of-b"
+    browser.console_errors(driver)  # the refused reads above are logged by the browser; drop them

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import overview, queries
+from numwatch.monitor import overview, queries, readiness
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, get_settings, require_reader
-from numwatch.monitor.ingest import IngestError
-from numwatch.monitor.read_models import HistogramSteps, Tail, TensorSummary
+from numwatch.monitor.errors import Refused
+from numwatch.monitor.read_models import HistogramSteps, QuantizationTable, Tail, TensorSummary
 from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.schemas import MAX_RANK, MAX_STEP
 from numwatch.monitor.settings import Settings
@@ -28,12 +28,12 @@ def _answer(work: Any) -> Any:
     """``work()``, with a query's not-found turned into an HTTP 404 that says what exists."""
     try:
         return work()
-    except IngestError as error:
+    except Refused as error:
         raise HTTPException(error.status, error.message) from None
 
 
 def _run(session: Session, name: str, principal: Principal) -> Any:
-    return _answer(lambda: queries.get_run(session, name, principal))
+    return _answer(lambda: queries.find_run(session, name, principal))
 
 
 @router.get("/runs", summary="Runs with status, last step and event counts by kind")
@@ -114,6 +114,18 @@ def get_tensor_summary(
     return overview.tensor_summary(session, _run(session, run, principal), rank, max_points)
 
 
+@router.get("/runs/{run}/quantization", responses=RUN_RESPONSES, response_model=QuantizationTable,
+            summary="Per weight tensor, the SQNR of int8/int4/NF4/fp8 quantization at the last measured step, worst first")
+def get_quantization(
+    run: str,
+    rank: RankQuery = 0,
+    sort: protocol.QuantScheme = "int4",
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> dict:
+    return readiness.quantization_table(session, _run(session, run, principal), rank, sort)
+
+
 @router.get("/runs/{run}/histogram-steps", responses=RUN_RESPONSES, response_model=HistogramSteps, summary="The sampled steps that have histograms")
 def get_histogram_steps(
     run: str,
@@ -122,7 +134,7 @@ def get_histogram_steps(
     principal: Principal = Depends(require_reader),
     session: Session = Depends(get_session),
 ) -> dict:
-    return {"kind": kind, "rank": rank, "steps": overview.histogram_steps(session, _run(session, run, principal), kind, rank)}
+    return overview.histogram_steps(session, _run(session, run, principal), kind, rank)
 
 
 @router.get("/runs/{run}/tail", responses=RUN_RESPONSES, response_model=Tail, summary="Per-step scalars and events after a step (what a live page polls)")

@@ -12,6 +12,8 @@ const Charts = (() => {
     skipped_step: { color: "#6b7280", shape: "cross", label: "skipped step" },
     grad_explosion: { color: "#b91c1c", shape: "diamond", label: "explosion" },
     loss_scale_collapse: { color: "#7c2d12", shape: "diamond", label: "scale collapse" },
+    loss_spike: { color: "#a16207", shape: "diamond", label: "loss spike" },
+    grad_norm_spike: { color: "#a16207", shape: "diamond", label: "grad norm spike" },
   };
   // Binades floor(log2|x|) of each format's subnormal and normal ranges (torch.finfo's limits;
   // the browser tests check this table against them).

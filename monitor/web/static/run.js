@@ -36,7 +36,7 @@ NW.start(async () => {
     subtitle: `Rows: the run's ${detail.tensors.length} tensors in model order; columns: the whole run, at most ${layout.heatmap.max_steps} (each step that has it, or each bucket of steps at its maximum, NaN when it holds one). Log colour scale; NaN, +Inf and zero in their own colours.` });
 
   main.append(el("h2", {}, "Exponent histogram"));
-  await RunView.histogramSection(main, run, detail, events);
+  await RunView.histogramSection(main, run, detail);
 
   main.append(el("h2", {}, `Events (${events.length})`), RunView.eventsTable(run, events));
   if (!NW.exported() && (detail.status === "running" || detail.status === "stale")) RunView.follow(run, end, live);

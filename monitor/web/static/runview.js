@@ -58,9 +58,23 @@ const RunView = (() => {
       const d = collapse.details || {};
       add(collapse.step, `loss scale collapse: ${fmt(d.loss_scale)} after ${d.backoffs} backoffs in ${d.window} steps.`);
     }
+    const spike = first(events, "loss_spike");
+    if (spike) {
+      const d = spike.details || {};
+      add(spike.step, `loss spike: ${fmt(d.loss)} above the ${d.sigmas}σ threshold ${fmt(d.threshold)} of the last ${d.window} steps`,
+        d.grad_norm_spike_step !== null && d.grad_norm_spike_step !== undefined ? ["; the gradient norm spiked first, at ", NW.link(NW.stepUrl(run, d.grad_norm_spike_step), `step ${d.grad_norm_spike_step}`)] : "",
+        count(events, "loss_spike") > 1 ? ` (${count(events, "loss_spike")} loss spikes).` : ".");
+    }
+    const normSpike = first(events, "grad_norm_spike");
+    if (normSpike) {
+      const d = normSpike.details || {};
+      add(normSpike.step, `gradient-norm spike: ${fmt(d.grad_norm)} above the ${d.sigmas}σ threshold ${fmt(d.threshold)}`,
+        count(events, "grad_norm_spike") > 1 ? ` (${count(events, "grad_norm_spike")} spikes).` : ".");
+    }
     const skipped = first(events, "skipped_step");
     if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${count(events, "loss_scale_backoff")} loss-scale backoffs in all.`);
-    const told = new Set(["nonfinite_origin", "nonfinite_grad", "grad_explosion", "nonfinite_loss", "loss_scale_collapse", "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
+    const told = new Set(["nonfinite_origin", "nonfinite_grad", "grad_explosion", "nonfinite_loss", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
+      "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
     for (const kind of [...new Set(events.map((e) => e.kind))].filter((k) => !told.has(k))) {
       const e = first(events, kind);
       add(e.step, el("span", { class: "mono" }, kind), ` (${count(events, kind)} events).`);
@@ -96,16 +110,13 @@ const RunView = (() => {
     return box;
   }
 
-  async function histogramSection(main, run, detail, events) {
+  async function histogramSection(main, run, detail) {
     const box = el("div", { id: "histogram-box" });
     main.append(box);
-    const sampled = (await apiRun(run, "/histogram-steps", { kind: "grad" })).steps;
-    if (!sampled.length || !detail.tensors.length) { box.append(el("p", { class: "muted" }, "no histograms recorded (sampled every histogram_every steps)")); return; }
-    const origin = first(events, "nonfinite_origin") || first(events, "nonfinite_grad");
-    const originTensor = origin && (origin.details.tensors || [])[0];
-    let tensor = originTensor && detail.tensors.some((t) => t.name === originTensor.name) ? originTensor.name : detail.tensors[0].name;
-    const before = origin ? sampled.filter((s) => s <= origin.step) : [];
-    let step = before.length ? before[before.length - 1] : sampled[sampled.length - 1];
+    const choice = await apiRun(run, "/histogram-steps", { kind: "grad" });
+    const sampled = choice.steps;
+    if (!choice.suggested) { box.append(el("p", { class: "muted" }, "no histograms recorded (sampled every histogram_every steps)")); return; }
+    let { tensor, step } = choice.suggested;
     const tensorSelect = el("select", { id: "histogram-tensor", disabled: NW.exported() || undefined }, detail.tensors.map((t) => el("option", { value: t.name }, t.name)));
     const stepSelect = el("select", { id: "histogram-step", disabled: NW.exported() || undefined }, sampled.map((s) => el("option", { value: String(s) }, String(s))));
     tensorSelect.value = tensor; stepSelect.value = String(step);

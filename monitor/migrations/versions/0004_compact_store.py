@@ -1,7 +1,7 @@
 """compact store: compressed arrays, rollups, run ids never reused, orphans removed
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-01 20:40:00
 
 Existing rows are converted in place, a thousand at a time: step stats and histogram
@@ -23,8 +23,8 @@ from numwatch.monitor import rollups
 from numwatch.monitor.ingest import step_view
 from numwatch.monitor.packing import compress_array, pack_stats
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
