@@ -265,7 +265,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plan = DemoPlan.of_length(args.steps)
     except ValueError as error:
         raise SystemExit(f"numwatch demo: {error}") from None
-    run_demo(url=args.url, plan=plan, keep_serving=args.keep_serving)
+    run_demo(url=args.url, plan=plan, keep_serving=not args.exit)
     return 0
 
 
@@ -339,10 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--spool-dir", default=None, help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)")
     sync.set_defaults(func=cmd_sync)
 
-    demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose and show what numwatch caught")
+    demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose, then serve its run page until Ctrl-C")
     demo.add_argument("--url", default=None, help="use this collector instead of starting one")
     demo.add_argument("--steps", type=int, default=240, help="training steps (default 240; at least 60): the instability starts halfway")
-    demo.add_argument("--keep-serving", action="store_true", help="keep the demo collector running at the end")
+    demo.add_argument("--exit", action="store_true", help="stop after the report instead of serving the run page until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
 
     _add_server_commands(commands)
