@@ -40,7 +40,7 @@ NW.start(async () => {
   });
   const heatmap = apiRun(run, "/heatmap", layout.heatmap).then((cells) => Charts.heatmap(heatSlot, {
     title: "Gradient norm per tensor", stat: layout.heatmap.stat, cells, tensors: detail.tensors.map((t) => t.name), onStep,
-    subtitle: `Rows: the run's ${detail.tensors.length} tensors in model order; columns: the last ${layout.heatmap.max_steps} steps that have it. Log colour scale; NaN, +Inf and zero in their own colours.` }));
+    subtitle: `Rows: the run's ${detail.tensors.length} tensors in model order; columns: the whole run, at most ${layout.heatmap.max_steps} (each step that has it, or each bucket of steps at its maximum, NaN when it holds one). Log colour scale; NaN, +Inf and zero in their own colours.` }));
   const histogram = RunView.histogramSection(histogramSlot, run, detail);
   await Promise.all([...seriesCharts, summaryCharts, heatmap, histogram]);
   if (!NW.exported() && (detail.status === "running" || detail.status === "stale")) RunView.follow(run, end, live);
