@@ -438,7 +438,7 @@ class Watcher:
             self._hand_on(record)
         self.transport.flush()
 
-    def close(self, status: str = "finished") -> None:
+    def close(self, status: protocol.RunStatus = "finished") -> None:
         """Remove every hook and patch, send the final batch (``status``) and stop the sender."""
         if self._closed:
             return
