@@ -114,7 +114,7 @@ class WatchedTensors:
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
-        return [local_tensor(p.detach()) for p in self.parameters]
+        return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
     def read_gradients(self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.

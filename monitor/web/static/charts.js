@@ -23,6 +23,8 @@ const Charts = (() => {
     fp8_e4m3: { subnormal: [-9, -7], normal: [-6, 8] },
     fp8_e5m2: { subnormal: [-16, -15], normal: [-14, 15] },
   };
+  // Steps are integers: x ticks at 1, 2, 5 x 10^k only.
+  const STEP_INCREMENTS = Array.from({ length: 13 }, (_, k) => [1, 2, 5].map((m) => m * 10 ** k)).flat();
   const registry = {};  // chart id -> {uplot, source}: the tests read the plotted data from here
   const group = [];
   let syncing = false;
@@ -70,29 +72,37 @@ const Charts = (() => {
     const steps = [...new Set(seriesList.flatMap((s) => s.steps))].sort((a, b) => a - b);
     const index = new Map(steps.map((s, i) => [s, i]));
     const nonfinite = new Map();
+    const bySeries = [];
     let hiddenNonPositive = 0;
-    const columns = seriesList.map((s) => {
+    const columns = seriesList.map((s, k) => {
       const column = new Array(steps.length).fill(null);
       s.steps.forEach((step, i) => {
         const v = num(s.values[i]);
         if (v === null) return;
-        if (!Number.isFinite(v)) { nonfinite.set(step, nonfiniteKind(v)); return; }
+        if (!Number.isFinite(v)) { nonfinite.set(step, nonfiniteKind(v)); bySeries.push({ label: s.label, kind: nonfiniteKind(v) }); return; }
         if (log && v <= 0) { hiddenNonPositive += 1; return; }
         column[index.get(step)] = v;
       });
       return column;
     });
-    return { data: [steps, ...columns], nonfinite: [...nonfinite].map(([step, kind]) => ({ step, kind })), hiddenNonPositive };
+    return { data: [steps, ...columns], nonfinite: [...nonfinite].map(([step, kind]) => ({ step, kind })), bySeries, hiddenNonPositive, series: seriesList.length };
   }
 
-  function legendNote(marks, hiddenNonPositive, eventKinds) {
+  // Vertical lines mark non-finite steps; with several series the note says whose they are.
+  function legendNote(aligned, eventKinds) {
     const items = [];
-    const counts = { nan: 0, inf: 0, ninf: 0 };
-    for (const m of marks) counts[m.kind] += 1;
     const names = { nan: "NaN", inf: "+Inf", ninf: "−Inf" };
-    for (const kind of Object.keys(counts)) {
-      if (counts[kind]) items.push(el("span", { class: "key" }, el("span", { class: "swatch line", "data-kind": kind }), `${names[kind]} at ${counts[kind]} steps`));
+    const counts = new Map();
+    for (const m of aligned.bySeries) {
+      const key = m.kind + "\u0000" + (aligned.series > 1 ? m.label : "");
+      counts.set(key, (counts.get(key) || 0) + 1);
     }
+    for (const [key, n] of counts) {
+      const [kind, label] = key.split("\u0000");
+      items.push(el("span", { class: "key" }, el("span", { class: "swatch line", "data-kind": kind }),
+        `${names[kind]}${label ? " in " + label : ""} at ${n} ${n === 1 ? "step" : "steps"}`));
+    }
+    const hiddenNonPositive = aligned.hiddenNonPositive;
     for (const kind of eventKinds) {
       items.push(el("span", { class: "key" }, el("span", { class: "swatch " + MARKERS[kind].shape, "data-kind": kind }), MARKERS[kind].label));
     }
@@ -127,7 +137,7 @@ const Charts = (() => {
       height: spec.height || 210,
       scales: { x: { time: false }, y: yScale },
       axes: [
-        { label: "step", size: 40, labelSize: 18, values: (u, splits) => splits.map((v) => String(v)) },
+        { label: "step", size: 40, labelSize: 18, incrs: STEP_INCREMENTS, values: (u, splits) => splits.map((v) => String(v)) },
         { label: spec.unit, size: 64, labelSize: 18, values: tickFormat(log) },
       ],
       series: [
@@ -150,7 +160,7 @@ const Charts = (() => {
     const uplot = new uPlot(opts, aligned.data, plot);
     uplot.syncKey = spec.sync;
     group.push(uplot);
-    note.append(legendNote(aligned.nonfinite, aligned.hiddenNonPositive, [...new Set(events.map((e) => e.kind))]));
+    note.append(legendNote(aligned, [...new Set(events.map((e) => e.kind))]));
     if (spec.onStep) {
       let downX = null;
       uplot.over.addEventListener("mousedown", (e) => { downX = e.clientX; });
@@ -321,7 +331,7 @@ const Charts = (() => {
       width: Math.max(300, box.clientWidth || 800), height: 300 + bandH * bands.length,
       scales: { x: { time: false, range: [low - 0.5, high + 0.5] }, y: { distr: 3, log: 10, range: (u, mn, mx) => [0.5, Math.max(10, (mx || 1) * 3)] } },
       axes: [
-        { label: "binade: floor(log2 |gradient|)", size: 40, labelSize: 18, values: (u, splits) => splits.map((v) => (Number.isInteger(v) ? "2^" + v : "")) },
+        { label: "binade: floor(log2 |gradient|)", size: 40, labelSize: 18, incrs: STEP_INCREMENTS, values: (u, splits) => splits.map((v) => (Number.isInteger(v) ? "2^" + v : "")) },
         { label: "elements (log)", size: 64, labelSize: 18, values: tickFormat(10) },
       ],
       series: [{ label: "binade", value: (u, v) => (v === null ? "–" : "2^" + v) },
