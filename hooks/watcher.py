@@ -43,7 +43,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from numwatch import protocol
+from numwatch import protocol, records
 from numwatch.activations import ActivationTracer
 from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
@@ -114,6 +114,7 @@ class Watcher:
         project: str | None,
         histogram_every: int,
         format_every: int,
+        quant_every: int,
         format: str | None,
         on_nonfinite: str,
         measure: str,
@@ -138,7 +139,7 @@ class Watcher:
         if not selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
         fmt = format_spec(format or ("fp16" if self.scaler else format_name_for_dtype(selected[0][1].dtype)))
-        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every))
+        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
         self.tensor_names = self.watched.names
         self.device = self.watched.device
         self.format = fmt
@@ -246,6 +247,7 @@ class Watcher:
             "sharded": self.watched.sharding is not None,
             "histogram_every": self.histogram_every,
             "format_every": self.format_every,
+            "quant_every": self.watched.cadence.quant_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
         }
@@ -449,6 +451,7 @@ class Watcher:
         _watched_models.pop(self.model, None)
         atexit.unregister(self._close_at_exit)
         try:
+            self.guarded("close: final quantization", self._measure_final_weights)()
             self.seal_ended_step()
             record, self._unchecked = self._unchecked, None
             if record is not None:
@@ -460,6 +463,16 @@ class Watcher:
             self.transport.close(status)
         if self.dropped_steps:
             log.warning("numwatch: run %r dropped %d steps of monitoring data", self.run, self.dropped_steps)
+
+    def _measure_final_weights(self) -> None:
+        """The last step's record takes the final weights' quantization SQNR, unless it has it.
+
+        Only while it still takes values: once the model ran a forward after it (evaluation),
+        it was sent, and the last ``quant_every`` measurement stands.
+        """
+        record = self._ended
+        if record is not None and self.watched.cadence.quant_every > 0 and not record.has_part(records.QUANT):
+            record.add_late_parts(self.watched.quant_parts())
 
     def _close_at_exit(self) -> None:
         self.close("finished")
@@ -482,6 +495,7 @@ def watch(
     project: str | None = None,
     histogram_every: int = 100,
     format_every: int = 50,
+    quant_every: int = 1000,
     format: str | None = None,
     on_nonfinite: str = "warn",
     measure: str = "auto",
@@ -500,7 +514,9 @@ def watch(
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
     data directory) for ``numwatch sync``. ``include``/``exclude`` are fnmatch patterns on
     parameter names. ``histogram_every``/``format_every`` set the cadence of the sampled
-    statistics and of the format counts (0 turns them off). ``format`` is the target format
+    statistics and of the format counts (0 turns them off); ``quant_every`` that of the
+    weights' quantization SQNR, which ``close()`` also measures on the last step (0 turns it
+    off). ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
@@ -520,6 +536,7 @@ def watch(
         project=project,
         histogram_every=histogram_every,
         format_every=format_every,
+        quant_every=quant_every,
         format=format,
         on_nonfinite=on_nonfinite,
         measure=measure,

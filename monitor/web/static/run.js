@@ -13,6 +13,7 @@ NW.start(async () => {
   const onStep = NW.exported() ? null : (step) => { location.href = NW.stepUrl(run, step); };
   const end = detail.last_step;
   const slot = (parent) => parent.appendChild(el("div", { class: "slot" }));
+  const xRange = [1, Math.max(2, end)];  // every chart of the page spans the run's steps
 
   main.append(RunView.summary(detail), RunView.diagnosis(run, detail, events));
   const charts = el("div", { class: "charts", id: "charts" });
@@ -29,12 +30,12 @@ NW.start(async () => {
   const live = [];
   const seriesCharts = layout.series_charts.map((chart, i) => Promise.all(chart.series.map((s) =>
     apiRun(run, "/series", { metric: s.metric, max_points: layout.max_points, end }))).then((answers) => {
-    const entry = Charts.lineChart(seriesSlots[i], { ...chart, sync: "run", onStep, events: events.filter((e) => (chart.events || []).includes(e.kind)),
+    const entry = Charts.lineChart(seriesSlots[i], { ...chart, sync: "run", xRange, onStep, events: events.filter((e) => (chart.events || []).includes(e.kind)),
       series: chart.series.map((s, k) => ({ label: s.label, ...answers[k] })) });
     if (entry) live.push({ entry, metrics: chart.series.map((s) => s.metric) });
   }));
   const summaryCharts = apiRun(run, "/tensor-summary", { max_points: layout.max_points }).then((summary) => {
-    layout.summary_charts.forEach((chart, i) => Charts.lineChart(summarySlots[i], { ...chart, sync: "run", onStep, subtitle: `run format ${detail.format}`,
+    layout.summary_charts.forEach((chart, i) => Charts.lineChart(summarySlots[i], { ...chart, sync: "run", xRange, onStep, subtitle: `run format ${detail.format}`,
       series: chart.series.map((s) => ({ label: s.label, ...summary[s.key] })) }));
   });
   const heatmap = apiRun(run, "/heatmap", layout.heatmap).then((cells) => Charts.heatmap(heatSlot, {
