@@ -39,7 +39,7 @@ from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.ingest import store_batch
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import BatchDocument
-from tests.postgres import PostgresUnavailable, running_postgres
+from tests.postgres import PostgresUnavailable, postgres_server
 
 BATCH = 64
 FORMAT_EVERY, HISTOGRAM_EVERY = 50, 100
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             databases["sqlite"] = f"sqlite:///{Path(tmp) / 'store.db'}"
         if args.database in ("postgresql", "both"):
             try:
-                databases["postgresql"] = resources.enter_context(running_postgres(durable=True))
+                databases["postgresql"] = resources.enter_context(postgres_server(durable=True)).url
             except PostgresUnavailable as reason:
                 print(f"postgresql: skipped ({reason})")
         for name, database_url in databases.items():

@@ -23,7 +23,7 @@ from numwatch.monitor import detectors, rollups, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError
 from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
+from numwatch.monitor.packing import compress_histogram_array, pack_stats, unpack_stats
 from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
 
 
@@ -303,7 +303,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: compress_array(getattr(h, name), int(protocol.HISTOGRAM_DTYPES[name][-1])) for name in protocol.HISTOGRAM_LENGTHS},
+                    **{name: compress_histogram_array(name, getattr(h, name)) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))

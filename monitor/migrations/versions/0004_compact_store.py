@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor import rollups
 from numwatch.monitor.ingest import step_view
-from numwatch.monitor.packing import compress_array, pack_stats
+from numwatch.monitor.packing import compress_histogram_array, pack_stats
 
 revision = "0004"
 down_revision = "0003"
@@ -71,7 +71,7 @@ def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_
 
 def _convert_histograms(session: Session, histograms: sa.Table) -> None:
     keys = ("run_id", "rank", "step", "kind")
-    arrays = {"exponent": 8, "linear_min": 4, "linear_max": 4, "linear": 8}
+    arrays = ("exponent", "linear_min", "linear_max", "linear")
     change = histograms.update().where(_key(histograms, keys)).values(**{name: bindparam(f"new_{name}") for name in arrays})
     order = [histograms.c[name] for name in keys]
     last: tuple = (-1, -1, -1, "")
@@ -80,7 +80,7 @@ def _convert_histograms(session: Session, histograms: sa.Table) -> None:
         if not rows:
             return
         session.execute(change, [
-            {**{f"key_{name}": row[name] for name in keys}, **{f"new_{name}": compress_array(bytes(row[name]), size) for name, size in arrays.items()}}
+            {**{f"key_{name}": row[name] for name in keys}, **{f"new_{name}": compress_histogram_array(name, bytes(row[name])) for name in arrays}}
             for row in rows
         ])
         last = tuple(rows[-1][name] for name in keys)
