@@ -118,6 +118,9 @@ class Purger:
                 connection = session.connection()
                 free = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
                 if not free:
+                    # The WAL now holds the deleted pages: a checkpoint that waits for no one lets the
+                    # next writer restart it, and journal_size_limit truncates the file.
+                    connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
                     return freed
                 connection.exec_driver_sql(f"PRAGMA incremental_vacuum({min(free, VACUUM_PAGES)})")
                 session.commit()
