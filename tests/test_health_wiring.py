@@ -23,7 +23,7 @@ from numwatch import protocol
 from tests.test_quantization import REFERENCES, sqnr_db
 
 STEPS = 12
-HISTOGRAM_EVERY, QUANT_EVERY = 5, 7  # Adam health at steps 1, 6, 11; quantization at 1, 8 and close() (12)
+HISTOGRAM_EVERY, QUANT_EVERY = 5, 7  # Adam health at steps 1, 6, 11; quantization at 7 and close() (12)
 ACCUMULATION = 2
 
 
@@ -69,7 +69,7 @@ def train(url: str, run: str, forward_after: str | None) -> tuple[list[str], dic
         optimizer.zero_grad(set_to_none=True)
         if (step - 1) % HISTOGRAM_EVERY == 0:
             adam[step] = {name: reference_adam(optimizer, p) for name, p in model.named_parameters()}
-        if (step - 1) % QUANT_EVERY == 0:
+        if step % QUANT_EVERY == 0:
             quant[step] = {name: reference_sqnr(p) for name, p in model.named_parameters()}
     if forward_after is not None:
         with torch.set_grad_enabled(forward_after == "with grad"):
@@ -88,7 +88,7 @@ def api(collector):
 
 def test_recorded_adam_health_and_sqnr_equal_the_references(api: httpx.Client) -> None:
     names, adam, quant = train(str(api.base_url), "health", forward_after=None)
-    assert sorted(quant) == [1, 8, STEPS] and sorted(adam) == [1, 6, 11]
+    assert sorted(quant) == [7, STEPS] and sorted(adam) == [1, 6, 11]
     for step in range(1, STEPS + 1):
         tensors = api.get(f"/api/v1/runs/health/steps/{step}").json()["tensors"]
         has_adam = "adam_update_rms" in tensors[names[0]]
@@ -118,7 +118,7 @@ def test_recorded_adam_health_and_sqnr_equal_the_references(api: httpx.Client) -
         assert minimum[scheme] == pytest.approx(min(v[scheme] for v in quant[STEPS].values() if not math.isnan(v[scheme])), abs=1e-3)
 
 
-@pytest.mark.parametrize(("forward_after", "measured"), [("no grad", STEPS), ("with grad", 8)])
+@pytest.mark.parametrize(("forward_after", "measured"), [("no grad", STEPS), ("with grad", 7)])
 def test_close_measures_the_last_step_unless_a_training_forward_followed(api: httpx.Client, forward_after: str, measured: int) -> None:
     """An evaluation under no_grad leaves the last step open for close(); a forward with
     gradients starts the next step, so the last step was sent and its quant_every value stands."""
