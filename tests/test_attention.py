@@ -344,3 +344,77 @@ def test_observe_attention_for_hand_written_attention():
     maxima = capture.take_step()
     assert list(maxima) == ["1"]
     assert_matches(maxima["1"], reference_max(q, k, scale=0.5, is_causal=True))
+
+
+# -- the forward probe: which forwards are measured ----------------------------------------
+
+
+def test_probe_measures_only_due_forwards_with_gradients_enabled():
+    from numwatch.forward_probe import ForwardProbe
+
+    torch.manual_seed(0)
+    model = NanoGPT()
+    due = [True]
+    failures: list[str] = []
+    probe = ForwardProbe(model, lambda: due[0], failures.append)
+    idx = torch.randint(0, 64, (2, 16))
+    logits, _ = model(idx)
+    attention, log_z = probe.take_step()
+    assert list(attention) == [f"transformer.h.{i}.attn" for i in range(4)]
+    assert log_z is not None and float(log_z[2]) == float(logits.detach().abs().max())
+    due[0] = False
+    model(idx)
+    assert probe.take_step() == ({}, None)
+    due[0] = True
+    with torch.no_grad():
+        model(idx)  # an evaluation forward is not a training step's
+    assert probe.take_step() == ({}, None)
+    probe.remove()
+    model(idx)
+    assert probe.take_step() == ({}, None) and failures == []
+
+
+def test_probe_reads_the_logits_of_a_named_module():
+    from numwatch.forward_probe import ForwardProbe
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            return {"scores": self.head(self.body(x))}  # logits not found in the output itself
+
+    model = Classifier()
+    with pytest.raises(ValueError, match="logits_module='nothing'"):
+        ForwardProbe(model, lambda: True, print, logits_module="nothing")
+    probe = ForwardProbe(model, lambda: True, print, logits_module="head")
+    x = tensors(3, 4, seed=60)
+    scores = model(x)["scores"].detach()
+    _, log_z = probe.take_step()
+    assert float(log_z[1]) == pytest.approx(float(torch.logsumexp(scores.double(), -1).max()), rel=1e-6)
+
+
+def test_a_failing_measurement_never_reaches_the_model(monkeypatch):
+    from numwatch import attention
+    from numwatch.forward_probe import ForwardProbe
+
+    torch.manual_seed(0)
+    model = NanoGPT()
+    idx = torch.randint(0, 64, (2, 16))
+    torch.manual_seed(1)
+    expected, _ = model(idx)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("measurement bug")
+
+    monkeypatch.setattr(attention, "max_attention_logit", broken)
+    failures: list[str] = []
+    probe = ForwardProbe(model, lambda: True, failures.append)
+    torch.manual_seed(1)
+    logits, _ = model(idx)
+    assert torch.equal(logits, expected)
+    assert failures == ["attention capture"] * 4
+    assert not torch.overrides._get_current_function_mode_stack()
+    probe.remove()
