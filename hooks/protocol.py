@@ -1,4 +1,8 @@
-"""The numwatch wire protocol, version 1: written down once, imported by both sides.
+"""The numwatch wire protocol, version 2: written down once, imported by both sides.
+
+Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``); the
+collector still accepts version 1 documents (old clients, old spools), which cannot carry
+them.
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
@@ -7,7 +11,7 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
 
 ``run`` document — ``POST /api/v1/runs``, sent once per (run, rank) when watching starts::
 
-    {"protocol": 1, "run": str, "project": str, "rank": int, "world_size": int,
+    {"protocol": 2, "run": str, "project": str, "rank": int, "world_size": int,
      "format": "fp16" | "bf16" | "fp8_e4m3" | "fp8_e5m2" | "fp32",
      "tensors": [{"name": str, "shape": [int], "dtype": str, "group": int}],
      "modules": [str],            # traced modules (activation tracing), else []
@@ -16,7 +20,7 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
 
 ``batch`` document — ``POST /api/v1/runs/{run}/batches``::
 
-    {"protocol": 1, "run": str, "rank": int, "batch_id": str,
+    {"protocol": 2, "run": str, "rank": int, "batch_id": str,
      "steps": [step], "histograms": [histogram], "events": [event],
      "status": "running" | "finished" | "crashed"}
 
@@ -64,8 +68,8 @@ from typing import Any, Iterable, Literal, Sequence, TypedDict, get_args
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
-ProtocolVersion = Literal[1]
-PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[0]
+ProtocolVersion = Literal[1, 2]
+PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[-1]
 
 # Target formats the format counts are taken against (names on the wire).
 Format = Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
@@ -84,7 +88,16 @@ TensorStat = Literal[
     # sampled (``histogram_every``)
     "weight_norm", "weight_absmax", "update_ratio", "stale_fraction",
     "exp_avg_sq_underflow",  # share of Adam's exp_avg_sq that is 0 or subnormal
+    # sampled, Adam family (version 2): RMS of the update before the learning rate, share where eps dominates
+    "adam_update_rms", "adam_eps_dominated",
+    # ``quant_every`` and close() (version 2): SQNR in dB of the weights under each scheme
+    "quant_sqnr_int8", "quant_sqnr_int4", "quant_sqnr_nf4", "quant_sqnr_fp8",
 ]
+QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
+QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
+QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
+ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
+V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
 _INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)

@@ -28,7 +28,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
-SCHEMES = ("int8", "int4", "nf4", "fp8")
+from numwatch.protocol import QUANT_SCHEMES
+
+SCHEMES = QUANT_SCHEMES  # the rows of quantization_sqnr
 CHUNK = 1 << 22
 INT4_GROUP = 128
 NF4_BLOCK = 64

@@ -135,6 +135,8 @@ class _Families:
             "headroom_bits": gauge("numwatch_headroom_log2", "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the last step; promtool rejects a _bits suffix.", labels=RUN_LABELS),
             "stale_fraction": gauge("numwatch_stale_fraction", "Mean share of weights that did not move although their gradient was non-zero (last sampled step).", labels=RUN_LABELS),
             "update_ratio": gauge("numwatch_update_ratio", "Mean ||dw||/||w|| over tensors (last sampled step).", labels=RUN_LABELS),
+            "adam_update_rms": gauge("numwatch_adam_update_rms", "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) (last sampled step).", labels=RUN_LABELS),
+            "adam_eps_dominated": gauge("numwatch_adam_eps_dominated", "Mean over tensors of the share of elements where Adam's eps exceeds sqrt(v_hat) (last sampled step).", labels=RUN_LABELS),
         }
         self.counters = {
             "steps_total": counter("numwatch_steps", "Optimizer-step attempts stored.", labels=RUN_LABELS),
@@ -151,6 +153,10 @@ class _Families:
         self.spike_score = gauge(
             "numwatch_spike_score", "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 before any is judged.",
             labels=[*RUN_LABELS, "signal"],
+        )
+        self.quant_sqnr_min = gauge(
+            "numwatch_quant_sqnr_min_decibels", "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last quantization step).",
+            labels=[*RUN_LABELS, "scheme"],
         )
         self.learning_rate = gauge("numwatch_learning_rate", "Learning rate of each param group at the last step.", labels=[*RUN_LABELS, "group"])
         self.grad_norm_distribution = HistogramMetricFamily(
@@ -173,6 +179,8 @@ class _Families:
                 family.add_metric([*labels, run.format], float(value))
         for signal in spikes.SIGNALS:
             self.spike_score.add_metric([*labels, signal], spikes.score((state.spike_state or {}).get(signal, spikes.EMPTY), self.score_steps))
+        for scheme, value in sorted((state.quant_sqnr_min or {}).items()):
+            self.quant_sqnr_min.add_metric([*labels, scheme], _finite_or_nan(decode_float(value)))
         for group, lr in enumerate(state.lr or []):
             self.learning_rate.add_metric([*labels, str(group)], _finite_or_nan(decode_float(lr)))
         counts = np.cumsum(np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64))
@@ -182,5 +190,5 @@ class _Families:
     def families(self) -> list[Metric]:
         return [
             self.run_info, *self.scalar_gauges.values(), *self.counters.values(), *self.ratios.values(),
-            self.spike_score, self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
+            self.spike_score, self.quant_sqnr_min, self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
         ]

@@ -98,6 +98,8 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
     for i, step in enumerate(document.steps):
         raw = {}
         for name, values in step.tensors.items():
+            if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
+                raise IngestError(422, f"steps[{i}].tensors.{name}: needs protocol 2, the batch says {document.protocol}")
             try:
                 raw[name] = protocol.check_raw(values, protocol.TENSOR_STATS[name], n_tensors)
             except ValueError as error:
@@ -208,9 +210,24 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
                 float(view["tensors"][name].sum()) / total for name in protocol.FORMAT_COUNT_STATS
             )
             break
+    _set_sampled_means(state, views, ("update_ratio", "stale_fraction"))
+    _set_sampled_means(state, views, protocol.ADAM_HEALTH_STATS)
     for view in reversed(views):
-        if "update_ratio" in view["tensors"] or "stale_fraction" in view["tensors"]:
-            for name in ("update_ratio", "stale_fraction"):
+        if any(stat in view["tensors"] for stat in protocol.QUANT_SQNR_STATS.values()):
+            # The worst tensor per scheme (tensors that are not quantized report NaN).
+            state.quant_sqnr_min = {
+                scheme: protocol.encode_float(float(np.nanmin(values)))
+                for scheme, stat in protocol.QUANT_SQNR_STATS.items()
+                if (values := view["tensors"].get(stat)) is not None and not np.isnan(values).all()
+            }
+            break
+
+
+def _set_sampled_means(state: RankState, views: list[dict[str, Any]], names: tuple[str, ...]) -> None:
+    """Each stat's mean over the tensors where it is finite, from the last view that has any of them."""
+    for view in reversed(views):
+        if any(name in view["tensors"] for name in names):
+            for name in names:
                 values = view["tensors"].get(name)
                 if values is not None and np.isfinite(values).any():
                     setattr(state, name, float(np.nanmean(np.where(np.isfinite(values), values, np.nan))))

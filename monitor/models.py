@@ -191,6 +191,11 @@ class RankState(Base):
     # Sampled: mean over tensors at the last sampled step.
     stale_fraction: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     update_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    # Sampled, Adam family: mean over tensors at the last sampled step.
+    adam_update_rms: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    adam_eps_dominated: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    # Lowest SQNR (dB, protocol-encoded floats) over tensors per scheme at the last quantization step.
+    quant_sqnr_min: Mapped[dict] = mapped_column(JSON, default=dict)
     events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
     # Rolling spike score per signal: judged-value count and recent spike episodes (numwatch.monitor.spikes).
     spike_state: Mapped[dict] = mapped_column(JSON, default=dict)

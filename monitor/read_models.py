@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from numwatch.protocol import HistogramKind, WireFloat
+from numwatch.protocol import HistogramKind, QuantScheme, WireFloat
 
 
 class Series(BaseModel):
@@ -56,3 +56,16 @@ class Tail(BaseModel):
     values: dict[str, list[WireFloat]] = Field(description="per-step scalar name -> one value per step (lr: the first group's)")
     truncated: bool = Field(description="more steps follow: poll again with after = the last step")
     events: list[EventOut]
+
+
+class QuantizedTensor(BaseModel):
+    tensor: str
+    shape: list[int]
+    sqnr_db: dict[QuantScheme, WireFloat] = Field(description="20 log10(||w|| / ||w - Q(w)||) per scheme; Infinity when exact")
+
+
+class QuantizationTable(BaseModel):
+    step: int | None = Field(description="the last step whose weights were measured; null before the first")
+    rank: int
+    sort: QuantScheme
+    tensors: list[QuantizedTensor] = Field(description="weight tensors (2-D and up), lowest SQNR of `sort` first")

@@ -29,6 +29,9 @@ GAUGES = (
     "numwatch_update_ratio",
     "numwatch_layer_grad_norm",
     "numwatch_spike_score",
+    "numwatch_adam_update_rms",
+    "numwatch_adam_eps_dominated",
+    "numwatch_quant_sqnr_min_decibels",
 )
 COUNTERS = (
     "numwatch_steps_total",
@@ -90,6 +93,8 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
         "numwatch_headroom_log2": 6.0,
         "numwatch_stale_fraction": 0.01,
         "numwatch_update_ratio": 0.001,
+        "numwatch_adam_update_rms": 0.3,
+        "numwatch_adam_eps_dominated": 0.0,
     }
     for name, value in gauges.items():
         family(name, "gauge", [("", run_rank, value)])
@@ -97,6 +102,7 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     for name in ("numwatch_grad_zero_ratio", "numwatch_grad_underflow_ratio", "numwatch_grad_subnormal_ratio", "numwatch_grad_overflow_ratio"):
         family(name, "gauge", [("", f'{run_rank},format="fp16"', 0.001)])
     family("numwatch_spike_score", "gauge", [("", f'{run_rank},signal="{signal}"', 0.0) for signal in ("loss", "grad_norm")])
+    family("numwatch_quant_sqnr_min_decibels", "gauge", [("", f'{run_rank},scheme="{scheme}"', value) for scheme, value in (("int8", 38.0), ("int4", 17.5), ("nf4", 20.0), ("fp8", 31.0))])
     family("numwatch_layer_grad_norm", "gauge", [("", f'{run_rank},tensor="fc{i}.weight"', 0.1 * (i + 1)) for i in range(3)])
     counters = {
         "numwatch_steps_total": 121.0,

@@ -17,8 +17,13 @@ from tests.metrics_contract import SERIES_NAMES
 def _populate(client: httpx.Client, run: str, status: str = "running") -> None:
     client.post("/api/v1/runs", json=run_doc(run=run)).raise_for_status()
     counts = {name: array([1, 2, 3], "<i8") for name in protocol.FORMAT_COUNT_STATS}
-    sampled = {"update_ratio": array([1e-3, 2e-3, np.nan], "<f4"), "stale_fraction": array([0.0, 0.5, 0.25], "<f4")}
-    steps = [step_doc(1), step_doc(2, tensors={**counts, **sampled}), step_doc(3, loss=float("nan"))]
+    sampled = {
+        "update_ratio": array([1e-3, 2e-3, np.nan], "<f4"), "stale_fraction": array([0.0, 0.5, 0.25], "<f4"),
+        "adam_update_rms": array([0.25, 0.5, np.nan], "<f4"), "adam_eps_dominated": array([0.0, 0.5, np.nan], "<f4"),
+    }
+    # The bias (third tensor) is not quantized: NaN; an exact tensor is +inf.
+    quantized = {f"quant_sqnr_{scheme}": array([np.inf, db, np.nan], "<f4") for scheme, db in (("int8", 40.5), ("int4", 12.5), ("nf4", 19.0), ("fp8", 31.25))}
+    steps = [step_doc(1), step_doc(2, tensors={**counts, **sampled, **quantized}), step_doc(3, loss=float("nan"))]
     body = protocol.dumps(batch_doc(run=run, steps=steps, status=status))
     client.post(f"/api/v1/runs/{run}/batches", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
 
@@ -34,6 +39,10 @@ def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> 
         assert 'numwatch_loss{rank="0",run="live"} NaN' in text
         assert 'numwatch_layer_grad_norm{rank="0",run="live",tensor="embed.weight"} 0.5' in text
         assert 'numwatch_global_grad_norm_distribution_count{rank="0",run="live"} 3.0' in text
+        assert 'numwatch_adam_update_rms{rank="0",run="live"} 0.375' in text
+        assert 'numwatch_adam_eps_dominated{rank="0",run="live"} 0.25' in text
+        assert 'numwatch_quant_sqnr_min_decibels{rank="0",run="live",scheme="int4"} 12.5' in text
+        assert 'numwatch_quant_sqnr_min_decibels{rank="0",run="live",scheme="fp8"} 31.25' in text
         assert 'numwatch_run_info{format="fp16",project="default",run="done",status="finished",world_size="1"} 1.0' in text
         result = subprocess.run([require_binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr

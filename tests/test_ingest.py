@@ -95,7 +95,10 @@ def test_rank_state_counts_only_new_steps(api: httpx.Client) -> None:
         (lambda b: b["steps"][0].update(loss="nan-ish"), "steps[0].loss"),
         (lambda b: b["steps"][0].update(time="NaN"), "steps[0].time"),
         (lambda b: b["steps"][0].update(scale_decision="maybe"), "steps[0].scale_decision"),
-        (lambda b: b.update(protocol=2), "protocol"),
+        (lambda b: b.update(protocol=3), "protocol"),
+        # Version 1 batches stay accepted, but they predate the Adam-health and quantization stats.
+        (lambda b: (b.update(protocol=1), b["steps"][1]["tensors"].update(quant_sqnr_nf4=array([20.0, 20.0, np.nan], "<f4"))),
+         "steps[1].tensors.quant_sqnr_nf4: needs protocol 2, the batch says 1"),
         (lambda b: b.update(run="other"), "run: the document is for"),
     ],
 )
@@ -139,3 +142,12 @@ def test_awkward_run_names_round_trip(api: httpx.Client, name: str) -> None:
     assert post_batch(api, batch_doc(run=name, steps=[step_doc(1)]), run=quote(name, safe="")).status_code == 200
     assert api.get(f"/api/v1/runs/{quote(name, safe='')}").json()["last_step"] == 1
     assert api.get("/api/v1/runs/r1").json()["run"] == "r1"
+
+
+def test_version_1_documents_are_still_stored(api: httpx.Client) -> None:
+    """Old clients and old spools send protocol 1: accepted, read back like any step."""
+    assert api.post("/api/v1/runs", json={**run_doc(), "protocol": 1}).status_code == 200
+    response = post_batch(api, {**batch_doc(steps=[step_doc(1), step_doc(2, loss=0.5)]), "protocol": 1})
+    assert response.status_code == 200 and response.json()["stored_steps"] == 2, response.text
+    record = api.get("/api/v1/runs/r1/steps/2").json()
+    assert record["loss"] == 0.5 and record["tensors"]["embed.weight"]["grad_norm"] == 0.5

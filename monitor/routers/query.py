@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import overview, queries
+from numwatch.monitor import overview, queries, readiness
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, get_settings, require_reader
 from numwatch.monitor.ingest import IngestError
-from numwatch.monitor.read_models import HistogramSteps, Tail, TensorSummary
+from numwatch.monitor.read_models import HistogramSteps, QuantizationTable, Tail, TensorSummary
 from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.schemas import MAX_RANK, MAX_STEP
 from numwatch.monitor.settings import Settings
@@ -110,6 +110,18 @@ def get_tensor_summary(
     session: Session = Depends(get_session),
 ) -> dict:
     return overview.tensor_summary(session, _run(session, run, principal), rank, max_points)
+
+
+@router.get("/runs/{run}/quantization", responses=RUN_RESPONSES, response_model=QuantizationTable,
+            summary="Per weight tensor, the SQNR of int8/int4/NF4/fp8 quantization at the last measured step, worst first")
+def get_quantization(
+    run: str,
+    rank: RankQuery = 0,
+    sort: protocol.QuantScheme = "int4",
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> dict:
+    return readiness.quantization_table(session, _run(session, run, principal), rank, sort)
 
 
 @router.get("/runs/{run}/histogram-steps", responses=RUN_RESPONSES, response_model=HistogramSteps, summary="The sampled steps that have histograms")
