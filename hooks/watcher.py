@@ -50,6 +50,7 @@ from torch.amp.grad_scaler import OptState
 from numwatch import protocol, records, stats
 from numwatch.activations import ActivationTracer
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
+from numwatch.forward_probe import ForwardProbe
 from numwatch.hostcopy import DeviceStack
 from numwatch.records import StepRecord, histogram_part
 from numwatch.sharded import ShardReduction, local_tensor, refuse_unsupported
@@ -153,6 +154,8 @@ class Watcher:
         project: str | None,
         histogram_every: int,
         format_every: int,
+        attention_every: int | None,
+        logits_module: str | None,
         format: str | None,
         on_nonfinite: str,
         measure: str,
@@ -174,6 +177,9 @@ class Watcher:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.histogram_every = histogram_every
         self.format_every = format_every
+        self.attention_every = histogram_every if attention_every is None else attention_every
+        if self.attention_every < 0:
+            raise ValueError(f"attention_every must be >= 0 (0 turns it off), not {self.attention_every}")
         self.on_nonfinite = on_nonfinite
         self.measure = measure
         self._selected = _select_parameters(model, include, exclude)
@@ -190,6 +196,8 @@ class Watcher:
         if self.scaler is not None and {"update", "scale"} & set(vars(self.scaler)):
             raise RuntimeError("this GradScaler's update/scale are already patched (watched by another watcher?)")
         self.tracer = ActivationTracer(model) if trace_activations else None
+        # The forward of step N runs before the step is counted: it belongs to steps + 1.
+        self.probe = ForwardProbe(model, lambda: self._forward_due(self.steps + 1), self._note_failure, logits_module) if self.attention_every > 0 else None
 
         self.steps = 0  # optimizer-step attempts seen (skipped ones included)
         self.monitoring_errors = 0
@@ -250,6 +258,7 @@ class Watcher:
             "sharded": self._sharding is not None,
             "histogram_every": self.histogram_every,
             "format_every": self.format_every,
+            "attention_every": self.attention_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
         }
@@ -290,9 +299,12 @@ class Watcher:
         return guarded
 
     def _count_failure(self, site: str) -> None:
-        self.monitoring_errors += 1
         self._stack = None
         self._snapshot = None
+        self._note_failure(site)
+
+    def _note_failure(self, site: str) -> None:
+        self.monitoring_errors += 1
         if site not in self._failed_sites:
             self._failed_sites.add(site)
             log.exception("numwatch: monitoring failed in the %s (training continues; counted in monitoring_errors)", site)
@@ -375,6 +387,9 @@ class Watcher:
 
     def _is_sampled(self, step: int) -> bool:
         return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
+
+    def _forward_due(self, step: int) -> bool:
+        return self.attention_every > 0 and (step - 1) % self.attention_every == 0
 
     def _take_snapshot_if_sampled(self, step: int) -> None:
         if self._snapshot is None and self._is_sampled(step) and self._sharding is None:
@@ -491,6 +506,14 @@ class Watcher:
         if self.tracer is not None:
             absmax, module_order = self.tracer.take_step(self.device)
             stack.add(records.ACTIVATION_ABSMAX, absmax)
+        attention_calls: list[str] = []
+        if self.probe is not None:
+            attention, output_logits = self.probe.take_step()
+            if attention:
+                attention_calls = list(attention)
+                stack.add(records.ATTENTION_LOGIT_MAX, torch.stack([value.to(self.device) for value in attention.values()]))
+            if output_logits is not None:
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(self.device))
         now = time.perf_counter()
         record = StepRecord(
             step_number=step,
@@ -504,6 +527,7 @@ class Watcher:
             format_max=self.format.max,
             loss=logged_loss,
             module_order=module_order,
+            attention_calls=attention_calls,
         )
         self._last_step_clock = now
         self._grads = []
@@ -659,6 +683,8 @@ class Watcher:
         self._patched.clear()
         if self.tracer is not None:
             self.tracer.remove()
+        if self.probe is not None:
+            self.probe.remove()
         _watched_models.pop(self.model, None)
         atexit.unregister(self._close_at_exit)
         try:
@@ -692,6 +718,8 @@ def watch(
     project: str | None = None,
     histogram_every: int = 100,
     format_every: int = 50,
+    attention_every: int | None = None,
+    logits_module: str | None = None,
     format: str | None = None,
     on_nonfinite: str = "warn",
     measure: str = "auto",
@@ -710,7 +738,11 @@ def watch(
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
     data directory) for ``numwatch sync``. ``include``/``exclude`` are fnmatch patterns on
     parameter names. ``histogram_every``/``format_every`` set the cadence of the sampled
-    statistics and of the format counts (0 turns them off). ``format`` is the target format
+    statistics and of the format counts (0 turns them off). ``attention_every`` (default
+    ``histogram_every``; 0 off) sets which steps' forwards are measured: the max attention logit
+    of every ``scaled_dot_product_attention`` call and the output logits' log Z, read from the
+    model's output (a tensor, a tuple's first element, ``.logits``) or from the output of the
+    submodule named ``logits_module``. ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
@@ -730,6 +762,8 @@ def watch(
         project=project,
         histogram_every=histogram_every,
         format_every=format_every,
+        attention_every=attention_every,
+        logits_module=logits_module,
         format=format,
         on_nonfinite=on_nonfinite,
         measure=measure,

@@ -32,6 +32,8 @@ def detector_config(settings: Settings) -> DetectorConfig:
         collapse_floor=settings.detect_collapse_floor, collapse_backoffs=settings.detect_collapse_backoffs,
         spike_sigmas=settings.detect_spike_sigmas, spike_window=settings.detect_spike_window,
         spike_score_steps=settings.detect_spike_score_steps,
+        attention_logit_threshold=settings.detect_attention_logit_threshold,
+        log_z_low=settings.detect_log_z_low, log_z_high=settings.detect_log_z_high,
     )
 
 

@@ -37,6 +37,13 @@ class DetectorConfig:
     spike_sigmas: float = 6.0  # a loss or global grad norm above mean + k x sigma...
     spike_window: int = 128  # ...of its last W finite values is a spike (judged once W values precede it)
     spike_score_steps: int = 10_000  # the spike score is the share of spikes among the last N judged values
+    # Max attention logit above this (QK-clip's default threshold in Megatron-LM and Kimi K2)
+    attention_logit_threshold: float = 100.0
+    # Mean output log Z outside [low, high]. At initialisation log Z is about log(vocabulary),
+    # at most 12.5 for 262k tokens, and z-loss holds it at 0; beyond 32 in magnitude bf16
+    # logits are 0.25 apart, coarser than the gaps between likely tokens.
+    log_z_low: float = -32.0
+    log_z_high: float = 32.0
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     detect_spike_sigmas: float = 6.0
     detect_spike_window: int = 128
     detect_spike_score_steps: int = 10_000
+    detect_attention_logit_threshold: float = 100.0
+    detect_log_z_low: float = -32.0
+    detect_log_z_high: float = 32.0
     # Grafana annotations for events (off when no URL).
     grafana_url: str | None = None
     grafana_token: str | None = None
