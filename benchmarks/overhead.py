@@ -6,9 +6,9 @@ A GPT-style transformer (default 4 layers, d_model 256) is trained on ``--device
 default) in fp32 and under bf16 autocast. For each watcher configuration, a baseline model and a watched copy are
 stepped in interleaved blocks (baseline block, watched block, ...) so drift in machine
 load hits both alike; the printed ratio is median(watched step) / median(baseline step).
-Targets (issue #2): defaults <= 1.03x, activation tracing <= 1.05x. The "collector ..."
+Targets: defaults <= 1.03x, activation tracing <= 1.05x. The "collector ..."
 rows stream to a real collector (``numwatch serve`` on loopback) and to a port where none
-listens (everything spools, retries back off); issue #5: the down case adds at most 1 ms
+listens (everything spools, retries back off); the down case should add at most 1 ms
 per step over the healthy one. They need the collector's dependencies (``numwatch[server]``);
 ``--no-collector`` leaves them out (e.g. on a GPU machine with torch only). On CUDA each timed
 step ends with a synchronize, so the time includes the GPU's work, watched and baseline alike.

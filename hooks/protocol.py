@@ -64,10 +64,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-import sys
 import time as _time
 import uuid
-from array import array
 from typing import Any, Iterable, Literal, Sequence, TypedDict, get_args
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
@@ -81,7 +79,6 @@ FORMATS: tuple[Format, ...] = get_args(Format)
 
 # array dtype codes: '<f4' float32, '<f8' float64, '<i8' int64 (all little-endian).
 ArrayDtype = Literal["<f4", "<f8", "<i8"]
-_ARRAY_TYPECODES: dict[ArrayDtype, str] = {"<f4": "f", "<f8": "d", "<i8": "q"}
 
 # Per-tensor statistics of a step.
 TensorStat = Literal[
@@ -130,18 +127,15 @@ HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {"exponent": "<i8", "linear
 HISTOGRAM_LENGTHS: dict[HistogramField, int] = {"exponent": EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": LINEAR_BINS}
 
 ScaleDecision = Literal["growth", "backoff", "none"]
-SCALE_DECISIONS: tuple[ScaleDecision, ...] = get_args(ScaleDecision)
 RunStatus = Literal["running", "finished", "crashed"]
 
 # Event kinds the client itself emits, and those the collector's detectors add.
 ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
-CLIENT_EVENT_KINDS: tuple[ClientEventKind, ...] = get_args(ClientEventKind)
 DetectorEventKind = Literal[
     "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
     "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
     "attention_logit_growth", "log_z_drift",
 ]
-DETECTOR_EVENT_KINDS: tuple[DetectorEventKind, ...] = get_args(DetectorEventKind)
 
 # An encoded float (see encode_float) and an array's base64 text.
 WireFloat = float | str | None
@@ -318,26 +312,18 @@ def batch_document(
     }
 
 
-def pack_array(values: Iterable[float] | Iterable[int], dtype: str) -> str:
-    """Values as the protocol's base64 array text of ``dtype`` ('<f4', '<f8', '<i8')."""
-    arr = array(_ARRAY_TYPECODES[dtype], values)
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return base64.b64encode(arr.tobytes()).decode("ascii")
-
-
 def pack_bytes(raw: bytes) -> str:
     """Already little-endian raw bytes (e.g. from a tensor) as array text."""
     return base64.b64encode(raw).decode("ascii")
 
 
-def unpack_bytes(text: str, dtype: str, length: int | None = None) -> bytes:
-    """Array text back to raw little-endian bytes, checking size (and length when given)."""
+def unpack_bytes(text: str) -> bytes:
+    """Array text back to its raw little-endian bytes (ValueError if it is not base64);
+    :func:`check_raw` then checks them against the field's dtype."""
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(f"not base64 array text: {exc}") from None
-    return check_raw(raw, dtype, length)
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as error:  # binascii.Error, non-ASCII text
+        raise ValueError(f"not base64 array text: {error}") from None
 
 
 def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
@@ -348,15 +334,6 @@ def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
     if length is not None and len(raw) != length * itemsize:
         raise ValueError(f"expected {length} values, got {len(raw) // itemsize}")
     return raw
-
-
-def unpack_array(text: str, dtype: str, length: int | None = None) -> list[float] | list[int]:
-    """Array text back to a list of Python numbers (NaN and ±Inf bit-exact)."""
-    arr = array(_ARRAY_TYPECODES[dtype])
-    arr.frombytes(unpack_bytes(text, dtype, length))
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return arr.tolist()
 
 
 def dumps(document: dict[str, Any]) -> bytes:

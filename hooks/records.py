@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from numwatch import protocol
-from numwatch.hostcopy import HostStack
+from numwatch.hostcopy import DeviceStack, HostStack
 from numwatch.transport import StepDocuments
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
@@ -68,6 +69,39 @@ class StepRecord:
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
     attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
     events: list[dict[str, Any]] = field(default_factory=list)
+    late: HostStack | None = None  # device values logged after the step ended, copied by seal()
+    _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    _logged_late: bool = False
+
+    # -- values logged after the step ended (before the model's next forward) -------------
+
+    def log_late(self, scalars: dict[str, Any]) -> None:
+        """Attach ``watcher.log`` values that arrive after the step ended; later values win."""
+        self._logged_late = True
+        for name, value in scalars.items():
+            if isinstance(value, torch.Tensor):
+                self._late_tensors[name] = value.detach().reshape(())
+            elif name == "loss":
+                self._late_tensors.pop(name, None)
+                self.loss = float(value)
+            else:
+                self._late_tensors.pop(name, None)
+                self.scalars[name] = float(value)
+
+    def seal(self) -> bool:
+        """No more values come: start the host copy of the late device values. Whether any value came late."""
+        if not self._late_tensors:
+            return self._logged_late
+        stack = DeviceStack()
+        for name, value in self._late_tensors.items():
+            self.scalars.pop(name, None)
+            stack.add(LOSS if name == "loss" else SCALAR_PREFIX + name, value)
+        self._late_tensors = {}
+        self.late = stack.to_host()
+        return True
+
+    def _stacks(self) -> list[HostStack]:
+        return [self.host] + ([self.late] if self.late is not None else [])
 
     # -- host values, also used on the training thread for non-finite checks ----------
 
@@ -80,7 +114,9 @@ class StepRecord:
         return self.host.get(NONFINITE) if NONFINITE in self.host else None
 
     def loss_value(self) -> float | None:
-        """The step's loss: logged on the host, or captured on the device."""
+        """The step's loss: logged late on the device, logged on the host, else captured or logged on the device."""
+        if self.late is not None and LOSS in self.late:
+            return self.late.scalar(LOSS)
         if self.loss is not None:
             return self.loss
         return self.host.scalar(LOSS) if LOSS in self.host else None
@@ -97,7 +133,8 @@ class StepRecord:
 
     def build(self) -> StepDocuments:
         """The step document, its histograms and events."""
-        self.host.wait()
+        for stack in self._stacks():
+            stack.wait()
         return StepDocuments(self._step_document(), self._histograms(), self.events)
 
     def _spread(self, values: np.ndarray, part: str) -> np.ndarray:
@@ -160,8 +197,10 @@ class StepRecord:
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()
         scalars = dict(self.scalars)
-        for name in self.host_scalar_names():
-            scalars[name] = self.host.scalar(SCALAR_PREFIX + name)
+        for stack in self._stacks():
+            for name in stack.names():
+                if name.startswith(SCALAR_PREFIX):
+                    scalars[name[len(SCALAR_PREFIX) :]] = stack.scalar(name)
         scaled = LOSS_SCALE in self.host
         return protocol.step_document(
             self.step_number, time=self.time, step_time=self.step_time, loss=self.loss_value(),
@@ -171,10 +210,6 @@ class StepRecord:
             scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
             attention_logit_max=self.attention_logit_max(), output_logits=self._output_logits(),
         )
-
-    def host_scalar_names(self) -> list[str]:
-        """Names of scalars logged as device tensors (kept in the stack)."""
-        return [name[len(SCALAR_PREFIX) :] for name in self.host.names() if name.startswith(SCALAR_PREFIX)]
 
     def _histograms(self) -> list[protocol.HistogramDocument]:
         documents = []

@@ -1,7 +1,7 @@
 """Per-tensor numeric statistics of gradients, weights and optimizer state.
 
-Every function here runs on the training thread and follows the hot-path rules
-(ARCHITECTURE §2): it never synchronises with the device (no ``.item()``, no
+Every function here runs on the training thread, once per step, so it must not stall
+the device queue: it never synchronises with the device (no ``.item()``, no
 Python branch on a tensor value, no data-dependent output sizes), and returns
 device tensors with one entry (row or column) per input tensor, in input order.
 Branches only look at shapes, dtypes and devices, which the host already knows.
@@ -392,15 +392,6 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
     device = _result_device(tensors)
     rows = [_count_values(_linear_bins(tensor, lows[i].to(tensor.device), highs[i].to(tensor.device), bins), bins + 1)[:bins] for i, tensor in enumerate(tensors)]
     return _stack_rows(rows, bins, torch.int64, device)
-
-
-def linear_histogram(tensors: Sequence[Tensor], bins: int = LINEAR_BINS) -> tuple[Tensor, Tensor, Tensor]:
-    """(min float32 [n], max float32 [n], counts int64 [n, bins]): ``bins`` equal bins over
-    [min, max] of each tensor's finite values (torch.histc semantics: the max falls in the
-    last bin; when min == max all finite values are in bin 0). min and max are NaN for a
-    tensor without finite values, whose counts are all zero."""
-    lows, highs = finite_ranges(tensors)
-    return lows.float(), highs.float(), linear_histogram_counts(tensors, lows, highs, bins)
 
 
 # --------------------------------------------------------------------------- weights and optimizer state

@@ -14,7 +14,6 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
 from numwatch.monitor import db
-from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.exposition import IngestMetrics, NumwatchCollector
 from numwatch.monitor.ratelimit import RateLimiter
 from numwatch.monitor.routers import health, metrics, pages, query, runs_write
@@ -23,18 +22,6 @@ from numwatch.monitor.settings import Settings
 from numwatch.monitor.web import STATIC_DIR
 
 log = logging.getLogger("numwatch.collector")
-
-
-def detector_config(settings: Settings) -> DetectorConfig:
-    return DetectorConfig(
-        explosion_factor=settings.detect_explosion_factor, window=settings.detect_window, min_history=settings.detect_min_history,
-        vanishing_floor=settings.detect_vanishing_floor, underflow_threshold=settings.detect_underflow_threshold,
-        collapse_floor=settings.detect_collapse_floor, collapse_backoffs=settings.detect_collapse_backoffs,
-        spike_sigmas=settings.detect_spike_sigmas, spike_window=settings.detect_spike_window,
-        spike_score_steps=settings.detect_spike_score_steps,
-        attention_logit_threshold=settings.detect_attention_logit_threshold,
-        log_z_low=settings.detect_log_z_low, log_z_high=settings.detect_log_z_high,
-    )
 
 
 def prepare_database(settings: Settings) -> None:
@@ -73,7 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = db.make_session_factory(engine)
-    app.state.detector_config = detector_config(settings)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     registry = CollectorRegistry()
     app.state.ingest_metrics = IngestMetrics(registry)

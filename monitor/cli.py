@@ -15,7 +15,8 @@ DATABASE_HELP = "database URL (default: env NUMWATCH_DATABASE_URL, else a SQLite
 
 
 def _add_database(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", default=os.environ.get("NUMWATCH_DATABASE_URL"), help=DATABASE_HELP)
+    # Unset flags stay None so that Settings reads the environment: one place for every NUMWATCH_* default.
+    parser.add_argument("--database-url", default=None, help=DATABASE_HELP)
 
 
 def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = None) -> None:
@@ -24,18 +25,18 @@ def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = No
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    """The collector Settings: flags given on the command line over ``NUMWATCH_*`` over defaults."""
     from numwatch.monitor.settings import Settings
 
     if args.database_url:
         overrides["database_url"] = args.database_url
-    return Settings(**overrides)
+    return Settings(**{key: value for key, value in overrides.items() if value is not None})
 
 
-def _session(args: argparse.Namespace) -> Any:
-    """A session on the database of ``args``, after checking its schema."""
+def _session(settings: Any) -> Any:
+    """A session on the database of ``settings``, after checking its schema."""
     from numwatch.monitor import db
 
-    settings = _settings(args)
     engine = db.make_engine(settings.database_url)
     try:
         db.check_schema(engine)
@@ -49,26 +50,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from numwatch.monitor.app import create_app, prepare_database
     from numwatch.monitor.db import SchemaOutdated
-    from numwatch.monitor.settings import LOOPBACK_HOSTS
 
-    overrides: dict[str, Any] = {"host": args.host, "port": args.port}
-    if args.open_reads:
-        overrides["open_reads"] = True
-    auth = args.auth or os.environ.get("NUMWATCH_AUTH") or ("off" if args.host in LOOPBACK_HOSTS else "token")
-    overrides["auth"] = auth
-    if auth == "off" and args.host not in LOOPBACK_HOSTS and not args.insecure_no_auth:
-        print(f"numwatch serve: refusing to serve {args.host} without auth: anyone who reaches it could write and read runs.\n"
+    settings = _settings(args, host=args.host, port=args.port, auth=args.auth, open_reads=args.open_reads or None,
+                         insecure_no_auth=args.insecure_no_auth or None)
+    if "auth" not in settings.model_fields_set:  # neither --auth nor NUMWATCH_AUTH: off on loopback only
+        settings = settings.model_copy(update={"auth": "off" if settings.loopback else "token"})
+    if not settings.auth_enabled and not settings.loopback and not settings.insecure_no_auth:
+        print(f"numwatch serve: refusing to serve {settings.host} without auth: anyone who reaches it could write and read runs.\n"
               "Create a token (`numwatch token create --project P`) and drop --auth off, or pass --insecure-no-auth.", file=sys.stderr)
         return 2
-    settings = _settings(args, **overrides)
     try:
         prepare_database(settings)
     except SchemaOutdated as error:
         print(f"numwatch serve: {error}", file=sys.stderr)
         return 2
-    if auth == "off":
-        print(f"numwatch: auth is off (bound to {args.host}): writes and reads need no token", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    if not settings.auth_enabled:
+        print(f"numwatch: auth is off (bound to {settings.host}): writes and reads need no token", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
     return 0
 
 
@@ -84,7 +82,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     from numwatch.monitor.auth import create_token
 
-    with _session(args) as session:
+    with _session(_settings(args)) as session:
         token = create_token(session, args.project, args.name)
         session.commit()
     print(f"token for project {args.project!r} (shown once; store it as NUMWATCH_TOKEN):", file=sys.stderr)
@@ -95,7 +93,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     from numwatch.monitor.auth import revoke_token
 
-    with _session(args) as session:
+    with _session(_settings(args)) as session:
         revoked = revoke_token(session, args.id)
         session.commit()
     if not revoked:
@@ -108,7 +106,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_token_list(args: argparse.Namespace) -> int:
     from numwatch.monitor.auth import list_tokens
 
-    with _session(args) as session:
+    with _session(_settings(args)) as session:
         for token in list_tokens(session):
             state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
             print(f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  {state}")
@@ -118,19 +116,21 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from numwatch.monitor.report import render_runs
 
-    with _session(args) as session:
-        print(render_runs(session))
+    settings = _settings(args)
+    with _session(settings) as session:
+        print(render_runs(session, settings.stale_after_seconds))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from numwatch.monitor.ingest import IngestError
+    from numwatch.monitor.errors import NotFound
     from numwatch.monitor.report import render_run
 
-    with _session(args) as session:
+    settings = _settings(args)
+    with _session(settings) as session:
         try:
-            print(render_run(session, args.run))
-        except IngestError as error:
+            print(render_run(session, args.run, settings.stale_after_seconds))
+        except NotFound as error:
             print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
             return 1
     return 0
@@ -139,13 +139,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from numwatch.monitor.ingest import IngestError
+    from numwatch.monitor.errors import NotFound
     from numwatch.monitor.web.export import export_run_page
 
-    with _session(args) as session:
+    settings = _settings(args)
+    with _session(settings) as session:
         try:
-            page = export_run_page(session, args.run)
-        except IngestError as error:
+            page = export_run_page(session, args.run, settings.stale_after_seconds)
+        except NotFound as error:
             print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
             return 1
     output = Path(args.output or f"{args.run}.html")
@@ -212,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the collector (HTTP API, /metrics)", description=(
         "Run the collector. On 127.0.0.1 auth is off unless --auth token; elsewhere tokens are required. "
         "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db upgrade`."))
-    serve.add_argument("--host", default=os.environ.get("NUMWATCH_HOST", "127.0.0.1"), help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(os.environ.get("NUMWATCH_PORT", "8428")), help="port (default 8428)")
-    serve.add_argument("--auth", choices=("token", "off"), help="require bearer tokens (default: off on loopback, token elsewhere)")
+    serve.add_argument("--host", default=None, help="address to bind (default: env NUMWATCH_HOST, else 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: env NUMWATCH_PORT, else 8428)")
+    serve.add_argument("--auth", choices=("token", "off"), help="require bearer tokens (default: env NUMWATCH_AUTH, else off on loopback, token elsewhere)")
     serve.add_argument("--open-reads", action="store_true", help="let reads (API, not /metrics) through without a token")
     serve.add_argument("--insecure-no-auth", action="store_true", help="allow --auth off on a non-loopback address")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))

@@ -13,37 +13,39 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from numwatch.protocol import FORMAT_COUNT_STATS, DetectorEventKind, encode_float, event_document
 
 MAX_NAMED_TENSORS = 10
 
 
-@dataclass
-class DetectorConfig:
-    """Thresholds; every field can be set with ``NUMWATCH_DETECT_<FIELD>`` on the collector."""
+class DetectorConfig(BaseModel):
+    """The detectors' thresholds: ``Settings.detect``, so each reads ``NUMWATCH_DETECT_<FIELD>`` on the collector."""
 
-    explosion_factor: float = 10.0  # global norm above k x its rolling median...
-    window: int = 50  # ...over the last W finite norms; also W for backoff counting and vanishing streaks
-    min_history: int = 10  # finite norms needed before explosion is judged (a fresh run's first steps are not)
-    vanishing_floor: float = 1e-10  # a tensor's grad norm below this for W consecutive steps
-    underflow_threshold: float = 0.01  # share of gradient elements the cast flushes to zero
-    collapse_floor: float = 1.0  # a loss scale below this no longer scales anything up
-    collapse_backoffs: int = 5  # more backoffs than this within W steps
-    spike_sigmas: float = 6.0  # a loss or global grad norm above mean + k x sigma...
-    spike_window: int = 128  # ...of its last W finite values is a spike (judged once W values precede it)
-    spike_score_steps: int = 10_000  # the spike score is the share of spikes among the last N judged values
-    # Max attention logit above this (QK-clip's default threshold in Megatron-LM and Kimi K2)
-    attention_logit_threshold: float = 100.0
-    # Mean output log Z outside [low, high]. At initialisation log Z is about log(vocabulary),
-    # at most 12.5 for 262k tokens, and z-loss holds it at 0; beyond 32 in magnitude bf16
-    # logits are 0.25 apart, coarser than the gaps between likely tokens.
-    log_z_low: float = -32.0
-    log_z_high: float = 32.0
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    explosion_factor: float = Field(10.0, gt=0, description="global norm above this many times its rolling median is an explosion")
+    window: int = Field(50, ge=1, description="finite norms in the rolling median; also the steps for backoff counting and vanishing streaks")
+    min_history: int = Field(10, ge=1, description="finite norms needed before explosion is judged (a fresh run's first steps are not)")
+    vanishing_floor: float = Field(1e-10, ge=0, description="a tensor's grad norm below this for `window` consecutive steps is vanishing")
+    underflow_threshold: float = Field(0.01, ge=0, le=1, description="share of gradient elements the cast flushes to zero")
+    collapse_floor: float = Field(1.0, ge=0, description="a loss scale below this no longer scales anything up")
+    collapse_backoffs: int = Field(5, ge=0, description="more backoffs than this within `window` steps is a collapse")
+    spike_sigmas: float = Field(6.0, gt=0, description="a loss or global grad norm above mean + this many sigma of its window is a spike")
+    spike_window: int = Field(128, ge=2, description="finite values a spike is judged against (judged once this many precede it)")
+    spike_score_steps: int = Field(10_000, ge=1, description="the spike score is the share of spikes among this many last judged values")
+    attention_logit_threshold: float = Field(
+        100.0, gt=0, description="an attention call's max logit above this is attention logit growth (QK-clip's default threshold in Megatron-LM and Kimi K2)",
+    )
+    # At initialisation log Z is about log(vocabulary), at most 12.5 for 262k tokens, and z-loss
+    # holds it at 0; beyond 32 in magnitude bf16 logits are 0.25 apart, coarser than the gaps
+    # between likely tokens.
+    log_z_low: float = Field(-32.0, description="mean output log Z below this is log-Z drift")
+    log_z_high: float = Field(32.0, description="mean output log Z above this is log-Z drift")
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:

@@ -25,6 +25,7 @@ from numwatch.protocol import decode_float
 from numwatch.monitor.models import GRAD_NORM_BUCKETS, RankState, Run, Step
 from numwatch.monitor import spikes
 from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor.queries import run_status
 from numwatch.monitor.settings import Settings
 
 RUN_LABELS = ("run", "rank")
@@ -73,18 +74,17 @@ class NumwatchCollector(Collector):
         ).scalars())
 
     def _build(self) -> list[Metric]:
-        m = _Families(self.settings.detect_spike_score_steps)
+        m = _Families(self.settings.detect.spike_score_steps)
         with self.session_factory() as session:
             runs = self._visible_runs(session)
             states = session.execute(select(RankState).where(RankState.run_id.in_([r.id for r in runs]))).scalars().all() if runs else []
             by_run: dict[int, list[RankState]] = {}
             for state in states:
                 by_run.setdefault(state.run_id, []).append(state)
-            stale_before = time.time() - self.settings.stale_after_seconds
+            now = time.time()
             for run in runs:
                 run_states = by_run.get(run.id, [])
-                last_seen = max((s.last_step_time for s in run_states), default=0.0) or run.last_seen_at.timestamp()
-                status = "stale" if run.status == "running" and last_seen < stale_before else run.status
+                status = run_status(run, run_states, self.settings.stale_after_seconds, now)
                 m.run_info.add_metric([run.name, run.project, run.format, str(run.world_size), status], 1)
                 events: dict[str, int] = {}
                 for state in run_states:

@@ -21,18 +21,10 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor import detectors, forward, forward_events, spikes
 from numwatch.monitor.auth import Principal
+from numwatch.monitor.errors import IngestError
 from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, Step
 from numwatch.monitor.packing import pack_stats, unpack_stats
 from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
-
-
-class IngestError(Exception):
-    """A request the collector refuses; ``status`` is the HTTP status, the message names the field."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -43,14 +35,6 @@ class StoredBatch:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def find_run(session: Session, name: str, principal: Principal) -> Run:
-    """The run called ``name`` if the caller may see it; 404 otherwise (also for other projects' runs)."""
-    run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
-    if run is None or not principal.may_access(run.project):
-        raise IngestError(404, f"unknown run {name!r}: register it first with POST /api/v1/runs")
-    return run
 
 
 def _schema_difference(old: list[dict], new: list[dict]) -> str | None:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor.models import Event, Histogram, Run, Step
 from numwatch.monitor.packing import unpack_stats
-from numwatch.monitor.queries import downsample, event_record, run_status
+from numwatch.monitor.queries import downsample, event_record, rank_states, run_status
 
 MEAN_STATS = ("update_ratio", "stale_fraction")
 ORIGIN_KINDS = ("nonfinite_origin", "nonfinite_grad")
@@ -90,13 +90,12 @@ def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) 
     rows = rows[:TAIL_LIMIT]
     values: dict[str, list] = {name: [protocol.encode_float(getattr(row, name)) for row in rows] for name in TAIL_SCALARS}
     values["lr"] = [row.lr[0] if row.lr else None for row in rows]
-    last_time = rows[-1].time if rows else None
     until = rows[-1].step if rows else None
     query = select(Event).where(Event.run_id == run.id, Event.step > after).order_by(Event.step, Event.rank, Event.id)
     if truncated and until is not None:
         query = query.where(Event.step <= until)
     return {
-        "run": run.name, "status": run_status(run, last_time, stale_after), "after": after,
+        "run": run.name, "status": run_status(run, rank_states(session, run), stale_after), "after": after,
         "steps": [row.step for row in rows], "values": values, "truncated": truncated,
         "events": [event_record(event) for event in session.execute(query).scalars()],
     }

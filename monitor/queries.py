@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor.auth import Principal
-from numwatch.monitor.ingest import IngestError
+from numwatch.monitor.errors import NotFound
 from numwatch.monitor.models import Event, Histogram, RankState, Run, Step
 from numwatch.monitor.packing import unpack_stats
 
@@ -19,15 +20,11 @@ STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "hea
 DERIVED_SCALARS = ("lr", "skipped")
 
 
-class NotFound(IngestError):
-    def __init__(self, message: str) -> None:
-        super().__init__(404, message)
-
-
-def run_status(run: Run, last_step_time: float | None, stale_after: float) -> str:
-    """running | finished | crashed | stale (running, but no step for ``stale_after`` seconds)."""
-    last = last_step_time or run.last_seen_at.timestamp()
-    if run.status == "running" and time.time() - last > stale_after:
+def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: float | None = None) -> str:
+    """running | finished | crashed | stale: running, but no rank stored a step (or, before the first
+    step, registered) for more than ``stale_after`` seconds."""
+    last = max((state.last_step_time for state in states), default=0.0) or run.last_seen_at.timestamp()
+    if run.status == "running" and (time.time() if now is None else now) - last > stale_after:
         return "stale"
     return run.status
 
@@ -39,10 +36,11 @@ def visible_runs(session: Session, principal: Principal) -> list[Run]:
     return list(session.execute(query).scalars())
 
 
-def get_run(session: Session, name: str, principal: Principal) -> Run:
+def find_run(session: Session, name: str, principal: Principal) -> Run:
+    """The run called ``name`` if the caller may see it; NotFound otherwise (also for other projects' runs)."""
     run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
     if run is None or not principal.may_access(run.project):
-        raise NotFound(f"unknown run {name!r}")
+        raise NotFound(f"unknown run {name!r} (a run exists once registered with POST /api/v1/runs)")
     return run
 
 
@@ -61,7 +59,7 @@ def run_summary(session: Session, run: Run, stale_after: float) -> dict[str, Any
     return {
         "run": run.name, "project": run.project, "format": run.format, "world_size": run.world_size,
         "started_at": run.started_at.timestamp(),
-        "status": run_status(run, lead.last_step_time if lead else None, stale_after),
+        "status": run_status(run, states, stale_after),
         "last_step": lead.last_step if lead else 0,
         "last_step_time": lead.last_step_time if lead else None,
         "loss": protocol.encode_float(lead.loss) if lead else None,

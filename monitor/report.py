@@ -30,7 +30,7 @@ def _events(counts: dict[str, int]) -> str:
     return ", ".join(f"{kind}={count}" for kind, count in counts.items()) or "-"
 
 
-def render_runs(session: Session, stale_after: float = 300.0) -> str:
+def render_runs(session: Session, stale_after: float) -> str:
     """One line per run: status, last step, loss, grad norm, loss scale, events by kind."""
     summaries = [queries.run_summary(session, run, stale_after) for run in queries.visible_runs(session, EVERYTHING)]
     if not summaries:
@@ -42,9 +42,9 @@ def render_runs(session: Session, stale_after: float = 300.0) -> str:
     return _table(["RUN", "PROJECT", "STATUS", "STEP", "LOSS", "GRAD NORM", "SCALE", "EVENTS"], rows)
 
 
-def render_run(session: Session, name: str, stale_after: float = 300.0) -> str:
+def render_run(session: Session, name: str, stale_after: float) -> str:
     """A run's state and its most recent events."""
-    run = queries.get_run(session, name, EVERYTHING)
+    run = queries.find_run(session, name, EVERYTHING)
     detail = queries.run_detail(session, run, stale_after)
     last = detail["last_step_time"]
     lines = [

@@ -6,11 +6,10 @@ decoded to bytes and checked against their dtype here, and against the run's ten
 
 from __future__ import annotations
 
-import base64
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator
 
 from numwatch import protocol
 
@@ -46,10 +45,7 @@ def _decode_array(value: Any) -> bytes:
         raise ValueError("expected base64 array text (a string)")
     if len(value) > MAX_ARRAY_TEXT:
         raise ValueError(f"array text over {MAX_ARRAY_TEXT} characters")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError as error:  # binascii.Error, non-ASCII text
-        raise ValueError(f"not base64 array text: {error}") from None
+    return protocol.unpack_bytes(value)
 
 
 # Base64 text on the wire, raw little-endian bytes once validated.
@@ -67,6 +63,16 @@ def _check_arrays(arrays: dict[str, bytes], dtypes: dict[str, str]) -> dict[str,
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
     return arrays
+
+
+def _fields_of_dtypes(dtypes: dict[str, str]) -> Any:
+    """A validator checking each array field named in ``dtypes`` against its dtype there."""
+
+    def check(cls: type, raw: bytes, info: ValidationInfo) -> bytes:
+        _check_arrays({info.field_name: raw}, dtypes)
+        return raw
+
+    return field_validator(*dtypes)(classmethod(check))
 
 
 class Strict(BaseModel):
@@ -97,11 +103,7 @@ class Activations(Strict):
     absmax: ArrayBytes
     nonfinite: ArrayBytes
 
-    @field_validator("absmax", "nonfinite")
-    @classmethod
-    def _arrays(cls, raw: bytes, info: Any) -> bytes:
-        _check_arrays({info.field_name: raw}, protocol.ACTIVATION_STATS)
-        return raw
+    _arrays = _fields_of_dtypes(protocol.ACTIVATION_STATS)
 
 
 class OutputLogits(Strict):
@@ -145,11 +147,7 @@ class HistogramDocument(Strict):
     linear_max: ArrayBytes
     linear: ArrayBytes
 
-    @field_validator("exponent", "linear_min", "linear_max", "linear")
-    @classmethod
-    def _arrays(cls, raw: bytes, info: Any) -> bytes:
-        _check_arrays({info.field_name: raw}, protocol.HISTOGRAM_DTYPES)
-        return raw
+    _arrays = _fields_of_dtypes(protocol.HISTOGRAM_DTYPES)
 
 
 class EventDocument(Strict):

@@ -22,7 +22,13 @@ def run_doc(run: str = "r1", project: str = "default", rank: int = 0, tensors: l
 
 
 def array(values: list[float] | np.ndarray, dtype: str) -> str:
+    """Values as the protocol's array text of ``dtype``."""
     return protocol.pack_bytes(np.asarray(values, dtype=dtype).tobytes())
+
+
+def values(text: str, dtype: str, length: int | None = None) -> np.ndarray:
+    """Array text back to its values (exactly ``length`` of them when given), NaN and ±Inf bit-exact."""
+    return np.frombuffer(protocol.check_raw(protocol.unpack_bytes(text), dtype, length), dtype=dtype)
 
 
 def step_doc(step: int, norms: list[float] | None = None, loss: float | None = 1.0, **fields: Any) -> dict[str, Any]:

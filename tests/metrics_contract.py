@@ -1,4 +1,4 @@
-"""The /metrics names the exposition promises (ARCHITECTURE §5, issue #4's table).
+"""The /metrics names the exposition promises: the contract between the collector, the alert rules and the dashboards.
 
 Alert rules and dashboards may reference only these (plus Prometheus's own ``up`` and
 ``ALERTS``); tests on both sides check against this one list.
@@ -7,8 +7,9 @@ Alert rules and dashboards may reference only these (plus Prometheus's own ``up`
 from __future__ import annotations
 
 import re
+from typing import get_args
 
-from numwatch.protocol import CLIENT_EVENT_KINDS, DETECTOR_EVENT_KINDS
+from numwatch.protocol import ClientEventKind, DetectorEventKind
 
 GAUGES = (
     "numwatch_run_info",
@@ -56,7 +57,7 @@ SERIES_NAMES: frozenset[str] = frozenset(
 PROMETHEUS_OWN = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
 
 # Event kinds (the `kind` label): the collector's detectors, then the client's own.
-EVENT_KINDS = DETECTOR_EVENT_KINDS + CLIENT_EVENT_KINDS
+EVENT_KINDS = get_args(DetectorEventKind) + get_args(ClientEventKind)
 
 _NUMWATCH_NAME = re.compile(r"\bnumwatch_[A-Za-z0-9_]+")
 

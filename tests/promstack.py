@@ -127,3 +127,12 @@ def prometheus_for(tmp_path: Path) -> Iterator[Callable[..., str]]:
             return stack.enter_context(running_prometheus(workdir, target, alertmanager))
 
         yield start
+
+
+def grafana_expr(expr: str, run: str) -> str:
+    """A dashboard query with the values Grafana would put in for its variables, for ``run``."""
+    values = {"$__rate_interval": "1m", "$__range": "1h", "$run": run, "${run}": run, "$rank": ".*"}
+    for variable, value in sorted(values.items(), key=lambda item: -len(item[0])):  # ${run} before $run
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unsubstituted Grafana variable in {expr}"
+    return expr

@@ -14,16 +14,9 @@ import torch
 
 from dashboards import generate
 from tests.metrics_contract import PROMETHEUS_OWN, sample_exposition, unknown_metric_names
-from tests.promstack import instant_query, prometheus_for, serving_metrics, wait_for  # noqa: F401 (fixture)
+from tests.promstack import grafana_expr, instant_query, prometheus_for, serving_metrics, wait_for  # noqa: F401 (fixture)
 
 SAMPLE_RUN = "dash-run"
-# Values Grafana would put in for its variables.
-GRAFANA_VARIABLES = {
-    "$__rate_interval": "1m",
-    "$__range": "1h",
-    "$run": SAMPLE_RUN,
-    "$rank": ".*",
-}
 
 
 def _dashboards() -> dict[str, dict]:
@@ -44,13 +37,6 @@ def _prometheus_exprs() -> Iterator[tuple[str, str]]:
 
 def _collector_urls(model: dict) -> list[str]:
     return [t["url"] for p in model["panels"] for t in p["targets"] if t["datasource"]["type"] == "yesoreyeram-infinity-datasource"]
-
-
-def _substitute(expr: str) -> str:
-    for variable, value in sorted(GRAFANA_VARIABLES.items(), key=lambda item: -len(item[0])):
-        expr = expr.replace(variable, value)
-    assert "$" not in expr, f"unsubstituted Grafana variable in {expr}"
-    return expr
 
 
 def test_committed_files_equal_generator_output(tmp_path: Path) -> None:
@@ -133,15 +119,15 @@ def test_every_query_parses_in_real_prometheus(prometheus_for) -> None:  # noqa:
         scraped = wait_for(lambda: instant_query(prometheus, "numwatch_run_info")["data"]["result"], 30.0)
         assert scraped, "Prometheus never scraped the sample exposition"
         for where, expr in _prometheus_exprs():
-            answer = instant_query(prometheus, _substitute(expr))
+            answer = instant_query(prometheus, grafana_expr(expr, SAMPLE_RUN))
             assert answer["status"] == "success", f"{where}: {expr}: {answer.get('error')}"
         # Template variables: label_values(SELECTOR, LABEL) must find the label.
         for variable in _dashboards()["numwatch-run.json"]["templating"]["list"]:
             match = re.fullmatch(r"label_values\((.*), (\w+)\)", variable.get("definition", ""))
             if match:
-                answer = instant_query(prometheus, _substitute(match.group(1)))
+                answer = instant_query(prometheus, grafana_expr(match.group(1), SAMPLE_RUN))
                 assert answer["status"] == "success" and answer["data"]["result"], variable["name"]
                 assert all(match.group(2) in sample["metric"] for sample in answer["data"]["result"])
         # A gauge panel of the run dashboard finds the sample run's series.
-        loss = instant_query(prometheus, _substitute(generate.run_metric("numwatch_loss")))
+        loss = instant_query(prometheus, grafana_expr(generate.run_metric("numwatch_loss"), SAMPLE_RUN))
         assert [sample["metric"]["run"] for sample in loss["data"]["result"]] == [SAMPLE_RUN]

@@ -27,7 +27,7 @@ import numwatch
 from dashboards import generate
 from numwatch.monitor import stack
 from tests.binaries import require_binary
-from tests.promstack import alertmanager_alerts, get_json, instant_query, wait_for
+from tests.promstack import alertmanager_alerts, get_json, grafana_expr, instant_query, wait_for
 
 pytestmark = [pytest.mark.binaries, pytest.mark.slow]
 
@@ -35,7 +35,6 @@ RUN = "e2e-nan-run"
 HEALTHY_STEPS = 30
 AFTER_NAN_STEPS = 5
 ALERT_TIMEOUT_S = 60.0
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__range": "1h", "$run": RUN, "${run}": RUN, "$rank": ".*"}
 # Panels that are empty in a run like this one, by design (none so far).
 EXPECTED_EMPTY: frozenset[str] = frozenset()
 
@@ -168,13 +167,6 @@ def test_nan_alert_reaches_alertmanager_with_the_run_label(trained_stack: Stack)
     assert nonfinite_loss_steps == [HEALTHY_STEPS + 1]
 
 
-def _substitute(expr: str) -> str:
-    for variable, value in sorted(GRAFANA_VARIABLES.items(), key=lambda item: -len(item[0])):
-        expr = expr.replace(variable, value)
-    assert "$" not in expr, f"unsubstituted Grafana variable in {expr}"
-    return expr
-
-
 def _panels() -> Iterator[tuple[str, dict]]:
     for name in generate.DASHBOARDS:
         model = json.loads((generate.DASHBOARDS_DIR / name).read_text())
@@ -190,11 +182,11 @@ def test_every_dashboard_panel_finds_the_run(trained_stack: Stack) -> None:
         for target in panel.get("targets", []):
             source = target["datasource"]["type"]
             if source == "prometheus":
-                answer = instant_query(trained_stack.prometheus, _substitute(target["expr"]))
+                answer = instant_query(trained_stack.prometheus, grafana_expr(target["expr"], RUN))
                 assert answer["status"] == "success", f"{name}: {panel['title']}: {answer.get('error')}"
                 has_data = bool(answer["data"]["result"])
             elif source == "yesoreyeram-infinity-datasource":
-                path = _substitute(target["url"].replace("${tensor}", "0.weight"))
+                path = grafana_expr(target["url"].replace("${tensor}", "0.weight"), RUN)
                 has_data = bool(get_json(f"{trained_stack.collector}{path}"))
             else:
                 continue

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from numwatch import protocol
+from tests.collector_docs import values
 from tests.watch_helpers import read_spool
 
 WORLD_SIZE = 2
@@ -100,8 +100,8 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         for step in range(1, STEPS + 1):
             inputs, targets = _batch(step)
             mine = slice(rank * half, (rank + 1) * half)
+            collectives.append(0)  # the gradients are read when the backward ends
             torch.nn.functional.mse_loss(model(inputs[mine]), targets[mine]).backward()
-            collectives.append(0)
             optimizer.step()
             optimizer.zero_grad()
             if reference is not None:
@@ -113,10 +113,12 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
                 saved["weights"].append(_weights(reference))
         # One more step with a NaN in rank 1's shard of the first weight only.
         inputs, targets = _batch(STEPS + 1)
+        collectives.append(0)
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
         if rank == 1:
             model[0].weight.grad.to_local()[0, 1] = float("nan")
         collectives.append(0)
+        watcher.gradients_ready()  # the gradients changed after the backward: read them again
         optimizer.step()
         watcher.close()
 
@@ -173,8 +175,8 @@ def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
         np.testing.assert_array_equal(spooled.stat(last, "inf_count"), [0, 0, 0, 0])
         (event,) = [e for e in spooled.events if e["kind"] == "nonfinite_origin"]
         assert event["details"]["tensors"][0] == {"name": "0.weight", "nan": 1, "inf": 0}
-    # Norms and abs-max (one SUM, one MAX), then the NaN counts (one SUM).
-    assert saved["collectives"][STEPS] == 3
+    # Read again after the NaN was written: norms and abs-max (one SUM, one MAX), then the NaN counts (one SUM).
+    assert saved["collectives"][STEPS + 1] == 3
 
 
 def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_run):
@@ -188,15 +190,15 @@ def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_ru
             np.testing.assert_allclose(spooled.stat(step, "weight_absmax"), [np.abs(w).max() for w in weights], rtol=RTOL)
         n_tensors = len(spooled.runs[0]["tensors"])
         for histogram in spooled.histograms:
-            exponent = np.frombuffer(protocol.unpack_bytes(histogram["exponent"], "<i8", None), dtype="<i8").reshape(n_tensors, -1)
-            linear = np.frombuffer(protocol.unpack_bytes(histogram["linear"], "<i8", None), dtype="<i8").reshape(n_tensors, -1)
+            exponent = values(histogram["exponent"], "<i8").reshape(n_tensors, -1)
+            linear = values(histogram["linear"], "<i8").reshape(n_tensors, -1)
             # Every element of every whole tensor is counted exactly once, in both histograms.
             np.testing.assert_array_equal(exponent.sum(axis=1), [17 * 6, 17, 3 * 17, 3])
             np.testing.assert_array_equal(linear.sum(axis=1), [17 * 6, 17, 3 * 17, 3])
             if histogram["kind"] == "weight":
                 weights = saved["weights"][histogram["step"] - 1]
-                low = np.frombuffer(protocol.unpack_bytes(histogram["linear_min"], "<f4", None), dtype="<f4")
-                high = np.frombuffer(protocol.unpack_bytes(histogram["linear_max"], "<f4", None), dtype="<f4")
+                low = values(histogram["linear_min"], "<f4")
+                high = values(histogram["linear_max"], "<f4")
                 np.testing.assert_allclose(low, [w.min() for w in weights], rtol=RTOL)
                 np.testing.assert_allclose(high, [w.max() for w in weights], rtol=RTOL)
 

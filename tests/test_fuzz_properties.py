@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ from numwatch.monitor.app import create_app, prepare_database
 from numwatch.monitor.packing import unpack_stats
 from numwatch.monitor.schemas import HistogramDocument, StepDocument
 from numwatch.monitor.settings import Settings
-from tests.collector_docs import TENSORS, batch_doc, run_doc, step_doc
+from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc, values
 
 MAX_EXAMPLES = 150
 N_TENSORS = len(TENSORS)
@@ -77,12 +77,12 @@ def test_arbitrary_json_values_are_refused_with_a_4xx(client: TestClient, docume
 
 
 def _valid_batch() -> dict[str, Any]:
-    step = step_doc(1, activations={"absmax": protocol.pack_array([1.0, 2.0], "<f4"), "nonfinite": protocol.pack_array([0, 1], "<i8")})
+    step = step_doc(1, activations={"absmax": array([1.0, 2.0], "<f4"), "nonfinite": array([0, 1], "<i8")})
     histogram = {
         "step": 1, "kind": "grad",
-        "exponent": protocol.pack_array([1] * (N_TENSORS * protocol.EXPONENT_BINS), "<i8"),
-        "linear_min": protocol.pack_array([-1.0] * N_TENSORS, "<f4"), "linear_max": protocol.pack_array([1.0] * N_TENSORS, "<f4"),
-        "linear": protocol.pack_array([1] * (N_TENSORS * protocol.LINEAR_BINS), "<i8"),
+        "exponent": array([1] * (N_TENSORS * protocol.EXPONENT_BINS), "<i8"),
+        "linear_min": array([-1.0] * N_TENSORS, "<f4"), "linear_max": array([1.0] * N_TENSORS, "<f4"),
+        "linear": array([1] * (N_TENSORS * protocol.LINEAR_BINS), "<i8"),
     }
     event = {"step": 1, "kind": "nonfinite_origin", "time": 1.0, "details": {"tensor": "head.bias"}}
     steps = [{**step, "time": 1.0}, {**step_doc(2), "time": 2.0}]  # fixed: the mutation strategy must be reproducible
@@ -174,11 +174,11 @@ dtypes = st.sampled_from(sorted(set(protocol.TENSOR_STATS.values())))
 def test_unpack_of_arbitrary_text_returns_whole_values_or_raises_value_error(text: str, dtype: str, length: int | None) -> None:
     itemsize = int(dtype[2:])
     try:
-        raw = protocol.unpack_bytes(text, dtype, length)
+        raw = protocol.check_raw(protocol.unpack_bytes(text), dtype, length)
     except ValueError:
         return
     assert len(raw) % itemsize == 0 and (length is None or len(raw) == length * itemsize)
-    assert len(protocol.unpack_array(text, dtype, length)) == len(raw) // itemsize
+    assert len(values(text, dtype, length)) == len(raw) // itemsize
 
 
 @BOUNDED
@@ -236,11 +236,11 @@ def valid_steps(draw: st.DrawFn, number: int) -> dict[str, Any]:
     tensors = {}
     for stat in stats:
         dtype = protocol.TENSOR_STATS[stat]
-        tensors[stat] = protocol.pack_array(draw(st.lists(float32s if dtype == "<f4" else counts, min_size=N_TENSORS, max_size=N_TENSORS)), dtype)
+        tensors[stat] = array(draw(st.lists(float32s if dtype == "<f4" else counts, min_size=N_TENSORS, max_size=N_TENSORS)), dtype)
     maybe = st.none() | any_float
     return {
         "step": number, "time": draw(st.floats(0, 4e9)), "skipped": draw(st.booleans()),
-        "scale_decision": draw(st.sampled_from([None, *protocol.SCALE_DECISIONS])),
+        "scale_decision": draw(st.sampled_from([None, *get_args(protocol.ScaleDecision)])),
         **{key: protocol.encode_float(draw(maybe)) for key in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits")},
         "lr": [protocol.encode_float(v) for v in draw(st.lists(any_float, max_size=3))],
         "scalars": {k: protocol.encode_float(v) for k, v in draw(st.dictionaries(storable_names, any_float, max_size=3)).items()},
@@ -271,7 +271,7 @@ def test_valid_steps_read_back_equal(client: TestClient, data: st.DataObject) ->
         assert len(record["lr"]) == len(sent["lr"]) and all(map(_same, sent["lr"], record["lr"]))
         assert record["scalars"].keys() == sent["scalars"].keys() and all(_same(v, record["scalars"][k]) for k, v in sent["scalars"].items())
         for stat, text in sent["tensors"].items():
-            expected = protocol.unpack_array(text, protocol.TENSOR_STATS[stat], N_TENSORS)
+            expected = values(text, protocol.TENSOR_STATS[stat], N_TENSORS).tolist()
             received = [record["tensors"][t["name"]][stat] for t in TENSORS]
             assert all(map(_same, expected, received)), (stat, expected, received)
         assert all(set(per_tensor) == set(sent["tensors"]) for per_tensor in record["tensors"].values())

@@ -1,5 +1,5 @@
 """Bad input over real HTTP, on SQLite and PostgreSQL: the regressions tests/test_fuzz_api.py found
-(each was a 500) and the issue's bad-input cases tests/test_ingest.py did not cover yet.
+(each was a 500), and bad-input cases tests/test_ingest.py does not cover.
 
 Split from tests/test_ingest.py (whose ``api`` fixture and helper it shares) to keep each file under a minute.
 """

@@ -9,6 +9,7 @@ import pytest
 
 from numwatch import protocol
 from numwatch.monitor import schemas
+from tests.collector_docs import array, values
 
 PAIRS = [
     (protocol.RunDocument, schemas.RunDocument),
@@ -44,19 +45,19 @@ def test_step_scale_decision_follows_the_scales():
         for before, after in ((1024.0, 2048.0), (1024.0, 512.0), (1024.0, 1024.0), (None, None))
     ]
     assert decisions == ["growth", "backoff", "none", None]
-    assert tuple(decisions[:3]) == protocol.SCALE_DECISIONS
+    assert tuple(decisions[:3]) == get_args(protocol.ScaleDecision)
 
 
 def test_built_documents_validate_and_carry_non_finite_floats():
     n = 2
-    stats = {name: protocol.pack_array([1, 2] if dtype == "<i8" else [math.nan, math.inf], dtype) for name, dtype in protocol.TENSOR_STATS.items()}
+    stats = {name: array([1, 2] if dtype == "<i8" else [math.nan, math.inf], dtype) for name, dtype in protocol.TENSOR_STATS.items()}
     step = protocol.step_document(
         3, time=10.0, tensors=stats, loss=math.nan, loss_scale=8.0, new_loss_scale=4.0, skipped=True, lr=[math.inf, 1e-3],
         global_grad_norm=-math.inf, headroom_bits=math.nan, scalars={"acc": 0.5},
         attention_logit_max={"h.0.attn": 3.5, "h.1.attn": math.nan}, output_logits={"log_z_mean": 10.5, "log_z_max": math.inf, "absmax": 2.0},
     )
     histogram = protocol.histogram_document(3, "grad", **{
-        name: protocol.pack_array([0] * (n * protocol.HISTOGRAM_LENGTHS[name]), dtype) for name, dtype in protocol.HISTOGRAM_DTYPES.items()
+        name: array([0] * (n * protocol.HISTOGRAM_LENGTHS[name]), dtype) for name, dtype in protocol.HISTOGRAM_DTYPES.items()
     })
     event = protocol.event_document(3, "nonfinite_origin", {"module": "head"}, time=11.0)
     batch = protocol.batch_document("r", rank=1, steps=[step], histograms=[histogram], events=[event], status="crashed")
@@ -71,8 +72,8 @@ def test_built_documents_validate_and_carry_non_finite_floats():
     assert stored.output_logits.log_z_max == math.inf and stored.output_logits.log_z_mean == 10.5
     assert parsed.status == "crashed" and parsed.rank == 1 and len(batch["batch_id"]) == 32
     assert parsed.events[0].kind == "nonfinite_origin" and parsed.events[0].time == 11.0
-    assert protocol.unpack_array(batch["steps"][0]["tensors"]["grad_norm"], "<f4")[1] == math.inf
+    assert values(batch["steps"][0]["tensors"]["grad_norm"], "<f4")[1] == math.inf
 
 
 def test_event_kinds_do_not_overlap():
-    assert not set(protocol.CLIENT_EVENT_KINDS) & set(protocol.DETECTOR_EVENT_KINDS)
+    assert not set(get_args(protocol.ClientEventKind)) & set(get_args(protocol.DetectorEventKind))

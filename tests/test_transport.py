@@ -16,7 +16,8 @@ import torch
 import numwatch
 from numwatch import protocol
 from numwatch.transport import StepDocuments, Transport
-from tests.watch_helpers import batch, read_spool, small_model
+from tests.collector_docs import values
+from tests.watch_helpers import BackwardInjection, batch, read_spool, small_model
 
 
 class Collector:
@@ -98,11 +99,11 @@ def test_watcher_streams_run_once_and_batches_with_bearer(tmp_path, collector):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     watcher = numwatch.watch(model, optimizer, run="net/1", url=collector.url, token="s3cret", spool_dir=tmp_path, on_nonfinite="ignore")
+    inject = BackwardInjection(model[2].bias, (slice(0, 1),), [math.inf], {3})
     for step in range(1, 6):
+        inject.step = step
         x, y = batch(step)
         (model(x) - y).pow(2).mean().backward()
-        if step == 3:
-            model[2].bias.grad[0] = math.inf
         watcher.log(loss=math.nan if step == 3 else float(step))
         optimizer.step()
         optimizer.zero_grad()
@@ -115,10 +116,10 @@ def test_watcher_streams_run_once_and_batches_with_bearer(tmp_path, collector):
     assert batches[-1]["status"] == "finished" and all(b["status"] == "running" for b in batches[:-1])
     step3 = next(s for b in batches for s in b["steps"] if s["step"] == 3)
     assert step3["loss"] == "NaN" and math.isnan(protocol.decode_float(step3["loss"]))
-    norms = np.frombuffer(protocol.unpack_bytes(step3["tensors"]["grad_norm"], "<f4", 4), dtype="<f4")
+    norms = values(step3["tensors"]["grad_norm"], "<f4", 4)
     assert norms[3] == np.inf and np.isfinite(norms[:3]).all()
     assert protocol.decode_float(step3["global_grad_norm"]) == math.inf
-    assert step3["tensors"]["inf_count"] and protocol.unpack_array(step3["tensors"]["inf_count"], "<i8") == [0, 0, 0, 1]
+    assert step3["tensors"]["inf_count"] and values(step3["tensors"]["inf_count"], "<i8").tolist() == [0, 0, 0, 1]
     assert not watcher.spool_dir.exists()  # everything acknowledged: nothing spooled
     assert watcher.transport.sent_batches == len(batches)
 

@@ -15,7 +15,8 @@ from torch import nn
 
 import numwatch
 from numwatch import protocol, stats
-from tests.watch_helpers import batch, read_spool, reference_norms, small_model
+from tests.collector_docs import values
+from tests.watch_helpers import BackwardInjection, batch, read_spool, reference_norms, small_model
 
 INF_STEPS = {3, 4, 9}  # 1-based optimizer steps whose gradient gets an Inf
 
@@ -28,14 +29,14 @@ def _scaler_run(tmp_path, fused: bool, steps: int = 10) -> tuple[numwatch.Watche
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
     watcher = numwatch.watch(model, optimizer, scaler=scaler, run="amp", spool_dir=tmp_path, histogram_every=4)
     truth = []
+    inject = BackwardInjection(model[2].bias, (slice(1, 2),), [math.inf], INF_STEPS)
     for step in range(1, steps + 1):
+        inject.step = step
         x, y = batch(step)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
         loss = (out.float() - y).pow(2).mean()
         scaler.scale(loss).backward()
-        if step in INF_STEPS:
-            model[2].bias.grad[1] = math.inf
         scale_before = scaler.get_scale()
         scaled_grads = [p.grad.clone() for p in model.parameters()]
         scaler.step(optimizer)
@@ -227,11 +228,12 @@ def test_raise_names_the_tensor_at_the_step(tmp_path):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     watcher = numwatch.watch(model, optimizer, run="raise", spool_dir=tmp_path, on_nonfinite="raise")
+    inject = BackwardInjection(model[2].weight, (0, slice(0, 2)), [math.nan, math.inf], {2})
     for step in range(1, 3):
+        inject.step = step
         x, y = batch(step)
         (model(x) - y).pow(2).mean().backward()
         if step == 2:
-            model[2].weight.grad[0, :2] = torch.tensor([math.nan, math.inf])
             before = model[2].weight.detach().clone()
             with pytest.raises(numwatch.NonFiniteError, match=r"step 2 .*2\.weight \(nan=1, inf=1\)"):
                 optimizer.step()
@@ -247,11 +249,11 @@ def test_warnings_are_rate_limited(tmp_path, caplog):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     watcher = numwatch.watch(model, optimizer, run="warn", spool_dir=tmp_path)
+    BackwardInjection(model[0].bias, (slice(3, 4),), [math.inf])
     with caplog.at_level(logging.WARNING, logger="numwatch"):
         for step in range(1, 7):
             x, y = batch(step)
             (model(x) - y).pow(2).mean().backward()
-            model[0].bias.grad[3] = math.inf
             optimizer.step()
             optimizer.zero_grad()
             with torch.no_grad():
@@ -286,8 +288,8 @@ def test_activation_tracing_names_the_first_nonfinite_module(tmp_path):
     assert event["kind"] == "nonfinite_origin" and event["details"]["module"] == "2"
     assert event["details"]["tensors"][0]["name"] == "0.weight" and event["details"]["tensors"][0]["nan"] > 0
     activations = spooled.steps[0]["activations"]
-    nonfinite = protocol.unpack_array(activations["nonfinite"], "<i8", 5)
-    absmax = protocol.unpack_array(activations["absmax"], "<f4", 5)
+    nonfinite = values(activations["nonfinite"], "<i8", 5).tolist()
+    absmax = values(activations["absmax"], "<f4", 5).tolist()
     assert nonfinite == [0, 0, 1, 1, 1]
     assert absmax[0] == pytest.approx(expected, rel=1e-6)
 

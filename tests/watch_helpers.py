@@ -12,6 +12,7 @@ from torch import nn
 
 from numwatch import protocol
 from numwatch.spool import iter_spool
+from tests.collector_docs import values
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Spooled:
     def stat(self, step: dict[str, Any], name: str) -> np.ndarray:
         """A per-tensor statistic of a step document as a numpy array."""
         n = len(self.runs[0]["tensors"])
-        return np.frombuffer(protocol.unpack_bytes(step["tensors"][name], protocol.TENSOR_STATS[name], n), dtype=protocol.TENSOR_STATS[name])
+        return values(step["tensors"][name], protocol.TENSOR_STATS[name], n)
 
 
 def read_spool(directory: Path) -> Spooled:
@@ -58,3 +59,20 @@ def reference_norms(grads: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """float64 L2 norm and absmax per tensor, computed independently of numwatch.stats."""
     as64 = [g.detach().to(torch.float64).numpy().ravel() for g in grads]
     return np.array([np.sqrt(np.sum(a * a)) for a in as64]), np.array([np.max(np.abs(a)) for a in as64])
+
+
+class BackwardInjection:
+    """Writes values into a parameter's gradient inside the backward, at chosen steps: the
+    way a real overflow arrives (numwatch reads the gradients when the backward ends)."""
+
+    def __init__(self, parameter: torch.Tensor, index: tuple, values: list[float], steps: set[int] | None = None) -> None:
+        self.step = 0
+        self.index, self.values, self.steps = index, values, steps
+        parameter.register_hook(self._inject)
+
+    def _inject(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.steps is not None and self.step not in self.steps:
+            return grad
+        grad = grad.clone()
+        grad[self.index] = torch.tensor(self.values, dtype=grad.dtype)
+        return grad

@@ -58,10 +58,10 @@ class NumwatchCallback(Callback):
             return
         if self.watcher.step_in_progress:
             self.watcher.finish_step()  # manual optimisation: several optimizer steps in one batch
-        if self._loss is not None:
-            self.watcher.log(loss=self._loss)
-            self._loss = None
         self.watcher.gradients_ready()
+        if self._loss is not None:
+            self.watcher.log(loss=self._loss)  # after gradients_ready(): a value logged before it belongs to the step that ended
+            self._loss = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.watcher is not None:

@@ -11,7 +11,7 @@ from numwatch import protocol
 from numwatch.monitor import overview, queries, readiness
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, get_settings, require_reader
-from numwatch.monitor.ingest import IngestError
+from numwatch.monitor.errors import Refused
 from numwatch.monitor.read_models import HistogramSteps, QuantizationTable, Tail, TensorSummary
 from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.schemas import MAX_RANK, MAX_STEP
@@ -28,12 +28,12 @@ def _answer(work: Any) -> Any:
     """``work()``, with a query's not-found turned into an HTTP 404 that says what exists."""
     try:
         return work()
-    except IngestError as error:
+    except Refused as error:
         raise HTTPException(error.status, error.message) from None
 
 
 def _run(session: Session, name: str, principal: Principal) -> Any:
-    return _answer(lambda: queries.get_run(session, name, principal))
+    return _answer(lambda: queries.find_run(session, name, principal))
 
 
 @router.get("/runs", summary="Runs with status, last step and event counts by kind")

@@ -15,7 +15,9 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, require_writer
-from numwatch.monitor.ingest import IngestError, find_run, register_run, store_batch
+from numwatch.monitor.errors import Refused
+from numwatch.monitor.ingest import register_run, store_batch
+from numwatch.monitor.queries import find_run
 from numwatch.monitor.openapi_body import json_request_body
 from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.storable import find_unstorable_text
@@ -73,7 +75,7 @@ def _in_transaction(session: Session, work: Any) -> Any:
             result = work(session)
             session.commit()
             return result
-        except IngestError as error:
+        except Refused as error:
             session.rollback()
             raise HTTPException(error.status, error.message) from None
         except IntegrityError:
@@ -110,7 +112,7 @@ async def post_batch(run: str, request: Request, principal: Principal = Depends(
             raise HTTPException(422, f"run: the document is for {document.run!r}, the path for {run!r}")
 
         def work(s: Session) -> Any:
-            return store_batch(s, find_run(s, run, principal), document, state.detector_config)
+            return store_batch(s, find_run(s, run, principal), document, state.settings.detect)
 
         stored = await run_in_threadpool(_in_transaction, session, work)
     except HTTPException as error:

@@ -34,7 +34,7 @@ def request_key(path: str, params: dict[str, Any] | None = None) -> str:
 
 def run_page_responses(session: Session, name: str, stale_after: float) -> dict[str, Any]:
     """Every read the run page makes for run ``name``, keyed as the page asks for them."""
-    run = queries.get_run(session, name, EVERYTHING)
+    run = queries.find_run(session, name, EVERYTHING)
     layout = json.loads((STATIC_DIR / "charts.json").read_text())
     detail = queries.run_detail(session, run, stale_after)
     base = "/api/v1/runs/" + quote(name, safe=_URI_COMPONENT_SAFE)
@@ -68,7 +68,7 @@ def _digest(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-def export_run_page(session: Session, name: str, stale_after: float = 300.0) -> str:
+def export_run_page(session: Session, name: str, stale_after: float) -> str:
     """The run page of ``name`` with its data, as one HTML document."""
     bundle = {"context": {"run": name}, "responses": run_page_responses(session, name, stale_after)}
     # JSON in a non-executed script element; "<" escaped so no string in it can close the element.

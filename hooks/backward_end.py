@@ -30,10 +30,12 @@ def _output_tensors(output: Any) -> Iterator[torch.Tensor]:
 
 
 class BackwardEndTrigger:
-    """Calls ``callback()`` once at the end of every backward pass that reaches ``module``'s outputs."""
+    """Calls ``callback()`` once at the end of every backward pass that reaches ``module``'s
+    outputs, and ``on_forward()`` (when given) after every forward that records a graph."""
 
-    def __init__(self, module: nn.Module, callback: Callable[[], None]) -> None:
+    def __init__(self, module: nn.Module, callback: Callable[[], None], on_forward: Callable[[], None] | None = None) -> None:
         self._callback = callback
+        self._on_forward = on_forward
         self._queued_task = -1  # graph task the callback is queued for
         self._handle = module.register_forward_hook(self._mark_outputs)
 
@@ -41,6 +43,8 @@ class BackwardEndTrigger:
         # Recomputation inside a backward (activation checkpointing) is not a new step.
         if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return
+        if self._on_forward is not None:
+            self._on_forward()
         for tensor in _output_tensors(output):
             if tensor.requires_grad:
                 tensor.register_hook(self._output_reached)
