@@ -23,7 +23,8 @@ from numwatch.output_logits import LogZ, find_logits
 
 class ForwardProbe:
     """Measures the forwards for which ``due()`` is true. ``failed(site)`` is told about any
-    exception, which never reaches the model: a forward always computes what it would."""
+    exception, which never reaches the model (a forward always computes what it would), and
+    the step's forward measurements are then dropped whole."""
 
     def __init__(
         self,
@@ -40,8 +41,9 @@ class ForwardProbe:
             except AttributeError:
                 raise ValueError(f"logits_module={logits_module!r}: {type(model).__name__} has no such submodule") from None
         self._due = due
-        self._failed = failed
-        self.capture = AttentionCapture(model, chunk_elements, failed)
+        self._report_failure = failed
+        self._step_failed = False
+        self.capture = AttentionCapture(model, chunk_elements, self._failed)
         self.log_z = LogZ(chunk_elements)
         self._depth = 0  # > 0 while a measured forward runs (a model may call itself)
         self._logits_handle: RemovableHandle | None = None
@@ -64,6 +66,10 @@ class ForwardProbe:
         except Exception:
             self._stop()
             self._failed("forward pre-hook")
+
+    def _failed(self, site: str) -> None:
+        self._step_failed = True
+        self._report_failure(site)
 
     def _after(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if not self._depth:
@@ -95,7 +101,11 @@ class ForwardProbe:
 
     def take_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
         """The step's max logit per attention call and its [mean log Z, max log Z, max |logit|]; resets."""
-        return self.capture.take_step(), self.log_z.take_step()
+        measured = self.capture.take_step(), self.log_z.take_step()
+        if self._step_failed:
+            self._step_failed = False
+            return {}, None
+        return measured
 
     def remove(self) -> None:
         """Remove the hooks (and leave a forward in progress unmeasured)."""

@@ -360,5 +360,6 @@ def test_a_failing_measurement_never_reaches_the_model(monkeypatch):
     logits, _ = model(idx)
     assert torch.equal(logits, expected)
     assert failures == ["attention capture"] * 4
+    assert probe.take_step() == ({}, None)  # a partly measured step is not recorded
     assert not torch.overrides._get_current_function_mode_stack()
     probe.remove()

@@ -30,6 +30,10 @@ NW.start(async () => {
       series: chart.series.map((s) => ({ label: s.label, ...summary[s.key] })) });
   });
 
+  const forward = await apiRun(run, "/forward", { max_points: layout.max_points });
+  main.append(el("h2", {}, "Forward pass (sampled steps)"));
+  RunView.forwardCharts(main, forward, events, onStep);
+
   const heat = await apiRun(run, "/heatmap", layout.heatmap);
   main.append(el("h2", {}, "Per layer"));
   Charts.heatmap(main, { title: "Gradient norm per tensor", stat: layout.heatmap.stat, cells: heat, tensors: detail.tensors.map((t) => t.name), onStep,
