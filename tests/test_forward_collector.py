@@ -111,3 +111,32 @@ def test_a_database_from_before_keeps_its_rows_readable(collector, tmp_path) -> 
         assert client.post("/api/v1/runs", json=run_doc(run="old")).status_code == 200
         assert post_batch(client, batch_doc(run="old", steps=[forward(2, 101.0, 1.0, 0.0)]), run="old").json()["events"] == 1
         assert 'numwatch_attention_logit_max{rank="0",run="old"} 101.0' in client.get("/metrics").text
+
+
+def test_a_nan_query_in_a_watched_model_is_an_event_naming_its_layer(collector) -> None:
+    import torch
+
+    import numwatch
+    from tests.nanogpt import NanoGPT
+
+    url = collector()
+    torch.manual_seed(0)
+    model = NanoGPT()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with numwatch.watch(model, optimizer, run="nan-q", url=url, histogram_every=1, on_nonfinite="ignore") as watcher:
+        idx = torch.randint(0, 64, (2, 16))
+        for step in range(2):
+            if step == 1:
+                with torch.no_grad():
+                    model.transformer.h[2].attn.c_attn.weight[0, 0] = math.nan  # one query feature of layer 2
+            model(idx, idx)[1].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        watcher.flush()
+    with httpx.Client(base_url=url, timeout=30) as client:
+        (event,) = client.get("/api/v1/runs/nan-q/events", params={"kind": "attention_logit_growth"}).json()
+        series = client.get("/api/v1/runs/nan-q/forward").json()
+    assert event["step"] == 2
+    # layer 2's logits are NaN, and so are those of every layer after it
+    assert event["details"]["layers"] == [{"name": f"transformer.h.{i}.attn", "value": "NaN"} for i in (2, 3)]
+    assert all(isinstance(series["attention_logit_max"][f"transformer.h.{i}.attn"][1], float) for i in (0, 1))  # finite before it
