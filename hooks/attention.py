@@ -28,6 +28,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.hooks import RemovableHandle
 
+from numwatch.measurement import tensor_name
+
 # Logits (float32) per chunk: 16 MiB, plus the same count of mask bytes when masked.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -122,7 +124,7 @@ class AttentionCapture(TorchFunctionMode):
     def __init__(self, model: nn.Module, chunk_elements: int = CHUNK_ELEMENTS, failed: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self._failed = failed  # told about a failed measurement, which then never reaches the model; None: raise
-        self._names = {id(module): name for name, module in model.named_modules()}
+        self._names = {id(module): tensor_name(name) for name, module in model.named_modules()}
         self._root_name = type(model).__name__
         self.chunk_elements = chunk_elements
         self._running: list[str] = []

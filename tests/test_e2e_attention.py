@@ -23,7 +23,8 @@ import numwatch
 from numwatch.monitor import stack
 from tests.binaries import require_binary
 from tests.nanogpt import NanoGPT
-from tests.promstack import get_json, instant_query, wait_for
+from tests.promstack import get_json, grafana_expr, instant_query, wait_for
+from tests.test_e2e_alerting import FORWARD_PANELS, _panels
 from tests.test_attention import reference_max
 
 pytestmark = [pytest.mark.binaries, pytest.mark.slow]
@@ -127,3 +128,15 @@ def test_the_alert_fires_for_the_run(trained: Trained) -> None:
     value = instant_query(trained.prometheus, f'max without(instance) (numwatch_attention_logit_max{{run="{RUN}"}})')
     last_measured = STEPS - (STEPS - 1) % EVERY
     assert float(value["data"]["result"][0]["value"][1]) == pytest.approx(max(trained.maxima[last_measured].values()), rel=1e-5)
+
+
+def test_the_forward_pass_panels_find_the_run(trained: Trained) -> None:
+    checked = 0
+    for name, panel in _panels():
+        if panel["title"] not in FORWARD_PANELS:
+            continue
+        for target in panel["targets"]:
+            answer = instant_query(trained.prometheus, grafana_expr(target["expr"], RUN))
+            assert answer["status"] == "success" and answer["data"]["result"], f"{name}: {panel['title']}: {target['expr']}"
+            checked += 1
+    assert checked == 5

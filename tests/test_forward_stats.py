@@ -133,3 +133,27 @@ def test_multihead_attention_model_and_logits_module(tmp_path):
     assert list(step["attention_logit_max"]) == ["blocks.0.attn", "blocks.1.attn"]
     assert all(math.isfinite(v) for v in step["attention_logit_max"].values())
     assert step["output_logits"]["absmax"] == pytest.approx(float(logits.detach().abs().max()), rel=1e-6)
+
+
+def test_a_compiled_model_is_measured_under_its_own_names(tmp_path):
+    torch.manual_seed(0)
+    model = NanoGPT()
+    compiled = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    watcher = numwatch.watch(compiled, optimizer, run="compiled", spool_dir=tmp_path, histogram_every=2)
+    inputs: dict[str, torch.Tensor] = {}
+    for name in LAYERS:
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0].detach()))
+    idx = torch.randint(0, 64, (2, 16))
+    expected = []
+    for _ in range(3):
+        compiled(idx, idx)[1].backward()
+        expected.append({n: reference_max(*model.get_submodule(n).qk(inputs[n])[:2], is_causal=True) for n in LAYERS})
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    watcher.close()
+    steps = read_spool(watcher.spool_dir).steps
+    assert [s["attention_logit_max"] is not None for s in steps] == [True, False, True] and watcher.monitoring_errors == 0
+    for step in (steps[0], steps[2]):
+        assert list(step["attention_logit_max"]) == LAYERS  # no _orig_mod in the names
+        assert list(step["attention_logit_max"].values()) == pytest.approx(list(expected[step["step"] - 1].values()), rel=1e-5)
