@@ -136,6 +136,7 @@ DetectorEventKind = Literal[
     "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
     "attention_logit_growth", "log_z_drift",
 ]
+EventKind = Literal[ClientEventKind, DetectorEventKind]
 
 # An encoded float (see encode_float) and an array's base64 text.
 WireFloat = float | str | None
@@ -204,7 +205,7 @@ class HistogramDocument(TypedDict):
 
 class EventDocument(TypedDict):
     step: int
-    kind: str
+    kind: EventKind
     time: float
     details: dict[str, Any]
 
@@ -296,7 +297,7 @@ def histogram_document(
     return {"step": step, "kind": kind, "exponent": exponent, "linear_min": linear_min, "linear_max": linear_max, "linear": linear}
 
 
-def event_document(step: int, kind: str, details: dict[str, Any], time: float | None = None) -> EventDocument:
+def event_document(step: int, kind: EventKind, details: dict[str, Any], time: float | None = None) -> EventDocument:
     """An ``event`` document (stamped now unless ``time`` is given)."""
     return {"step": step, "kind": kind, "time": _time.time() if time is None else time, "details": details}
 

@@ -19,11 +19,11 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors, forward, forward_events, spikes
+from numwatch.monitor import detectors, forward, forward_events, rollups, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError
-from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import pack_stats, unpack_stats
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, Step
+from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
 from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
 
 
@@ -64,6 +64,8 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
         session.add(run)
         session.flush()
     else:
+        if run.status == DELETING:
+            raise IngestError(409, f"run {document.run!r} is being deleted; register it again once it is gone, or use a new run name")
         if run.project != document.project or not principal.may_access(run.project):
             raise IngestError(409 if principal.may_access(run.project) else 403, f"run {document.run!r} belongs to another project")
         difference = _schema_difference(run.tensors, tensors)
@@ -142,7 +144,7 @@ def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
     """A stored or about-to-be-stored step as the detectors read it."""
     get = row.get if isinstance(row, dict) else lambda key: getattr(row, key)
     return {
-        "step": get("step"), "time": get("time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
+        "step": get("step"), "time": get("time"), "step_time": get("step_time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
         "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
         "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
         "lr": get("lr"),
@@ -294,6 +296,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         new_steps = {row["step"] for row in new_rows}
         forward_rows = [row for step in document.steps if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None]
         forward_rows = sorted({row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"])  # first copy wins
+        rollups.record(session, run.id, rank, views, n_tensors)
     else:
         views, forward_rows = [], []
     if forward_rows:
@@ -312,7 +315,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: getattr(h, name) for name in protocol.HISTOGRAM_LENGTHS},
+                    **{name: compress_array(getattr(h, name), int(protocol.HISTOGRAM_DTYPES[name][-1])) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))

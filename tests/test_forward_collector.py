@@ -87,7 +87,7 @@ def test_a_database_from_before_keeps_its_rows_readable(collector, tmp_path) -> 
     with engine.begin() as connection:
         config = db.alembic_config(url)
         config.attributes["connection"] = connection
-        command.upgrade(config, "0003")
+        command.upgrade(config, "0004")
         tables = sa.MetaData()
         tables.reflect(connection)
         run_id = connection.execute(tables.tables["runs"].insert().values(

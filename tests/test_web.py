@@ -184,6 +184,28 @@ def test_attention_logit_lines_per_call_and_log_z_hold_the_api_values(served: Se
     browser.screenshot(driver, "run-page-attention")
 
 
+def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    driver = page(served, "/runs/mlp-fp16")
+    ranges = "return Object.values(Charts.registry).filter(c => c.uplot && c.uplot.syncKey === 'run').map(c => [c.uplot.scales.x.min, c.uplot.scales.x.max])"
+    assert set(map(tuple, driver.execute_script(ranges))) == {(1, STEPS)}
+    over = driver.find_element("css selector", "#chart-loss .u-over")
+    width = over.size["width"]
+    ActionChains(driver).move_to_element_with_offset(over, -width // 4, 0).click_and_hold().move_by_offset(width // 4, 0).release().perform()
+    zoomed = set(map(tuple, driver.execute_script(ranges)))
+    assert len(zoomed) == 1  # every chart of the page follows
+    low, high = zoomed.pop()
+    assert 1 < low < high < STEPS and high - low < STEPS / 2
+    ActionChains(driver).double_click(over).perform()
+    assert set(map(tuple, driver.execute_script(ranges))) == {(1, STEPS)}
+    # A single click opens the step under the cursor.
+    ActionChains(driver).move_to_element(over).click().perform()
+    browser.wait_for(driver, "return location.pathname.includes('/steps/')")
+    step = int(driver.current_url.rsplit("/", 1)[1])
+    assert abs(step - STEPS / 2) <= 2
+
+
 def test_diagnosis_names_the_nan_step_and_its_origin_module(served: Served) -> None:
     driver = page(served, "/runs/mlp-fp16")
     origin = [e for e in get_json(f"{served.url}/api/v1/runs/mlp-fp16/events") if e["kind"] == "nonfinite_origin"]

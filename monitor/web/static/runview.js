@@ -149,20 +149,20 @@ const RunView = (() => {
   }
 
   // Max attention logit per attention call (one line each, forward order) and the output logits' log Z.
-  function forwardCharts(main, forward, events, onStep) {
+  function forwardCharts(main, forward, events, onStep, xRange) {
     const box = el("div", { class: "charts", id: "forward-charts" });
     main.append(box);
     const calls = Object.keys(forward.attention_logit_max);
     const peak = forward.run_max;
     Charts.lineChart(box, {
-      id: "attention_logit_max", title: "Max attention logit per attention call", unit: "scale·q·k (log)", log: 10, sync: "run", onStep,
+      id: "attention_logit_max", title: "Max attention logit per attention call", unit: "scale·q·k (log)", log: 10, sync: "run", xRange, onStep,
       subtitle: peak ? `Largest of the run: ${fmt(peak.value)} in ${peak.call} at step ${peak.step}. Over batch, heads and unmasked positions, pre-softmax, as each scaled_dot_product_attention call computed it.`
         : "No attention call measured (attention_every = 0, or the model does not call scaled_dot_product_attention).",
       events: events.filter((e) => e.kind === "attention_logit_growth"),
       series: calls.map((name) => ({ label: name, steps: forward.steps, values: forward.attention_logit_max[name] })),
     });
     Charts.lineChart(box, {
-      id: "log_z", title: "Output logits: log Z = logsumexp over the vocabulary", unit: "nats", log: 0, sync: "run", onStep,
+      id: "log_z", title: "Output logits: log Z = logsumexp over the vocabulary", unit: "nats", log: 0, sync: "run", xRange, onStep,
       events: events.filter((e) => e.kind === "log_z_drift"),
       series: [["log_z_mean", "mean log Z"], ["log_z_max", "largest log Z"], ["logit_absmax", "largest |logit|"]]
         .map(([key, label]) => ({ label, steps: forward.steps, values: forward[key] })),
