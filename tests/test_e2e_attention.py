@@ -11,7 +11,6 @@ NumwatchAttentionLogitHigh alert fires after.
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,12 +19,10 @@ import pytest
 import torch
 
 import numwatch
-from numwatch.monitor import stack
-from tests.binaries import require_binary
 from tests.nanogpt import NanoGPT
-from tests.promstack import get_json, grafana_expr, instant_query, wait_for
-from tests.test_e2e_alerting import FORWARD_PANELS, _panels
+from tests.promstack import collector_and_prometheus, get_json, grafana_expr, instant_query, wait_for
 from tests.test_attention import reference_max
+from tests.test_e2e_alerting import FORWARD_PANELS, _panels
 
 pytestmark = [pytest.mark.binaries, pytest.mark.slow]
 
@@ -55,12 +52,9 @@ def _scrape_and_evaluate(prometheus: str, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
-    prometheus_binary = require_binary("prometheus")
     workdir = tmp_path_factory.mktemp("e2e-attention")
     with ExitStack() as resources:
-        collector = resources.enter_context(stack.running_collector(workdir))
-        config = stack.prometheus_config(urllib.parse.urlsplit(collector).netloc, None, interval="1s")
-        prometheus = resources.enter_context(stack.running_prometheus(prometheus_binary, workdir, config))
+        collector, prometheus = collector_and_prometheus(resources, workdir)
 
         torch.manual_seed(0)
         model = NanoGPT()
