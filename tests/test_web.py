@@ -366,6 +366,23 @@ def test_client_strings_render_as_text_and_never_run(served: Served) -> None:
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
 
 
+
+def test_an_exported_page_of_hostile_names_keeps_them_text(served: Served, tmp_path: Path) -> None:
+    from numwatch.monitor.cli import main
+
+    post_run(served.url, "exported-" + IMG, SCRIPT, tensors(SCRIPT, IMG, "plain.weight"), modules=(SCRIPT,), config={SCRIPT: IMG})
+    output = tmp_path / "hostile.html"
+    assert main(["export", "exported-" + IMG, "-o", str(output), "--database-url", served.database_url]) == 0
+    assert "</script>" not in output.read_text().split('id="numwatch-data">', 1)[1].rsplit("</script>", 1)[0]
+    browser.open_page(served.driver, output.as_uri())
+    driver = served.driver
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert driver.find_element("id", "run-name").text == "exported-" + IMG
+    assert driver.find_element("id", "origin-module").text == SCRIPT
+    assert driver.execute_script("return document.querySelectorAll('img, svg, main script').length") == 0
+    assert browser.console_errors(driver) == []
+
+
 def test_heatmap_colours_nan_inf_and_finite_cells_of_one_step_apart(served: Served) -> None:
     post_run(served.url, "mixed-step", "default", tensors("a.nan", "b.inf", "c.finite"))
     driver = page(served, "/runs/mixed-step")
