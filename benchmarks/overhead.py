@@ -17,7 +17,8 @@ batches) take alternating steps in one process, the watcher attached to one of t
 whole run (after a throwaway watcher ran first, so one-time costs such as cached layouts are
 not counted), so drift in machine load hits both alike. Printed: mean ratio = total watched
 time / total unwatched time over all ``--steps`` steps (with the defaults' cadences, 100
-steps hold one sampled step and two format-count steps), the median of the per-step ratios,
+steps hold one sampled step and two format-count steps; ``--uniform-steps`` for the
+configurations whose every step is alike), the median of the per-step ratios,
 and the median ratio of the sampled steps alone. The "collector ..." rows stream to a real
 collector (``numwatch serve`` on loopback) and to a port where none listens (everything
 spools, retries back off); the down case should add at most 1 ms per step over the healthy
@@ -164,8 +165,10 @@ def measure(variant: dict, autocast_dtype, batch_size: int, args: argparse.Names
         watched.step()
     base_times: list[float] = []
     watched_times: list[float] = []
+    # Configurations whose steps are all alike need fewer steps than the defaults' 100-step window.
+    steps = args.steps if not ({"histogram_every", "format_every"} & set(variant)) else args.uniform_steps
     with numwatch.watch(watched.model, watched.optimizer, run=f"bench-{time.monotonic_ns()}", spool_dir=_spool(spool), **variant) as watcher:
-        for _ in range(args.steps):
+        for _ in range(steps):
             base_times.append(base.step())
             watched_times.append(watched.step())
         histogram_every = watcher.histogram_every
@@ -213,6 +216,8 @@ def main() -> None:
     parser.add_argument("--ops", action="store_true", help="count the aten ops added per step instead of timing")
     parser.add_argument("--ops-detail", action="store_true", help="with --ops: the added ops by name")
     parser.add_argument("--steps", type=int, default=100, help="paired steps per configuration")
+    parser.add_argument("--uniform-steps", type=int, default=30, help="paired steps for 'every step' configurations")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--bf16-batch", type=int, default=2, help="batch size under bf16 autocast (CPU bf16 matmul is slow)")
     parser.add_argument("--batch", type=int, default=16, help="batch size in fp32")
@@ -224,6 +229,8 @@ def main() -> None:
     parser.add_argument("--only", action="append", choices=list(VARIANTS), help="time only this configuration (repeatable)")
     args = parser.parse_args()
     args.layers = args.layers or ([4, 16] if args.ops else [4])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as spool, ExitStack() as resources:
         if args.ops:
             count_ops(args, spool)

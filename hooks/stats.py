@@ -98,7 +98,7 @@ def _absmax(members: list[Tensor]) -> Tensor:
     tensor once; on the CPU it is ~100x slower than ``_foreach_max`` of ``_foreach_abs``
     (see benchmarks/stats_pass.py)."""
     if members[0].device.type == "cuda":
-        return torch.stack(torch._foreach_norm(members, math.inf, dtype=torch.float32))
+        return torch.stack(torch._foreach_norm(members, math.inf)).float()
     return torch.stack(torch._foreach_max(torch._foreach_abs(members))).float()
 
 
@@ -108,7 +108,9 @@ def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
     norms, absmaxes = [], []
     for group in layout.groups:
         members = group.tensors(tensors)
-        norms.append(torch.stack(torch._foreach_norm(members, 2, dtype=torch.float32)))
+        # float32 accumulation, or float64's own (a float64 tensor cannot be narrowed to it).
+        accumulate = None if group.dtype == torch.float64 else torch.float32
+        norms.append(torch.stack(torch._foreach_norm(members, 2, dtype=accumulate)).float())
         absmaxes.append(_absmax(members))
     return torch.stack([layout.assemble(norms, 0.0, torch.float32), layout.assemble(absmaxes, 0.0, torch.float32)])
 

@@ -114,7 +114,8 @@ const Charts = (() => {
     return el("div", { class: "chart-note" }, items);
   }
 
-  // A line chart of API series ({steps, values}) over steps. spec: {id, title, unit, log (2|10|0),
+  // A line chart of API series (one series breaks at a non-finite value; several, sampled at
+  // different steps, are joined across the steps only another one has) ({steps, values}) over steps. spec: {id, title, unit, log (2|10|0),
   // series: [{label, steps, values}], events: [{step, kind}], onStep(step)}.
   function lineChart(container, spec) {
     const log = spec.log || 0;
@@ -151,7 +152,7 @@ const Charts = (() => {
       ],
       series: [
         { label: "step", value: (u, v) => (v === null ? "–" : String(v)) },
-        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
+        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5, spanGaps: spec.series.length > 1,
           points: { show: aligned.data[0].length < 120, size: 4 }, value: (u, v) => fmt(v) })),
       ],
       cursor: { sync: { key: spec.sync || "nw" }, drag: { x: true, y: false, setScale: !spec.sync } },
