@@ -35,6 +35,8 @@ LOSS_SCALE = "loss_scale"
 NEW_LOSS_SCALE = "new_loss_scale"
 FOUND_INF = "found_inf"
 ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
+ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, names in StepRecord.attention_calls
+OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
 _ROWS: dict[str, tuple[str, ...]] = {
@@ -69,6 +71,7 @@ class StepRecord:
     format_max: float
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
+    attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
     events: list[dict[str, Any]] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -195,6 +198,17 @@ class StepRecord:
         nonfinite = (~np.isfinite(absmax)).astype("<i8")
         return {"absmax": protocol.pack_bytes(absmax.tobytes()), "nonfinite": protocol.pack_bytes(nonfinite.tobytes())}
 
+    def attention_logit_max(self) -> dict[str, float] | None:
+        """The step's max attention logit per attention call, when its forward was measured."""
+        if ATTENTION_LOGIT_MAX not in self.host:
+            return None
+        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist()))
+
+    def _output_logits(self) -> dict[protocol.OutputLogitStat, float] | None:
+        if OUTPUT_LOGITS not in self.host:
+            return None
+        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist()))
+
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()
         scalars = dict(self.scalars)
@@ -209,6 +223,7 @@ class StepRecord:
             new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
             skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
             scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
+            attention_logit_max=self.attention_logit_max(), output_logits=self._output_logits(),
         )
 
     def _histograms(self) -> list[protocol.HistogramDocument]:

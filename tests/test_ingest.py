@@ -95,7 +95,7 @@ def test_rank_state_counts_only_new_steps(api: httpx.Client) -> None:
         (lambda b: b["steps"][0].update(loss="nan-ish"), "steps[0].loss"),
         (lambda b: b["steps"][0].update(time="NaN"), "steps[0].time"),
         (lambda b: b["steps"][0].update(scale_decision="maybe"), "steps[0].scale_decision"),
-        (lambda b: b.update(protocol=3), "protocol"),
+        (lambda b: b.update(protocol=4), "protocol"),
         # Version 1 batches stay accepted, but they predate the Adam-health and quantization stats.
         (lambda b: (b.update(protocol=1), b["steps"][1]["tensors"].update(quant_sqnr_nf4=array([20.0, 20.0, np.nan], "<f4"))),
          "steps[1].tensors.quant_sqnr_nf4: needs protocol 2, the batch says 1"),

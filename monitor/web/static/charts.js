@@ -14,6 +14,8 @@ const Charts = (() => {
     loss_scale_collapse: { color: "#7c2d12", shape: "diamond", label: "scale collapse" },
     loss_spike: { color: "#a16207", shape: "diamond", label: "loss spike" },
     grad_norm_spike: { color: "#a16207", shape: "diamond", label: "grad norm spike" },
+    attention_logit_growth: { color: "#b91c1c", shape: "up", label: "attention logits above the threshold" },
+    log_z_drift: { color: "#7c2d12", shape: "diamond", label: "log Z left the band" },
   };
   // Binades floor(log2|x|) of each format's subnormal and normal ranges (torch.finfo's limits;
   // the browser tests check this table against them).
