@@ -35,6 +35,7 @@ stack: install system-deps
 bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/web.py
 
 # Fetch the pinned uPlot release again (needs npm): the built files and the licence, then checksums.
 UPLOT_VERSION := 1.6.32

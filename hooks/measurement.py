@@ -31,6 +31,8 @@ import torch
 from torch import nn
 
 from numwatch import records, stats
+from numwatch.optim_health import adam_health
+from numwatch.quantization import quantization_sqnr
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.hostcopy import DeviceStack
 from numwatch.records import StepRecord, histogram_part
@@ -64,13 +66,23 @@ def select_parameters(model: nn.Module, include: Iterable[str] | str | None, exc
 
 @dataclass(frozen=True)
 class Cadence:
-    """Which steps (numbered from 1) carry the sampled statistics and the format counts."""
+    """Which steps (numbered from 1) carry the sampled statistics and the format counts (the
+    first step and every N-th after it), and the quantization SQNR (every N-th step: it is
+    about trained weights, and close() measures the last step)."""
 
     histogram_every: int
     format_every: int
+    quant_every: int = 0
 
     def sampled(self, step: int) -> bool:
         return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
+
+    def quant_due(self, step: int) -> bool:
+        return self.quant_every > 0 and step % self.quant_every == 0
+
+    def after_update(self, step: int) -> bool:
+        """Whether the step measures the weights after the optimizer's update."""
+        return self.sampled(step) or self.quant_due(step)
 
     def format_due(self, step: int) -> bool:
         return self.format_every > 0 and (step - 1) % self.format_every == 0
@@ -103,7 +115,7 @@ class WatchedTensors:
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
-        return [local_tensor(p.detach()) for p in self.parameters]
+        return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
     def read_gradients(self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
@@ -171,7 +183,15 @@ class WatchedTensors:
             if present_states:
                 state_format = format_spec(format_name_for_dtype(present_states[0].dtype))
                 parts[records.EXP_AVG_SQ] = stats.exp_avg_sq_underflow(states, state_format)
+            parts[records.ADAM] = adam_health(optimizer, self.parameters)
         return parts
+
+    def quant_parts(self) -> dict[str, torch.Tensor]:
+        """The weights' SQNR under each quantization scheme, as they are now. Per-channel and
+        group scales need whole rows, which a shard does not hold: not for sharded parameters."""
+        if self.sharding is not None:
+            return {}
+        return {records.QUANT: quantization_sqnr(self.local_parameters())}
 
 
 class Phase(enum.Enum):
@@ -225,7 +245,10 @@ class StepMeasurement:
         self.logged = {}
         self.parts = {}
 
-    def finish(self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None) -> StepRecord:
+    def finish(
+        self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
+        forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
         reading, device = self.reading, watched.device
         assert self.phase is Phase.READ and reading is not None
@@ -250,6 +273,14 @@ class StepMeasurement:
         if module_parts is not None:
             absmax, module_order = module_parts
             stack.add(records.ACTIVATION_ABSMAX, absmax)
+        attention_calls: list[str] = []
+        if forward_parts is not None:
+            attention, output_logits = forward_parts
+            if attention:
+                attention_calls = list(attention)
+                stack.add(records.ATTENTION_LOGIT_MAX, torch.stack([value.to(device) for value in attention.values()]))
+            if output_logits is not None:
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
         return StepRecord(
             step_number=self.number,
             time=time.time(),
@@ -262,4 +293,5 @@ class StepMeasurement:
             format_max=watched.format.max,
             loss=logged_loss,
             module_order=module_order,
+            attention_calls=attention_calls,
         )

@@ -1,7 +1,8 @@
-"""The numwatch wire protocol, version 2: written down once, imported by both sides.
+"""The numwatch wire protocol, version 3: written down once, imported by both sides.
 
-Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``); the
-collector still accepts version 1 documents (old clients, old spools), which cannot carry
+Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``), version 3
+the forward-pass statistics of sampled steps (``attention_logit_max``, ``output_logits``);
+the collector still accepts older documents (old clients, old spools), which cannot carry
 them.
 
 Standard library only, so the collector can import it without the training stack
@@ -11,7 +12,7 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
 
 ``run`` document — ``POST /api/v1/runs``, sent once per (run, rank) when watching starts::
 
-    {"protocol": 2, "run": str, "project": str, "rank": int, "world_size": int,
+    {"protocol": 3, "run": str, "project": str, "rank": int, "world_size": int,
      "format": "fp16" | "bf16" | "fp8_e4m3" | "fp8_e5m2" | "fp32",
      "tensors": [{"name": str, "shape": [int], "dtype": str, "group": int}],
      "modules": [str],            # traced modules (activation tracing), else []
@@ -20,7 +21,7 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
 
 ``batch`` document — ``POST /api/v1/runs/{run}/batches``::
 
-    {"protocol": 2, "run": str, "rank": int, "batch_id": str,
+    {"protocol": 3, "run": str, "rank": int, "batch_id": str,
      "steps": [step], "histograms": [histogram], "events": [event],
      "status": "running" | "finished" | "crashed"}
 
@@ -32,7 +33,10 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
      "lr": [float], "global_grad_norm": float, "headroom_bits": float | null,
      "scalars": {str: float},
      "tensors": {stat: array},        # only the stats measured at this step
-     "activations": {"absmax": array, "nonfinite": array} | null}
+     "activations": {"absmax": array, "nonfinite": array} | null,
+     # forwards of sampled steps (``attention_every``), version 3:
+     "attention_logit_max": {str: float} | null,  # per attention call (calling module), forward order
+     "output_logits": {"log_z_mean": float, "log_z_max": float, "absmax": float} | null}
 
 ``histogram`` (sampled steps)::
 
@@ -66,7 +70,7 @@ from typing import Any, Iterable, Literal, Sequence, TypedDict, get_args
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
-ProtocolVersion = Literal[1, 2]
+ProtocolVersion = Literal[1, 2, 3]
 PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[-1]
 
 # Target formats the format counts are taken against (names on the wire).
@@ -130,6 +134,7 @@ ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
 DetectorEventKind = Literal[
     "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
     "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
+    "attention_logit_growth", "log_z_drift",
 ]
 EventKind = Literal[ClientEventKind, DetectorEventKind]
 
@@ -163,6 +168,13 @@ class Activations(TypedDict):
     nonfinite: ArrayText
 
 
+# Output-logit statistics over a step's tokens: log Z = logsumexp over the vocabulary.
+OutputLogitStat = Literal["log_z_mean", "log_z_max", "absmax"]
+OUTPUT_LOGIT_STATS: tuple[OutputLogitStat, ...] = get_args(OutputLogitStat)
+# The first protocol version with the forward-pass fields of a step.
+FORWARD_STATS_VERSION = 3
+
+
 class StepDocument(TypedDict):
     step: int
     time: float
@@ -178,6 +190,8 @@ class StepDocument(TypedDict):
     scalars: dict[str, WireFloat]
     tensors: dict[str, ArrayText]
     activations: Activations | None
+    attention_logit_max: dict[str, WireFloat] | None
+    output_logits: dict[OutputLogitStat, WireFloat] | None
 
 
 class HistogramDocument(TypedDict):
@@ -259,7 +273,8 @@ def step_document(
     step: int, *, time: float, tensors: dict[str, ArrayText], step_time: float | None = None, loss: float | None = None,
     loss_scale: float | None = None, new_loss_scale: float | None = None, skipped: bool = False, lr: Iterable[float] = (),
     global_grad_norm: float | None = None, headroom_bits: float | None = None, scalars: dict[str, float] | None = None,
-    activations: Activations | None = None,
+    activations: Activations | None = None, attention_logit_max: dict[str, float] | None = None,
+    output_logits: dict[OutputLogitStat, float] | None = None,
 ) -> StepDocument:
     """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
     return {
@@ -270,6 +285,8 @@ def step_document(
         "headroom_bits": encode_float(headroom_bits),
         "scalars": {name: encode_float(value) for name, value in (scalars or {}).items()},
         "tensors": tensors, "activations": activations,
+        "attention_logit_max": None if attention_logit_max is None else {name: encode_float(v) for name, v in attention_logit_max.items()},
+        "output_logits": None if output_logits is None else {name: encode_float(v) for name, v in output_logits.items()},
     }
 
 

@@ -11,7 +11,7 @@ zero gradient, as for ``clip_grad_norm_``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -28,11 +28,15 @@ FORMAT = "format"  # int64 [4, k]: zeros, underflow, subnormal, overflow
 WEIGHT = "weight"  # float32 [2, n]: weight_norm, weight_absmax
 UPDATE = "update"  # float32 [2, k]: update_ratio, stale_fraction
 EXP_AVG_SQ = "exp_avg_sq_underflow"  # float32 [n]
+ADAM = "adam"  # float32 [2, n]: adam_update_rms, adam_eps_dominated
+QUANT = "quant"  # float32 [4, n]: quant_sqnr_* in protocol.QUANT_SCHEMES order
 LOSS = "loss"
 LOSS_SCALE = "loss_scale"
 NEW_LOSS_SCALE = "new_loss_scale"
 FOUND_INF = "found_inf"
 ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
+ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, names in StepRecord.attention_calls
+OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
 _ROWS: dict[str, tuple[str, ...]] = {
@@ -41,6 +45,8 @@ _ROWS: dict[str, tuple[str, ...]] = {
     FORMAT: protocol.FORMAT_COUNT_STATS,
     UPDATE: ("update_ratio", "stale_fraction"),
     WEIGHT: ("weight_norm", "weight_absmax"),
+    ADAM: protocol.ADAM_HEALTH_STATS,
+    QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
 
@@ -65,9 +71,12 @@ class StepRecord:
     format_max: float
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
+    attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
     events: list[dict[str, Any]] = field(default_factory=list)
-    late: HostStack | None = None  # device values logged after the step ended, copied by seal()
+    late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
+    supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    _late_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     _logged_late: bool = False
 
     # -- values logged after the step ended (before the model's next forward) -------------
@@ -85,20 +94,37 @@ class StepRecord:
                 self._late_tensors.pop(name, None)
                 self.scalars[name] = float(value)
 
+    def add_late_parts(self, parts: dict[str, torch.Tensor]) -> None:
+        """Per-tensor statistics measured after the step ended (close() measuring the final weights)."""
+        self._late_parts.update(parts)
+
+    def has_part(self, name: str) -> bool:
+        return any(name in stack for stack in self._stacks()) or name in self._late_parts
+
     def seal(self) -> bool:
         """No more values come: start the host copy of the late device values. Whether any value came late."""
-        if not self._late_tensors:
+        if not self._late_tensors and not self._late_parts:
             return self._logged_late
         stack = DeviceStack()
         for name, value in self._late_tensors.items():
             self.scalars.pop(name, None)
             stack.add(LOSS if name == "loss" else SCALAR_PREFIX + name, value)
-        self._late_tensors = {}
+        for name, value in self._late_parts.items():
+            stack.add(name, value)
+        self._late_tensors, self._late_parts = {}, {}
         self.late = stack.to_host()
         return True
 
+    def supplemented(self, parts: dict[str, torch.Tensor]) -> StepRecord:
+        """A copy of this sent step that adds ``parts``: the collector extends the stored step
+        with statistics it lacks (everything else is the same, so it is no conflict)."""
+        stack = DeviceStack()
+        for name, value in parts.items():
+            stack.add(name, value)
+        return replace(self, events=[], supplement=stack.to_host(), _late_tensors={}, _late_parts={})
+
     def _stacks(self) -> list[HostStack]:
-        return [self.host] + ([self.late] if self.late is not None else [])
+        return [stack for stack in (self.host, self.late, self.supplement) if stack is not None]
 
     # -- host values, also used on the training thread for non-finite checks ----------
 
@@ -145,9 +171,10 @@ class StepRecord:
     def _tensor_stats(self, skipped: bool) -> dict[str, str]:
         stats: dict[str, str] = {}
         for part, names in _ROWS.items():
-            if part not in self.host or (part == UPDATE and skipped):
+            stack = next((stack for stack in self._stacks() if part in stack), None)
+            if stack is None or (part == UPDATE and skipped):
                 continue  # an update measured across a skipped step says nothing
-            rows = self._spread(self.host.get(part), part)
+            rows = self._spread(stack.get(part), part)
             for name, row in zip(names, rows):
                 stats[name] = protocol.pack_bytes(row.astype(protocol.TENSOR_STATS[name]).tobytes())
         if EXP_AVG_SQ in self.host:
@@ -180,6 +207,17 @@ class StepRecord:
         nonfinite = (~np.isfinite(absmax)).astype("<i8")
         return {"absmax": protocol.pack_bytes(absmax.tobytes()), "nonfinite": protocol.pack_bytes(nonfinite.tobytes())}
 
+    def attention_logit_max(self) -> dict[str, float] | None:
+        """The step's max attention logit per attention call, when its forward was measured."""
+        if ATTENTION_LOGIT_MAX not in self.host:
+            return None
+        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist()))
+
+    def _output_logits(self) -> dict[protocol.OutputLogitStat, float] | None:
+        if OUTPUT_LOGITS not in self.host:
+            return None
+        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist()))
+
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()
         scalars = dict(self.scalars)
@@ -194,6 +232,7 @@ class StepRecord:
             new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
             skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
             scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
+            attention_logit_max=self.attention_logit_max(), output_logits=self._output_logits(),
         )
 
     def _histograms(self) -> list[protocol.HistogramDocument]:

@@ -43,11 +43,12 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from numwatch import protocol
+from numwatch import protocol, records
 from numwatch.activations import ActivationTracer
 from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
 from numwatch.formats import format_name_for_dtype, format_spec
+from numwatch.forward_probe import ForwardProbe
 from numwatch.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
 from numwatch.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.records import StepRecord
@@ -114,6 +115,9 @@ class Watcher:
         project: str | None,
         histogram_every: int,
         format_every: int,
+        attention_every: int | None,
+        logits_module: str | None,
+        quant_every: int,
         format: str | None,
         on_nonfinite: str,
         measure: str,
@@ -133,12 +137,15 @@ class Watcher:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.histogram_every = histogram_every
         self.format_every = format_every
+        self.attention_every = histogram_every if attention_every is None else attention_every
+        if self.attention_every < 0:
+            raise ValueError(f"attention_every must be >= 0 (0 turns it off), not {self.attention_every}")
         self.measure = measure
         selected = select_parameters(model, include, exclude)
         if not selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
         fmt = format_spec(format or ("fp16" if self.scaler else format_name_for_dtype(selected[0][1].dtype)))
-        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every))
+        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
         self.tensor_names = self.watched.names
         self.device = self.watched.device
         self.format = fmt
@@ -146,6 +153,7 @@ class Watcher:
         self.run = run or _default_run_name(model, self.world_size)
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
+        self.probe = ForwardProbe(model, self._forward_due, self._count_failure, logits_module) if self.attention_every > 0 else None
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
 
         self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
@@ -153,8 +161,10 @@ class Watcher:
         self._failed_sites: set[str] = set()
         self.measurement: StepMeasurement | None = None  # the step under way
         self._ended: StepRecord | None = None  # ended, still taking watcher.log values
+        self._last_record: StepRecord | None = None  # of the last step that ended (close() may supplement it)
         self._unchecked: StepRecord | None = None  # accelerators: sealed, host copy read at the next step's end
         self._last_step_clock: float | None = None
+        self._supplement: StepRecord | None = None
         self._roots: tuple[torch.Tensor, ...] = ()  # scalar roots of the backward under way
         self._step_site: StepCallSite | None = None
         self._closed = False
@@ -246,6 +256,8 @@ class Watcher:
             "sharded": self.watched.sharding is not None,
             "histogram_every": self.histogram_every,
             "format_every": self.format_every,
+            "attention_every": self.attention_every,
+            "quant_every": self.watched.cadence.quant_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
         }
@@ -286,6 +298,10 @@ class Watcher:
             self.measurement = StepMeasurement(self.steps + 1)
         return self.measurement
 
+    def _forward_due(self) -> bool:
+        # A forward belongs to the step that has not been counted yet.
+        return self.steps % self.attention_every == 0
+
     def count_step(self) -> StepMeasurement:
         """Count one optimizer-step attempt; the measurement it ends."""
         measurement = self.current()
@@ -319,17 +335,18 @@ class Watcher:
         if measurement is self.measurement:
             self.measurement = None
         module_parts = self.tracer.take_step(self.device) if self.tracer is not None else None
+        forward_parts = self.probe.take_step() if self.probe is not None else None
         if measurement.reading is None:
             return  # the step failed (counted in monitoring_errors): nothing to record
         self._count_nonfinite_if_due(measurement, skip_known)
         now = time.perf_counter()
-        record = measurement.finish(self.watched, step_time=now - self._last_step_clock if self._last_step_clock is not None else None, module_parts=module_parts)
+        record = measurement.finish(self.watched, step_time=now - self._last_step_clock if self._last_step_clock is not None else None, module_parts=module_parts, forward_parts=forward_parts)
         self._last_step_clock = now
         self.seal_ended_step()
         previous, self._unchecked = self._unchecked, None
         if previous is not None:
             self._hand_on(previous)
-        self._ended = record
+        self._ended = self._last_record = record
         if self.device.type == "cpu":
             self._checker.check(record)  # before the update, where the step site allows
 
@@ -443,16 +460,19 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self.tracer):
+        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self.tracer, self.probe):
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)
         atexit.unregister(self._close_at_exit)
         try:
+            self.guarded("close: final quantization", self._measure_final_weights)()
             self.seal_ended_step()
             record, self._unchecked = self._unchecked, None
             if record is not None:
                 self._hand_on(record)
+            if self._supplement is not None:
+                self.transport.submit(self._supplement)  # behind the step it supplements
         except NonFiniteError:
             pass  # closing is not the place to stop training
         finally:
@@ -460,6 +480,22 @@ class Watcher:
             self.transport.close(status)
         if self.dropped_steps:
             log.warning("numwatch: run %r dropped %d steps of monitoring data", self.run, self.dropped_steps)
+
+    def _measure_final_weights(self) -> None:
+        """The last step takes the final weights' quantization SQNR, unless it has it: its open
+        record, or a copy of the record sent already (a forward, flush() or the next step's
+        backward closed it), which the collector merges into the stored step."""
+        self._supplement = None
+        record = self._last_record
+        if record is None or self.watched.cadence.quant_every <= 0 or record.has_part(records.QUANT):
+            return
+        parts = self.watched.quant_parts()
+        if not parts:
+            return
+        if record is self._ended:
+            record.add_late_parts(parts)
+        else:
+            self._supplement = record.supplemented(parts)
 
     def _close_at_exit(self) -> None:
         self.close("finished")
@@ -482,6 +518,9 @@ def watch(
     project: str | None = None,
     histogram_every: int = 100,
     format_every: int = 50,
+    attention_every: int | None = None,
+    logits_module: str | None = None,
+    quant_every: int = 1000,
     format: str | None = None,
     on_nonfinite: str = "warn",
     measure: str = "auto",
@@ -500,7 +539,12 @@ def watch(
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
     data directory) for ``numwatch sync``. ``include``/``exclude`` are fnmatch patterns on
     parameter names. ``histogram_every``/``format_every`` set the cadence of the sampled
-    statistics and of the format counts (0 turns them off). ``format`` is the target format
+    statistics and of the format counts (0 turns them off); ``quant_every`` that of the
+    weights' quantization SQNR, which ``close()`` also measures on the last step (0 turns it
+    off). ``attention_every`` (default ``histogram_every``; 0 off) sets which steps' forwards
+    are measured: the max attention logit of every ``scaled_dot_product_attention`` call and the
+    output logits' log Z, read from the model's output (a tensor, a tuple's first element,
+    ``.logits``) or from the output of the submodule named ``logits_module``. ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
@@ -520,6 +564,9 @@ def watch(
         project=project,
         histogram_every=histogram_every,
         format_every=format_every,
+        attention_every=attention_every,
+        logits_module=logits_module,
+        quant_every=quant_every,
         format=format,
         on_nonfinite=on_nonfinite,
         measure=measure,

@@ -1,7 +1,9 @@
 """Registering runs and storing batches: one transaction per batch, idempotent on (run, rank, step).
 
 A retried batch stores nothing twice. A step that arrives again with different content
-keeps the first version and records a :class:`~numwatch.monitor.models.Conflict`. Detectors run on
+keeps the first version and records a :class:`~numwatch.monitor.models.Conflict`, unless
+the copy only adds statistics a client measures after sending the step (``SUPPLEMENT_STATS``:
+the final weights' quantization at ``close()``), which extend the stored step. Detectors run on
 the newly stored steps only, and every counter of ``rank_state`` moves in the same
 transaction as the rows it counts, so all replicas on one database agree.
 """
@@ -19,12 +21,15 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors, rollups, spikes
+from numwatch.monitor import detectors, forward, forward_events, rollups, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError
-from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, Step
 from numwatch.monitor.packing import compress_histogram_array, pack_stats, unpack_stats
 from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
+
+# Statistics a re-sent copy of a stored step may add (see _supplements).
+SUPPLEMENT_STATS = frozenset(protocol.QUANT_SQNR_STATS.values())
 
 
 @dataclass
@@ -83,6 +88,10 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
     decoded = []
     for i, step in enumerate(document.steps):
         raw = {}
+        if document.protocol < protocol.FORWARD_STATS_VERSION:
+            for name in ("attention_logit_max", "output_logits"):
+                if getattr(step, name) is not None:
+                    raise IngestError(422, f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}")
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
                 raise IngestError(422, f"steps[{i}].tensors.{name}: needs protocol 2, the batch says {document.protocol}")
@@ -134,6 +143,18 @@ def _same_content(first: Step | dict[str, Any], row: dict[str, Any]) -> bool:
         and get("skipped") == row["skipped"]
         and all(_same_float(get(key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm"))
     )
+
+
+def _supplements(first: Step | dict[str, Any], row: dict[str, Any], n_tensors: int) -> bool:
+    """Whether ``row`` is ``first`` plus statistics a client may add after sending a step
+    (the final weights' quantization SQNR measured at close()): then it is no conflict."""
+    get = first.get if isinstance(first, dict) else lambda key: getattr(first, key)
+    if get("skipped") != row["skipped"] or not all(_same_float(get(key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm")):
+        return False
+    old = unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors)
+    new = unpack_stats(row["stat_names"], row["tensor_stats"], n_tensors)
+    added = set(new) - set(old)
+    return bool(added) and added <= SUPPLEMENT_STATS and all(old[name].tobytes() == new[name].tobytes() for name in old if name in new) and set(old) <= set(new)
 
 
 def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
@@ -198,7 +219,11 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
             break
     _set_sampled_means(state, views, ("update_ratio", "stale_fraction"))
     _set_sampled_means(state, views, protocol.ADAM_HEALTH_STATS)
-    for view in reversed(views):
+
+
+def _update_quant_state(state: RankState, views: list[dict[str, Any]]) -> None:
+    """The lowest SQNR per scheme from the highest-numbered view that has quantization stats."""
+    for view in sorted(views, key=lambda v: v["step"], reverse=True):
         if any(stat in view["tensors"] for stat in protocol.QUANT_SQNR_STATS.values()):
             # The worst tensor per scheme (tensors that are not quantized report NaN).
             state.quant_sqnr_min = {
@@ -262,7 +287,10 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         row = _step_row(run.id, rank, step, raw)
         first = rows_by_step.setdefault(step.step, row)
         if first is not row and not _same_content(first, row):
-            conflicts.append(step.step)
+            if _supplements(first, row, n_tensors):
+                rows_by_step[step.step] = row
+            else:
+                conflicts.append(step.step)
     stored = {
         row.step: row
         for row in session.execute(
@@ -270,7 +298,14 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         ).scalars()
     } if rows_by_step else {}
     new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
-    conflicts += [number for number, row in rows_by_step.items() if number in stored and not _same_content(stored[number], row)]
+    supplemented = []
+    for number, row in sorted(rows_by_step.items()):
+        if number in stored and not _same_content(stored[number], row):
+            if _supplements(stored[number], row, n_tensors):
+                stored[number].stat_names, stored[number].tensor_stats = row["stat_names"], row["tensor_stats"]
+                supplemented.append(row)
+            else:
+                conflicts.append(number)
     now = time.time()
     if conflicts:
         session.execute(insert(Conflict), [{"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now} for n in conflicts])
@@ -289,9 +324,17 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
+        new_steps = {row["step"] for row in new_rows}
+        forward_rows = [row for step in document.steps if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None]
+        forward_rows = sorted({row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"])  # first copy wins
         rollups.record(session, run.id, rank, views, n_tensors)
     else:
-        views = []
+        views, forward_rows = [], []
+    if forward_rows:
+        session.execute(insert(ForwardStats), forward_rows)
+        previous = forward.previous_row(session, run.id, rank, forward_rows[0]["step"])
+        new_events += forward_events.detect(previous, forward_rows, config, {row["step"]: row["time"] for row in new_rows})
+        forward.update_rank_state(state, forward_rows)
 
     histogram_keys = {(h.step, h.kind) for h in document.histograms}
     if histogram_keys:
@@ -320,6 +363,11 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
 
     if views:
         _update_rank_state(state, views, numel)
+    supplement_views = [step_view(row, n_tensors) for row in supplemented]
+    _update_quant_state(state, views + supplement_views)
+    if supplement_views:  # the added stats only: the step's other series are in the rollups already
+        added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplement_views]
+        rollups.record(session, run.id, rank, added, n_tensors, scalars=False)
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()
     if document.status != "running" or run.status != "running":

@@ -218,10 +218,10 @@ def _lr(encoded: list | None) -> float | None:
     return protocol.decode_float(encoded[0]) if encoded else None
 
 
-def step_series(views: list[dict], n_tensors: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+def step_series(views: list[dict], n_tensors: int, scalars: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Stored row series -> (steps, values[steps, columns], present or None when all are) of ``views`` (ascending)."""
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
-    if views:
+    if views and scalars:
         rows = [[_lr(view["lr"]) if name == "lr" else float(view["skipped"]) if name == "skipped" else view[name] for name in SCALAR_SERIES] for view in views]
         present = np.array([[value is not None for value in row] for row in rows])
         values = np.array([[np.nan if value is None else value for value in row] for row in rows], np.float64)
@@ -261,9 +261,10 @@ def _fresh(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) 
     return fresh
 
 
-def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensors: int) -> None:
-    """Merge the newly stored steps ``views`` (ascending) into every level's buckets."""
-    fresh = _fresh(step_series(views, n_tensors))
+def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensors: int, scalars: bool = True) -> None:
+    """Merge the newly stored steps ``views`` (ascending) into every level's buckets; ``scalars=False``:
+    their per-tensor stats only (stats added to steps stored before)."""
+    fresh = _fresh(step_series(views, n_tensors, scalars))
     if not fresh:
         return
     key = tuple_(Rollup.series, Rollup.level, Rollup.bucket)

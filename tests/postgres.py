@@ -105,3 +105,10 @@ def postgres_server(workdir: Path | None = None, *, durable: bool = False) -> It
             yield server
         finally:
             server.stop()
+
+
+@contextmanager
+def running_postgres(workdir: Path | None = None, *, durable: bool = False) -> Iterator[str]:
+    """:func:`postgres_server`, yielding only its URL."""
+    with postgres_server(workdir, durable=durable) as server:
+        yield server.url

@@ -14,6 +14,8 @@ const Charts = (() => {
     loss_scale_collapse: { color: "#7c2d12", shape: "diamond", label: "scale collapse" },
     loss_spike: { color: "#a16207", shape: "diamond", label: "loss spike" },
     grad_norm_spike: { color: "#a16207", shape: "diamond", label: "grad norm spike" },
+    attention_logit_growth: { color: "#b91c1c", shape: "up", label: "attention logits above the threshold" },
+    log_z_drift: { color: "#7c2d12", shape: "diamond", label: "log Z left the band" },
   };
   // Binades floor(log2|x|) of each format's subnormal and normal ranges (torch.finfo's limits;
   // the browser tests check this table against them).
@@ -25,9 +27,11 @@ const Charts = (() => {
   };
   // Steps are integers: x ticks at 1, 2, 5 x 10^k only.
   const STEP_INCREMENTS = Array.from({ length: 13 }, (_, k) => [1, 2, 5].map((m) => m * 10 ** k)).flat();
+  const DOUBLE_CLICK_MS = 300;
   const registry = {};  // chart id -> {uplot, source}: the tests read the plotted data from here
   const group = [];
-  let syncing = false;
+  // Charts of one sync key share their x range: the run's steps, or the zoom a drag chose on any of them.
+  const shared = {};
 
   function nonfiniteKind(v) { return Number.isNaN(v) ? "nan" : v > 0 ? "inf" : "ninf"; }
 
@@ -75,12 +79,17 @@ const Charts = (() => {
     const bySeries = [];
     let hiddenNonPositive = 0;
     const columns = seriesList.map((s, k) => {
-      const column = new Array(steps.length).fill(null);
+      // undefined: this series has no point at the step (the line goes on); null: a gap (non-finite, or <= 0 on a log axis).
+      const column = new Array(steps.length).fill(undefined);
       s.steps.forEach((step, i) => {
         const v = num(s.values[i]);
         if (v === null) return;
-        if (!Number.isFinite(v)) { nonfinite.set(step, nonfiniteKind(v)); bySeries.push({ label: s.label, kind: nonfiniteKind(v) }); return; }
-        if (log && v <= 0) { hiddenNonPositive += 1; return; }
+        if (!Number.isFinite(v)) {
+          nonfinite.set(step, nonfiniteKind(v)); bySeries.push({ label: s.label, kind: nonfiniteKind(v) });
+          column[index.get(step)] = null;
+          return;
+        }
+        if (log && v <= 0) { hiddenNonPositive += 1; column[index.get(step)] = null; return; }
         column[index.get(step)] = v;
       });
       return column;
@@ -110,7 +119,8 @@ const Charts = (() => {
     return el("div", { class: "chart-note" }, items);
   }
 
-  // A line chart of API series ({steps, values}) over steps. spec: {id, title, unit, log (2|10|0),
+  // A line chart of API series ({steps, values}) over steps; a line breaks at its non-finite values.
+  // spec: {id, title, unit, log (2|10|0),
   // series: [{label, steps, values}], events: [{step, kind}], onStep(step)}.
   function lineChart(container, spec) {
     const log = spec.log || 0;
@@ -132,46 +142,60 @@ const Charts = (() => {
       return null;
     }
     const yScale = log ? { distr: 3, log } : { auto: true };
+    if (spec.sync && spec.xRange) shared[spec.sync] = shared[spec.sync] || { full: spec.xRange, now: null };
+    const xRange = (u, dmin, dmax) => {
+      const state = spec.sync && shared[spec.sync];
+      return state ? (state.now || state.full) : [dmin, dmax];
+    };
     const opts = {
       width: Math.max(300, plot.clientWidth || container.clientWidth || 600),
       height: spec.height || 210,
-      scales: { x: { time: false }, y: yScale },
+      scales: { x: { time: false, range: xRange }, y: yScale },
       axes: [
         { label: "step", size: 40, labelSize: 18, incrs: STEP_INCREMENTS, values: (u, splits) => splits.map((v) => String(v)) },
         { label: spec.unit, size: 64, labelSize: 18, values: tickFormat(log) },
       ],
       series: [
         { label: "step", value: (u, v) => (v === null ? "–" : String(v)) },
-        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
+        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5,
           points: { show: aligned.data[0].length < 120, size: 4 }, value: (u, v) => fmt(v) })),
       ],
-      cursor: { sync: { key: spec.sync || "nw" }, drag: { x: true, y: false } },
+      cursor: { sync: { key: spec.sync || "nw" }, drag: { x: true, y: false, setScale: !spec.sync } },
       legend: { live: true },
       hooks: {
         draw: [(u) => drawMarks(u, marks)],
-        setScale: [(u, key) => {
-          if (key !== "x" || syncing || !spec.sync) return;
-          syncing = true;
-          for (const other of group) if (other !== u && other.syncKey === spec.sync) other.setScale("x", { min: u.scales.x.min, max: u.scales.x.max });
-          syncing = false;
+        setSelect: [(u) => {
+          if (!spec.sync || u.select.width < 2) return;
+          const min = u.posToVal(u.select.left, "x"), max = u.posToVal(u.select.left + u.select.width, "x");
+          u.setSelect({ left: 0, top: 0, width: 0, height: 0 }, false);
+          zoom(spec.sync, [min, max]);
         }],
       },
     };
     const uplot = new uPlot(opts, aligned.data, plot);
     uplot.syncKey = spec.sync;
     group.push(uplot);
+    if (spec.sync) uplot.over.addEventListener("dblclick", () => zoom(spec.sync, null));
     note.append(legendNote(aligned, [...new Set(events.map((e) => e.kind))]));
     if (spec.onStep) {
       let downX = null;
       uplot.over.addEventListener("mousedown", (e) => { downX = e.clientX; });
+      // A click opens the step, unless it is the first of a double-click (which resets the zoom).
+      let pending = null;
       uplot.over.addEventListener("click", (e) => {
-        if (downX !== null && Math.abs(e.clientX - downX) < 4 && uplot.cursor.idx !== null && uplot.cursor.idx !== undefined) spec.onStep(uplot.data[0][uplot.cursor.idx]);
+        if (downX === null || Math.abs(e.clientX - downX) >= 4 || uplot.cursor.idx === null || uplot.cursor.idx === undefined) return;
+        const step = uplot.data[0][uplot.cursor.idx];
+        clearTimeout(pending);
+        pending = setTimeout(() => spec.onStep(step), DOUBLE_CLICK_MS);
       });
+      uplot.over.addEventListener("dblclick", () => clearTimeout(pending));
       uplot.over.title = "drag to zoom, double-click to reset, click to open the step";
     }
     const entry = { uplot, source: spec.series.map((s) => ({ label: s.label, steps: [...s.steps], values: [...s.values] })), marks, log };
     registry[spec.id] = entry;
     entry.append = (steps, valuesBySeries) => {
+      const state = spec.sync && shared[spec.sync];
+      if (state && steps.length) state.full = [state.full[0], Math.max(state.full[1], steps[steps.length - 1])];
       entry.source.forEach((s, i) => { s.steps.push(...steps); s.values.push(...valuesBySeries[i]); });
       const again = align(entry.source, log);
       marks.nonfinite = again.nonfinite;
@@ -179,6 +203,14 @@ const Charts = (() => {
     };
     entry.addEvents = (more) => { marks.events.push(...more.filter((e) => MARKERS[e.kind])); uplot.redraw(); };
     return entry;
+  }
+
+  function zoom(key, range) {
+    const state = shared[key];
+    if (!state) return;
+    state.now = range;
+    const [min, max] = range || state.full;
+    for (const u of group) if (u.syncKey === key) u.setScale("x", { min, max });
   }
 
   window.addEventListener("resize", () => {
@@ -198,6 +230,7 @@ const Charts = (() => {
     return `rgb(${c[0]},${c[1]},${c[2]})`;
   }
   const ZERO_COLOR = "#cfd4dc";
+  const LISTED_ROWS = 12;
 
   // Tensor x step heatmap of a per-tensor stat, log colour scale; cells: [{step, tensor, value}].
   function heatmap(container, spec) {
@@ -258,9 +291,11 @@ const Charts = (() => {
       if (bad) { ctx.fillRect(labelW, y0 + r * rowH, 4, Math.max(2, rowH)); }
     }
     ctx.textAlign = "center"; ctx.textBaseline = "top"; ctx.fillStyle = "#374151";
-    const ticks = Math.min(steps.length, Math.max(2, Math.floor(plotW / 90)));
-    for (let i = 0; i < ticks; i++) {
-      const c = Math.round(i * (steps.length - 1) / Math.max(1, ticks - 1));
+    // Round step numbers as ticks, each at the column of the first step at or after it.
+    const span = steps[steps.length - 1] - steps[0];
+    const increment = STEP_INCREMENTS.find((i) => span / i <= Math.max(2, Math.floor(plotW / 90))) || span || 1;
+    for (let v = Math.ceil(steps[0] / increment) * increment; v <= steps[steps.length - 1]; v += increment) {
+      const c = steps.findIndex((s) => s >= v);
       const x = x0 + (c + 0.5) * colW;
       ctx.fillRect(Math.round(x), y0 + plotH, 1, 4);
       ctx.fillText(String(steps[c]), x, y0 + plotH + 6);
@@ -286,8 +321,10 @@ const Charts = (() => {
     if (spec.onStep) canvas.addEventListener("click", (event) => { const cell = cellAt(event); if (cell) spec.onStep(steps[cell.c]); });
     box.append(colorBar(lo, hi, spec.stat));
     if (badRows.size) {
-      box.append(el("p", { class: "nonfinite-rows", id: "heatmap-nonfinite" }, "Non-finite: ",
-        [...badRows].map(([name, step], i) => [i ? ", " : "", el("span", { class: "mono" }, name), ` (from step ${step})`])));
+      const listed = [...badRows].sort((a, b) => a[1] - b[1]).slice(0, LISTED_ROWS);
+      box.append(el("p", { class: "nonfinite-rows", id: "heatmap-nonfinite" }, "Non-finite (earliest first): ",
+        listed.map(([name, step], i) => [i ? ", " : "", el("span", { class: "mono" }, name), ` (from step ${step})`]),
+        badRows.size > LISTED_ROWS ? ` and ${badRows.size - LISTED_ROWS} more` : ""));
     }
     const layout = { x0, y0, colW, rowH, steps, names, px,
       cellCenter: (tensor, step) => ({ x: x0 + (colOf.get(step) + 0.5) * colW, y: y0 + (rowOf.get(tensor) + 0.5) * rowH }) };
@@ -317,7 +354,8 @@ const Charts = (() => {
     const lowData = bins.length ? bins[0].binade : -20, highData = bins.length ? bins[bins.length - 1].binade : 0;
     const own = FORMAT_BANDS[spec.format];
     let low = lowData - 4, high = highData + 4;
-    if (own) { low = Math.min(low, own.subnormal[0] - shift - 2); high = Math.max(high, own.normal[1] - shift + 2); }
+    // The run's format whole (and shifted by the loss scale), so both ends of its ranges show.
+    if (own) { low = Math.min(low, own.subnormal[0] - shift - 2, own.subnormal[0] - 2); high = Math.max(high, own.normal[1] - shift + 2, own.normal[1] + 2); }
     low = Math.max(low, -160); high = Math.min(high, 130);
     const xs = [], ys = [];
     const counts = new Map(bins.map((b) => [b.binade, b.count]));
