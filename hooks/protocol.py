@@ -1,8 +1,9 @@
-"""The numwatch wire protocol, version 2: written down once, imported by both sides.
+"""The numwatch wire protocol, version 3: written down once, imported by both sides.
 
-Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``); the
-collector still accepts version 1 documents (old clients, old spools), which cannot carry
-them.
+Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``);
+version 3 what clipping did (``clip_coef``, ``post_clip_grad_norm``, ``clipped``) and the
+run identity (``instance``, ``resume``). The collector still accepts older documents (old
+clients, old spools), which cannot carry them.
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
@@ -30,6 +31,8 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
      "loss": float | null, "loss_scale": float | null, "new_loss_scale": float | null,
      "scale_decision": "growth" | "backoff" | "none" | null, "skipped": bool,
      "lr": [float], "global_grad_norm": float, "headroom_bits": float | null,
+     "clip_coef": float | null,       # post-clip / pre-clip global norm; null: no clip function ran
+     "post_clip_grad_norm": float | null, "clipped": bool,   # clipped: clip_coef != 1
      "scalars": {str: float},
      "tensors": {stat: array},        # only the stats measured at this step
      "activations": {"absmax": array, "nonfinite": array} | null}
@@ -66,7 +69,7 @@ from typing import Any, Iterable, Literal, Sequence, TypedDict, get_args
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
-ProtocolVersion = Literal[1, 2]
+ProtocolVersion = Literal[1, 2, 3]
 PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[-1]
 
 # Target formats the format counts are taken against (names on the wire).
@@ -94,6 +97,8 @@ QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
 ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
+# Step fields version 3 added: what clipping did.
+V3_STEP_FIELDS = ("clip_coef", "post_clip_grad_norm", "clipped")
 V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
@@ -174,6 +179,9 @@ class StepDocument(TypedDict):
     lr: list[WireFloat]
     global_grad_norm: WireFloat
     headroom_bits: WireFloat
+    clip_coef: WireFloat
+    post_clip_grad_norm: WireFloat
+    clipped: bool
     scalars: dict[str, WireFloat]
     tensors: dict[str, ArrayText]
     activations: Activations | None
@@ -257,8 +265,8 @@ def scale_decision(before: float | None, after: float | None) -> ScaleDecision |
 def step_document(
     step: int, *, time: float, tensors: dict[str, ArrayText], step_time: float | None = None, loss: float | None = None,
     loss_scale: float | None = None, new_loss_scale: float | None = None, skipped: bool = False, lr: Iterable[float] = (),
-    global_grad_norm: float | None = None, headroom_bits: float | None = None, scalars: dict[str, float] | None = None,
-    activations: Activations | None = None,
+    global_grad_norm: float | None = None, headroom_bits: float | None = None, clip_coef: float | None = None,
+    post_clip_grad_norm: float | None = None, scalars: dict[str, float] | None = None, activations: Activations | None = None,
 ) -> StepDocument:
     """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
     return {
@@ -267,6 +275,8 @@ def step_document(
         "scale_decision": scale_decision(loss_scale, new_loss_scale), "skipped": skipped,
         "lr": [encode_float(value) for value in lr], "global_grad_norm": encode_float(global_grad_norm),
         "headroom_bits": encode_float(headroom_bits),
+        "clip_coef": encode_float(clip_coef), "post_clip_grad_norm": encode_float(post_clip_grad_norm),
+        "clipped": clip_coef is not None and not clip_coef == 1.0,
         "scalars": {name: encode_float(value) for name, value in (scalars or {}).items()},
         "tensors": tensors, "activations": activations,
     }

@@ -47,6 +47,7 @@ from numwatch import protocol
 from numwatch.activations import ActivationTracer
 from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
+from numwatch.clipping import ClipObserver
 from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
 from numwatch.nonfinite import NonFiniteCheck, NonFiniteError
@@ -163,6 +164,7 @@ class Watcher:
         self._trigger: BackwardEndTrigger | None = None
         self._root_listener: RootListener | None = None
         self._optimizer_finder: Any = None
+        self._clips = ClipObserver(self)
         if measure == "auto":
             self._trigger = BackwardEndTrigger(model, self.guarded("end-of-backward read", self._backward_ended), on_forward=self.guarded("forward hook", self.seal_ended_step))
             self._root_listener = RootListener(self.guarded("backward root listener", self._saw_roots))
@@ -314,6 +316,25 @@ class Watcher:
         if due:
             self.watched.count_nonfinite(reading)
 
+    def before_clip(self) -> None:
+        """A clip function is about to rewrite the step's gradients: the last moment to count their NaN/Inf."""
+        measurement = self.measurement
+        if measurement is not None and measurement.reading is not None:
+            self._count_nonfinite_if_due(measurement, self._scaler_verdict())
+
+    def _scaler_verdict(self) -> bool | None:
+        """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
+        reads the same flags on the host right after the clip, so reading them first adds no sync."""
+        if self.device.type == "cpu" or self._scaler is None or not self._scaler.unscaled(self.optimizer):
+            return None
+        found_inf = self._scaler.found_inf(self.optimizer, self.device)
+        return bool(found_inf.item()) if found_inf is not None else None
+
+    def read_norms_now(self) -> torch.Tensor:
+        """The per-tensor L2 norms of the step's gradients as they are now (after a value clip)."""
+        assert self.measurement is not None and self.measurement.reading is not None
+        return self.watched.norms_now(self.measurement.reading, self.scaling()[0])
+
     def end_step(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
         """End ``measurement``'s step: its record starts its host copy and takes late logs."""
         if measurement is self.measurement:
@@ -443,7 +464,7 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self.tracer):
+        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer):
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)

@@ -81,6 +81,9 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
     decoded = []
     for i, step in enumerate(document.steps):
         raw = {}
+        for field in protocol.V3_STEP_FIELDS:
+            if getattr(step, field) not in (None, False) and document.protocol < 3:
+                raise IngestError(422, f"steps[{i}].{field}: needs protocol 3, the batch says {document.protocol}")
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
                 raise IngestError(422, f"steps[{i}].tensors.{name}: needs protocol 2, the batch says {document.protocol}")
@@ -110,7 +113,8 @@ def _step_row(run_id: int, rank: int, step: Any, raw: dict[str, bytes]) -> dict[
         "run_id": run_id, "rank": rank, "step": step.step, "time": step.time, "step_time": step.step_time,
         "loss": step.loss, "loss_scale": step.loss_scale, "new_loss_scale": step.new_loss_scale,
         "scale_decision": step.scale_decision, "skipped": step.skipped, "global_grad_norm": step.global_grad_norm,
-        "headroom_bits": step.headroom_bits, "lr": [protocol.encode_float(v) for v in step.lr],
+        "headroom_bits": step.headroom_bits, "clip_coef": step.clip_coef, "post_clip_grad_norm": step.post_clip_grad_norm,
+        "clipped": step.clipped, "lr": [protocol.encode_float(v) for v in step.lr],
         "scalars": {k: protocol.encode_float(v) for k, v in step.scalars.items()},
         "stat_names": stat_names, "tensor_stats": blob,
         "activation_absmax": raw.get("activation_absmax"), "activation_nonfinite": raw.get("activation_nonfinite"),
@@ -141,6 +145,7 @@ def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
         "step": get("step"), "time": get("time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
         "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
         "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
+        "clipped": bool(get("clipped")),
         "lr": get("lr"),
         "tensors": unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors),
     }
@@ -161,6 +166,7 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
     """Counters from the newly stored ``views`` (ascending); last values from the highest step."""
     state.steps_total += len(views)
     state.skipped_steps_total += sum(view["skipped"] for view in views)
+    state.clipped_steps_total += sum(view["clipped"] for view in views)
     # An overflow the GradScaler absorbed (skipped step, scale backed off) is AMP working as
     # designed and is counted as a skipped step; only non-finite gradients that reached the
     # optimizer count here (and page).

@@ -16,7 +16,7 @@ from numwatch.monitor.errors import NotFound
 from numwatch.monitor.models import Event, Histogram, RankState, Run, Step
 from numwatch.monitor.packing import unpack_stats
 
-STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time")
+STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time", "clip_coef", "post_clip_grad_norm")
 DERIVED_SCALARS = ("lr", "skipped")
 
 
@@ -157,7 +157,7 @@ def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str,
     record = {key: protocol.encode_float(getattr(row, key)) for key in STEP_SCALARS}
     events = session.execute(select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.step == number).order_by(Event.id)).scalars()
     return {
-        "run": run.name, "rank": rank, "step": row.step, "time": row.time, "skipped": row.skipped,
+        "run": run.name, "rank": rank, "step": row.step, "time": row.time, "skipped": row.skipped, "clipped": row.clipped,
         "scale_decision": row.scale_decision, "lr": row.lr, "scalars": row.scalars, **record,
         "tensors": tensors, "events": [event_record(event) for event in events],
     }

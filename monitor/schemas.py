@@ -118,6 +118,9 @@ class StepDocument(Strict):
     lr: list[FiniteOrNonFinite] = Field(default_factory=list, max_length=10_000)
     global_grad_norm: ProtocolFloat = None
     headroom_bits: ProtocolFloat = None
+    clip_coef: ProtocolFloat = None
+    post_clip_grad_norm: ProtocolFloat = None
+    clipped: bool = False
     scalars: dict[str, ProtocolFloat] = Field(default_factory=dict)
     tensors: dict[str, ArrayBytes] = Field(default_factory=dict)
     activations: Activations | None = None

@@ -59,6 +59,14 @@ def _global(step: dict) -> float:
     return protocol.decode_float(step["global_grad_norm"])
 
 
+def _check_norm_clip(step: dict, total: float, max_norm: float) -> None:
+    """clip_coef is torch's coefficient min(1, max_norm / (total + 1e-6)); the post-clip norm total x coef."""
+    coefficient = min(1.0, max_norm / (total + 1e-6))
+    assert protocol.decode_float(step["clip_coef"]) == pytest.approx(coefficient, rel=RTOL)
+    assert protocol.decode_float(step["post_clip_grad_norm"]) == pytest.approx(total * coefficient, rel=RTOL)
+    assert step["clipped"] is (coefficient < 1.0)
+
+
 def test_nanogpt_style_loop_records_preclip_norms_schedule_and_accumulated_loss(tmp_path):
     """bf16 autocast, a disabled GradScaler (as when dtype is not float16), accumulation over
     4 micro-batches with loss / 4, clip_grad_norm_(0.5), torch.compile, get_lr schedule."""
@@ -94,8 +102,10 @@ def test_nanogpt_style_loop_records_preclip_norms_schedule_and_accumulated_loss(
     assert [t["name"] for t in spooled.runs[0]["tensors"]] == [name for name, _ in raw.named_parameters()]
     assert [s["step"] for s in spooled.steps] == list(range(1, iterations + 1))
     assert max(norms) > 0.5  # the loop did clip: a post-clip number could not pass below
+    assert any(s["clipped"] for s in spooled.steps) and not all(s["clipped"] for s in spooled.steps)
     for step, norm, loss, lr in zip(spooled.steps, norms, losses, rates):
         assert _global(step) == pytest.approx(norm, rel=RTOL)
+        _check_norm_clip(step, norm, 0.5)
         assert step["loss"] == pytest.approx(loss, rel=1e-6)  # sum of the micro-batch losses / 4: their mean
         assert step["lr"] == [pytest.approx(lr, rel=1e-12)]
         assert step["skipped"] is False and step["loss_scale"] is None
@@ -144,8 +154,11 @@ def test_amp_loop_keeps_the_truth_on_skipped_steps(tmp_path, fused):
             assert spooled.stat(step, "inf_count").tolist() == [int(np.isinf(g).sum()) for g in grads] == [0, 0, 4, 0]
             np.testing.assert_allclose(spooled.stat(step, "grad_norm")[[0, 1, 3]], norm[[0, 1, 3]], rtol=RTOL)
             assert math.isnan(spooled.stat(step, "grad_norm")[2])
+            # torch's coefficient max_norm / NaN zeroed nothing and made every gradient NaN.
+            assert step["clipped"] is True and math.isnan(protocol.decode_float(step["clip_coef"]))
         else:
             assert _global(step) == pytest.approx(expected["clip"], rel=RTOL)
+            _check_norm_clip(step, expected["clip"], 0.5)
             np.testing.assert_allclose(spooled.stat(step, "grad_norm"), norm, rtol=RTOL)
             np.testing.assert_allclose(spooled.stat(step, "grad_absmax"), absmax, rtol=RTOL)
     assert max(t["clip"] for t in truth if math.isfinite(t["clip"])) > 0.5
@@ -156,22 +169,28 @@ def test_clip_grad_value_leaves_the_recorded_absmax_alone(tmp_path):
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     watcher = numwatch.watch(model, optimizer, run="value", spool_dir=tmp_path)
-    before = []
+    before, after = [], []
     for step in range(1, 6):
         generator = torch.Generator().manual_seed(step)
         x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
         nn.functional.mse_loss(model(x), y).backward()
         before.append([p.grad.detach().double().clone() for p in model.parameters()])
         torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+        after.append([p.grad.detach().double().clone() for p in model.parameters()])
         optimizer.step()
         optimizer.zero_grad()
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
-    for step, grads in zip(spooled.steps, before):
+    for step, grads, clipped in zip(spooled.steps, before, after):
         norm, absmax = reference_norms(grads)
         assert absmax.max() > 0.01
         np.testing.assert_allclose(spooled.stat(step, "grad_absmax"), absmax, rtol=RTOL)
-        assert _global(step) == pytest.approx(math.sqrt(np.sum(norm**2)), rel=RTOL)
+        total = math.sqrt(np.sum(norm**2))
+        assert _global(step) == pytest.approx(total, rel=RTOL)
+        post = math.sqrt(np.sum(reference_norms(clipped)[0] ** 2))
+        assert protocol.decode_float(step["post_clip_grad_norm"]) == pytest.approx(post, rel=RTOL)
+        assert protocol.decode_float(step["clip_coef"]) == pytest.approx(post / total, rel=RTOL)
+        assert step["clipped"] is True
 
 
 def test_get_total_norm_and_clip_grads_with_norm(tmp_path):
@@ -194,6 +213,8 @@ def test_get_total_norm_and_clip_grads_with_norm(tmp_path):
     spooled = read_spool(watcher.spool_dir)
     assert min(totals) > 0.25
     assert [_global(s) for s in spooled.steps] == pytest.approx(totals, rel=RTOL)
+    for step, total in zip(spooled.steps, totals):
+        _check_norm_clip(step, total, 0.25)
 
 
 def _plain_step(model: nn.Module, step: int, micro_batches: int = 1) -> torch.Tensor:
@@ -239,7 +260,9 @@ def test_loss_is_recorded_without_user_code_in_an_fp32_loop(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     watcher.close()
-    assert [s["loss"] for s in read_spool(watcher.spool_dir).steps] == losses
+    spooled = read_spool(watcher.spool_dir)
+    assert [s["loss"] for s in spooled.steps] == losses
+    assert all(s["clip_coef"] is None and s["post_clip_grad_norm"] is None and s["clipped"] is False for s in spooled.steps)
 
 
 def test_a_failure_inside_the_measurement_leaves_the_next_step_exact(tmp_path, monkeypatch):
