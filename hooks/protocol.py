@@ -12,16 +12,22 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
 
 ``run`` document — ``POST /api/v1/runs``, sent once per (run, rank) when watching starts::
 
-    {"protocol": 2, "run": str, "project": str, "rank": int, "world_size": int,
+    {"protocol": 3, "run": str, "project": str, "rank": int, "world_size": int,
      "format": "fp16" | "bf16" | "fp8_e4m3" | "fp8_e5m2" | "fp32",
      "tensors": [{"name": str, "shape": [int], "dtype": str, "group": int}],
      "modules": [str],            # traced modules (activation tracing), else []
      "config": {str: JSON},       # anything the user passed, precision, model class...
-     "started_at": float}         # epoch seconds
+     "started_at": float,         # epoch seconds
+     "instance": str | null,      # one watching process (all ranks of a job share it); null: the name is the identity
+     "resume": bool}              # add to an existing run of this name (its steps continue after the last stored one)
+
+A run name registered by another instance is not merged into: unless ``resume``, the
+collector stores the new instance as a run named ``<run>-2`` (``-3``...) and answers with
+that name (``RunRegistered.run``, ``renamed``).
 
 ``batch`` document — ``POST /api/v1/runs/{run}/batches``::
 
-    {"protocol": 2, "run": str, "rank": int, "batch_id": str,
+    {"protocol": 3, "run": str, "rank": int, "batch_id": str, "instance": str | null,
      "steps": [step], "histograms": [histogram], "events": [event],
      "status": "running" | "finished" | "crashed"}
 
@@ -160,6 +166,8 @@ class RunDocument(TypedDict):
     modules: list[str]
     config: dict[str, Any]
     started_at: float
+    instance: str | None
+    resume: bool
 
 
 class Activations(TypedDict):
@@ -208,6 +216,7 @@ class BatchDocument(TypedDict):
     run: str
     rank: int
     batch_id: str
+    instance: str | None
     steps: list[StepDocument]
     histograms: list[HistogramDocument]
     events: list[EventDocument]
@@ -246,12 +255,13 @@ def decode_float(value: float | int | str | None) -> float | None:
 def run_document(
     run: str, *, rank: int = 0, world_size: int = 1, format: Format, tensors: list[TensorSpec], project: str = "default",
     modules: Sequence[str] = (), config: dict[str, Any] | None = None, started_at: float | None = None,
+    instance: str | None = None, resume: bool = False,
 ) -> RunDocument:
     """A ``run`` document (``started_at`` defaults to now)."""
     return {
         "protocol": PROTOCOL_VERSION, "run": run, "project": project, "rank": rank, "world_size": world_size,
         "format": format, "tensors": list(tensors), "modules": list(modules), "config": dict(config or {}),
-        "started_at": _time.time() if started_at is None else started_at,
+        "started_at": _time.time() if started_at is None else started_at, "instance": instance, "resume": resume,
     }
 
 
@@ -296,12 +306,12 @@ def event_document(step: int, kind: str, details: dict[str, Any], time: float | 
 
 def batch_document(
     run: str, *, rank: int = 0, steps: Sequence[StepDocument] = (), histograms: Sequence[HistogramDocument] = (),
-    events: Sequence[EventDocument] = (), status: RunStatus = "running", batch_id: str | None = None,
+    events: Sequence[EventDocument] = (), status: RunStatus = "running", batch_id: str | None = None, instance: str | None = None,
 ) -> BatchDocument:
     """A ``batch`` document; ``batch_id`` defaults to a fresh random one."""
     return {
         "protocol": PROTOCOL_VERSION, "run": run, "rank": rank, "batch_id": uuid.uuid4().hex if batch_id is None else batch_id,
-        "steps": list(steps), "histograms": list(histograms), "events": list(events), "status": status,
+        "instance": instance, "steps": list(steps), "histograms": list(histograms), "events": list(events), "status": status,
     }
 
 

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import time
+import uuid
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -75,14 +76,15 @@ def _distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _default_run_name(model: nn.Module, world_size: int) -> str:
-    """``NUMWATCH_RUN``, else model class and start time; rank 0's name on every rank."""
-    name = os.environ.get("NUMWATCH_RUN") or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+def _run_identity(model: nn.Module, run: str | None, world_size: int) -> tuple[str, str]:
+    """(run name, instance): the name given, else ``NUMWATCH_RUN``, else model class and start
+    time; the instance identifies this watching process. Rank 0's pair on every rank: the
+    ranks of one job are one run, a second job is another instance."""
+    name = run or os.environ.get("NUMWATCH_RUN") or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    identity = [name, uuid.uuid4().hex]
     if world_size > 1:
-        names = [name]
-        torch.distributed.broadcast_object_list(names, src=0)
-        name = names[0]
-    return name
+        torch.distributed.broadcast_object_list(identity, src=0)
+    return identity[0], identity[1]
 
 
 def unwrap_optimizer(optimizer: Any, scaler: torch.amp.GradScaler | None) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
@@ -123,6 +125,7 @@ class Watcher:
         exclude: Iterable[str] | None,
         spool_dir: str | os.PathLike[str] | None,
         config: dict[str, Any] | None,
+        resume: bool,
     ) -> None:
         if measure not in MEASURE_MODES:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
@@ -144,7 +147,8 @@ class Watcher:
         self.device = self.watched.device
         self.format = fmt
         self.rank, self.world_size = _distributed_rank()
-        self.run = run or _default_run_name(model, self.world_size)
+        self.run, self.instance = _run_identity(model, run, self.world_size)
+        self.resume = resume
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
@@ -175,7 +179,7 @@ class Watcher:
         self._url = url if url is not None else os.environ.get("NUMWATCH_URL") or None
         self._token = token if token is not None else os.environ.get("NUMWATCH_TOKEN") or None
         root = spool_dir if spool_dir is not None else default_spool_root()
-        self.spool_dir = spool_directory(root, self.run, self.rank)
+        self.spool_dir = spool_directory(root, self.run, self.rank, self.instance)
         self._transport: Transport | None = None
         if optimizer is not None or measure == "manual":
             self._start_transport()  # else when the optimizer is found (its param groups go in the run document)
@@ -254,7 +258,7 @@ class Watcher:
         return protocol.run_document(
             self.run, rank=self.rank, world_size=self.world_size, format=self.format.name, tensors=tensors,
             project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
-            modules=self.tracer.module_names if self.tracer else [], config=settings,
+            modules=self.tracer.module_names if self.tracer else [], config=settings, instance=self.instance, resume=self.resume,
         )
 
     def guarded(self, site: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -511,11 +515,19 @@ def watch(
     exclude: Iterable[str] | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
     config: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Watcher:
     """Watch ``model``'s gradients (and ``optimizer``, ``scaler``) at every optimizer step.
 
     ``optimizer`` may be a framework's wrapper (Accelerate, Lightning): the torch optimizer
-    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given.
+    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given. Without one
+    (frameworks that build it later), the first optimizer stepped that holds watched
+    parameters is watched from that step on; ``watcher.step()`` is for loops without any.
+
+    ``run`` names the run; every process (every job: the ranks of one share rank 0's) is a
+    run of its own. A name another process already used is stored as ``<run>-2`` (``-3``...,
+    with a warning) unless ``resume=True``, which adds this process's steps to that run,
+    numbered after its last stored step.
 
     ``url``/``token`` default to ``NUMWATCH_URL``/``NUMWATCH_TOKEN``; without a URL the
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
@@ -524,9 +536,10 @@ def watch(
     statistics and of the format counts (0 turns them off). ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
-    ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
-    :meth:`Watcher.gradients_ready` call measures earlier) or "manual" (only
-    ``gradients_ready()`` measures; :meth:`Watcher.finish_step` ends each step).
+    ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
+    before clipping; a :meth:`Watcher.gradients_ready` call reads again) or "manual" (for
+    framework adapters: only ``gradients_ready()`` reads; :meth:`Watcher.finish_step` ends
+    each step).
     Raises :class:`~numwatch.sharded.UnsupportedConfiguration` for setups it cannot measure
     correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
@@ -549,4 +562,5 @@ def watch(
         exclude=exclude,
         spool_dir=spool_dir,
         config=config,
+        resume=resume,
     )

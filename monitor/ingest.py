@@ -8,6 +8,7 @@ transaction as the rows it counts, so all replicas on one database agree.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -15,16 +16,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor import detectors, spikes
 from numwatch.monitor.auth import Principal
-from numwatch.monitor.errors import IngestError
-from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, Step
+from numwatch.monitor.errors import IngestError, NotFound
+from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, RunInstance, Step
+from numwatch.monitor.queries import find_run
 from numwatch.monitor.packing import pack_stats, unpack_stats
-from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
+from numwatch.monitor.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
 
 
 @dataclass
@@ -47,17 +49,47 @@ def _schema_difference(old: list[dict], new: list[dict]) -> str | None:
     return f"tensor {index} is {new_key[index]}, the registered schema has {old_key[index]}"
 
 
-def register_run(session: Session, document: RunDocument, principal: Principal) -> bool:
-    """Register (run, rank); True if the run is new. Registering again with the same schema is a no-op."""
+@dataclass
+class Registration:
+    run: Run
+    created: bool
+    renamed: bool  # stored under another name than the one asked for
+
+
+def _free_name(session: Session, name: str) -> str:
+    """``name-2``, ``name-3``...: the first that no run has (the name cut to keep within the limit)."""
+    for number in itertools.count(2):
+        suffix = f"-{number}"
+        candidate = name[: MAX_RUN_NAME - len(suffix)] + suffix
+        if session.execute(select(Run.id).where(Run.name == candidate)).first() is None:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _last_step(session: Session, run: Run) -> int:
+    return session.execute(select(func.max(Step.step)).where(Step.run_id == run.id)).scalar_one_or_none() or 0
+
+
+def register_run(session: Session, document: RunDocument, principal: Principal) -> Registration:
+    """Register (run, rank) of one instance. Registering again (a retry, another rank) is a
+    no-op. A name that another instance holds gets a new run ``name-2``... unless the
+    document resumes it; documents without an instance (protocol 1 and 2) share the name."""
     if not principal.may_access(document.project):
         raise IngestError(403, f"this token may not write runs of project {document.project!r}")
     tensors = [tensor.model_dump() for tensor in document.tensors]
     now = utcnow()
-    run = session.execute(select(Run).where(Run.name == document.run)).scalar_one_or_none()
+    claim = session.get(RunInstance, document.instance) if document.instance is not None else None
+    run = session.get(Run, claim.run_id) if claim is not None else session.execute(select(Run).where(Run.name == document.run)).scalar_one_or_none()
+    name, renamed, offset = document.run, False, 0
+    if claim is None and run is not None and document.instance is not None:
+        if document.resume:
+            offset = _last_step(session, run)
+        else:
+            name, renamed, run = _free_name(session, document.run), True, None
     created = run is None
     if run is None:
         run = Run(
-            name=document.run, project=document.project, format=document.format, world_size=document.world_size,
+            name=name, project=document.project, format=document.format, world_size=document.world_size,
             tensors=tensors, modules=document.modules, config=document.config, status="running",
             started_at=datetime.fromtimestamp(document.started_at, timezone.utc), created_at=now, last_seen_at=now,
         )
@@ -71,9 +103,30 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
             raise IngestError(409, f"run {document.run!r} is registered with a different tensor schema: {difference}; use a new run name")
         run.world_size = max(run.world_size, document.world_size)
         run.last_seen_at = now
+    if claim is None and document.instance is not None:
+        session.add(RunInstance(instance=document.instance, run_id=run.id, requested_name=document.run, step_offset=offset, created_at=now))
     if session.get(RankState, (run.id, document.rank)) is None:
         session.add(RankState(run_id=run.id, rank=document.rank, grad_norm_bucket_counts=[0] * (len(GRAD_NORM_BUCKETS) + 1), lr=[], events_total={}))
-    return created
+    return Registration(run, created, renamed or run.name != document.run)
+
+
+def batch_target(session: Session, requested: str, document: BatchDocument, principal: Principal) -> tuple[Run, BatchDocument]:
+    """The run a batch posted under ``requested`` goes to, and the batch with its step numbers
+    moved past the resumed run's earlier steps."""
+    if document.instance is None:
+        return find_run(session, requested, principal), document
+    claim = session.get(RunInstance, document.instance)
+    if claim is None or claim.requested_name != requested:
+        raise NotFound(f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs first)")
+    run = session.get(Run, claim.run_id)
+    assert run is not None
+    run = find_run(session, run.name, principal)
+    if not claim.step_offset:
+        return run, document
+    shifted = document.model_copy(deep=True)
+    for item in (*shifted.steps, *shifted.histograms, *shifted.events):
+        item.step += claim.step_offset
+    return run, shifted
 
 
 def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> list[dict[str, bytes]]:

@@ -107,6 +107,20 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class RunInstance(Base):
+    """One watching process (all ranks of one job) and the run its data goes to: the run of
+    the name it asked for, a ``-2``... run when another instance held that name, or the same
+    run when it resumed it (its step numbers then start after ``step_offset``)."""
+
+    __tablename__ = "run_instances"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    requested_name: Mapped[str] = mapped_column(String(512))
+    step_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Step(Base):
     __tablename__ = "steps"
 
