@@ -74,6 +74,7 @@ class ClipObserver:
     def __init__(self, watcher: Watcher) -> None:
         self.watcher = watcher
         self._index = {id(p): i for i, p in enumerate(watcher.watched.parameters)}
+        self._device_columns: dict[tuple[int, ...], torch.Tensor] = {}  # made once: a host-to-device copy per step could synchronise
         guard = watcher.guarded
         self.before_clip = guard("clip wrapper", self._before_clip)
         self.after_norm_clip = guard("clip wrapper", self._after_norm_clip)
@@ -116,7 +117,7 @@ class ClipObserver:
         effect = self._effect()
         # The coefficient exactly as torch computes it.
         coefficient = torch.clamp(float(max_norm) / (total.to(effect.norms.device) + NORM_EPSILON), max=1.0)
-        index = torch.tensor(columns, device=effect.norms.device)
+        index = self._on_device(columns, effect.norms.device)
         effect.norms[index] = effect.norms[index] * coefficient.to(effect.norms.dtype)
 
     def _after_value_clip(self, parameters: list[torch.Tensor]) -> None:
@@ -125,5 +126,11 @@ class ClipObserver:
             return
         effect = self._effect()
         after = self.watcher.read_norms_now()
-        index = torch.tensor(columns, device=effect.norms.device)
+        index = self._on_device(columns, effect.norms.device)
         effect.norms[index] = after[index].to(effect.norms.dtype)
+
+    def _on_device(self, columns: list[int], device: torch.device) -> torch.Tensor:
+        key = tuple(columns)
+        if key not in self._device_columns:
+            self._device_columns[key] = torch.tensor(columns, device=device)
+        return self._device_columns[key]

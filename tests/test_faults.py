@@ -253,10 +253,9 @@ def test_unwritable_spool_loses_only_what_it_must_and_says_so(kind, killable, tm
     if kind == "disk full":
         spool_root = request.getfixturevalue("full_filesystem")
     else:
-        # A file where the run's spool directory should be: mkdir fails, even for root.
+        # A file where the spool root should be: mkdir of the run's directory fails, even for root.
         spool_root = tmp_path / "spool"
-        spool_root.mkdir()
-        (spool_root / "full").write_text("not a directory")
+        spool_root.write_text("not a directory")
 
     def flush_then_start_collector(watcher: numwatch.Watcher) -> None:
         watcher.flush()

@@ -308,3 +308,64 @@ def test_names_do_not_depend_on_torch_compile(tmp_path):
     assert names == [name for name, _ in model.named_parameters()]
     assert compiled.tensor_names == [name for name in names if name.startswith("block.")]
     compiled.close()
+
+
+class Trainer:
+    """A minGPT-style trainer: the optimizer is made inside run(), callbacks fire per batch."""
+
+    def __init__(self, model: TinyGPT, max_iters: int, learning_rate: float = 5e-3, grad_norm_clip: float = 0.5) -> None:
+        self.model, self.max_iters = model, max_iters
+        self.learning_rate, self.grad_norm_clip = learning_rate, grad_norm_clip
+        self.callbacks: dict[str, list] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.iter_num = 0
+
+    def add_callback(self, event: str, callback) -> None:
+        self.callbacks.setdefault(event, []).append(callback)
+
+    def trigger_callbacks(self, event: str) -> None:
+        for callback in self.callbacks.get(event, []):
+            callback(self)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        decay = [p for name, p in self.model.named_parameters() if name.endswith("weight") and p.dim() >= 2]
+        no_decay = [p for name, p in self.model.named_parameters() if not (name.endswith("weight") and p.dim() >= 2)]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.learning_rate, betas=(0.9, 0.95))
+
+    def run(self) -> None:
+        self.optimizer = self.configure_optimizers()
+        self.model.train()
+        while self.iter_num < self.max_iters:
+            x, y = get_batch(self.iter_num, 0)
+            _, self.loss = self.model(x, y)
+            self.model.zero_grad(set_to_none=True)
+            self.loss.backward()
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_norm_clip)
+            self.optimizer.step()
+            self.trigger_callbacks("on_batch_end")
+            self.iter_num += 1
+
+
+def test_a_trainer_that_builds_its_optimizer_late_is_watched_from_its_first_step(tmp_path):
+    torch.manual_seed(8)
+    model = TinyGPT()
+    trainer = Trainer(model, max_iters=6)
+    watcher = numwatch.watch(model, run="mingpt", spool_dir=tmp_path)  # the one line, before the optimizer exists
+    seen = []
+    trainer.add_callback("on_batch_end", lambda t: seen.append((t.loss.item(), float(t.grad_norm))))
+    trainer.run()
+    with pytest.raises(RuntimeError, match="counts the steps of its optimizer"):
+        watcher.step()
+    watcher.close()
+    spooled = read_spool(watcher.spool_dir)
+    assert watcher.optimizer is trainer.optimizer and watcher.steps == 6
+    (run,) = spooled.runs
+    assert run["config"]["optimizer"] == "AdamW"
+    assert [t["group"] for t in run["tensors"]] == [0 if name.endswith("weight") and p.dim() >= 2 else 1 for name, p in model.named_parameters()]
+    assert [s["step"] for s in spooled.steps] == [1, 2, 3, 4, 5, 6]
+    for step, (loss, norm) in zip(spooled.steps, seen):
+        assert step["loss"] == pytest.approx(loss, rel=1e-6)
+        assert _global(step) == pytest.approx(norm, rel=RTOL)
+        _check_norm_clip(step, norm, 0.5)
+        assert step["lr"] == [5e-3, 5e-3]

@@ -31,8 +31,8 @@ def test_every_wire_field_is_validated_by_the_collector(wire, model):
     (schemas.RunDocument, "format", protocol.FORMATS),
     (schemas.HistogramDocument, "kind", protocol.HISTOGRAM_KINDS),
     (schemas.BatchDocument, "status", get_args(protocol.RunStatus)),
-    (schemas.RunDocument, "protocol", (1, 2)),  # version 1 documents (old clients, old spools) stay readable
-    (schemas.BatchDocument, "protocol", (1, 2)),
+    (schemas.RunDocument, "protocol", (1, 2, 3)),  # older documents (old clients, old spools) stay readable
+    (schemas.BatchDocument, "protocol", (1, 2, 3)),
 ])
 def test_collector_accepts_exactly_the_protocol_values(model, field, values):
     prop = model.model_json_schema()["properties"][field]
