@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test demo stack bench clean
+.PHONY: install system-deps test demo stack bench vendor-uplot clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -35,6 +35,20 @@ stack: install system-deps
 bench: install
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/ingest.py
+	$(PY) benchmarks/web.py
+
+# Fetch the pinned uPlot release again (needs npm): the built files and the licence, then checksums.
+UPLOT_VERSION := 1.6.32
+VENDOR := monitor/web/static/vendor
+vendor-uplot:
+	rm -rf .vendor-tmp && mkdir .vendor-tmp
+	cd .vendor-tmp && npm pack -q uplot@$(UPLOT_VERSION) && tar xzf uplot-$(UPLOT_VERSION).tgz
+	cp .vendor-tmp/package/dist/uPlot.iife.min.js .vendor-tmp/package/dist/uPlot.min.css $(VENDOR)/
+	cp .vendor-tmp/package/LICENSE $(VENDOR)/uPlot.LICENSE
+	rm -rf .vendor-tmp
+	$(PY) -c "import hashlib, json, pathlib; p = pathlib.Path('$(VENDOR)'); doc = json.loads((p / 'vendor.json').read_text()); \
+	doc['version'] = '$(UPLOT_VERSION)'; doc['sha256'] = {f: hashlib.sha256((p / f).read_bytes()).hexdigest() for f in doc['sha256']}; \
+	(p / 'vendor.json').write_text(json.dumps(doc, indent=2) + '\n')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
 
 from benchmarks.documents import batch_document, run_document, values_in  # noqa: E402
 from numwatch import protocol  # noqa: E402

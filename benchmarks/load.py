@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import queue
 import tempfile
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ import httpx
 import numpy as np
 from sqlalchemy import func, select
 
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
 
 from benchmarks.load_client import ClientPlan, ClientReport, run_client  # noqa: E402
 from numwatch.monitor import db, stack  # noqa: E402

@@ -1,10 +1,12 @@
 """Opt-in activation tracing: per-module output absmax and where a NaN was born.
 
-Forward hooks on the leaf modules keep, per module, the largest |output| seen since the
-last optimizer step as a device tensor (``vector_norm(ord=inf)``: one pass, NaN and Inf
-propagate, so a non-finite absmax *is* the non-finite flag) and, on the host, the order
-in which modules first ran in the step. Nothing is read back here: the absmax vector
-joins the step's single host copy.
+Forward hooks on the leaf modules keep, per module, the smallest and largest output value
+seen since the last optimizer step as device tensors and, on the host, the order in which
+modules first ran in the step. Each output costs one ``aminmax``: one read, no |x|
+materialised (``vector_norm(ord=inf)`` materialises it on the CPU, where it was most of
+the tracing cost), NaN and Inf propagate. The step's absmax vector, max(max, -min) per
+module (so a non-finite absmax *is* the non-finite flag), is formed once per step with a
+few ops and joins the step's single host copy; nothing is read back here.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class ActivationTracer:
 
     def __init__(self, model: nn.Module) -> None:
         self.module_names: list[str] = []
-        self._absmax: list[torch.Tensor | None] = []
+        self._ranges: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # (min, max) per module this step
         self._first_seen: list[int] = []  # module indices in order of first call this step
         self._handles: list[RemovableHandle] = []
         for name, module in model.named_modules():
@@ -40,7 +42,7 @@ class ActivationTracer:
                 continue
             index = len(self.module_names)
             self.module_names.append(name or type(module).__name__)
-            self._absmax.append(None)
+            self._ranges.append(None)
             self._handles.append(module.register_forward_hook(self._hook_for(index)))
 
     def _hook_for(self, index: int) -> Any:
@@ -49,23 +51,28 @@ class ActivationTracer:
             if not outputs:
                 return
             with torch.no_grad():
-                absmax = torch.stack([torch.linalg.vector_norm(t.detach(), math.inf, dtype=torch.float32) for t in outputs]).amax()
-                previous = self._absmax[index]
-                if previous is None:
-                    self._first_seen.append(index)
-                    self._absmax[index] = absmax
-                else:
-                    self._absmax[index] = torch.maximum(previous, absmax)  # NaN propagates
+                for tensor in outputs:
+                    low, high = torch.aminmax(tensor)
+                    previous = self._ranges[index]
+                    if previous is None:
+                        self._first_seen.append(index)
+                        self._ranges[index] = (low, high)
+                    else:  # a module called again, or with several outputs (rare): NaN propagates
+                        self._ranges[index] = (torch.minimum(previous[0], low), torch.maximum(previous[1], high))
 
         return record_output
 
     def take_step(self, device: torch.device) -> tuple[torch.Tensor, list[int]]:
         """This step's absmax per module (0 for modules that did not run) and the order
         modules first ran; resets for the next step."""
+        if not self._ranges:
+            return torch.zeros(0, dtype=torch.float32, device=device), []
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        absmax = torch.stack([zero if a is None else a.to(device) for a in self._absmax]) if self._absmax else zero.reshape(0)
+        lows = torch.stack([zero if r is None else r[0].to(device) for r in self._ranges]).float()
+        highs = torch.stack([zero if r is None else r[1].to(device) for r in self._ranges]).float()
+        absmax = torch.maximum(highs, lows.neg_())  # NaN propagates
         order = self._first_seen
-        self._absmax = [None] * len(self._absmax)
+        self._ranges = [None] * len(self._ranges)
         self._first_seen = []
         return absmax, order
 

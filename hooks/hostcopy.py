@@ -29,46 +29,62 @@ class _Part:
 
 
 class DeviceStack:
-    """Named device tensors of one step, gathered for a single host copy."""
+    """Named device tensors of one step, gathered for a single host copy.
+
+    ``add`` only records; :meth:`to_host` packs everything with a few ops per dtype (one
+    ``_chunk_cat`` of the tensors, one ``stack`` of the scalars, one widening), so the ops
+    per step do not grow with the number of statistics."""
 
     def __init__(self) -> None:
-        self._tensors: list[torch.Tensor] = []
-        self._parts: dict[str, _Part] = {}
-        self._length = 0
+        self._tensors: dict[str, torch.Tensor] = {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Add a device tensor (any float or integer dtype; read back as float32/float64 or int64)."""
-        if name in self._parts:
+        if name in self._tensors:
             raise ValueError(f"statistic {name!r} added twice")
-        tensor = tensor.detach()
-        if tensor.dtype in _FLOAT_KINDS:
-            flat, is_int = tensor.reshape(-1).to(torch.float64), False
-        elif tensor.dtype in _INT_KINDS:
-            flat, is_int = tensor.reshape(-1).to(torch.int64).view(torch.float64), True
-        else:
+        if tensor.dtype not in _FLOAT_KINDS and tensor.dtype not in _INT_KINDS:
             raise TypeError(f"statistic {name!r} has unsupported dtype {tensor.dtype}")
-        self._parts[name] = _Part(name, is_int, tuple(tensor.shape), self._length, self._length + flat.numel())
-        self._tensors.append(flat)
-        self._length += flat.numel()
+        self._tensors[name] = tensor.detach() if tensor.requires_grad else tensor
 
     def __contains__(self, name: str) -> bool:
-        return name in self._parts
+        return name in self._tensors
 
     def to_host(self) -> HostStack:
         """Start the one device-to-host copy; the result is read with :meth:`HostStack.wait`."""
+        parts: dict[str, _Part] = {}
         if not self._tensors:
-            return HostStack(self._parts, np.zeros(0), None)
-        device = self._tensors[0].device
-        stacked = torch.cat([t.to(device, non_blocking=True) for t in self._tensors])
+            return HostStack(parts, np.zeros(0), None)
+        device = next(iter(self._tensors.values())).device
+        by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
+        for name, tensor in self._tensors.items():
+            by_dtype.setdefault(tensor.dtype, []).append((name, tensor.to(device, non_blocking=True)))
+        blocks: list[torch.Tensor] = []
+        length = 0
+        for dtype, named in by_dtype.items():
+            # Laid out as: the scalars (one stack), then the arrays (one _chunk_cat, which
+            # refuses empty tensors: they take no room anyway).
+            scalars = [(name, t) for name, t in named if t.dim() == 0]
+            arrays = [(name, t) for name, t in named if t.dim() > 0]
+            pieces = [torch.stack([t for _, t in scalars])] if scalars else []
+            filled = [t for _, t in arrays if t.numel()]
+            if filled:
+                pieces.append(torch._chunk_cat(filled, 0, 1)[0])
+            for name, tensor in scalars + arrays:
+                parts[name] = _Part(name, dtype in _INT_KINDS, tuple(tensor.shape), length, length + tensor.numel())
+                length += tensor.numel()
+            if pieces:
+                block = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                blocks.append(block.to(torch.int64).view(torch.float64) if dtype in _INT_KINDS else block.to(torch.float64))
+        stacked = blocks[0] if len(blocks) == 1 else torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.float64, device=device)
         if device.type == "cuda":
             # Pinned blocks come from torch's caching host allocator: reused, not re-pinned.
             host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
             host.copy_(stacked, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            return HostStack(self._parts, host, event)
+            return HostStack(parts, host, event)
         # CPU: a plain copy (cat already made fresh memory). Other accelerators copy synchronously.
-        return HostStack(self._parts, stacked.to("cpu"), None)
+        return HostStack(parts, stacked.to("cpu"), None)
 
 
 class HostStack:

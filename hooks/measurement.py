@@ -32,6 +32,8 @@ from torch import nn
 
 from numwatch import records, stats
 from numwatch.clipping import ClipEffect
+from numwatch.optim_health import adam_health
+from numwatch.quantization import quantization_sqnr
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.hostcopy import DeviceStack
 from numwatch.records import StepRecord, histogram_part
@@ -65,13 +67,22 @@ def select_parameters(model: nn.Module, include: Iterable[str] | str | None, exc
 
 @dataclass(frozen=True)
 class Cadence:
-    """Which steps (numbered from 1) carry the sampled statistics and the format counts."""
+    """Which steps (numbered from 1) carry the sampled statistics, the format counts and the
+    quantization SQNR (the last two also the first step, as sampling does)."""
 
     histogram_every: int
     format_every: int
+    quant_every: int = 0
 
     def sampled(self, step: int) -> bool:
         return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
+
+    def quant_due(self, step: int) -> bool:
+        return self.quant_every > 0 and (step - 1) % self.quant_every == 0
+
+    def after_update(self, step: int) -> bool:
+        """Whether the step measures the weights after the optimizer's update."""
+        return self.sampled(step) or self.quant_due(step)
 
     def format_due(self, step: int) -> bool:
         return self.format_every > 0 and (step - 1) % self.format_every == 0
@@ -104,7 +115,7 @@ class WatchedTensors:
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
-        return [local_tensor(p.detach()) for p in self.parameters]
+        return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
     def read_gradients(self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
@@ -179,7 +190,15 @@ class WatchedTensors:
             if present_states:
                 state_format = format_spec(format_name_for_dtype(present_states[0].dtype))
                 parts[records.EXP_AVG_SQ] = stats.exp_avg_sq_underflow(states, state_format)
+            parts[records.ADAM] = adam_health(optimizer, self.parameters)
         return parts
+
+    def quant_parts(self) -> dict[str, torch.Tensor]:
+        """The weights' SQNR under each quantization scheme, as they are now. Per-channel and
+        group scales need whole rows, which a shard does not hold: not for sharded parameters."""
+        if self.sharding is not None:
+            return {}
+        return {records.QUANT: quantization_sqnr(self.local_parameters())}
 
 
 class Phase(enum.Enum):

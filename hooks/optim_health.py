@@ -47,13 +47,19 @@ def _chunks(*tensors: Tensor | None) -> Any:
 
 
 def _reduce(update_and_dominated: Any, numel: int, device: torch.device) -> Tensor:
-    """[rms, dominated share] from per-chunk (update, ε-dominated mask) pairs."""
+    """[rms, dominated share] from per-chunk (update, count of ε-dominated elements) pairs."""
     squares = torch.zeros((), dtype=torch.float32, device=device)
     dominated = torch.zeros((), dtype=torch.float32, device=device)
-    for update, mask in update_and_dominated:
-        squares = squares + update.square().sum()
-        dominated = dominated + mask.sum()
+    for update, count in update_and_dominated:
+        squares = squares + torch.linalg.vector_norm(update).square()
+        dominated = dominated + count
     return torch.stack([(squares / numel).sqrt(), dominated / numel])
+
+
+def _normalised(moment: Tensor, root: Tensor, eps: Scalar) -> tuple[Tensor, Tensor]:
+    """(moment / (root + ε), count of root < ε); ``moment`` and ``root`` are fresh temporaries, reused in place."""
+    count = torch.count_nonzero(root < eps)
+    return moment.div_(root.add_(eps)), count
 
 
 def _adam(state: dict, group: dict, param: Tensor) -> Tensor:
@@ -63,9 +69,9 @@ def _adam(state: dict, group: dict, param: Tensor) -> Tensor:
     v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
 
     def parts() -> Any:
+        # The chunks may be the state itself (float32): only new tensors are changed in place.
         for m, v_chunk in _chunks(state["exp_avg"], v):
-            root = (v_chunk / bc2).sqrt()
-            yield (m / bc1) / (root + eps), root < eps
+            yield _normalised(m / bc1, v_chunk.div(bc2).sqrt_(), eps)
 
     return _reduce(parts(), param.numel(), param.device)
 
@@ -87,8 +93,7 @@ def _nadam(state: dict, group: dict, param: Tensor) -> Tensor | None:
 
     def parts() -> Any:
         for m, v, g in _chunks(state["exp_avg"], state["exp_avg_sq"], param.grad):
-            root = (v / bc2).sqrt()
-            yield (moment_factor * m + grad_factor * sign * g) / (root + eps), root < eps
+            yield _normalised(moment_factor * m + (grad_factor * sign) * g, v.div(bc2).sqrt_(), eps)
 
     return _reduce(parts(), param.numel(), param.device)
 
@@ -103,14 +108,13 @@ def _radam(state: dict, group: dict, param: Tensor) -> Tensor:
 
     def parts() -> Any:
         for m, v in _chunks(state["exp_avg"], state["exp_avg_sq"]):
-            root = v.sqrt()
             moment = m / bc1
-            adapted = rect * moment * bc2**0.5 / (root + eps)
+            adapted, count = _normalised(moment * (rect * bc2**0.5), v.sqrt(), eps)
             if isinstance(rho_t, Tensor):
                 update = torch.where(rho_t > 5, adapted, moment)
             else:
                 update = adapted if rho_t > 5 else moment
-            yield update, root < eps
+            yield update, count
 
     return _reduce(parts(), param.numel(), param.device)
 

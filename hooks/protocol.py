@@ -142,6 +142,7 @@ DetectorEventKind = Literal[
     "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
     "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
 ]
+EventKind = Literal[ClientEventKind, DetectorEventKind]
 
 # An encoded float (see encode_float) and an array's base64 text.
 WireFloat = float | str | None
@@ -206,7 +207,7 @@ class HistogramDocument(TypedDict):
 
 class EventDocument(TypedDict):
     step: int
-    kind: str
+    kind: EventKind
     time: float
     details: dict[str, Any]
 
@@ -299,7 +300,7 @@ def histogram_document(
     return {"step": step, "kind": kind, "exponent": exponent, "linear_min": linear_min, "linear_max": linear_max, "linear": linear}
 
 
-def event_document(step: int, kind: str, details: dict[str, Any], time: float | None = None) -> EventDocument:
+def event_document(step: int, kind: EventKind, details: dict[str, Any], time: float | None = None) -> EventDocument:
     """An ``event`` document (stamped now unless ``time`` is given)."""
     return {"step": step, "kind": kind, "time": _time.time() if time is None else time, "details": details}
 

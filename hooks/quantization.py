@@ -69,10 +69,22 @@ def _flat_chunks(weight: Tensor, multiple: int) -> Iterator[Tensor]:
         yield flat[start : start + step].float()
 
 
+def _absmax(x: Tensor, dim: int | None = None) -> Tensor:
+    """max |x| along ``dim`` (kept), without an |x| temporary."""
+    if dim is None:
+        return torch.linalg.vector_norm(x, ord=math.inf)
+    return torch.linalg.vector_norm(x, ord=math.inf, dim=dim, keepdim=True)
+
+
+def _scale(absmax: Tensor, levels: float) -> Tensor:
+    """abs-max / levels, 1 where the abs-max is 0 (all-zero rows quantize exactly either way)."""
+    scale = absmax / levels
+    return torch.where(scale > 0, scale, 1.0)
+
+
 def _int8(rows: Tensor) -> Tensor:
-    scale = rows.abs().amax(dim=1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, 1.0)
-    return torch.clamp(torch.round(rows / scale), -127, 127) * scale
+    scale = _scale(_absmax(rows, 1), 127.0)
+    return rows.div(scale).round_().clamp_(-127, 127).mul_(scale)
 
 
 def _padded_groups(x: Tensor, size: int) -> tuple[Tensor, int]:
@@ -89,33 +101,32 @@ def _unpad(groups: Tensor, columns: int) -> Tensor:
 
 def _int4(rows: Tensor) -> Tensor:
     groups, _ = _padded_groups(rows, INT4_GROUP)
-    scale = groups.abs().amax(dim=-1, keepdim=True) / 7.0
-    scale = torch.where(scale > 0, scale, 1.0)
-    return _unpad(torch.clamp(torch.round(groups / scale), -8, 7) * scale, rows.shape[1])
+    scale = _scale(_absmax(groups, -1), 7.0)
+    return _unpad(groups.div(scale).round_().clamp_(-8, 7).mul_(scale), rows.shape[1])
 
 
 def _nf4(flat: Tensor) -> Tensor:
     blocks, _ = _padded_groups(flat.reshape(1, -1), NF4_BLOCK)
     codebook = torch.tensor(nf4_codebook(), dtype=torch.float32, device=flat.device)
-    absmax = blocks.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax, 1.0)
+    scale = _scale(_absmax(blocks, -1), 1.0)
     # Nearest code; a value exactly between two codes takes the lower one.
-    codes = torch.bucketize(blocks / scale, (codebook[1:] + codebook[:-1]) / 2)
-    return _unpad(codebook[codes] * scale, flat.numel()).reshape(-1)
+    codes = torch.bucketize(blocks / scale, (codebook[1:] + codebook[:-1]) / 2, out_int32=True)
+    return _unpad(codebook[codes].mul_(scale), flat.numel()).reshape(-1)
 
 
 def _fp8(flat: Tensor, scale: Tensor) -> Tensor:
-    return (flat / scale).to(torch.float8_e4m3fn).float() * scale
+    return (flat / scale).to(torch.float8_e4m3fn).float().mul_(scale)
 
 
 def _sqnr(pairs: Iterator[tuple[Tensor, Tensor]], device: torch.device) -> Tensor:
-    """dB from (original, dequantized) chunks; +inf when the error is zero."""
+    """dB from (original, dequantized) chunks; +inf when the error is zero. Chunk norms
+    come from float32 reductions; their squares add up in float64 where the device has it."""
     accumulate = _accumulator(device)
     signal = torch.zeros((), dtype=accumulate, device=device)
     noise = torch.zeros((), dtype=accumulate, device=device)
     for original, restored in pairs:
-        signal = signal + original.to(accumulate).square().sum()
-        noise = noise + (original - restored).to(accumulate).square().sum()
+        signal = signal + torch.linalg.vector_norm(original).to(accumulate).square()
+        noise = noise + torch.linalg.vector_norm(restored.sub_(original)).to(accumulate).square()
     ratio = torch.where(noise > 0, signal / noise, math.inf)
     return (10.0 * torch.log10(ratio)).float()
 
@@ -127,8 +138,7 @@ def _scheme_sqnr(weight: Tensor, scheme: str) -> Tensor:
         return _sqnr(((rows, quantize(rows)) for rows in _row_chunks(weight)), device)
     if scheme == "nf4":
         return _sqnr(((flat, _nf4(flat)) for flat in _flat_chunks(weight, NF4_BLOCK)), device)
-    amax = weight.detach().abs().amax().float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
+    scale = _scale(_absmax(weight.detach()).float(), FP8_MAX)
     return _sqnr(((flat, _fp8(flat, scale)) for flat in _flat_chunks(weight, 1)), device)
 
 

@@ -28,6 +28,8 @@ FORMAT = "format"  # int64 [4, k]: zeros, underflow, subnormal, overflow
 WEIGHT = "weight"  # float32 [2, n]: weight_norm, weight_absmax
 UPDATE = "update"  # float32 [2, k]: update_ratio, stale_fraction
 EXP_AVG_SQ = "exp_avg_sq_underflow"  # float32 [n]
+ADAM = "adam"  # float32 [2, n]: adam_update_rms, adam_eps_dominated
+QUANT = "quant"  # float32 [4, n]: quant_sqnr_* in protocol.QUANT_SCHEMES order
 LOSS = "loss"
 LOSS_SCALE = "loss_scale"
 NEW_LOSS_SCALE = "new_loss_scale"
@@ -42,6 +44,8 @@ _ROWS: dict[str, tuple[str, ...]] = {
     FORMAT: protocol.FORMAT_COUNT_STATS,
     UPDATE: ("update_ratio", "stale_fraction"),
     WEIGHT: ("weight_norm", "weight_absmax"),
+    ADAM: protocol.ADAM_HEALTH_STATS,
+    QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
 
@@ -67,8 +71,9 @@ class StepRecord:
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
     events: list[dict[str, Any]] = field(default_factory=list)
-    late: HostStack | None = None  # device values logged after the step ended, copied by seal()
+    late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    _late_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     _logged_late: bool = False
 
     # -- values logged after the step ended (before the model's next forward) -------------
@@ -86,15 +91,24 @@ class StepRecord:
                 self._late_tensors.pop(name, None)
                 self.scalars[name] = float(value)
 
+    def add_late_parts(self, parts: dict[str, torch.Tensor]) -> None:
+        """Per-tensor statistics measured after the step ended (close() measuring the final weights)."""
+        self._late_parts.update(parts)
+
+    def has_part(self, name: str) -> bool:
+        return any(name in stack for stack in self._stacks()) or name in self._late_parts
+
     def seal(self) -> bool:
         """No more values come: start the host copy of the late device values. Whether any value came late."""
-        if not self._late_tensors:
+        if not self._late_tensors and not self._late_parts:
             return self._logged_late
         stack = DeviceStack()
         for name, value in self._late_tensors.items():
             self.scalars.pop(name, None)
             stack.add(LOSS if name == "loss" else SCALAR_PREFIX + name, value)
-        self._late_tensors = {}
+        for name, value in self._late_parts.items():
+            stack.add(name, value)
+        self._late_tensors, self._late_parts = {}, {}
         self.late = stack.to_host()
         return True
 
@@ -146,9 +160,10 @@ class StepRecord:
     def _tensor_stats(self, skipped: bool) -> dict[str, str]:
         stats: dict[str, str] = {}
         for part, names in _ROWS.items():
-            if part not in self.host or (part == UPDATE and skipped):
+            stack = next((stack for stack in self._stacks() if part in stack), None)
+            if stack is None or (part == UPDATE and skipped):
                 continue  # an update measured across a skipped step says nothing
-            rows = self._spread(self.host.get(part), part)
+            rows = self._spread(stack.get(part), part)
             for name, row in zip(names, rows):
                 stats[name] = protocol.pack_bytes(row.astype(protocol.TENSOR_STATS[name]).tobytes())
         if EXP_AVG_SQ in self.host:

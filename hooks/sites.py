@@ -6,7 +6,7 @@ The gradients themselves are read at the end of the step's backward (see
 was seen (a model called other than through ``model(...)``), as a fallback.
 
 * :class:`OptimizerHookSite` — no GradScaler: the optimizer's step pre-hook counts the step;
-  it ends there, or after the update on sampled steps (weight statistics) and for
+  it ends there, or after the update on sampled and quantization steps (weight statistics) and for
   closure-based optimizers (the backward runs inside ``step``).
 * :class:`ScalerSite` — an enabled GradScaler: ``scaler.update()`` counts and ends the step,
   skipped or not; the optimizer's step pre-hook runs only when the scaler did not skip.
@@ -62,8 +62,13 @@ class StepSite:
         measurement.lr = learning_rates(optimizer)
 
     def _add_weight_parts(self, measurement: StepMeasurement) -> None:
-        if self.watcher.watched.cadence.sampled(measurement.number) and measurement.reading is not None:
-            measurement.parts.update(self.watcher.watched.weight_parts(measurement.reading, measurement.snapshot, self.watcher.optimizer))
+        watched = self.watcher.watched
+        if measurement.reading is None:
+            return
+        if watched.cadence.sampled(measurement.number):
+            measurement.parts.update(watched.weight_parts(measurement.reading, measurement.snapshot, self.watcher.optimizer))
+        if watched.cadence.quant_due(measurement.number):
+            measurement.parts.update(watched.quant_parts())
 
 
 class OptimizerHookSite(StepSite):
@@ -86,7 +91,7 @@ class OptimizerHookSite(StepSite):
             return  # this step was counted already (the hook ran twice while attaching)
         measurement = self.watcher.count_step()
         self._ensure_read(measurement, optimizer)
-        if self.watcher.watched.cadence.sampled(measurement.number) or _has_closure(args, kwargs):
+        if self.watcher.watched.cadence.after_update(measurement.number) or _has_closure(args, kwargs):
             self._open = measurement
         else:
             self.watcher.end_step(measurement, skip_known=None)

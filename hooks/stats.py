@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from numwatch.chunks import Chunk, layout_of, to_device
 from numwatch.formats import FormatSpec
 from numwatch.protocol import (
     EXPONENT_BINS,
@@ -35,24 +36,6 @@ Multiplier = Tensor | float | None
 # --------------------------------------------------------------------------- helpers
 
 
-def _result_device(tensors: Sequence[Tensor | None]) -> torch.device:
-    """Where results live: the device of the first tensor (CPU for an empty list)."""
-    for tensor in tensors:
-        if tensor is not None:
-            return tensor.device
-    return torch.device("cpu")
-
-
-def _groups(tensors: Sequence[Tensor]) -> list[tuple[list[int], list[Tensor]]]:
-    """Positions and tensors grouped by (device, dtype), as the fused foreach kernels need."""
-    grouped: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[Tensor]]] = {}
-    for position, tensor in enumerate(tensors):
-        positions, members = grouped.setdefault((tensor.device, tensor.dtype), ([], []))
-        positions.append(position)
-        members.append(tensor)
-    return list(grouped.values())
-
-
 def _as_factor(multiplier: Tensor | float, device: torch.device) -> Tensor | float:
     """A multiplier as a float32 tensor on ``device`` (no sync: it stays a tensor) or a Python float."""
     if isinstance(multiplier, Tensor):
@@ -60,48 +43,10 @@ def _as_factor(multiplier: Tensor | float, device: torch.device) -> Tensor | flo
     return float(multiplier)
 
 
-def _absmax(tensors: list[Tensor]) -> Tensor:
-    """float32 [k]: max |x| of each tensor; NaN propagates.
-
-    On CPU one ``aminmax`` per tensor reads it once and is several times cheaper than
-    ``_foreach_norm(ord=inf)``, which materialises |x| (see benchmarks/stats_pass.py). On
-    CUDA the per-tensor launches dominate instead (~3 per tensor), so one multi-tensor
-    kernel does it.
-    """
-    if tensors and tensors[0].device.type == "cuda":
-        return torch.stack(torch._foreach_norm(tensors, math.inf, dtype=torch.float32))
-    mins, maxs = [], []
-    for tensor in tensors:
-        if tensor.numel() == 0:
-            empty = tensor.new_zeros(())
-            mins.append(empty)
-            maxs.append(empty)
-            continue
-        low, high = torch.aminmax(tensor)
-        mins.append(low)
-        maxs.append(high)
-    # torch.maximum propagates NaN, so a NaN anywhere in a tensor gives a NaN absmax.
-    return torch.maximum(torch.stack(mins).neg(), torch.stack(maxs)).float()
-
-
-def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
-    """float32 [2, n]: L2 norm (accumulated in float32) and abs-max of each tensor."""
-    device = _result_device(tensors)
-    n = len(tensors)
-    if n == 0:
-        return torch.zeros((2, 0), dtype=torch.float32, device=device)
-    norms: list[Tensor | None] = [None] * n
-    absmaxes: list[Tensor | None] = [None] * n
-    for positions, members in _groups(tensors):
-        group_norms = torch._foreach_norm(members, 2, dtype=torch.float32)
-        group_absmax = _absmax(members).unbind()
-        if members[0].device != device:  # model parallel: gather the results on one device
-            group_norms = [norm.to(device, non_blocking=True) for norm in group_norms]
-            group_absmax = [absmax.to(device, non_blocking=True) for absmax in group_absmax]
-        for slot, position in enumerate(positions):
-            norms[position] = group_norms[slot]
-            absmaxes[position] = group_absmax[slot]
-    return torch.stack([torch.stack(norms), torch.stack(absmaxes)])
+@functools.lru_cache(maxsize=None)
+def _constant(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor (lookup table, bucket edges, column index) cached on ``device``."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _count_values(codes: Tensor, bins: int) -> Tensor:
@@ -124,16 +69,53 @@ def _histc_count(flat: Tensor, bins: int) -> Tensor:
     return torch.histc(flat.to(torch.float64), bins=bins, min=0, max=bins).to(torch.int64)
 
 
-def _stack_rows(rows: list[Tensor], width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[n, width] from n per-tensor rows ([0, width] for none)."""
-    if not rows:
-        return torch.zeros((0, width), dtype=dtype, device=device)
-    return torch.stack([row.to(device, non_blocking=True) for row in rows])
+def _segment_counts(chunk: Chunk, codes: Tensor, bins: int) -> Tensor:
+    """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment (one count)."""
+    segments = len(chunk.pieces)
+    return _count_values(chunk.keys(codes, bins), segments * bins).view(segments, bins)
+
+
+def _widened(flat: Tensor) -> Tensor:
+    """fp8 widened to float16, exactly (float8_e4m3fn's NaN stays NaN; its subnormals become normal)."""
+    if flat.dtype in _IEEE_LAYOUTS:
+        return flat
+    return flat.half() if flat.element_size() == 1 else flat.float()
+
+
+def _magnitude_bits(flat: Tensor) -> Tensor:
+    """|x| as the integer bit pattern of an IEEE tensor (sign bit cleared): ordered as |x|, NaN above Inf."""
+    layout = _IEEE_LAYOUTS[flat.dtype]
+    return flat.view(layout.int_dtype) & layout.magnitude_mask
 
 
 # --------------------------------------------------------------------------- gradients
 
 
+def _absmax(members: list[Tensor]) -> Tensor:
+    """float32 [k]: max |x| of each (non-empty) tensor; NaN propagates.
+
+    One multi-tensor kernel either way: ``_foreach_norm(ord=inf)`` on CUDA reads each
+    tensor once; on the CPU it is ~100x slower than ``_foreach_max`` of ``_foreach_abs``
+    (see benchmarks/stats_pass.py)."""
+    if members[0].device.type == "cuda":
+        return torch.stack(torch._foreach_norm(members, math.inf)).float()
+    return torch.stack(torch._foreach_max(torch._foreach_abs(members))).float()
+
+
+def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
+    """float32 [2, n]: L2 norm (accumulated in float32) and abs-max of each tensor."""
+    layout = layout_of(tensors)
+    norms, absmaxes = [], []
+    for group in layout.groups:
+        members = group.tensors(tensors)
+        # float32 accumulation, or float64's own (a float64 tensor cannot be narrowed to it).
+        accumulate = None if group.dtype == torch.float64 else torch.float32
+        norms.append(torch.stack(torch._foreach_norm(members, 2, dtype=accumulate)).float())
+        absmaxes.append(_absmax(members))
+    return torch.stack([layout.assemble(norms, 0.0, torch.float32), layout.assemble(absmaxes, 0.0, torch.float32)])
+
+
+@torch.no_grad()
 def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None) -> Tensor:
     """float32 [2, n]: row 0 = L2 norm, row 1 = abs-max, of each grad times ``multiplier``.
 
@@ -148,14 +130,25 @@ def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None) -> Tensor
     return stats * abs(_as_factor(multiplier, stats.device))
 
 
+_NONFINITE_CODES = 3  # finite, ±Inf, NaN: the buckets of the magnitude bits below, at and above Inf's
+
+
+@torch.no_grad()
 def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
     """int64 [2, n]: NaN count (row 0) and ±Inf count (row 1) of each tensor."""
-    device = _result_device(grads)
-    if not grads:
-        return torch.zeros((2, 0), dtype=torch.int64, device=device)
-    nan_counts = [torch.count_nonzero(torch.isnan(grad)).to(device, non_blocking=True) for grad in grads]
-    inf_counts = [torch.count_nonzero(torch.isinf(grad)).to(device, non_blocking=True) for grad in grads]
-    return torch.stack([torch.stack(nan_counts), torch.stack(inf_counts)])
+    layout = layout_of(grads)
+    results = []
+    for group in layout.groups:
+        members = group.tensors(grads)
+        per_chunk = []
+        for chunk in group.chunks:
+            flat = _widened(chunk.flat(members))
+            ieee = _IEEE_LAYOUTS[flat.dtype]
+            edges = _constant((ieee.inf_pattern - 1, ieee.inf_pattern), ieee.int_dtype, flat.device)
+            per_chunk.append(_segment_counts(chunk, torch.bucketize(_magnitude_bits(flat), edges), _NONFINITE_CODES))
+        counts = group.per_member(per_chunk, "sum")
+        results.append(counts.index_select(1, _constant((2, 1), torch.int64, group.device)))
+    return layout.assemble(results, 0, torch.int64, (2,)).t()
 
 
 def _float32_at_most(value: float) -> float:
@@ -208,20 +201,17 @@ def _format_limits(fmt: FormatSpec) -> tuple[float, float, float, float, float]:
     )
 
 
-def _scaled_float32(grad: Tensor, multiplier: Tensor | float | None) -> Tensor:
-    """x = grad * multiplier formed in float32, the precision loss scaling runs in."""
-    x = grad.detach().float()
-    return x if multiplier is None else x * multiplier
+def _float_bits(value: float) -> int:
+    """The bit pattern of a float32 value, as a signed int32."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
-def _format_counts_of(x: Tensor, limits: tuple[float, ...]) -> Tensor:
-    """int64 [4]: zeros, underflow, subnormal, overflow of float32 ``x`` given ``_format_limits``.
-    NaN and ±Inf fail every ``<=`` test and so count nowhere."""
-    magnitude = x.abs()
-    at_most = torch.stack([torch.count_nonzero(magnitude <= limit) for limit in limits])
-    return torch.cat([at_most[:1], at_most[1:3] - at_most[:2], at_most[4:] - at_most[3:4]])
+# Buckets of |x| between the limits: zero, underflow, subnormal, normal, overflow, non-finite.
+_FORMAT_CODES = 6
+_FORMAT_COLUMNS = (0, 1, 2, 4)  # the counted ones, in numwatch.protocol.FORMAT_COUNT_STATS order
 
 
+@torch.no_grad()
 def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multiplier = None) -> Tensor:
     """int64 [4, n]: rows zeros, underflow, subnormal, overflow (numwatch.protocol.FORMAT_COUNT_STATS)
     of x = grad * multiplier (the loss scale S the format sees) against ``fmt``.
@@ -231,12 +221,28 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     cast is ±Inf (for formats without Inf, |x| > fmt.max). NaN/Inf elements count in none.
     x is formed in float32; the limits reproduce round-to-nearest-even exactly, so the
     counts equal those of the literal cast ``x.to(fmt.dtype)``, for any multiplier.
+
+    For non-negative floats the order of the bit patterns is the order of the values, so one
+    ``bucketize`` of |x|'s bits against the limits' bits classifies every element exactly:
+    the exponent field decides, and the mantissa matters only in the binades a limit cuts.
     """
-    device = _result_device(grads)
-    limits = _format_limits(fmt)
-    factor = None if multiplier is None else _as_factor(multiplier, device)
-    rows = [_format_counts_of(_scaled_float32(grad, factor), limits) for grad in grads]
-    return _stack_rows(rows, 4, torch.int64, device).t().contiguous()
+    layout = layout_of(grads)
+    factor = None if multiplier is None else _as_factor(multiplier, layout.device)
+    edges_of_limits = tuple(_float_bits(limit) for limit in _format_limits(fmt))
+    results = []
+    for group in layout.groups:
+        members = group.tensors(grads)
+        edges = _constant(edges_of_limits, torch.int32, group.device)
+        scale = factor.to(group.device, non_blocking=True) if isinstance(factor, Tensor) else factor
+        per_chunk = []
+        for chunk in group.chunks:
+            x = chunk.flat(members).float()
+            if scale is not None:
+                x = x * scale
+            per_chunk.append(_segment_counts(chunk, torch.bucketize(_magnitude_bits(x), edges), _FORMAT_CODES))
+        counts = group.per_member(per_chunk, "sum")
+        results.append(counts.index_select(1, _constant(_FORMAT_COLUMNS, torch.int64, group.device)))
+    return layout.assemble(results, 0, torch.int64, (len(_FORMAT_COLUMNS),)).t().contiguous()
 
 
 # --------------------------------------------------------------------------- histograms
@@ -247,7 +253,6 @@ class _IeeeLayout:
     """Bit layout of a binary floating-point dtype, read through an integer view."""
 
     int_dtype: torch.dtype  # same-width integer view
-    work_dtype: torch.dtype  # integer type the bits are handled in (room for the bin arithmetic)
     mantissa_bits: int
     exponent_bits: int
     log2_dtype: torch.dtype  # float type that holds every subnormal mantissa exactly
@@ -260,14 +265,18 @@ class _IeeeLayout:
     def inf_pattern(self) -> int:
         return ((1 << self.exponent_bits) - 1) << self.mantissa_bits
 
+    @property
+    def magnitude_mask(self) -> int:
+        return (1 << (self.exponent_bits + self.mantissa_bits)) - 1
+
 
 _IEEE_LAYOUTS: dict[torch.dtype, _IeeeLayout] = {
-    torch.float16: _IeeeLayout(torch.int16, torch.int32, 10, 5, torch.float32),
-    torch.bfloat16: _IeeeLayout(torch.int16, torch.int32, 7, 8, torch.float32),
-    torch.float32: _IeeeLayout(torch.int32, torch.int32, 23, 8, torch.float32),
-    torch.float64: _IeeeLayout(torch.int64, torch.int64, 52, 11, torch.float64),
+    torch.float16: _IeeeLayout(torch.int16, 10, 5, torch.float32),
+    torch.bfloat16: _IeeeLayout(torch.int16, 7, 8, torch.float32),
+    torch.float32: _IeeeLayout(torch.int32, 23, 8, torch.float32),
+    torch.float64: _IeeeLayout(torch.int64, 52, 11, torch.float64),
 }
-_SINK_BIN = EXPONENT_BINS  # a scratch bin for counts resolved elsewhere, dropped at the end
+_SINK_BIN = EXPONENT_BINS  # a scratch bin for unreachable keys, dropped at the end
 
 
 def _binade_bin(binade: int) -> int:
@@ -281,149 +290,158 @@ def _log2_field_limit(layout: _IeeeLayout) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The lookup table from the keys of :func:`_exponent_counts` to histogram bins, and the
-    correction vector that moves Inf counts out of the NaN bin.
+def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The lookup table from the keys of :func:`_exponent_keys` to histogram bins.
 
-    key = exponent field + log2 field, where the log2 field is the exponent field of the
-    magnitude bits m, clamped to 2**mantissa_bits, converted to a float: 0 for m = 0,
-    bias' + floor(log2 m) for the subnormals (m below 2**mantissa_bits), and the limit
+    key = exponent field + log2 field (+1 for NaN), where the log2 field is the exponent
+    field of the magnitude bits m, clamped to 2**mantissa_bits, converted to a float: 0 for
+    m = 0, bias' + floor(log2 m) for the subnormals (m below 2**mantissa_bits), and the limit
     bias' + mantissa_bits for every other value. So keys up to the limit are zero and the
     subnormal binades (floor(log2 m) + 1 - bias - mantissa_bits), and keys above it are the
-    exponent fields of normal values (binade field - bias), with Inf and NaN at the top.
+    exponent fields of normal values (binade field - bias), then Inf, then NaN.
     """
     layout = _IEEE_LAYOUTS[dtype]
     log2_bias = _IEEE_LAYOUTS[layout.log2_dtype].bias
     limit = _log2_field_limit(layout)
     top_field = (1 << layout.exponent_bits) - 1
-    table = [_SINK_BIN] * (limit + top_field + 1)  # unreachable keys go to the sink
+    table = [_SINK_BIN] * (limit + top_field + 2)  # unreachable keys go to the sink
     table[0] = EXPONENT_ZERO_BIN
     for floor_log2 in range(layout.mantissa_bits):
         table[log2_bias + floor_log2] = _binade_bin(floor_log2 + 1 - layout.bias - layout.mantissa_bits)
     for field in range(1, top_field):
         table[limit + field] = _binade_bin(field - layout.bias)
-    table[limit + top_field] = EXPONENT_NAN_BIN
-    inf_correction = [0] * (EXPONENT_BINS + 1)
-    inf_correction[EXPONENT_INF_BIN], inf_correction[EXPONENT_NAN_BIN] = 1, -1
-    return _to_device(torch.tensor(table, dtype=torch.int64), device), _to_device(torch.tensor(inf_correction, dtype=torch.int64), device)
+    table[limit + top_field] = EXPONENT_INF_BIN
+    table[limit + top_field + 1] = EXPONENT_NAN_BIN
+    return to_device(torch.tensor(table, dtype=torch.int64), device)
 
 
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device``, copied from pinned memory on CUDA so the copy does not synchronize."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def _exponent_counts(tensor: Tensor) -> Tensor:
-    """int64 [EXPONENT_BINS]: exponent histogram of one tensor from its IEEE bits.
-
-    One small histogram of a key per element (see :func:`_exponent_bin_tables`) replaces
-    per-element bin arithmetic; a lookup table folds it into the protocol's bins. Inf shares
-    its exponent field with NaN and is counted apart.
-    """
-    if tensor.dtype not in _IEEE_LAYOUTS:
-        # fp8 widens to float16 exactly (float8_e4m3fn's NaN stays NaN); its subnormals become normal.
-        tensor = tensor.half() if tensor.element_size() == 1 else tensor.float()
-    layout = _IEEE_LAYOUTS[tensor.dtype]
+def _exponent_keys(flat: Tensor) -> Tensor:
+    """The key of each element of an IEEE tensor (see :func:`_exponent_bin_tables`): a few
+    integer ops on its bits in place of per-element bin arithmetic."""
+    layout = _IEEE_LAYOUTS[flat.dtype]
     log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
-    key_bins, inf_correction = _exponent_bin_tables(tensor.dtype, tensor.device)
-    sign_mask = (1 << (layout.exponent_bits + layout.mantissa_bits)) - 1
-    magnitude = tensor.detach().contiguous().view(layout.int_dtype).to(layout.work_dtype) & sign_mask
+    magnitude = _magnitude_bits(flat)
     # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its floor(log2).
     clamped = magnitude.clamp(max=1 << layout.mantissa_bits).to(layout.log2_dtype)
-    log2_field = clamped.view(log2_layout.int_dtype) >> log2_layout.mantissa_bits
-    keys = (magnitude >> layout.mantissa_bits).add_(log2_field)
-    by_key = _count_values(keys, key_bins.numel())
-    infinities = torch.count_nonzero(magnitude == layout.inf_pattern)
-    counts = torch.zeros(EXPONENT_BINS + 1, dtype=torch.int64, device=tensor.device).index_add_(0, key_bins, by_key)
-    return (counts + infinities * inf_correction)[:EXPONENT_BINS]
+    keys = clamped.view(log2_layout.int_dtype) >> log2_layout.mantissa_bits
+    return keys.add_(magnitude >> layout.mantissa_bits).add_(magnitude > layout.inf_pattern)
 
 
+@torch.no_grad()
 def exponent_histogram(tensors: Sequence[Tensor]) -> Tensor:
     """int64 [n, EXPONENT_BINS]: per tensor, counts per binade floor(log2|x|) - EXPONENT_MIN of
     its finite non-zero values (clamped into the first/last binade bin), then zero, ±Inf and
     NaN bins (numwatch.protocol layout). Read from the IEEE exponent bits (no frexp);
     subnormals get their true binade."""
-    device = _result_device(tensors)
-    return _stack_rows([_exponent_counts(tensor) for tensor in tensors], EXPONENT_BINS, torch.int64, device)
+    layout = layout_of(tensors)
+    results = []
+    for group in layout.groups:
+        members = group.tensors(tensors)
+        per_chunk = []
+        for chunk in group.chunks:
+            flat = _widened(chunk.flat(members))
+            table = _exponent_bin_tables(flat.dtype, flat.device)
+            per_chunk.append(_segment_counts(chunk, _exponent_keys(flat), table.numel()))
+        by_key = group.per_member(per_chunk, "sum")
+        # Fold the keys into the protocol's bins (plus the sink) with the lookup table.
+        counts = by_key.new_zeros((len(group.members), EXPONENT_BINS + 1)).index_add_(1, table, by_key)
+        results.append(counts[:, :EXPONENT_BINS])
+    return layout.assemble(results, 0, torch.int64, (EXPONENT_BINS,))
 
 
-def _finite_range(tensor: Tensor) -> tuple[Tensor, Tensor]:
-    """float64 (min, max) of the finite values; (NaN, NaN) when there are none."""
-    if tensor.numel() == 0:
-        nan = torch.full((), math.nan, dtype=torch.float64, device=tensor.device)
-        return nan, nan
-    values = tensor.detach().double()
-    finite = torch.isfinite(values)
-    low = torch.where(finite, values, math.inf).amin()
-    high = torch.where(finite, values, -math.inf).amax()
-    no_finite = low > high
-    return low.masked_fill(no_finite, math.nan), high.masked_fill(no_finite, math.nan)
-
-
-def _linear_bins(tensor: Tensor, low: Tensor, high: Tensor, bins: int) -> Tensor:
-    """Bin of each element over ``bins`` equal bins of [low, high] (high goes in the last bin,
-    as in torch.histc and numpy.histogram); non-finite elements get the sink bin ``bins``.
-    A zero-width range puts every finite value in bin 0."""
-    values = tensor.detach().double().reshape(-1)
-    width = torch.where(high > low, high - low, 1.0)
-    # Same operation order as numpy.histogram, so the two agree to the last rounding.
-    index = ((values - low) / width * bins).floor_().clamp_(0, bins - 1)
-    index = torch.where(torch.isfinite(values), index, float(bins))
-    return index.to(torch.int64)
-
-
+@torch.no_grad()
 def finite_ranges(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """float64 [n] (min, max) of each tensor's finite values; NaN for a tensor without any."""
-    device = _result_device(tensors)
-    if not tensors:
-        empty = torch.zeros(0, dtype=torch.float64, device=device)
-        return empty, empty.clone()
-    ranges = [_finite_range(tensor) for tensor in tensors]
-    lows = torch.stack([low.to(device, non_blocking=True) for low, _ in ranges])
-    highs = torch.stack([high.to(device, non_blocking=True) for _, high in ranges])
-    return lows, highs
+    layout = layout_of(tensors)
+    lows, highs = [], []
+    for group in layout.groups:
+        members = group.tensors(tensors)
+        chunk_lows, chunk_highs = [], []
+        for chunk in group.chunks:
+            flat = _widened(chunk.flat(members))
+            # Non-finite values become -Inf, which no max picks over a finite value.
+            highest = flat.nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+            negated_lowest = flat.neg().nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+            chunk_highs.append(torch.stack(torch._foreach_max(chunk.split(highest))))
+            chunk_lows.append(torch.stack(torch._foreach_max(chunk.split(negated_lowest))).neg_())
+        low = group.per_member(chunk_lows, "amin").double()
+        high = group.per_member(chunk_highs, "amax").double()
+        none_finite = low > high  # +Inf > -Inf: every value was non-finite
+        lows.append(low.masked_fill(none_finite, math.nan))
+        highs.append(high.masked_fill(none_finite, math.nan))
+    return layout.assemble(lows, math.nan, torch.float64), layout.assemble(highs, math.nan, torch.float64)
 
 
+@torch.no_grad()
 def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tensor, bins: int = LINEAR_BINS) -> Tensor:
     """int64 [n, bins]: counts of each tensor's finite values in ``bins`` equal bins over
-    [lows[i], highs[i]] (a range that covers them, e.g. the whole tensor's of a shard)."""
-    device = _result_device(tensors)
-    rows = [_count_values(_linear_bins(tensor, lows[i].to(tensor.device), highs[i].to(tensor.device), bins), bins + 1)[:bins] for i, tensor in enumerate(tensors)]
-    return _stack_rows(rows, bins, torch.int64, device)
+    [lows[i], highs[i]] (a range that covers them, e.g. the whole tensor's of a shard).
+
+    The bin of x is floor((x - low) / width * bins) in float64, the operation order of
+    numpy.histogram, clamped into [0, bins - 1] (high goes in the last bin); a zero-width
+    range puts every finite value in bin 0; non-finite values go to a dropped bin."""
+    layout = layout_of(tensors)
+    results = []
+    for group in layout.groups:
+        low = group.per_segment(group.select(lows).double())
+        high = group.per_segment(group.select(highs).double())
+        width = (high - low).masked_fill_(~(high > low), 1.0)
+        members = group.tensors(tensors)
+        per_chunk = []
+        for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
+            values = chunk.flat(members).double()
+            index = values.sub(chunk.repeat(chunk_low)).div_(chunk.repeat(chunk_width)).mul_(bins).floor_().clamp_(0, bins - 1)
+            index.masked_fill_(values.isfinite().logical_not_(), bins)
+            per_chunk.append(_segment_counts(chunk, index.to(torch.int64), bins + 1))
+        results.append(group.per_member(per_chunk, "sum")[:, :bins])
+    return layout.assemble(results, 0, torch.int64, (bins,))
 
 
 # --------------------------------------------------------------------------- weights and optimizer state
 
 
+@torch.no_grad()
 def weight_stats(weights: Sequence[Tensor]) -> Tensor:
     """float32 [2, n]: L2 norm (row 0) and abs-max (row 1) of each weight."""
-    return _l2_norm_and_absmax([weight.detach() for weight in weights])
+    return _l2_norm_and_absmax(weights)
 
 
+@torch.no_grad()
 def snapshot(weights: Sequence[Tensor]) -> list[Tensor]:
-    """Detached copies of the weights, taken before a step for :func:`update_stats`."""
-    return [weight.detach().clone() for weight in weights]
+    """Detached flat copies of the weights, taken before a step for :func:`update_stats`:
+    one copy per chunk, and a 1-D view of it per weight."""
+    layout = layout_of(weights)
+    copies: list[Tensor | None] = [None] * len(weights)
+    for group in layout.groups:
+        members = group.tensors(weights)
+        pieces: dict[int, list[Tensor]] = {}
+        for chunk in group.chunks:
+            for (member, _, _), view in zip(chunk.pieces, chunk.split(chunk.copy(members))):
+                pieces.setdefault(member, []).append(view)
+        for member, views in pieces.items():
+            copies[group.members[member]] = views[0] if len(views) == 1 else torch.cat(views)
+    return [weight.detach().clone() if copy is None else copy for weight, copy in zip(weights, copies)]
 
 
 def _bits(tensor: Tensor) -> Tensor:
     """The raw bit pattern of a floating tensor as an integer view (exact equality, NaN == NaN)."""
     int_dtype = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    return tensor.detach().contiguous().view(int_dtype)
+    return tensor.view(int_dtype)
 
 
-def _stale_fraction(before: Tensor, after: Tensor, grad: Tensor | None) -> Tensor:
-    """Share of elements with grad != 0 whose stored weight kept its exact bits; 0 if none."""
-    if grad is None:
-        return torch.zeros((), dtype=torch.float32, device=after.device)
-    has_grad = grad.detach() != 0
-    unchanged = _bits(before) == _bits(after)
-    with_grad = torch.count_nonzero(has_grad)
-    stale = torch.count_nonzero(has_grad & unchanged)
-    return torch.where(with_grad > 0, stale.float() / with_grad.clamp(min=1).float(), 0.0)
+def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tensor]:
+    """Tensors whose non-zero elements are those with grad != 0, all of one dtype: the grads
+    themselves when they share one, else (mixed or missing grads, rare) per-tensor masks."""
+    dtypes = {grad.dtype for grad in grads if grad is not None}
+    if len(dtypes) == 1 and all(grad is not None for grad in grads):
+        return grads  # type: ignore[return-value]
+    return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
 
 
+_UPDATE_CODES = 3  # no gradient, changed, unchanged (stale)
+
+
+@torch.no_grad()
 def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tensor:
     """float32 [2, n]: update_ratio = ||after - before|| / ||before|| (0/0 gives 0) and
     stale_fraction = share of elements with grad != 0 whose stored weight did not change
@@ -431,29 +449,42 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
     formed in float32; staleness compares the weights' own bits."""
     if not (len(before) == len(after) == len(grads)):
         raise ValueError(f"before, after and grads differ in length: {len(before)}, {len(after)}, {len(grads)}")
-    device = _result_device(after)
-    if not after:
-        return torch.zeros((2, 0), dtype=torch.float32, device=device)
-    differences = [new.detach().float() - old.float() for old, new in zip(before, after)]
-    change = torch.stack(torch._foreach_norm(differences, 2))
-    size = torch.stack(torch._foreach_norm([old.float() for old in before], 2))
-    ratio = torch.where(change == 0, 0.0, change / size)
-    stale = torch.stack([_stale_fraction(old, new, grad) for old, new, grad in zip(before, after, grads)])
-    return torch.stack([ratio, stale.to(ratio.device)]).to(device)
+    layout = layout_of(after)
+    results = []
+    for group in layout.groups:
+        olds, news = group.tensors(before), group.tensors(after)
+        marks = _gradient_marks([grads[position] for position in group.members], news)
+        changes, sizes, codes = [], [], []
+        for chunk in group.chunks:
+            old, new = chunk.flat(olds), chunk.flat(news)
+            old32 = old.float()
+            changes.append(torch.stack(torch._foreach_norm(chunk.split(new.float() - old32), 2)))
+            sizes.append(torch.stack(torch._foreach_norm(chunk.split(old32), 2)))
+            has_grad = chunk.flat(marks) != 0
+            code = (_bits(old) == _bits(new)).to(torch.int64).add_(1).mul_(has_grad)
+            codes.append(_segment_counts(chunk, code, _UPDATE_CODES))
+        change = group.per_member(changes, "norm")
+        ratio = (change / group.per_member(sizes, "norm")).masked_fill_(change == 0, 0.0)
+        counts = group.per_member(codes, "sum")
+        with_grad = counts[:, 1] + counts[:, 2]
+        stale = (counts[:, 2].float() / with_grad.clamp(min=1).float()).masked_fill_(with_grad == 0, 0.0)
+        results.append(torch.stack([ratio, stale], 1))
+    return layout.assemble(results, 0.0, torch.float32, (2,)).t()
 
 
-def _underflow_share(state: Tensor | None, fmt: FormatSpec, device: torch.device) -> Tensor:
-    if state is None or state.numel() == 0:
-        return torch.full((), math.nan, dtype=torch.float32, device=device)
-    # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
-    below_normal = torch.count_nonzero(state.detach().float().abs() < fmt.smallest_normal)
-    return (below_normal.float() / state.numel()).to(device, non_blocking=True)
-
-
+@torch.no_grad()
 def exp_avg_sq_underflow(states: Sequence[Tensor | None], fmt: FormatSpec) -> Tensor:
     """float32 [n]: share of each Adam ``exp_avg_sq`` that is zero or below
     fmt.smallest_normal; NaN where the state is None (not yet created) or empty."""
-    device = _result_device(states)
-    if not states:
-        return torch.zeros(0, dtype=torch.float32, device=device)
-    return torch.stack([_underflow_share(state, fmt, device) for state in states])
+    layout = layout_of(states)
+    results = []
+    for group in layout.groups:
+        members = group.tensors(states)
+        per_chunk = []
+        for chunk in group.chunks:
+            # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
+            below_normal = chunk.flat(members).float().abs() < fmt.smallest_normal
+            per_chunk.append(_segment_counts(chunk, below_normal, 2))
+        counts = group.per_member(per_chunk, "sum").float()
+        results.append(counts[:, 1] / counts.sum(1))
+    return layout.assemble(results, math.nan, torch.float32)

@@ -43,9 +43,9 @@ CLOSE_TIMEOUT_SECONDS = 30.0
 class StepDocuments:
     """What one step contributes to a batch."""
 
-    step: dict[str, Any]
-    histograms: list[dict[str, Any]] = field(default_factory=list)
-    events: list[dict[str, Any]] = field(default_factory=list)
+    step: protocol.StepDocument
+    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
+    events: list[protocol.EventDocument] = field(default_factory=list)
 
 
 class StepSource(Protocol):
@@ -59,7 +59,7 @@ class StepSource(Protocol):
 class _Control:
     """A flush or close request travelling through the queue behind the steps before it."""
 
-    def __init__(self, status: str | None = None) -> None:
+    def __init__(self, status: protocol.RunStatus | None = None) -> None:
         self.status = status  # None: flush; "finished" | "crashed": close
         self.done = threading.Event()
 
@@ -183,7 +183,7 @@ class Transport:
         """Send (or spool) everything submitted so far; False if it did not finish in time."""
         return self._request(_Control(), timeout)
 
-    def close(self, status: str = "finished", timeout: float = CLOSE_TIMEOUT_SECONDS) -> bool:
+    def close(self, status: protocol.RunStatus = "finished", timeout: float = CLOSE_TIMEOUT_SECONDS) -> bool:
         """Send the final batch with ``status`` and stop the sender; idempotent."""
         if self._closed:
             return True
@@ -260,7 +260,7 @@ class Transport:
             sources.append(item)
         return sources, controls
 
-    def _deliver_steps(self, sources: list[StepSource], status: str) -> None:
+    def _deliver_steps(self, sources: list[StepSource], status: protocol.RunStatus) -> None:
         documents = []
         for source in sources:
             try:
@@ -269,7 +269,7 @@ class Transport:
                 self._count_dropped(1, f"could not build the documents of step {getattr(source, 'step_number', '?')}: {error!r}")
         self._deliver(self._batch_document(documents, status))
 
-    def _batch_document(self, documents: list[StepDocuments], status: str) -> dict[str, Any]:
+    def _batch_document(self, documents: list[StepDocuments], status: protocol.RunStatus) -> protocol.BatchDocument:
         events = [event for d in documents for event in d.events]
         events.extend(self._dropped_event(documents))
         return protocol.batch_document(

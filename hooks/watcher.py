@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from numwatch import protocol
+from numwatch import protocol, records
 from numwatch.activations import ActivationTracer
 from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
@@ -117,6 +117,7 @@ class Watcher:
         project: str | None,
         histogram_every: int,
         format_every: int,
+        quant_every: int,
         format: str | None,
         on_nonfinite: str,
         measure: str,
@@ -142,7 +143,7 @@ class Watcher:
         if not selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
         fmt = format_spec(format or ("fp16" if self.scaler else format_name_for_dtype(selected[0][1].dtype)))
-        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every))
+        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
         self.tensor_names = self.watched.names
         self.device = self.watched.device
         self.format = fmt
@@ -252,6 +253,7 @@ class Watcher:
             "sharded": self.watched.sharding is not None,
             "histogram_every": self.histogram_every,
             "format_every": self.format_every,
+            "quant_every": self.watched.cadence.quant_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
         }
@@ -461,7 +463,7 @@ class Watcher:
             self._hand_on(record)
         self.transport.flush()
 
-    def close(self, status: str = "finished") -> None:
+    def close(self, status: protocol.RunStatus = "finished") -> None:
         """Remove every hook and patch, send the final batch (``status``) and stop the sender."""
         if self._closed:
             return
@@ -474,6 +476,7 @@ class Watcher:
         _watched_models.pop(self.model, None)
         atexit.unregister(self._close_at_exit)
         try:
+            self.guarded("close: final quantization", self._measure_final_weights)()
             self.seal_ended_step()
             record, self._unchecked = self._unchecked, None
             if record is not None:
@@ -485,6 +488,16 @@ class Watcher:
             self.transport.close(status)
         if self.dropped_steps:
             log.warning("numwatch: run %r dropped %d steps of monitoring data", self.run, self.dropped_steps)
+
+    def _measure_final_weights(self) -> None:
+        """The last step's record takes the final weights' quantization SQNR, unless it has it.
+
+        Only while it still takes values: once the model ran a forward after it (evaluation),
+        it was sent, and the last ``quant_every`` measurement stands.
+        """
+        record = self._ended
+        if record is not None and self.watched.cadence.quant_every > 0 and not record.has_part(records.QUANT):
+            record.add_late_parts(self.watched.quant_parts())
 
     def _close_at_exit(self) -> None:
         self.close("finished")
@@ -507,6 +520,7 @@ def watch(
     project: str | None = None,
     histogram_every: int = 100,
     format_every: int = 50,
+    quant_every: int = 1000,
     format: str | None = None,
     on_nonfinite: str = "warn",
     measure: str = "auto",
@@ -533,7 +547,9 @@ def watch(
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
     data directory) for ``numwatch sync``. ``include``/``exclude`` are fnmatch patterns on
     parameter names. ``histogram_every``/``format_every`` set the cadence of the sampled
-    statistics and of the format counts (0 turns them off). ``format`` is the target format
+    statistics and of the format counts (0 turns them off); ``quant_every`` that of the
+    weights' quantization SQNR, which ``close()`` also measures on the last step (0 turns it
+    off). ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
@@ -554,6 +570,7 @@ def watch(
         project=project,
         histogram_every=histogram_every,
         format_every=format_every,
+        quant_every=quant_every,
         format=format,
         on_nonfinite=on_nonfinite,
         measure=measure,

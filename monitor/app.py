@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -16,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from numwatch.monitor import db
 from numwatch.monitor.exposition import IngestMetrics, NumwatchCollector
 from numwatch.monitor.ratelimit import RateLimiter
+from numwatch.monitor.retention import Reaper
 from numwatch.monitor.routers import health, metrics, pages, query, runs_write
 from numwatch.monitor.security_headers import SecurityHeaders
 from numwatch.monitor.settings import Settings
@@ -45,7 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.auth_enabled:
             log.warning("auth is off: anyone who can reach %s:%s can write and read runs", settings.host, settings.port)
+        app.state.reaper.start()
         yield
+        app.state.reaper.stop()
         if app.state.annotations is not None:
             app.state.annotations.close()
         app.state.engine.dispose()
@@ -61,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.session_factory = db.make_session_factory(engine)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    retention = timedelta(days=settings.retention_days) if settings.retention_days > 0 else None
+    app.state.reaper = Reaper(app.state.session_factory, retention, settings.retention_check_seconds)
     registry = CollectorRegistry()
     app.state.ingest_metrics = IngestMetrics(registry)
     registry.register(NumwatchCollector(app.state.session_factory, settings))

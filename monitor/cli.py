@@ -122,6 +122,73 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _purger(session: Any, label: str) -> Any:
+    from numwatch.monitor.db import make_session_factory
+    from numwatch.monitor.retention import Purger
+
+    deleted = [0]
+
+    def progress(rows: int) -> None:
+        deleted[0] += rows
+        print(f"\r{label}: {deleted[0]} rows deleted", end="", file=sys.stderr, flush=True)
+
+    return Purger(make_session_factory(session.get_bind()), progress=progress)
+
+
+def cmd_runs_delete(args: argparse.Namespace) -> int:
+    from numwatch.monitor.auth import EVERYTHING
+    from numwatch.monitor.errors import NotFound
+    from numwatch.monitor.queries import find_run
+    from numwatch.monitor.retention import mark_deleting
+
+    with _session(args) as session:
+        try:
+            run = find_run(session, args.run, EVERYTHING)
+        except NotFound:
+            print(f"numwatch: no run {args.run!r} (see `numwatch runs`)", file=sys.stderr)
+            return 1
+        mark_deleting(run)
+        session.commit()
+        purger = _purger(session, f"deleting {args.run}")
+        purger.sweep()
+    print(f"\nrun {args.run!r} deleted")
+    return 0
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def duration(text: str) -> float:
+    """Seconds in ``30d``, ``12h``, ``90m``, ``45s`` or ``2w``."""
+    number, unit = text[:-1], text[-1:].lower()
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30d, 12h, 90m, 45s or 2w") from None
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return seconds
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from numwatch.monitor.retention import mark_deleting, runs_to_delete
+
+    with _session(args) as session:
+        expired = runs_to_delete(session, timedelta(seconds=args.older_than), args.project)
+        for run in expired:
+            mark_deleting(run)
+            print(f"deleting {run.name} (project {run.project}, last seen {run.last_seen_at:%Y-%m-%d %H:%M})", file=sys.stderr)
+        session.commit()
+        purger = _purger(session, "gc")
+        runs = purger.sweep()
+        orphans = purger.orphans()
+        purger.vacuum()
+    print(f"\ndeleted {runs} runs" + (f" and {orphans} rows of runs deleted by hand" if orphans else ""))
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from numwatch.monitor.errors import NotFound
     from numwatch.monitor.report import render_run
@@ -200,7 +267,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plan = DemoPlan.of_length(args.steps)
     except ValueError as error:
         raise SystemExit(f"numwatch demo: {error}") from None
-    run_demo(url=args.url, plan=plan, keep_serving=args.keep_serving)
+    run_demo(url=args.url, plan=plan, keep_serving=not args.exit)
     return 0
 
 
@@ -243,9 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database(listing)
     listing.set_defaults(func=cmd_token_list)
 
-    runs = commands.add_parser("runs", help="table of runs: status, last step, loss, grad norm, scale, events")
+    runs = commands.add_parser("runs", help="table of runs: status, last step, loss, grad norm, scale, events; `runs delete RUN`")
     _add_database(runs)
     runs.set_defaults(func=cmd_runs)
+    runs_delete = runs.add_subparsers(dest="runs_command", metavar="ACTION").add_parser(
+        "delete", help="delete a run and all its data (in short transactions: other runs keep ingesting)")
+    runs_delete.add_argument("run")
+    _add_database(runs_delete)
+    runs_delete.set_defaults(func=cmd_runs_delete)
+    gc = commands.add_parser("gc", help="delete runs not heard from for a while, and rows of runs deleted by hand", description=(
+        "Delete every run whose last batch or registration is older than --older-than (of --project only, if given), "
+        "finish deletions cut short, remove rows left by runs deleted by hand, and give the space back (SQLite)."))
+    gc.add_argument("--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m, 2w")
+    gc.add_argument("--project", help="only runs of this project")
+    _add_database(gc)
+    gc.set_defaults(func=cmd_gc)
     show = commands.add_parser("show", help="one run's state and recent events")
     show.add_argument("run", help="run name")
     _add_database(show)
@@ -262,10 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--spool-dir", default=None, help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)")
     sync.set_defaults(func=cmd_sync)
 
-    demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose and show what numwatch caught")
+    demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose, then serve its run page until Ctrl-C")
     demo.add_argument("--url", default=None, help="use this collector instead of starting one")
     demo.add_argument("--steps", type=int, default=240, help="training steps (default 240; at least 60): the instability starts halfway")
-    demo.add_argument("--keep-serving", action="store_true", help="keep the demo collector running at the end")
+    demo.add_argument("--exit", action="store_true", help="stop after the report instead of serving the run page until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
 
     _add_server_commands(commands)

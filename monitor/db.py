@@ -13,6 +13,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+INCREMENTAL_VACUUM = 2  # PRAGMA auto_vacuum's value for INCREMENTAL
+PAGE_SIZE = 16384
 
 
 class SchemaOutdated(RuntimeError):
@@ -30,11 +32,19 @@ def make_engine(database_url: str) -> Engine:
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(connection, _record) -> None:  # noqa: ANN001 (DBAPI objects)
             cursor = connection.cursor()
+            # A step row (~2.5 KB for 300 tensors) fits once in a 4 KB page, wasting the rest; six fit in 16 KB.
+            # Both this and auto_vacuum take effect only while the file is new, page size first
+            # (`numwatch db upgrade` VACUUMs older files into them).
+            cursor.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            # Freed pages are handed back by PRAGMA incremental_vacuum after a deletion.
+            cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
             # WAL: readers (/metrics, queries) never block the writer. NORMAL survives a process crash;
             # a power loss may undo the last commits (README, Guarantees: use PostgreSQL for that).
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # A checkpoint after a large deletion truncates the WAL back to this size.
+            cursor.execute("PRAGMA journal_size_limit=67108864")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
@@ -63,13 +73,37 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def upgrade(database_url: str) -> None:
-    """Apply every migration to ``database_url`` (creates the database file for SQLite)."""
+    """Apply every migration to ``database_url`` (creates the database file for SQLite).
+
+    On SQLite, migrations that rebuild a table run with foreign keys off (dropping the old
+    ``runs`` table would otherwise cascade into every step); the keys are checked after.
+    A file made before incremental vacuum is VACUUMed into it (and into larger pages) once.
+    """
     engine = make_engine(database_url)
+    sqlite = engine.url.get_backend_name() == "sqlite"
     try:
-        with engine.begin() as connection:
-            config = alembic_config(database_url)
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+        with engine.connect() as connection:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()  # ends SQLAlchemy's autobegun transaction (the driver opened none)
+            with connection.begin():
+                config = alembic_config(database_url)
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"foreign keys broken after the migration: {broken[:5]}")
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                if connection.exec_driver_sql("PRAGMA auto_vacuum").scalar() != INCREMENTAL_VACUUM:
+                    # The page size of a WAL database is fixed: rebuilt in rollback-journal mode, then back to WAL.
+                    connection.exec_driver_sql("PRAGMA journal_mode=DELETE")
+                    connection.exec_driver_sql(f"PRAGMA page_size={PAGE_SIZE}")
+                    connection.exec_driver_sql("PRAGMA auto_vacuum=INCREMENTAL")
+                    connection.exec_driver_sql("VACUUM")
+                    connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+                connection.commit()
     finally:
         engine.dispose()
 

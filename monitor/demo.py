@@ -3,7 +3,8 @@
 It starts a collector on a temporary SQLite database (or uses ``--url``), trains a small
 transformer on CPU under fp16 autocast with a GradScaler, and partway through provokes a
 real instability: a runaway learning rate that explodes the gradients, loss-scale backoffs,
-then NaN. At the end it prints what the collector detected and where to look.
+then NaN. At the end it prints what the collector detected and the URL of the run's page,
+and keeps serving that page until Ctrl-C (``--exit`` stops right after the report).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
 
 from numwatch.monitor.stack import running_collector
 
@@ -108,20 +110,30 @@ def report(url: str, run: str, out: TextIO, timeout: float = 30.0) -> list[dict]
         out.write(f"  {kind:<22} {count:>5}  {first[kind]['step']:>13}  {details}\n")
     out.write(
         "\nWhere to look:\n"
-        f"  runs:     {url}/api/v1/runs\n"
-        f"  events:   {url}/api/v1/runs/{run}/events\n"
-        f"  series:   {url}/api/v1/runs/{run}/series?metric=global_grad_norm&max_points=50\n"
+        f"  run page: {run_page_url(url, run)}   (diagnosis, charts, per-layer heatmap, histograms, events)\n"
+        f"  all runs: {url}/\n"
+        f"  JSON API: {url}/api/v1/runs/{quote(run, safe='')}/events   (and /docs)\n"
         f"  metrics:  {url}/metrics   (what Prometheus scrapes; alert rules in deploy/prometheus/)\n"
     )
     return events
 
 
-def run_demo(url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: bool = False, out: TextIO = sys.stdout) -> list[dict]:
-    """The whole demo; returns the events the collector stored."""
+def run_page_url(url: str, run: str) -> str:
+    return f"{url}/runs/{quote(run, safe='')}"
+
+
+def run_demo(url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: bool = False, out: TextIO | None = None) -> tuple[str, list[dict]]:
+    """The whole demo; returns the run's name and the events the collector stored.
+
+    With ``keep_serving``, a collector the demo started keeps serving (the run's page) until Ctrl-C.
+    """
+    out = out or sys.stdout
     run = f"demo-fp16-{time.strftime('%Y%m%d-%H%M%S')}"
+    database: Path | None = None
     with contextlib.ExitStack() as resources:
         if url is None:
             workdir = resources.enter_context(tempfile.TemporaryDirectory(prefix="numwatch-demo-"))
+            database = Path(workdir) / "numwatch.db"
             out.write("Starting a collector on a temporary SQLite database ...\n")
             url = resources.enter_context(running_collector(Path(workdir)))
         out.write(f"Collector at {url}. Training {run!r}: TinyGPT, fp16 autocast + GradScaler, CPU\n")
@@ -129,9 +141,11 @@ def run_demo(url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: 
         train(url, run, plan, out)
         out.write(f"Training finished in {time.monotonic() - started:.0f} s.\n")
         events = report(url, run, out)
-        if keep_serving:
-            out.write("Collector still serving; press Ctrl-C to stop.\n")
+        if keep_serving and database is not None:
+            out.write(f"\nOpen {run_page_url(url, run)} in a browser. The collector serves it until Ctrl-C; its temporary\n"
+                      f"database goes then. To keep the page: numwatch export {run} --database-url sqlite:///{database} -o {run}.html\n")
+            out.flush()
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
-        return events
+        return run, events

@@ -22,7 +22,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, defer
 
 from numwatch.protocol import decode_float
-from numwatch.monitor.models import GRAD_NORM_BUCKETS, RankState, Run, Step
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run, Step
 from numwatch.monitor import spikes
 from numwatch.monitor.packing import unpack_stats
 from numwatch.monitor.queries import run_status
@@ -70,7 +70,7 @@ class NumwatchCollector(Collector):
         cutoff = datetime.fromtimestamp(time.time() - self.settings.finished_grace_seconds, timezone.utc)
         return list(session.execute(
             select(Run).options(defer(Run.tensors), defer(Run.config), defer(Run.modules))
-            .where(or_(Run.status == "running", Run.finished_at.is_(None), Run.finished_at >= cutoff)).order_by(Run.id)
+            .where(Run.status != DELETING, or_(Run.status == "running", Run.finished_at.is_(None), Run.finished_at >= cutoff)).order_by(Run.id)
         ).scalars())
 
     def _build(self) -> list[Metric]:

@@ -23,6 +23,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from numwatch.monitor.settings import Settings
+
 logger = logging.getLogger(__name__)
 
 # Datasource uids the dashboards reference (dashboards/generate.py and the file
@@ -241,8 +243,10 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     grafana = subparsers.add_parser("grafana", help="Grafana dashboards and datasources")
     commands = grafana.add_subparsers(dest="grafana_command", required=True)
     push = commands.add_parser("push", help="create or update numwatch's datasources and dashboards in Grafana")
-    push.add_argument("--url", default=os.environ.get("GRAFANA_URL", "http://localhost:3000"), help="Grafana base URL (env GRAFANA_URL)")
-    push.add_argument("--token", default=os.environ.get("GRAFANA_TOKEN"), help="Grafana service-account token (env GRAFANA_TOKEN)")
+    # The same Grafana the collector posts annotations to, from the same settings.
+    settings = Settings()
+    push.add_argument("--url", default=settings.grafana_url or "http://localhost:3000", help="Grafana base URL (env NUMWATCH_GRAFANA_URL)")
+    push.add_argument("--token", default=settings.grafana_token, help="Grafana service-account token (env NUMWATCH_GRAFANA_TOKEN)")
     push.add_argument("--dashboards-dir", type=Path, default=DEFAULT_DASHBOARDS_DIR, help="directory of dashboard JSON files")
     push.add_argument("--prometheus-url", default="http://prometheus:9090", help="Prometheus URL as Grafana reaches it")
     push.add_argument("--collector-url", default="http://collector:8428", help="numwatch collector URL as Grafana reaches it")

@@ -20,12 +20,12 @@ from sqlalchemy import func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors, spikes
+from numwatch.monitor import detectors, rollups, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError, NotFound
-from numwatch.monitor.models import GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, RunInstance, Step
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, RunInstance, Step
+from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
 from numwatch.monitor.queries import find_run
-from numwatch.monitor.packing import pack_stats, unpack_stats
 from numwatch.monitor.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
 
 
@@ -96,6 +96,8 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
         session.add(run)
         session.flush()
     else:
+        if run.status == DELETING:
+            raise IngestError(409, f"run {document.run!r} is being deleted; register it again once it is gone, or use a new run name")
         if run.project != document.project or not principal.may_access(run.project):
             raise IngestError(409 if principal.may_access(run.project) else 403, f"run {document.run!r} belongs to another project")
         difference = _schema_difference(run.tensors, tensors)
@@ -195,7 +197,7 @@ def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
     """A stored or about-to-be-stored step as the detectors read it."""
     get = row.get if isinstance(row, dict) else lambda key: getattr(row, key)
     return {
-        "step": get("step"), "time": get("time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
+        "step": get("step"), "time": get("time"), "step_time": get("step_time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
         "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
         "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
         "clipped": bool(get("clipped")),
@@ -346,6 +348,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
+        rollups.record(session, run.id, rank, views, n_tensors)
     else:
         views = []
 
@@ -359,7 +362,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: getattr(h, name) for name in protocol.HISTOGRAM_LENGTHS},
+                    **{name: compress_array(getattr(h, name), int(protocol.HISTOGRAM_DTYPES[name][-1])) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))

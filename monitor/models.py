@@ -1,9 +1,11 @@
 """SQLAlchemy 2 models of the collector's store (schema changes go through Alembic).
 
 Per-step per-tensor statistics are stored packed: one ``steps`` row per (run, rank,
-step) whose ``tensor_stats`` blob is the concatenation of the raw little-endian arrays
-named, in order, by ``stat_names`` (dtypes from ``numwatch.protocol.TENSOR_STATS``; each
-array has one element per tensor of the run's schema). Run-level state that /metrics
+step) whose ``tensor_stats`` blob holds the compressed arrays named by ``stat_names``
+(``numwatch.monitor.packing``; dtypes from ``numwatch.protocol.TENSOR_STATS``; each array
+has one element per tensor of the run's schema). ``rollups`` summarise every series per
+bucket of steps at a few resolutions (``numwatch.monitor.rollups``), so whole-run reads
+cost what they return. Run-level state that /metrics
 serves (counters, last values) lives in ``rank_state`` and is updated in the same
 transaction as the steps it counts, so every replica sharing the database reports the
 same numbers.
@@ -37,6 +39,7 @@ from numwatch.protocol import decode_float
 # Prometheus (log-spaced, one per decade; +Inf is implicit). Spikes between scrapes
 # survive in these counts.
 GRAD_NORM_BUCKETS: tuple[float, ...] = tuple(10.0**e for e in range(-8, 9))
+DELETING = "deleting"  # a run's status while its rows are deleted
 
 
 class ExactFloat(TypeDecorator):
@@ -90,6 +93,8 @@ class Token(Base):
 
 class Run(Base):
     __tablename__ = "runs"
+    # Run ids are never reused: rows a hand-made delete left behind can never join a new run.
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(512), unique=True)
@@ -99,7 +104,8 @@ class Run(Base):
     tensors: Mapped[list] = mapped_column(JSON)  # [{"name","shape","dtype","group"}]
     modules: Mapped[list] = mapped_column(JSON, default=list)
     config: Mapped[dict] = mapped_column(JSON, default=dict)
-    # running | finished | crashed; "stale" is derived at read time from last_seen_at.
+    # running | finished | crashed | deleting; "stale" is derived at read time from last_seen_at.
+    # A deleting run is invisible and refuses writes while its rows go, a bounded transaction at a time.
     status: Mapped[str] = mapped_column(String(16), default="running")
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -155,10 +161,24 @@ class Histogram(Base):
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # grad | weight
+    # Each compressed (numwatch.monitor.packing.compress_array) from the wire's raw arrays.
     exponent: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x EXPONENT_BINS
     linear_min: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
     linear_max: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
     linear: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x LINEAR_BINS
+
+
+class Rollup(Base):
+    """A bucket of ``level`` steps of one series (a step scalar or a per-tensor stat), summarised."""
+
+    __tablename__ = "rollups"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series: Mapped[str] = mapped_column(String(40), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # first step = bucket * level
+    data: Mapped[bytes] = mapped_column(LargeBinary)  # numwatch.monitor.rollups.encode
 
 
 class Event(Base):

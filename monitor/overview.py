@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor.models import Event, Histogram, Run, Step
 from numwatch.monitor.packing import unpack_stats
-from numwatch.monitor.queries import downsample, event_record, rank_states, run_status
+from numwatch.monitor.queries import event_record, rank_states, run_status
+from numwatch.monitor.series import downsample
 
 MEAN_STATS = ("update_ratio", "stale_fraction")
 ORIGIN_KINDS = ("nonfinite_origin", "nonfinite_grad")

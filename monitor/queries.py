@@ -13,11 +13,10 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import NotFound
-from numwatch.monitor.models import Event, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import unpack_stats
-
-STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time", "clip_coef", "post_clip_grad_norm")
-DERIVED_SCALARS = ("lr", "skipped")
+from numwatch.monitor.models import DELETING, Event, Histogram, RankState, Run, Step
+from numwatch.monitor.packing import decompress_array, unpack_stats
+from numwatch.monitor.rollups import SCALAR_SERIES, STEP_SCALARS
+from numwatch.monitor.series import read_window, summary_points
 
 
 def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: float | None = None) -> str:
@@ -30,7 +29,7 @@ def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: f
 
 
 def visible_runs(session: Session, principal: Principal) -> list[Run]:
-    query = select(Run).order_by(Run.created_at.desc(), Run.id.desc())
+    query = select(Run).where(Run.status != DELETING).order_by(Run.created_at.desc(), Run.id.desc())
     if principal.project is not None:
         query = query.where(Run.project == principal.project)
     return list(session.execute(query).scalars())
@@ -39,7 +38,7 @@ def visible_runs(session: Session, principal: Principal) -> list[Run]:
 def find_run(session: Session, name: str, principal: Principal) -> Run:
     """The run called ``name`` if the caller may see it; NotFound otherwise (also for other projects' runs)."""
     run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
-    if run is None or not principal.may_access(run.project):
+    if run is None or run.status == DELETING or not principal.may_access(run.project):
         raise NotFound(f"unknown run {name!r} (a run exists once registered with POST /api/v1/runs)")
     return run
 
@@ -90,59 +89,19 @@ def _tensor_index(run: Run, tensor: str | None) -> int:
         raise NotFound(f"unknown tensor {tensor!r}; tensors of {run.name!r}: {', '.join(names[:50])}") from None
 
 
-def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``max_points`` points keeping each bucket's min and max (a spike survives), in step order.
-
-    Non-finite values are extremes too: a NaN in a bucket is always kept.
-    """
-    if len(steps) <= max_points:
-        return steps, values
-    buckets = max(1, max_points // 2)
-    keep: list[int] = []
-    for chunk in np.array_split(np.arange(len(steps)), buckets):
-        chunk_values = values[chunk]
-        nonfinite = chunk[~np.isfinite(chunk_values)]
-        finite = chunk[np.isfinite(chunk_values)]
-        picks = set(nonfinite[:2].tolist())
-        if finite.size and len(picks) < 2:
-            picks.add(int(finite[np.argmax(values[finite])]))
-            if len(picks) < 2:
-                picks.add(int(finite[np.argmin(values[finite])]))
-        keep.extend(sorted(picks))
-    index = np.array(keep, dtype=np.int64)
-    return steps[index], values[index]
+def _check_series(name: str, valid: tuple[str, ...], what: str) -> None:
+    if name not in valid:
+        raise NotFound(f"unknown {what} {name!r}; valid: {', '.join(valid)}")
 
 
 def series(session: Session, run: Run, metric: str, tensor: str | None, rank: int, start: int | None, end: int | None, max_points: int) -> dict[str, list]:
-    """``{"steps", "values"}`` of a per-step scalar or a per-tensor stat, downsampled keeping extremes."""
-    if metric not in STEP_SCALARS and metric not in DERIVED_SCALARS and metric not in protocol.TENSOR_STATS:
-        valid = ", ".join((*STEP_SCALARS, *DERIVED_SCALARS, *protocol.TENSOR_STATS))
-        raise NotFound(f"unknown metric {metric!r}; valid: {valid}")
-    per_tensor = metric in protocol.TENSOR_STATS
-    index = _tensor_index(run, tensor) if per_tensor else None
-    columns = [Step.step, Step.stat_names, Step.tensor_stats] if per_tensor else [Step.step, getattr(Step, metric)]
-    query = select(*columns).where(Step.run_id == run.id, Step.rank == rank)
-    if start is not None:
-        query = query.where(Step.step >= start)
-    if end is not None:
-        query = query.where(Step.step <= end)
-    steps, values = [], []
-    for row in session.execute(query.order_by(Step.step)):
-        if per_tensor:
-            stats = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))
-            if metric not in stats:
-                continue  # a sampled stat is absent on the other steps
-            value = float(stats[metric][index])
-        elif metric == "lr":
-            value = protocol.decode_float(row[1][0]) if row[1] else None
-        else:
-            value = row[1]
-        if value is None:
-            continue
-        steps.append(row.step)
-        values.append(float(value))
-    step_array, value_array = downsample(np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64), max_points)
-    return {"steps": step_array.tolist(), "values": [protocol.encode_float(v) for v in value_array.tolist()]}
+    """``{"steps", "values"}`` of a per-step scalar or a per-tensor stat: every point when at most ``max_points``,
+    else per bucket of steps its minimum, maximum and first NaN (at most ``max_points`` points)."""
+    _check_series(metric, (*SCALAR_SERIES, *protocol.TENSOR_STATS), "metric")
+    index = _tensor_index(run, tensor) if metric in protocol.TENSOR_STATS else None
+    rows, summaries = read_window(session, run.id, rank, metric, start, end, max_points, max(1, max_points // 3), len(run.tensors), index)
+    points = [(step, float(values[0])) for step, values in rows] + [point for _, summary in summaries for point in summary_points(summary)]
+    return {"steps": [step for step, _ in points], "values": [protocol.encode_float(value) for _, value in points]}
 
 
 def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str, Any]:
@@ -182,10 +141,10 @@ def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, st
     row = session.execute(query).scalars().first()
     if row is None:
         raise NotFound(f"no {kind} histogram for run {run.name!r}" + (f" at step {step}" if step is not None else "") + " (histograms are sampled every histogram_every steps)")
-    exponent = np.frombuffer(row.exponent, dtype="<i8").reshape(-1, protocol.EXPONENT_BINS)[index]
-    linear = np.frombuffer(row.linear, dtype="<i8").reshape(-1, protocol.LINEAR_BINS)[index]
-    low = float(np.frombuffer(row.linear_min, dtype="<f4")[index])
-    high = float(np.frombuffer(row.linear_max, dtype="<f4")[index])
+    exponent = np.frombuffer(decompress_array(row.exponent, 8), dtype="<i8").reshape(-1, protocol.EXPONENT_BINS)[index]
+    linear = np.frombuffer(decompress_array(row.linear, 8), dtype="<i8").reshape(-1, protocol.LINEAR_BINS)[index]
+    low = float(np.frombuffer(decompress_array(row.linear_min, 4), dtype="<f4")[index])
+    high = float(np.frombuffer(decompress_array(row.linear_max, 4), dtype="<f4")[index])
     edges = np.linspace(low, high, protocol.LINEAR_BINS + 1) if np.isfinite(low) and np.isfinite(high) else np.full(protocol.LINEAR_BINS + 1, np.nan)
     binades = range(protocol.EXPONENT_MIN, protocol.EXPONENT_MAX + 1)
     return {
@@ -199,19 +158,19 @@ def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, st
     }
 
 
-def heatmap(session: Session, run: Run, stat: str, rank: int, max_steps: int) -> list[dict[str, Any]]:
-    """Flat ``[{"step", "tensor", "value"}]`` of a per-tensor stat over the last ``max_steps`` steps having it."""
-    if stat not in protocol.TENSOR_STATS:
-        raise NotFound(f"unknown stat {stat!r}; valid: {', '.join(protocol.TENSOR_STATS)}")
-    rows = session.execute(
-        select(Step.step, Step.stat_names, Step.tensor_stats).where(Step.run_id == run.id, Step.rank == rank, Step.stat_names.contains(stat))
-        .order_by(Step.step.desc()).limit(max_steps)
-    ).all()
+def heatmap(session: Session, run: Run, stat: str, rank: int, max_steps: int, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
+    """Flat ``[{"step", "tensor", "value"}]`` of a per-tensor stat over the window (default: the whole run).
+
+    Every step having the stat when at most ``max_steps`` do; else ``max_steps`` buckets of steps, each
+    cell the bucket's maximum (NaN when the bucket holds one), ``step`` the bucket's first step.
+    """
+    _check_series(stat, tuple(protocol.TENSOR_STATS), "stat")
     names = [t["name"] for t in run.tensors]
-    out = []
-    for row in reversed(rows):
-        values = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(names)).get(stat)
-        if values is None:
-            continue
-        out.extend({"step": row.step, "tensor": name, "value": protocol.encode_float(float(v))} for name, v in zip(names, values.tolist()))
-    return out
+    rows, summaries = read_window(session, run.id, rank, stat, start, end, max_steps, max_steps, len(names), None)
+    columns = [(step, values.astype(np.float64)) for step, values in rows] + [
+        (step, np.where(summary.nan_at >= 0, np.nan, summary.high.astype(np.float64))) for step, summary in summaries
+    ]
+    return [
+        {"step": step, "tensor": name, "value": protocol.encode_float(value)}
+        for step, values in columns for name, value in zip(names, values.tolist())
+    ]

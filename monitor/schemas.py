@@ -7,7 +7,7 @@ decoded to bytes and checked against their dtype here, and against the run's ten
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator
 
@@ -183,3 +183,10 @@ class RunRegistered(BaseModel):
     rank: int
     created: bool
     renamed: bool = Field(False, description="another process held the name asked for: this one's data is stored as `run`")
+
+
+class RunDeleting(BaseModel):
+    """A run marked for deletion: reads no longer see it; its rows are deleted in the background."""
+
+    run: str
+    status: Literal["deleting"] = "deleting"

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     metrics_cache_seconds: float = 1.0
     # Detector thresholds, one env var each: NUMWATCH_DETECT_WINDOW, NUMWATCH_DETECT_VANISHING_FLOOR, ...
     detect: DetectorConfig = DetectorConfig()
+    # Retention: runs not heard from for this many days are deleted by the collector (0 = keep every run);
+    # it looks every retention_check_seconds, and at once for runs deleted through the API.
+    retention_days: float = Field(default=0.0, ge=0)
+    retention_check_seconds: float = Field(default=3600.0, gt=0)
     # Grafana annotations for events (off when no URL).
     grafana_url: str | None = None
     grafana_token: str | None = None

@@ -14,7 +14,7 @@ from tests.binaries import require_binary
 
 HINT = "Debian: apt-get install chromium chromium-driver"
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--window-size=1280,800", "--force-device-scale-factor=1")
+         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,800", "--force-device-scale-factor=1")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 

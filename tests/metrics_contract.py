@@ -7,9 +7,6 @@ Alert rules and dashboards may reference only these (plus Prometheus's own ``up`
 from __future__ import annotations
 
 import re
-from typing import get_args
-
-from numwatch.protocol import ClientEventKind, DetectorEventKind
 
 GAUGES = (
     "numwatch_run_info",
@@ -56,9 +53,6 @@ SERIES_NAMES: frozenset[str] = frozenset(
     GAUGES + COUNTERS + tuple(f"{h}_{suffix}" for h in HISTOGRAMS for suffix in ("bucket", "sum", "count"))
 )
 PROMETHEUS_OWN = frozenset({"up", "ALERTS", "ALERTS_FOR_STATE"})
-
-# Event kinds (the `kind` label): the collector's detectors, then the client's own.
-EVENT_KINDS = get_args(DetectorEventKind) + get_args(ClientEventKind)
 
 _NUMWATCH_NAME = re.compile(r"\bnumwatch_[A-Za-z0-9_]+")
 

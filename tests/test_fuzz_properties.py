@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from numwatch import protocol
 from numwatch.spool import DOCUMENT_KINDS, SpoolWriter, iter_spool, read_entries
 from numwatch.monitor.app import create_app, prepare_database
-from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor.packing import compress_arrays, pack_stats, unpack_stats
 from numwatch.monitor.schemas import HistogramDocument, StepDocument
 from numwatch.monitor.settings import Settings
 from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc, values
@@ -199,13 +199,14 @@ def test_documents_with_wrong_array_bytes_fail_validation_with_the_field_named(s
 
 @BOUNDED
 @given(raw=st.binary(max_size=64), n_tensors=st.integers(0, 4), stat=st.sampled_from(list(protocol.TENSOR_STATS)))
-def test_unpacking_stats_of_the_wrong_size_raises_value_error(raw: bytes, n_tensors: int, stat: str) -> None:
+def test_packed_stats_round_trip_and_the_wrong_size_raises_value_error(raw: bytes, n_tensors: int, stat: str) -> None:
     expected = np.dtype(protocol.TENSOR_STATS[stat]).itemsize * n_tensors
     if len(raw) == expected:
-        assert unpack_stats(stat, raw, n_tensors)[stat].tobytes() == raw
+        stat_names, blob = pack_stats({stat: raw})
+        assert unpack_stats(stat_names, blob, n_tensors)[stat].tobytes() == raw
     else:
         with pytest.raises(ValueError):
-            unpack_stats(stat, raw, n_tensors)
+            unpack_stats(stat, compress_arrays([(raw, 1)]), n_tensors)
 
 
 @BOUNDED

@@ -1,16 +1,25 @@
-"""Alembic migrations: upgrade from empty matches the models exactly; an outdated schema is refused."""
+"""Alembic migrations: upgrade from empty matches the models exactly; an outdated schema is refused;
+a database of an older schema, with data, upgrades and every value stays readable."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
+from datetime import datetime, timezone
 
+import numpy as np
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from sqlalchemy.orm import Session
 
-from numwatch.monitor import db
+from numwatch import protocol
+from numwatch.monitor import db, queries, rollups
+from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.models import Base
+from tests.collector_docs import TENSORS
 
 
 def test_upgrade_from_empty_matches_models(database_url: str) -> None:
@@ -36,30 +45,94 @@ def test_serve_refuses_an_outdated_schema_and_says_what_to_run(tmp_path) -> None
     assert "numwatch db upgrade --database-url" in result.stderr
 
 
-def test_steps_stored_before_clipping_was_recorded_stay_readable(database_url: str) -> None:
-    from alembic import command
+OLD_REVISION = "0003"  # the schema before compressed arrays and rollups
 
+
+def _old_database(database_url: str) -> None:
+    """A database at ``OLD_REVISION``, to hold a run as that version stored it: raw arrays, no rollups."""
+    engine = db.make_engine(database_url)
+    with engine.begin() as connection:
+        config = db.alembic_config(database_url)
+        config.attributes["connection"] = connection
+        command.upgrade(config, OLD_REVISION)
+    engine.dispose()
+
+
+OLD_NORMS = [np.array([0.5, np.nan, np.inf], np.float32), np.array([0.25, 1e-30, -np.inf], np.float32)]
+OLD_LOSS = [3.0, math.nan]  # SQLite held NaN as the text 'NaN'
+OLD_NAN = [np.array([0, 4, 0], np.int64), np.array([0, 0, 0], np.int64)]
+EXPONENT = np.arange(3 * protocol.EXPONENT_BINS, dtype=np.int64) % 7
+LINEAR = np.arange(3 * protocol.LINEAR_BINS, dtype=np.int64)
+
+
+def _insert_old_rows(database_url: str) -> None:
+    engine = sa.create_engine(database_url)
+    tables = sa.MetaData()
+    tables.reflect(engine)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as connection:
+        connection.execute(tables.tables["runs"].insert(), [
+            {"id": 1, "name": "old", "project": "p", "format": "fp16", "world_size": 1, "tensors": TENSORS, "modules": [], "config": {},
+             "status": "finished", "started_at": now, "created_at": now, "last_seen_at": now},
+        ])
+        connection.execute(tables.tables["steps"].insert(), [
+            {"run_id": 1, "rank": 0, "step": step, "time": 1e9 + step, "step_time": 0.1, "loss": OLD_LOSS[i], "loss_scale": 1024.0,
+             "new_loss_scale": 1024.0, "scale_decision": "none", "skipped": False, "global_grad_norm": 1.5, "headroom_bits": 3.0,
+             "lr": [0.001], "scalars": {"tokens": 10.0}, "stat_names": "grad_norm,nan_count",
+             "tensor_stats": OLD_NORMS[i].tobytes() + OLD_NAN[i].tobytes(), "activation_absmax": None, "activation_nonfinite": None}
+            for i, step in enumerate((1, 2))
+        ])
+        if engine.dialect.name == "sqlite":  # as ExactFloat wrote it there (a REAL column turns NaN into NULL)
+            connection.execute(sa.text("UPDATE steps SET loss = 'NaN' WHERE step = 2"))
+        connection.execute(tables.tables["histograms"].insert(), [
+            {"run_id": 1, "rank": 0, "step": 1, "kind": "grad", "exponent": EXPONENT.tobytes(),
+             "linear_min": np.array([-1, -2, -3], np.float32).tobytes(), "linear_max": np.array([1, 2, 3], np.float32).tobytes(), "linear": LINEAR.tobytes()},
+        ])
+        connection.execute(tables.tables["rank_state"].insert(), [
+            {"run_id": 1, "rank": 0, "last_step": 2, "last_step_time": 1e9 + 2, "steps_total": 2, "skipped_steps_total": 0, "nonfinite_steps_total": 1,
+             "nonfinite_loss_total": 0, "loss_scale_backoffs_total": 0, "loss_scale_growths_total": 0, "grad_norm_bucket_counts": [0] * 18,
+             "grad_norm_sum": 3.0, "layers_nonfinite": 2, "lr": [0.001], "events_total": {}},
+        ])
+        if engine.dialect.name == "sqlite":  # a run deleted by hand without foreign keys left its steps behind
+            connection.execute(tables.tables["steps"].insert(), [{**{c.name: None for c in tables.tables["steps"].columns}, "run_id": 2, "rank": 0, "step": 1,
+                                                                  "time": 0.0, "skipped": False, "lr": [], "scalars": {}, "stat_names": "", "tensor_stats": b""}])
+    engine.dispose()
+
+
+def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_url: str) -> None:
+    _old_database(database_url)
+    _insert_old_rows(database_url)
+    db.upgrade(database_url)
     engine = db.make_engine(database_url)
     try:
-        with engine.begin() as connection:
-            config = db.alembic_config(database_url)
-            config.attributes["connection"] = connection
-            command.upgrade(config, "0003")
-            connection.execute(sa.text(
-                "INSERT INTO runs (id, name, project, format, world_size, tensors, modules, config, status, started_at, created_at, last_seen_at) "
-                "VALUES (1, 'old', 'default', 'fp16', 1, '[]', '[]', '{}', 'finished', :t, :t, :t)"), {"t": "2026-01-01 00:00:00+00:00"})
-            connection.execute(sa.text(
-                "INSERT INTO steps (run_id, rank, step, time, skipped, global_grad_norm, lr, scalars, stat_names, tensor_stats) "
-                "VALUES (1, 0, 1, 1.0, false, 2.5, '[]', '{}', '', :blob)"), {"blob": b""})
-            connection.execute(sa.text(
-                "INSERT INTO rank_state (run_id, rank, last_step, last_step_time, steps_total, skipped_steps_total, nonfinite_steps_total, "
-                "nonfinite_loss_total, loss_scale_backoffs_total, loss_scale_growths_total, grad_norm_bucket_counts, grad_norm_sum, layers_nonfinite, lr, events_total) "
-                "VALUES (1, 0, 1, 1.0, 1, 0, 0, 0, 0, 0, '[]', 2.5, 0, '[]', '{}')"))
-            command.upgrade(config, "head")
-        with engine.connect() as connection:
-            step = connection.execute(sa.text("SELECT global_grad_norm, clip_coef, post_clip_grad_norm, clipped FROM steps")).one()
-            clipped_total = connection.execute(sa.text("SELECT clipped_steps_total FROM rank_state")).scalar_one()
-        assert (step.global_grad_norm, step.clip_coef, step.post_clip_grad_norm, bool(step.clipped)) == (2.5, None, None, False)
-        assert clipped_total == 0
+        db.check_schema(engine)
+        with Session(engine) as session:
+            run = queries.find_run(session, "old", EVERYTHING)
+            for i, step in enumerate((1, 2)):
+                record = queries.step_record(session, run, step, 0)
+                assert [record["tensors"][t["name"]]["grad_norm"] for t in TENSORS] == [protocol.encode_float(float(v)) for v in OLD_NORMS[i]]
+                assert [record["tensors"][t["name"]]["nan_count"] for t in TENSORS] == OLD_NAN[i].tolist()
+                assert (record["loss"], record["lr"], record["scalars"]) == (protocol.encode_float(OLD_LOSS[i]), [0.001], {"tokens": 10.0})
+                # Stored before clipping was recorded: no clip function seen.
+                assert (record["clip_coef"], record["post_clip_grad_norm"], record["clipped"]) == (None, None, False)
+            histogram = queries.histograms(session, run, TENSORS[1]["name"], "grad", 0, 1)
+            assert [bin_["count"] for bin_ in histogram["linear"]] == LINEAR.reshape(3, -1)[1].tolist()
+            assert histogram["linear"][0]["low"] == -2.0 and histogram["linear"][-1]["high"] == 2.0
+            binades = range(protocol.EXPONENT_MIN, protocol.EXPONENT_MAX + 1)
+            row = EXPONENT.reshape(3, -1)[1]
+            assert histogram["exponent"] == [{"binade": b, "count": int(c)} for b, c in zip(binades, row) if c]
+            # Rollups were built from the old rows: a whole-run read from them gives the stored values.
+            summary = next(iter(rollups.read_buckets(session, run.id, 0, "grad_norm", rollups.LEVELS[0], [0], len(TENSORS), None)))[1]
+            assert [repr(float(v)) for v in summary.high] == [repr(0.5), repr(float(np.float32(1e-30))), repr(math.inf)]
+            assert summary.nan_at.tolist() == [-1, 1, -1] and summary.count.tolist() == [2, 2, 2]
+            loss = next(iter(rollups.read_buckets(session, run.id, 0, "loss", rollups.LEVELS[-1], [0], len(TENSORS), None)))[1]
+            assert (loss.low.tolist(), loss.nan_at.tolist(), loss.nonfinite.tolist()) == ([3.0], [2], [1])
+            assert queries.series(session, run, "loss", None, 0, None, None, 1000) == {"steps": [1, 2], "values": [3.0, "NaN"]}
+            orphans = session.execute(sa.text("SELECT count(*) FROM steps WHERE run_id NOT IN (SELECT id FROM runs)")).scalar()
+            assert orphans == 0
+            if engine.dialect.name == "sqlite":
+                assert "AUTOINCREMENT" in session.execute(sa.text("SELECT sql FROM sqlite_master WHERE name = 'runs'")).scalar()
+                assert session.execute(sa.text("PRAGMA auto_vacuum")).scalar() == db.INCREMENTAL_VACUUM
+                assert session.execute(sa.text("PRAGMA page_size")).scalar() == db.PAGE_SIZE
     finally:
         engine.dispose()

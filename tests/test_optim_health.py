@@ -129,3 +129,16 @@ def test_chunks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(optim_health, "CHUNK", 7)
     assert torch.allclose(adam_health(optimizer, list(model.parameters())), whole, rtol=1e-6)
     assert not math.isnan(whole[1, 0].item())
+
+
+def test_measuring_changes_neither_state_nor_weights() -> None:
+    for factory in (lambda ps: torch.optim.AdamW(ps), lambda ps: torch.optim.NAdam(ps), lambda ps: torch.optim.RAdam(ps)):
+        model, optimizer, _ = _train(factory)
+        model.float()  # float32 state chunks are the state tensors themselves
+        optimizer.state = {p: {k: v.float() if v.is_floating_point() and v.dim() else v for k, v in s.items()} for p, s in zip(model.parameters(), optimizer.state.values())}
+        before = {id(p): [v.clone() for v in s.values()] for p, s in optimizer.state.items()}
+        weights = [p.detach().clone() for p in model.parameters()]
+        adam_health(optimizer, list(model.parameters()))
+        for p, s in optimizer.state.items():
+            assert all(torch.equal(a, b) for a, b in zip(before[id(p)], s.values()))
+        assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))

@@ -92,7 +92,9 @@ def test_nf4_codebook_built_from_normal_quantiles_is_the_published_one() -> None
 @pytest.mark.parametrize("shape", [(96, 300), (5, 3, 7), (64, 128)])
 def test_every_scheme_matches_its_reference(shape: tuple[int, ...]) -> None:
     w = planted(shape)
+    untouched = w.clone()
     got = quantization_sqnr([w])
+    assert torch.equal(w, untouched)
     assert got.shape == (len(SCHEMES), 1) and got.dtype == torch.float32
     reference = w.double().numpy()
     for row, scheme in enumerate(SCHEMES):

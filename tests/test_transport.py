@@ -83,7 +83,7 @@ class FakeStep:
 
 
 def _run_document(run: str = "t") -> dict[str, Any]:
-    return {"protocol": 1, "run": run, "project": "p", "rank": 0, "world_size": 1, "format": "fp32", "tensors": [], "modules": [], "config": {}, "started_at": 0.0}
+    return dict(protocol.run_document(run, format="fp32", tensors=[], project="p", started_at=0.0))
 
 
 def _wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:

@@ -141,6 +141,28 @@ def test_run_page_charts_hold_exactly_the_points_the_api_returns(served: Served)
     assert any(m["step"] == BLOW_UP_AT for m in plotted(driver, "loss")["marks"])
 
 
+def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    driver = page(served, "/runs/mlp-fp16")
+    ranges = "return Object.values(Charts.registry).filter(c => c.uplot && c.uplot.syncKey === 'run').map(c => [c.uplot.scales.x.min, c.uplot.scales.x.max])"
+    assert set(map(tuple, driver.execute_script(ranges))) == {(1, STEPS)}
+    over = driver.find_element("css selector", "#chart-loss .u-over")
+    width = over.size["width"]
+    ActionChains(driver).move_to_element_with_offset(over, -width // 4, 0).click_and_hold().move_by_offset(width // 4, 0).release().perform()
+    zoomed = set(map(tuple, driver.execute_script(ranges)))
+    assert len(zoomed) == 1  # every chart of the page follows
+    low, high = zoomed.pop()
+    assert 1 < low < high < STEPS and high - low < STEPS / 2
+    ActionChains(driver).double_click(over).perform()
+    assert set(map(tuple, driver.execute_script(ranges))) == {(1, STEPS)}
+    # A single click opens the step under the cursor.
+    ActionChains(driver).move_to_element(over).click().perform()
+    browser.wait_for(driver, "return location.pathname.includes('/steps/')")
+    step = int(driver.current_url.rsplit("/", 1)[1])
+    assert abs(step - STEPS / 2) <= 2
+
+
 def test_diagnosis_names_the_nan_step_and_its_origin_module(served: Served) -> None:
     driver = page(served, "/runs/mlp-fp16")
     origin = [e for e in get_json(f"{served.url}/api/v1/runs/mlp-fp16/events") if e["kind"] == "nonfinite_origin"]
@@ -299,6 +321,23 @@ def test_client_strings_render_as_text_and_never_run(served: Served) -> None:
     names = [r.find_element("css selector", "td").text for r in driver.find_elements("css selector", "#tensor-table tbody tr")]
     assert set(names[:2]) == {IMG, SCRIPT} and names[2] == "plain.weight"  # worst (non-finite) first
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
+
+
+
+def test_an_exported_page_of_hostile_names_keeps_them_text(served: Served, tmp_path: Path) -> None:
+    from numwatch.monitor.cli import main
+
+    post_run(served.url, "exported-" + IMG, SCRIPT, tensors(SCRIPT, IMG, "plain.weight"), modules=(SCRIPT,), config={SCRIPT: IMG})
+    output = tmp_path / "hostile.html"
+    assert main(["export", "exported-" + IMG, "-o", str(output), "--database-url", served.database_url]) == 0
+    assert "</script>" not in output.read_text().split('id="numwatch-data">', 1)[1].rsplit("</script>", 1)[0]
+    browser.open_page(served.driver, output.as_uri())
+    driver = served.driver
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert driver.find_element("id", "run-name").text == "exported-" + IMG
+    assert driver.find_element("id", "origin-module").text == SCRIPT
+    assert driver.execute_script("return document.querySelectorAll('img, svg, main script').length") == 0
+    assert browser.console_errors(driver) == []
 
 
 def test_heatmap_colours_nan_inf_and_finite_cells_of_one_step_apart(served: Served) -> None:

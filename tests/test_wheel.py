@@ -214,8 +214,8 @@ def test_grafana_push_from_the_wheel(server_env: Venv, fake_grafana: FakeGrafana
 
 
 def test_demo_from_the_wheel(full_env: Venv, tmp_path: Path) -> None:
-    result = full_env.run(full_env.bin("numwatch"), "demo", "--steps", "60", cwd=tmp_path, timeout=600)
-    assert "The collector detected" in result.stdout, result.stdout
+    result = full_env.run(full_env.bin("numwatch"), "demo", "--steps", "60", "--exit", cwd=tmp_path, timeout=600)
+    assert "The collector detected" in result.stdout and "/runs/demo-fp16-" in result.stdout, result.stdout
 
 
 def test_installs_beside_a_distribution_that_ships_a_top_level_hooks(client_env: Venv, tmp_path: Path) -> None:

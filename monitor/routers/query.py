@@ -54,7 +54,7 @@ def get_series(
     rank: RankQuery = 0,
     start: StepQuery = None,
     end: StepQuery = None,
-    max_points: int = Query(1000, ge=2, le=100_000),
+    max_points: int = Query(1000, ge=3, le=100_000, description="at most this many points: every point when the window holds no more, else 3 per bucket of steps (min, max, first NaN)"),
     principal: Principal = Depends(require_reader),
     session: Session = Depends(get_session),
 ) -> dict:
@@ -87,17 +87,19 @@ def get_events(run: str, kind: str | None = None, principal: Principal = Depends
     return queries.events(session, _run(session, run, principal), kind)
 
 
-@router.get("/runs/{run}/heatmap", responses=RUN_RESPONSES, summary="Flat [{step, tensor, value}] of a per-tensor stat over recent steps")
+@router.get("/runs/{run}/heatmap", responses=RUN_RESPONSES, summary="Flat [{step, tensor, value}] of a per-tensor stat over the run or a window")
 def get_heatmap(
     run: str,
     stat: str = "grad_norm",
     rank: RankQuery = 0,
-    max_steps: int = Query(200, ge=1, le=10_000),
+    start: StepQuery = None,
+    end: StepQuery = None,
+    max_steps: int = Query(200, ge=1, le=10_000, description="columns: every step having the stat when no more do, else buckets of steps (each cell the bucket's maximum, NaN if it holds one)"),
     principal: Principal = Depends(require_reader),
     session: Session = Depends(get_session),
 ) -> list[dict]:
     found = _run(session, run, principal)
-    return _answer(lambda: queries.heatmap(session, found, stat, rank, max_steps))
+    return _answer(lambda: queries.heatmap(session, found, stat, rank, max_steps, start, end))
 
 
 @router.get("/runs/{run}/tensor-summary", responses=RUN_RESPONSES, response_model=TensorSummary,

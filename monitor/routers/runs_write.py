@@ -17,10 +17,12 @@ from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, require_writer
 from numwatch.monitor.errors import Refused
 from numwatch.monitor.ingest import batch_target, register_run, store_batch
+from numwatch.monitor.queries import find_run
+from numwatch.monitor.retention import mark_deleting
 from numwatch.monitor.openapi_body import json_request_body
 from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.storable import find_unstorable_text
-from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument, RunRegistered
+from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDeleting, RunDocument, RunRegistered
 
 router = APIRouter(prefix="/api/v1", tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)})
 Document = TypeVar("Document", bound=BaseModel)
@@ -129,3 +131,11 @@ async def post_batch(run: str, request: Request, principal: Principal = Depends(
         await asyncio.sleep(state.settings.debug_response_delay_seconds)
     return stored.result
 
+
+
+@router.delete("/runs/{run}", response_model=RunDeleting, status_code=202, responses=error_responses(404),
+               summary="Delete a run: it disappears at once, its rows go in the background")
+async def delete_run(run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)) -> RunDeleting:
+    await run_in_threadpool(_in_transaction, session, lambda s: mark_deleting(find_run(s, run, principal)))
+    request.app.state.reaper.wake()
+    return RunDeleting(run=run)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from numwatch.monitor import overview, queries
 from numwatch.monitor.auth import EVERYTHING
-from numwatch.monitor.web import STATIC_DIR
+from numwatch.monitor.web import STATIC_DIR, page_html
 
 # encodeURIComponent leaves these unescaped; quote() must too, or the keys would differ.
 _URI_COMPONENT_SAFE = "!~*'()"
@@ -84,7 +84,7 @@ def export_run_page(session: Session, name: str, stale_after: float) -> str:
         scripts.append(_script_text((STATIC_DIR / js).read_text()))
         return f"<script>{scripts[-1]}</script>"
 
-    page = (STATIC_DIR / "run.html").read_text()
+    page = page_html("run")
     page = re.sub(r'<link rel="icon"[^>]*>\n?', "", page)
     page = _ASSET.sub(inline, page)
     policy = (f"default-src 'none'; script-src {' '.join(map(_digest, scripts))}; style-src {' '.join(map(_digest, styles))}; "

@@ -23,9 +23,13 @@ const Charts = (() => {
     fp8_e4m3: { subnormal: [-9, -7], normal: [-6, 8] },
     fp8_e5m2: { subnormal: [-16, -15], normal: [-14, 15] },
   };
+  // Steps are integers: x ticks at 1, 2, 5 x 10^k only.
+  const STEP_INCREMENTS = Array.from({ length: 13 }, (_, k) => [1, 2, 5].map((m) => m * 10 ** k)).flat();
+  const DOUBLE_CLICK_MS = 300;
   const registry = {};  // chart id -> {uplot, source}: the tests read the plotted data from here
   const group = [];
-  let syncing = false;
+  // Charts of one sync key share their x range: the run's steps, or the zoom a drag chose on any of them.
+  const shared = {};
 
   function nonfiniteKind(v) { return Number.isNaN(v) ? "nan" : v > 0 ? "inf" : "ninf"; }
 
@@ -70,29 +74,37 @@ const Charts = (() => {
     const steps = [...new Set(seriesList.flatMap((s) => s.steps))].sort((a, b) => a - b);
     const index = new Map(steps.map((s, i) => [s, i]));
     const nonfinite = new Map();
+    const bySeries = [];
     let hiddenNonPositive = 0;
-    const columns = seriesList.map((s) => {
+    const columns = seriesList.map((s, k) => {
       const column = new Array(steps.length).fill(null);
       s.steps.forEach((step, i) => {
         const v = num(s.values[i]);
         if (v === null) return;
-        if (!Number.isFinite(v)) { nonfinite.set(step, nonfiniteKind(v)); return; }
+        if (!Number.isFinite(v)) { nonfinite.set(step, nonfiniteKind(v)); bySeries.push({ label: s.label, kind: nonfiniteKind(v) }); return; }
         if (log && v <= 0) { hiddenNonPositive += 1; return; }
         column[index.get(step)] = v;
       });
       return column;
     });
-    return { data: [steps, ...columns], nonfinite: [...nonfinite].map(([step, kind]) => ({ step, kind })), hiddenNonPositive };
+    return { data: [steps, ...columns], nonfinite: [...nonfinite].map(([step, kind]) => ({ step, kind })), bySeries, hiddenNonPositive, series: seriesList.length };
   }
 
-  function legendNote(marks, hiddenNonPositive, eventKinds) {
+  // Vertical lines mark non-finite steps; with several series the note says whose they are.
+  function legendNote(aligned, eventKinds) {
     const items = [];
-    const counts = { nan: 0, inf: 0, ninf: 0 };
-    for (const m of marks) counts[m.kind] += 1;
     const names = { nan: "NaN", inf: "+Inf", ninf: "−Inf" };
-    for (const kind of Object.keys(counts)) {
-      if (counts[kind]) items.push(el("span", { class: "key" }, el("span", { class: "swatch line", "data-kind": kind }), `${names[kind]} at ${counts[kind]} steps`));
+    const counts = new Map();
+    for (const m of aligned.bySeries) {
+      const key = m.kind + "\u0000" + (aligned.series > 1 ? m.label : "");
+      counts.set(key, (counts.get(key) || 0) + 1);
     }
+    for (const [key, n] of counts) {
+      const [kind, label] = key.split("\u0000");
+      items.push(el("span", { class: "key" }, el("span", { class: "swatch line", "data-kind": kind }),
+        `${names[kind]}${label ? " in " + label : ""} at ${n} ${n === 1 ? "step" : "steps"}`));
+    }
+    const hiddenNonPositive = aligned.hiddenNonPositive;
     for (const kind of eventKinds) {
       items.push(el("span", { class: "key" }, el("span", { class: "swatch " + MARKERS[kind].shape, "data-kind": kind }), MARKERS[kind].label));
     }
@@ -100,7 +112,8 @@ const Charts = (() => {
     return el("div", { class: "chart-note" }, items);
   }
 
-  // A line chart of API series ({steps, values}) over steps. spec: {id, title, unit, log (2|10|0),
+  // A line chart of API series (one series breaks at a non-finite value; several, sampled at
+  // different steps, are joined across the steps only another one has) ({steps, values}) over steps. spec: {id, title, unit, log (2|10|0),
   // series: [{label, steps, values}], events: [{step, kind}], onStep(step)}.
   function lineChart(container, spec) {
     const log = spec.log || 0;
@@ -122,46 +135,60 @@ const Charts = (() => {
       return null;
     }
     const yScale = log ? { distr: 3, log } : { auto: true };
+    if (spec.sync && spec.xRange) shared[spec.sync] = shared[spec.sync] || { full: spec.xRange, now: null };
+    const xRange = (u, dmin, dmax) => {
+      const state = spec.sync && shared[spec.sync];
+      return state ? (state.now || state.full) : [dmin, dmax];
+    };
     const opts = {
       width: Math.max(300, plot.clientWidth || container.clientWidth || 600),
       height: spec.height || 210,
-      scales: { x: { time: false }, y: yScale },
+      scales: { x: { time: false, range: xRange }, y: yScale },
       axes: [
-        { label: "step", size: 40, labelSize: 18, values: (u, splits) => splits.map((v) => String(v)) },
+        { label: "step", size: 40, labelSize: 18, incrs: STEP_INCREMENTS, values: (u, splits) => splits.map((v) => String(v)) },
         { label: spec.unit, size: 64, labelSize: 18, values: tickFormat(log) },
       ],
       series: [
         { label: "step", value: (u, v) => (v === null ? "–" : String(v)) },
-        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
+        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5, spanGaps: spec.series.length > 1,
           points: { show: aligned.data[0].length < 120, size: 4 }, value: (u, v) => fmt(v) })),
       ],
-      cursor: { sync: { key: spec.sync || "nw" }, drag: { x: true, y: false } },
+      cursor: { sync: { key: spec.sync || "nw" }, drag: { x: true, y: false, setScale: !spec.sync } },
       legend: { live: true },
       hooks: {
         draw: [(u) => drawMarks(u, marks)],
-        setScale: [(u, key) => {
-          if (key !== "x" || syncing || !spec.sync) return;
-          syncing = true;
-          for (const other of group) if (other !== u && other.syncKey === spec.sync) other.setScale("x", { min: u.scales.x.min, max: u.scales.x.max });
-          syncing = false;
+        setSelect: [(u) => {
+          if (!spec.sync || u.select.width < 2) return;
+          const min = u.posToVal(u.select.left, "x"), max = u.posToVal(u.select.left + u.select.width, "x");
+          u.setSelect({ left: 0, top: 0, width: 0, height: 0 }, false);
+          zoom(spec.sync, [min, max]);
         }],
       },
     };
     const uplot = new uPlot(opts, aligned.data, plot);
     uplot.syncKey = spec.sync;
     group.push(uplot);
-    note.append(legendNote(aligned.nonfinite, aligned.hiddenNonPositive, [...new Set(events.map((e) => e.kind))]));
+    if (spec.sync) uplot.over.addEventListener("dblclick", () => zoom(spec.sync, null));
+    note.append(legendNote(aligned, [...new Set(events.map((e) => e.kind))]));
     if (spec.onStep) {
       let downX = null;
       uplot.over.addEventListener("mousedown", (e) => { downX = e.clientX; });
+      // A click opens the step, unless it is the first of a double-click (which resets the zoom).
+      let pending = null;
       uplot.over.addEventListener("click", (e) => {
-        if (downX !== null && Math.abs(e.clientX - downX) < 4 && uplot.cursor.idx !== null && uplot.cursor.idx !== undefined) spec.onStep(uplot.data[0][uplot.cursor.idx]);
+        if (downX === null || Math.abs(e.clientX - downX) >= 4 || uplot.cursor.idx === null || uplot.cursor.idx === undefined) return;
+        const step = uplot.data[0][uplot.cursor.idx];
+        clearTimeout(pending);
+        pending = setTimeout(() => spec.onStep(step), DOUBLE_CLICK_MS);
       });
+      uplot.over.addEventListener("dblclick", () => clearTimeout(pending));
       uplot.over.title = "drag to zoom, double-click to reset, click to open the step";
     }
     const entry = { uplot, source: spec.series.map((s) => ({ label: s.label, steps: [...s.steps], values: [...s.values] })), marks, log };
     registry[spec.id] = entry;
     entry.append = (steps, valuesBySeries) => {
+      const state = spec.sync && shared[spec.sync];
+      if (state && steps.length) state.full = [state.full[0], Math.max(state.full[1], steps[steps.length - 1])];
       entry.source.forEach((s, i) => { s.steps.push(...steps); s.values.push(...valuesBySeries[i]); });
       const again = align(entry.source, log);
       marks.nonfinite = again.nonfinite;
@@ -169,6 +196,14 @@ const Charts = (() => {
     };
     entry.addEvents = (more) => { marks.events.push(...more.filter((e) => MARKERS[e.kind])); uplot.redraw(); };
     return entry;
+  }
+
+  function zoom(key, range) {
+    const state = shared[key];
+    if (!state) return;
+    state.now = range;
+    const [min, max] = range || state.full;
+    for (const u of group) if (u.syncKey === key) u.setScale("x", { min, max });
   }
 
   window.addEventListener("resize", () => {
@@ -188,6 +223,7 @@ const Charts = (() => {
     return `rgb(${c[0]},${c[1]},${c[2]})`;
   }
   const ZERO_COLOR = "#cfd4dc";
+  const LISTED_ROWS = 12;
 
   // Tensor x step heatmap of a per-tensor stat, log colour scale; cells: [{step, tensor, value}].
   function heatmap(container, spec) {
@@ -248,9 +284,11 @@ const Charts = (() => {
       if (bad) { ctx.fillRect(labelW, y0 + r * rowH, 4, Math.max(2, rowH)); }
     }
     ctx.textAlign = "center"; ctx.textBaseline = "top"; ctx.fillStyle = "#374151";
-    const ticks = Math.min(steps.length, Math.max(2, Math.floor(plotW / 90)));
-    for (let i = 0; i < ticks; i++) {
-      const c = Math.round(i * (steps.length - 1) / Math.max(1, ticks - 1));
+    // Round step numbers as ticks, each at the column of the first step at or after it.
+    const span = steps[steps.length - 1] - steps[0];
+    const increment = STEP_INCREMENTS.find((i) => span / i <= Math.max(2, Math.floor(plotW / 90))) || span || 1;
+    for (let v = Math.ceil(steps[0] / increment) * increment; v <= steps[steps.length - 1]; v += increment) {
+      const c = steps.findIndex((s) => s >= v);
       const x = x0 + (c + 0.5) * colW;
       ctx.fillRect(Math.round(x), y0 + plotH, 1, 4);
       ctx.fillText(String(steps[c]), x, y0 + plotH + 6);
@@ -276,8 +314,10 @@ const Charts = (() => {
     if (spec.onStep) canvas.addEventListener("click", (event) => { const cell = cellAt(event); if (cell) spec.onStep(steps[cell.c]); });
     box.append(colorBar(lo, hi, spec.stat));
     if (badRows.size) {
-      box.append(el("p", { class: "nonfinite-rows", id: "heatmap-nonfinite" }, "Non-finite: ",
-        [...badRows].map(([name, step], i) => [i ? ", " : "", el("span", { class: "mono" }, name), ` (from step ${step})`])));
+      const listed = [...badRows].sort((a, b) => a[1] - b[1]).slice(0, LISTED_ROWS);
+      box.append(el("p", { class: "nonfinite-rows", id: "heatmap-nonfinite" }, "Non-finite (earliest first): ",
+        listed.map(([name, step], i) => [i ? ", " : "", el("span", { class: "mono" }, name), ` (from step ${step})`]),
+        badRows.size > LISTED_ROWS ? ` and ${badRows.size - LISTED_ROWS} more` : ""));
     }
     const layout = { x0, y0, colW, rowH, steps, names, px,
       cellCenter: (tensor, step) => ({ x: x0 + (colOf.get(step) + 0.5) * colW, y: y0 + (rowOf.get(tensor) + 0.5) * rowH }) };
@@ -307,7 +347,8 @@ const Charts = (() => {
     const lowData = bins.length ? bins[0].binade : -20, highData = bins.length ? bins[bins.length - 1].binade : 0;
     const own = FORMAT_BANDS[spec.format];
     let low = lowData - 4, high = highData + 4;
-    if (own) { low = Math.min(low, own.subnormal[0] - shift - 2); high = Math.max(high, own.normal[1] - shift + 2); }
+    // The run's format whole (and shifted by the loss scale), so both ends of its ranges show.
+    if (own) { low = Math.min(low, own.subnormal[0] - shift - 2, own.subnormal[0] - 2); high = Math.max(high, own.normal[1] - shift + 2, own.normal[1] + 2); }
     low = Math.max(low, -160); high = Math.min(high, 130);
     const xs = [], ys = [];
     const counts = new Map(bins.map((b) => [b.binade, b.count]));
@@ -321,7 +362,7 @@ const Charts = (() => {
       width: Math.max(300, box.clientWidth || 800), height: 300 + bandH * bands.length,
       scales: { x: { time: false, range: [low - 0.5, high + 0.5] }, y: { distr: 3, log: 10, range: (u, mn, mx) => [0.5, Math.max(10, (mx || 1) * 3)] } },
       axes: [
-        { label: "binade: floor(log2 |gradient|)", size: 40, labelSize: 18, values: (u, splits) => splits.map((v) => (Number.isInteger(v) ? "2^" + v : "")) },
+        { label: "binade: floor(log2 |gradient|)", size: 40, labelSize: 18, incrs: STEP_INCREMENTS, values: (u, splits) => splits.map((v) => (Number.isInteger(v) ? "2^" + v : "")) },
         { label: "elements (log)", size: 64, labelSize: 18, values: tickFormat(10) },
       ],
       series: [{ label: "binade", value: (u, v) => (v === null ? "–" : "2^" + v) },

@@ -155,6 +155,12 @@ const NW = (() => {
     if (!(error instanceof ApiError)) console.error(error);
   }
 
+  // Every chart drawn and every handler attached: what the tests wait for and the benchmark times.
+  function ready() {
+    document.body.dataset.ready = "true";
+    performance.mark("numwatch-ready");
+  }
+
   function start(page) {
     const run = () => Promise.resolve().then(page).catch(showError);
     if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", run);
@@ -176,5 +182,5 @@ const NW = (() => {
     if (out) document.getElementById("top").append(out);
   }
 
-  return { api, apiRun, requestKey, el, clear, num, fmt, fmtTime, ago, runUrl, stepUrl, link, context, main, start, header, exported, showError, ApiError, AuthNeeded };
+  return { api, apiRun, requestKey, el, clear, num, fmt, fmtTime, ago, runUrl, stepUrl, link, context, main, start, ready, header, exported, showError, ApiError, AuthNeeded };
 })();

@@ -26,5 +26,5 @@ NW.start(async () => {
   main.append(charts);
   Charts.lineChart(charts, { id: "compare", title: metric, unit: metric + (log === 2 ? " (log2)" : log ? " (log)" : ""), log, height: 420,
     series: runs.map((run, i) => ({ label: run, ...answers[i] })) });
-  document.body.dataset.ready = "true";
+  NW.ready();
 });

@@ -1,4 +1,6 @@
 // The run page: diagnosis, charts, per-layer heatmap, exponent histogram, events; live while running.
+// Every read starts at once and each part is drawn as soon as its data arrives, in a slot laid out
+// up front (the page does not jump); the page is ready when every part is drawn.
 "use strict";
 
 NW.start(async () => {
@@ -10,35 +12,37 @@ NW.start(async () => {
   const main = NW.clear(NW.main());
   const onStep = NW.exported() ? null : (step) => { location.href = NW.stepUrl(run, step); };
   const end = detail.last_step;
+  const slot = (parent) => parent.appendChild(el("div", { class: "slot" }));
+  const xRange = [1, Math.max(2, end)];  // every chart of the page spans the run's steps
 
   main.append(RunView.summary(detail), RunView.diagnosis(run, detail, events));
   const charts = el("div", { class: "charts", id: "charts" });
   main.append(el("h2", {}, "Over steps"), el("p", { class: "muted small" },
     "Downsampled to at most ", String(layout.max_points), " points per series keeping each bucket's minimum, maximum and every NaN/Inf. Drag to zoom (all charts follow), double-click to reset, click a point to open its step."), charts);
-
-  const seriesAnswers = await Promise.all(layout.series_charts.map((chart) => Promise.all(chart.series.map((s) =>
-    apiRun(run, "/series", { metric: s.metric, max_points: layout.max_points, end })))));
-  const summary = await apiRun(run, "/tensor-summary", { max_points: layout.max_points });
-  const live = [];
-  layout.series_charts.forEach((chart, i) => {
-    const entry = Charts.lineChart(charts, { ...chart, sync: "run", onStep, events: events.filter((e) => (chart.events || []).includes(e.kind)),
-      series: chart.series.map((s, k) => ({ label: s.label, ...seriesAnswers[i][k] })) });
-    if (entry) live.push({ entry, metrics: chart.series.map((s) => s.metric) });
-  });
-  layout.summary_charts.forEach((chart) => {
-    Charts.lineChart(charts, { ...chart, sync: "run", onStep, subtitle: `run format ${detail.format}`,
-      series: chart.series.map((s) => ({ label: s.label, ...summary[s.key] })) });
-  });
-
-  const heat = await apiRun(run, "/heatmap", layout.heatmap);
+  const seriesSlots = layout.series_charts.map(() => slot(charts));
+  const summarySlots = layout.summary_charts.map(() => slot(charts));
   main.append(el("h2", {}, "Per layer"));
-  Charts.heatmap(main, { title: "Gradient norm per tensor", stat: layout.heatmap.stat, cells: heat, tensors: detail.tensors.map((t) => t.name), onStep,
-    subtitle: `Rows: the run's ${detail.tensors.length} tensors in model order; columns: the last ${layout.heatmap.max_steps} steps that have it. Log colour scale; NaN, +Inf and zero in their own colours.` });
-
+  const heatSlot = slot(main);
   main.append(el("h2", {}, "Exponent histogram"));
-  await RunView.histogramSection(main, run, detail);
-
+  const histogramSlot = slot(main);
   main.append(el("h2", {}, `Events (${events.length})`), RunView.eventsTable(run, events));
+
+  const live = [];
+  const seriesCharts = layout.series_charts.map((chart, i) => Promise.all(chart.series.map((s) =>
+    apiRun(run, "/series", { metric: s.metric, max_points: layout.max_points, end }))).then((answers) => {
+    const entry = Charts.lineChart(seriesSlots[i], { ...chart, sync: "run", xRange, onStep, events: events.filter((e) => (chart.events || []).includes(e.kind)),
+      series: chart.series.map((s, k) => ({ label: s.label, ...answers[k] })) });
+    if (entry) live.push({ entry, metrics: chart.series.map((s) => s.metric) });
+  }));
+  const summaryCharts = apiRun(run, "/tensor-summary", { max_points: layout.max_points }).then((summary) => {
+    layout.summary_charts.forEach((chart, i) => Charts.lineChart(summarySlots[i], { ...chart, sync: "run", xRange, onStep, subtitle: `run format ${detail.format}`,
+      series: chart.series.map((s) => ({ label: s.label, ...summary[s.key] })) }));
+  });
+  const heatmap = apiRun(run, "/heatmap", layout.heatmap).then((cells) => Charts.heatmap(heatSlot, {
+    title: "Gradient norm per tensor", stat: layout.heatmap.stat, cells, tensors: detail.tensors.map((t) => t.name), onStep,
+    subtitle: `Rows: the run's ${detail.tensors.length} tensors in model order; columns: the whole run, at most ${layout.heatmap.max_steps} (each step that has it, or each bucket of steps at its maximum, NaN when it holds one). Log colour scale; NaN, +Inf and zero in their own colours.` }));
+  const histogram = RunView.histogramSection(histogramSlot, run, detail);
+  await Promise.all([...seriesCharts, summaryCharts, heatmap, histogram]);
   if (!NW.exported() && (detail.status === "running" || detail.status === "stale")) RunView.follow(run, end, live);
-  document.body.dataset.ready = "true";
+  NW.ready();
 });

@@ -55,7 +55,7 @@ NW.start(async () => {
     location.href = "/compare?" + query;
   });
   apply();
-  document.body.dataset.ready = "true";
+  NW.ready();
 });
 
 function RunStatus(status) { return NW.el("span", { class: "status " + status }, status); }

@@ -24,6 +24,7 @@ const RunView = (() => {
   }
 
   const first = (events, kind) => events.find((e) => e.kind === kind);
+  const plural = (n, word, many) => `${n} ${n === 1 ? word : many || word + "s"}`;
   const count = (events, kind) => events.filter((e) => e.kind === kind).length;
 
   function tensorsText(list) {
@@ -49,10 +50,10 @@ const RunView = (() => {
     if (explosion) {
       const d = explosion.details || {};
       add(explosion.step, `gradient explosion: global norm ${fmt(d.global_grad_norm)}, ${fmt(d.factor, 3)}× the rolling median ${fmt(d.rolling_median)}`,
-        count(events, "grad_explosion") > 1 ? ` (${count(events, "grad_explosion")} steps in all).` : ".");
+        count(events, "grad_explosion") > 1 ? ` (${plural(count(events, "grad_explosion"), "step")} in all).` : ".");
     }
     const loss = first(events, "nonfinite_loss");
-    if (loss) add(loss.step, `the loss became ${fmt((loss.details || {}).loss)} (${count(events, "nonfinite_loss")} steps with a non-finite loss).`);
+    if (loss) add(loss.step, `the loss became ${fmt((loss.details || {}).loss)} (${plural(count(events, "nonfinite_loss"), "step")} with a non-finite loss).`);
     const collapse = first(events, "loss_scale_collapse");
     if (collapse) {
       const d = collapse.details || {};
@@ -63,21 +64,21 @@ const RunView = (() => {
       const d = spike.details || {};
       add(spike.step, `loss spike: ${fmt(d.loss)} above the ${d.sigmas}σ threshold ${fmt(d.threshold)} of the last ${d.window} steps`,
         d.grad_norm_spike_step !== null && d.grad_norm_spike_step !== undefined ? ["; the gradient norm spiked first, at ", NW.link(NW.stepUrl(run, d.grad_norm_spike_step), `step ${d.grad_norm_spike_step}`)] : "",
-        count(events, "loss_spike") > 1 ? ` (${count(events, "loss_spike")} loss spikes).` : ".");
+        count(events, "loss_spike") > 1 ? ` (${plural(count(events, "loss_spike"), "loss spike")}).` : ".");
     }
     const normSpike = first(events, "grad_norm_spike");
     if (normSpike) {
       const d = normSpike.details || {};
       add(normSpike.step, `gradient-norm spike: ${fmt(d.grad_norm)} above the ${d.sigmas}σ threshold ${fmt(d.threshold)}`,
-        count(events, "grad_norm_spike") > 1 ? ` (${count(events, "grad_norm_spike")} spikes).` : ".");
+        count(events, "grad_norm_spike") > 1 ? ` (${plural(count(events, "grad_norm_spike"), "spike")}).` : ".");
     }
     const skipped = first(events, "skipped_step");
-    if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${count(events, "loss_scale_backoff")} loss-scale backoffs in all.`);
+    if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${plural(count(events, "loss_scale_backoff"), "loss-scale backoff")} in all.`);
     const told = new Set(["nonfinite_origin", "nonfinite_grad", "grad_explosion", "nonfinite_loss", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
       "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
     for (const kind of [...new Set(events.map((e) => e.kind))].filter((k) => !told.has(k))) {
       const e = first(events, kind);
-      add(e.step, el("span", { class: "mono" }, kind), ` (${count(events, kind)} events).`);
+      add(e.step, el("span", { class: "mono" }, kind), ` (${plural(count(events, kind), "event")}).`);
     }
     items.sort((a, b) => a.step - b.step);
     const box = el("section", { class: "diagnosis", id: "diagnosis" }, el("h2", {}, "Diagnosis"));

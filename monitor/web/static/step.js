@@ -38,7 +38,9 @@ NW.start(async () => {
     : el("p", { class: "muted" }, "none"));
 
   const names = Object.keys(record.tensors);
-  const present = COLUMNS.filter((c) => names.some((n) => record.tensors[n][c] !== undefined));
+  // The usual stats first, then any other the client recorded (newer clients measure more).
+  const recorded = new Set(names.flatMap((n) => Object.keys(record.tensors[n])));
+  const present = [...COLUMNS.filter((c) => recorded.has(c)), ...[...recorded].filter((c) => !COLUMNS.includes(c)).sort()];
   const shapes = new Map(detail.tensors.map((t) => [t.name, t.shape]));
   let rows = names.map((name) => ({ name, stats: record.tensors[name], bad: badness(record.tensors[name]) }));
   let sortKey = null, ascending = false;
@@ -63,5 +65,5 @@ NW.start(async () => {
   main.append(el("h2", {}, `Per tensor (${names.length}), worst first`), el("p", { class: "muted small" }, "Click a column to sort by it."),
     el("div", { class: "table-wrap" }, el("table", { class: "tensors", id: "tensor-table" }, el("thead", {}, head), body)));
   render();
-  document.body.dataset.ready = "true";
+  NW.ready();
 });

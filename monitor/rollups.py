@@ -1,0 +1,257 @@
+"""Multi-resolution rollups of every per-step series, written with the steps they summarise.
+
+For each (run, rank, series, level, bucket) one row summarises the steps ``bucket * level``
+to ``(bucket + 1) * level - 1``, per tensor for per-tensor stats: the minimum and maximum
+(±Inf included, each with the first step reaching it), the first NaN, the last value, and
+how many values and non-finite values the bucket holds. These summaries merge exactly, so
+a batch that lands in a bucket already written (the next batch, a retry, another replica)
+merges into it, and a read that wants wider buckets merges consecutive ones. A whole-run
+read of a million steps thus reads about a thousand rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.orm import Session
+
+from numwatch import protocol
+from numwatch.monitor.models import Rollup
+from numwatch.monitor.packing import compress_arrays, decompress_arrays, element, inflate
+
+LEVELS = (64, 1024, 16384, 262144)
+# Per-step scalars with a series: the step columns, then the first param group's lr and the skip flag.
+STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time")
+DERIVED_SCALARS = ("lr", "skipped")
+SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS)
+_NO_STEP = np.uint32(0xFFFFFFFF)  # an offset meaning "no such step in this bucket"
+
+
+def value_dtype(series: str) -> np.dtype:
+    return np.dtype(protocol.TENSOR_STATS.get(series, "<f8"))
+
+
+def width(series: str, n_tensors: int) -> int:
+    return n_tensors if series in protocol.TENSOR_STATS else 1
+
+
+@dataclass
+class Summary:
+    """One bucket of one series, per tensor (arrays of equal length); steps are absolute, -1 = none."""
+
+    low: np.ndarray
+    low_at: np.ndarray
+    high: np.ndarray
+    high_at: np.ndarray
+    nan_at: np.ndarray
+    last: np.ndarray
+    last_at: np.ndarray
+    count: np.ndarray
+    nonfinite: np.ndarray
+
+
+
+_FIELDS = ("low", "low_at", "high", "high_at", "nan_at", "last", "last_at", "count", "nonfinite")
+_VALUE_FIELDS = ("low", "high", "last")
+_STEP_FIELDS = ("low_at", "high_at", "nan_at", "last_at")
+
+
+def _extreme(values: np.ndarray, nan: np.ndarray, steps: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: the extreme non-NaN value and the first step holding it (NaN, -1 without any)."""
+    if values.dtype.kind == "f":
+        fill = -np.inf if largest else np.inf
+        key = np.where(nan, fill, values)
+    else:
+        key = values
+    best = key.max(axis=0) if largest else key.min(axis=0)
+    hit = (key == best) & ~nan
+    found = hit.any(axis=0)
+    at = np.where(found, steps[np.argmax(hit, axis=0)], -1)
+    if values.dtype.kind == "f":
+        best = np.where(found, best, np.nan).astype(values.dtype)
+    return best, at
+
+
+def summarize(steps: np.ndarray, values: np.ndarray) -> Summary:
+    """The summary of ``values`` (one row per step, ascending ``steps``, one column per tensor)."""
+    floating = values.dtype.kind == "f"
+    nan = np.isnan(values) if floating else np.zeros(values.shape, bool)
+    low, low_at = _extreme(values, nan, steps, largest=False)
+    high, high_at = _extreme(values, nan, steps, largest=True)
+    nan_at = np.where(nan.any(axis=0), steps[np.argmax(nan, axis=0)], -1)
+    count = np.full(values.shape[1], len(steps), np.int64)
+    nonfinite = (~np.isfinite(values)).sum(axis=0) if floating else np.zeros(values.shape[1], np.int64)
+    return Summary(low, low_at, high, high_at, nan_at, values[-1].copy(), np.full(values.shape[1], steps[-1]), count, nonfinite)
+
+
+def _pick(a: np.ndarray, a_at: np.ndarray, b: np.ndarray, b_at: np.ndarray, better: np.ufunc) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(invalid="ignore"):
+        take = (b_at >= 0) & ((a_at < 0) | better(b, a) | ((b == a) & (b_at < a_at)))
+    return np.where(take, b, a), np.where(take, b_at, a_at)
+
+
+def merge(a: Summary, b: Summary) -> Summary:
+    """The summary of the union of two disjoint sets of steps."""
+    low, low_at = _pick(a.low, a.low_at, b.low, b.low_at, np.less)
+    high, high_at = _pick(a.high, a.high_at, b.high, b.high_at, np.greater)
+    nan_at = np.where((a.nan_at >= 0) & (b.nan_at >= 0), np.minimum(a.nan_at, b.nan_at), np.maximum(a.nan_at, b.nan_at))
+    later = b.last_at > a.last_at
+    return Summary(
+        low, low_at, high, high_at, nan_at, np.where(later, b.last, a.last), np.where(later, b.last_at, a.last_at),
+        a.count + b.count, a.nonfinite + b.nonfinite,
+    )
+
+
+def encode(summary: Summary, origin: int) -> bytes:
+    """Compressed bytes of ``summary``; steps as uint32 offsets from the bucket's first step ``origin``."""
+    arrays = []
+    for name in _FIELDS:
+        values = getattr(summary, name)
+        if name in _STEP_FIELDS:
+            values = np.where(values >= 0, values - origin, _NO_STEP).astype("<u4")
+        elif name not in _VALUE_FIELDS:
+            values = values.astype("<u4")
+        raw = np.ascontiguousarray(values).tobytes()
+        arrays.append((raw, values.dtype.itemsize))
+    return compress_arrays(arrays)
+
+
+def decode(blob: bytes, origin: int, dtype: np.dtype, n: int) -> Summary:
+    sizes = [(n * (dtype.itemsize if name in _VALUE_FIELDS else 4), dtype.itemsize if name in _VALUE_FIELDS else 4) for name in _FIELDS]
+    fields = {}
+    for name, raw in zip(_FIELDS, decompress_arrays(blob, sizes)):
+        if name in _VALUE_FIELDS:
+            fields[name] = np.frombuffer(raw, dtype=dtype)
+        else:
+            offsets = np.frombuffer(raw, dtype="<u4")
+            if name in _STEP_FIELDS:
+                fields[name] = np.where(offsets == _NO_STEP, -1, offsets.astype(np.int64) + origin)
+            else:
+                fields[name] = offsets.astype(np.int64)
+    return Summary(**fields)
+
+
+def decode_column(blob: bytes, origin: int, dtype: np.dtype, n: int, index: int) -> Summary:
+    """The summary of tensor ``index`` alone (what :func:`decode` gives, one column), without decoding the others."""
+    shuffled, offset, fields = inflate(blob), 0, {}
+    for name in _FIELDS:
+        size = dtype.itemsize if name in _VALUE_FIELDS else 4
+        raw = element(shuffled, offset, n, size, index)
+        offset += size * n
+        if name in _VALUE_FIELDS:
+            fields[name] = np.frombuffer(raw, dtype=dtype)
+        else:
+            value = int.from_bytes(raw, "little")
+            if name in _STEP_FIELDS:
+                value = -1 if value == _NO_STEP else value + origin
+            fields[name] = np.array([value], np.int64)
+    return Summary(**fields)
+
+
+def stack(summaries: list[Summary]) -> Summary:
+    """Summaries of consecutive pieces as one whose fields have a row per piece."""
+    return Summary(*(np.stack([getattr(s, name) for s in summaries]) for name in _FIELDS))
+
+
+def _group_extreme(values: np.ndarray, at: np.ndarray, groups: np.ndarray, starts: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per group (consecutive rows of one column): the extreme value with the earliest step holding it."""
+    missing = at < 0
+    key = np.where(missing, 0, values)
+    order = np.lexsort((at, -key if largest else key, missing, groups))
+    pick = order[starts]
+    return values[pick], at[pick]
+
+
+def reduce_groups(pieces: Summary, groups: np.ndarray) -> Summary:
+    """Merge the rows of ``pieces`` (one per piece, in step order) sharing a value of ``groups`` (non-decreasing)."""
+    starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+    ends = np.r_[starts[1:], len(groups)] - 1
+    columns = []
+    for c in range(pieces.low.shape[1]):
+        low, low_at = _group_extreme(pieces.low[:, c], pieces.low_at[:, c], groups, starts, largest=False)
+        high, high_at = _group_extreme(pieces.high[:, c], pieces.high_at[:, c], groups, starts, largest=True)
+        nan = pieces.nan_at[:, c]
+        first_nan = np.minimum.reduceat(np.where(nan < 0, np.iinfo(np.int64).max, nan), starts)
+        columns.append((low, low_at, high, high_at, np.where(first_nan == np.iinfo(np.int64).max, -1, first_nan)))
+    fields = [np.stack([column[k] for column in columns], axis=1) for k in range(5)]
+    # Each piece holds values, so a group's last value is its last piece's.
+    return Summary(
+        *fields, pieces.last[ends], pieces.last_at[ends],
+        np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0),
+    )
+
+
+def row(summary: Summary, index: int) -> Summary:
+    return Summary(*(getattr(summary, name)[index] for name in _FIELDS))
+
+
+def _lr(encoded: list | None) -> float | None:
+    return protocol.decode_float(encoded[0]) if encoded else None
+
+
+def step_series(views: list[dict], n_tensors: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Series name -> (steps, values[steps, tensors]) of ``views`` (ascending), steps without a value left out."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in SCALAR_SERIES:
+        if name == "lr":
+            pairs = [(view["step"], _lr(view["lr"])) for view in views]
+        elif name == "skipped":
+            pairs = [(view["step"], float(view["skipped"])) for view in views]
+        else:
+            pairs = [(view["step"], view[name]) for view in views]
+        pairs = [(step, value) for step, value in pairs if value is not None]
+        if pairs:
+            out[name] = (np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.float64).reshape(-1, 1))
+    for name, dtype in protocol.TENSOR_STATS.items():
+        having = [view for view in views if name in view["tensors"]]
+        if having:
+            values = np.stack([view["tensors"][name] for view in having]).astype(dtype, copy=False).reshape(len(having), n_tensors)
+            out[name] = (np.array([view["step"] for view in having], np.int64), values)
+    return out
+
+
+def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensors: int) -> None:
+    """Merge the newly stored steps ``views`` (ascending) into every level's buckets."""
+    fresh: dict[tuple[str, int, int], Summary] = {}
+    for name, (steps, values) in step_series(views, n_tensors).items():
+        for level in LEVELS:
+            buckets = steps // level
+            for chunk in np.split(np.arange(len(steps)), np.flatnonzero(np.diff(buckets)) + 1):
+                fresh[(name, level, int(buckets[chunk[0]]))] = summarize(steps[chunk], values[chunk])
+    if not fresh:
+        return
+    key = tuple_(Rollup.series, Rollup.level, Rollup.bucket)
+    stored = session.execute(
+        select(Rollup.series, Rollup.level, Rollup.bucket, Rollup.data)
+        .where(Rollup.run_id == run_id, Rollup.rank == rank, key.in_(list(fresh)))
+    ).all()
+    changed = []
+    for row in stored:
+        origin = row.bucket * row.level
+        old = decode(bytes(row.data), origin, value_dtype(row.series), width(row.series, n_tensors))
+        merged = merge(old, fresh.pop((row.series, row.level, row.bucket)))
+        changed.append({"run_id": run_id, "rank": rank, "series": row.series, "level": row.level, "bucket": row.bucket, "data": encode(merged, origin)})
+    if changed:
+        session.execute(update(Rollup), changed)
+    if fresh:
+        session.add_all(
+            Rollup(run_id=run_id, rank=rank, series=name, level=level, bucket=bucket, data=encode(summary, bucket * level))
+            for (name, level, bucket), summary in fresh.items()
+        )
+        session.flush()
+
+
+def read_buckets(session: Session, run_id: int, rank: int, series: str, level: int, buckets: list[int], n_tensors: int, column: int | None) -> Iterator[tuple[int, Summary]]:
+    """(bucket, summary) of the stored ``buckets`` of ``level`` (one tensor's column if given), streamed."""
+    dtype, n = value_dtype(series), width(series, n_tensors)
+    rows = session.execute(
+        select(Rollup.bucket, Rollup.data)
+        .where(Rollup.run_id == run_id, Rollup.rank == rank, Rollup.series == series, Rollup.level == level, Rollup.bucket.in_(buckets))
+        .execution_options(yield_per=256)
+    )
+    for found in rows:
+        origin = found.bucket * level
+        yield found.bucket, decode(bytes(found.data), origin, dtype, n) if column is None else decode_column(bytes(found.data), origin, dtype, n, column)

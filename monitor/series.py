@@ -1,0 +1,170 @@
+"""Series and heatmap reads of bounded cost: raw steps for short windows, rollups for long ones.
+
+A window of steps ``low..high`` is answered in buckets of ``width`` steps aligned at
+multiples of it. Each bucket keeps its minimum and its maximum (±Inf included, at the
+first step reaching them) and its first NaN, so every spike and every non-finite value
+of the window shows, whatever the zoom. Short windows (at most ``RAW_SPAN`` steps) read
+the raw rows; longer ones choose the finest rollup level reading at most ``ROW_BUDGET``
+rows and merge consecutive buckets; the window's ragged edges come from finer levels and
+the raw rows, so the answer is exactly the raw rows' answer for the same width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from numwatch import protocol
+from numwatch.monitor import rollups
+from numwatch.monitor.models import Step
+from numwatch.monitor.packing import unpack_stats
+
+RAW_SPAN = 1024
+ROW_BUDGET = 1024
+
+
+def bucket_width(low: int, high: int, buckets: int, unit: int = 1) -> int:
+    """The smallest multiple of ``unit`` whose aligned buckets split ``low..high`` into at most ``buckets``."""
+    if buckets < 2:
+        return unit * (high // unit + 1)
+    width = unit * max(1, math.ceil((high - low + 1) / (unit * (buckets - 1))))
+    while width > unit and high // (width - unit) - low // (width - unit) + 1 <= buckets:
+        width -= unit  # the ceiling above may overshoot by a unit or two
+    return width
+
+
+def summary_points(summary: rollups.Summary) -> list[tuple[int, float]]:
+    """A bucket's kept points in step order: its minimum, maximum and first NaN (one column)."""
+    points = {}
+    if summary.nan_at[0] >= 0:
+        points[int(summary.nan_at[0])] = math.nan
+    for at, value in ((summary.low_at[0], summary.low[0]), (summary.high_at[0], summary.high[0])):
+        if at >= 0:
+            points[int(at)] = float(value)
+    return sorted(points.items())
+
+
+def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every point when at most ``max_points``, else each bucket's kept points (ascending ``steps``)."""
+    if len(steps) <= max_points:
+        return steps, values
+    rows = list(zip(steps.tolist(), values.reshape(-1, 1)))
+    points = [p for _, summary in raw_buckets(rows, int(steps[0]), bucket_width(int(steps[0]), int(steps[-1]), max(1, max_points // 3))) for p in summary_points(summary)]
+    return np.array([p[0] for p in points], np.int64), np.array([p[1] for p in points], np.float64)
+
+
+def step_range(session: Session, run_id: int, rank: int, start: int | None, end: int | None) -> tuple[int, int] | None:
+    """The first and last stored step of the window, or None when it holds none."""
+    query = select(Step.step).where(Step.run_id == run_id, Step.rank == rank)
+    if start is not None:
+        query = query.where(Step.step >= start)
+    if end is not None:
+        query = query.where(Step.step <= end)
+    first = session.execute(query.order_by(Step.step).limit(1)).scalar()
+    if first is None:
+        return None
+    return first, session.execute(query.order_by(Step.step.desc()).limit(1)).scalar()
+
+
+def raw_values(session: Session, run_id: int, rank: int, name: str, low: int, high: int, n_tensors: int, column: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, values) of the stored steps ``low..high`` having ``name``, streamed; one tensor's value if ``column``."""
+    per_tensor = name in protocol.TENSOR_STATS
+    columns = [Step.step, Step.stat_names, Step.tensor_stats] if per_tensor else [Step.step, getattr(Step, name)]
+    query = select(*columns).where(Step.run_id == run_id, Step.rank == rank, Step.step >= low, Step.step <= high)
+    if per_tensor:
+        query = query.where(Step.stat_names.contains(name))
+    for row in session.execute(query.order_by(Step.step).execution_options(yield_per=512)):
+        if per_tensor:
+            values = unpack_stats(row.stat_names, bytes(row.tensor_stats), n_tensors).get(name)
+            if values is None:
+                continue
+            yield row.step, (values[column:column + 1] if column is not None else values)
+            continue
+        value = row[1]
+        if name == "lr":
+            value = protocol.decode_float(value[0]) if value else None
+        elif name == "skipped":
+            value = float(value)
+        if value is not None:
+            yield row.step, np.array([value], np.float64)
+
+
+def choose_level(low: int, high: int) -> int:
+    """The finest rollup level covering ``low..high`` in at most ``ROW_BUDGET`` buckets (else the coarsest)."""
+    return next((level for level in rollups.LEVELS if high // level - low // level + 1 <= ROW_BUDGET), rollups.LEVELS[-1])
+
+
+def pieces(low: int, high: int, top: int) -> list[tuple[int, int, int]]:
+    """``low..high`` as aligned rollup buckets of levels up to ``top`` and raw runs: ``(level or 1, first, last)``."""
+    levels = [level for level in reversed(rollups.LEVELS) if level <= top]
+    out: list[tuple[int, int, int]] = []
+    at = low
+    while at <= high:
+        level = next((lv for lv in levels if at % lv == 0 and at + lv - 1 <= high), None)
+        if level is None:  # inside the finest level's bucket: raw steps up to its end
+            last = min(high, (at // levels[-1] + 1) * levels[-1] - 1)
+            out.append((1, at, last))
+            at = last + 1
+        else:
+            out.append((level, at, at + level - 1))
+            at += level
+    return out
+
+
+def bucket_summaries(session: Session, run_id: int, rank: int, name: str, low: int, high: int, width: int, level: int, n_tensors: int, column: int | None) -> Iterator[tuple[int, rollups.Summary]]:
+    """(first step, summary) of each ``width``-step bucket of ``low..high`` holding values, from rollups up to ``level``."""
+    parts = pieces(low, high, level)
+    by_level: dict[int, list[int]] = {}
+    for part_level, first, _ in parts:
+        if part_level > 1:
+            by_level.setdefault(part_level, []).append(first // part_level)
+    found: dict[tuple[int, int], rollups.Summary] = {}
+    for part_level, buckets in by_level.items():
+        for start in range(0, len(buckets), ROW_BUDGET):
+            chunk = buckets[start:start + ROW_BUDGET]
+            for bucket, summary in rollups.read_buckets(session, run_id, rank, name, part_level, chunk, n_tensors, column):
+                found[(part_level, bucket * part_level)] = summary
+    for part_level, first, last in parts:
+        if part_level == 1:
+            rows = list(raw_values(session, run_id, rank, name, first, last, n_tensors, column))
+            if rows:
+                found[(1, first)] = rollups.summarize(np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]))
+    firsts = [first for part_level, first, _ in parts if (part_level, first) in found]
+    if not firsts:
+        return
+    merged = rollups.reduce_groups(rollups.stack([found[(part_level, first)] for part_level, first, _ in parts if (part_level, first) in found]), np.array(firsts, np.int64) // width)
+    for index, bucket in enumerate(sorted({first // width for first in firsts})):
+        yield max(low, bucket * width), rollups.row(merged, index)
+
+
+def raw_buckets(rows: list[tuple[int, np.ndarray]], low: int, width: int) -> list[tuple[int, rollups.Summary]]:
+    """(first step, summary) of each ``width``-step bucket of the raw ``rows`` (ascending)."""
+    steps = np.array([row[0] for row in rows], np.int64)
+    out = []
+    for chunk in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(steps // width)) + 1):
+        if chunk.size:
+            first = max(low, int(steps[chunk[0]]) // width * width)
+            out.append((first, rollups.summarize(steps[chunk], np.stack([rows[i][1] for i in chunk]))))
+    return out
+
+
+def read_window(
+    session: Session, run_id: int, rank: int, name: str, start: int | None, end: int | None, limit: int, buckets: int, n_tensors: int, column: int | None,
+) -> tuple[list[tuple[int, np.ndarray]], list[tuple[int, rollups.Summary]]]:
+    """``(rows, [])``: every (step, values) of the window when it holds at most ``limit``; else ``([], summaries)``:
+    at most ``buckets`` (first step, summary) pairs, from the raw rows when the window is short, else from rollups."""
+    window = step_range(session, run_id, rank, start, end)
+    if window is None:
+        return [], []
+    low, high = window
+    if high - low + 1 <= RAW_SPAN:
+        rows = list(raw_values(session, run_id, rank, name, low, high, n_tensors, column))
+        if len(rows) <= limit:
+            return rows, []
+        return [], raw_buckets(rows, low, bucket_width(low, high, buckets))
+    level = choose_level(low, high)
+    return [], list(bucket_summaries(session, run_id, rank, name, low, high, bucket_width(low, high, buckets, level), level, n_tensors, column))
