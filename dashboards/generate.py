@@ -301,6 +301,22 @@ def build_run_dashboard() -> dict[str, Any]:
             unit="percentunit",
             width=24,
         ),
+        timeseries(
+            "Max attention logit (sampled forwards)",
+            [
+                prom(run_metric("numwatch_attention_logit_max"), "largest over attention calls, rank {{rank}}"),
+                prom("max(numwatch_attention_logit_threshold)", "alert threshold"),
+            ],
+            log_base=10,
+        ),
+        timeseries(
+            "Output logits: log Z = logsumexp over the vocabulary (sampled forwards)",
+            [
+                prom(run_metric("numwatch_output_log_z_mean"), "mean log Z, rank {{rank}}"),
+                prom(run_metric("numwatch_output_log_z_max"), "largest log Z, rank {{rank}}"),
+                prom(run_metric("numwatch_output_logit_absmax"), "largest |logit|, rank {{rank}}"),
+            ],
+        ),
         panel(
             "heatmap",
             "Per-layer gradient norm",

@@ -255,7 +255,10 @@ class StepMeasurement:
         self.parts = {}
         self.clip = None
 
-    def finish(self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None) -> StepRecord:
+    def finish(
+        self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
+        forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
         reading, device = self.reading, watched.device
         assert self.phase is Phase.READ and reading is not None
@@ -282,6 +285,14 @@ class StepMeasurement:
         if module_parts is not None:
             absmax, module_order = module_parts
             stack.add(records.ACTIVATION_ABSMAX, absmax)
+        attention_calls: list[str] = []
+        if forward_parts is not None:
+            attention, output_logits = forward_parts
+            if attention:
+                attention_calls = list(attention)
+                stack.add(records.ATTENTION_LOGIT_MAX, torch.stack([value.to(device) for value in attention.values()]))
+            if output_logits is not None:
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
         return StepRecord(
             step_number=self.number,
             time=time.time(),
@@ -294,4 +305,5 @@ class StepMeasurement:
             format_max=watched.format.max,
             loss=logged_loss,
             module_order=module_order,
+            attention_calls=attention_calls,
         )

@@ -1,9 +1,10 @@
 """The numwatch wire protocol, version 3: written down once, imported by both sides.
 
-Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``);
-version 3 what clipping did (``clip_coef``, ``post_clip_grad_norm``, ``clipped``) and the
-run identity (``instance``, ``resume``). The collector still accepts older documents (old
-clients, old spools), which cannot carry them.
+Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``); version 3
+the forward-pass statistics of sampled steps (``attention_logit_max``, ``output_logits``),
+what clipping did (``clip_coef``, ``post_clip_grad_norm``, ``clipped``) and the run identity
+(``instance``, ``resume``). The collector still accepts older documents (old clients, old
+spools), which cannot carry them.
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
@@ -41,7 +42,10 @@ that name (``RunRegistered.run``, ``renamed``).
      "post_clip_grad_norm": float | null, "clipped": bool,   # clipped: clip_coef != 1
      "scalars": {str: float},
      "tensors": {stat: array},        # only the stats measured at this step
-     "activations": {"absmax": array, "nonfinite": array} | null}
+     "activations": {"absmax": array, "nonfinite": array} | null,
+     # forwards of sampled steps (``attention_every``), version 3:
+     "attention_logit_max": {str: float} | null,  # per attention call (calling module), forward order
+     "output_logits": {"log_z_mean": float, "log_z_max": float, "absmax": float} | null}
 
 ``histogram`` (sampled steps)::
 
@@ -103,8 +107,8 @@ QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
 ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
-# Step fields version 3 added: what clipping did.
-V3_STEP_FIELDS = ("clip_coef", "post_clip_grad_norm", "clipped")
+# Step fields version 3 added: the forward statistics and what clipping did.
+V3_STEP_FIELDS = ("attention_logit_max", "output_logits", "clip_coef", "post_clip_grad_norm", "clipped")
 V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
@@ -141,6 +145,7 @@ ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
 DetectorEventKind = Literal[
     "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
     "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
+    "attention_logit_growth", "log_z_drift",
 ]
 EventKind = Literal[ClientEventKind, DetectorEventKind]
 
@@ -176,6 +181,13 @@ class Activations(TypedDict):
     nonfinite: ArrayText
 
 
+# Output-logit statistics over a step's tokens: log Z = logsumexp over the vocabulary.
+OutputLogitStat = Literal["log_z_mean", "log_z_max", "absmax"]
+OUTPUT_LOGIT_STATS: tuple[OutputLogitStat, ...] = get_args(OutputLogitStat)
+# The first protocol version with the forward-pass fields of a step.
+FORWARD_STATS_VERSION = 3
+
+
 class StepDocument(TypedDict):
     step: int
     time: float
@@ -194,6 +206,8 @@ class StepDocument(TypedDict):
     scalars: dict[str, WireFloat]
     tensors: dict[str, ArrayText]
     activations: Activations | None
+    attention_logit_max: dict[str, WireFloat] | None
+    output_logits: dict[OutputLogitStat, WireFloat] | None
 
 
 class HistogramDocument(TypedDict):
@@ -278,6 +292,7 @@ def step_document(
     loss_scale: float | None = None, new_loss_scale: float | None = None, skipped: bool = False, lr: Iterable[float] = (),
     global_grad_norm: float | None = None, headroom_bits: float | None = None, clip_coef: float | None = None,
     post_clip_grad_norm: float | None = None, scalars: dict[str, float] | None = None, activations: Activations | None = None,
+    attention_logit_max: dict[str, float] | None = None, output_logits: dict[OutputLogitStat, float] | None = None,
 ) -> StepDocument:
     """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
     return {
@@ -290,6 +305,8 @@ def step_document(
         "clipped": clip_coef is not None and not clip_coef == 1.0,
         "scalars": {name: encode_float(value) for name, value in (scalars or {}).items()},
         "tensors": tensors, "activations": activations,
+        "attention_logit_max": None if attention_logit_max is None else {name: encode_float(v) for name, v in attention_logit_max.items()},
+        "output_logits": None if output_logits is None else {name: encode_float(v) for name, v in output_logits.items()},
     }
 
 

@@ -36,6 +36,8 @@ NEW_LOSS_SCALE = "new_loss_scale"
 FOUND_INF = "found_inf"
 POST_CLIP = "post_clip"  # float32 [k]: each tensor's norm after a clip function ran
 ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
+ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, names in StepRecord.attention_calls
+OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
 _ROWS: dict[str, tuple[str, ...]] = {
@@ -70,6 +72,7 @@ class StepRecord:
     format_max: float
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
+    attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
     events: list[dict[str, Any]] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -216,6 +219,17 @@ class StepRecord:
         nonfinite = (~np.isfinite(absmax)).astype("<i8")
         return {"absmax": protocol.pack_bytes(absmax.tobytes()), "nonfinite": protocol.pack_bytes(nonfinite.tobytes())}
 
+    def attention_logit_max(self) -> dict[str, float] | None:
+        """The step's max attention logit per attention call, when its forward was measured."""
+        if ATTENTION_LOGIT_MAX not in self.host:
+            return None
+        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist()))
+
+    def _output_logits(self) -> dict[protocol.OutputLogitStat, float] | None:
+        if OUTPUT_LOGITS not in self.host:
+            return None
+        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist()))
+
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()
         scalars = dict(self.scalars)
@@ -231,6 +245,7 @@ class StepRecord:
             skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
             clip_coef=self.clip_coef(), post_clip_grad_norm=self.post_clip_grad_norm(),
             scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
+            attention_logit_max=self.attention_logit_max(), output_logits=self._output_logits(),
         )
 
     def _histograms(self) -> list[protocol.HistogramDocument]:

@@ -50,6 +50,7 @@ from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
 from numwatch.clipping import ClipObserver
 from numwatch.formats import format_name_for_dtype, format_spec
+from numwatch.forward_probe import ForwardProbe
 from numwatch.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
 from numwatch.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.records import StepRecord
@@ -117,6 +118,8 @@ class Watcher:
         project: str | None,
         histogram_every: int,
         format_every: int,
+        attention_every: int | None,
+        logits_module: str | None,
         quant_every: int,
         format: str | None,
         on_nonfinite: str,
@@ -138,6 +141,9 @@ class Watcher:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.histogram_every = histogram_every
         self.format_every = format_every
+        self.attention_every = histogram_every if attention_every is None else attention_every
+        if self.attention_every < 0:
+            raise ValueError(f"attention_every must be >= 0 (0 turns it off), not {self.attention_every}")
         self.measure = measure
         selected = select_parameters(model, include, exclude)
         if not selected:
@@ -152,6 +158,7 @@ class Watcher:
         self.resume = resume
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
+        self.probe = ForwardProbe(model, self._forward_due, self._count_failure, logits_module) if self.attention_every > 0 else None
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
 
         self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
@@ -253,6 +260,7 @@ class Watcher:
             "sharded": self.watched.sharding is not None,
             "histogram_every": self.histogram_every,
             "format_every": self.format_every,
+            "attention_every": self.attention_every,
             "quant_every": self.watched.cadence.quant_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
@@ -293,6 +301,10 @@ class Watcher:
         if self.measurement is None:
             self.measurement = StepMeasurement(self.steps + 1)
         return self.measurement
+
+    def _forward_due(self) -> bool:
+        # A forward belongs to the step that has not been counted yet.
+        return self.steps % self.attention_every == 0
 
     def count_step(self) -> StepMeasurement:
         """Count one optimizer-step attempt; the measurement it ends."""
@@ -346,11 +358,12 @@ class Watcher:
         if measurement is self.measurement:
             self.measurement = None
         module_parts = self.tracer.take_step(self.device) if self.tracer is not None else None
+        forward_parts = self.probe.take_step() if self.probe is not None else None
         if measurement.reading is None:
             return  # the step failed (counted in monitoring_errors): nothing to record
         self._count_nonfinite_if_due(measurement, skip_known)
         now = time.perf_counter()
-        record = measurement.finish(self.watched, step_time=now - self._last_step_clock if self._last_step_clock is not None else None, module_parts=module_parts)
+        record = measurement.finish(self.watched, step_time=now - self._last_step_clock if self._last_step_clock is not None else None, module_parts=module_parts, forward_parts=forward_parts)
         self._last_step_clock = now
         self.seal_ended_step()
         previous, self._unchecked = self._unchecked, None
@@ -470,7 +483,7 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer):
+        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer, self.probe):
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)
@@ -520,6 +533,8 @@ def watch(
     project: str | None = None,
     histogram_every: int = 100,
     format_every: int = 50,
+    attention_every: int | None = None,
+    logits_module: str | None = None,
     quant_every: int = 1000,
     format: str | None = None,
     on_nonfinite: str = "warn",
@@ -549,7 +564,10 @@ def watch(
     parameter names. ``histogram_every``/``format_every`` set the cadence of the sampled
     statistics and of the format counts (0 turns them off); ``quant_every`` that of the
     weights' quantization SQNR, which ``close()`` also measures on the last step (0 turns it
-    off). ``format`` is the target format
+    off). ``attention_every`` (default ``histogram_every``; 0 off) sets which steps' forwards
+    are measured: the max attention logit of every ``scaled_dot_product_attention`` call and the
+    output logits' log Z, read from the model's output (a tensor, a tuple's first element,
+    ``.logits``) or from the output of the submodule named ``logits_module``. ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
@@ -570,6 +588,8 @@ def watch(
         project=project,
         histogram_every=histogram_every,
         format_every=format_every,
+        attention_every=attention_every,
+        logits_module=logits_module,
         quant_every=quant_every,
         format=format,
         on_nonfinite=on_nonfinite,

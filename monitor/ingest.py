@@ -20,10 +20,10 @@ from sqlalchemy import func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors, rollups, spikes
+from numwatch.monitor import detectors, forward, forward_events, rollups, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError, NotFound
-from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, Histogram, RankState, Run, RunInstance, Step
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, RunInstance, Step
 from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
@@ -136,9 +136,10 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
     decoded = []
     for i, step in enumerate(document.steps):
         raw = {}
-        for field in protocol.V3_STEP_FIELDS:
-            if getattr(step, field) not in (None, False) and document.protocol < 3:
-                raise IngestError(422, f"steps[{i}].{field}: needs protocol 3, the batch says {document.protocol}")
+        if document.protocol < protocol.FORWARD_STATS_VERSION:
+            for name in protocol.V3_STEP_FIELDS:
+                if getattr(step, name) not in (None, False):
+                    raise IngestError(422, f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}")
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
                 raise IngestError(422, f"steps[{i}].tensors.{name}: needs protocol 2, the batch says {document.protocol}")
@@ -348,9 +349,17 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
+        new_steps = {row["step"] for row in new_rows}
+        forward_rows = [row for step in document.steps if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None]
+        forward_rows = sorted({row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"])  # first copy wins
         rollups.record(session, run.id, rank, views, n_tensors)
     else:
-        views = []
+        views, forward_rows = [], []
+    if forward_rows:
+        session.execute(insert(ForwardStats), forward_rows)
+        previous = forward.previous_row(session, run.id, rank, forward_rows[0]["step"])
+        new_events += forward_events.detect(previous, forward_rows, config, {row["step"]: row["time"] for row in new_rows})
+        forward.update_rank_state(state, forward_rows)
 
     histogram_keys = {(h.step, h.kind) for h in document.histograms}
     if histogram_keys:

@@ -168,6 +168,19 @@ class Histogram(Base):
     linear: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x LINEAR_BINS
 
 
+class ForwardStats(Base):
+    """The forward-pass statistics of one sampled step: attention calls in forward order, output logits."""
+
+    __tablename__ = "forward_stats"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    attention_calls: Mapped[list] = mapped_column(JSON, default=list)  # calling module names
+    attention_logit_max: Mapped[list] = mapped_column(JSON, default=list)  # one protocol-encoded float per call
+    log_z_mean: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
 class Rollup(Base):
     """A bucket of ``level`` steps of one series (a step scalar or a per-tensor stat), summarised."""
 
@@ -235,6 +248,12 @@ class RankState(Base):
     adam_eps_dominated: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     # Lowest SQNR (dB, protocol-encoded floats) over tensors per scheme at the last quantization step.
     quant_sqnr_min: Mapped[dict] = mapped_column(JSON, default=dict)
+    # The last step whose forward was measured: largest max attention logit over its attention
+    # calls, and the output logits' statistics.
+    attention_logit_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    log_z_mean: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    output_logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
     # Rolling spike score per signal: judged-value count and recent spike episodes (numwatch.monitor.spikes).
     spike_state: Mapped[dict] = mapped_column(JSON, default=dict)

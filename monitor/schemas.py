@@ -110,6 +110,15 @@ class Activations(Strict):
     _arrays = _fields_of_dtypes(protocol.ACTIVATION_STATS)
 
 
+class OutputLogits(Strict):
+    log_z_mean: FiniteOrNonFinite
+    log_z_max: FiniteOrNonFinite
+    absmax: FiniteOrNonFinite
+
+
+AttentionCall = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
 class StepDocument(Strict):
     step: int = Field(ge=1, le=MAX_STEP)
     time: EpochSeconds
@@ -128,6 +137,8 @@ class StepDocument(Strict):
     scalars: dict[str, ProtocolFloat] = Field(default_factory=dict)
     tensors: dict[str, ArrayBytes] = Field(default_factory=dict)
     activations: Activations | None = None
+    attention_logit_max: dict[AttentionCall, FiniteOrNonFinite] | None = Field(default=None, max_length=10_000)
+    output_logits: OutputLogits | None = None
 
     @field_validator("tensors")
     @classmethod

@@ -30,6 +30,11 @@ GAUGES = (
     "numwatch_adam_update_rms",
     "numwatch_adam_eps_dominated",
     "numwatch_quant_sqnr_min_decibels",
+    "numwatch_attention_logit_max",
+    "numwatch_attention_logit_threshold",
+    "numwatch_output_log_z_mean",
+    "numwatch_output_log_z_max",
+    "numwatch_output_logit_absmax",
 )
 COUNTERS = (
     "numwatch_steps_total",

@@ -72,10 +72,21 @@ const RunView = (() => {
       add(normSpike.step, `gradient-norm spike: ${fmt(d.grad_norm)} above the ${d.sigmas}σ threshold ${fmt(d.threshold)}`,
         count(events, "grad_norm_spike") > 1 ? ` (${plural(count(events, "grad_norm_spike"), "spike")}).` : ".");
     }
+    const growth = first(events, "attention_logit_growth");
+    if (growth) {
+      const d = growth.details || {};
+      add(growth.step, `attention logits above ${fmt(d.threshold)} in `, el("span", { class: "mono", id: "attention-layers" }, (d.layers || []).map((l) => `${l.name} (${fmt(l.value)})`).join(", ")),
+        count(events, "attention_logit_growth") > 1 ? ` (${count(events, "attention_logit_growth")} episodes).` : ".");
+    }
+    const drift = first(events, "log_z_drift");
+    if (drift) {
+      const d = drift.details || {};
+      add(drift.step, `mean output log Z ${fmt(d.log_z_mean)} left the band [${fmt(d.low)}, ${fmt(d.high)}].`);
+    }
     const skipped = first(events, "skipped_step");
     if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${plural(count(events, "loss_scale_backoff"), "loss-scale backoff")} in all.`);
     const told = new Set(["nonfinite_origin", "nonfinite_grad", "grad_explosion", "nonfinite_loss", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
-      "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
+      "attention_logit_growth", "log_z_drift", "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
     for (const kind of [...new Set(events.map((e) => e.kind))].filter((k) => !told.has(k))) {
       const e = first(events, kind);
       add(e.step, el("span", { class: "mono" }, kind), ` (${plural(count(events, kind), "event")}).`);
@@ -138,6 +149,27 @@ const RunView = (() => {
     await draw();
   }
 
+  // Max attention logit per attention call (one line each, forward order) and the output logits' log Z.
+  function forwardCharts(main, forward, events, onStep, xRange) {
+    const box = el("div", { class: "charts", id: "forward-charts" });
+    main.append(box);
+    const calls = Object.keys(forward.attention_logit_max);
+    const peak = forward.run_max;
+    Charts.lineChart(box, {
+      id: "attention_logit_max", title: "Max attention logit per attention call", unit: "scale·q·k (log)", log: 10, sync: "run", xRange, onStep,
+      subtitle: peak ? `Largest of the run: ${fmt(peak.value)} in ${peak.call} at step ${peak.step}. Over batch, heads and unmasked positions, pre-softmax, as each scaled_dot_product_attention call computed it.`
+        : "No attention call measured (attention_every = 0, or the model does not call scaled_dot_product_attention).",
+      events: events.filter((e) => e.kind === "attention_logit_growth"),
+      series: calls.map((name) => ({ label: name, steps: forward.steps, values: forward.attention_logit_max[name] })),
+    });
+    Charts.lineChart(box, {
+      id: "log_z", title: "Output logits: log Z = logsumexp over the vocabulary", unit: "nats", log: 0, sync: "run", xRange, onStep,
+      events: events.filter((e) => e.kind === "log_z_drift"),
+      series: [["log_z_mean", "mean log Z"], ["log_z_max", "largest log Z"], ["logit_absmax", "largest |logit|"]]
+        .map(([key, label]) => ({ label, steps: forward.steps, values: forward[key] })),
+    });
+  }
+
   // Live: poll the tail (the steps after the last one shown) and append to every chart.
   function follow(run, after, live) {
     let last = after;
@@ -162,5 +194,5 @@ const RunView = (() => {
     setTimeout(() => tick().catch(NW.showError), POLL_MS);
   }
 
-  return { summary, diagnosis, eventsTable, eventRow, histogramSection, follow, detailsText, badge };
+  return { summary, diagnosis, eventsTable, eventRow, histogramSection, forwardCharts, follow, detailsText, badge };
 })();
