@@ -1,7 +1,7 @@
 """steps: what clipping did (clip_coef, post_clip_grad_norm, clipped); rank_state: clipped steps
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from alembic import op
 
 import numwatch.monitor.models
 
-revision = '0005'
-down_revision = '0004'
+revision = '0006'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 
