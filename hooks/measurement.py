@@ -67,8 +67,9 @@ def select_parameters(model: nn.Module, include: Iterable[str] | str | None, exc
 
 @dataclass(frozen=True)
 class Cadence:
-    """Which steps (numbered from 1) carry the sampled statistics, the format counts and the
-    quantization SQNR (the last two also the first step, as sampling does)."""
+    """Which steps (numbered from 1) carry the sampled statistics and the format counts (the
+    first step and every N-th after it), and the quantization SQNR (every N-th step: it is
+    about trained weights, and close() measures the last step)."""
 
     histogram_every: int
     format_every: int
@@ -78,7 +79,7 @@ class Cadence:
         return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
 
     def quant_due(self, step: int) -> bool:
-        return self.quant_every > 0 and (step - 1) % self.quant_every == 0
+        return self.quant_every > 0 and step % self.quant_every == 0
 
     def after_update(self, step: int) -> bool:
         """Whether the step measures the weights after the optimizer's update."""

@@ -11,7 +11,7 @@ zero gradient, as for ``clip_grad_norm_``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,7 @@ class StepRecord:
     attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
     events: list[dict[str, Any]] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
+    supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     _late_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     _logged_late: bool = False
@@ -115,8 +116,16 @@ class StepRecord:
         self.late = stack.to_host()
         return True
 
+    def supplemented(self, parts: dict[str, torch.Tensor]) -> StepRecord:
+        """A copy of this sent step that adds ``parts``: the collector extends the stored step
+        with statistics it lacks (everything else is the same, so it is no conflict)."""
+        stack = DeviceStack()
+        for name, value in parts.items():
+            stack.add(name, value)
+        return replace(self, events=[], supplement=stack.to_host(), _late_tensors={}, _late_parts={})
+
     def _stacks(self) -> list[HostStack]:
-        return [self.host] + ([self.late] if self.late is not None else [])
+        return [stack for stack in (self.host, self.late, self.supplement) if stack is not None]
 
     # -- host values, also used on the training thread for non-finite checks ----------
 

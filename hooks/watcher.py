@@ -166,8 +166,10 @@ class Watcher:
         self._failed_sites: set[str] = set()
         self.measurement: StepMeasurement | None = None  # the step under way
         self._ended: StepRecord | None = None  # ended, still taking watcher.log values
+        self._last_record: StepRecord | None = None  # of the last step that ended (close() may supplement it)
         self._unchecked: StepRecord | None = None  # accelerators: sealed, host copy read at the next step's end
         self._last_step_clock: float | None = None
+        self._supplement: StepRecord | None = None
         self._roots: tuple[torch.Tensor, ...] = ()  # scalar roots of the backward under way
         self._step_site: StepCallSite | None = None
         self._closed = False
@@ -369,7 +371,7 @@ class Watcher:
         previous, self._unchecked = self._unchecked, None
         if previous is not None:
             self._hand_on(previous)
-        self._ended = record
+        self._ended = self._last_record = record
         if self.device.type == "cpu":
             self._checker.check(record)  # before the update, where the step site allows
 
@@ -494,6 +496,8 @@ class Watcher:
             record, self._unchecked = self._unchecked, None
             if record is not None:
                 self._hand_on(record)
+            if self._supplement is not None:
+                self.transport.submit(self._supplement)  # behind the step it supplements
         except NonFiniteError:
             pass  # closing is not the place to stop training
         finally:
@@ -503,14 +507,20 @@ class Watcher:
             log.warning("numwatch: run %r dropped %d steps of monitoring data", self.run, self.dropped_steps)
 
     def _measure_final_weights(self) -> None:
-        """The last step's record takes the final weights' quantization SQNR, unless it has it.
-
-        Only while it still takes values: once the model ran a forward after it (evaluation),
-        it was sent, and the last ``quant_every`` measurement stands.
-        """
-        record = self._ended
-        if record is not None and self.watched.cadence.quant_every > 0 and not record.has_part(records.QUANT):
-            record.add_late_parts(self.watched.quant_parts())
+        """The last step takes the final weights' quantization SQNR, unless it has it: its open
+        record, or a copy of the record sent already (a forward, flush() or the next step's
+        backward closed it), which the collector merges into the stored step."""
+        self._supplement = None
+        record = self._last_record
+        if record is None or self.watched.cadence.quant_every <= 0 or record.has_part(records.QUANT):
+            return
+        parts = self.watched.quant_parts()
+        if not parts:
+            return
+        if record is self._ended:
+            record.add_late_parts(parts)
+        else:
+            self._supplement = record.supplemented(parts)
 
     def _close_at_exit(self) -> None:
         self.close("finished")

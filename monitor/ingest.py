@@ -1,7 +1,9 @@
 """Registering runs and storing batches: one transaction per batch, idempotent on (run, rank, step).
 
 A retried batch stores nothing twice. A step that arrives again with different content
-keeps the first version and records a :class:`~numwatch.monitor.models.Conflict`. Detectors run on
+keeps the first version and records a :class:`~numwatch.monitor.models.Conflict`, unless
+the copy only adds statistics a client measures after sending the step (``SUPPLEMENT_STATS``:
+the final weights' quantization at ``close()``), which extend the stored step. Detectors run on
 the newly stored steps only, and every counter of ``rank_state`` moves in the same
 transaction as the rows it counts, so all replicas on one database agree.
 """
@@ -27,6 +29,9 @@ from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event
 from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
+
+# Statistics a re-sent copy of a stored step may add (see _supplements).
+SUPPLEMENT_STATS = frozenset(protocol.QUANT_SQNR_STATS.values())
 
 
 @dataclass
@@ -194,6 +199,18 @@ def _same_content(first: Step | dict[str, Any], row: dict[str, Any]) -> bool:
     )
 
 
+def _supplements(first: Step | dict[str, Any], row: dict[str, Any], n_tensors: int) -> bool:
+    """Whether ``row`` is ``first`` plus statistics a client may add after sending a step
+    (the final weights' quantization SQNR measured at close()): then it is no conflict."""
+    get = first.get if isinstance(first, dict) else lambda key: getattr(first, key)
+    if get("skipped") != row["skipped"] or not all(_same_float(get(key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm")):
+        return False
+    old = unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors)
+    new = unpack_stats(row["stat_names"], row["tensor_stats"], n_tensors)
+    added = set(new) - set(old)
+    return bool(added) and added <= SUPPLEMENT_STATS and all(old[name].tobytes() == new[name].tobytes() for name in old if name in new) and set(old) <= set(new)
+
+
 def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
     """A stored or about-to-be-stored step as the detectors read it."""
     get = row.get if isinstance(row, dict) else lambda key: getattr(row, key)
@@ -258,7 +275,11 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
             break
     _set_sampled_means(state, views, ("update_ratio", "stale_fraction"))
     _set_sampled_means(state, views, protocol.ADAM_HEALTH_STATS)
-    for view in reversed(views):
+
+
+def _update_quant_state(state: RankState, views: list[dict[str, Any]]) -> None:
+    """The lowest SQNR per scheme from the highest-numbered view that has quantization stats."""
+    for view in sorted(views, key=lambda v: v["step"], reverse=True):
         if any(stat in view["tensors"] for stat in protocol.QUANT_SQNR_STATS.values()):
             # The worst tensor per scheme (tensors that are not quantized report NaN).
             state.quant_sqnr_min = {
@@ -322,7 +343,10 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         row = _step_row(run.id, rank, step, raw)
         first = rows_by_step.setdefault(step.step, row)
         if first is not row and not _same_content(first, row):
-            conflicts.append(step.step)
+            if _supplements(first, row, n_tensors):
+                rows_by_step[step.step] = row
+            else:
+                conflicts.append(step.step)
     stored = {
         row.step: row
         for row in session.execute(
@@ -330,7 +354,14 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         ).scalars()
     } if rows_by_step else {}
     new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
-    conflicts += [number for number, row in rows_by_step.items() if number in stored and not _same_content(stored[number], row)]
+    supplemented = []
+    for number, row in sorted(rows_by_step.items()):
+        if number in stored and not _same_content(stored[number], row):
+            if _supplements(stored[number], row, n_tensors):
+                stored[number].stat_names, stored[number].tensor_stats = row["stat_names"], row["tensor_stats"]
+                supplemented.append(row)
+            else:
+                conflicts.append(number)
     now = time.time()
     if conflicts:
         session.execute(insert(Conflict), [{"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now} for n in conflicts])
@@ -388,6 +419,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
 
     if views:
         _update_rank_state(state, views, numel)
+    _update_quant_state(state, views + [step_view(row, n_tensors) for row in supplemented])
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()
     if document.status != "running" or run.status != "running":

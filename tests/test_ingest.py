@@ -170,3 +170,17 @@ def test_clipping_is_stored_and_counted(api: httpx.Client) -> None:
     assert api.get("/api/v1/runs/r1/steps/3").json()["clip_coef"] == "NaN"
     old = post_batch(api, batch_doc(steps=[step_doc(5, clipped=True)], protocol=2))
     assert old.status_code == 422 and "steps[0].clipped: needs protocol 3" in old.text
+
+
+def test_a_copy_that_only_adds_quantization_stats_extends_the_stored_step(api: httpx.Client) -> None:
+    quant = {f"quant_sqnr_{scheme}": array([30.0, 20.0, np.nan], "<f4") for scheme in protocol.QUANT_SCHEMES}
+    assert post_batch(api, batch_doc(steps=[step_doc(1), step_doc(2)])).json()["stored_steps"] == 2
+    added = post_batch(api, batch_doc(steps=[step_doc(2, tensors=quant)])).json()
+    assert added == {"stored_steps": 0, "duplicate_steps": 1, "conflicting_steps": 0, "events": 0}
+    record = api.get("/api/v1/runs/r1/steps/2").json()["tensors"]["head.weight"]
+    assert record["quant_sqnr_nf4"] == 20.0 and record["grad_norm"] == 0.25
+    assert api.get("/api/v1/runs/r1/quantization").json()["step"] == 2
+    # A copy that changes anything else is a conflict, and the stored step stays as it was.
+    changed = post_batch(api, batch_doc(steps=[step_doc(1, norms=[9.0, 9.0, 9.0], tensors=quant)])).json()
+    assert changed["conflicting_steps"] == 1
+    assert "quant_sqnr_int8" not in api.get("/api/v1/runs/r1/steps/1").json()["tensors"]["head.weight"]
