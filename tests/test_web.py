@@ -37,10 +37,10 @@ def get_json(url: str, token: str | None = None) -> Any:
         return json.loads(response.read())
 
 
-def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+def model_and_optimizer(lr: float = 1e-3) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(embed=nn.Linear(16, 64), act=nn.GELU(), hidden=nn.Linear(64, 64), act2=nn.GELU(), head=nn.Linear(64, 4)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     return model, optimizer, torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10)
 
 
@@ -79,7 +79,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         with numwatch.watch(model, optimizer, scaler=scaler, run="mlp-fp16", url=url, token=None, histogram_every=5, format_every=5,
                             trace_activations=True, on_nonfinite="ignore", config={"loop": "amp", "lr": 1e-3}) as watcher:
             train(watcher, model, optimizer, scaler, 1, STEPS)
-        live_model, live_optimizer, live_scaler = model_and_optimizer()
+        live_model, live_optimizer, live_scaler = model_and_optimizer(lr=1e-2)  # "lr A vs lr B" in the compare view
         live = numwatch.watch(live_model, live_optimizer, scaler=live_scaler, run="mlp-live", url=url, token=None, histogram_every=5, on_nonfinite="ignore")
         try:
             train(live, live_model, live_optimizer, live_scaler, 1, 10)
@@ -272,6 +272,19 @@ def test_step_page_lists_every_tensor_worst_first(served: Served) -> None:
     assert set(names[: len(bad)]) == bad
     assert "skipped" in driver.find_element("id", "step-events").text
     browser.screenshot(driver, "step-page")
+
+
+def test_run_page_lists_the_weights_worst_quantized_first(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    table = get_json(f"{served.url}/api/v1/runs/mlp-fp16/quantization")
+    assert table["step"] == STEPS  # close() measured the final weights
+    rows = driver.find_elements("css selector", "#quantization-table tbody tr")
+    names = [r.find_element("css selector", "td").text for r in rows]
+    assert names == [t["tensor"] for t in table["tensors"]]
+    assert sorted(names) == ["embed.weight", "head.weight", "hidden.weight"]  # the biases are not quantized
+    int4 = [float(r.find_elements("css selector", "td")[3].text) for r in rows]
+    assert int4 == sorted(int4)
+    assert browser.console_errors(driver) == []
 
 
 def test_compare_view_overlays_two_runs(served: Served) -> None:
