@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from numwatch import records, stats
+from numwatch.clipping import ClipEffect
 from numwatch.optim_health import adam_health
 from numwatch.quantization import quantization_sqnr
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
@@ -66,8 +67,9 @@ def select_parameters(model: nn.Module, include: Iterable[str] | str | None, exc
 
 @dataclass(frozen=True)
 class Cadence:
-    """Which steps (numbered from 1) carry the sampled statistics, the format counts and the
-    quantization SQNR (the last two also the first step, as sampling does)."""
+    """Which steps (numbered from 1) carry the sampled statistics and the format counts (the
+    first step and every N-th after it), and the quantization SQNR (every N-th step: it is
+    about trained weights, and close() measures the last step)."""
 
     histogram_every: int
     format_every: int
@@ -77,7 +79,7 @@ class Cadence:
         return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
 
     def quant_due(self, step: int) -> bool:
-        return self.quant_every > 0 and (step - 1) % self.quant_every == 0
+        return self.quant_every > 0 and step % self.quant_every == 0
 
     def after_update(self, step: int) -> bool:
         """Whether the step measures the weights after the optimizer's update."""
@@ -138,6 +140,13 @@ class WatchedTensors:
             unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
             self._add_histograms(reading.parts, "grad", unscaled, positions)
         return reading
+
+    def norms_now(self, reading: GradientReading, grad_multiplier: torch.Tensor | None) -> torch.Tensor:
+        """float32 [k]: the L2 norms of the reading's gradients as they are now (after a clip)."""
+        norms = stats.grad_norms(reading.grads, multiplier=grad_multiplier)
+        if self.sharding is not None:
+            norms, _ = self.sharding.norms(norms, [], reading.present)
+        return norms[0]
 
     def count_nonfinite(self, reading: GradientReading) -> None:
         """Add per-tensor NaN and Inf counts of the reading's gradients as they are now."""
@@ -212,6 +221,7 @@ class StepMeasurement:
         self.lr: list[float] = []
         self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
         self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
 
     @property
     def started(self) -> bool:
@@ -225,6 +235,7 @@ class StepMeasurement:
         if self.snapshot is None and watched.cadence.sampled(self.number) and watched.sharding is None:
             self.snapshot = stats.snapshot(watched.local_parameters())
         self.reading = watched.read_gradients(self.number, grad_multiplier, format_multiplier)
+        self.clip = None
         self.phase = Phase.READ
 
     def add_losses(self, losses: Iterable[torch.Tensor]) -> None:
@@ -243,6 +254,7 @@ class StepMeasurement:
         self.losses = []
         self.logged = {}
         self.parts = {}
+        self.clip = None
 
     def finish(
         self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
@@ -255,6 +267,8 @@ class StepMeasurement:
         stack.add(records.GRAD, reading.norms)
         for name, part in {**reading.parts, **self.parts}.items():
             stack.add(name, part)
+        if self.clip is not None:
+            stack.add(records.POST_CLIP, self.clip.norms)
         host_scalars: dict[str, float] = {}
         logged_loss = None
         for name, value in self.logged.items():

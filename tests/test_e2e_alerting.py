@@ -117,7 +117,7 @@ def trained_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler("cpu")
-        watcher = numwatch.watch(model, optimizer, scaler=scaler, run=RUN, url=collector, histogram_every=5, format_every=1)
+        watcher = numwatch.watch(model, optimizer, scaler=scaler, run=RUN, url=collector, histogram_every=5, format_every=1, quant_every=10)
         resources.callback(watcher.close)
         for _ in range(HEALTHY_STEPS):
             _train_step(model, optimizer, scaler, torch.randn(8, 16))

@@ -274,6 +274,19 @@ def test_step_page_lists_every_tensor_worst_first(served: Served) -> None:
     browser.screenshot(driver, "step-page")
 
 
+def test_run_page_lists_the_weights_worst_quantized_first(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    table = get_json(f"{served.url}/api/v1/runs/mlp-fp16/quantization")
+    assert table["step"] == STEPS  # close() measured the final weights
+    rows = driver.find_elements("css selector", "#quantization-table tbody tr")
+    names = [r.find_element("css selector", "td").text for r in rows]
+    assert names == [t["tensor"] for t in table["tensors"]]
+    assert sorted(names) == ["embed.weight", "head.weight", "hidden.weight"]  # the biases are not quantized
+    int4 = [float(r.find_elements("css selector", "td")[3].text) for r in rows]
+    assert int4 == sorted(int4)
+    assert browser.console_errors(driver) == []
+
+
 def test_compare_view_overlays_two_runs(served: Served) -> None:
     driver = page(served, "/compare?run=mlp-fp16&run=mlp-live&metric=loss")
     assert browser.console_errors(driver) == []

@@ -194,5 +194,17 @@ const RunView = (() => {
     setTimeout(() => tick().catch(NW.showError), POLL_MS);
   }
 
-  return { summary, diagnosis, eventsTable, eventRow, histogramSection, forwardCharts, follow, detailsText, badge };
+  // Which layers must stay in higher precision: per weight tensor the SQNR of each scheme, worst first.
+  function quantizationTable(q) {
+    if (q.step === null) return el("p", { class: "muted", id: "quantization-none" }, "no quantization measurement yet (every quant_every steps, and at close())");
+    const schemes = ["int8", "int4", "nf4", "fp8"];
+    const head = el("tr", {}, ["tensor", "shape", ...schemes.map((s) => `${s} dB`)].map((h) => el("th", {}, h)));
+    const rows = q.tensors.map((t) => el("tr", {}, el("td", { class: "mono" }, t.tensor), el("td", { class: "mono" }, t.shape.join("×")),
+      schemes.map((s) => el("td", { class: "num" }, fmt(t.sqnr_db[s])))));
+    return el("div", { class: "table-wrap" },
+      el("p", { class: "muted small" }, `SQNR 20·log10(‖w‖/‖w−Q(w)‖) of the weights at step ${q.step}, lowest ${q.sort} first: the layers to keep in higher precision when this checkpoint is deployed.`),
+      el("table", { class: "quantization", id: "quantization-table" }, el("thead", {}, head), el("tbody", {}, rows)));
+  }
+
+  return { summary, diagnosis, eventsTable, eventRow, histogramSection, forwardCharts, quantizationTable, follow, detailsText, badge };
 })();
