@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from numwatch import records, stats
+from numwatch.clipping import ClipEffect
 from numwatch.optim_health import adam_health
 from numwatch.quantization import quantization_sqnr
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
@@ -140,6 +141,13 @@ class WatchedTensors:
             self._add_histograms(reading.parts, "grad", unscaled, positions)
         return reading
 
+    def norms_now(self, reading: GradientReading, grad_multiplier: torch.Tensor | None) -> torch.Tensor:
+        """float32 [k]: the L2 norms of the reading's gradients as they are now (after a clip)."""
+        norms = stats.grad_norms(reading.grads, multiplier=grad_multiplier)
+        if self.sharding is not None:
+            norms, _ = self.sharding.norms(norms, [], reading.present)
+        return norms[0]
+
     def count_nonfinite(self, reading: GradientReading) -> None:
         """Add per-tensor NaN and Inf counts of the reading's gradients as they are now."""
         if not reading.grads or reading.has_counts:
@@ -213,6 +221,7 @@ class StepMeasurement:
         self.lr: list[float] = []
         self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
         self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
 
     @property
     def started(self) -> bool:
@@ -226,6 +235,7 @@ class StepMeasurement:
         if self.snapshot is None and watched.cadence.sampled(self.number) and watched.sharding is None:
             self.snapshot = stats.snapshot(watched.local_parameters())
         self.reading = watched.read_gradients(self.number, grad_multiplier, format_multiplier)
+        self.clip = None
         self.phase = Phase.READ
 
     def add_losses(self, losses: Iterable[torch.Tensor]) -> None:
@@ -244,6 +254,7 @@ class StepMeasurement:
         self.losses = []
         self.logged = {}
         self.parts = {}
+        self.clip = None
 
     def finish(
         self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
@@ -256,6 +267,8 @@ class StepMeasurement:
         stack.add(records.GRAD, reading.norms)
         for name, part in {**reading.parts, **self.parts}.items():
             stack.add(name, part)
+        if self.clip is not None:
+            stack.add(records.POST_CLIP, self.clip.norms)
         host_scalars: dict[str, float] = {}
         logged_loss = None
         for name, value in self.logged.items():

@@ -18,6 +18,8 @@ from numwatch.monitor.packing import decompress_histogram_array, unpack_stats
 from numwatch.monitor.rollups import SCALAR_SERIES, STEP_SCALARS
 from numwatch.monitor.series import read_window, summary_points
 
+CLIP_SCALARS = ("clip_coef", "post_clip_grad_norm")  # in the step record; the clipping rate is on /metrics
+
 
 def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: float | None = None) -> str:
     """running | finished | crashed | stale: running, but no rank stored a step (or, before the first
@@ -113,10 +115,10 @@ def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str,
         t["name"]: {name: protocol.encode_float(values[i].item()) if values.dtype.kind == "f" else int(values[i]) for name, values in stats.items()}
         for i, t in enumerate(run.tensors)
     }
-    record = {key: protocol.encode_float(getattr(row, key)) for key in STEP_SCALARS}
+    record = {key: protocol.encode_float(getattr(row, key)) for key in (*STEP_SCALARS, *CLIP_SCALARS)}
     events = session.execute(select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.step == number).order_by(Event.id)).scalars()
     return {
-        "run": run.name, "rank": rank, "step": row.step, "time": row.time, "skipped": row.skipped,
+        "run": run.name, "rank": rank, "step": row.step, "time": row.time, "skipped": row.skipped, "clipped": row.clipped,
         "scale_decision": row.scale_decision, "lr": row.lr, "scalars": row.scalars, **record,
         "tensors": tensors, "events": [event_record(event) for event in events],
     }

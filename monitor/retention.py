@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import Table, delete, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from numwatch.monitor.models import DELETING, Conflict, Event, ForwardStats, Histogram, RankState, Rollup, Run, Step
+from numwatch.monitor.models import DELETING, Conflict, Event, ForwardStats, Histogram, RankState, Rollup, Run, RunInstance, Step
 
 log = logging.getLogger("numwatch.retention")
 
@@ -30,7 +30,7 @@ PAUSE_SECONDS = 0.15
 FIRST_CHUNK_ROWS = 500
 MAX_CHUNK_ROWS = 20_000
 VACUUM_PAGES = 2_000
-CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (Step, Histogram, Rollup, ForwardStats, Event, Conflict, RankState))
+CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (Step, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
 
 
 def mark_deleting(run: Run) -> None:
