@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict] = {
     "format counts every step": {"format_every": 1},
     "histograms every step": {"histogram_every": 1},
     "activation tracing": {"trace_activations": True},
+    "forward stats every step": {"attention_every": 1},
     "collector healthy": {"url": "healthy"},
     "collector down": {"url": "down"},
 }
@@ -191,8 +192,8 @@ def time_steps(args: argparse.Namespace, spool: str, resources: ExitStack) -> No
     print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads; d_model {args.d_model}, {args.layers[0]} layers, "
           f"context {args.context}; paired alternating steps: {args.steps} per row, {args.uniform_steps} for 'every step' rows")
     print(f"{'precision':<10} {'configuration':<26} {'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7} {'sampled':>8}")
-    variants = {name: variant for name, variant in VARIANTS.items() if not (args.no_collector and "url" in variant)}
-    if not args.no_collector:
+    variants = {name: variant for name, variant in VARIANTS.items() if not (args.no_collector and "url" in variant) and (not args.only or name in args.only)}
+    if any("url" in variant for variant in variants.values()):
         from numwatch.monitor import stack  # the collector's dependencies are needed only here
 
         urls = {"healthy": resources.enter_context(stack.running_collector(Path(spool))), "down": f"http://127.0.0.1:{stack.free_port()}"}
@@ -225,6 +226,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="timing: the first; --ops: each (default 4 16)")
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--no-collector", action="store_true", help="leave out the rows that stream to a collector")
+    parser.add_argument("--only", action="append", choices=list(VARIANTS), help="time only this configuration (repeatable)")
     args = parser.parse_args()
     args.layers = args.layers or ([4, 16] if args.ops else [4])
     if args.threads:

@@ -296,10 +296,39 @@ def build_run_dashboard() -> dict[str, Any]:
         ),
         timeseries("Learning rate", [prom(run_metric("numwatch_learning_rate"), "group {{group}}, rank {{rank}}")]),
         timeseries(
+            "Adam: update RMS before the learning rate, share where eps dominates (sampled steps)",
+            [
+                prom(run_metric("numwatch_adam_update_rms"), "update RMS, rank {{rank}}"),
+                prom(run_metric("numwatch_adam_eps_dominated"), "eps-dominated share, rank {{rank}}"),
+            ],
+            log_base=10,
+        ),
+        timeseries(
+            "Quantization readiness: lowest SQNR over weight tensors (dB)",
+            [prom(run_metric("numwatch_quant_sqnr_min_decibels"), "{{scheme}}, rank {{rank}}")],
+            unit="dB",
+        ),
+        timeseries(
             "Spike score (share of spikes among the recent judged steps)",
             [prom(run_metric("numwatch_spike_score"), "{{signal}}, rank {{rank}}")],
             unit="percentunit",
             width=24,
+        ),
+        timeseries(
+            "Max attention logit (sampled forwards)",
+            [
+                prom(run_metric("numwatch_attention_logit_max"), "largest over attention calls, rank {{rank}}"),
+                prom("max(numwatch_attention_logit_threshold)", "alert threshold"),
+            ],
+            log_base=10,
+        ),
+        timeseries(
+            "Output logits: log Z = logsumexp over the vocabulary (sampled forwards)",
+            [
+                prom(run_metric("numwatch_output_log_z_mean"), "mean log Z, rank {{rank}}"),
+                prom(run_metric("numwatch_output_log_z_max"), "largest log Z, rank {{rank}}"),
+                prom(run_metric("numwatch_output_logit_absmax"), "largest |logit|, rank {{rank}}"),
+            ],
         ),
         panel(
             "heatmap",

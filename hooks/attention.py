@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.hooks import RemovableHandle
+
+from numwatch.measurement import tensor_name
 
 # Logits (float32) per chunk: 16 MiB, plus the same count of mask bytes when masked.
 CHUNK_ELEMENTS = 1 << 22
@@ -119,9 +121,10 @@ class AttentionCapture(TorchFunctionMode):
     the same call in several forwards of one step (gradient accumulation) keeps the largest value.
     """
 
-    def __init__(self, model: nn.Module, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+    def __init__(self, model: nn.Module, chunk_elements: int = CHUNK_ELEMENTS, failed: Callable[[str], None] | None = None) -> None:
         super().__init__()
-        self._names = {id(module): name for name, module in model.named_modules()}
+        self._failed = failed  # told about a failed measurement, which then never reaches the model; None: raise
+        self._names = {id(module): tensor_name(name) for name, module in model.named_modules()}
         self._root_name = type(model).__name__
         self.chunk_elements = chunk_elements
         self._running: list[str] = []
@@ -181,8 +184,13 @@ class AttentionCapture(TorchFunctionMode):
         result = func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             bound = _sdpa_arguments(args, kwargs)
-            self.observe(bound["query"], bound["key"], scale=bound["scale"], attn_mask=bound["attn_mask"],
-                         is_causal=bound["is_causal"], enable_gqa=bound["enable_gqa"])
+            try:
+                self.observe(bound["query"], bound["key"], scale=bound["scale"], attn_mask=bound["attn_mask"],
+                             is_causal=bound["is_causal"], enable_gqa=bound["enable_gqa"])
+            except Exception:
+                if self._failed is None:
+                    raise
+                self._failed("attention capture")
         return result
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, **arguments: Any) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from numwatch import records, stats
+from numwatch.clipping import ClipEffect
 from numwatch.optim_health import adam_health
 from numwatch.quantization import quantization_sqnr
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
@@ -66,8 +67,9 @@ def select_parameters(model: nn.Module, include: Iterable[str] | str | None, exc
 
 @dataclass(frozen=True)
 class Cadence:
-    """Which steps (numbered from 1) carry the sampled statistics, the format counts and the
-    quantization SQNR (the last two also the first step, as sampling does)."""
+    """Which steps (numbered from 1) carry the sampled statistics and the format counts (the
+    first step and every N-th after it), and the quantization SQNR (every N-th step: it is
+    about trained weights, and close() measures the last step)."""
 
     histogram_every: int
     format_every: int
@@ -77,7 +79,7 @@ class Cadence:
         return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
 
     def quant_due(self, step: int) -> bool:
-        return self.quant_every > 0 and (step - 1) % self.quant_every == 0
+        return self.quant_every > 0 and step % self.quant_every == 0
 
     def after_update(self, step: int) -> bool:
         """Whether the step measures the weights after the optimizer's update."""
@@ -144,6 +146,13 @@ class WatchedTensors:
             unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
             self._add_histograms(reading.parts, "grad", unscaled, positions, exponent)
         return reading
+
+    def norms_now(self, reading: GradientReading, grad_multiplier: torch.Tensor | None) -> torch.Tensor:
+        """float32 [k]: the L2 norms of the reading's gradients as they are now (after a clip)."""
+        norms = stats.grad_norms(reading.grads, multiplier=grad_multiplier)
+        if self.sharding is not None:
+            norms, _ = self.sharding.norms(norms, [], reading.present)
+        return norms[0]
 
     def count_nonfinite(self, reading: GradientReading) -> None:
         """Add per-tensor NaN and Inf counts of the reading's gradients as they are now."""
@@ -219,6 +228,7 @@ class StepMeasurement:
         self.lr: list[float] = []
         self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
         self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
 
     @property
     def started(self) -> bool:
@@ -232,6 +242,7 @@ class StepMeasurement:
         if self.snapshot is None and watched.cadence.sampled(self.number) and watched.sharding is None:
             self.snapshot = stats.snapshot(watched.local_parameters())
         self.reading = watched.read_gradients(self.number, grad_multiplier, format_multiplier)
+        self.clip = None
         self.phase = Phase.READ
 
     def add_losses(self, losses: Iterable[torch.Tensor]) -> None:
@@ -250,8 +261,12 @@ class StepMeasurement:
         self.losses = []
         self.logged = {}
         self.parts = {}
+        self.clip = None
 
-    def finish(self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None) -> StepRecord:
+    def finish(
+        self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
+        forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
         reading, device = self.reading, watched.device
         assert self.phase is Phase.READ and reading is not None
@@ -259,6 +274,8 @@ class StepMeasurement:
         stack.add(records.GRAD, reading.norms)
         for name, part in {**reading.parts, **self.parts}.items():
             stack.add(name, part)
+        if self.clip is not None:
+            stack.add(records.POST_CLIP, self.clip.norms)
         host_scalars: dict[str, float] = {}
         logged_loss = None
         for name, value in self.logged.items():
@@ -276,6 +293,14 @@ class StepMeasurement:
         if module_parts is not None:
             absmax, module_order = module_parts
             stack.add(records.ACTIVATION_ABSMAX, absmax)
+        attention_calls: list[str] = []
+        if forward_parts is not None:
+            attention, output_logits = forward_parts
+            if attention:
+                attention_calls = list(attention)
+                stack.add(records.ATTENTION_LOGIT_MAX, torch.stack([value.to(device) for value in attention.values()]))
+            if output_logits is not None:
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
         return StepRecord(
             step_number=self.number,
             time=time.time(),
@@ -288,4 +313,5 @@ class StepMeasurement:
             format_max=watched.format.max,
             loss=logged_loss,
             module_order=module_order,
+            attention_calls=attention_calls,
         )

@@ -11,7 +11,7 @@ zero gradient, as for ``clip_grad_norm_``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,10 @@ LOSS = "loss"
 LOSS_SCALE = "loss_scale"
 NEW_LOSS_SCALE = "new_loss_scale"
 FOUND_INF = "found_inf"
+POST_CLIP = "post_clip"  # float32 [k]: each tensor's norm after a clip function ran
 ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
+ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, names in StepRecord.attention_calls
+OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
 _ROWS: dict[str, tuple[str, ...]] = {
@@ -69,8 +72,10 @@ class StepRecord:
     format_max: float
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
+    attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
     events: list[dict[str, Any]] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
+    supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     _late_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     _logged_late: bool = False
@@ -111,8 +116,16 @@ class StepRecord:
         self.late = stack.to_host()
         return True
 
+    def supplemented(self, parts: dict[str, torch.Tensor]) -> StepRecord:
+        """A copy of this sent step that adds ``parts``: the collector extends the stored step
+        with statistics it lacks (everything else is the same, so it is no conflict)."""
+        stack = DeviceStack()
+        for name, value in parts.items():
+            stack.add(name, value)
+        return replace(self, events=[], supplement=stack.to_host(), _late_tensors={}, _late_parts={})
+
     def _stacks(self) -> list[HostStack]:
-        return [self.host] + ([self.late] if self.late is not None else [])
+        return [stack for stack in (self.host, self.late, self.supplement) if stack is not None]
 
     # -- host values, also used on the training thread for non-finite checks ----------
 
@@ -175,6 +188,26 @@ class StepRecord:
         with np.errstate(over="ignore", invalid="ignore"):
             return float(np.sqrt(np.sum(norms * norms)))
 
+    def post_clip_grad_norm(self) -> float | None:
+        """The global norm after clipping, when a clip function touched the watched gradients."""
+        if POST_CLIP not in self.host:
+            return None
+        norms = self.host.get(POST_CLIP).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.sqrt(np.sum(norms * norms)))
+
+    def clip_coef(self) -> float | None:
+        """The factor clipping changed the global norm by (torch's coefficient for norm clipping):
+        1.0 when it changed nothing, NaN when the pre-clip norm was not finite."""
+        after = self.post_clip_grad_norm()
+        if after is None:
+            return None
+        before = self.global_grad_norm()
+        if before == 0.0:
+            return 1.0
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return float(np.float64(after) / np.float64(before))
+
     def headroom_bits(self) -> float | None:
         """log2(format max / (S * largest |g|)); None when no tensor had a gradient."""
         absmax = self.grad_rows()[1].astype(np.float64)
@@ -195,6 +228,17 @@ class StepRecord:
         nonfinite = (~np.isfinite(absmax)).astype("<i8")
         return {"absmax": protocol.pack_bytes(absmax.tobytes()), "nonfinite": protocol.pack_bytes(nonfinite.tobytes())}
 
+    def attention_logit_max(self) -> dict[str, float] | None:
+        """The step's max attention logit per attention call, when its forward was measured."""
+        if ATTENTION_LOGIT_MAX not in self.host:
+            return None
+        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist()))
+
+    def _output_logits(self) -> dict[protocol.OutputLogitStat, float] | None:
+        if OUTPUT_LOGITS not in self.host:
+            return None
+        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist()))
+
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()
         scalars = dict(self.scalars)
@@ -208,7 +252,9 @@ class StepRecord:
             loss_scale=self.host.scalar(LOSS_SCALE) if scaled else None,
             new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
             skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
+            clip_coef=self.clip_coef(), post_clip_grad_norm=self.post_clip_grad_norm(),
             scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
+            attention_logit_max=self.attention_logit_max(), output_logits=self._output_logits(),
         )
 
     def _histograms(self) -> list[protocol.HistogramDocument]:

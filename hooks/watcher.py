@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import time
+import uuid
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -47,7 +48,9 @@ from numwatch import protocol, records
 from numwatch.activations import ActivationTracer
 from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
+from numwatch.clipping import ClipObserver
 from numwatch.formats import format_name_for_dtype, format_spec
+from numwatch.forward_probe import ForwardProbe
 from numwatch.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
 from numwatch.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.records import StepRecord
@@ -74,14 +77,15 @@ def _distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _default_run_name(model: nn.Module, world_size: int) -> str:
-    """``NUMWATCH_RUN``, else model class and start time; rank 0's name on every rank."""
-    name = os.environ.get("NUMWATCH_RUN") or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+def _run_identity(model: nn.Module, run: str | None, world_size: int) -> tuple[str, str]:
+    """(run name, instance): the name given, else ``NUMWATCH_RUN``, else model class and start
+    time; the instance identifies this watching process. Rank 0's pair on every rank: the
+    ranks of one job are one run, a second job is another instance."""
+    name = run or os.environ.get("NUMWATCH_RUN") or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    identity = [name, uuid.uuid4().hex]
     if world_size > 1:
-        names = [name]
-        torch.distributed.broadcast_object_list(names, src=0)
-        name = names[0]
-    return name
+        torch.distributed.broadcast_object_list(identity, src=0)
+    return identity[0], identity[1]
 
 
 def unwrap_optimizer(optimizer: Any, scaler: torch.amp.GradScaler | None) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
@@ -114,6 +118,8 @@ class Watcher:
         project: str | None,
         histogram_every: int,
         format_every: int,
+        attention_every: int | None,
+        logits_module: str | None,
         quant_every: int,
         format: str | None,
         on_nonfinite: str,
@@ -123,6 +129,7 @@ class Watcher:
         exclude: Iterable[str] | None,
         spool_dir: str | os.PathLike[str] | None,
         config: dict[str, Any] | None,
+        resume: bool,
     ) -> None:
         if measure not in MEASURE_MODES:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
@@ -134,6 +141,9 @@ class Watcher:
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.histogram_every = histogram_every
         self.format_every = format_every
+        self.attention_every = histogram_every if attention_every is None else attention_every
+        if self.attention_every < 0:
+            raise ValueError(f"attention_every must be >= 0 (0 turns it off), not {self.attention_every}")
         self.measure = measure
         selected = select_parameters(model, include, exclude)
         if not selected:
@@ -144,9 +154,11 @@ class Watcher:
         self.device = self.watched.device
         self.format = fmt
         self.rank, self.world_size = _distributed_rank()
-        self.run = run or _default_run_name(model, self.world_size)
+        self.run, self.instance = _run_identity(model, run, self.world_size)
+        self.resume = resume
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
+        self.probe = ForwardProbe(model, self._forward_due, self._count_failure, logits_module) if self.attention_every > 0 else None
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
 
         self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
@@ -154,8 +166,10 @@ class Watcher:
         self._failed_sites: set[str] = set()
         self.measurement: StepMeasurement | None = None  # the step under way
         self._ended: StepRecord | None = None  # ended, still taking watcher.log values
+        self._last_record: StepRecord | None = None  # of the last step that ended (close() may supplement it)
         self._unchecked: StepRecord | None = None  # accelerators: sealed, host copy read at the next step's end
         self._last_step_clock: float | None = None
+        self._supplement: StepRecord | None = None
         self._roots: tuple[torch.Tensor, ...] = ()  # scalar roots of the backward under way
         self._step_site: StepCallSite | None = None
         self._closed = False
@@ -164,6 +178,7 @@ class Watcher:
         self._trigger: BackwardEndTrigger | None = None
         self._root_listener: RootListener | None = None
         self._optimizer_finder: Any = None
+        self._clips = ClipObserver(self)
         if measure == "auto":
             self._trigger = BackwardEndTrigger(model, self.guarded("end-of-backward read", self._backward_ended), on_forward=self.guarded("forward hook", self.seal_ended_step))
             self._root_listener = RootListener(self.guarded("backward root listener", self._saw_roots))
@@ -174,7 +189,7 @@ class Watcher:
         self._url = url if url is not None else os.environ.get("NUMWATCH_URL") or None
         self._token = token if token is not None else os.environ.get("NUMWATCH_TOKEN") or None
         root = spool_dir if spool_dir is not None else default_spool_root()
-        self.spool_dir = spool_directory(root, self.run, self.rank)
+        self.spool_dir = spool_directory(root, self.run, self.rank, self.instance)
         self._transport: Transport | None = None
         if optimizer is not None or measure == "manual":
             self._start_transport()  # else when the optimizer is found (its param groups go in the run document)
@@ -247,6 +262,7 @@ class Watcher:
             "sharded": self.watched.sharding is not None,
             "histogram_every": self.histogram_every,
             "format_every": self.format_every,
+            "attention_every": self.attention_every,
             "quant_every": self.watched.cadence.quant_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
@@ -254,7 +270,7 @@ class Watcher:
         return protocol.run_document(
             self.run, rank=self.rank, world_size=self.world_size, format=self.format.name, tensors=tensors,
             project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
-            modules=self.tracer.module_names if self.tracer else [], config=settings,
+            modules=self.tracer.module_names if self.tracer else [], config=settings, instance=self.instance, resume=self.resume,
         )
 
     def guarded(self, site: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -288,6 +304,10 @@ class Watcher:
             self.measurement = StepMeasurement(self.steps + 1)
         return self.measurement
 
+    def _forward_due(self) -> bool:
+        # A forward belongs to the step that has not been counted yet.
+        return self.steps % self.attention_every == 0
+
     def count_step(self) -> StepMeasurement:
         """Count one optimizer-step attempt; the measurement it ends."""
         measurement = self.current()
@@ -316,22 +336,42 @@ class Watcher:
         if due:
             self.watched.count_nonfinite(reading)
 
+    def before_clip(self) -> None:
+        """A clip function is about to rewrite the step's gradients: the last moment to count their NaN/Inf."""
+        measurement = self.measurement
+        if measurement is not None and measurement.reading is not None:
+            self._count_nonfinite_if_due(measurement, self._scaler_verdict())
+
+    def _scaler_verdict(self) -> bool | None:
+        """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
+        reads the same flags on the host right after the clip, so reading them first adds no sync."""
+        if self.device.type == "cpu" or self._scaler is None or not self._scaler.unscaled(self.optimizer):
+            return None
+        found_inf = self._scaler.found_inf(self.optimizer, self.device)
+        return bool(found_inf.item()) if found_inf is not None else None
+
+    def read_norms_now(self) -> torch.Tensor:
+        """The per-tensor L2 norms of the step's gradients as they are now (after a value clip)."""
+        assert self.measurement is not None and self.measurement.reading is not None
+        return self.watched.norms_now(self.measurement.reading, self.scaling()[0])
+
     def end_step(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
         """End ``measurement``'s step: its record starts its host copy and takes late logs."""
         if measurement is self.measurement:
             self.measurement = None
         module_parts = self.tracer.take_step(self.device) if self.tracer is not None else None
+        forward_parts = self.probe.take_step() if self.probe is not None else None
         if measurement.reading is None:
             return  # the step failed (counted in monitoring_errors): nothing to record
         self._count_nonfinite_if_due(measurement, skip_known)
         now = time.perf_counter()
-        record = measurement.finish(self.watched, step_time=now - self._last_step_clock if self._last_step_clock is not None else None, module_parts=module_parts)
+        record = measurement.finish(self.watched, step_time=now - self._last_step_clock if self._last_step_clock is not None else None, module_parts=module_parts, forward_parts=forward_parts)
         self._last_step_clock = now
         self.seal_ended_step()
         previous, self._unchecked = self._unchecked, None
         if previous is not None:
             self._hand_on(previous)
-        self._ended = record
+        self._ended = self._last_record = record
         if self.device.type == "cpu":
             self._checker.check(record)  # before the update, where the step site allows
 
@@ -445,7 +485,7 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self.tracer):
+        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer, self.probe):
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)
@@ -456,6 +496,8 @@ class Watcher:
             record, self._unchecked = self._unchecked, None
             if record is not None:
                 self._hand_on(record)
+            if self._supplement is not None:
+                self.transport.submit(self._supplement)  # behind the step it supplements
         except NonFiniteError:
             pass  # closing is not the place to stop training
         finally:
@@ -465,14 +507,20 @@ class Watcher:
             log.warning("numwatch: run %r dropped %d steps of monitoring data", self.run, self.dropped_steps)
 
     def _measure_final_weights(self) -> None:
-        """The last step's record takes the final weights' quantization SQNR, unless it has it.
-
-        Only while it still takes values: once the model ran a forward after it (evaluation),
-        it was sent, and the last ``quant_every`` measurement stands.
-        """
-        record = self._ended
-        if record is not None and self.watched.cadence.quant_every > 0 and not record.has_part(records.QUANT):
-            record.add_late_parts(self.watched.quant_parts())
+        """The last step takes the final weights' quantization SQNR, unless it has it: its open
+        record, or a copy of the record sent already (a forward, flush() or the next step's
+        backward closed it), which the collector merges into the stored step."""
+        self._supplement = None
+        record = self._last_record
+        if record is None or self.watched.cadence.quant_every <= 0 or record.has_part(records.QUANT):
+            return
+        parts = self.watched.quant_parts()
+        if not parts:
+            return
+        if record is self._ended:
+            record.add_late_parts(parts)
+        else:
+            self._supplement = record.supplemented(parts)
 
     def _close_at_exit(self) -> None:
         self.close("finished")
@@ -495,6 +543,8 @@ def watch(
     project: str | None = None,
     histogram_every: int = 100,
     format_every: int = 50,
+    attention_every: int | None = None,
+    logits_module: str | None = None,
     quant_every: int = 1000,
     format: str | None = None,
     on_nonfinite: str = "warn",
@@ -504,11 +554,19 @@ def watch(
     exclude: Iterable[str] | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
     config: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Watcher:
     """Watch ``model``'s gradients (and ``optimizer``, ``scaler``) at every optimizer step.
 
     ``optimizer`` may be a framework's wrapper (Accelerate, Lightning): the torch optimizer
-    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given.
+    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given. Without one
+    (frameworks that build it later), the first optimizer stepped that holds watched
+    parameters is watched from that step on; ``watcher.step()`` is for loops without any.
+
+    ``run`` names the run; every process (every job: the ranks of one share rank 0's) is a
+    run of its own. A name another process already used is stored as ``<run>-2`` (``-3``...,
+    with a warning) unless ``resume=True``, which adds this process's steps to that run,
+    numbered after its last stored step.
 
     ``url``/``token`` default to ``NUMWATCH_URL``/``NUMWATCH_TOKEN``; without a URL the
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
@@ -516,12 +574,16 @@ def watch(
     parameter names. ``histogram_every``/``format_every`` set the cadence of the sampled
     statistics and of the format counts (0 turns them off); ``quant_every`` that of the
     weights' quantization SQNR, which ``close()`` also measures on the last step (0 turns it
-    off). ``format`` is the target format
+    off). ``attention_every`` (default ``histogram_every``; 0 off) sets which steps' forwards
+    are measured: the max attention logit of every ``scaled_dot_product_attention`` call and the
+    output logits' log Z, read from the model's output (a tensor, a tuple's first element,
+    ``.logits``) or from the output of the submodule named ``logits_module``. ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
-    ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
-    :meth:`Watcher.gradients_ready` call measures earlier) or "manual" (only
-    ``gradients_ready()`` measures; :meth:`Watcher.finish_step` ends each step).
+    ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
+    before clipping; a :meth:`Watcher.gradients_ready` call reads again) or "manual" (for
+    framework adapters: only ``gradients_ready()`` reads; :meth:`Watcher.finish_step` ends
+    each step).
     Raises :class:`~numwatch.sharded.UnsupportedConfiguration` for setups it cannot measure
     correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
@@ -536,6 +598,8 @@ def watch(
         project=project,
         histogram_every=histogram_every,
         format_every=format_every,
+        attention_every=attention_every,
+        logits_module=logits_module,
         quant_every=quant_every,
         format=format,
         on_nonfinite=on_nonfinite,
@@ -545,4 +609,5 @@ def watch(
         exclude=exclude,
         spool_dir=spool_dir,
         config=config,
+        resume=resume,
     )

@@ -38,6 +38,14 @@ class DetectorConfig(BaseModel):
     spike_sigmas: float = Field(6.0, gt=0, description="a loss or global grad norm above mean + this many sigma of its window is a spike")
     spike_window: int = Field(128, ge=2, description="finite values a spike is judged against (judged once this many precede it)")
     spike_score_steps: int = Field(10_000, ge=1, description="the spike score is the share of spikes among this many last judged values")
+    attention_logit_threshold: float = Field(
+        100.0, gt=0, description="an attention call's max logit above this is attention logit growth (QK-clip's default threshold in Megatron-LM and Kimi K2)",
+    )
+    # At initialisation log Z is about log(vocabulary), at most 12.5 for 262k tokens, and z-loss
+    # holds it at 0; beyond 32 in magnitude bf16 logits are 0.25 apart, coarser than the gaps
+    # between likely tokens.
+    log_z_low: float = Field(-32.0, description="mean output log Z below this is log-Z drift")
+    log_z_high: float = Field(32.0, description="mean output log Z above this is log-Z drift")
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:

@@ -74,7 +74,7 @@ class NumwatchCollector(Collector):
         ).scalars())
 
     def _build(self) -> list[Metric]:
-        m = _Families(self.settings.detect.spike_score_steps)
+        m = _Families(self.settings.detect.spike_score_steps, self.settings.detect.attention_logit_threshold)
         with self.session_factory() as session:
             runs = self._visible_runs(session)
             states = session.execute(select(RankState).where(RankState.run_id.in_([r.id for r in runs]))).scalars().all() if runs else []
@@ -120,7 +120,7 @@ class NumwatchCollector(Collector):
 class _Families:
     """The families of one scrape, filled run by run."""
 
-    def __init__(self, score_steps: int) -> None:
+    def __init__(self, score_steps: int, attention_logit_threshold: float) -> None:
         self.score_steps = score_steps
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
         self.run_info = gauge("numwatch_run_info", "A run numwatch knows about (value 1).", labels=["run", "project", "format", "world_size", "status"])
@@ -137,10 +137,17 @@ class _Families:
             "update_ratio": gauge("numwatch_update_ratio", "Mean ||dw||/||w|| over tensors (last sampled step).", labels=RUN_LABELS),
             "adam_update_rms": gauge("numwatch_adam_update_rms", "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) (last sampled step).", labels=RUN_LABELS),
             "adam_eps_dominated": gauge("numwatch_adam_eps_dominated", "Mean over tensors of the share of elements where Adam's eps exceeds sqrt(v_hat) (last sampled step).", labels=RUN_LABELS),
+            "attention_logit_max": gauge("numwatch_attention_logit_max", "Largest pre-softmax attention logit scale*q.k over attention calls, batch, heads and unmasked positions (last measured forward; NaN allowed).", labels=RUN_LABELS),
+            "log_z_mean": gauge("numwatch_output_log_z_mean", "Mean over tokens of log Z = logsumexp of the output logits over the vocabulary (last measured forward).", labels=RUN_LABELS),
+            "log_z_max": gauge("numwatch_output_log_z_max", "Largest log Z over tokens (last measured forward).", labels=RUN_LABELS),
+            "output_logit_absmax": gauge("numwatch_output_logit_absmax", "Largest |output logit| (last measured forward).", labels=RUN_LABELS),
         }
+        self.attention_logit_threshold = gauge("numwatch_attention_logit_threshold", "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the alert compares with.")
+        self.attention_logit_threshold.add_metric([], attention_logit_threshold)
         self.counters = {
             "steps_total": counter("numwatch_steps", "Optimizer-step attempts stored.", labels=RUN_LABELS),
             "skipped_steps_total": counter("numwatch_skipped_steps", "Steps the GradScaler skipped.", labels=RUN_LABELS),
+            "clipped_steps_total": counter("numwatch_clipped_steps", "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with numwatch_steps_total, the clipping rate.", labels=RUN_LABELS),
             "nonfinite_steps_total": counter("numwatch_nonfinite_steps", "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as skipped steps instead).", labels=RUN_LABELS),
             "nonfinite_loss_total": counter("numwatch_nonfinite_loss", "Steps whose loss was NaN or Inf.", labels=RUN_LABELS),
             "loss_scale_backoffs_total": counter("numwatch_loss_scale_backoffs", "GradScaler backoffs.", labels=RUN_LABELS),
@@ -189,6 +196,6 @@ class _Families:
 
     def families(self) -> list[Metric]:
         return [
-            self.run_info, *self.scalar_gauges.values(), *self.counters.values(), *self.ratios.values(),
+            self.run_info, *self.scalar_gauges.values(), self.attention_logit_threshold, *self.counters.values(), *self.ratios.values(),
             self.spike_score, self.quant_sqnr_min, self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
         ]

@@ -113,6 +113,20 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class RunInstance(Base):
+    """One watching process (all ranks of one job) and the run its data goes to: the run of
+    the name it asked for, a ``-2``... run when another instance held that name, or the same
+    run when it resumed it (its step numbers then start after ``step_offset``)."""
+
+    __tablename__ = "run_instances"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    requested_name: Mapped[str] = mapped_column(String(512))
+    step_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Step(Base):
     __tablename__ = "steps"
 
@@ -128,6 +142,10 @@ class Step(Base):
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     global_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     headroom_bits: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    # What a clip function did (protocol 3): null when none ran.
+    clip_coef: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    post_clip_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    clipped: Mapped[bool] = mapped_column(Boolean, default=False)
     lr: Mapped[list] = mapped_column(JSON, default=list)
     scalars: Mapped[dict] = mapped_column(JSON, default=dict)  # floats encoded as in the protocol
     stat_names: Mapped[str] = mapped_column(Text, default="")  # comma-separated, blob order
@@ -143,13 +161,26 @@ class Histogram(Base):
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # grad | weight
-    # Each compressed (numwatch.monitor.packing.compress_array) from the wire's raw arrays.
+    # Each compressed from the wire's raw arrays (numwatch.monitor.packing.compress_histogram_array).
     exponent: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x EXPONENT_BINS
     linear_min: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
     linear_max: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
     linear: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x LINEAR_BINS
 
 
+class ForwardStats(Base):
+    """The forward-pass statistics of one sampled step: attention calls in forward order, output logits."""
+
+    __tablename__ = "forward_stats"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    attention_calls: Mapped[list] = mapped_column(JSON, default=list)  # calling module names
+    attention_logit_max: Mapped[list] = mapped_column(JSON, default=list)  # one protocol-encoded float per call
+    log_z_mean: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
 class Rollup(Base):
     """A bucket of ``level`` steps of one series (a step scalar or a per-tensor stat), summarised."""
 
@@ -187,6 +218,7 @@ class RankState(Base):
     last_step_time: Mapped[float] = mapped_column(Float(precision=53), default=0.0)  # epoch s
     steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
     skipped_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    clipped_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
     nonfinite_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)  # any non-finite grad
     nonfinite_loss_total: Mapped[int] = mapped_column(BigInteger, default=0)
     loss_scale_backoffs_total: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -216,6 +248,12 @@ class RankState(Base):
     adam_eps_dominated: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     # Lowest SQNR (dB, protocol-encoded floats) over tensors per scheme at the last quantization step.
     quant_sqnr_min: Mapped[dict] = mapped_column(JSON, default=dict)
+    # The last step whose forward was measured: largest max attention logit over its attention
+    # calls, and the output logits' statistics.
+    attention_logit_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    log_z_mean: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    output_logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
     # Rolling spike score per signal: judged-value count and recent spike episodes (numwatch.monitor.spikes).
     spike_state: Mapped[dict] = mapped_column(JSON, default=dict)

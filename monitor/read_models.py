@@ -69,3 +69,19 @@ class QuantizationTable(BaseModel):
     rank: int
     sort: QuantScheme
     tensors: list[QuantizedTensor] = Field(description="weight tensors (2-D and up), lowest SQNR of `sort` first")
+
+
+class AttentionRunMax(BaseModel):
+    value: WireFloat = Field(description="the largest max attention logit of the run (NaN if any was NaN)")
+    call: str = Field(description="the attention call (calling module) it was seen in")
+    step: int
+
+
+class ForwardSeries(BaseModel):
+    rank: int
+    steps: list[int] = Field(description="measured steps (with more than max_points: the last step of each bucket)")
+    attention_logit_max: dict[str, list[WireFloat]] = Field(description="per attention call, forward order: its max logit at each step (a bucket's largest)")
+    run_max: AttentionRunMax | None = Field(description="null before any attention call was measured")
+    log_z_mean: list[WireFloat] = Field(description="mean over tokens of logsumexp over the vocabulary (a bucket's mean)")
+    log_z_max: list[WireFloat] = Field(description="largest log Z over tokens (a bucket's largest)")
+    logit_absmax: list[WireFloat] = Field(description="largest |output logit| (a bucket's largest)")

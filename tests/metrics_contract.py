@@ -30,10 +30,16 @@ GAUGES = (
     "numwatch_adam_update_rms",
     "numwatch_adam_eps_dominated",
     "numwatch_quant_sqnr_min_decibels",
+    "numwatch_attention_logit_max",
+    "numwatch_attention_logit_threshold",
+    "numwatch_output_log_z_mean",
+    "numwatch_output_log_z_max",
+    "numwatch_output_logit_absmax",
 )
 COUNTERS = (
     "numwatch_steps_total",
     "numwatch_skipped_steps_total",
+    "numwatch_clipped_steps_total",
     "numwatch_nonfinite_steps_total",
     "numwatch_nonfinite_loss_total",
     "numwatch_loss_scale_backoffs_total",
@@ -102,6 +108,7 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     counters = {
         "numwatch_steps_total": 121.0,
         "numwatch_skipped_steps_total": float(nonfinite_steps),
+        "numwatch_clipped_steps_total": 12.0,
         "numwatch_nonfinite_steps_total": float(nonfinite_steps),
         "numwatch_nonfinite_loss_total": 0.0,
         "numwatch_loss_scale_backoffs_total": float(nonfinite_steps),

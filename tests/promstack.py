@@ -66,6 +66,14 @@ def running_prometheus(
         yield url
 
 
+def collector_and_prometheus(resources: ExitStack, workdir: Path) -> tuple[str, str]:
+    """A real collector and a real Prometheus scraping it (and evaluating the rules) every second,
+    kept until ``resources`` close; their URLs."""
+    collector = resources.enter_context(stack.running_collector(workdir))
+    config = stack.prometheus_config(urllib.parse.urlsplit(collector).netloc, None, interval="1s")
+    return collector, resources.enter_context(stack.running_prometheus(require_binary("prometheus"), workdir, config))
+
+
 def instant_query(prometheus: str, promql: str) -> dict:
     """The decoded answer of ``/api/v1/query`` (status "error" included, not raised)."""
     url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"

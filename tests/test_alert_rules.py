@@ -26,6 +26,7 @@ EXPECTED_ALERTS = {
     "NumwatchUnderflowHigh",
     "NumwatchVanishingGradients",
     "NumwatchSpikeRateHigh",
+    "NumwatchAttentionLogitHigh",
     "NumwatchRunStalled",
     "NumwatchCollectorDown",
     "NumwatchCollectorRejectingBatches",

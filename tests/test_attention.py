@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.functional import scaled_dot_product_attention
 
 from numwatch import observe_attention
 from numwatch.attention import AttentionCapture, max_attention_logit
+from tests.nanogpt import NanoGPT
 
 
 def reference_max(q, k, *, scale=None, mask=None, is_causal=False, enable_gqa=False) -> float:
@@ -160,62 +160,6 @@ def test_chunks_bound_the_logits_held_at_once(monkeypatch):
 # -- capture from models -----------------------------------------------------------------
 
 
-class CausalSelfAttention(nn.Module):
-    """nanoGPT-style attention; ``imported`` picks how the SDPA function is reached."""
-
-    def __init__(self, d: int, heads: int, imported: bool) -> None:
-        super().__init__()
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
-        self.heads = heads
-        self.imported = imported
-
-    def qk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b, t, d = x.shape
-        q, k, v = self.c_attn(x).split(d, dim=2)
-        return tuple(z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qk(x)
-        attend = scaled_dot_product_attention if self.imported else F.scaled_dot_product_attention
-        y = attend(q, k, v, is_causal=True, dropout_p=0.1 if self.training else 0.0)
-        return self.c_proj(y.transpose(1, 2).reshape(x.shape))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int, imported: bool) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads, imported)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class NanoGPT(nn.Module):
-    """Blocks alternate between ``F.scaled_dot_product_attention`` and the imported name."""
-
-    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, layers: int = 4, context: int = 16) -> None:
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(context, d),
-            h=nn.ModuleList(Block(d, heads, imported=i % 2 == 1) for i in range(layers)), ln_f=nn.LayerNorm(d),
-        ))
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1)))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1)) if targets is not None else None
-        return logits, loss
-
-
 def attention_inputs(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
     """The hidden states each named module receives (to recompute its q and k by hand)."""
     seen: dict[str, torch.Tensor] = {}
@@ -344,3 +288,78 @@ def test_observe_attention_for_hand_written_attention():
     maxima = capture.take_step()
     assert list(maxima) == ["1"]
     assert_matches(maxima["1"], reference_max(q, k, scale=0.5, is_causal=True))
+
+
+# -- the forward probe: which forwards are measured ----------------------------------------
+
+
+def test_probe_measures_only_due_forwards_with_gradients_enabled():
+    from numwatch.forward_probe import ForwardProbe
+
+    torch.manual_seed(0)
+    model = NanoGPT()
+    due = [True]
+    failures: list[str] = []
+    probe = ForwardProbe(model, lambda: due[0], failures.append)
+    idx = torch.randint(0, 64, (2, 16))
+    logits, _ = model(idx)
+    attention, log_z = probe.take_step()
+    assert list(attention) == [f"transformer.h.{i}.attn" for i in range(4)]
+    assert log_z is not None and float(log_z[2]) == float(logits.detach().abs().max())
+    due[0] = False
+    model(idx)
+    assert probe.take_step() == ({}, None)
+    due[0] = True
+    with torch.no_grad():
+        model(idx)  # an evaluation forward is not a training step's
+    assert probe.take_step() == ({}, None)
+    probe.remove()
+    model(idx)
+    assert probe.take_step() == ({}, None) and failures == []
+
+
+def test_probe_reads_the_logits_of_a_named_module():
+    from numwatch.forward_probe import ForwardProbe
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            return {"scores": self.head(self.body(x))}  # logits not found in the output itself
+
+    model = Classifier()
+    with pytest.raises(ValueError, match="logits_module='nothing'"):
+        ForwardProbe(model, lambda: True, print, logits_module="nothing")
+    probe = ForwardProbe(model, lambda: True, print, logits_module="head")
+    x = tensors(3, 4, seed=60)
+    scores = model(x)["scores"].detach()
+    _, log_z = probe.take_step()
+    assert float(log_z[1]) == pytest.approx(float(torch.logsumexp(scores.double(), -1).max()), rel=1e-6)
+
+
+def test_a_failing_measurement_never_reaches_the_model(monkeypatch):
+    from numwatch import attention
+    from numwatch.forward_probe import ForwardProbe
+
+    torch.manual_seed(0)
+    model = NanoGPT()
+    idx = torch.randint(0, 64, (2, 16))
+    torch.manual_seed(1)
+    expected, _ = model(idx)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("measurement bug")
+
+    monkeypatch.setattr(attention, "max_attention_logit", broken)
+    failures: list[str] = []
+    probe = ForwardProbe(model, lambda: True, failures.append)
+    torch.manual_seed(1)
+    logits, _ = model(idx)
+    assert torch.equal(logits, expected)
+    assert failures == ["attention capture"] * 4
+    assert probe.take_step() == ({}, None)  # a partly measured step is not recorded
+    assert not torch.overrides._get_current_function_mode_stack()
+    probe.remove()

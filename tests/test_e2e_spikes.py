@@ -12,7 +12,6 @@ spike-rate alert fires for the run.
 from __future__ import annotations
 
 import math
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,9 +21,7 @@ import torch
 from torch import nn
 
 import numwatch
-from numwatch.monitor import stack
-from tests.binaries import require_binary
-from tests.promstack import get_json, instant_query, wait_for
+from tests.promstack import collector_and_prometheus, get_json, instant_query, wait_for
 
 pytestmark = [pytest.mark.binaries, pytest.mark.slow]
 
@@ -53,12 +50,9 @@ def _batch(generator: torch.Generator, true_weight: torch.Tensor, scale: float =
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
-    prometheus_binary = require_binary("prometheus")
     workdir = tmp_path_factory.mktemp("e2e-spikes")
     with ExitStack() as resources:
-        collector = resources.enter_context(stack.running_collector(workdir))
-        config = stack.prometheus_config(urllib.parse.urlsplit(collector).netloc, None, interval="1s")
-        prometheus = resources.enter_context(stack.running_prometheus(prometheus_binary, workdir, config))
+        collector, prometheus = collector_and_prometheus(resources, workdir)
 
         torch.manual_seed(0)
         generator = torch.Generator().manual_seed(1)

@@ -23,7 +23,8 @@ def _populate(client: httpx.Client, run: str, status: str = "running") -> None:
     }
     # The bias (third tensor) is not quantized: NaN; an exact tensor is +inf.
     quantized = {f"quant_sqnr_{scheme}": array([np.inf, db, np.nan], "<f4") for scheme, db in (("int8", 40.5), ("int4", 12.5), ("nf4", 19.0), ("fp8", 31.25))}
-    steps = [step_doc(1), step_doc(2, tensors={**counts, **sampled, **quantized}), step_doc(3, loss=float("nan"))]
+    forward = {"attention_logit_max": {"h.0.attn": 12.5, "h.1.attn": 40.25}, "output_logits": {"log_z_mean": 7.5, "log_z_max": 9.0, "absmax": 21.0}}
+    steps = [step_doc(1), step_doc(2, tensors={**counts, **sampled, **quantized}, **forward), step_doc(3, loss=float("nan"))]
     body = protocol.dumps(batch_doc(run=run, steps=steps, status=status))
     client.post(f"/api/v1/runs/{run}/batches", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
 
@@ -43,6 +44,11 @@ def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> 
         assert 'numwatch_adam_eps_dominated{rank="0",run="live"} 0.25' in text
         assert 'numwatch_quant_sqnr_min_decibels{rank="0",run="live",scheme="int4"} 12.5' in text
         assert 'numwatch_quant_sqnr_min_decibels{rank="0",run="live",scheme="fp8"} 31.25' in text
+        assert 'numwatch_attention_logit_max{rank="0",run="live"} 40.25' in text
+        assert 'numwatch_output_log_z_mean{rank="0",run="live"} 7.5' in text
+        assert 'numwatch_output_log_z_max{rank="0",run="live"} 9.0' in text
+        assert 'numwatch_output_logit_absmax{rank="0",run="live"} 21.0' in text
+        assert "numwatch_attention_logit_threshold 100.0" in text
         assert 'numwatch_run_info{format="fp16",project="default",run="done",status="finished",world_size="1"} 1.0' in text
         result = subprocess.run([require_binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr

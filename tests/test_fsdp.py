@@ -143,7 +143,8 @@ def fsdp_run(tmp_path_factory):
     root = str(Path(__file__).resolve().parents[1])
     mp.spawn(_train, args=(_free_port(), str(spool), root), nprocs=WORLD_SIZE, join=True)
     saved = torch.load(spool / "reference.pt", weights_only=False)
-    per_rank = {rank: read_spool(spool / "fsdp" / f"rank{rank}") for rank in range(WORLD_SIZE)}
+    (run_dir,) = spool.glob("fsdp.*")  # both ranks are one instance
+    per_rank = {rank: read_spool(run_dir / f"rank{rank}") for rank in range(WORLD_SIZE)}
     return saved, per_rank
 
 

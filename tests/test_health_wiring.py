@@ -23,7 +23,7 @@ from numwatch import protocol
 from tests.test_quantization import REFERENCES, sqnr_db
 
 STEPS = 12
-HISTOGRAM_EVERY, QUANT_EVERY = 5, 7  # Adam health at steps 1, 6, 11; quantization at 1, 8 and close() (12)
+HISTOGRAM_EVERY, QUANT_EVERY = 5, 7  # Adam health at steps 1, 6, 11; quantization at 7 and close() (12)
 ACCUMULATION = 2
 
 
@@ -69,13 +69,14 @@ def train(url: str, run: str, forward_after: str | None) -> tuple[list[str], dic
         optimizer.zero_grad(set_to_none=True)
         if (step - 1) % HISTOGRAM_EVERY == 0:
             adam[step] = {name: reference_adam(optimizer, p) for name, p in model.named_parameters()}
-        if (step - 1) % QUANT_EVERY == 0:
+        if step % QUANT_EVERY == 0:
             quant[step] = {name: reference_sqnr(p) for name, p in model.named_parameters()}
-    if forward_after is not None:
+    if forward_after == "flush":
+        watcher.flush()
+    elif forward_after is not None:
         with torch.set_grad_enabled(forward_after == "with grad"):
             model(torch.arange(8))
-    if forward_after != "with grad":
-        quant[STEPS] = {name: reference_sqnr(p) for name, p in model.named_parameters()}
+    quant[STEPS] = {name: reference_sqnr(p) for name, p in model.named_parameters()}
     watcher.close()
     return names, adam, quant
 
@@ -88,7 +89,7 @@ def api(collector):
 
 def test_recorded_adam_health_and_sqnr_equal_the_references(api: httpx.Client) -> None:
     names, adam, quant = train(str(api.base_url), "health", forward_after=None)
-    assert sorted(quant) == [1, 8, STEPS] and sorted(adam) == [1, 6, 11]
+    assert sorted(quant) == [7, STEPS] and sorted(adam) == [1, 6, 11]
     for step in range(1, STEPS + 1):
         tensors = api.get(f"/api/v1/runs/health/steps/{step}").json()["tensors"]
         has_adam = "adam_update_rms" in tensors[names[0]]
@@ -118,13 +119,18 @@ def test_recorded_adam_health_and_sqnr_equal_the_references(api: httpx.Client) -
         assert minimum[scheme] == pytest.approx(min(v[scheme] for v in quant[STEPS].values() if not math.isnan(v[scheme])), abs=1e-3)
 
 
-@pytest.mark.parametrize(("forward_after", "measured"), [("no grad", STEPS), ("with grad", 8)])
-def test_close_measures_the_last_step_unless_a_training_forward_followed(api: httpx.Client, forward_after: str, measured: int) -> None:
-    """An evaluation under no_grad leaves the last step open for close(); a forward with
-    gradients starts the next step, so the last step was sent and its quant_every value stands."""
+@pytest.mark.parametrize("forward_after", ["no grad", "with grad", "flush"])
+def test_close_measures_the_last_step_also_after_it_was_sent(api: httpx.Client, forward_after: str) -> None:
+    """An evaluation under no_grad leaves the last step open for close(); after a forward with
+    gradients or a flush() it was sent already, and close() sends a copy that adds the
+    measurement, which the collector merges into the stored step (no conflict)."""
     names, _, quant = train(str(api.base_url), "evaluated", forward_after=forward_after)
     table = api.get("/api/v1/runs/evaluated/quantization").json()
-    assert table["step"] == max(quant) == measured
+    assert table["step"] == STEPS
     by_name = {row["tensor"]: row["sqnr_db"] for row in table["tensors"]}
-    assert _decoded(by_name["1.weight"]["nf4"]) == pytest.approx(quant[measured]["1.weight"]["nf4"], abs=1e-3)
-    assert api.get("/api/v1/runs/evaluated").json()["last_step"] == STEPS
+    for name in ("0.weight", "1.weight", "3.weight"):
+        assert _decoded(by_name[name]["nf4"]) == pytest.approx(quant[STEPS][name]["nf4"], abs=1e-3)
+    summary = api.get("/api/v1/runs/evaluated").json()
+    assert summary["last_step"] == STEPS and summary["steps_total"] == STEPS
+    step = api.get(f"/api/v1/runs/evaluated/steps/{STEPS}").json()
+    assert "grad_norm" in step["tensors"]["0.weight"] and "quant_sqnr_int8" in step["tensors"]["0.weight"]

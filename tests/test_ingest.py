@@ -95,7 +95,7 @@ def test_rank_state_counts_only_new_steps(api: httpx.Client) -> None:
         (lambda b: b["steps"][0].update(loss="nan-ish"), "steps[0].loss"),
         (lambda b: b["steps"][0].update(time="NaN"), "steps[0].time"),
         (lambda b: b["steps"][0].update(scale_decision="maybe"), "steps[0].scale_decision"),
-        (lambda b: b.update(protocol=3), "protocol"),
+        (lambda b: b.update(protocol=4), "protocol"),
         # Version 1 batches stay accepted, but they predate the Adam-health and quantization stats.
         (lambda b: (b.update(protocol=1), b["steps"][1]["tensors"].update(quant_sqnr_nf4=array([20.0, 20.0, np.nan], "<f4"))),
          "steps[1].tensors.quant_sqnr_nf4: needs protocol 2, the batch says 1"),
@@ -151,3 +151,36 @@ def test_version_1_documents_are_still_stored(api: httpx.Client) -> None:
     assert response.status_code == 200 and response.json()["stored_steps"] == 2, response.text
     record = api.get("/api/v1/runs/r1/steps/2").json()
     assert record["loss"] == 0.5 and record["tensors"]["embed.weight"]["grad_norm"] == 0.5
+
+
+def test_clipping_is_stored_and_counted(api: httpx.Client) -> None:
+    steps = [
+        step_doc(1, clip_coef=1.0, post_clip_grad_norm=0.57, clipped=False),
+        step_doc(2, clip_coef=0.25, post_clip_grad_norm=1.0, clipped=True),
+        step_doc(3, clip_coef="NaN", post_clip_grad_norm="NaN", clipped=True),
+        step_doc(4),  # no clip function ran
+    ]
+    assert post_batch(api, batch_doc(steps=steps)).status_code == 200
+    assert post_batch(api, batch_doc(steps=steps)).json()["stored_steps"] == 0
+    assert 'numwatch_clipped_steps_total{rank="0",run="r1"} 2.0' in api.get("/metrics").text
+    second = api.get("/api/v1/runs/r1/steps/2").json()
+    assert (second["clip_coef"], second["post_clip_grad_norm"], second["clipped"]) == (0.25, 1.0, True)
+    fourth = api.get("/api/v1/runs/r1/steps/4").json()
+    assert (fourth["clip_coef"], fourth["post_clip_grad_norm"], fourth["clipped"]) == (None, None, False)
+    assert api.get("/api/v1/runs/r1/steps/3").json()["clip_coef"] == "NaN"
+    old = post_batch(api, batch_doc(steps=[step_doc(5, clipped=True)], protocol=2))
+    assert old.status_code == 422 and "steps[0].clipped: needs protocol 3" in old.text
+
+
+def test_a_copy_that_only_adds_quantization_stats_extends_the_stored_step(api: httpx.Client) -> None:
+    quant = {f"quant_sqnr_{scheme}": array([30.0, 20.0, np.nan], "<f4") for scheme in protocol.QUANT_SCHEMES}
+    assert post_batch(api, batch_doc(steps=[step_doc(1), step_doc(2)])).json()["stored_steps"] == 2
+    added = post_batch(api, batch_doc(steps=[step_doc(2, tensors=quant)])).json()
+    assert added == {"stored_steps": 0, "duplicate_steps": 1, "conflicting_steps": 0, "events": 0}
+    record = api.get("/api/v1/runs/r1/steps/2").json()["tensors"]["head.weight"]
+    assert record["quant_sqnr_nf4"] == 20.0 and record["grad_norm"] == 0.25
+    assert api.get("/api/v1/runs/r1/quantization").json()["step"] == 2
+    # A copy that changes anything else is a conflict, and the stored step stays as it was.
+    changed = post_batch(api, batch_doc(steps=[step_doc(1, norms=[9.0, 9.0, 9.0], tensors=quant)])).json()
+    assert changed["conflicting_steps"] == 1
+    assert "quant_sqnr_int8" not in api.get("/api/v1/runs/r1/steps/1").json()["tensors"]["head.weight"]

@@ -31,8 +31,8 @@ def test_every_wire_field_is_validated_by_the_collector(wire, model):
     (schemas.RunDocument, "format", protocol.FORMATS),
     (schemas.HistogramDocument, "kind", protocol.HISTOGRAM_KINDS),
     (schemas.BatchDocument, "status", get_args(protocol.RunStatus)),
-    (schemas.RunDocument, "protocol", (1, 2)),  # version 1 documents (old clients, old spools) stay readable
-    (schemas.BatchDocument, "protocol", (1, 2)),
+    (schemas.RunDocument, "protocol", (1, 2, 3)),  # older documents (old clients, old spools) stay readable
+    (schemas.BatchDocument, "protocol", (1, 2, 3)),
 ])
 def test_collector_accepts_exactly_the_protocol_values(model, field, values):
     prop = model.model_json_schema()["properties"][field]
@@ -54,6 +54,7 @@ def test_built_documents_validate_and_carry_non_finite_floats():
     step = protocol.step_document(
         3, time=10.0, tensors=stats, loss=math.nan, loss_scale=8.0, new_loss_scale=4.0, skipped=True, lr=[math.inf, 1e-3],
         global_grad_norm=-math.inf, headroom_bits=math.nan, scalars={"acc": 0.5},
+        attention_logit_max={"h.0.attn": 3.5, "h.1.attn": math.nan}, output_logits={"log_z_mean": 10.5, "log_z_max": math.inf, "absmax": 2.0},
     )
     histogram = protocol.histogram_document(3, "grad", **{
         name: array([0] * (n * protocol.HISTOGRAM_LENGTHS[name]), dtype) for name, dtype in protocol.HISTOGRAM_DTYPES.items()
@@ -67,6 +68,8 @@ def test_built_documents_validate_and_carry_non_finite_floats():
     stored = parsed.steps[0]
     assert math.isnan(stored.loss) and stored.global_grad_norm == -math.inf and stored.lr == [math.inf, 1e-3]
     assert stored.scale_decision == "backoff" and stored.skipped
+    assert list(stored.attention_logit_max) == ["h.0.attn", "h.1.attn"] and math.isnan(stored.attention_logit_max["h.1.attn"])
+    assert stored.output_logits.log_z_max == math.inf and stored.output_logits.log_z_mean == 10.5
     assert parsed.status == "crashed" and parsed.rank == 1 and len(batch["batch_id"]) == 32
     assert parsed.events[0].kind == "nonfinite_origin" and parsed.events[0].time == 11.0
     assert values(batch["steps"][0]["tensors"]["grad_norm"], "<f4")[1] == math.inf

@@ -20,7 +20,7 @@ from numwatch.monitor import db
 from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 JSON = {"Content-Type": "application/json"}
-CHILD_TABLES = ("steps", "histograms", "rollups", "events", "conflicts", "rank_state")
+CHILD_TABLES = ("steps", "histograms", "rollups", "forward_stats", "events", "conflicts", "run_instances", "rank_state")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -37,7 +37,8 @@ def _fill(client: httpx.Client, run: str, steps: int = 300, headers: dict | None
     headers = headers or {}
     assert client.post("/api/v1/runs", json=run_doc(run=run, project="p"), headers=headers).status_code == 200
     for first in range(1, steps + 1, 100):
-        doc = batch_doc(run=run, steps=[step_doc(s, norms=[0.5, float("nan") if s % 7 == 0 else 1.0, 2.0]) for s in range(first, first + 100)],
+        doc = batch_doc(run=run, steps=[step_doc(s, norms=[0.5, float("nan") if s % 7 == 0 else 1.0, 2.0],
+                                                 **({"attention_logit_max": {"h.0.attn": 1.5}} if s % 50 == 1 else {})) for s in range(first, first + 100)],
                         histograms=[_histogram(first)])
         response = client.post(f"/api/v1/runs/{run}/batches", content=protocol.dumps(doc), headers={**JSON, **headers})
         assert response.status_code == 200, response.text
@@ -74,7 +75,7 @@ def test_deleting_through_the_api_removes_every_row_and_the_name_starts_afresh(c
         _fill(client, "doomed")
         _fill(client, "kept")
         doomed, kept = _run_id(database_url, "doomed"), _run_id(database_url, "kept")
-        assert all(_rows(database_url, doomed)[table] for table in ("steps", "histograms", "rollups", "rank_state"))
+        assert all(_rows(database_url, doomed)[table] for table in ("steps", "histograms", "rollups", "forward_stats", "rank_state"))
         kept_before = _rows(database_url, kept)
 
         response = client.delete("/api/v1/runs/doomed")

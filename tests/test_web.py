@@ -37,10 +37,10 @@ def get_json(url: str, token: str | None = None) -> Any:
         return json.loads(response.read())
 
 
-def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+def model_and_optimizer(lr: float = 1e-3) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
     torch.manual_seed(0)
     model = nn.Sequential(OrderedDict(embed=nn.Linear(16, 64), act=nn.GELU(), hidden=nn.Linear(64, 64), act2=nn.GELU(), head=nn.Linear(64, 4)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     return model, optimizer, torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10)
 
 
@@ -74,17 +74,41 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     workdir = tmp_path_factory.mktemp("web")
     database_url = f"sqlite:///{workdir / 'numwatch.db'}"
     with browser.chromium() as driver, stack.running_collector(workdir, database_url) as url:
+        train_attention_run(url)
         model, optimizer, scaler = model_and_optimizer()
         with numwatch.watch(model, optimizer, scaler=scaler, run="mlp-fp16", url=url, token=None, histogram_every=5, format_every=5,
                             trace_activations=True, on_nonfinite="ignore", config={"loop": "amp", "lr": 1e-3}) as watcher:
             train(watcher, model, optimizer, scaler, 1, STEPS)
-        live_model, live_optimizer, live_scaler = model_and_optimizer()
+        live_model, live_optimizer, live_scaler = model_and_optimizer(lr=1e-2)  # "lr A vs lr B" in the compare view
         live = numwatch.watch(live_model, live_optimizer, scaler=live_scaler, run="mlp-live", url=url, token=None, histogram_every=5, on_nonfinite="ignore")
         try:
             train(live, live_model, live_optimizer, live_scaler, 1, 10)
             yield Served(url, database_url, "mlp-fp16", "mlp-live", (live, live_model, live_optimizer, live_scaler), driver)
         finally:
             live.close()
+
+
+ATTENTION_RUN = "gpt-attention"
+GROWING = "transformer.h.1.attn"
+
+
+def train_attention_run(url: str) -> None:
+    """A nanoGPT-style run whose second layer's query and key projections grow by 1.6x per step."""
+    from tests.nanogpt import NanoGPT
+
+    torch.manual_seed(0)
+    model = NanoGPT()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    with numwatch.watch(model, optimizer, run=ATTENTION_RUN, url=url, token=None, histogram_every=2) as watcher:
+        for _ in range(10):
+            idx = torch.randint(0, 64, (4, 16), generator=generator)
+            model(idx, idx.roll(-1, 1))[1].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                model.get_submodule(GROWING).c_attn.weight[:64] *= 1.6
+        watcher.flush()
 
 
 def page(served: Served, path: str) -> Any:
@@ -139,6 +163,25 @@ def test_run_page_charts_hold_exactly_the_points_the_api_returns(served: Served)
     assert checked >= STEPS * 4
     # The blow-up step is visible on the loss chart as non-finite.
     assert any(m["step"] == BLOW_UP_AT for m in plotted(driver, "loss")["marks"])
+
+
+def test_attention_logit_lines_per_call_and_log_z_hold_the_api_values(served: Served) -> None:
+    driver = page(served, f"/runs/{ATTENTION_RUN}")
+    assert browser.console_errors(driver) == []
+    api = get_json(f"{served.url}/api/v1/runs/{ATTENTION_RUN}/forward?max_points=1000")
+    calls = list(api["attention_logit_max"])
+    assert calls == [f"transformer.h.{i}.attn" for i in range(4)] and api["steps"] == [1, 3, 5, 7, 9]
+    chart = plotted(driver, "attention_logit_max")
+    assert chart["x"] == api["steps"] and chart["y"] == [api["attention_logit_max"][name] for name in calls]
+    labels = driver.execute_script("return Charts.registry.attention_logit_max.uplot.series.slice(1).map((s) => s.label)")
+    assert labels == calls
+    log_z = plotted(driver, "log_z")
+    assert log_z["x"] == api["steps"] and log_z["y"] == [api["log_z_mean"], api["log_z_max"], api["logit_absmax"]]
+    (growth,) = [e for e in get_json(f"{served.url}/api/v1/runs/{ATTENTION_RUN}/events") if e["kind"] == "attention_logit_growth"]
+    assert driver.find_element("id", "attention-layers").text.startswith(f"{GROWING} (")
+    item = [li for li in driver.find_elements("css selector", "#diagnosis li") if "attention logits above 100" in li.text]
+    assert item and item[0].text.startswith(f"step {growth['step']}:")
+    browser.screenshot(driver, "run-page-attention")
 
 
 def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> None:
@@ -229,6 +272,19 @@ def test_step_page_lists_every_tensor_worst_first(served: Served) -> None:
     assert set(names[: len(bad)]) == bad
     assert "skipped" in driver.find_element("id", "step-events").text
     browser.screenshot(driver, "step-page")
+
+
+def test_run_page_lists_the_weights_worst_quantized_first(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    table = get_json(f"{served.url}/api/v1/runs/mlp-fp16/quantization")
+    assert table["step"] == STEPS  # close() measured the final weights
+    rows = driver.find_elements("css selector", "#quantization-table tbody tr")
+    names = [r.find_element("css selector", "td").text for r in rows]
+    assert names == [t["tensor"] for t in table["tensors"]]
+    assert sorted(names) == ["embed.weight", "head.weight", "hidden.weight"]  # the biases are not quantized
+    int4 = [float(r.find_elements("css selector", "td")[3].text) for r in rows]
+    assert int4 == sorted(int4)
+    assert browser.console_errors(driver) == []
 
 
 def test_compare_view_overlays_two_runs(served: Served) -> None:
@@ -373,6 +429,8 @@ def test_export_is_one_file_that_works_offline(served: Served, tmp_path: Path) -
     assert driver.find_element("id", "origin-module").text == "embed"
     api = get_json(f"{served.url}/api/v1/runs/mlp-fp16/series?metric=global_grad_norm&max_points=1000&end={STEPS}")
     assert plotted(driver, "grad_norm")["x"] == api["steps"]
+    forward = get_json(f"{served.url}/api/v1/runs/mlp-fp16/forward?max_points=1000")
+    assert forward["steps"] and plotted(driver, "log_z")["y"][0] == forward["log_z_mean"]  # the MLP's output is its logits
     assert driver.execute_script("return Charts.registry.histogram.uplot.data[1].filter(v => v).length") > 0
 
 

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import overview, queries, readiness
+from numwatch.monitor import forward, overview, queries, readiness
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, get_settings, require_reader
 from numwatch.monitor.errors import Refused
-from numwatch.monitor.read_models import HistogramSteps, QuantizationTable, Tail, TensorSummary
+from numwatch.monitor.read_models import ForwardSeries, HistogramSteps, QuantizationTable, Tail, TensorSummary
 from numwatch.monitor.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.schemas import MAX_RANK, MAX_STEP
 from numwatch.monitor.settings import Settings
@@ -124,6 +124,20 @@ def get_quantization(
     session: Session = Depends(get_session),
 ) -> dict:
     return readiness.quantization_table(session, _run(session, run, principal), rank, sort)
+
+
+@router.get("/runs/{run}/forward", responses=RUN_RESPONSES, response_model=ForwardSeries,
+            summary="Max attention logit per attention call, the run's maximum, and output-logit log Z over the measured steps")
+def get_forward(
+    run: str,
+    rank: RankQuery = 0,
+    start: StepQuery = None,
+    end: StepQuery = None,
+    max_points: int = Query(1000, ge=2, le=100_000),
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+) -> dict:
+    return forward.series(session, _run(session, run, principal), rank, start, end, max_points)
 
 
 @router.get("/runs/{run}/histogram-steps", responses=RUN_RESPONSES, response_model=HistogramSteps, summary="The sampled steps that have histograms")

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
-from numwatch.monitor import overview, queries
+from numwatch.monitor import forward, overview, queries, readiness
 from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.web import STATIC_DIR, page_html
 
@@ -44,6 +44,8 @@ def run_page_responses(session: Session, name: str, stale_after: float) -> dict[
         base: detail,
         request_key(base + "/events"): queries.events(session, run, None),
         request_key(base + "/tensor-summary", {"max_points": points}): overview.tensor_summary(session, run, 0, points),
+        request_key(base + "/forward", {"max_points": points}): forward.series(session, run, 0, None, None, points),
+        request_key(base + "/quantization"): readiness.quantization_table(session, run, 0, "int4"),
         request_key(base + "/heatmap", layout["heatmap"]): queries.heatmap(session, run, layout["heatmap"]["stat"], 0, layout["heatmap"]["max_steps"]),
     }
     for chart in layout["series_charts"]:

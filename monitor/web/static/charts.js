@@ -14,6 +14,8 @@ const Charts = (() => {
     loss_scale_collapse: { color: "#7c2d12", shape: "diamond", label: "scale collapse" },
     loss_spike: { color: "#a16207", shape: "diamond", label: "loss spike" },
     grad_norm_spike: { color: "#a16207", shape: "diamond", label: "grad norm spike" },
+    attention_logit_growth: { color: "#b91c1c", shape: "up", label: "attention logits above the threshold" },
+    log_z_drift: { color: "#7c2d12", shape: "diamond", label: "log Z left the band" },
   };
   // Binades floor(log2|x|) of each format's subnormal and normal ranges (torch.finfo's limits;
   // the browser tests check this table against them).
@@ -77,12 +79,17 @@ const Charts = (() => {
     const bySeries = [];
     let hiddenNonPositive = 0;
     const columns = seriesList.map((s, k) => {
-      const column = new Array(steps.length).fill(null);
+      // undefined: this series has no point at the step (the line goes on); null: a gap (non-finite, or <= 0 on a log axis).
+      const column = new Array(steps.length).fill(undefined);
       s.steps.forEach((step, i) => {
         const v = num(s.values[i]);
         if (v === null) return;
-        if (!Number.isFinite(v)) { nonfinite.set(step, nonfiniteKind(v)); bySeries.push({ label: s.label, kind: nonfiniteKind(v) }); return; }
-        if (log && v <= 0) { hiddenNonPositive += 1; return; }
+        if (!Number.isFinite(v)) {
+          nonfinite.set(step, nonfiniteKind(v)); bySeries.push({ label: s.label, kind: nonfiniteKind(v) });
+          column[index.get(step)] = null;
+          return;
+        }
+        if (log && v <= 0) { hiddenNonPositive += 1; column[index.get(step)] = null; return; }
         column[index.get(step)] = v;
       });
       return column;
@@ -112,7 +119,8 @@ const Charts = (() => {
     return el("div", { class: "chart-note" }, items);
   }
 
-  // A line chart of API series ({steps, values}) over steps. spec: {id, title, unit, log (2|10|0),
+  // A line chart of API series ({steps, values}) over steps; a line breaks at its non-finite values.
+  // spec: {id, title, unit, log (2|10|0),
   // series: [{label, steps, values}], events: [{step, kind}], onStep(step)}.
   function lineChart(container, spec) {
     const log = spec.log || 0;
@@ -149,7 +157,7 @@ const Charts = (() => {
       ],
       series: [
         { label: "step", value: (u, v) => (v === null ? "–" : String(v)) },
-        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
+        ...spec.series.map((s, i) => ({ label: s.label, stroke: s.color || COLORS[i % COLORS.length], width: 1.5,
           points: { show: aligned.data[0].length < 120, size: 4 }, value: (u, v) => fmt(v) })),
       ],
       cursor: { sync: { key: spec.sync || "nw" }, drag: { x: true, y: false, setScale: !spec.sync } },

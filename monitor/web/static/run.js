@@ -1,4 +1,4 @@
-// The run page: diagnosis, charts, per-layer heatmap, exponent histogram, events; live while running.
+// The run page: diagnosis, charts, per-layer heatmap, exponent histogram, quantization readiness, events; live while running.
 // Every read starts at once and each part is drawn as soon as its data arrives, in a slot laid out
 // up front (the page does not jump); the page is ready when every part is drawn.
 "use strict";
@@ -21,10 +21,14 @@ NW.start(async () => {
     "Downsampled to at most ", String(layout.max_points), " points per series keeping each bucket's minimum, maximum and every NaN/Inf. Drag to zoom (all charts follow), double-click to reset, click a point to open its step."), charts);
   const seriesSlots = layout.series_charts.map(() => slot(charts));
   const summarySlots = layout.summary_charts.map(() => slot(charts));
+  main.append(el("h2", {}, "Forward pass (sampled steps)"));
+  const forwardSlot = slot(main);
   main.append(el("h2", {}, "Per layer"));
   const heatSlot = slot(main);
   main.append(el("h2", {}, "Exponent histogram"));
   const histogramSlot = slot(main);
+  main.append(el("h2", {}, "Quantization readiness"));
+  const quantSlot = slot(main);
   main.append(el("h2", {}, `Events (${events.length})`), RunView.eventsTable(run, events));
 
   const live = [];
@@ -41,8 +45,10 @@ NW.start(async () => {
   const heatmap = apiRun(run, "/heatmap", layout.heatmap).then((cells) => Charts.heatmap(heatSlot, {
     title: "Gradient norm per tensor", stat: layout.heatmap.stat, cells, tensors: detail.tensors.map((t) => t.name), onStep,
     subtitle: `Rows: the run's ${detail.tensors.length} tensors in model order; columns: the whole run, at most ${layout.heatmap.max_steps} (each step that has it, or each bucket of steps at its maximum, NaN when it holds one). Log colour scale; NaN, +Inf and zero in their own colours.` }));
+  const forward = apiRun(run, "/forward", { max_points: layout.max_points }).then((answer) => RunView.forwardCharts(forwardSlot, answer, events, onStep, xRange));
   const histogram = RunView.histogramSection(histogramSlot, run, detail);
-  await Promise.all([...seriesCharts, summaryCharts, heatmap, histogram]);
+  const quantization = apiRun(run, "/quantization").then((table) => quantSlot.append(RunView.quantizationTable(table)));
+  await Promise.all([...seriesCharts, summaryCharts, forward, heatmap, histogram, quantization]);
   if (!NW.exported() && (detail.status === "running" || detail.status === "stale")) RunView.follow(run, end, live);
   NW.ready();
 });

@@ -24,6 +24,7 @@ const RunView = (() => {
   }
 
   const first = (events, kind) => events.find((e) => e.kind === kind);
+  const plural = (n, word, many) => `${n} ${n === 1 ? word : many || word + "s"}`;
   const count = (events, kind) => events.filter((e) => e.kind === kind).length;
 
   function tensorsText(list) {
@@ -49,10 +50,10 @@ const RunView = (() => {
     if (explosion) {
       const d = explosion.details || {};
       add(explosion.step, `gradient explosion: global norm ${fmt(d.global_grad_norm)}, ${fmt(d.factor, 3)}× the rolling median ${fmt(d.rolling_median)}`,
-        count(events, "grad_explosion") > 1 ? ` (${count(events, "grad_explosion")} steps in all).` : ".");
+        count(events, "grad_explosion") > 1 ? ` (${plural(count(events, "grad_explosion"), "step")} in all).` : ".");
     }
     const loss = first(events, "nonfinite_loss");
-    if (loss) add(loss.step, `the loss became ${fmt((loss.details || {}).loss)} (${count(events, "nonfinite_loss")} steps with a non-finite loss).`);
+    if (loss) add(loss.step, `the loss became ${fmt((loss.details || {}).loss)} (${plural(count(events, "nonfinite_loss"), "step")} with a non-finite loss).`);
     const collapse = first(events, "loss_scale_collapse");
     if (collapse) {
       const d = collapse.details || {};
@@ -63,21 +64,32 @@ const RunView = (() => {
       const d = spike.details || {};
       add(spike.step, `loss spike: ${fmt(d.loss)} above the ${d.sigmas}σ threshold ${fmt(d.threshold)} of the last ${d.window} steps`,
         d.grad_norm_spike_step !== null && d.grad_norm_spike_step !== undefined ? ["; the gradient norm spiked first, at ", NW.link(NW.stepUrl(run, d.grad_norm_spike_step), `step ${d.grad_norm_spike_step}`)] : "",
-        count(events, "loss_spike") > 1 ? ` (${count(events, "loss_spike")} loss spikes).` : ".");
+        count(events, "loss_spike") > 1 ? ` (${plural(count(events, "loss_spike"), "loss spike")}).` : ".");
     }
     const normSpike = first(events, "grad_norm_spike");
     if (normSpike) {
       const d = normSpike.details || {};
       add(normSpike.step, `gradient-norm spike: ${fmt(d.grad_norm)} above the ${d.sigmas}σ threshold ${fmt(d.threshold)}`,
-        count(events, "grad_norm_spike") > 1 ? ` (${count(events, "grad_norm_spike")} spikes).` : ".");
+        count(events, "grad_norm_spike") > 1 ? ` (${plural(count(events, "grad_norm_spike"), "spike")}).` : ".");
+    }
+    const growth = first(events, "attention_logit_growth");
+    if (growth) {
+      const d = growth.details || {};
+      add(growth.step, `attention logits above ${fmt(d.threshold)} in `, el("span", { class: "mono", id: "attention-layers" }, (d.layers || []).map((l) => `${l.name} (${fmt(l.value)})`).join(", ")),
+        count(events, "attention_logit_growth") > 1 ? ` (${count(events, "attention_logit_growth")} episodes).` : ".");
+    }
+    const drift = first(events, "log_z_drift");
+    if (drift) {
+      const d = drift.details || {};
+      add(drift.step, `mean output log Z ${fmt(d.log_z_mean)} left the band [${fmt(d.low)}, ${fmt(d.high)}].`);
     }
     const skipped = first(events, "skipped_step");
-    if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${count(events, "loss_scale_backoff")} loss-scale backoffs in all.`);
+    if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${plural(count(events, "loss_scale_backoff"), "loss-scale backoff")} in all.`);
     const told = new Set(["nonfinite_origin", "nonfinite_grad", "grad_explosion", "nonfinite_loss", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
-      "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
+      "attention_logit_growth", "log_z_drift", "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
     for (const kind of [...new Set(events.map((e) => e.kind))].filter((k) => !told.has(k))) {
       const e = first(events, kind);
-      add(e.step, el("span", { class: "mono" }, kind), ` (${count(events, kind)} events).`);
+      add(e.step, el("span", { class: "mono" }, kind), ` (${plural(count(events, kind), "event")}).`);
     }
     items.sort((a, b) => a.step - b.step);
     const box = el("section", { class: "diagnosis", id: "diagnosis" }, el("h2", {}, "Diagnosis"));
@@ -137,6 +149,27 @@ const RunView = (() => {
     await draw();
   }
 
+  // Max attention logit per attention call (one line each, forward order) and the output logits' log Z.
+  function forwardCharts(main, forward, events, onStep, xRange) {
+    const box = el("div", { class: "charts", id: "forward-charts" });
+    main.append(box);
+    const calls = Object.keys(forward.attention_logit_max);
+    const peak = forward.run_max;
+    Charts.lineChart(box, {
+      id: "attention_logit_max", title: "Max attention logit per attention call", unit: "scale·q·k (log)", log: 10, sync: "run", xRange, onStep,
+      subtitle: peak ? `Largest of the run: ${fmt(peak.value)} in ${peak.call} at step ${peak.step}. Over batch, heads and unmasked positions, pre-softmax, as each scaled_dot_product_attention call computed it.`
+        : "No attention call measured (attention_every = 0, or the model does not call scaled_dot_product_attention).",
+      events: events.filter((e) => e.kind === "attention_logit_growth"),
+      series: calls.map((name) => ({ label: name, steps: forward.steps, values: forward.attention_logit_max[name] })),
+    });
+    Charts.lineChart(box, {
+      id: "log_z", title: "Output logits: log Z = logsumexp over the vocabulary", unit: "nats", log: 0, sync: "run", xRange, onStep,
+      events: events.filter((e) => e.kind === "log_z_drift"),
+      series: [["log_z_mean", "mean log Z"], ["log_z_max", "largest log Z"], ["logit_absmax", "largest |logit|"]]
+        .map(([key, label]) => ({ label, steps: forward.steps, values: forward[key] })),
+    });
+  }
+
   // Live: poll the tail (the steps after the last one shown) and append to every chart.
   function follow(run, after, live) {
     let last = after;
@@ -161,5 +194,17 @@ const RunView = (() => {
     setTimeout(() => tick().catch(NW.showError), POLL_MS);
   }
 
-  return { summary, diagnosis, eventsTable, eventRow, histogramSection, follow, detailsText, badge };
+  // Which layers must stay in higher precision: per weight tensor the SQNR of each scheme, worst first.
+  function quantizationTable(q) {
+    if (q.step === null) return el("p", { class: "muted", id: "quantization-none" }, "no quantization measurement yet (every quant_every steps, and at close())");
+    const schemes = ["int8", "int4", "nf4", "fp8"];
+    const head = el("tr", {}, ["tensor", "shape", ...schemes.map((s) => `${s} dB`)].map((h) => el("th", {}, h)));
+    const rows = q.tensors.map((t) => el("tr", {}, el("td", { class: "mono" }, t.tensor), el("td", { class: "mono" }, t.shape.join("×")),
+      schemes.map((s) => el("td", { class: "num" }, fmt(t.sqnr_db[s])))));
+    return el("div", { class: "table-wrap" },
+      el("p", { class: "muted small" }, `SQNR 20·log10(‖w‖/‖w−Q(w)‖) of the weights at step ${q.step}, lowest ${q.sort} first: the layers to keep in higher precision when this checkpoint is deployed.`),
+      el("table", { class: "quantization", id: "quantization-table" }, el("thead", {}, head), el("tbody", {}, rows)));
+  }
+
+  return { summary, diagnosis, eventsTable, eventRow, histogramSection, forwardCharts, quantizationTable, follow, detailsText, badge };
 })();
