@@ -127,20 +127,68 @@ def _measure(optimizer: torch.optim.Optimizer) -> Any:
     return None
 
 
+def _batched_adam(members: list[tuple[int, dict, dict, Tensor]], result: Tensor) -> None:
+    """Adam/AdamW of small tensors whose step count is on the CPU, a few multi-tensor ops
+    per batch of at most CHUNK elements (not a dozen ops per tensor); into ``result``."""
+    batch: list[tuple[int, dict, dict, Tensor]] = []
+    size = 0
+    for member in members:
+        if batch and size + member[3].numel() > CHUNK:
+            _adam_batch(batch, result)
+            batch, size = [], 0
+        batch.append(member)
+        size += member[3].numel()
+    if batch:
+        _adam_batch(batch, result)
+
+
+def _adam_batch(batch: list[tuple[int, dict, dict, Tensor]], result: Tensor) -> None:
+    corrections1, corrections2, eps, moments, seconds = [], [], [], [], []
+    for _, state, group, _ in batch:
+        beta1, beta2 = group["betas"]
+        t = _step_count(state["step"])
+        corrections1.append(1 - beta1**t)
+        corrections2.append(1 - beta2**t)
+        eps.append(group["eps"])
+        moments.append(state["exp_avg"].detach().reshape(-1).float())
+        seconds.append((state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]).detach().reshape(-1).float())
+    roots = torch._foreach_div(seconds, corrections2)
+    torch._foreach_sqrt_(roots)
+    below = torch._foreach_sub(roots, eps)
+    torch._foreach_clamp_max_(below, 0.0)
+    dominated = torch.stack(torch._foreach_norm(below, 0))  # nonzero exactly where √v̂ < ε
+    torch._foreach_add_(roots, eps)
+    updates = torch._foreach_div(moments, corrections1)
+    torch._foreach_div_(updates, roots)
+    norms = torch.stack(torch._foreach_norm(updates))
+    numel = torch.tensor([m.numel() for m in moments], dtype=torch.float32).to(norms.device, non_blocking=True)
+    positions = torch.tensor([position for position, *_ in batch]).to(result.device, non_blocking=True)
+    result[:, positions] = torch.stack([norms / numel.sqrt(), dominated / numel]).to(result.device)
+
+
 def adam_health(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor]) -> Tensor:
     """float32 [2, n]: ``adam_update_rms`` and ``adam_eps_dominated`` of each parameter,
     NaN where it has no Adam-family state (see the module docstring)."""
     device = parameters[0].device if parameters else torch.device("cpu")
+    result = torch.full((2, len(parameters)), math.nan, dtype=torch.float32, device=device)
     measure = _measure(optimizer) if optimizer is not None else None
-    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]} if measure else {}
-    nan = torch.full((2,), math.nan, dtype=torch.float32, device=device)
-    columns = []
-    for param in parameters:
-        state = optimizer.state.get(param) if measure else None
-        column = None
-        if state and "exp_avg" in state and param.numel() > 0:
-            column = measure(state, groups[id(param)], param)
-        columns.append(nan if column is None else column.to(device, non_blocking=True))
-    if not columns:
-        return torch.zeros((2, 0), dtype=torch.float32, device=device)
-    return torch.stack(columns, dim=1)
+    if measure is None:
+        return result
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    batched: dict[tuple[torch.device, torch.dtype], list[tuple[int, dict, dict, Tensor]]] = {}
+    for position, param in enumerate(parameters):
+        state = optimizer.state.get(param)
+        if not state or "exp_avg" not in state or param.numel() == 0:
+            continue
+        group = groups[id(param)]
+        step = state["step"]
+        on_host = not isinstance(step, Tensor) or step.device.type == "cpu"
+        if measure is _adam and on_host and param.numel() <= CHUNK:
+            batched.setdefault((state["exp_avg"].device, state["exp_avg"].dtype), []).append((position, state, group, param))
+            continue
+        column = measure(state, group, param)
+        if column is not None:
+            result[:, position] = column.to(device)
+    for members in batched.values():
+        _batched_adam(members, result)
+    return result
