@@ -25,8 +25,10 @@ from numwatch.monitor.packing import compress_arrays, decompress_arrays, element
 LEVELS = (64, 1024, 16384, 262144)
 # Per-step scalars with a series: the step columns, then the first param group's lr and the skip flag.
 STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time")
+# What clipping did (step columns too, newer than the compact store's migration, which reads STEP_SCALARS).
+CLIP_SCALARS = ("clip_coef", "post_clip_grad_norm")
 DERIVED_SCALARS = ("lr", "skipped")
-SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS)
+SCALAR_SERIES = (*STEP_SCALARS, *CLIP_SCALARS, *DERIVED_SCALARS)
 _NO_STEP = np.uint32(0xFFFFFFFF)  # an offset meaning "no such step in this bucket"
 
 
@@ -201,7 +203,7 @@ def step_series(views: list[dict], n_tensors: int) -> dict[str, tuple[np.ndarray
         elif name == "skipped":
             pairs = [(view["step"], float(view["skipped"])) for view in views]
         else:
-            pairs = [(view["step"], view[name]) for view in views]
+            pairs = [(view["step"], view.get(name)) for view in views]  # a view from before clipping was recorded has none
         pairs = [(step, value) for step, value in pairs if value is not None]
         if pairs:
             out[name] = (np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.float64).reshape(-1, 1))
