@@ -26,7 +26,7 @@ from numwatch.monitor import detectors, forward, forward_events, rollups, spikes
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError, NotFound
 from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, RunInstance, Step
-from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
+from numwatch.monitor.packing import compress_histogram_array, pack_stats, unpack_stats
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
 
@@ -402,7 +402,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: compress_array(getattr(h, name), int(protocol.HISTOGRAM_DTYPES[name][-1])) for name in protocol.HISTOGRAM_LENGTHS},
+                    **{name: compress_histogram_array(name, getattr(h, name)) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))
@@ -419,7 +419,11 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
 
     if views:
         _update_rank_state(state, views, numel)
-    _update_quant_state(state, views + [step_view(row, n_tensors) for row in supplemented])
+    supplement_views = [step_view(row, n_tensors) for row in supplemented]
+    _update_quant_state(state, views + supplement_views)
+    if supplement_views:  # the added stats only: the step's other series are in the rollups already
+        added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplement_views]
+        rollups.record(session, run.id, rank, added, n_tensors, scalars=False)
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()
     if document.status != "running" or run.status != "running":

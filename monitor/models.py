@@ -161,7 +161,7 @@ class Histogram(Base):
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # grad | weight
-    # Each compressed (numwatch.monitor.packing.compress_array) from the wire's raw arrays.
+    # Each compressed from the wire's raw arrays (numwatch.monitor.packing.compress_histogram_array).
     exponent: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x EXPONENT_BINS
     linear_min: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
     linear_max: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors

@@ -14,10 +14,9 @@ from numwatch import protocol
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import NotFound
 from numwatch.monitor.models import DELETING, Event, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import decompress_array, unpack_stats
+from numwatch.monitor.packing import decompress_histogram_array, unpack_stats
 from numwatch.monitor.rollups import CLIP_SCALARS, SCALAR_SERIES, STEP_SCALARS
 from numwatch.monitor.series import read_window, summary_points
-
 
 
 def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: float | None = None) -> str:
@@ -142,10 +141,10 @@ def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, st
     row = session.execute(query).scalars().first()
     if row is None:
         raise NotFound(f"no {kind} histogram for run {run.name!r}" + (f" at step {step}" if step is not None else "") + " (histograms are sampled every histogram_every steps)")
-    exponent = np.frombuffer(decompress_array(row.exponent, 8), dtype="<i8").reshape(-1, protocol.EXPONENT_BINS)[index]
-    linear = np.frombuffer(decompress_array(row.linear, 8), dtype="<i8").reshape(-1, protocol.LINEAR_BINS)[index]
-    low = float(np.frombuffer(decompress_array(row.linear_min, 4), dtype="<f4")[index])
-    high = float(np.frombuffer(decompress_array(row.linear_max, 4), dtype="<f4")[index])
+    arrays = {name: np.frombuffer(decompress_histogram_array(name, getattr(row, name)), dtype=protocol.HISTOGRAM_DTYPES[name]) for name in protocol.HISTOGRAM_LENGTHS}
+    exponent = arrays["exponent"].reshape(-1, protocol.EXPONENT_BINS)[index]
+    linear = arrays["linear"].reshape(-1, protocol.LINEAR_BINS)[index]
+    low, high = float(arrays["linear_min"][index]), float(arrays["linear_max"][index])
     edges = np.linspace(low, high, protocol.LINEAR_BINS + 1) if np.isfinite(low) and np.isfinite(high) else np.full(protocol.LINEAR_BINS + 1, np.nan)
     binades = range(protocol.EXPONENT_MIN, protocol.EXPONENT_MAX + 1)
     return {
