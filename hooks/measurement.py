@@ -130,15 +130,21 @@ class WatchedTensors:
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
         norms = stats.grad_norms(grads, multiplier=grad_multiplier)
-        counts = [stats.format_counts(grads, self.format, multiplier=format_multiplier)] if self.cadence.format_due(step) else []
+        sampled, exponent = self.cadence.sampled(step), None
+        if sampled and self.cadence.format_due(step):
+            # One read of the gradients for both the format counts and the exponent histogram.
+            both = stats.format_counts_and_exponent_histogram(grads, self.format, format_multiplier, grad_multiplier)
+            counts, exponent = [both[0]], both[1]
+        else:
+            counts = [stats.format_counts(grads, self.format, multiplier=format_multiplier)] if self.cadence.format_due(step) else []
         if self.sharding is not None:
             norms, counts = self.sharding.norms(norms, counts, positions)
         reading = GradientReading(positions, grads, norms)
         if counts:
             reading.parts[records.FORMAT] = counts[0]
-        if self.cadence.sampled(step):
+        if sampled:
             unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
-            self._add_histograms(reading.parts, "grad", unscaled, positions)
+            self._add_histograms(reading.parts, "grad", unscaled, positions, exponent)
         return reading
 
     def norms_now(self, reading: GradientReading, grad_multiplier: torch.Tensor | None) -> torch.Tensor:
@@ -157,8 +163,9 @@ class WatchedTensors:
             (nonfinite,) = self.sharding.counts([nonfinite], reading.present)
         reading.parts[records.NONFINITE] = nonfinite
 
-    def _add_histograms(self, parts: dict[str, torch.Tensor], kind: str, tensors: list[torch.Tensor], positions: list[int] | None) -> None:
-        exponent = stats.exponent_histogram(tensors)
+    def _add_histograms(self, parts: dict[str, torch.Tensor], kind: str, tensors: list[torch.Tensor], positions: list[int] | None,
+                        exponent: torch.Tensor | None = None) -> None:
+        exponent = stats.exponent_histogram(tensors) if exponent is None else exponent
         lows, highs = stats.finite_ranges(tensors)
         if self.sharding is not None:
             lows, highs = self.sharding.ranges(lows, highs)
