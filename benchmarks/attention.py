@@ -10,7 +10,9 @@ a sampled step adds), and, for scale, the model's own attention (the SDPA calls 
 same q, k, v shapes and mask). Prints medians, the added time per sampled step against the
 step and against the attention forward, what that costs per step at the default cadence
 (every 100 steps), and the largest tensor the measurement allocates (the chunk bound) next to
-the full B x H x T x T float32 logit matrix it never builds.
+the full B x H x T x T float32 logit matrix it never builds. Wall times need a quiet machine;
+the matmul FLOPs (torch's FlopCounterMode on the step with and without the measurement; the
+attention forward's q.k and p.v counted by hand) do not depend on load.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from numwatch.attention import CHUNK_ELEMENTS, max_attention_logit
 from numwatch.forward_probe import ForwardProbe
@@ -81,6 +84,13 @@ def run_case(context: int, batch: int, rounds: int) -> dict[str, float]:
 
     for warm in (False, True, False):
         step(warm)
+    flops = {}
+    for name, work in (("step", lambda: step(False)), ("sampled", lambda: step(True))):
+        with FlopCounterMode(display=False) as counter:
+            work()
+        flops[name] = counter.get_total_flops()
+    # FlopCounterMode does not count the CPU SDPA kernel: q.k and p.v, 2 FLOPs per multiply-add each.
+    flops["attention"] = cfg.n_layers * 2 * 2 * batch * heads * context * context * (d // heads)
     plain, watched, sdpa = [], [], []
     for _ in range(rounds):
         plain.append(timed(lambda: step(False)))
@@ -98,6 +108,7 @@ def run_case(context: int, batch: int, rounds: int) -> dict[str, float]:
     return {
         "step_ms": base * 1e3, "sampled_ms": with_probe * 1e3, "added_ms": (with_probe - base) * 1e3, "attention_ms": attn * 1e3,
         "largest_mib": largest.largest / 2**20, "full_mib": batch * heads * context * context * 4 / 2**20,
+        "added_gflop": (flops["sampled"] - flops["step"]) / 1e9, "step_gflop": flops["step"] / 1e9, "attention_gflop": flops["attention"] / 1e9,
     }
 
 
@@ -108,12 +119,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; medians of {args.rounds} interleaved rounds; "
           f"chunk {CHUNK_ELEMENTS} logits ({CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB float32)")
     print(f"{'case':<34} {'step ms':>8} {'sampled ms':>10} {'added ms':>9} {'vs step':>8} {'attn fwd ms':>11} {'vs attn':>8} "
-          f"{'per step @100':>13} {'largest MiB':>11} {'BxHxTxT MiB':>11}")
+          f"{'per step @100':>13} {'largest MiB':>11} {'BxHxTxT MiB':>11} {'added GFLOP':>11} {'vs step':>8} {'vs attn':>8}")
     for name, (context, batch) in CASES.items():
         r = run_case(context, batch, args.rounds)
         print(f"{name:<34} {r['step_ms']:>8.2f} {r['sampled_ms']:>10.2f} {r['added_ms']:>+9.2f} {r['added_ms'] / r['step_ms']:>7.1%} "
               f"{r['attention_ms']:>11.2f} {r['added_ms'] / r['attention_ms']:>7.2f}x {r['added_ms'] / DEFAULT_CADENCE / r['step_ms']:>12.2%} "
-              f"{r['largest_mib']:>11.2f} {r['full_mib']:>11.2f}", flush=True)
+              f"{r['largest_mib']:>11.2f} {r['full_mib']:>11.2f} {r['added_gflop']:>11.3f} {r['added_gflop'] / r['step_gflop']:>7.1%} "
+              f"{r['added_gflop'] / r['attention_gflop']:>7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

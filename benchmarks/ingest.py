@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* fro
 from benchmarks.documents import batch_document, run_document, values_in  # noqa: E402
 from numwatch import protocol  # noqa: E402
 from numwatch.monitor import db, stack  # noqa: E402
-from tests.postgres import PostgresUnavailable, running_postgres  # noqa: E402
+from tests.postgres import PostgresUnavailable, postgres_server  # noqa: E402
 
 
 def bench_ingest(url: str, args: argparse.Namespace) -> dict:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         databases = {"sqlite": f"sqlite:///{Path(tmp) / 'bench.db'}"}
         if not args.no_postgres:
             try:
-                databases["postgresql"] = resources.enter_context(running_postgres(durable=True))
+                databases["postgresql"] = resources.enter_context(postgres_server(durable=True)).url
             except PostgresUnavailable as reason:
                 print(f"postgresql: skipped ({reason})")
         print(f"{args.tensors} tensors, {args.steps_per_batch}-step batches, {args.batches} batches, format counts every {args.format_every} steps")

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* fro
 from benchmarks.load_client import ClientPlan, ClientReport, run_client  # noqa: E402
 from numwatch.monitor import db, stack  # noqa: E402
 from numwatch.monitor.models import Run, Step  # noqa: E402
-from tests.postgres import PostgresUnavailable, running_postgres  # noqa: E402
+from tests.postgres import PostgresUnavailable, postgres_server  # noqa: E402
 
 PROGRESS_EVERY_S = 5.0
 RESULT_TIMEOUT_S = 300.0  # after the run: for the slowest client's last answer and report
@@ -70,7 +70,8 @@ def database_url(kind: str, workdir: Path) -> Iterator[str]:
         db.upgrade(url)
         yield url
         return
-    with running_postgres(workdir / "postgres", durable=True) as url:
+    with postgres_server(workdir / "postgres", durable=True) as server:
+        url = server.url
         db.upgrade(url)
         yield url
 

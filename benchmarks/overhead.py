@@ -127,7 +127,7 @@ def _spool(root: str) -> str:
 def count_ops(args: argparse.Namespace, spool: str) -> None:
     """Aten ops the watcher adds per step, by step kind, per model size and precision."""
     device = torch.device(args.device)
-    print(f"aten ops added per step by the watcher (watched step - unwatched step; torch {torch.__version__}, {args.device})")
+    print(f"aten ops added per step by the watcher (watched step - unwatched step; torch {torch.__version__}, {args.device})", flush=True)
     print(f"{'precision':<10} {'layers':>6} {'tensors':>8} " + " ".join(f"{kind:>28}" for kind in OP_KINDS))
     for precision, dtype in _precisions(args):
         for layers in args.layers:
@@ -190,7 +190,7 @@ def _precisions(args: argparse.Namespace):
 
 def time_steps(args: argparse.Namespace, spool: str, resources: ExitStack) -> None:
     print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads; d_model {args.d_model}, {args.layers[0]} layers, "
-          f"context {args.context}; {args.steps} paired alternating steps per row")
+          f"context {args.context}; paired alternating steps: {args.steps} per row, {args.uniform_steps} for 'every step' rows")
     print(f"{'precision':<10} {'configuration':<26} {'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7} {'sampled':>8}")
     variants = {name: variant for name, variant in VARIANTS.items() if not (args.no_collector and "url" in variant) and (not args.only or name in args.only)}
     if any("url" in variant for variant in variants.values()):

@@ -39,12 +39,12 @@ from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.ingest import store_batch
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import BatchDocument
-from tests.postgres import PostgresUnavailable, running_postgres
+from tests.postgres import PostgresUnavailable, postgres_server
 
 BATCH = 64
 FORMAT_EVERY, HISTOGRAM_EVERY = 50, 100
 JSON = {"Content-Type": "application/json"}
-TABLES = ("runs", "steps", "histograms", "rollups", "events", "rank_state", "conflicts")
+TABLES = ("runs", "steps", "histograms", "rollups", "forward_stats", "events", "rank_state", "conflicts", "run_instances")
 
 
 def stored_bytes(engine: sa.Engine) -> int:
@@ -57,6 +57,24 @@ def stored_bytes(engine: sa.Engine) -> int:
             return page * used
         connection.exec_driver_sql("CHECKPOINT")
         return sum(connection.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar() for table in TABLES)
+
+
+def table_bytes(engine: sa.Engine) -> dict[str, int]:
+    """Bytes per table (with its indexes; PostgreSQL: and its TOAST)."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            rows = connection.exec_driver_sql("SELECT s.tbl_name, sum(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS s ON d.name = s.name GROUP BY s.tbl_name").all()
+            return {name: int(size) for name, size in rows if name in TABLES}
+        return {table: connection.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar() for table in TABLES}
+
+
+def compacted_bytes(engine: sa.Engine) -> int | None:
+    """PostgreSQL after VACUUM FULL: the live rows alone, without the dead versions updates leave until autovacuum."""
+    if engine.dialect.name == "sqlite":
+        return None
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.exec_driver_sql("VACUUM FULL")
+    return stored_bytes(engine)
 
 
 def file_bytes(database_url: str) -> int | None:
@@ -211,6 +229,8 @@ def bench(name: str, database_url: str, workdir: Path, args: argparse.Namespace)
             timings = reads(client, run, size, tensor, args.repeats)
             rows.append((size, ingest, bulk, per_step, timings, peak_rss_mb(process.pid)))
             print(f"{name}: built {run} ({http_steps} steps over HTTP, {size - http_steps} bulk)", flush=True)
+        tables = table_bytes(engine)
+        compacted = compacted_bytes(engine)
         deletion = delete_while_ingesting(client, url, database_url, batches, f"store-{args.sizes[-1]}")
         peak = peak_rss_mb(process.pid)
     engine.dispose()
@@ -220,10 +240,14 @@ def bench(name: str, database_url: str, workdir: Path, args: argparse.Namespace)
     for size, ingest, bulk, per_step, timings, rss in rows:
         ingest_text = f"{ingest['steps_per_s']:.0f} HTTP (p99 {ingest['p99_ms']:.0f} ms)" if ingest else f"{bulk:.0f} bulk"
         print(" | ".join([f"{size:,}", ingest_text, f"{per_step:,.0f}", *(f"{v:.0f} ms" for v in timings.values()), f"{rss:.0f} MB"]))
+    total_steps = sum(args.sizes)
+    print("bytes/step by table (all runs): " + ", ".join(f"{name} {size / total_steps:,.0f}" for name, size in sorted(tables.items(), key=lambda item: -item[1]) if size > 0))
+    if compacted is not None:
+        print(f"after VACUUM FULL (live rows only): {compacted / total_steps:,.0f} bytes/step")
     files = f", file {deletion['file_mb'][0]:.0f} -> {deletion['file_mb'][1]:.0f} MB" if deletion["file_mb"] else ""
     print(f"delete {args.sizes[-1]:,}-step run while another run ingests: gone in {deletion['seconds']:.1f} s; bystander {deletion['batches']} batches, "
           f"worst {deletion['worst_ms']:.0f} ms, median {deletion['p50_ms']:.0f} ms, refusals {deletion['refusals'] or 'none'}; "
-          f"{deletion['freed_mb']:.0f} MB freed{files}; collector peak RSS {peak:.0f} MB", flush=True)
+          f"stored {deletion['freed_mb']:.0f} MB less (the bystander's new rows included){files}; collector peak RSS {peak:.0f} MB", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             databases["sqlite"] = f"sqlite:///{Path(tmp) / 'store.db'}"
         if args.database in ("postgresql", "both"):
             try:
-                databases["postgresql"] = resources.enter_context(running_postgres(durable=True))
+                databases["postgresql"] = resources.enter_context(postgres_server(durable=True)).url
             except PostgresUnavailable as reason:
                 print(f"postgresql: skipped ({reason})")
         for name, database_url in databases.items():

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from numwatch import records, stats
+from numwatch.clipping import ClipEffect
 from numwatch.optim_health import adam_health
 from numwatch.quantization import quantization_sqnr
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
@@ -129,16 +130,29 @@ class WatchedTensors:
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
         norms = stats.grad_norms(grads, multiplier=grad_multiplier)
-        counts = [stats.format_counts(grads, self.format, multiplier=format_multiplier)] if self.cadence.format_due(step) else []
+        sampled, exponent = self.cadence.sampled(step), None
+        if sampled and self.cadence.format_due(step):
+            # One read of the gradients for both the format counts and the exponent histogram.
+            both = stats.format_counts_and_exponent_histogram(grads, self.format, format_multiplier, grad_multiplier)
+            counts, exponent = [both[0]], both[1]
+        else:
+            counts = [stats.format_counts(grads, self.format, multiplier=format_multiplier)] if self.cadence.format_due(step) else []
         if self.sharding is not None:
             norms, counts = self.sharding.norms(norms, counts, positions)
         reading = GradientReading(positions, grads, norms)
         if counts:
             reading.parts[records.FORMAT] = counts[0]
-        if self.cadence.sampled(step):
+        if sampled:
             unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
-            self._add_histograms(reading.parts, "grad", unscaled, positions)
+            self._add_histograms(reading.parts, "grad", unscaled, positions, exponent)
         return reading
+
+    def norms_now(self, reading: GradientReading, grad_multiplier: torch.Tensor | None) -> torch.Tensor:
+        """float32 [k]: the L2 norms of the reading's gradients as they are now (after a clip)."""
+        norms = stats.grad_norms(reading.grads, multiplier=grad_multiplier)
+        if self.sharding is not None:
+            norms, _ = self.sharding.norms(norms, [], reading.present)
+        return norms[0]
 
     def count_nonfinite(self, reading: GradientReading) -> None:
         """Add per-tensor NaN and Inf counts of the reading's gradients as they are now."""
@@ -149,8 +163,9 @@ class WatchedTensors:
             (nonfinite,) = self.sharding.counts([nonfinite], reading.present)
         reading.parts[records.NONFINITE] = nonfinite
 
-    def _add_histograms(self, parts: dict[str, torch.Tensor], kind: str, tensors: list[torch.Tensor], positions: list[int] | None) -> None:
-        exponent = stats.exponent_histogram(tensors)
+    def _add_histograms(self, parts: dict[str, torch.Tensor], kind: str, tensors: list[torch.Tensor], positions: list[int] | None,
+                        exponent: torch.Tensor | None = None) -> None:
+        exponent = stats.exponent_histogram(tensors) if exponent is None else exponent
         lows, highs = stats.finite_ranges(tensors)
         if self.sharding is not None:
             lows, highs = self.sharding.ranges(lows, highs)
@@ -213,6 +228,7 @@ class StepMeasurement:
         self.lr: list[float] = []
         self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
         self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
 
     @property
     def started(self) -> bool:
@@ -226,6 +242,7 @@ class StepMeasurement:
         if self.snapshot is None and watched.cadence.sampled(self.number) and watched.sharding is None:
             self.snapshot = stats.snapshot(watched.local_parameters())
         self.reading = watched.read_gradients(self.number, grad_multiplier, format_multiplier)
+        self.clip = None
         self.phase = Phase.READ
 
     def add_losses(self, losses: Iterable[torch.Tensor]) -> None:
@@ -244,6 +261,7 @@ class StepMeasurement:
         self.losses = []
         self.logged = {}
         self.parts = {}
+        self.clip = None
 
     def finish(
         self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
@@ -256,6 +274,8 @@ class StepMeasurement:
         stack.add(records.GRAD, reading.norms)
         for name, part in {**reading.parts, **self.parts}.items():
             stack.add(name, part)
+        if self.clip is not None:
+            stack.add(records.POST_CLIP, self.clip.norms)
         host_scalars: dict[str, float] = {}
         logged_loss = None
         for name, value in self.logged.items():

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from numwatch.chunks import layout_of, to_device
+
 CHUNK = 1 << 22  # elements per pass: bounds the float32 temporaries to a few of these
 Scalar = float | Tensor
 
@@ -127,68 +129,85 @@ def _measure(optimizer: torch.optim.Optimizer) -> Any:
     return None
 
 
-def _batched_adam(members: list[tuple[int, dict, dict, Tensor]], result: Tensor) -> None:
-    """Adam/AdamW of small tensors whose step count is on the CPU, a few multi-tensor ops
-    per batch of at most CHUNK elements (not a dozen ops per tensor); into ``result``."""
-    batch: list[tuple[int, dict, dict, Tensor]] = []
-    size = 0
-    for member in members:
-        if batch and size + member[3].numel() > CHUNK:
-            _adam_batch(batch, result)
-            batch, size = [], 0
-        batch.append(member)
-        size += member[3].numel()
-    if batch:
-        _adam_batch(batch, result)
+def _adam_batches(optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor]) -> tuple[dict[tuple, list[int]], list[int]]:
+    """Adam/AdamW parameters with state, by (param group, step count) when the count lives on
+    the host (the usual case: the same bias correction for the whole batch), and the others."""
+    groups = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+    batches: dict[tuple, list[int]] = {}
+    singles, on_host, host_steps = [], [], []
+    for position, param in enumerate(parameters):
+        state = optimizer.state.get(param)
+        if not state or "exp_avg" not in state or param.numel() == 0:
+            continue
+        step = state["step"]
+        if not isinstance(step, Tensor):
+            batches.setdefault((groups[id(param)], float(step)), []).append(position)
+        elif step.device.type == "cpu":
+            on_host.append(position)
+            host_steps.append(step)
+        else:
+            singles.append(position)
+    # Every host step count read at once (one stack, one read), not one read per tensor.
+    for position, t in zip(on_host, torch.stack(host_steps).tolist() if host_steps else []):
+        batches.setdefault((groups[id(parameters[position])], float(t)), []).append(position)
+    return batches, singles
 
 
-def _adam_batch(batch: list[tuple[int, dict, dict, Tensor]], result: Tensor) -> None:
-    corrections1, corrections2, eps, moments, seconds = [], [], [], [], []
-    for _, state, group, _ in batch:
-        beta1, beta2 = group["betas"]
-        t = _step_count(state["step"])
-        corrections1.append(1 - beta1**t)
-        corrections2.append(1 - beta2**t)
-        eps.append(group["eps"])
-        moments.append(state["exp_avg"].detach().reshape(-1).float())
-        seconds.append((state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]).detach().reshape(-1).float())
-    roots = torch._foreach_div(seconds, corrections2)
-    torch._foreach_sqrt_(roots)
-    below = torch._foreach_sub(roots, eps)
-    torch._foreach_clamp_max_(below, 0.0)
-    dominated = torch.stack(torch._foreach_norm(below, 0))  # nonzero exactly where √v̂ < ε
-    torch._foreach_add_(roots, eps)
-    updates = torch._foreach_div(moments, corrections1)
-    torch._foreach_div_(updates, roots)
-    norms = torch.stack(torch._foreach_norm(updates))
-    numel = torch.tensor([m.numel() for m in moments], dtype=torch.float32).to(norms.device, non_blocking=True)
-    positions = torch.tensor([position for position, *_ in batch]).to(result.device, non_blocking=True)
-    result[:, positions] = torch.stack([norms / numel.sqrt(), dominated / numel]).to(result.device)
+def _adam_batch(optimizer: torch.optim.Optimizer, group: dict, t: float, params: list[Tensor]) -> Tensor:
+    """float32 [2, k] for Adam/AdamW parameters sharing a param group and a step count: each
+    flat chunk of the moments is read once (ops independent of k)."""
+    beta1, beta2 = group["betas"]
+    eps, bc1, bc2 = group["eps"], 1 - beta1**t, 1 - beta2**t
+    states = [optimizer.state[p] for p in params]
+    ms = [state["exp_avg"] for state in states]
+    vs = [state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"] for state in states]
+    layout = layout_of(ms)
+    results = []
+    for part in layout.groups:
+        moments, seconds = part.tensors(ms), part.tensors(vs)
+        squares, dominated = [], []
+        for chunk in part.chunks:
+            root = chunk.flat(seconds).float().div(bc2).sqrt_()
+            below = root < eps
+            update = chunk.flat(moments).float().div(bc1).div_(root.add_(eps))
+            squares.append(torch.stack(torch._foreach_norm(chunk.split(update), 2)).square_())
+            ids = chunk.segment_ids()
+            counts = torch.zeros(len(chunk.pieces), dtype=torch.float32, device=update.device)
+            dominated.append(counts.index_add_(0, ids, below.float()))
+        numel = to_device(torch.tensor([float(n) for n in part.numels]), part.device)
+        rms = (part.per_member(squares, "sum") / numel).sqrt_()
+        results.append(torch.stack([rms, part.per_member(dominated, "sum") / numel], 1))
+    return layout.assemble(results, math.nan, torch.float32, (2,))
 
 
 def adam_health(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor]) -> Tensor:
     """float32 [2, n]: ``adam_update_rms`` and ``adam_eps_dominated`` of each parameter,
     NaN where it has no Adam-family state (see the module docstring)."""
     device = parameters[0].device if parameters else torch.device("cpu")
-    result = torch.full((2, len(parameters)), math.nan, dtype=torch.float32, device=device)
     measure = _measure(optimizer) if optimizer is not None else None
-    if measure is None:
-        return result
-    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    batched: dict[tuple[torch.device, torch.dtype], list[tuple[int, dict, dict, Tensor]]] = {}
-    for position, param in enumerate(parameters):
+    if not parameters:
+        return torch.zeros((2, 0), dtype=torch.float32, device=device)
+    rows: list[Tensor] = []  # [k, 2] blocks, for the positions in `order`
+    order: list[int] = []
+    if measure is _adam:
+        assert optimizer is not None
+        batches, singles = _adam_batches(optimizer, parameters)
+        for (group_index, t), positions in batches.items():
+            rows.append(_adam_batch(optimizer, optimizer.param_groups[group_index], t, [parameters[i] for i in positions]).to(device, non_blocking=True))
+            order += positions
+    else:
+        singles = list(range(len(parameters))) if measure else []
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]} if measure else {}
+    for position in singles:
+        param = parameters[position]
         state = optimizer.state.get(param)
-        if not state or "exp_avg" not in state or param.numel() == 0:
-            continue
-        group = groups[id(param)]
-        step = state["step"]
-        on_host = not isinstance(step, Tensor) or step.device.type == "cpu"
-        if measure is _adam and on_host and param.numel() <= CHUNK:
-            batched.setdefault((state["exp_avg"].device, state["exp_avg"].dtype), []).append((position, state, group, param))
-            continue
-        column = measure(state, group, param)
-        if column is not None:
-            result[:, position] = column.to(device)
-    for members in batched.values():
-        _batched_adam(members, result)
-    return result
+        if state and "exp_avg" in state and param.numel() > 0:
+            column = measure(state, groups[id(param)], param)
+            if column is not None:
+                rows.append(column.to(device, non_blocking=True).reshape(1, 2))
+                order.append(position)
+    # One gather puts the blocks in parameter order; a NaN row stands for the rest.
+    rows.append(torch.full((1, 2), math.nan, dtype=torch.float32, device=device))
+    row_of = {position: row for row, position in enumerate(order)}
+    index = to_device(torch.tensor([row_of.get(position, len(order)) for position in range(len(parameters))]), device)
+    return torch.cat(rows).index_select(0, index).t()

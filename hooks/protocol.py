@@ -1,9 +1,10 @@
 """The numwatch wire protocol, version 3: written down once, imported by both sides.
 
-Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``), version 3
-the forward-pass statistics of sampled steps (``attention_logit_max``, ``output_logits``);
-the collector still accepts older documents (old clients, old spools), which cannot carry
-them.
+Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``); version 3
+the forward-pass statistics of sampled steps (``attention_logit_max``, ``output_logits``),
+what clipping did (``clip_coef``, ``post_clip_grad_norm``, ``clipped``) and the run identity
+(``instance``, ``resume``). The collector still accepts older documents (old clients, old
+spools), which cannot carry them.
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
@@ -17,11 +18,17 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
      "tensors": [{"name": str, "shape": [int], "dtype": str, "group": int}],
      "modules": [str],            # traced modules (activation tracing), else []
      "config": {str: JSON},       # anything the user passed, precision, model class...
-     "started_at": float}         # epoch seconds
+     "started_at": float,         # epoch seconds
+     "instance": str | null,      # one watching process (all ranks of a job share it); null: the name is the identity
+     "resume": bool}              # add to an existing run of this name (its steps continue after the last stored one)
+
+A run name registered by another instance is not merged into: unless ``resume``, the
+collector stores the new instance as a run named ``<run>-2`` (``-3``...) and answers with
+that name (``RunRegistered.run``, ``renamed``).
 
 ``batch`` document — ``POST /api/v1/runs/{run}/batches``::
 
-    {"protocol": 3, "run": str, "rank": int, "batch_id": str,
+    {"protocol": 3, "run": str, "rank": int, "batch_id": str, "instance": str | null,
      "steps": [step], "histograms": [histogram], "events": [event],
      "status": "running" | "finished" | "crashed"}
 
@@ -31,6 +38,8 @@ Documents (JSON objects; the spool stores the very same documents, one per line)
      "loss": float | null, "loss_scale": float | null, "new_loss_scale": float | null,
      "scale_decision": "growth" | "backoff" | "none" | null, "skipped": bool,
      "lr": [float], "global_grad_norm": float, "headroom_bits": float | null,
+     "clip_coef": float | null,       # post-clip / pre-clip global norm; null: no clip function ran
+     "post_clip_grad_norm": float | null, "clipped": bool,   # clipped: clip_coef != 1
      "scalars": {str: float},
      "tensors": {stat: array},        # only the stats measured at this step
      "activations": {"absmax": array, "nonfinite": array} | null,
@@ -98,6 +107,8 @@ QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
 ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
+# Step fields version 3 added: the forward statistics and what clipping did.
+V3_STEP_FIELDS = ("attention_logit_max", "output_logits", "clip_coef", "post_clip_grad_norm", "clipped")
 V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
@@ -161,6 +172,8 @@ class RunDocument(TypedDict):
     modules: list[str]
     config: dict[str, Any]
     started_at: float
+    instance: str | None
+    resume: bool
 
 
 class Activations(TypedDict):
@@ -187,6 +200,9 @@ class StepDocument(TypedDict):
     lr: list[WireFloat]
     global_grad_norm: WireFloat
     headroom_bits: WireFloat
+    clip_coef: WireFloat
+    post_clip_grad_norm: WireFloat
+    clipped: bool
     scalars: dict[str, WireFloat]
     tensors: dict[str, ArrayText]
     activations: Activations | None
@@ -215,6 +231,7 @@ class BatchDocument(TypedDict):
     run: str
     rank: int
     batch_id: str
+    instance: str | None
     steps: list[StepDocument]
     histograms: list[HistogramDocument]
     events: list[EventDocument]
@@ -253,12 +270,13 @@ def decode_float(value: float | int | str | None) -> float | None:
 def run_document(
     run: str, *, rank: int = 0, world_size: int = 1, format: Format, tensors: list[TensorSpec], project: str = "default",
     modules: Sequence[str] = (), config: dict[str, Any] | None = None, started_at: float | None = None,
+    instance: str | None = None, resume: bool = False,
 ) -> RunDocument:
     """A ``run`` document (``started_at`` defaults to now)."""
     return {
         "protocol": PROTOCOL_VERSION, "run": run, "project": project, "rank": rank, "world_size": world_size,
         "format": format, "tensors": list(tensors), "modules": list(modules), "config": dict(config or {}),
-        "started_at": _time.time() if started_at is None else started_at,
+        "started_at": _time.time() if started_at is None else started_at, "instance": instance, "resume": resume,
     }
 
 
@@ -272,9 +290,9 @@ def scale_decision(before: float | None, after: float | None) -> ScaleDecision |
 def step_document(
     step: int, *, time: float, tensors: dict[str, ArrayText], step_time: float | None = None, loss: float | None = None,
     loss_scale: float | None = None, new_loss_scale: float | None = None, skipped: bool = False, lr: Iterable[float] = (),
-    global_grad_norm: float | None = None, headroom_bits: float | None = None, scalars: dict[str, float] | None = None,
-    activations: Activations | None = None, attention_logit_max: dict[str, float] | None = None,
-    output_logits: dict[OutputLogitStat, float] | None = None,
+    global_grad_norm: float | None = None, headroom_bits: float | None = None, clip_coef: float | None = None,
+    post_clip_grad_norm: float | None = None, scalars: dict[str, float] | None = None, activations: Activations | None = None,
+    attention_logit_max: dict[str, float] | None = None, output_logits: dict[OutputLogitStat, float] | None = None,
 ) -> StepDocument:
     """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
     return {
@@ -283,6 +301,8 @@ def step_document(
         "scale_decision": scale_decision(loss_scale, new_loss_scale), "skipped": skipped,
         "lr": [encode_float(value) for value in lr], "global_grad_norm": encode_float(global_grad_norm),
         "headroom_bits": encode_float(headroom_bits),
+        "clip_coef": encode_float(clip_coef), "post_clip_grad_norm": encode_float(post_clip_grad_norm),
+        "clipped": clip_coef is not None and not clip_coef == 1.0,
         "scalars": {name: encode_float(value) for name, value in (scalars or {}).items()},
         "tensors": tensors, "activations": activations,
         "attention_logit_max": None if attention_logit_max is None else {name: encode_float(v) for name, v in attention_logit_max.items()},
@@ -304,12 +324,12 @@ def event_document(step: int, kind: EventKind, details: dict[str, Any], time: fl
 
 def batch_document(
     run: str, *, rank: int = 0, steps: Sequence[StepDocument] = (), histograms: Sequence[HistogramDocument] = (),
-    events: Sequence[EventDocument] = (), status: RunStatus = "running", batch_id: str | None = None,
+    events: Sequence[EventDocument] = (), status: RunStatus = "running", batch_id: str | None = None, instance: str | None = None,
 ) -> BatchDocument:
     """A ``batch`` document; ``batch_id`` defaults to a fresh random one."""
     return {
         "protocol": PROTOCOL_VERSION, "run": run, "rank": rank, "batch_id": uuid.uuid4().hex if batch_id is None else batch_id,
-        "steps": list(steps), "histograms": list(histograms), "events": list(events), "status": status,
+        "instance": instance, "steps": list(steps), "histograms": list(histograms), "events": list(events), "status": status,
     }
 
 

@@ -34,6 +34,7 @@ LOSS = "loss"
 LOSS_SCALE = "loss_scale"
 NEW_LOSS_SCALE = "new_loss_scale"
 FOUND_INF = "found_inf"
+POST_CLIP = "post_clip"  # float32 [k]: each tensor's norm after a clip function ran
 ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
 ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, names in StepRecord.attention_calls
 OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
@@ -187,6 +188,26 @@ class StepRecord:
         with np.errstate(over="ignore", invalid="ignore"):
             return float(np.sqrt(np.sum(norms * norms)))
 
+    def post_clip_grad_norm(self) -> float | None:
+        """The global norm after clipping, when a clip function touched the watched gradients."""
+        if POST_CLIP not in self.host:
+            return None
+        norms = self.host.get(POST_CLIP).astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.sqrt(np.sum(norms * norms)))
+
+    def clip_coef(self) -> float | None:
+        """The factor clipping changed the global norm by (torch's coefficient for norm clipping):
+        1.0 when it changed nothing, NaN when the pre-clip norm was not finite."""
+        after = self.post_clip_grad_norm()
+        if after is None:
+            return None
+        before = self.global_grad_norm()
+        if before == 0.0:
+            return 1.0
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return float(np.float64(after) / np.float64(before))
+
     def headroom_bits(self) -> float | None:
         """log2(format max / (S * largest |g|)); None when no tensor had a gradient."""
         absmax = self.grad_rows()[1].astype(np.float64)
@@ -231,6 +252,7 @@ class StepRecord:
             loss_scale=self.host.scalar(LOSS_SCALE) if scaled else None,
             new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
             skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
+            clip_coef=self.clip_coef(), post_clip_grad_norm=self.post_clip_grad_norm(),
             scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
             attention_logit_max=self.attention_logit_max(), output_logits=self._output_logits(),
         )

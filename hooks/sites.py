@@ -195,14 +195,7 @@ class FusedScalerSite(ScalerSite):
 
 
 class FrameworkSite(StepSite):
-    """``measure="manual"``: the adapter says when the gradients are ready and when the step ends."""
-
-    def gradients_ready(self) -> None:
-        watcher = self.watcher
-        watcher.seal_ended_step()
-        measurement = watcher.current()
-        measurement.read(watcher.watched, *watcher.scaling())
-        measurement.lr = learning_rates(watcher.optimizer)
+    """``measure="manual"``: the adapter reads the gradients (``gradients_ready()``) and ends the step here."""
 
     def finish_step(self) -> None:
         measurement = self.watcher.measurement

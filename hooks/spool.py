@@ -42,10 +42,12 @@ def default_spool_root() -> Path:
     return Path(data_home) / "numwatch" / "spool"
 
 
-def spool_directory(root: str | os.PathLike[str], run: str, rank: int) -> Path:
-    """The directory of one (run, rank) under a spool root; run names are made path-safe."""
+def spool_directory(root: str | os.PathLike[str], run: str, rank: int, instance: str) -> Path:
+    """The directory of one (run, rank) of one watching process (``instance``) under a spool
+    root: two processes using one run name never write into the same files. Run names are
+    made path-safe."""
     safe_run = re.sub(r"[^A-Za-z0-9._-]", "_", run) or "_"
-    return Path(root) / safe_run / f"rank{rank}"
+    return Path(root) / f"{safe_run}.{instance}" / f"rank{rank}"
 
 
 def spool_directories(root: str | os.PathLike[str]) -> list[Path]:

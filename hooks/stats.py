@@ -69,10 +69,10 @@ def _histc_count(flat: Tensor, bins: int) -> Tensor:
     return torch.histc(flat.to(torch.float64), bins=bins, min=0, max=bins).to(torch.int64)
 
 
-def _segment_counts(chunk: Chunk, codes: Tensor, bins: int) -> Tensor:
+def _segment_counts(chunk: Chunk, codes: Tensor, bins: int, segment_ids: Tensor | None = None) -> Tensor:
     """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment (one count)."""
     segments = len(chunk.pieces)
-    return _count_values(chunk.keys(codes, bins), segments * bins).view(segments, bins)
+    return _count_values(chunk.keys(codes, bins, segment_ids), segments * bins).view(segments, bins)
 
 
 def _widened(flat: Tensor) -> Tensor:
@@ -211,6 +211,22 @@ _FORMAT_CODES = 6
 _FORMAT_COLUMNS = (0, 1, 2, 4)  # the counted ones, in numwatch.protocol.FORMAT_COUNT_STATS order
 
 
+def _format_codes(flat: Tensor, edges: Tensor, scale: Tensor | float | None) -> Tensor:
+    """Bucket 0..5 of each x = flat * scale (formed in float32) between the format's limits."""
+    x = flat.float()
+    if scale is not None:
+        x = x * scale
+    return torch.bucketize(_magnitude_bits(x), edges)
+
+
+def _format_edges(fmt: FormatSpec, device: torch.device) -> Tensor:
+    return _constant(tuple(_float_bits(limit) for limit in _format_limits(fmt)), torch.int32, device)
+
+
+def _on_group_device(factor: Tensor | float | None, device: torch.device) -> Tensor | float | None:
+    return factor.to(device, non_blocking=True) if isinstance(factor, Tensor) else factor
+
+
 @torch.no_grad()
 def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multiplier = None) -> Tensor:
     """int64 [4, n]: rows zeros, underflow, subnormal, overflow (numwatch.protocol.FORMAT_COUNT_STATS)
@@ -228,21 +244,22 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     """
     layout = layout_of(grads)
     factor = None if multiplier is None else _as_factor(multiplier, layout.device)
-    edges_of_limits = tuple(_float_bits(limit) for limit in _format_limits(fmt))
     results = []
     for group in layout.groups:
         members = group.tensors(grads)
-        edges = _constant(edges_of_limits, torch.int32, group.device)
-        scale = factor.to(group.device, non_blocking=True) if isinstance(factor, Tensor) else factor
-        per_chunk = []
-        for chunk in group.chunks:
-            x = chunk.flat(members).float()
-            if scale is not None:
-                x = x * scale
-            per_chunk.append(_segment_counts(chunk, torch.bucketize(_magnitude_bits(x), edges), _FORMAT_CODES))
-        counts = group.per_member(per_chunk, "sum")
-        results.append(counts.index_select(1, _constant(_FORMAT_COLUMNS, torch.int64, group.device)))
-    return layout.assemble(results, 0, torch.int64, (len(_FORMAT_COLUMNS),)).t().contiguous()
+        edges, scale = _format_edges(fmt, group.device), _on_group_device(factor, group.device)
+        per_chunk = [_segment_counts(chunk, _format_codes(chunk.flat(members), edges, scale), _FORMAT_CODES) for chunk in group.chunks]
+        results.append(_counted_formats(group.per_member(per_chunk, "sum")))
+    return _format_rows(layout.assemble(results, 0, torch.int64, (len(_FORMAT_COLUMNS),)))
+
+
+def _counted_formats(codes: Tensor) -> Tensor:
+    """[k, 4] of the counted buckets from per-member bucket counts [k, 6]."""
+    return codes.index_select(1, _constant(_FORMAT_COLUMNS, torch.int64, codes.device))
+
+
+def _format_rows(per_tensor: Tensor) -> Tensor:
+    return per_tensor.t().contiguous()
 
 
 # --------------------------------------------------------------------------- histograms
@@ -342,11 +359,44 @@ def exponent_histogram(tensors: Sequence[Tensor]) -> Tensor:
             flat = _widened(chunk.flat(members))
             table = _exponent_bin_tables(flat.dtype, flat.device)
             per_chunk.append(_segment_counts(chunk, _exponent_keys(flat), table.numel()))
-        by_key = group.per_member(per_chunk, "sum")
-        # Fold the keys into the protocol's bins (plus the sink) with the lookup table.
-        counts = by_key.new_zeros((len(group.members), EXPONENT_BINS + 1)).index_add_(1, table, by_key)
-        results.append(counts[:, :EXPONENT_BINS])
+        results.append(_binned(group.per_member(per_chunk, "sum"), table))
     return layout.assemble(results, 0, torch.int64, (EXPONENT_BINS,))
+
+
+def _binned(by_key: Tensor, table: Tensor) -> Tensor:
+    """[k, EXPONENT_BINS] from per-member key counts, folded into the protocol's bins (plus a
+    dropped sink) with the lookup table."""
+    counts = by_key.new_zeros((by_key.shape[0], EXPONENT_BINS + 1)).index_add_(1, table, by_key)
+    return counts[:, :EXPONENT_BINS]
+
+
+@torch.no_grad()
+def format_counts_and_exponent_histogram(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multiplier = None,
+                                         histogram_multiplier: Multiplier = None) -> tuple[Tensor, Tensor]:
+    """``format_counts(grads, fmt, multiplier)`` and ``exponent_histogram`` of grads *
+    ``histogram_multiplier`` (formed in the grads' dtype, as ``torch._foreach_mul`` does) in
+    one pass: each chunk is read once and one count over (segment, exponent key, format
+    bucket) keys gives both."""
+    layout = layout_of(grads)
+    factor = None if multiplier is None else _as_factor(multiplier, layout.device)
+    unscale = None if histogram_multiplier is None else _as_factor(histogram_multiplier, layout.device)
+    formats, histograms = [], []
+    for group in layout.groups:
+        members = group.tensors(grads)
+        edges, scale, group_unscale = _format_edges(fmt, group.device), _on_group_device(factor, group.device), _on_group_device(unscale, group.device)
+        per_chunk = []
+        for chunk in group.chunks:
+            flat = chunk.flat(members)
+            codes = _format_codes(flat, edges, scale)
+            values = _widened(flat if group_unscale is None else flat * group_unscale)
+            table = _exponent_bin_tables(values.dtype, values.device)
+            keys = _exponent_keys(values).to(torch.int64).mul_(_FORMAT_CODES).add_(codes)
+            per_chunk.append(_segment_counts(chunk, keys, table.numel() * _FORMAT_CODES).view(len(chunk.pieces), table.numel(), _FORMAT_CODES))
+        joint = group.per_member(per_chunk, "sum")
+        formats.append(_counted_formats(joint.sum(1)))
+        histograms.append(_binned(joint.sum(2), table))
+    counts = _format_rows(layout.assemble(formats, 0, torch.int64, (len(_FORMAT_COLUMNS),)))
+    return counts, layout.assemble(histograms, 0, torch.int64, (EXPONENT_BINS,))
 
 
 @torch.no_grad()
@@ -390,9 +440,10 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         per_chunk = []
         for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
             values = chunk.flat(members).double()
-            index = values.sub(chunk.repeat(chunk_low)).div_(chunk.repeat(chunk_width)).mul_(bins).floor_().clamp_(0, bins - 1)
+            ids = chunk.segment_ids()
+            index = values.sub(chunk_low.index_select(0, ids)).div_(chunk_width.index_select(0, ids)).mul_(bins).floor_().clamp_(0, bins - 1)
             index.masked_fill_(values.isfinite().logical_not_(), bins)
-            per_chunk.append(_segment_counts(chunk, index.to(torch.int64), bins + 1))
+            per_chunk.append(_segment_counts(chunk, index.to(torch.int64), bins + 1, ids))
         results.append(group.per_member(per_chunk, "sum")[:, :bins])
     return layout.assemble(results, 0, torch.int64, (bins,))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from numwatch.spool import discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark, spool_directories
-from numwatch.transport import document_path, post_document
+from numwatch.transport import document_path, post_document, renamed_run
 
 HTTP_TIMEOUT_S = 60.0
 
@@ -23,6 +23,7 @@ class SyncReport:
     directories: int = 0
     uploaded: int = 0
     rejected: list[str] = field(default_factory=list)  # "directory: detail" of documents the collector refused
+    renamed: list[str] = field(default_factory=list)  # "asked -> stored" for runs whose name another process held
     unreachable: str | None = None  # why the sync stopped early, if it did
 
 
@@ -47,6 +48,9 @@ def upload_spool(root: str | os.PathLike[str], url: str, token: str | None, prog
                 report.rejected.append(f"{Path(directory).name}/{entry.kind}: {detail}")
             else:
                 report.uploaded += 1
+                stored_as = renamed_run(entry.body, detail) if entry.kind == "run" else None
+                if stored_as is not None and entry.body.get("rank") == 0:
+                    report.renamed.append(f"{entry.body['run']} -> {stored_as}")
             mark_uploaded(directory, entry.end)
             progress(1)
         discard_uploaded_segments(directory)

@@ -13,6 +13,7 @@ not be queued nor spooled is counted (``dropped_steps``), logged once and report
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -80,18 +81,34 @@ def document_path(kind: str, document: dict[str, Any]) -> str:
 
 
 def post_document(url: str, token: str | None, path: str, document: dict[str, Any], timeout: float) -> tuple[str, str]:
-    """POST one document to the collector at ``url``: ('ok' | 'retry' | 'rejected', detail)."""
+    """POST one document to the collector at ``url``: ('ok' | 'retry' | 'rejected', detail);
+    the detail of an accepted document is the collector's answer."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     request = urllib.request.Request(url + path, data=protocol.dumps(document), headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return _classify(response.status), ""
+            return _classify(response.status), response.read(2000).decode("utf-8", "replace")
     except urllib.error.HTTPError as error:
         return _classify(error.code), f"{error.code} {error.read(2000).decode('utf-8', 'replace')}"
     except (urllib.error.URLError, OSError) as error:  # refused, reset, timed out
         return "retry", f"unreachable: {error}"
+
+
+def renamed_run(document: dict[str, Any], answer: str) -> str | None:
+    """The name the collector stored a registered run under, when it is not the name asked for
+    (the name belonged to another process)."""
+    try:
+        registered = json.loads(answer)
+    except ValueError:
+        return None
+    if isinstance(registered, dict) and registered.get("renamed"):
+        name = registered.get("run")
+        log.warning("numwatch: run name %r is taken by another process; this process's data is stored as run %r "
+                    "(watch(..., resume=True) adds to the existing run instead)", document.get("run"), name)
+        return str(name)
+    return None
 
 
 class Transport:
@@ -118,6 +135,7 @@ class Transport:
         retry_seconds = retry_seconds or RETRY_SECONDS
         self.run_document = run_document
         self.run = run_document["run"]
+        self.stored_as = self.run  # the collector's name for it, once registered (another process may hold ``run``)
         self.rank = run_document["rank"]
         self.url = url.rstrip("/") if url else None
         self.token = token
@@ -255,7 +273,7 @@ class Transport:
         events = [event for d in documents for event in d.events]
         events.extend(self._dropped_event(documents))
         return protocol.batch_document(
-            self.run, rank=self.rank, steps=[d.step for d in documents], histograms=[h for d in documents for h in d.histograms],
+            self.run, rank=self.rank, instance=self.run_document.get("instance"), steps=[d.step for d in documents], histograms=[h for d in documents for h in d.histograms],
             events=events, status=status,
         )
 
@@ -282,7 +300,7 @@ class Transport:
         if not self._run_acknowledged and not self._post_run():
             self._spool_batch(batch)
             return
-        outcome = self._post(document_path("batch", batch), batch)
+        outcome, _ = self._post(document_path("batch", batch), batch)
         if outcome == "ok":
             self.sent_batches += 1
         elif outcome == "retry":
@@ -290,9 +308,11 @@ class Transport:
 
     def _post_run(self) -> bool:
         """Register the run; True when the collector acknowledged (or refused) it for good."""
-        outcome = self._post(document_path("run", self.run_document), self.run_document)
+        outcome, answer = self._post(document_path("run", self.run_document), self.run_document)
         if outcome == "retry":
             return False
+        if outcome == "ok":
+            self.stored_as = renamed_run(self.run_document, answer) or self.run
         self._run_acknowledged = True
         return True
 
@@ -341,7 +361,9 @@ class Transport:
         with self._count_lock:
             spooled_before = self._spooled_documents
         for entry in read_entries(self.spool_dir, read_uploaded_mark(self.spool_dir)):
-            outcome = self._post(document_path(entry.kind, entry.body), entry.body)
+            outcome, answer = self._post(document_path(entry.kind, entry.body), entry.body)
+            if entry.kind == "run" and outcome == "ok":
+                self.stored_as = renamed_run(entry.body, answer) or self.run
             if outcome == "retry":
                 self._next_retry = time.monotonic() + self._retry_delay
                 self._retry_delay = min(self._retry_delay * 2, MAX_RETRY_SECONDS)
@@ -358,8 +380,8 @@ class Transport:
         discard_uploaded_segments(self.spool_dir)
         log.info("numwatch: spool %s drained to %s", self.spool_dir, self.url)
 
-    def _post(self, path: str, document: dict[str, Any]) -> str:
-        """POST one document; 'ok', 'retry' or 'rejected' (logged and counted)."""
+    def _post(self, path: str, document: dict[str, Any]) -> tuple[str, str]:
+        """POST one document; ('ok' | 'retry' | 'rejected' (logged and counted), detail)."""
         assert self.url is not None
         outcome, detail = post_document(self.url, self.token, path, document, self.http_timeout)
         if outcome == "rejected":
@@ -367,4 +389,4 @@ class Transport:
             log.error("numwatch: collector %s rejected %s: %s", self.url, path, detail)
         elif outcome == "retry":
             log.debug("numwatch: collector %s asked to retry %s: %s", self.url, path, detail)
-        return outcome
+        return outcome, detail

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import time
+import uuid
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -47,6 +48,7 @@ from numwatch import protocol, records
 from numwatch.activations import ActivationTracer
 from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
+from numwatch.clipping import ClipObserver
 from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.forward_probe import ForwardProbe
 from numwatch.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
@@ -75,14 +77,15 @@ def _distributed_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _default_run_name(model: nn.Module, world_size: int) -> str:
-    """``NUMWATCH_RUN``, else model class and start time; rank 0's name on every rank."""
-    name = os.environ.get("NUMWATCH_RUN") or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+def _run_identity(model: nn.Module, run: str | None, world_size: int) -> tuple[str, str]:
+    """(run name, instance): the name given, else ``NUMWATCH_RUN``, else model class and start
+    time; the instance identifies this watching process. Rank 0's pair on every rank: the
+    ranks of one job are one run, a second job is another instance."""
+    name = run or os.environ.get("NUMWATCH_RUN") or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    identity = [name, uuid.uuid4().hex]
     if world_size > 1:
-        names = [name]
-        torch.distributed.broadcast_object_list(names, src=0)
-        name = names[0]
-    return name
+        torch.distributed.broadcast_object_list(identity, src=0)
+    return identity[0], identity[1]
 
 
 def unwrap_optimizer(optimizer: Any, scaler: torch.amp.GradScaler | None) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
@@ -126,6 +129,7 @@ class Watcher:
         exclude: Iterable[str] | None,
         spool_dir: str | os.PathLike[str] | None,
         config: dict[str, Any] | None,
+        resume: bool,
     ) -> None:
         if measure not in MEASURE_MODES:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
@@ -150,7 +154,8 @@ class Watcher:
         self.device = self.watched.device
         self.format = fmt
         self.rank, self.world_size = _distributed_rank()
-        self.run = run or _default_run_name(model, self.world_size)
+        self.run, self.instance = _run_identity(model, run, self.world_size)
+        self.resume = resume
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
         self.probe = ForwardProbe(model, self._forward_due, self._count_failure, logits_module) if self.attention_every > 0 else None
@@ -173,6 +178,7 @@ class Watcher:
         self._trigger: BackwardEndTrigger | None = None
         self._root_listener: RootListener | None = None
         self._optimizer_finder: Any = None
+        self._clips = ClipObserver(self)
         if measure == "auto":
             self._trigger = BackwardEndTrigger(model, self.guarded("end-of-backward read", self._backward_ended), on_forward=self.guarded("forward hook", self.seal_ended_step))
             self._root_listener = RootListener(self.guarded("backward root listener", self._saw_roots))
@@ -183,7 +189,7 @@ class Watcher:
         self._url = url if url is not None else os.environ.get("NUMWATCH_URL") or None
         self._token = token if token is not None else os.environ.get("NUMWATCH_TOKEN") or None
         root = spool_dir if spool_dir is not None else default_spool_root()
-        self.spool_dir = spool_directory(root, self.run, self.rank)
+        self.spool_dir = spool_directory(root, self.run, self.rank, self.instance)
         self._transport: Transport | None = None
         if optimizer is not None or measure == "manual":
             self._start_transport()  # else when the optimizer is found (its param groups go in the run document)
@@ -264,7 +270,7 @@ class Watcher:
         return protocol.run_document(
             self.run, rank=self.rank, world_size=self.world_size, format=self.format.name, tensors=tensors,
             project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
-            modules=self.tracer.module_names if self.tracer else [], config=settings,
+            modules=self.tracer.module_names if self.tracer else [], config=settings, instance=self.instance, resume=self.resume,
         )
 
     def guarded(self, site: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -329,6 +335,25 @@ class Watcher:
             due = self.watched.cadence.sampled(measurement.number) or self._checker.seen_at >= measurement.number - NONFINITE_RECOUNT_STEPS
         if due:
             self.watched.count_nonfinite(reading)
+
+    def before_clip(self) -> None:
+        """A clip function is about to rewrite the step's gradients: the last moment to count their NaN/Inf."""
+        measurement = self.measurement
+        if measurement is not None and measurement.reading is not None:
+            self._count_nonfinite_if_due(measurement, self._scaler_verdict())
+
+    def _scaler_verdict(self) -> bool | None:
+        """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
+        reads the same flags on the host right after the clip, so reading them first adds no sync."""
+        if self.device.type == "cpu" or self._scaler is None or not self._scaler.unscaled(self.optimizer):
+            return None
+        found_inf = self._scaler.found_inf(self.optimizer, self.device)
+        return bool(found_inf.item()) if found_inf is not None else None
+
+    def read_norms_now(self) -> torch.Tensor:
+        """The per-tensor L2 norms of the step's gradients as they are now (after a value clip)."""
+        assert self.measurement is not None and self.measurement.reading is not None
+        return self.watched.norms_now(self.measurement.reading, self.scaling()[0])
 
     def end_step(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
         """End ``measurement``'s step: its record starts its host copy and takes late logs."""
@@ -460,7 +485,7 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self.tracer, self.probe):
+        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer, self.probe):
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)
@@ -529,11 +554,19 @@ def watch(
     exclude: Iterable[str] | None = None,
     spool_dir: str | os.PathLike[str] | None = None,
     config: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Watcher:
     """Watch ``model``'s gradients (and ``optimizer``, ``scaler``) at every optimizer step.
 
     ``optimizer`` may be a framework's wrapper (Accelerate, Lightning): the torch optimizer
-    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given.
+    inside is watched, with the wrapper's GradScaler unless ``scaler`` is given. Without one
+    (frameworks that build it later), the first optimizer stepped that holds watched
+    parameters is watched from that step on; ``watcher.step()`` is for loops without any.
+
+    ``run`` names the run; every process (every job: the ranks of one share rank 0's) is a
+    run of its own. A name another process already used is stored as ``<run>-2`` (``-3``...,
+    with a warning) unless ``resume=True``, which adds this process's steps to that run,
+    numbered after its last stored step.
 
     ``url``/``token`` default to ``NUMWATCH_URL``/``NUMWATCH_TOKEN``; without a URL the
     documents go to the spool (``spool_dir``, else ``NUMWATCH_SPOOL_DIR``, else the user's
@@ -547,9 +580,10 @@ def watch(
     ``.logits``) or from the output of the submodule named ``logits_module``. ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
-    ``measure``: "auto" (at the optimizer step or ``scaler.update()``; a
-    :meth:`Watcher.gradients_ready` call measures earlier) or "manual" (only
-    ``gradients_ready()`` measures; :meth:`Watcher.finish_step` ends each step).
+    ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
+    before clipping; a :meth:`Watcher.gradients_ready` call reads again) or "manual" (for
+    framework adapters: only ``gradients_ready()`` reads; :meth:`Watcher.finish_step` ends
+    each step).
     Raises :class:`~numwatch.sharded.UnsupportedConfiguration` for setups it cannot measure
     correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
@@ -575,4 +609,5 @@ def watch(
         exclude=exclude,
         spool_dir=spool_dir,
         config=config,
+        resume=resume,
     )

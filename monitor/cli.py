@@ -250,6 +250,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         return 0
     report = upload_spool(root, args.url, args.token, Progress(total, "uploading"))
     print(f"uploaded {report.uploaded} documents from {report.directories} run/rank directories in {root}")
+    for line in report.renamed:
+        print(f"run name taken by another process, stored under a new name: {line}", file=sys.stderr)
     for line in report.rejected:
         print(f"rejected by the collector (not retried): {line}", file=sys.stderr)
     if report.unreachable:

@@ -147,6 +147,7 @@ class _Families:
         self.counters = {
             "steps_total": counter("numwatch_steps", "Optimizer-step attempts stored.", labels=RUN_LABELS),
             "skipped_steps_total": counter("numwatch_skipped_steps", "Steps the GradScaler skipped.", labels=RUN_LABELS),
+            "clipped_steps_total": counter("numwatch_clipped_steps", "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with numwatch_steps_total, the clipping rate.", labels=RUN_LABELS),
             "nonfinite_steps_total": counter("numwatch_nonfinite_steps", "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as skipped steps instead).", labels=RUN_LABELS),
             "nonfinite_loss_total": counter("numwatch_nonfinite_loss", "Steps whose loss was NaN or Inf.", labels=RUN_LABELS),
             "loss_scale_backoffs_total": counter("numwatch_loss_scale_backoffs", "GradScaler backoffs.", labels=RUN_LABELS),

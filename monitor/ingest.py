@@ -10,6 +10,7 @@ transaction as the rows it counts, so all replicas on one database agree.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -17,16 +18,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor import detectors, forward, forward_events, rollups, spikes
 from numwatch.monitor.auth import Principal
-from numwatch.monitor.errors import IngestError
-from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import compress_array, pack_stats, unpack_stats
-from numwatch.monitor.schemas import BatchDocument, IngestResult, RunDocument
+from numwatch.monitor.errors import IngestError, NotFound
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, RunInstance, Step
+from numwatch.monitor.packing import compress_histogram_array, pack_stats, unpack_stats
+from numwatch.monitor.queries import find_run
+from numwatch.monitor.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
 
 # Statistics a re-sent copy of a stored step may add (see _supplements).
 SUPPLEMENT_STATS = frozenset(protocol.QUANT_SQNR_STATS.values())
@@ -52,17 +54,47 @@ def _schema_difference(old: list[dict], new: list[dict]) -> str | None:
     return f"tensor {index} is {new_key[index]}, the registered schema has {old_key[index]}"
 
 
-def register_run(session: Session, document: RunDocument, principal: Principal) -> bool:
-    """Register (run, rank); True if the run is new. Registering again with the same schema is a no-op."""
+@dataclass
+class Registration:
+    run: Run
+    created: bool
+    renamed: bool  # stored under another name than the one asked for
+
+
+def _free_name(session: Session, name: str) -> str:
+    """``name-2``, ``name-3``...: the first that no run has (the name cut to keep within the limit)."""
+    for number in itertools.count(2):
+        suffix = f"-{number}"
+        candidate = name[: MAX_RUN_NAME - len(suffix)] + suffix
+        if session.execute(select(Run.id).where(Run.name == candidate)).first() is None:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+def _last_step(session: Session, run: Run) -> int:
+    return session.execute(select(func.max(Step.step)).where(Step.run_id == run.id)).scalar_one_or_none() or 0
+
+
+def register_run(session: Session, document: RunDocument, principal: Principal) -> Registration:
+    """Register (run, rank) of one instance. Registering again (a retry, another rank) is a
+    no-op. A name that another instance holds gets a new run ``name-2``... unless the
+    document resumes it; documents without an instance (protocol 1 and 2) share the name."""
     if not principal.may_access(document.project):
         raise IngestError(403, f"this token may not write runs of project {document.project!r}")
     tensors = [tensor.model_dump() for tensor in document.tensors]
     now = utcnow()
-    run = session.execute(select(Run).where(Run.name == document.run)).scalar_one_or_none()
+    claim = session.get(RunInstance, document.instance) if document.instance is not None else None
+    run = session.get(Run, claim.run_id) if claim is not None else session.execute(select(Run).where(Run.name == document.run)).scalar_one_or_none()
+    name, renamed, offset = document.run, False, 0
+    if claim is None and run is not None and document.instance is not None:
+        if document.resume:
+            offset = _last_step(session, run)
+        else:
+            name, renamed, run = _free_name(session, document.run), True, None
     created = run is None
     if run is None:
         run = Run(
-            name=document.run, project=document.project, format=document.format, world_size=document.world_size,
+            name=name, project=document.project, format=document.format, world_size=document.world_size,
             tensors=tensors, modules=document.modules, config=document.config, status="running",
             started_at=datetime.fromtimestamp(document.started_at, timezone.utc), created_at=now, last_seen_at=now,
         )
@@ -78,9 +110,30 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
             raise IngestError(409, f"run {document.run!r} is registered with a different tensor schema: {difference}; use a new run name")
         run.world_size = max(run.world_size, document.world_size)
         run.last_seen_at = now
+    if claim is None and document.instance is not None:
+        session.add(RunInstance(instance=document.instance, run_id=run.id, requested_name=document.run, step_offset=offset, created_at=now))
     if session.get(RankState, (run.id, document.rank)) is None:
         session.add(RankState(run_id=run.id, rank=document.rank, grad_norm_bucket_counts=[0] * (len(GRAD_NORM_BUCKETS) + 1), lr=[], events_total={}))
-    return created
+    return Registration(run, created, renamed or run.name != document.run)
+
+
+def batch_target(session: Session, requested: str, document: BatchDocument, principal: Principal) -> tuple[Run, BatchDocument]:
+    """The run a batch posted under ``requested`` goes to, and the batch with its step numbers
+    moved past the resumed run's earlier steps."""
+    if document.instance is None:
+        return find_run(session, requested, principal), document
+    claim = session.get(RunInstance, document.instance)
+    if claim is None or claim.requested_name != requested:
+        raise NotFound(f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs first)")
+    run = session.get(Run, claim.run_id)
+    assert run is not None
+    run = find_run(session, run.name, principal)
+    if not claim.step_offset:
+        return run, document
+    shifted = document.model_copy(deep=True)
+    for item in (*shifted.steps, *shifted.histograms, *shifted.events):
+        item.step += claim.step_offset
+    return run, shifted
 
 
 def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> list[dict[str, bytes]]:
@@ -89,8 +142,8 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
     for i, step in enumerate(document.steps):
         raw = {}
         if document.protocol < protocol.FORWARD_STATS_VERSION:
-            for name in ("attention_logit_max", "output_logits"):
-                if getattr(step, name) is not None:
+            for name in protocol.V3_STEP_FIELDS:
+                if getattr(step, name) not in (None, False):
                     raise IngestError(422, f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}")
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
@@ -121,7 +174,8 @@ def _step_row(run_id: int, rank: int, step: Any, raw: dict[str, bytes]) -> dict[
         "run_id": run_id, "rank": rank, "step": step.step, "time": step.time, "step_time": step.step_time,
         "loss": step.loss, "loss_scale": step.loss_scale, "new_loss_scale": step.new_loss_scale,
         "scale_decision": step.scale_decision, "skipped": step.skipped, "global_grad_norm": step.global_grad_norm,
-        "headroom_bits": step.headroom_bits, "lr": [protocol.encode_float(v) for v in step.lr],
+        "headroom_bits": step.headroom_bits, "clip_coef": step.clip_coef, "post_clip_grad_norm": step.post_clip_grad_norm,
+        "clipped": step.clipped, "lr": [protocol.encode_float(v) for v in step.lr],
         "scalars": {k: protocol.encode_float(v) for k, v in step.scalars.items()},
         "stat_names": stat_names, "tensor_stats": blob,
         "activation_absmax": raw.get("activation_absmax"), "activation_nonfinite": raw.get("activation_nonfinite"),
@@ -164,6 +218,7 @@ def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
         "step": get("step"), "time": get("time"), "step_time": get("step_time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
         "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
         "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
+        "clipped": bool(get("clipped")), "clip_coef": get("clip_coef"), "post_clip_grad_norm": get("post_clip_grad_norm"),
         "lr": get("lr"),
         "tensors": unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors),
     }
@@ -184,6 +239,7 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
     """Counters from the newly stored ``views`` (ascending); last values from the highest step."""
     state.steps_total += len(views)
     state.skipped_steps_total += sum(view["skipped"] for view in views)
+    state.clipped_steps_total += sum(view["clipped"] for view in views)
     # An overflow the GradScaler absorbed (skipped step, scale backed off) is AMP working as
     # designed and is counted as a skipped step; only non-finite gradients that reached the
     # optimizer count here (and page).
@@ -346,7 +402,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             if (h.step, h.kind) not in existing:
                 fresh.setdefault((h.step, h.kind), {
                     "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: compress_array(getattr(h, name), int(protocol.HISTOGRAM_DTYPES[name][-1])) for name in protocol.HISTOGRAM_LENGTHS},
+                    **{name: compress_histogram_array(name, getattr(h, name)) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
             session.execute(insert(Histogram), list(fresh.values()))
@@ -363,7 +419,11 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
 
     if views:
         _update_rank_state(state, views, numel)
-    _update_quant_state(state, views + [step_view(row, n_tensors) for row in supplemented])
+    supplement_views = [step_view(row, n_tensors) for row in supplemented]
+    _update_quant_state(state, views + supplement_views)
+    if supplement_views:  # the added stats only: the step's other series are in the rollups already
+        added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplement_views]
+        rollups.record(session, run.id, rank, added, n_tensors, scalars=False)
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()
     if document.status != "running" or run.status != "running":

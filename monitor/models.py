@@ -113,6 +113,20 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class RunInstance(Base):
+    """One watching process (all ranks of one job) and the run its data goes to: the run of
+    the name it asked for, a ``-2``... run when another instance held that name, or the same
+    run when it resumed it (its step numbers then start after ``step_offset``)."""
+
+    __tablename__ = "run_instances"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    requested_name: Mapped[str] = mapped_column(String(512))
+    step_offset: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Step(Base):
     __tablename__ = "steps"
 
@@ -128,6 +142,10 @@ class Step(Base):
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     global_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     headroom_bits: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    # What a clip function did (protocol 3): null when none ran.
+    clip_coef: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    post_clip_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    clipped: Mapped[bool] = mapped_column(Boolean, default=False)
     lr: Mapped[list] = mapped_column(JSON, default=list)
     scalars: Mapped[dict] = mapped_column(JSON, default=dict)  # floats encoded as in the protocol
     stat_names: Mapped[str] = mapped_column(Text, default="")  # comma-separated, blob order
@@ -143,7 +161,7 @@ class Histogram(Base):
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     kind: Mapped[str] = mapped_column(String(8), primary_key=True)  # grad | weight
-    # Each compressed (numwatch.monitor.packing.compress_array) from the wire's raw arrays.
+    # Each compressed from the wire's raw arrays (numwatch.monitor.packing.compress_histogram_array).
     exponent: Mapped[bytes] = mapped_column(LargeBinary)  # int64 n_tensors x EXPONENT_BINS
     linear_min: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
     linear_max: Mapped[bytes] = mapped_column(LargeBinary)  # float32 n_tensors
@@ -200,6 +218,7 @@ class RankState(Base):
     last_step_time: Mapped[float] = mapped_column(Float(precision=53), default=0.0)  # epoch s
     steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
     skipped_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
+    clipped_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)
     nonfinite_steps_total: Mapped[int] = mapped_column(BigInteger, default=0)  # any non-finite grad
     nonfinite_loss_total: Mapped[int] = mapped_column(BigInteger, default=0)
     loss_scale_backoffs_total: Mapped[int] = mapped_column(BigInteger, default=0)

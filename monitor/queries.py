@@ -14,8 +14,8 @@ from numwatch import protocol
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import NotFound
 from numwatch.monitor.models import DELETING, Event, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import decompress_array, unpack_stats
-from numwatch.monitor.rollups import SCALAR_SERIES, STEP_SCALARS
+from numwatch.monitor.packing import decompress_histogram_array, unpack_stats
+from numwatch.monitor.rollups import CLIP_SCALARS, SCALAR_SERIES, STEP_SCALARS
 from numwatch.monitor.series import read_window, summary_points
 
 
@@ -113,10 +113,10 @@ def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str,
         t["name"]: {name: protocol.encode_float(values[i].item()) if values.dtype.kind == "f" else int(values[i]) for name, values in stats.items()}
         for i, t in enumerate(run.tensors)
     }
-    record = {key: protocol.encode_float(getattr(row, key)) for key in STEP_SCALARS}
+    record = {key: protocol.encode_float(getattr(row, key)) for key in (*STEP_SCALARS, *CLIP_SCALARS)}
     events = session.execute(select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.step == number).order_by(Event.id)).scalars()
     return {
-        "run": run.name, "rank": rank, "step": row.step, "time": row.time, "skipped": row.skipped,
+        "run": run.name, "rank": rank, "step": row.step, "time": row.time, "skipped": row.skipped, "clipped": row.clipped,
         "scale_decision": row.scale_decision, "lr": row.lr, "scalars": row.scalars, **record,
         "tensors": tensors, "events": [event_record(event) for event in events],
     }
@@ -141,10 +141,10 @@ def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, st
     row = session.execute(query).scalars().first()
     if row is None:
         raise NotFound(f"no {kind} histogram for run {run.name!r}" + (f" at step {step}" if step is not None else "") + " (histograms are sampled every histogram_every steps)")
-    exponent = np.frombuffer(decompress_array(row.exponent, 8), dtype="<i8").reshape(-1, protocol.EXPONENT_BINS)[index]
-    linear = np.frombuffer(decompress_array(row.linear, 8), dtype="<i8").reshape(-1, protocol.LINEAR_BINS)[index]
-    low = float(np.frombuffer(decompress_array(row.linear_min, 4), dtype="<f4")[index])
-    high = float(np.frombuffer(decompress_array(row.linear_max, 4), dtype="<f4")[index])
+    arrays = {name: np.frombuffer(decompress_histogram_array(name, getattr(row, name)), dtype=protocol.HISTOGRAM_DTYPES[name]) for name in protocol.HISTOGRAM_LENGTHS}
+    exponent = arrays["exponent"].reshape(-1, protocol.EXPONENT_BINS)[index]
+    linear = arrays["linear"].reshape(-1, protocol.LINEAR_BINS)[index]
+    low, high = float(arrays["linear_min"][index]), float(arrays["linear_max"][index])
     edges = np.linspace(low, high, protocol.LINEAR_BINS + 1) if np.isfinite(low) and np.isfinite(high) else np.full(protocol.LINEAR_BINS + 1, np.nan)
     binades = range(protocol.EXPONENT_MIN, protocol.EXPONENT_MAX + 1)
     return {

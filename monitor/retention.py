@@ -21,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import Table, delete, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from numwatch.monitor.models import DELETING, Conflict, Event, ForwardStats, Histogram, RankState, Rollup, Run, Step
+from numwatch.monitor.models import DELETING, Conflict, Event, ForwardStats, Histogram, RankState, Rollup, Run, RunInstance, Step
 
 log = logging.getLogger("numwatch.retention")
 
@@ -30,7 +30,7 @@ PAUSE_SECONDS = 0.15
 FIRST_CHUNK_ROWS = 500
 MAX_CHUNK_ROWS = 20_000
 VACUUM_PAGES = 2_000
-CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (Step, Histogram, Rollup, ForwardStats, Event, Conflict, RankState))
+CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (Step, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
 
 
 def mark_deleting(run: Run) -> None:
@@ -118,6 +118,9 @@ class Purger:
                 connection = session.connection()
                 free = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
                 if not free:
+                    # The WAL now holds the deleted pages: a checkpoint that waits for no one lets the
+                    # next writer restart it, and journal_size_limit truncates the file.
+                    connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
                     return freed
                 connection.exec_driver_sql(f"PRAGMA incremental_vacuum({min(free, VACUUM_PAGES)})")
                 session.commit()

@@ -15,27 +15,48 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor.models import Rollup
 from numwatch.monitor.packing import compress_arrays, decompress_arrays, element, inflate
 
-LEVELS = (64, 1024, 16384, 262144)
+LEVELS = (64, 1024, 16384)  # 1,024 rows of the coarsest cover 16M steps
 # Per-step scalars with a series: the step columns, then the first param group's lr and the skip flag.
 STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time")
 DERIVED_SCALARS = ("lr", "skipped")
-SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS)
+# What clipping did: step columns too, newer than the compact store's migration (which reads STEP_SCALARS);
+# last, so the scalar rows' earlier columns keep their places.
+CLIP_SCALARS = ("clip_coef", "post_clip_grad_norm")
+SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS, *CLIP_SCALARS)
+# Series that arrive together share one row per bucket, a column per series (and tensor): one
+# row to merge per level and batch instead of one per series. The scalars in SCALAR_SERIES order;
+# NaN/Inf counts; the format counts. Every other per-tensor stat has rows of its own.
+SCALARS = "scalars"
+ROW_GROUPS: dict[str, tuple[str, ...]] = {SCALARS: SCALAR_SERIES, "nonfinite": ("nan_count", "inf_count"), "format": protocol.FORMAT_COUNT_STATS}
+_GROUP_OF = {series: (group, i) for group, members in ROW_GROUPS.items() for i, series in enumerate(members)}
 _NO_STEP = np.uint32(0xFFFFFFFF)  # an offset meaning "no such step in this bucket"
 
 
-def value_dtype(series: str) -> np.dtype:
-    return np.dtype(protocol.TENSOR_STATS.get(series, "<f8"))
+def value_dtype(row_series: str) -> np.dtype:
+    first = ROW_GROUPS.get(row_series, (row_series,))[0]
+    return np.dtype(protocol.TENSOR_STATS.get(first, "<f8"))
 
 
-def width(series: str, n_tensors: int) -> int:
-    return n_tensors if series in protocol.TENSOR_STATS else 1
+def width(row_series: str, n_tensors: int) -> int:
+    """Columns of a stored row: one per scalar, one per tensor and stat."""
+    if row_series == SCALARS:
+        return len(SCALAR_SERIES)
+    return n_tensors * len(ROW_GROUPS.get(row_series, (row_series,)))
+
+
+def location(series: str, n_tensors: int) -> tuple[str, int, int]:
+    """(stored row series, first column, columns) of ``series`` (a scalar, or a per-tensor stat's tensors)."""
+    group, position = _GROUP_OF.get(series, (series, 0))
+    if group == SCALARS:
+        return SCALARS, position, 1
+    return group, position * n_tensors, n_tensors
 
 
 @dataclass
@@ -75,16 +96,24 @@ def _extreme(values: np.ndarray, nan: np.ndarray, steps: np.ndarray, largest: bo
     return best, at
 
 
-def summarize(steps: np.ndarray, values: np.ndarray) -> Summary:
-    """The summary of ``values`` (one row per step, ascending ``steps``, one column per tensor)."""
+def summarize(steps: np.ndarray, values: np.ndarray, present: np.ndarray | None = None) -> Summary:
+    """The summary of ``values`` (one row per step, ascending ``steps``, one column per tensor or scalar);
+    ``present`` marks the values that exist (a step without a loss has none), default all."""
     floating = values.dtype.kind == "f"
     nan = np.isnan(values) if floating else np.zeros(values.shape, bool)
-    low, low_at = _extreme(values, nan, steps, largest=False)
-    high, high_at = _extreme(values, nan, steps, largest=True)
+    if present is None:
+        present = np.ones(values.shape, bool)
+    nan &= present
+    skip = nan | ~present
+    low, low_at = _extreme(values, skip, steps, largest=False)
+    high, high_at = _extreme(values, skip, steps, largest=True)
     nan_at = np.where(nan.any(axis=0), steps[np.argmax(nan, axis=0)], -1)
-    count = np.full(values.shape[1], len(steps), np.int64)
-    nonfinite = (~np.isfinite(values)).sum(axis=0) if floating else np.zeros(values.shape[1], np.int64)
-    return Summary(low, low_at, high, high_at, nan_at, values[-1].copy(), np.full(values.shape[1], steps[-1]), count, nonfinite)
+    count = present.sum(axis=0).astype(np.int64)
+    nonfinite = (~np.isfinite(values) & present).sum(axis=0) if floating else np.zeros(values.shape[1], np.int64)
+    last_row = len(steps) - 1 - np.argmax(present[::-1], axis=0)
+    has = present.any(axis=0)
+    last = np.where(has, values[last_row, np.arange(values.shape[1])], 0).astype(values.dtype)
+    return Summary(low, low_at, high, high_at, nan_at, last, np.where(has, steps[last_row], -1), count, nonfinite)
 
 
 def _pick(a: np.ndarray, a_at: np.ndarray, b: np.ndarray, b_at: np.ndarray, better: np.ufunc) -> tuple[np.ndarray, np.ndarray]:
@@ -168,20 +197,20 @@ def _group_extreme(values: np.ndarray, at: np.ndarray, groups: np.ndarray, start
 def reduce_groups(pieces: Summary, groups: np.ndarray) -> Summary:
     """Merge the rows of ``pieces`` (one per piece, in step order) sharing a value of ``groups`` (non-decreasing)."""
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    ends = np.r_[starts[1:], len(groups)] - 1
-    columns = []
+    columns: list[tuple] = []
     for c in range(pieces.low.shape[1]):
         low, low_at = _group_extreme(pieces.low[:, c], pieces.low_at[:, c], groups, starts, largest=False)
         high, high_at = _group_extreme(pieces.high[:, c], pieces.high_at[:, c], groups, starts, largest=True)
         nan = pieces.nan_at[:, c]
         first_nan = np.minimum.reduceat(np.where(nan < 0, np.iinfo(np.int64).max, nan), starts)
-        columns.append((low, low_at, high, high_at, np.where(first_nan == np.iinfo(np.int64).max, -1, first_nan)))
-    fields = [np.stack([column[k] for column in columns], axis=1) for k in range(5)]
-    # Each piece holds values, so a group's last value is its last piece's.
-    return Summary(
-        *fields, pieces.last[ends], pieces.last_at[ends],
-        np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0),
-    )
+        latest = np.lexsort((-pieces.last_at[:, c], groups))[starts]
+        columns.append((low, low_at, high, high_at, np.where(first_nan == np.iinfo(np.int64).max, -1, first_nan), pieces.last[latest, c], pieces.last_at[latest, c]))
+    fields = [np.stack([column[k] for column in columns], axis=1) for k in range(7)]
+    return Summary(*fields, np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0))
+
+
+def columns_of(summary: Summary, first: int, count: int) -> Summary:
+    return Summary(*(getattr(summary, name)[first:first + count] for name in _FIELDS))
 
 
 def row(summary: Summary, index: int) -> Summary:
@@ -192,35 +221,53 @@ def _lr(encoded: list | None) -> float | None:
     return protocol.decode_float(encoded[0]) if encoded else None
 
 
-def step_series(views: list[dict], n_tensors: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Series name -> (steps, values[steps, tensors]) of ``views`` (ascending), steps without a value left out."""
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name in SCALAR_SERIES:
-        if name == "lr":
-            pairs = [(view["step"], _lr(view["lr"])) for view in views]
-        elif name == "skipped":
-            pairs = [(view["step"], float(view["skipped"])) for view in views]
-        else:
-            pairs = [(view["step"], view[name]) for view in views]
-        pairs = [(step, value) for step, value in pairs if value is not None]
-        if pairs:
-            out[name] = (np.array([p[0] for p in pairs], np.int64), np.array([p[1] for p in pairs], np.float64).reshape(-1, 1))
-    for name, dtype in protocol.TENSOR_STATS.items():
-        having = [view for view in views if name in view["tensors"]]
-        if having:
-            values = np.stack([view["tensors"][name] for view in having]).astype(dtype, copy=False).reshape(len(having), n_tensors)
-            out[name] = (np.array([view["step"] for view in having], np.int64), values)
+def step_series(views: list[dict], n_tensors: int, scalars: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Stored row series -> (steps, values[steps, columns], present or None when all are) of ``views`` (ascending)."""
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    if views and scalars:
+        rows = [[_lr(view["lr"]) if name == "lr" else float(view["skipped"]) if name == "skipped" else view.get(name) for name in SCALAR_SERIES] for view in views]
+        present = np.array([[value is not None for value in row] for row in rows])
+        values = np.array([[np.nan if value is None else value for value in row] for row in rows], np.float64)
+        out[SCALARS] = (np.array([view["step"] for view in views], np.int64), values, present)
+    stats = [name for name in protocol.TENSOR_STATS if name not in _GROUP_OF]
+    for row_series, members in [*((name, (name,)) for name in stats), *((g, m) for g, m in ROW_GROUPS.items() if g != SCALARS)]:
+        having = [view for view in views if any(name in view["tensors"] for name in members)]
+        if not having:
+            continue
+        dtype = value_dtype(row_series)
+        values = np.zeros((len(having), len(members) * n_tensors), dtype)
+        present = np.zeros(values.shape, bool)
+        for i, view in enumerate(having):
+            for k, name in enumerate(members):
+                if name in view["tensors"]:
+                    values[i, k * n_tensors:(k + 1) * n_tensors] = view["tensors"][name]
+                    present[i, k * n_tensors:(k + 1) * n_tensors] = True
+        out[row_series] = (np.array([view["step"] for view in having], np.int64), values, None if present.all() else present)
     return out
 
 
-def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensors: int) -> None:
-    """Merge the newly stored steps ``views`` (ascending) into every level's buckets."""
+def _fresh(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]) -> dict[tuple[str, int, int], Summary]:
+    """(series, level, bucket) -> summary of the new steps: the finest level from the values, coarser ones by merging those."""
     fresh: dict[tuple[str, int, int], Summary] = {}
-    for name, (steps, values) in step_series(views, n_tensors).items():
-        for level in LEVELS:
-            buckets = steps // level
-            for chunk in np.split(np.arange(len(steps)), np.flatnonzero(np.diff(buckets)) + 1):
-                fresh[(name, level, int(buckets[chunk[0]]))] = summarize(steps[chunk], values[chunk])
+    finest = LEVELS[0]
+    for name, (steps, values, present) in series.items():
+        buckets = steps // finest
+        chunks = []
+        for chunk in np.split(np.arange(len(steps)), np.flatnonzero(np.diff(buckets)) + 1):
+            summary = summarize(steps[chunk], values[chunk], None if present is None else present[chunk])
+            chunks.append((int(buckets[chunk[0]]), summary))
+            fresh[(name, finest, chunks[-1][0])] = summary
+        for level in LEVELS[1:]:
+            for bucket, summary in chunks:
+                key = (name, level, bucket * finest // level)
+                fresh[key] = merge(fresh[key], summary) if key in fresh else summary
+    return fresh
+
+
+def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensors: int, scalars: bool = True) -> None:
+    """Merge the newly stored steps ``views`` (ascending) into every level's buckets; ``scalars=False``:
+    their per-tensor stats only (stats added to steps stored before)."""
+    fresh = _fresh(step_series(views, n_tensors, scalars))
     if not fresh:
         return
     key = tuple_(Rollup.series, Rollup.level, Rollup.bucket)
@@ -237,21 +284,25 @@ def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensor
     if changed:
         session.execute(update(Rollup), changed)
     if fresh:
-        session.add_all(
-            Rollup(run_id=run_id, rank=rank, series=name, level=level, bucket=bucket, data=encode(summary, bucket * level))
+        session.execute(insert(Rollup), [
+            {"run_id": run_id, "rank": rank, "series": name, "level": level, "bucket": bucket, "data": encode(summary, bucket * level)}
             for (name, level, bucket), summary in fresh.items()
-        )
-        session.flush()
+        ])
 
 
 def read_buckets(session: Session, run_id: int, rank: int, series: str, level: int, buckets: list[int], n_tensors: int, column: int | None) -> Iterator[tuple[int, Summary]]:
-    """(bucket, summary) of the stored ``buckets`` of ``level`` (one tensor's column if given), streamed."""
-    dtype, n = value_dtype(series), width(series, n_tensors)
+    """(bucket, summary) of ``series`` in the stored ``buckets`` of ``level``: one tensor's column if given, else
+    every tensor's (a scalar's own column), streamed."""
+    row_series, first, columns = location(series, n_tensors)
+    dtype, n = value_dtype(row_series), width(row_series, n_tensors)
     rows = session.execute(
         select(Rollup.bucket, Rollup.data)
-        .where(Rollup.run_id == run_id, Rollup.rank == rank, Rollup.series == series, Rollup.level == level, Rollup.bucket.in_(buckets))
+        .where(Rollup.run_id == run_id, Rollup.rank == rank, Rollup.series == row_series, Rollup.level == level, Rollup.bucket.in_(buckets))
         .execution_options(yield_per=256)
     )
     for found in rows:
         origin = found.bucket * level
-        yield found.bucket, decode(bytes(found.data), origin, dtype, n) if column is None else decode_column(bytes(found.data), origin, dtype, n, column)
+        if column is not None or columns == 1:
+            yield found.bucket, decode_column(bytes(found.data), origin, dtype, n, first + (column or 0))
+        else:
+            yield found.bucket, columns_of(decode(bytes(found.data), origin, dtype, n), first, columns)

@@ -19,8 +19,10 @@ MAX_RANK = 1_000_000
 # times are read back in milliseconds too, which overflow near float's max.
 MAX_EPOCH_SECONDS = datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp()
 EpochSeconds = Annotated[float, Field(ge=0, le=MAX_EPOCH_SECONDS, description="seconds since the Unix epoch")]
-RunName = Annotated[str, Field(min_length=1, max_length=512)]
+MAX_RUN_NAME = 512
+RunName = Annotated[str, Field(min_length=1, max_length=MAX_RUN_NAME)]
 ProjectName = Annotated[str, Field(min_length=1, max_length=200)]
+Instance = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="one watching process; the ranks of a job share it")]
 
 
 def _decode_float(value: Any) -> float | None:
@@ -97,6 +99,8 @@ class RunDocument(Strict):
     modules: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
     started_at: EpochSeconds
+    instance: Instance | None = None
+    resume: bool = False
 
 
 class Activations(Strict):
@@ -127,6 +131,9 @@ class StepDocument(Strict):
     lr: list[FiniteOrNonFinite] = Field(default_factory=list, max_length=10_000)
     global_grad_norm: ProtocolFloat = None
     headroom_bits: ProtocolFloat = None
+    clip_coef: ProtocolFloat = None
+    post_clip_grad_norm: ProtocolFloat = None
+    clipped: bool = False
     scalars: dict[str, ProtocolFloat] = Field(default_factory=dict)
     tensors: dict[str, ArrayBytes] = Field(default_factory=dict)
     activations: Activations | None = None
@@ -162,6 +169,7 @@ class BatchDocument(Strict):
     run: RunName
     rank: int = Field(ge=0, le=MAX_RANK)
     batch_id: str = Field(default="", max_length=200)
+    instance: Instance | None = None
     steps: list[StepDocument] = Field(default_factory=list, max_length=100_000)
     histograms: list[HistogramDocument] = Field(default_factory=list, max_length=100_000)
     events: list[EventDocument] = Field(default_factory=list, max_length=100_000)
@@ -182,9 +190,10 @@ class IngestResult(BaseModel):
 
 
 class RunRegistered(BaseModel):
-    run: str
+    run: str = Field(description="the name the run is stored under")
     rank: int
     created: bool
+    renamed: bool = Field(False, description="another process held the name asked for: this one's data is stored as `run`")
 
 
 class RunDeleting(BaseModel):

@@ -39,6 +39,7 @@ GAUGES = (
 COUNTERS = (
     "numwatch_steps_total",
     "numwatch_skipped_steps_total",
+    "numwatch_clipped_steps_total",
     "numwatch_nonfinite_steps_total",
     "numwatch_nonfinite_loss_total",
     "numwatch_loss_scale_backoffs_total",
@@ -107,6 +108,7 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     counters = {
         "numwatch_steps_total": 121.0,
         "numwatch_skipped_steps_total": float(nonfinite_steps),
+        "numwatch_clipped_steps_total": 12.0,
         "numwatch_nonfinite_steps_total": float(nonfinite_steps),
         "numwatch_nonfinite_loss_total": 0.0,
         "numwatch_loss_scale_backoffs_total": float(nonfinite_steps),

@@ -220,3 +220,16 @@ def test_activation_tracer_absmax_over_repeated_calls_and_outputs() -> None:
 class _Pair(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return 2 * x, torch.full_like(x, -INF).bfloat16()
+
+
+@pytest.mark.parametrize("chunk_elements", [chunks.CHUNK_ELEMENTS, 7])
+@pytest.mark.parametrize(("multiplier", "histogram_multiplier"), [(None, None), (torch.tensor(2.0**12), None), (None, torch.tensor(0.37))])
+def test_the_shared_pass_equals_format_counts_and_exponent_histogram(chunk_elements, multiplier, histogram_multiplier, monkeypatch) -> None:
+    grads, _ = _mixed_model_tensors()
+    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk_elements)
+    unscaled = grads if histogram_multiplier is None else torch._foreach_mul(grads, histogram_multiplier)
+    for name in ("fp16", "bf16", "fp8_e4m3"):
+        fmt = format_spec(name)
+        counts, histogram = stats.format_counts_and_exponent_histogram(grads, fmt, multiplier, histogram_multiplier)
+        np.testing.assert_array_equal(counts.numpy(), stats.format_counts(grads, fmt, multiplier).numpy())
+        np.testing.assert_array_equal(histogram.numpy(), stats.exponent_histogram(unscaled).numpy())

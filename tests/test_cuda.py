@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import numwatch
-from tests.watch_helpers import read_spool
+from tests.watch_helpers import BackwardInjection, read_spool
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 STEPS = 8
@@ -39,15 +39,17 @@ def test_measuring_a_step_never_synchronizes_and_matches_float64(tmp_path) -> No
     watcher = numwatch.watch(model, optimizer, run="cuda-fp32", spool_dir=tmp_path, format_every=2, histogram_every=3, format="bf16")
     references = []
     for step in range(1, STEPS + 1):
-        model(_inputs(step)).pow(2).mean().backward()
-        references.append(_reference_norms(model))
-        # The watcher measures inside optimizer.step(): any host-device synchronization there
-        # (an .item(), a blocking copy, nonzero, ...) raises in this mode.
+        inputs = _inputs(step)
+        # The watcher reads the gradients when the backward ends and ends the step in
+        # optimizer.step(): any host-device synchronization there (an .item(), a blocking
+        # copy, nonzero, ...) raises in this mode.
         torch.cuda.set_sync_debug_mode("error")
         try:
+            model(inputs).pow(2).mean().backward()
             optimizer.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        references.append(_reference_norms(model))  # SGD leaves .grad as the backward made it
         optimizer.zero_grad()
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
@@ -89,11 +91,10 @@ def test_non_finite_gradients_are_flagged_every_step_and_counted_soon_after(tmp_
     watcher = numwatch.watch(model, optimizer, run="cuda-nan", spool_dir=tmp_path, on_nonfinite="ignore", histogram_every=0)
     first_bad = 4
     references = []
+    inject = BackwardInjection(model[0].weight, (0, slice(0, 3)), [float("nan"), float("inf"), float("-inf")], {first_bad})
     for step in range(1, 13):
+        inject.step = step
         model(_inputs(step)).pow(2).mean().backward()
-        if step == first_bad:
-            grads = [p.grad for p in model.parameters()]
-            grads[0][0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")], device="cuda")
         references.append([(np.linalg.norm(g), np.abs(g).max(), np.isnan(g).sum(), np.isinf(g).sum())
                            for g in (p.grad.detach().double().cpu().numpy().ravel() for p in model.parameters())])
         optimizer.step()  # NaN weights from here on: every later gradient is NaN

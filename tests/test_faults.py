@@ -26,7 +26,7 @@ import torch
 
 import numwatch
 from numwatch import protocol, transport
-from numwatch.spool import read_entries, spool_directory
+from numwatch.spool import read_entries
 from numwatch.sync import pending_documents
 from numwatch.monitor import db, stack
 from tests.collector_docs import batch_doc, run_doc, step_doc
@@ -253,10 +253,9 @@ def test_unwritable_spool_loses_only_what_it_must_and_says_so(kind, killable, tm
     if kind == "disk full":
         spool_root = request.getfixturevalue("full_filesystem")
     else:
-        # A file where the run's spool directory should be: mkdir fails, even for root.
+        # A file where the spool root should be: mkdir of the run's directory fails, even for root.
         spool_root = tmp_path / "spool"
-        spool_root.mkdir()
-        (spool_root / "full").write_text("not a directory")
+        spool_root.write_text("not a directory")
 
     def flush_then_start_collector(watcher: numwatch.Watcher) -> None:
         watcher.flush()
@@ -312,7 +311,8 @@ def _train_until_killed(url: str | None, spool_root: Path) -> None:
 def test_killed_training_leaves_a_readable_spool_that_syncs(killable, tmp_path) -> None:
     spool_root = tmp_path / "spool"
     _train_until_killed(None, spool_root)
-    entries = list(read_entries(spool_directory(spool_root, "killed", 0)))
+    (directory,) = spool_root.glob("killed.*/rank0")  # one directory per watching process
+    entries = list(read_entries(directory))
     assert entries[0].kind == "run" and all(entry.kind == "batch" for entry in entries[1:])
     spooled_steps = [step["step"] for entry in entries[1:] for step in entry.body["steps"]]
     assert spooled_steps == list(range(1, len(spooled_steps) + 1)) and len(spooled_steps) >= 20

@@ -27,6 +27,7 @@ STEPS = 3
 HISTOGRAM_EVERY = 2  # steps 1 and 3 are sampled
 BATCH = 8
 RTOL = 1e-5
+CLIP = 0.05  # below every step's norm: each step is clipped
 
 
 def _free_port() -> int:
@@ -95,19 +96,22 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
 
         reference = _model() if rank == 0 else None
         reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5) if reference is not None else None
-        saved: dict[str, list] = {"steps": [], "weights": []}
+        saved: dict[str, list] = {"steps": [], "weights": [], "clip_returned": []}
         half = BATCH // WORLD_SIZE
         for step in range(1, STEPS + 1):
             inputs, targets = _batch(step)
             mine = slice(rank * half, (rank + 1) * half)
             collectives.append(0)  # the gradients are read when the backward ends
             torch.nn.functional.mse_loss(model(inputs[mine]), targets[mine]).backward()
+            returned = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+            saved["clip_returned"].append(float(returned.full_tensor() if isinstance(returned, DTensor) else returned))
             optimizer.step()
             optimizer.zero_grad()
             if reference is not None:
                 # Mean loss over the whole batch: the gradient FSDP's averaged reduce-scatter gives.
                 torch.nn.functional.mse_loss(reference(inputs), targets).backward()
-                saved["steps"].append(_reference_stats(reference))
+                saved["steps"].append(_reference_stats(reference))  # before clipping, as numwatch records
+                torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
                 reference_optimizer.step()
                 reference_optimizer.zero_grad()
                 saved["weights"].append(_weights(reference))
@@ -129,8 +133,7 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
             numwatch.watch(partial, run="partial", spool_dir=spool_root)
         except numwatch.UnsupportedConfiguration as refusal:
             saved["refusal"] = str(refusal)
-        if rank == 0:
-            torch.save(saved, Path(spool_root) / "reference.pt")
+        torch.save(saved, Path(spool_root) / f"reference{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -142,8 +145,10 @@ def fsdp_run(tmp_path_factory):
     spool = tmp_path_factory.mktemp("fsdp")
     root = str(Path(__file__).resolve().parents[1])
     mp.spawn(_train, args=(_free_port(), str(spool), root), nprocs=WORLD_SIZE, join=True)
-    saved = torch.load(spool / "reference.pt", weights_only=False)
-    per_rank = {rank: read_spool(spool / "fsdp" / f"rank{rank}") for rank in range(WORLD_SIZE)}
+    saved = torch.load(spool / "reference0.pt", weights_only=False)
+    saved["clip_returned_by_rank"] = [torch.load(spool / f"reference{rank}.pt", weights_only=False)["clip_returned"] for rank in range(WORLD_SIZE)]
+    (run_dir,) = spool.glob("fsdp.*")  # both ranks are one instance
+    per_rank = {rank: read_spool(run_dir / f"rank{rank}") for rank in range(WORLD_SIZE)}
     return saved, per_rank
 
 
@@ -162,6 +167,10 @@ def test_gradient_statistics_describe_the_whole_tensor(fsdp_run):
             # The global norm equals the unsharded single-process run's.
             reference_global = np.sqrt(np.sum(expected["grad_norm"] ** 2))
             assert step["global_grad_norm"] == pytest.approx(reference_global, rel=RTOL)
+        # Before clipping: what clip_grad_norm_ returned on this rank; clip_coef is its coefficient.
+        for step, returned in zip(spooled.steps, saved["clip_returned_by_rank"][rank]):
+            assert step["global_grad_norm"] == pytest.approx(returned, rel=RTOL)
+            assert step["clip_coef"] == pytest.approx(min(1.0, CLIP / (returned + 1e-6)), rel=RTOL) and step["clipped"] is True
 
 
 def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):

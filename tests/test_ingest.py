@@ -153,6 +153,25 @@ def test_version_1_documents_are_still_stored(api: httpx.Client) -> None:
     assert record["loss"] == 0.5 and record["tensors"]["embed.weight"]["grad_norm"] == 0.5
 
 
+def test_clipping_is_stored_and_counted(api: httpx.Client) -> None:
+    steps = [
+        step_doc(1, clip_coef=1.0, post_clip_grad_norm=0.57, clipped=False),
+        step_doc(2, clip_coef=0.25, post_clip_grad_norm=1.0, clipped=True),
+        step_doc(3, clip_coef="NaN", post_clip_grad_norm="NaN", clipped=True),
+        step_doc(4),  # no clip function ran
+    ]
+    assert post_batch(api, batch_doc(steps=steps)).status_code == 200
+    assert post_batch(api, batch_doc(steps=steps)).json()["stored_steps"] == 0
+    assert 'numwatch_clipped_steps_total{rank="0",run="r1"} 2.0' in api.get("/metrics").text
+    second = api.get("/api/v1/runs/r1/steps/2").json()
+    assert (second["clip_coef"], second["post_clip_grad_norm"], second["clipped"]) == (0.25, 1.0, True)
+    fourth = api.get("/api/v1/runs/r1/steps/4").json()
+    assert (fourth["clip_coef"], fourth["post_clip_grad_norm"], fourth["clipped"]) == (None, None, False)
+    assert api.get("/api/v1/runs/r1/steps/3").json()["clip_coef"] == "NaN"
+    old = post_batch(api, batch_doc(steps=[step_doc(5, clipped=True)], protocol=2))
+    assert old.status_code == 422 and "steps[0].clipped: needs protocol 3" in old.text
+
+
 def test_a_copy_that_only_adds_quantization_stats_extends_the_stored_step(api: httpx.Client) -> None:
     quant = {f"quant_sqnr_{scheme}": array([30.0, 20.0, np.nan], "<f4") for scheme in protocol.QUANT_SCHEMES}
     assert post_batch(api, batch_doc(steps=[step_doc(1), step_doc(2)])).json()["stored_steps"] == 2

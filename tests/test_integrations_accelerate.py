@@ -9,7 +9,7 @@ import torch
 accelerate = pytest.importorskip("accelerate")
 
 import numwatch  # noqa: E402
-from tests.watch_helpers import read_spool, reference_norms, small_model  # noqa: E402
+from tests.watch_helpers import reference_norms, run_spool, small_model  # noqa: E402
 
 ACCUMULATION = 2
 BATCHES = 8
@@ -40,7 +40,7 @@ def _train(tmp_path, run: str, clip: float | None):
             optimizer.step()
             optimizer.zero_grad()
     watcher.close()
-    return read_spool(tmp_path / run / "rank0"), expected, clip_norms
+    return run_spool(tmp_path, run), expected, clip_norms
 
 
 def test_one_record_per_synchronised_step_with_the_accumulated_gradients(tmp_path):

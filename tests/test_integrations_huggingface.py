@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from numwatch.integrations import HuggingFaceCallback  # noqa: E402
-from tests.watch_helpers import read_spool  # noqa: E402
+from tests.watch_helpers import run_spool  # noqa: E402
 
 MAX_STEPS = 4
 ACCUMULATION = 2
@@ -46,7 +46,7 @@ def _train(tmp_path, run: str, optim: str = "adamw_torch"):
     callback = HuggingFaceCallback(run=run, spool_dir=tmp_path / "spool", histogram_every=2)
     trainer = transformers.Trainer(model=model, args=arguments, train_dataset=_dataset(), callbacks=[callback])
     trainer.train()
-    return trainer, read_spool(tmp_path / "spool" / run / "rank0")
+    return trainer, run_spool(tmp_path / "spool", run)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision  # noqa: E402
 from pytorch_lightning.utilities import grad_norm  # noqa: E402
 
 from numwatch.integrations import LightningCallback  # noqa: E402
-from tests.watch_helpers import read_spool  # noqa: E402
+from tests.watch_helpers import run_spool  # noqa: E402
 
 MAX_STEPS = 4
 ACCUMULATION = 2
@@ -58,7 +58,7 @@ def _fit_bf16(tmp_path, run: str, fused: bool, clip: float | None = None):
     module = Regression(fused=fused)
     trainer = _trainer(LightningCallback(run=run, spool_dir=tmp_path), precision="bf16-mixed", accumulate_grad_batches=ACCUMULATION, gradient_clip_val=clip)
     trainer.fit(module, _loader(MAX_STEPS * ACCUMULATION))
-    return trainer, module, read_spool(tmp_path / run / "rank0")
+    return trainer, module, run_spool(tmp_path, run)
 
 
 def test_bf16_mixed_norms_equal_lightnings_grad_norm(tmp_path):
@@ -110,7 +110,7 @@ def test_manual_optimisation_with_a_grad_scaler_counts_the_scalers_skips(tmp_pat
     module = ManualOptimisation()
     trainer = _trainer(LightningCallback(run="manual", spool_dir=tmp_path), plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=12)
     trainer.fit(module, _loader(12))
-    spooled = read_spool(tmp_path / "manual" / "rank0")
+    spooled = run_spool(tmp_path, "manual")
     assert len(spooled.steps) == 12 == len(module.scales)
     backoffs = round(math.log2(init_scale / scaler.get_scale()))
     assert backoffs > 0

@@ -59,6 +59,14 @@ def _global(step: dict) -> float:
     return protocol.decode_float(step["global_grad_norm"])
 
 
+def _check_norm_clip(step: dict, total: float, max_norm: float) -> None:
+    """clip_coef is torch's coefficient min(1, max_norm / (total + 1e-6)); the post-clip norm total x coef."""
+    coefficient = min(1.0, max_norm / (total + 1e-6))
+    assert protocol.decode_float(step["clip_coef"]) == pytest.approx(coefficient, rel=RTOL)
+    assert protocol.decode_float(step["post_clip_grad_norm"]) == pytest.approx(total * coefficient, rel=RTOL)
+    assert step["clipped"] is (coefficient < 1.0)
+
+
 def test_nanogpt_style_loop_records_preclip_norms_schedule_and_accumulated_loss(tmp_path):
     """bf16 autocast, a disabled GradScaler (as when dtype is not float16), accumulation over
     4 micro-batches with loss / 4, clip_grad_norm_(0.5), torch.compile, get_lr schedule."""
@@ -94,8 +102,10 @@ def test_nanogpt_style_loop_records_preclip_norms_schedule_and_accumulated_loss(
     assert [t["name"] for t in spooled.runs[0]["tensors"]] == [name for name, _ in raw.named_parameters()]
     assert [s["step"] for s in spooled.steps] == list(range(1, iterations + 1))
     assert max(norms) > 0.5  # the loop did clip: a post-clip number could not pass below
+    assert any(s["clipped"] for s in spooled.steps) and not all(s["clipped"] for s in spooled.steps)
     for step, norm, loss, lr in zip(spooled.steps, norms, losses, rates):
         assert _global(step) == pytest.approx(norm, rel=RTOL)
+        _check_norm_clip(step, norm, 0.5)
         assert step["loss"] == pytest.approx(loss, rel=1e-6)  # sum of the micro-batch losses / 4: their mean
         assert step["lr"] == [pytest.approx(lr, rel=1e-12)]
         assert step["skipped"] is False and step["loss_scale"] is None
@@ -144,8 +154,11 @@ def test_amp_loop_keeps_the_truth_on_skipped_steps(tmp_path, fused):
             assert spooled.stat(step, "inf_count").tolist() == [int(np.isinf(g).sum()) for g in grads] == [0, 0, 4, 0]
             np.testing.assert_allclose(spooled.stat(step, "grad_norm")[[0, 1, 3]], norm[[0, 1, 3]], rtol=RTOL)
             assert math.isnan(spooled.stat(step, "grad_norm")[2])
+            # torch's coefficient max_norm / NaN zeroed nothing and made every gradient NaN.
+            assert step["clipped"] is True and math.isnan(protocol.decode_float(step["clip_coef"]))
         else:
             assert _global(step) == pytest.approx(expected["clip"], rel=RTOL)
+            _check_norm_clip(step, expected["clip"], 0.5)
             np.testing.assert_allclose(spooled.stat(step, "grad_norm"), norm, rtol=RTOL)
             np.testing.assert_allclose(spooled.stat(step, "grad_absmax"), absmax, rtol=RTOL)
     assert max(t["clip"] for t in truth if math.isfinite(t["clip"])) > 0.5
@@ -156,22 +169,28 @@ def test_clip_grad_value_leaves_the_recorded_absmax_alone(tmp_path):
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     watcher = numwatch.watch(model, optimizer, run="value", spool_dir=tmp_path)
-    before = []
+    before, after = [], []
     for step in range(1, 6):
         generator = torch.Generator().manual_seed(step)
         x, y = torch.randn(8, 6, generator=generator), torch.randn(8, 3, generator=generator)
         nn.functional.mse_loss(model(x), y).backward()
         before.append([p.grad.detach().double().clone() for p in model.parameters()])
         torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
+        after.append([p.grad.detach().double().clone() for p in model.parameters()])
         optimizer.step()
         optimizer.zero_grad()
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
-    for step, grads in zip(spooled.steps, before):
+    for step, grads, clipped in zip(spooled.steps, before, after):
         norm, absmax = reference_norms(grads)
         assert absmax.max() > 0.01
         np.testing.assert_allclose(spooled.stat(step, "grad_absmax"), absmax, rtol=RTOL)
-        assert _global(step) == pytest.approx(math.sqrt(np.sum(norm**2)), rel=RTOL)
+        total = math.sqrt(np.sum(norm**2))
+        assert _global(step) == pytest.approx(total, rel=RTOL)
+        post = math.sqrt(np.sum(reference_norms(clipped)[0] ** 2))
+        assert protocol.decode_float(step["post_clip_grad_norm"]) == pytest.approx(post, rel=RTOL)
+        assert protocol.decode_float(step["clip_coef"]) == pytest.approx(post / total, rel=RTOL)
+        assert step["clipped"] is True
 
 
 def test_get_total_norm_and_clip_grads_with_norm(tmp_path):
@@ -194,6 +213,8 @@ def test_get_total_norm_and_clip_grads_with_norm(tmp_path):
     spooled = read_spool(watcher.spool_dir)
     assert min(totals) > 0.25
     assert [_global(s) for s in spooled.steps] == pytest.approx(totals, rel=RTOL)
+    for step, total in zip(spooled.steps, totals):
+        _check_norm_clip(step, total, 0.25)
 
 
 def _plain_step(model: nn.Module, step: int, micro_batches: int = 1) -> torch.Tensor:
@@ -239,7 +260,9 @@ def test_loss_is_recorded_without_user_code_in_an_fp32_loop(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     watcher.close()
-    assert [s["loss"] for s in read_spool(watcher.spool_dir).steps] == losses
+    spooled = read_spool(watcher.spool_dir)
+    assert [s["loss"] for s in spooled.steps] == losses
+    assert all(s["clip_coef"] is None and s["post_clip_grad_norm"] is None and s["clipped"] is False for s in spooled.steps)
 
 
 def test_a_failure_inside_the_measurement_leaves_the_next_step_exact(tmp_path, monkeypatch):
@@ -285,3 +308,64 @@ def test_names_do_not_depend_on_torch_compile(tmp_path):
     assert names == [name for name, _ in model.named_parameters()]
     assert compiled.tensor_names == [name for name in names if name.startswith("block.")]
     compiled.close()
+
+
+class Trainer:
+    """A minGPT-style trainer: the optimizer is made inside run(), callbacks fire per batch."""
+
+    def __init__(self, model: TinyGPT, max_iters: int, learning_rate: float = 5e-3, grad_norm_clip: float = 0.5) -> None:
+        self.model, self.max_iters = model, max_iters
+        self.learning_rate, self.grad_norm_clip = learning_rate, grad_norm_clip
+        self.callbacks: dict[str, list] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.iter_num = 0
+
+    def add_callback(self, event: str, callback) -> None:
+        self.callbacks.setdefault(event, []).append(callback)
+
+    def trigger_callbacks(self, event: str) -> None:
+        for callback in self.callbacks.get(event, []):
+            callback(self)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        decay = [p for name, p in self.model.named_parameters() if name.endswith("weight") and p.dim() >= 2]
+        no_decay = [p for name, p in self.model.named_parameters() if not (name.endswith("weight") and p.dim() >= 2)]
+        groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.learning_rate, betas=(0.9, 0.95))
+
+    def run(self) -> None:
+        self.optimizer = self.configure_optimizers()
+        self.model.train()
+        while self.iter_num < self.max_iters:
+            x, y = get_batch(self.iter_num, 0)
+            _, self.loss = self.model(x, y)
+            self.model.zero_grad(set_to_none=True)
+            self.loss.backward()
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_norm_clip)
+            self.optimizer.step()
+            self.trigger_callbacks("on_batch_end")
+            self.iter_num += 1
+
+
+def test_a_trainer_that_builds_its_optimizer_late_is_watched_from_its_first_step(tmp_path):
+    torch.manual_seed(8)
+    model = TinyGPT()
+    trainer = Trainer(model, max_iters=6)
+    watcher = numwatch.watch(model, run="mingpt", spool_dir=tmp_path)  # the one line, before the optimizer exists
+    seen = []
+    trainer.add_callback("on_batch_end", lambda t: seen.append((t.loss.item(), float(t.grad_norm))))
+    trainer.run()
+    with pytest.raises(RuntimeError, match="counts the steps of its optimizer"):
+        watcher.step()
+    watcher.close()
+    spooled = read_spool(watcher.spool_dir)
+    assert watcher.optimizer is trainer.optimizer and watcher.steps == 6
+    (run,) = spooled.runs
+    assert run["config"]["optimizer"] == "AdamW"
+    assert [t["group"] for t in run["tensors"]] == [0 if name.endswith("weight") and p.dim() >= 2 else 1 for name, p in model.named_parameters()]
+    assert [s["step"] for s in spooled.steps] == [1, 2, 3, 4, 5, 6]
+    for step, (loss, norm) in zip(spooled.steps, seen):
+        assert step["loss"] == pytest.approx(loss, rel=1e-6)
+        assert _global(step) == pytest.approx(norm, rel=RTOL)
+        _check_norm_clip(step, norm, 0.5)
+        assert step["lr"] == [5e-3, 5e-3]

@@ -113,6 +113,8 @@ def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_u
                 assert [record["tensors"][t["name"]]["grad_norm"] for t in TENSORS] == [protocol.encode_float(float(v)) for v in OLD_NORMS[i]]
                 assert [record["tensors"][t["name"]]["nan_count"] for t in TENSORS] == OLD_NAN[i].tolist()
                 assert (record["loss"], record["lr"], record["scalars"]) == (protocol.encode_float(OLD_LOSS[i]), [0.001], {"tokens": 10.0})
+                # Stored before clipping was recorded: no clip function seen.
+                assert (record["clip_coef"], record["post_clip_grad_norm"], record["clipped"]) == (None, None, False)
             histogram = queries.histograms(session, run, TENSORS[1]["name"], "grad", 0, 1)
             assert [bin_["count"] for bin_ in histogram["linear"]] == LINEAR.reshape(3, -1)[1].tolist()
             assert histogram["linear"][0]["low"] == -2.0 and histogram["linear"][-1]["high"] == 2.0

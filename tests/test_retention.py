@@ -20,7 +20,7 @@ from numwatch.monitor import db
 from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 JSON = {"Content-Type": "application/json"}
-CHILD_TABLES = ("steps", "histograms", "rollups", "forward_stats", "events", "conflicts", "rank_state")
+CHILD_TABLES = ("steps", "histograms", "rollups", "forward_stats", "events", "conflicts", "run_instances", "rank_state")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

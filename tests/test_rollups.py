@@ -43,14 +43,16 @@ def _data(rng: np.random.Generator) -> dict[str, np.ndarray]:
     loss[np.flatnonzero(edge & (rng.random(len(steps)) < 0.2))] = np.nan
     loss[np.flatnonzero(edge & (rng.random(len(steps)) < 0.1))] = np.inf
     counts = rng.integers(0, 5, (len(steps), N)) * (rng.random((len(steps), N)) < 0.05)
-    return {"steps": steps, "grad_norm": norms, "loss": loss, "nan_count": counts.astype(np.int64), "format": steps % 50 == 1}
+    # Some steps carry no loss: the loss series skips them (and the rollups must too).
+    return {"steps": steps, "grad_norm": norms, "loss": loss, "nan_count": counts.astype(np.int64), "format": steps % 50 == 1, "has_loss": steps % 5 != 3}
 
 
 def _step_doc(i: int, data: dict[str, np.ndarray]) -> dict:
     tensors = {"grad_norm": array(data["grad_norm"][i], "<f4"), "nan_count": array(data["nan_count"][i], "<i8")}
     if data["format"][i]:
         tensors["zeros"] = array(np.arange(N) + i, "<i8")
-    return {"step": int(data["steps"][i]), "time": 1e9 + i, "loss": protocol.encode_float(float(data["loss"][i])), "lr": [1e-3], "tensors": tensors}
+    loss = protocol.encode_float(float(data["loss"][i])) if data["has_loss"][i] else None
+    return {"step": int(data["steps"][i]), "time": 1e9 + i, "loss": loss, "lr": [1e-3], "tensors": tensors}
 
 
 def reference(steps: np.ndarray, values: np.ndarray, width: int) -> list[tuple[int, float]]:
@@ -106,8 +108,11 @@ def stored(database_url: str, rng: np.random.Generator):
 SERIES = {"grad_norm": 2, "nan_count": 1, "loss": None}
 
 
-def _values(data: dict, name: str, column: int | None) -> np.ndarray:
-    return data[name][:, column] if column is not None else data[name]
+def _series(data: dict, name: str, column: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The raw (steps, values) of a series, as stored."""
+    if column is None:
+        return data["steps"][data["has_loss"]], data[name][data["has_loss"]]
+    return data["steps"], data[name][:, column]
 
 
 def _windows(steps: np.ndarray) -> list[tuple[int, int]]:
@@ -117,10 +122,9 @@ def _windows(steps: np.ndarray) -> list[tuple[int, int]]:
 
 def test_every_level_and_window_equals_the_raw_rows_downsampled(stored) -> None:
     session, run, data = stored
-    steps = data["steps"]
     for name, column in SERIES.items():
-        values = _values(data, name, column)
-        for low, high in _windows(steps):
+        steps, values = _series(data, name, column)
+        for low, high in _windows(data["steps"]):
             inside = (steps >= low) & (steps <= high)
             for level in rollups.LEVELS:
                 for factor in (1, 3):
@@ -147,9 +151,9 @@ def test_the_series_api_answers_a_long_run_from_rollups_exactly(stored) -> None:
     for name, column in SERIES.items():
         tensor = TENSORS[column]["name"] if column is not None else None
         answer = queries.series(session, run, name, tensor, 0, None, None, 1000)
-        low, high = int(steps[0]), int(steps[-1])
+        low, high = int(steps[0]), int(steps[-1])  # the window is the run's stored steps
         level = series.choose_level(low, high)
-        expected = reference(steps, _values(data, name, column), series.bucket_width(low, high, 333, level))
+        expected = reference(*_series(data, name, column), series.bucket_width(low, high, 333, level))
         assert len(answer["steps"]) <= 1000
         _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
 

@@ -23,7 +23,7 @@ def _batch(step: int) -> dict:
 
 
 def test_round_trip_keeps_order_and_documents(tmp_path):
-    directory = spool_directory(tmp_path, "my run/1", 3)
+    directory = spool_directory(tmp_path, "my run/1", 3, "0a1b")
     writer = SpoolWriter(directory)
     run_doc = {"protocol": 1, "run": "my run/1", "rank": 3, "tensors": []}
     writer.append("run", run_doc)

@@ -252,6 +252,6 @@ def test_url_token_and_spool_default_to_the_environment(tmp_path, collector, mon
         x, y = batch(0)
         (model(x) - y).pow(2).mean().backward()
         optimizer.step()
-    assert watcher.spool_dir == tmp_path / "env" / "rank0"
+    assert watcher.spool_dir == tmp_path / f"env.{watcher.instance}" / "rank0"
     assert collector.steps() == [1]
     assert {headers["Authorization"] for _, headers, _ in collector.requests} == {"Bearer from-env"}

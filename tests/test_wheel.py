@@ -128,6 +128,8 @@ def test_wheel_holds_one_import_package_and_all_its_data(wheel: Path) -> None:
         assert shipped, folder
         missing = sorted(name for name in shipped if f"numwatch/{name}" not in names)
         assert not missing, f"not in the wheel: {missing}"
+    static = {path.relative_to(REPO / "monitor").as_posix() for path in (REPO / "monitor" / "web" / "static").rglob("*") if path.is_file()}
+    assert static and not sorted(name for name in static if f"numwatch/monitor/{name}" not in names)
     migrations = [name for name in names if name.startswith("numwatch/monitor/migrations/versions/") and name.endswith(".py")]
     assert len(migrations) == len(list((REPO / "monitor" / "migrations" / "versions").glob("*.py")))
 
@@ -213,9 +215,30 @@ def test_grafana_push_from_the_wheel(server_env: Venv, fake_grafana: FakeGrafana
     assert set(fake_grafana.datasources) == {"numwatch Prometheus", "numwatch collector"}
 
 
-def test_demo_from_the_wheel(full_env: Venv, tmp_path: Path) -> None:
-    result = full_env.run(full_env.bin("numwatch"), "demo", "--steps", "60", "--exit", cwd=tmp_path, timeout=600)
-    assert "The collector detected" in result.stdout and "/runs/demo-fp16-" in result.stdout, result.stdout
+@pytest.mark.timeout(900)  # a fresh environment's install and the demo's training, on a shared machine
+def test_demo_from_the_wheel_serves_its_run_page_until_interrupted(full_env: Venv, tmp_path: Path) -> None:
+    demo = subprocess.Popen([full_env.bin("numwatch"), "demo", "--steps", "60"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in demo.stdout:
+            output.append(line)
+            if line.startswith("Open "):
+                break
+        text = "".join(output)
+        assert "The collector detected" in text, text
+        page = line.split()[1]
+        with urllib.request.urlopen(page, timeout=10) as response:  # the page and its scripts come from the wheel
+            assert response.status == 200 and b'src="/static/run.js"' in response.read()
+        with urllib.request.urlopen(page.split("/runs/")[0] + "/static/vendor/uPlot.iife.min.js", timeout=10) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(page.replace("/runs/", "/api/v1/runs/") + "/events", timeout=10) as response:
+            assert any(event["kind"] == "grad_explosion" for event in json.loads(response.read()))
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=30) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=30)
 
 
 def test_installs_beside_a_distribution_that_ships_a_top_level_hooks(client_env: Venv, tmp_path: Path) -> None:

@@ -45,6 +45,12 @@ def read_spool(directory: Path) -> Spooled:
     return spooled
 
 
+def run_spool(root: Path, run: str, rank: int = 0) -> Spooled:
+    """What the one process that watched ``run`` spooled under ``root`` (one directory per process)."""
+    (directory,) = Path(root).glob(f"{run}.*/rank{rank}")
+    return read_spool(directory)
+
+
 def small_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))

@@ -16,7 +16,7 @@ from numwatch import protocol
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.deps import get_session, require_writer
 from numwatch.monitor.errors import Refused
-from numwatch.monitor.ingest import register_run, store_batch
+from numwatch.monitor.ingest import batch_target, register_run, store_batch
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.retention import mark_deleting
 from numwatch.monitor.openapi_body import json_request_body
@@ -97,8 +97,8 @@ _BATCH_DOCUMENT = json_request_body(BatchDocument)
              responses=error_responses(403, 409))
 async def post_run(request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)) -> RunRegistered:
     document = await read_document(request, RunDocument)
-    created = await run_in_threadpool(_in_transaction, session, lambda s: register_run(s, document, principal))
-    return RunRegistered(run=document.run, rank=document.rank, created=created)
+    registered = await run_in_threadpool(_in_transaction, session, lambda s: register_run(s, document, principal))
+    return RunRegistered(run=registered.run.name, rank=document.rank, created=registered.created, renamed=registered.renamed)
 
 
 @router.post("/runs/{run}/batches", response_model=IngestResult, summary="Store a batch; answered after commit", openapi_extra=_BATCH_DOCUMENT,
@@ -113,9 +113,10 @@ async def post_batch(run: str, request: Request, principal: Principal = Depends(
             raise HTTPException(422, f"run: the document is for {document.run!r}, the path for {run!r}")
 
         def work(s: Session) -> Any:
-            return store_batch(s, find_run(s, run, principal), document, state.settings.detect)
+            target, batch = batch_target(s, run, document, principal)
+            return store_batch(s, target, batch, state.settings.detect), target.name
 
-        stored = await run_in_threadpool(_in_transaction, session, work)
+        stored, stored_as = await run_in_threadpool(_in_transaction, session, work)
     except HTTPException as error:
         if 400 <= error.status_code < 500:
             state.ingest_metrics.rejected_batches.inc()
@@ -125,7 +126,7 @@ async def post_batch(run: str, request: Request, principal: Principal = Depends(
     if state.annotations is not None:
         for event in stored.new_events:
             if event["kind"] in ANNOTATED_KINDS:
-                state.annotations.post(event, run)
+                state.annotations.post(event, stored_as)
     if state.settings.debug_response_delay_seconds > 0:
         await asyncio.sleep(state.settings.debug_response_delay_seconds)
     return stored.result

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor import rollups
 from numwatch.monitor.ingest import step_view
-from numwatch.monitor.packing import compress_array, pack_stats
+from numwatch.monitor.packing import compress_histogram_array, pack_stats
 
 revision = "0004"
 down_revision = "0003"
@@ -30,7 +30,9 @@ depends_on = None
 
 CHUNK = 1000
 CHILD_TABLES = ("steps", "histograms", "events", "rank_state", "conflicts")
-# Compressed here already: PostgreSQL's own compression would only spend time failing.
+# Compressed here already. EXTENDED (the default) and EXTERNAL move a value out of line once the
+# row passes ~2 KB, which a 300-tensor step row does: its TOAST chunks and their index cost more
+# than the row. MAIN keeps it in the row (three to a page) unless it cannot fit.
 COMPRESSED_COLUMNS = {"steps": ("tensor_stats",), "histograms": ("exponent", "linear_min", "linear_max", "linear"), "rollups": ("data",)}
 
 
@@ -71,7 +73,7 @@ def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_
 
 def _convert_histograms(session: Session, histograms: sa.Table) -> None:
     keys = ("run_id", "rank", "step", "kind")
-    arrays = {"exponent": 8, "linear_min": 4, "linear_max": 4, "linear": 8}
+    arrays = ("exponent", "linear_min", "linear_max", "linear")
     change = histograms.update().where(_key(histograms, keys)).values(**{name: bindparam(f"new_{name}") for name in arrays})
     order = [histograms.c[name] for name in keys]
     last: tuple = (-1, -1, -1, "")
@@ -80,7 +82,7 @@ def _convert_histograms(session: Session, histograms: sa.Table) -> None:
         if not rows:
             return
         session.execute(change, [
-            {**{f"key_{name}": row[name] for name in keys}, **{f"new_{name}": compress_array(bytes(row[name]), size) for name, size in arrays.items()}}
+            {**{f"key_{name}": row[name] for name in keys}, **{f"new_{name}": compress_histogram_array(name, bytes(row[name])) for name in arrays}}
             for row in rows
         ])
         last = tuple(rows[-1][name] for name in keys)
@@ -108,7 +110,7 @@ def upgrade() -> None:
     if bind.dialect.name == "postgresql":
         for table, columns in COMPRESSED_COLUMNS.items():
             for column in columns:
-                op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET STORAGE EXTERNAL")
+                op.execute(f"ALTER TABLE {table} ALTER COLUMN {column} SET STORAGE MAIN")
     tables = sa.MetaData()
     tables.reflect(bind, only=("runs", "steps", "histograms"))
     runs, steps = tables.tables["runs"], tables.tables["steps"]
