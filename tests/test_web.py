@@ -201,6 +201,8 @@ def test_gradient_norm_chart_shows_the_norm_before_and_after_clipping(served: Se
     assert clipped > STEPS // 2
     coefficients = plotted(driver, "clip_coef")["y"][0]
     assert any(c is not None and c < 1 for c in coefficients)
+    driver.execute_script("document.getElementById('chart-grad_norm').scrollIntoView()")
+    browser.screenshot(driver, "run-page-charts")
 
 
 def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> None:
