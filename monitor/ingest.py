@@ -218,7 +218,7 @@ def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
         "step": get("step"), "time": get("time"), "step_time": get("step_time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
         "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
         "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
-        "clipped": bool(get("clipped")),
+        "clipped": bool(get("clipped")), "clip_coef": get("clip_coef"), "post_clip_grad_norm": get("post_clip_grad_norm"),
         "lr": get("lr"),
         "tensors": unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors),
     }

@@ -18,7 +18,7 @@ from numwatch.monitor.series import downsample
 
 MEAN_STATS = ("update_ratio", "stale_fraction")
 ORIGIN_KINDS = ("nonfinite_origin", "nonfinite_grad")
-TAIL_SCALARS = ("loss", "global_grad_norm", "loss_scale", "headroom_bits", "step_time")
+TAIL_SCALARS = ("loss", "global_grad_norm", "post_clip_grad_norm", "clip_coef", "loss_scale", "headroom_bits", "step_time")
 TAIL_LIMIT = 2000
 
 

@@ -15,10 +15,8 @@ from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import NotFound
 from numwatch.monitor.models import DELETING, Event, Histogram, RankState, Run, Step
 from numwatch.monitor.packing import decompress_histogram_array, unpack_stats
-from numwatch.monitor.rollups import SCALAR_SERIES, STEP_SCALARS
+from numwatch.monitor.rollups import CLIP_SCALARS, SCALAR_SERIES, STEP_SCALARS
 from numwatch.monitor.series import read_window, summary_points
-
-CLIP_SCALARS = ("clip_coef", "post_clip_grad_norm")  # in the step record; the clipping rate is on /metrics
 
 
 def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: float | None = None) -> str:

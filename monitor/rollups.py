@@ -26,7 +26,10 @@ LEVELS = (64, 1024, 16384)  # 1,024 rows of the coarsest cover 16M steps
 # Per-step scalars with a series: the step columns, then the first param group's lr and the skip flag.
 STEP_SCALARS = ("loss", "global_grad_norm", "loss_scale", "new_loss_scale", "headroom_bits", "step_time")
 DERIVED_SCALARS = ("lr", "skipped")
-SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS)
+# What clipping did: step columns too, newer than the compact store's migration (which reads STEP_SCALARS);
+# last, so the scalar rows' earlier columns keep their places.
+CLIP_SCALARS = ("clip_coef", "post_clip_grad_norm")
+SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS, *CLIP_SCALARS)
 # Series that arrive together share one row per bucket, a column per series (and tensor): one
 # row to merge per level and batch instead of one per series. The scalars in SCALAR_SERIES order;
 # NaN/Inf counts; the format counts. Every other per-tensor stat has rows of its own.
@@ -222,7 +225,7 @@ def step_series(views: list[dict], n_tensors: int, scalars: bool = True) -> dict
     """Stored row series -> (steps, values[steps, columns], present or None when all are) of ``views`` (ascending)."""
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     if views and scalars:
-        rows = [[_lr(view["lr"]) if name == "lr" else float(view["skipped"]) if name == "skipped" else view[name] for name in SCALAR_SERIES] for view in views]
+        rows = [[_lr(view["lr"]) if name == "lr" else float(view["skipped"]) if name == "skipped" else view.get(name) for name in SCALAR_SERIES] for view in views]
         present = np.array([[value is not None for value in row] for row in rows])
         values = np.array([[np.nan if value is None else value for value in row] for row in rows], np.float64)
         out[SCALARS] = (np.array([view["step"] for view in views], np.int64), values, present)

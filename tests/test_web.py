@@ -29,6 +29,7 @@ pytestmark = [pytest.mark.binaries, pytest.mark.slow]
 STEPS = 40
 BLOW_UP_AT = 17  # the input is multiplied so the first layer's fp16 output overflows at this step
 LIVE_MORE = 6
+MAX_NORM = 0.2  # below most steps' global norm, so most steps are clipped
 
 
 def get_json(url: str, token: str | None = None) -> Any:
@@ -45,7 +46,7 @@ def model_and_optimizer(lr: float = 1e-3) -> tuple[nn.Module, torch.optim.Optimi
 
 
 def train(watcher: numwatch.Watcher, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, first: int, last: int) -> None:
-    """The AMP loop users write (scale, backward, step, update); ``BLOW_UP_AT`` gets a huge input."""
+    """The AMP loop users write (scale, backward, unscale, clip, step, update); ``BLOW_UP_AT`` gets a huge input."""
     generator = torch.Generator().manual_seed(first)
     for step in range(first, last + 1):
         inputs = torch.randn(32, 16, generator=generator) * (1e6 if step == BLOW_UP_AT else 1.0)
@@ -53,6 +54,8 @@ def train(watcher: numwatch.Watcher, model: nn.Module, optimizer: torch.optim.Op
         with torch.autocast("cpu", dtype=torch.float16):
             loss = nn.functional.cross_entropy(model(inputs), targets)
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -182,6 +185,24 @@ def test_attention_logit_lines_per_call_and_log_z_hold_the_api_values(served: Se
     item = [li for li in driver.find_elements("css selector", "#diagnosis li") if "attention logits above 100" in li.text]
     assert item and item[0].text.startswith(f"step {growth['step']}:")
     browser.screenshot(driver, "run-page-attention")
+
+
+def test_gradient_norm_chart_shows_the_norm_before_and_after_clipping(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    data = plotted(driver, "grad_norm")
+    labels = driver.execute_script("return Charts.registry.grad_norm.uplot.series.slice(1).map(s => s.label)")
+    assert labels == ["pre-clip", "post-clip"]
+    clipped = 0
+    for pre, post in zip(*data["y"]):
+        if pre is None:  # the non-finite step
+            continue
+        assert post == pytest.approx(min(pre, MAX_NORM), rel=1e-4)
+        clipped += pre > MAX_NORM
+    assert clipped > STEPS // 2
+    coefficients = plotted(driver, "clip_coef")["y"][0]
+    assert any(c is not None and c < 1 for c in coefficients)
+    driver.execute_script("document.getElementById('chart-grad_norm').scrollIntoView()")
+    browser.screenshot(driver, "run-page-charts")
 
 
 def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> None:
