@@ -154,6 +154,11 @@ WireFloat = float | str | None
 ArrayText = str
 
 
+# A tensor's optimizer param group; one outside every group of the watched optimizer (or with no
+# optimizer known yet) has NO_PARAM_GROUP.
+NO_PARAM_GROUP = -1
+
+
 class TensorSpec(TypedDict):
     name: str
     shape: list[int]

@@ -250,9 +250,8 @@ class Watcher:
         if self.optimizer is not None:
             for index, group in enumerate(self.optimizer.param_groups):
                 groups.update({id(p): index for p in group["params"]})
-        # group -1: the parameter is in no param group of the watched optimizer
         tensors: list[protocol.TensorSpec] = [
-            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "group": groups.get(id(p), -1)} for n, p in zip(self.watched.names, self.watched.parameters)
+            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "group": groups.get(id(p), protocol.NO_PARAM_GROUP)} for n, p in zip(self.watched.names, self.watched.parameters)
         ]
         settings = {
             "model": type(self.model).__name__,

@@ -85,7 +85,7 @@ class TensorSpec(Strict):
     name: str = Field(min_length=1, max_length=1000)
     shape: list[Annotated[int, Field(ge=0)]]
     dtype: str = Field(max_length=64)
-    group: int = Field(ge=0)
+    group: int = Field(ge=protocol.NO_PARAM_GROUP, description="optimizer param group; -1 when in none (no optimizer, frozen)")
 
 
 class RunDocument(Strict):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -344,3 +345,27 @@ def test_unclosed_watcher_is_flushed_at_interpreter_exit(tmp_path):
     (directory,) = tmp_path.glob("exit.*/rank0")
     spooled = read_spool(directory)
     assert [s["step"] for s in spooled.steps] == [1, 2, 3] and spooled.statuses[-1] == "finished"
+
+
+def test_tensors_outside_any_param_group_reach_the_collector(collector, tmp_path):
+    """A frozen-by-the-optimizer tensor and a watcher without an optimizer register their runs
+    (tensor group -1) instead of being refused and losing every step."""
+    url = collector()
+    trained, outside = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(trained, outside)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    with numwatch.watch(model, optimizer, run="partial-optimizer", url=url, spool_dir=tmp_path / "a"):
+        for _ in range(3):
+            model(torch.ones(4, 3)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    manual = torch.nn.Linear(3, 1)
+    with numwatch.watch(manual, run="no-optimizer", url=url, spool_dir=tmp_path / "b") as watcher:
+        for _ in range(2):
+            manual(torch.ones(4, 3)).sum().backward()
+            watcher.step()
+            manual.zero_grad()
+    runs = {run["run"]: run for run in httpx.get(f"{url}/api/v1/runs").json()}
+    assert (runs["partial-optimizer"]["last_step"], runs["no-optimizer"]["last_step"]) == (3, 2)
+    groups = [t["group"] for t in httpx.get(f"{url}/api/v1/runs/partial-optimizer").json()["tensors"]]
+    assert groups == [0, 0, protocol.NO_PARAM_GROUP, protocol.NO_PARAM_GROUP]
