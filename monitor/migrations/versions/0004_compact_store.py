@@ -123,4 +123,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("0002 compresses the stored arrays in place; to go back, restore a backup taken before the upgrade")
+    raise RuntimeError("0004_compact_store compresses the stored arrays in place and cannot be undone: to go back, restore a backup taken before the upgrade")
