@@ -48,10 +48,9 @@ class Chunk:
         self.numel = sum(self.lengths)
         self._starts = _index([sum(self.lengths[:i]) for i in range(1, len(pieces))], device)
 
-    def flat(self, members: Sequence[Tensor]) -> Tensor:
-        """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
-
-        With a single whole tensor this is a view of it: callers never write into it."""
+    def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
+        """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
+        (no per-tensor reshape op), cut ones as 1-D slices."""
         parts = []
         for member, start, stop in self.pieces:
             tensor = members[member]
@@ -59,14 +58,25 @@ class Chunk:
                 parts.append(tensor if tensor.dim() else tensor.reshape(1))
             else:
                 parts.append(tensor.reshape(-1)[start:stop])
+        return parts
+
+    def flat(self, members: Sequence[Tensor]) -> Tensor:
+        """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
+
+        A view where the pieces lie back to back in one storage (a single whole tensor, the
+        views of a :func:`numwatch.stats.snapshot`), else a copy: callers never write into it."""
+        parts = self._parts(members)
         if len(parts) == 1:
             return parts[0].reshape(-1)
+        if _back_to_back(parts):
+            first = parts[0]
+            return first.as_strided((self.numel,), (1,), first.storage_offset())
         return torch._chunk_cat(parts, 0, 1)[0]
 
     def copy(self, members: Sequence[Tensor]) -> Tensor:
         """Like :meth:`flat`, but always fresh memory."""
-        flat = self.flat(members)
-        return flat.clone() if len(self.pieces) == 1 else flat
+        parts = self._parts(members)
+        return parts[0].reshape(-1).clone() if len(parts) == 1 else torch._chunk_cat(parts, 0, 1)[0]
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-segment views of a chunk-shaped tensor (one op)."""
@@ -78,11 +88,53 @@ class Chunk:
         ids = torch.zeros(self.numel, dtype=torch.int64, device=self._starts.device)
         return ids.index_fill_(0, self._starts, 1).cumsum_(0)
 
-    def keys(self, codes: Tensor, bins: int, segment_ids: Tensor | None = None) -> Tensor:
+    def keys(self, codes: Tensor, bins: int) -> Tensor:
         """segment * bins + code for each element's code 0..bins-1: counting these keys
-        over ``len(pieces) * bins`` values gives the codes' counts per segment."""
-        ids = self.segment_ids() if segment_ids is None else segment_ids.clone()
-        return ids.mul_(bins).add_(codes)
+        over ``len(pieces) * bins`` values gives the codes' counts per segment.
+
+        ``codes`` (a fresh tensor) may be overwritten. The keys are int32 where they fit (half
+        the memory traffic of int64); each segment's offset is added to its view by one
+        multi-tensor op of host constants, with no per-element segment index."""
+        segments = len(self.pieces)
+        wide = segments * bins >= 1 << 31
+        if wide and codes.dtype != torch.int64:
+            codes = codes.to(torch.int64)
+        elif not wide and codes.dtype not in (torch.int32, torch.int64):
+            codes = codes.to(torch.int32)
+        if segments > 1:
+            torch._foreach_add_(self.split(codes), [segment * bins for segment in range(segments)])
+        return codes
+
+    def per_segment_(self, flat: Tensor, *operations: tuple[str, Tensor]) -> Tensor:
+        """``flat`` (a fresh chunk-shaped tensor) combined in place, in order, with per-segment
+        values by in-place operations named "sub" or "div": each element with its segment's value.
+
+        On the CPU one multi-tensor op per operation, on the segments' views, with the values'
+        one-element views: no per-element index. Elsewhere the values are spread over the elements by
+        one gather (a multi-tensor op with tensor operands would launch a kernel per segment)."""
+        if len(self.pieces) == 1:
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.reshape(()))
+        elif flat.device.type == "cpu":
+            views = self.split(flat)
+            for name, values in operations:
+                getattr(torch, f"_foreach_{name}_")(views, list(values.split(1)))
+        else:
+            ids = self.segment_ids()
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.index_select(0, ids))
+        return flat
+
+
+def _back_to_back(parts: list[Tensor]) -> bool:
+    """Whether ``parts`` are contiguous and follow each other without gaps in one storage."""
+    first = parts[0]
+    storage, size, address = first.untyped_storage().data_ptr(), first.element_size(), first.data_ptr()
+    for part in parts:
+        if part.data_ptr() != address or not part.is_contiguous() or part.untyped_storage().data_ptr() != storage:
+            return False
+        address += part.numel() * size
+    return True
 
 
 class Group:

@@ -69,10 +69,11 @@ def _histc_count(flat: Tensor, bins: int) -> Tensor:
     return torch.histc(flat.to(torch.float64), bins=bins, min=0, max=bins).to(torch.int64)
 
 
-def _segment_counts(chunk: Chunk, codes: Tensor, bins: int, segment_ids: Tensor | None = None) -> Tensor:
-    """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment (one count)."""
+def _segment_counts(chunk: Chunk, codes: Tensor, bins: int) -> Tensor:
+    """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment
+    (one count; ``codes``, a fresh tensor, may be overwritten)."""
     segments = len(chunk.pieces)
-    return _count_values(chunk.keys(codes, bins, segment_ids), segments * bins).view(segments, bins)
+    return _count_values(chunk.keys(codes, bins), segments * bins).view(segments, bins)
 
 
 def _widened(flat: Tensor) -> Tensor:
@@ -439,11 +440,12 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         members = group.tensors(tensors)
         per_chunk = []
         for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
-            values = chunk.flat(members).double()
-            ids = chunk.segment_ids()
-            index = values.sub(chunk_low.index_select(0, ids)).div_(chunk_width.index_select(0, ids)).mul_(bins).floor_().clamp_(0, bins - 1)
-            index.masked_fill_(values.isfinite().logical_not_(), bins)
-            per_chunk.append(_segment_counts(chunk, index.to(torch.int64), bins + 1, ids))
+            # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
+            values = chunk.flat(members).to(torch.float64, copy=True).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            chunk.per_segment_(values, ("sub", chunk_low), ("div", chunk_width))
+            # Clamping before the floor is the same, and for values >= 0 the cast truncates to the floor.
+            index = values.mul_(bins).clamp_(0, bins - 1).nan_to_num_(nan=bins).to(torch.int32)
+            per_chunk.append(_segment_counts(chunk, index, bins + 1))
         results.append(group.per_member(per_chunk, "sum")[:, :bins])
     return layout.assemble(results, 0, torch.int64, (bins,))
 
@@ -489,7 +491,13 @@ def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
     return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
 
 
-_UPDATE_CODES = 3  # no gradient, changed, unchanged (stale)
+def _segment_sums(chunk: Chunk, marks: Tensor) -> Tensor:
+    """float64 [segments]: how many elements of each segment are True in boolean ``marks``.
+
+    A multi-tensor L1 norm of the marks as floats (exact up to a chunk's 2**24 elements),
+    cheaper than a count over keys on the CPU and without atomics on a few counters on a GPU;
+    float64 keeps the sums over a cut tensor's segments exact."""
+    return torch.stack(torch._foreach_norm(chunk.split(marks.float()), 1)).double()
 
 
 @torch.no_grad()
@@ -505,20 +513,19 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
     for group in layout.groups:
         olds, news = group.tensors(before), group.tensors(after)
         marks = _gradient_marks([grads[position] for position in group.members], news)
-        changes, sizes, codes = [], [], []
+        changes, sizes, with_grads, stales = [], [], [], []
         for chunk in group.chunks:
             old, new = chunk.flat(olds), chunk.flat(news)
             old32 = old.float()
             changes.append(torch.stack(torch._foreach_norm(chunk.split(new.float() - old32), 2)))
             sizes.append(torch.stack(torch._foreach_norm(chunk.split(old32), 2)))
             has_grad = chunk.flat(marks) != 0
-            code = (_bits(old) == _bits(new)).to(torch.int64).add_(1).mul_(has_grad)
-            codes.append(_segment_counts(chunk, code, _UPDATE_CODES))
+            with_grads.append(_segment_sums(chunk, has_grad))
+            stales.append(_segment_sums(chunk, has_grad.logical_and_(_bits(old) == _bits(new))))
         change = group.per_member(changes, "norm")
         ratio = (change / group.per_member(sizes, "norm")).masked_fill_(change == 0, 0.0)
-        counts = group.per_member(codes, "sum")
-        with_grad = counts[:, 1] + counts[:, 2]
-        stale = (counts[:, 2].float() / with_grad.clamp(min=1).float()).masked_fill_(with_grad == 0, 0.0)
+        with_grad = group.per_member(with_grads, "sum").float()
+        stale = (group.per_member(stales, "sum").float() / with_grad.clamp(min=1)).masked_fill_(with_grad == 0, 0.0)
         results.append(torch.stack([ratio, stale], 1))
     return layout.assemble(results, 0.0, torch.float32, (2,)).t()
 
@@ -531,11 +538,7 @@ def exp_avg_sq_underflow(states: Sequence[Tensor | None], fmt: FormatSpec) -> Te
     results = []
     for group in layout.groups:
         members = group.tensors(states)
-        per_chunk = []
-        for chunk in group.chunks:
-            # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
-            below_normal = chunk.flat(members).float().abs() < fmt.smallest_normal
-            per_chunk.append(_segment_counts(chunk, below_normal, 2))
-        counts = group.per_member(per_chunk, "sum").float()
-        results.append(counts[:, 1] / counts.sum(1))
+        # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
+        per_chunk = [_segment_sums(chunk, chunk.flat(members).float().abs() < fmt.smallest_normal) for chunk in group.chunks]
+        results.append(group.per_member(per_chunk, "sum").float() / _constant(tuple(group.numels), torch.float32, group.device))
     return layout.assemble(results, math.nan, torch.float32)
