@@ -178,20 +178,26 @@ class AttentionCapture(TorchFunctionMode):
                         raise
                     self._failed("attention capture")
 
+    @torch.no_grad()
     def _measure(self, pending: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
         """float32 [calls]: the max logit of each pending call, the calls alike measured together."""
         alike: dict[tuple, list[int]] = {}
         for index, (_, query, key, arguments) in enumerate(pending):
             mask = arguments["attn_mask"]
             signature = (query.shape, key.shape, query.dtype, key.dtype, query.device, arguments["scale"], arguments["is_causal"],
-                         arguments["enable_gqa"], None if mask is None else id(mask))
+                         arguments["enable_gqa"], None if mask is None else (mask.shape, mask.dtype))
             alike.setdefault(signature, []).append(index)
         parts, order = [], []
         for indices in alike.values():
-            arguments = pending[indices[0]][3]
-            stacked = [torch.stack([pending[i][part] for i in indices]) for part in (1, 2)]
-            parts.append(_max_logits(*stacked, arguments["scale"], arguments["attn_mask"], arguments["is_causal"],
-                                     arguments["enable_gqa"], self.chunk_elements).float())
+            query, key, arguments = pending[indices[0]][1:]
+            queries, keys = (torch.stack([pending[i][part] for i in indices]) for part in (1, 2))
+            mask = arguments["attn_mask"]
+            if mask is not None:
+                # One mask per call (they may differ), aligned from the right with a call's logits.
+                batch = query.shape[:-2] if arguments["enable_gqa"] else torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+                masks = torch.stack([pending[i][3]["attn_mask"] for i in indices])
+                mask = masks.reshape(len(indices), *([1] * (len(batch) + 2 - mask.dim())), *mask.shape)
+            parts.append(_max_logits(queries, keys, arguments["scale"], mask, arguments["is_causal"], arguments["enable_gqa"], self.chunk_elements).float())
             order += indices
         maxima = parts[0] if len(parts) == 1 else torch.cat(parts)
         if order != sorted(order):
@@ -245,7 +251,7 @@ class AttentionCapture(TorchFunctionMode):
         calls = self._calls[module] = self._calls.get(module, 0) + 1
         name = module if calls == 1 else f"{module}#{calls}"
         full = {"scale": None, "attn_mask": None, "is_causal": False, "enable_gqa": False, **arguments}
-        self._pending.append((name, query.detach(), key.detach(), full))
+        self._pending.append((name, query, key, full))
 
     def take_step(self) -> AttentionMaxima:
         """This step's max logit per attention call (first-call order); resets for the next step.
