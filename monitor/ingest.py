@@ -383,7 +383,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         new_steps = {row["step"] for row in new_rows}
         forward_rows = [row for step in document.steps if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None]
         forward_rows = sorted({row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"])  # first copy wins
-        rollups.record(session, run.id, rank, views, n_tensors)
+        rollups.record(session, run.id, rank, views, n_tensors, state.last_step)
     else:
         views, forward_rows = [], []
     if forward_rows:
@@ -423,7 +423,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     _update_quant_state(state, views + supplement_views)
     if supplement_views:  # the added stats only: the step's other series are in the rollups already
         added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplement_views]
-        rollups.record(session, run.id, rank, added, n_tensors, scalars=False)
+        rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()
     if document.status != "running" or run.status != "running":

@@ -3,8 +3,12 @@
 Arrays are byte-shuffled (all first bytes of the elements, then all second bytes, ...)
 before zlib: the high bytes of float32 norms and of int64 counts barely vary between
 tensors, so shuffled they compress to little while raw they interleave with random low
-bytes. The store compresses itself rather than leaving it to the database: PostgreSQL's
-TOAST compressor gives up on a value whose first kilobyte does not shrink.
+bytes. Each byte plane ends a deflate block, so it gets its own Huffman codes: one table
+shared by a plane of few distinct bytes and planes of random ones costs every random byte
+more than 8 bits (a 300-tensor step's two norm arrays: 2,013 bytes instead of 2,165). The blob
+stays one zlib stream, read by plain ``zlib.decompress``. The store compresses itself rather
+than leaving it to the database: PostgreSQL's TOAST compressor gives up on a value whose first
+kilobyte does not shrink.
 
 A step's stats are one blob: ``stat_names`` lists the stats in ``TENSOR_STATS`` order, a
 name ending in ``=0`` marks an array that is all zero (NaN/Inf counts, almost always) and
@@ -20,15 +24,19 @@ import numpy as np
 from numwatch.protocol import TENSOR_STATS
 
 ZERO_SUFFIX = "=0"
-# zlib level 1: on shuffled norms and narrowed counts about as small as level 9, several times faster.
+# zlib level 1 with run-length matches only: shuffled planes hold runs (the zero high bytes of
+# counts) and random bytes, not repeated strings; smaller than the default match search here
+# (a step's norms 2,013 bytes instead of 2,074, its format counts 2,162 instead of 2,357) and no slower.
 LEVEL = 1
+STRATEGY = zlib.Z_RLE
 # Histogram counts are stored in the narrowest of these that holds them (a count of a 64k-element
 # tensor fits 2 bytes, not 8): a quarter of the bytes to compress, the same size compressed.
 COUNT_DTYPES = ("<u1", "<u2", "<u4", "<i8")
 
 
-def _shuffle(raw: bytes, itemsize: int) -> bytes:
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
+def _planes(raw: bytes, itemsize: int) -> np.ndarray:
+    """The byte planes of an array of ``itemsize``-byte elements, one per row."""
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T
 
 
 def _unshuffle(shuffled: bytes, itemsize: int) -> bytes:
@@ -37,7 +45,11 @@ def _unshuffle(shuffled: bytes, itemsize: int) -> bytes:
 
 def compress_arrays(arrays: list[tuple[bytes, int]]) -> bytes:
     """One zlib blob of the shuffled ``(raw bytes, itemsize)`` arrays, in order."""
-    return zlib.compress(b"".join(_shuffle(raw, itemsize) for raw, itemsize in arrays), LEVEL) if arrays else b""
+    if not arrays:
+        return b""
+    compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, STRATEGY)
+    parts = [compressor.compress(plane.tobytes()) + compressor.flush(zlib.Z_BLOCK) for raw, itemsize in arrays for plane in _planes(raw, itemsize)]
+    return b"".join(parts) + compressor.flush()
 
 
 def decompress_arrays(blob: bytes, sizes: list[tuple[int, int]]) -> list[bytes]:

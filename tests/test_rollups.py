@@ -152,7 +152,7 @@ def test_the_series_api_answers_a_long_run_from_rollups_exactly(stored) -> None:
         tensor = TENSORS[column]["name"] if column is not None else None
         answer = queries.series(session, run, name, tensor, 0, None, None, 1000)
         low, high = int(steps[0]), int(steps[-1])  # the window is the run's stored steps
-        level = series.choose_level(low, high)
+        level = series.choose_level(low, high, 333)
         expected = reference(*_series(data, name, column), series.bucket_width(low, high, 333, level))
         assert len(answer["steps"]) <= 1000
         _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
@@ -173,7 +173,7 @@ def test_the_heatmap_covers_the_whole_run_in_bounded_columns(stored) -> None:
     columns = sorted({cell["step"] for cell in cells})
     assert len(columns) <= 50 and len(cells) == len(columns) * N
     low, high = int(steps[0]), int(steps[-1])
-    width = series.bucket_width(low, high, 50, series.choose_level(low, high))
+    width = series.bucket_width(low, high, 50, series.choose_level(low, high, 50))
     for cell in cells:
         column = [t["name"] for t in TENSORS].index(cell["tensor"])
         members = (steps // width) == cell["step"] // width
