@@ -9,6 +9,10 @@ from ``split`` + ``torch._foreach_*`` reductions or from one count over
 chunks, never with the number of tensors, and the transient memory with the chunk size.
 A tensor longer than a chunk is cut into pieces (segments) whose results are combined.
 
+Temporaries as large as a chunk come from :func:`scratch` on the CPU: its allocator hands
+large blocks back to the operating system, and faulting their pages in again costs more
+than the arithmetic on them (about 10x for an elementwise op on a fresh 15 MB tensor).
+
 A :class:`Layout` depends only on host metadata (devices, dtypes, sizes): it is cached,
 with the small index tensors it needs, copied from pinned memory on CUDA (no sync).
 """
@@ -35,6 +39,31 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
+# Per CPU scratch slot: one byte buffer, grown to the largest chunk it served.
+_scratch: dict[int, Tensor] = {}
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
+    """An uninitialised 1-D ``dtype`` tensor of ``numel`` elements for a temporary of one call.
+
+    On the CPU a view of a buffer kept for ``slot`` between calls; elsewhere fresh memory
+    (the device's caching allocator reuses blocks itself). A caller uses each slot for one
+    temporary at a time and never returns it; the buffers stay bounded by the chunk size
+    and are dropped by :func:`release_scratch`."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    nbytes = numel * dtype.itemsize
+    buffer = _scratch.get(slot)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
+    return buffer[:nbytes].view(dtype)
+
+
+def release_scratch() -> None:
+    """Drop the CPU scratch buffers (a watcher detached)."""
+    _scratch.clear()
+
+
 def _index(values: Sequence[int], device: torch.device) -> Tensor:
     return to_device(torch.tensor(list(values), dtype=torch.int64), device)
 
@@ -48,10 +77,9 @@ class Chunk:
         self.numel = sum(self.lengths)
         self._starts = _index([sum(self.lengths[:i]) for i in range(1, len(pieces))], device)
 
-    def flat(self, members: Sequence[Tensor]) -> Tensor:
-        """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
-
-        With a single whole tensor this is a view of it: callers never write into it."""
+    def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
+        """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
+        (no per-tensor reshape op), cut ones as 1-D slices."""
         parts = []
         for member, start, stop in self.pieces:
             tensor = members[member]
@@ -59,14 +87,45 @@ class Chunk:
                 parts.append(tensor if tensor.dim() else tensor.reshape(1))
             else:
                 parts.append(tensor.reshape(-1)[start:stop])
+        return parts
+
+    def flat(self, members: Sequence[Tensor]) -> Tensor:
+        """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
+
+        A view where the pieces lie back to back in one storage (a single whole tensor, the
+        views of a :func:`numwatch.stats.snapshot`), else a copy: callers never write into it."""
+        view = self._view(members)
+        return torch._chunk_cat(self._parts(members), 0, 1)[0] if view is None else view
+
+    def _view(self, members: Sequence[Tensor]) -> Tensor | None:
+        """The chunk's elements of ``members`` as a 1-D view, or None where they are not back to back."""
+        parts = self._parts(members)
         if len(parts) == 1:
             return parts[0].reshape(-1)
-        return torch._chunk_cat(parts, 0, 1)[0]
+        if _back_to_back(parts):
+            first = parts[0]
+            return first.as_strided((self.numel,), (1,), first.storage_offset())
+        return None
+
+    def read(self, members: Sequence[Tensor], slot: int) -> Tensor:
+        """Like :meth:`flat` (read-only), a copy going into scratch ``slot``."""
+        view = self._view(members)
+        return self.into(members, slot) if view is None else view
+
+    def into(self, members: Sequence[Tensor], slot: int, dtype: torch.dtype | None = None) -> Tensor:
+        """The chunk's elements of ``members`` copied into scratch ``slot`` (converted to
+        ``dtype``, by default the members'): a writable temporary."""
+        parts = self._parts(members)
+        out = scratch(self.numel, dtype or parts[0].dtype, parts[0].device, slot)
+        if len(parts) == 1:
+            return out.copy_(parts[0].reshape(-1))
+        torch._chunk_cat(parts, 0, 1, out=out.view(1, self.numel))
+        return out
 
     def copy(self, members: Sequence[Tensor]) -> Tensor:
         """Like :meth:`flat`, but always fresh memory."""
-        flat = self.flat(members)
-        return flat.clone() if len(self.pieces) == 1 else flat
+        parts = self._parts(members)
+        return parts[0].reshape(-1).clone() if len(parts) == 1 else torch._chunk_cat(parts, 0, 1)[0]
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-segment views of a chunk-shaped tensor (one op)."""
@@ -78,11 +137,53 @@ class Chunk:
         ids = torch.zeros(self.numel, dtype=torch.int64, device=self._starts.device)
         return ids.index_fill_(0, self._starts, 1).cumsum_(0)
 
-    def keys(self, codes: Tensor, bins: int, segment_ids: Tensor | None = None) -> Tensor:
+    def keys(self, codes: Tensor, bins: int) -> Tensor:
         """segment * bins + code for each element's code 0..bins-1: counting these keys
-        over ``len(pieces) * bins`` values gives the codes' counts per segment."""
-        ids = self.segment_ids() if segment_ids is None else segment_ids.clone()
-        return ids.mul_(bins).add_(codes)
+        over ``len(pieces) * bins`` values gives the codes' counts per segment.
+
+        ``codes`` (a fresh tensor) may be overwritten. The keys are int32 where they fit (half
+        the memory traffic of int64); each segment's offset is added to its view by one
+        multi-tensor op of host constants, with no per-element segment index."""
+        segments = len(self.pieces)
+        wide = segments * bins >= 1 << 31
+        if wide and codes.dtype != torch.int64:
+            codes = codes.to(torch.int64)
+        elif not wide and codes.dtype not in (torch.int32, torch.int64):
+            codes = codes.to(torch.int32)
+        if segments > 1:
+            torch._foreach_add_(self.split(codes), [segment * bins for segment in range(segments)])
+        return codes
+
+    def per_segment_(self, flat: Tensor, *operations: tuple[str, Tensor]) -> Tensor:
+        """``flat`` (a fresh chunk-shaped tensor) combined in place, in order, with per-segment
+        values by in-place operations named "sub" or "div": each element with its segment's value.
+
+        On the CPU one multi-tensor op per operation, on the segments' views, with the values'
+        one-element views: no per-element index. Elsewhere the values are spread over the elements by
+        one gather (a multi-tensor op with tensor operands would launch a kernel per segment)."""
+        if len(self.pieces) == 1:
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.reshape(()))
+        elif flat.device.type == "cpu":
+            views = self.split(flat)
+            for name, values in operations:
+                getattr(torch, f"_foreach_{name}_")(views, list(values.split(1)))
+        else:
+            ids = self.segment_ids()
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.index_select(0, ids))
+        return flat
+
+
+def _back_to_back(parts: list[Tensor]) -> bool:
+    """Whether ``parts`` are contiguous and follow each other without gaps in one storage."""
+    first = parts[0]
+    storage, size, address = first.untyped_storage().data_ptr(), first.element_size(), first.data_ptr()
+    for part in parts:
+        if part.data_ptr() != address or not part.is_contiguous() or part.untyped_storage().data_ptr() != storage:
+            return False
+        address += part.numel() * size
+    return True
 
 
 class Group:

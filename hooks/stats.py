@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from numwatch.chunks import Chunk, layout_of, to_device
+from numwatch.chunks import Chunk, layout_of, scratch, to_device
 from numwatch.formats import FormatSpec
 from numwatch.protocol import (
     EXPONENT_BINS,
@@ -31,6 +31,10 @@ from numwatch.protocol import (
 )
 
 Multiplier = Tensor | float | None
+
+# Scratch slots (numwatch.chunks.scratch) of the chunk-sized temporaries: a chunk's input
+# copy, then up to three work tensors of one call.
+_INPUT, _WORK, _SECOND, _FLAGS = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------- helpers
@@ -69,10 +73,11 @@ def _histc_count(flat: Tensor, bins: int) -> Tensor:
     return torch.histc(flat.to(torch.float64), bins=bins, min=0, max=bins).to(torch.int64)
 
 
-def _segment_counts(chunk: Chunk, codes: Tensor, bins: int, segment_ids: Tensor | None = None) -> Tensor:
-    """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment (one count)."""
+def _segment_counts(chunk: Chunk, codes: Tensor, bins: int) -> Tensor:
+    """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment
+    (one count; ``codes``, a fresh tensor, may be overwritten)."""
     segments = len(chunk.pieces)
-    return _count_values(chunk.keys(codes, bins, segment_ids), segments * bins).view(segments, bins)
+    return _count_values(chunk.keys(codes, bins), segments * bins).view(segments, bins)
 
 
 def _widened(flat: Tensor) -> Tensor:
@@ -334,14 +339,18 @@ def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> Tensor:
 
 def _exponent_keys(flat: Tensor) -> Tensor:
     """The key of each element of an IEEE tensor (see :func:`_exponent_bin_tables`): a few
-    integer ops on its bits in place of per-element bin arithmetic."""
+    integer ops on its bits in place of per-element bin arithmetic, in scratch memory (slots
+    _WORK to _FLAGS; the keys are a writable temporary there)."""
     layout = _IEEE_LAYOUTS[flat.dtype]
     log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
-    magnitude = _magnitude_bits(flat)
-    # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its floor(log2).
-    clamped = magnitude.clamp(max=1 << layout.mantissa_bits).to(layout.log2_dtype)
-    keys = clamped.view(log2_layout.int_dtype) >> log2_layout.mantissa_bits
-    return keys.add_(magnitude >> layout.mantissa_bits).add_(magnitude > layout.inf_pattern)
+    n, device = flat.numel(), flat.device
+    magnitude = torch.bitwise_and(flat.view(layout.int_dtype), layout.magnitude_mask, out=scratch(n, layout.int_dtype, device, _WORK))
+    # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its
+    # floor(log2); larger ones convert to at least 2**mantissa_bits, which the clamp gives them all.
+    keys = scratch(n, layout.log2_dtype, device, _SECOND).copy_(magnitude).clamp_(max=1 << layout.mantissa_bits)
+    keys = keys.view(log2_layout.int_dtype).bitwise_right_shift_(log2_layout.mantissa_bits)
+    nan = torch.gt(magnitude, layout.inf_pattern, out=scratch(n, torch.bool, device, _FLAGS))
+    return keys.add_(magnitude.bitwise_right_shift_(layout.mantissa_bits)).add_(nan)
 
 
 @torch.no_grad()
@@ -356,7 +365,7 @@ def exponent_histogram(tensors: Sequence[Tensor]) -> Tensor:
         members = group.tensors(tensors)
         per_chunk = []
         for chunk in group.chunks:
-            flat = _widened(chunk.flat(members))
+            flat = _widened(chunk.read(members, _INPUT))
             table = _exponent_bin_tables(flat.dtype, flat.device)
             per_chunk.append(_segment_counts(chunk, _exponent_keys(flat), table.numel()))
         results.append(_binned(group.per_member(per_chunk, "sum"), table))
@@ -408,11 +417,12 @@ def finite_ranges(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         members = group.tensors(tensors)
         chunk_lows, chunk_highs = [], []
         for chunk in group.chunks:
-            flat = _widened(chunk.flat(members))
+            flat = _widened(chunk.read(members, _INPUT))
             # Non-finite values become -Inf, which no max picks over a finite value.
-            highest = flat.nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-            negated_lowest = flat.neg().nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+            work = scratch(flat.numel(), flat.dtype, flat.device, _WORK)
+            highest = torch.nan_to_num(flat, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=work)
             chunk_highs.append(torch.stack(torch._foreach_max(chunk.split(highest))))
+            negated_lowest = torch.neg(flat, out=work).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
             chunk_lows.append(torch.stack(torch._foreach_max(chunk.split(negated_lowest))).neg_())
         low = group.per_member(chunk_lows, "amin").double()
         high = group.per_member(chunk_highs, "amax").double()
@@ -439,11 +449,13 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         members = group.tensors(tensors)
         per_chunk = []
         for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
-            values = chunk.flat(members).double()
-            ids = chunk.segment_ids()
-            index = values.sub(chunk_low.index_select(0, ids)).div_(chunk_width.index_select(0, ids)).mul_(bins).floor_().clamp_(0, bins - 1)
-            index.masked_fill_(values.isfinite().logical_not_(), bins)
-            per_chunk.append(_segment_counts(chunk, index.to(torch.int64), bins + 1, ids))
+            # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
+            values = chunk.into(members, _WORK, torch.float64).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            chunk.per_segment_(values, ("sub", chunk_low), ("div", chunk_width))
+            # Clamping before the floor is the same, and for values >= 0 the cast truncates to the floor.
+            values.mul_(bins).clamp_(0, bins - 1).nan_to_num_(nan=bins)
+            index = scratch(chunk.numel, torch.int32, values.device, _INPUT).copy_(values)
+            per_chunk.append(_segment_counts(chunk, index, bins + 1))
         results.append(group.per_member(per_chunk, "sum")[:, :bins])
     return layout.assemble(results, 0, torch.int64, (bins,))
 
@@ -489,7 +501,13 @@ def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
     return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
 
 
-_UPDATE_CODES = 3  # no gradient, changed, unchanged (stale)
+def _segment_sums(chunk: Chunk, marks: Tensor) -> Tensor:
+    """float64 [segments]: how many elements of each segment are 1 in float 0/1 ``marks``.
+
+    A multi-tensor L1 norm (exact up to a chunk's 2**24 elements), cheaper than a count over
+    keys on the CPU and without atomics on a few counters on a GPU; float64 keeps the sums
+    over a cut tensor's segments exact."""
+    return torch.stack(torch._foreach_norm(chunk.split(marks), 1)).double()
 
 
 @torch.no_grad()
@@ -505,20 +523,21 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
     for group in layout.groups:
         olds, news = group.tensors(before), group.tensors(after)
         marks = _gradient_marks([grads[position] for position in group.members], news)
-        changes, sizes, codes = [], [], []
+        changes, sizes, with_grads, stales = [], [], [], []
         for chunk in group.chunks:
-            old, new = chunk.flat(olds), chunk.flat(news)
-            old32 = old.float()
-            changes.append(torch.stack(torch._foreach_norm(chunk.split(new.float() - old32), 2)))
-            sizes.append(torch.stack(torch._foreach_norm(chunk.split(old32), 2)))
-            has_grad = chunk.flat(marks) != 0
-            code = (_bits(old) == _bits(new)).to(torch.int64).add_(1).mul_(has_grad)
-            codes.append(_segment_counts(chunk, code, _UPDATE_CODES))
+            old = chunk.flat(olds)  # a view: the snapshot's chunk copy
+            work = scratch(chunk.numel, torch.float32, old.device, _WORK).copy_(old)
+            sizes.append(torch.stack(torch._foreach_norm(chunk.split(work), 2)))
+            new = chunk.read(news, _INPUT)
+            changes.append(torch.stack(torch._foreach_norm(chunk.split(work.copy_(new).sub_(old)), 2)))
+            unchanged = torch.eq(_bits(old), _bits(new), out=work)
+            has_grad = torch.ne(chunk.read(marks, _INPUT), 0, out=scratch(chunk.numel, torch.float32, old.device, _SECOND))
+            with_grads.append(_segment_sums(chunk, has_grad))
+            stales.append(_segment_sums(chunk, unchanged.mul_(has_grad)))
         change = group.per_member(changes, "norm")
         ratio = (change / group.per_member(sizes, "norm")).masked_fill_(change == 0, 0.0)
-        counts = group.per_member(codes, "sum")
-        with_grad = counts[:, 1] + counts[:, 2]
-        stale = (counts[:, 2].float() / with_grad.clamp(min=1).float()).masked_fill_(with_grad == 0, 0.0)
+        with_grad = group.per_member(with_grads, "sum").float()
+        stale = (group.per_member(stales, "sum").float() / with_grad.clamp(min=1)).masked_fill_(with_grad == 0, 0.0)
         results.append(torch.stack([ratio, stale], 1))
     return layout.assemble(results, 0.0, torch.float32, (2,)).t()
 
@@ -531,11 +550,10 @@ def exp_avg_sq_underflow(states: Sequence[Tensor | None], fmt: FormatSpec) -> Te
     results = []
     for group in layout.groups:
         members = group.tensors(states)
+        # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
         per_chunk = []
         for chunk in group.chunks:
-            # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
-            below_normal = chunk.flat(members).float().abs() < fmt.smallest_normal
-            per_chunk.append(_segment_counts(chunk, below_normal, 2))
-        counts = group.per_member(per_chunk, "sum").float()
-        results.append(counts[:, 1] / counts.sum(1))
+            work = chunk.into(members, _WORK, torch.float32).abs_()
+            per_chunk.append(_segment_sums(chunk, torch.lt(work, fmt.smallest_normal, out=work)))
+        results.append(group.per_member(per_chunk, "sum").float() / _constant(tuple(group.numels), torch.float32, group.device))
     return layout.assemble(results, math.nan, torch.float32)
