@@ -39,8 +39,10 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
-# Per CPU scratch slot: one byte buffer, grown to the largest chunk it served.
+# Per CPU scratch slot: one byte buffer, grown to the largest chunk it served, and the views
+# of it handed out (cached: a view taken anew each call would add ops to every call).
 _scratch: dict[int, Tensor] = {}
+_scratch_views: dict[tuple[int, int, torch.dtype], Tensor] = {}
 
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
@@ -52,16 +54,23 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
     and are dropped by :func:`release_scratch`."""
     if device.type != "cpu":
         return torch.empty(numel, dtype=dtype, device=device)
+    view = _scratch_views.get((slot, numel, dtype))
+    if view is not None:
+        return view
     nbytes = numel * dtype.itemsize
     buffer = _scratch.get(slot)
     if buffer is None or buffer.numel() < nbytes:
         buffer = _scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
-    return buffer[:nbytes].view(dtype)
+        for key in [key for key in _scratch_views if key[0] == slot]:
+            del _scratch_views[key]
+    view = _scratch_views[slot, numel, dtype] = buffer[:nbytes].view(dtype)
+    return view
 
 
 def release_scratch() -> None:
     """Drop the CPU scratch buffers (a watcher detached)."""
     _scratch.clear()
+    _scratch_views.clear()
 
 
 def _index(values: Sequence[int], device: torch.device) -> Tensor:
