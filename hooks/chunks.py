@@ -47,6 +47,7 @@ class Chunk:
         self.lengths = [stop - start for _, start, stop in pieces]
         self.numel = sum(self.lengths)
         self._starts = _index([sum(self.lengths[:i]) for i in range(1, len(pieces))], device)
+        self._offsets_by_bins: dict[int, list[int]] = {}
 
     def flat(self, members: Sequence[Tensor]) -> Tensor:
         """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
@@ -63,10 +64,15 @@ class Chunk:
             return parts[0].reshape(-1)
         return torch._chunk_cat(parts, 0, 1)[0]
 
+    @property
+    def fresh(self) -> bool:
+        """Whether :meth:`flat` returns new memory (several pieces), which a caller may overwrite."""
+        return len(self.pieces) > 1
+
     def copy(self, members: Sequence[Tensor]) -> Tensor:
         """Like :meth:`flat`, but always fresh memory."""
         flat = self.flat(members)
-        return flat.clone() if len(self.pieces) == 1 else flat
+        return flat if self.fresh else flat.clone()
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-segment views of a chunk-shaped tensor (one op)."""
@@ -78,11 +84,22 @@ class Chunk:
         ids = torch.zeros(self.numel, dtype=torch.int64, device=self._starts.device)
         return ids.index_fill_(0, self._starts, 1).cumsum_(0)
 
-    def keys(self, codes: Tensor, bins: int, segment_ids: Tensor | None = None) -> Tensor:
-        """segment * bins + code for each element's code 0..bins-1: counting these keys
-        over ``len(pieces) * bins`` values gives the codes' counts per segment."""
-        ids = self.segment_ids() if segment_ids is None else segment_ids.clone()
-        return ids.mul_(bins).add_(codes)
+    def keys(self, codes: Tensor, bins: int) -> Tensor:
+        """segment * bins + code for each element's code 0..bins-1, written into ``codes`` (a
+        fresh integer tensor wide enough for them): counting these keys over
+        ``len(pieces) * bins`` values gives the codes' counts per segment.
+
+        One multi-tensor add of each segment's offset to its view: a pass over the codes alone,
+        where building per-element segment ids costs three passes over a wider tensor."""
+        if len(self.pieces) > 1:
+            torch._foreach_add_(self.split(codes), self._offsets(bins))
+        return codes
+
+    def _offsets(self, bins: int) -> list[int]:
+        offsets = self._offsets_by_bins.get(bins)
+        if offsets is None:
+            offsets = self._offsets_by_bins[bins] = [segment * bins for segment in range(len(self.pieces))]
+        return offsets
 
 
 class Group:
@@ -177,13 +194,21 @@ class Layout:
     def assemble(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, tail: tuple[int, ...] = ()) -> Tensor:
         """[n, *tail] in input order from each group's [members, *tail] results; ``fill``
         for the tensors left out (None or empty)."""
+        return self._assemble(per_group, fill, dtype, (1, *tail), 0)
+
+    def columns(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, rows: int) -> Tensor:
+        """[rows, n] in input order from each group's [rows, members] results (``fill`` as in
+        :meth:`assemble`): row-major statistics without a transposing copy."""
+        return self._assemble(per_group, fill, dtype, (rows, 1), 1)
+
+    def _assemble(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, one: tuple[int, ...], dim: int) -> Tensor:
         parts = [part.to(self.device, non_blocking=True) for part in per_group]
         if not self.n:
-            return torch.zeros((0, *tail), dtype=dtype, device=self.device)
+            return torch.zeros(one[:dim] + (0,) + one[dim + 1:], dtype=dtype, device=self.device)
         if self._order is None:
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-        parts.append(torch.full((1, *tail), fill, dtype=dtype, device=self.device))
-        return torch.cat(parts).index_select(0, self._order)
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        parts.append(torch.full(one, fill, dtype=dtype, device=self.device))
+        return torch.cat(parts, dim).index_select(dim, self._order)
 
 
 @functools.lru_cache(maxsize=64)
