@@ -9,6 +9,10 @@ from ``split`` + ``torch._foreach_*`` reductions or from one count over
 chunks, never with the number of tensors, and the transient memory with the chunk size.
 A tensor longer than a chunk is cut into pieces (segments) whose results are combined.
 
+Temporaries as large as a chunk come from :func:`scratch` on the CPU: its allocator hands
+large blocks back to the operating system, and faulting their pages in again costs more
+than the arithmetic on them (about 10x for an elementwise op on a fresh 15 MB tensor).
+
 A :class:`Layout` depends only on host metadata (devices, dtypes, sizes): it is cached,
 with the small index tensors it needs, copied from pinned memory on CUDA (no sync).
 """
@@ -16,6 +20,7 @@ with the small index tensors it needs, copied from pinned memory on CUDA (no syn
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,6 +40,47 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
+# Per CPU scratch slot: one byte buffer, grown to the largest chunk it served, and the typed
+# views of it handed out (a view is an op per call: ops per step must not grow with use).
+_scratch: dict[int, Tensor] = {}
+_views: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
+_MAX_VIEWS = 256
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
+    """An uninitialised 1-D ``dtype`` tensor of ``numel`` elements for a temporary of one call.
+
+    On the CPU a view of a buffer kept for ``slot`` between calls; elsewhere fresh memory
+    (the device's caching allocator reuses blocks itself). A caller uses each slot for one
+    temporary at a time and never returns it; the buffers stay bounded by the chunk size
+    and are dropped by :func:`release_scratch`."""
+    return _scratch_shaped((numel,), dtype, device, slot)
+
+
+def _scratch_shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    view = _views.get((slot, shape, dtype))
+    if view is not None:
+        return view
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = _scratch.get(slot)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        for key in [key for key in _views if key[0] == slot]:
+            del _views[key]
+    if len(_views) >= _MAX_VIEWS:  # chunk sizes that keep changing: start over rather than grow
+        _views.clear()
+    view = _views[(slot, shape, dtype)] = buffer[:nbytes].view(dtype).view(shape)
+    return view
+
+
+def release_scratch() -> None:
+    """Drop the CPU scratch buffers (a watcher detached)."""
+    _scratch.clear()
+    _views.clear()
+
+
 def _index(values: Sequence[int], device: torch.device) -> Tensor:
     return to_device(torch.tensor(list(values), dtype=torch.int64), device)
 
@@ -47,12 +93,10 @@ class Chunk:
         self.lengths = [stop - start for _, start, stop in pieces]
         self.numel = sum(self.lengths)
         self._starts = _index([sum(self.lengths[:i]) for i in range(1, len(pieces))], device)
-        self._offsets_by_bins: dict[int, list[int]] = {}
 
-    def flat(self, members: Sequence[Tensor]) -> Tensor:
-        """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
-
-        With a single whole tensor this is a view of it: callers never write into it."""
+    def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
+        """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
+        (no per-tensor reshape op), cut ones as 1-D slices."""
         parts = []
         for member, start, stop in self.pieces:
             tensor = members[member]
@@ -60,19 +104,45 @@ class Chunk:
                 parts.append(tensor if tensor.dim() else tensor.reshape(1))
             else:
                 parts.append(tensor.reshape(-1)[start:stop])
+        return parts
+
+    def flat(self, members: Sequence[Tensor]) -> Tensor:
+        """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
+
+        A view where the pieces lie back to back in one storage (a single whole tensor, the
+        views of a :func:`numwatch.stats.snapshot`), else a copy: callers never write into it."""
+        view = self._view(members)
+        return torch._chunk_cat(self._parts(members), 0, 1)[0] if view is None else view
+
+    def _view(self, members: Sequence[Tensor]) -> Tensor | None:
+        """The chunk's elements of ``members`` as a 1-D view, or None where they are not back to back."""
+        parts = self._parts(members)
         if len(parts) == 1:
             return parts[0].reshape(-1)
-        return torch._chunk_cat(parts, 0, 1)[0]
+        if _back_to_back(parts):
+            first = parts[0]
+            return first.as_strided((self.numel,), (1,), first.storage_offset())
+        return None
 
-    @property
-    def fresh(self) -> bool:
-        """Whether :meth:`flat` returns new memory (several pieces), which a caller may overwrite."""
-        return len(self.pieces) > 1
+    def read(self, members: Sequence[Tensor], slot: int) -> Tensor:
+        """Like :meth:`flat` (read-only), a copy going into scratch ``slot``."""
+        view = self._view(members)
+        return self.into(members, slot) if view is None else view
+
+    def into(self, members: Sequence[Tensor], slot: int, dtype: torch.dtype | None = None) -> Tensor:
+        """The chunk's elements of ``members`` copied into scratch ``slot`` (converted to
+        ``dtype``, by default the members'): a writable temporary."""
+        parts = self._parts(members)
+        dtype, device = dtype or parts[0].dtype, parts[0].device
+        if len(parts) == 1:
+            return scratch(self.numel, dtype, device, slot).copy_(parts[0].reshape(-1))
+        torch._chunk_cat(parts, 0, 1, out=_scratch_shaped((1, self.numel), dtype, device, slot))
+        return scratch(self.numel, dtype, device, slot)
 
     def copy(self, members: Sequence[Tensor]) -> Tensor:
         """Like :meth:`flat`, but always fresh memory."""
-        flat = self.flat(members)
-        return flat if self.fresh else flat.clone()
+        parts = self._parts(members)
+        return parts[0].reshape(-1).clone() if len(parts) == 1 else torch._chunk_cat(parts, 0, 1)[0]
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-segment views of a chunk-shaped tensor (one op)."""
@@ -85,21 +155,52 @@ class Chunk:
         return ids.index_fill_(0, self._starts, 1).cumsum_(0)
 
     def keys(self, codes: Tensor, bins: int) -> Tensor:
-        """segment * bins + code for each element's code 0..bins-1, written into ``codes`` (a
-        fresh integer tensor wide enough for them): counting these keys over
-        ``len(pieces) * bins`` values gives the codes' counts per segment.
+        """segment * bins + code for each element's code 0..bins-1: counting these keys
+        over ``len(pieces) * bins`` values gives the codes' counts per segment.
 
-        One multi-tensor add of each segment's offset to its view: a pass over the codes alone,
-        where building per-element segment ids costs three passes over a wider tensor."""
-        if len(self.pieces) > 1:
-            torch._foreach_add_(self.split(codes), self._offsets(bins))
+        ``codes`` (a fresh tensor) may be overwritten. The keys are int32 where they fit (half
+        the memory traffic of int64); each segment's offset is added to its view by one
+        multi-tensor op of host constants, with no per-element segment index."""
+        segments = len(self.pieces)
+        wide = segments * bins >= 1 << 31
+        if wide and codes.dtype != torch.int64:
+            codes = codes.to(torch.int64)
+        elif not wide and codes.dtype not in (torch.int32, torch.int64):
+            codes = codes.to(torch.int32)
+        if segments > 1:
+            torch._foreach_add_(self.split(codes), [segment * bins for segment in range(segments)])
         return codes
 
-    def _offsets(self, bins: int) -> list[int]:
-        offsets = self._offsets_by_bins.get(bins)
-        if offsets is None:
-            offsets = self._offsets_by_bins[bins] = [segment * bins for segment in range(len(self.pieces))]
-        return offsets
+    def per_segment_(self, flat: Tensor, *operations: tuple[str, Tensor]) -> Tensor:
+        """``flat`` (a fresh chunk-shaped tensor) combined in place, in order, with per-segment
+        values by in-place operations named "sub" or "div": each element with its segment's value.
+
+        On the CPU one multi-tensor op per operation, on the segments' views, with the values'
+        one-element views: no per-element index. Elsewhere the values are spread over the elements by
+        one gather (a multi-tensor op with tensor operands would launch a kernel per segment)."""
+        if len(self.pieces) == 1:
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.reshape(()))
+        elif flat.device.type == "cpu":
+            views = self.split(flat)
+            for name, values in operations:
+                getattr(torch, f"_foreach_{name}_")(views, list(values.split(1)))
+        else:
+            ids = self.segment_ids()
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.index_select(0, ids))
+        return flat
+
+
+def _back_to_back(parts: list[Tensor]) -> bool:
+    """Whether ``parts`` are contiguous and follow each other without gaps in one storage."""
+    first = parts[0]
+    storage, size, address = first.untyped_storage().data_ptr(), first.element_size(), first.data_ptr()
+    for part in parts:
+        if part.data_ptr() != address or not part.is_contiguous() or part.untyped_storage().data_ptr() != storage:
+            return False
+        address += part.numel() * size
+    return True
 
 
 class Group:

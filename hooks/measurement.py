@@ -198,7 +198,7 @@ class WatchedTensors:
             if present_states:
                 state_format = format_spec(format_name_for_dtype(present_states[0].dtype))
                 parts[records.EXP_AVG_SQ] = stats.exp_avg_sq_underflow(states, state_format)
-            parts[records.ADAM] = adam_health(optimizer, self.parameters)
+            parts[records.ADAM] = adam_health(optimizer, self.parameters, before=snapshot)
         return parts
 
     def quant_parts(self) -> dict[str, torch.Tensor]:

@@ -12,8 +12,12 @@ update that was applied:
 * ``adam_eps_dominated``: share of elements whose ε exceeds the term it is added to:
   √v̂ < ε (RAdam adds ε to √v, so there √v < ε).
 
-A tensor without state yet, or whose update cannot be rebuilt after the step (NAdam with
-coupled weight decay, which adds the pre-step weights to the gradient), reports NaN.
+NAdam with coupled weight decay adds λ·w to the gradient before its update, w the weights
+before the step: their copy (``before``, the sampled step's snapshot) rebuilds it; without
+one that update cannot be rebuilt and reports NaN. A tensor without state yet reports NaN.
+
+Sharded parameters (DTensor) are measured on this rank's shard of their state:
+:func:`adam_sums` gives sums over the local elements, which add up across the shards.
 Follows the hot-path rules of :mod:`numwatch.stats`: no host sync (a step count that lives
 on the CPU is read there; one on the device stays a tensor), memory bounded by chunks.
 """
@@ -27,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from numwatch.chunks import layout_of, to_device
+from numwatch.chunks import layout_of, scratch, to_device
+from numwatch.sharded import local_tensor
 
 CHUNK = 1 << 22  # elements per pass: bounds the float32 temporaries to a few of these
 Scalar = float | Tensor
@@ -41,21 +46,21 @@ def _step_count(step: Any) -> Scalar:
 
 
 def _chunks(*tensors: Tensor | None) -> Any:
-    """Aligned flat float32 chunks of equally shaped tensors (None passes through)."""
-    flat = [None if t is None else t.detach().reshape(-1) for t in tensors]
+    """Aligned flat float32 chunks of equally shaped tensors, or of their local shards (None passes through)."""
+    flat = [None if t is None else local_tensor(t).detach().reshape(-1) for t in tensors]
     numel = next(t.numel() for t in flat if t is not None)
     for start in range(0, numel, CHUNK):
         yield [None if t is None else t[start : start + CHUNK].float() for t in flat]
 
 
-def _reduce(update_and_dominated: Any, numel: int, device: torch.device) -> Tensor:
-    """[rms, dominated share] from per-chunk (update, count of ε-dominated elements) pairs."""
+def _sums(update_and_dominated: Any, device: torch.device) -> Tensor:
+    """[Σ update², count of ε-dominated elements] from per-chunk (update, count) pairs."""
     squares = torch.zeros((), dtype=torch.float32, device=device)
     dominated = torch.zeros((), dtype=torch.float32, device=device)
     for update, count in update_and_dominated:
         squares = squares + torch.linalg.vector_norm(update).square()
         dominated = dominated + count
-    return torch.stack([(squares / numel).sqrt(), dominated / numel])
+    return torch.stack([squares, dominated])
 
 
 def _normalised(moment: Tensor, root: Tensor, eps: Scalar) -> tuple[Tensor, Tensor]:
@@ -64,7 +69,7 @@ def _normalised(moment: Tensor, root: Tensor, eps: Scalar) -> tuple[Tensor, Tens
     return moment.div_(root.add_(eps)), count
 
 
-def _adam(state: dict, group: dict, param: Tensor) -> Tensor:
+def _adam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Tensor:
     beta1, beta2 = group["betas"]
     eps, t = group["eps"], _step_count(state["step"])
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
@@ -75,13 +80,12 @@ def _adam(state: dict, group: dict, param: Tensor) -> Tensor:
         for m, v_chunk in _chunks(state["exp_avg"], v):
             yield _normalised(m / bc1, v_chunk.div(bc2).sqrt_(), eps)
 
-    return _reduce(parts(), param.numel(), param.device)
+    return _sums(parts(), param.device)
 
 
-def _nadam(state: dict, group: dict, param: Tensor) -> Tensor | None:
-    if group["weight_decay"] != 0 and not group.get("decoupled_weight_decay", False):
-        return None
-    if param.grad is None:
+def _nadam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Tensor | None:
+    coupled_decay = 0.0 if group.get("decoupled_weight_decay", False) else group["weight_decay"]
+    if param.grad is None or (coupled_decay != 0 and before is None):
         return None
     beta1, beta2 = group["betas"]
     eps, psi, t = group["eps"], group["momentum_decay"], _step_count(state["step"])
@@ -94,13 +98,16 @@ def _nadam(state: dict, group: dict, param: Tensor) -> Tensor | None:
     sign = -1.0 if group.get("maximize") else 1.0
 
     def parts() -> Any:
-        for m, v, g in _chunks(state["exp_avg"], state["exp_avg_sq"], param.grad):
-            yield _normalised(moment_factor * m + (grad_factor * sign) * g, v.div(bc2).sqrt_(), eps)
+        for m, v, g, w in _chunks(state["exp_avg"], state["exp_avg_sq"], param.grad, before if coupled_decay else None):
+            # The gradient the step used: (−)g, plus λ·w_before with coupled weight decay
+            # (the chunks may be the gradient itself: only the new product changes in place).
+            used = g * sign if w is None else (g * sign).add_(w, alpha=coupled_decay)
+            yield _normalised(moment_factor * m + grad_factor * used, v.div(bc2).sqrt_(), eps)
 
-    return _reduce(parts(), param.numel(), param.device)
+    return _sums(parts(), param.device)
 
 
-def _radam(state: dict, group: dict, param: Tensor) -> Tensor:
+def _radam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Tensor:
     beta1, beta2 = group["betas"]
     eps, t = group["eps"], _step_count(state["step"])
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
@@ -118,7 +125,7 @@ def _radam(state: dict, group: dict, param: Tensor) -> Tensor:
                 update = adapted if rho_t > 5 else moment
             yield update, count
 
-    return _reduce(parts(), param.numel(), param.device)
+    return _sums(parts(), param.device)
 
 
 def _measure(optimizer: torch.optim.Optimizer) -> Any:
@@ -129,15 +136,20 @@ def _measure(optimizer: torch.optim.Optimizer) -> Any:
     return None
 
 
+def _local_numel(param: Tensor) -> int:
+    return local_tensor(param).numel()
+
+
 def _adam_batches(optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor]) -> tuple[dict[tuple, list[int]], list[int]]:
-    """Adam/AdamW parameters with state, by (param group, step count) when the count lives on
-    the host (the usual case: the same bias correction for the whole batch), and the others."""
+    """Adam/AdamW parameters with state (and local elements), by (param group, step count)
+    when the count lives on the host (the usual case: the same bias correction for the whole
+    batch), and the others."""
     groups = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
     batches: dict[tuple, list[int]] = {}
     singles, on_host, host_steps = [], [], []
     for position, param in enumerate(parameters):
         state = optimizer.state.get(param)
-        if not state or "exp_avg" not in state or param.numel() == 0:
+        if not state or "exp_avg" not in state or _local_numel(param) == 0:
             continue
         step = state["step"]
         if not isinstance(step, Tensor):
@@ -154,36 +166,37 @@ def _adam_batches(optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor]
 
 
 def _adam_batch(optimizer: torch.optim.Optimizer, group: dict, t: float, params: list[Tensor]) -> Tensor:
-    """float32 [2, k] for Adam/AdamW parameters sharing a param group and a step count: each
-    flat chunk of the moments is read once (ops independent of k)."""
+    """float32 [k, 2] sums for Adam/AdamW parameters sharing a param group and a step count:
+    each flat chunk of the moments is read once (ops independent of k)."""
     beta1, beta2 = group["betas"]
     eps, bc1, bc2 = group["eps"], 1 - beta1**t, 1 - beta2**t
     states = [optimizer.state[p] for p in params]
-    ms = [state["exp_avg"] for state in states]
-    vs = [state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"] for state in states]
+    ms = [local_tensor(state["exp_avg"]) for state in states]
+    vs = [local_tensor(state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]) for state in states]
     layout = layout_of(ms)
     results = []
     for part in layout.groups:
         moments, seconds = part.tensors(ms), part.tensors(vs)
         squares, dominated = [], []
         for chunk in part.chunks:
-            root = chunk.flat(seconds).float().div(bc2).sqrt_()
-            below = root < eps
-            update = chunk.flat(moments).float().div(bc1).div_(root.add_(eps))
-            squares.append(torch.stack(torch._foreach_norm(chunk.split(update), 2)).square_())
+            # Chunk-sized temporaries in scratch slots 1 and 2 (slot 0 is a chunk's input copy).
+            root = chunk.into(seconds, 1, torch.float32).div_(bc2).sqrt_()
+            below = torch.lt(root, eps, out=scratch(chunk.numel, torch.float32, part.device, 2))
             # Per-segment sums of 0/1 (exact in float32 up to a chunk's 2**24 elements), by a
             # multi-tensor reduction: no atomics contending on a few counters on a GPU.
-            dominated.append(torch.stack(torch._foreach_norm(chunk.split(below.float()), 1)))
-        numel = to_device(torch.tensor([float(n) for n in part.numels]), part.device)
-        rms = (part.per_member(squares, "sum") / numel).sqrt_()
-        results.append(torch.stack([rms, part.per_member(dominated, "sum") / numel], 1))
+            dominated.append(torch.stack(torch._foreach_norm(chunk.split(below), 1)))
+            update = chunk.into(moments, 2, torch.float32).div_(bc1).div_(root.add_(eps))
+            squares.append(torch.stack(torch._foreach_norm(chunk.split(update), 2)).square_())
+        results.append(torch.stack([part.per_member(squares, "sum"), part.per_member(dominated, "sum")], 1))
     return layout.assemble(results, math.nan, torch.float32, (2,))
 
 
-def adam_health(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor]) -> Tensor:
-    """float32 [2, n]: ``adam_update_rms`` and ``adam_eps_dominated`` of each parameter,
-    NaN where it has no Adam-family state (see the module docstring)."""
-    device = parameters[0].device if parameters else torch.device("cpu")
+def adam_sums(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor], before: Sequence[Tensor] | None = None) -> Tensor:
+    """float32 [2, n]: Σ update² and the count of ε-dominated elements over each parameter's
+    elements (its local shard's, for a DTensor; 0 for an empty shard), NaN where it has no
+    Adam-family state or its update cannot be rebuilt. ``before``: the weights before the
+    step, aligned with ``parameters`` (needed by NAdam with coupled weight decay only)."""
+    device = local_tensor(parameters[0]).device if parameters else torch.device("cpu")
     measure = _measure(optimizer) if optimizer is not None else None
     if not parameters:
         return torch.zeros((2, 0), dtype=torch.float32, device=device)
@@ -198,16 +211,33 @@ def adam_health(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Te
     else:
         singles = list(range(len(parameters))) if measure else []
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]} if measure else {}
+    # With state but no local elements (an empty shard): they add nothing.
+    empty = {p for p, param in enumerate(parameters) if measure and _local_numel(param) == 0 and "exp_avg" in optimizer.state.get(param, {})}
     for position in singles:
         param = parameters[position]
         state = optimizer.state.get(param)
-        if state and "exp_avg" in state and param.numel() > 0:
-            column = measure(state, groups[id(param)], param)
-            if column is not None:
-                rows.append(column.to(device, non_blocking=True).reshape(1, 2))
-                order.append(position)
-    # One gather puts the blocks in parameter order; a NaN row stands for the rest.
-    rows.append(torch.full((1, 2), math.nan, dtype=torch.float32, device=device))
+        if not state or "exp_avg" not in state or position in empty:
+            continue
+        column = measure(state, groups[id(param)], param, None if before is None else before[position])
+        if column is not None:
+            rows.append(column.to(device, non_blocking=True).reshape(1, 2))
+            order.append(position)
+    # One gather puts the blocks in parameter order; a NaN row and a zero row stand for the rest.
+    rows.append(torch.tensor([[math.nan, math.nan], [0.0, 0.0]], dtype=torch.float32, device=device))
     row_of = {position: row for row, position in enumerate(order)}
-    index = to_device(torch.tensor([row_of.get(position, len(order)) for position in range(len(parameters))]), device)
+    fill = {position: len(order) + 1 for position in empty}
+    index = to_device(torch.tensor([row_of.get(position, fill.get(position, len(order))) for position in range(len(parameters))]), device)
     return torch.cat(rows).index_select(0, index).t()
+
+
+def health_from_sums(sums: Tensor, numels: Tensor) -> Tensor:
+    """float32 [2, n] ``adam_update_rms`` and ``adam_eps_dominated`` from :func:`adam_sums`
+    (summed over the shards, where sharded) and the tensors' element counts (float [n])."""
+    return torch.stack([(sums[0] / numels).sqrt(), sums[1] / numels]).float()
+
+
+def adam_health(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor], before: Sequence[Tensor] | None = None) -> Tensor:
+    """float32 [2, n]: ``adam_update_rms`` and ``adam_eps_dominated`` of each (unsharded)
+    parameter, NaN where it has no Adam-family state (see the module docstring)."""
+    sums = adam_sums(optimizer, parameters, before)
+    return health_from_sums(sums, to_device(torch.tensor([float(p.numel()) for p in parameters]), sums.device))

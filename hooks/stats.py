@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from numwatch.chunks import Chunk, Layout, layout_of, to_device
+from numwatch.chunks import Chunk, Layout, layout_of, scratch, to_device
 from numwatch.formats import FormatSpec
 from numwatch.protocol import (
     EXPONENT_BINS,
@@ -31,6 +31,10 @@ from numwatch.protocol import (
 )
 
 Multiplier = Tensor | float | None
+
+# Scratch slots (numwatch.chunks.scratch) of the chunk-sized temporaries: a chunk's input
+# copy, then up to three work tensors of one call.
+_INPUT, _WORK, _SECOND, _FLAGS = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------- helpers
@@ -70,13 +74,9 @@ def _histc_count(flat: Tensor, bins: int) -> Tensor:
 
 
 def _segment_counts(chunk: Chunk, codes: Tensor, bins: int) -> Tensor:
-    """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment (one count).
-
-    ``codes`` is consumed: a fresh integer (or bool) tensor, overwritten with the keys."""
+    """int64 [segments, bins]: counts of the codes 0..bins-1 of a chunk's elements, per segment
+    (one count; ``codes``, a fresh tensor, may be overwritten)."""
     segments = len(chunk.pieces)
-    wide = segments * bins > torch.iinfo(torch.int32).max
-    if codes.dtype == torch.bool or (wide and codes.dtype != torch.int64):
-        codes = codes.to(torch.int64 if wide else torch.int32)
     return _count_values(chunk.keys(codes, bins), segments * bins).view(segments, bins)
 
 
@@ -85,12 +85,6 @@ def _widened(flat: Tensor) -> Tensor:
     if flat.dtype in _IEEE_LAYOUTS:
         return flat
     return flat.half() if flat.element_size() == 1 else flat.float()
-
-
-def _magnitude_bits(flat: Tensor) -> Tensor:
-    """|x| as the integer bit pattern of an IEEE tensor (sign bit cleared): ordered as |x|, NaN above Inf."""
-    layout = _IEEE_LAYOUTS[flat.dtype]
-    return flat.view(layout.int_dtype) & layout.magnitude_mask
 
 
 @dataclass(frozen=True)
@@ -124,9 +118,9 @@ def _bucket_table(cuts: _Cuts, device: torch.device) -> tuple[int, Tensor]:
     return shift, to_device(table, device)
 
 
-def _bucket_codes(x: Tensor, owned: bool, cuts: _Cuts) -> Tensor:
-    """The bucket of each |x| between ``cuts`` (x of ``cuts.dtype``), as x's integer type;
-    ``owned``: x is scratch memory, which the passes then reuse.
+def _bucket_codes(x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
+    """The bucket of each |x| between ``cuts`` (x of ``cuts.dtype``, a writable temporary
+    the passes overwrite), as x's integer type in scratch ``slot`` (a writable temporary).
 
     A few in-place integer passes and one gather from a small table, instead of a binary
     search per element: key = floor(m / 2**shift) + ceil(m / 2**shift) of the magnitude
@@ -135,9 +129,9 @@ def _bucket_codes(x: Tensor, owned: bool, cuts: _Cuts) -> Tensor:
     binade, down to the exact bit pattern of each tie."""
     shift, table = _bucket_table(cuts, x.device)
     layout = _IEEE_LAYOUTS[x.dtype]
-    bits = x.view(layout.int_dtype)
-    magnitude = bits.bitwise_and_(layout.magnitude_mask) if owned else bits & layout.magnitude_mask
-    negated_ceiling = magnitude.neg().bitwise_right_shift_(shift)  # floor(-m / 2**shift) = -ceil(m / 2**shift)
+    magnitude = x.view(layout.int_dtype).bitwise_and_(layout.magnitude_mask)
+    negated_ceiling = torch.neg(magnitude, out=scratch(x.numel(), layout.int_dtype, x.device, slot))
+    negated_ceiling.bitwise_right_shift_(shift)  # floor(-m / 2**shift) = -ceil(m / 2**shift)
     keys = magnitude.bitwise_right_shift_(shift).sub_(negated_ceiling)
     return torch.index_select(table, 0, keys, out=negated_ceiling)
 
@@ -192,13 +186,12 @@ def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
     for group in layout.groups:
         members = group.tensors(grads)
         per_chunk = []
+        # float64 keeps its own bits (its large finite values overflow float32); the rest widen to float32 exactly.
+        wide = torch.float64 if group.dtype == torch.float64 else torch.float32
+        inf = _IEEE_LAYOUTS[wide].inf_pattern
+        cuts = _Cuts(wide, (inf - 1, inf))  # finite, ±Inf, NaN
         for chunk in group.chunks:
-            flat = chunk.flat(members)
-            # float64 keeps its own bits (its large finite values overflow float32); the rest widen to float32 exactly.
-            wide = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-            inf = _IEEE_LAYOUTS[wide.dtype].inf_pattern
-            cuts = _Cuts(wide.dtype, (inf - 1, inf))  # finite, ±Inf, NaN
-            per_chunk.append(_segment_counts(chunk, _bucket_codes(wide, wide is not flat or chunk.fresh, cuts), 3))
+            per_chunk.append(_segment_counts(chunk, _bucket_codes(chunk.into(members, _INPUT, wide), cuts, _WORK), 3))
         counts = group.per_member(per_chunk, "sum")
         results.append(counts.index_select(1, _constant((2, 1), torch.int64, group.device)))
     return layout.assemble(results, 0, torch.int64, (2,)).t()
@@ -264,14 +257,13 @@ _FORMAT_CODES = 6
 _FORMAT_COLUMNS = (0, 1, 2, 4)  # the counted ones, in numwatch.protocol.FORMAT_COUNT_STATS order
 
 
-def _format_codes(flat: Tensor, fresh: bool, fmt: FormatSpec, scale: Tensor | float | None) -> Tensor:
-    """int32: bucket 0..5 of each x = flat * scale (formed in float32) between the format's
-    limits; ``fresh``: ``flat`` is scratch memory, which may be overwritten."""
-    x = flat.float()
-    owned = fresh or x is not flat
+def _format_codes(chunk: Chunk, members: list[Tensor], fmt: FormatSpec, scale: Tensor | float | None, slots: tuple[int, int]) -> Tensor:
+    """int32: bucket 0..5 of each x = element * scale (formed in float32) of a chunk between the
+    format's limits, computed in scratch slots (x, codes); the codes are a writable temporary."""
+    x = chunk.into(members, slots[0], torch.float32)
     if scale is not None:
-        x, owned = (x.mul_(scale), True) if owned else (x * scale, True)
-    return _bucket_codes(x, owned, _format_cuts(fmt))
+        x.mul_(scale)
+    return _bucket_codes(x, _format_cuts(fmt), slots[1])
 
 
 @functools.lru_cache(maxsize=None)
@@ -303,7 +295,7 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     for group in layout.groups:
         members = group.tensors(grads)
         scale = _on_group_device(factor, group.device)
-        per_chunk = [_segment_counts(chunk, _format_codes(chunk.flat(members), chunk.fresh, fmt, scale), _FORMAT_CODES) for chunk in group.chunks]
+        per_chunk = [_segment_counts(chunk, _format_codes(chunk, members, fmt, scale, (_INPUT, _WORK)), _FORMAT_CODES) for chunk in group.chunks]
         results.append(_counted_formats(group.per_member(per_chunk, "sum")))
     return _format_rows(layout, results)
 
@@ -389,14 +381,18 @@ def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> Tensor:
 
 def _exponent_keys(flat: Tensor) -> Tensor:
     """The key of each element of an IEEE tensor (see :func:`_exponent_bin_tables`): a few
-    integer ops on its bits in place of per-element bin arithmetic."""
+    integer ops on its bits in place of per-element bin arithmetic, in scratch memory (slots
+    _WORK to _FLAGS; the keys are a writable temporary there)."""
     layout = _IEEE_LAYOUTS[flat.dtype]
     log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
-    magnitude = _magnitude_bits(flat)
-    # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its floor(log2).
-    clamped = magnitude.clamp(max=1 << layout.mantissa_bits).to(layout.log2_dtype)
-    keys = clamped.view(log2_layout.int_dtype) >> log2_layout.mantissa_bits
-    return keys.add_(magnitude >> layout.mantissa_bits).add_(magnitude > layout.inf_pattern)
+    n, device = flat.numel(), flat.device
+    magnitude = torch.bitwise_and(flat.view(layout.int_dtype), layout.magnitude_mask, out=scratch(n, layout.int_dtype, device, _WORK))
+    # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its
+    # floor(log2); larger ones convert to at least 2**mantissa_bits, which the clamp gives them all.
+    keys = scratch(n, layout.log2_dtype, device, _SECOND).copy_(magnitude).clamp_(max=1 << layout.mantissa_bits)
+    keys = keys.view(log2_layout.int_dtype).bitwise_right_shift_(log2_layout.mantissa_bits)
+    nan = torch.gt(magnitude, layout.inf_pattern, out=scratch(n, torch.bool, device, _FLAGS))
+    return keys.add_(magnitude.bitwise_right_shift_(layout.mantissa_bits)).add_(nan)
 
 
 @torch.no_grad()
@@ -411,7 +407,7 @@ def exponent_histogram(tensors: Sequence[Tensor]) -> Tensor:
         members = group.tensors(tensors)
         per_chunk = []
         for chunk in group.chunks:
-            flat = _widened(chunk.flat(members))
+            flat = _widened(chunk.read(members, _INPUT))
             table = _exponent_bin_tables(flat.dtype, flat.device)
             per_chunk.append(_segment_counts(chunk, _exponent_keys(flat), table.numel()))
         results.append(_binned(group.per_member(per_chunk, "sum"), table))
@@ -441,10 +437,11 @@ def format_counts_and_exponent_histogram(grads: Sequence[Tensor], fmt: FormatSpe
         scale, group_unscale = _on_group_device(factor, group.device), _on_group_device(unscale, group.device)
         per_chunk = []
         for chunk in group.chunks:
-            flat = chunk.flat(members)
+            flat = chunk.read(members, _INPUT)
             values = _widened(flat if group_unscale is None else flat * group_unscale)
             table = _exponent_bin_tables(values.dtype, values.device)
-            keys = _exponent_keys(values).to(torch.int64).mul_(_FORMAT_CODES).add_(_format_codes(flat, False, fmt, scale))
+            keys = _exponent_keys(values).mul_(_FORMAT_CODES)  # in slot _SECOND: the format codes use two others
+            keys.add_(_format_codes(chunk, members, fmt, scale, (_WORK, _FLAGS)))
             per_chunk.append(_segment_counts(chunk, keys, table.numel() * _FORMAT_CODES).view(len(chunk.pieces), table.numel(), _FORMAT_CODES))
         joint = group.per_member(per_chunk, "sum")
         formats.append(_counted_formats(joint.sum(1)))
@@ -462,11 +459,12 @@ def finite_ranges(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         members = group.tensors(tensors)
         chunk_lows, chunk_highs = [], []
         for chunk in group.chunks:
-            flat = _widened(chunk.flat(members))
+            flat = _widened(chunk.read(members, _INPUT))
             # Non-finite values become -Inf, which no max picks over a finite value.
-            highest = flat.nan_to_num(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
-            negated_lowest = flat.neg().nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+            work = scratch(flat.numel(), flat.dtype, flat.device, _WORK)
+            highest = torch.nan_to_num(flat, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=work)
             chunk_highs.append(torch.stack(torch._foreach_max(chunk.split(highest))))
+            negated_lowest = torch.neg(flat, out=work).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
             chunk_lows.append(torch.stack(torch._foreach_max(chunk.split(negated_lowest))).neg_())
         low = group.per_member(chunk_lows, "amin").double()
         high = group.per_member(chunk_highs, "amax").double()
@@ -493,11 +491,13 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         members = group.tensors(tensors)
         per_chunk = []
         for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
-            values = chunk.flat(members).double()
-            ids = chunk.segment_ids()
-            index = values.sub(chunk_low.index_select(0, ids)).div_(chunk_width.index_select(0, ids)).mul_(bins).floor_().clamp_(0, bins - 1)
-            index.masked_fill_(values.isfinite().logical_not_(), bins)
-            per_chunk.append(_segment_counts(chunk, index.to(torch.int64), bins + 1))
+            # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
+            values = chunk.into(members, _WORK, torch.float64).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            chunk.per_segment_(values, ("sub", chunk_low), ("div", chunk_width))
+            # Clamping before the floor is the same, and for values >= 0 the cast truncates to the floor.
+            values.mul_(bins).clamp_(0, bins - 1).nan_to_num_(nan=bins)
+            index = scratch(chunk.numel, torch.int32, values.device, _INPUT).copy_(values)
+            per_chunk.append(_segment_counts(chunk, index, bins + 1))
         results.append(group.per_member(per_chunk, "sum")[:, :bins])
     return layout.assemble(results, 0, torch.int64, (bins,))
 
@@ -543,7 +543,13 @@ def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
     return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
 
 
-_UPDATE_CODES = 3  # no gradient, changed, unchanged (stale)
+def _segment_sums(chunk: Chunk, marks: Tensor) -> Tensor:
+    """float64 [segments]: how many elements of each segment are 1 in float 0/1 ``marks``.
+
+    A multi-tensor L1 norm (exact up to a chunk's 2**24 elements), cheaper than a count over
+    keys on the CPU and without atomics on a few counters on a GPU; float64 keeps the sums
+    over a cut tensor's segments exact."""
+    return torch.stack(torch._foreach_norm(chunk.split(marks), 1)).double()
 
 
 @torch.no_grad()
@@ -559,20 +565,21 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
     for group in layout.groups:
         olds, news = group.tensors(before), group.tensors(after)
         marks = _gradient_marks([grads[position] for position in group.members], news)
-        changes, sizes, codes = [], [], []
+        changes, sizes, with_grads, stales = [], [], [], []
         for chunk in group.chunks:
-            old, new = chunk.flat(olds), chunk.flat(news)
-            old32 = old.float()
-            changes.append(torch.stack(torch._foreach_norm(chunk.split(new.float() - old32), 2)))
-            sizes.append(torch.stack(torch._foreach_norm(chunk.split(old32), 2)))
-            has_grad = chunk.flat(marks) != 0
-            code = (_bits(old) == _bits(new)).to(torch.int64).add_(1).mul_(has_grad)
-            codes.append(_segment_counts(chunk, code, _UPDATE_CODES))
+            old = chunk.flat(olds)  # a view: the snapshot's chunk copy
+            work = scratch(chunk.numel, torch.float32, old.device, _WORK).copy_(old)
+            sizes.append(torch.stack(torch._foreach_norm(chunk.split(work), 2)))
+            new = chunk.read(news, _INPUT)
+            changes.append(torch.stack(torch._foreach_norm(chunk.split(work.copy_(new).sub_(old)), 2)))
+            unchanged = torch.eq(_bits(old), _bits(new), out=work)
+            has_grad = torch.ne(chunk.read(marks, _INPUT), 0, out=scratch(chunk.numel, torch.float32, old.device, _SECOND))
+            with_grads.append(_segment_sums(chunk, has_grad))
+            stales.append(_segment_sums(chunk, unchanged.mul_(has_grad)))
         change = group.per_member(changes, "norm")
         ratio = (change / group.per_member(sizes, "norm")).masked_fill_(change == 0, 0.0)
-        counts = group.per_member(codes, "sum")
-        with_grad = counts[:, 1] + counts[:, 2]
-        stale = (counts[:, 2].float() / with_grad.clamp(min=1).float()).masked_fill_(with_grad == 0, 0.0)
+        with_grad = group.per_member(with_grads, "sum").float()
+        stale = (group.per_member(stales, "sum").float() / with_grad.clamp(min=1)).masked_fill_(with_grad == 0, 0.0)
         results.append(torch.stack([ratio, stale], 1))
     return layout.assemble(results, 0.0, torch.float32, (2,)).t()
 
@@ -585,11 +592,10 @@ def exp_avg_sq_underflow(states: Sequence[Tensor | None], fmt: FormatSpec) -> Te
     results = []
     for group in layout.groups:
         members = group.tensors(states)
+        # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
         per_chunk = []
         for chunk in group.chunks:
-            # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
-            below_normal = chunk.flat(members).float().abs() < fmt.smallest_normal
-            per_chunk.append(_segment_counts(chunk, below_normal, 2))
-        counts = group.per_member(per_chunk, "sum").float()
-        results.append(counts[:, 1] / counts.sum(1))
+            work = chunk.into(members, _WORK, torch.float32).abs_()
+            per_chunk.append(_segment_sums(chunk, torch.lt(work, fmt.smallest_normal, out=work)))
+        results.append(group.per_member(per_chunk, "sum").float() / _constant(tuple(group.numels), torch.float32, group.device))
     return layout.assemble(results, math.nan, torch.float32)

@@ -48,6 +48,7 @@ from numwatch import protocol, records
 from numwatch.activations import ActivationTracer
 from numwatch.backward_end import BackwardEndTrigger
 from numwatch.backward_roots import RootListener
+from numwatch.chunks import release_scratch
 from numwatch.clipping import ClipObserver
 from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.forward_probe import ForwardProbe
@@ -488,6 +489,8 @@ class Watcher:
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)
+        if not _watched_models:
+            release_scratch()  # the statistics' CPU scratch buffers: no watcher needs them now
         atexit.unregister(self._close_at_exit)
         try:
             self.guarded("close: final quantization", self._measure_final_weights)()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 from urllib.parse import quote
 
-from numwatch.monitor.stack import running_collector
+from numwatch.monitor.stack import running_collector, serve_until_interrupted
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,9 @@ def run_demo(url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: 
         out.write(f"Training finished in {time.monotonic() - started:.0f} s.\n")
         events = report(url, run, out)
         if keep_serving and database is not None:
-            out.write(f"\nOpen {run_page_url(url, run)} in a browser. The collector serves it until Ctrl-C; its temporary\n"
-                      f"database goes then. To keep the page: numwatch export {run} --database-url sqlite:///{database} -o {run}.html\n")
-            out.flush()
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(3600)
+            serve_until_interrupted(
+                f"\nOpen {run_page_url(url, run)} in a browser. The collector serves it until Ctrl-C; its temporary\n"
+                f"database goes then. To keep the page: numwatch export {run} --database-url sqlite:///{database} -o {run}.html\n",
+                out,
+            )
         return run, events

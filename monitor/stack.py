@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -58,6 +60,32 @@ def answers_ok(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def serve_until_interrupted(message: str, out: TextIO) -> None:
+    """Write ``message`` (how to stop), then block until Ctrl-C (SIGINT) or SIGTERM.
+
+    Both are handled explicitly: a process started from a non-interactive shell's
+    background job inherits SIGINT as ignored, and Python then never raises
+    KeyboardInterrupt, so "until Ctrl-C" would mean forever. The previous handlers are
+    restored on return. They are installed before the message goes out, so a signal sent
+    as soon as it is read is not lost.
+    """
+    interrupted = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        interrupted.set()
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        out.write(message)
+        out.flush()
+        # A timed wait: the main thread returns to the interpreter, which runs the handler.
+        while not interrupted.wait(0.5):
+            pass
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def find_binary(*names: str) -> str | None:
@@ -221,12 +249,8 @@ def run_stack(args: argparse.Namespace) -> int:
         print(f"collector     {collector_url}   (export NUMWATCH_URL={collector_url})")
         print(f"prometheus    {prom_url}   (alerts: {prom_url}/alerts)")
         print(f"alertmanager  {am_url}")
-        print(f"logs and data under {workdir}; Ctrl-C stops everything.", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("stopping…")
+        serve_until_interrupted(f"logs and data under {workdir}; Ctrl-C stops everything.\n", sys.stdout)
+        print("stopping…")
     return 0
 
 

@@ -142,3 +142,39 @@ def test_measuring_changes_neither_state_nor_weights() -> None:
         for p, s in optimizer.state.items():
             assert all(torch.equal(a, b) for a, b in zip(before[id(p)], s.values()))
         assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_nadam_with_coupled_weight_decay_against_a_float64_reimplementation(maximize: bool) -> None:
+    """NAdam adds λ·w_before to the gradient: given the weights before the step, the update
+    is rebuilt. The re-implementation is checked against the step torch applied, then the
+    health numbers against it; 5 elements with w = g = 0 keep v = 0 (ε-dominated)."""
+    betas, eps, decay, psi, lr, n = (0.9, 0.999), 1e-8, 0.1, 4e-3, 1e-2, 40
+    generator = torch.Generator().manual_seed(1)
+    param = nn.Parameter(torch.randn(n, dtype=torch.float64, generator=generator))
+    with torch.no_grad():
+        param[:5] = 0.0
+    optimizer = torch.optim.NAdam([param], lr=lr, betas=betas, eps=eps, weight_decay=decay, momentum_decay=psi, maximize=maximize)
+    m, v, mu_product = np.zeros(n), np.zeros(n), 1.0
+    for t in range(1, 7):
+        grad = torch.randn(n, dtype=torch.float64, generator=generator)
+        grad[:5] = 0.0
+        param.grad = grad.clone()
+        before = param.detach().clone()
+        optimizer.step()
+        g = (-1.0 if maximize else 1.0) * grad.numpy() + decay * before.numpy()
+        mu = betas[0] * (1 - 0.5 * 0.96 ** (t * psi))
+        mu_next = betas[0] * (1 - 0.5 * 0.96 ** ((t + 1) * psi))
+        mu_product *= mu
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        root = np.sqrt(v / (1 - betas[1] ** t))
+        update = ((1 - mu) / (1 - mu_product) * g + mu_next / (1 - mu_product * mu_next) * m) / (root + eps)
+        # torch keeps the product of the μ in a float32 tensor: agreement to about 1e-8.
+        np.testing.assert_allclose((before - param.detach()).numpy(), lr * update, rtol=1e-7, atol=1e-10)
+    rms, dominated = adam_health(optimizer, [param], before=[before])[:, 0].tolist()
+    assert rms == pytest.approx(float(np.sqrt(np.mean(update**2))), rel=1e-5)
+    assert float(np.mean(root < eps)) == 5 / n
+    assert dominated == pytest.approx(5 / n, rel=1e-6)
+    # Without the weights before the step the update cannot be rebuilt.
+    assert torch.isnan(adam_health(optimizer, [param])).all()

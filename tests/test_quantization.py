@@ -151,3 +151,37 @@ def test_bf16_weights_are_measured_as_stored() -> None:
     got = quantization_sqnr([w])
     for row, scheme in enumerate(SCHEMES):
         assert got[row, 0].item() == pytest.approx(sqnr_db(reference, REFERENCES[scheme](reference)), abs=1e-3)
+
+
+def test_nf4_search_picks_the_nearest_code_even_next_to_midpoints_and_cell_edges() -> None:
+    """The table search against an exhaustive float64 nearest-value search (first, i.e.
+    lower, code on a tie) on float32 values at, and one or two ulps beside, every midpoint
+    between codes and every cell edge of the table, plus random values and ±1."""
+    codes32 = torch.tensor(nf4_codebook(), dtype=torch.float32)
+    mids = ((codes32[1:].double() + codes32[:-1].double()) / 2).float()
+    edges = torch.arange(quantization.NF4_CELLS + 1, dtype=torch.float32) / (quantization.NF4_CELLS / 2) - 1
+    near = torch.cat([mids, edges, codes32])
+    probes = [near]
+    for direction in (math.inf, -math.inf):
+        one = torch.nextafter(near, torch.tensor(direction))
+        probes += [one, torch.nextafter(one, torch.tensor(direction))]
+    y = torch.cat([*probes, torch.rand(100_000, generator=torch.Generator().manual_seed(7)) * 2 - 1]).clamp(-1, 1)
+    y = torch.cat([y, torch.zeros((-y.numel()) % 64)])
+    blocks = y.reshape(-1, 64).clone()
+    got = quantization._nf4_error(blocks.clone()).reshape(-1).double().numpy()
+    code = codes32.double().numpy()
+    y64 = y.double().numpy()
+    nearest = code[np.argmin(np.abs(y64[:, None] - code[None, :]), axis=1)]
+    np.testing.assert_array_equal(got, y64 - nearest)
+    exact_ties = y64[np.isin(y64, ((codes32[1:].double() + codes32[:-1].double()) / 2).numpy())]
+    assert exact_ties.size > 0  # some midpoints are float32 values: their ties are among the probes
+
+
+def test_nonfinite_weights_give_nan_without_failing() -> None:
+    w = planted((16, 256), seed=8)
+    with_nan, with_inf = w.clone(), w.clone()
+    with_nan[3, 5] = math.nan
+    with_inf[0, 0] = math.inf
+    sqnr = quantization_sqnr([with_nan, with_inf, w])
+    assert torch.isnan(sqnr[:, :2]).all()
+    assert torch.isfinite(sqnr[:, 2]).all()
