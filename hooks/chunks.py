@@ -40,10 +40,10 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
-# Per CPU scratch slot: one byte buffer, grown to the largest chunk it served, and the typed
-# views of it handed out (a view is an op per call: ops per step must not grow with use).
+# Per CPU scratch slot: one byte buffer, grown to the largest chunk it served, and the views
+# of it handed out (cached: a view taken anew each call would add ops to every call).
 _scratch: dict[int, Tensor] = {}
-_views: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
+_scratch_views: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
 _MAX_VIEWS = 256
 
 
@@ -60,25 +60,25 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
 def _scratch_shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    view = _views.get((slot, shape, dtype))
+    view = _scratch_views.get((slot, shape, dtype))
     if view is not None:
         return view
     nbytes = math.prod(shape) * dtype.itemsize
     buffer = _scratch.get(slot)
     if buffer is None or buffer.numel() < nbytes:
         buffer = _scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        for key in [key for key in _views if key[0] == slot]:
-            del _views[key]
-    if len(_views) >= _MAX_VIEWS:  # chunk sizes that keep changing: start over rather than grow
-        _views.clear()
-    view = _views[(slot, shape, dtype)] = buffer[:nbytes].view(dtype).view(shape)
+        for key in [key for key in _scratch_views if key[0] == slot]:
+            del _scratch_views[key]
+    if len(_scratch_views) >= _MAX_VIEWS:  # chunk sizes that keep changing: start over rather than grow
+        _scratch_views.clear()
+    view = _scratch_views[(slot, shape, dtype)] = buffer[:nbytes].view(dtype).view(shape)
     return view
 
 
 def release_scratch() -> None:
     """Drop the CPU scratch buffers (a watcher detached)."""
     _scratch.clear()
-    _views.clear()
+    _scratch_views.clear()
 
 
 def _index(values: Sequence[int], device: torch.device) -> Tensor:

@@ -32,7 +32,8 @@ from torch import nn
 
 from numwatch import records, stats
 from numwatch.clipping import ClipEffect
-from numwatch.optim_health import adam_health
+from numwatch.chunks import to_device
+from numwatch.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.quantization import quantization_sqnr
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.hostcopy import DeviceStack
@@ -187,7 +188,11 @@ class WatchedTensors:
         parts = {records.WEIGHT: weight_stats}
         self._add_histograms(parts, "weight", weights, None)
         if self.sharding is not None:
-            return parts  # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards
+            # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards.
+            if adam_family(optimizer):
+                (sums,) = self.sharding.sums([adam_sums(optimizer, self.parameters)])
+                parts[records.ADAM] = health_from_sums(sums, self._numels(sums.device))
+            return parts
         if snapshot is not None and reading is not None and reading.grads:
             present = reading.present if reading.present is not None else range(len(weights))
             parts[records.UPDATE] = stats.update_stats([snapshot[i] for i in present], [weights[i] for i in present], reading.grads)
@@ -201,11 +206,15 @@ class WatchedTensors:
             parts[records.ADAM] = adam_health(optimizer, self.parameters, before=snapshot)
         return parts
 
+    def _numels(self, device: torch.device) -> torch.Tensor:
+        """float [n]: the whole tensors' element counts."""
+        return to_device(torch.tensor([float(p.numel()) for p in self.parameters]), device)
+
     def quant_parts(self) -> dict[str, torch.Tensor]:
-        """The weights' SQNR under each quantization scheme, as they are now. Per-channel and
-        group scales need whole rows, which a shard does not hold: not for sharded parameters."""
+        """The weights' SQNR under each quantization scheme, as they are now (of the whole
+        tensors, from the shards where sharded: see :mod:`numwatch.sharded` for what is local)."""
         if self.sharding is not None:
-            return {}
+            return {records.QUANT: self.sharding.quantization_sqnr(self.local_parameters(), [p.numel() for p in self.parameters])}
         return {records.QUANT: quantization_sqnr(self.local_parameters())}
 
 
@@ -298,7 +307,7 @@ class StepMeasurement:
             attention, output_logits = forward_parts
             if attention:
                 attention_calls = list(attention)
-                stack.add(records.ATTENTION_LOGIT_MAX, torch.stack([value.to(device) for value in attention.values()]))
+                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
             if output_logits is not None:
                 stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
         return StepRecord(

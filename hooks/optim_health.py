@@ -136,6 +136,11 @@ def _measure(optimizer: torch.optim.Optimizer) -> Any:
     return None
 
 
+def adam_family(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the optimizer's state is one these statistics read."""
+    return optimizer is not None and _measure(optimizer) is not None
+
+
 def _local_numel(param: Tensor) -> int:
     return local_tensor(param).numel()
 

@@ -192,6 +192,14 @@ def _float_noise(weight: Tensor, amax: Tensor, accumulate: torch.dtype) -> tuple
     return signal, nf4, fp8
 
 
+def tensor_absmax(weights: Sequence[Tensor]) -> Tensor:
+    """float32 [n]: max |w| of each weight (0 for an empty one), what fp8 scales by."""
+    device = weights[0].device if weights else torch.device("cpu")
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    maxima = [_absmax(w.detach()).float().to(device, non_blocking=True) if w.numel() else zero for w in weights]
+    return torch.stack(maxima) if maxima else torch.zeros(0, dtype=torch.float32, device=device)
+
+
 def quantization_sums(weights: Sequence[Tensor], amax: Tensor | None = None) -> Tensor:
     """float64 (float32 where the device has no float64) [1 + len(SCHEMES), n]: ‖w‖², then
     ‖w − Q(w)‖² per scheme in ``SCHEMES`` order, of each weight; NaN for tensors with fewer

@@ -8,6 +8,13 @@ collectives per step do not grow with the number of tensors.
 
 Tensors that are not sharded (plain tensors, or DTensors replicated on the group) hold the
 same values on every rank of the group: their sums are counted once (group rank 0's).
+
+Quantization SQNR needs whole rows and blocks: under ``Shard(0)`` (FSDP2's default) a shard
+holds whole rows, so int8 (per row) and int4 (groups along the row) are local; NF4's blocks of
+64 over the flattened tensor are local when every shard starts on a block boundary (its
+first element's flat offset a multiple of 64), else NF4 reports NaN for that tensor; fp8
+scales by the global abs-max (one MAX first). The squared norms of w and of w − Q(w) then
+add up across the shards. Under ``Shard(d)`` with d > 0 only fp8 is measured.
 """
 
 from __future__ import annotations
@@ -15,10 +22,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from numwatch.quantization import NF4_BLOCK, SCHEMES, quantization_sums, sqnr_from_sums, tensor_absmax
 
 
 class UnsupportedConfiguration(RuntimeError):
@@ -45,7 +56,7 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def _shard_dim(parameter: Tensor, name: str) -> tuple[object, int] | None:
+def _shard_dim(parameter: Tensor, name: str) -> tuple[Any, int] | None:
     """(mesh, mesh dim) a DTensor parameter is sharded over; None when it is replicated."""
     from torch.distributed.tensor import Replicate, Shard
 
@@ -60,14 +71,32 @@ def _shard_dim(parameter: Tensor, name: str) -> tuple[object, int] | None:
     return (parameter.device_mesh, sharded[0]) if sharded else None
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where this rank's shard of a parameter lies in it."""
+
+    dim: int  # the tensor dimension it is cut along
+    flat_offset: int  # its first element's position in the flattened whole tensor
+    empty: bool
+
+
+def _shard_layout(parameter: Tensor, mesh: Any, mesh_dim: int) -> ShardLayout:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(parameter.shape, mesh, parameter.placements)
+    strides = [math.prod(parameter.shape[i + 1 :]) for i in range(parameter.dim())]
+    return ShardLayout(parameter.placements[mesh_dim].dim, sum(o * s for o, s in zip(offset, strides)), math.prod(shape) == 0)
+
+
 class ShardReduction:
     """Combines per-shard statistics of the watched tensors into whole-tensor ones."""
 
-    def __init__(self, group: dist.ProcessGroup, sharded: Sequence[bool]) -> None:
+    def __init__(self, group: dist.ProcessGroup, layouts: Sequence[ShardLayout | None]) -> None:
         self.group = group
         self.group_rank = dist.get_rank(group)
         self.group_size = dist.get_world_size(group)
-        self._sharded = torch.tensor(list(sharded), dtype=torch.bool)
+        self.layouts = list(layouts)  # None: not sharded
+        self._sharded = torch.tensor([layout is not None for layout in layouts], dtype=torch.bool)
 
     @classmethod
     def for_parameters(cls, named_parameters: Sequence[tuple[str, Tensor]]) -> ShardReduction | None:
@@ -83,7 +112,7 @@ class ShardReduction:
         if len(groups) > 1:
             raise UnsupportedConfiguration("numwatch: parameters are sharded over different process groups; watch each group's parameters separately (include=/exclude=)")
         (group,) = groups.values()
-        return cls(group, [s is not None for s in shards])
+        return cls(group, [None if s is None else _shard_layout(p, *s) for (_, p), s in zip(named_parameters, shards)])
 
     def _owned(self, positions: Sequence[int] | None, device: torch.device) -> Tensor:
         """bool [k]: whether this rank's values of those tensors enter the sums."""
@@ -134,6 +163,33 @@ class ShardReduction:
         low = -negated_low
         none = low > high
         return low.masked_fill(none, math.nan), high.masked_fill(none, math.nan)
+
+    def sums(self, parts: Sequence[Tensor]) -> list[Tensor]:
+        """Float parts (last dimension all tensors) summed over the shards: one collective."""
+        summed, _ = self.reduce(parts, [])
+        return summed
+
+    def _unmeasured(self, device: torch.device) -> Tensor:
+        """bool [1 + len(SCHEMES), n]: the quantization sums this rank's shards cannot give
+        (see the module docstring); row 0, ‖w‖², is always local."""
+        rows = []
+        for layout in self.layouts:
+            whole_rows = layout is None or layout.dim == 0
+            whole_blocks = layout is None or layout.empty or (layout.dim == 0 and layout.flat_offset % NF4_BLOCK == 0)
+            local = {"int8": whole_rows, "int4": whole_rows, "nf4": whole_blocks, "fp8": True}
+            rows.append([False, *(not local[scheme] for scheme in SCHEMES)])
+        return torch.tensor(rows, dtype=torch.bool).t().to(device)
+
+    def quantization_sqnr(self, shards: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
+        """float32 [len(SCHEMES), n] SQNR of the whole tensors from this rank's ``shards`` of
+        them (``numels``: the whole tensors' sizes): one MAX (the abs-maxima fp8 scales by)
+        and two SUMs (NaN flags, then the squared norms)."""
+        _, (amax,) = self.reduce([], [tensor_absmax(shards)])
+        sums = quantization_sums(shards, amax)
+        sums = sums.masked_fill(self._unmeasured(sums.device), math.nan)
+        (summed,) = self.sums([sums])
+        empty = torch.tensor([n == 0 for n in numels], device=summed.device)
+        return sqnr_from_sums(summed).masked_fill(empty, math.nan)
 
 
 def _from_deepspeed(obj: object) -> bool:

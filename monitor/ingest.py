@@ -224,11 +224,20 @@ def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
     }
 
 
+# What the detectors read of the steps before a batch (rolling windows, streaks, episodes).
+_HISTORY_COLUMNS = ("step", "global_grad_norm", "scale_decision", "loss_scale", "new_loss_scale")
+
+
 def _history(session: Session, run: Run, rank: int, before: int, window: int) -> list[dict[str, Any]]:
+    columns = [getattr(Step, name) for name in _HISTORY_COLUMNS]
     rows = session.execute(
-        select(Step).where(Step.run_id == run.id, Step.rank == rank, Step.step < before).order_by(Step.step.desc()).limit(window)
-    ).scalars().all()
-    return [step_view(row, len(run.tensors)) for row in reversed(rows)]
+        select(*columns, Step.stat_names, Step.tensor_stats)
+        .where(Step.run_id == run.id, Step.rank == rank, Step.step < before).order_by(Step.step.desc()).limit(window)
+    ).all()
+    return [
+        {**{name: row[i] for i, name in enumerate(_HISTORY_COLUMNS)}, "tensors": unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))}
+        for row in reversed(rows)
+    ]
 
 
 def _not_finite(value: float | None) -> bool:
@@ -369,21 +378,18 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     new_events: list[dict[str, Any]] = [event.model_dump() for event in document.events]
     numel = np.array([math.prod(t["shape"]) for t in run.tensors], dtype=np.float64)
     if new_rows:
-        session.execute(insert(Step), new_rows)
+        session.execute(Step.__table__.insert(), new_rows)
         views = [step_view(row, n_tensors) for row in new_rows]
         history = _history(session, run, rank, new_rows[0]["step"], config.window)
         new_events += detectors.detect(history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel)
-        spike_history = {
-            signal: spikes.stored_points(session, run.id, rank, new_rows[0]["step"], signal, 2 * config.spike_window)
-            for signal in spikes.SIGNALS
-        }
+        spike_history = spikes.stored_history(session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window)
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
         new_steps = {row["step"] for row in new_rows}
         forward_rows = [row for step in document.steps if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None]
         forward_rows = sorted({row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"])  # first copy wins
-        rollups.record(session, run.id, rank, views, n_tensors)
+        rollups.record(session, run.id, rank, views, n_tensors, state.last_step)
     else:
         views, forward_rows = [], []
     if forward_rows:
@@ -405,7 +411,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
                     **{name: compress_histogram_array(name, getattr(h, name)) for name in protocol.HISTOGRAM_LENGTHS},
                 })
         if fresh:
-            session.execute(insert(Histogram), list(fresh.values()))
+            session.execute(Histogram.__table__.insert(), list(fresh.values()))
 
     existing_events = _existing_event_keys(session, run.id, rank, new_events)
     unique_events: dict[tuple[int, str], dict[str, Any]] = {}
@@ -423,7 +429,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     _update_quant_state(state, views + supplement_views)
     if supplement_views:  # the added stats only: the step's other series are in the rollups already
         added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplement_views]
-        rollups.record(session, run.id, rank, added, n_tensors, scalars=False)
+        rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()
     if document.status != "running" or run.status != "running":

@@ -3,8 +3,13 @@
 Arrays are byte-shuffled (all first bytes of the elements, then all second bytes, ...)
 before zlib: the high bytes of float32 norms and of int64 counts barely vary between
 tensors, so shuffled they compress to little while raw they interleave with random low
-bytes. The store compresses itself rather than leaving it to the database: PostgreSQL's
-TOAST compressor gives up on a value whose first kilobyte does not shrink.
+bytes. Planes of different statistics go to separate deflate blocks, each with its own
+Huffman codes (one table shared by a plane of few distinct bytes and planes of random ones
+costs every random byte more than 8 bits): a float's sign-and-exponent byte apart from its
+mantissa bytes, each byte of an integer apart. A 300-tensor step's two norm arrays take 1,990
+bytes instead of 2,167. The blob stays one zlib stream, read by plain ``zlib.decompress``.
+The store compresses itself rather than leaving it to the database: PostgreSQL's TOAST
+compressor gives up on a value whose first kilobyte does not shrink.
 
 A step's stats are one blob: ``stat_names`` lists the stats in ``TENSOR_STATS`` order, a
 name ending in ``=0`` marks an array that is all zero (NaN/Inf counts, almost always) and
@@ -20,24 +25,50 @@ import numpy as np
 from numwatch.protocol import TENSOR_STATS
 
 ZERO_SUFFIX = "=0"
-# zlib level 1: on shuffled norms and narrowed counts about as small as level 9, several times faster.
+# zlib level 1 with run-length matches only: shuffled planes hold runs (the zero high bytes of
+# counts) and random bytes, not repeated strings; smaller than the default match search here
+# (a step's format counts 2,162 bytes instead of 2,357) and no slower.
 LEVEL = 1
+STRATEGY = zlib.Z_RLE
 # Histogram counts are stored in the narrowest of these that holds them (a count of a 64k-element
 # tensor fits 2 bytes, not 8): a quarter of the bytes to compress, the same size compressed.
 COUNT_DTYPES = ("<u1", "<u2", "<u4", "<i8")
 
 
-def _shuffle(raw: bytes, itemsize: int) -> bytes:
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
+def _planes(raw: bytes, itemsize: int) -> np.ndarray:
+    """The byte planes of an array of ``itemsize``-byte elements, one per row."""
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T
 
 
 def _unshuffle(shuffled: bytes, itemsize: int) -> bytes:
     return np.frombuffer(shuffled, dtype=np.uint8).reshape(itemsize, -1).T.tobytes()
 
 
-def compress_arrays(arrays: list[tuple[bytes, int]]) -> bytes:
-    """One zlib blob of the shuffled ``(raw bytes, itemsize)`` arrays, in order."""
-    return zlib.compress(b"".join(_shuffle(raw, itemsize) for raw, itemsize in arrays), LEVEL) if arrays else b""
+def _blocks(planes: np.ndarray, floating: bool) -> list[np.ndarray]:
+    """The planes of one array grouped into deflate blocks: a float's low mantissa bytes (alike: random)
+    share one and its sign-and-exponent byte has its own; each byte of an integer has its own."""
+    if floating and len(planes) > 1:
+        return [planes[:-1], planes[-1:]]
+    return [planes[i:i + 1] for i in range(len(planes))]
+
+
+def compress_arrays(arrays: list[tuple[bytes, np.dtype]], blocks: bool = True) -> bytes:
+    """One zlib blob of the shuffled ``(raw bytes, dtype)`` arrays, in order; ``blocks=False``: in one
+    deflate block (a third of the time, for blobs where the blocks would save little)."""
+    if not arrays:
+        return b""
+    if not blocks:
+        return zlib.compress(b"".join(_planes(raw, dtype.itemsize).tobytes() for raw, dtype in arrays), LEVEL)
+    compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, STRATEGY)
+    blocks = [block for raw, dtype in arrays for block in _blocks(_planes(raw, dtype.itemsize), dtype.kind == "f")]
+    parts = []
+    for block in blocks[:-1]:
+        parts.append(compressor.compress(block.tobytes()))
+        # A block costs a Huffman table and its time; constant planes (zero high bytes) are a few
+        # run-length codes in any block.
+        if block.size and not (block == block[:, :1]).all():
+            parts.append(compressor.flush(zlib.Z_BLOCK))
+    return b"".join(parts) + compressor.compress(blocks[-1].tobytes()) + compressor.flush()
 
 
 def decompress_arrays(blob: bytes, sizes: list[tuple[int, int]]) -> list[bytes]:
@@ -63,8 +94,8 @@ def element(shuffled: bytes, offset: int, n: int, itemsize: int, index: int) -> 
     return bytes(shuffled[offset + j * n + index] for j in range(itemsize))
 
 
-def compress_array(raw: bytes, itemsize: int) -> bytes:
-    return compress_arrays([(raw, itemsize)])
+def compress_array(raw: bytes, dtype: np.dtype) -> bytes:
+    return compress_arrays([(raw, dtype)])
 
 
 def compress_counts(raw: bytes) -> bytes:
@@ -75,7 +106,7 @@ def compress_counts(raw: bytes) -> bytes:
         top = int(counts.max()) if counts.size else 0
         code = next(i for i, dtype in enumerate(COUNT_DTYPES) if top <= np.iinfo(dtype).max)
     dtype = np.dtype(COUNT_DTYPES[code])
-    return bytes([code]) + compress_array(counts.astype(dtype).tobytes(), dtype.itemsize)
+    return bytes([code]) + compress_array(counts.astype(dtype).tobytes(), dtype)
 
 
 def decompress_counts(blob: bytes) -> bytes:
@@ -100,7 +131,7 @@ def pack_stats(stats: dict[str, bytes]) -> tuple[str, bytes]:
             names.append(name + ZERO_SUFFIX)
         else:
             names.append(name)
-            arrays.append((raw, np.dtype(TENSOR_STATS[name]).itemsize))
+            arrays.append((raw, np.dtype(TENSOR_STATS[name])))
     return ",".join(names), compress_arrays(arrays)
 
 
@@ -128,7 +159,7 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
 
 def compress_histogram_array(name: str, raw: bytes) -> bytes:
     """A histogram document's array as stored: counts narrowed (``exponent``, ``linear``), bounds as they are."""
-    return compress_counts(raw) if name in ("exponent", "linear") else compress_array(raw, 4)
+    return compress_counts(raw) if name in ("exponent", "linear") else compress_array(raw, np.dtype("<f4"))
 
 
 def decompress_histogram_array(name: str, blob: bytes) -> bytes:

@@ -4,8 +4,8 @@ A window of steps ``low..high`` is answered in buckets of ``width`` steps aligne
 multiples of it. Each bucket keeps its minimum and its maximum (±Inf included, at the
 first step reaching them) and its first NaN, so every spike and every non-finite value
 of the window shows, whatever the zoom. Short windows (at most ``RAW_SPAN`` steps) read
-the raw rows; longer ones choose the finest rollup level reading at most ``ROW_BUDGET``
-rows and merge consecutive buckets; the window's ragged edges come from finer levels and
+the raw rows; longer ones choose the finest rollup level reading at most ``ROWS_PER_BUCKET``
+rows per bucket answered and merge consecutive buckets; the window's ragged edges come from finer levels and
 the raw rows, so the answer is exactly the raw rows' answer for the same width.
 """
 
@@ -24,7 +24,9 @@ from numwatch.monitor.models import Step
 from numwatch.monitor.packing import unpack_stats
 
 RAW_SPAN = 1024
-ROW_BUDGET = 1024
+# Rollup rows a read may decode per bucket it answers: with levels four apart, a whole-run read
+# decodes between half and twice as many rows as it returns buckets.
+ROWS_PER_BUCKET = 2
 
 
 def bucket_width(low: int, high: int, buckets: int, unit: int = 1) -> int:
@@ -93,9 +95,10 @@ def raw_values(session: Session, run_id: int, rank: int, name: str, low: int, hi
             yield row.step, np.array([value], np.float64)
 
 
-def choose_level(low: int, high: int) -> int:
-    """The finest rollup level covering ``low..high`` in at most ``ROW_BUDGET`` buckets (else the coarsest)."""
-    return next((level for level in rollups.LEVELS if high // level - low // level + 1 <= ROW_BUDGET), rollups.LEVELS[-1])
+def choose_level(low: int, high: int, buckets: int) -> int:
+    """The finest rollup level covering ``low..high`` in at most ``ROWS_PER_BUCKET * buckets`` rows (else the coarsest)."""
+    budget = ROWS_PER_BUCKET * max(1, buckets)
+    return next((level for level in rollups.LEVELS if high // level - low // level + 1 <= budget), rollups.LEVELS[-1])
 
 
 def pieces(low: int, high: int, top: int) -> list[tuple[int, int, int]]:
@@ -115,29 +118,33 @@ def pieces(low: int, high: int, top: int) -> list[tuple[int, int, int]]:
     return out
 
 
+def _runs(parts: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Consecutive rollup pieces of one level joined (raw pieces stay within their finest bucket)."""
+    out: list[tuple[int, int, int]] = []
+    for part in parts:
+        if out and part[0] > 1 and out[-1][0] == part[0] and out[-1][2] + 1 == part[1]:
+            out[-1] = (part[0], out[-1][1], part[2])
+        else:
+            out.append(part)
+    return out
+
+
 def bucket_summaries(session: Session, run_id: int, rank: int, name: str, low: int, high: int, width: int, level: int, n_tensors: int, column: int | None) -> Iterator[tuple[int, rollups.Summary]]:
     """(first step, summary) of each ``width``-step bucket of ``low..high`` holding values, from rollups up to ``level``."""
-    parts = pieces(low, high, level)
-    by_level: dict[int, list[int]] = {}
-    for part_level, first, _ in parts:
-        if part_level > 1:
-            by_level.setdefault(part_level, []).append(first // part_level)
-    found: dict[tuple[int, int], rollups.Summary] = {}
-    for part_level, buckets in by_level.items():
-        for start in range(0, len(buckets), ROW_BUDGET):
-            chunk = buckets[start:start + ROW_BUDGET]
-            for bucket, summary in rollups.read_buckets(session, run_id, rank, name, part_level, chunk, n_tensors, column):
-                found[(part_level, bucket * part_level)] = summary
-    for part_level, first, last in parts:
+    found: list[tuple[int, rollups.Summary]] = []
+    for part_level, first, last in _runs(pieces(low, high, level)):
         if part_level == 1:
             rows = list(raw_values(session, run_id, rank, name, first, last, n_tensors, column))
             if rows:
-                found[(1, first)] = rollups.summarize(np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]))
-    firsts = [first for part_level, first, _ in parts if (part_level, first) in found]
-    if not firsts:
+                found.append((first, rollups.summarize(np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]))))
+        else:
+            pieces_found = rollups.read_range(session, run_id, rank, name, part_level, first // part_level, last // part_level, n_tensors, column)
+            found += [(piece_level * bucket, summary) for piece_level, bucket, summary in pieces_found]
+    if not found:
         return
-    merged = rollups.reduce_groups(rollups.stack([found[(part_level, first)] for part_level, first, _ in parts if (part_level, first) in found]), np.array(firsts, np.int64) // width)
-    for index, bucket in enumerate(sorted({first // width for first in firsts})):
+    groups = np.array([first for first, _ in found], np.int64) // width
+    merged = rollups.reduce_groups(rollups.stack([summary for _, summary in found]), groups)
+    for index, bucket in enumerate(np.unique(groups).tolist()):
         yield max(low, bucket * width), rollups.row(merged, index)
 
 
@@ -166,5 +173,5 @@ def read_window(
         if len(rows) <= limit:
             return rows, []
         return [], raw_buckets(rows, low, bucket_width(low, high, buckets))
-    level = choose_level(low, high)
+    level = choose_level(low, high, buckets)
     return [], list(bucket_summaries(session, run_id, rank, name, low, high, bucket_width(low, high, buckets, level), level, n_tensors, column))

@@ -64,7 +64,7 @@ def judge(points: Sequence[tuple[int, float]], sigmas: float, window: int) -> li
     ]
 
 
-def stored_points(session: Session, run_id: int, rank: int, before: int, signal: str, count: int) -> Points:
+def _stored_points(session: Session, run_id: int, rank: int, before: int, signal: str, count: int) -> Points:
     """The last ``count`` stored values of ``signal`` below step ``before``, ascending."""
     column = getattr(Step, SIGNALS[signal][0])
     rows = session.execute(
@@ -72,6 +72,22 @@ def stored_points(session: Session, run_id: int, rank: int, before: int, signal:
         .order_by(Step.step.desc()).limit(count)
     ).all()
     return [(row[0], row[1]) for row in reversed(rows)]
+
+
+def stored_history(session: Session, run_id: int, rank: int, before: int, count: int) -> dict[str, Points]:
+    """Per signal, the last ``count`` stored values below step ``before``, ascending.
+
+    One query for the last ``count`` steps serves every signal that has a value at each of them
+    (the usual case); a signal some of those steps lack is read on its own."""
+    columns = [getattr(Step, column) for column, _ in SIGNALS.values()]
+    rows = session.execute(
+        select(Step.step, *columns).where(Step.run_id == run_id, Step.rank == rank, Step.step < before).order_by(Step.step.desc()).limit(count)
+    ).all()
+    out = {}
+    for i, signal in enumerate(SIGNALS, start=1):
+        points = [(row[0], row[i]) for row in reversed(rows) if row[i] is not None]
+        out[signal] = points if len(points) == len(rows) or len(rows) < count else _stored_points(session, run_id, rank, before, signal, count)
+    return out
 
 
 def _nearest_spike_before(step: int, judgements: list[Judgement], window: int) -> int | None:

@@ -124,6 +124,7 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         collectives.append(0)
         watcher.gradients_ready()  # the gradients changed after the backward: read them again
         optimizer.step()
+        collectives.append(0)
         watcher.close()
 
         saved["collectives"] = collectives
@@ -138,13 +139,18 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
+def spawn_ranks(train, spool: Path) -> None:
+    """Run ``train(rank, port, spool, repository root)`` in WORLD_SIZE fresh processes."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    spool = tmp_path_factory.mktemp("fsdp")
     root = str(Path(__file__).resolve().parents[1])
-    mp.spawn(_train, args=(_free_port(), str(spool), root), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(train, args=(_free_port(), str(spool), root), nprocs=WORLD_SIZE, join=True)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    spool = tmp_path_factory.mktemp("fsdp")
+    spawn_ranks(_train, spool)
     saved = torch.load(spool / "reference0.pt", weights_only=False)
     saved["clip_returned_by_rank"] = [torch.load(spool / f"reference{rank}.pt", weights_only=False)["clip_returned"] for rank in range(WORLD_SIZE)]
     (run_dir,) = spool.glob("fsdp.*")  # both ranks are one instance
@@ -186,6 +192,9 @@ def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
         assert event["details"]["tensors"][0] == {"name": "0.weight", "nan": 1, "inf": 0}
     # Read again after the NaN was written: norms and abs-max (one SUM, one MAX), then the NaN counts (one SUM).
     assert saved["collectives"][STEPS + 1] == 3
+    # close() measures the final weights' quantization: the abs-maxima (a MAX and its NaN
+    # flags' SUM), then the squared norms (one SUM), for all tensors together.
+    assert saved["collectives"][STEPS + 2] == 3
 
 
 def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_run):

@@ -206,7 +206,7 @@ def test_packed_stats_round_trip_and_the_wrong_size_raises_value_error(raw: byte
         assert unpack_stats(stat_names, blob, n_tensors)[stat].tobytes() == raw
     else:
         with pytest.raises(ValueError):
-            unpack_stats(stat, compress_arrays([(raw, 1)]), n_tensors)
+            unpack_stats(stat, compress_arrays([(raw, np.dtype(np.uint8))]), n_tensors)
 
 
 @BOUNDED

@@ -8,10 +8,12 @@ windows, a window inside one bucket) must give exactly the raw rows' answer.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
@@ -19,6 +21,7 @@ from numwatch.monitor import db, queries, rollups, series
 from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.ingest import register_run, store_batch
+from numwatch.monitor.models import Rollup
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import BatchDocument, RunDocument
 from tests.collector_docs import TENSORS, array, run_doc
@@ -152,7 +155,7 @@ def test_the_series_api_answers_a_long_run_from_rollups_exactly(stored) -> None:
         tensor = TENSORS[column]["name"] if column is not None else None
         answer = queries.series(session, run, name, tensor, 0, None, None, 1000)
         low, high = int(steps[0]), int(steps[-1])  # the window is the run's stored steps
-        level = series.choose_level(low, high)
+        level = series.choose_level(low, high, 333)
         expected = reference(*_series(data, name, column), series.bucket_width(low, high, 333, level))
         assert len(answer["steps"]) <= 1000
         _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
@@ -169,16 +172,45 @@ def test_a_short_window_is_the_raw_rows(stored) -> None:
 def test_the_heatmap_covers_the_whole_run_in_bounded_columns(stored) -> None:
     session, run, data = stored
     steps, norms = data["steps"], data["grad_norm"]
-    cells = queries.heatmap(session, run, "grad_norm", 0, 50)
+    answer = queries.heatmap(session, run, "grad_norm", 0, 50)
+    cells = answer.cells()
+    assert json.loads(answer.cells_json()) == cells
     columns = sorted({cell["step"] for cell in cells})
     assert len(columns) <= 50 and len(cells) == len(columns) * N
     low, high = int(steps[0]), int(steps[-1])
-    width = series.bucket_width(low, high, 50, series.choose_level(low, high))
+    width = series.bucket_width(low, high, 50, series.choose_level(low, high, 50))
     for cell in cells:
         column = [t["name"] for t in TENSORS].index(cell["tensor"])
         members = (steps // width) == cell["step"] // width
         values = norms[members, column].astype(np.float64)
         expected = math.nan if np.isnan(values).any() else float(values.max())
         assert repr(protocol.decode_float(cell["value"])) == repr(expected)
-    window = queries.heatmap(session, run, "grad_norm", 0, 50, start=16384, end=16384 + 30000)
+    window = queries.heatmap(session, run, "grad_norm", 0, 50, start=16384, end=16384 + 30000).cells()
     assert {cell["step"] for cell in window} and all(16384 <= cell["step"] <= 16384 + 30000 for cell in window)
+
+
+def test_buckets_without_coarse_rows_are_read_from_finer_levels(stored) -> None:
+    """A database written before the coarser levels existed has only finer rows there: reads stay exact,
+    and buckets completed afterwards are folded from what is there."""
+    session, run, data = stored
+    session.execute(sa.delete(Rollup).where(Rollup.level.in_(rollups.LEVELS[1::2])))
+    session.commit()
+    steps, norms = data["steps"], data["grad_norm"]
+    more = np.arange(int(steps[-1]) + 1, int(steps[-1]) + 1 + 3 * 64)
+    rng = np.random.default_rng(3)
+    extra = rng.lognormal(-2, 1, (len(more), N)).astype(np.float32)
+    extra[5, 1] = np.nan
+    for start in range(0, len(more), 64):
+        docs = [{"step": int(s), "time": 2e9 + int(s), "lr": [1e-3], "tensors": {"grad_norm": array(extra[i], "<f4"), "nan_count": array(np.zeros(N, np.int64), "<i8")}}
+                for i, s in enumerate(more[start:start + 64], start)]
+        store_batch(session, find_run(session, "r1", EVERYTHING), BatchDocument.model_validate({"protocol": 1, "run": "r1", "rank": 0, "steps": docs}), DetectorConfig())
+        session.commit()
+    all_steps, all_norms = np.concatenate([steps, more]), np.concatenate([norms, extra])
+    low, high = int(all_steps[0]), int(all_steps[-1])
+    for column in (1, 2):
+        answer = queries.series(session, run, "grad_norm", TENSORS[column]["name"], 0, None, None, 1000)
+        expected = reference(all_steps, all_norms[:, column], series.bucket_width(low, high, 333, series.choose_level(low, high, 333)))
+        _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
+        for level in rollups.LEVELS:
+            got = [p for _, s in series.bucket_summaries(session, run.id, 0, "grad_norm", low, high, level, level, N, column) for p in series.summary_points(s)]
+            _same(got, reference(all_steps, all_norms[:, column], level))

@@ -67,7 +67,7 @@ def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_
             scalars = {name: protocol.decode_float(row[name]) for name in rollups.STEP_SCALARS}  # SQLite holds NaN as 'NaN'
             views.append(step_view({**row, **scalars, "stat_names": stat_names, "tensor_stats": blob}, n_tensors))
         session.execute(change, changes)
-        rollups.record(session, run_id, rank, views, n_tensors)
+        rollups.record(session, run_id, rank, views, n_tensors, max(last, 0))
         last = rows[-1]["step"]
 
 
