@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -40,10 +41,17 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
-# Per CPU scratch slot: one byte buffer, grown to the largest chunk it served, and the views
-# of it handed out (cached: a view taken anew each call would add ops to every call).
-_scratch: dict[int, Tensor] = {}
-_scratch_views: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
+class _Scratch(threading.local):
+    """Per thread (two models trained in two threads must not share a temporary), per CPU
+    scratch slot: one byte buffer, grown to the largest chunk it served, and the views of it
+    handed out (cached: a view taken anew each call would add ops to every call)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Tensor] = {}
+        self.views: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
+
+
+_scratch = _Scratch()
 _MAX_VIEWS = 256
 
 
@@ -60,25 +68,26 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
 def _scratch_shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    view = _scratch_views.get((slot, shape, dtype))
+    views = _scratch.views
+    view = views.get((slot, shape, dtype))
     if view is not None:
         return view
     nbytes = math.prod(shape) * dtype.itemsize
-    buffer = _scratch.get(slot)
+    buffer = _scratch.buffers.get(slot)
     if buffer is None or buffer.numel() < nbytes:
-        buffer = _scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
-        for key in [key for key in _scratch_views if key[0] == slot]:
-            del _scratch_views[key]
-    if len(_scratch_views) >= _MAX_VIEWS:  # chunk sizes that keep changing: start over rather than grow
-        _scratch_views.clear()
-    view = _scratch_views[(slot, shape, dtype)] = buffer[:nbytes].view(dtype).view(shape)
+        buffer = _scratch.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        for key in [key for key in views if key[0] == slot]:
+            del views[key]
+    if len(views) >= _MAX_VIEWS:  # chunk sizes that keep changing: start over rather than grow
+        views.clear()
+    view = views[(slot, shape, dtype)] = buffer[:nbytes].view(dtype).view(shape)
     return view
 
 
 def release_scratch() -> None:
-    """Drop the CPU scratch buffers (a watcher detached)."""
-    _scratch.clear()
-    _scratch_views.clear()
+    """Drop this thread's CPU scratch buffers (a watcher detached; another thread's go with it)."""
+    _scratch.buffers.clear()
+    _scratch.views.clear()
 
 
 def _index(values: Sequence[int], device: torch.device) -> Tensor:

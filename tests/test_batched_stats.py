@@ -244,9 +244,37 @@ def test_reused_scratch_memory_leaves_no_trace_between_calls() -> None:
     first = _all_statistics(grads, weights)
     noise = [torch.full((4000,), NAN), torch.randn(3000, dtype=torch.float64) * 1e30, torch.full((999,), INF).half()]
     _all_statistics(noise, [n.clone() for n in noise])
-    assert 0 < len(chunks._scratch) <= 4  # a few slots, each grown to the largest chunk it served
+    assert 0 < len(chunks._scratch.buffers) <= 4  # a few slots, each grown to the largest chunk it served
     again = _all_statistics(grads, weights)
     for name, result in first.items():
         np.testing.assert_array_equal(again[name].numpy(), result.numpy(), err_msg=name)
     chunks.release_scratch()
-    assert not chunks._scratch
+    assert not chunks._scratch.buffers
+
+
+def test_threads_have_their_own_scratch_memory() -> None:
+    """Two models trained in two threads take their statistics at the same time: each thread
+    writes its temporaries into its own buffers."""
+    import threading
+
+    grads, weights = _mixed_model_tensors()
+    other = [g * 3 - 1 for g in grads]
+    expected = [_all_statistics(grads, weights), _all_statistics(other, weights)]
+    results: list[list[dict[str, torch.Tensor]]] = [[], []]
+    start = threading.Barrier(2)
+
+    def run(index: int, tensors: list[torch.Tensor]) -> None:
+        start.wait()
+        for _ in range(20):
+            results[index].append(_all_statistics(tensors, weights))
+
+    threads = [threading.Thread(target=run, args=(i, t)) for i, t in enumerate((grads, other))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in range(2):
+        assert len(results[index]) == 20
+        for result in results[index]:
+            for name, value in expected[index].items():
+                np.testing.assert_array_equal(result[name].numpy(), value.numpy(), err_msg=name)
