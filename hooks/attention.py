@@ -8,7 +8,9 @@ attention, ``nn.MultiheadAttention`` without weights). The mode is entered only 
 forwards of sampled steps; on other steps nothing is intercepted.
 
 Each call's maximum over batch, heads and unmasked positions is computed in float32 (or
-the inputs' wider dtype) in chunks of query rows, so at most ``chunk_elements`` logits exist
+the inputs' wider dtype) when the forward ends, for all calls alike in shapes and arguments
+at once (their q and k stacked: the ops per forward do not grow with the number of layers),
+in chunks of query rows, so at most ``chunk_elements`` logits exist
 at a time, never the whole B x H x T x T matrix; a causal call skips the keys no row of the
 chunk can see. Everything stays on the device (no host sync): the maxima join the step's
 single host copy. Attention written by hand (``softmax(q @ k.T)``) is not seen unless it
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.hooks import RemovableHandle
 
+from numwatch.chunks import to_device
 from numwatch.measurement import tensor_name
 
 # Logits (float32) per chunk: 16 MiB, plus the same count of mask bytes when masked.
@@ -69,7 +72,17 @@ def max_attention_logit(
     mask is the top-left one, and with ``enable_gqa`` each group of query heads (dimension -3)
     shares one key head. -inf when every position is masked; NaN when an unmasked logit is NaN.
     """
+    return _max_logits(query.unsqueeze(0), key.unsqueeze(0), scale, attn_mask, is_causal, enable_gqa, chunk_elements)[0]
+
+
+def _max_logits(
+    query: torch.Tensor, key: torch.Tensor, scale: float | None, attn_mask: torch.Tensor | None, is_causal: bool, enable_gqa: bool,
+    chunk_elements: int,
+) -> torch.Tensor:
+    """[G]: :func:`max_attention_logit` of each of G calls alike in shapes and arguments,
+    stacked along a new first dimension of ``query`` and ``key`` (one set of ops for all)."""
     dtype = torch.promote_types(query.dtype, torch.float32)
+    calls = query.size(0)
     with torch.no_grad():
         query, key = query.detach(), key.detach()
         scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
@@ -78,7 +91,7 @@ def max_attention_logit(
         if attn_mask is not None:
             batch = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2]) if not enable_gqa else query.shape[:-2]
             masked = _masked_positions(attn_mask.detach()).expand(*batch, length, keys)
-        if enable_gqa and query.dim() >= 3 and query.size(-3) != key.size(-3):
+        if enable_gqa and query.dim() >= 4 and query.size(-3) != key.size(-3):
             groups = query.size(-3) // key.size(-3)
             query = query.unflatten(-3, (key.size(-3), groups))
             key = key.unsqueeze(-3)
@@ -87,7 +100,7 @@ def max_attention_logit(
         # Scaling q first costs O(L*E), not O(L*S).
         query = query.to(dtype) * scale
         key_t = key.to(dtype).transpose(-2, -1)
-        result = torch.full((), -math.inf, dtype=dtype, device=query.device)
+        result = torch.full((calls,), -math.inf, dtype=dtype, device=query.device)
         if length == 0 or keys == 0:
             return result
         per_row = math.prod(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])) * keys
@@ -102,7 +115,7 @@ def max_attention_logit(
             if is_causal:
                 row = torch.arange(start, stop, device=query.device).unsqueeze(-1)
                 logits.masked_fill_(torch.arange(columns, device=query.device) > row, -math.inf)
-            result = torch.maximum(result, logits.amax())  # NaN propagates
+            result = torch.maximum(result, logits.reshape(calls, -1).amax(1))  # NaN propagates
         return result
 
 
@@ -129,7 +142,8 @@ class AttentionCapture(TorchFunctionMode):
         self.chunk_elements = chunk_elements
         self._running: list[str] = []
         self._calls: dict[str, int] = {}  # this forward's calls per module
-        self._maxima: dict[str, torch.Tensor] = {}  # this step's, first-call order
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]] = []  # this forward's calls, measured at its end
+        self._forwards: list[tuple[list[str], torch.Tensor]] = []  # this step's: call names and their maxima
         self._handles: list[RemovableHandle] = []
 
     # -- one forward ------------------------------------------------------------------
@@ -146,7 +160,7 @@ class AttentionCapture(TorchFunctionMode):
         self.__enter__()
 
     def end(self) -> None:
-        """Stop intercepting; what was measured stays until :meth:`take_step`."""
+        """Stop intercepting and measure the forward's calls; what was measured stays until :meth:`take_step`."""
         try:
             self.__exit__(None, None, None)
         finally:
@@ -155,6 +169,41 @@ class AttentionCapture(TorchFunctionMode):
             self._handles = []
             if self in _active:
                 _active.remove(self)
+            pending, self._pending = self._pending, []
+            if pending:
+                try:
+                    self._forwards.append(([name for name, *_ in pending], self._measure(pending)))
+                except Exception:
+                    if self._failed is None:
+                        raise
+                    self._failed("attention capture")
+
+    @torch.no_grad()
+    def _measure(self, pending: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
+        """float32 [calls]: the max logit of each pending call, the calls alike measured together."""
+        alike: dict[tuple, list[int]] = {}
+        for index, (_, query, key, arguments) in enumerate(pending):
+            mask = arguments["attn_mask"]
+            signature = (query.shape, key.shape, query.dtype, key.dtype, query.device, arguments["scale"], arguments["is_causal"],
+                         arguments["enable_gqa"], None if mask is None else (mask.shape, mask.dtype))
+            alike.setdefault(signature, []).append(index)
+        parts, order = [], []
+        for indices in alike.values():
+            query, key, arguments = pending[indices[0]][1:]
+            queries, keys = (torch.stack([pending[i][part] for i in indices]) for part in (1, 2))
+            mask = arguments["attn_mask"]
+            if mask is not None:
+                # One mask per call (they may differ), aligned from the right with a call's logits.
+                batch = query.shape[:-2] if arguments["enable_gqa"] else torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+                masks = torch.stack([pending[i][3]["attn_mask"] for i in indices])
+                mask = masks.reshape(len(indices), *([1] * (len(batch) + 2 - mask.dim())), *mask.shape)
+            parts.append(_max_logits(queries, keys, arguments["scale"], mask, arguments["is_causal"], arguments["enable_gqa"], self.chunk_elements).float())
+            order += indices
+        maxima = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if order != sorted(order):
+            position = {index: row for row, index in enumerate(order)}
+            maxima = maxima.index_select(0, to_device(torch.tensor([position[i] for i in range(len(order))]), maxima.device))
+        return maxima
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[AttentionCapture]:
@@ -194,20 +243,53 @@ class AttentionCapture(TorchFunctionMode):
         return result
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, **arguments: Any) -> None:
-        """Record one attention call's max logit under the calling module's name."""
+        """Record one attention call under the calling module's name; its max logit is taken
+        from ``query`` and ``key`` as they are when the forward ends."""
         if query.is_nested or key.is_nested:
             return  # ragged batches: not measured
         module = self._running[-1] if self._running else self._root_name
         calls = self._calls[module] = self._calls.get(module, 0) + 1
         name = module if calls == 1 else f"{module}#{calls}"
-        value = max_attention_logit(query, key, chunk_elements=self.chunk_elements, **arguments).float()
-        previous = self._maxima.get(name)
-        self._maxima[name] = value if previous is None else torch.maximum(previous, value)
+        full = {"scale": None, "attn_mask": None, "is_causal": False, "enable_gqa": False, **arguments}
+        self._pending.append((name, query, key, full))
 
-    def take_step(self) -> dict[str, torch.Tensor]:
-        """This step's max logit per attention call (first-call order); resets for the next step."""
-        maxima, self._maxima = self._maxima, {}
-        return maxima
+    def take_step(self) -> AttentionMaxima:
+        """This step's max logit per attention call (first-call order); resets for the next step.
+        The same call in several forwards (gradient accumulation) keeps its largest value."""
+        forwards, self._forwards = self._forwards, []
+        if not forwards:
+            return AttentionMaxima([], None)
+        names = list(dict.fromkeys(name for call_names, _ in forwards for name in call_names))
+        if all(call_names == names for call_names, _ in forwards):
+            values = forwards[0][1] if len(forwards) == 1 else torch.stack([maxima for _, maxima in forwards]).amax(0)
+            return AttentionMaxima(names, values)
+        # Forwards with different calls (rare): merged call by call.
+        merged: dict[str, torch.Tensor] = {}
+        for call_names, maxima in forwards:
+            for name, value in zip(call_names, maxima.unbind()):
+                merged[name] = value if name not in merged else torch.maximum(merged[name], value)
+        return AttentionMaxima(names, torch.stack([merged[name] for name in names]))
+
+
+class AttentionMaxima(Mapping):
+    """A step's max logit per attention call name (first-call order), held as one float32
+    device tensor (``stacked``, one entry per name) that joins the step's host copy whole."""
+
+    def __init__(self, names: list[str], values: torch.Tensor | None) -> None:
+        self.names = names
+        self.stacked = values
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        assert self.stacked is not None
+        return self.stacked[self.names.index(name)]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def observe_attention(

@@ -307,7 +307,7 @@ class StepMeasurement:
             attention, output_logits = forward_parts
             if attention:
                 attention_calls = list(attention)
-                stack.add(records.ATTENTION_LOGIT_MAX, torch.stack([value.to(device) for value in attention.values()]))
+                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
             if output_logits is not None:
                 stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
         return StepRecord(

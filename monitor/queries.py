@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -158,8 +161,38 @@ def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, st
     }
 
 
-def heatmap(session: Session, run: Run, stat: str, rank: int, max_steps: int, start: int | None = None, end: int | None = None) -> list[dict[str, Any]]:
-    """Flat ``[{"step", "tensor", "value"}]`` of a per-tensor stat over the window (default: the whole run).
+@dataclass
+class Heatmap:
+    """A per-tensor stat over steps: ``values[column, tensor]`` at each column's first step ``steps[column]``."""
+
+    steps: list[int]
+    tensors: list[str]
+    values: np.ndarray
+
+    def cells(self) -> list[dict[str, Any]]:
+        """Flat ``[{"step", "tensor", "value"}]``, column by column."""
+        return [
+            {"step": step, "tensor": name, "value": protocol.encode_float(value)}
+            for step, row in zip(self.steps, self.values.tolist()) for name, value in zip(self.tensors, row)
+        ]
+
+    def cells_json(self) -> bytes:
+        """:meth:`cells` as JSON text, rendered without building a dict per cell (60k cells in tens of ms)."""
+        names = [json.dumps(name) for name in self.tensors]
+        parts = []
+        for step, row in zip(self.steps, self.values.tolist()):
+            head = '{"step":%d,"tensor":' % step
+            parts += [f'{head}{name},"value":{_json_float(value)}}}' for name, value in zip(names, row)]
+        return ("[" + ",".join(parts) + "]").encode()
+
+
+def _json_float(value: float) -> str:
+    """``json.dumps(protocol.encode_float(value))``, faster."""
+    return repr(value) if math.isfinite(value) else json.dumps(protocol.encode_float(value))
+
+
+def heatmap(session: Session, run: Run, stat: str, rank: int, max_steps: int, start: int | None = None, end: int | None = None) -> Heatmap:
+    """A per-tensor stat over the window (default: the whole run).
 
     Every step having the stat when at most ``max_steps`` do; else ``max_steps`` buckets of steps, each
     cell the bucket's maximum (NaN when the bucket holds one), ``step`` the bucket's first step.
@@ -167,10 +200,8 @@ def heatmap(session: Session, run: Run, stat: str, rank: int, max_steps: int, st
     _check_series(stat, tuple(protocol.TENSOR_STATS), "stat")
     names = [t["name"] for t in run.tensors]
     rows, summaries = read_window(session, run.id, rank, stat, start, end, max_steps, max_steps, len(names), None)
-    columns = [(step, values.astype(np.float64)) for step, values in rows] + [
-        (step, np.where(summary.nan_at >= 0, np.nan, summary.high.astype(np.float64))) for step, summary in summaries
+    columns = [values.astype(np.float64) for _, values in rows] + [
+        np.where(summary.nan_at >= 0, np.nan, summary.high.astype(np.float64)) for _, summary in summaries
     ]
-    return [
-        {"step": step, "tensor": name, "value": protocol.encode_float(value)}
-        for step, values in columns for name, value in zip(names, values.tolist())
-    ]
+    steps = [step for step, _ in rows] + [step for step, _ in summaries]
+    return Heatmap(steps, names, np.stack(columns) if columns else np.zeros((0, len(names))))

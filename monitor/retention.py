@@ -29,7 +29,7 @@ CHUNK_SECONDS = 0.1
 PAUSE_SECONDS = 0.15
 FIRST_CHUNK_ROWS = 500
 MAX_CHUNK_ROWS = 20_000
-VACUUM_PAGES = 2_000
+VACUUM_PAGES = 1_000  # 32 MB of 32 KB pages per step
 CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (Step, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
 
 

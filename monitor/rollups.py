@@ -188,28 +188,41 @@ def stack(summaries: list[Summary]) -> Summary:
     return Summary(*(np.stack([getattr(s, name) for s in summaries]) for name in _FIELDS))
 
 
-def _group_extreme(values: np.ndarray, at: np.ndarray, groups: np.ndarray, starts: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per group (consecutive rows of one column): the extreme value with the earliest step holding it."""
+_NONE = np.iinfo(np.int64).max  # "no step" while taking minima of steps
+
+
+def _group_extreme(values: np.ndarray, at: np.ndarray, starts: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per group of rows (``starts``) and column: the extreme value with the earliest step holding it."""
     missing = at < 0
-    key = np.where(missing, 0, values)
-    order = np.lexsort((at, -key if largest else key, missing, groups))
-    pick = order[starts]
-    return values[pick], at[pick]
+    if values.dtype.kind == "f":
+        fill = -np.inf if largest else np.inf
+    else:
+        fill = np.iinfo(values.dtype).min if largest else np.iinfo(values.dtype).max
+    key = np.where(missing, fill, values)
+    best = (np.maximum if largest else np.minimum).reduceat(key, starts, axis=0)
+    sizes = np.diff(np.r_[starts, len(values)])
+    hit = (key == np.repeat(best, sizes, axis=0)) & ~missing
+    first = np.minimum.reduceat(np.where(hit, at, _NONE), starts, axis=0)
+    found = first != _NONE
+    return np.where(found, best, np.nan if values.dtype.kind == "f" else 0).astype(values.dtype), np.where(found, first, -1)
 
 
 def reduce_groups(pieces: Summary, groups: np.ndarray) -> Summary:
-    """Merge the rows of ``pieces`` (one per piece, in step order) sharing a value of ``groups`` (non-decreasing)."""
+    """Merge the rows of ``pieces`` (one per piece, in step order) sharing a value of ``groups`` (non-decreasing),
+    every column at once."""
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    columns: list[tuple] = []
-    for c in range(pieces.low.shape[1]):
-        low, low_at = _group_extreme(pieces.low[:, c], pieces.low_at[:, c], groups, starts, largest=False)
-        high, high_at = _group_extreme(pieces.high[:, c], pieces.high_at[:, c], groups, starts, largest=True)
-        nan = pieces.nan_at[:, c]
-        first_nan = np.minimum.reduceat(np.where(nan < 0, np.iinfo(np.int64).max, nan), starts)
-        latest = np.lexsort((-pieces.last_at[:, c], groups))[starts]
-        columns.append((low, low_at, high, high_at, np.where(first_nan == np.iinfo(np.int64).max, -1, first_nan), pieces.last[latest, c], pieces.last_at[latest, c]))
-    fields = [np.stack([column[k] for column in columns], axis=1) for k in range(7)]
-    return Summary(*fields, np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0))
+    sizes = np.diff(np.r_[starts, len(groups)])
+    low, low_at = _group_extreme(pieces.low, pieces.low_at, starts, largest=False)
+    high, high_at = _group_extreme(pieces.high, pieces.high_at, starts, largest=True)
+    first_nan = np.minimum.reduceat(np.where(pieces.nan_at < 0, _NONE, pieces.nan_at), starts, axis=0)
+    last_at = np.maximum.reduceat(pieces.last_at, starts, axis=0)
+    # The latest piece's last value (pieces hold disjoint steps, so one row matches; none: all -1, values 0).
+    latest = (pieces.last_at == np.repeat(last_at, sizes, axis=0)) & (pieces.last_at >= 0)
+    last = np.add.reduceat(np.where(latest, pieces.last, 0), starts, axis=0).astype(pieces.last.dtype)
+    return Summary(
+        low, low_at, high, high_at, np.where(first_nan == _NONE, -1, first_nan), last, last_at,
+        np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0),
+    )
 
 
 def columns_of(summary: Summary, first: int, count: int) -> Summary:

@@ -8,6 +8,7 @@ windows, a window inside one bucket) must give exactly the raw rows' answer.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -171,7 +172,9 @@ def test_a_short_window_is_the_raw_rows(stored) -> None:
 def test_the_heatmap_covers_the_whole_run_in_bounded_columns(stored) -> None:
     session, run, data = stored
     steps, norms = data["steps"], data["grad_norm"]
-    cells = queries.heatmap(session, run, "grad_norm", 0, 50)
+    answer = queries.heatmap(session, run, "grad_norm", 0, 50)
+    cells = answer.cells()
+    assert json.loads(answer.cells_json()) == cells
     columns = sorted({cell["step"] for cell in cells})
     assert len(columns) <= 50 and len(cells) == len(columns) * N
     low, high = int(steps[0]), int(steps[-1])
@@ -182,7 +185,7 @@ def test_the_heatmap_covers_the_whole_run_in_bounded_columns(stored) -> None:
         values = norms[members, column].astype(np.float64)
         expected = math.nan if np.isnan(values).any() else float(values.max())
         assert repr(protocol.decode_float(cell["value"])) == repr(expected)
-    window = queries.heatmap(session, run, "grad_norm", 0, 50, start=16384, end=16384 + 30000)
+    window = queries.heatmap(session, run, "grad_norm", 0, 50, start=16384, end=16384 + 30000).cells()
     assert {cell["step"] for cell in window} and all(16384 <= cell["step"] <= 16384 + 30000 for cell in window)
 
 

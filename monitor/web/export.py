@@ -46,7 +46,7 @@ def run_page_responses(session: Session, name: str, stale_after: float) -> dict[
         request_key(base + "/tensor-summary", {"max_points": points}): overview.tensor_summary(session, run, 0, points),
         request_key(base + "/forward", {"max_points": points}): forward.series(session, run, 0, None, None, points),
         request_key(base + "/quantization"): readiness.quantization_table(session, run, 0, "int4"),
-        request_key(base + "/heatmap", layout["heatmap"]): queries.heatmap(session, run, layout["heatmap"]["stat"], 0, layout["heatmap"]["max_steps"]),
+        request_key(base + "/heatmap", layout["heatmap"]): queries.heatmap(session, run, layout["heatmap"]["stat"], 0, layout["heatmap"]["max_steps"]).cells(),
     }
     for chart in layout["series_charts"]:
         for series in chart["series"]:
