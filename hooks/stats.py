@@ -102,7 +102,7 @@ def _trailing_zeros(value: int, width: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _bucket_table(cuts: _Cuts, device: torch.device) -> tuple[int, Tensor]:
-    """(shift, table) for :func:`_bucket_codes`.
+    """(shift, table): the bucket of each key of :func:`_bucket_keys`.
 
     Every cut c splits "bits <= c" from "bits > c", so it lies on a multiple of 2**shift
     (c or c + 1 is one) for the largest such shift; between two consecutive multiples no
@@ -118,22 +118,42 @@ def _bucket_table(cuts: _Cuts, device: torch.device) -> tuple[int, Tensor]:
     return shift, to_device(table, device)
 
 
-def _bucket_codes(x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
-    """The bucket of each |x| between ``cuts`` (x of ``cuts.dtype``, a writable temporary
-    the passes overwrite), as x's integer type in scratch ``slot`` (a writable temporary).
-
-    A few in-place integer passes and one gather from a small table, instead of a binary
-    search per element: key = floor(m / 2**shift) + ceil(m / 2**shift) of the magnitude
-    bits m, which is 2k for m = k * 2**shift and 2k + 1 strictly between k and k + 1 times
-    it. So the exponent field decides, and the mantissa only where a cut lies within a
-    binade, down to the exact bit pattern of each tie."""
-    shift, table = _bucket_table(cuts, x.device)
+def _bucket_keys(x: Tensor, shift: int, slot: int) -> Tensor:
+    """key = floor(m / 2**shift) + ceil(m / 2**shift) of the magnitude bits m of each x (a
+    writable temporary, where the keys are left; scratch ``slot`` holds a second one): 2k for
+    m = k * 2**shift and 2k + 1 strictly between k and k + 1 times it. A few in-place integer
+    passes, where a binary search per element among the cuts costs several times more."""
     layout = _IEEE_LAYOUTS[x.dtype]
     magnitude = x.view(layout.int_dtype).bitwise_and_(layout.magnitude_mask)
     negated_ceiling = torch.neg(magnitude, out=scratch(x.numel(), layout.int_dtype, x.device, slot))
     negated_ceiling.bitwise_right_shift_(shift)  # floor(-m / 2**shift) = -ceil(m / 2**shift)
-    keys = magnitude.bitwise_right_shift_(shift).sub_(negated_ceiling)
-    return torch.index_select(table, 0, keys, out=negated_ceiling)
+    return magnitude.bitwise_right_shift_(shift).sub_(negated_ceiling)
+
+
+def _bucket_codes(x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
+    """The bucket of each |x| between ``cuts`` (x of ``cuts.dtype``, a writable temporary
+    the passes overwrite), as x's integer type in scratch ``slot`` (a writable temporary):
+    the keys of :func:`_bucket_keys` through the table. So the exponent field decides, and
+    the mantissa only where a cut lies within a binade, down to the exact bit pattern of each tie."""
+    shift, table = _bucket_table(cuts, x.device)
+    keys = _bucket_keys(x, shift, slot)
+    return torch.index_select(table, 0, keys, out=scratch(x.numel(), table.dtype, x.device, slot))
+
+
+# Keys counted directly, without the gather to buckets, while the counters stay cache-sized.
+_DIRECT_COUNTERS = 1 << 18
+
+
+def _bucket_counts(chunk: Chunk, x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
+    """int64 [segments, buckets]: per segment of a chunk, how many of its x (as in
+    :func:`_bucket_codes`) fall in each bucket. With a small table (cuts on binade edges:
+    the fp32 target, NaN/Inf) the keys themselves are counted and the counts folded."""
+    shift, table = _bucket_table(cuts, x.device)
+    buckets = len(cuts.cuts) + 1
+    if len(chunk.pieces) * table.numel() > _DIRECT_COUNTERS:
+        return _segment_counts(chunk, _bucket_codes(x, cuts, slot), buckets)
+    by_key = _segment_counts(chunk, _bucket_keys(x, shift, slot), table.numel())
+    return by_key.new_zeros((by_key.shape[0], buckets)).index_add_(1, table, by_key)
 
 
 # --------------------------------------------------------------------------- gradients
@@ -191,7 +211,7 @@ def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
         inf = _IEEE_LAYOUTS[wide].inf_pattern
         cuts = _Cuts(wide, (inf - 1, inf))  # finite, ±Inf, NaN
         for chunk in group.chunks:
-            per_chunk.append(_segment_counts(chunk, _bucket_codes(chunk.into(members, _INPUT, wide), cuts, _WORK), 3))
+            per_chunk.append(_bucket_counts(chunk, chunk.into(members, _INPUT, wide), cuts, _WORK))
         counts = group.per_member(per_chunk, "sum")
         results.append(counts.index_select(1, _constant((2, 1), torch.int64, group.device)))
     return layout.assemble(results, 0, torch.int64, (2,)).t()
@@ -257,13 +277,10 @@ _FORMAT_CODES = 6
 _FORMAT_COLUMNS = (0, 1, 2, 4)  # the counted ones, in numwatch.protocol.FORMAT_COUNT_STATS order
 
 
-def _format_codes(chunk: Chunk, members: list[Tensor], fmt: FormatSpec, scale: Tensor | float | None, slots: tuple[int, int]) -> Tensor:
-    """int32: bucket 0..5 of each x = element * scale (formed in float32) of a chunk between the
-    format's limits, computed in scratch slots (x, codes); the codes are a writable temporary."""
-    x = chunk.into(members, slots[0], torch.float32)
-    if scale is not None:
-        x.mul_(scale)
-    return _bucket_codes(x, _format_cuts(fmt), slots[1])
+def _format_values(chunk: Chunk, members: list[Tensor], scale: Tensor | float | None, slot: int) -> Tensor:
+    """x = element * scale of a chunk, formed in float32, in scratch ``slot`` (a writable temporary)."""
+    x = chunk.into(members, slot, torch.float32)
+    return x if scale is None else x.mul_(scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,7 +304,7 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     counts equal those of the literal cast ``x.to(fmt.dtype)``, for any multiplier.
 
     For non-negative floats the order of the bit patterns is the order of the values, so
-    |x|'s bits between the limits' bits classify every element exactly (:func:`_bucket_codes`).
+    |x|'s bits between the limits' bits classify every element exactly (:func:`_bucket_counts`).
     """
     layout = layout_of(grads)
     factor = None if multiplier is None else _as_factor(multiplier, layout.device)
@@ -295,7 +312,7 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     for group in layout.groups:
         members = group.tensors(grads)
         scale = _on_group_device(factor, group.device)
-        per_chunk = [_segment_counts(chunk, _format_codes(chunk, members, fmt, scale, (_INPUT, _WORK)), _FORMAT_CODES) for chunk in group.chunks]
+        per_chunk = [_bucket_counts(chunk, _format_values(chunk, members, scale, _INPUT), _format_cuts(fmt), _WORK) for chunk in group.chunks]
         results.append(_counted_formats(group.per_member(per_chunk, "sum")))
     return _format_rows(layout, results)
 
@@ -441,7 +458,7 @@ def format_counts_and_exponent_histogram(grads: Sequence[Tensor], fmt: FormatSpe
             values = _widened(flat if group_unscale is None else flat * group_unscale)
             table = _exponent_bin_tables(values.dtype, values.device)
             keys = _exponent_keys(values).mul_(_FORMAT_CODES)  # in slot _SECOND: the format codes use two others
-            keys.add_(_format_codes(chunk, members, fmt, scale, (_WORK, _FLAGS)))
+            keys.add_(_bucket_codes(_format_values(chunk, members, scale, _WORK), _format_cuts(fmt), _FLAGS))
             per_chunk.append(_segment_counts(chunk, keys, table.numel() * _FORMAT_CODES).view(len(chunk.pieces), table.numel(), _FORMAT_CODES))
         joint = group.per_member(per_chunk, "sum")
         formats.append(_counted_formats(joint.sum(1)))
