@@ -20,6 +20,7 @@ with the small index tensors it needs, copied from pinned memory on CUDA (no syn
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,7 +43,8 @@ def to_device(host: Tensor, device: torch.device) -> Tensor:
 # Per CPU scratch slot: one byte buffer, grown to the largest chunk it served, and the views
 # of it handed out (cached: a view taken anew each call would add ops to every call).
 _scratch: dict[int, Tensor] = {}
-_scratch_views: dict[tuple[int, int, torch.dtype], Tensor] = {}
+_scratch_views: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
+_MAX_VIEWS = 256
 
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
@@ -52,18 +54,24 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
     (the device's caching allocator reuses blocks itself). A caller uses each slot for one
     temporary at a time and never returns it; the buffers stay bounded by the chunk size
     and are dropped by :func:`release_scratch`."""
+    return _scratch_shaped((numel,), dtype, device, slot)
+
+
+def _scratch_shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
     if device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    view = _scratch_views.get((slot, numel, dtype))
+        return torch.empty(shape, dtype=dtype, device=device)
+    view = _scratch_views.get((slot, shape, dtype))
     if view is not None:
         return view
-    nbytes = numel * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     buffer = _scratch.get(slot)
     if buffer is None or buffer.numel() < nbytes:
         buffer = _scratch[slot] = torch.empty(nbytes, dtype=torch.uint8)
         for key in [key for key in _scratch_views if key[0] == slot]:
             del _scratch_views[key]
-    view = _scratch_views[slot, numel, dtype] = buffer[:nbytes].view(dtype)
+    if len(_scratch_views) >= _MAX_VIEWS:  # chunk sizes that keep changing: start over rather than grow
+        _scratch_views.clear()
+    view = _scratch_views[(slot, shape, dtype)] = buffer[:nbytes].view(dtype).view(shape)
     return view
 
 
@@ -125,11 +133,11 @@ class Chunk:
         """The chunk's elements of ``members`` copied into scratch ``slot`` (converted to
         ``dtype``, by default the members'): a writable temporary."""
         parts = self._parts(members)
-        out = scratch(self.numel, dtype or parts[0].dtype, parts[0].device, slot)
+        dtype, device = dtype or parts[0].dtype, parts[0].device
         if len(parts) == 1:
-            return out.copy_(parts[0].reshape(-1))
-        torch._chunk_cat(parts, 0, 1, out=out.view(1, self.numel))
-        return out
+            return scratch(self.numel, dtype, device, slot).copy_(parts[0].reshape(-1))
+        torch._chunk_cat(parts, 0, 1, out=_scratch_shaped((1, self.numel), dtype, device, slot))
+        return scratch(self.numel, dtype, device, slot)
 
     def copy(self, members: Sequence[Tensor]) -> Tensor:
         """Like :meth:`flat`, but always fresh memory."""
@@ -287,13 +295,21 @@ class Layout:
     def assemble(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, tail: tuple[int, ...] = ()) -> Tensor:
         """[n, *tail] in input order from each group's [members, *tail] results; ``fill``
         for the tensors left out (None or empty)."""
+        return self._assemble(per_group, fill, dtype, (1, *tail), 0)
+
+    def columns(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, rows: int) -> Tensor:
+        """[rows, n] in input order from each group's [rows, members] results (``fill`` as in
+        :meth:`assemble`): row-major statistics without a transposing copy."""
+        return self._assemble(per_group, fill, dtype, (rows, 1), 1)
+
+    def _assemble(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, one: tuple[int, ...], dim: int) -> Tensor:
         parts = [part.to(self.device, non_blocking=True) for part in per_group]
         if not self.n:
-            return torch.zeros((0, *tail), dtype=dtype, device=self.device)
+            return torch.zeros(one[:dim] + (0,) + one[dim + 1:], dtype=dtype, device=self.device)
         if self._order is None:
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
-        parts.append(torch.full((1, *tail), fill, dtype=dtype, device=self.device))
-        return torch.cat(parts).index_select(0, self._order)
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        parts.append(torch.full(one, fill, dtype=dtype, device=self.device))
+        return torch.cat(parts, dim).index_select(dim, self._order)
 
 
 @functools.lru_cache(maxsize=64)

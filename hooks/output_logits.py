@@ -55,8 +55,10 @@ class LogZ:
                 chunk = flat[start : start + rows].to(dtype)
                 log_z = torch.logsumexp(chunk, dim=-1)
                 total = total + log_z.sum(dtype=total.dtype)
-                # NaN propagates through both maxima
-                largest = torch.maximum(largest, torch.stack([log_z.amax(), torch.linalg.vector_norm(chunk, math.inf)]))
+                # max |logit| from one aminmax: vector_norm(inf) materialises |x| on the CPU. NaN
+                # propagates through aminmax and every maximum.
+                low, high = torch.aminmax(chunk)
+                largest = torch.maximum(largest, torch.stack([log_z.amax(), torch.maximum(high, low.neg())]))
         self._sum = total if self._sum is None else self._sum + total
         self._max = largest if self._max is None else torch.maximum(self._max, largest)
         self._tokens += flat.size(0)

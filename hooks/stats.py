@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from numwatch.chunks import Chunk, layout_of, scratch, to_device
+from numwatch.chunks import Chunk, Layout, layout_of, scratch, to_device
 from numwatch.formats import FormatSpec
 from numwatch.protocol import (
     EXPONENT_BINS,
@@ -87,37 +87,100 @@ def _widened(flat: Tensor) -> Tensor:
     return flat.half() if flat.element_size() == 1 else flat.float()
 
 
-def _magnitude_bits(flat: Tensor) -> Tensor:
-    """|x| as the integer bit pattern of an IEEE tensor (sign bit cleared): ordered as |x|, NaN above Inf."""
-    layout = _IEEE_LAYOUTS[flat.dtype]
-    return flat.view(layout.int_dtype) & layout.magnitude_mask
+@dataclass(frozen=True)
+class _Cuts:
+    """Buckets of the magnitudes of an IEEE dtype: the bucket of |x| is the number of cuts
+    below its bit pattern (cuts ascending), as ``torch.bucketize(bits, cuts)`` counts them."""
+
+    dtype: torch.dtype
+    cuts: tuple[int, ...]
+
+
+def _trailing_zeros(value: int, width: int) -> int:
+    return width if value == 0 else (value & -value).bit_length() - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _bucket_table(cuts: _Cuts, device: torch.device) -> tuple[int, Tensor]:
+    """(shift, table): the bucket of each key of :func:`_bucket_keys`.
+
+    Every cut c splits "bits <= c" from "bits > c", so it lies on a multiple of 2**shift
+    (c or c + 1 is one) for the largest such shift; between two consecutive multiples no
+    cut falls, and each multiple and each open interval between two has one bucket. Key
+    2k is the multiple k * 2**shift, key 2k + 1 the interval above it: the table is their
+    buckets, computed once by ``torch.bucketize`` of one magnitude of each."""
+    layout = _IEEE_LAYOUTS[cuts.dtype]
+    width = layout.exponent_bits + layout.mantissa_bits
+    shift = min([width - 1] + [max(_trailing_zeros(cut, width), _trailing_zeros(cut + 1, width)) for cut in cuts.cuts])
+    keys = torch.arange(1 << (width + 1 - shift), dtype=torch.int64)
+    representatives = (keys >> 1 << shift) + (keys & 1)
+    table = torch.bucketize(representatives, torch.tensor(cuts.cuts, dtype=torch.int64)).to(layout.int_dtype)
+    return shift, to_device(table, device)
+
+
+def _bucket_keys(x: Tensor, shift: int, slot: int) -> Tensor:
+    """key = floor(m / 2**shift) + ceil(m / 2**shift) of the magnitude bits m of each x (a
+    writable temporary, where the keys are left; scratch ``slot`` holds a second one): 2k for
+    m = k * 2**shift and 2k + 1 strictly between k and k + 1 times it. A few in-place integer
+    passes, where a binary search per element among the cuts costs several times more."""
+    layout = _IEEE_LAYOUTS[x.dtype]
+    magnitude = x.view(layout.int_dtype).bitwise_and_(layout.magnitude_mask)
+    negated_ceiling = torch.neg(magnitude, out=scratch(x.numel(), layout.int_dtype, x.device, slot))
+    negated_ceiling.bitwise_right_shift_(shift)  # floor(-m / 2**shift) = -ceil(m / 2**shift)
+    return magnitude.bitwise_right_shift_(shift).sub_(negated_ceiling)
+
+
+def _bucket_codes(x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
+    """The bucket of each |x| between ``cuts`` (x of ``cuts.dtype``, a writable temporary
+    the passes overwrite), as x's integer type in scratch ``slot`` (a writable temporary):
+    the keys of :func:`_bucket_keys` through the table. So the exponent field decides, and
+    the mantissa only where a cut lies within a binade, down to the exact bit pattern of each tie."""
+    shift, table = _bucket_table(cuts, x.device)
+    keys = _bucket_keys(x, shift, slot)
+    return torch.index_select(table, 0, keys, out=scratch(x.numel(), table.dtype, x.device, slot))
+
+
+# Keys counted directly, without the gather to buckets, while the counters stay cache-sized.
+_DIRECT_COUNTERS = 1 << 18
+
+
+def _bucket_counts(chunk: Chunk, x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
+    """int64 [segments, buckets]: per segment of a chunk, how many of its x (as in
+    :func:`_bucket_codes`) fall in each bucket. With a small table (cuts on binade edges:
+    the fp32 target, NaN/Inf) the keys themselves are counted and the counts folded."""
+    shift, table = _bucket_table(cuts, x.device)
+    buckets = len(cuts.cuts) + 1
+    if len(chunk.pieces) * table.numel() > _DIRECT_COUNTERS:
+        return _segment_counts(chunk, _bucket_codes(x, cuts, slot), buckets)
+    by_key = _segment_counts(chunk, _bucket_keys(x, shift, slot), table.numel())
+    return by_key.new_zeros((by_key.shape[0], buckets)).index_add_(1, table, by_key)
 
 
 # --------------------------------------------------------------------------- gradients
 
 
-def _absmax(members: list[Tensor]) -> Tensor:
-    """float32 [k]: max |x| of each (non-empty) tensor; NaN propagates.
+def _absmax(members: list[Tensor]) -> list[Tensor]:
+    """max |x| of each (non-empty) tensor, as 0-d tensors of its dtype; NaN propagates.
 
     One multi-tensor kernel either way: ``_foreach_norm(ord=inf)`` on CUDA reads each
     tensor once; on the CPU it is ~100x slower than ``_foreach_max`` of ``_foreach_abs``
     (see benchmarks/stats_pass.py)."""
     if members[0].device.type == "cuda":
-        return torch.stack(torch._foreach_norm(members, math.inf)).float()
-    return torch.stack(torch._foreach_max(torch._foreach_abs(members))).float()
+        return torch._foreach_norm(members, math.inf)
+    return torch._foreach_max(torch._foreach_abs(members))
 
 
 def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
     """float32 [2, n]: L2 norm (accumulated in float32) and abs-max of each tensor."""
     layout = layout_of(tensors)
-    norms, absmaxes = [], []
+    results = []
     for group in layout.groups:
         members = group.tensors(tensors)
         # float32 accumulation, or float64's own (a float64 tensor cannot be narrowed to it).
         accumulate = None if group.dtype == torch.float64 else torch.float32
-        norms.append(torch.stack(torch._foreach_norm(members, 2, dtype=accumulate)).float())
-        absmaxes.append(_absmax(members))
-    return torch.stack([layout.assemble(norms, 0.0, torch.float32), layout.assemble(absmaxes, 0.0, torch.float32)])
+        norms = torch._foreach_norm(members, 2, dtype=accumulate)
+        results.append(torch.stack([*norms, *_absmax(members)]).view(2, len(members)).float())
+    return layout.columns(results, 0.0, torch.float32, 2)
 
 
 @torch.no_grad()
@@ -135,9 +198,6 @@ def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None) -> Tensor
     return stats * abs(_as_factor(multiplier, stats.device))
 
 
-_NONFINITE_CODES = 3  # finite, ±Inf, NaN: the buckets of the magnitude bits below, at and above Inf's
-
-
 @torch.no_grad()
 def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
     """int64 [2, n]: NaN count (row 0) and ±Inf count (row 1) of each tensor."""
@@ -146,11 +206,12 @@ def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
     for group in layout.groups:
         members = group.tensors(grads)
         per_chunk = []
+        # float64 keeps its own bits (its large finite values overflow float32); the rest widen to float32 exactly.
+        wide = torch.float64 if group.dtype == torch.float64 else torch.float32
+        inf = _IEEE_LAYOUTS[wide].inf_pattern
+        cuts = _Cuts(wide, (inf - 1, inf))  # finite, ±Inf, NaN
         for chunk in group.chunks:
-            flat = _widened(chunk.flat(members))
-            ieee = _IEEE_LAYOUTS[flat.dtype]
-            edges = _constant((ieee.inf_pattern - 1, ieee.inf_pattern), ieee.int_dtype, flat.device)
-            per_chunk.append(_segment_counts(chunk, torch.bucketize(_magnitude_bits(flat), edges), _NONFINITE_CODES))
+            per_chunk.append(_bucket_counts(chunk, chunk.into(members, _INPUT, wide), cuts, _WORK))
         counts = group.per_member(per_chunk, "sum")
         results.append(counts.index_select(1, _constant((2, 1), torch.int64, group.device)))
     return layout.assemble(results, 0, torch.int64, (2,)).t()
@@ -216,16 +277,15 @@ _FORMAT_CODES = 6
 _FORMAT_COLUMNS = (0, 1, 2, 4)  # the counted ones, in numwatch.protocol.FORMAT_COUNT_STATS order
 
 
-def _format_codes(flat: Tensor, edges: Tensor, scale: Tensor | float | None) -> Tensor:
-    """Bucket 0..5 of each x = flat * scale (formed in float32) between the format's limits."""
-    x = flat.float()
-    if scale is not None:
-        x = x * scale
-    return torch.bucketize(_magnitude_bits(x), edges)
+def _format_values(chunk: Chunk, members: list[Tensor], scale: Tensor | float | None, slot: int) -> Tensor:
+    """x = element * scale of a chunk, formed in float32, in scratch ``slot`` (a writable temporary)."""
+    x = chunk.into(members, slot, torch.float32)
+    return x if scale is None else x.mul_(scale)
 
 
-def _format_edges(fmt: FormatSpec, device: torch.device) -> Tensor:
-    return _constant(tuple(_float_bits(limit) for limit in _format_limits(fmt)), torch.int32, device)
+@functools.lru_cache(maxsize=None)
+def _format_cuts(fmt: FormatSpec) -> _Cuts:
+    return _Cuts(torch.float32, tuple(_float_bits(limit) for limit in _format_limits(fmt)))
 
 
 def _on_group_device(factor: Tensor | float | None, device: torch.device) -> Tensor | float | None:
@@ -243,28 +303,27 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     x is formed in float32; the limits reproduce round-to-nearest-even exactly, so the
     counts equal those of the literal cast ``x.to(fmt.dtype)``, for any multiplier.
 
-    For non-negative floats the order of the bit patterns is the order of the values, so one
-    ``bucketize`` of |x|'s bits against the limits' bits classifies every element exactly:
-    the exponent field decides, and the mantissa matters only in the binades a limit cuts.
+    For non-negative floats the order of the bit patterns is the order of the values, so
+    |x|'s bits between the limits' bits classify every element exactly (:func:`_bucket_counts`).
     """
     layout = layout_of(grads)
     factor = None if multiplier is None else _as_factor(multiplier, layout.device)
     results = []
     for group in layout.groups:
         members = group.tensors(grads)
-        edges, scale = _format_edges(fmt, group.device), _on_group_device(factor, group.device)
-        per_chunk = [_segment_counts(chunk, _format_codes(chunk.flat(members), edges, scale), _FORMAT_CODES) for chunk in group.chunks]
+        scale = _on_group_device(factor, group.device)
+        per_chunk = [_bucket_counts(chunk, _format_values(chunk, members, scale, _INPUT), _format_cuts(fmt), _WORK) for chunk in group.chunks]
         results.append(_counted_formats(group.per_member(per_chunk, "sum")))
-    return _format_rows(layout.assemble(results, 0, torch.int64, (len(_FORMAT_COLUMNS),)))
+    return _format_rows(layout, results)
 
 
 def _counted_formats(codes: Tensor) -> Tensor:
-    """[k, 4] of the counted buckets from per-member bucket counts [k, 6]."""
-    return codes.index_select(1, _constant(_FORMAT_COLUMNS, torch.int64, codes.device))
+    """[4, k] of the counted buckets from per-member bucket counts [k, 6]."""
+    return codes.t().index_select(0, _constant(_FORMAT_COLUMNS, torch.int64, codes.device))
 
 
-def _format_rows(per_tensor: Tensor) -> Tensor:
-    return per_tensor.t().contiguous()
+def _format_rows(layout: Layout, per_group: list[Tensor]) -> Tensor:
+    return layout.columns(per_group, 0, torch.int64, len(_FORMAT_COLUMNS))
 
 
 # --------------------------------------------------------------------------- histograms
@@ -392,19 +451,19 @@ def format_counts_and_exponent_histogram(grads: Sequence[Tensor], fmt: FormatSpe
     formats, histograms = [], []
     for group in layout.groups:
         members = group.tensors(grads)
-        edges, scale, group_unscale = _format_edges(fmt, group.device), _on_group_device(factor, group.device), _on_group_device(unscale, group.device)
+        scale, group_unscale = _on_group_device(factor, group.device), _on_group_device(unscale, group.device)
         per_chunk = []
         for chunk in group.chunks:
-            flat = chunk.flat(members)
-            codes = _format_codes(flat, edges, scale)
+            flat = chunk.read(members, _INPUT)
             values = _widened(flat if group_unscale is None else flat * group_unscale)
             table = _exponent_bin_tables(values.dtype, values.device)
-            keys = _exponent_keys(values).to(torch.int64).mul_(_FORMAT_CODES).add_(codes)
+            keys = _exponent_keys(values).mul_(_FORMAT_CODES)  # in slot _SECOND: the format codes use two others
+            keys.add_(_bucket_codes(_format_values(chunk, members, scale, _WORK), _format_cuts(fmt), _FLAGS))
             per_chunk.append(_segment_counts(chunk, keys, table.numel() * _FORMAT_CODES).view(len(chunk.pieces), table.numel(), _FORMAT_CODES))
         joint = group.per_member(per_chunk, "sum")
         formats.append(_counted_formats(joint.sum(1)))
         histograms.append(_binned(joint.sum(2), table))
-    counts = _format_rows(layout.assemble(formats, 0, torch.int64, (len(_FORMAT_COLUMNS),)))
+    counts = _format_rows(layout, formats)
     return counts, layout.assemble(histograms, 0, torch.int64, (EXPONENT_BINS,))
 
 

@@ -74,6 +74,13 @@ def collector_and_prometheus(resources: ExitStack, workdir: Path) -> tuple[str, 
     return collector, resources.enter_context(stack.running_prometheus(require_binary("prometheus"), workdir, config))
 
 
+def wait_for_scraped_step(prometheus: str, run: str, step: int, timeout: float) -> None:
+    """Until Prometheus holds a scrape of ``run`` at ``step`` or later (an alert may already fire
+    from an earlier scrape, so a firing alert does not say the last values are in)."""
+    seen = wait_for(lambda: instant_query(prometheus, f'numwatch_run_last_step{{run="{run}"}} >= {step}')["data"]["result"], timeout)
+    assert seen, f"Prometheus never scraped step {step} of {run}"
+
+
 def instant_query(prometheus: str, promql: str) -> dict:
     """The decoded answer of ``/api/v1/query`` (status "error" included, not raised)."""
     url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"

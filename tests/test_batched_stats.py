@@ -159,7 +159,8 @@ def test_ops_per_call_do_not_grow_with_the_number_of_tensors() -> None:
             stats.grad_norms(tensors)
         return counter.ops
 
-    ops(10), ops(40)  # cached layouts and tables built
+    for _ in range(2):  # cached layouts, tables and scratch views built (a growing scratch buffer drops its views)
+        ops(10), ops(40)
     assert ops(40) == ops(10)
 
 
@@ -233,3 +234,19 @@ def test_the_shared_pass_equals_format_counts_and_exponent_histogram(chunk_eleme
         counts, histogram = stats.format_counts_and_exponent_histogram(grads, fmt, multiplier, histogram_multiplier)
         np.testing.assert_array_equal(counts.numpy(), stats.format_counts(grads, fmt, multiplier).numpy())
         np.testing.assert_array_equal(histogram.numpy(), stats.exponent_histogram(unscaled).numpy())
+
+
+def test_reused_scratch_memory_leaves_no_trace_between_calls() -> None:
+    """The CPU scratch buffers are reused uninitialised: what an earlier call (larger, other
+    dtypes, NaN-filled) left in them must not reach a later call's statistics."""
+    grads, weights = _mixed_model_tensors()
+    chunks.release_scratch()
+    first = _all_statistics(grads, weights)
+    noise = [torch.full((4000,), NAN), torch.randn(3000, dtype=torch.float64) * 1e30, torch.full((999,), INF).half()]
+    _all_statistics(noise, [n.clone() for n in noise])
+    assert 0 < len(chunks._scratch) <= 4  # a few slots, each grown to the largest chunk it served
+    again = _all_statistics(grads, weights)
+    for name, result in first.items():
+        np.testing.assert_array_equal(again[name].numpy(), result.numpy(), err_msg=name)
+    chunks.release_scratch()
+    assert not chunks._scratch

@@ -20,7 +20,7 @@ import torch
 
 import numwatch
 from tests.nanogpt import NanoGPT
-from tests.promstack import collector_and_prometheus, get_json, grafana_expr, instant_query, wait_for
+from tests.promstack import collector_and_prometheus, get_json, grafana_expr, instant_query, wait_for, wait_for_scraped_step
 from tests.test_attention import reference_max
 from tests.test_e2e_alerting import FORWARD_PANELS, _panels
 
@@ -45,8 +45,7 @@ class Trained:
 
 
 def _scrape_and_evaluate(prometheus: str, step: int) -> None:
-    seen = wait_for(lambda: instant_query(prometheus, f'numwatch_run_last_step{{run="{RUN}"}} >= {step}')["data"]["result"], TIMEOUT_S)
-    assert seen, f"Prometheus never scraped step {step}"
+    wait_for_scraped_step(prometheus, RUN, step, TIMEOUT_S)
     wait_for(lambda: False, 2.5)  # two more rule evaluations
 
 
@@ -88,6 +87,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
                 _scrape_and_evaluate(prometheus, step)
                 alerts_before += instant_query(prometheus, f'ALERTS{{run="{RUN}"}}')["data"]["result"]
         watcher.flush()
+        wait_for_scraped_step(prometheus, RUN, STEPS, TIMEOUT_S)
         assert crossing and crossing < STEPS - EVERY, f"the logits did not cross 100 in time: {maxima}"
         yield Trained(collector, prometheus, crossing, alerts_before, maxima)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import numwatch
-from tests.promstack import collector_and_prometheus, get_json, instant_query, wait_for
+from tests.promstack import collector_and_prometheus, get_json, instant_query, wait_for, wait_for_scraped_step
 
 pytestmark = [pytest.mark.binaries, pytest.mark.slow]
 
@@ -92,6 +92,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
                 wait_for(lambda: False, 2.5)  # two more rule evaluations
                 alerts_before_spike = instant_query(prometheus, f'ALERTS{{run="{RUN}"}}')["data"]["result"]
         watcher.flush()
+        wait_for_scraped_step(prometheus, RUN, total, TIMEOUT_S)
         yield Trained(collector, prometheus, alerts_before_spike, losses, norms)
 
 
