@@ -26,6 +26,7 @@ enough to stay in cache, so each of the few elementwise passes reads cached memo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -200,6 +201,23 @@ def tensor_absmax(weights: Sequence[Tensor]) -> Tensor:
     return torch.stack(maxima) if maxima else torch.zeros(0, dtype=torch.float32, device=device)
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, this thread's ops run on one core while inside: each op works on a
+    cache-sized chunk, for which forking and joining the intra-op threads costs more than
+    it saves, and idle workers spinning between the many small ops take the core from the
+    pass (measured 10x slower with 2 threads on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def quantization_sums(weights: Sequence[Tensor], amax: Tensor | None = None) -> Tensor:
     """float64 (float32 where the device has no float64) [1 + len(SCHEMES), n]: ‖w‖², then
     ‖w − Q(w)‖² per scheme in ``SCHEMES`` order, of each weight; NaN for tensors with fewer
@@ -210,15 +228,16 @@ def quantization_sums(weights: Sequence[Tensor], amax: Tensor | None = None) -> 
     nan = torch.full((1 + len(SCHEMES),), math.nan, dtype=accumulate, device=device)
     zero = torch.zeros((1 + len(SCHEMES),), dtype=accumulate, device=device)
     columns = []
-    for index, weight in enumerate(weights):
-        if weight.dim() < 2 or weight.numel() == 0:
-            columns.append(nan if weight.dim() < 2 else zero)
-            continue
-        tensor_amax = _absmax(weight.detach()) if amax is None else amax[index]
-        int8, int4 = _integer_noise(weight, accumulate)
-        signal, nf4, fp8 = _float_noise(weight, tensor_amax, accumulate)
-        by_scheme = {"int8": int8, "int4": int4, "nf4": nf4, "fp8": fp8}
-        columns.append(torch.stack([signal, *(by_scheme[scheme] for scheme in SCHEMES)]).to(device, non_blocking=True))
+    with _one_cpu_thread(device):
+        for index, weight in enumerate(weights):
+            if weight.dim() < 2 or weight.numel() == 0:
+                columns.append(nan if weight.dim() < 2 else zero)
+                continue
+            tensor_amax = _absmax(weight.detach()) if amax is None else amax[index]
+            int8, int4 = _integer_noise(weight, accumulate)
+            signal, nf4, fp8 = _float_noise(weight, tensor_amax, accumulate)
+            by_scheme = {"int8": int8, "int4": int4, "nf4": nf4, "fp8": fp8}
+            columns.append(torch.stack([signal, *(by_scheme[scheme] for scheme in SCHEMES)]).to(device, non_blocking=True))
     if not columns:
         return torch.zeros((1 + len(SCHEMES), 0), dtype=accumulate, device=device)
     return torch.stack(columns, dim=1)

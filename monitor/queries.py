@@ -181,7 +181,7 @@ class Heatmap:
         names = [json.dumps(name) for name in self.tensors]
         parts = []
         for step, row in zip(self.steps, self.values.tolist()):
-            head = '{"step":%d,"tensor":' % step
+            head = f'{{"step":{step},"tensor":'
             parts += [f'{head}{name},"value":{_json_float(value)}}}' for name, value in zip(names, row)]
         return ("[" + ",".join(parts) + "]").encode()
 

@@ -178,3 +178,28 @@ def test_nadam_with_coupled_weight_decay_against_a_float64_reimplementation(maxi
     assert dominated == pytest.approx(5 / n, rel=1e-6)
     # Without the weights before the step the update cannot be rebuilt.
     assert torch.isnan(adam_health(optimizer, [param])).all()
+
+
+def test_the_watcher_reports_nadam_with_coupled_weight_decay(tmp_path) -> None:
+    """Through numwatch.watch: the sampled step's snapshot rebuilds the gradient NAdam used;
+    the recorded RMS equals that of the step it applied, (w_before − w_after) / lr."""
+    import numwatch
+    from tests.watch_helpers import read_spool
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2))
+    optimizer = torch.optim.NAdam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    applied = {}
+    with numwatch.watch(model, optimizer, run="nadam", spool_dir=tmp_path, histogram_every=2) as watcher:
+        for step in range(1, 5):
+            inputs = torch.randn(32, 6)
+            nn.functional.mse_loss(model(inputs), inputs[:, :2].sin()).backward()
+            before = [p.detach().clone() for p in model.parameters()]
+            optimizer.step()
+            optimizer.zero_grad()
+            applied[step] = [((b - p.detach()) / 1e-2).double().square().mean().sqrt().item() for b, p in zip(before, model.parameters())]
+    spooled = read_spool(watcher.spool_dir)
+    sampled = [s for s in spooled.steps if "adam_update_rms" in s["tensors"]]
+    assert [s["step"] for s in sampled] == [1, 3]
+    for step in sampled:
+        np.testing.assert_allclose(spooled.stat(step, "adam_update_rms"), applied[step["step"]], rtol=2e-5)

@@ -185,3 +185,13 @@ def test_nonfinite_weights_give_nan_without_failing() -> None:
     sqnr = quantization_sqnr([with_nan, with_inf, w])
     assert torch.isnan(sqnr[:, :2]).all()
     assert torch.isfinite(sqnr[:, 2]).all()
+
+
+def test_the_callers_cpu_thread_count_is_kept() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        quantization_sqnr([planted((8, 128))])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
