@@ -56,9 +56,23 @@ def wait_for(driver: Any, script: str, timeout: float = 20.0) -> Any:
         time.sleep(0.05)
 
 
+# Chromium's hint after repeated getImageData on one canvas: caused by the tests' own pixel
+# reads (the pages never read pixels back), so not a page error.
+READBACK_HINT = "willReadFrequently"
+
+
 def console_errors(driver: Any) -> list[str]:
     """The console's errors and warnings since the last call (the log is drained by reading)."""
-    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "WARNING")]
+    return [entry["message"] for entry in driver.get_log("browser")
+            if entry["level"] in ("SEVERE", "WARNING") and READBACK_HINT not in entry["message"]]
+
+
+def heatmap_pixel(driver: Any, tensor: str, step: int) -> list[int]:
+    """RGB of the heatmap's cell (tensor, step), read from the canvas."""
+    return driver.execute_script(
+        "const h = Charts.registry.heatmap, p = h.layout.cellCenter(arguments[0], arguments[1]);"
+        "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * h.layout.px), 1, 1).data).slice(0, 3);",
+        tensor, step)
 
 
 def screenshot(driver: Any, name: str) -> Path:

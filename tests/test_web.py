@@ -245,18 +245,12 @@ def test_heatmap_marks_the_nonfinite_tensors(served: Served) -> None:
     bad = [name for name, stats in step["tensors"].items() if stats["nan_count"] or stats["inf_count"]]
     assert bad  # the non-finite loss makes every gradient of this step non-finite (mixed steps: the posted run below)
 
-    def colour(tensor: str, at: int) -> list[int]:
-        return driver.execute_script(
-            "const h = Charts.registry.heatmap, p = h.layout.cellCenter(arguments[0], arguments[1]);"
-            "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * h.layout.px), 1, 1).data).slice(0, 3);",
-            tensor, at)
-
     nonfinite = {"NaN": (0xD0, 0x00, 0xD0), "Infinity": (0xE1, 0x1D, 0x1D)}
     for name in bad:
         value = step["tensors"][name]["grad_norm"]
-        assert tuple(colour(name, BLOW_UP_AT)) == nonfinite[value], name
+        assert tuple(browser.heatmap_pixel(driver, name, BLOW_UP_AT)) == nonfinite[value], name
     for name in step["tensors"]:
-        assert tuple(colour(name, BLOW_UP_AT - 1)) not in nonfinite.values(), name
+        assert tuple(browser.heatmap_pixel(driver, name, BLOW_UP_AT - 1)) not in nonfinite.values(), name
     listed = driver.find_element("id", "heatmap-nonfinite").text
     assert all(name in listed for name in bad)
 
@@ -420,13 +414,11 @@ def test_an_exported_page_of_hostile_names_keeps_them_text(served: Served, tmp_p
 def test_heatmap_colours_nan_inf_and_finite_cells_of_one_step_apart(served: Served) -> None:
     post_run(served.url, "mixed-step", "default", tensors("a.nan", "b.inf", "c.finite"))
     driver = page(served, "/runs/mixed-step")
-    pixel = ("const h = Charts.registry.heatmap, p = h.layout.cellCenter(arguments[0], arguments[1]);"
-             "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * h.layout.px), 1, 1).data).slice(0, 3);")
-    assert driver.execute_script(pixel, "a.nan", XSS_STEP) == [0xD0, 0x00, 0xD0]
-    assert driver.execute_script(pixel, "b.inf", XSS_STEP) == [0xE1, 0x1D, 0x1D]
-    finite = driver.execute_script(pixel, "c.finite", XSS_STEP)
+    assert browser.heatmap_pixel(driver, "a.nan", XSS_STEP) == [0xD0, 0x00, 0xD0]
+    assert browser.heatmap_pixel(driver, "b.inf", XSS_STEP) == [0xE1, 0x1D, 0x1D]
+    finite = browser.heatmap_pixel(driver, "c.finite", XSS_STEP)
     assert finite not in ([0xD0, 0x00, 0xD0], [0xE1, 0x1D, 0x1D], [0x1D, 0x4E, 0xD8])
-    assert driver.execute_script(pixel, "a.nan", XSS_STEP - 1) != [0xD0, 0x00, 0xD0]
+    assert browser.heatmap_pixel(driver, "a.nan", XSS_STEP - 1) != [0xD0, 0x00, 0xD0]
     listed = driver.find_element("id", "heatmap-nonfinite").text
     assert "a.nan" in listed and "b.inf" in listed and "c.finite" not in listed
 
