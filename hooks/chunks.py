@@ -54,6 +54,10 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 _MAX_VIEWS = 256
 
+# Scratch slots of the chunk-sized temporaries of one call: a chunk's input copy, then up to
+# three work tensors. A slot holds one temporary at a time.
+INPUT, WORK, SECOND, FLAGS = 0, 1, 2, 3
+
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
     """An uninitialised 1-D ``dtype`` tensor of ``numel`` elements for a temporary of one call.
@@ -120,12 +124,12 @@ class Chunk:
 
         A view where the pieces lie back to back in one storage (a single whole tensor, the
         views of a :func:`numwatch.stats.snapshot`), else a copy: callers never write into it."""
-        view = self._view(members)
-        return torch._chunk_cat(self._parts(members), 0, 1)[0] if view is None else view
-
-    def _view(self, members: Sequence[Tensor]) -> Tensor | None:
-        """The chunk's elements of ``members`` as a 1-D view, or None where they are not back to back."""
         parts = self._parts(members)
+        view = self._view(parts)
+        return torch._chunk_cat(parts, 0, 1)[0] if view is None else view
+
+    def _view(self, parts: list[Tensor]) -> Tensor | None:
+        """The chunk's ``parts`` as a 1-D view, or None where they are not back to back."""
         if len(parts) == 1:
             return parts[0].reshape(-1)
         if _back_to_back(parts):
@@ -135,13 +139,16 @@ class Chunk:
 
     def read(self, members: Sequence[Tensor], slot: int) -> Tensor:
         """Like :meth:`flat` (read-only), a copy going into scratch ``slot``."""
-        view = self._view(members)
-        return self.into(members, slot) if view is None else view
+        parts = self._parts(members)
+        view = self._view(parts)
+        return self._into(parts, slot) if view is None else view
 
     def into(self, members: Sequence[Tensor], slot: int, dtype: torch.dtype | None = None) -> Tensor:
         """The chunk's elements of ``members`` copied into scratch ``slot`` (converted to
         ``dtype``, by default the members'): a writable temporary."""
-        parts = self._parts(members)
+        return self._into(self._parts(members), slot, dtype)
+
+    def _into(self, parts: list[Tensor], slot: int, dtype: torch.dtype | None = None) -> Tensor:
         dtype, device = dtype or parts[0].dtype, parts[0].device
         if len(parts) == 1:
             return scratch(self.numel, dtype, device, slot).copy_(parts[0].reshape(-1))
@@ -156,6 +163,12 @@ class Chunk:
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-segment views of a chunk-shaped tensor (one op)."""
         return list(flat.split(self.lengths))
+
+    def sums(self, marks: Tensor) -> Tensor:
+        """[segments]: how many elements of each segment are 1 in float 0/1 ``marks``, in
+        their dtype. A multi-tensor L1 norm (exact in float32 up to a chunk's 2**24 elements),
+        cheaper than a count over keys on the CPU and without atomics on a few counters on a GPU."""
+        return torch.stack(torch._foreach_norm(self.split(marks), 1))
 
     def segment_ids(self) -> Tensor:
         """int64 [numel]: the segment of each element (ones at segment starts, summed up:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from numwatch.chunks import layout_of, scratch, to_device
+from numwatch.chunks import SECOND, WORK, layout_of, scratch, to_device
 from numwatch.sharded import local_tensor
 
 CHUNK = 1 << 22  # elements per pass: bounds the float32 temporaries to a few of these
@@ -184,13 +184,10 @@ def _adam_batch(optimizer: torch.optim.Optimizer, group: dict, t: float, params:
         moments, seconds = part.tensors(ms), part.tensors(vs)
         squares, dominated = [], []
         for chunk in part.chunks:
-            # Chunk-sized temporaries in scratch slots 1 and 2 (slot 0 is a chunk's input copy).
-            root = chunk.into(seconds, 1, torch.float32).div_(bc2).sqrt_()
-            below = torch.lt(root, eps, out=scratch(chunk.numel, torch.float32, part.device, 2))
-            # Per-segment sums of 0/1 (exact in float32 up to a chunk's 2**24 elements), by a
-            # multi-tensor reduction: no atomics contending on a few counters on a GPU.
-            dominated.append(torch.stack(torch._foreach_norm(chunk.split(below), 1)))
-            update = chunk.into(moments, 2, torch.float32).div_(bc1).div_(root.add_(eps))
+            root = chunk.into(seconds, WORK, torch.float32).div_(bc2).sqrt_()
+            below = torch.lt(root, eps, out=scratch(chunk.numel, torch.float32, part.device, SECOND))
+            dominated.append(chunk.sums(below))
+            update = chunk.into(moments, SECOND, torch.float32).div_(bc1).div_(root.add_(eps))
             squares.append(torch.stack(torch._foreach_norm(chunk.split(update), 2)).square_())
         results.append(torch.stack([part.per_member(squares, "sum"), part.per_member(dominated, "sum")], 1))
     return layout.assemble(results, math.nan, torch.float32, (2,))

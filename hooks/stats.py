@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from numwatch.chunks import Chunk, Layout, layout_of, scratch, to_device
+from numwatch.chunks import FLAGS, INPUT, SECOND, WORK, Chunk, Layout, layout_of, scratch, to_device
 from numwatch.formats import FormatSpec
 from numwatch.protocol import (
     EXPONENT_BINS,
@@ -31,10 +31,6 @@ from numwatch.protocol import (
 )
 
 Multiplier = Tensor | float | None
-
-# Scratch slots (numwatch.chunks.scratch) of the chunk-sized temporaries: a chunk's input
-# copy, then up to three work tensors of one call.
-_INPUT, _WORK, _SECOND, _FLAGS = 0, 1, 2, 3
 
 
 # --------------------------------------------------------------------------- helpers
@@ -211,7 +207,7 @@ def nonfinite_counts(grads: Sequence[Tensor]) -> Tensor:
         inf = _IEEE_LAYOUTS[wide].inf_pattern
         cuts = _Cuts(wide, (inf - 1, inf))  # finite, ±Inf, NaN
         for chunk in group.chunks:
-            per_chunk.append(_bucket_counts(chunk, chunk.into(members, _INPUT, wide), cuts, _WORK))
+            per_chunk.append(_bucket_counts(chunk, chunk.into(members, INPUT, wide), cuts, WORK))
         counts = group.per_member(per_chunk, "sum")
         results.append(counts.index_select(1, _constant((2, 1), torch.int64, group.device)))
     return layout.assemble(results, 0, torch.int64, (2,)).t()
@@ -312,7 +308,7 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     for group in layout.groups:
         members = group.tensors(grads)
         scale = _on_group_device(factor, group.device)
-        per_chunk = [_bucket_counts(chunk, _format_values(chunk, members, scale, _INPUT), _format_cuts(fmt), _WORK) for chunk in group.chunks]
+        per_chunk = [_bucket_counts(chunk, _format_values(chunk, members, scale, INPUT), _format_cuts(fmt), WORK) for chunk in group.chunks]
         results.append(_counted_formats(group.per_member(per_chunk, "sum")))
     return _format_rows(layout, results)
 
@@ -399,16 +395,16 @@ def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> Tensor:
 def _exponent_keys(flat: Tensor) -> Tensor:
     """The key of each element of an IEEE tensor (see :func:`_exponent_bin_tables`): a few
     integer ops on its bits in place of per-element bin arithmetic, in scratch memory (slots
-    _WORK to _FLAGS; the keys are a writable temporary there)."""
+    WORK to FLAGS; the keys are a writable temporary there)."""
     layout = _IEEE_LAYOUTS[flat.dtype]
     log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
     n, device = flat.numel(), flat.device
-    magnitude = torch.bitwise_and(flat.view(layout.int_dtype), layout.magnitude_mask, out=scratch(n, layout.int_dtype, device, _WORK))
+    magnitude = torch.bitwise_and(flat.view(layout.int_dtype), layout.magnitude_mask, out=scratch(n, layout.int_dtype, device, WORK))
     # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its
     # floor(log2); larger ones convert to at least 2**mantissa_bits, which the clamp gives them all.
-    keys = scratch(n, layout.log2_dtype, device, _SECOND).copy_(magnitude).clamp_(max=1 << layout.mantissa_bits)
+    keys = scratch(n, layout.log2_dtype, device, SECOND).copy_(magnitude).clamp_(max=1 << layout.mantissa_bits)
     keys = keys.view(log2_layout.int_dtype).bitwise_right_shift_(log2_layout.mantissa_bits)
-    nan = torch.gt(magnitude, layout.inf_pattern, out=scratch(n, torch.bool, device, _FLAGS))
+    nan = torch.gt(magnitude, layout.inf_pattern, out=scratch(n, torch.bool, device, FLAGS))
     return keys.add_(magnitude.bitwise_right_shift_(layout.mantissa_bits)).add_(nan)
 
 
@@ -424,7 +420,7 @@ def exponent_histogram(tensors: Sequence[Tensor]) -> Tensor:
         members = group.tensors(tensors)
         per_chunk = []
         for chunk in group.chunks:
-            flat = _widened(chunk.read(members, _INPUT))
+            flat = _widened(chunk.read(members, INPUT))
             table = _exponent_bin_tables(flat.dtype, flat.device)
             per_chunk.append(_segment_counts(chunk, _exponent_keys(flat), table.numel()))
         results.append(_binned(group.per_member(per_chunk, "sum"), table))
@@ -454,11 +450,11 @@ def format_counts_and_exponent_histogram(grads: Sequence[Tensor], fmt: FormatSpe
         scale, group_unscale = _on_group_device(factor, group.device), _on_group_device(unscale, group.device)
         per_chunk = []
         for chunk in group.chunks:
-            flat = chunk.read(members, _INPUT)
+            flat = chunk.read(members, INPUT)
             values = _widened(flat if group_unscale is None else flat * group_unscale)
             table = _exponent_bin_tables(values.dtype, values.device)
-            keys = _exponent_keys(values).mul_(_FORMAT_CODES)  # in slot _SECOND: the format codes use two others
-            keys.add_(_bucket_codes(_format_values(chunk, members, scale, _WORK), _format_cuts(fmt), _FLAGS))
+            keys = _exponent_keys(values).mul_(_FORMAT_CODES)  # in slot SECOND: the format codes use two others
+            keys.add_(_bucket_codes(_format_values(chunk, members, scale, WORK), _format_cuts(fmt), FLAGS))
             per_chunk.append(_segment_counts(chunk, keys, table.numel() * _FORMAT_CODES).view(len(chunk.pieces), table.numel(), _FORMAT_CODES))
         joint = group.per_member(per_chunk, "sum")
         formats.append(_counted_formats(joint.sum(1)))
@@ -476,9 +472,9 @@ def finite_ranges(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         members = group.tensors(tensors)
         chunk_lows, chunk_highs = [], []
         for chunk in group.chunks:
-            flat = _widened(chunk.read(members, _INPUT))
+            flat = _widened(chunk.read(members, INPUT))
             # Non-finite values become -Inf, which no max picks over a finite value.
-            work = scratch(flat.numel(), flat.dtype, flat.device, _WORK)
+            work = scratch(flat.numel(), flat.dtype, flat.device, WORK)
             highest = torch.nan_to_num(flat, nan=-math.inf, posinf=-math.inf, neginf=-math.inf, out=work)
             chunk_highs.append(torch.stack(torch._foreach_max(chunk.split(highest))))
             negated_lowest = torch.neg(flat, out=work).nan_to_num_(nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
@@ -509,11 +505,11 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         per_chunk = []
         for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
             # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
-            values = chunk.into(members, _WORK, torch.float64).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            values = chunk.into(members, WORK, torch.float64).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
             chunk.per_segment_(values, ("sub", chunk_low), ("div", chunk_width))
             # Clamping before the floor is the same, and for values >= 0 the cast truncates to the floor.
             values.mul_(bins).clamp_(0, bins - 1).nan_to_num_(nan=bins)
-            index = scratch(chunk.numel, torch.int32, values.device, _INPUT).copy_(values)
+            index = scratch(chunk.numel, torch.int32, values.device, INPUT).copy_(values)
             per_chunk.append(_segment_counts(chunk, index, bins + 1))
         results.append(group.per_member(per_chunk, "sum")[:, :bins])
     return layout.assemble(results, 0, torch.int64, (bins,))
@@ -560,15 +556,6 @@ def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
     return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
 
 
-def _segment_sums(chunk: Chunk, marks: Tensor) -> Tensor:
-    """float64 [segments]: how many elements of each segment are 1 in float 0/1 ``marks``.
-
-    A multi-tensor L1 norm (exact up to a chunk's 2**24 elements), cheaper than a count over
-    keys on the CPU and without atomics on a few counters on a GPU; float64 keeps the sums
-    over a cut tensor's segments exact."""
-    return torch.stack(torch._foreach_norm(chunk.split(marks), 1)).double()
-
-
 @torch.no_grad()
 def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Sequence[Tensor | None]) -> Tensor:
     """float32 [2, n]: update_ratio = ||after - before|| / ||before|| (0/0 gives 0) and
@@ -585,14 +572,15 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
         changes, sizes, with_grads, stales = [], [], [], []
         for chunk in group.chunks:
             old = chunk.flat(olds)  # a view: the snapshot's chunk copy
-            work = scratch(chunk.numel, torch.float32, old.device, _WORK).copy_(old)
+            work = scratch(chunk.numel, torch.float32, old.device, WORK).copy_(old)
             sizes.append(torch.stack(torch._foreach_norm(chunk.split(work), 2)))
-            new = chunk.read(news, _INPUT)
+            new = chunk.read(news, INPUT)
             changes.append(torch.stack(torch._foreach_norm(chunk.split(work.copy_(new).sub_(old)), 2)))
             unchanged = torch.eq(_bits(old), _bits(new), out=work)
-            has_grad = torch.ne(chunk.read(marks, _INPUT), 0, out=scratch(chunk.numel, torch.float32, old.device, _SECOND))
-            with_grads.append(_segment_sums(chunk, has_grad))
-            stales.append(_segment_sums(chunk, unchanged.mul_(has_grad)))
+            has_grad = torch.ne(chunk.read(marks, INPUT), 0, out=scratch(chunk.numel, torch.float32, old.device, SECOND))
+            # float64: the sums over a cut tensor's segments stay exact.
+            with_grads.append(chunk.sums(has_grad).double())
+            stales.append(chunk.sums(unchanged.mul_(has_grad)).double())
         change = group.per_member(changes, "norm")
         ratio = (change / group.per_member(sizes, "norm")).masked_fill_(change == 0, 0.0)
         with_grad = group.per_member(with_grads, "sum").float()
@@ -612,7 +600,7 @@ def exp_avg_sq_underflow(states: Sequence[Tensor | None], fmt: FormatSpec) -> Te
         # Compared in float32: fmt's smallest normal may not exist in a narrower state dtype.
         per_chunk = []
         for chunk in group.chunks:
-            work = chunk.into(members, _WORK, torch.float32).abs_()
-            per_chunk.append(_segment_sums(chunk, torch.lt(work, fmt.smallest_normal, out=work)))
+            work = chunk.into(members, WORK, torch.float32).abs_()
+            per_chunk.append(chunk.sums(torch.lt(work, fmt.smallest_normal, out=work)).double())
         results.append(group.per_member(per_chunk, "sum").float() / _constant(tuple(group.numels), torch.float32, group.device))
     return layout.assemble(results, math.nan, torch.float32)
