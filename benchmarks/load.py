@@ -29,14 +29,15 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
 
 from benchmarks.load_client import ClientPlan, ClientReport, run_client  # noqa: E402
-from numwatch.monitor import db, stack  # noqa: E402
-from numwatch.monitor.models import Run, Step  # noqa: E402
+from numwatch.monitor import db, stack, step_blocks  # noqa: E402
+from numwatch.monitor.models import RankState, Run  # noqa: E402
 from tests.postgres import PostgresUnavailable, postgres_server  # noqa: E402
 
 PROGRESS_EVERY_S = 5.0
@@ -146,15 +147,13 @@ def verify_exactly_once(url: str, database: str, result: LoadResult) -> list[str
     """
     engine = db.make_engine(database)
     try:
-        with engine.connect() as connection:
-            stored = {
-                row.name: (row.rows, row.distinct, row.first, row.last)
-                for row in connection.execute(
-                    select(Run.name, func.count().label("rows"), func.count(func.distinct(Step.step)).label("distinct"),
-                           func.min(Step.step).label("first"), func.max(Step.step).label("last"))
-                    .join(Step, Step.run_id == Run.id).group_by(Run.name)
-                )
-            }
+        with Session(engine) as session:
+            stored = {}
+            for run in session.execute(select(Run)).scalars():
+                ranks = session.execute(select(RankState.rank).where(RankState.run_id == run.id)).scalars()
+                numbers = [step["step"] for rank in ranks for step in step_blocks.Reader(session, run.id, rank, len(run.tensors)).range(wanted=())]
+                if numbers:
+                    stored[run.name] = (len(numbers), len(set(numbers)), min(numbers), max(numbers))
     finally:
         engine.dispose()
     api = {run["run"]: run["steps_total"] for run in httpx.get(f"{url}/api/v1/runs", timeout=60).raise_for_status().json()}

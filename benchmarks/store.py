@@ -44,7 +44,7 @@ from tests.postgres import PostgresUnavailable, postgres_server
 BATCH = 64
 FORMAT_EVERY, HISTOGRAM_EVERY = 50, 100
 JSON = {"Content-Type": "application/json"}
-TABLES = ("runs", "steps", "histograms", "rollups", "forward_stats", "events", "rank_state", "conflicts", "run_instances")
+TABLES = ("runs", "step_blocks", "histograms", "rollups", "forward_stats", "events", "rank_state", "conflicts", "run_instances")
 
 
 def stored_bytes(engine: sa.Engine) -> int:

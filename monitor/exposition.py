@@ -22,9 +22,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, defer
 
 from numwatch.protocol import decode_float
-from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run, Step
-from numwatch.monitor import spikes
-from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run
+from numwatch.monitor import spikes, step_blocks
 from numwatch.monitor.queries import run_status
 from numwatch.monitor.settings import Settings
 
@@ -104,13 +103,11 @@ class NumwatchCollector(Collector):
         return self._tensor_names[run_id]
 
     def _top_layers(self, session: Session, run: Run, state: RankState, family: GaugeMetricFamily) -> None:
-        row = session.execute(
-            select(Step.stat_names, Step.tensor_stats).where(Step.run_id == run.id, Step.rank == state.rank, Step.step == state.last_step)
-        ).first()
-        if row is None or "grad_norm" not in row.stat_names.split(","):
-            return
         names = self._names(session, run.id)
-        norms = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(names))["grad_norm"].astype(np.float64)
+        row = step_blocks.Reader(session, run.id, state.rank, len(names)).find(state.last_step, wanted=("grad_norm",))
+        if row is None or "grad_norm" not in row["tensors"]:
+            return
+        norms = row["tensors"]["grad_norm"].astype(np.float64)
         # NaN sorts as the largest: the tensors that went non-finite are the ones to show.
         order = np.argsort(np.where(np.isnan(norms), np.inf, norms))[::-1][: self.settings.metrics_top_k]
         for index in order:

@@ -18,15 +18,15 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, insert, select, tuple_, update
+from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import detectors, forward, forward_events, rollups, spikes
+from numwatch.monitor import detectors, forward, forward_events, rollups, spikes, step_blocks
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import IngestError, NotFound
-from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, RunInstance, Step
-from numwatch.monitor.packing import compress_histogram_array, pack_stats, unpack_stats
+from numwatch.monitor.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, RunInstance
+from numwatch.monitor.packing import compress_histogram_array
 from numwatch.monitor.queries import find_run
 from numwatch.monitor.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
 
@@ -71,10 +71,6 @@ def _free_name(session: Session, name: str) -> str:
     raise AssertionError("unreachable")
 
 
-def _last_step(session: Session, run: Run) -> int:
-    return session.execute(select(func.max(Step.step)).where(Step.run_id == run.id)).scalar_one_or_none() or 0
-
-
 def register_run(session: Session, document: RunDocument, principal: Principal) -> Registration:
     """Register (run, rank) of one instance. Registering again (a retry, another rank) is a
     no-op. A name that another instance holds gets a new run ``name-2``... unless the
@@ -88,7 +84,7 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
     name, renamed, offset = document.run, False, 0
     if claim is None and run is not None and document.instance is not None:
         if document.resume:
-            offset = _last_step(session, run)
+            offset = step_blocks.run_last_step(session, run.id)
         else:
             name, renamed, run = _free_name(session, document.run), True, None
     created = run is None
@@ -168,17 +164,17 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
     return decoded
 
 
-def _step_row(run_id: int, rank: int, step: Any, raw: dict[str, bytes]) -> dict[str, Any]:
-    stat_names, blob = pack_stats({name: value for name, value in raw.items() if name in protocol.TENSOR_STATS})
+def _step_row(step: Any, raw: dict[str, bytes]) -> dict[str, Any]:
+    """A step of a batch as the store keeps it and the detectors read it."""
     return {
-        "run_id": run_id, "rank": rank, "step": step.step, "time": step.time, "step_time": step.step_time,
+        "step": step.step, "time": step.time, "step_time": step.step_time,
         "loss": step.loss, "loss_scale": step.loss_scale, "new_loss_scale": step.new_loss_scale,
         "scale_decision": step.scale_decision, "skipped": step.skipped, "global_grad_norm": step.global_grad_norm,
         "headroom_bits": step.headroom_bits, "clip_coef": step.clip_coef, "post_clip_grad_norm": step.post_clip_grad_norm,
         "clipped": step.clipped, "lr": [protocol.encode_float(v) for v in step.lr],
         "scalars": {k: protocol.encode_float(v) for k, v in step.scalars.items()},
-        "stat_names": stat_names, "tensor_stats": blob,
-        "activation_absmax": raw.get("activation_absmax"), "activation_nonfinite": raw.get("activation_nonfinite"),
+        "tensors": {name: np.frombuffer(value, protocol.TENSOR_STATS[name]) for name, value in raw.items() if name in protocol.TENSOR_STATS},
+        **{name: raw.get(name) for name in step_blocks.ACTIVATION_ARRAYS},
     }
 
 
@@ -188,56 +184,26 @@ def _same_float(a: float | None, b: float | None) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-def _same_content(first: Step | dict[str, Any], row: dict[str, Any]) -> bool:
+def _same_scalars(first: dict[str, Any], row: dict[str, Any]) -> bool:
+    return first["skipped"] == row["skipped"] and all(_same_float(first[key], row[key]) for key in ("loss", "loss_scale", "global_grad_norm"))
+
+
+def _same_arrays(first: dict[str, np.ndarray], row: dict[str, np.ndarray], names: set[str]) -> bool:
+    return all(first[name].tobytes() == row[name].tobytes() for name in names)
+
+
+def _same_content(first: dict[str, Any], row: dict[str, Any]) -> bool:
     """Whether ``row`` repeats ``first`` (a stored step, or an earlier copy in the same batch)."""
-    get = first.get if isinstance(first, dict) else lambda key: getattr(first, key)
-    return (
-        get("stat_names") == row["stat_names"]
-        and bytes(get("tensor_stats")) == row["tensor_stats"]
-        and get("skipped") == row["skipped"]
-        and all(_same_float(get(key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm"))
-    )
+    old, new = first["tensors"], row["tensors"]
+    return _same_scalars(first, row) and old.keys() == new.keys() and _same_arrays(old, new, set(old))
 
 
-def _supplements(first: Step | dict[str, Any], row: dict[str, Any], n_tensors: int) -> bool:
+def _supplements(first: dict[str, Any], row: dict[str, Any]) -> bool:
     """Whether ``row`` is ``first`` plus statistics a client may add after sending a step
     (the final weights' quantization SQNR measured at close()): then it is no conflict."""
-    get = first.get if isinstance(first, dict) else lambda key: getattr(first, key)
-    if get("skipped") != row["skipped"] or not all(_same_float(get(key), row[key]) for key in ("loss", "loss_scale", "global_grad_norm")):
-        return False
-    old = unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors)
-    new = unpack_stats(row["stat_names"], row["tensor_stats"], n_tensors)
+    old, new = first["tensors"], row["tensors"]
     added = set(new) - set(old)
-    return bool(added) and added <= SUPPLEMENT_STATS and all(old[name].tobytes() == new[name].tobytes() for name in old if name in new) and set(old) <= set(new)
-
-
-def step_view(row: dict[str, Any] | Step, n_tensors: int) -> dict[str, Any]:
-    """A stored or about-to-be-stored step as the detectors read it."""
-    get = row.get if isinstance(row, dict) else lambda key: getattr(row, key)
-    return {
-        "step": get("step"), "time": get("time"), "step_time": get("step_time"), "loss": get("loss"), "loss_scale": get("loss_scale"),
-        "new_loss_scale": get("new_loss_scale"), "global_grad_norm": get("global_grad_norm"),
-        "headroom_bits": get("headroom_bits"), "scale_decision": get("scale_decision"), "skipped": bool(get("skipped")),
-        "clipped": bool(get("clipped")), "clip_coef": get("clip_coef"), "post_clip_grad_norm": get("post_clip_grad_norm"),
-        "lr": get("lr"),
-        "tensors": unpack_stats(get("stat_names"), bytes(get("tensor_stats")), n_tensors),
-    }
-
-
-# What the detectors read of the steps before a batch (rolling windows, streaks, episodes).
-_HISTORY_COLUMNS = ("step", "global_grad_norm", "scale_decision", "loss_scale", "new_loss_scale")
-
-
-def _history(session: Session, run: Run, rank: int, before: int, window: int) -> list[dict[str, Any]]:
-    columns = [getattr(Step, name) for name in _HISTORY_COLUMNS]
-    rows = session.execute(
-        select(*columns, Step.stat_names, Step.tensor_stats)
-        .where(Step.run_id == run.id, Step.rank == rank, Step.step < before).order_by(Step.step.desc()).limit(window)
-    ).all()
-    return [
-        {**{name: row[i] for i, name in enumerate(_HISTORY_COLUMNS)}, "tensors": unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))}
-        for row in reversed(rows)
-    ]
+    return _same_scalars(first, row) and bool(added) and added <= SUPPLEMENT_STATS and set(old) <= set(new) and _same_arrays(old, new, set(old))
 
 
 def _not_finite(value: float | None) -> bool:
@@ -338,8 +304,8 @@ def _locked_rank_state(session: Session, run_id: int, rank: int) -> RankState | 
 
 def store_batch(session: Session, run: Run, document: BatchDocument, config: detectors.DetectorConfig) -> StoredBatch:
     """Store ``document`` (caller commits); what was new, and the events it produced."""
-    n_tensors = len(run.tensors)
-    decoded = _decode_steps(document, n_tensors, len(run.modules))
+    n_tensors, n_modules = len(run.tensors), len(run.modules)
+    decoded = _decode_steps(document, n_tensors, n_modules)
     rank = document.rank
     state = _locked_rank_state(session, run.id, rank)
     if state is None:
@@ -349,28 +315,26 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     rows_by_step: dict[int, dict[str, Any]] = {}
     conflicts: list[int] = []
     for step, raw in zip(document.steps, decoded):
-        row = _step_row(run.id, rank, step, raw)
+        row = _step_row(step, raw)
         first = rows_by_step.setdefault(step.step, row)
         if first is not row and not _same_content(first, row):
-            if _supplements(first, row, n_tensors):
+            if _supplements(first, row):
                 rows_by_step[step.step] = row
             else:
                 conflicts.append(step.step)
+    reader = step_blocks.Reader(session, run.id, rank, n_tensors, n_modules)
     stored = {
-        row.step: row
-        for row in session.execute(
-            select(Step).where(Step.run_id == run.id, Step.rank == rank, Step.step.in_(list(rows_by_step)))
-        ).scalars()
+        step["step"]: step for step in reader.range(min(rows_by_step), max(rows_by_step)) if step["step"] in rows_by_step
     } if rows_by_step else {}
     new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
     supplemented = []
     for number, row in sorted(rows_by_step.items()):
         if number in stored and not _same_content(stored[number], row):
-            if _supplements(stored[number], row, n_tensors):
-                stored[number].stat_names, stored[number].tensor_stats = row["stat_names"], row["tensor_stats"]
+            if _supplements(stored[number], row):
                 supplemented.append(row)
             else:
                 conflicts.append(number)
+    step_blocks.replace(session, run.id, rank, {row["step"]: row for row in supplemented}, n_tensors, n_modules)
     now = time.time()
     if conflicts:
         session.execute(insert(Conflict), [{"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now} for n in conflicts])
@@ -378,9 +342,9 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     new_events: list[dict[str, Any]] = [event.model_dump() for event in document.events]
     numel = np.array([math.prod(t["shape"]) for t in run.tensors], dtype=np.float64)
     if new_rows:
-        session.execute(Step.__table__.insert(), new_rows)
-        views = [step_view(row, n_tensors) for row in new_rows]
-        history = _history(session, run, rank, new_rows[0]["step"], config.window)
+        views = new_rows
+        history = reader.last(new_rows[0]["step"], config.window)
+        step_blocks.store(session, run.id, rank, new_rows)
         new_events += detectors.detect(history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel)
         spike_history = spikes.stored_history(session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window)
         spike_events, judged = spikes.detect(spike_history, views, config)
@@ -425,10 +389,9 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
 
     if views:
         _update_rank_state(state, views, numel)
-    supplement_views = [step_view(row, n_tensors) for row in supplemented]
-    _update_quant_state(state, views + supplement_views)
-    if supplement_views:  # the added stats only: the step's other series are in the rollups already
-        added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplement_views]
+    _update_quant_state(state, views + supplemented)
+    if supplemented:  # the added stats only: the step's other series are in the rollups already
+        added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplemented]
         rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()

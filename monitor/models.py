@@ -1,9 +1,9 @@
 """SQLAlchemy 2 models of the collector's store (schema changes go through Alembic).
 
-Per-step per-tensor statistics are stored packed: one ``steps`` row per (run, rank,
-step) whose ``tensor_stats`` blob holds the compressed arrays named by ``stat_names``
-(``numwatch.monitor.packing``; dtypes from ``numwatch.protocol.TENSOR_STATS``; each array
-has one element per tensor of the run's schema). ``rollups`` summarise every series per
+Steps are stored several to a row (``step_blocks``, see ``numwatch.monitor.step_blocks``):
+their scalars, and their per-tensor arrays compressed (dtypes from
+``numwatch.protocol.TENSOR_STATS``; each array has one element per tensor of the run's
+schema). ``rollups`` summarise every series per
 bucket of steps at a few resolutions (``numwatch.monitor.rollups``), so whole-run reads
 cost what they return. Run-level state that /metrics
 serves (counters, last values) lives in ``rank_state`` and is updated in the same
@@ -20,10 +20,10 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
-    Boolean,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -127,31 +127,21 @@ class RunInstance(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
-class Step(Base):
-    __tablename__ = "steps"
+class StepBlock(Base):
+    """Steps of one (run, rank), several to a row (``numwatch.monitor.step_blocks``): those steps of
+    one batch that were not stored before, at most ``MAX_STEPS`` of them within ``MAX_SPAN`` numbers."""
+
+    __tablename__ = "step_blocks"
+    __table_args__ = (Index("ix_step_blocks_last_step", "run_id", "rank", "last_step"),)
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
-    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    time: Mapped[float] = mapped_column(Float(precision=53))
-    step_time: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    loss: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    loss_scale: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    new_loss_scale: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    scale_decision: Mapped[str | None] = mapped_column(String(8), nullable=True)
-    skipped: Mapped[bool] = mapped_column(Boolean, default=False)
-    global_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    headroom_bits: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    # What a clip function did (protocol 3): null when none ran.
-    clip_coef: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    post_clip_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    clipped: Mapped[bool] = mapped_column(Boolean, default=False)
-    lr: Mapped[list] = mapped_column(JSON, default=list)
-    scalars: Mapped[dict] = mapped_column(JSON, default=dict)  # floats encoded as in the protocol
-    stat_names: Mapped[str] = mapped_column(Text, default="")  # comma-separated, blob order
-    tensor_stats: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
-    activation_absmax: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-    activation_nonfinite: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    first_step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    last_step: Mapped[int] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(Integer)
+    names: Mapped[str] = mapped_column(Text)  # ",name,...,": the arrays and scalars some step of the block has
+    header: Mapped[bytes] = mapped_column(LargeBinary)  # compressed JSON: per step its scalars and arrays
+    arrays: Mapped[bytes] = mapped_column(LargeBinary)  # the arrays' compressed segments
 
 
 class Histogram(Base):

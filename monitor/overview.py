@@ -3,16 +3,17 @@ the steps that have histograms, and the live tail (what a page polls for)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
 import numpy as np
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.models import Event, Histogram, Run, Step
-from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor import step_blocks
+from numwatch.monitor.models import Event, Histogram, Run
 from numwatch.monitor.queries import event_record, rank_states, run_status
 from numwatch.monitor.series import downsample
 
@@ -35,14 +36,9 @@ def tensor_summary(session: Session, run: Run, rank: int, max_points: int) -> di
     total = float(numel.sum())
     wanted = (*protocol.FORMAT_COUNT_STATS, *MEAN_STATS)
     columns: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in wanted}
-    query = (
-        select(Step.step, Step.stat_names, Step.tensor_stats)
-        .where(Step.run_id == run.id, Step.rank == rank, or_(Step.stat_names.contains("zeros"), Step.stat_names.contains("update_ratio")))
-        .order_by(Step.step)
-        .execution_options(yield_per=1000)
-    )
-    for row in session.execute(query):
-        stats = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))
+    reader = step_blocks.Reader(session, run.id, rank, len(run.tensors))
+    for step in reader.range(wanted=wanted, having=wanted):
+        stats = step["tensors"]
         for name in wanted:
             if name not in stats:
                 continue
@@ -54,7 +50,7 @@ def tensor_summary(session: Session, run: Run, rank: int, max_points: int) -> di
                 value = float(values.sum()) / total
             else:
                 continue
-            columns[name][0].append(row.step)
+            columns[name][0].append(step["step"])
             columns[name][1].append(value)
     return {name: _series(steps, values, max_points) for name, (steps, values) in columns.items()}
 
@@ -81,17 +77,16 @@ def histogram_steps(session: Session, run: Run, kind: str, rank: int) -> dict[st
 def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) -> dict[str, Any]:
     """The per-step scalars and the events of the steps after ``after`` (at most ``TAIL_LIMIT`` steps):
     one index range read, so a live page costs the collector little per poll."""
-    rows = session.execute(
-        select(Step.step, Step.time, Step.lr, *(getattr(Step, name) for name in TAIL_SCALARS))
-        .where(Step.run_id == run.id, Step.rank == rank, Step.step > after)
-        .order_by(Step.step)
-        .limit(TAIL_LIMIT + 1)
-    ).all()
+    steps = step_blocks.Reader(session, run.id, rank, len(run.tensors)).range(after + 1, wanted=())
+    try:
+        rows = list(itertools.islice(steps, TAIL_LIMIT + 1))
+    finally:
+        steps.close()
     truncated = len(rows) > TAIL_LIMIT
     rows = rows[:TAIL_LIMIT]
-    values: dict[str, list] = {name: [protocol.encode_float(getattr(row, name)) for row in rows] for name in TAIL_SCALARS}
-    values["lr"] = [row.lr[0] if row.lr else None for row in rows]
-    until = rows[-1].step if rows else None
+    values: dict[str, list] = {name: [protocol.encode_float(row[name]) for row in rows] for name in TAIL_SCALARS}
+    values["lr"] = [row["lr"][0] if row["lr"] else None for row in rows]
+    until = rows[-1]["step"] if rows else None
     query = select(Event).where(Event.run_id == run.id, Event.step > after).order_by(Event.step, Event.rank, Event.id)
     if truncated and until is not None:
         query = query.where(Event.step <= until)

@@ -135,11 +135,6 @@ def pack_stats(stats: dict[str, bytes]) -> tuple[str, bytes]:
     return ",".join(names), compress_arrays(arrays)
 
 
-def stored_stats(stat_names: str) -> list[str]:
-    """The names of the stats a step row holds (all-zero ones included)."""
-    return [name.removesuffix(ZERO_SUFFIX) for name in stat_names.split(",") if name]
-
-
 def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.ndarray]:
     """Inverse of :func:`pack_stats`: stat name -> array of ``n_tensors`` values."""
     entries = [name for name in stat_names.split(",") if name]

@@ -16,8 +16,9 @@ from sqlalchemy.orm import Session
 from numwatch import protocol
 from numwatch.monitor.auth import Principal
 from numwatch.monitor.errors import NotFound
-from numwatch.monitor.models import DELETING, Event, Histogram, RankState, Run, Step
-from numwatch.monitor.packing import decompress_histogram_array, unpack_stats
+from numwatch.monitor import step_blocks
+from numwatch.monitor.models import DELETING, Event, Histogram, RankState, Run
+from numwatch.monitor.packing import decompress_histogram_array
 from numwatch.monitor.rollups import CLIP_SCALARS, SCALAR_SERIES, STEP_SCALARS
 from numwatch.monitor.series import read_window, summary_points
 
@@ -108,19 +109,19 @@ def series(session: Session, run: Run, metric: str, tensor: str | None, rank: in
 
 
 def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str, Any]:
-    row = session.get(Step, (run.id, rank, number))
+    row = step_blocks.Reader(session, run.id, rank, len(run.tensors), len(run.modules)).find(number, wanted=protocol.TENSOR_STATS)
     if row is None:
         raise NotFound(f"run {run.name!r} has no step {number} on rank {rank}")
-    stats = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))
+    stats = row["tensors"]
     tensors = {
         t["name"]: {name: protocol.encode_float(values[i].item()) if values.dtype.kind == "f" else int(values[i]) for name, values in stats.items()}
         for i, t in enumerate(run.tensors)
     }
-    record = {key: protocol.encode_float(getattr(row, key)) for key in (*STEP_SCALARS, *CLIP_SCALARS)}
+    record = {key: protocol.encode_float(row[key]) for key in (*STEP_SCALARS, *CLIP_SCALARS)}
     events = session.execute(select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.step == number).order_by(Event.id)).scalars()
     return {
-        "run": run.name, "rank": rank, "step": row.step, "time": row.time, "skipped": row.skipped, "clipped": row.clipped,
-        "scale_decision": row.scale_decision, "lr": row.lr, "scalars": row.scalars, **record,
+        "run": run.name, "rank": rank, "step": number, "time": row["time"], "skipped": row["skipped"], "clipped": row["clipped"],
+        "scale_decision": row["scale_decision"], "lr": row["lr"], "scalars": row["scalars"], **record,
         "tensors": tensors, "events": [event_record(event) for event in events],
     }
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.models import Run, Step
-from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor import step_blocks
+from numwatch.monitor.models import Run
 
 
 def quantization_table(session: Session, run: Run, rank: int, sort: protocol.QuantScheme) -> dict[str, Any]:
@@ -18,14 +17,15 @@ def quantization_table(session: Session, run: Run, rank: int, sort: protocol.Qua
 
     Tensors the schemes do not quantize (fewer than two dimensions: NaN everywhere) are left out.
     """
-    row = session.execute(
-        select(Step.step, Step.stat_names, Step.tensor_stats)
-        .where(Step.run_id == run.id, Step.rank == rank, Step.stat_names.contains(protocol.QUANT_SQNR_STATS[sort]))
-        .order_by(Step.step.desc()).limit(1)
-    ).first()
+    stat = protocol.QUANT_SQNR_STATS[sort]
+    steps = step_blocks.Reader(session, run.id, rank, len(run.tensors)).before(wanted=tuple(protocol.QUANT_SQNR_STATS.values()), having=(stat,))
+    try:
+        row = next((step for step in steps if stat in step["tensors"]), None)
+    finally:
+        steps.close()
     if row is None:
         return {"step": None, "rank": rank, "sort": sort, "tensors": []}
-    stats = unpack_stats(row.stat_names, bytes(row.tensor_stats), len(run.tensors))
+    stats = row["tensors"]
     columns = {scheme: stats[stat] for scheme, stat in protocol.QUANT_SQNR_STATS.items() if stat in stats}
     measured = [i for i in range(len(run.tensors)) if not all(math.isnan(values[i]) for values in columns.values())]
     measured.sort(key=lambda i: (math.isnan(columns[sort][i]), columns[sort][i]))
@@ -36,4 +36,4 @@ def quantization_table(session: Session, run: Run, rank: int, sort: protocol.Qua
         }
         for i in measured
     ]
-    return {"step": row.step, "rank": rank, "sort": sort, "tensors": tensors}
+    return {"step": row["step"], "rank": rank, "sort": sort, "tensors": tensors}

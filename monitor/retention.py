@@ -21,16 +21,16 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import Table, delete, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from numwatch.monitor.models import DELETING, Conflict, Event, ForwardStats, Histogram, RankState, Rollup, Run, RunInstance, Step
+from numwatch.monitor.models import DELETING, Conflict, Event, ForwardStats, Histogram, RankState, Rollup, Run, RunInstance, StepBlock
 
 log = logging.getLogger("numwatch.retention")
 
 CHUNK_SECONDS = 0.1
 PAUSE_SECONDS = 0.15
-FIRST_CHUNK_ROWS = 500
+FIRST_CHUNK_ROWS = 50  # a step block holds up to 256 steps
 MAX_CHUNK_ROWS = 20_000
 VACUUM_PAGES = 1_000  # 32 MB of 32 KB pages per step
-CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (Step, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
+CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (StepBlock, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
 
 
 def mark_deleting(run: Run) -> None:

@@ -12,18 +12,21 @@ the raw rows, so the answer is exactly the raw rows' answer for the same width.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import rollups
-from numwatch.monitor.models import Step
-from numwatch.monitor.packing import unpack_stats
+from numwatch.monitor import rollups, step_blocks
 
 RAW_SPAN = 1024
+# Scalar series made from a step's fields: the first param group's lr, the skip flag as 0 or 1.
+DERIVED: dict[str, Callable[[dict[str, Any]], float | None]] = {
+    "lr": lambda step: protocol.decode_float(step["lr"][0]) if step["lr"] else None,
+    "skipped": lambda step: float(step["skipped"]),
+}
 # Rollup rows a read may decode per bucket it answers: with levels four apart, a whole-run read
 # decodes between half and twice as many rows as it returns buckets.
 ROWS_PER_BUCKET = 2
@@ -59,40 +62,19 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[
     return np.array([p[0] for p in points], np.int64), np.array([p[1] for p in points], np.float64)
 
 
-def step_range(session: Session, run_id: int, rank: int, start: int | None, end: int | None) -> tuple[int, int] | None:
-    """The first and last stored step of the window, or None when it holds none."""
-    query = select(Step.step).where(Step.run_id == run_id, Step.rank == rank)
-    if start is not None:
-        query = query.where(Step.step >= start)
-    if end is not None:
-        query = query.where(Step.step <= end)
-    first = session.execute(query.order_by(Step.step).limit(1)).scalar()
-    if first is None:
-        return None
-    return first, session.execute(query.order_by(Step.step.desc()).limit(1)).scalar()
-
-
-def raw_values(session: Session, run_id: int, rank: int, name: str, low: int, high: int, n_tensors: int, column: int | None) -> Iterator[tuple[int, np.ndarray]]:
+def raw_values(reader: step_blocks.Reader, name: str, low: int, high: int, column: int | None) -> Iterator[tuple[int, np.ndarray]]:
     """(step, values) of the stored steps ``low..high`` having ``name``, streamed; one tensor's value if ``column``."""
-    per_tensor = name in protocol.TENSOR_STATS
-    columns = [Step.step, Step.stat_names, Step.tensor_stats] if per_tensor else [Step.step, getattr(Step, name)]
-    query = select(*columns).where(Step.run_id == run_id, Step.rank == rank, Step.step >= low, Step.step <= high)
-    if per_tensor:
-        query = query.where(Step.stat_names.contains(name))
-    for row in session.execute(query.order_by(Step.step).execution_options(yield_per=512)):
-        if per_tensor:
-            values = unpack_stats(row.stat_names, bytes(row.tensor_stats), n_tensors).get(name)
-            if values is None:
-                continue
-            yield row.step, (values[column:column + 1] if column is not None else values)
-            continue
-        value = row[1]
-        if name == "lr":
-            value = protocol.decode_float(value[0]) if value else None
-        elif name == "skipped":
-            value = float(value)
+    if name in protocol.TENSOR_STATS:
+        for step in reader.range(low, high, wanted=(name,), having=(name,)):
+            values = step["tensors"].get(name)
+            if values is not None:
+                yield step["step"], (values[column:column + 1] if column is not None else values)
+        return
+    # A step without a skip has no "skipped" name: every block holds the skip series.
+    for step in reader.range(low, high, wanted=(), having=() if name == "skipped" else (name,)):
+        value = DERIVED[name](step) if name in DERIVED else step[name]
         if value is not None:
-            yield row.step, np.array([value], np.float64)
+            yield step["step"], np.array([value], np.float64)
 
 
 def choose_level(low: int, high: int, buckets: int) -> int:
@@ -129,16 +111,16 @@ def _runs(parts: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return out
 
 
-def bucket_summaries(session: Session, run_id: int, rank: int, name: str, low: int, high: int, width: int, level: int, n_tensors: int, column: int | None) -> Iterator[tuple[int, rollups.Summary]]:
+def bucket_summaries(reader: step_blocks.Reader, name: str, low: int, high: int, width: int, level: int, column: int | None) -> Iterator[tuple[int, rollups.Summary]]:
     """(first step, summary) of each ``width``-step bucket of ``low..high`` holding values, from rollups up to ``level``."""
     found: list[tuple[int, rollups.Summary]] = []
     for part_level, first, last in _runs(pieces(low, high, level)):
         if part_level == 1:
-            rows = list(raw_values(session, run_id, rank, name, first, last, n_tensors, column))
+            rows = list(raw_values(reader, name, first, last, column))
             if rows:
                 found.append((first, rollups.summarize(np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]))))
         else:
-            pieces_found = rollups.read_range(session, run_id, rank, name, part_level, first // part_level, last // part_level, n_tensors, column)
+            pieces_found = rollups.read_range(reader.session, reader.run_id, reader.rank, name, part_level, first // part_level, last // part_level, reader.n_tensors, column)
             found += [(piece_level * bucket, summary) for piece_level, bucket, summary in pieces_found]
     if not found:
         return
@@ -164,14 +146,15 @@ def read_window(
 ) -> tuple[list[tuple[int, np.ndarray]], list[tuple[int, rollups.Summary]]]:
     """``(rows, [])``: every (step, values) of the window when it holds at most ``limit``; else ``([], summaries)``:
     at most ``buckets`` (first step, summary) pairs, from the raw rows when the window is short, else from rollups."""
-    window = step_range(session, run_id, rank, start, end)
+    reader = step_blocks.Reader(session, run_id, rank, n_tensors)
+    window = reader.extent(start, end)
     if window is None:
         return [], []
     low, high = window
     if high - low + 1 <= RAW_SPAN:
-        rows = list(raw_values(session, run_id, rank, name, low, high, n_tensors, column))
+        rows = list(raw_values(reader, name, low, high, column))
         if len(rows) <= limit:
             return rows, []
         return [], raw_buckets(rows, low, bucket_width(low, high, buckets))
     level = choose_level(low, high, buckets)
-    return [], list(bucket_summaries(session, run_id, rank, name, low, high, bucket_width(low, high, buckets, level), level, n_tensors, column))
+    return [], list(bucket_summaries(reader, name, low, high, bucket_width(low, high, buckets, level), level, column))

@@ -16,6 +16,7 @@ it stays bounded however long the run is.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,12 +24,11 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch.protocol import DetectorEventKind, event_document
 from numwatch.monitor.detectors import DetectorConfig
-from numwatch.monitor.models import Step
+from numwatch.monitor import step_blocks
 
 # signal -> (step column, event kind)
 SIGNALS: dict[str, tuple[str, DetectorEventKind]] = {
@@ -64,29 +64,20 @@ def judge(points: Sequence[tuple[int, float]], sigmas: float, window: int) -> li
     ]
 
 
-def _stored_points(session: Session, run_id: int, rank: int, before: int, signal: str, count: int) -> Points:
-    """The last ``count`` stored values of ``signal`` below step ``before``, ascending."""
-    column = getattr(Step, SIGNALS[signal][0])
-    rows = session.execute(
-        select(Step.step, column).where(Step.run_id == run_id, Step.rank == rank, Step.step < before, column.is_not(None))
-        .order_by(Step.step.desc()).limit(count)
-    ).all()
-    return [(row[0], row[1]) for row in reversed(rows)]
-
-
 def stored_history(session: Session, run_id: int, rank: int, before: int, count: int) -> dict[str, Points]:
     """Per signal, the last ``count`` stored values below step ``before``, ascending.
 
-    One query for the last ``count`` steps serves every signal that has a value at each of them
-    (the usual case); a signal some of those steps lack is read on its own."""
-    columns = [getattr(Step, column) for column, _ in SIGNALS.values()]
-    rows = session.execute(
-        select(Step.step, *columns).where(Step.run_id == run_id, Step.rank == rank, Step.step < before).order_by(Step.step.desc()).limit(count)
-    ).all()
+    The last ``count`` steps serve every signal that has a value at each of them (the usual case);
+    a signal some of those steps lack is read further back, from the blocks that hold it."""
+    reader = step_blocks.Reader(session, run_id, rank, 0)
+    recent = reader.last(before, count, wanted=())
     out = {}
-    for i, signal in enumerate(SIGNALS, start=1):
-        points = [(row[0], row[i]) for row in reversed(rows) if row[i] is not None]
-        out[signal] = points if len(points) == len(rows) or len(rows) < count else _stored_points(session, run_id, rank, before, signal, count)
+    for signal, (column, _) in SIGNALS.items():
+        points = [(step["step"], step[column]) for step in recent if step[column] is not None]
+        if len(points) < len(recent) and len(recent) == count:
+            having = (step for step in reader.before(before, wanted=(), having=(column,)) if step[column] is not None)
+            points = [(step["step"], step[column]) for step in itertools.islice(having, count)][::-1]
+        out[signal] = points
     return out
 
 

@@ -129,7 +129,7 @@ def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_u
             loss = rollups.read_range(session, run.id, 0, "loss", rollups.LEVELS[-1], 0, 0, len(TENSORS), None)[0][2]
             assert (loss.low.tolist(), loss.nan_at.tolist(), loss.nonfinite.tolist()) == ([3.0], [2], [1])
             assert queries.series(session, run, "loss", None, 0, None, None, 1000) == {"steps": [1, 2], "values": [3.0, "NaN"]}
-            orphans = session.execute(sa.text("SELECT count(*) FROM steps WHERE run_id NOT IN (SELECT id FROM runs)")).scalar()
+            orphans = session.execute(sa.text("SELECT count(*) FROM step_blocks WHERE run_id NOT IN (SELECT id FROM runs)")).scalar()
             assert orphans == 0
             if engine.dialect.name == "sqlite":
                 assert "AUTOINCREMENT" in session.execute(sa.text("SELECT sql FROM sqlite_master WHERE name = 'runs'")).scalar()

@@ -20,7 +20,7 @@ from numwatch.monitor import db
 from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 JSON = {"Content-Type": "application/json"}
-CHILD_TABLES = ("steps", "histograms", "rollups", "forward_stats", "events", "conflicts", "run_instances", "rank_state")
+CHILD_TABLES = ("step_blocks", "histograms", "rollups", "forward_stats", "events", "conflicts", "run_instances", "rank_state")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -50,6 +50,7 @@ def _rows(database_url: str, run_id: int) -> dict[str, int]:
     with engine.connect() as connection:
         counts = {table: connection.execute(sa.text(f"SELECT count(*) FROM {table} WHERE run_id = :id"), {"id": run_id}).scalar() for table in CHILD_TABLES}
         counts["runs"] = connection.execute(sa.text("SELECT count(*) FROM runs WHERE id = :id"), {"id": run_id}).scalar()
+        counts["steps"] = connection.execute(sa.text("SELECT coalesce(sum(count), 0) FROM step_blocks WHERE run_id = :id"), {"id": run_id}).scalar()
     engine.dispose()
     return counts
 
@@ -75,7 +76,7 @@ def test_deleting_through_the_api_removes_every_row_and_the_name_starts_afresh(c
         _fill(client, "doomed")
         _fill(client, "kept")
         doomed, kept = _run_id(database_url, "doomed"), _run_id(database_url, "kept")
-        assert all(_rows(database_url, doomed)[table] for table in ("steps", "histograms", "rollups", "forward_stats", "rank_state"))
+        assert all(_rows(database_url, doomed)[table] for table in ("step_blocks", "histograms", "rollups", "forward_stats", "rank_state"))
         kept_before = _rows(database_url, kept)
 
         response = client.delete("/api/v1/runs/doomed")

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import db, queries, rollups, series
+from numwatch.monitor import db, queries, rollups, series, step_blocks
 from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.detectors import DetectorConfig
 from numwatch.monitor.ingest import register_run, store_batch
@@ -132,7 +132,7 @@ def test_every_level_and_window_equals_the_raw_rows_downsampled(stored) -> None:
             for level in rollups.LEVELS:
                 for factor in (1, 3):
                     width = level * factor
-                    got = [p for _, s in series.bucket_summaries(session, run.id, 0, name, low, high, width, level, N, column) for p in series.summary_points(s)]
+                    got = [p for _, s in series.bucket_summaries(step_blocks.Reader(session, run.id, 0, N), name, low, high, width, level, column) for p in series.summary_points(s)]
                     _same(got, reference(steps[inside], values[inside], width))
 
 
@@ -140,7 +140,7 @@ def test_summaries_count_values_and_non_finite_ones_and_keep_the_last(stored) ->
     session, run, data = stored
     steps, norms = data["steps"], data["grad_norm"]
     level = rollups.LEVELS[1]
-    for first, summary in series.bucket_summaries(session, run.id, 0, "grad_norm", int(steps[0]), int(steps[-1]), level, level, N, None):
+    for first, summary in series.bucket_summaries(step_blocks.Reader(session, run.id, 0, N), "grad_norm", int(steps[0]), int(steps[-1]), level, level, None):
         members = (steps // level) == first // level
         assert summary.count.tolist() == [int(members.sum())] * N
         assert summary.nonfinite.tolist() == (~np.isfinite(norms[members])).sum(axis=0).tolist()
@@ -212,5 +212,5 @@ def test_buckets_without_coarse_rows_are_read_from_finer_levels(stored) -> None:
         expected = reference(all_steps, all_norms[:, column], series.bucket_width(low, high, 333, series.choose_level(low, high, 333)))
         _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
         for level in rollups.LEVELS:
-            got = [p for _, s in series.bucket_summaries(session, run.id, 0, "grad_norm", low, high, level, level, N, column) for p in series.summary_points(s)]
+            got = [p for _, s in series.bucket_summaries(step_blocks.Reader(session, run.id, 0, N), "grad_norm", low, high, level, level, column) for p in series.summary_points(s)]
             _same(got, reference(all_steps, all_norms[:, column], level))

@@ -20,8 +20,7 @@ from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor import rollups
-from numwatch.monitor.ingest import step_view
-from numwatch.monitor.packing import compress_histogram_array, pack_stats
+from numwatch.monitor.packing import compress_histogram_array, pack_stats, unpack_stats
 
 revision = "0004"
 down_revision = "0003"
@@ -65,7 +64,7 @@ def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_
             stat_names, blob = pack_stats(_raw_stats(row["stat_names"], bytes(row["tensor_stats"]), n_tensors))
             changes.append({**{f"key_{name}": row[name] for name in keys}, "new_names": stat_names, "new_blob": blob})
             scalars = {name: protocol.decode_float(row[name]) for name in rollups.STEP_SCALARS}  # SQLite holds NaN as 'NaN'
-            views.append(step_view({**row, **scalars, "stat_names": stat_names, "tensor_stats": blob}, n_tensors))
+            views.append({**row, **scalars, "skipped": bool(row["skipped"]), "tensors": unpack_stats(stat_names, blob, n_tensors)})
         session.execute(change, changes)
         rollups.record(session, run_id, rank, views, n_tensors, max(last, 0))
         last = rows[-1]["step"]
