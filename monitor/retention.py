@@ -29,7 +29,7 @@ CHUNK_SECONDS = 0.1
 PAUSE_SECONDS = 0.15
 FIRST_CHUNK_ROWS = 50  # a step block holds up to 256 steps
 MAX_CHUNK_ROWS = 20_000
-VACUUM_PAGES = 1_000  # 32 MB of 32 KB pages per step
+VACUUM_BYTES = 32 << 20  # handed back per transaction
 CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (StepBlock, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
 
 
@@ -122,9 +122,10 @@ class Purger:
                     # next writer restart it, and journal_size_limit truncates the file.
                     connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
                     return freed
-                connection.exec_driver_sql(f"PRAGMA incremental_vacuum({min(free, VACUUM_PAGES)})")
+                pages = min(free, VACUUM_BYTES // connection.exec_driver_sql("PRAGMA page_size").scalar())
+                connection.exec_driver_sql(f"PRAGMA incremental_vacuum({pages})")
                 session.commit()
-            freed += min(free, VACUUM_PAGES)
+            freed += pages
             self._pause()
 
     def sweep(self) -> int:

@@ -2,8 +2,8 @@
 
 For each (run, rank, series, level, bucket) one row summarises the steps ``bucket * level``
 to ``(bucket + 1) * level - 1``, per tensor for per-tensor stats: the minimum and maximum
-(±Inf included, each with the first step reaching it), the first NaN, the last value, and
-how many values and non-finite values the bucket holds. These summaries merge exactly, so
+(±Inf included, each with the first step reaching it), the first NaN, and how many values
+and non-finite values the bucket holds. These summaries merge exactly, so
 a batch that lands in a bucket already written (the next batch, a retry, another replica)
 merges into it, and a read that wants wider buckets merges consecutive ones. A whole-run
 read thus reads a few hundred rows, however long the run.
@@ -71,16 +71,14 @@ class Summary:
     high: np.ndarray
     high_at: np.ndarray
     nan_at: np.ndarray
-    last: np.ndarray
-    last_at: np.ndarray
     count: np.ndarray
     nonfinite: np.ndarray
 
 
 
-_FIELDS = ("low", "low_at", "high", "high_at", "nan_at", "last", "last_at", "count", "nonfinite")
-_VALUE_FIELDS = ("low", "high", "last")
-_STEP_FIELDS = ("low_at", "high_at", "nan_at", "last_at")
+_FIELDS = ("low", "low_at", "high", "high_at", "nan_at", "count", "nonfinite")
+_VALUE_FIELDS = ("low", "high")
+_STEP_FIELDS = ("low_at", "high_at", "nan_at")
 
 
 def _extreme(values: np.ndarray, nan: np.ndarray, steps: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -113,10 +111,7 @@ def summarize(steps: np.ndarray, values: np.ndarray, present: np.ndarray | None 
     nan_at = np.where(nan.any(axis=0), steps[np.argmax(nan, axis=0)], -1)
     count = present.sum(axis=0).astype(np.int64)
     nonfinite = (~np.isfinite(values) & present).sum(axis=0) if floating else np.zeros(values.shape[1], np.int64)
-    last_row = len(steps) - 1 - np.argmax(present[::-1], axis=0)
-    has = present.any(axis=0)
-    last = np.where(has, values[last_row, np.arange(values.shape[1])], 0).astype(values.dtype)
-    return Summary(low, low_at, high, high_at, nan_at, last, np.where(has, steps[last_row], -1), count, nonfinite)
+    return Summary(low, low_at, high, high_at, nan_at, count, nonfinite)
 
 
 def _pick(a: np.ndarray, a_at: np.ndarray, b: np.ndarray, b_at: np.ndarray, better: np.ufunc) -> tuple[np.ndarray, np.ndarray]:
@@ -130,11 +125,7 @@ def merge(a: Summary, b: Summary) -> Summary:
     low, low_at = _pick(a.low, a.low_at, b.low, b.low_at, np.less)
     high, high_at = _pick(a.high, a.high_at, b.high, b.high_at, np.greater)
     nan_at = np.where((a.nan_at >= 0) & (b.nan_at >= 0), np.minimum(a.nan_at, b.nan_at), np.maximum(a.nan_at, b.nan_at))
-    later = b.last_at > a.last_at
-    return Summary(
-        low, low_at, high, high_at, nan_at, np.where(later, b.last, a.last), np.where(later, b.last_at, a.last_at),
-        a.count + b.count, a.nonfinite + b.nonfinite,
-    )
+    return Summary(low, low_at, high, high_at, nan_at, a.count + b.count, a.nonfinite + b.nonfinite)
 
 
 def encode(summary: Summary, origin: int) -> bytes:
@@ -211,16 +202,11 @@ def reduce_groups(pieces: Summary, groups: np.ndarray) -> Summary:
     """Merge the rows of ``pieces`` (one per piece, in step order) sharing a value of ``groups`` (non-decreasing),
     every column at once."""
     starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
-    sizes = np.diff(np.r_[starts, len(groups)])
     low, low_at = _group_extreme(pieces.low, pieces.low_at, starts, largest=False)
     high, high_at = _group_extreme(pieces.high, pieces.high_at, starts, largest=True)
     first_nan = np.minimum.reduceat(np.where(pieces.nan_at < 0, _NONE, pieces.nan_at), starts, axis=0)
-    last_at = np.maximum.reduceat(pieces.last_at, starts, axis=0)
-    # The latest piece's last value (pieces hold disjoint steps, so one row matches; none: all -1, values 0).
-    latest = (pieces.last_at == np.repeat(last_at, sizes, axis=0)) & (pieces.last_at >= 0)
-    last = np.add.reduceat(np.where(latest, pieces.last, 0), starts, axis=0).astype(pieces.last.dtype)
     return Summary(
-        low, low_at, high, high_at, np.where(first_nan == _NONE, -1, first_nan), last, last_at,
+        low, low_at, high, high_at, np.where(first_nan == _NONE, -1, first_nan),
         np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0),
     )
 

@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import db, queries, rollups
+from numwatch.monitor import db, packing, queries, rollups, step_blocks
 from numwatch.monitor.auth import EVERYTHING
 from numwatch.monitor.models import Base
 from tests.collector_docs import TENSORS
@@ -135,5 +135,89 @@ def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_u
                 assert "AUTOINCREMENT" in session.execute(sa.text("SELECT sql FROM sqlite_master WHERE name = 'runs'")).scalar()
                 assert session.execute(sa.text("PRAGMA auto_vacuum")).scalar() == db.INCREMENTAL_VACUUM
                 assert session.execute(sa.text("PRAGMA page_size")).scalar() == db.PAGE_SIZE
+    finally:
+        engine.dispose()
+
+
+def _database_at(database_url: str, revision: str) -> None:
+    engine = db.make_engine(database_url)
+    with engine.begin() as connection:
+        config = db.alembic_config(database_url)
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+    engine.dispose()
+
+
+COMPACT_STEPS = 1100  # past the raw span: whole-run reads come from the rebuilt rollups
+
+
+def _compact_steps(rng: np.random.Generator) -> list[dict]:
+    """Steps as revision 0007 stored them: a row each, the stats packed, all-zero arrays named only."""
+    rows = []
+    for step in range(1, COMPACT_STEPS + 1):
+        stats = {"grad_norm": rng.lognormal(-3, 1, 3).astype(np.float32), "nan_count": np.zeros(3, np.int64)}
+        if step % 50 == 1:
+            stats["zeros"] = rng.integers(0, 16, 3).astype(np.int64)
+        if step == 700:
+            stats["grad_norm"][1] = np.nan
+        stat_names, blob = packing.pack_stats({name: values.tobytes() for name, values in stats.items()})
+        rows.append({
+            "run_id": 1, "rank": 0, "step": step, "time": 1e9 + step, "step_time": 0.1, "loss": math.nan if step == 900 else float(rng.random()),
+            "loss_scale": 1024.0, "new_loss_scale": 512.0 if step == 10 else 1024.0, "scale_decision": "backoff" if step == 10 else None,
+            "skipped": step == 10, "global_grad_norm": float(rng.random()), "headroom_bits": None, "clip_coef": 0.5 if step % 3 == 0 else None,
+            "post_clip_grad_norm": 1.0 if step % 3 == 0 else None, "clipped": step % 3 == 0, "lr": [protocol.encode_float(1e-3 / step)],
+            "scalars": {"tokens": float(step)} if step % 2 else {}, "stat_names": stat_names, "tensor_stats": blob,
+            "activation_absmax": np.full(2, step, np.float32).tobytes() if step == 5 else None, "activation_nonfinite": None,
+            "_stats": stats,
+        })
+    return rows
+
+
+def test_upgrade_from_a_row_per_step_with_data_keeps_every_value_readable(database_url: str) -> None:
+    _database_at(database_url, "0007")
+    rows = _compact_steps(np.random.default_rng(8))
+    engine = sa.create_engine(database_url)
+    tables = sa.MetaData()
+    tables.reflect(engine)
+    now = datetime.now(timezone.utc)
+    with engine.begin() as connection:
+        connection.execute(tables.tables["runs"].insert(), [
+            {"id": 1, "name": "compact", "project": "p", "format": "fp16", "world_size": 1, "tensors": TENSORS, "modules": ["a", "b"], "config": {},
+             "status": "finished", "started_at": now, "created_at": now, "last_seen_at": now},
+        ])
+        connection.execute(tables.tables["steps"].insert(), [{k: v for k, v in row.items() if k != "_stats"} for row in rows])
+        if engine.dialect.name == "sqlite":
+            connection.execute(sa.text("UPDATE steps SET loss = 'NaN' WHERE step = 900"))
+        # A rollup row of the old layout (it held last values): replaced by the upgrade, not misread.
+        connection.execute(tables.tables["rollups"].insert(), [{"run_id": 1, "rank": 0, "series": "grad_norm", "level": 64, "bucket": 0, "data": b"x\x9c\x03\x00\x00\x00\x00\x01"}])
+    engine.dispose()
+    db.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    try:
+        db.check_schema(engine)
+        with Session(engine) as session:
+            run = queries.find_run(session, "compact", EVERYTHING)
+            for row in rows:
+                record = queries.step_record(session, run, row["step"], 0)
+                for name, values in row["_stats"].items():
+                    assert [record["tensors"][t["name"]][name] for t in TENSORS] == [protocol.encode_float(float(v)) if values.dtype.kind == "f" else int(v) for v in values]
+                assert set(record["tensors"][TENSORS[0]["name"]]) == set(row["_stats"])
+                for name in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits", "clip_coef", "post_clip_grad_norm"):
+                    assert record[name] == protocol.encode_float(row[name]), (row["step"], name)
+                assert (record["time"], record["skipped"], record["clipped"], record["scale_decision"], record["lr"], record["scalars"]) == (
+                    row["time"], row["skipped"], row["clipped"], row["scale_decision"], row["lr"], row["scalars"])
+            traced = step_blocks.Reader(session, run.id, 0, len(TENSORS), 2).find(5)
+            assert traced["activation_absmax"] == rows[4]["activation_absmax"] and traced["activation_nonfinite"] is None
+            # Whole-run reads from the rebuilt rollups keep the NaNs and extremes of the converted steps.
+            loss = queries.series(session, run, "loss", None, 0, None, None, 30)
+            assert "NaN" in loss["values"] and 900 in loss["steps"]
+            norms = np.array([row["_stats"]["grad_norm"][1] for row in rows], np.float64)
+            answer = queries.series(session, run, "grad_norm", TENSORS[1]["name"], 0, None, None, 30)
+            assert 700 in answer["steps"] and "NaN" in answer["values"]
+            assert max(protocol.decode_float(v) for v in answer["values"] if v != "NaN") == np.nanmax(norms)
+            zeros = queries.series(session, run, "zeros", TENSORS[0]["name"], 0, 1, 1000, 1000)  # a raw window
+            having = [row for row in rows if "zeros" in row["_stats"] and row["step"] <= 1000]
+            assert zeros == {"steps": [row["step"] for row in having], "values": [int(row["_stats"]["zeros"][0]) for row in having]}
+            assert "steps" not in sa.inspect(session.connection()).get_table_names()
     finally:
         engine.dispose()

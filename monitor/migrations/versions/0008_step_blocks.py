@@ -1,11 +1,12 @@
-"""step blocks: the steps of a (run, rank) stored 64 to a row instead of one each
+"""step blocks: the steps of a (run, rank) stored 64 to a row instead of one each; rollups without last values
 
 Revision ID: 0008
 Revises: 0007
 
 Every (run, rank)'s steps are read in step order, a few thousand at a time, through the
 ``steps`` table as it is at this revision (reflected), and written as blocks of 64
-consecutive stored steps; then ``steps`` is dropped. Rollups are kept as they are.
+consecutive stored steps; then ``steps`` is dropped. The rollups are built again from the
+same steps: their rows no longer hold each bucket's last value.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import step_blocks
+from numwatch.monitor import rollups, step_blocks
 from numwatch.monitor.packing import unpack_stats
 
 revision = "0008"
@@ -54,6 +55,7 @@ def _convert(session: Session, steps: sa.Table, blocks: sa.Table, run_id: int, r
             {"run_id": run_id, "rank": rank, **block}
             for start in range(0, len(converted), BLOCK) for block in step_blocks.blocks_of(converted[start:start + BLOCK])
         ])
+        rollups.record(session, run_id, rank, converted, n_tensors, max(last or 0, 0))
         last = rows[-1]["step"]
 
 
@@ -80,6 +82,7 @@ def upgrade() -> None:
     tables.reflect(bind, only=("runs", "steps"))
     runs, steps = tables.tables["runs"], tables.tables["steps"]
     session = Session(bind=bind)
+    session.execute(sa.text("DELETE FROM rollups"))
     tensors = {row.id: row.tensors for row in session.execute(select(runs.c.id, runs.c.tensors))}
     for run_id, rank in session.execute(select(steps.c.run_id, steps.c.rank).distinct().order_by(steps.c.run_id, steps.c.rank)).all():
         if run_id in tensors:  # rows of a run deleted by hand are left behind
