@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -90,8 +91,9 @@ def collector(tmp_path: Path) -> Iterator[Callable[..., str]]:
     with ExitStack() as resources:
 
         def start(database_url: str | None = None, *extra_args: str, **env: str) -> str:
-            workdir = tmp_path / f"collector-{stack.free_port()}"
-            workdir.mkdir()
+            # A directory of its own: the collector takes a port of its own choosing, so a free port's
+            # number may come round again within one test.
+            workdir = Path(tempfile.mkdtemp(prefix="collector-", dir=tmp_path))
             database_url = database_url or f"sqlite:///{workdir / 'numwatch.db'}"
             db.upgrade(database_url)
             previous = {key: os.environ.get(key) for key in env}
