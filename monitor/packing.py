@@ -11,6 +11,18 @@ bytes instead of 2,167. The blob stays one zlib stream, read by plain ``zlib.dec
 The store compresses itself rather than leaving it to the database: PostgreSQL's TOAST
 compressor gives up on a value whose first kilobyte does not shrink.
 
+Histogram counts (``n_tensors x bins`` int64, row-major) are stored as a code byte, then one
+array as above. The code's low two bits name the stored width (``COUNT_DTYPES``: the values'
+64 bits narrowed to the smallest that holds them), bit 2 says each row was delta-coded
+(``c[i] - c[i-1]`` from 0, zigzag-mapped to unsigned: smooth histograms have small steps), bit 3
+that the array is stored column-major (one bin of every tensor, then the next: the exponent bins
+no tensor reaches form one long zero run). Each blob takes whichever of the four compresses a
+sample of its rows smallest: on the store benchmark's data a histogram step (grad and weight,
+300 tensors, bounds included) takes 50,148 bytes instead of 55,950, on histograms of real weights
+and gradients 10-11% less (linear bins mostly delta-coded, exponent bins column-major), on
+heavy-tailed gradients as before. Codes 0..3 (no filter, row-major) are the blobs stored before
+the filters. The arithmetic wraps modulo 2**64, so every int64 array round-trips exactly.
+
 A step's stats are one blob: ``stat_names`` lists the stats in ``TENSOR_STATS`` order, a
 name ending in ``=0`` marks an array that is all zero (NaN/Inf counts, almost always) and
 takes no bytes in the blob.
@@ -22,7 +34,7 @@ import zlib
 
 import numpy as np
 
-from numwatch.protocol import TENSOR_STATS
+from numwatch.protocol import HISTOGRAM_LENGTHS, TENSOR_STATS
 
 ZERO_SUFFIX = "=0"
 # zlib level 1 with run-length matches only: shuffled planes hold runs (the zero high bytes of
@@ -32,7 +44,11 @@ LEVEL = 1
 STRATEGY = zlib.Z_RLE
 # Histogram counts are stored in the narrowest of these that holds them (a count of a 64k-element
 # tensor fits 2 bytes, not 8): a quarter of the bytes to compress, the same size compressed.
-COUNT_DTYPES = ("<u1", "<u2", "<u4", "<i8")
+# Negative counts take all 8 bytes (their two's complement bits).
+COUNT_DTYPES = ("<u1", "<u2", "<u4", "<u8")
+DELTA, COLUMNS = 4, 8  # code-byte flags above the two bits of the COUNT_DTYPES index
+LAYOUTS = (0, DELTA, COLUMNS, DELTA | COLUMNS)
+SAMPLE_ROWS = 16
 
 
 def _planes(raw: bytes, itemsize: int) -> np.ndarray:
@@ -98,21 +114,39 @@ def compress_array(raw: bytes, dtype: np.dtype) -> bytes:
     return compress_arrays([(raw, dtype)])
 
 
-def compress_counts(raw: bytes) -> bytes:
-    """Little-endian int64 counts, compressed: a byte naming the stored dtype (``COUNT_DTYPES``), then the array."""
-    counts = np.frombuffer(raw, dtype="<i8")
-    code = len(COUNT_DTYPES) - 1
-    if counts.size == 0 or counts.min() >= 0:
-        top = int(counts.max()) if counts.size else 0
-        code = next(i for i, dtype in enumerate(COUNT_DTYPES) if top <= np.iinfo(dtype).max)
-    dtype = np.dtype(COUNT_DTYPES[code])
-    return bytes([code]) + compress_array(counts.astype(dtype).tobytes(), dtype)
+def compress_counts(raw: bytes, row_length: int) -> bytes:
+    """Little-endian int64 counts in rows of ``row_length`` bins, compressed: a code byte, then the array
+    (module docstring), in the layout smallest on a sample of the rows (the plain one on a tie);
+    ValueError if the counts are not whole rows."""
+    rows = np.frombuffer(raw, dtype="<i8").reshape(-1, row_length)
+    # Tried on a sample of rows: adds ~0.2 ms to a 300-tensor array where trying all four on all rows
+    # adds ~1.2 ms, and picks the same layout on the benchmark's and on real tensors' histograms.
+    sample = rows[:: len(rows) // SAMPLE_ROWS + 1]
+    flags = min(LAYOUTS, key=lambda flags: len(_stored_counts(sample, flags)))
+    return _stored_counts(rows, flags)
 
 
-def decompress_counts(blob: bytes) -> bytes:
+def _stored_counts(rows: np.ndarray, flags: int) -> bytes:
+    """The blob of int64 ``rows`` in the layout of ``flags`` (``DELTA``, ``COLUMNS``)."""
+    if flags & DELTA:
+        steps = np.diff(rows, axis=1, prepend=0)  # wraps modulo 2**64, as the decoder's cumsum does
+        rows = (steps << 1) ^ (steps >> 63)  # zigzag: 0, -1, 1, -2 ... -> 0, 1, 2, 3 ...
+    bits = (rows.T if flags & COLUMNS else rows).ravel().view("<u8")
+    top = int(bits.max()) if bits.size else 0
+    width = next(i for i, dtype in enumerate(COUNT_DTYPES) if top <= np.iinfo(dtype).max)
+    dtype = np.dtype(COUNT_DTYPES[width])
+    return bytes([flags | width]) + compress_array(bits.astype(dtype).tobytes(), dtype)
+
+
+def decompress_counts(blob: bytes, row_length: int) -> bytes:
     """Inverse of :func:`compress_counts`: the int64 counts' raw bytes."""
-    dtype = np.dtype(COUNT_DTYPES[blob[0]])
-    return np.frombuffer(decompress_array(blob[1:], dtype.itemsize), dtype=dtype).astype("<i8").tobytes()
+    code = blob[0]
+    dtype = np.dtype(COUNT_DTYPES[code & 3])
+    bits = np.frombuffer(decompress_array(blob[1:], dtype.itemsize), dtype=dtype).astype("<u8")
+    rows = bits.reshape(row_length, -1).T if code & COLUMNS else bits.reshape(-1, row_length)
+    if code & DELTA:
+        rows = np.cumsum(((rows >> 1) ^ -(rows & 1)).view("<i8"), axis=1)  # un-zigzag, sum the steps
+    return np.ascontiguousarray(rows).view("<i8").tobytes()
 
 
 def decompress_array(blob: bytes, itemsize: int) -> bytes:
@@ -153,9 +187,11 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
 
 
 def compress_histogram_array(name: str, raw: bytes) -> bytes:
-    """A histogram document's array as stored: counts narrowed (``exponent``, ``linear``), bounds as they are."""
-    return compress_counts(raw) if name in ("exponent", "linear") else compress_array(raw, np.dtype("<f4"))
+    """A histogram document's array as stored: counts filtered and narrowed (``exponent``, ``linear``), bounds as they are."""
+    if name in ("exponent", "linear"):
+        return compress_counts(raw, HISTOGRAM_LENGTHS[name])
+    return compress_array(raw, np.dtype("<f4"))
 
 
 def decompress_histogram_array(name: str, blob: bytes) -> bytes:
-    return decompress_counts(blob) if name in ("exponent", "linear") else decompress_array(blob, 4)
+    return decompress_counts(blob, HISTOGRAM_LENGTHS[name]) if name in ("exponent", "linear") else decompress_array(blob, 4)

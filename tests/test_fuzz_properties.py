@@ -1,4 +1,5 @@
-"""Hypothesis properties of the bad-input paths: the batch decoder, the packed arrays, the spool reader.
+"""Hypothesis properties of the bad-input paths: the batch decoder, the packed arrays, the spool reader;
+and of the histogram counts' layouts (exact round trip, old blobs).
 
 The collector runs in process (``TestClient(create_app(settings))``, SQLite, auth off) for
 speed. Bounded: ``MAX_EXAMPLES`` (150) examples per property, no deadline, derandomized;
@@ -8,9 +9,11 @@ the file takes about 30 s on 2 cores.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import math
 import tempfile
+import zlib
 from collections.abc import Iterator
 from itertools import count
 from pathlib import Path
@@ -26,6 +29,7 @@ from pydantic import ValidationError
 from numwatch import protocol
 from numwatch.spool import DOCUMENT_KINDS, SpoolWriter, iter_spool, read_entries
 from numwatch.monitor.app import create_app, prepare_database
+from numwatch.monitor import packing
 from numwatch.monitor.packing import compress_arrays, pack_stats, unpack_stats
 from numwatch.monitor.schemas import HistogramDocument, StepDocument
 from numwatch.monitor.settings import Settings
@@ -216,6 +220,67 @@ def test_arrays_not_matching_the_runs_tensor_count_are_422(client: TestClient, n
     step = step_doc(1, tensors={stat: protocol.pack_bytes(values.tobytes())})
     response = client.post("/api/v1/runs/r1/batches", content=protocol.dumps(batch_doc(steps=[step])), headers=JSON_TYPE)
     assert response.status_code == 422 and f"tensors.{stat}" in str(response.json()["detail"])
+
+
+# --- histogram counts round-trip in every layout, old blobs included ---------------------------------
+
+INT64 = np.iinfo(np.int64)
+counts_values = st.integers(0, 300) | st.integers(INT64.min, INT64.max) | st.sampled_from([INT64.min, INT64.max, INT64.min + 1, INT64.max - 1, -1, 0])
+# Blobs written by the packing before the layouts (code 0..3: u1, u2, u4, 8 bytes), with their counts.
+OLD_COUNT_BLOBS = [
+    ([[0, 3, 7, 2], [1, 0, 0, 250]], "00780163606667626460f80500014f0108"),
+    ([[300, 0], [0, 1]], "017801d2616060048c91818101000171002f"),
+    ([[1000, 70000]], "0278017a510010b320400c8c80313000000ac2016e"),
+    ([[-5, 2**62, -2**63]], "037801facdc000d07f060680fe333000f49f8101a0ff0c0c00fd676000e83f030360ff1d1a006c4c08b5"),
+]
+
+
+def reference_counts(blob: bytes, row_length: int) -> np.ndarray:
+    """The counts of a ``compress_counts`` blob, decoded in plain Python from the layout packing.py documents."""
+    code, data = blob[0], zlib.decompress(blob[1:])
+    width = (1, 2, 4, 8)[code & 3]
+    n = len(data) // width
+    values = [int.from_bytes(bytes(data[plane * n + i] for plane in range(width)), "little") for i in range(n)]
+    n_rows = n // row_length
+    rows = [[values[c * n_rows + r] if code & 8 else values[r * row_length + c] for c in range(row_length)] for r in range(n_rows)]
+    if code & 4:  # zigzag-coded steps from 0 along each row
+        rows = [list(itertools.accumulate((v >> 1) ^ -(v & 1) for v in row)) for row in rows]
+    signed = [[(v + 2**63) % 2**64 - 2**63 for v in row] for row in rows]
+    return np.array(signed, dtype=np.int64).reshape(n_rows, row_length)
+
+
+@BOUNDED
+@given(row_length=st.integers(1, 8), n_rows=st.integers(0, 5), data=st.data())
+def test_counts_round_trip_exactly_in_every_layout(row_length: int, n_rows: int, data: st.DataObject) -> None:
+    counts = np.array(data.draw(st.lists(counts_values, min_size=n_rows * row_length, max_size=n_rows * row_length)), dtype="<i8").reshape(n_rows, row_length)
+    for blob in [packing.compress_counts(counts.tobytes(), row_length), *(packing._stored_counts(counts, layout) for layout in packing.LAYOUTS)]:
+        assert np.array_equal(np.frombuffer(packing.decompress_counts(blob, row_length), "<i8").reshape(n_rows, row_length), counts)
+        assert np.array_equal(reference_counts(blob, row_length), counts)
+
+
+@pytest.mark.parametrize(("rows", "hex_blob"), OLD_COUNT_BLOBS)
+def test_blobs_stored_before_the_layouts_decode_unchanged(rows: list[list[int]], hex_blob: str) -> None:
+    counts = np.array(rows, dtype="<i8")
+    assert packing.decompress_counts(bytes.fromhex(hex_blob), counts.shape[1]) == counts.tobytes()
+    assert packing._stored_counts(counts, 0) == bytes.fromhex(hex_blob)  # the plain layout writes them as before
+
+
+def test_histograms_take_the_filtered_layouts_where_they_are_smaller() -> None:
+    rng = np.random.default_rng(0)
+    centres, widths = rng.uniform(20, 44, (40, 1)), rng.uniform(5, 15, (40, 1))  # a bell per tensor
+    linear = rng.poisson(3000 * np.exp(-(((np.arange(protocol.LINEAR_BINS) - centres) / widths) ** 2))).astype("<i8")
+    exponent = np.zeros((40, protocol.EXPONENT_BINS), "<i8")
+    exponent[:, 120:135] = rng.integers(0, 5000, (40, 15))  # the same few binades reached by every tensor
+    for name, counts, flag in (("linear", linear, packing.DELTA), ("exponent", exponent, packing.COLUMNS)):
+        blob = packing.compress_histogram_array(name, counts.tobytes())
+        assert blob[0] & flag and len(blob) < len(packing._stored_counts(counts, 0))
+        assert np.array_equal(reference_counts(blob, protocol.HISTOGRAM_LENGTHS[name]), counts)
+        assert packing.decompress_histogram_array(name, blob) == counts.tobytes()
+
+
+def test_counts_that_are_not_whole_rows_raise_value_error() -> None:
+    with pytest.raises(ValueError):
+        packing.compress_counts(np.arange(5, dtype="<i8").tobytes(), 4)
 
 
 # --- valid batches round-trip -------------------------------------------------------------------
