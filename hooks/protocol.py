@@ -103,6 +103,7 @@ TensorStat = Literal[
     # ``quant_every`` and close() (version 2): SQNR in dB of the weights under each scheme
     "quant_sqnr_int8", "quant_sqnr_int4", "quant_sqnr_nf4", "quant_sqnr_fp8",
 ]
+EVERY_STEP_STATS: tuple[TensorStat, ...] = ("grad_norm", "grad_absmax", "nan_count", "inf_count")
 QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]

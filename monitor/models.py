@@ -141,7 +141,8 @@ class StepBlock(Base):
     count: Mapped[int] = mapped_column(Integer)
     names: Mapped[str] = mapped_column(Text)  # ",name,...,": the arrays and scalars some step of the block has
     header: Mapped[bytes] = mapped_column(LargeBinary)  # compressed JSON: per step its scalars and arrays
-    arrays: Mapped[bytes] = mapped_column(LargeBinary)  # the arrays' compressed segments
+    arrays: Mapped[bytes] = mapped_column(LargeBinary)  # compressed segments of the stats of every step
+    sampled: Mapped[bytes] = mapped_column(LargeBinary)  # and of the sampled ones
 
 
 class Histogram(Base):

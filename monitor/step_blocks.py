@@ -10,8 +10,11 @@ A block holds:
 - ``header``: zlib-compressed JSON: per step its scalars (floats as the protocol encodes
   them, absent ones left out) and ``stats``, the names of its arrays in ``TENSOR_STATS``
   order (``name=0``: all zero, stored as nothing); then the byte length of each segment.
-- ``arrays``: one compressed segment per array name (``numwatch.monitor.packing``): the
-  arrays of every step having it, in step order. A read inflates only the segments it wants.
+- ``arrays`` and ``sampled``: one compressed segment per array name (``numwatch.monitor.packing``):
+  the arrays of every step having it, in step order; the stats measured at every step in
+  ``arrays``, the sampled ones (format counts, optimizer health, quantization, activations)
+  in ``sampled``, so a read of sampled stats fetches a few KB, not the whole block. A read
+  inflates only the segments it wants.
 - ``names``: ``,name,...,`` of every array and scalar some step of the block has, so reads
   pick the blocks holding a series with a LIKE.
 
@@ -47,6 +50,17 @@ OTHER_FIELDS = ("scale_decision", "skipped", "clipped", "lr", "scalars")
 ACTIVATION_ARRAYS = {f"activation_{name}": dtype for name, dtype in protocol.ACTIVATION_STATS.items()}
 ARRAY_DTYPES: dict[str, str] = {**protocol.TENSOR_STATS, **ACTIVATION_ARRAYS}
 ALL = None  # decode every array
+COLUMNS = ("arrays", "sampled")
+
+
+def _column(name: str) -> str:
+    """The column holding an array's segment: ``arrays`` for the stats of every step, else ``sampled``."""
+    return "arrays" if name in protocol.EVERY_STEP_STATS else "sampled"
+
+
+def needed(wanted: Collection[str] | None) -> list[str]:
+    """The array columns a read of ``wanted`` (ALL: every array) fetches."""
+    return list(COLUMNS) if wanted is ALL else sorted({_column(name) for name in wanted})
 
 
 def _length(name: str, n_tensors: int, n_modules: int) -> int:
@@ -88,12 +102,13 @@ def encode(steps: list[dict[str, Any]]) -> dict[str, Any]:
         header_steps.append(entry)
     blobs = [(name, compress_arrays([(b"".join(parts), np.dtype(ARRAY_DTYPES[name]))])) for name, parts in segments.items()]
     header = {"steps": header_steps, "segments": [[name, len(blob)] for name, blob in blobs]}
+    columns = {column: b"".join(blob for name, blob in blobs if _column(name) == column) for column in COLUMNS}
     numbers = [step["step"] for step in steps]
     return {
         "first_step": numbers[0], "last_step": numbers[-1], "count": len(numbers),
         "names": "," + ",".join(sorted(names)) + ",",
         "header": zlib.compress(json.dumps(header, separators=(",", ":")).encode()),
-        "arrays": b"".join(blob for _, blob in blobs),
+        **columns,
     }
 
 
@@ -110,14 +125,16 @@ def blocks_of(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def decode(header: bytes, arrays: bytes, n_tensors: int, n_modules: int, wanted: Collection[str] | None = ALL) -> list[dict[str, Any]]:
+def decode(header: bytes, columns: dict[str, bytes], n_tensors: int, n_modules: int, wanted: Collection[str] | None = ALL) -> list[dict[str, Any]]:
     """The steps of a block: each its fields (None where absent), ``stats`` (the names of its arrays) and
-    ``tensors`` (name -> array) of the ``wanted`` arrays it has (all by default), activations as raw bytes."""
+    ``tensors`` (name -> array) of the ``wanted`` arrays it has (all by default), activations as raw bytes.
+    ``columns``: the block's ``arrays`` and ``sampled`` (those :func:`needed` for ``wanted``)."""
     document = json.loads(zlib.decompress(header))
-    offsets, at = {}, 0
+    offsets, at = {}, dict.fromkeys(COLUMNS, 0)
     for name, size in document["segments"]:
-        offsets[name] = (at, size)
-        at += size
+        column = _column(name)
+        offsets[name] = (column, at[column], size)
+        at[column] += size
     steps = []
     for entry in document["steps"]:
         step = {"step": entry["step"], **{key: protocol.decode_float(entry.get(key)) for key in FLOAT_FIELDS}}
@@ -126,9 +143,10 @@ def decode(header: bytes, arrays: bytes, n_tensors: int, n_modules: int, wanted:
         step["marks"] = [mark for mark in entry["stats"].split(",") if mark]
         step["stats"] = [mark.removesuffix(ZERO_SUFFIX) for mark in step["marks"]]
         steps.append(step)
-    for name, (offset, size) in offsets.items():
+    for name, (column, offset, size) in offsets.items():
         if wanted is not ALL and name not in wanted:
             continue
+        arrays = columns[column]
         having = [step for step in steps if name in step["marks"]]
         dtype = np.dtype(ARRAY_DTYPES[name])
         length = _length(name, n_tensors, n_modules)
@@ -155,16 +173,16 @@ class Reader:
 
     def _blocks(self, query: Select, having: Iterable[str], wanted: Collection[str] | None, key: Any = StepBlock.first_step) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         """(``key``, decoded steps) of the blocks ``query`` selects, streamed."""
-        columns = [key.label("key"), StepBlock.header] + ([StepBlock.arrays] if wanted != () else [])
-        query = query.with_only_columns(*columns).where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank)
+        fetched = needed(wanted)
+        query = query.with_only_columns(key.label("key"), StepBlock.header, *(getattr(StepBlock, column) for column in fetched)).where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank)
         having = list(having)
         if having:
             query = query.where(or_(*(StepBlock.names.contains(f",{name},", autoescape=True) for name in having)))
         rows = self.session.execute(query.execution_options(yield_per=16))
         try:
             for row in rows:
-                arrays = bytes(row.arrays) if wanted != () else b""
-                yield row.key, decode(row.header, arrays, self.n_tensors, self.n_modules, wanted)
+                columns = {column: bytes(getattr(row, column)) for column in fetched}
+                yield row.key, decode(row.header, columns, self.n_tensors, self.n_modules, wanted)
         finally:
             rows.close()
 
@@ -244,15 +262,15 @@ def replace(session: Session, run_id: int, rank: int, replacements: dict[int, di
         return
     low, high = min(replacements), max(replacements)
     rows = session.execute(
-        select(StepBlock.first_step, StepBlock.header, StepBlock.arrays)
+        select(StepBlock.first_step, StepBlock.header, StepBlock.arrays, StepBlock.sampled)
         .where(StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.first_step > low - MAX_SPAN, StepBlock.first_step <= high, StepBlock.last_step >= low)
     ).all()
     for row in rows:
-        steps = decode(row.header, bytes(row.arrays), n_tensors, n_modules)
+        steps = decode(row.header, {column: bytes(getattr(row, column)) for column in COLUMNS}, n_tensors, n_modules)
         if not any(step["step"] in replacements for step in steps):
             continue
         block = encode([replacements.get(step["step"], step) for step in steps])
         session.execute(
             update(StepBlock).where(StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.first_step == row.first_step)
-            .values(names=block["names"], header=block["header"], arrays=block["arrays"])
+            .values(names=block["names"], header=block["header"], **{column: block[column] for column in COLUMNS})
         )

@@ -53,14 +53,15 @@ def test_a_block_decodes_to_exactly_what_was_encoded() -> None:
     block = step_blocks.encode(steps)
     assert (block["first_step"], block["last_step"], block["count"]) == (1, 69, 69)
     assert ",zeros," in block["names"] and ",loss," in block["names"] and ",update_ratio," not in block["names"]
-    decoded = step_blocks.decode(block["header"], block["arrays"], N, MODULES)
+    decoded = step_blocks.decode(block["header"], {column: block[column] for column in step_blocks.COLUMNS}, N, MODULES)
     for got, want in zip(decoded, steps, strict=True):
         _same(got, want)
         assert got["stats"] == [name for name in step_blocks.ARRAY_DTYPES if name in want["tensors"] or (name.startswith("activation_") and want[name])]
-    # Only the arrays asked for are inflated; the scalars come without the arrays' bytes.
-    only = step_blocks.decode(block["header"], block["arrays"], N, MODULES, wanted=("zeros",))
+    # Only the arrays asked for are inflated, from the column holding them; the scalars need neither column.
+    assert step_blocks.needed(("zeros",)) == ["sampled"] and step_blocks.needed(("grad_norm", "zeros")) == ["arrays", "sampled"]
+    only = step_blocks.decode(block["header"], {"sampled": block["sampled"]}, N, MODULES, wanted=("zeros",))
     assert [sorted(step["tensors"]) for step in only] == [["zeros"] if "zeros" in step["tensors"] else [] for step in steps]
-    scalars = step_blocks.decode(block["header"], b"", N, MODULES, wanted=())
+    scalars = step_blocks.decode(block["header"], {}, N, MODULES, wanted=())
     assert [step["loss"] for step in scalars] == [step["loss"] for step in decoded]
 
 

@@ -71,13 +71,15 @@ def upgrade() -> None:
         sa.Column("names", sa.Text(), nullable=False),
         sa.Column("header", sa.LargeBinary(), nullable=False),
         sa.Column("arrays", sa.LargeBinary(), nullable=False),
+        sa.Column("sampled", sa.LargeBinary(), nullable=False),
         sa.ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("run_id", "rank", "first_step"),
     )
     op.create_index("ix_step_blocks_last_step", "step_blocks", ["run_id", "rank", "last_step"], unique=False)
     if bind.dialect.name == "postgresql":
         # Compressed already: out of line in full TOAST chunks, without a compression attempt.
-        op.execute("ALTER TABLE step_blocks ALTER COLUMN arrays SET STORAGE EXTERNAL")
+        for column in step_blocks.COLUMNS:
+            op.execute(f"ALTER TABLE step_blocks ALTER COLUMN {column} SET STORAGE EXTERNAL")
     tables = sa.MetaData()
     tables.reflect(bind, only=("runs", "steps"))
     runs, steps = tables.tables["runs"], tables.tables["steps"]
