@@ -92,6 +92,6 @@ def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) 
         query = query.where(Event.step <= until)
     return {
         "run": run.name, "status": run_status(run, rank_states(session, run), stale_after), "after": after,
-        "steps": [row.step for row in rows], "values": values, "truncated": truncated,
+        "steps": [row["step"] for row in rows], "values": values, "truncated": truncated,
         "events": [event_record(event) for event in session.execute(query).scalars()],
     }

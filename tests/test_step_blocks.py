@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor import db, step_blocks
+from numwatch.monitor import db, overview, step_blocks
 from numwatch.monitor.models import Run, StepBlock
 
 N, MODULES = 5, 3
@@ -126,3 +126,15 @@ def test_replacing_a_stored_step_rewrites_its_block_only(session: Session) -> No
     reader = step_blocks.Reader(session, 1, 0, N, MODULES)
     for step in reader.range():
         _same(step, changed if step["step"] == 41 else steps[step["step"] - 1])
+
+
+def test_the_live_tail_reads_the_steps_after_a_given_one_across_blocks(session: Session) -> None:
+    rng = np.random.default_rng(5)
+    steps = {number: _step(number, rng) for number in range(1, 31)}
+    for numbers in ([*range(1, 11), *range(20, 31)], list(range(11, 20))):
+        step_blocks.store(session, 1, 0, [steps[n] for n in numbers])
+    run = session.get(Run, 1)
+    tail = overview.tail(session, run, 0, 8, stale_after=300)
+    assert tail["steps"] == list(range(9, 31)) and not tail["truncated"]
+    assert tail["values"]["loss"] == [protocol.encode_float(steps[n]["loss"]) for n in range(9, 31)]
+    assert tail["values"]["lr"] == [steps[n]["lr"][0] if steps[n]["lr"] else None for n in range(9, 31)]
