@@ -208,7 +208,9 @@ class Reader:
         """The stored steps below ``before`` (None: all), latest first, streamed."""
         query = select(StepBlock.first_step)
         if before is not None:
-            query = query.where(StepBlock.first_step < before)
+            # The bound on last_step is implied by the one on first_step; stated, it lets the database walk
+            # the last_step index in order instead of sorting every earlier block.
+            query = query.where(StepBlock.first_step < before, StepBlock.last_step < before + MAX_SPAN)
         pending: list[tuple[int, int, dict[str, Any]]] = []
         blocks = self._blocks(query.order_by(StepBlock.last_step.desc()), having, wanted, StepBlock.last_step)
         for order, (last, steps) in enumerate(blocks):
