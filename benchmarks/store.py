@@ -82,6 +82,17 @@ def file_bytes(database_url: str) -> int | None:
     return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()) if database_url.startswith("sqlite") else None
 
 
+def settle_sqlite_file(engine: sa.Engine, timeout: float = 120) -> None:
+    """Wait for the collector's incremental vacuum to hand every free page back, then fold the WAL into
+    the file and truncate it, so the file size shows the space given back."""
+    deadline = time.monotonic() + timeout
+    with engine.connect() as connection:
+        while connection.exec_driver_sql("PRAGMA freelist_count").scalar() and time.monotonic() < deadline:
+            connection.rollback()
+            time.sleep(0.5)
+        connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -200,6 +211,8 @@ def delete_while_ingesting(client: httpx.Client, url: str, database_url: str, ba
     time.sleep(2)
     stop.set()
     thread.join()
+    if engine.dialect.name == "sqlite":
+        settle_sqlite_file(engine)
     after, files_after = stored_bytes(engine), file_bytes(database_url)
     engine.dispose()
     return {
