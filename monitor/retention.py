@@ -123,9 +123,10 @@ class Purger:
                     connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
                     return freed
                 pages = min(free, VACUUM_BYTES // connection.exec_driver_sql("PRAGMA page_size").scalar())
-                connection.exec_driver_sql(f"PRAGMA incremental_vacuum({pages})")
-                session.commit()
-            freed += pages
+                # The pragma frees one page per step of its statement and a DB-API execute steps once;
+                # executescript runs it to the end, in a transaction of its own.
+                connection.connection.driver_connection.executescript(f"PRAGMA incremental_vacuum({pages});")
+                freed += free - connection.exec_driver_sql("PRAGMA freelist_count").scalar()
             self._pause()
 
     def sweep(self) -> int:

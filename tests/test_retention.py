@@ -14,9 +14,10 @@ import time
 import httpx
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
 
 from numwatch import protocol
-from numwatch.monitor import db
+from numwatch.monitor import db, retention
 from tests.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 JSON = {"Content-Type": "application/json"}
@@ -168,3 +169,29 @@ def test_the_retention_setting_deletes_runs_not_seen_for_longer(collector, tmp_p
             connection.execute("UPDATE runs SET last_seen_at = '2020-01-01 00:00:00.000000' WHERE id = ?", (stale,))
         _wait_gone(database_url, stale)
         assert [run["run"] for run in client.get("/api/v1/runs").json()] == ["live"]
+
+
+def test_the_vacuum_hands_back_every_free_page_in_bounded_transactions(tmp_path, monkeypatch) -> None:
+    database_url = f"sqlite:///{tmp_path / 'free.db'}"
+    db.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    with engine.begin() as connection:  # 20 MB of pages, then freed
+        connection.exec_driver_sql("CREATE TABLE filler (data BLOB)")
+        connection.exec_driver_sql("INSERT INTO filler SELECT randomblob(4000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) SELECT i FROM n)")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP TABLE filler")
+    with engine.connect() as connection:
+        free = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+    assert free >= 5000
+    size = (tmp_path / "free.db").stat().st_size
+    monkeypatch.setattr(retention, "VACUUM_BYTES", 8 << 20)  # 2,048 pages of 4 KB per transaction
+    pauses = []
+    purger = retention.Purger(sessionmaker(engine))
+    monkeypatch.setattr(purger, "_pause", lambda: pauses.append(1))
+    assert purger.vacuum() == free
+    assert len(pauses) == -(-free // 2048)  # one transaction per 8 MB, each freeing all it may
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA freelist_count").scalar() == 0
+        connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    engine.dispose()
+    assert (tmp_path / "free.db").stat().st_size <= size - free * 4096 + (1 << 20)
