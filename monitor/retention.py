@@ -6,7 +6,7 @@ to take about ``CHUNK_SECONDS``, with a pause between them longer than SQLite's 
 busy-handler sleep, so a batch of another run waiting for SQLite's single write lock gets
 it within a chunk. The run row goes last, so a purge cut short (a restart) is finished by
 the next sweep. On SQLite the freed pages are then handed back to the file system
-(incremental vacuum); PostgreSQL reuses them after its autovacuum (``VACUUM FULL`` to
+(incremental vacuum, in transactions sized the same way); PostgreSQL reuses them after its autovacuum (``VACUUM FULL`` to
 shrink the files, which locks the tables).
 """
 
@@ -28,8 +28,8 @@ log = logging.getLogger("numwatch.retention")
 CHUNK_SECONDS = 0.1
 PAUSE_SECONDS = 0.15
 FIRST_CHUNK_ROWS = 50  # a step block holds up to 256 steps
-MAX_CHUNK_ROWS = 20_000
-VACUUM_BYTES = 32 << 20  # handed back per transaction
+FIRST_VACUUM_PAGES = 1_000
+MAX_CHUNK_SIZE = 20_000  # rows or pages
 CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (StepBlock, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
 
 
@@ -53,6 +53,17 @@ def _delete_chunk(session: Session, table: Table, run_id: int, limit: int) -> in
     return session.execute(delete(table).where(table.c.run_id == run_id, key.in_(chosen))).rowcount
 
 
+def _vacuum_chunk(session: Session, limit: int) -> int:
+    """Hand back up to ``limit`` free pages; how many went."""
+    connection = session.connection()
+    free = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+    if free:
+        # The pragma frees one page per step of its statement and a DB-API execute steps once;
+        # executescript runs it to the end, in a transaction of its own.
+        connection.connection.driver_connection.executescript(f"PRAGMA incremental_vacuum({min(free, limit)});")
+    return free - connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+
+
 class Cancelled(Exception):
     """The collector is shutting down: a purge stops between two chunks (the next sweep resumes it)."""
 
@@ -62,7 +73,8 @@ class Purger:
 
     def __init__(self, session_factory: sessionmaker[Session], progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> None:
         self.session_factory, self.progress, self.cancel = session_factory, progress, cancel
-        self.rows = FIRST_CHUNK_ROWS
+        # The size of the next transaction: rows to delete, pages to hand back.
+        self.sizes = {"rows": FIRST_CHUNK_ROWS, "pages": FIRST_VACUUM_PAGES}
 
     def _pause(self) -> None:
         if self.cancel is not None and self.cancel.wait(PAUSE_SECONDS):
@@ -70,21 +82,22 @@ class Purger:
         if self.cancel is None:
             time.sleep(PAUSE_SECONDS)
 
-    def _chunks(self, work: Callable[[Session, int], int]) -> int:
+    def _chunks(self, work: Callable[[Session, int], int], unit: str = "rows") -> int:
+        """Run ``work(session, limit)`` (what it did, at most ``limit`` ``unit``) until it does less than asked."""
         total = 0
         while True:
-            started, limit = time.perf_counter(), self.rows
+            started, limit = time.perf_counter(), self.sizes[unit]
             with self.session_factory() as session:
                 done = work(session, limit)
                 session.commit()
             elapsed = time.perf_counter() - started
             total += done
-            if self.progress and done:
+            if self.progress and done and unit == "rows":
                 self.progress(done)
             if elapsed < CHUNK_SECONDS / 2:
-                self.rows = min(MAX_CHUNK_ROWS, self.rows * 2)
+                self.sizes[unit] = min(MAX_CHUNK_SIZE, limit * 2)
             elif elapsed > CHUNK_SECONDS:
-                self.rows = max(50, self.rows // 2)
+                self.sizes[unit] = max(50, limit // 2)
             if done < limit:
                 return total
             self._pause()
@@ -109,25 +122,15 @@ class Purger:
 
     def vacuum(self) -> int:
         """Hand SQLite's free pages back to the file system, a bounded transaction at a time; pages freed."""
-        freed = 0
         with self.session_factory() as session:
             if session.get_bind().dialect.name != "sqlite":
                 return 0
-        while True:
-            with self.session_factory() as session:
-                connection = session.connection()
-                free = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
-                if not free:
-                    # The WAL now holds the deleted pages: a checkpoint that waits for no one lets the
-                    # next writer restart it, and journal_size_limit truncates the file.
-                    connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
-                    return freed
-                pages = min(free, VACUUM_BYTES // connection.exec_driver_sql("PRAGMA page_size").scalar())
-                # The pragma frees one page per step of its statement and a DB-API execute steps once;
-                # executescript runs it to the end, in a transaction of its own.
-                connection.connection.driver_connection.executescript(f"PRAGMA incremental_vacuum({pages});")
-                freed += free - connection.exec_driver_sql("PRAGMA freelist_count").scalar()
-            self._pause()
+        freed = self._chunks(_vacuum_chunk, "pages")
+        with self.session_factory() as session:
+            # The WAL now holds the moved pages: a checkpoint that waits for no one lets the next
+            # writer restart it, and journal_size_limit truncates the file.
+            session.connection().exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+        return freed
 
     def sweep(self) -> int:
         """Finish every run marked for deletion; the number of runs deleted."""

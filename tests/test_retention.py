@@ -184,12 +184,20 @@ def test_the_vacuum_hands_back_every_free_page_in_bounded_transactions(tmp_path,
         free = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
     assert free >= 5000
     size = (tmp_path / "free.db").stat().st_size
-    monkeypatch.setattr(retention, "VACUUM_BYTES", 8 << 20)  # 2,048 pages of 4 KB per transaction
-    pauses = []
+    steps = []
+
+    def chunk(session, limit: int) -> int:
+        steps.append((limit, done := vacuum_chunk(session, limit)))
+        return done
+
+    vacuum_chunk = retention._vacuum_chunk
+    monkeypatch.setattr(retention, "_vacuum_chunk", chunk)
     purger = retention.Purger(sessionmaker(engine))
-    monkeypatch.setattr(purger, "_pause", lambda: pauses.append(1))
+    monkeypatch.setattr(purger, "_pause", lambda: None)
     assert purger.vacuum() == free
-    assert len(pauses) == -(-free // 2048)  # one transaction per 8 MB, each freeing all it may
+    # Each transaction hands back all the pages it may (the last: what is left), at most MAX_CHUNK_SIZE.
+    assert steps[0] == (retention.FIRST_VACUUM_PAGES, retention.FIRST_VACUUM_PAGES)
+    assert all(done == limit <= retention.MAX_CHUNK_SIZE for limit, done in steps[:-1]) and steps[-1][1] < steps[-1][0]
     with engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA freelist_count").scalar() == 0
         connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
