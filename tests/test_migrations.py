@@ -48,13 +48,13 @@ def test_serve_refuses_an_outdated_schema_and_says_what_to_run(tmp_path) -> None
 OLD_REVISION = "0003"  # the schema before compressed arrays and rollups
 
 
-def _old_database(database_url: str) -> None:
-    """A database at ``OLD_REVISION``, to hold a run as that version stored it: raw arrays, no rollups."""
+def _database_at(database_url: str, revision: str) -> None:
+    """A database at ``revision``, to hold a run as that version stored it."""
     engine = db.make_engine(database_url)
     with engine.begin() as connection:
         config = db.alembic_config(database_url)
         config.attributes["connection"] = connection
-        command.upgrade(config, OLD_REVISION)
+        command.upgrade(config, revision)
     engine.dispose()
 
 
@@ -100,7 +100,7 @@ def _insert_old_rows(database_url: str) -> None:
 
 
 def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_url: str) -> None:
-    _old_database(database_url)
+    _database_at(database_url, OLD_REVISION)
     _insert_old_rows(database_url)
     db.upgrade(database_url)
     engine = db.make_engine(database_url)
@@ -137,15 +137,6 @@ def test_upgrade_from_raw_arrays_with_data_keeps_every_value_readable(database_u
                 assert session.execute(sa.text("PRAGMA page_size")).scalar() == db.PAGE_SIZE
     finally:
         engine.dispose()
-
-
-def _database_at(database_url: str, revision: str) -> None:
-    engine = db.make_engine(database_url)
-    with engine.begin() as connection:
-        config = db.alembic_config(database_url)
-        config.attributes["connection"] = connection
-        command.upgrade(config, revision)
-    engine.dispose()
 
 
 COMPACT_STEPS = 1100  # past the raw span: whole-run reads come from the rebuilt rollups
