@@ -65,16 +65,21 @@ EXPONENT = np.arange(3 * protocol.EXPONENT_BINS, dtype=np.int64) % 7
 LINEAR = np.arange(3 * protocol.LINEAR_BINS, dtype=np.int64)
 
 
+def _insert_run(connection: sa.Connection, tables: sa.MetaData, name: str, modules: list) -> None:
+    """Run 1, as any revision's ``runs`` table holds it."""
+    now = datetime.now(timezone.utc)
+    connection.execute(tables.tables["runs"].insert(), [
+        {"id": 1, "name": name, "project": "p", "format": "fp16", "world_size": 1, "tensors": TENSORS, "modules": modules, "config": {},
+         "status": "finished", "started_at": now, "created_at": now, "last_seen_at": now},
+    ])
+
+
 def _insert_old_rows(database_url: str) -> None:
     engine = sa.create_engine(database_url)
     tables = sa.MetaData()
     tables.reflect(engine)
-    now = datetime.now(timezone.utc)
     with engine.begin() as connection:
-        connection.execute(tables.tables["runs"].insert(), [
-            {"id": 1, "name": "old", "project": "p", "format": "fp16", "world_size": 1, "tensors": TENSORS, "modules": [], "config": {},
-             "status": "finished", "started_at": now, "created_at": now, "last_seen_at": now},
-        ])
+        _insert_run(connection, tables, "old", [])
         connection.execute(tables.tables["steps"].insert(), [
             {"run_id": 1, "rank": 0, "step": step, "time": 1e9 + step, "step_time": 0.1, "loss": OLD_LOSS[i], "loss_scale": 1024.0,
              "new_loss_scale": 1024.0, "scale_decision": "none", "skipped": False, "global_grad_norm": 1.5, "headroom_bits": 3.0,
@@ -170,12 +175,8 @@ def test_upgrade_from_a_row_per_step_with_data_keeps_every_value_readable(databa
     engine = sa.create_engine(database_url)
     tables = sa.MetaData()
     tables.reflect(engine)
-    now = datetime.now(timezone.utc)
     with engine.begin() as connection:
-        connection.execute(tables.tables["runs"].insert(), [
-            {"id": 1, "name": "compact", "project": "p", "format": "fp16", "world_size": 1, "tensors": TENSORS, "modules": ["a", "b"], "config": {},
-             "status": "finished", "started_at": now, "created_at": now, "last_seen_at": now},
-        ])
+        _insert_run(connection, tables, "compact", ["a", "b"])
         connection.execute(tables.tables["steps"].insert(), [{k: v for k, v in row.items() if k != "_stats"} for row in rows])
         if engine.dialect.name == "sqlite":
             connection.execute(sa.text("UPDATE steps SET loss = 'NaN' WHERE step = 900"))
