@@ -334,7 +334,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
                 supplemented.append(row)
             else:
                 conflicts.append(number)
-    step_blocks.replace(session, run.id, rank, {row["step"]: row for row in supplemented}, n_tensors, n_modules)
+    reader.replace({row["step"]: row for row in supplemented})
     now = time.time()
     if conflicts:
         session.execute(insert(Conflict), [{"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now} for n in conflicts])

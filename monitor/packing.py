@@ -23,9 +23,10 @@ and gradients 10-11% less (linear bins mostly delta-coded, exponent bins column-
 heavy-tailed gradients as before. Codes 0..3 (no filter, row-major) are the blobs stored before
 the filters. The arithmetic wraps modulo 2**64, so every int64 array round-trips exactly.
 
-A step's stats are one blob: ``stat_names`` lists the stats in ``TENSOR_STATS`` order, a
-name ending in ``=0`` marks an array that is all zero (NaN/Inf counts, almost always) and
-takes no bytes in the blob.
+An array that is all zero (NaN/Inf counts, almost always) is named with ``=0`` appended
+(:func:`zero_mark`) and takes no bytes. Before step blocks a step row's stats were one blob,
+``stat_names`` listing them in ``TENSOR_STATS`` order (:func:`pack_stats`; the migrations read
+and write that layout).
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ def decompress_array(blob: bytes, itemsize: int) -> bytes:
     return _unshuffle(data, itemsize)
 
 
+def zero_mark(name: str, raw: bytes) -> str:
+    """``name``, or ``name=0`` when the array ``raw`` is all zero (stored as nothing)."""
+    return name + ZERO_SUFFIX if raw.count(0) == len(raw) else name
+
+
 def pack_stats(stats: dict[str, bytes]) -> tuple[str, bytes]:
     """(stat_names, blob) for a step row; ``stats`` maps stat name to raw LE bytes."""
     names, arrays = [], []
@@ -161,10 +167,8 @@ def pack_stats(stats: dict[str, bytes]) -> tuple[str, bytes]:
         raw = stats.get(name)
         if raw is None:
             continue
-        if raw.count(0) == len(raw):
-            names.append(name + ZERO_SUFFIX)
-        else:
-            names.append(name)
+        names.append(zero_mark(name, raw))
+        if names[-1] == name:
             arrays.append((raw, np.dtype(TENSOR_STATS[name])))
     return ",".join(names), compress_arrays(arrays)
 

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor.models import StepBlock
-from numwatch.monitor.packing import ZERO_SUFFIX, compress_arrays, decompress_arrays
+from numwatch.monitor.packing import ZERO_SUFFIX, compress_arrays, decompress_arrays, zero_mark
 
 MAX_STEPS = 256
 MAX_SPAN = 1024
@@ -91,10 +91,8 @@ def encode(steps: list[dict[str, Any]]) -> dict[str, Any]:
             raw = _raw(step, name)
             if raw is None:
                 continue
-            if raw.count(0) == len(raw):
-                marks.append(name + ZERO_SUFFIX)
-            else:
-                marks.append(name)
+            marks.append(zero_mark(name, raw))
+            if marks[-1] == name:
                 segments.setdefault(name, []).append(raw)
         entry["stats"] = ",".join(marks)
         names.update(key for key in entry if key not in ("step", "stats"))
@@ -189,13 +187,8 @@ class Reader:
     def range(self, low: int | None = None, high: int | None = None, wanted: Collection[str] | None = ALL, having: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
         """The stored steps ``low..high`` (None: unbounded) in step order, streamed; ``having``: only from
         blocks holding one of these names (a step of such a block may still lack them)."""
-        query = select(StepBlock.first_step)
-        if low is not None:
-            query = query.where(StepBlock.first_step > low - MAX_SPAN, StepBlock.last_step >= low)
-        if high is not None:
-            query = query.where(StepBlock.first_step <= high)
         pending: list[tuple[int, int, dict[str, Any]]] = []
-        for order, (first, steps) in enumerate(self._blocks(query.order_by(StepBlock.first_step), having, wanted)):
+        for order, (first, steps) in enumerate(self._blocks(_overlapping(low, high).order_by(StepBlock.first_step), having, wanted)):
             while pending and pending[0][0] < first:  # every later block starts at or after ``first``
                 yield heapq.heappop(pending)[2]
             for step in steps:
@@ -230,6 +223,19 @@ class Reader:
         """Stored step ``number``, or None."""
         return _first(self.range(number, number, wanted))
 
+    def replace(self, replacements: dict[int, dict[str, Any]]) -> None:
+        """Overwrite stored steps (number -> the step as :func:`encode` takes it): their blocks are rewritten."""
+        if not replacements:
+            return
+        blocks = list(self._blocks(_overlapping(min(replacements), max(replacements)), (), ALL))  # read all before writing
+        for first, steps in blocks:
+            if any(step["step"] in replacements for step in steps):
+                block = encode([replacements.get(step["step"], step) for step in steps])
+                self.session.execute(
+                    update(StepBlock).where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank, StepBlock.first_step == first)
+                    .values(names=block["names"], header=block["header"], **{column: block[column] for column in COLUMNS})
+                )
+
     def extent(self, start: int | None = None, end: int | None = None) -> tuple[int, int] | None:
         """The first and last stored step within ``start..end`` (None: open), or None when none is."""
         first = _first(self.range(start, end, wanted=()))
@@ -237,6 +243,16 @@ class Reader:
             return None
         last = _first(self.before(None if end is None else end + 1, wanted=()))
         return first["step"], last["step"]
+
+
+def _overlapping(low: int | None, high: int | None) -> Select:
+    """The blocks that may hold steps ``low..high`` (None: unbounded): a range of the first-step index."""
+    query = select(StepBlock.first_step)
+    if low is not None:
+        query = query.where(StepBlock.first_step > low - MAX_SPAN, StepBlock.last_step >= low)
+    if high is not None:
+        query = query.where(StepBlock.first_step <= high)
+    return query
 
 
 def _first(steps: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
@@ -256,23 +272,3 @@ def store(session: Session, run_id: int, rank: int, steps: list[dict[str, Any]])
     """Insert ``steps`` (ascending, none stored before) as new blocks."""
     if steps:
         session.execute(insert(StepBlock), [{"run_id": run_id, "rank": rank, **block} for block in blocks_of(steps)])
-
-
-def replace(session: Session, run_id: int, rank: int, replacements: dict[int, dict[str, Any]], n_tensors: int, n_modules: int) -> None:
-    """Overwrite stored steps (number -> the step as :func:`encode` takes it): their blocks are rewritten."""
-    if not replacements:
-        return
-    low, high = min(replacements), max(replacements)
-    rows = session.execute(
-        select(StepBlock.first_step, StepBlock.header, StepBlock.arrays, StepBlock.sampled)
-        .where(StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.first_step > low - MAX_SPAN, StepBlock.first_step <= high, StepBlock.last_step >= low)
-    ).all()
-    for row in rows:
-        steps = decode(row.header, {column: bytes(getattr(row, column)) for column in COLUMNS}, n_tensors, n_modules)
-        if not any(step["step"] in replacements for step in steps):
-            continue
-        block = encode([replacements.get(step["step"], step) for step in steps])
-        session.execute(
-            update(StepBlock).where(StepBlock.run_id == run_id, StepBlock.rank == rank, StepBlock.first_step == row.first_step)
-            .values(names=block["names"], header=block["header"], **{column: block[column] for column in COLUMNS})
-        )

@@ -122,8 +122,8 @@ def test_replacing_a_stored_step_rewrites_its_block_only(session: Session) -> No
     step_blocks.store(session, 1, 0, steps[:32])
     step_blocks.store(session, 1, 0, steps[32:])
     changed = {**steps[40], "tensors": {**steps[40]["tensors"], "quant_sqnr_int8": np.full(N, 31.5, np.float32)}}
-    step_blocks.replace(session, 1, 0, {41: changed}, N, MODULES)
     reader = step_blocks.Reader(session, 1, 0, N, MODULES)
+    reader.replace({41: changed})
     for step in reader.range():
         _same(step, changed if step["step"] == 41 else steps[step["step"] - 1])
 
