@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from numwatch.attention import CHUNK_ELEMENTS, max_attention_logit
-from numwatch.forward_probe import ForwardProbe
-from numwatch.output_logits import LogZ
-from numwatch.monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
+from numwatch.capture.attention import CHUNK_ELEMENTS, max_attention_logit
+from numwatch.capture.forward_probe import ForwardProbe
+from numwatch.capture.output_logits import LogZ
+from numwatch.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
 
 CASES = {"d256 x 4 layers, T=64, batch 16": (64, 16), "d256 x 4 layers, T=1024, batch 2": (1024, 2)}
 DEFAULT_CADENCE = 100

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from numwatch.monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
-from numwatch.optim_health import adam_health
-from numwatch.quantization import quantization_sqnr
+from numwatch.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
+from numwatch.kernels.optim_health import adam_health
+from numwatch.kernels.quantization import quantization_sqnr
 
 MODELS = {"benchmark (d256 x4)": (256, 4, 16), "~100M (d1024 x8)": (1024, 8, 8)}  # d_model, layers, batch
 

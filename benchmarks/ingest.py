@@ -24,12 +24,12 @@ import httpx
 import numpy as np
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.* from a checkout
 
 from benchmarks.documents import batch_document, run_document, values_in  # noqa: E402
 from numwatch import protocol  # noqa: E402
 from numwatch.monitor import db, stack  # noqa: E402
-from tests.postgres import PostgresUnavailable, postgres_server  # noqa: E402
+from tests.support.postgres import PostgresUnavailable, postgres_server  # noqa: E402
 
 
 def bench_ingest(url: str, args: argparse.Namespace) -> dict:

@@ -33,12 +33,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.* from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.* from a checkout
 
 from benchmarks.load_client import ClientPlan, ClientReport, run_client  # noqa: E402
 from numwatch.monitor import db, stack, step_blocks  # noqa: E402
-from numwatch.monitor.models import RankState, Run  # noqa: E402
-from tests.postgres import PostgresUnavailable, postgres_server  # noqa: E402
+from numwatch.monitor.store.models import RankState, Run  # noqa: E402
+from tests.support.postgres import PostgresUnavailable, postgres_server  # noqa: E402
 
 PROGRESS_EVERY_S = 5.0
 RESULT_TIMEOUT_S = 300.0  # after the run: for the slowest client's last answer and report

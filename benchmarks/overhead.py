@@ -42,7 +42,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import numwatch
-from numwatch.monitor.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
+from numwatch.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
 
 VARIANTS: dict[str, dict] = {
     "defaults": {},

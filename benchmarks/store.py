@@ -33,13 +33,14 @@ from sqlalchemy.orm import Session
 
 from benchmarks.documents import batch_document, run_document
 from numwatch import protocol
-from numwatch.monitor import db, stack
-from numwatch.monitor.auth import EVERYTHING
-from numwatch.monitor.detectors import DetectorConfig
-from numwatch.monitor.ingest import store_batch
-from numwatch.monitor.queries import find_run
-from numwatch.monitor.schemas import BatchDocument
-from tests.postgres import PostgresUnavailable, postgres_server
+from numwatch.monitor.store import db
+from numwatch.monitor.ops import stack
+from numwatch.monitor.store.auth import EVERYTHING
+from numwatch.monitor.detectors.rules import DetectorConfig
+from numwatch.monitor.ingest.batches import store_batch
+from numwatch.monitor.reads.queries import find_run
+from numwatch.monitor.ingest.schemas import BatchDocument
+from tests.support.postgres import PostgresUnavailable, postgres_server
 
 BATCH = 64
 FORMAT_EVERY, HISTOGRAM_EVERY = 50, 100

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.documents, tests.browser
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.documents, tests.support.browser
 
 from benchmarks.documents import batch_document, run_document  # noqa: E402
 from numwatch import protocol  # noqa: E402

@@ -15,10 +15,10 @@ _EXPORTS = {
     "watch": "numwatch.watcher",
     "Watcher": "numwatch.watcher",
     "NonFiniteError": "numwatch.watcher",
-    "observe_attention": "numwatch.attention",
-    "UnsupportedConfiguration": "numwatch.sharded",
-    "iter_spool": "numwatch.spool",
-    "spool_directories": "numwatch.spool",
+    "observe_attention": "numwatch.capture.attention",
+    "UnsupportedConfiguration": "numwatch.kernels.sharded",
+    "iter_spool": "numwatch.delivery.spool",
+    "spool_directories": "numwatch.delivery.spool",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,7 +10,7 @@ Where the numbers are taken:
   accumulation every micro-batch's backward reads and the last reading, of the summed
   gradients, is the step's. A loop whose model is not called as ``model(...)`` has no such
   read; the step site reads instead (then after clipping).
-* Where a step is counted and ended is the step site's (:mod:`numwatch.sites`): at
+* Where a step is counted and ended is the step site's (:mod:`numwatch.step.sites`): at
   ``scaler.update()`` with an enabled GradScaler, at the optimizer step without one, at
   ``watcher.step()`` without an optimizer, at ``finish_step()`` for framework adapters.
 * Loss: with an enabled GradScaler, what went through ``scaler.scale()``; otherwise the
@@ -19,7 +19,7 @@ Where the numbers are taken:
 * ``watcher.log(...)``: values logged after a step ended and before the model's next
   forward (with gradients) belong to the step that ended; from that forward on, to the next.
 * Sharded (DTensor, FSDP2) parameters: each rank measures its shard and
-  :mod:`numwatch.sharded` combines them into whole-tensor statistics.
+  :mod:`numwatch.kernels.sharded` combines them into whole-tensor statistics.
 
 NaN/Inf counts are only meaningful for tensors whose norm is not finite, and are taken
 when that is known without a host-device sync: on CPU (reading is free) when the norms
@@ -44,22 +44,23 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from numwatch import protocol, records
-from numwatch.activations import ActivationTracer
-from numwatch.backward_end import BackwardEndTrigger
-from numwatch.backward_roots import RootListener
-from numwatch.chunks import release_scratch
-from numwatch.clipping import ClipObserver
+from numwatch import protocol
+from numwatch.step import records
+from numwatch.capture.activations import ActivationTracer
+from numwatch.capture.backward_end import BackwardEndTrigger
+from numwatch.capture.backward_roots import RootListener
+from numwatch.kernels.chunks import release_scratch
+from numwatch.capture.clipping import ClipObserver
 from numwatch.formats import format_name_for_dtype, format_spec
-from numwatch.forward_probe import ForwardProbe
-from numwatch.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
-from numwatch.nonfinite import NonFiniteCheck, NonFiniteError
-from numwatch.records import StepRecord
-from numwatch.scaler import ScalerAdapter
-from numwatch.sharded import refuse_unsupported
-from numwatch.sites import FrameworkSite, FusedScalerSite, OptimizerHookSite, ScalerSite, StepCallSite, StepSite, learning_rates
-from numwatch.spool import default_spool_root, spool_directory
-from numwatch.transport import Transport
+from numwatch.capture.forward_probe import ForwardProbe
+from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
+from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
+from numwatch.step.records import StepRecord
+from numwatch.capture.scaler import ScalerAdapter
+from numwatch.kernels.sharded import refuse_unsupported
+from numwatch.step.sites import FrameworkSite, FusedScalerSite, OptimizerHookSite, ScalerSite, StepCallSite, StepSite, learning_rates
+from numwatch.delivery.spool import default_spool_root, spool_directory
+from numwatch.delivery.transport import Transport
 
 __all__ = ["NonFiniteError", "Watcher", "watch"]
 
@@ -586,7 +587,7 @@ def watch(
     before clipping; a :meth:`Watcher.gradients_ready` call reads again) or "manual" (for
     framework adapters: only ``gradients_ready()`` reads; :meth:`Watcher.finish_step` ends
     each step).
-    Raises :class:`~numwatch.sharded.UnsupportedConfiguration` for setups it cannot measure
+    Raises :class:`~numwatch.kernels.sharded.UnsupportedConfiguration` for setups it cannot measure
     correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
     optimizer, scaler = unwrap_optimizer(optimizer, scaler)

@@ -14,12 +14,12 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from numwatch.monitor import db
-from numwatch.monitor.exposition import IngestMetrics, NumwatchCollector
-from numwatch.monitor.ratelimit import RateLimiter
-from numwatch.monitor.retention import Reaper
-from numwatch.monitor.routers import health, metrics, pages, query, runs_write
-from numwatch.monitor.security_headers import SecurityHeaders
+from numwatch.monitor.store import db
+from numwatch.monitor.metrics.exposition import IngestMetrics, NumwatchCollector
+from numwatch.monitor.api.ratelimit import RateLimiter
+from numwatch.monitor.store.retention import Reaper
+from numwatch.monitor.api.routes import health, metrics, pages, query, runs_write
+from numwatch.monitor.api.security_headers import SecurityHeaders
 from numwatch.monitor.settings import Settings
 from numwatch.monitor.web import STATIC_DIR
 
@@ -73,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     app.state.annotations = None
     if settings.grafana_url:
-        from numwatch.monitor.grafana import AnnotationSink
+        from numwatch.monitor.ops.grafana import AnnotationSink
 
         app.state.annotations = AnnotationSink(settings.grafana_url, settings.grafana_token)
 

@@ -9,7 +9,7 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from numwatch.monitor.detectors import DetectorConfig
+from numwatch.monitor.detectors.rules import DetectorConfig
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from numwatch.monitor import stack
-from tests.binaries import require_binary
-from tests import postgres
-from tests.postgres import PostgresServer, PostgresUnavailable
+from numwatch.monitor.ops import stack
+from tests.support.binaries import require_binary
+from tests.support import postgres
+from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def collector(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Factory: ``collector(database_url=None, *extra_serve_args, **env)`` starts ``numwatch serve``
     in a subprocess on a free loopback port (migrating the database first) and returns its URL."""
-    from numwatch.monitor import db
+    from numwatch.monitor.store import db
 
     with ExitStack() as resources:
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from numwatch.backward_end import BackwardEndTrigger
+from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.watcher import Watcher, watch
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from numwatch.sharded import UnsupportedConfiguration
+from numwatch.kernels.sharded import UnsupportedConfiguration
 from numwatch.watcher import Watcher, watch
 
 try:

@@ -16,8 +16,11 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
-from numwatch.monitor import forward, overview, queries, readiness
-from numwatch.monitor.auth import EVERYTHING
+from numwatch.monitor.reads import forward
+from numwatch.monitor.reads import overview
+from numwatch.monitor.reads import queries
+from numwatch.monitor.reads import readiness
+from numwatch.monitor.store.auth import EVERYTHING
 from numwatch.monitor.web import STATIC_DIR, page_html
 
 # encodeURIComponent leaves these unescaped; quote() must too, or the keys would differ.

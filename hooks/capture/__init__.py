@@ -1,0 +1,1 @@
+"""Where numwatch sees training: hooks, patches, the GradScaler adapter, the clip observer and the forward probes."""

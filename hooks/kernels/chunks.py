@@ -1,0 +1,345 @@
+"""Tensor lists as a few flat chunks per (device, dtype) group.
+
+A statistic computed tensor by tensor dispatches O(n) ops for n tensors: kernel launches
+on an accelerator, Python dispatch on the CPU. Here the non-empty tensors of each (device,
+dtype) group are concatenated into flat chunks of at most ``CHUNK_ELEMENTS`` elements (one
+``_chunk_cat`` each), elementwise work runs once per chunk, and per-tensor results come
+from ``split`` + ``torch._foreach_*`` reductions or from one count over
+``segment * bins + bin`` keys. So the ops per call grow with the number of groups and
+chunks, never with the number of tensors, and the transient memory with the chunk size.
+A tensor longer than a chunk is cut into pieces (segments) whose results are combined.
+
+Temporaries as large as a chunk come from :func:`scratch` on the CPU: its allocator hands
+large blocks back to the operating system, and faulting their pages in again costs more
+than the arithmetic on them (about 10x for an elementwise op on a fresh 15 MB tensor).
+
+A :class:`Layout` depends only on host metadata (devices, dtypes, sizes): it is cached,
+with the small index tensors it needs, copied from pinned memory on CUDA (no sync).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# 2**24 elements: the 16-layer benchmark model (13 M parameters) is one chunk per group;
+# the work on a chunk holds about 32 bytes per element (512 MiB at most) while it runs.
+CHUNK_ELEMENTS = 1 << 24
+
+_Key = tuple[torch.device, torch.dtype, int] | None
+
+
+def to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device``, copied from pinned memory on CUDA so the copy does not synchronize."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class _Scratch(threading.local):
+    """Per thread (two models trained in two threads must not share a temporary), per CPU
+    scratch slot: one byte buffer, grown to the largest chunk it served, and the views of it
+    handed out (cached: a view taken anew each call would add ops to every call)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Tensor] = {}
+        self.views: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
+
+
+_scratch = _Scratch()
+_MAX_VIEWS = 256
+
+# Scratch slots of the chunk-sized temporaries of one call: a chunk's input copy, then up to
+# three work tensors. A slot holds one temporary at a time.
+INPUT, WORK, SECOND, FLAGS = 0, 1, 2, 3
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
+    """An uninitialised 1-D ``dtype`` tensor of ``numel`` elements for a temporary of one call.
+
+    On the CPU a view of a buffer kept for ``slot`` between calls; elsewhere fresh memory
+    (the device's caching allocator reuses blocks itself). A caller uses each slot for one
+    temporary at a time and never returns it; the buffers stay bounded by the chunk size
+    and are dropped by :func:`release_scratch`."""
+    return _scratch_shaped((numel,), dtype, device, slot)
+
+
+def _scratch_shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    views = _scratch.views
+    view = views.get((slot, shape, dtype))
+    if view is not None:
+        return view
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer = _scratch.buffers.get(slot)
+    if buffer is None or buffer.numel() < nbytes:
+        buffer = _scratch.buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        for key in [key for key in views if key[0] == slot]:
+            del views[key]
+    if len(views) >= _MAX_VIEWS:  # chunk sizes that keep changing: start over rather than grow
+        views.clear()
+    view = views[(slot, shape, dtype)] = buffer[:nbytes].view(dtype).view(shape)
+    return view
+
+
+def release_scratch() -> None:
+    """Drop this thread's CPU scratch buffers (a watcher detached; another thread's go with it)."""
+    _scratch.buffers.clear()
+    _scratch.views.clear()
+
+
+def _index(values: Sequence[int], device: torch.device) -> Tensor:
+    return to_device(torch.tensor(list(values), dtype=torch.int64), device)
+
+
+class Chunk:
+    """Consecutive segments of a group: (member, start, stop) element ranges of its tensors."""
+
+    def __init__(self, pieces: list[tuple[int, int, int]], device: torch.device) -> None:
+        self.pieces = pieces
+        self.lengths = [stop - start for _, start, stop in pieces]
+        self.numel = sum(self.lengths)
+        self._starts = _index([sum(self.lengths[:i]) for i in range(1, len(pieces))], device)
+
+    def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
+        """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
+        (no per-tensor reshape op), cut ones as 1-D slices."""
+        parts = []
+        for member, start, stop in self.pieces:
+            tensor = members[member]
+            if start == 0 and stop == tensor.numel():
+                parts.append(tensor if tensor.dim() else tensor.reshape(1))
+            else:
+                parts.append(tensor.reshape(-1)[start:stop])
+        return parts
+
+    def flat(self, members: Sequence[Tensor]) -> Tensor:
+        """The chunk's elements of ``members`` (the group's tensors) as one 1-D tensor.
+
+        A view where the pieces lie back to back in one storage (a single whole tensor, the
+        views of a :func:`numwatch.kernels.stats.snapshot`), else a copy: callers never write into it."""
+        parts = self._parts(members)
+        view = self._view(parts)
+        return torch._chunk_cat(parts, 0, 1)[0] if view is None else view
+
+    def _view(self, parts: list[Tensor]) -> Tensor | None:
+        """The chunk's ``parts`` as a 1-D view, or None where they are not back to back."""
+        if len(parts) == 1:
+            return parts[0].reshape(-1)
+        if _back_to_back(parts):
+            first = parts[0]
+            return first.as_strided((self.numel,), (1,), first.storage_offset())
+        return None
+
+    def read(self, members: Sequence[Tensor], slot: int) -> Tensor:
+        """Like :meth:`flat` (read-only), a copy going into scratch ``slot``."""
+        parts = self._parts(members)
+        view = self._view(parts)
+        return self._into(parts, slot) if view is None else view
+
+    def into(self, members: Sequence[Tensor], slot: int, dtype: torch.dtype | None = None) -> Tensor:
+        """The chunk's elements of ``members`` copied into scratch ``slot`` (converted to
+        ``dtype``, by default the members'): a writable temporary."""
+        return self._into(self._parts(members), slot, dtype)
+
+    def _into(self, parts: list[Tensor], slot: int, dtype: torch.dtype | None = None) -> Tensor:
+        dtype, device = dtype or parts[0].dtype, parts[0].device
+        if len(parts) == 1:
+            return scratch(self.numel, dtype, device, slot).copy_(parts[0].reshape(-1))
+        torch._chunk_cat(parts, 0, 1, out=_scratch_shaped((1, self.numel), dtype, device, slot))
+        return scratch(self.numel, dtype, device, slot)
+
+    def copy(self, members: Sequence[Tensor]) -> Tensor:
+        """Like :meth:`flat`, but always fresh memory."""
+        parts = self._parts(members)
+        return parts[0].reshape(-1).clone() if len(parts) == 1 else torch._chunk_cat(parts, 0, 1)[0]
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """Per-segment views of a chunk-shaped tensor (one op)."""
+        return list(flat.split(self.lengths))
+
+    def sums(self, marks: Tensor) -> Tensor:
+        """[segments]: how many elements of each segment are 1 in float 0/1 ``marks``, in
+        their dtype. A multi-tensor L1 norm (exact in float32 up to a chunk's 2**24 elements),
+        cheaper than a count over keys on the CPU and without atomics on a few counters on a GPU."""
+        return torch.stack(torch._foreach_norm(self.split(marks), 1))
+
+    def segment_ids(self) -> Tensor:
+        """int64 [numel]: the segment of each element (ones at segment starts, summed up:
+        on the CPU ten times cheaper than ``repeat_interleave``, and sync-free on CUDA)."""
+        ids = torch.zeros(self.numel, dtype=torch.int64, device=self._starts.device)
+        return ids.index_fill_(0, self._starts, 1).cumsum_(0)
+
+    def keys(self, codes: Tensor, bins: int) -> Tensor:
+        """segment * bins + code for each element's code 0..bins-1: counting these keys
+        over ``len(pieces) * bins`` values gives the codes' counts per segment.
+
+        ``codes`` (a fresh tensor) may be overwritten. The keys are int32 where they fit (half
+        the memory traffic of int64); each segment's offset is added to its view by one
+        multi-tensor op of host constants, with no per-element segment index."""
+        segments = len(self.pieces)
+        wide = segments * bins >= 1 << 31
+        if wide and codes.dtype != torch.int64:
+            codes = codes.to(torch.int64)
+        elif not wide and codes.dtype not in (torch.int32, torch.int64):
+            codes = codes.to(torch.int32)
+        if segments > 1:
+            torch._foreach_add_(self.split(codes), [segment * bins for segment in range(segments)])
+        return codes
+
+    def per_segment_(self, flat: Tensor, *operations: tuple[str, Tensor]) -> Tensor:
+        """``flat`` (a fresh chunk-shaped tensor) combined in place, in order, with per-segment
+        values by in-place operations named "sub" or "div": each element with its segment's value.
+
+        On the CPU one multi-tensor op per operation, on the segments' views, with the values'
+        one-element views: no per-element index. Elsewhere the values are spread over the elements by
+        one gather (a multi-tensor op with tensor operands would launch a kernel per segment)."""
+        if len(self.pieces) == 1:
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.reshape(()))
+        elif flat.device.type == "cpu":
+            views = self.split(flat)
+            for name, values in operations:
+                getattr(torch, f"_foreach_{name}_")(views, list(values.split(1)))
+        else:
+            ids = self.segment_ids()
+            for name, values in operations:
+                getattr(flat, f"{name}_")(values.index_select(0, ids))
+        return flat
+
+
+def _back_to_back(parts: list[Tensor]) -> bool:
+    """Whether ``parts`` are contiguous and follow each other without gaps in one storage."""
+    first = parts[0]
+    storage, size, address = first.untyped_storage().data_ptr(), first.element_size(), first.data_ptr()
+    for part in parts:
+        if part.data_ptr() != address or not part.is_contiguous() or part.untyped_storage().data_ptr() != storage:
+            return False
+        address += part.numel() * size
+    return True
+
+
+class Group:
+    """The non-empty tensors of one (device, dtype), as chunks."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, members: list[int], numels: list[int], chunk_elements: int) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.members = members  # positions in the input list
+        self.numels = numels
+        plans = _plan(numels, chunk_elements)
+        self.chunks = [Chunk(plan, device) for plan in plans]
+        segment_members = [member for plan in plans for member, _, _ in plan]
+        # Members cut into several segments: their results are combined through this index.
+        self._segment_members = _index(segment_members, device) if len(segment_members) > len(members) else None
+        self._positions = _index(members, device)
+
+    def tensors(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
+        return [tensors[position] for position in self.members]  # type: ignore[misc]
+
+    def select(self, per_position: Tensor) -> Tensor:
+        """Rows of a per-input-position tensor for this group's members, on its device."""
+        return per_position.to(self.device, non_blocking=True).index_select(0, self._positions)
+
+    def per_segment(self, per_member: Tensor) -> Tensor:
+        """A per-member tensor spread over the segments (members cut into pieces repeat)."""
+        return per_member if self._segment_members is None else per_member.index_select(0, self._segment_members)
+
+    def chunk_slices(self, per_segment: Tensor) -> list[Tensor]:
+        """A per-segment tensor cut into the chunks' parts."""
+        return list(per_segment.split([len(chunk.pieces) for chunk in self.chunks]))
+
+    def per_member(self, per_chunk: list[Tensor], how: str) -> Tensor:
+        """Per-member results from the chunks' per-segment ones; ``how`` combines the
+        segments of a member cut into pieces: "sum", "norm" (L2), "amax" or "amin"."""
+        segments = per_chunk[0] if len(per_chunk) == 1 else torch.cat(per_chunk)
+        index = self._segment_members
+        if index is None:
+            return segments
+        k = len(self.members)
+        if how == "sum":
+            return segments.new_zeros((k, *segments.shape[1:])).index_add_(0, index, segments)
+        if how == "norm":
+            return segments.new_zeros(k).index_add_(0, index, segments * segments).sqrt_()
+        return segments.new_zeros(k).scatter_reduce_(0, index, segments, how, include_self=False)
+
+
+def _plan(numels: list[int], chunk_elements: int) -> list[list[tuple[int, int, int]]]:
+    """Members packed in order into chunks; only a member longer than a chunk is cut."""
+    plans: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = chunk_elements
+    for member, numel in enumerate(numels):
+        if numel > room and numel <= chunk_elements:
+            plans.append(current)
+            current, room = [], chunk_elements
+        start = 0
+        while start < numel:
+            take = min(numel - start, room)
+            current.append((member, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                plans.append(current)
+                current, room = [], chunk_elements
+    if current:
+        plans.append(current)
+    return [plan for plan in plans if plan]
+
+
+class Layout:
+    """Tensors (None and empty ones are left out) grouped by (device, dtype) into chunks."""
+
+    def __init__(self, keys: tuple[_Key, ...], chunk_elements: int) -> None:
+        self.n = len(keys)
+        self.device = next((key[0] for key in keys if key is not None), torch.device("cpu"))
+        by_group: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[int]]] = {}
+        for position, key in enumerate(keys):
+            if key is not None and key[2] > 0:
+                members, numels = by_group.setdefault((key[0], key[1]), ([], []))
+                members.append(position)
+                numels.append(key[2])
+        self.groups = [Group(device, dtype, members, numels, chunk_elements) for (device, dtype), (members, numels) in by_group.items()]
+        # Row of each input position in cat(group results..., fill row); None when that is the identity.
+        present = sum(len(group.members) for group in self.groups)
+        rows = [present] * self.n  # the fill row
+        for row, position in enumerate(position for group in self.groups for position in group.members):
+            rows[position] = row
+        identity = present == self.n and rows == list(range(self.n))
+        self._order = None if identity else _index(rows, self.device)
+
+    def assemble(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, tail: tuple[int, ...] = ()) -> Tensor:
+        """[n, *tail] in input order from each group's [members, *tail] results; ``fill``
+        for the tensors left out (None or empty)."""
+        return self._assemble(per_group, fill, dtype, (1, *tail), 0)
+
+    def columns(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, rows: int) -> Tensor:
+        """[rows, n] in input order from each group's [rows, members] results (``fill`` as in
+        :meth:`assemble`): row-major statistics without a transposing copy."""
+        return self._assemble(per_group, fill, dtype, (rows, 1), 1)
+
+    def _assemble(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, one: tuple[int, ...], dim: int) -> Tensor:
+        parts = [part.to(self.device, non_blocking=True) for part in per_group]
+        if not self.n:
+            return torch.zeros(one[:dim] + (0,) + one[dim + 1:], dtype=dtype, device=self.device)
+        if self._order is None:
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        parts.append(torch.full(one, fill, dtype=dtype, device=self.device))
+        return torch.cat(parts, dim).index_select(dim, self._order)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(keys: tuple[_Key, ...], chunk_elements: int) -> Layout:
+    return Layout(keys, chunk_elements)
+
+
+def layout_of(tensors: Sequence[Tensor | None]) -> Layout:
+    """The cached :class:`Layout` of ``tensors`` (looked up by devices, dtypes and sizes)."""
+    keys = tuple(None if t is None else (t.device, t.dtype, t.numel()) for t in tensors)
+    return _layout(keys, CHUNK_ELEMENTS)

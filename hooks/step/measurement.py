@@ -1,0 +1,327 @@
+"""What is measured at a step: the watched tensors' statistics and one object per step holding them.
+
+:class:`WatchedTensors` knows the watched parameters and takes their statistics (it calls
+:mod:`numwatch.kernels.stats`; sharded parameters are combined by :mod:`numwatch.kernels.sharded`).
+
+:class:`StepMeasurement` is everything measured for one optimizer step, from its first
+backward to its end, in an explicit state:
+
+* OPEN: created (by the step's first backward, a ``watcher.log`` call or the step site);
+  nothing read yet.
+* READ: the gradients were read (:class:`GradientReading`). A later backward of the same
+  step (gradient accumulation) replaces the reading whole: the last one is the step's.
+* FAILED: monitoring failed somewhere in this step. Every tensor reference is dropped and
+  whatever arrives until the step ends is ignored, so the failure cannot leak into the
+  next step (a loss summed over two steps, stale gradients kept alive).
+
+The step site ends a READ measurement into a :class:`~numwatch.step.records.StepRecord`
+(:meth:`StepMeasurement.finish`) and starts the next step with a fresh object.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from numwatch.step import records
+from numwatch.kernels import stats
+from numwatch.capture.clipping import ClipEffect
+from numwatch.kernels.chunks import to_device
+from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
+from numwatch.kernels.quantization import quantization_sqnr
+from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
+from numwatch.step.hostcopy import DeviceStack
+from numwatch.step.records import StepRecord, histogram_part
+from numwatch.kernels.sharded import ShardReduction, local_tensor
+
+# torch.compile wraps a module as ``_orig_mod``; names must not depend on it.
+COMPILE_WRAPPER = "_orig_mod"
+
+
+def tensor_name(name: str) -> str:
+    """A parameter's name with every compile wrapper component removed."""
+    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
+
+
+def select_parameters(model: nn.Module, include: Iterable[str] | str | None, exclude: Iterable[str] | str | None) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters whose (compile-independent) names match include and not exclude."""
+    include = [include] if isinstance(include, str) else list(include) if include is not None else None
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
+    chosen = []
+    for raw_name, parameter in model.named_parameters():
+        name = tensor_name(raw_name)
+        if not parameter.requires_grad:
+            continue
+        if include is not None and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude):
+            continue
+        chosen.append((name, parameter))
+    return chosen
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Which steps (numbered from 1) carry the sampled statistics and the format counts (the
+    first step and every N-th after it), and the quantization SQNR (every N-th step: it is
+    about trained weights, and close() measures the last step)."""
+
+    histogram_every: int
+    format_every: int
+    quant_every: int = 0
+
+    def sampled(self, step: int) -> bool:
+        return self.histogram_every > 0 and (step - 1) % self.histogram_every == 0
+
+    def quant_due(self, step: int) -> bool:
+        return self.quant_every > 0 and step % self.quant_every == 0
+
+    def after_update(self, step: int) -> bool:
+        """Whether the step measures the weights after the optimizer's update."""
+        return self.sampled(step) or self.quant_due(step)
+
+    def format_due(self, step: int) -> bool:
+        return self.format_every > 0 and (step - 1) % self.format_every == 0
+
+
+@dataclass
+class GradientReading:
+    """One read of the gradients: their statistics (device tensors) and the gradients themselves."""
+
+    present: list[int] | None  # schema indices of the tensors with a gradient; None: all
+    grads: list[torch.Tensor]
+    norms: torch.Tensor  # float32 [2, k]: grad_norm, grad_absmax (unscaled)
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # format counts, histograms, NaN/Inf counts
+
+    @property
+    def has_counts(self) -> bool:
+        return records.NONFINITE in self.parts
+
+
+class WatchedTensors:
+    """The watched parameters and how their statistics are taken."""
+
+    def __init__(self, selected: list[tuple[str, nn.Parameter]], fmt: FormatSpec, cadence: Cadence) -> None:
+        self.names = [name for name, _ in selected]
+        self.parameters = [parameter for _, parameter in selected]
+        self.sharding = ShardReduction.for_parameters(selected)
+        self.device = self.parameters[0].device
+        self.format = fmt
+        self.cadence = cadence
+
+    def local_parameters(self) -> list[torch.Tensor]:
+        """The watched parameters, or this rank's shards of the sharded ones."""
+        return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
+
+    def read_gradients(self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> GradientReading:
+        """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
+
+        ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
+        ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
+        """
+        present = [i for i, p in enumerate(self.parameters) if p.grad is not None]
+        grads = [local_tensor(self.parameters[i].grad) for i in present]
+        positions = None if len(present) == len(self.parameters) else present
+        if not grads:
+            return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
+        norms = stats.grad_norms(grads, multiplier=grad_multiplier)
+        sampled, exponent = self.cadence.sampled(step), None
+        if sampled and self.cadence.format_due(step):
+            # One read of the gradients for both the format counts and the exponent histogram.
+            both = stats.format_counts_and_exponent_histogram(grads, self.format, format_multiplier, grad_multiplier)
+            counts, exponent = [both[0]], both[1]
+        else:
+            counts = [stats.format_counts(grads, self.format, multiplier=format_multiplier)] if self.cadence.format_due(step) else []
+        if self.sharding is not None:
+            norms, counts = self.sharding.norms(norms, counts, positions)
+        reading = GradientReading(positions, grads, norms)
+        if counts:
+            reading.parts[records.FORMAT] = counts[0]
+        if sampled:
+            unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
+            self._add_histograms(reading.parts, "grad", unscaled, positions, exponent)
+        return reading
+
+    def norms_now(self, reading: GradientReading, grad_multiplier: torch.Tensor | None) -> torch.Tensor:
+        """float32 [k]: the L2 norms of the reading's gradients as they are now (after a clip)."""
+        norms = stats.grad_norms(reading.grads, multiplier=grad_multiplier)
+        if self.sharding is not None:
+            norms, _ = self.sharding.norms(norms, [], reading.present)
+        return norms[0]
+
+    def count_nonfinite(self, reading: GradientReading) -> None:
+        """Add per-tensor NaN and Inf counts of the reading's gradients as they are now."""
+        if not reading.grads or reading.has_counts:
+            return
+        nonfinite = stats.nonfinite_counts(reading.grads)
+        if self.sharding is not None:
+            (nonfinite,) = self.sharding.counts([nonfinite], reading.present)
+        reading.parts[records.NONFINITE] = nonfinite
+
+    def _add_histograms(self, parts: dict[str, torch.Tensor], kind: str, tensors: list[torch.Tensor], positions: list[int] | None,
+                        exponent: torch.Tensor | None = None) -> None:
+        exponent = stats.exponent_histogram(tensors) if exponent is None else exponent
+        lows, highs = stats.finite_ranges(tensors)
+        if self.sharding is not None:
+            lows, highs = self.sharding.ranges(lows, highs)
+            counts = stats.linear_histogram_counts(tensors, lows, highs)
+            exponent, counts = (part.t() for part in self.sharding.counts([exponent.t(), counts.t()], positions))
+        else:
+            counts = stats.linear_histogram_counts(tensors, lows, highs)
+        parts[histogram_part(kind, "exponent")] = exponent
+        parts[histogram_part(kind, "linear_min")] = lows.float()
+        parts[histogram_part(kind, "linear_max")] = highs.float()
+        parts[histogram_part(kind, "linear")] = counts
+
+    def weight_parts(self, reading: GradientReading | None, snapshot: list[torch.Tensor] | None, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+        """Sampled weight statistics after the update: norms, histograms, update ratio, Adam state."""
+        weights = self.local_parameters()
+        weight_stats = stats.weight_stats(weights)
+        if self.sharding is not None:
+            weight_stats, _ = self.sharding.norms(weight_stats, [], None)
+        parts = {records.WEIGHT: weight_stats}
+        self._add_histograms(parts, "weight", weights, None)
+        if self.sharding is not None:
+            # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards.
+            if adam_family(optimizer):
+                (sums,) = self.sharding.sums([adam_sums(optimizer, self.parameters)])
+                parts[records.ADAM] = health_from_sums(sums, self._numels(sums.device))
+            return parts
+        if snapshot is not None and reading is not None and reading.grads:
+            present = reading.present if reading.present is not None else range(len(weights))
+            parts[records.UPDATE] = stats.update_stats([snapshot[i] for i in present], [weights[i] for i in present], reading.grads)
+        if optimizer is not None:
+            # Adam family: tensors without state yet report NaN.
+            states = [optimizer.state.get(p, {}).get("exp_avg_sq") for p in self.parameters]
+            present_states = [s for s in states if isinstance(s, torch.Tensor)]
+            if present_states:
+                state_format = format_spec(format_name_for_dtype(present_states[0].dtype))
+                parts[records.EXP_AVG_SQ] = stats.exp_avg_sq_underflow(states, state_format)
+            parts[records.ADAM] = adam_health(optimizer, self.parameters, before=snapshot)
+        return parts
+
+    def _numels(self, device: torch.device) -> torch.Tensor:
+        """float [n]: the whole tensors' element counts."""
+        return to_device(torch.tensor([float(p.numel()) for p in self.parameters]), device)
+
+    def quant_parts(self) -> dict[str, torch.Tensor]:
+        """The weights' SQNR under each quantization scheme, as they are now (of the whole
+        tensors, from the shards where sharded: see :mod:`numwatch.kernels.sharded` for what is local)."""
+        if self.sharding is not None:
+            return {records.QUANT: self.sharding.quantization_sqnr(self.local_parameters(), [p.numel() for p in self.parameters])}
+        return {records.QUANT: quantization_sqnr(self.local_parameters())}
+
+
+class Phase(enum.Enum):
+    OPEN = "open"
+    READ = "read"
+    FAILED = "failed"
+
+
+class StepMeasurement:
+    """Everything measured for one step so far (see the module docstring for the states)."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number  # the step number it will carry (attempts counted from 1)
+        self.phase = Phase.OPEN
+        self.reading: GradientReading | None = None
+        self.snapshot: list[torch.Tensor] | None = None  # weights before the update (sampled steps)
+        self.losses: list[torch.Tensor] = []  # the losses backpropagated into this step
+        self.logged: dict[str, Any] = {}  # watcher.log values
+        self.lr: list[float] = []
+        self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
+        self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
+
+    @property
+    def started(self) -> bool:
+        """Whether the gradients were read (or the attempt failed): the step is under way."""
+        return self.phase is not Phase.OPEN
+
+    def read(self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> None:
+        """Read the gradients, replacing an earlier reading of this step."""
+        if self.phase is Phase.FAILED:
+            return
+        if self.snapshot is None and watched.cadence.sampled(self.number) and watched.sharding is None:
+            self.snapshot = stats.snapshot(watched.local_parameters())
+        self.reading = watched.read_gradients(self.number, grad_multiplier, format_multiplier)
+        self.clip = None
+        self.phase = Phase.READ
+
+    def add_losses(self, losses: Iterable[torch.Tensor]) -> None:
+        if self.phase is not Phase.FAILED:
+            self.losses.extend(loss.detach() for loss in losses)
+
+    def log(self, scalars: dict[str, Any]) -> None:
+        if self.phase is not Phase.FAILED:
+            self.logged.update(scalars)
+
+    def fail(self) -> None:
+        """Drop everything of this step; what arrives until it ends is ignored."""
+        self.phase = Phase.FAILED
+        self.reading = None
+        self.snapshot = None
+        self.losses = []
+        self.logged = {}
+        self.parts = {}
+        self.clip = None
+
+    def finish(
+        self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
+        forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> StepRecord:
+        """The step's record, its one host copy started. Only for a READ measurement."""
+        reading, device = self.reading, watched.device
+        assert self.phase is Phase.READ and reading is not None
+        stack = DeviceStack()
+        stack.add(records.GRAD, reading.norms)
+        for name, part in {**reading.parts, **self.parts}.items():
+            stack.add(name, part)
+        if self.clip is not None:
+            stack.add(records.POST_CLIP, self.clip.norms)
+        host_scalars: dict[str, float] = {}
+        logged_loss = None
+        for name, value in self.logged.items():
+            if isinstance(value, torch.Tensor):
+                stack.add(records.LOSS if name == "loss" else records.SCALAR_PREFIX + name, value.detach().reshape(()).to(device))
+            elif name == "loss":
+                logged_loss = float(value)
+            else:
+                host_scalars[name] = float(value)
+        if self.losses and "loss" not in self.logged:
+            # The loss whose gradient the step applies: the sum over the step's backwards
+            # (micro-batches under accumulation, each usually divided by their number).
+            stack.add(records.LOSS, torch.stack([loss.float().reshape(()).to(device) for loss in self.losses]).sum())
+        module_order: list[int] = []
+        if module_parts is not None:
+            absmax, module_order = module_parts
+            stack.add(records.ACTIVATION_ABSMAX, absmax)
+        attention_calls: list[str] = []
+        if forward_parts is not None:
+            attention, output_logits = forward_parts
+            if attention:
+                attention_calls = list(attention)
+                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
+            if output_logits is not None:
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
+        return StepRecord(
+            step_number=self.number,
+            time=time.time(),
+            step_time=step_time,
+            host=stack.to_host(),
+            n_tensors=len(watched.parameters),
+            present=reading.present,
+            lr=self.lr,
+            scalars=host_scalars,
+            format_max=watched.format.max,
+            loss=logged_loss,
+            module_order=module_order,
+            attention_calls=attention_calls,
+        )

@@ -1,0 +1,216 @@
+"""Where a step is counted and ended: one small class per place a training loop marks its steps.
+
+Each site counts a step in exactly one place (``count_step``) and ends it with ``end_step``.
+The gradients themselves are read at the end of the step's backward (see
+:mod:`numwatch.watcher`); a site reads them only when no backward through the watched model
+was seen (a model called other than through ``model(...)``), as a fallback.
+
+* :class:`OptimizerHookSite` — no GradScaler: the optimizer's step pre-hook counts the step;
+  it ends there, or after the update on sampled and quantization steps (weight statistics) and for
+  closure-based optimizers (the backward runs inside ``step``).
+* :class:`ScalerSite` — an enabled GradScaler: ``scaler.update()`` counts and ends the step,
+  skipped or not; the optimizer's step pre-hook runs only when the scaler did not skip.
+* :class:`FusedScalerSite` — the same for fused optimizers, whose step runs even when the
+  scaler skips: only the device knows, so the skip is read from the scaler's Inf flags.
+* :class:`FrameworkSite` — ``measure="manual"``: a framework adapter calls
+  ``gradients_ready()`` and ``finish_step()``, which counts.
+* :class:`StepCallSite` — loops without an optimizer object: ``watcher.step()``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from numwatch.step import records
+from numwatch.step.measurement import StepMeasurement
+from numwatch.capture.scaler import ScalerAdapter
+
+if TYPE_CHECKING:
+    from numwatch.watcher import Watcher
+
+
+def learning_rates(optimizer: torch.optim.Optimizer | None) -> list[float]:
+    """The rates the coming update uses, one per param group."""
+    return [float(group["lr"]) for group in optimizer.param_groups] if optimizer is not None else []
+
+
+def _has_closure(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    # The step hooks get (optimizer, *step_args): step(closure) runs the backward inside.
+    return len(args) > 1 and args[1] is not None or kwargs.get("closure") is not None
+
+
+class StepSite:
+    """Base: the hooks a site installed, removed by :meth:`remove`."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self._handles: list[Any] = []
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer became known (frameworks that build it late)."""
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _ensure_read(self, measurement: StepMeasurement, optimizer: torch.optim.Optimizer | None) -> None:
+        if measurement.reading is None:
+            measurement.read(self.watcher.watched, *self.watcher.scaling())
+        measurement.lr = learning_rates(optimizer)
+
+    def _add_weight_parts(self, measurement: StepMeasurement) -> None:
+        watched = self.watcher.watched
+        if measurement.reading is None:
+            return
+        if watched.cadence.sampled(measurement.number):
+            measurement.parts.update(watched.weight_parts(measurement.reading, measurement.snapshot, self.watcher.optimizer))
+        if watched.cadence.quant_due(measurement.number):
+            measurement.parts.update(watched.quant_parts())
+
+
+class OptimizerHookSite(StepSite):
+    """No GradScaler: counted in the optimizer's step pre-hook."""
+
+    def __init__(self, watcher: Watcher, optimizer: torch.optim.Optimizer | None) -> None:
+        super().__init__(watcher)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._open: StepMeasurement | None = None  # counted, to be ended after the update
+        if optimizer is not None:
+            self.attach(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._handles.append(optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step)))
+        self._handles.append(optimizer.register_step_post_hook(self.watcher.guarded("optimizer step post-hook", self._after_step)))
+
+    def before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._open is not None:
+            return  # this step was counted already (the hook ran twice while attaching)
+        measurement = self.watcher.count_step()
+        self._ensure_read(measurement, optimizer)
+        if self.watcher.watched.cadence.after_update(measurement.number) or _has_closure(args, kwargs):
+            self._open = measurement
+        else:
+            self.watcher.end_step(measurement, skip_known=None)
+
+    def _after_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        measurement, self._open = self._open, None
+        if measurement is not None:
+            self._add_weight_parts(measurement)
+            self.watcher.end_step(measurement, skip_known=None)
+
+
+class ScalerSite(StepSite):
+    """An enabled GradScaler: counted and ended in ``scaler.update()``.
+
+    With ``ends_steps=False`` (framework adapters) it only adds the scale and the skip
+    verdict to the step that ``finish_step()`` ends.
+    """
+
+    def __init__(self, watcher: Watcher, optimizer: torch.optim.Optimizer | None, adapter: ScalerAdapter, ends_steps: bool = True) -> None:
+        super().__init__(watcher)
+        self.adapter = adapter
+        self.ends_steps = ends_steps
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._stepped = False  # the optimizer's step ran since the last update()
+        adapter.patch("scale", self._wrap_scale)
+        adapter.patch("update", self._wrap_update)
+        if optimizer is not None:
+            self.attach(optimizer)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self._handles.append(optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step)))
+
+    def remove(self) -> None:
+        super().remove()
+        self.adapter.restore()
+
+    def _wrap_scale(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        capture = self.watcher.guarded("scaler.scale wrapper", lambda loss: self.watcher.current().add_losses([loss]))
+
+        def scale(outputs: Any) -> Any:
+            if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
+                capture(outputs)
+            return original(outputs)
+
+        return scale
+
+    def before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._stepped = True
+        self._ensure_read(self.watcher.current(), optimizer)
+
+    def _wrap_update(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        before = self.watcher.guarded("scaler.update wrapper", self._scale_before)
+        after = self.watcher.guarded("scaler.update wrapper", self._after_update)
+
+        def update(*args: Any, **kwargs: Any) -> Any:
+            measurement = self.watcher.current()
+            scale = before()
+            result = original(*args, **kwargs)
+            if self.ends_steps:
+                self.watcher.count_step()  # an attempt counts even when measuring it fails
+            try:
+                after(measurement, scale)
+            finally:
+                self._stepped = False
+            return result
+
+        return update
+
+    def _scale_before(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The scale and the Inf flags before update() resets them (None: update() before any scale())."""
+        scale = self.adapter.scale()
+        found_inf = self.adapter.found_inf(self.optimizer, self.watcher.watched.device)
+        return (scale.clone() if scale is not None else None), found_inf
+
+    def skip_known(self) -> bool | None:
+        """Whether the scaler skipped this step, when the host knows it without a sync."""
+        return not self._stepped if self.optimizer is not None else None
+
+    def _after_update(self, measurement: StepMeasurement, before: tuple[torch.Tensor | None, torch.Tensor | None] | None) -> None:
+        self._ensure_read(measurement, self.optimizer)
+        scale_before, found_inf = before if before is not None else (None, None)
+        if scale_before is not None:
+            measurement.parts[records.LOSS_SCALE] = scale_before
+            measurement.parts[records.NEW_LOSS_SCALE] = self.adapter.scale()
+        if found_inf is not None:
+            measurement.parts[records.FOUND_INF] = found_inf
+        if not self.ends_steps:
+            measurement.skip_known = self.skip_known()
+            return
+        self._add_weight_parts(measurement)
+        self.watcher.end_step(measurement, skip_known=self.skip_known())
+
+
+class FusedScalerSite(ScalerSite):
+    """A fused optimizer (``_step_supports_amp_scaling``) with an enabled GradScaler: its step
+    runs even when the scaler skips, so the skip is only on the device (``found_inf``)."""
+
+    def skip_known(self) -> bool | None:
+        return None
+
+
+class FrameworkSite(StepSite):
+    """``measure="manual"``: the adapter reads the gradients (``gradients_ready()``) and ends the step here."""
+
+    def finish_step(self) -> None:
+        measurement = self.watcher.measurement
+        if measurement is None or not measurement.started:
+            return
+        self.watcher.count_step()
+        self._add_weight_parts(measurement)
+        self.watcher.end_step(measurement, skip_known=measurement.skip_known)
+
+
+class StepCallSite(StepSite):
+    """No optimizer object: ``watcher.step()`` counts and ends the step."""
+
+    def step(self) -> None:
+        measurement = self.watcher.count_step()
+        self._ensure_read(measurement, None)
+        self._add_weight_parts(measurement)
+        self.watcher.end_step(measurement, skip_known=None)

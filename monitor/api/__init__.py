@@ -1,0 +1,1 @@
+"""The HTTP API: dependencies, the error handlers, middleware and routes."""

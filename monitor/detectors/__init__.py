@@ -1,0 +1,1 @@
+"""Detectors run on ingest and turn stored steps into events."""

@@ -1,0 +1,1 @@
+"""Ingest: wire documents validated, stored, and handed to the detectors."""

@@ -1,0 +1,1 @@
+"""Operations: the command line, the local stack, the demo and Grafana provisioning."""

@@ -1,1 +1,0 @@
-"""The collector's HTTP routers, one per resource."""

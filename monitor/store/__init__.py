@@ -1,0 +1,1 @@
+"""Storage: the engine, the ORM models, packing, step blocks, rollups, retention and migrations."""
