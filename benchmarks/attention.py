@@ -106,26 +106,41 @@ def run_case(context: int, batch: int, rounds: int) -> dict[str, float]:
         LogZ().add(logits)
     base, with_probe, attn = statistics.median(plain), statistics.median(watched), statistics.median(sdpa)
     return {
-        "step_ms": base * 1e3, "sampled_ms": with_probe * 1e3, "added_ms": (with_probe - base) * 1e3, "attention_ms": attn * 1e3,
-        "largest_mib": largest.largest / 2**20, "full_mib": batch * heads * context * context * 4 / 2**20,
-        "added_gflop": (flops["sampled"] - flops["step"]) / 1e9, "step_gflop": flops["step"] / 1e9, "attention_gflop": flops["attention"] / 1e9,
+        "step_ms": base * 1e3,
+        "sampled_ms": with_probe * 1e3,
+        "added_ms": (with_probe - base) * 1e3,
+        "attention_ms": attn * 1e3,
+        "largest_mib": largest.largest / 2**20,
+        "full_mib": batch * heads * context * context * 4 / 2**20,
+        "added_gflop": (flops["sampled"] - flops["step"]) / 1e9,
+        "step_gflop": flops["step"] / 1e9,
+        "attention_gflop": flops["attention"] / 1e9,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved (plain, measured, attention) triples per case")
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="interleaved (plain, measured, attention) triples per case"
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; medians of {args.rounds} interleaved rounds; "
-          f"chunk {CHUNK_ELEMENTS} logits ({CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB float32)")
-    print(f"{'case':<34} {'step ms':>8} {'sampled ms':>10} {'added ms':>9} {'vs step':>8} {'attn fwd ms':>11} {'vs attn':>8} "
-          f"{'per step @100':>13} {'largest MiB':>11} {'BxHxTxT MiB':>11} {'added GFLOP':>11} {'vs step':>8} {'vs attn':>8}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; medians of {args.rounds} interleaved rounds; "
+        f"chunk {CHUNK_ELEMENTS} logits ({CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB float32)"
+    )
+    print(
+        f"{'case':<34} {'step ms':>8} {'sampled ms':>10} {'added ms':>9} {'vs step':>8} {'attn fwd ms':>11} {'vs attn':>8} "
+        f"{'per step @100':>13} {'largest MiB':>11} {'BxHxTxT MiB':>11} {'added GFLOP':>11} {'vs step':>8} {'vs attn':>8}"
+    )
     for name, (context, batch) in CASES.items():
         r = run_case(context, batch, args.rounds)
-        print(f"{name:<34} {r['step_ms']:>8.2f} {r['sampled_ms']:>10.2f} {r['added_ms']:>+9.2f} {r['added_ms'] / r['step_ms']:>7.1%} "
-              f"{r['attention_ms']:>11.2f} {r['added_ms'] / r['attention_ms']:>7.2f}x {r['added_ms'] / DEFAULT_CADENCE / r['step_ms']:>12.2%} "
-              f"{r['largest_mib']:>11.2f} {r['full_mib']:>11.2f} {r['added_gflop']:>11.3f} {r['added_gflop'] / r['step_gflop']:>7.1%} "
-              f"{r['added_gflop'] / r['attention_gflop']:>7.2f}x", flush=True)
+        print(
+            f"{name:<34} {r['step_ms']:>8.2f} {r['sampled_ms']:>10.2f} {r['added_ms']:>+9.2f} {r['added_ms'] / r['step_ms']:>7.1%} "
+            f"{r['attention_ms']:>11.2f} {r['added_ms'] / r['attention_ms']:>7.2f}x {r['added_ms'] / DEFAULT_CADENCE / r['step_ms']:>12.2%} "
+            f"{r['largest_mib']:>11.2f} {r['full_mib']:>11.2f} {r['added_gflop']:>11.3f} {r['added_gflop'] / r['step_gflop']:>7.1%} "
+            f"{r['added_gflop'] / r['attention_gflop']:>7.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import numpy as np
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.* from a checkout
 
@@ -39,7 +38,11 @@ def bench_ingest(url: str, args: argparse.Namespace) -> dict:
         client.post("/api/v1/runs", json=run_document("ingest", args.tensors)).raise_for_status()
         # Built (and encoded) up front: the benchmark measures the collector, not the generator.
         batches = [
-            protocol.dumps(batch_document("ingest", 1 + i * args.steps_per_batch, args.steps_per_batch, args.tensors, rng, args.format_every))
+            protocol.dumps(
+                batch_document(
+                    "ingest", 1 + i * args.steps_per_batch, args.steps_per_batch, args.tensors, rng, args.format_every
+                )
+            )
             for i in range(args.batches)
         ]
         values = sum(values_in(protocol.loads(body), args.tensors) for body in batches)
@@ -47,7 +50,9 @@ def bench_ingest(url: str, args: argparse.Namespace) -> dict:
         started = time.perf_counter()
         for body in batches:
             t0 = time.perf_counter()
-            response = client.post("/api/v1/runs/ingest/batches", content=body, headers={"Content-Type": "application/json"})
+            response = client.post(
+                "/api/v1/runs/ingest/batches", content=body, headers={"Content-Type": "application/json"}
+            )
             latencies.append(time.perf_counter() - t0)
             response.raise_for_status()
         elapsed = time.perf_counter() - started
@@ -67,8 +72,11 @@ def bench_metrics(url: str, args: argparse.Namespace) -> dict:
         for r in range(args.runs):
             run = f"live-{r:03d}"
             client.post("/api/v1/runs", json=run_document(run, args.tensors)).raise_for_status()
-            client.post(f"/api/v1/runs/{run}/batches", content=protocol.dumps(batch_document(run, 1, 2, args.tensors, rng, 1)),
-                        headers={"Content-Type": "application/json"}).raise_for_status()
+            client.post(
+                f"/api/v1/runs/{run}/batches",
+                content=protocol.dumps(batch_document(run, 1, 2, args.tensors, rng, 1)),
+                headers={"Content-Type": "application/json"},
+            ).raise_for_status()
         timings = []
         for _ in range(args.scrapes):
             time.sleep(args.metrics_cache_s)  # past the exposition's cache: every scrape renders
@@ -88,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format-every", type=int, default=50, help="steps between format counts (the hooks' default)")
     parser.add_argument("--runs", type=int, default=100, help="live runs for the /metrics timing")
     parser.add_argument("--scrapes", type=int, default=5)
-    parser.add_argument("--metrics-cache-s", type=float, default=1.1, help="wait between scrapes (the exposition caches for 1 s)")
+    parser.add_argument(
+        "--metrics-cache-s", type=float, default=1.1, help="wait between scrapes (the exposition caches for 1 s)"
+    )
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args(argv)
 
@@ -99,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                 databases["postgresql"] = resources.enter_context(postgres_server(durable=True)).url
             except PostgresUnavailable as reason:
                 print(f"postgresql: skipped ({reason})")
-        print(f"{args.tensors} tensors, {args.steps_per_batch}-step batches, {args.batches} batches, format counts every {args.format_every} steps")
+        print(
+            f"{args.tensors} tensors, {args.steps_per_batch}-step batches, {args.batches} batches, format counts every {args.format_every} steps"
+        )
         for name, database_url in databases.items():
             workdir = Path(tmp) / name
             workdir.mkdir()
@@ -113,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if name == "sqlite":
                     metrics = bench_metrics(url, args)
-                    print(f"/metrics   {args.runs} runs x {args.tensors} tensors: median {metrics['median_ms']:.0f} ms, max {metrics['max_ms']:.0f} ms, {metrics['series']} series")
+                    print(
+                        f"/metrics   {args.runs} runs x {args.tensors} tensors: median {metrics['median_ms']:.0f} ms, max {metrics['max_ms']:.0f} ms, {metrics['series']} series"
+                    )
     return 0
 
 

@@ -18,8 +18,8 @@ import argparse
 import multiprocessing
 import os
 import queue
-import tempfile
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -31,7 +31,6 @@ import httpx
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks.* from a checkout
 
@@ -84,11 +83,21 @@ def run_load(url: str, database: str, args: argparse.Namespace) -> LoadResult:
     progress = context.Value("q", 0)
     results = context.Queue()
     plans = [
-        ClientPlan(url=url, run=f"load-{database}-{i:03d}", seed=i, seconds=args.seconds, n_tensors=args.tensors,
-                   steps_per_batch=args.steps_per_batch, format_every=args.format_every, histogram_every=args.histogram_every)
+        ClientPlan(
+            url=url,
+            run=f"load-{database}-{i:03d}",
+            seed=i,
+            seconds=args.seconds,
+            n_tensors=args.tensors,
+            steps_per_batch=args.steps_per_batch,
+            format_every=args.format_every,
+            histogram_every=args.histogram_every,
+        )
         for i in range(args.clients)
     ]
-    processes = [context.Process(target=run_client, args=(plan, ready, progress, results), daemon=True) for plan in plans]
+    processes = [
+        context.Process(target=run_client, args=(plan, ready, progress, results), daemon=True) for plan in plans
+    ]
     for process in processes:
         process.start()
     reports: list[ClientReport] = []
@@ -107,8 +116,11 @@ def run_load(url: str, database: str, args: argparse.Namespace) -> LoadResult:
             if not any(p.is_alive() for p in processes) and results.empty():
                 raise RuntimeError(f"clients exited without reporting ({len(reports)} of {len(plans)} reported)")
             now, count = time.monotonic(), progress.value
-            print(f"  {database:<10} {time.time() - started:6.1f} s  {count:7d} batches  "
-                  f"{(count - last_count) / (now - last_time):7.1f} batches/s now", flush=True)
+            print(
+                f"  {database:<10} {time.time() - started:6.1f} s  {count:7d} batches  "
+                f"{(count - last_count) / (now - last_time):7.1f} batches/s now",
+                flush=True,
+            )
             last_count, last_time = count, now
     finally:
         for process in processes:
@@ -129,10 +141,17 @@ def print_table(result: LoadResult, steps_per_batch: int) -> None:
         ("duration", f"{seconds:.1f} s"),
         ("batches ok", f"{batches}  ({steps_per_batch} steps each)"),
         ("errors", errors),
-        ("throughput", f"{batches / seconds:.1f} batches/s  {result.total('acknowledged_steps') / seconds:,.0f} steps/s  "
-                       f"{result.total('values') / seconds / 1e6:.2f} M per-tensor values/s"),
-        ("batch latency", f"p50 {np.percentile(latencies, 50):.0f} ms  p99 {np.percentile(latencies, 99):.0f} ms  max {latencies[-1]:.0f} ms"
-                          if len(latencies) else "no batch acknowledged"),
+        (
+            "throughput",
+            f"{batches / seconds:.1f} batches/s  {result.total('acknowledged_steps') / seconds:,.0f} steps/s  "
+            f"{result.total('values') / seconds / 1e6:.2f} M per-tensor values/s",
+        ),
+        (
+            "batch latency",
+            f"p50 {np.percentile(latencies, 50):.0f} ms  p99 {np.percentile(latencies, 99):.0f} ms  max {latencies[-1]:.0f} ms"
+            if len(latencies)
+            else "no batch acknowledged",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows), flush=True)
@@ -151,20 +170,33 @@ def verify_exactly_once(url: str, database: str, result: LoadResult) -> list[str
             stored = {}
             for run in session.execute(select(Run)).scalars():
                 ranks = session.execute(select(RankState.rank).where(RankState.run_id == run.id)).scalars()
-                numbers = [step["step"] for rank in ranks for step in step_blocks.Reader(session, run.id, rank, len(run.tensors)).range(wanted=())]
+                numbers = [
+                    step["step"]
+                    for rank in ranks
+                    for step in step_blocks.Reader(session, run.id, rank, len(run.tensors)).range(wanted=())
+                ]
                 if numbers:
                     stored[run.name] = (len(numbers), len(set(numbers)), min(numbers), max(numbers))
     finally:
         engine.dispose()
-    api = {run["run"]: run["steps_total"] for run in httpx.get(f"{url}/api/v1/runs", timeout=60).raise_for_status().json()}
+    api = {
+        run["run"]: run["steps_total"] for run in httpx.get(f"{url}/api/v1/runs", timeout=60).raise_for_status().json()
+    }
     problems = []
     for report in result.reports:
         acknowledged = report.acknowledged_steps
         rows, distinct, first, last = stored.get(report.run, (0, 0, None, None))
         allowed = {acknowledged, acknowledged + report.in_doubt_steps}
-        if rows not in allowed or distinct != rows or (rows and (first, last) != (1, rows)) or api.get(report.run) != rows:
-            problems.append(f"{report.run}: acknowledged {acknowledged} (+{report.in_doubt_steps} in doubt), stored {rows} rows "
-                            f"({distinct} distinct, steps {first}..{last}), read API steps_total {api.get(report.run)}")
+        if (
+            rows not in allowed
+            or distinct != rows
+            or (rows and (first, last) != (1, rows))
+            or api.get(report.run) != rows
+        ):
+            problems.append(
+                f"{report.run}: acknowledged {acknowledged} (+{report.in_doubt_steps} in doubt), stored {rows} rows "
+                f"({distinct} distinct, steps {first}..{last}), read API steps_total {api.get(report.run)}"
+            )
     return problems
 
 
@@ -176,12 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=200, help="tensors per run")
     parser.add_argument("--steps-per-batch", type=int, default=64)
     parser.add_argument("--format-every", type=int, default=50, help="steps between format counts (the hooks' default)")
-    parser.add_argument("--histogram-every", type=int, default=256, help="steps between grad+weight histograms (every 4th batch)")
+    parser.add_argument(
+        "--histogram-every", type=int, default=256, help="steps between grad+weight histograms (every 4th batch)"
+    )
     args = parser.parse_args(argv)
 
     databases = ("sqlite", "postgresql") if args.database == "both" else (args.database,)
-    print(f"{args.clients} client processes x {args.seconds:g} s; runs of {args.tensors} tensors, {args.steps_per_batch}-step batches, "
-          f"format counts every {args.format_every} steps, histograms every {args.histogram_every}; machine: {os.cpu_count()} CPU cores")
+    print(
+        f"{args.clients} client processes x {args.seconds:g} s; runs of {args.tensors} tensors, {args.steps_per_batch}-step batches, "
+        f"format counts every {args.format_every} steps, histograms every {args.histogram_every}; machine: {os.cpu_count()} CPU cores"
+    )
     failed = False
     for database in databases:
         # Under the system temp dir: PostgreSQL's unprivileged user must reach its directory.
@@ -201,8 +237,11 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             print(f"  exactly once: FAILED for {len(problems)} runs:\n    " + "\n    ".join(problems))
         else:
-            print(f"  exactly once: OK, {result.total('acknowledged_steps'):,} acknowledged steps of {len(result.reports)} runs "
-                  "each stored once (database rows and read API steps_total)", flush=True)
+            print(
+                f"  exactly once: OK, {result.total('acknowledged_steps'):,} acknowledged steps of {len(result.reports)} runs "
+                "each stored once (database rows and read API steps_total)",
+                flush=True,
+            )
     return 1 if failed else 0
 
 

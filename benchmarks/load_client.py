@@ -72,11 +72,17 @@ class BatchStream:
         plan, now = self.plan, time.time()
         numbers = range(first_step, first_step + plan.steps_per_batch)
         steps = [
-            {**(self.with_counts if sampled(s, plan.format_every) else self.plain)[s % POOL_SIZE], "step": s, "time": now}
+            {
+                **(self.with_counts if sampled(s, plan.format_every) else self.plain)[s % POOL_SIZE],
+                "step": s,
+                "time": now,
+            }
             for s in numbers
         ]
         histograms = [{**h, "step": s} for s in numbers if sampled(s, plan.histogram_every) for h in self.histograms]
-        return dict(protocol.batch_document(plan.run, batch_id=f"{plan.run}-{first_step}", steps=steps, histograms=histograms))
+        return dict(
+            protocol.batch_document(plan.run, batch_id=f"{plan.run}-{first_step}", steps=steps, histograms=histograms)
+        )
 
 
 def _register(client: httpx.Client, plan: ClientPlan, deadline: float) -> None:

@@ -84,7 +84,9 @@ def _synchronize(device: torch.device) -> None:
 class Trainer:
     """One model copy, its optimizer and its batch stream."""
 
-    def __init__(self, model: torch.nn.Module, cfg: GPTConfig, batch_size: int, autocast_dtype, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, cfg: GPTConfig, batch_size: int, autocast_dtype, device: torch.device
+    ) -> None:
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.batches = synthetic_batches(cfg, batch_size, seed=1)
@@ -113,7 +115,9 @@ class Trainer:
 def _pair(cfg: GPTConfig, batch_size: int, autocast_dtype, device: torch.device) -> tuple[Trainer, Trainer]:
     torch.manual_seed(0)
     model = TinyGPT(cfg).to(device)
-    return Trainer(model, cfg, batch_size, autocast_dtype, device), Trainer(copy.deepcopy(model), cfg, batch_size, autocast_dtype, device)
+    return Trainer(model, cfg, batch_size, autocast_dtype, device), Trainer(
+        copy.deepcopy(model), cfg, batch_size, autocast_dtype, device
+    )
 
 
 def _config(args: argparse.Namespace, layers: int) -> GPTConfig:
@@ -127,7 +131,10 @@ def _spool(root: str) -> str:
 def count_ops(args: argparse.Namespace, spool: str) -> None:
     """Aten ops the watcher adds per step, by step kind, per model size and precision."""
     device = torch.device(args.device)
-    print(f"aten ops added per step by the watcher (watched step - unwatched step; torch {torch.__version__}, {args.device})", flush=True)
+    print(
+        f"aten ops added per step by the watcher (watched step - unwatched step; torch {torch.__version__}, {args.device})",
+        flush=True,
+    )
     print(f"{'precision':<10} {'layers':>6} {'tensors':>8} " + " ".join(f"{kind:>28}" for kind in OP_KINDS))
     for precision, dtype in _precisions(args):
         for layers in args.layers:
@@ -137,7 +144,13 @@ def count_ops(args: argparse.Namespace, spool: str) -> None:
                 base, watched = _pair(cfg, 2, dtype, device)
                 for trainer in (base, watched):  # Adam state exists from the second step on
                     trainer.step()
-                with numwatch.watch(watched.model, watched.optimizer, run=f"ops-{time.monotonic_ns()}", spool_dir=_spool(spool), **variant):
+                with numwatch.watch(
+                    watched.model,
+                    watched.optimizer,
+                    run=f"ops-{time.monotonic_ns()}",
+                    spool_dir=_spool(spool),
+                    **variant,
+                ):
                     watched.step()  # first step: cached layouts and tables are built
                     base_ops, watched_ops = base.counted_step(), watched.counted_step()
                 extra = watched_ops - base_ops
@@ -160,14 +173,22 @@ def measure(variant: dict, autocast_dtype, batch_size: int, args: argparse.Names
         trainer.step()
         trainer.step()
     throwaway = {key: value for key, value in variant.items() if key != "url"}
-    with numwatch.watch(watched.model, watched.optimizer, run=f"warm-{time.monotonic_ns()}", spool_dir=_spool(spool), **{**throwaway, "histogram_every": 1, "format_every": 1}):
+    with numwatch.watch(
+        watched.model,
+        watched.optimizer,
+        run=f"warm-{time.monotonic_ns()}",
+        spool_dir=_spool(spool),
+        **{**throwaway, "histogram_every": 1, "format_every": 1},
+    ):
         base.step()
         watched.step()
     base_times: list[float] = []
     watched_times: list[float] = []
     # Configurations whose steps are all alike need fewer steps than the defaults' 100-step window.
     steps = args.steps if not ({"histogram_every", "format_every"} & set(variant)) else args.uniform_steps
-    with numwatch.watch(watched.model, watched.optimizer, run=f"bench-{time.monotonic_ns()}", spool_dir=_spool(spool), **variant) as watcher:
+    with numwatch.watch(
+        watched.model, watched.optimizer, run=f"bench-{time.monotonic_ns()}", spool_dir=_spool(spool), **variant
+    ) as watcher:
         for _ in range(steps):
             base_times.append(base.step())
             watched_times.append(watched.step())
@@ -189,14 +210,25 @@ def _precisions(args: argparse.Namespace):
 
 
 def time_steps(args: argparse.Namespace, spool: str, resources: ExitStack) -> None:
-    print(f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads; d_model {args.d_model}, {args.layers[0]} layers, "
-          f"context {args.context}; paired alternating steps: {args.steps} per row, {args.uniform_steps} for 'every step' rows")
-    print(f"{'precision':<10} {'configuration':<26} {'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7} {'sampled':>8}")
-    variants = {name: variant for name, variant in VARIANTS.items() if not (args.no_collector and "url" in variant) and (not args.only or name in args.only)}
+    print(
+        f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads; d_model {args.d_model}, {args.layers[0]} layers, "
+        f"context {args.context}; paired alternating steps: {args.steps} per row, {args.uniform_steps} for 'every step' rows"
+    )
+    print(
+        f"{'precision':<10} {'configuration':<26} {'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7} {'sampled':>8}"
+    )
+    variants = {
+        name: variant
+        for name, variant in VARIANTS.items()
+        if not (args.no_collector and "url" in variant) and (not args.only or name in args.only)
+    }
     if any("url" in variant for variant in variants.values()):
         from numwatch.monitor import stack  # the collector's dependencies are needed only here
 
-        urls = {"healthy": resources.enter_context(stack.running_collector(Path(spool))), "down": f"http://127.0.0.1:{stack.free_port()}"}
+        urls = {
+            "healthy": resources.enter_context(stack.running_collector(Path(spool))),
+            "down": f"http://127.0.0.1:{stack.free_port()}",
+        }
     for precision, dtype in _precisions(args):
         batch = args.batch if dtype is None else args.bf16_batch
         added: dict[str, float] = {}
@@ -205,10 +237,16 @@ def time_steps(args: argparse.Namespace, spool: str, resources: ExitStack) -> No
                 variant = {**variant, "url": urls[variant["url"]]}
             result = measure(variant, dtype, batch, args, spool)
             added[name] = result["watched_ms"] - result["base_ms"]
-            print(f"{precision:<10} {name:<26} {result['base_ms']:>12.2f} {result['watched_ms']:>11.2f} {result['mean']:>6.3f}x {result['median']:>6.3f}x "
-                  f"{result['sampled']:>7.3f}x", flush=True)
+            print(
+                f"{precision:<10} {name:<26} {result['base_ms']:>12.2f} {result['watched_ms']:>11.2f} {result['mean']:>6.3f}x {result['median']:>6.3f}x "
+                f"{result['sampled']:>7.3f}x",
+                flush=True,
+            )
         if "collector down" in added:
-            print(f"{precision:<10} collector down - healthy: {added['collector down'] - added['collector healthy']:+.2f} ms per step (target <= 1 ms)", flush=True)
+            print(
+                f"{precision:<10} collector down - healthy: {added['collector down'] - added['collector healthy']:+.2f} ms per step (target <= 1 ms)",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -217,16 +255,24 @@ def main() -> None:
     parser.add_argument("--ops-detail", action="store_true", help="with --ops: the added ops by name")
     parser.add_argument("--steps", type=int, default=100, help="paired steps per configuration")
     parser.add_argument("--uniform-steps", type=int, default=30, help="paired steps for 'every step' configurations")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared machine)"
+    )
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--bf16-batch", type=int, default=2, help="batch size under bf16 autocast (CPU bf16 matmul is slow)")
+    parser.add_argument(
+        "--bf16-batch", type=int, default=2, help="batch size under bf16 autocast (CPU bf16 matmul is slow)"
+    )
     parser.add_argument("--batch", type=int, default=16, help="batch size in fp32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--layers", type=int, nargs="+", default=None, help="timing: the first; --ops: each (default 4 16)")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="timing: the first; --ops: each (default 4 16)"
+    )
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--no-collector", action="store_true", help="leave out the rows that stream to a collector")
-    parser.add_argument("--only", action="append", choices=list(VARIANTS), help="time only this configuration (repeatable)")
+    parser.add_argument(
+        "--only", action="append", choices=list(VARIANTS), help="time only this configuration (repeatable)"
+    )
     args = parser.parse_args()
     args.layers = args.layers or ([4, 16] if args.ops else [4])
     if args.threads:

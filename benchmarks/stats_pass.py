@@ -19,7 +19,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-
 from numwatch import stats  # noqa: E402
 from numwatch.formats import format_spec  # noqa: E402
 

@@ -33,19 +33,29 @@ from sqlalchemy.orm import Session
 
 from benchmarks.documents import batch_document, run_document
 from numwatch import protocol
-from numwatch.monitor.store import db
-from numwatch.monitor.ops import stack
-from numwatch.monitor.store.auth import EVERYTHING
 from numwatch.monitor.detectors.rules import DetectorConfig
 from numwatch.monitor.ingest.batches import store_batch
-from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.ingest.schemas import BatchDocument
+from numwatch.monitor.ops import stack
+from numwatch.monitor.reads.queries import find_run
+from numwatch.monitor.store import db
+from numwatch.monitor.store.auth import EVERYTHING
 from tests.support.postgres import PostgresUnavailable, postgres_server
 
 BATCH = 64
 FORMAT_EVERY, HISTOGRAM_EVERY = 50, 100
 JSON = {"Content-Type": "application/json"}
-TABLES = ("runs", "step_blocks", "histograms", "rollups", "forward_stats", "events", "rank_state", "conflicts", "run_instances")
+TABLES = (
+    "runs",
+    "step_blocks",
+    "histograms",
+    "rollups",
+    "forward_stats",
+    "events",
+    "rank_state",
+    "conflicts",
+    "run_instances",
+)
 
 
 def stored_bytes(engine: sa.Engine) -> int:
@@ -54,7 +64,10 @@ def stored_bytes(engine: sa.Engine) -> int:
         if engine.dialect.name == "sqlite":
             connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
             page = connection.exec_driver_sql("PRAGMA page_size").scalar()
-            used = connection.exec_driver_sql("PRAGMA page_count").scalar() - connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+            used = (
+                connection.exec_driver_sql("PRAGMA page_count").scalar()
+                - connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+            )
             return page * used
         connection.exec_driver_sql("CHECKPOINT")
         return sum(connection.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar() for table in TABLES)
@@ -64,9 +77,13 @@ def table_bytes(engine: sa.Engine) -> dict[str, int]:
     """Bytes per table (with its indexes; PostgreSQL: and its TOAST)."""
     with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
-            rows = connection.exec_driver_sql("SELECT s.tbl_name, sum(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS s ON d.name = s.name GROUP BY s.tbl_name").all()
+            rows = connection.exec_driver_sql(
+                "SELECT s.tbl_name, sum(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS s ON d.name = s.name GROUP BY s.tbl_name"
+            ).all()
             return {name: int(size) for name, size in rows if name in TABLES}
-        return {table: connection.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar() for table in TABLES}
+        return {
+            table: connection.exec_driver_sql(f"SELECT pg_total_relation_size('{table}')").scalar() for table in TABLES
+        }
 
 
 def compacted_bytes(engine: sa.Engine) -> int | None:
@@ -80,7 +97,11 @@ def compacted_bytes(engine: sa.Engine) -> int | None:
 
 def file_bytes(database_url: str) -> int | None:
     path = Path(database_url.removeprefix("sqlite:///"))
-    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()) if database_url.startswith("sqlite") else None
+    return (
+        sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+        if database_url.startswith("sqlite")
+        else None
+    )
 
 
 def settle_sqlite_file(engine: sa.Engine, timeout: float = 120) -> None:
@@ -125,8 +146,16 @@ class Batches:
             block, local = ((step - 1) // self.BLOCK) % len(self.steps), (step - 1) % self.BLOCK + 1
             out_steps.append({**self.steps[block][local], "step": step})
             out_histograms += [{**h, "step": step} for h in self.histograms[block].get(local, [])]
-        return {"protocol": protocol.PROTOCOL_VERSION, "run": run, "rank": 0, "batch_id": f"{run}-{first}",
-                "steps": out_steps, "histograms": out_histograms, "events": [], "status": "running"}
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "run": run,
+            "rank": 0,
+            "batch_id": f"{run}-{first}",
+            "steps": out_steps,
+            "histograms": out_histograms,
+            "events": [],
+            "status": "running",
+        }
 
 
 def build_http(client: httpx.Client, batches: Batches, run: str, first: int, last: int) -> dict:
@@ -147,7 +176,9 @@ def build_bulk(database_url: str, batches: Batches, run: str, first: int, last: 
     started = time.perf_counter()
     with Session(engine) as session:
         for s in range(first, last + 1, BATCH):
-            document = BatchDocument.model_validate(protocol.loads(protocol.dumps(batches.document(run, s, min(BATCH, last - s + 1)))))
+            document = BatchDocument.model_validate(
+                protocol.loads(protocol.dumps(batches.document(run, s, min(BATCH, last - s + 1))))
+            )
             store_batch(session, find_run(session, run, EVERYTHING), document, DetectorConfig())
             session.commit()
     engine.dispose()
@@ -217,8 +248,12 @@ def delete_while_ingesting(client: httpx.Client, url: str, database_url: str, ba
     after, files_after = stored_bytes(engine), file_bytes(database_url)
     engine.dispose()
     return {
-        "seconds": elapsed, "worst_ms": 1e3 * max(latencies), "p50_ms": 1e3 * statistics.median(latencies), "batches": len(latencies),
-        "refusals": refusals, "freed_mb": (before - after) / 1e6,
+        "seconds": elapsed,
+        "worst_ms": 1e3 * max(latencies),
+        "p50_ms": 1e3 * statistics.median(latencies),
+        "batches": len(latencies),
+        "refusals": refusals,
+        "freed_mb": (before - after) / 1e6,
         "file_mb": None if files_before is None else (files_before / 1e6, files_after / 1e6),
     }
 
@@ -230,7 +265,10 @@ def bench(name: str, database_url: str, workdir: Path, args: argparse.Namespace)
     tensor = f"layers.{args.tensors // 8}.w1"
     argv = stack.collector_argv(port := stack.free_port(), database_url)
     url = f"http://127.0.0.1:{port}"
-    with stack.managed_process(argv, f"{url}/readyz", workdir / "collector.log") as process, httpx.Client(base_url=url, timeout=300) as client:
+    with (
+        stack.managed_process(argv, f"{url}/readyz", workdir / "collector.log") as process,
+        httpx.Client(base_url=url, timeout=300) as client,
+    ):
         rows = []
         for size in args.sizes:
             run = f"store-{size}"
@@ -252,23 +290,52 @@ def bench(name: str, database_url: str, workdir: Path, args: argparse.Namespace)
     header = ["steps", "ingest steps/s", "bytes/step", *rows[0][4], "collector peak RSS"]
     print(" | ".join(header))
     for size, ingest, bulk, per_step, timings, rss in rows:
-        ingest_text = f"{ingest['steps_per_s']:.0f} HTTP (p99 {ingest['p99_ms']:.0f} ms)" if ingest else f"{bulk:.0f} bulk"
-        print(" | ".join([f"{size:,}", ingest_text, f"{per_step:,.0f}", *(f"{v:.0f} ms" for v in timings.values()), f"{rss:.0f} MB"]))
+        ingest_text = (
+            f"{ingest['steps_per_s']:.0f} HTTP (p99 {ingest['p99_ms']:.0f} ms)" if ingest else f"{bulk:.0f} bulk"
+        )
+        print(
+            " | ".join(
+                [
+                    f"{size:,}",
+                    ingest_text,
+                    f"{per_step:,.0f}",
+                    *(f"{v:.0f} ms" for v in timings.values()),
+                    f"{rss:.0f} MB",
+                ]
+            )
+        )
     total_steps = sum(args.sizes)
-    print("bytes/step by table (all runs): " + ", ".join(f"{name} {size / total_steps:,.0f}" for name, size in sorted(tables.items(), key=lambda item: -item[1]) if size > 0))
+    print(
+        "bytes/step by table (all runs): "
+        + ", ".join(
+            f"{name} {size / total_steps:,.0f}"
+            for name, size in sorted(tables.items(), key=lambda item: -item[1])
+            if size > 0
+        )
+    )
     if compacted is not None:
         print(f"after VACUUM FULL (live rows only): {compacted / total_steps:,.0f} bytes/step")
     files = f", file {deletion['file_mb'][0]:.0f} -> {deletion['file_mb'][1]:.0f} MB" if deletion["file_mb"] else ""
-    print(f"delete {args.sizes[-1]:,}-step run while another run ingests: gone in {deletion['seconds']:.1f} s; bystander {deletion['batches']} batches, "
-          f"worst {deletion['worst_ms']:.0f} ms, median {deletion['p50_ms']:.0f} ms, refusals {deletion['refusals'] or 'none'}; "
-          f"stored {deletion['freed_mb']:.0f} MB less (the bystander's new rows included){files}; collector peak RSS {peak:.0f} MB", flush=True)
+    print(
+        f"delete {args.sizes[-1]:,}-step run while another run ingests: gone in {deletion['seconds']:.1f} s; bystander {deletion['batches']} batches, "
+        f"worst {deletion['worst_ms']:.0f} ms, median {deletion['p50_ms']:.0f} ms, refusals {deletion['refusals'] or 'none'}; "
+        f"stored {deletion['freed_mb']:.0f} MB less (the bystander's new rows included){files}; collector peak RSS {peak:.0f} MB",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=lambda text: [int(n) for n in text.split(",")], default=[10_000, 50_000, 200_000])
+    parser.add_argument(
+        "--sizes", type=lambda text: [int(n) for n in text.split(",")], default=[10_000, 50_000, 200_000]
+    )
     parser.add_argument("--tensors", type=int, default=300)
-    parser.add_argument("--http-steps", type=int, default=10_000, help="steps of the smallest run posted over HTTP (the rest: bulk path)")
+    parser.add_argument(
+        "--http-steps",
+        type=int,
+        default=10_000,
+        help="steps of the smallest run posted over HTTP (the rest: bulk path)",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--database", choices=("sqlite", "postgresql", "both"), default="both")
     args = parser.parse_args(argv)

@@ -44,8 +44,12 @@ def build(url: str, args: argparse.Namespace) -> float:
         client.post("/api/v1/runs", json=run_document(RUN, args.tensors)).raise_for_status()
         for first in range(1, args.steps + 1, BATCH):
             count = min(BATCH, args.steps - first + 1)
-            body = protocol.dumps(batch_document(RUN, first, count, args.tensors, rng, args.format_every, args.histogram_every))
-            client.post(f"/api/v1/runs/{RUN}/batches", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+            body = protocol.dumps(
+                batch_document(RUN, first, count, args.tensors, rng, args.format_every, args.histogram_every)
+            )
+            client.post(
+                f"/api/v1/runs/{RUN}/batches", content=body, headers={"Content-Type": "application/json"}
+            ).raise_for_status()
             print(f"\r  ingested {first + count - 1}/{args.steps} steps", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return args.steps / (time.perf_counter() - started)
@@ -57,7 +61,8 @@ def load(driver, url: str) -> dict:
     ready = driver.execute_script("return performance.getEntriesByName('numwatch-ready')[0].startTime")
     reads = driver.execute_script(
         "return performance.getEntriesByType('resource').filter(e => e.name.includes('/api/'))"
-        ".map(e => [e.name, e.startTime, e.responseEnd, e.responseStart - e.requestStart])")
+        ".map(e => [e.name, e.startTime, e.responseEnd, e.responseStart - e.requestStart])"
+    )
     return {"ready_ms": ready, "reads": reads}
 
 
@@ -71,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep the database here and reuse it when it already holds the run")
     args = parser.parse_args(argv)
     with ExitStack() as resources:
-        workdir = Path(args.workdir) if args.workdir else Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="numwatch-web-bench-")))
+        workdir = (
+            Path(args.workdir)
+            if args.workdir
+            else Path(resources.enter_context(tempfile.TemporaryDirectory(prefix="numwatch-web-bench-")))
+        )
         workdir.mkdir(parents=True, exist_ok=True)
         fresh = not (workdir / "numwatch.db").exists()
         url = resources.enter_context(stack.running_collector(workdir))
@@ -80,11 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ingest: {build(url, args):.0f} steps/s")
         driver = resources.enter_context(browser.chromium())
         loads = [load(driver, url) for _ in range(args.loads)]
-        print(f"\nrun page of {args.steps} steps x {args.tensors} tensors, {args.loads} loads in headless Chromium (1280x800):")
+        print(
+            f"\nrun page of {args.steps} steps x {args.tensors} tensors, {args.loads} loads in headless Chromium (1280x800):"
+        )
         ready = [entry["ready_ms"] / 1e3 for entry in loads]
-        print(f"  time to interactive: {', '.join(f'{r:.2f} s' for r in ready)} (median {statistics.median(ready):.2f} s; target 2 s)")
+        print(
+            f"  time to interactive: {', '.join(f'{r:.2f} s' for r in ready)} (median {statistics.median(ready):.2f} s; target 2 s)"
+        )
         last_read = max(end for _, _, end, _ in loads[-1]["reads"])
-        print(f"  of the last load: reads done at {last_read / 1e3:.2f} s, drawing after the last read {(loads[-1]['ready_ms'] - last_read) / 1e3:.2f} s")
+        print(
+            f"  of the last load: reads done at {last_read / 1e3:.2f} s, drawing after the last read {(loads[-1]['ready_ms'] - last_read) / 1e3:.2f} s"
+        )
         print("  reads of the last load, all in flight at once (server time = request sent to first byte):")
         for name, start, end, server in sorted(loads[-1]["reads"], key=lambda r: -r[3]):
             path = urllib.parse.unquote(name.split("://", 1)[1].split("/", 1)[1])

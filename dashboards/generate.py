@@ -68,16 +68,27 @@ def collector(path: str, columns: list[tuple[str, str]], **extra: Any) -> dict[s
     }
 
 
-def panel(kind: str, title: str, targets: list[dict[str, Any]], width: int = 12, height: int = 8, **extra: Any) -> Panel:
+def panel(
+    kind: str, title: str, targets: list[dict[str, Any]], width: int = 12, height: int = 8, **extra: Any
+) -> Panel:
     """A panel of visualisation ``kind``; ``extra`` adds fieldConfig/options/etc."""
     refs = "ABCDEFGHIJ"
     for ref, target in zip(refs, targets):
         target["refId"] = ref
     datasource = targets[0]["datasource"] if targets else PROMETHEUS
-    return {"type": kind, "title": title, "datasource": datasource, "targets": targets, "gridPos": {"w": width, "h": height}, **extra}
+    return {
+        "type": kind,
+        "title": title,
+        "datasource": datasource,
+        "targets": targets,
+        "gridPos": {"w": width, "h": height},
+        **extra,
+    }
 
 
-def timeseries(title: str, targets: list[dict[str, Any]], unit: str = "short", log_base: int | None = None, **extra: Any) -> Panel:
+def timeseries(
+    title: str, targets: list[dict[str, Any]], unit: str = "short", log_base: int | None = None, **extra: Any
+) -> Panel:
     """A time-series panel, optionally on a log axis (norms and loss scales span decades)."""
     custom: dict[str, Any] = {"drawStyle": "line", "showPoints": "never", "spanNulls": False}
     if log_base:
@@ -100,7 +111,9 @@ def layout(panels: list[Panel]) -> list[Panel]:
     return panels
 
 
-def dashboard(uid: str, title: str, panels: list[Panel], templating: list[dict[str, Any]], annotations: list[dict[str, Any]]) -> dict[str, Any]:
+def dashboard(
+    uid: str, title: str, panels: list[Panel], templating: list[dict[str, Any]], annotations: list[dict[str, Any]]
+) -> dict[str, Any]:
     """A complete dashboard model as Grafana's API and file provisioning accept it."""
     builtin = {
         "builtIn": 1,
@@ -156,9 +169,7 @@ def format_binades(name: str, dtype: torch.dtype) -> FormatBinades:
 def region_expression(fmt: FormatBinades) -> str:
     """Infinity computed-column expression classifying a binade against ``fmt``:
     0 flushed to zero, 1 subnormal (precision lost), 2 normal, 3 overflows."""
-    return (
-        f"binade < {fmt.min_subnormal} ? 0 : (binade < {fmt.min_normal} ? 1 : (binade <= {fmt.max} ? 2 : 3))"
-    )
+    return f"binade < {fmt.min_subnormal} ? 0 : (binade < {fmt.min_normal} ? 1 : (binade <= {fmt.max} ? 2 : 3))"
 
 
 REGION_STEPS = [
@@ -225,7 +236,9 @@ def tensor_variable() -> dict[str, Any]:
         "type": "query",
         "datasource": COLLECTOR,
         "query": {
-            "infinityQuery": collector("/api/v1/runs/${run}/heatmap?stat=grad_norm&max_steps=1", [("tensor", "string")]),
+            "infinityQuery": collector(
+                "/api/v1/runs/${run}/heatmap?stat=grad_norm&max_steps=1", [("tensor", "string")]
+            ),
             "query": "",
             "queryType": "infinity",
         },
@@ -333,12 +346,23 @@ def build_run_dashboard() -> dict[str, Any]:
         panel(
             "heatmap",
             "Per-layer gradient norm",
-            [collector("/api/v1/runs/${run}/heatmap?stat=grad_norm", [("step", "number"), ("tensor", "string"), ("value", "number")])],
+            [
+                collector(
+                    "/api/v1/runs/${run}/heatmap?stat=grad_norm",
+                    [("step", "number"), ("tensor", "string"), ("value", "number")],
+                )
+            ],
             width=24,
             height=12,
             transformations=[
-                {"id": "groupingToMatrix", "options": {"columnField": "tensor", "rowField": "step", "valueField": "value"}},
-                {"id": "convertFieldType", "options": {"conversions": [{"targetField": "step\\tensor", "destinationType": "number"}]}},
+                {
+                    "id": "groupingToMatrix",
+                    "options": {"columnField": "tensor", "rowField": "step", "valueField": "value"},
+                },
+                {
+                    "id": "convertFieldType",
+                    "options": {"conversions": [{"targetField": "step\\tensor", "destinationType": "number"}]},
+                },
             ],
             options={
                 "calculate": False,
@@ -357,7 +381,13 @@ def build_run_dashboard() -> dict[str, Any]:
             [
                 collector(
                     "/api/v1/runs/${run}/events",
-                    [("time_ms", "timestamp_epoch"), ("step", "number"), ("rank", "number"), ("kind", "string"), ("details", "string")],
+                    [
+                        ("time_ms", "timestamp_epoch"),
+                        ("step", "number"),
+                        ("rank", "number"),
+                        ("kind", "string"),
+                        ("details", "string"),
+                    ],
                 )
             ],
             width=12,
@@ -420,7 +450,13 @@ def build_overview_dashboard() -> dict[str, Any]:
             width=24,
             transformations=[
                 {"id": "merge", "options": {}},
-                {"id": "organize", "options": {"excludeByName": {"Time": True, "job": True, "__name__": True, "Value #A": True}, "renameByName": {"Value #B": "last step", "Value #C": "seconds since last step"}}},
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True, "job": True, "__name__": True, "Value #A": True},
+                        "renameByName": {"Value #B": "last step", "Value #C": "seconds since last step"},
+                    },
+                },
             ],
             fieldConfig={"defaults": {"links": run_link}, "overrides": []},
         ),
@@ -431,7 +467,9 @@ def build_overview_dashboard() -> dict[str, Any]:
             "table",
             "Alerts firing",
             [prom('ALERTS{alertstate="firing", alertname=~"Numwatch.*"}', instant=True)],
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True, "__name__": True}}}],
+            transformations=[
+                {"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True, "__name__": True}}}
+            ],
         ),
         panel(
             "barchart",
@@ -444,12 +482,20 @@ def build_overview_dashboard() -> dict[str, Any]:
             [
                 prom("sum without(instance) (rate(numwatch_ingest_steps_total[$__rate_interval]))", "steps/s stored"),
                 prom("sum without(instance) (rate(numwatch_ingest_requests_total[$__rate_interval]))", "batches/s"),
-                prom("sum without(instance) (rate(numwatch_ingest_rejected_batches_total[$__rate_interval]))", "rejected batches/s"),
+                prom(
+                    "sum without(instance) (rate(numwatch_ingest_rejected_batches_total[$__rate_interval]))",
+                    "rejected batches/s",
+                ),
             ],
         ),
         timeseries(
             "Collector write latency p99",
-            [prom("histogram_quantile(0.99, sum by(le) (rate(numwatch_ingest_write_latency_seconds_bucket[$__rate_interval])))", "p99")],
+            [
+                prom(
+                    "histogram_quantile(0.99, sum by(le) (rate(numwatch_ingest_write_latency_seconds_bucket[$__rate_interval])))",
+                    "p99",
+                )
+            ],
             unit="s",
         ),
         timeseries("Collector up", [prom('up{job="numwatch"}', "{{instance}}")]),

@@ -75,7 +75,8 @@ import json
 import math
 import time as _time
 import uuid
-from typing import Any, Iterable, Literal, Sequence, TypedDict, get_args
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, TypedDict, get_args
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
@@ -92,16 +93,29 @@ ArrayDtype = Literal["<f4", "<f8", "<i8"]
 # Per-tensor statistics of a step.
 TensorStat = Literal[
     # every step
-    "grad_norm", "grad_absmax", "nan_count", "inf_count",
+    "grad_norm",
+    "grad_absmax",
+    "nan_count",
+    "inf_count",
     # format counts (``format_every``): what a cast of g*S to the run's format does
-    "zeros", "underflow", "subnormal", "overflow",
+    "zeros",
+    "underflow",
+    "subnormal",
+    "overflow",
     # sampled (``histogram_every``)
-    "weight_norm", "weight_absmax", "update_ratio", "stale_fraction",
+    "weight_norm",
+    "weight_absmax",
+    "update_ratio",
+    "stale_fraction",
     "exp_avg_sq_underflow",  # share of Adam's exp_avg_sq that is 0 or subnormal
     # sampled, Adam family (version 2): RMS of the update before the learning rate, share where eps dominates
-    "adam_update_rms", "adam_eps_dominated",
+    "adam_update_rms",
+    "adam_eps_dominated",
     # ``quant_every`` and close() (version 2): SQNR in dB of the weights under each scheme
-    "quant_sqnr_int8", "quant_sqnr_int4", "quant_sqnr_nf4", "quant_sqnr_fp8",
+    "quant_sqnr_int8",
+    "quant_sqnr_int4",
+    "quant_sqnr_nf4",
+    "quant_sqnr_fp8",
 ]
 EVERY_STEP_STATS: tuple[TensorStat, ...] = ("grad_norm", "grad_absmax", "nan_count", "inf_count")
 QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
@@ -115,7 +129,9 @@ FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
 _INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)
 # The dtype of each stat's array.
-TENSOR_STATS: dict[TensorStat, ArrayDtype] = {name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)}
+TENSOR_STATS: dict[TensorStat, ArrayDtype] = {
+    name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)
+}
 
 ActivationStat = Literal["absmax", "nonfinite"]
 ACTIVATION_STATS: dict[ActivationStat, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
@@ -135,8 +151,18 @@ HistogramKind = Literal["grad", "weight"]
 HISTOGRAM_KINDS: tuple[HistogramKind, ...] = get_args(HistogramKind)
 HistogramField = Literal["exponent", "linear_min", "linear_max", "linear"]
 # Each histogram field's dtype, and how many values it holds per tensor.
-HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {"exponent": "<i8", "linear_min": "<f4", "linear_max": "<f4", "linear": "<i8"}
-HISTOGRAM_LENGTHS: dict[HistogramField, int] = {"exponent": EXPONENT_BINS, "linear_min": 1, "linear_max": 1, "linear": LINEAR_BINS}
+HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {
+    "exponent": "<i8",
+    "linear_min": "<f4",
+    "linear_max": "<f4",
+    "linear": "<i8",
+}
+HISTOGRAM_LENGTHS: dict[HistogramField, int] = {
+    "exponent": EXPONENT_BINS,
+    "linear_min": 1,
+    "linear_max": 1,
+    "linear": LINEAR_BINS,
+}
 
 ScaleDecision = Literal["growth", "backoff", "none"]
 RunStatus = Literal["running", "finished", "crashed"]
@@ -144,9 +170,19 @@ RunStatus = Literal["running", "finished", "crashed"]
 # Event kinds the client itself emits, and those the collector's detectors add.
 ClientEventKind = Literal["nonfinite_origin", "monitoring_dropped"]
 DetectorEventKind = Literal[
-    "nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "loss_scale_growth", "skipped_step",
-    "grad_explosion", "vanishing_grad", "underflow_high", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
-    "attention_logit_growth", "log_z_drift",
+    "nonfinite_grad",
+    "nonfinite_loss",
+    "loss_scale_backoff",
+    "loss_scale_growth",
+    "skipped_step",
+    "grad_explosion",
+    "vanishing_grad",
+    "underflow_high",
+    "loss_scale_collapse",
+    "loss_spike",
+    "grad_norm_spike",
+    "attention_logit_growth",
+    "log_z_drift",
 ]
 EventKind = Literal[ClientEventKind, DetectorEventKind]
 
@@ -267,22 +303,42 @@ def decode_float(value: float | int | str | None) -> float | None:
         try:
             return _NONFINITE_TEXT[value]
         except KeyError:
-            raise ValueError(f"not a number: {value!r} (non-finite floats are 'NaN', 'Infinity', '-Infinity')") from None
+            raise ValueError(
+                f"not a number: {value!r} (non-finite floats are 'NaN', 'Infinity', '-Infinity')"
+            ) from None
     if isinstance(value, bool):
         raise ValueError("a boolean is not a number")
     return float(value)
 
 
 def run_document(
-    run: str, *, rank: int = 0, world_size: int = 1, format: Format, tensors: list[TensorSpec], project: str = "default",
-    modules: Sequence[str] = (), config: dict[str, Any] | None = None, started_at: float | None = None,
-    instance: str | None = None, resume: bool = False,
+    run: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    format: Format,
+    tensors: list[TensorSpec],
+    project: str = "default",
+    modules: Sequence[str] = (),
+    config: dict[str, Any] | None = None,
+    started_at: float | None = None,
+    instance: str | None = None,
+    resume: bool = False,
 ) -> RunDocument:
     """A ``run`` document (``started_at`` defaults to now)."""
     return {
-        "protocol": PROTOCOL_VERSION, "run": run, "project": project, "rank": rank, "world_size": world_size,
-        "format": format, "tensors": list(tensors), "modules": list(modules), "config": dict(config or {}),
-        "started_at": _time.time() if started_at is None else started_at, "instance": instance, "resume": resume,
+        "protocol": PROTOCOL_VERSION,
+        "run": run,
+        "project": project,
+        "rank": rank,
+        "world_size": world_size,
+        "format": format,
+        "tensors": list(tensors),
+        "modules": list(modules),
+        "config": dict(config or {}),
+        "started_at": _time.time() if started_at is None else started_at,
+        "instance": instance,
+        "resume": resume,
     }
 
 
@@ -294,33 +350,71 @@ def scale_decision(before: float | None, after: float | None) -> ScaleDecision |
 
 
 def step_document(
-    step: int, *, time: float, tensors: dict[str, ArrayText], step_time: float | None = None, loss: float | None = None,
-    loss_scale: float | None = None, new_loss_scale: float | None = None, skipped: bool = False, lr: Iterable[float] = (),
-    global_grad_norm: float | None = None, headroom_bits: float | None = None, clip_coef: float | None = None,
-    post_clip_grad_norm: float | None = None, scalars: dict[str, float] | None = None, activations: Activations | None = None,
-    attention_logit_max: dict[str, float] | None = None, output_logits: dict[OutputLogitStat, float] | None = None,
+    step: int,
+    *,
+    time: float,
+    tensors: dict[str, ArrayText],
+    step_time: float | None = None,
+    loss: float | None = None,
+    loss_scale: float | None = None,
+    new_loss_scale: float | None = None,
+    skipped: bool = False,
+    lr: Iterable[float] = (),
+    global_grad_norm: float | None = None,
+    headroom_bits: float | None = None,
+    clip_coef: float | None = None,
+    post_clip_grad_norm: float | None = None,
+    scalars: dict[str, float] | None = None,
+    activations: Activations | None = None,
+    attention_logit_max: dict[str, float] | None = None,
+    output_logits: dict[OutputLogitStat, float] | None = None,
 ) -> StepDocument:
     """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
     return {
-        "step": step, "time": time, "step_time": encode_float(step_time), "loss": encode_float(loss),
-        "loss_scale": encode_float(loss_scale), "new_loss_scale": encode_float(new_loss_scale),
-        "scale_decision": scale_decision(loss_scale, new_loss_scale), "skipped": skipped,
-        "lr": [encode_float(value) for value in lr], "global_grad_norm": encode_float(global_grad_norm),
+        "step": step,
+        "time": time,
+        "step_time": encode_float(step_time),
+        "loss": encode_float(loss),
+        "loss_scale": encode_float(loss_scale),
+        "new_loss_scale": encode_float(new_loss_scale),
+        "scale_decision": scale_decision(loss_scale, new_loss_scale),
+        "skipped": skipped,
+        "lr": [encode_float(value) for value in lr],
+        "global_grad_norm": encode_float(global_grad_norm),
         "headroom_bits": encode_float(headroom_bits),
-        "clip_coef": encode_float(clip_coef), "post_clip_grad_norm": encode_float(post_clip_grad_norm),
+        "clip_coef": encode_float(clip_coef),
+        "post_clip_grad_norm": encode_float(post_clip_grad_norm),
         "clipped": clip_coef is not None and not clip_coef == 1.0,
         "scalars": {name: encode_float(value) for name, value in (scalars or {}).items()},
-        "tensors": tensors, "activations": activations,
-        "attention_logit_max": None if attention_logit_max is None else {name: encode_float(v) for name, v in attention_logit_max.items()},
-        "output_logits": None if output_logits is None else {name: encode_float(v) for name, v in output_logits.items()},
+        "tensors": tensors,
+        "activations": activations,
+        "attention_logit_max": None
+        if attention_logit_max is None
+        else {name: encode_float(v) for name, v in attention_logit_max.items()},
+        "output_logits": None
+        if output_logits is None
+        else {name: encode_float(v) for name, v in output_logits.items()},
     }
 
 
 def histogram_document(
-    step: int, kind: HistogramKind, *, exponent: ArrayText, linear_min: ArrayText, linear_max: ArrayText, linear: ArrayText,
+    step: int,
+    kind: HistogramKind,
+    *,
+    exponent: ArrayText,
+    linear_min: ArrayText,
+    linear_max: ArrayText,
+    linear: ArrayText,
 ) -> HistogramDocument:
     """A ``histogram`` document (arrays of the ``HISTOGRAM_DTYPES`` dtypes, ``HISTOGRAM_LENGTHS`` values per tensor)."""
-    return {"step": step, "kind": kind, "exponent": exponent, "linear_min": linear_min, "linear_max": linear_max, "linear": linear}
+    return {
+        "step": step,
+        "kind": kind,
+        "exponent": exponent,
+        "linear_min": linear_min,
+        "linear_max": linear_max,
+        "linear": linear,
+    }
 
 
 def event_document(step: int, kind: EventKind, details: dict[str, Any], time: float | None = None) -> EventDocument:
@@ -329,13 +423,27 @@ def event_document(step: int, kind: EventKind, details: dict[str, Any], time: fl
 
 
 def batch_document(
-    run: str, *, rank: int = 0, steps: Sequence[StepDocument] = (), histograms: Sequence[HistogramDocument] = (),
-    events: Sequence[EventDocument] = (), status: RunStatus = "running", batch_id: str | None = None, instance: str | None = None,
+    run: str,
+    *,
+    rank: int = 0,
+    steps: Sequence[StepDocument] = (),
+    histograms: Sequence[HistogramDocument] = (),
+    events: Sequence[EventDocument] = (),
+    status: RunStatus = "running",
+    batch_id: str | None = None,
+    instance: str | None = None,
 ) -> BatchDocument:
     """A ``batch`` document; ``batch_id`` defaults to a fresh random one."""
     return {
-        "protocol": PROTOCOL_VERSION, "run": run, "rank": rank, "batch_id": uuid.uuid4().hex if batch_id is None else batch_id,
-        "instance": instance, "steps": list(steps), "histograms": list(histograms), "events": list(events), "status": status,
+        "protocol": PROTOCOL_VERSION,
+        "run": run,
+        "rank": rank,
+        "batch_id": uuid.uuid4().hex if batch_id is None else batch_id,
+        "instance": instance,
+        "steps": list(steps),
+        "histograms": list(histograms),
+        "events": list(events),
+        "status": status,
     }
 
 

@@ -38,29 +38,38 @@ import os
 import time
 import uuid
 import weakref
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from numwatch import protocol
-from numwatch.step import records
 from numwatch.capture.activations import ActivationTracer
 from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
-from numwatch.kernels.chunks import release_scratch
 from numwatch.capture.clipping import ClipObserver
-from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.capture.forward_probe import ForwardProbe
-from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
-from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
-from numwatch.step.records import StepRecord
 from numwatch.capture.scaler import ScalerAdapter
-from numwatch.kernels.sharded import refuse_unsupported
-from numwatch.step.sites import FrameworkSite, FusedScalerSite, OptimizerHookSite, ScalerSite, StepCallSite, StepSite, learning_rates
+from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.delivery.spool import default_spool_root, spool_directory
 from numwatch.delivery.transport import Transport
+from numwatch.formats import format_name_for_dtype, format_spec
+from numwatch.kernels.chunks import release_scratch
+from numwatch.kernels.sharded import refuse_unsupported
+from numwatch.step import records
+from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
+from numwatch.step.records import StepRecord
+from numwatch.step.sites import (
+    FrameworkSite,
+    FusedScalerSite,
+    OptimizerHookSite,
+    ScalerSite,
+    StepCallSite,
+    StepSite,
+    learning_rates,
+)
 
 __all__ = ["NonFiniteError", "Watcher", "watch"]
 
@@ -70,7 +79,7 @@ MEASURE_MODES = ("auto", "manual")
 # Accelerators count NaN/Inf per tensor for this many steps after non-finite values were seen.
 NONFINITE_RECOUNT_STEPS = 10
 
-_watched_models: "weakref.WeakKeyDictionary[nn.Module, Watcher]" = weakref.WeakKeyDictionary()
+_watched_models: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
 
 
 def _distributed_rank() -> tuple[int, int]:
@@ -83,14 +92,20 @@ def _run_identity(model: nn.Module, run: str | None, world_size: int) -> tuple[s
     """(run name, instance): the name given, else ``NUMWATCH_RUN``, else model class and start
     time; the instance identifies this watching process. Rank 0's pair on every rank: the
     ranks of one job are one run, a second job is another instance."""
-    name = run or os.environ.get("NUMWATCH_RUN") or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    name = (
+        run
+        or os.environ.get("NUMWATCH_RUN")
+        or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    )
     identity = [name, uuid.uuid4().hex]
     if world_size > 1:
         torch.distributed.broadcast_object_list(identity, src=0)
     return identity[0], identity[1]
 
 
-def unwrap_optimizer(optimizer: Any, scaler: torch.amp.GradScaler | None) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
+def unwrap_optimizer(
+    optimizer: Any, scaler: torch.amp.GradScaler | None
+) -> tuple[torch.optim.Optimizer | None, torch.amp.GradScaler | None]:
     """The torch optimizer inside a framework wrapper (Accelerate's ``AcceleratedOptimizer``,
     Lightning's ``LightningOptimizer``: ``.optimizer``), and the wrapper's GradScaler when
     none is given. The wrapper's own ``step`` may skip accumulation steps or run no hooks."""
@@ -102,7 +117,6 @@ def unwrap_optimizer(optimizer: Any, scaler: torch.amp.GradScaler | None) -> tup
 
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, allow_nan=False)) if value is not None else {}
-
 
 
 class Watcher:
@@ -137,7 +151,9 @@ class Watcher:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
         refuse_unsupported(model, optimizer)
         if model in _watched_models:
-            raise RuntimeError(f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that watcher first")
+            raise RuntimeError(
+                f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that watcher first"
+            )
         self.model = model
         self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
@@ -160,7 +176,11 @@ class Watcher:
         self.resume = resume
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
-        self.probe = ForwardProbe(model, self._forward_due, self._count_failure, logits_module) if self.attention_every > 0 else None
+        self.probe = (
+            ForwardProbe(model, self._forward_due, self._count_failure, logits_module)
+            if self.attention_every > 0
+            else None
+        )
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
 
         self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
@@ -182,10 +202,16 @@ class Watcher:
         self._optimizer_finder: Any = None
         self._clips = ClipObserver(self)
         if measure == "auto":
-            self._trigger = BackwardEndTrigger(model, self.guarded("end-of-backward read", self._backward_ended), on_forward=self.guarded("forward hook", self.seal_ended_step))
+            self._trigger = BackwardEndTrigger(
+                model,
+                self.guarded("end-of-backward read", self._backward_ended),
+                on_forward=self.guarded("forward hook", self.seal_ended_step),
+            )
             self._root_listener = RootListener(self.guarded("backward root listener", self._saw_roots))
             if optimizer is None:
-                self._optimizer_finder = register_optimizer_step_pre_hook(self.guarded("optimizer finder", self._find_optimizer))
+                self._optimizer_finder = register_optimizer_step_pre_hook(
+                    self.guarded("optimizer finder", self._find_optimizer)
+                )
 
         self._project, self._config = project, config
         self._url = url if url is not None else os.environ.get("NUMWATCH_URL") or None
@@ -203,7 +229,9 @@ class Watcher:
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:
         if self.measure == "manual":
             framework: list[StepSite] = [FrameworkSite(self)]
-            return framework + ([ScalerSite(self, optimizer, self._scaler, ends_steps=False)] if self._scaler is not None else [])
+            return framework + (
+                [ScalerSite(self, optimizer, self._scaler, ends_steps=False)] if self._scaler is not None else []
+            )
         if self._scaler is not None:
             fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
             return [(FusedScalerSite if fused else ScalerSite)(self, optimizer, self._scaler)]
@@ -232,7 +260,9 @@ class Watcher:
     def _start_transport(self) -> None:
         if self._transport is not None:
             return
-        self._transport = Transport(self._run_document(self._project, self._config), url=self._url, token=self._token, spool_dir=self.spool_dir)
+        self._transport = Transport(
+            self._run_document(self._project, self._config), url=self._url, token=self._token, spool_dir=self.spool_dir
+        )
         if self._transport.url is None:
             try:
                 self._transport.open_spool()
@@ -253,7 +283,13 @@ class Watcher:
             for index, group in enumerate(self.optimizer.param_groups):
                 groups.update({id(p): index for p in group["params"]})
         tensors: list[protocol.TensorSpec] = [
-            {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."), "group": groups.get(id(p), protocol.NO_PARAM_GROUP)} for n, p in zip(self.watched.names, self.watched.parameters)
+            {
+                "name": n,
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).removeprefix("torch."),
+                "group": groups.get(id(p), protocol.NO_PARAM_GROUP),
+            }
+            for n, p in zip(self.watched.names, self.watched.parameters)
         ]
         settings = {
             "model": type(self.model).__name__,
@@ -269,9 +305,16 @@ class Watcher:
             "user": _json_safe(config),
         }
         return protocol.run_document(
-            self.run, rank=self.rank, world_size=self.world_size, format=self.format.name, tensors=tensors,
+            self.run,
+            rank=self.rank,
+            world_size=self.world_size,
+            format=self.format.name,
+            tensors=tensors,
             project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
-            modules=self.tracer.module_names if self.tracer else [], config=settings, instance=self.instance, resume=self.resume,
+            modules=self.tracer.module_names if self.tracer else [],
+            config=settings,
+            instance=self.instance,
+            resume=self.resume,
         )
 
     def guarded(self, site: str, function: Callable[..., Any]) -> Callable[..., Any]:
@@ -295,7 +338,9 @@ class Watcher:
             self.measurement.fail()
         if site not in self._failed_sites:
             self._failed_sites.add(site)
-            log.exception("numwatch: monitoring failed in the %s (training continues; counted in monitoring_errors)", site)
+            log.exception(
+                "numwatch: monitoring failed in the %s (training continues; counted in monitoring_errors)", site
+            )
 
     # -- the step under way (used by the step sites) --------------------------------------
 
@@ -333,7 +378,10 @@ class Watcher:
             # costs ~4 kernel launches per tensor (+10 ms per step for 100 tensors on an H100).
             # Count on sampled steps and while non-finite gradients were seen lately; the
             # per-tensor norms flag every non-finite tensor at every step regardless.
-            due = self.watched.cadence.sampled(measurement.number) or self._checker.seen_at >= measurement.number - NONFINITE_RECOUNT_STEPS
+            due = (
+                self.watched.cadence.sampled(measurement.number)
+                or self._checker.seen_at >= measurement.number - NONFINITE_RECOUNT_STEPS
+            )
         if due:
             self.watched.count_nonfinite(reading)
 
@@ -366,7 +414,12 @@ class Watcher:
             return  # the step failed (counted in monitoring_errors): nothing to record
         self._count_nonfinite_if_due(measurement, skip_known)
         now = time.perf_counter()
-        record = measurement.finish(self.watched, step_time=now - self._last_step_clock if self._last_step_clock is not None else None, module_parts=module_parts, forward_parts=forward_parts)
+        record = measurement.finish(
+            self.watched,
+            step_time=now - self._last_step_clock if self._last_step_clock is not None else None,
+            module_parts=module_parts,
+            forward_parts=forward_parts,
+        )
         self._last_step_clock = now
         self.seal_ended_step()
         previous, self._unchecked = self._unchecked, None
@@ -402,7 +455,9 @@ class Watcher:
     # -- hooks ------------------------------------------------------------------------------
 
     def _saw_roots(self, roots: tuple[torch.Tensor, ...]) -> None:
-        self._roots = tuple(root.detach() for root in roots if root.numel() == 1 and root.requires_grad and root.is_floating_point())
+        self._roots = tuple(
+            root.detach() for root in roots if root.numel() == 1 and root.requires_grad and root.is_floating_point()
+        )
 
     def _backward_ended(self) -> None:
         self.seal_ended_step()
@@ -461,7 +516,9 @@ class Watcher:
         if self._closed:
             return
         if self.optimizer is not None:
-            raise RuntimeError("numwatch: this watcher counts the steps of its optimizer; watcher.step() is for loops without one")
+            raise RuntimeError(
+                "numwatch: this watcher counts the steps of its optimizer; watcher.step() is for loops without one"
+            )
         if self._step_site is None:
             self._step_site = StepCallSite(self)
         self.guarded("watcher.step", self._step_site.step)()

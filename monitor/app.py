@@ -14,13 +14,13 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from numwatch.monitor.store import db
-from numwatch.monitor.metrics.exposition import IngestMetrics, NumwatchCollector
 from numwatch.monitor.api.ratelimit import RateLimiter
-from numwatch.monitor.store.retention import Reaper
 from numwatch.monitor.api.routes import health, metrics, pages, query, runs_write
 from numwatch.monitor.api.security_headers import SecurityHeaders
+from numwatch.monitor.metrics.exposition import IngestMetrics, NumwatchCollector
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.store import db
+from numwatch.monitor.store.retention import Reaper
 from numwatch.monitor.web import STATIC_DIR
 
 log = logging.getLogger("numwatch.collector")

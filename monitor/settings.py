@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     """Everything the app factory needs; every field reads ``NUMWATCH_<FIELD>`` from the environment."""
 
     # The nested delimiter "_" split at most once maps NUMWATCH_DETECT_<FIELD> onto ``detect.<field>``.
-    model_config = SettingsConfigDict(env_prefix="NUMWATCH_", extra="ignore", env_nested_delimiter="_", env_nested_max_split=1)
+    model_config = SettingsConfigDict(
+        env_prefix="NUMWATCH_", extra="ignore", env_nested_delimiter="_", env_nested_max_split=1
+    )
 
     database_url: str = Field(default_factory=default_database_url)
     host: str = "127.0.0.1"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from numwatch.monitor.ops import stack
-from tests.support.binaries import require_binary
 from tests.support import postgres
+from tests.support.binaries import require_binary
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 

@@ -37,7 +37,13 @@ from numwatch.step.measurement import tensor_name
 CHUNK_ELEMENTS = 1 << 22
 
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_SDPA_DEFAULTS: dict[str, Any] = {
+    "attn_mask": None,
+    "dropout_p": 0.0,
+    "is_causal": False,
+    "scale": None,
+    "enable_gqa": False,
+}
 # Python-level torch functions that call scaled_dot_product_attention inside: the mode is
 # re-entered for their bodies (a mode is off while it handles a call).
 _CALLS_SDPA_INSIDE = (F.multi_head_attention_forward,)
@@ -76,7 +82,12 @@ def max_attention_logit(
 
 
 def _max_logits(
-    query: torch.Tensor, key: torch.Tensor, scale: float | None, attn_mask: torch.Tensor | None, is_causal: bool, enable_gqa: bool,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float | None,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    enable_gqa: bool,
     chunk_elements: int,
 ) -> torch.Tensor:
     """[G]: :func:`max_attention_logit` of each of G calls alike in shapes and arguments,
@@ -134,7 +145,9 @@ class AttentionCapture(TorchFunctionMode):
     the same call in several forwards of one step (gradient accumulation) keeps the largest value.
     """
 
-    def __init__(self, model: nn.Module, chunk_elements: int = CHUNK_ELEMENTS, failed: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, chunk_elements: int = CHUNK_ELEMENTS, failed: Callable[[str], None] | None = None
+    ) -> None:
         super().__init__()
         self._failed = failed  # told about a failed measurement, which then never reaches the model; None: raise
         self._names = {id(module): tensor_name(name) for name, module in model.named_modules()}
@@ -142,7 +155,9 @@ class AttentionCapture(TorchFunctionMode):
         self.chunk_elements = chunk_elements
         self._running: list[str] = []
         self._calls: dict[str, int] = {}  # this forward's calls per module
-        self._pending: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]] = []  # this forward's calls, measured at its end
+        self._pending: list[
+            tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]
+        ] = []  # this forward's calls, measured at its end
         self._forwards: list[tuple[list[str], torch.Tensor]] = []  # this step's: call names and their maxima
         self._handles: list[RemovableHandle] = []
 
@@ -184,8 +199,17 @@ class AttentionCapture(TorchFunctionMode):
         alike: dict[tuple, list[int]] = {}
         for index, (_, query, key, arguments) in enumerate(pending):
             mask = arguments["attn_mask"]
-            signature = (query.shape, key.shape, query.dtype, key.dtype, query.device, arguments["scale"], arguments["is_causal"],
-                         arguments["enable_gqa"], None if mask is None else (mask.shape, mask.dtype))
+            signature = (
+                query.shape,
+                key.shape,
+                query.dtype,
+                key.dtype,
+                query.device,
+                arguments["scale"],
+                arguments["is_causal"],
+                arguments["enable_gqa"],
+                None if mask is None else (mask.shape, mask.dtype),
+            )
             alike.setdefault(signature, []).append(index)
         parts, order = [], []
         for indices in alike.values():
@@ -194,15 +218,31 @@ class AttentionCapture(TorchFunctionMode):
             mask = arguments["attn_mask"]
             if mask is not None:
                 # One mask per call (they may differ), aligned from the right with a call's logits.
-                batch = query.shape[:-2] if arguments["enable_gqa"] else torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+                batch = (
+                    query.shape[:-2]
+                    if arguments["enable_gqa"]
+                    else torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+                )
                 masks = torch.stack([pending[i][3]["attn_mask"] for i in indices])
                 mask = masks.reshape(len(indices), *([1] * (len(batch) + 2 - mask.dim())), *mask.shape)
-            parts.append(_max_logits(queries, keys, arguments["scale"], mask, arguments["is_causal"], arguments["enable_gqa"], self.chunk_elements).float())
+            parts.append(
+                _max_logits(
+                    queries,
+                    keys,
+                    arguments["scale"],
+                    mask,
+                    arguments["is_causal"],
+                    arguments["enable_gqa"],
+                    self.chunk_elements,
+                ).float()
+            )
             order += indices
         maxima = parts[0] if len(parts) == 1 else torch.cat(parts)
         if order != sorted(order):
             position = {index: row for row, index in enumerate(order)}
-            maxima = maxima.index_select(0, to_device(torch.tensor([position[i] for i in range(len(order))]), maxima.device))
+            maxima = maxima.index_select(
+                0, to_device(torch.tensor([position[i] for i in range(len(order))]), maxima.device)
+            )
         return maxima
 
     @contextlib.contextmanager
@@ -225,7 +265,9 @@ class AttentionCapture(TorchFunctionMode):
 
     # -- the calls --------------------------------------------------------------------
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func in _CALLS_SDPA_INSIDE:
             with self:
@@ -234,8 +276,14 @@ class AttentionCapture(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             bound = _sdpa_arguments(args, kwargs)
             try:
-                self.observe(bound["query"], bound["key"], scale=bound["scale"], attn_mask=bound["attn_mask"],
-                             is_causal=bound["is_causal"], enable_gqa=bound["enable_gqa"])
+                self.observe(
+                    bound["query"],
+                    bound["key"],
+                    scale=bound["scale"],
+                    attn_mask=bound["attn_mask"],
+                    is_causal=bound["is_causal"],
+                    enable_gqa=bound["enable_gqa"],
+                )
             except Exception:
                 if self._failed is None:
                     raise

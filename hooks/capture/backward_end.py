@@ -33,7 +33,9 @@ class BackwardEndTrigger:
     """Calls ``callback()`` once at the end of every backward pass that reaches ``module``'s
     outputs, and ``on_forward()`` (when given) after every forward that records a graph."""
 
-    def __init__(self, module: nn.Module, callback: Callable[[], None], on_forward: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, callback: Callable[[], None], on_forward: Callable[[], None] | None = None
+    ) -> None:
         self._callback = callback
         self._on_forward = on_forward
         self._queued_task = -1  # graph task the callback is queued for

@@ -8,7 +8,8 @@ end-of-backward trigger.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -17,7 +18,11 @@ from numwatch.capture.patches import SharedPatch
 
 def _wrap(original: Callable[..., Any], patch: SharedPatch) -> Callable[..., Any]:
     def backward(tensors: Any, *args: Any, **kwargs: Any) -> Any:
-        roots = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(t for t in tensors if isinstance(t, torch.Tensor))
+        roots = (
+            (tensors,)
+            if isinstance(tensors, torch.Tensor)
+            else tuple(t for t in tensors if isinstance(t, torch.Tensor))
+        )
         for listener in patch.listeners:
             listener(roots)
         return original(tensors, *args, **kwargs)

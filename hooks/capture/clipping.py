@@ -15,7 +15,8 @@ times the coefficient for norm clipping, measured after the clamp for value clip
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.utils.clip_grad as clip_grad
@@ -34,7 +35,9 @@ def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
 
 
 def _wrap_norm_clip(original: Callable[..., Any], patch: SharedPatch) -> Callable[..., Any]:
-    def clip_grads_with_norm_(parameters: Any, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None) -> None:
+    def clip_grads_with_norm_(
+        parameters: Any, max_norm: float, total_norm: torch.Tensor, foreach: bool | None = None
+    ) -> None:
         parameters = _as_list(parameters)
         for listener in patch.listeners:
             listener.before_clip(parameters)
@@ -57,7 +60,9 @@ def _wrap_value_clip(original: Callable[..., Any], patch: SharedPatch) -> Callab
     return clip_grad_value_
 
 
-NORM_CLIP = SharedPatch([(clip_grad, "_clip_grads_with_norm_"), (torch.nn.utils, "clip_grads_with_norm_")], _wrap_norm_clip)
+NORM_CLIP = SharedPatch(
+    [(clip_grad, "_clip_grads_with_norm_"), (torch.nn.utils, "clip_grads_with_norm_")], _wrap_norm_clip
+)
 VALUE_CLIP = SharedPatch([(clip_grad, "clip_grad_value_"), (torch.nn.utils, "clip_grad_value_")], _wrap_value_clip)
 
 
@@ -74,7 +79,9 @@ class ClipObserver:
     def __init__(self, watcher: Watcher) -> None:
         self.watcher = watcher
         self._index = {id(p): i for i, p in enumerate(watcher.watched.parameters)}
-        self._device_columns: dict[tuple[int, ...], torch.Tensor] = {}  # made once: a host-to-device copy per step could synchronise
+        self._device_columns: dict[
+            tuple[int, ...], torch.Tensor
+        ] = {}  # made once: a host-to-device copy per step could synchronise
         guard = watcher.guarded
         self.before_clip = guard("clip wrapper", self._before_clip)
         self.after_norm_clip = guard("clip wrapper", self._after_norm_clip)

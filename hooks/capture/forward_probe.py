@@ -39,7 +39,9 @@ class ForwardProbe:
             try:
                 self._logits_source = model.get_submodule(logits_module)
             except AttributeError:
-                raise ValueError(f"logits_module={logits_module!r}: {type(model).__name__} has no such submodule") from None
+                raise ValueError(
+                    f"logits_module={logits_module!r}: {type(model).__name__} has no such submodule"
+                ) from None
         self._due = due
         self._report_failure = failed
         self._step_failed = False

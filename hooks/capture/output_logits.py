@@ -26,7 +26,12 @@ def find_logits(output: Any) -> torch.Tensor | None:
         candidate = output["logits"]
     else:
         candidate = getattr(output, "logits", output)
-    if isinstance(candidate, torch.Tensor) and candidate.is_floating_point() and candidate.dim() >= 2 and candidate.size(-1) >= 2:
+    if (
+        isinstance(candidate, torch.Tensor)
+        and candidate.is_floating_point()
+        and candidate.dim() >= 2
+        and candidate.size(-1) >= 2
+    ):
         return candidate
     return None
 

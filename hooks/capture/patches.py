@@ -7,7 +7,8 @@ process runs torch's own functions.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 Wrap = Callable[[Callable[..., Any], "SharedPatch"], Callable[..., Any]]
 

@@ -9,7 +9,8 @@ needs private names; if torch renames them, only this module changes.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.amp.grad_scaler import OptState

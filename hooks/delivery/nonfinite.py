@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from numwatch import protocol
-from numwatch.step import records
 from numwatch.capture.activations import ActivationTracer
+from numwatch.step import records
 from numwatch.step.records import StepRecord
 
 log = logging.getLogger("numwatch")
@@ -72,13 +72,21 @@ class NonFiniteCheck:
             return
         self.seen_at = max(self.seen_at, record.step_number)
         counts = self._counts_by_tensor(record, bad)
-        offenders = [{"name": self.tensor_names[i], "nan": nan, "inf": inf} for i, (nan, inf) in list(counts.items())[:NAMED_TENSORS]]
+        offenders = [
+            {"name": self.tensor_names[i], "nan": nan, "inf": inf}
+            for i, (nan, inf) in list(counts.items())[:NAMED_TENSORS]
+        ]
         module = None
         if self.tracer is not None and records.ACTIVATION_ABSMAX in record.host:
             module = self.tracer.first_nonfinite_module(record.host.get(records.ACTIVATION_ABSMAX), record.module_order)
         if not self.reported:
             self.reported = True
-            details = {"tensors": offenders, "nonfinite_tensors": len(bad), "loss": protocol.encode_float(loss), "module": module}
+            details = {
+                "tensors": offenders,
+                "nonfinite_tensors": len(bad),
+                "loss": protocol.encode_float(loss),
+                "module": module,
+            }
             record.events.append(protocol.event_document(record.step_number, "nonfinite_origin", details))
         described = ", ".join(f"{o['name']} (nan={o['nan']}, inf={o['inf']})" for o in offenders) or "all finite"
         more = f" and {len(bad) - len(offenders)} more" if len(bad) > len(offenders) else ""

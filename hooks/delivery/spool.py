@@ -18,9 +18,10 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from numwatch import protocol
 
@@ -121,7 +122,9 @@ def read_entries(directory: str | os.PathLike[str], after: SpoolPosition | None 
                 yield SpoolEntry(parsed[0], parsed[1], SpoolPosition(number, offset))
 
 
-def iter_spool(directory: str | os.PathLike[str], *, pending_only: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_spool(
+    directory: str | os.PathLike[str], *, pending_only: bool = False
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(kind, body)`` of every document spooled for one (run, rank), in order;
     with ``pending_only``, only those not yet marked uploaded."""
     after = read_uploaded_mark(directory) if pending_only else None
@@ -200,7 +203,7 @@ class SpoolWriter:
             data = memoryview(b"\n" + line if self._torn else line)
             self._torn = True  # until the whole line is down
             while data:
-                data = data[self._handle.write(data):]
+                data = data[self._handle.write(data) :]
             self._torn = False
             return SpoolPosition(self._segment, self._handle.tell())
 

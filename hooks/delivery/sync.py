@@ -12,7 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from numwatch.delivery.spool import discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark, spool_directories
+from numwatch.delivery.spool import (
+    discard_uploaded_segments,
+    mark_uploaded,
+    read_entries,
+    read_uploaded_mark,
+    spool_directories,
+)
 from numwatch.delivery.transport import document_path, post_document, renamed_run
 
 HTTP_TIMEOUT_S = 60.0
@@ -29,17 +35,23 @@ class SyncReport:
 
 def pending_documents(root: str | os.PathLike[str]) -> int:
     """How many spooled documents have not reached a collector yet."""
-    return sum(1 for directory in spool_directories(root) for _ in read_entries(directory, read_uploaded_mark(directory)))
+    return sum(
+        1 for directory in spool_directories(root) for _ in read_entries(directory, read_uploaded_mark(directory))
+    )
 
 
-def upload_spool(root: str | os.PathLike[str], url: str, token: str | None, progress: Callable[[int], None] = lambda n: None) -> SyncReport:
+def upload_spool(
+    root: str | os.PathLike[str], url: str, token: str | None, progress: Callable[[int], None] = lambda n: None
+) -> SyncReport:
     """Upload every pending document under ``root`` to the collector at ``url``; ``progress(1)`` per document."""
     report = SyncReport()
     url = url.rstrip("/")
     for directory in spool_directories(root):
         report.directories += 1
         for entry in read_entries(directory, read_uploaded_mark(directory)):
-            outcome, detail = post_document(url, token, document_path(entry.kind, entry.body), entry.body, HTTP_TIMEOUT_S)
+            outcome, detail = post_document(
+                url, token, document_path(entry.kind, entry.body), entry.body, HTTP_TIMEOUT_S
+            )
             if outcome == "retry":
                 report.unreachable = f"{url}: {detail or 'asked to retry later'}"
                 return report

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from numwatch import protocol
-from numwatch.delivery.spool import SpoolWriter, discard_uploaded_segments, mark_uploaded, read_entries, read_uploaded_mark
+from numwatch.delivery.spool import (
+    SpoolWriter,
+    discard_uploaded_segments,
+    mark_uploaded,
+    read_entries,
+    read_uploaded_mark,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +111,12 @@ def renamed_run(document: dict[str, Any], answer: str) -> str | None:
         return None
     if isinstance(registered, dict) and registered.get("renamed"):
         name = registered.get("run")
-        log.warning("numwatch: run name %r is taken by another process; this process's data is stored as run %r "
-                    "(watch(..., resume=True) adds to the existing run instead)", document.get("run"), name)
+        log.warning(
+            "numwatch: run name %r is taken by another process; this process's data is stored as run %r "
+            "(watch(..., resume=True) adds to the existing run instead)",
+            document.get("run"),
+            name,
+        )
         return str(name)
     return None
 
@@ -160,7 +170,9 @@ class Transport:
         self._next_retry = 0.0
         self._retry_delay = retry_seconds
         self._closed = False
-        self._thread = threading.Thread(target=self._run_sender, name=f"numwatch-sender-{self.run}-{self.rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_sender, name=f"numwatch-sender-{self.run}-{self.rank}", daemon=True
+        )
         self._thread.start()
 
     @property
@@ -214,9 +226,14 @@ class Transport:
             first = self.dropped_steps == 0
             self.dropped_steps += steps
         if first:
-            log.error("numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
-                      "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
-                      steps, self.run, reason, self.spool_dir)
+            log.error(
+                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
+                "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
+                steps,
+                self.run,
+                reason,
+                self.spool_dir,
+            )
 
     # -- sender thread ---------------------------------------------------------------
 
@@ -238,7 +255,12 @@ class Transport:
             for control in controls:
                 control.done.set()
         if self._spool_pending:
-            log.warning("numwatch: unsent data for run %r rank %d is in %s; upload it with `numwatch sync`", self.run, self.rank, self.spool_dir)
+            log.warning(
+                "numwatch: unsent data for run %r rank %d is in %s; upload it with `numwatch sync`",
+                self.run,
+                self.rank,
+                self.spool_dir,
+            )
 
     def _collect(self) -> tuple[list[StepSource], list[_Control]]:
         """Wait for steps: up to ``batch_steps`` of them, ``batch_seconds`` after the first,
@@ -266,15 +288,22 @@ class Transport:
             try:
                 documents.append(source.build())
             except Exception as error:
-                self._count_dropped(1, f"could not build the documents of step {getattr(source, 'step_number', '?')}: {error!r}")
+                self._count_dropped(
+                    1, f"could not build the documents of step {getattr(source, 'step_number', '?')}: {error!r}"
+                )
         self._deliver(self._batch_document(documents, status))
 
     def _batch_document(self, documents: list[StepDocuments], status: protocol.RunStatus) -> protocol.BatchDocument:
         events = [event for d in documents for event in d.events]
         events.extend(self._dropped_event(documents))
         return protocol.batch_document(
-            self.run, rank=self.rank, instance=self.run_document.get("instance"), steps=[d.step for d in documents], histograms=[h for d in documents for h in d.histograms],
-            events=events, status=status,
+            self.run,
+            rank=self.rank,
+            instance=self.run_document.get("instance"),
+            steps=[d.step for d in documents],
+            histograms=[h for d in documents for h in d.histograms],
+            events=events,
+            status=status,
         )
 
     def _dropped_event(self, documents: list[StepDocuments]) -> list[dict[str, Any]]:
@@ -286,7 +315,9 @@ class Transport:
             newly = dropped - self._reported_dropped
             self._reported_dropped = dropped
         step = documents[-1].step["step"] if documents else 0
-        return [protocol.event_document(step, "monitoring_dropped", {"dropped_steps": dropped, "since_last_report": newly})]
+        return [
+            protocol.event_document(step, "monitoring_dropped", {"dropped_steps": dropped, "since_last_report": newly})
+        ]
 
     def _deliver(self, batch: dict[str, Any]) -> None:
         if self.url is None:

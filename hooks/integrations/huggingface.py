@@ -29,10 +29,19 @@ class NumwatchCallback(TrainerCallback):
         self._trigger: BackwardEndTrigger | None = None
         self._gradient_state: Any = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         if self.watcher is not None:
             self._close()  # a second train() call starts a new watcher
-        self.watcher = watch(model, optimizer, run=self.run or args.run_name, measure="manual", config={"framework": "transformers", **self._arguments(args)}, **self.watch_options)
+        self.watcher = watch(
+            model,
+            optimizer,
+            run=self.run or args.run_name,
+            measure="manual",
+            config={"framework": "transformers", **self._arguments(args)},
+            **self.watch_options,
+        )
         # Accelerate's GradientState says whether this micro-batch ends an accumulation.
         self._gradient_state = getattr(optimizer, "gradient_state", None)
         self._trigger = BackwardEndTrigger(model, self._backward_ended)
@@ -58,7 +67,11 @@ class NumwatchCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if self.watcher is None or not self.watcher.step_in_progress:
             return  # evaluation and end-of-training logs belong to no optimizer step
-        numbers = {name: float(value) for name, value in (logs or {}).items() if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+        numbers = {
+            name: float(value)
+            for name, value in (logs or {}).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        }
         scalars = {f"trainer_{name}": value for name, value in numbers.items() if name != "loss"}
         if "loss" in numbers:
             scalars["loss"] = numbers["loss"]

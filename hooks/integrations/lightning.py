@@ -44,8 +44,21 @@ class NumwatchCallback(Callback):
                 "Call numwatch.watch(module, optimizer, include=[...]) per optimizer instead."
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        config = {"framework": "lightning", "precision": str(trainer.precision), "accumulate_grad_batches": trainer.accumulate_grad_batches, "automatic_optimization": pl_module.automatic_optimization}
-        self.watcher = watch(pl_module, trainer.optimizers[0], scaler=scaler, run=self.run, measure="manual", config=config, **self.watch_options)
+        config = {
+            "framework": "lightning",
+            "precision": str(trainer.precision),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "automatic_optimization": pl_module.automatic_optimization,
+        }
+        self.watcher = watch(
+            pl_module,
+            trainer.optimizers[0],
+            scaler=scaler,
+            run=self.run,
+            measure="manual",
+            config=config,
+            **self.watch_options,
+        )
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if self.watcher is None or self.watcher.scaler is not None:
@@ -60,7 +73,9 @@ class NumwatchCallback(Callback):
             self.watcher.finish_step()  # manual optimisation: several optimizer steps in one batch
         self.watcher.gradients_ready()
         if self._loss is not None:
-            self.watcher.log(loss=self._loss)  # after gradients_ready(): a value logged before it belongs to the step that ended
+            self.watcher.log(
+                loss=self._loss
+            )  # after gradients_ready(): a value logged before it belongs to the step that ended
             self._loss = None
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

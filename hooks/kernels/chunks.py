@@ -228,7 +228,9 @@ def _back_to_back(parts: list[Tensor]) -> bool:
 class Group:
     """The non-empty tensors of one (device, dtype), as chunks."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, members: list[int], numels: list[int], chunk_elements: int) -> None:
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, members: list[int], numels: list[int], chunk_elements: int
+    ) -> None:
         self.device = device
         self.dtype = dtype
         self.members = members  # positions in the input list
@@ -305,7 +307,10 @@ class Layout:
                 members, numels = by_group.setdefault((key[0], key[1]), ([], []))
                 members.append(position)
                 numels.append(key[2])
-        self.groups = [Group(device, dtype, members, numels, chunk_elements) for (device, dtype), (members, numels) in by_group.items()]
+        self.groups = [
+            Group(device, dtype, members, numels, chunk_elements)
+            for (device, dtype), (members, numels) in by_group.items()
+        ]
         # Row of each input position in cat(group results..., fill row); None when that is the identity.
         present = sum(len(group.members) for group in self.groups)
         rows = [present] * self.n  # the fill row
@@ -324,10 +329,12 @@ class Layout:
         :meth:`assemble`): row-major statistics without a transposing copy."""
         return self._assemble(per_group, fill, dtype, (rows, 1), 1)
 
-    def _assemble(self, per_group: list[Tensor], fill: float, dtype: torch.dtype, one: tuple[int, ...], dim: int) -> Tensor:
+    def _assemble(
+        self, per_group: list[Tensor], fill: float, dtype: torch.dtype, one: tuple[int, ...], dim: int
+    ) -> Tensor:
         parts = [part.to(self.device, non_blocking=True) for part in per_group]
         if not self.n:
-            return torch.zeros(one[:dim] + (0,) + one[dim + 1:], dtype=dtype, device=self.device)
+            return torch.zeros(one[:dim] + (0,) + one[dim + 1 :], dtype=dtype, device=self.device)
         if self._order is None:
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
         parts.append(torch.full(one, fill, dtype=dtype, device=self.device))

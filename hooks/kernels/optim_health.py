@@ -145,7 +145,9 @@ def _local_numel(param: Tensor) -> int:
     return local_tensor(param).numel()
 
 
-def _adam_batches(optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor]) -> tuple[dict[tuple, list[int]], list[int]]:
+def _adam_batches(
+    optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor]
+) -> tuple[dict[tuple, list[int]], list[int]]:
     """Adam/AdamW parameters with state (and local elements), by (param group, step count)
     when the count lives on the host (the usual case: the same bias correction for the whole
     batch), and the others."""
@@ -193,7 +195,9 @@ def _adam_batch(optimizer: torch.optim.Optimizer, group: dict, t: float, params:
     return layout.assemble(results, math.nan, torch.float32, (2,))
 
 
-def adam_sums(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor], before: Sequence[Tensor] | None = None) -> Tensor:
+def adam_sums(
+    optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor], before: Sequence[Tensor] | None = None
+) -> Tensor:
     """float32 [2, n]: Σ update² and the count of ε-dominated elements over each parameter's
     elements (its local shard's, for a DTensor; 0 for an empty shard), NaN where it has no
     Adam-family state or its update cannot be rebuilt. ``before``: the weights before the
@@ -208,13 +212,21 @@ def adam_sums(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tens
         assert optimizer is not None
         batches, singles = _adam_batches(optimizer, parameters)
         for (group_index, t), positions in batches.items():
-            rows.append(_adam_batch(optimizer, optimizer.param_groups[group_index], t, [parameters[i] for i in positions]).to(device, non_blocking=True))
+            rows.append(
+                _adam_batch(optimizer, optimizer.param_groups[group_index], t, [parameters[i] for i in positions]).to(
+                    device, non_blocking=True
+                )
+            )
             order += positions
     else:
         singles = list(range(len(parameters))) if measure else []
     groups = {id(p): group for group in optimizer.param_groups for p in group["params"]} if measure else {}
     # With state but no local elements (an empty shard): they add nothing.
-    empty = {p for p, param in enumerate(parameters) if measure and _local_numel(param) == 0 and "exp_avg" in optimizer.state.get(param, {})}
+    empty = {
+        p
+        for p, param in enumerate(parameters)
+        if measure and _local_numel(param) == 0 and "exp_avg" in optimizer.state.get(param, {})
+    }
     for position in singles:
         param = parameters[position]
         state = optimizer.state.get(param)
@@ -228,7 +240,10 @@ def adam_sums(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tens
     rows.append(torch.tensor([[math.nan, math.nan], [0.0, 0.0]], dtype=torch.float32, device=device))
     row_of = {position: row for row, position in enumerate(order)}
     fill = {position: len(order) + 1 for position in empty}
-    index = to_device(torch.tensor([row_of.get(position, fill.get(position, len(order))) for position in range(len(parameters))]), device)
+    index = to_device(
+        torch.tensor([row_of.get(position, fill.get(position, len(order))) for position in range(len(parameters))]),
+        device,
+    )
     return torch.cat(rows).index_select(0, index).t()
 
 
@@ -238,7 +253,9 @@ def health_from_sums(sums: Tensor, numels: Tensor) -> Tensor:
     return torch.stack([(sums[0] / numels).sqrt(), sums[1] / numels]).float()
 
 
-def adam_health(optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor], before: Sequence[Tensor] | None = None) -> Tensor:
+def adam_health(
+    optimizer: torch.optim.Optimizer | None, parameters: Sequence[Tensor], before: Sequence[Tensor] | None = None
+) -> Tensor:
     """float32 [2, n]: ``adam_update_rms`` and ``adam_eps_dominated`` of each (unsharded)
     parameter, NaN where it has no Adam-family state (see the module docstring)."""
     sums = adam_sums(optimizer, parameters, before)

@@ -237,7 +237,9 @@ def quantization_sums(weights: Sequence[Tensor], amax: Tensor | None = None) -> 
             int8, int4 = _integer_noise(weight, accumulate)
             signal, nf4, fp8 = _float_noise(weight, tensor_amax, accumulate)
             by_scheme = {"int8": int8, "int4": int4, "nf4": nf4, "fp8": fp8}
-            columns.append(torch.stack([signal, *(by_scheme[scheme] for scheme in SCHEMES)]).to(device, non_blocking=True))
+            columns.append(
+                torch.stack([signal, *(by_scheme[scheme] for scheme in SCHEMES)]).to(device, non_blocking=True)
+            )
     if not columns:
         return torch.zeros((1 + len(SCHEMES), 0), dtype=accumulate, device=device)
     return torch.stack(columns, dim=1)

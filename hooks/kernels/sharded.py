@@ -65,9 +65,13 @@ def _shard_dim(parameter: Tensor, name: str) -> tuple[Any, int] | None:
         if isinstance(placement, Shard):
             sharded.append(mesh_dim)
         elif not isinstance(placement, Replicate):
-            raise UnsupportedConfiguration(f"numwatch: parameter {name!r} has placement {type(placement).__name__} ({placement}); only Shard and Replicate DTensor parameters are supported")
+            raise UnsupportedConfiguration(
+                f"numwatch: parameter {name!r} has placement {type(placement).__name__} ({placement}); only Shard and Replicate DTensor parameters are supported"
+            )
     if len(sharded) > 1:
-        raise UnsupportedConfiguration(f"numwatch: parameter {name!r} is sharded over {len(sharded)} mesh dimensions (e.g. FSDP + tensor parallel); only one is supported")
+        raise UnsupportedConfiguration(
+            f"numwatch: parameter {name!r} is sharded over {len(sharded)} mesh dimensions (e.g. FSDP + tensor parallel); only one is supported"
+        )
     return (parameter.device_mesh, sharded[0]) if sharded else None
 
 
@@ -85,7 +89,9 @@ def _shard_layout(parameter: Tensor, mesh: Any, mesh_dim: int) -> ShardLayout:
 
     shape, offset = compute_local_shape_and_global_offset(parameter.shape, mesh, parameter.placements)
     strides = [math.prod(parameter.shape[i + 1 :]) for i in range(parameter.dim())]
-    return ShardLayout(parameter.placements[mesh_dim].dim, sum(o * s for o, s in zip(offset, strides)), math.prod(shape) == 0)
+    return ShardLayout(
+        parameter.placements[mesh_dim].dim, sum(o * s for o, s in zip(offset, strides)), math.prod(shape) == 0
+    )
 
 
 class ShardReduction:
@@ -110,7 +116,9 @@ class ShardReduction:
         if not groups:
             return None
         if len(groups) > 1:
-            raise UnsupportedConfiguration("numwatch: parameters are sharded over different process groups; watch each group's parameters separately (include=/exclude=)")
+            raise UnsupportedConfiguration(
+                "numwatch: parameters are sharded over different process groups; watch each group's parameters separately (include=/exclude=)"
+            )
         (group,) = groups.values()
         return cls(group, [None if s is None else _shard_layout(p, *s) for (_, p), s in zip(named_parameters, shards)])
 
@@ -119,7 +127,9 @@ class ShardReduction:
         sharded = self._sharded if positions is None else self._sharded[list(positions)]
         return (sharded | (self.group_rank == 0)).to(device)
 
-    def reduce(self, sums: Sequence[Tensor], maxes: Sequence[Tensor], positions: Sequence[int] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    def reduce(
+        self, sums: Sequence[Tensor], maxes: Sequence[Tensor], positions: Sequence[int] | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
         """Sum ``sums`` and max ``maxes`` over the shard group (two collectives in all).
 
         The last dimension of every part indexes the tensors at schema ``positions`` (None:
@@ -143,7 +153,9 @@ class ShardReduction:
         dist.all_reduce(flat, op=op, group=self.group)
         return [piece.view_as(part) for piece, part in zip(flat.split([part.numel() for part in parts]), parts)]
 
-    def norms(self, norm_stats: Tensor, counts: Sequence[Tensor], positions: Sequence[int] | None) -> tuple[Tensor, list[Tensor]]:
+    def norms(
+        self, norm_stats: Tensor, counts: Sequence[Tensor], positions: Sequence[int] | None
+    ) -> tuple[Tensor, list[Tensor]]:
         """Whole-tensor float32 [2, k] (L2 norm, abs-max) from per-shard ones, and int64 count
         parts (last dimension k) summed over the shards, in the same two collectives."""
         summed, (absmax,) = self.reduce([norm_stats[0].double().square(), *counts], [norm_stats[1]], positions)
@@ -159,7 +171,9 @@ class ShardReduction:
         """Whole-tensor float64 (min, max) of the finite values from per-shard ones (NaN where
         a shard has none; both NaN where no shard has any): one collective."""
         # A shard without finite values contributes nothing (-inf) to either maximum.
-        negated_low, high = self._all_reduce([(-lows.double()).nan_to_num(nan=-math.inf), highs.double().nan_to_num(nan=-math.inf)], dist.ReduceOp.MAX)
+        negated_low, high = self._all_reduce(
+            [(-lows.double()).nan_to_num(nan=-math.inf), highs.double().nan_to_num(nan=-math.inf)], dist.ReduceOp.MAX
+        )
         low = -negated_low
         none = low > high
         return low.masked_fill(none, math.nan), high.masked_fill(none, math.nan)
@@ -201,10 +215,19 @@ def refuse_unsupported(model: torch.nn.Module, optimizer: object | None) -> None
     gradients numwatch would report: DeepSpeed engines and ZeRO optimizers (gradients live in
     the engine's partitioned buffers) and FSDP1 wrappers (flattened, padded shards)."""
     inner = getattr(optimizer, "optimizer", None)  # framework wrappers (Accelerate, Lightning)
-    if _from_deepspeed(model) or _from_deepspeed(optimizer) or _from_deepspeed(inner) or any(hasattr(p, "ds_id") for p in model.parameters()):
-        raise UnsupportedConfiguration("numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP.")
+    if (
+        _from_deepspeed(model)
+        or _from_deepspeed(optimizer)
+        or _from_deepspeed(inner)
+        or any(hasattr(p, "ds_id") for p in model.parameters())
+    ):
+        raise UnsupportedConfiguration(
+            "numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP."
+        )
     if dist.is_available():
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
-            raise UnsupportedConfiguration("numwatch: FSDP1 (FullyShardedDataParallel) flattens and pads parameters; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard).")
+            raise UnsupportedConfiguration(
+                "numwatch: FSDP1 (FullyShardedDataParallel) flattens and pads parameters; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard)."
+            )

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from numwatch.kernels.chunks import FLAGS, INPUT, SECOND, WORK, Chunk, Layout, layout_of, scratch, to_device
 from numwatch.formats import FormatSpec
+from numwatch.kernels.chunks import FLAGS, INPUT, SECOND, WORK, Chunk, Layout, layout_of, scratch, to_device
 from numwatch.protocol import (
     EXPONENT_BINS,
     EXPONENT_INF_BIN,
@@ -43,7 +43,7 @@ def _as_factor(multiplier: Tensor | float, device: torch.device) -> Tensor | flo
     return float(multiplier)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _constant(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant tensor (lookup table, bucket edges, column index) cached on ``device``."""
     return to_device(torch.tensor(values, dtype=dtype), device)
@@ -96,7 +96,7 @@ def _trailing_zeros(value: int, width: int) -> int:
     return width if value == 0 else (value & -value).bit_length() - 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bucket_table(cuts: _Cuts, device: torch.device) -> tuple[int, Tensor]:
     """(shift, table): the bucket of each key of :func:`_bucket_keys`.
 
@@ -234,7 +234,7 @@ def _float32_below(value: float) -> float:
     return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _format_limits(fmt: FormatSpec) -> tuple[float, float, float, float, float]:
     """float32 limits L0..L4 on |x| with: zero |x| <= L0; underflow L0 < |x| <= L1;
     subnormal L1 < |x| <= L2; normal L2 < |x| <= L3; overflow L3 < |x| <= L4 (finite).
@@ -279,7 +279,7 @@ def _format_values(chunk: Chunk, members: list[Tensor], scale: Tensor | float | 
     return x if scale is None else x.mul_(scale)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _format_cuts(fmt: FormatSpec) -> _Cuts:
     return _Cuts(torch.float32, tuple(_float_bits(limit) for limit in _format_limits(fmt)))
 
@@ -308,7 +308,10 @@ def format_counts(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multipli
     for group in layout.groups:
         members = group.tensors(grads)
         scale = _on_group_device(factor, group.device)
-        per_chunk = [_bucket_counts(chunk, _format_values(chunk, members, scale, INPUT), _format_cuts(fmt), WORK) for chunk in group.chunks]
+        per_chunk = [
+            _bucket_counts(chunk, _format_values(chunk, members, scale, INPUT), _format_cuts(fmt), WORK)
+            for chunk in group.chunks
+        ]
         results.append(_counted_formats(group.per_member(per_chunk, "sum")))
     return _format_rows(layout, results)
 
@@ -366,7 +369,7 @@ def _log2_field_limit(layout: _IeeeLayout) -> int:
     return _IEEE_LAYOUTS[layout.log2_dtype].bias + layout.mantissa_bits
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exponent_bin_tables(dtype: torch.dtype, device: torch.device) -> Tensor:
     """The lookup table from the keys of :func:`_exponent_keys` to histogram bins.
 
@@ -399,7 +402,9 @@ def _exponent_keys(flat: Tensor) -> Tensor:
     layout = _IEEE_LAYOUTS[flat.dtype]
     log2_layout = _IEEE_LAYOUTS[layout.log2_dtype]
     n, device = flat.numel(), flat.device
-    magnitude = torch.bitwise_and(flat.view(layout.int_dtype), layout.magnitude_mask, out=scratch(n, layout.int_dtype, device, WORK))
+    magnitude = torch.bitwise_and(
+        flat.view(layout.int_dtype), layout.magnitude_mask, out=scratch(n, layout.int_dtype, device, WORK)
+    )
     # An integer below 2**mantissa_bits is exact in log2_dtype, whose exponent field is then its
     # floor(log2); larger ones convert to at least 2**mantissa_bits, which the clamp gives them all.
     keys = scratch(n, layout.log2_dtype, device, SECOND).copy_(magnitude).clamp_(max=1 << layout.mantissa_bits)
@@ -435,8 +440,9 @@ def _binned(by_key: Tensor, table: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def format_counts_and_exponent_histogram(grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multiplier = None,
-                                         histogram_multiplier: Multiplier = None) -> tuple[Tensor, Tensor]:
+def format_counts_and_exponent_histogram(
+    grads: Sequence[Tensor], fmt: FormatSpec, multiplier: Multiplier = None, histogram_multiplier: Multiplier = None
+) -> tuple[Tensor, Tensor]:
     """``format_counts(grads, fmt, multiplier)`` and ``exponent_histogram`` of grads *
     ``histogram_multiplier`` (formed in the grads' dtype, as ``torch._foreach_mul`` does) in
     one pass: each chunk is read once and one count over (segment, exponent key, format
@@ -455,7 +461,11 @@ def format_counts_and_exponent_histogram(grads: Sequence[Tensor], fmt: FormatSpe
             table = _exponent_bin_tables(values.dtype, values.device)
             keys = _exponent_keys(values).mul_(_FORMAT_CODES)  # in slot SECOND: the format codes use two others
             keys.add_(_bucket_codes(_format_values(chunk, members, scale, WORK), _format_cuts(fmt), FLAGS))
-            per_chunk.append(_segment_counts(chunk, keys, table.numel() * _FORMAT_CODES).view(len(chunk.pieces), table.numel(), _FORMAT_CODES))
+            per_chunk.append(
+                _segment_counts(chunk, keys, table.numel() * _FORMAT_CODES).view(
+                    len(chunk.pieces), table.numel(), _FORMAT_CODES
+                )
+            )
         joint = group.per_member(per_chunk, "sum")
         formats.append(_counted_formats(joint.sum(1)))
         histograms.append(_binned(joint.sum(2), table))
@@ -505,7 +515,9 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         per_chunk = []
         for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
             # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
-            values = chunk.into(members, WORK, torch.float64).nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan)
+            values = chunk.into(members, WORK, torch.float64).nan_to_num_(
+                nan=math.nan, posinf=math.nan, neginf=math.nan
+            )
             chunk.per_segment_(values, ("sub", chunk_low), ("div", chunk_width))
             # Clamping before the floor is the same, and for values >= 0 the cast truncates to the floor.
             values.mul_(bins).clamp_(0, bins - 1).nan_to_num_(nan=bins)
@@ -577,7 +589,9 @@ def update_stats(before: Sequence[Tensor], after: Sequence[Tensor], grads: Seque
             new = chunk.read(news, INPUT)
             changes.append(torch.stack(torch._foreach_norm(chunk.split(work.copy_(new).sub_(old)), 2)))
             unchanged = torch.eq(_bits(old), _bits(new), out=work)
-            has_grad = torch.ne(chunk.read(marks, INPUT), 0, out=scratch(chunk.numel, torch.float32, old.device, SECOND))
+            has_grad = torch.ne(
+                chunk.read(marks, INPUT), 0, out=scratch(chunk.numel, torch.float32, old.device, SECOND)
+            )
             # float64: the sums over a cut tensor's segments stay exact.
             with_grads.append(chunk.sums(has_grad).double())
             stales.append(chunk.sums(unchanged.mul_(has_grad)).double())
@@ -602,5 +616,7 @@ def exp_avg_sq_underflow(states: Sequence[Tensor | None], fmt: FormatSpec) -> Te
         for chunk in group.chunks:
             work = chunk.into(members, WORK, torch.float32).abs_()
             per_chunk.append(chunk.sums(torch.lt(work, fmt.smallest_normal, out=work)).double())
-        results.append(group.per_member(per_chunk, "sum").float() / _constant(tuple(group.numels), torch.float32, group.device))
+        results.append(
+            group.per_member(per_chunk, "sum").float() / _constant(tuple(group.numels), torch.float32, group.device)
+        )
     return layout.assemble(results, math.nan, torch.float32)

@@ -74,8 +74,16 @@ class DeviceStack:
                 length += tensor.numel()
             if pieces:
                 block = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-                blocks.append(block.to(torch.int64).view(torch.float64) if dtype in _INT_KINDS else block.to(torch.float64))
-        stacked = blocks[0] if len(blocks) == 1 else torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.float64, device=device)
+                blocks.append(
+                    block.to(torch.int64).view(torch.float64) if dtype in _INT_KINDS else block.to(torch.float64)
+                )
+        stacked = (
+            blocks[0]
+            if len(blocks) == 1
+            else torch.cat(blocks)
+            if blocks
+            else torch.zeros(0, dtype=torch.float64, device=device)
+        )
         if device.type == "cuda":
             # Pinned blocks come from torch's caching host allocator: reused, not re-pinned.
             host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)

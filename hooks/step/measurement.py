@@ -30,16 +30,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from numwatch.step import records
-from numwatch.kernels import stats
 from numwatch.capture.clipping import ClipEffect
+from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
+from numwatch.kernels import stats
 from numwatch.kernels.chunks import to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
-from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
+from numwatch.kernels.sharded import ShardReduction, local_tensor
+from numwatch.step import records
 from numwatch.step.hostcopy import DeviceStack
 from numwatch.step.records import StepRecord, histogram_part
-from numwatch.kernels.sharded import ShardReduction, local_tensor
 
 # torch.compile wraps a module as ``_orig_mod``; names must not depend on it.
 COMPILE_WRAPPER = "_orig_mod"
@@ -50,7 +50,9 @@ def tensor_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
 
 
-def select_parameters(model: nn.Module, include: Iterable[str] | str | None, exclude: Iterable[str] | str | None) -> list[tuple[str, nn.Parameter]]:
+def select_parameters(
+    model: nn.Module, include: Iterable[str] | str | None, exclude: Iterable[str] | str | None
+) -> list[tuple[str, nn.Parameter]]:
     """The trainable parameters whose (compile-independent) names match include and not exclude."""
     include = [include] if isinstance(include, str) else list(include) if include is not None else None
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
@@ -120,7 +122,9 @@ class WatchedTensors:
         """The watched parameters, or this rank's shards of the sharded ones."""
         return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
-    def read_gradients(self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> GradientReading:
+    def read_gradients(
+        self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+    ) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
 
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
@@ -138,7 +142,11 @@ class WatchedTensors:
             both = stats.format_counts_and_exponent_histogram(grads, self.format, format_multiplier, grad_multiplier)
             counts, exponent = [both[0]], both[1]
         else:
-            counts = [stats.format_counts(grads, self.format, multiplier=format_multiplier)] if self.cadence.format_due(step) else []
+            counts = (
+                [stats.format_counts(grads, self.format, multiplier=format_multiplier)]
+                if self.cadence.format_due(step)
+                else []
+            )
         if self.sharding is not None:
             norms, counts = self.sharding.norms(norms, counts, positions)
         reading = GradientReading(positions, grads, norms)
@@ -165,8 +173,14 @@ class WatchedTensors:
             (nonfinite,) = self.sharding.counts([nonfinite], reading.present)
         reading.parts[records.NONFINITE] = nonfinite
 
-    def _add_histograms(self, parts: dict[str, torch.Tensor], kind: str, tensors: list[torch.Tensor], positions: list[int] | None,
-                        exponent: torch.Tensor | None = None) -> None:
+    def _add_histograms(
+        self,
+        parts: dict[str, torch.Tensor],
+        kind: str,
+        tensors: list[torch.Tensor],
+        positions: list[int] | None,
+        exponent: torch.Tensor | None = None,
+    ) -> None:
         exponent = stats.exponent_histogram(tensors) if exponent is None else exponent
         lows, highs = stats.finite_ranges(tensors)
         if self.sharding is not None:
@@ -180,7 +194,12 @@ class WatchedTensors:
         parts[histogram_part(kind, "linear_max")] = highs.float()
         parts[histogram_part(kind, "linear")] = counts
 
-    def weight_parts(self, reading: GradientReading | None, snapshot: list[torch.Tensor] | None, optimizer: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    def weight_parts(
+        self,
+        reading: GradientReading | None,
+        snapshot: list[torch.Tensor] | None,
+        optimizer: torch.optim.Optimizer | None,
+    ) -> dict[str, torch.Tensor]:
         """Sampled weight statistics after the update: norms, histograms, update ratio, Adam state."""
         weights = self.local_parameters()
         weight_stats = stats.weight_stats(weights)
@@ -196,7 +215,9 @@ class WatchedTensors:
             return parts
         if snapshot is not None and reading is not None and reading.grads:
             present = reading.present if reading.present is not None else range(len(weights))
-            parts[records.UPDATE] = stats.update_stats([snapshot[i] for i in present], [weights[i] for i in present], reading.grads)
+            parts[records.UPDATE] = stats.update_stats(
+                [snapshot[i] for i in present], [weights[i] for i in present], reading.grads
+            )
         if optimizer is not None:
             # Adam family: tensors without state yet report NaN.
             states = [optimizer.state.get(p, {}).get("exp_avg_sq") for p in self.parameters]
@@ -215,7 +236,11 @@ class WatchedTensors:
         """The weights' SQNR under each quantization scheme, as they are now (of the whole
         tensors, from the shards where sharded: see :mod:`numwatch.kernels.sharded` for what is local)."""
         if self.sharding is not None:
-            return {records.QUANT: self.sharding.quantization_sqnr(self.local_parameters(), [p.numel() for p in self.parameters])}
+            return {
+                records.QUANT: self.sharding.quantization_sqnr(
+                    self.local_parameters(), [p.numel() for p in self.parameters]
+                )
+            }
         return {records.QUANT: quantization_sqnr(self.local_parameters())}
 
 
@@ -245,7 +270,9 @@ class StepMeasurement:
         """Whether the gradients were read (or the attempt failed): the step is under way."""
         return self.phase is not Phase.OPEN
 
-    def read(self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None) -> None:
+    def read(
+        self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+    ) -> None:
         """Read the gradients, replacing an earlier reading of this step."""
         if self.phase is Phase.FAILED:
             return
@@ -274,7 +301,11 @@ class StepMeasurement:
         self.clip = None
 
     def finish(
-        self, watched: WatchedTensors, *, step_time: float | None, module_parts: tuple[torch.Tensor, list[int]] | None,
+        self,
+        watched: WatchedTensors,
+        *,
+        step_time: float | None,
+        module_parts: tuple[torch.Tensor, list[int]] | None,
         forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
     ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
@@ -290,7 +321,10 @@ class StepMeasurement:
         logged_loss = None
         for name, value in self.logged.items():
             if isinstance(value, torch.Tensor):
-                stack.add(records.LOSS if name == "loss" else records.SCALAR_PREFIX + name, value.detach().reshape(()).to(device))
+                stack.add(
+                    records.LOSS if name == "loss" else records.SCALAR_PREFIX + name,
+                    value.detach().reshape(()).to(device),
+                )
             elif name == "loss":
                 logged_loss = float(value)
             else:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from numwatch import protocol
-from numwatch.step.hostcopy import DeviceStack, HostStack
 from numwatch.delivery.transport import StepDocuments
+from numwatch.step.hostcopy import DeviceStack, HostStack
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
 GRAD = "grad"  # float32 [2, k]: grad_norm, grad_absmax
@@ -248,13 +248,23 @@ class StepRecord:
                     scalars[name[len(SCALAR_PREFIX) :]] = stack.scalar(name)
         scaled = LOSS_SCALE in self.host
         return protocol.step_document(
-            self.step_number, time=self.time, step_time=self.step_time, loss=self.loss_value(),
+            self.step_number,
+            time=self.time,
+            step_time=self.step_time,
+            loss=self.loss_value(),
             loss_scale=self.host.scalar(LOSS_SCALE) if scaled else None,
             new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
-            skipped=skipped, lr=self.lr, global_grad_norm=self.global_grad_norm(), headroom_bits=self.headroom_bits(),
-            clip_coef=self.clip_coef(), post_clip_grad_norm=self.post_clip_grad_norm(),
-            scalars=scalars, tensors=self._tensor_stats(skipped), activations=self._activations(),
-            attention_logit_max=self.attention_logit_max(), output_logits=self._output_logits(),
+            skipped=skipped,
+            lr=self.lr,
+            global_grad_norm=self.global_grad_norm(),
+            headroom_bits=self.headroom_bits(),
+            clip_coef=self.clip_coef(),
+            post_clip_grad_norm=self.post_clip_grad_norm(),
+            scalars=scalars,
+            tensors=self._tensor_stats(skipped),
+            activations=self._activations(),
+            attention_logit_max=self.attention_logit_max(),
+            output_logits=self._output_logits(),
         )
 
     def _histograms(self) -> list[protocol.HistogramDocument]:

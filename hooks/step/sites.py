@@ -19,13 +19,14 @@ was seen (a model called other than through ``model(...)``), as a fallback.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from numwatch.capture.scaler import ScalerAdapter
 from numwatch.step import records
 from numwatch.step.measurement import StepMeasurement
-from numwatch.capture.scaler import ScalerAdapter
 
 if TYPE_CHECKING:
     from numwatch.watcher import Watcher
@@ -66,7 +67,9 @@ class StepSite:
         if measurement.reading is None:
             return
         if watched.cadence.sampled(measurement.number):
-            measurement.parts.update(watched.weight_parts(measurement.reading, measurement.snapshot, self.watcher.optimizer))
+            measurement.parts.update(
+                watched.weight_parts(measurement.reading, measurement.snapshot, self.watcher.optimizer)
+            )
         if watched.cadence.quant_due(measurement.number):
             measurement.parts.update(watched.quant_parts())
 
@@ -83,8 +86,12 @@ class OptimizerHookSite(StepSite):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self._handles.append(optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step)))
-        self._handles.append(optimizer.register_step_post_hook(self.watcher.guarded("optimizer step post-hook", self._after_step)))
+        self._handles.append(
+            optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step))
+        )
+        self._handles.append(
+            optimizer.register_step_post_hook(self.watcher.guarded("optimizer step post-hook", self._after_step))
+        )
 
     def before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._open is not None:
@@ -110,7 +117,9 @@ class ScalerSite(StepSite):
     verdict to the step that ``finish_step()`` ends.
     """
 
-    def __init__(self, watcher: Watcher, optimizer: torch.optim.Optimizer | None, adapter: ScalerAdapter, ends_steps: bool = True) -> None:
+    def __init__(
+        self, watcher: Watcher, optimizer: torch.optim.Optimizer | None, adapter: ScalerAdapter, ends_steps: bool = True
+    ) -> None:
         super().__init__(watcher)
         self.adapter = adapter
         self.ends_steps = ends_steps
@@ -123,7 +132,9 @@ class ScalerSite(StepSite):
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self._handles.append(optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step)))
+        self._handles.append(
+            optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step))
+        )
 
     def remove(self) -> None:
         super().remove()
@@ -171,7 +182,9 @@ class ScalerSite(StepSite):
         """Whether the scaler skipped this step, when the host knows it without a sync."""
         return not self._stepped if self.optimizer is not None else None
 
-    def _after_update(self, measurement: StepMeasurement, before: tuple[torch.Tensor | None, torch.Tensor | None] | None) -> None:
+    def _after_update(
+        self, measurement: StepMeasurement, before: tuple[torch.Tensor | None, torch.Tensor | None] | None
+    ) -> None:
         self._ensure_read(measurement, self.optimizer)
         scale_before, found_inf = before if before is not None else (None, None)
         if scale_before is not None:

@@ -9,9 +9,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from numwatch.monitor.store.auth import EVERYTHING, Principal, authenticate
 from numwatch.monitor.api.ratelimit import retry_after_header
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.store.auth import EVERYTHING, Principal, authenticate
 
 bearer = HTTPBearer(auto_error=False, description="a token from `numwatch token create --project P`")
 
@@ -25,12 +25,17 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def _principal(request: Request, credentials: HTTPAuthorizationCredentials | None, session: Session, required: bool) -> Principal:
+def _principal(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, session: Session, required: bool
+) -> Principal:
     if not required:
         return EVERYTHING
     if credentials is None:
-        raise HTTPException(401, "missing bearer token: send `Authorization: Bearer <token>` (create one with `numwatch token create --project P`)",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "missing bearer token: send `Authorization: Bearer <token>` (create one with `numwatch token create --project P`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     try:
         principal = authenticate(session, credentials.credentials)
     except OperationalError as error:

@@ -22,11 +22,14 @@ def _inline(node: Any, definitions: dict[str, Any], expanding: tuple[str, ...]) 
         return node
     reference = node.get("$ref")
     if isinstance(reference, str) and reference.startswith(_DEFS_PREFIX):
-        name = reference[len(_DEFS_PREFIX):]
+        name = reference[len(_DEFS_PREFIX) :]
         if name in expanding:
             raise ValueError(f"recursive model {name!r} cannot be inlined")
         siblings = {key: value for key, value in node.items() if key != "$ref"}
-        return {**_inline(definitions[name], definitions, (*expanding, name)), **_inline(siblings, definitions, expanding)}
+        return {
+            **_inline(definitions[name], definitions, (*expanding, name)),
+            **_inline(siblings, definitions, expanding),
+        }
     return {key: _inline(value, definitions, expanding) for key, value in node.items()}
 
 
@@ -34,4 +37,6 @@ def json_request_body(model: type[BaseModel]) -> dict[str, Any]:
     """``openapi_extra`` declaring a required ``application/json`` body of ``model``, self-contained."""
     schema = model.model_json_schema()
     definitions = schema.pop("$defs", {})
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _inline(schema, definitions, ())}}}}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _inline(schema, definitions, ())}}}
+    }

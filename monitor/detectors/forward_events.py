@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from numwatch.protocol import decode_float, encode_float, event_document
 from numwatch.monitor.detectors.rules import DetectorConfig
+from numwatch.protocol import decode_float, encode_float, event_document
 
 
 def _above(value: float | None, threshold: float) -> bool:
@@ -29,7 +29,9 @@ def attention_maxima(row: dict[str, Any]) -> dict[str, float]:
     return {name: decode_float(value) for name, value in zip(row["attention_calls"], row["attention_logit_max"])}
 
 
-def detect(previous: dict[str, Any] | None, rows: list[dict[str, Any]], config: DetectorConfig, times: dict[int, float]) -> list[dict[str, Any]]:
+def detect(
+    previous: dict[str, Any] | None, rows: list[dict[str, Any]], config: DetectorConfig, times: dict[int, float]
+) -> list[dict[str, Any]]:
     """Events of ``rows`` (ascending steps), judged after ``previous`` (the stored row before them)."""
     events = []
     last_attention = attention_maxima(previous) if previous is not None else {}
@@ -37,14 +39,26 @@ def detect(previous: dict[str, Any] | None, rows: list[dict[str, Any]], config: 
     threshold = config.attention_logit_threshold
     for row in rows:
         maxima = attention_maxima(row)
-        crossed = [name for name, value in maxima.items() if _above(value, threshold) and not _above(last_attention.get(name), threshold)]
+        crossed = [
+            name
+            for name, value in maxima.items()
+            if _above(value, threshold) and not _above(last_attention.get(name), threshold)
+        ]
         if crossed:
-            details = {"threshold": threshold, "layers": [{"name": name, "value": encode_float(maxima[name])} for name in crossed]}
+            details = {
+                "threshold": threshold,
+                "layers": [{"name": name, "value": encode_float(maxima[name])} for name in crossed],
+            }
             events.append(dict(event_document(row["step"], "attention_logit_growth", details, time=times[row["step"]])))
         last_attention.update(maxima)
         log_z = row["log_z_mean"]
         if _outside(log_z, config) and not _outside(last_log_z, config):
-            details = {"log_z_mean": encode_float(log_z), "log_z_max": encode_float(row["log_z_max"]), "low": config.log_z_low, "high": config.log_z_high}
+            details = {
+                "log_z_mean": encode_float(log_z),
+                "log_z_max": encode_float(row["log_z_max"]),
+                "low": config.log_z_low,
+                "high": config.log_z_high,
+            }
             events.append(dict(event_document(row["step"], "log_z_drift", details, time=times[row["step"]])))
         if log_z is not None:
             last_log_z = log_z

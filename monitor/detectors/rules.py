@@ -28,18 +28,38 @@ class DetectorConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    explosion_factor: float = Field(10.0, gt=0, description="global norm above this many times its rolling median is an explosion")
-    window: int = Field(50, ge=1, description="finite norms in the rolling median; also the steps for backoff counting and vanishing streaks")
-    min_history: int = Field(10, ge=1, description="finite norms needed before explosion is judged (a fresh run's first steps are not)")
-    vanishing_floor: float = Field(1e-10, ge=0, description="a tensor's grad norm below this for `window` consecutive steps is vanishing")
-    underflow_threshold: float = Field(0.01, ge=0, le=1, description="share of gradient elements the cast flushes to zero")
+    explosion_factor: float = Field(
+        10.0, gt=0, description="global norm above this many times its rolling median is an explosion"
+    )
+    window: int = Field(
+        50,
+        ge=1,
+        description="finite norms in the rolling median; also the steps for backoff counting and vanishing streaks",
+    )
+    min_history: int = Field(
+        10, ge=1, description="finite norms needed before explosion is judged (a fresh run's first steps are not)"
+    )
+    vanishing_floor: float = Field(
+        1e-10, ge=0, description="a tensor's grad norm below this for `window` consecutive steps is vanishing"
+    )
+    underflow_threshold: float = Field(
+        0.01, ge=0, le=1, description="share of gradient elements the cast flushes to zero"
+    )
     collapse_floor: float = Field(1.0, ge=0, description="a loss scale below this no longer scales anything up")
     collapse_backoffs: int = Field(5, ge=0, description="more backoffs than this within `window` steps is a collapse")
-    spike_sigmas: float = Field(6.0, gt=0, description="a loss or global grad norm above mean + this many sigma of its window is a spike")
-    spike_window: int = Field(128, ge=2, description="finite values a spike is judged against (judged once this many precede it)")
-    spike_score_steps: int = Field(10_000, ge=1, description="the spike score is the share of spikes among this many last judged values")
+    spike_sigmas: float = Field(
+        6.0, gt=0, description="a loss or global grad norm above mean + this many sigma of its window is a spike"
+    )
+    spike_window: int = Field(
+        128, ge=2, description="finite values a spike is judged against (judged once this many precede it)"
+    )
+    spike_score_steps: int = Field(
+        10_000, ge=1, description="the spike score is the share of spikes among this many last judged values"
+    )
     attention_logit_threshold: float = Field(
-        100.0, gt=0, description="an attention call's max logit above this is attention logit growth (QK-clip's default threshold in Megatron-LM and Kimi K2)",
+        100.0,
+        gt=0,
+        description="an attention call's max logit above this is attention logit growth (QK-clip's default threshold in Megatron-LM and Kimi K2)",
     )
     # At initialisation log Z is about log(vocabulary), at most 12.5 for 262k tokens, and z-loss
     # holds it at 0; beyond 32 in magnitude bf16 logits are 0.25 apart, coarser than the gaps
@@ -86,7 +106,11 @@ def _nonfinite_details(view: dict[str, Any], names: list[str] | None) -> dict[st
             if stat in tensors:
                 entry[key] = int(tensors[stat][index])
         named.append(entry)
-    return {"tensors": named, "tensor_count": int(len(indices)), "global_grad_norm": encode_float(view.get("global_grad_norm"))}
+    return {
+        "tensors": named,
+        "tensor_count": int(len(indices)),
+        "global_grad_norm": encode_float(view.get("global_grad_norm")),
+    }
 
 
 def _underflow_share(view: dict[str, Any], numel: np.ndarray | None) -> float | None:
@@ -110,13 +134,19 @@ def detect(
     """Events for ``new_steps`` (ascending), judged with ``history`` (the preceding steps, ascending)."""
     events: list[dict[str, Any]] = []
     window = list(history)
-    norms = [v["global_grad_norm"] for v in window if v["global_grad_norm"] is not None and math.isfinite(v["global_grad_norm"])]
+    norms = [
+        v["global_grad_norm"]
+        for v in window
+        if v["global_grad_norm"] is not None and math.isfinite(v["global_grad_norm"])
+    ]
     backoff_steps = [v["step"] for v in window if v["scale_decision"] == "backoff"]
     # Vanishing streaks per tensor, carried over from the history.
     streak: np.ndarray | None = None
     for view in window:
         streak = _advance_streak(streak, view, config)
-    previous_underflow = next((s for s in (_underflow_share(v, tensor_numel) for v in reversed(window)) if s is not None), None)
+    previous_underflow = next(
+        (s for s in (_underflow_share(v, tensor_numel) for v in reversed(window)) if s is not None), None
+    )
     previous = window[-1] if window else None
     previous_collapsed = previous is not None and _collapsed(
         _scale(previous), sum(1 for s in backoff_steps if s > previous["step"] - config.window), config
@@ -130,32 +160,56 @@ def detect(
             events.append(_event(view, "nonfinite_loss", loss=encode_float(loss)))
         if view["scale_decision"] in ("backoff", "growth"):
             kind = "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
-            events.append(_event(view, kind, loss_scale=view.get("loss_scale"), new_loss_scale=view.get("new_loss_scale")))
+            events.append(
+                _event(view, kind, loss_scale=view.get("loss_scale"), new_loss_scale=view.get("new_loss_scale"))
+            )
         if view["skipped"]:
             events.append(_event(view, "skipped_step", loss_scale=view.get("loss_scale")))
 
         norm = view["global_grad_norm"]
         if norm is not None and math.isfinite(norm):
-            recent = norms[-config.window:]
+            recent = norms[-config.window :]
             if len(recent) >= config.min_history:
                 median = statistics.median(recent)  # on 50 Python floats, 20x faster than np.median
                 if median > 0 and norm > config.explosion_factor * median:
-                    events.append(_event(view, "grad_explosion", global_grad_norm=norm, rolling_median=median,
-                                         factor=norm / median, window=len(recent)))
+                    events.append(
+                        _event(
+                            view,
+                            "grad_explosion",
+                            global_grad_norm=norm,
+                            rolling_median=median,
+                            factor=norm / median,
+                            window=len(recent),
+                        )
+                    )
             norms.append(norm)
 
         streak = _advance_streak(streak, view, config)
         if streak is not None:
             started = np.flatnonzero(streak == config.window)
             if started.size:
-                events.append(_event(view, "vanishing_grad", floor=config.vanishing_floor, steps=config.window,
-                                     tensors=[tensor_names[i] if tensor_names and i < len(tensor_names) else int(i) for i in started[:MAX_NAMED_TENSORS]],
-                                     tensor_count=int(started.size)))
+                events.append(
+                    _event(
+                        view,
+                        "vanishing_grad",
+                        floor=config.vanishing_floor,
+                        steps=config.window,
+                        tensors=[
+                            tensor_names[i] if tensor_names and i < len(tensor_names) else int(i)
+                            for i in started[:MAX_NAMED_TENSORS]
+                        ],
+                        tensor_count=int(started.size),
+                    )
+                )
 
         share = _underflow_share(view, tensor_numel)
         if share is not None:
-            if share > config.underflow_threshold and (previous_underflow is None or previous_underflow <= config.underflow_threshold):
-                events.append(_event(view, "underflow_high", underflow_share=share, threshold=config.underflow_threshold))
+            if share > config.underflow_threshold and (
+                previous_underflow is None or previous_underflow <= config.underflow_threshold
+            ):
+                events.append(
+                    _event(view, "underflow_high", underflow_share=share, threshold=config.underflow_threshold)
+                )
             previous_underflow = share
 
         if view["scale_decision"] == "backoff":
@@ -163,8 +217,16 @@ def detect(
         recent_backoffs = sum(1 for s in backoff_steps if s > view["step"] - config.window)
         collapsed = _collapsed(_scale(view), recent_backoffs, config)
         if collapsed and not previous_collapsed:
-            events.append(_event(view, "loss_scale_collapse", loss_scale=_scale(view), backoffs=recent_backoffs,
-                                 window=config.window, floor=config.collapse_floor))
+            events.append(
+                _event(
+                    view,
+                    "loss_scale_collapse",
+                    loss_scale=_scale(view),
+                    backoffs=recent_backoffs,
+                    window=config.window,
+                    floor=config.collapse_floor,
+                )
+            )
         previous_collapsed = collapsed
     return events
 

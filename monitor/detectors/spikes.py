@@ -26,9 +26,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from sqlalchemy.orm import Session
 
-from numwatch.protocol import DetectorEventKind, event_document
 from numwatch.monitor.detectors.rules import DetectorConfig
 from numwatch.monitor.store import blocks as step_blocks
+from numwatch.protocol import DetectorEventKind, event_document
 
 # signal -> (step column, event kind)
 SIGNALS: dict[str, tuple[str, DetectorEventKind]] = {
@@ -87,7 +87,9 @@ def _nearest_spike_before(step: int, judgements: list[Judgement], window: int) -
     return max(earlier) if earlier else None
 
 
-def detect(history: dict[str, Points], views: list[dict[str, Any]], config: DetectorConfig) -> tuple[list[dict[str, Any]], dict[str, list[Judgement]]]:
+def detect(
+    history: dict[str, Points], views: list[dict[str, Any]], config: DetectorConfig
+) -> tuple[list[dict[str, Any]], dict[str, list[Judgement]]]:
     """Spike events of the new step ``views`` (ascending), and each signal's judgements of them (for the score).
 
     ``history`` holds, per signal, the stored points before the batch (the last 2·W where
@@ -110,8 +112,12 @@ def detect(history: dict[str, Points], views: list[dict[str, Any]], config: Dete
             if not starts or not fresh[signal] or judgement.step < fresh[signal][0].step:
                 continue
             details: dict[str, Any] = {
-                signal: judgement.value, "window_mean": judgement.mean, "window_std": judgement.std,
-                "threshold": judgement.threshold, "sigmas": sigmas, "window": window,
+                signal: judgement.value,
+                "window_mean": judgement.mean,
+                "window_std": judgement.std,
+                "threshold": judgement.threshold,
+                "sigmas": sigmas,
+                "window": window,
             }
             if signal == "loss":
                 grad_step = _nearest_spike_before(judgement.step, judged["grad_norm"], window)
@@ -119,7 +125,9 @@ def detect(history: dict[str, Points], views: list[dict[str, Any]], config: Dete
                 if grad_step is not None:
                     earlier = judgement.step - grad_step
                     details["grad_norm_spike_steps_earlier"] = earlier
-                    details["note"] = f"grad norm spiked {earlier} steps earlier" if earlier else "grad norm spiked at the same step"
+                    details["note"] = (
+                        f"grad norm spiked {earlier} steps earlier" if earlier else "grad norm spiked at the same step"
+                    )
             events.append(dict(event_document(judgement.step, kind, details, time=times[judgement.step])))
     return events, fresh
 

@@ -22,18 +22,27 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
+from numwatch.monitor.detectors import forward_events, spikes
 from numwatch.monitor.detectors import rules as detectors
-from numwatch.monitor.reads import forward
-from numwatch.monitor.detectors import forward_events
-from numwatch.monitor.store import rollups
-from numwatch.monitor.detectors import spikes
-from numwatch.monitor.store import blocks as step_blocks
-from numwatch.monitor.store.auth import Principal
 from numwatch.monitor.errors import IngestError, NotFound
-from numwatch.monitor.store.models import DELETING, GRAD_NORM_BUCKETS, Conflict, Event, ForwardStats, Histogram, RankState, Run, RunInstance
-from numwatch.monitor.store.packing import compress_histogram_array
-from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.ingest.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
+from numwatch.monitor.reads import forward
+from numwatch.monitor.reads.queries import find_run
+from numwatch.monitor.store import blocks as step_blocks
+from numwatch.monitor.store import rollups
+from numwatch.monitor.store.auth import Principal
+from numwatch.monitor.store.models import (
+    DELETING,
+    GRAD_NORM_BUCKETS,
+    Conflict,
+    Event,
+    ForwardStats,
+    Histogram,
+    RankState,
+    Run,
+    RunInstance,
+)
+from numwatch.monitor.store.packing import compress_histogram_array
 
 # Statistics a re-sent copy of a stored step may add (see _supplements).
 SUPPLEMENT_STATS = frozenset(protocol.QUANT_SQNR_STATS.values())
@@ -85,7 +94,11 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
     tensors = [tensor.model_dump() for tensor in document.tensors]
     now = utcnow()
     claim = session.get(RunInstance, document.instance) if document.instance is not None else None
-    run = session.get(Run, claim.run_id) if claim is not None else session.execute(select(Run).where(Run.name == document.run)).scalar_one_or_none()
+    run = (
+        session.get(Run, claim.run_id)
+        if claim is not None
+        else session.execute(select(Run).where(Run.name == document.run)).scalar_one_or_none()
+    )
     name, renamed, offset = document.run, False, 0
     if claim is None and run is not None and document.instance is not None:
         if document.resume:
@@ -95,37 +108,72 @@ def register_run(session: Session, document: RunDocument, principal: Principal) 
     created = run is None
     if run is None:
         run = Run(
-            name=name, project=document.project, format=document.format, world_size=document.world_size,
-            tensors=tensors, modules=document.modules, config=document.config, status="running",
-            started_at=datetime.fromtimestamp(document.started_at, timezone.utc), created_at=now, last_seen_at=now,
+            name=name,
+            project=document.project,
+            format=document.format,
+            world_size=document.world_size,
+            tensors=tensors,
+            modules=document.modules,
+            config=document.config,
+            status="running",
+            started_at=datetime.fromtimestamp(document.started_at, timezone.utc),
+            created_at=now,
+            last_seen_at=now,
         )
         session.add(run)
         session.flush()
     else:
         if run.status == DELETING:
-            raise IngestError(409, f"run {document.run!r} is being deleted; register it again once it is gone, or use a new run name")
+            raise IngestError(
+                409, f"run {document.run!r} is being deleted; register it again once it is gone, or use a new run name"
+            )
         if run.project != document.project or not principal.may_access(run.project):
-            raise IngestError(409 if principal.may_access(run.project) else 403, f"run {document.run!r} belongs to another project")
+            raise IngestError(
+                409 if principal.may_access(run.project) else 403, f"run {document.run!r} belongs to another project"
+            )
         difference = _schema_difference(run.tensors, tensors)
         if difference:
-            raise IngestError(409, f"run {document.run!r} is registered with a different tensor schema: {difference}; use a new run name")
+            raise IngestError(
+                409,
+                f"run {document.run!r} is registered with a different tensor schema: {difference}; use a new run name",
+            )
         run.world_size = max(run.world_size, document.world_size)
         run.last_seen_at = now
     if claim is None and document.instance is not None:
-        session.add(RunInstance(instance=document.instance, run_id=run.id, requested_name=document.run, step_offset=offset, created_at=now))
+        session.add(
+            RunInstance(
+                instance=document.instance,
+                run_id=run.id,
+                requested_name=document.run,
+                step_offset=offset,
+                created_at=now,
+            )
+        )
     if session.get(RankState, (run.id, document.rank)) is None:
-        session.add(RankState(run_id=run.id, rank=document.rank, grad_norm_bucket_counts=[0] * (len(GRAD_NORM_BUCKETS) + 1), lr=[], events_total={}))
+        session.add(
+            RankState(
+                run_id=run.id,
+                rank=document.rank,
+                grad_norm_bucket_counts=[0] * (len(GRAD_NORM_BUCKETS) + 1),
+                lr=[],
+                events_total={},
+            )
+        )
     return Registration(run, created, renamed or run.name != document.run)
 
 
-def batch_target(session: Session, requested: str, document: BatchDocument, principal: Principal) -> tuple[Run, BatchDocument]:
+def batch_target(
+    session: Session, requested: str, document: BatchDocument, principal: Principal
+) -> tuple[Run, BatchDocument]:
     """The run a batch posted under ``requested`` goes to, and the batch with its step numbers
     moved past the resumed run's earlier steps."""
     if document.instance is None:
         return find_run(session, requested, principal), document
     claim = session.get(RunInstance, document.instance)
     if claim is None or claim.requested_name != requested:
-        raise NotFound(f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs first)")
+        raise NotFound(
+            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs first)"
+        )
     run = session.get(Run, claim.run_id)
     assert run is not None
     run = find_run(session, run.name, principal)
@@ -145,20 +193,31 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
         if document.protocol < protocol.FORWARD_STATS_VERSION:
             for name in protocol.V3_STEP_FIELDS:
                 if getattr(step, name) not in (None, False):
-                    raise IngestError(422, f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}")
+                    raise IngestError(
+                        422,
+                        f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}",
+                    )
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
-                raise IngestError(422, f"steps[{i}].tensors.{name}: needs protocol 2, the batch says {document.protocol}")
+                raise IngestError(
+                    422, f"steps[{i}].tensors.{name}: needs protocol 2, the batch says {document.protocol}"
+                )
             try:
                 raw[name] = protocol.check_raw(values, protocol.TENSOR_STATS[name], n_tensors)
             except ValueError as error:
-                raise IngestError(422, f"steps[{i}].tensors.{name}: {error} (the run has {n_tensors} tensors)") from None
+                raise IngestError(
+                    422, f"steps[{i}].tensors.{name}: {error} (the run has {n_tensors} tensors)"
+                ) from None
         if step.activations is not None:
             for name in protocol.ACTIVATION_STATS:
                 try:
-                    raw[f"activation_{name}"] = protocol.check_raw(getattr(step.activations, name), protocol.ACTIVATION_STATS[name], n_modules)
+                    raw[f"activation_{name}"] = protocol.check_raw(
+                        getattr(step.activations, name), protocol.ACTIVATION_STATS[name], n_modules
+                    )
                 except ValueError as error:
-                    raise IngestError(422, f"steps[{i}].activations.{name}: {error} (the run traces {n_modules} modules)") from None
+                    raise IngestError(
+                        422, f"steps[{i}].activations.{name}: {error} (the run traces {n_modules} modules)"
+                    ) from None
         decoded.append(raw)
     for i, histogram in enumerate(document.histograms):
         for name, per_tensor in protocol.HISTOGRAM_LENGTHS.items():
@@ -172,13 +231,26 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
 def _step_row(step: Any, raw: dict[str, bytes]) -> dict[str, Any]:
     """A step of a batch as the store keeps it and the detectors read it."""
     return {
-        "step": step.step, "time": step.time, "step_time": step.step_time,
-        "loss": step.loss, "loss_scale": step.loss_scale, "new_loss_scale": step.new_loss_scale,
-        "scale_decision": step.scale_decision, "skipped": step.skipped, "global_grad_norm": step.global_grad_norm,
-        "headroom_bits": step.headroom_bits, "clip_coef": step.clip_coef, "post_clip_grad_norm": step.post_clip_grad_norm,
-        "clipped": step.clipped, "lr": [protocol.encode_float(v) for v in step.lr],
+        "step": step.step,
+        "time": step.time,
+        "step_time": step.step_time,
+        "loss": step.loss,
+        "loss_scale": step.loss_scale,
+        "new_loss_scale": step.new_loss_scale,
+        "scale_decision": step.scale_decision,
+        "skipped": step.skipped,
+        "global_grad_norm": step.global_grad_norm,
+        "headroom_bits": step.headroom_bits,
+        "clip_coef": step.clip_coef,
+        "post_clip_grad_norm": step.post_clip_grad_norm,
+        "clipped": step.clipped,
+        "lr": [protocol.encode_float(v) for v in step.lr],
         "scalars": {k: protocol.encode_float(v) for k, v in step.scalars.items()},
-        "tensors": {name: np.frombuffer(value, protocol.TENSOR_STATS[name]) for name, value in raw.items() if name in protocol.TENSOR_STATS},
+        "tensors": {
+            name: np.frombuffer(value, protocol.TENSOR_STATS[name])
+            for name, value in raw.items()
+            if name in protocol.TENSOR_STATS
+        },
         **{name: raw.get(name) for name in step_blocks.ACTIVATION_ARRAYS},
     }
 
@@ -190,7 +262,9 @@ def _same_float(a: float | None, b: float | None) -> bool:
 
 
 def _same_scalars(first: dict[str, Any], row: dict[str, Any]) -> bool:
-    return first["skipped"] == row["skipped"] and all(_same_float(first[key], row[key]) for key in ("loss", "loss_scale", "global_grad_norm"))
+    return first["skipped"] == row["skipped"] and all(
+        _same_float(first[key], row[key]) for key in ("loss", "loss_scale", "global_grad_norm")
+    )
 
 
 def _same_arrays(first: dict[str, np.ndarray], row: dict[str, np.ndarray], names: set[str]) -> bool:
@@ -208,7 +282,13 @@ def _supplements(first: dict[str, Any], row: dict[str, Any]) -> bool:
     (the final weights' quantization SQNR measured at close()): then it is no conflict."""
     old, new = first["tensors"], row["tensors"]
     added = set(new) - set(old)
-    return _same_scalars(first, row) and bool(added) and added <= SUPPLEMENT_STATS and set(old) <= set(new) and _same_arrays(old, new, set(old))
+    return (
+        _same_scalars(first, row)
+        and bool(added)
+        and added <= SUPPLEMENT_STATS
+        and set(old) <= set(new)
+        and _same_arrays(old, new, set(old))
+    )
 
 
 def _not_finite(value: float | None) -> bool:
@@ -227,11 +307,15 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
     state.nonfinite_loss_total += sum(_not_finite(view["loss"]) for view in views)
     state.loss_scale_backoffs_total += sum(view["scale_decision"] == "backoff" for view in views)
     state.loss_scale_growths_total += sum(view["scale_decision"] == "growth" for view in views)
-    norms = np.array([view["global_grad_norm"] for view in views if view["global_grad_norm"] is not None], dtype=np.float64)
+    norms = np.array(
+        [view["global_grad_norm"] for view in views if view["global_grad_norm"] is not None], dtype=np.float64
+    )
     buckets = np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64)
     finite = norms[np.isfinite(norms)]
     # Non-finite norms go to the +Inf bucket (the last); finite ones to the first bound >= value.
-    buckets += np.bincount(np.searchsorted(GRAD_NORM_BUCKETS, finite, side="left"), minlength=len(buckets))[: len(buckets)]
+    buckets += np.bincount(np.searchsorted(GRAD_NORM_BUCKETS, finite, side="left"), minlength=len(buckets))[
+        : len(buckets)
+    ]
     buckets[-1] += len(norms) - len(finite)
     state.grad_norm_bucket_counts = buckets.tolist()
     state.grad_norm_sum = float(state.grad_norm_sum + finite.sum())
@@ -239,7 +323,11 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
     last = views[-1]
     if last["step"] >= state.last_step:
         state.last_step, state.last_step_time = last["step"], last["time"]
-        state.loss, state.global_grad_norm, state.headroom_bits = last["loss"], last["global_grad_norm"], last["headroom_bits"]
+        state.loss, state.global_grad_norm, state.headroom_bits = (
+            last["loss"],
+            last["global_grad_norm"],
+            last["headroom_bits"],
+        )
         state.lr = list(last["lr"] or [])
         state.loss_scale = last["new_loss_scale"] if last["new_loss_scale"] is not None else last["loss_scale"]
         grad_norm = last["tensors"].get("grad_norm")
@@ -281,12 +369,16 @@ def _set_sampled_means(state: RankState, views: list[dict[str, Any]], names: tup
             break
 
 
-def _existing_event_keys(session: Session, run_id: int, rank: int, events: list[dict[str, Any]]) -> set[tuple[int, str]]:
+def _existing_event_keys(
+    session: Session, run_id: int, rank: int, events: list[dict[str, Any]]
+) -> set[tuple[int, str]]:
     if not events:
         return set()
     keys = {(event["step"], event["kind"]) for event in events}
     rows = session.execute(
-        select(Event.step, Event.kind).where(Event.run_id == run_id, Event.rank == rank, tuple_(Event.step, Event.kind).in_(list(keys)))
+        select(Event.step, Event.kind).where(
+            Event.run_id == run_id, Event.rank == rank, tuple_(Event.step, Event.kind).in_(list(keys))
+        )
     ).all()
     return {(row.step, row.kind) for row in rows}
 
@@ -303,7 +395,9 @@ def _locked_rank_state(session: Session, run_id: int, rank: int) -> RankState | 
     committed state and steps.
     """
     key = (RankState.run_id == run_id) & (RankState.rank == rank)
-    session.execute(update(RankState).where(key).values(last_step=RankState.last_step).execution_options(synchronize_session=False))
+    session.execute(
+        update(RankState).where(key).values(last_step=RankState.last_step).execution_options(synchronize_session=False)
+    )
     return session.execute(select(RankState).where(key).execution_options(populate_existing=True)).scalar_one_or_none()
 
 
@@ -314,7 +408,9 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     rank = document.rank
     state = _locked_rank_state(session, run.id, rank)
     if state is None:
-        raise IngestError(409, f"rank {rank} of run {run.name!r} is not registered: POST the run document for this rank first")
+        raise IngestError(
+            409, f"rank {rank} of run {run.name!r} is not registered: POST the run document for this rank first"
+        )
 
     # Within one batch the first copy of a step wins too.
     rows_by_step: dict[int, dict[str, Any]] = {}
@@ -328,9 +424,15 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             else:
                 conflicts.append(step.step)
     reader = step_blocks.Reader(session, run.id, rank, n_tensors, n_modules)
-    stored = {
-        step["step"]: step for step in reader.range(min(rows_by_step), max(rows_by_step)) if step["step"] in rows_by_step
-    } if rows_by_step else {}
+    stored = (
+        {
+            step["step"]: step
+            for step in reader.range(min(rows_by_step), max(rows_by_step))
+            if step["step"] in rows_by_step
+        }
+        if rows_by_step
+        else {}
+    )
     new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
     supplemented = []
     for number, row in sorted(rows_by_step.items()):
@@ -342,7 +444,13 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     reader.replace({row["step"]: row for row in supplemented})
     now = time.time()
     if conflicts:
-        session.execute(insert(Conflict), [{"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now} for n in conflicts])
+        session.execute(
+            insert(Conflict),
+            [
+                {"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now}
+                for n in conflicts
+            ],
+        )
 
     new_events: list[dict[str, Any]] = [event.model_dump() for event in document.events]
     numel = np.array([math.prod(t["shape"]) for t in run.tensors], dtype=np.float64)
@@ -350,35 +458,61 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         views = new_rows
         history = reader.last(new_rows[0]["step"], config.window)
         step_blocks.store(session, run.id, rank, new_rows)
-        new_events += detectors.detect(history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel)
+        new_events += detectors.detect(
+            history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel
+        )
         spike_history = spikes.stored_history(session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window)
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
         new_steps = {row["step"] for row in new_rows}
-        forward_rows = [row for step in document.steps if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None]
-        forward_rows = sorted({row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"])  # first copy wins
+        forward_rows = [
+            row
+            for step in document.steps
+            if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None
+        ]
+        forward_rows = sorted(
+            {row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"]
+        )  # first copy wins
         rollups.record(session, run.id, rank, views, n_tensors, state.last_step)
     else:
         views, forward_rows = [], []
     if forward_rows:
         session.execute(insert(ForwardStats), forward_rows)
         previous = forward.previous_row(session, run.id, rank, forward_rows[0]["step"])
-        new_events += forward_events.detect(previous, forward_rows, config, {row["step"]: row["time"] for row in new_rows})
+        new_events += forward_events.detect(
+            previous, forward_rows, config, {row["step"]: row["time"] for row in new_rows}
+        )
         forward.update_rank_state(state, forward_rows)
 
     histogram_keys = {(h.step, h.kind) for h in document.histograms}
     if histogram_keys:
-        existing = {tuple(row) for row in session.execute(
-            select(Histogram.step, Histogram.kind).where(Histogram.run_id == run.id, Histogram.rank == rank, tuple_(Histogram.step, Histogram.kind).in_(list(histogram_keys)))
-        )}
+        existing = {
+            tuple(row)
+            for row in session.execute(
+                select(Histogram.step, Histogram.kind).where(
+                    Histogram.run_id == run.id,
+                    Histogram.rank == rank,
+                    tuple_(Histogram.step, Histogram.kind).in_(list(histogram_keys)),
+                )
+            )
+        }
         fresh = {}
         for h in document.histograms:
             if (h.step, h.kind) not in existing:
-                fresh.setdefault((h.step, h.kind), {
-                    "run_id": run.id, "rank": rank, "step": h.step, "kind": h.kind,
-                    **{name: compress_histogram_array(name, getattr(h, name)) for name in protocol.HISTOGRAM_LENGTHS},
-                })
+                fresh.setdefault(
+                    (h.step, h.kind),
+                    {
+                        "run_id": run.id,
+                        "rank": rank,
+                        "step": h.step,
+                        "kind": h.kind,
+                        **{
+                            name: compress_histogram_array(name, getattr(h, name))
+                            for name in protocol.HISTOGRAM_LENGTHS
+                        },
+                    },
+                )
         if fresh:
             session.execute(Histogram.__table__.insert(), list(fresh.values()))
 
@@ -396,7 +530,10 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         _update_rank_state(state, views, numel)
     _update_quant_state(state, views + supplemented)
     if supplemented:  # the added stats only: the step's other series are in the rollups already
-        added = [{"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}} for view in supplemented]
+        added = [
+            {"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}}
+            for view in supplemented
+        ]
         rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
     _count_events(state, stored_events)
     run.last_seen_at = utcnow()
@@ -404,8 +541,10 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         run.status = document.status
         run.finished_at = run.last_seen_at if document.status != "running" else None
     result = IngestResult(
-        stored_steps=len(new_rows), duplicate_steps=len(document.steps) - len(new_rows),
-        conflicting_steps=len(conflicts), events=len(stored_events),
+        stored_steps=len(new_rows),
+        duplicate_steps=len(document.steps) - len(new_rows),
+        conflicting_steps=len(conflicts),
+        events=len(stored_events),
     )
     return StoredBatch(result, stored_events)
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 from numwatch import protocol
 
@@ -22,7 +31,15 @@ EpochSeconds = Annotated[float, Field(ge=0, le=MAX_EPOCH_SECONDS, description="s
 MAX_RUN_NAME = 512
 RunName = Annotated[str, Field(min_length=1, max_length=MAX_RUN_NAME)]
 ProjectName = Annotated[str, Field(min_length=1, max_length=200)]
-Instance = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="one watching process; the ranks of a job share it")]
+Instance = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="one watching process; the ranks of a job share it",
+    ),
+]
 
 
 def _decode_float(value: Any) -> float | None:
@@ -51,9 +68,18 @@ def _decode_array(value: Any) -> bytes:
 
 
 # Base64 text on the wire, raw little-endian bytes once validated.
-ArrayBytes = Annotated[bytes, PlainValidator(_decode_array),
-                       WithJsonSchema({"type": "string", "contentEncoding": "base64", "maxLength": MAX_ARRAY_TEXT,
-                                       "description": "base64 of little-endian raw values"})]
+ArrayBytes = Annotated[
+    bytes,
+    PlainValidator(_decode_array),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "contentEncoding": "base64",
+            "maxLength": MAX_ARRAY_TEXT,
+            "description": "base64 of little-endian raw values",
+        }
+    ),
+]
 
 
 def _check_arrays(arrays: dict[str, bytes], dtypes: dict[str, str]) -> dict[str, bytes]:
@@ -85,7 +111,9 @@ class TensorSpec(Strict):
     name: str = Field(min_length=1, max_length=1000)
     shape: list[Annotated[int, Field(ge=0)]]
     dtype: str = Field(max_length=64)
-    group: int = Field(ge=protocol.NO_PARAM_GROUP, description="optimizer param group; -1 when in none (no optimizer, frozen)")
+    group: int = Field(
+        ge=protocol.NO_PARAM_GROUP, description="optimizer param group; -1 when in none (no optimizer, frozen)"
+    )
 
 
 class RunDocument(Strict):
@@ -193,7 +221,9 @@ class RunRegistered(BaseModel):
     run: str = Field(description="the name the run is stored under")
     rank: int
     created: bool
-    renamed: bool = Field(False, description="another process held the name asked for: this one's data is stored as `run`")
+    renamed: bool = Field(
+        False, description="another process held the name asked for: this one's data is stored as `run`"
+    )
 
 
 class RunDeleting(BaseModel):

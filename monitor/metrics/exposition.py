@@ -21,12 +21,12 @@ from prometheus_client.registry import Collector
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, defer
 
-from numwatch.protocol import decode_float
-from numwatch.monitor.store.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run
 from numwatch.monitor.detectors import spikes
-from numwatch.monitor.store import blocks as step_blocks
 from numwatch.monitor.reads.queries import run_status
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.store import blocks as step_blocks
+from numwatch.monitor.store.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run
+from numwatch.protocol import decode_float
 
 RUN_LABELS = ("run", "rank")
 
@@ -35,11 +35,17 @@ class IngestMetrics:
     """This collector process's own ingest counters (summed across replicas by Prometheus)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("numwatch_ingest_requests", "Batch requests received by this collector process.", registry=registry)
-        self.rejected_batches = Counter("numwatch_ingest_rejected_batches", "Batches this process rejected (4xx).", registry=registry)
+        self.requests = Counter(
+            "numwatch_ingest_requests", "Batch requests received by this collector process.", registry=registry
+        )
+        self.rejected_batches = Counter(
+            "numwatch_ingest_rejected_batches", "Batches this process rejected (4xx).", registry=registry
+        )
         self.steps = Counter("numwatch_ingest_steps", "Steps stored by this process.", registry=registry)
         self.write_latency = Histogram(
-            "numwatch_ingest_write_latency_seconds", "Time to validate, store and commit one batch.", registry=registry,
+            "numwatch_ingest_write_latency_seconds",
+            "Time to validate, store and commit one batch.",
+            registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
         )
 
@@ -68,16 +74,27 @@ class NumwatchCollector(Collector):
 
     def _visible_runs(self, session: Session) -> list[Run]:
         cutoff = datetime.fromtimestamp(time.time() - self.settings.finished_grace_seconds, timezone.utc)
-        return list(session.execute(
-            select(Run).options(defer(Run.tensors), defer(Run.config), defer(Run.modules))
-            .where(Run.status != DELETING, or_(Run.status == "running", Run.finished_at.is_(None), Run.finished_at >= cutoff)).order_by(Run.id)
-        ).scalars())
+        return list(
+            session.execute(
+                select(Run)
+                .options(defer(Run.tensors), defer(Run.config), defer(Run.modules))
+                .where(
+                    Run.status != DELETING,
+                    or_(Run.status == "running", Run.finished_at.is_(None), Run.finished_at >= cutoff),
+                )
+                .order_by(Run.id)
+            ).scalars()
+        )
 
     def _build(self) -> list[Metric]:
         m = _Families(self.settings.detect.spike_score_steps, self.settings.detect.attention_logit_threshold)
         with self.session_factory() as session:
             runs = self._visible_runs(session)
-            states = session.execute(select(RankState).where(RankState.run_id.in_([r.id for r in runs]))).scalars().all() if runs else []
+            states = (
+                session.execute(select(RankState).where(RankState.run_id.in_([r.id for r in runs]))).scalars().all()
+                if runs
+                else []
+            )
             by_run: dict[int, list[RankState]] = {}
             for state in states:
                 by_run.setdefault(state.run_id, []).append(state)
@@ -121,53 +138,135 @@ class _Families:
     def __init__(self, score_steps: int, attention_logit_threshold: float) -> None:
         self.score_steps = score_steps
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
-        self.run_info = gauge("numwatch_run_info", "A run numwatch knows about (value 1).", labels=["run", "project", "format", "world_size", "status"])
+        self.run_info = gauge(
+            "numwatch_run_info",
+            "A run numwatch knows about (value 1).",
+            labels=["run", "project", "format", "world_size", "status"],
+        )
         self.scalar_gauges = {
             "last_step": gauge("numwatch_run_last_step", "Highest step stored.", labels=RUN_LABELS),
-            "last_step_time": gauge("numwatch_run_last_step_timestamp_seconds", "Wall time (epoch s) of the highest step stored.", labels=RUN_LABELS),
+            "last_step_time": gauge(
+                "numwatch_run_last_step_timestamp_seconds",
+                "Wall time (epoch s) of the highest step stored.",
+                labels=RUN_LABELS,
+            ),
             "loss": gauge("numwatch_loss", "Loss of the last step (NaN allowed).", labels=RUN_LABELS),
             "loss_scale": gauge("numwatch_loss_scale", "Loss scale after the last step.", labels=RUN_LABELS),
-            "global_grad_norm": gauge("numwatch_global_grad_norm", "Global gradient L2 norm of the last step (unscaled).", labels=RUN_LABELS),
-            "max_layer_grad_norm": gauge("numwatch_max_layer_grad_norm", "Largest per-tensor gradient norm of the last step.", labels=RUN_LABELS),
-            "layers_nonfinite": gauge("numwatch_layers_nonfinite", "Tensors with NaN/Inf gradients at the last step.", labels=RUN_LABELS),
-            "headroom_bits": gauge("numwatch_headroom_log2", "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the last step; promtool rejects a _bits suffix.", labels=RUN_LABELS),
-            "stale_fraction": gauge("numwatch_stale_fraction", "Mean share of weights that did not move although their gradient was non-zero (last sampled step).", labels=RUN_LABELS),
-            "update_ratio": gauge("numwatch_update_ratio", "Mean ||dw||/||w|| over tensors (last sampled step).", labels=RUN_LABELS),
-            "adam_update_rms": gauge("numwatch_adam_update_rms", "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) (last sampled step).", labels=RUN_LABELS),
-            "adam_eps_dominated": gauge("numwatch_adam_eps_dominated", "Mean over tensors of the share of elements where Adam's eps exceeds sqrt(v_hat) (last sampled step).", labels=RUN_LABELS),
-            "attention_logit_max": gauge("numwatch_attention_logit_max", "Largest pre-softmax attention logit scale*q.k over attention calls, batch, heads and unmasked positions (last measured forward; NaN allowed).", labels=RUN_LABELS),
-            "log_z_mean": gauge("numwatch_output_log_z_mean", "Mean over tokens of log Z = logsumexp of the output logits over the vocabulary (last measured forward).", labels=RUN_LABELS),
-            "log_z_max": gauge("numwatch_output_log_z_max", "Largest log Z over tokens (last measured forward).", labels=RUN_LABELS),
-            "output_logit_absmax": gauge("numwatch_output_logit_absmax", "Largest |output logit| (last measured forward).", labels=RUN_LABELS),
+            "global_grad_norm": gauge(
+                "numwatch_global_grad_norm", "Global gradient L2 norm of the last step (unscaled).", labels=RUN_LABELS
+            ),
+            "max_layer_grad_norm": gauge(
+                "numwatch_max_layer_grad_norm", "Largest per-tensor gradient norm of the last step.", labels=RUN_LABELS
+            ),
+            "layers_nonfinite": gauge(
+                "numwatch_layers_nonfinite", "Tensors with NaN/Inf gradients at the last step.", labels=RUN_LABELS
+            ),
+            "headroom_bits": gauge(
+                "numwatch_headroom_log2",
+                "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the last step; promtool rejects a _bits suffix.",
+                labels=RUN_LABELS,
+            ),
+            "stale_fraction": gauge(
+                "numwatch_stale_fraction",
+                "Mean share of weights that did not move although their gradient was non-zero (last sampled step).",
+                labels=RUN_LABELS,
+            ),
+            "update_ratio": gauge(
+                "numwatch_update_ratio", "Mean ||dw||/||w|| over tensors (last sampled step).", labels=RUN_LABELS
+            ),
+            "adam_update_rms": gauge(
+                "numwatch_adam_update_rms",
+                "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) (last sampled step).",
+                labels=RUN_LABELS,
+            ),
+            "adam_eps_dominated": gauge(
+                "numwatch_adam_eps_dominated",
+                "Mean over tensors of the share of elements where Adam's eps exceeds sqrt(v_hat) (last sampled step).",
+                labels=RUN_LABELS,
+            ),
+            "attention_logit_max": gauge(
+                "numwatch_attention_logit_max",
+                "Largest pre-softmax attention logit scale*q.k over attention calls, batch, heads and unmasked positions (last measured forward; NaN allowed).",
+                labels=RUN_LABELS,
+            ),
+            "log_z_mean": gauge(
+                "numwatch_output_log_z_mean",
+                "Mean over tokens of log Z = logsumexp of the output logits over the vocabulary (last measured forward).",
+                labels=RUN_LABELS,
+            ),
+            "log_z_max": gauge(
+                "numwatch_output_log_z_max", "Largest log Z over tokens (last measured forward).", labels=RUN_LABELS
+            ),
+            "output_logit_absmax": gauge(
+                "numwatch_output_logit_absmax", "Largest |output logit| (last measured forward).", labels=RUN_LABELS
+            ),
         }
-        self.attention_logit_threshold = gauge("numwatch_attention_logit_threshold", "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the alert compares with.")
+        self.attention_logit_threshold = gauge(
+            "numwatch_attention_logit_threshold",
+            "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the alert compares with.",
+        )
         self.attention_logit_threshold.add_metric([], attention_logit_threshold)
         self.counters = {
             "steps_total": counter("numwatch_steps", "Optimizer-step attempts stored.", labels=RUN_LABELS),
-            "skipped_steps_total": counter("numwatch_skipped_steps", "Steps the GradScaler skipped.", labels=RUN_LABELS),
-            "clipped_steps_total": counter("numwatch_clipped_steps", "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with numwatch_steps_total, the clipping rate.", labels=RUN_LABELS),
-            "nonfinite_steps_total": counter("numwatch_nonfinite_steps", "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as skipped steps instead).", labels=RUN_LABELS),
-            "nonfinite_loss_total": counter("numwatch_nonfinite_loss", "Steps whose loss was NaN or Inf.", labels=RUN_LABELS),
-            "loss_scale_backoffs_total": counter("numwatch_loss_scale_backoffs", "GradScaler backoffs.", labels=RUN_LABELS),
-            "loss_scale_growths_total": counter("numwatch_loss_scale_growths", "GradScaler growths.", labels=RUN_LABELS),
+            "skipped_steps_total": counter(
+                "numwatch_skipped_steps", "Steps the GradScaler skipped.", labels=RUN_LABELS
+            ),
+            "clipped_steps_total": counter(
+                "numwatch_clipped_steps",
+                "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with numwatch_steps_total, the clipping rate.",
+                labels=RUN_LABELS,
+            ),
+            "nonfinite_steps_total": counter(
+                "numwatch_nonfinite_steps",
+                "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as skipped steps instead).",
+                labels=RUN_LABELS,
+            ),
+            "nonfinite_loss_total": counter(
+                "numwatch_nonfinite_loss", "Steps whose loss was NaN or Inf.", labels=RUN_LABELS
+            ),
+            "loss_scale_backoffs_total": counter(
+                "numwatch_loss_scale_backoffs", "GradScaler backoffs.", labels=RUN_LABELS
+            ),
+            "loss_scale_growths_total": counter(
+                "numwatch_loss_scale_growths", "GradScaler growths.", labels=RUN_LABELS
+            ),
         }
         self.ratios = {
-            name: gauge(f"numwatch_grad_{name}", f"Share of gradient elements whose cast to the run's format is {what} (last step with format counts).", labels=[*RUN_LABELS, "format"])
-            for name, what in (("zero_ratio", "zero already"), ("underflow_ratio", "flushed to zero"), ("subnormal_ratio", "subnormal"), ("overflow_ratio", "overflowing"))
+            name: gauge(
+                f"numwatch_grad_{name}",
+                f"Share of gradient elements whose cast to the run's format is {what} (last step with format counts).",
+                labels=[*RUN_LABELS, "format"],
+            )
+            for name, what in (
+                ("zero_ratio", "zero already"),
+                ("underflow_ratio", "flushed to zero"),
+                ("subnormal_ratio", "subnormal"),
+                ("overflow_ratio", "overflowing"),
+            )
         }
         self.spike_score = gauge(
-            "numwatch_spike_score", "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 before any is judged.",
+            "numwatch_spike_score",
+            "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 before any is judged.",
             labels=[*RUN_LABELS, "signal"],
         )
         self.quant_sqnr_min = gauge(
-            "numwatch_quant_sqnr_min_decibels", "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last quantization step).",
+            "numwatch_quant_sqnr_min_decibels",
+            "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last quantization step).",
             labels=[*RUN_LABELS, "scheme"],
         )
-        self.learning_rate = gauge("numwatch_learning_rate", "Learning rate of each param group at the last step.", labels=[*RUN_LABELS, "group"])
+        self.learning_rate = gauge(
+            "numwatch_learning_rate",
+            "Learning rate of each param group at the last step.",
+            labels=[*RUN_LABELS, "group"],
+        )
         self.grad_norm_distribution = HistogramMetricFamily(
             "numwatch_global_grad_norm_distribution", "Global gradient norms of all stored steps.", labels=RUN_LABELS
         )
-        self.layer_grad_norm = gauge("numwatch_layer_grad_norm", "Per-tensor gradient norm at the last step, top-k tensors by norm.", labels=[*RUN_LABELS, "tensor"])
+        self.layer_grad_norm = gauge(
+            "numwatch_layer_grad_norm",
+            "Per-tensor gradient norm at the last step, top-k tensors by norm.",
+            labels=[*RUN_LABELS, "tensor"],
+        )
         self.events = counter("numwatch_events", "Events stored, by kind.", labels=["run", "kind"])
 
     def add_rank(self, run: Run, state: RankState) -> None:
@@ -183,17 +282,32 @@ class _Families:
             if value is not None:
                 family.add_metric([*labels, run.format], float(value))
         for signal in spikes.SIGNALS:
-            self.spike_score.add_metric([*labels, signal], spikes.score((state.spike_state or {}).get(signal, spikes.EMPTY), self.score_steps))
+            self.spike_score.add_metric(
+                [*labels, signal], spikes.score((state.spike_state or {}).get(signal, spikes.EMPTY), self.score_steps)
+            )
         for scheme, value in sorted((state.quant_sqnr_min or {}).items()):
             self.quant_sqnr_min.add_metric([*labels, scheme], _finite_or_nan(decode_float(value)))
         for group, lr in enumerate(state.lr or []):
             self.learning_rate.add_metric([*labels, str(group)], _finite_or_nan(decode_float(lr)))
-        counts = np.cumsum(np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64))
-        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1])] + [("+Inf", int(counts[-1]))]
+        counts = np.cumsum(
+            np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64)
+        )
+        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1])] + [
+            ("+Inf", int(counts[-1]))
+        ]
         self.grad_norm_distribution.add_metric(labels, buckets, sum_value=state.grad_norm_sum)
 
     def families(self) -> list[Metric]:
         return [
-            self.run_info, *self.scalar_gauges.values(), self.attention_logit_threshold, *self.counters.values(), *self.ratios.values(),
-            self.spike_score, self.quant_sqnr_min, self.learning_rate, self.grad_norm_distribution, self.layer_grad_norm, self.events,
+            self.run_info,
+            *self.scalar_gauges.values(),
+            self.attention_logit_threshold,
+            *self.counters.values(),
+            *self.ratios.values(),
+            self.spike_score,
+            self.quant_sqnr_min,
+            self.learning_rate,
+            self.grad_norm_distribution,
+            self.layer_grad_norm,
+            self.events,
         ]

@@ -20,7 +20,9 @@ def _add_database(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = None) -> None:
-    parser.add_argument("--url", default=os.environ.get("NUMWATCH_URL", default_url), help="collector URL (env NUMWATCH_URL)")
+    parser.add_argument(
+        "--url", default=os.environ.get("NUMWATCH_URL", default_url), help="collector URL (env NUMWATCH_URL)"
+    )
     parser.add_argument("--token", default=os.environ.get("NUMWATCH_TOKEN"), help="write token (env NUMWATCH_TOKEN)")
 
 
@@ -51,13 +53,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from numwatch.monitor.app import create_app, prepare_database
     from numwatch.monitor.store.db import SchemaOutdated
 
-    settings = _settings(args, host=args.host, port=args.port, auth=args.auth, open_reads=args.open_reads or None,
-                         insecure_no_auth=args.insecure_no_auth or None)
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        auth=args.auth,
+        open_reads=args.open_reads or None,
+        insecure_no_auth=args.insecure_no_auth or None,
+    )
     if "auth" not in settings.model_fields_set:  # neither --auth nor NUMWATCH_AUTH: off on loopback only
         settings = settings.model_copy(update={"auth": "off" if settings.loopback else "token"})
     if not settings.auth_enabled and not settings.loopback and not settings.insecure_no_auth:
-        print(f"numwatch serve: refusing to serve {settings.host} without auth: anyone who reaches it could write and read runs.\n"
-              "Create a token (`numwatch token create --project P`) and drop --auth off, or pass --insecure-no-auth.", file=sys.stderr)
+        print(
+            f"numwatch serve: refusing to serve {settings.host} without auth: anyone who reaches it could write and read runs.\n"
+            "Create a token (`numwatch token create --project P`) and drop --auth off, or pass --insecure-no-auth.",
+            file=sys.stderr,
+        )
         return 2
     try:
         prepare_database(settings)
@@ -66,7 +77,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if not settings.auth_enabled:
         print(f"numwatch: auth is off (bound to {settings.host}): writes and reads need no token", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False
+    )
     return 0
 
 
@@ -109,7 +122,9 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     with _session(_settings(args)) as session:
         for token in list_tokens(session):
             state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
-            print(f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  {state}")
+            print(
+                f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  {state}"
+            )
     return 0
 
 
@@ -136,9 +151,9 @@ def _purger(session: Any, label: str) -> Any:
 
 
 def cmd_runs_delete(args: argparse.Namespace) -> int:
-    from numwatch.monitor.store.auth import EVERYTHING
     from numwatch.monitor.errors import NotFound
     from numwatch.monitor.reads.queries import find_run
+    from numwatch.monitor.store.auth import EVERYTHING
     from numwatch.monitor.store.retention import mark_deleting
 
     with _session(args) as session:
@@ -179,7 +194,10 @@ def cmd_gc(args: argparse.Namespace) -> int:
         expired = runs_to_delete(session, timedelta(seconds=args.older_than), args.project)
         for run in expired:
             mark_deleting(run)
-            print(f"deleting {run.name} (project {run.project}, last seen {run.last_seen_at:%Y-%m-%d %H:%M})", file=sys.stderr)
+            print(
+                f"deleting {run.name} (project {run.project}, last seen {run.last_seen_at:%Y-%m-%d %H:%M})",
+                file=sys.stderr,
+            )
         session.commit()
         purger = _purger(session, "gc")
         runs = purger.sweep()
@@ -233,7 +251,12 @@ class Progress:
         width = 30
         filled = width * self.done // max(self.total, 1)
         end = "\n" if self.done >= self.total else ""
-        print(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}", end=end, file=sys.stderr, flush=True)
+        print(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}",
+            end=end,
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -255,7 +278,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
     for line in report.rejected:
         print(f"rejected by the collector (not retried): {line}", file=sys.stderr)
     if report.unreachable:
-        print(f"\nnumwatch sync: stopped, collector unavailable ({report.unreachable}); run it again later — it resumes where it stopped", file=sys.stderr)
+        print(
+            f"\nnumwatch sync: stopped, collector unavailable ({report.unreachable}); run it again later — it resumes where it stopped",
+            file=sys.stderr,
+        )
         return 1
     return 1 if report.rejected else 0
 
@@ -279,24 +305,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the collector (HTTP API, /metrics)", description=(
-        "Run the collector. On 127.0.0.1 auth is off unless --auth token; elsewhere tokens are required. "
-        "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db upgrade`."))
+    serve = commands.add_parser(
+        "serve",
+        help="run the collector (HTTP API, /metrics)",
+        description=(
+            "Run the collector. On 127.0.0.1 auth is off unless --auth token; elsewhere tokens are required. "
+            "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db upgrade`."
+        ),
+    )
     serve.add_argument("--host", default=None, help="address to bind (default: env NUMWATCH_HOST, else 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="port (default: env NUMWATCH_PORT, else 8428)")
-    serve.add_argument("--auth", choices=("token", "off"), help="require bearer tokens (default: env NUMWATCH_AUTH, else off on loopback, token elsewhere)")
-    serve.add_argument("--open-reads", action="store_true", help="let reads (API, not /metrics) through without a token")
+    serve.add_argument(
+        "--auth",
+        choices=("token", "off"),
+        help="require bearer tokens (default: env NUMWATCH_AUTH, else off on loopback, token elsewhere)",
+    )
+    serve.add_argument(
+        "--open-reads", action="store_true", help="let reads (API, not /metrics) through without a token"
+    )
     serve.add_argument("--insecure-no-auth", action="store_true", help="allow --auth off on a non-loopback address")
     serve.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     _add_database(serve)
     serve.set_defaults(func=cmd_serve)
 
-    database = commands.add_parser("db", help="database schema").add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    database = commands.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
     upgrade = database.add_parser("upgrade", help="create or migrate the database schema to this version")
     _add_database(upgrade)
     upgrade.set_defaults(func=cmd_db_upgrade)
 
-    token = commands.add_parser("token", help="bearer tokens for writers and readers").add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    token = commands.add_parser("token", help="bearer tokens for writers and readers").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
+    )
     create = token.add_parser("create", help="create a token for a project (printed once, on the last line)")
     create.add_argument("--project", required=True, help="the project the token may write and read")
     create.add_argument("--name", default="", help="a label, e.g. who uses it")
@@ -310,17 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database(listing)
     listing.set_defaults(func=cmd_token_list)
 
-    runs = commands.add_parser("runs", help="table of runs: status, last step, loss, grad norm, scale, events; `runs delete RUN`")
+    runs = commands.add_parser(
+        "runs", help="table of runs: status, last step, loss, grad norm, scale, events; `runs delete RUN`"
+    )
     _add_database(runs)
     runs.set_defaults(func=cmd_runs)
     runs_delete = runs.add_subparsers(dest="runs_command", metavar="ACTION").add_parser(
-        "delete", help="delete a run and all its data (in short transactions: other runs keep ingesting)")
+        "delete", help="delete a run and all its data (in short transactions: other runs keep ingesting)"
+    )
     runs_delete.add_argument("run")
     _add_database(runs_delete)
     runs_delete.set_defaults(func=cmd_runs_delete)
-    gc = commands.add_parser("gc", help="delete runs not heard from for a while, and rows of runs deleted by hand", description=(
-        "Delete every run whose last batch or registration is older than --older-than (of --project only, if given), "
-        "finish deletions cut short, remove rows left by runs deleted by hand, and give the space back (SQLite)."))
+    gc = commands.add_parser(
+        "gc",
+        help="delete runs not heard from for a while, and rows of runs deleted by hand",
+        description=(
+            "Delete every run whose last batch or registration is older than --older-than (of --project only, if given), "
+            "finish deletions cut short, remove rows left by runs deleted by hand, and give the space back (SQLite)."
+        ),
+    )
     gc.add_argument("--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m, 2w")
     gc.add_argument("--project", help="only runs of this project")
     _add_database(gc)
@@ -330,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_database(show)
     show.set_defaults(func=cmd_show)
 
-    export = commands.add_parser("export", help="write a run's page as one self-contained HTML file (data and scripts inline)")
+    export = commands.add_parser(
+        "export", help="write a run's page as one self-contained HTML file (data and scripts inline)"
+    )
     export.add_argument("run", help="run name")
     export.add_argument("-o", "--output", help="file to write (default: RUN.html)")
     _add_database(export)
@@ -338,13 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = commands.add_parser("sync", help="upload the local spool (written while offline) to a collector")
     _add_collector(sync)
-    sync.add_argument("--spool-dir", default=None, help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)")
+    sync.add_argument(
+        "--spool-dir",
+        default=None,
+        help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)",
+    )
     sync.set_defaults(func=cmd_sync)
 
-    demo = commands.add_parser("demo", help="train a small GPT that goes wrong on purpose, then serve its run page until Ctrl-C")
+    demo = commands.add_parser(
+        "demo", help="train a small GPT that goes wrong on purpose, then serve its run page until Ctrl-C"
+    )
     demo.add_argument("--url", default=None, help="use this collector instead of starting one")
-    demo.add_argument("--steps", type=int, default=240, help="training steps (default 240; at least 60): the instability starts halfway")
-    demo.add_argument("--exit", action="store_true", help="stop after the report instead of serving the run page until Ctrl-C")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=240,
+        help="training steps (default 240; at least 60): the instability starts halfway",
+    )
+    demo.add_argument(
+        "--exit", action="store_true", help="stop after the report instead of serving the run page until Ctrl-C"
+    )
     demo.set_defaults(func=cmd_demo)
 
     _add_server_commands(commands)

@@ -34,7 +34,7 @@ class DemoPlan:
     batch_size: int = 8
 
     @classmethod
-    def of_length(cls, steps: int) -> "DemoPlan":
+    def of_length(cls, steps: int) -> DemoPlan:
         """The same story in ``steps`` steps: healthy first half, then the runaway learning rate."""
         if steps < 60:
             raise ValueError(f"the demo needs at least 60 steps to tell its story, got {steps}")
@@ -60,9 +60,18 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
     scaler = torch.amp.GradScaler("cpu", growth_interval=50)
     batches = synthetic_batches(cfg, plan.batch_size)
 
-    watcher = numwatch.watch(model, optimizer, scaler=scaler, run=run, url=url, token=None,
-                          histogram_every=20, trace_activations=True, on_nonfinite="ignore",
-                          config={"model": "TinyGPT", "precision": "fp16-autocast", "demo": True})
+    watcher = numwatch.watch(
+        model,
+        optimizer,
+        scaler=scaler,
+        run=run,
+        url=url,
+        token=None,
+        histogram_every=20,
+        trace_activations=True,
+        on_nonfinite="ignore",
+        config={"model": "TinyGPT", "precision": "fp16-autocast", "demo": True},
+    )
     with watcher:
         for step in range(1, plan.steps + 1):
             if plan.spike_at <= step <= plan.spike_at + plan.ramp_steps:
@@ -70,7 +79,9 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
                 for group in optimizer.param_groups:
                     group["lr"] = plan.base_lr * (plan.spike_lr / plan.base_lr) ** progress
                 if step == plan.spike_at:
-                    out.write(f"  step {step}: learning rate starts climbing to {plan.spike_lr} over {plan.ramp_steps} steps (the mistake)\n")
+                    out.write(
+                        f"  step {step}: learning rate starts climbing to {plan.spike_lr} over {plan.ramp_steps} steps (the mistake)\n"
+                    )
             inputs, targets = next(batches)
             with torch.autocast("cpu", dtype=torch.float16):
                 loss = lm_loss(model(inputs), targets)
@@ -85,7 +96,9 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
 def _progress(out: TextIO, step: int, total: int, loss: float, scale: float) -> None:
     width = 30
     done = width * step // total
-    out.write(f"  [{'#' * done}{'.' * (width - done)}] step {step:>4}/{total}  loss {loss:>9.4g}  loss scale {scale:>8.4g}\n")
+    out.write(
+        f"  [{'#' * done}{'.' * (width - done)}] step {step:>4}/{total}  loss {loss:>9.4g}  loss scale {scale:>8.4g}\n"
+    )
     out.flush()
 
 
@@ -122,7 +135,9 @@ def run_page_url(url: str, run: str) -> str:
     return f"{url}/runs/{quote(run, safe='')}"
 
 
-def run_demo(url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: bool = False, out: TextIO | None = None) -> tuple[str, list[dict]]:
+def run_demo(
+    url: str | None = None, plan: DemoPlan = DemoPlan(), keep_serving: bool = False, out: TextIO | None = None
+) -> tuple[str, list[dict]]:
     """The whole demo; returns the run's name and the events the collector stored.
 
     With ``keep_serving``, a collector the demo started keeps serving (the run's page) until Ctrl-C.

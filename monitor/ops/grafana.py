@@ -30,7 +30,11 @@ logger = logging.getLogger(__name__)
 # Datasource uids the dashboards reference (dashboards/generate.py and the file
 # provisioning under deploy/grafana use the same ones).
 PROMETHEUS_DATASOURCE = {"name": "numwatch Prometheus", "uid": "numwatch-prometheus", "type": "prometheus"}
-COLLECTOR_DATASOURCE = {"name": "numwatch collector", "uid": "numwatch-collector", "type": "yesoreyeram-infinity-datasource"}
+COLLECTOR_DATASOURCE = {
+    "name": "numwatch collector",
+    "uid": "numwatch-collector",
+    "type": "yesoreyeram-infinity-datasource",
+}
 DEFAULT_DASHBOARDS_DIR = Path(str(files("numwatch.dashboards")))
 HTTP_NOT_FOUND = 404
 
@@ -42,9 +46,17 @@ def _grafana_api(url: str, token: str | None, timeout: float) -> Any:
     return GrafanaApi.from_url(url, credential=token, timeout=timeout)
 
 
-def datasource_models(prometheus_url: str, collector_url: str, collector_token: str | None = None) -> list[dict[str, Any]]:
+def datasource_models(
+    prometheus_url: str, collector_url: str, collector_token: str | None = None
+) -> list[dict[str, Any]]:
     """The two datasources the dashboards use, as ``POST /api/datasources`` bodies."""
-    prometheus = {**PROMETHEUS_DATASOURCE, "url": prometheus_url, "access": "proxy", "isDefault": True, "jsonData": {"httpMethod": "POST"}}
+    prometheus = {
+        **PROMETHEUS_DATASOURCE,
+        "url": prometheus_url,
+        "access": "proxy",
+        "isDefault": True,
+        "jsonData": {"httpMethod": "POST"},
+    }
     # Infinity prefixes the datasource URL to each panel's relative /api/v1/... path and
     # only calls allowed hosts.
     collector: dict[str, Any] = {
@@ -140,7 +152,11 @@ def push_dashboards(
         _upsert_datasource(api, model, summary)
     for model in dashboards:
         # Grafana matches by uid; a numeric id from another instance would clash.
-        payload: dict[str, Any] = {"dashboard": {**model, "id": None}, "overwrite": True, "message": "numwatch grafana push"}
+        payload: dict[str, Any] = {
+            "dashboard": {**model, "id": None},
+            "overwrite": True,
+            "message": "numwatch grafana push",
+        }
         if folder_uid:
             payload["folderUid"] = folder_uid
         api.dashboard.update_dashboard(payload)
@@ -168,7 +184,15 @@ class AnnotationSink:
     ``failed`` and not retried, so a down Grafana costs the collector nothing.
     """
 
-    def __init__(self, url: str, token: str | None, *, max_queue: int = 1000, timeout: float = 5.0, dashboard_uid: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        max_queue: int = 1000,
+        timeout: float = 5.0,
+        dashboard_uid: str | None = None,
+    ) -> None:
         self._url = url
         self._token = token
         self._timeout = timeout
@@ -245,12 +269,26 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     push = commands.add_parser("push", help="create or update numwatch's datasources and dashboards in Grafana")
     # The same Grafana the collector posts annotations to, from the same settings.
     settings = Settings()
-    push.add_argument("--url", default=settings.grafana_url or "http://localhost:3000", help="Grafana base URL (env NUMWATCH_GRAFANA_URL)")
-    push.add_argument("--token", default=settings.grafana_token, help="Grafana service-account token (env NUMWATCH_GRAFANA_TOKEN)")
-    push.add_argument("--dashboards-dir", type=Path, default=DEFAULT_DASHBOARDS_DIR, help="directory of dashboard JSON files")
+    push.add_argument(
+        "--url",
+        default=settings.grafana_url or "http://localhost:3000",
+        help="Grafana base URL (env NUMWATCH_GRAFANA_URL)",
+    )
+    push.add_argument(
+        "--token", default=settings.grafana_token, help="Grafana service-account token (env NUMWATCH_GRAFANA_TOKEN)"
+    )
+    push.add_argument(
+        "--dashboards-dir", type=Path, default=DEFAULT_DASHBOARDS_DIR, help="directory of dashboard JSON files"
+    )
     push.add_argument("--prometheus-url", default="http://prometheus:9090", help="Prometheus URL as Grafana reaches it")
-    push.add_argument("--collector-url", default="http://collector:8428", help="numwatch collector URL as Grafana reaches it")
-    push.add_argument("--collector-token", default=os.environ.get("NUMWATCH_TOKEN"), help="read token for the collector API (env NUMWATCH_TOKEN)")
+    push.add_argument(
+        "--collector-url", default="http://collector:8428", help="numwatch collector URL as Grafana reaches it"
+    )
+    push.add_argument(
+        "--collector-token",
+        default=os.environ.get("NUMWATCH_TOKEN"),
+        help="read token for the collector API (env NUMWATCH_TOKEN)",
+    )
     push.add_argument("--folder-uid", default=None, help="Grafana folder uid for the dashboards")
     push.set_defaults(func=_push_command)
     return push

@@ -109,7 +109,9 @@ def managed_process(argv: list[str], ready_url: str, log_path: Path) -> Iterator
         try:
             ready = wait_for(lambda: process.poll() is not None or answers_ok(ready_url), READY_TIMEOUT_S)
             if process.poll() is not None or not ready:
-                raise RuntimeError(f"{Path(argv[0]).name} did not become ready at {ready_url}:\n{log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{Path(argv[0]).name} did not become ready at {ready_url}:\n{log_path.read_text()[-3000:]}"
+                )
             yield process
         finally:
             process.terminate()
@@ -124,7 +126,9 @@ def load_deploy_yaml(relative: str, deploy_dir: Path = DEPLOY_DIR) -> dict:
     """A YAML file of ``deploy/``."""
     path = deploy_dir / relative
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the numwatch installation is incomplete; reinstall it (pip install --force-reinstall numwatch)")
+        raise FileNotFoundError(
+            f"{path} not found: the numwatch installation is incomplete; reinstall it (pip install --force-reinstall numwatch)"
+        )
     return yaml.safe_load(path.read_text())
 
 
@@ -183,7 +187,9 @@ def alertmanager_config(webhook_url: str | None = None, deploy_dir: Path = DEPLO
 
 
 @contextmanager
-def _running_server(name: str, argv: list[str], workdir: Path, config: dict, port: int | None, data_flag: str) -> Iterator[str]:
+def _running_server(
+    name: str, argv: list[str], workdir: Path, config: dict, port: int | None, data_flag: str
+) -> Iterator[str]:
     """``argv`` + config/data/listen flags for a Prometheus-family server in ``workdir/name``; yields its URL."""
     root = workdir / name
     (root / "data").mkdir(parents=True, exist_ok=True)
@@ -199,7 +205,9 @@ def _running_server(name: str, argv: list[str], workdir: Path, config: dict, por
 @contextmanager
 def running_alertmanager(binary: str, workdir: Path, config: dict, port: int | None = None) -> Iterator[str]:
     """A real Alertmanager (clustering off) with ``config``; yields its URL."""
-    with _running_server("alertmanager", [binary, "--cluster.listen-address="], workdir, config, port, "--storage.path") as url:
+    with _running_server(
+        "alertmanager", [binary, "--cluster.listen-address="], workdir, config, port, "--storage.path"
+    ) as url:
         yield url
 
 
@@ -211,7 +219,9 @@ def running_prometheus(binary: str, workdir: Path, config: dict, port: int | Non
 
 
 @contextmanager
-def running_collector(workdir: Path, database_url: str | None = None, port: int | None = None, extra_args: tuple[str, ...] = ()) -> Iterator[str]:
+def running_collector(
+    workdir: Path, database_url: str | None = None, port: int | None = None, extra_args: tuple[str, ...] = ()
+) -> Iterator[str]:
     """``numwatch serve`` in a subprocess on loopback (auth off); yields its URL."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
@@ -222,7 +232,19 @@ def running_collector(workdir: Path, database_url: str | None = None, port: int 
 
 def collector_argv(port: int, database_url: str, extra_args: tuple[str, ...] = ()) -> list[str]:
     """The command line of ``numwatch serve`` on 127.0.0.1:``port`` (this Python's monitor package)."""
-    return [sys.executable, "-m", "numwatch.monitor.ops.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--database-url", database_url, *extra_args]
+    return [
+        sys.executable,
+        "-m",
+        "numwatch.monitor.ops.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--database-url",
+        database_url,
+        *extra_args,
+    ]
 
 
 def run_stack(args: argparse.Namespace) -> int:
@@ -236,8 +258,12 @@ def run_stack(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
-        collector_url = args.url or stack.enter_context(running_collector(workdir, args.database_url, args.collector_port))
-        am_url = stack.enter_context(running_alertmanager(alertmanager, workdir, alertmanager_config(args.webhook_url), args.alertmanager_port))
+        collector_url = args.url or stack.enter_context(
+            running_collector(workdir, args.database_url, args.collector_port)
+        )
+        am_url = stack.enter_context(
+            running_alertmanager(alertmanager, workdir, alertmanager_config(args.webhook_url), args.alertmanager_port)
+        )
         prom_port = args.prometheus_port or free_port()
         config = prometheus_config(
             collector_url.split("://", 1)[-1].rstrip("/"),
@@ -266,13 +292,19 @@ def add_stack_cli(subparsers: Any) -> argparse.ArgumentParser:
             "deploy/docker-compose.yml."
         ),
     )
-    parser.add_argument("--workdir", default="numwatch-stack", help="directory for the servers' data, configs and logs (default: ./numwatch-stack)")
+    parser.add_argument(
+        "--workdir",
+        default="numwatch-stack",
+        help="directory for the servers' data, configs and logs (default: ./numwatch-stack)",
+    )
     parser.add_argument("--url", help="use this running collector instead of starting one")
     parser.add_argument("--database-url", help="database of the started collector (default: SQLite in --workdir)")
     parser.add_argument("--collector-port", type=int, default=8428, help="collector port (default 8428)")
     parser.add_argument("--prometheus-port", type=int, default=9090, help="Prometheus port (default 9090)")
     parser.add_argument("--alertmanager-port", type=int, default=9093, help="Alertmanager port (default 9093)")
     parser.add_argument("--interval", default="5s", help="scrape and rule-evaluation interval (default 5s)")
-    parser.add_argument("--webhook-url", help="send every alert to this webhook (default: alerts only visible in Alertmanager)")
+    parser.add_argument(
+        "--webhook-url", help="send every alert to this webhook (default: alerts only visible in Alertmanager)"
+    )
     parser.set_defaults(func=run_stack)
     return parser

@@ -8,9 +8,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from numwatch.protocol import encode_float
 from numwatch.monitor.detectors.forward_events import attention_maxima
 from numwatch.monitor.store.models import ForwardStats, RankState, Run
+from numwatch.protocol import encode_float
 
 LOG_Z_COLUMNS = ("log_z_mean", "log_z_max", "logit_absmax")
 
@@ -21,10 +21,13 @@ def forward_row(run_id: int, rank: int, step: Any) -> dict[str, Any] | None:
         return None
     logits = step.output_logits
     return {
-        "run_id": run_id, "rank": rank, "step": step.step,
+        "run_id": run_id,
+        "rank": rank,
+        "step": step.step,
         "attention_calls": list(step.attention_logit_max or {}),
         "attention_logit_max": [encode_float(v) for v in (step.attention_logit_max or {}).values()],
-        "log_z_mean": logits.log_z_mean if logits else None, "log_z_max": logits.log_z_max if logits else None,
+        "log_z_mean": logits.log_z_mean if logits else None,
+        "log_z_max": logits.log_z_max if logits else None,
         "logit_absmax": logits.absmax if logits else None,
     }
 
@@ -36,8 +39,10 @@ def _row_dict(row: ForwardStats) -> dict[str, Any]:
 def previous_row(session: Session, run_id: int, rank: int, before: int) -> dict[str, Any] | None:
     """The last stored row below step ``before``."""
     row = session.execute(
-        select(ForwardStats).where(ForwardStats.run_id == run_id, ForwardStats.rank == rank, ForwardStats.step < before)
-        .order_by(ForwardStats.step.desc()).limit(1)
+        select(ForwardStats)
+        .where(ForwardStats.run_id == run_id, ForwardStats.rank == rank, ForwardStats.step < before)
+        .order_by(ForwardStats.step.desc())
+        .limit(1)
     ).scalar_one_or_none()
     return _row_dict(row) if row is not None else None
 
@@ -57,7 +62,11 @@ def update_rank_state(state: RankState, rows: list[dict[str, Any]]) -> None:
             break
     for row in reversed(rows):
         if row["log_z_mean"] is not None:
-            state.log_z_mean, state.log_z_max, state.output_logit_absmax = row["log_z_mean"], row["log_z_max"], row["logit_absmax"]
+            state.log_z_mean, state.log_z_max, state.output_logit_absmax = (
+                row["log_z_mean"],
+                row["log_z_max"],
+                row["logit_absmax"],
+            )
             break
 
 
@@ -66,7 +75,9 @@ def _buckets(count: int, max_points: int) -> list[range]:
     return [range(start, min(count, start + size)) for start in range(0, count, size)]
 
 
-def series(session: Session, run: Run, rank: int, start: int | None, end: int | None, max_points: int) -> dict[str, Any]:
+def series(
+    session: Session, run: Run, rank: int, start: int | None, end: int | None, max_points: int
+) -> dict[str, Any]:
     """Max attention logit per call and the output log Z over the measured steps, and the run's maximum.
 
     With more steps than ``max_points``, consecutive steps share a bucket that keeps, per

@@ -12,19 +12,29 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.store import blocks as step_blocks
-from numwatch.monitor.store.models import Event, Histogram, Run
 from numwatch.monitor.reads.queries import event_record, rank_states, run_status
 from numwatch.monitor.reads.series import downsample
+from numwatch.monitor.store import blocks as step_blocks
+from numwatch.monitor.store.models import Event, Histogram, Run
 
 MEAN_STATS = ("update_ratio", "stale_fraction")
 ORIGIN_KINDS = ("nonfinite_origin", "nonfinite_grad")
-TAIL_SCALARS = ("loss", "global_grad_norm", "post_clip_grad_norm", "clip_coef", "loss_scale", "headroom_bits", "step_time")
+TAIL_SCALARS = (
+    "loss",
+    "global_grad_norm",
+    "post_clip_grad_norm",
+    "clip_coef",
+    "loss_scale",
+    "headroom_bits",
+    "step_time",
+)
 TAIL_LIMIT = 2000
 
 
 def _series(steps: list[int], values: list[float], max_points: int) -> dict[str, list]:
-    step_array, value_array = downsample(np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64), max_points)
+    step_array, value_array = downsample(
+        np.array(steps, dtype=np.int64), np.array(values, dtype=np.float64), max_points
+    )
     return {"steps": step_array.tolist(), "values": [protocol.encode_float(v) for v in value_array.tolist()]}
 
 
@@ -58,13 +68,20 @@ def tensor_summary(session: Session, run: Run, rank: int, max_points: int) -> di
 def histogram_steps(session: Session, run: Run, kind: str, rank: int) -> dict[str, Any]:
     """The sampled steps with a ``kind`` histogram, and the one to show first: the tensor named
     first where values went non-finite, at the last sampled step before that (else the latest)."""
-    query = select(Histogram.step).where(Histogram.run_id == run.id, Histogram.rank == rank, Histogram.kind == kind).order_by(Histogram.step)
+    query = (
+        select(Histogram.step)
+        .where(Histogram.run_id == run.id, Histogram.rank == rank, Histogram.kind == kind)
+        .order_by(Histogram.step)
+    )
     steps = list(session.execute(query).scalars())
     names = [t["name"] for t in run.tensors]
     if not steps or not names:
         return {"kind": kind, "rank": rank, "steps": steps, "suggested": None}
     origin = session.execute(
-        select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.kind.in_(ORIGIN_KINDS)).order_by(Event.step, Event.id).limit(1)
+        select(Event)
+        .where(Event.run_id == run.id, Event.rank == rank, Event.kind.in_(ORIGIN_KINDS))
+        .order_by(Event.step, Event.id)
+        .limit(1)
     ).scalar_one_or_none()
     tensor, step = names[0], steps[-1]
     if origin is not None:
@@ -91,7 +108,11 @@ def tail(session: Session, run: Run, rank: int, after: int, stale_after: float) 
     if truncated and until is not None:
         query = query.where(Event.step <= until)
     return {
-        "run": run.name, "status": run_status(run, rank_states(session, run), stale_after), "after": after,
-        "steps": [row["step"] for row in rows], "values": values, "truncated": truncated,
+        "run": run.name,
+        "status": run_status(run, rank_states(session, run), stale_after),
+        "after": after,
+        "steps": [row["step"] for row in rows],
+        "values": values,
+        "truncated": truncated,
         "events": [event_record(event) for event in session.execute(query).scalars()],
     }

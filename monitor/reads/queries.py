@@ -14,13 +14,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.store.auth import Principal
 from numwatch.monitor.errors import NotFound
+from numwatch.monitor.reads.series import read_window, summary_points
 from numwatch.monitor.store import blocks as step_blocks
+from numwatch.monitor.store.auth import Principal
 from numwatch.monitor.store.models import DELETING, Event, Histogram, RankState, Run
 from numwatch.monitor.store.packing import decompress_histogram_array
 from numwatch.monitor.store.rollups import CLIP_SCALARS, SCALAR_SERIES, STEP_SCALARS
-from numwatch.monitor.reads.series import read_window, summary_points
 
 
 def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: float | None = None) -> str:
@@ -60,7 +60,10 @@ def run_summary(session: Session, run: Run, stale_after: float) -> dict[str, Any
         for kind, count in state.events_total.items():
             events[kind] = events.get(kind, 0) + count
     return {
-        "run": run.name, "project": run.project, "format": run.format, "world_size": run.world_size,
+        "run": run.name,
+        "project": run.project,
+        "format": run.format,
+        "world_size": run.world_size,
         "started_at": run.started_at.timestamp(),
         "status": run_status(run, states, stale_after),
         "last_step": lead.last_step if lead else 0,
@@ -77,7 +80,9 @@ def run_summary(session: Session, run: Run, stale_after: float) -> dict[str, Any
 def run_detail(session: Session, run: Run, stale_after: float) -> dict[str, Any]:
     return {
         **run_summary(session, run, stale_after),
-        "config": run.config, "tensors": run.tensors, "modules": run.modules,
+        "config": run.config,
+        "tensors": run.tensors,
+        "modules": run.modules,
         "finished_at": run.finished_at.timestamp() if run.finished_at else None,
         "ranks": [state.rank for state in rank_states(session, run)],
     }
@@ -98,43 +103,82 @@ def _check_series(name: str, valid: tuple[str, ...], what: str) -> None:
         raise NotFound(f"unknown {what} {name!r}; valid: {', '.join(valid)}")
 
 
-def series(session: Session, run: Run, metric: str, tensor: str | None, rank: int, start: int | None, end: int | None, max_points: int) -> dict[str, list]:
+def series(
+    session: Session,
+    run: Run,
+    metric: str,
+    tensor: str | None,
+    rank: int,
+    start: int | None,
+    end: int | None,
+    max_points: int,
+) -> dict[str, list]:
     """``{"steps", "values"}`` of a per-step scalar or a per-tensor stat: every point when at most ``max_points``,
     else per bucket of steps its minimum, maximum and first NaN (at most ``max_points`` points)."""
     _check_series(metric, (*SCALAR_SERIES, *protocol.TENSOR_STATS), "metric")
     index = _tensor_index(run, tensor) if metric in protocol.TENSOR_STATS else None
-    rows, summaries = read_window(session, run.id, rank, metric, start, end, max_points, max(1, max_points // 3), len(run.tensors), index)
-    points = [(step, float(values[0])) for step, values in rows] + [point for _, summary in summaries for point in summary_points(summary)]
+    rows, summaries = read_window(
+        session, run.id, rank, metric, start, end, max_points, max(1, max_points // 3), len(run.tensors), index
+    )
+    points = [(step, float(values[0])) for step, values in rows] + [
+        point for _, summary in summaries for point in summary_points(summary)
+    ]
     return {"steps": [step for step, _ in points], "values": [protocol.encode_float(value) for _, value in points]}
 
 
 def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str, Any]:
-    row = step_blocks.Reader(session, run.id, rank, len(run.tensors), len(run.modules)).find(number, wanted=protocol.TENSOR_STATS)
+    row = step_blocks.Reader(session, run.id, rank, len(run.tensors), len(run.modules)).find(
+        number, wanted=protocol.TENSOR_STATS
+    )
     if row is None:
         raise NotFound(f"run {run.name!r} has no step {number} on rank {rank}")
     stats = row["tensors"]
     tensors = {
-        t["name"]: {name: protocol.encode_float(values[i].item()) if values.dtype.kind == "f" else int(values[i]) for name, values in stats.items()}
+        t["name"]: {
+            name: protocol.encode_float(values[i].item()) if values.dtype.kind == "f" else int(values[i])
+            for name, values in stats.items()
+        }
         for i, t in enumerate(run.tensors)
     }
     record = {key: protocol.encode_float(row[key]) for key in (*STEP_SCALARS, *CLIP_SCALARS)}
-    events = session.execute(select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.step == number).order_by(Event.id)).scalars()
+    events = session.execute(
+        select(Event).where(Event.run_id == run.id, Event.rank == rank, Event.step == number).order_by(Event.id)
+    ).scalars()
     return {
-        "run": run.name, "rank": rank, "step": number, "time": row["time"], "skipped": row["skipped"], "clipped": row["clipped"],
-        "scale_decision": row["scale_decision"], "lr": row["lr"], "scalars": row["scalars"], **record,
-        "tensors": tensors, "events": [event_record(event) for event in events],
+        "run": run.name,
+        "rank": rank,
+        "step": number,
+        "time": row["time"],
+        "skipped": row["skipped"],
+        "clipped": row["clipped"],
+        "scale_decision": row["scale_decision"],
+        "lr": row["lr"],
+        "scalars": row["scalars"],
+        **record,
+        "tensors": tensors,
+        "events": [event_record(event) for event in events],
     }
 
 
 def event_record(event: Event) -> dict[str, Any]:
-    return {"step": event.step, "rank": event.rank, "kind": event.kind, "details": event.details, "time": event.time, "time_ms": int(event.time * 1000)}
+    return {
+        "step": event.step,
+        "rank": event.rank,
+        "kind": event.kind,
+        "details": event.details,
+        "time": event.time,
+        "time_ms": int(event.time * 1000),
+    }
 
 
 def events(session: Session, run: Run, kind: str | None, limit: int = 10_000) -> list[dict[str, Any]]:
     query = select(Event).where(Event.run_id == run.id)
     if kind:
         query = query.where(Event.kind == kind)
-    return [event_record(e) for e in session.execute(query.order_by(Event.step, Event.rank, Event.id).limit(limit)).scalars()]
+    return [
+        event_record(e)
+        for e in session.execute(query.order_by(Event.step, Event.rank, Event.id).limit(limit)).scalars()
+    ]
 
 
 def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, step: int | None) -> dict[str, Any]:
@@ -144,21 +188,39 @@ def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, st
     query = query.where(Histogram.step == step) if step is not None else query.order_by(Histogram.step.desc()).limit(1)
     row = session.execute(query).scalars().first()
     if row is None:
-        raise NotFound(f"no {kind} histogram for run {run.name!r}" + (f" at step {step}" if step is not None else "") + " (histograms are sampled every histogram_every steps)")
-    arrays = {name: np.frombuffer(decompress_histogram_array(name, getattr(row, name)), dtype=protocol.HISTOGRAM_DTYPES[name]) for name in protocol.HISTOGRAM_LENGTHS}
+        raise NotFound(
+            f"no {kind} histogram for run {run.name!r}"
+            + (f" at step {step}" if step is not None else "")
+            + " (histograms are sampled every histogram_every steps)"
+        )
+    arrays = {
+        name: np.frombuffer(decompress_histogram_array(name, getattr(row, name)), dtype=protocol.HISTOGRAM_DTYPES[name])
+        for name in protocol.HISTOGRAM_LENGTHS
+    }
     exponent = arrays["exponent"].reshape(-1, protocol.EXPONENT_BINS)[index]
     linear = arrays["linear"].reshape(-1, protocol.LINEAR_BINS)[index]
     low, high = float(arrays["linear_min"][index]), float(arrays["linear_max"][index])
-    edges = np.linspace(low, high, protocol.LINEAR_BINS + 1) if np.isfinite(low) and np.isfinite(high) else np.full(protocol.LINEAR_BINS + 1, np.nan)
+    edges = (
+        np.linspace(low, high, protocol.LINEAR_BINS + 1)
+        if np.isfinite(low) and np.isfinite(high)
+        else np.full(protocol.LINEAR_BINS + 1, np.nan)
+    )
     binades = range(protocol.EXPONENT_MIN, protocol.EXPONENT_MAX + 1)
     return {
-        "run": run.name, "tensor": tensor, "kind": kind, "rank": rank, "step": row.step,
+        "run": run.name,
+        "tensor": tensor,
+        "kind": kind,
+        "rank": rank,
+        "step": row.step,
         # Non-empty binades only (a numeric x axis for Grafana); zero/Inf/NaN counts beside them.
         "exponent": [{"binade": binade, "count": int(count)} for binade, count in zip(binades, exponent) if count],
         "zero": int(exponent[protocol.EXPONENT_ZERO_BIN]),
         "inf": int(exponent[protocol.EXPONENT_INF_BIN]),
         "nan": int(exponent[protocol.EXPONENT_NAN_BIN]),
-        "linear": [{"low": protocol.encode_float(a), "high": protocol.encode_float(b), "count": int(c)} for a, b, c in zip(edges[:-1].tolist(), edges[1:].tolist(), linear)],
+        "linear": [
+            {"low": protocol.encode_float(a), "high": protocol.encode_float(b), "count": int(c)}
+            for a, b, c in zip(edges[:-1].tolist(), edges[1:].tolist(), linear)
+        ],
     }
 
 
@@ -174,7 +236,8 @@ class Heatmap:
         """Flat ``[{"step", "tensor", "value"}]``, column by column."""
         return [
             {"step": step, "tensor": name, "value": protocol.encode_float(value)}
-            for step, row in zip(self.steps, self.values.tolist()) for name, value in zip(self.tensors, row)
+            for step, row in zip(self.steps, self.values.tolist())
+            for name, value in zip(self.tensors, row)
         ]
 
     def cells_json(self) -> bytes:
@@ -192,7 +255,9 @@ def _json_float(value: float) -> str:
     return repr(value) if math.isfinite(value) else json.dumps(protocol.encode_float(value))
 
 
-def heatmap(session: Session, run: Run, stat: str, rank: int, max_steps: int, start: int | None = None, end: int | None = None) -> Heatmap:
+def heatmap(
+    session: Session, run: Run, stat: str, rank: int, max_steps: int, start: int | None = None, end: int | None = None
+) -> Heatmap:
     """A per-tensor stat over the window (default: the whole run).
 
     Every step having the stat when at most ``max_steps`` do; else ``max_steps`` buckets of steps, each

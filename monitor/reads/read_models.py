@@ -34,7 +34,9 @@ class HistogramSteps(BaseModel):
     kind: HistogramKind
     rank: int
     steps: list[int] = Field(description="the sampled steps that have this kind of histogram, ascending")
-    suggested: HistogramChoice | None = Field(description="what to show first: the first tensor that went non-finite, at the last sampled step before it (else the latest)")
+    suggested: HistogramChoice | None = Field(
+        description="what to show first: the first tensor that went non-finite, at the last sampled step before it (else the latest)"
+    )
 
 
 class EventOut(BaseModel):
@@ -53,7 +55,9 @@ class Tail(BaseModel):
     status: str
     after: int
     steps: list[int]
-    values: dict[str, list[WireFloat]] = Field(description="per-step scalar name -> one value per step (lr: the first group's)")
+    values: dict[str, list[WireFloat]] = Field(
+        description="per-step scalar name -> one value per step (lr: the first group's)"
+    )
     truncated: bool = Field(description="more steps follow: poll again with after = the last step")
     events: list[EventOut]
 
@@ -61,7 +65,9 @@ class Tail(BaseModel):
 class QuantizedTensor(BaseModel):
     tensor: str
     shape: list[int]
-    sqnr_db: dict[QuantScheme, WireFloat] = Field(description="20 log10(||w|| / ||w - Q(w)||) per scheme; Infinity when exact")
+    sqnr_db: dict[QuantScheme, WireFloat] = Field(
+        description="20 log10(||w|| / ||w - Q(w)||) per scheme; Infinity when exact"
+    )
 
 
 class QuantizationTable(BaseModel):
@@ -80,8 +86,12 @@ class AttentionRunMax(BaseModel):
 class ForwardSeries(BaseModel):
     rank: int
     steps: list[int] = Field(description="measured steps (with more than max_points: the last step of each bucket)")
-    attention_logit_max: dict[str, list[WireFloat]] = Field(description="per attention call, forward order: its max logit at each step (a bucket's largest)")
+    attention_logit_max: dict[str, list[WireFloat]] = Field(
+        description="per attention call, forward order: its max logit at each step (a bucket's largest)"
+    )
     run_max: AttentionRunMax | None = Field(description="null before any attention call was measured")
-    log_z_mean: list[WireFloat] = Field(description="mean over tokens of logsumexp over the vocabulary (a bucket's mean)")
+    log_z_mean: list[WireFloat] = Field(
+        description="mean over tokens of logsumexp over the vocabulary (a bucket's mean)"
+    )
     log_z_max: list[WireFloat] = Field(description="largest log Z over tokens (a bucket's largest)")
     logit_absmax: list[WireFloat] = Field(description="largest |output logit| (a bucket's largest)")

@@ -18,7 +18,9 @@ def quantization_table(session: Session, run: Run, rank: int, sort: protocol.Qua
     Tensors the schemes do not quantize (fewer than two dimensions: NaN everywhere) are left out.
     """
     stat = protocol.QUANT_SQNR_STATS[sort]
-    steps = step_blocks.Reader(session, run.id, rank, len(run.tensors)).before(wanted=tuple(protocol.QUANT_SQNR_STATS.values()), having=(stat,))
+    steps = step_blocks.Reader(session, run.id, rank, len(run.tensors)).before(
+        wanted=tuple(protocol.QUANT_SQNR_STATS.values()), having=(stat,)
+    )
     try:
         row = next((step for step in steps if stat in step["tensors"]), None)
     finally:
@@ -31,7 +33,8 @@ def quantization_table(session: Session, run: Run, rank: int, sort: protocol.Qua
     measured.sort(key=lambda i: (math.isnan(columns[sort][i]), columns[sort][i]))
     tensors = [
         {
-            "tensor": run.tensors[i]["name"], "shape": run.tensors[i]["shape"],
+            "tensor": run.tensors[i]["name"],
+            "shape": run.tensors[i]["shape"],
             "sqnr_db": {scheme: protocol.encode_float(float(values[i])) for scheme, values in columns.items()},
         }
         for i in measured

@@ -36,7 +36,16 @@ def render_runs(session: Session, stale_after: float) -> str:
     if not summaries:
         return "no runs yet: watch a training with numwatch.watch(...) and point it at this collector"
     rows = [
-        [s["run"], s["project"], s["status"], str(s["last_step"]), _number(s["loss"]), _number(s["global_grad_norm"]), _number(s["loss_scale"]), _events(s["events"])]
+        [
+            s["run"],
+            s["project"],
+            s["status"],
+            str(s["last_step"]),
+            _number(s["loss"]),
+            _number(s["global_grad_norm"]),
+            _number(s["loss_scale"]),
+            _events(s["events"]),
+        ]
         for s in summaries
     ]
     return _table(["RUN", "PROJECT", "STATUS", "STEP", "LOSS", "GRAD NORM", "SCALE", "EVENTS"], rows)

@@ -19,8 +19,8 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.store import rollups
 from numwatch.monitor.store import blocks as step_blocks
+from numwatch.monitor.store import rollups
 
 RAW_SPAN = 1024
 # Scalar series made from a step's fields: the first param group's lr, the skip flag as 0 or 1.
@@ -59,17 +59,25 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[
     if len(steps) <= max_points:
         return steps, values
     rows = list(zip(steps.tolist(), values.reshape(-1, 1)))
-    points = [p for _, summary in raw_buckets(rows, int(steps[0]), bucket_width(int(steps[0]), int(steps[-1]), max(1, max_points // 3))) for p in summary_points(summary)]
+    points = [
+        p
+        for _, summary in raw_buckets(
+            rows, int(steps[0]), bucket_width(int(steps[0]), int(steps[-1]), max(1, max_points // 3))
+        )
+        for p in summary_points(summary)
+    ]
     return np.array([p[0] for p in points], np.int64), np.array([p[1] for p in points], np.float64)
 
 
-def raw_values(reader: step_blocks.Reader, name: str, low: int, high: int, column: int | None) -> Iterator[tuple[int, np.ndarray]]:
+def raw_values(
+    reader: step_blocks.Reader, name: str, low: int, high: int, column: int | None
+) -> Iterator[tuple[int, np.ndarray]]:
     """(step, values) of the stored steps ``low..high`` having ``name``, streamed; one tensor's value if ``column``."""
     if name in protocol.TENSOR_STATS:
         for step in reader.range(low, high, wanted=(name,), having=(name,)):
             values = step["tensors"].get(name)
             if values is not None:
-                yield step["step"], (values[column:column + 1] if column is not None else values)
+                yield step["step"], (values[column : column + 1] if column is not None else values)
         return
     # A step without a skip has no "skipped" name: every block holds the skip series.
     for step in reader.range(low, high, wanted=(), having=() if name == "skipped" else (name,)):
@@ -112,16 +120,30 @@ def _runs(parts: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return out
 
 
-def bucket_summaries(reader: step_blocks.Reader, name: str, low: int, high: int, width: int, level: int, column: int | None) -> Iterator[tuple[int, rollups.Summary]]:
+def bucket_summaries(
+    reader: step_blocks.Reader, name: str, low: int, high: int, width: int, level: int, column: int | None
+) -> Iterator[tuple[int, rollups.Summary]]:
     """(first step, summary) of each ``width``-step bucket of ``low..high`` holding values, from rollups up to ``level``."""
     found: list[tuple[int, rollups.Summary]] = []
     for part_level, first, last in _runs(pieces(low, high, level)):
         if part_level == 1:
             rows = list(raw_values(reader, name, first, last, column))
             if rows:
-                found.append((first, rollups.summarize(np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows]))))
+                found.append(
+                    (first, rollups.summarize(np.array([r[0] for r in rows], np.int64), np.stack([r[1] for r in rows])))
+                )
         else:
-            pieces_found = rollups.read_range(reader.session, reader.run_id, reader.rank, name, part_level, first // part_level, last // part_level, reader.n_tensors, column)
+            pieces_found = rollups.read_range(
+                reader.session,
+                reader.run_id,
+                reader.rank,
+                name,
+                part_level,
+                first // part_level,
+                last // part_level,
+                reader.n_tensors,
+                column,
+            )
             found += [(piece_level * bucket, summary) for piece_level, bucket, summary in pieces_found]
     if not found:
         return
@@ -143,7 +165,16 @@ def raw_buckets(rows: list[tuple[int, np.ndarray]], low: int, width: int) -> lis
 
 
 def read_window(
-    session: Session, run_id: int, rank: int, name: str, start: int | None, end: int | None, limit: int, buckets: int, n_tensors: int, column: int | None,
+    session: Session,
+    run_id: int,
+    rank: int,
+    name: str,
+    start: int | None,
+    end: int | None,
+    limit: int,
+    buckets: int,
+    n_tensors: int,
+    column: int | None,
 ) -> tuple[list[tuple[int, np.ndarray]], list[tuple[int, rollups.Summary]]]:
     """``(rows, [])``: every (step, values) of the window when it holds at most ``limit``; else ``([], summaries)``:
     at most ``buckets`` (first step, summary) pairs, from the raw rows when the window is short, else from rollups."""

@@ -44,7 +44,17 @@ from numwatch.monitor.store.packing import ZERO_SUFFIX, compress_arrays, decompr
 MAX_STEPS = 256
 MAX_SPAN = 1024
 # Per step: what the store keeps besides the arrays (None: left out of the header).
-FLOAT_FIELDS = ("time", "step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits", "clip_coef", "post_clip_grad_norm")
+FLOAT_FIELDS = (
+    "time",
+    "step_time",
+    "loss",
+    "loss_scale",
+    "new_loss_scale",
+    "global_grad_norm",
+    "headroom_bits",
+    "clip_coef",
+    "post_clip_grad_norm",
+)
 OTHER_FIELDS = ("scale_decision", "skipped", "clipped", "lr", "scalars")
 # Array names besides the per-tensor stats: the traced modules' activations (one value per module).
 ACTIVATION_ARRAYS = {f"activation_{name}": dtype for name, dtype in protocol.ACTIVATION_STATS.items()}
@@ -98,12 +108,16 @@ def encode(steps: list[dict[str, Any]]) -> dict[str, Any]:
         names.update(key for key in entry if key not in ("step", "stats"))
         names.update(mark.removesuffix(ZERO_SUFFIX) for mark in marks)
         header_steps.append(entry)
-    blobs = [(name, compress_arrays([(b"".join(parts), np.dtype(ARRAY_DTYPES[name]))])) for name, parts in segments.items()]
+    blobs = [
+        (name, compress_arrays([(b"".join(parts), np.dtype(ARRAY_DTYPES[name]))])) for name, parts in segments.items()
+    ]
     header = {"steps": header_steps, "segments": [[name, len(blob)] for name, blob in blobs]}
     columns = {column: b"".join(blob for name, blob in blobs if _column(name) == column) for column in COLUMNS}
     numbers = [step["step"] for step in steps]
     return {
-        "first_step": numbers[0], "last_step": numbers[-1], "count": len(numbers),
+        "first_step": numbers[0],
+        "last_step": numbers[-1],
+        "count": len(numbers),
         "names": "," + ",".join(sorted(names)) + ",",
         "header": zlib.compress(json.dumps(header, separators=(",", ":")).encode()),
         **columns,
@@ -123,7 +137,9 @@ def blocks_of(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def decode(header: bytes, columns: dict[str, bytes], n_tensors: int, n_modules: int, wanted: Collection[str] | None = ALL) -> list[dict[str, Any]]:
+def decode(
+    header: bytes, columns: dict[str, bytes], n_tensors: int, n_modules: int, wanted: Collection[str] | None = ALL
+) -> list[dict[str, Any]]:
     """The steps of a block: each its fields (None where absent), ``stats`` (the names of its arrays) and
     ``tensors`` (name -> array) of the ``wanted`` arrays it has (all by default), activations as raw bytes.
     ``columns``: the block's ``arrays`` and ``sampled`` (those :func:`needed` for ``wanted``)."""
@@ -136,8 +152,14 @@ def decode(header: bytes, columns: dict[str, bytes], n_tensors: int, n_modules: 
     steps = []
     for entry in document["steps"]:
         step = {"step": entry["step"], **{key: protocol.decode_float(entry.get(key)) for key in FLOAT_FIELDS}}
-        step.update(scale_decision=entry.get("scale_decision"), skipped=entry.get("skipped", False), clipped=entry.get("clipped", False),
-                    lr=entry.get("lr", []), scalars=entry.get("scalars", {}), tensors={})
+        step.update(
+            scale_decision=entry.get("scale_decision"),
+            skipped=entry.get("skipped", False),
+            clipped=entry.get("clipped", False),
+            lr=entry.get("lr", []),
+            scalars=entry.get("scalars", {}),
+            tensors={},
+        )
         step["marks"] = [mark for mark in entry["stats"].split(",") if mark]
         step["stats"] = [mark.removesuffix(ZERO_SUFFIX) for mark in step["marks"]]
         steps.append(step)
@@ -148,7 +170,9 @@ def decode(header: bytes, columns: dict[str, bytes], n_tensors: int, n_modules: 
         having = [step for step in steps if name in step["marks"]]
         dtype = np.dtype(ARRAY_DTYPES[name])
         length = _length(name, n_tensors, n_modules)
-        (raw,) = decompress_arrays(arrays[offset:offset + size], [(dtype.itemsize * length * len(having), dtype.itemsize)])
+        (raw,) = decompress_arrays(
+            arrays[offset : offset + size], [(dtype.itemsize * length * len(having), dtype.itemsize)]
+        )
         values = np.frombuffer(raw, dtype=dtype).reshape(len(having), length)
         for step, row in zip(having, values):
             step["tensors"][name] = row
@@ -169,10 +193,14 @@ class Reader:
         self.session, self.run_id, self.rank = session, run_id, rank
         self.n_tensors, self.n_modules = n_tensors, n_modules
 
-    def _blocks(self, query: Select, having: Iterable[str], wanted: Collection[str] | None, key: Any = StepBlock.first_step) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    def _blocks(
+        self, query: Select, having: Iterable[str], wanted: Collection[str] | None, key: Any = StepBlock.first_step
+    ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
         """(``key``, decoded steps) of the blocks ``query`` selects, streamed."""
         fetched = needed(wanted)
-        query = query.with_only_columns(key.label("key"), StepBlock.header, *(getattr(StepBlock, column) for column in fetched)).where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank)
+        query = query.with_only_columns(
+            key.label("key"), StepBlock.header, *(getattr(StepBlock, column) for column in fetched)
+        ).where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank)
         having = list(having)
         if having:
             query = query.where(or_(*(StepBlock.names.contains(f",{name},", autoescape=True) for name in having)))
@@ -184,11 +212,19 @@ class Reader:
         finally:
             rows.close()
 
-    def range(self, low: int | None = None, high: int | None = None, wanted: Collection[str] | None = ALL, having: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    def range(
+        self,
+        low: int | None = None,
+        high: int | None = None,
+        wanted: Collection[str] | None = ALL,
+        having: Iterable[str] = (),
+    ) -> Iterator[dict[str, Any]]:
         """The stored steps ``low..high`` (None: unbounded) in step order, streamed; ``having``: only from
         blocks holding one of these names (a step of such a block may still lack them)."""
         pending: list[tuple[int, int, dict[str, Any]]] = []
-        for order, (first, steps) in enumerate(self._blocks(_overlapping(low, high).order_by(StepBlock.first_step), having, wanted)):
+        for order, (first, steps) in enumerate(
+            self._blocks(_overlapping(low, high).order_by(StepBlock.first_step), having, wanted)
+        ):
             while pending and pending[0][0] < first:  # every later block starts at or after ``first``
                 yield heapq.heappop(pending)[2]
             for step in steps:
@@ -197,7 +233,9 @@ class Reader:
         while pending:
             yield heapq.heappop(pending)[2]
 
-    def before(self, before: int | None = None, wanted: Collection[str] | None = ALL, having: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    def before(
+        self, before: int | None = None, wanted: Collection[str] | None = ALL, having: Iterable[str] = ()
+    ) -> Iterator[dict[str, Any]]:
         """The stored steps below ``before`` (None: all), latest first, streamed."""
         query = select(StepBlock.first_step)
         if before is not None:
@@ -227,13 +265,18 @@ class Reader:
         """Overwrite stored steps (number -> the step as :func:`encode` takes it): their blocks are rewritten."""
         if not replacements:
             return
-        blocks = list(self._blocks(_overlapping(min(replacements), max(replacements)), (), ALL))  # read all before writing
+        blocks = list(
+            self._blocks(_overlapping(min(replacements), max(replacements)), (), ALL)
+        )  # read all before writing
         for first, steps in blocks:
             if any(step["step"] in replacements for step in steps):
                 block = encode([replacements.get(step["step"], step) for step in steps])
                 self.session.execute(
-                    update(StepBlock).where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank, StepBlock.first_step == first)
-                    .values(names=block["names"], header=block["header"], **{column: block[column] for column in COLUMNS})
+                    update(StepBlock)
+                    .where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank, StepBlock.first_step == first)
+                    .values(
+                        names=block["names"], header=block["header"], **{column: block[column] for column in COLUMNS}
+                    )
                 )
 
     def extent(self, start: int | None = None, end: int | None = None) -> tuple[int, int] | None:

@@ -172,6 +172,8 @@ class ForwardStats(Base):
     log_z_mean: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+
+
 class Rollup(Base):
     """A bucket of ``level`` steps of one series (a step scalar or a per-tensor stat), summarised."""
 

@@ -66,7 +66,7 @@ def _blocks(planes: np.ndarray, floating: bool) -> list[np.ndarray]:
     share one and its sign-and-exponent byte has its own; each byte of an integer has its own."""
     if floating and len(planes) > 1:
         return [planes[:-1], planes[-1:]]
-    return [planes[i:i + 1] for i in range(len(planes))]
+    return [planes[i : i + 1] for i in range(len(planes))]
 
 
 def compress_arrays(arrays: list[tuple[bytes, np.dtype]], blocks: bool = True) -> bytes:
@@ -96,7 +96,7 @@ def decompress_arrays(blob: bytes, sizes: list[tuple[int, int]]) -> list[bytes]:
         raise ValueError(f"packed arrays hold {len(data)} bytes, expected {expected}")
     out, offset = [], 0
     for n, itemsize in sizes:
-        out.append(_unshuffle(data[offset:offset + n], itemsize))
+        out.append(_unshuffle(data[offset : offset + n], itemsize))
         offset += n
     return out
 
@@ -177,7 +177,9 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
     """Inverse of :func:`pack_stats`: stat name -> array of ``n_tensors`` values."""
     entries = [name for name in stat_names.split(",") if name]
     stored = [name for name in entries if not name.endswith(ZERO_SUFFIX)]
-    sizes = [(np.dtype(TENSOR_STATS[name]).itemsize * n_tensors, np.dtype(TENSOR_STATS[name]).itemsize) for name in stored]
+    sizes = [
+        (np.dtype(TENSOR_STATS[name]).itemsize * n_tensors, np.dtype(TENSOR_STATS[name]).itemsize) for name in stored
+    ]
     try:
         arrays = dict(zip(stored, decompress_arrays(blob, sizes)))
     except zlib.error as error:
@@ -186,7 +188,9 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
     for entry in entries:
         name = entry.removesuffix(ZERO_SUFFIX)
         dtype = np.dtype(TENSOR_STATS[name])
-        out[name] = np.zeros(n_tensors, dtype) if entry.endswith(ZERO_SUFFIX) else np.frombuffer(arrays[name], dtype=dtype)
+        out[name] = (
+            np.zeros(n_tensors, dtype) if entry.endswith(ZERO_SUFFIX) else np.frombuffer(arrays[name], dtype=dtype)
+        )
     return out
 
 
@@ -198,4 +202,8 @@ def compress_histogram_array(name: str, raw: bytes) -> bytes:
 
 
 def decompress_histogram_array(name: str, blob: bytes) -> bytes:
-    return decompress_counts(blob, HISTOGRAM_LENGTHS[name]) if name in ("exponent", "linear") else decompress_array(blob, 4)
+    return (
+        decompress_counts(blob, HISTOGRAM_LENGTHS[name])
+        if name in ("exponent", "linear")
+        else decompress_array(blob, 4)
+    )

@@ -21,7 +21,18 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import Table, delete, select, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from numwatch.monitor.store.models import DELETING, Conflict, Event, ForwardStats, Histogram, RankState, Rollup, Run, RunInstance, StepBlock
+from numwatch.monitor.store.models import (
+    DELETING,
+    Conflict,
+    Event,
+    ForwardStats,
+    Histogram,
+    RankState,
+    Rollup,
+    Run,
+    RunInstance,
+    StepBlock,
+)
 
 log = logging.getLogger("numwatch.retention")
 
@@ -30,7 +41,9 @@ PAUSE_SECONDS = 0.15
 FIRST_CHUNK_ROWS = 50  # a step block holds up to 256 steps
 FIRST_VACUUM_PAGES = 1_000
 MAX_CHUNK_SIZE = 20_000  # rows or pages
-CHILD_TABLES: tuple[Table, ...] = tuple(model.__table__ for model in (StepBlock, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState))
+CHILD_TABLES: tuple[Table, ...] = tuple(
+    model.__table__ for model in (StepBlock, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState)
+)
 
 
 def mark_deleting(run: Run) -> None:
@@ -71,7 +84,12 @@ class Cancelled(Exception):
 class Purger:
     """Deletes rows in bounded transactions, each sized from the last one's duration."""
 
-    def __init__(self, session_factory: sessionmaker[Session], progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
         self.session_factory, self.progress, self.cancel = session_factory, progress, cancel
         # The size of the next transaction: rows to delete, pages to hand back.
         self.sizes = {"rows": FIRST_CHUNK_ROWS, "pages": FIRST_VACUUM_PAGES}
@@ -104,7 +122,9 @@ class Purger:
 
     def purge(self, run_id: int) -> int:
         """Delete every row of run ``run_id``, then the run; the number of rows deleted."""
-        total = sum(self._chunks(lambda s, n, table=table: _delete_chunk(s, table, run_id, n)) for table in CHILD_TABLES)
+        total = sum(
+            self._chunks(lambda s, n, table=table: _delete_chunk(s, table, run_id, n)) for table in CHILD_TABLES
+        )
         with self.session_factory() as session:
             total += session.execute(delete(Run).where(Run.id == run_id)).rowcount
             session.commit()
@@ -114,10 +134,17 @@ class Purger:
         """Delete rows whose run no longer exists (left by a delete made by hand with foreign keys off)."""
         total = 0
         with self.session_factory() as session:
-            lost = {run_id for table in CHILD_TABLES for run_id in session.execute(
-                select(table.c.run_id).where(table.c.run_id.not_in(select(Run.id))).distinct()).scalars()}
+            lost = {
+                run_id
+                for table in CHILD_TABLES
+                for run_id in session.execute(
+                    select(table.c.run_id).where(table.c.run_id.not_in(select(Run.id))).distinct()
+                ).scalars()
+            }
         for run_id in sorted(lost):
-            total += sum(self._chunks(lambda s, n, table=table: _delete_chunk(s, table, run_id, n)) for table in CHILD_TABLES)
+            total += sum(
+                self._chunks(lambda s, n, table=table: _delete_chunk(s, table, run_id, n)) for table in CHILD_TABLES
+            )
         return total
 
     def vacuum(self) -> int:
@@ -135,7 +162,9 @@ class Purger:
     def sweep(self) -> int:
         """Finish every run marked for deletion; the number of runs deleted."""
         with self.session_factory() as session:
-            pending = list(session.execute(select(Run.id, Run.name).where(Run.status == DELETING).order_by(Run.id)).all())
+            pending = list(
+                session.execute(select(Run.id, Run.name).where(Run.status == DELETING).order_by(Run.id)).all()
+            )
         for run_id, name in pending:
             rows = self.purge(run_id)
             log.info("deleted run %r (%d rows)", name, rows)
@@ -147,7 +176,9 @@ class Purger:
 class Reaper:
     """The collector's background deleter: runs marked for deletion, and runs past the retention period."""
 
-    def __init__(self, session_factory: sessionmaker[Session], retention: timedelta | None, check_seconds: float) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], retention: timedelta | None, check_seconds: float
+    ) -> None:
         self._wake, self._stop = threading.Event(), threading.Event()
         self.purger = Purger(session_factory, cancel=self._stop)
         self.session_factory, self.retention, self.check_seconds = session_factory, retention, check_seconds

@@ -37,7 +37,11 @@ SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS, *CLIP_SCALARS)
 # row to merge per level and batch instead of one per series. The scalars in SCALAR_SERIES order;
 # NaN/Inf counts; the format counts. Every other per-tensor stat has rows of its own.
 SCALARS = "scalars"
-ROW_GROUPS: dict[str, tuple[str, ...]] = {SCALARS: SCALAR_SERIES, "nonfinite": ("nan_count", "inf_count"), "format": protocol.FORMAT_COUNT_STATS}
+ROW_GROUPS: dict[str, tuple[str, ...]] = {
+    SCALARS: SCALAR_SERIES,
+    "nonfinite": ("nan_count", "inf_count"),
+    "format": protocol.FORMAT_COUNT_STATS,
+}
 _GROUP_OF = {series: (group, i) for group, members in ROW_GROUPS.items() for i, series in enumerate(members)}
 _NO_STEP = np.uint32(0xFFFFFFFF)  # an offset meaning "no such step in this bucket"
 
@@ -73,7 +77,6 @@ class Summary:
     nan_at: np.ndarray
     count: np.ndarray
     nonfinite: np.ndarray
-
 
 
 _FIELDS = ("low", "low_at", "high", "high_at", "nan_at", "count", "nonfinite")
@@ -114,7 +117,9 @@ def summarize(steps: np.ndarray, values: np.ndarray, present: np.ndarray | None 
     return Summary(low, low_at, high, high_at, nan_at, count, nonfinite)
 
 
-def _pick(a: np.ndarray, a_at: np.ndarray, b: np.ndarray, b_at: np.ndarray, better: np.ufunc) -> tuple[np.ndarray, np.ndarray]:
+def _pick(
+    a: np.ndarray, a_at: np.ndarray, b: np.ndarray, b_at: np.ndarray, better: np.ufunc
+) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore"):
         take = (b_at >= 0) & ((a_at < 0) | better(b, a) | ((b == a) & (b_at < a_at)))
     return np.where(take, b, a), np.where(take, b_at, a_at)
@@ -143,7 +148,10 @@ def encode(summary: Summary, origin: int) -> bytes:
 
 
 def decode(blob: bytes, origin: int, dtype: np.dtype, n: int) -> Summary:
-    sizes = [(n * (dtype.itemsize if name in _VALUE_FIELDS else 4), dtype.itemsize if name in _VALUE_FIELDS else 4) for name in _FIELDS]
+    sizes = [
+        (n * (dtype.itemsize if name in _VALUE_FIELDS else 4), dtype.itemsize if name in _VALUE_FIELDS else 4)
+        for name in _FIELDS
+    ]
     fields = {}
     for name, raw in zip(_FIELDS, decompress_arrays(blob, sizes)):
         if name in _VALUE_FIELDS:
@@ -182,7 +190,9 @@ def stack(summaries: list[Summary]) -> Summary:
 _NONE = np.iinfo(np.int64).max  # "no step" while taking minima of steps
 
 
-def _group_extreme(values: np.ndarray, at: np.ndarray, starts: np.ndarray, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+def _group_extreme(
+    values: np.ndarray, at: np.ndarray, starts: np.ndarray, largest: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Per group of rows (``starts``) and column: the extreme value with the earliest step holding it."""
     missing = at < 0
     if values.dtype.kind == "f":
@@ -195,7 +205,9 @@ def _group_extreme(values: np.ndarray, at: np.ndarray, starts: np.ndarray, large
     hit = (key == np.repeat(best, sizes, axis=0)) & ~missing
     first = np.minimum.reduceat(np.where(hit, at, _NONE), starts, axis=0)
     found = first != _NONE
-    return np.where(found, best, np.nan if values.dtype.kind == "f" else 0).astype(values.dtype), np.where(found, first, -1)
+    return np.where(found, best, np.nan if values.dtype.kind == "f" else 0).astype(values.dtype), np.where(
+        found, first, -1
+    )
 
 
 def reduce_groups(pieces: Summary, groups: np.ndarray) -> Summary:
@@ -206,13 +218,18 @@ def reduce_groups(pieces: Summary, groups: np.ndarray) -> Summary:
     high, high_at = _group_extreme(pieces.high, pieces.high_at, starts, largest=True)
     first_nan = np.minimum.reduceat(np.where(pieces.nan_at < 0, _NONE, pieces.nan_at), starts, axis=0)
     return Summary(
-        low, low_at, high, high_at, np.where(first_nan == _NONE, -1, first_nan),
-        np.add.reduceat(pieces.count, starts, axis=0), np.add.reduceat(pieces.nonfinite, starts, axis=0),
+        low,
+        low_at,
+        high,
+        high_at,
+        np.where(first_nan == _NONE, -1, first_nan),
+        np.add.reduceat(pieces.count, starts, axis=0),
+        np.add.reduceat(pieces.nonfinite, starts, axis=0),
     )
 
 
 def columns_of(summary: Summary, first: int, count: int) -> Summary:
-    return Summary(*(getattr(summary, name)[first:first + count] for name in _FIELDS))
+    return Summary(*(getattr(summary, name)[first : first + count] for name in _FIELDS))
 
 
 def row(summary: Summary, index: int) -> Summary:
@@ -223,16 +240,27 @@ def _lr(encoded: list | None) -> float | None:
     return protocol.decode_float(encoded[0]) if encoded else None
 
 
-def step_series(views: list[dict], n_tensors: int, scalars: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+def step_series(
+    views: list[dict], n_tensors: int, scalars: bool = True
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Stored row series -> (steps, values[steps, columns], present or None when all are) of ``views`` (ascending)."""
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     if views and scalars:
-        rows = [[_lr(view["lr"]) if name == "lr" else float(view["skipped"]) if name == "skipped" else view.get(name) for name in SCALAR_SERIES] for view in views]
+        rows = [
+            [
+                _lr(view["lr"]) if name == "lr" else float(view["skipped"]) if name == "skipped" else view.get(name)
+                for name in SCALAR_SERIES
+            ]
+            for view in views
+        ]
         present = np.array([[value is not None for value in row] for row in rows])
         values = np.array([[np.nan if value is None else value for value in row] for row in rows], np.float64)
         out[SCALARS] = (np.array([view["step"] for view in views], np.int64), values, present)
     stats = [name for name in protocol.TENSOR_STATS if name not in _GROUP_OF]
-    for row_series, members in [*((name, (name,)) for name in stats), *((g, m) for g, m in ROW_GROUPS.items() if g != SCALARS)]:
+    for row_series, members in [
+        *((name, (name,)) for name in stats),
+        *((g, m) for g, m in ROW_GROUPS.items() if g != SCALARS),
+    ]:
         having = [view for view in views if any(name in view["tensors"] for name in members)]
         if not having:
             continue
@@ -242,9 +270,13 @@ def step_series(views: list[dict], n_tensors: int, scalars: bool = True) -> dict
         for i, view in enumerate(having):
             for k, name in enumerate(members):
                 if name in view["tensors"]:
-                    values[i, k * n_tensors:(k + 1) * n_tensors] = view["tensors"][name]
-                    present[i, k * n_tensors:(k + 1) * n_tensors] = True
-        out[row_series] = (np.array([view["step"] for view in having], np.int64), values, None if present.all() else present)
+                    values[i, k * n_tensors : (k + 1) * n_tensors] = view["tensors"][name]
+                    present[i, k * n_tensors : (k + 1) * n_tensors] = True
+        out[row_series] = (
+            np.array([view["step"] for view in having], np.int64),
+            values,
+            None if present.all() else present,
+        )
     return out
 
 
@@ -254,20 +286,43 @@ def _finest(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]])
     for name, (steps, values, present) in series.items():
         buckets = steps // FINEST
         for chunk in np.split(np.arange(len(steps)), np.flatnonzero(np.diff(buckets)) + 1):
-            fresh[(name, int(buckets[chunk[0]]))] = summarize(steps[chunk], values[chunk], None if present is None else present[chunk])
+            fresh[(name, int(buckets[chunk[0]]))] = summarize(
+                steps[chunk], values[chunk], None if present is None else present[chunk]
+            )
     return fresh
 
 
 def _row(run_id: int, rank: int, name: str, level: int, bucket: int, summary: Summary) -> dict:
-    return {"run_id": run_id, "rank": rank, "series": name, "level": level, "bucket": bucket, "data": encode(summary, bucket * level)}
+    return {
+        "run_id": run_id,
+        "rank": rank,
+        "series": name,
+        "level": level,
+        "bucket": bucket,
+        "data": encode(summary, bucket * level),
+    }
 
 
-def _fold(session: Session, run_id: int, rank: int, name: str, level: int, bucket: int, n_tensors: int) -> Summary | None:
+def _fold(
+    session: Session, run_id: int, rank: int, name: str, level: int, bucket: int, n_tensors: int
+) -> Summary | None:
     """The summary of a complete bucket from the finer levels' rows (None when it holds no value)."""
     dtype, n = value_dtype(name), width(name, n_tensors)
     finer = LEVELS[LEVELS.index(level) - 1]
     ratio = level // finer
-    parts = [s for _, _, s in cover(session, run_id, rank, name, finer, bucket * ratio, bucket * ratio + ratio - 1, lambda blob, origin: decode(blob, origin, dtype, n))]
+    parts = [
+        s
+        for _, _, s in cover(
+            session,
+            run_id,
+            rank,
+            name,
+            finer,
+            bucket * ratio,
+            bucket * ratio + ratio - 1,
+            lambda blob, origin: decode(blob, origin, dtype, n),
+        )
+    ]
     if not parts:
         return None
     merged = parts[0]
@@ -279,13 +334,29 @@ def _fold(session: Session, run_id: int, rank: int, name: str, level: int, bucke
 def _series_in(session: Session, run_id: int, rank: int, level: int, bucket: int) -> list[str]:
     """The row series having values in a bucket of ``level`` (from the finest level, complete by construction)."""
     ratio = level // FINEST
-    return list(session.execute(
-        select(Rollup.series).distinct()
-        .where(Rollup.run_id == run_id, Rollup.rank == rank, Rollup.level == FINEST, Rollup.bucket.between(bucket * ratio, bucket * ratio + ratio - 1))
-    ).scalars())
+    return list(
+        session.execute(
+            select(Rollup.series)
+            .distinct()
+            .where(
+                Rollup.run_id == run_id,
+                Rollup.rank == rank,
+                Rollup.level == FINEST,
+                Rollup.bucket.between(bucket * ratio, bucket * ratio + ratio - 1),
+            )
+        ).scalars()
+    )
 
 
-def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensors: int, previous_last: int, scalars: bool = True) -> None:
+def record(
+    session: Session,
+    run_id: int,
+    rank: int,
+    views: list[dict],
+    n_tensors: int,
+    previous_last: int,
+    scalars: bool = True,
+) -> None:
     """Summarise the newly stored steps ``views`` (ascending; ``previous_last``: the rank's highest step before them);
     ``scalars=False``: their per-tensor stats only (stats added to steps stored before).
 
@@ -306,7 +377,9 @@ def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensor
     stored = {
         (row.series, row.level, row.bucket): bytes(row.data)
         for row in session.execute(
-            select(Rollup.series, Rollup.level, Rollup.bucket, Rollup.data).where(Rollup.run_id == run_id, Rollup.rank == rank, key.in_(list(keys)))
+            select(Rollup.series, Rollup.level, Rollup.bucket, Rollup.data).where(
+                Rollup.run_id == run_id, Rollup.rank == rank, key.in_(list(keys))
+            )
         )
     }
     table = Rollup.__table__
@@ -325,33 +398,77 @@ def record(session: Session, run_id: int, rank: int, views: list[dict], n_tensor
                 updates.append(_row(run_id, rank, name, level, bucket, merged))
             elif level == FINEST:
                 inserts.append(_row(run_id, rank, name, level, bucket, summaries[0]))
-            elif origin + level - 1 <= previous_last and (folded := _fold(session, run_id, rank, name, level, bucket, n_tensors)) is not None:
-                inserts.append(_row(run_id, rank, name, level, bucket, folded))  # complete before, no row of this series yet
+            elif (
+                origin + level - 1 <= previous_last
+                and (folded := _fold(session, run_id, rank, name, level, bucket, n_tensors)) is not None
+            ):
+                inserts.append(
+                    _row(run_id, rank, name, level, bucket, folded)
+                )  # complete before, no row of this series yet
         if level > FINEST:
             # Buckets this batch completes: the one holding the rank's previous last step (its older steps)
             # and those holding new steps; buckets in between hold no step.
-            done = {b for b in {previous_last // level, *(bucket for _, bucket in fresh_here)} if previous_last < b * level + level - 1 <= last}
+            done = {
+                b
+                for b in {previous_last // level, *(bucket for _, bucket in fresh_here)}
+                if previous_last < b * level + level - 1 <= last
+            }
             for bucket in sorted(done):
                 for name in _series_in(session, run_id, rank, level, bucket):
-                    if (name, level, bucket) not in stored and (folded := _fold(session, run_id, rank, name, level, bucket, n_tensors)) is not None:
+                    if (name, level, bucket) not in stored and (
+                        folded := _fold(session, run_id, rank, name, level, bucket, n_tensors)
+                    ) is not None:
                         inserts.append(_row(run_id, rank, name, level, bucket, folded))
         if updates:
-            session.execute(update(table).where(
-                table.c.run_id == bindparam("b_run"), table.c.rank == bindparam("b_rank"), table.c.series == bindparam("b_series"),
-                table.c.level == bindparam("b_level"), table.c.bucket == bindparam("b_bucket"),
-            ).values(data=bindparam("data")), [{"b_run": r["run_id"], "b_rank": r["rank"], "b_series": r["series"], "b_level": r["level"], "b_bucket": r["bucket"], "data": r["data"]} for r in updates])
+            session.execute(
+                update(table)
+                .where(
+                    table.c.run_id == bindparam("b_run"),
+                    table.c.rank == bindparam("b_rank"),
+                    table.c.series == bindparam("b_series"),
+                    table.c.level == bindparam("b_level"),
+                    table.c.bucket == bindparam("b_bucket"),
+                )
+                .values(data=bindparam("data")),
+                [
+                    {
+                        "b_run": r["run_id"],
+                        "b_rank": r["rank"],
+                        "b_series": r["series"],
+                        "b_level": r["level"],
+                        "b_bucket": r["bucket"],
+                        "data": r["data"],
+                    }
+                    for r in updates
+                ],
+            )
         if inserts:
             session.execute(table.insert(), inserts)
 
 
-def cover(session: Session, run_id: int, rank: int, row_series: str, level: int, first: int, last: int, decoder: Callable[[bytes, int], Summary]) -> list[tuple[int, int, Summary]]:
+def cover(
+    session: Session,
+    run_id: int,
+    rank: int,
+    row_series: str,
+    level: int,
+    first: int,
+    last: int,
+    decoder: Callable[[bytes, int], Summary],
+) -> list[tuple[int, int, Summary]]:
     """``(level, bucket, summary)`` of the stored rows that together hold buckets ``first..last`` of ``level``, ascending.
 
     A bucket without a row (incomplete, written before its level existed, or empty) is covered by the
     next finer level's rows, and so on down to the finest, which every step is written to."""
     rows = session.execute(
         select(Rollup.bucket, Rollup.data)
-        .where(Rollup.run_id == run_id, Rollup.rank == rank, Rollup.series == row_series, Rollup.level == level, Rollup.bucket.between(first, last))
+        .where(
+            Rollup.run_id == run_id,
+            Rollup.rank == rank,
+            Rollup.series == row_series,
+            Rollup.level == level,
+            Rollup.bucket.between(first, last),
+        )
         .order_by(Rollup.bucket)
     ).all()
     finer = LEVELS[LEVELS.index(level) - 1] if level > FINEST else None
@@ -367,11 +484,39 @@ def cover(session: Session, run_id: int, rank: int, row_series: str, level: int,
     return out
 
 
-def read_range(session: Session, run_id: int, rank: int, series: str, level: int, first: int, last: int, n_tensors: int, column: int | None) -> list[tuple[int, int, Summary]]:
+def read_range(
+    session: Session,
+    run_id: int,
+    rank: int,
+    series: str,
+    level: int,
+    first: int,
+    last: int,
+    n_tensors: int,
+    column: int | None,
+) -> list[tuple[int, int, Summary]]:
     """:func:`cover` of ``series``: one tensor's column if given, else every tensor's (a scalar's own column)."""
     row_series, start, columns = location(series, n_tensors)
     dtype, n = value_dtype(row_series), width(row_series, n_tensors)
     if column is not None or columns == 1:
         index = start + (column or 0)
-        return cover(session, run_id, rank, row_series, level, first, last, lambda blob, origin: decode_column(blob, origin, dtype, n, index))
-    return cover(session, run_id, rank, row_series, level, first, last, lambda blob, origin: columns_of(decode(blob, origin, dtype, n), start, columns))
+        return cover(
+            session,
+            run_id,
+            rank,
+            row_series,
+            level,
+            first,
+            last,
+            lambda blob, origin: decode_column(blob, origin, dtype, n, index),
+        )
+    return cover(
+        session,
+        run_id,
+        rank,
+        row_series,
+        level,
+        first,
+        last,
+        lambda blob, origin: columns_of(decode(blob, origin, dtype, n), start, columns),
+    )

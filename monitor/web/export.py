@@ -16,22 +16,23 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
-from numwatch.monitor.reads import forward
-from numwatch.monitor.reads import overview
-from numwatch.monitor.reads import queries
-from numwatch.monitor.reads import readiness
+from numwatch.monitor.reads import forward, overview, queries, readiness
 from numwatch.monitor.store.auth import EVERYTHING
 from numwatch.monitor.web import STATIC_DIR, page_html
 
 # encodeURIComponent leaves these unescaped; quote() must too, or the keys would differ.
 _URI_COMPONENT_SAFE = "!~*'()"
-_ASSET = re.compile(r'<link rel="stylesheet" href="/static/([\w./-]+)">|<script src="/static/([\w./-]+)" defer></script>')
+_ASSET = re.compile(
+    r'<link rel="stylesheet" href="/static/([\w./-]+)">|<script src="/static/([\w./-]+)" defer></script>'
+)
 
 
 def request_key(path: str, params: dict[str, Any] | None = None) -> str:
     """The key the pages' ``NW.requestKey`` makes for a read: parameters sorted by name."""
     pairs = sorted((k, v) for k, v in (params or {}).items() if v is not None)
-    query = "&".join(f"{quote(k, safe=_URI_COMPONENT_SAFE)}={quote(str(v), safe=_URI_COMPONENT_SAFE)}" for k, v in pairs)
+    query = "&".join(
+        f"{quote(k, safe=_URI_COMPONENT_SAFE)}={quote(str(v), safe=_URI_COMPONENT_SAFE)}" for k, v in pairs
+    )
     return f"{path}?{query}" if query else path
 
 
@@ -49,17 +50,23 @@ def run_page_responses(session: Session, name: str, stale_after: float) -> dict[
         request_key(base + "/tensor-summary", {"max_points": points}): overview.tensor_summary(session, run, 0, points),
         request_key(base + "/forward", {"max_points": points}): forward.series(session, run, 0, None, None, points),
         request_key(base + "/quantization"): readiness.quantization_table(session, run, 0, "int4"),
-        request_key(base + "/heatmap", layout["heatmap"]): queries.heatmap(session, run, layout["heatmap"]["stat"], 0, layout["heatmap"]["max_steps"]).cells(),
+        request_key(base + "/heatmap", layout["heatmap"]): queries.heatmap(
+            session, run, layout["heatmap"]["stat"], 0, layout["heatmap"]["max_steps"]
+        ).cells(),
     }
     for chart in layout["series_charts"]:
         for series in chart["series"]:
             params = {"metric": series["metric"], "max_points": points, "end": end}
-            responses[request_key(base + "/series", params)] = queries.series(session, run, series["metric"], None, 0, None, end, points)
+            responses[request_key(base + "/series", params)] = queries.series(
+                session, run, series["metric"], None, 0, None, end, points
+            )
     choice = overview.histogram_steps(session, run, "grad", 0)
     responses[request_key(base + "/histogram-steps", {"kind": "grad"})] = choice
     if choice["suggested"]:
         tensor, step = choice["suggested"]["tensor"], choice["suggested"]["step"]
-        responses[request_key(base + "/histograms", {"tensor": tensor, "step": step, "kind": "grad"})] = queries.histograms(session, run, tensor, "grad", 0, step)
+        responses[request_key(base + "/histograms", {"tensor": tensor, "step": step, "kind": "grad"})] = (
+            queries.histograms(session, run, tensor, "grad", 0, step)
+        )
         responses[request_key(f"{base}/steps/{step}")] = queries.step_record(session, run, step, 0)
     return responses
 
@@ -92,7 +99,13 @@ def export_run_page(session: Session, name: str, stale_after: float) -> str:
     page = page_html("run")
     page = re.sub(r'<link rel="icon"[^>]*>\n?', "", page)
     page = _ASSET.sub(inline, page)
-    policy = (f"default-src 'none'; script-src {' '.join(map(_digest, scripts))}; style-src {' '.join(map(_digest, styles))}; "
-              "img-src data:; base-uri 'none'; form-action 'none'")
-    page = page.replace('<meta charset="utf-8">', f'<meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" content="{policy}">', 1)
+    policy = (
+        f"default-src 'none'; script-src {' '.join(map(_digest, scripts))}; style-src {' '.join(map(_digest, styles))}; "
+        "img-src data:; base-uri 'none'; form-action 'none'"
+    )
+    page = page.replace(
+        '<meta charset="utf-8">',
+        f'<meta charset="utf-8">\n<meta http-equiv="Content-Security-Policy" content="{policy}">',
+        1,
+    )
     return page.replace("</body>", f'<script type="application/json" id="numwatch-data">{data}</script>\n</body>', 1)

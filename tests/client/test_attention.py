@@ -103,7 +103,9 @@ def test_grouped_query_attention(chunk):
     q, k = tensors(2, 6, 11, 8, seed=12), tensors(2, 2, 11, 8, seed=13)
     mask = tensors(2, 6, 11, 11, seed=14) > -0.5
     expected = reference_max(q, k, mask=mask, is_causal=True, enable_gqa=True)
-    assert_matches(max_attention_logit(q, k, attn_mask=mask, is_causal=True, enable_gqa=True, chunk_elements=chunk), expected)
+    assert_matches(
+        max_attention_logit(q, k, attn_mask=mask, is_causal=True, enable_gqa=True, chunk_elements=chunk), expected
+    )
     # each query head reads its own group's key head, not any other
     k_other = k.flip(-3)
     assert expected != reference_max(q, k_other, mask=mask, is_causal=True, enable_gqa=True)
@@ -113,7 +115,10 @@ def test_grouped_query_attention(chunk):
 def test_custom_scale(chunk):
     q, k = tensors(1, 2, 7, 5, seed=15), tensors(1, 2, 7, 5, seed=16)
     assert_matches(max_attention_logit(q, k, scale=0.37, chunk_elements=chunk), reference_max(q, k, scale=0.37))
-    assert_matches(max_attention_logit(q, k, scale=3.0, is_causal=True, chunk_elements=chunk), reference_max(q, k, scale=3.0, is_causal=True))
+    assert_matches(
+        max_attention_logit(q, k, scale=3.0, is_causal=True, chunk_elements=chunk),
+        reference_max(q, k, scale=3.0, is_causal=True),
+    )
 
 
 def test_nan_in_an_unmasked_query_is_nan_and_in_a_masked_one_is_not():
@@ -160,11 +165,18 @@ def test_chunks_bound_the_logits_held_at_once(monkeypatch):
 # -- capture from models -----------------------------------------------------------------
 
 
-def attention_inputs(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
+def attention_inputs(
+    modules: dict[str, nn.Module],
+) -> tuple[dict[str, torch.Tensor], list[torch.utils.hooks.RemovableHandle]]:
     """The hidden states each named module receives (to recompute its q and k by hand)."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda m, args, kwargs, n=n: seen.__setitem__(n, (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
-               for n, m in modules.items()]
+    handles = [
+        m.register_forward_pre_hook(
+            lambda m, args, kwargs, n=n: seen.__setitem__(n, (args[0] if args else kwargs["hidden_states"]).detach()),
+            with_kwargs=True,
+        )
+        for n, m in modules.items()
+    ]
     return seen, handles
 
 
@@ -250,7 +262,9 @@ def test_multihead_attention_without_weights():
 
 def test_huggingface_gpt2_with_sdpa_attention():
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=3, n_head=2, n_embd=16, n_positions=32, vocab_size=50, attn_implementation="sdpa")
+    config = transformers.GPT2Config(
+        n_layer=3, n_head=2, n_embd=16, n_positions=32, vocab_size=50, attn_implementation="sdpa"
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     assert model.config._attn_implementation == "sdpa"
@@ -276,7 +290,9 @@ def test_observe_attention_for_hand_written_attention():
     class HandWritten(nn.Module):
         def forward(self, q, k, v):
             observe_attention(q, k, scale=0.5, mask=torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril())
-            logits = (q @ k.transpose(-2, -1) * 0.5).masked_fill(torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).triu(1), -math.inf)
+            logits = (q @ k.transpose(-2, -1) * 0.5).masked_fill(
+                torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).triu(1), -math.inf
+            )
             return logits.softmax(-1) @ v
 
     model = nn.Sequential(nn.Identity(), HandWritten())

@@ -14,10 +14,9 @@ import torch
 from torch import nn
 
 import numwatch
-from numwatch.kernels import chunks
-from numwatch.kernels import stats
-from numwatch.formats import format_spec
 from numwatch.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
+from numwatch.formats import format_spec
+from numwatch.kernels import chunks, stats
 from numwatch.protocol import FORMATS
 from tests.client.test_stats import SCALES, _boundary_values, reference_format_counts
 from tests.support.watch_helpers import read_spool
@@ -74,7 +73,9 @@ def _all_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> d
         "snapshot": torch.cat([b.reshape(-1).double() for b in before]),
         "update": stats.update_stats(before, after, grads),
         # The float64 gain has no state yet (None), the empty tensor an empty one.
-        "exp_avg_sq": stats.exp_avg_sq_underflow([None if g.dtype == torch.float64 else g.float().pow(2) for g in grads], format_spec("fp16")),
+        "exp_avg_sq": stats.exp_avg_sq_underflow(
+            [None if g.dtype == torch.float64 else g.float().pow(2) for g in grads], format_spec("fp16")
+        ),
     }
     for name in FORMATS:
         results[f"format {name}"] = stats.format_counts(grads, format_spec(name), torch.tensor(2.0**10))
@@ -94,7 +95,9 @@ def _one_by_one(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> dict[
 
 
 @pytest.mark.parametrize("chunk_elements", [chunks.CHUNK_ELEMENTS, 7])
-def test_each_statistic_of_a_mixed_dtype_model_equals_it_tensor_by_tensor(chunk_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_statistic_of_a_mixed_dtype_model_equals_it_tensor_by_tensor(
+    chunk_elements: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     grads, weights = _mixed_model_tensors()
     assert {g.dtype for g in grads} == {torch.float32, torch.bfloat16, torch.float16, torch.float64}
     expected = _one_by_one(grads, weights)
@@ -118,7 +121,9 @@ def test_the_statistics_see_the_values_placed_in_the_gradients() -> None:
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_format_counts_at_the_rounding_boundaries_in_one_batched_call(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_format_counts_at_the_rounding_boundaries_in_one_batched_call(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fmt = format_spec(name)
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 5)  # chunk edges fall inside the boundary lists
     values = torch.tensor(_boundary_values(fmt), dtype=torch.float32)
@@ -182,7 +187,9 @@ def test_activation_tracing_names_the_module_where_the_nan_was_born_on_the_first
 
     model.blocks[1].mlp[0].register_forward_hook(poison)  # registered first: the tracer sees the NaN
     batches = synthetic_batches(cfg, 4, seed=2)
-    with numwatch.watch(model, optimizer, run="nan-born", spool_dir=tmp_path, trace_activations=True, on_nonfinite="ignore") as watcher:
+    with numwatch.watch(
+        model, optimizer, run="nan-born", spool_dir=tmp_path, trace_activations=True, on_nonfinite="ignore"
+    ) as watcher:
         for step in range(1, 5):
             state["step"] = step
             inputs, targets = next(batches)
@@ -225,8 +232,12 @@ class _Pair(nn.Module):
 
 
 @pytest.mark.parametrize("chunk_elements", [chunks.CHUNK_ELEMENTS, 7])
-@pytest.mark.parametrize(("multiplier", "histogram_multiplier"), [(None, None), (torch.tensor(2.0**12), None), (None, torch.tensor(0.37))])
-def test_the_shared_pass_equals_format_counts_and_exponent_histogram(chunk_elements, multiplier, histogram_multiplier, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("multiplier", "histogram_multiplier"), [(None, None), (torch.tensor(2.0**12), None), (None, torch.tensor(0.37))]
+)
+def test_the_shared_pass_equals_format_counts_and_exponent_histogram(
+    chunk_elements, multiplier, histogram_multiplier, monkeypatch
+) -> None:
     grads, _ = _mixed_model_tensors()
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk_elements)
     unscaled = grads if histogram_multiplier is None else torch._foreach_mul(grads, histogram_multiplier)

@@ -30,13 +30,17 @@ def _inputs(step: int) -> torch.Tensor:
 
 def _reference_norms(model: nn.Module, divide_by: float = 1.0) -> np.ndarray:
     """float64 per-tensor gradient norms, computed on the host independently of numwatch.kernels.stats."""
-    return np.array([np.linalg.norm(p.grad.detach().double().cpu().numpy().ravel()) / divide_by for p in model.parameters()])
+    return np.array(
+        [np.linalg.norm(p.grad.detach().double().cpu().numpy().ravel()) / divide_by for p in model.parameters()]
+    )
 
 
 def test_measuring_a_step_never_synchronizes_and_matches_float64(tmp_path) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    watcher = numwatch.watch(model, optimizer, run="cuda-fp32", spool_dir=tmp_path, format_every=2, histogram_every=3, format="bf16")
+    watcher = numwatch.watch(
+        model, optimizer, run="cuda-fp32", spool_dir=tmp_path, format_every=2, histogram_every=3, format="bf16"
+    )
     references = []
     for step in range(1, STEPS + 1):
         inputs = _inputs(step)
@@ -88,15 +92,23 @@ def _nan_equal(actual: np.ndarray, expected: np.ndarray) -> None:
 def test_non_finite_gradients_are_flagged_every_step_and_counted_soon_after(tmp_path) -> None:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    watcher = numwatch.watch(model, optimizer, run="cuda-nan", spool_dir=tmp_path, on_nonfinite="ignore", histogram_every=0)
+    watcher = numwatch.watch(
+        model, optimizer, run="cuda-nan", spool_dir=tmp_path, on_nonfinite="ignore", histogram_every=0
+    )
     first_bad = 4
     references = []
-    inject = BackwardInjection(model[0].weight, (0, slice(0, 3)), [float("nan"), float("inf"), float("-inf")], {first_bad})
+    inject = BackwardInjection(
+        model[0].weight, (0, slice(0, 3)), [float("nan"), float("inf"), float("-inf")], {first_bad}
+    )
     for step in range(1, 13):
         inject.step = step
         model(_inputs(step)).pow(2).mean().backward()
-        references.append([(np.linalg.norm(g), np.abs(g).max(), np.isnan(g).sum(), np.isinf(g).sum())
-                           for g in (p.grad.detach().double().cpu().numpy().ravel() for p in model.parameters())])
+        references.append(
+            [
+                (np.linalg.norm(g), np.abs(g).max(), np.isnan(g).sum(), np.isinf(g).sum())
+                for g in (p.grad.detach().double().cpu().numpy().ravel() for p in model.parameters())
+            ]
+        )
         optimizer.step()  # NaN weights from here on: every later gradient is NaN
         optimizer.zero_grad()
     watcher.close()

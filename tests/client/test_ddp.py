@@ -35,7 +35,9 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.manual_seed(0)
-        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)))
+        model = torch.nn.parallel.DistributedDataParallel(
+            torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         watcher = numwatch.watch(model, optimizer, spool_dir=spool_root)  # run name comes from rank 0
         generator = torch.Generator().manual_seed(rank)
@@ -60,11 +62,18 @@ def test_both_ranks_spool_their_records(tmp_path):
     for rank, spooled in per_rank.items():
         (run,) = spooled.runs
         first = per_rank[0].runs[0]
-        assert (run["rank"], run["world_size"], run["run"], run["instance"]) == (rank, WORLD_SIZE, first["run"], first["instance"])
+        assert (run["rank"], run["world_size"], run["run"], run["instance"]) == (
+            rank,
+            WORLD_SIZE,
+            first["run"],
+            first["instance"],
+        )
         assert [s["step"] for s in spooled.steps] == list(range(1, STEPS + 1))
         # Before clipping: what clip_grad_norm_ returned on this rank (after the all-reduce).
         returned = json.loads((tmp_path / f"clip{rank}.json").read_text())
-        assert [protocol.decode_float(s["global_grad_norm"]) for s in spooled.steps] == pytest.approx(returned, rel=1e-5)
+        assert [protocol.decode_float(s["global_grad_norm"]) for s in spooled.steps] == pytest.approx(
+            returned, rel=1e-5
+        )
         assert all(s["clipped"] for s in spooled.steps)
         assert spooled.statuses[-1] == "finished"
     # Measured after the all-reduce: both ranks see the same averaged gradients.

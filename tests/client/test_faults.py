@@ -29,8 +29,8 @@ from numwatch import protocol
 from numwatch.delivery import transport
 from numwatch.delivery.spool import read_entries
 from numwatch.delivery.sync import pending_documents
-from numwatch.monitor.store import db
 from numwatch.monitor.ops import stack
+from numwatch.monitor.store import db
 from tests.support.collector_docs import batch_doc, run_doc, step_doc
 from tests.support.watch_helpers import batch, small_model
 
@@ -65,11 +65,17 @@ class KillableCollector:
     def start(self) -> None:
         self.starts += 1
         log = open(self.workdir / f"collector-{self.starts}.log", "wb")
-        self.process = subprocess.Popen(stack.collector_argv(self.port, self.database_url), stdout=log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **self.env})
+        self.process = subprocess.Popen(
+            stack.collector_argv(self.port, self.database_url),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
         log.close()
         process = self.process
-        assert stack.wait_for(lambda: process.poll() is not None or stack.answers_ok(f"{self.url}/readyz"), READY_TIMEOUT_S, 0.05)
+        assert stack.wait_for(
+            lambda: process.poll() is not None or stack.answers_ok(f"{self.url}/readyz"), READY_TIMEOUT_S, 0.05
+        )
         assert process.poll() is None, (self.workdir / f"collector-{self.starts}.log").read_text()[-3000:]
 
     def kill(self) -> None:
@@ -102,13 +108,28 @@ def killable(tmp_path: Path):
         server.stop()
 
 
-def train(url: str | None, spool_root: Path, run: str, steps: int, at_step: dict[int, Callable[[numwatch.Watcher], Any]] | None = None) -> numwatch.Watcher:
+def train(
+    url: str | None,
+    spool_root: Path,
+    run: str,
+    steps: int,
+    at_step: dict[int, Callable[[numwatch.Watcher], Any]] | None = None,
+) -> numwatch.Watcher:
     """A deterministic small run (same numbers every time); ``at_step[n](watcher)`` runs after step n.
     Step NAN_LOSS_STEP logs a NaN loss, so the run has a detector event to deliver exactly once."""
     torch.manual_seed(0)
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    watcher = numwatch.watch(model, optimizer, run=run, url=url, spool_dir=spool_root, histogram_every=16, format_every=4, on_nonfinite="ignore")
+    watcher = numwatch.watch(
+        model,
+        optimizer,
+        run=run,
+        url=url,
+        spool_dir=spool_root,
+        histogram_every=16,
+        format_every=4,
+        on_nonfinite="ignore",
+    )
     for step in range(1, steps + 1):
         inputs, targets = batch(step)
         optimizer.zero_grad()
@@ -173,7 +194,9 @@ def test_reference_run_is_what_the_client_measured(reference) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_collector_sigkilled_and_restarted_stores_every_step_exactly_once(database_url, killable, tmp_path, reference) -> None:
+def test_collector_sigkilled_and_restarted_stores_every_step_exactly_once(
+    database_url, killable, tmp_path, reference
+) -> None:
     server = killable(database_url)
     server.start()
     # Killed three times, each down for 20 steps (one kill lands right after the NaN step).
@@ -188,15 +211,21 @@ def test_collector_sigkilled_and_restarted_stores_every_step_exactly_once(databa
     assert conflict_count(database_url) == 0  # re-sent batches were identical, never conflicting
 
 
-def test_collector_down_for_the_whole_run_then_sync_stores_what_a_live_run_stores(killable, tmp_path, reference) -> None:
+def test_collector_down_for_the_whole_run_then_sync_stores_what_a_live_run_stores(
+    killable, tmp_path, reference
+) -> None:
     server = killable()
     spool_root = tmp_path / "spool"
     watcher = train(server.url, spool_root, "reference-40", 40)  # nothing listens on server.url yet
     assert watcher.dropped_steps == 0 and watcher.transport.sent_batches == 0
     assert pending_documents(spool_root) > 0
     server.start()
-    result = subprocess.run([sys.executable, "-m", "numwatch.monitor.ops.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "numwatch.monitor.ops.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert pending_documents(spool_root) == 0
     assert stored(server.url, "reference-40") == reference[40]
@@ -233,7 +262,9 @@ def full_filesystem(tmp_path: Path) -> Iterator[Path]:
     Mounting needs root (CI runs as root); elsewhere the test skips, or fails when binaries are required."""
     mount_point = tmp_path / "full"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "numwatch-test", str(mount_point)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "numwatch-test", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         reason = f"cannot mount a tmpfs to fill up (needs root): {mounted.stderr.strip()}"
         if os.environ.get("NUMWATCH_REQUIRE_BINARIES") == "1":
@@ -301,7 +332,9 @@ TRAINING_SCRIPT = textwrap.dedent("""
 
 def _train_until_killed(url: str | None, spool_root: Path) -> None:
     """Start a training process, wait until it has flushed 20 steps, go on a little, SIGKILL it."""
-    process = subprocess.Popen([sys.executable, "-c", TRAINING_SCRIPT, url or "", str(spool_root)], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", TRAINING_SCRIPT, url or "", str(spool_root)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert process.stdout is not None and process.stdout.readline().strip() == "flushed"
         threading.Event().wait(0.7)  # mid-run: spool writes and POSTs in flight
@@ -320,8 +353,12 @@ def test_killed_training_leaves_a_readable_spool_that_syncs(killable, tmp_path) 
     assert spooled_steps == list(range(1, len(spooled_steps) + 1)) and len(spooled_steps) >= 20
     server = killable()
     server.start()
-    result = subprocess.run([sys.executable, "-m", "numwatch.monitor.ops.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "numwatch.monitor.ops.cli", "sync", "--url", server.url, "--spool-dir", str(spool_root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     summary = httpx.get(f"{server.url}/api/v1/runs/killed", timeout=30).json()
     assert summary["steps_total"] == len(spooled_steps) and summary["last_step"] == spooled_steps[-1]
@@ -334,7 +371,11 @@ def test_killed_training_run_turns_stale_after_the_timeout(killable, tmp_path) -
     with httpx.Client(base_url=server.url, timeout=30) as client:
         assert client.get("/api/v1/runs/killed").json()["steps_total"] >= 20
         assert stack.wait_for(lambda: client.get("/api/v1/runs/killed").json()["status"] == "stale", 15, 0.2)
-        assert 'status="stale"' in next(line for line in client.get("/metrics").text.splitlines() if line.startswith("numwatch_run_info{") and 'run="killed"' in line)
+        assert 'status="stale"' in next(
+            line
+            for line in client.get("/metrics").text.splitlines()
+            if line.startswith("numwatch_run_info{") and 'run="killed"' in line
+        )
 
 
 @pytest.mark.timeout(300)
@@ -350,8 +391,11 @@ def test_postgresql_restart_gives_503_then_ingest_resumes_by_itself(restartable_
             step = 0
             while not stop.is_set():
                 step += 1
-                response = client.post("/api/v1/runs/r1/batches", content=protocol.dumps(batch_doc(steps=[step_doc(step)])),
-                                       headers={"Content-Type": "application/json"})
+                response = client.post(
+                    "/api/v1/runs/r1/batches",
+                    content=protocol.dumps(batch_doc(steps=[step_doc(step)])),
+                    headers={"Content-Type": "application/json"},
+                )
                 codes.append(response.status_code)
                 if response.status_code == 200:
                     stored_steps.append(step)

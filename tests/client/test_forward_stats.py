@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import numwatch
-from tests.support.nanogpt import NanoGPT
 from tests.client.test_attention import reference_max
 from tests.client.test_output_logits import reference
+from tests.support.nanogpt import NanoGPT
 from tests.support.watch_helpers import read_spool
 
 LAYERS = [f"transformer.h.{i}.attn" for i in range(4)]
@@ -32,7 +32,10 @@ def train(model: NanoGPT, steps: int, watcher=None, seen=None) -> None:
     if watcher is not None:
         watcher = numwatch.watch(model, optimizer, **watcher)
     inputs: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach())) for n in LAYERS]
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0].detach()))
+        for n in LAYERS
+    ]
     data = torch.Generator().manual_seed(7)
     torch.manual_seed(3)  # dropout
     for it in range(steps):
@@ -72,7 +75,9 @@ def test_every_layer_on_sampled_steps_and_none_on_others(tmp_path):
             assert recorded[name] == pytest.approx(expected, rel=1e-5)
         mean, largest, absmax = reference(*(logits for _, logits in seen[step["step"]]))
         logits = step["output_logits"]
-        np.testing.assert_allclose([logits["log_z_mean"], logits["log_z_max"], logits["absmax"]], [mean, largest, absmax], rtol=1e-5)
+        np.testing.assert_allclose(
+            [logits["log_z_mean"], logits["log_z_max"], logits["absmax"]], [mean, largest, absmax], rtol=1e-5
+        )
 
 
 def test_attention_every_sets_its_own_cadence_and_zero_turns_it_off(tmp_path):
@@ -99,7 +104,9 @@ def test_watched_training_is_bit_identical_to_unwatched(tmp_path):
 
 def test_huggingface_gpt2_logits_from_the_model_output(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50, attn_implementation="sdpa")
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50, attn_implementation="sdpa"
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -153,7 +160,13 @@ def test_a_compiled_model_is_measured_under_its_own_names(tmp_path):
         optimizer.zero_grad(set_to_none=True)
     watcher.close()
     steps = read_spool(watcher.spool_dir).steps
-    assert [s["attention_logit_max"] is not None for s in steps] == [True, False, True] and watcher.monitoring_errors == 0
+    assert [s["attention_logit_max"] is not None for s in steps] == [
+        True,
+        False,
+        True,
+    ] and watcher.monitoring_errors == 0
     for step in (steps[0], steps[2]):
         assert list(step["attention_logit_max"]) == LAYERS  # no _orig_mod in the names
-        assert list(step["attention_logit_max"].values()) == pytest.approx(list(expected[step["step"] - 1].values()), rel=1e-5)
+        assert list(step["attention_logit_max"].values()) == pytest.approx(
+            list(expected[step["step"] - 1].values()), rel=1e-5
+        )

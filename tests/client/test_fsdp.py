@@ -68,10 +68,11 @@ def _weights(model: torch.nn.Module) -> list[np.ndarray]:
 
 def _train(rank: int, port: int, spool_root: str, root: str) -> None:
     sys.path.insert(0, root)
-    import numwatch  # imported in the child: spawn starts a fresh interpreter
-    from numwatch.kernels.sharded import ShardReduction
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Partial, init_device_mesh
+
+    import numwatch  # imported in the child: spawn starts a fresh interpreter
+    from numwatch.kernels.sharded import ShardReduction
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -92,7 +93,15 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-        watcher = numwatch.watch(model, optimizer, run="fsdp", spool_dir=spool_root, format="fp16", format_every=1, histogram_every=HISTOGRAM_EVERY)
+        watcher = numwatch.watch(
+            model,
+            optimizer,
+            run="fsdp",
+            spool_dir=spool_root,
+            format="fp16",
+            format_every=1,
+            histogram_every=HISTOGRAM_EVERY,
+        )
 
         reference = _model() if rank == 0 else None
         reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5) if reference is not None else None
@@ -152,7 +161,9 @@ def fsdp_run(tmp_path_factory):
     spool = tmp_path_factory.mktemp("fsdp")
     spawn_ranks(_train, spool)
     saved = torch.load(spool / "reference0.pt", weights_only=False)
-    saved["clip_returned_by_rank"] = [torch.load(spool / f"reference{rank}.pt", weights_only=False)["clip_returned"] for rank in range(WORLD_SIZE)]
+    saved["clip_returned_by_rank"] = [
+        torch.load(spool / f"reference{rank}.pt", weights_only=False)["clip_returned"] for rank in range(WORLD_SIZE)
+    ]
     (run_dir,) = spool.glob("fsdp.*")  # both ranks are one instance
     per_rank = {rank: read_spool(run_dir / f"rank{rank}") for rank in range(WORLD_SIZE)}
     return saved, per_rank
@@ -176,7 +187,10 @@ def test_gradient_statistics_describe_the_whole_tensor(fsdp_run):
         # Before clipping: what clip_grad_norm_ returned on this rank; clip_coef is its coefficient.
         for step, returned in zip(spooled.steps, saved["clip_returned_by_rank"][rank]):
             assert step["global_grad_norm"] == pytest.approx(returned, rel=RTOL)
-            assert step["clip_coef"] == pytest.approx(min(1.0, CLIP / (returned + 1e-6)), rel=RTOL) and step["clipped"] is True
+            assert (
+                step["clip_coef"] == pytest.approx(min(1.0, CLIP / (returned + 1e-6)), rel=RTOL)
+                and step["clipped"] is True
+            )
 
 
 def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
@@ -204,8 +218,12 @@ def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_ru
         assert [s["step"] for s in sampled] == [1, 3]
         for step in sampled:
             weights = saved["weights"][step["step"] - 1]  # after that step's update
-            np.testing.assert_allclose(spooled.stat(step, "weight_norm"), [np.linalg.norm(w) for w in weights], rtol=RTOL)
-            np.testing.assert_allclose(spooled.stat(step, "weight_absmax"), [np.abs(w).max() for w in weights], rtol=RTOL)
+            np.testing.assert_allclose(
+                spooled.stat(step, "weight_norm"), [np.linalg.norm(w) for w in weights], rtol=RTOL
+            )
+            np.testing.assert_allclose(
+                spooled.stat(step, "weight_absmax"), [np.abs(w).max() for w in weights], rtol=RTOL
+            )
         n_tensors = len(spooled.runs[0]["tensors"])
         for histogram in spooled.histograms:
             exponent = values(histogram["exponent"], "<i8").reshape(n_tensors, -1)

@@ -41,7 +41,9 @@ MEASURED = {
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(200, 32), torch.nn.Tanh(), torch.nn.Linear(32, 18), torch.nn.Tanh(), torch.nn.Linear(18, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(200, 32), torch.nn.Tanh(), torch.nn.Linear(32, 18), torch.nn.Tanh(), torch.nn.Linear(18, 1)
+    )
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +55,10 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _train(rank: int, port: int, spool_root: str, root: str) -> None:
     sys.path.insert(0, root)
-    import numwatch
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard, init_device_mesh
+
+    import numwatch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -68,7 +71,14 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
         fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        watcher = numwatch.watch(model, optimizer, run="fsdp-health", spool_dir=spool_root, histogram_every=HISTOGRAM_EVERY, quant_every=QUANT_EVERY)
+        watcher = numwatch.watch(
+            model,
+            optimizer,
+            run="fsdp-health",
+            spool_dir=spool_root,
+            histogram_every=HISTOGRAM_EVERY,
+            quant_every=QUANT_EVERY,
+        )
         saved: dict[str, dict] = {"weights": {}, "adam": {}}
         half = 8 // WORLD_SIZE
         for step in range(1, STEPS + 1):
@@ -79,9 +89,14 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
             optimizer.zero_grad()
             # Collectives: both ranks gather, in the same order.
             weights = [p.full_tensor().detach().double() for p in model.parameters()]
-            states = [{k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in optimizer.state[p].items()} for p in model.parameters()]
+            states = [
+                {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in optimizer.state[p].items()}
+                for p in model.parameters()
+            ]
             saved["weights"][step] = [w.numpy() for w in weights]
-            saved["adam"][step] = [reference_adam(s["exp_avg"], s["exp_avg_sq"], int(s["step"]), (0.9, 0.999), 1e-8) for s in states]
+            saved["adam"][step] = [
+                reference_adam(s["exp_avg"], s["exp_avg_sq"], int(s["step"]), (0.9, 0.999), 1e-8) for s in states
+            ]
             saved.setdefault("local_sizes", [p.to_local().numel() for p in model.parameters()])
         watcher.close()
         torch.save(saved, Path(spool_root) / f"reference{rank}.pt")
@@ -101,7 +116,14 @@ def fsdp_run(tmp_path_factory):
 def test_the_cases_are_the_planned_ones(fsdp_run):
     saved, per_rank = fsdp_run
     assert [t["name"] for t in per_rank[0].runs[0]["tensors"]] == NAMES
-    assert saved["local_sizes"] == [16 * 200, 16, 9 * 32, 9, 9, 1]  # rank 0's; rank 1 holds the rest (an empty bias of "4")
+    assert saved["local_sizes"] == [
+        16 * 200,
+        16,
+        9 * 32,
+        9,
+        9,
+        1,
+    ]  # rank 0's; rank 1 holds the rest (an empty bias of "4")
 
 
 def test_adam_health_of_the_whole_tensors(fsdp_run):

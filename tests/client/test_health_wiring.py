@@ -52,8 +52,12 @@ def train(url: str, run: str, forward_after: str | None) -> tuple[list[str], dic
     with torch.no_grad():
         model[3].weight[3, 17] = 8.0  # an outlier in the head
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, eps=1e-8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / STEPS)))
-    watcher = numwatch.watch(model, optimizer, run=run, url=url, histogram_every=HISTOGRAM_EVERY, quant_every=QUANT_EVERY)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 4) * 0.5 * (1 + math.cos(math.pi * s / STEPS))
+    )
+    watcher = numwatch.watch(
+        model, optimizer, run=run, url=url, histogram_every=HISTOGRAM_EVERY, quant_every=QUANT_EVERY
+    )
     names = [name for name, _ in model.named_parameters()]
     adam: dict[int, dict] = {}
     quant: dict[int, dict] = {}
@@ -103,20 +107,34 @@ def test_recorded_adam_health_and_sqnr_equal_the_references(api: httpx.Client) -
             if step in quant:
                 for scheme, expected in quant[step][name].items():
                     got = _decoded(tensors[name][f"quant_sqnr_{scheme}"])
-                    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-3), (step, name, scheme)
+                    assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-3), (
+                        step,
+                        name,
+                        scheme,
+                    )
     # The unused embedding rows have v = 0 < eps: a quarter of the embedding; the head is all normalised.
     assert adam[11]["0.weight"][1] == 0.25 and adam[11]["3.weight"][1] == 0
 
     table = api.get("/api/v1/runs/health/quantization", params={"sort": "int4"}).json()
     assert table["step"] == STEPS
-    expected_order = sorted((n for n in names if not math.isnan(quant[STEPS][n]["int4"])), key=lambda n: quant[STEPS][n]["int4"])
+    expected_order = sorted(
+        (n for n in names if not math.isnan(quant[STEPS][n]["int4"])), key=lambda n: quant[STEPS][n]["int4"]
+    )
     assert [row["tensor"] for row in table["tensors"]] == expected_order
     assert len(expected_order) == 3  # the two biases are not quantized
 
     families = text_string_to_metric_families(api.get("/metrics").text)
-    minimum = {s.labels["scheme"]: s.value for f in families if f.name == "numwatch_quant_sqnr_min_decibels" for s in f.samples if s.labels["run"] == "health"}
+    minimum = {
+        s.labels["scheme"]: s.value
+        for f in families
+        if f.name == "numwatch_quant_sqnr_min_decibels"
+        for s in f.samples
+        if s.labels["run"] == "health"
+    }
     for scheme in REFERENCES:
-        assert minimum[scheme] == pytest.approx(min(v[scheme] for v in quant[STEPS].values() if not math.isnan(v[scheme])), abs=1e-3)
+        assert minimum[scheme] == pytest.approx(
+            min(v[scheme] for v in quant[STEPS].values() if not math.isnan(v[scheme])), abs=1e-3
+        )
 
 
 @pytest.mark.parametrize("forward_after", ["no grad", "with grad", "flush"])

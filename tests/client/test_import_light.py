@@ -8,7 +8,16 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVER_PACKAGES = ("fastapi", "sqlalchemy", "uvicorn", "prometheus_client", "starlette", "alembic", "psycopg", "numwatch.monitor")
+SERVER_PACKAGES = (
+    "fastapi",
+    "sqlalchemy",
+    "uvicorn",
+    "prometheus_client",
+    "starlette",
+    "alembic",
+    "psycopg",
+    "numwatch.monitor",
+)
 
 
 def test_hooks_imports_and_watches_with_server_packages_blocked(tmp_path):

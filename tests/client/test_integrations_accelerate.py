@@ -18,7 +18,9 @@ BATCHES = 8
 def _prepared():
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATION)
     generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(BATCHES * 4, 6, generator=generator), torch.randn(BATCHES * 4, 3, generator=generator))
+    data = torch.utils.data.TensorDataset(
+        torch.randn(BATCHES * 4, 6, generator=generator), torch.randn(BATCHES * 4, 3, generator=generator)
+    )
     model = small_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer, loader = accelerator.prepare(model, optimizer, torch.utils.data.DataLoader(data, batch_size=4))

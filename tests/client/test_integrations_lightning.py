@@ -51,12 +51,27 @@ class Regression(pl.LightningModule):
 
 
 def _trainer(callback, max_steps: int = MAX_STEPS, **options) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback], **options)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **options,
+    )
 
 
 def _fit_bf16(tmp_path, run: str, fused: bool, clip: float | None = None):
     module = Regression(fused=fused)
-    trainer = _trainer(LightningCallback(run=run, spool_dir=tmp_path), precision="bf16-mixed", accumulate_grad_batches=ACCUMULATION, gradient_clip_val=clip)
+    trainer = _trainer(
+        LightningCallback(run=run, spool_dir=tmp_path),
+        precision="bf16-mixed",
+        accumulate_grad_batches=ACCUMULATION,
+        gradient_clip_val=clip,
+    )
     trainer.fit(module, _loader(MAX_STEPS * ACCUMULATION))
     return trainer, module, run_spool(tmp_path, run)
 
@@ -108,7 +123,11 @@ def test_manual_optimisation_with_a_grad_scaler_counts_the_scalers_skips(tmp_pat
     init_scale = 2.0**24  # fp16 activation gradients overflow until the scale has backed off
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
     module = ManualOptimisation()
-    trainer = _trainer(LightningCallback(run="manual", spool_dir=tmp_path), plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=12)
+    trainer = _trainer(
+        LightningCallback(run="manual", spool_dir=tmp_path),
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        max_steps=12,
+    )
     trainer.fit(module, _loader(12))
     spooled = run_spool(tmp_path, "manual")
     assert len(spooled.steps) == 12 == len(module.scales)

@@ -29,10 +29,14 @@ class TinyGPT(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, width)
         self.position = nn.Embedding(context, width)
-        self.block = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.block = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
         self.head = nn.Linear(width, vocab)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.embed(idx) + self.position(torch.arange(idx.shape[1]))
         x = x + self.block(x)
         logits = self.head(x)
@@ -40,7 +44,9 @@ class TinyGPT(nn.Module):
         return logits, loss
 
 
-def get_batch(step: int, micro: int, batch: int = 4, context: int = 8, vocab: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def get_batch(
+    step: int, micro: int, batch: int = 4, context: int = 8, vocab: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(100 * step + micro)
     data = torch.randint(vocab, (batch, context + 1), generator=generator)
     return data[:, :-1], data[:, 1:]
@@ -119,7 +125,9 @@ def _amp_loop(tmp_path, fused: bool, inf_steps: set[int], steps: int = 12):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14, growth_interval=3)
     watcher = numwatch.watch(model, optimizer, scaler=scaler, run="amp", spool_dir=tmp_path)
-    inject = BackwardInjection(model[2].weight, (slice(0, 2), slice(0, 4)), [[math.inf, -math.inf, math.nan, 1.0]] * 2, inf_steps)
+    inject = BackwardInjection(
+        model[2].weight, (slice(0, 2), slice(0, 4)), [[math.inf, -math.inf, math.nan, 1.0]] * 2, inf_steps
+    )
     truth = []
     for step in range(1, steps + 1):
         inject.step = step
@@ -263,7 +271,9 @@ def test_loss_is_recorded_without_user_code_in_an_fp32_loop(tmp_path):
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
     assert [s["loss"] for s in spooled.steps] == losses
-    assert all(s["clip_coef"] is None and s["post_clip_grad_norm"] is None and s["clipped"] is False for s in spooled.steps)
+    assert all(
+        s["clip_coef"] is None and s["post_clip_grad_norm"] is None and s["clipped"] is False for s in spooled.steps
+    )
 
 
 def test_a_failure_inside_the_measurement_leaves_the_next_step_exact(tmp_path, monkeypatch):
@@ -305,7 +315,9 @@ def test_names_do_not_depend_on_torch_compile(tmp_path):
     plain = numwatch.watch(model, run="plain", spool_dir=tmp_path)
     names = plain.tensor_names
     plain.close()
-    compiled = numwatch.watch(torch.compile(model, backend="aot_eager"), run="compiled", spool_dir=tmp_path, include=["block.*"])
+    compiled = numwatch.watch(
+        torch.compile(model, backend="aot_eager"), run="compiled", spool_dir=tmp_path, include=["block.*"]
+    )
     assert names == [name for name, _ in model.named_parameters()]
     assert compiled.tensor_names == [name for name in names if name.startswith("block.")]
     compiled.close()
@@ -314,7 +326,9 @@ def test_names_do_not_depend_on_torch_compile(tmp_path):
 class Trainer:
     """A minGPT-style trainer: the optimizer is made inside run(), callbacks fire per batch."""
 
-    def __init__(self, model: TinyGPT, max_iters: int, learning_rate: float = 5e-3, grad_norm_clip: float = 0.5) -> None:
+    def __init__(
+        self, model: TinyGPT, max_iters: int, learning_rate: float = 5e-3, grad_norm_clip: float = 0.5
+    ) -> None:
         self.model, self.max_iters = model, max_iters
         self.learning_rate, self.grad_norm_clip = learning_rate, grad_norm_clip
         self.callbacks: dict[str, list] = {}
@@ -363,7 +377,9 @@ def test_a_trainer_that_builds_its_optimizer_late_is_watched_from_its_first_step
     assert watcher.optimizer is trainer.optimizer and watcher.steps == 6
     (run,) = spooled.runs
     assert run["config"]["optimizer"] == "AdamW"
-    assert [t["group"] for t in run["tensors"]] == [0 if name.endswith("weight") and p.dim() >= 2 else 1 for name, p in model.named_parameters()]
+    assert [t["group"] for t in run["tensors"]] == [
+        0 if name.endswith("weight") and p.dim() >= 2 else 1 for name, p in model.named_parameters()
+    ]
     assert [s["step"] for s in spooled.steps] == [1, 2, 3, 4, 5, 6]
     for step, (loss, norm) in zip(spooled.steps, seen):
         assert step["loss"] == pytest.approx(loss, rel=1e-6)

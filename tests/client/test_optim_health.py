@@ -19,13 +19,21 @@ def chosen_state(step: int, beta2: float = 0.999) -> tuple[torch.Tensor, torch.T
     """m and v (float32) with 3 elements whose √v̂ is just below ε and 5 just above."""
     rng = np.random.default_rng(0)
     bc2 = 1 - beta2**step
-    root_hat = np.concatenate([EPS * np.array([0.99, 0.995, 0.999]), EPS * np.array([1.001, 1.005, 1.01, 1.05, 2.0]), 10 ** rng.uniform(-6, -2, 92)])
+    root_hat = np.concatenate(
+        [
+            EPS * np.array([0.99, 0.995, 0.999]),
+            EPS * np.array([1.001, 1.005, 1.01, 1.05, 2.0]),
+            10 ** rng.uniform(-6, -2, 92),
+        ]
+    )
     v = torch.tensor(root_hat**2 * bc2, dtype=torch.float32)
     m = torch.tensor(rng.standard_normal(100) * 1e-4, dtype=torch.float32)
     return m, v, 3
 
 
-def reference_adam(m: torch.Tensor, v: torch.Tensor, step: int, betas: tuple[float, float], eps: float) -> tuple[float, float]:
+def reference_adam(
+    m: torch.Tensor, v: torch.Tensor, step: int, betas: tuple[float, float], eps: float
+) -> tuple[float, float]:
     m64, v64 = m.double().numpy(), v.double().numpy()
     m_hat = m64 / (1 - betas[0] ** step)
     root = np.sqrt(v64 / (1 - betas[1] ** step))
@@ -51,10 +59,14 @@ def test_amsgrad_uses_the_running_maximum() -> None:
     optimizer = torch.optim.Adam([param], eps=EPS, amsgrad=True)
     m, v, _ = chosen_state(step=3)
     optimizer.state[param] = {"step": torch.tensor(3.0), "exp_avg": m, "exp_avg_sq": v / 100, "max_exp_avg_sq": v}
-    assert adam_health(optimizer, [param])[:, 0].tolist() == pytest.approx(reference_adam(m, v, 3, (0.9, 0.999), EPS), rel=1e-5)
+    assert adam_health(optimizer, [param])[:, 0].tolist() == pytest.approx(
+        reference_adam(m, v, 3, (0.9, 0.999), EPS), rel=1e-5
+    )
 
 
-def _train(optimizer_factory, steps: int = 5, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, list[torch.Tensor]]:
+def _train(
+    optimizer_factory, steps: int = 5, seed: int = 0
+) -> tuple[nn.Module, torch.optim.Optimizer, list[torch.Tensor]]:
     """A float64 MLP trained ``steps`` steps; returns the model, optimizer and the last step's
     applied update per parameter divided by the learning rate."""
     torch.manual_seed(seed)
@@ -81,13 +93,23 @@ def _train(optimizer_factory, steps: int = 5, seed: int = 0) -> tuple[nn.Module,
         lambda ps: torch.optim.RAdam(ps, lr=1e-2),
         lambda ps: torch.optim.RAdam(ps, lr=1e-2, weight_decay=0.1),
     ],
-    ids=["adam", "adamw-single-tensor", "adam-amsgrad-foreach", "nadam", "nadam-decoupled", "radam-unrectified", "radam-coupled-wd"],
+    ids=[
+        "adam",
+        "adamw-single-tensor",
+        "adam-amsgrad-foreach",
+        "nadam",
+        "nadam-decoupled",
+        "radam-unrectified",
+        "radam-coupled-wd",
+    ],
 )
 def test_rms_is_the_update_the_optimizer_applied(factory) -> None:
     """After a real step, the RMS equals that of (w_before − w_after) / lr (no weight decay on w)."""
     model, optimizer, applied = _train(factory)
     got = adam_health(optimizer, list(model.parameters()))
-    decay = optimizer.param_groups[0]["weight_decay"] if optimizer.param_groups[0].get("decoupled_weight_decay") else 0.0
+    decay = (
+        optimizer.param_groups[0]["weight_decay"] if optimizer.param_groups[0].get("decoupled_weight_decay") else 0.0
+    )
     for i, (param, update) in enumerate(zip(model.parameters(), applied)):
         # Decoupled decay moved w by lr·λ·w_before on top: take it out.
         before = param.detach() + update * optimizer.param_groups[0]["lr"]
@@ -132,10 +154,17 @@ def test_chunks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_measuring_changes_neither_state_nor_weights() -> None:
-    for factory in (lambda ps: torch.optim.AdamW(ps), lambda ps: torch.optim.NAdam(ps), lambda ps: torch.optim.RAdam(ps)):
+    for factory in (
+        lambda ps: torch.optim.AdamW(ps),
+        lambda ps: torch.optim.NAdam(ps),
+        lambda ps: torch.optim.RAdam(ps),
+    ):
         model, optimizer, _ = _train(factory)
         model.float()  # float32 state chunks are the state tensors themselves
-        optimizer.state = {p: {k: v.float() if v.is_floating_point() and v.dim() else v for k, v in s.items()} for p, s in zip(model.parameters(), optimizer.state.values())}
+        optimizer.state = {
+            p: {k: v.float() if v.is_floating_point() and v.dim() else v for k, v in s.items()}
+            for p, s in zip(model.parameters(), optimizer.state.values())
+        }
         before = {id(p): [v.clone() for v in s.values()] for p, s in optimizer.state.items()}
         weights = [p.detach().clone() for p in model.parameters()]
         adam_health(optimizer, list(model.parameters()))
@@ -154,7 +183,9 @@ def test_nadam_with_coupled_weight_decay_against_a_float64_reimplementation(maxi
     param = nn.Parameter(torch.randn(n, dtype=torch.float64, generator=generator))
     with torch.no_grad():
         param[:5] = 0.0
-    optimizer = torch.optim.NAdam([param], lr=lr, betas=betas, eps=eps, weight_decay=decay, momentum_decay=psi, maximize=maximize)
+    optimizer = torch.optim.NAdam(
+        [param], lr=lr, betas=betas, eps=eps, weight_decay=decay, momentum_decay=psi, maximize=maximize
+    )
     m, v, mu_product = np.zeros(n), np.zeros(n), 1.0
     for t in range(1, 7):
         grad = torch.randn(n, dtype=torch.float64, generator=generator)
@@ -197,7 +228,10 @@ def test_the_watcher_reports_nadam_with_coupled_weight_decay(tmp_path) -> None:
             before = [p.detach().clone() for p in model.parameters()]
             optimizer.step()
             optimizer.zero_grad()
-            applied[step] = [((b - p.detach()) / 1e-2).double().square().mean().sqrt().item() for b, p in zip(before, model.parameters())]
+            applied[step] = [
+                ((b - p.detach()) / 1e-2).double().square().mean().sqrt().item()
+                for b, p in zip(before, model.parameters())
+            ]
     spooled = read_spool(watcher.spool_dir)
     sampled = [s for s in spooled.steps if "adam_update_rms" in s["tensors"]]
     assert [s["step"] for s in sampled] == [1, 3]

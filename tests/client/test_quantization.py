@@ -14,10 +14,22 @@ from numwatch.kernels.quantization import SCHEMES, nf4_codebook, quantization_sq
 
 # The NF4 values as published with QLoRA (bitsandbytes' table).
 PUBLISHED_NF4 = [
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0,
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
 ]
 
 
@@ -129,8 +141,12 @@ def test_exact_grids_give_infinity_and_small_tensors_nan() -> None:
     # Every row is integers times its scale with 127 present: int8 is exact; likewise int4
     # with values in multiples of 1/7 of each 128-group's abs-max, and all-zero weights.
     rng = np.random.default_rng(3)
-    grid8 = torch.from_numpy(np.concatenate([rng.integers(-127, 128, (4, 63)), np.full((4, 1), 127)], axis=1).astype(np.float32) / 64)
-    grid4 = torch.from_numpy(np.concatenate([rng.integers(-7, 8, (3, 127)), np.full((3, 1), 7)], axis=1).astype(np.float32) / 8)
+    grid8 = torch.from_numpy(
+        np.concatenate([rng.integers(-127, 128, (4, 63)), np.full((4, 1), 127)], axis=1).astype(np.float32) / 64
+    )
+    grid4 = torch.from_numpy(
+        np.concatenate([rng.integers(-7, 8, (3, 127)), np.full((3, 1), 7)], axis=1).astype(np.float32) / 8
+    )
     sqnr = quantization_sqnr([grid8, grid4, torch.zeros(8, 8), torch.ones(10), torch.zeros(0, 4)])
     assert sqnr[SCHEMES.index("int8"), 0].item() == math.inf
     assert sqnr[SCHEMES.index("int4"), 1].item() == math.inf

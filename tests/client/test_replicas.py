@@ -21,8 +21,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from numwatch import protocol
-from numwatch.monitor.store.models import GRAD_NORM_BUCKETS
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.store.models import GRAD_NORM_BUCKETS
 from tests.support.collector_docs import batch_doc, run_doc, step_doc
 
 RUN = "replicated"
@@ -53,15 +53,28 @@ class StepPlan:
         first = 10.0 ** ((number % 9) - 4)  # spread over the histogram's decades
         norms = (math.inf if skipped else first, math.nan if nonfinite else 0.25, 0.125)
         decision = "backoff" if skipped else ("growth" if number % 8 == 0 else "none")
-        return cls(number, norms, math.nan if number % 13 == 0 else 1.0 / number, skipped, decision, 512.0 if skipped else 1024.0)
+        return cls(
+            number,
+            norms,
+            math.nan if number % 13 == 0 else 1.0 / number,
+            skipped,
+            decision,
+            512.0 if skipped else 1024.0,
+        )
 
     @property
     def global_norm(self) -> float:
         return float(np.sqrt(np.sum(np.square(np.asarray(self.norms, dtype=np.float64)))))
 
     def document(self) -> dict:
-        return step_doc(self.number, norms=list(self.norms), loss=self.loss, skipped=self.skipped,
-                        scale_decision=self.decision, new_loss_scale=self.new_loss_scale)
+        return step_doc(
+            self.number,
+            norms=list(self.norms),
+            loss=self.loss,
+            skipped=self.skipped,
+            scale_decision=self.decision,
+            new_loss_scale=self.new_loss_scale,
+        )
 
 
 PLANS = [StepPlan.for_step(n) for n in range(1, LAST_STEP + 1)]
@@ -131,7 +144,9 @@ def expected_samples(plans: list[StepPlan]) -> Samples:
     expected = {
         ("numwatch_steps_total", labels): len(plans),
         ("numwatch_skipped_steps_total", labels): sum(plan.skipped for plan in plans),
-        ("numwatch_nonfinite_steps_total", labels): sum(not plan.skipped and not all(map(math.isfinite, plan.norms)) for plan in plans),
+        ("numwatch_nonfinite_steps_total", labels): sum(
+            not plan.skipped and not all(map(math.isfinite, plan.norms)) for plan in plans
+        ),
         ("numwatch_nonfinite_loss_total", labels): sum(math.isnan(plan.loss) for plan in plans),
         ("numwatch_loss_scale_backoffs_total", labels): sum(plan.decision == "backoff" for plan in plans),
         ("numwatch_loss_scale_growths_total", labels): sum(plan.decision == "growth" for plan in plans),
@@ -142,17 +157,29 @@ def expected_samples(plans: list[StepPlan]) -> Samples:
         ("numwatch_layers_nonfinite", labels): sum(not math.isfinite(norm) for norm in last.norms),
         ("numwatch_global_grad_norm_distribution_count", labels): len(plans),
         ("numwatch_global_grad_norm_distribution_sum", labels): float(finite.sum()),
-        ("numwatch_run_info", frozenset({"run": RUN, "project": "default", "format": "fp16", "world_size": "1", "status": "running"}.items())): 1,
+        (
+            "numwatch_run_info",
+            frozenset(
+                {"run": RUN, "project": "default", "format": "fp16", "world_size": "1", "status": "running"}.items()
+            ),
+        ): 1,
     }
     for bound in GRAD_NORM_BUCKETS:
-        expected[("numwatch_global_grad_norm_distribution_bucket", labels | {("le", repr(bound))})] = int((finite <= bound).sum())
+        expected[("numwatch_global_grad_norm_distribution_bucket", labels | {("le", repr(bound))})] = int(
+            (finite <= bound).sum()
+        )
     expected[("numwatch_global_grad_norm_distribution_bucket", labels | {("le", "+Inf")})] = len(plans)
     return {key: float(value) for key, value in expected.items()}
 
 
 def assert_reports(samples: Samples, plans: list[StepPlan]) -> None:
     expected = expected_samples(plans)
-    wrong = {key: (samples.get(key), value) for key, value in expected.items() if key not in samples or not (math.isclose(samples[key], value, rel_tol=1e-12) or same_value(samples[key], value))}
+    wrong = {
+        key: (samples.get(key), value)
+        for key, value in expected.items()
+        if key not in samples
+        or not (math.isclose(samples[key], value, rel_tol=1e-12) or same_value(samples[key], value))
+    }
     assert not wrong, f"(reported, sent) differ: {wrong}"
 
 
@@ -171,7 +198,7 @@ def post_concurrently(clients: tuple[httpx.Client, httpx.Client], batches: list[
     def poster(side: int) -> None:
         try:
             start.wait(timeout=30)
-            for index in (batches if side == 0 else batches[::-1]):
+            for index in batches if side == 0 else batches[::-1]:
                 answers[side].append(post_batch(clients[side], batch_body(index)))
         except BaseException as error:  # noqa: BLE001 (re-raised on the test's thread)
             errors.append(error)
@@ -191,7 +218,9 @@ def wait_past_metrics_cache() -> None:
     time.sleep(Settings.model_fields["metrics_cache_seconds"].default + 0.2)
 
 
-def test_two_replicas_on_one_postgres_agree_and_store_every_step_once(collector: Callable[..., str], postgres_url: str) -> None:
+def test_two_replicas_on_one_postgres_agree_and_store_every_step_once(
+    collector: Callable[..., str], postgres_url: str
+) -> None:
     urls = (collector(postgres_url), collector(postgres_url))
     with httpx.Client(base_url=urls[0], timeout=60) as a, httpx.Client(base_url=urls[1], timeout=60) as b:
         clients = (a, b)
@@ -201,7 +230,11 @@ def test_two_replicas_on_one_postgres_agree_and_store_every_step_once(collector:
         answers = [post_batch(clients[i % 2], batch_body(i)) for i in range(ALTERNATING_BATCHES)]
         answers.append(post_batch(a, batch_body(ALTERNATING_BATCHES)))
         retried = post_batch(b, batch_body(ALTERNATING_BATCHES))
-        assert (retried["stored_steps"], retried["duplicate_steps"], retried["conflicting_steps"]) == (0, STEPS_PER_BATCH, 0)
+        assert (retried["stored_steps"], retried["duplicate_steps"], retried["conflicting_steps"]) == (
+            0,
+            STEPS_PER_BATCH,
+            0,
+        )
 
         # Both replicas render (and cache) /metrics now, mid-run; the later writes must show anyway.
         wait_past_metrics_cache()

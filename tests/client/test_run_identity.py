@@ -40,8 +40,13 @@ SCRIPT = textwrap.dedent(
 
 
 def _train(url: str | None, spool: Path, seed: int, resume: bool = False) -> tuple[dict, str]:
-    result = subprocess.run([sys.executable, "-c", SCRIPT, url or "", str(spool), str(seed), "1" if resume else "0"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, url or "", str(spool), str(seed), "1" if resume else "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
 
@@ -72,15 +77,19 @@ def test_a_second_process_with_the_same_name_becomes_a_second_run(collector, tmp
         assert losses == pytest.approx(first["losses"] + third["losses"], rel=1e-6)
 
 
-
 def test_two_spooled_processes_with_one_name_sync_into_two_runs(collector, tmp_path):
     spool = tmp_path / "spool"
     first, _ = _train(None, spool, seed=4)
     second, _ = _train(None, spool, seed=5)
     assert len(list(spool.glob("shared.*/rank0"))) == 2  # one spool directory per process
     url = collector()
-    synced = subprocess.run([sys.executable, "-m", "numwatch.monitor.ops.cli", "sync", "--url", url, "--spool-dir", str(spool)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=180)
+    synced = subprocess.run(
+        [sys.executable, "-m", "numwatch.monitor.ops.cli", "sync", "--url", url, "--spool-dir", str(spool)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert synced.returncode == 0, synced.stderr
     assert "shared -> shared-2" in synced.stderr
     with httpx.Client(base_url=url, timeout=30) as client:

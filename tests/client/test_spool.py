@@ -19,7 +19,16 @@ from numwatch.delivery.spool import (
 
 
 def _batch(step: int) -> dict:
-    return {"protocol": 1, "run": "r", "rank": 0, "batch_id": f"b{step}", "steps": [{"step": step, "loss": protocol.encode_float(math.nan)}], "histograms": [], "events": [], "status": "running"}
+    return {
+        "protocol": 1,
+        "run": "r",
+        "rank": 0,
+        "batch_id": f"b{step}",
+        "steps": [{"step": step, "loss": protocol.encode_float(math.nan)}],
+        "histograms": [],
+        "events": [],
+        "status": "running",
+    }
 
 
 def test_round_trip_keeps_order_and_documents(tmp_path):

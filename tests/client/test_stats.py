@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from numwatch.kernels import stats
 from numwatch.formats import FormatSpec, format_spec
+from numwatch.kernels import stats
 from numwatch.protocol import (
     EXPONENT_BINADES,
     EXPONENT_BINS,
@@ -173,15 +173,31 @@ def test_format_counts_fp16_by_hand() -> None:
     fmt = format_spec("fp16")
     sub, normal = 2.0**-24, 2.0**-14
     x = [
-        0.0, -0.0,  # zeros
-        sub / 2, -_f32_next(sub / 2, 0.0),  # underflow: the tie and below round to 0
-        _f32_next(sub / 2, 1.0), sub, -_f32_next(normal - sub / 2, 0.0), normal - sub,  # subnormal
-        normal - sub / 2, _f32_next(normal, 0.0), 65504.0, _f32_next(65520.0, 0.0),  # normal (the first two round up)
-        65520.0, -1e6,  # overflow: the tie rounds to Inf
-        NAN, INF, -INF,  # none
+        0.0,
+        -0.0,  # zeros
+        sub / 2,
+        -_f32_next(sub / 2, 0.0),  # underflow: the tie and below round to 0
+        _f32_next(sub / 2, 1.0),
+        sub,
+        -_f32_next(normal - sub / 2, 0.0),
+        normal - sub,  # subnormal
+        normal - sub / 2,
+        _f32_next(normal, 0.0),
+        65504.0,
+        _f32_next(65520.0, 0.0),  # normal (the first two round up)
+        65520.0,
+        -1e6,  # overflow: the tie rounds to Inf
+        NAN,
+        INF,
+        -INF,  # none
     ]
     result = stats.format_counts([torch.tensor(x)], fmt)
-    assert dict(zip(FORMAT_COUNT_STATS, result[:, 0].tolist())) == {"zeros": 2, "underflow": 2, "subnormal": 4, "overflow": 2}
+    assert dict(zip(FORMAT_COUNT_STATS, result[:, 0].tolist())) == {
+        "zeros": 2,
+        "underflow": 2,
+        "subnormal": 4,
+        "overflow": 2,
+    }
 
 
 def test_format_counts_fp8_e4m3_overflow_means_above_448() -> None:
@@ -207,7 +223,9 @@ def test_format_counts_do_not_modify_the_gradients() -> None:
 
 _float32_values = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
 # Magnitudes spread over the whole float32 range, so every format's limits are crossed.
-_spread_values = st.builds(lambda m, e: math.ldexp(m, e), st.floats(-2.0, 2.0, width=32), st.integers(-150, 127)).map(_f32)
+_spread_values = st.builds(lambda m, e: math.ldexp(m, e), st.floats(-2.0, 2.0, width=32), st.integers(-150, 127)).map(
+    _f32
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -217,11 +235,15 @@ _spread_values = st.builds(lambda m, e: math.ldexp(m, e), st.floats(-2.0, 2.0, w
     name=st.sampled_from(FORMATS),
     dtype=st.sampled_from(GRAD_DTYPES),
 )
-def test_format_counts_property_equal_literal_cast(values: list[float], exponent: int, name: str, dtype: torch.dtype) -> None:
+def test_format_counts_property_equal_literal_cast(
+    values: list[float], exponent: int, name: str, dtype: torch.dtype
+) -> None:
     fmt = format_spec(name)
     scale = 2.0**exponent
     grads = [torch.tensor(values, dtype=torch.float32).to(dtype), torch.tensor(values[::-1], dtype=torch.float32)]
-    np.testing.assert_array_equal(stats.format_counts(grads, fmt, scale).numpy(), reference_format_counts(grads, fmt, scale))
+    np.testing.assert_array_equal(
+        stats.format_counts(grads, fmt, scale).numpy(), reference_format_counts(grads, fmt, scale)
+    )
 
 
 # --------------------------------------------------------------------------- exponent_histogram
@@ -246,13 +268,30 @@ def _hand_placed(dtype: torch.dtype) -> torch.Tensor:
     """Subnormals, normals, limits, zero, ±Inf and NaN of ``dtype``, with neighbours."""
     info = torch.finfo(dtype)
     smallest_subnormal = info.smallest_normal * info.eps
-    values = [smallest_subnormal, 3 * smallest_subnormal, info.smallest_normal - smallest_subnormal, info.smallest_normal,
-              info.max, 1.0, 1.5, 2.0 - info.eps, 0.75, 2.0**-3, 0.0, -0.0, INF, -INF, NAN]
+    values = [
+        smallest_subnormal,
+        3 * smallest_subnormal,
+        info.smallest_normal - smallest_subnormal,
+        info.smallest_normal,
+        info.max,
+        1.0,
+        1.5,
+        2.0 - info.eps,
+        0.75,
+        2.0**-3,
+        0.0,
+        -0.0,
+        INF,
+        -INF,
+        NAN,
+    ]
     values += [-v for v in values[:10]]
     return torch.tensor(values, dtype=torch.float64).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
+)
 def test_exponent_histogram_hand_placed_values(dtype: torch.dtype) -> None:
     tensor = _hand_placed(dtype)
     result = stats.exponent_histogram([tensor])
@@ -268,8 +307,16 @@ def test_exponent_histogram_known_bins() -> None:
     result = stats.exponent_histogram([fp16_subnormal, fp32, fp64])
     bin_of = lambda binade: binade - EXPONENT_MIN  # noqa: E731 - reads as the definition
     assert result[0].nonzero().flatten().tolist() == [bin_of(-24), bin_of(-20)]
-    assert result[1].nonzero().flatten().tolist() == [bin_of(-149), bin_of(-130), bin_of(0), bin_of(1), bin_of(127),
-                                                      EXPONENT_ZERO_BIN, EXPONENT_INF_BIN, EXPONENT_NAN_BIN]
+    assert result[1].nonzero().flatten().tolist() == [
+        bin_of(-149),
+        bin_of(-130),
+        bin_of(0),
+        bin_of(1),
+        bin_of(127),
+        EXPONENT_ZERO_BIN,
+        EXPONENT_INF_BIN,
+        EXPONENT_NAN_BIN,
+    ]
     assert result[2, 0] == 2 and result[2, EXPONENT_BINADES - 1] == 2
 
 
@@ -284,7 +331,9 @@ def test_exponent_histogram_random_mixed_tensors() -> None:
     tensors = [values.float(), values[:1000].half(), values[1000:3000].bfloat16(), values[3000:]]
     result = stats.exponent_histogram(tensors)
     for row, tensor in zip(result, tensors):
-        np.testing.assert_array_equal(row.numpy(), np.bincount(reference_exponent_bins(tensor), minlength=EXPONENT_BINS))
+        np.testing.assert_array_equal(
+            row.numpy(), np.bincount(reference_exponent_bins(tensor), minlength=EXPONENT_BINS)
+        )
         assert int(row.sum()) == tensor.numel()
 
 
@@ -339,7 +388,11 @@ def test_update_stats_bf16_update_below_half_an_ulp() -> None:
     stuck = torch.nn.Parameter(torch.ones(6, dtype=torch.bfloat16))
     moving = torch.nn.Parameter(torch.full((4,), 2.0, dtype=torch.bfloat16))
     untouched = torch.nn.Parameter(torch.zeros(3))
-    grads = [torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16), None]
+    grads = [
+        torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], dtype=torch.bfloat16),
+        torch.ones(4, dtype=torch.bfloat16),
+        None,
+    ]
     weights = [stuck, moving, untouched]
     before = stats.snapshot(weights)
     with torch.no_grad():
@@ -348,8 +401,10 @@ def test_update_stats_bf16_update_below_half_an_ulp() -> None:
         moving.sub_(torch.tensor([0.5, 0.25, 2.0**-9, 0.0], dtype=torch.bfloat16))
     result = stats.update_stats(before, weights, grads)
     assert result.dtype == torch.float32 and result.shape == (2, 3)
-    ratios = [np.linalg.norm(w.detach().double().numpy() - b.double().numpy()) / np.linalg.norm(b.double().numpy())
-              for b, w in zip(before[:2], weights[:2])]
+    ratios = [
+        np.linalg.norm(w.detach().double().numpy() - b.double().numpy()) / np.linalg.norm(b.double().numpy())
+        for b, w in zip(before[:2], weights[:2])
+    ]
     np.testing.assert_allclose(result[0, :2].numpy(), ratios, rtol=1e-6)
     assert result[0, 2] == 0.0  # 0 / 0
     # stuck: 4 elements with grad != 0, all unchanged; moving: 2 of 4 unchanged (2**-9 and 0.0).

@@ -6,8 +6,9 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -98,7 +99,9 @@ def _wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
 def test_watcher_streams_run_once_and_batches_with_bearer(tmp_path, collector):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    watcher = numwatch.watch(model, optimizer, run="net/1", url=collector.url, token="s3cret", spool_dir=tmp_path, on_nonfinite="ignore")
+    watcher = numwatch.watch(
+        model, optimizer, run="net/1", url=collector.url, token="s3cret", spool_dir=tmp_path, on_nonfinite="ignore"
+    )
     inject = BackwardInjection(model[2].bias, (slice(0, 1),), [math.inf], {3})
     for step in range(1, 6):
         inject.step = step
@@ -132,7 +135,15 @@ def test_outage_spools_then_drains_in_order_without_duplicates(tmp_path, outage)
     port = server.server.server_address[1]
     if down:
         server.stop()
-    transport = Transport(_run_document(), url=server.url, token=None, spool_dir=tmp_path, batch_steps=2, batch_seconds=0.05, retry_seconds=0.05)
+    transport = Transport(
+        _run_document(),
+        url=server.url,
+        token=None,
+        spool_dir=tmp_path,
+        batch_steps=2,
+        batch_seconds=0.05,
+        retry_seconds=0.05,
+    )
     try:
         for number in range(1, 6):
             transport.submit(FakeStep(number))
@@ -151,12 +162,16 @@ def test_outage_spools_then_drains_in_order_without_duplicates(tmp_path, outage)
     assert server.paths().count("/api/v1/runs") == 1 and server.paths()[0] == "/api/v1/runs"
     assert server.requests[-1][2]["status"] == "finished"
     assert list(numwatch.iter_spool(tmp_path, pending_only=True)) == []
-    assert [body["steps"][0]["step"] for kind, body in numwatch.iter_spool(tmp_path) if kind == "batch" and body["steps"]][:1] == [1]
+    assert [
+        body["steps"][0]["step"] for kind, body in numwatch.iter_spool(tmp_path) if kind == "batch" and body["steps"]
+    ][:1] == [1]
 
 
 def test_rejected_batches_are_counted_not_retried(tmp_path):
     server = Collector(respond=lambda path, body: 422 if path.endswith("/batches") else 201)
-    transport = Transport(_run_document(), url=server.url, token=None, spool_dir=tmp_path, batch_steps=1, batch_seconds=0.05)
+    transport = Transport(
+        _run_document(), url=server.url, token=None, spool_dir=tmp_path, batch_steps=1, batch_seconds=0.05
+    )
     try:
         for number in range(1, 4):
             transport.submit(FakeStep(number))
@@ -169,7 +184,9 @@ def test_rejected_batches_are_counted_not_retried(tmp_path):
 
 def test_full_queue_goes_to_the_spool_without_blocking(tmp_path):
     release = threading.Event()
-    transport = Transport(_run_document(), url=None, token=None, spool_dir=tmp_path, batch_steps=1, batch_seconds=0.05, queue_steps=1)
+    transport = Transport(
+        _run_document(), url=None, token=None, spool_dir=tmp_path, batch_steps=1, batch_seconds=0.05, queue_steps=1
+    )
     first = FakeStep(1, release)
     transport.submit(first)
     assert first.building.wait(10)  # the sender is busy with step 1
@@ -187,7 +204,15 @@ def test_unwritable_spool_counts_dropped_and_reports_it(tmp_path, collector):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     release = threading.Event()
-    transport = Transport(_run_document(), url=collector.url, token=None, spool_dir=blocker / "spool", batch_steps=1, batch_seconds=0.05, queue_steps=1)
+    transport = Transport(
+        _run_document(),
+        url=collector.url,
+        token=None,
+        spool_dir=blocker / "spool",
+        batch_steps=1,
+        batch_seconds=0.05,
+        queue_steps=1,
+    )
     first = FakeStep(1, release)
     transport.submit(first)
     assert first.building.wait(10)
@@ -238,7 +263,10 @@ def test_leftover_spool_of_an_earlier_process_is_uploaded(tmp_path):
     finally:
         server.stop()
     assert server.steps() == [1, 2, 3, 4]
-    assert [body["status"] for path, _, body in server.requests if path.endswith("/batches")][-2:] == ["crashed", "finished"]
+    assert [body["status"] for path, _, body in server.requests if path.endswith("/batches")][-2:] == [
+        "crashed",
+        "finished",
+    ]
     assert list(numwatch.iter_spool(tmp_path, pending_only=True)) == []
 
 

@@ -44,7 +44,14 @@ def _scaler_run(tmp_path, fused: bool, steps: int = 10) -> tuple[numwatch.Watche
         scaler.step(optimizer)
         scaler.update()
         unscaled = [g / scale_before for g in scaled_grads]
-        truth.append({"loss": loss.item(), "before": scale_before, "after": scaler.get_scale(), "norms": reference_norms(unscaled)})
+        truth.append(
+            {
+                "loss": loss.item(),
+                "before": scale_before,
+                "after": scaler.get_scale(),
+                "norms": reference_norms(unscaled),
+            }
+        )
         optimizer.zero_grad()
     watcher.close()
     return watcher, truth
@@ -104,7 +111,9 @@ def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
     watcher = numwatch.watch(model, optimizer, run="accum", spool_dir=tmp_path, histogram_every=2)
     seen = []
     # Registered after the watcher's hook: sees the same gradients, just later.
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append([p.grad.clone() for p in model.parameters()]))
+    optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([p.grad.clone() for p in model.parameters()])
+    )
     losses = []
     for step in range(1, 4):
         total = 0.0
@@ -132,7 +141,12 @@ def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
     assert spooled.steps[0]["step_time"] is None and spooled.steps[1]["step_time"] > 0
     assert spooled.runs[0]["format"] == "fp32"
     # Sampled steps 1 and 3: both histogram kinds, weight and update statistics.
-    assert [(h["step"], h["kind"]) for h in spooled.histograms] == [(1, "grad"), (1, "weight"), (3, "grad"), (3, "weight")]
+    assert [(h["step"], h["kind"]) for h in spooled.histograms] == [
+        (1, "grad"),
+        (1, "weight"),
+        (3, "grad"),
+        (3, "weight"),
+    ]
     assert {"weight_norm", "update_ratio", "stale_fraction"} <= set(spooled.steps[2]["tensors"])
     assert "weight_norm" not in spooled.steps[1]["tensors"]
 
@@ -172,7 +186,9 @@ def test_manual_step_and_missing_gradients(tmp_path):
 def test_include_exclude_choose_tensors(tmp_path):
     model = small_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    watcher = numwatch.watch(model, optimizer, run="sel", spool_dir=tmp_path, include=["*.weight", "2.*"], exclude=["2.bias"])
+    watcher = numwatch.watch(
+        model, optimizer, run="sel", spool_dir=tmp_path, include=["*.weight", "2.*"], exclude=["2.bias"]
+    )
     assert watcher.tensor_names == ["0.weight", "2.weight"]
     x, y = batch(0)
     (model(x) - y).pow(2).mean().backward()
@@ -209,7 +225,16 @@ def test_watched_run_is_bit_identical_and_close_removes_everything(tmp_path):
     _train(plain_model, plain_optimizer, plain_scaler, range(1, 7))
 
     model, optimizer, scaler = _fresh()
-    watcher = numwatch.watch(model, optimizer, scaler=scaler, run="same", spool_dir=tmp_path, histogram_every=1, trace_activations=True, on_nonfinite="ignore")
+    watcher = numwatch.watch(
+        model,
+        optimizer,
+        scaler=scaler,
+        run="same",
+        spool_dir=tmp_path,
+        histogram_every=1,
+        trace_activations=True,
+        on_nonfinite="ignore",
+    )
     with pytest.raises(RuntimeError, match="already watched"):
         numwatch.watch(model, optimizer, scaler=scaler, run="again", spool_dir=tmp_path)
     _train(model, optimizer, scaler, range(1, 4))
@@ -277,7 +302,9 @@ def test_activation_tracing_names_the_first_nonfinite_module(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), _Sqrt(), nn.Linear(4, 2), nn.ReLU())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    watcher = numwatch.watch(model, optimizer, run="trace", spool_dir=tmp_path, trace_activations=True, on_nonfinite="ignore")
+    watcher = numwatch.watch(
+        model, optimizer, run="trace", spool_dir=tmp_path, trace_activations=True, on_nonfinite="ignore"
+    )
     x = torch.randn(16, 4)
     with torch.no_grad():
         expected = float(model[0](x).abs().max())

@@ -11,7 +11,13 @@ import yaml
 
 from tests.support.binaries import require_binary
 from tests.support.metrics_contract import sample_exposition, unknown_metric_names
-from tests.support.promstack import alertmanager_alerts, running_alertmanager, running_prometheus, serving_metrics, wait_for
+from tests.support.promstack import (
+    alertmanager_alerts,
+    running_alertmanager,
+    running_prometheus,
+    serving_metrics,
+    wait_for,
+)
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
 RULES = RULES_DIR / "numwatch.rules.yml"

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import httpx
-import pytest
 import torch
 from torch import nn
 
@@ -18,7 +17,9 @@ from tests.support.collector_docs import batch_doc, run_doc, step_doc
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "numwatch.monitor.ops.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "numwatch.monitor.ops.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_tokens_scope_projects_and_revoke(collector, tmp_path) -> None:
@@ -27,11 +28,18 @@ def test_tokens_scope_projects_and_revoke(collector, tmp_path) -> None:
     created = run_cli("token", "create", "--project", "alpha", "--database-url", database_url)
     assert created.returncode == 0, created.stderr
     alpha = created.stdout.strip().splitlines()[-1]
-    beta = run_cli("token", "create", "--project", "beta", "--database-url", database_url).stdout.strip().splitlines()[-1]
+    beta = (
+        run_cli("token", "create", "--project", "beta", "--database-url", database_url).stdout.strip().splitlines()[-1]
+    )
     url = collector(database_url, "--auth", "token")
     with httpx.Client(base_url=url, timeout=30) as client:
         assert client.post("/api/v1/runs", json=run_doc(project="alpha")).status_code == 401
-        assert client.post("/api/v1/runs", json=run_doc(project="alpha"), headers={"Authorization": "Bearer nw_wrong"}).status_code == 401
+        assert (
+            client.post(
+                "/api/v1/runs", json=run_doc(project="alpha"), headers={"Authorization": "Bearer nw_wrong"}
+            ).status_code
+            == 401
+        )
         as_alpha = {"Authorization": f"Bearer {alpha}"}
         as_beta = {"Authorization": f"Bearer {beta}"}
         assert client.post("/api/v1/runs", json=run_doc(project="alpha"), headers=as_alpha).status_code == 200
@@ -39,8 +47,12 @@ def test_tokens_scope_projects_and_revoke(collector, tmp_path) -> None:
         body = protocol.dumps(batch_doc(steps=[step_doc(1)]))
         json_type = {"Content-Type": "application/json"}
         assert client.post("/api/v1/runs/r1/batches", content=body, headers={**as_beta, **json_type}).status_code == 404
-        assert client.post("/api/v1/runs/r1/batches", content=body, headers={**as_alpha, **json_type}).status_code == 200
-        assert client.get("/api/v1/runs/r1", headers=as_beta).status_code == 404  # other projects' runs do not exist for beta
+        assert (
+            client.post("/api/v1/runs/r1/batches", content=body, headers={**as_alpha, **json_type}).status_code == 200
+        )
+        assert (
+            client.get("/api/v1/runs/r1", headers=as_beta).status_code == 404
+        )  # other projects' runs do not exist for beta
         assert [r["run"] for r in client.get("/api/v1/runs", headers=as_alpha).json()] == ["r1"]
         assert client.get("/api/v1/runs", headers=as_beta).json() == []
         assert client.get("/api/v1/runs").status_code == 401
@@ -73,7 +85,9 @@ def _train(url: str | None, spool_dir, run: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    with numwatch.watch(model, optimizer, run=run, url=url, spool_dir=spool_dir, histogram_every=4, format_every=2, format="bf16"):
+    with numwatch.watch(
+        model, optimizer, run=run, url=url, spool_dir=spool_dir, histogram_every=4, format_every=2, format="bf16"
+    ):
         for step in range(12):
             inputs = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
             optimizer.zero_grad()
@@ -104,7 +118,11 @@ def test_sync_of_an_offline_run_stores_what_a_live_run_stores(collector, tmp_pat
     with httpx.Client(timeout=30) as client:
         live, synced = httpx.Client(base_url=url), httpx.Client(base_url=other)
         assert _stored(live, "same-run") == _stored(synced, "same-run")
-        assert live.get("/api/v1/runs/same-run").json()["steps_total"] == synced.get("/api/v1/runs/same-run").json()["steps_total"] == 12
+        assert (
+            live.get("/api/v1/runs/same-run").json()["steps_total"]
+            == synced.get("/api/v1/runs/same-run").json()["steps_total"]
+            == 12
+        )
         live.close()
         synced.close()
         assert client is not None

@@ -36,7 +36,12 @@ def _prometheus_exprs() -> Iterator[tuple[str, str]]:
 
 
 def _collector_urls(model: dict) -> list[str]:
-    return [t["url"] for p in model["panels"] for t in p["targets"] if t["datasource"]["type"] == "yesoreyeram-infinity-datasource"]
+    return [
+        t["url"]
+        for p in model["panels"]
+        for t in p["targets"]
+        if t["datasource"]["type"] == "yesoreyeram-infinity-datasource"
+    ]
 
 
 def test_committed_files_equal_generator_output(tmp_path: Path) -> None:
@@ -59,7 +64,10 @@ def test_run_dashboard_reads_per_layer_data_from_the_collector_api() -> None:
     urls = _collector_urls(model)
     assert "/api/v1/runs/${run}/heatmap?stat=grad_norm" in urls
     assert "/api/v1/runs/${run}/events" in urls
-    assert {"/api/v1/runs/${run}/histograms?tensor=${tensor}&kind=grad", "/api/v1/runs/${run}/histograms?tensor=${tensor}&kind=weight"} <= set(urls)
+    assert {
+        "/api/v1/runs/${run}/histograms?tensor=${tensor}&kind=grad",
+        "/api/v1/runs/${run}/histograms?tensor=${tensor}&kind=weight",
+    } <= set(urls)
     heatmap = next(p for p in model["panels"] if p["type"] == "heatmap")
     assert [c["selector"] for c in heatmap["targets"][0]["columns"]] == ["step", "tensor", "value"]
     events = next(p for p in model["panels"] if p["title"] == "Events")
@@ -81,7 +89,9 @@ def test_panels_do_not_overlap(name: str) -> None:
     for item in _dashboards()[name]["panels"]:
         grid = item["gridPos"]
         assert grid["x"] + grid["w"] <= generate.GRID_WIDTH
-        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        cells = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & occupied, f"{item['title']} overlaps another panel"
         occupied |= cells
 

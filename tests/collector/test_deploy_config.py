@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import tomllib
 import yaml
 
 from numwatch.monitor.ops import grafana
@@ -133,9 +133,15 @@ def test_collector_image_builds_from_the_repository() -> None:
     assert re.search(r"numwatch serve --host 0\.0\.0\.0 --port " + str(_container_port("collector")), dockerfile)
     assert 'pip install ".[server]"' in dockerfile and "server" in pyproject["project"]["optional-dependencies"]
     # Every folder the package is built from is copied, and the collector image carries no torch.
-    copied = {source.rstrip("/") for line in re.findall(r"^COPY (.+)$", dockerfile, flags=re.MULTILINE) for source in line.split()[:-1]}
+    copied = {
+        source.rstrip("/")
+        for line in re.findall(r"^COPY (.+)$", dockerfile, flags=re.MULTILINE)
+        for source in line.split()[:-1]
+    }
     assert set(pyproject["tool"]["setuptools"]["package-dir"].values()) <= copied
-    installed = [token.strip("\"'") for args in re.findall(r"pip install ([^&\n]+)", dockerfile) for token in args.split()]
+    installed = [
+        token.strip("\"'") for args in re.findall(r"pip install ([^&\n]+)", dockerfile) for token in args.split()
+    ]
     assert installed and not [token for token in installed if token.startswith("torch")]
 
 
@@ -186,7 +192,15 @@ def test_compose_dependencies_name_real_services() -> None:
 )
 def test_alertmanager_routes_alerts_to_receivers(labels: list[str], receiver: str) -> None:
     """amtool resolves the receiver an alert with ``labels`` is routed to."""
-    argv = [require_binary("amtool"), "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", f"--verify.receivers={receiver}", *labels]
+    argv = [
+        require_binary("amtool"),
+        "config",
+        "routes",
+        "test",
+        f"--config.file={ALERTMANAGER_YML}",
+        f"--verify.receivers={receiver}",
+        *labels,
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == receiver

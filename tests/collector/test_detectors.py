@@ -7,18 +7,52 @@ import pytest
 
 from numwatch.monitor.detectors.rules import DetectorConfig, detect
 
-CONFIG = DetectorConfig(explosion_factor=10.0, window=20, min_history=5, vanishing_floor=1e-10,
-                        underflow_threshold=0.01, collapse_floor=1.0, collapse_backoffs=3)
+CONFIG = DetectorConfig(
+    explosion_factor=10.0,
+    window=20,
+    min_history=5,
+    vanishing_floor=1e-10,
+    underflow_threshold=0.01,
+    collapse_floor=1.0,
+    collapse_backoffs=3,
+)
 NUMEL = np.array([100.0, 100.0])
 
 
-def view(step: int, norm: float = 1.0, tensor_norms=(0.5, 0.5), loss: float = 1.0, scale: float = 1024.0,
-         decision: str = "none", skipped: bool = False, underflow=None) -> dict:
-    tensors = {"grad_norm": np.array(tensor_norms, dtype=np.float32), "nan_count": np.zeros(2, np.int64), "inf_count": np.zeros(2, np.int64)}
+def view(
+    step: int,
+    norm: float = 1.0,
+    tensor_norms=(0.5, 0.5),
+    loss: float = 1.0,
+    scale: float = 1024.0,
+    decision: str = "none",
+    skipped: bool = False,
+    underflow=None,
+) -> dict:
+    tensors = {
+        "grad_norm": np.array(tensor_norms, dtype=np.float32),
+        "nan_count": np.zeros(2, np.int64),
+        "inf_count": np.zeros(2, np.int64),
+    }
     if underflow is not None:
-        tensors.update(zeros=np.zeros(2, np.int64), underflow=np.array(underflow, np.int64), subnormal=np.zeros(2, np.int64), overflow=np.zeros(2, np.int64))
-    return {"step": step, "time": float(step), "loss": loss, "loss_scale": scale, "new_loss_scale": scale, "global_grad_norm": norm,
-            "headroom_bits": 3.0, "scale_decision": decision, "skipped": skipped, "tensors": tensors}
+        tensors.update(
+            zeros=np.zeros(2, np.int64),
+            underflow=np.array(underflow, np.int64),
+            subnormal=np.zeros(2, np.int64),
+            overflow=np.zeros(2, np.int64),
+        )
+    return {
+        "step": step,
+        "time": float(step),
+        "loss": loss,
+        "loss_scale": scale,
+        "new_loss_scale": scale,
+        "global_grad_norm": norm,
+        "headroom_bits": 3.0,
+        "scale_decision": decision,
+        "skipped": skipped,
+        "tensors": tensors,
+    }
 
 
 def kinds_at(events: list[dict], kind: str) -> list[int]:
@@ -28,7 +62,7 @@ def kinds_at(events: list[dict], kind: str) -> list[int]:
 def run_stream(views: list[dict], split: int = 0) -> list[dict]:
     """Detect over ``views`` fed in two batches (history = the first ``split``), as ingest does."""
     events = detect([], views[:split], CONFIG, ["a", "b"], NUMEL) if split else []
-    return events + detect(views[:split][-CONFIG.window:], views[split:], CONFIG, ["a", "b"], NUMEL)
+    return events + detect(views[:split][-CONFIG.window :], views[split:], CONFIG, ["a", "b"], NUMEL)
 
 
 @pytest.mark.parametrize("split", [0, 13, 29])
@@ -40,7 +74,7 @@ def test_explosion_fires_at_the_spike_only(split: int) -> None:
 
 
 def test_explosion_silent_on_steady_growth_and_early_steps() -> None:
-    views = [view(s, norm=1.15 ** s) for s in range(1, 60)]  # grows 15%/step: never 10x its window median at once
+    views = [view(s, norm=1.15**s) for s in range(1, 60)]  # grows 15%/step: never 10x its window median at once
     views[1]["global_grad_norm"] = 50.0  # step 2: a spike before min_history is not judged
     assert kinds_at(run_stream(views), "grad_explosion") == []
 
@@ -74,13 +108,20 @@ def test_collapse_on_backoff_burst_and_on_floor() -> None:
     views[24].update(new_loss_scale=0.5)
     events = run_stream(views, split=11)
     assert kinds_at(events, "loss_scale_collapse") == [13]
-    assert kinds_at(events, "loss_scale_backoff") == [10, 11, 12, 13] and kinds_at(events, "skipped_step") == [10, 11, 12, 13]
+    assert kinds_at(events, "loss_scale_backoff") == [10, 11, 12, 13] and kinds_at(events, "skipped_step") == [
+        10,
+        11,
+        12,
+        13,
+    ]
     below = [view(s, scale=0.5 if s >= 5 else 2.0) for s in range(1, 10)]
     assert kinds_at(run_stream(below), "loss_scale_collapse") == [5]
 
 
 def test_collapse_silent_on_occasional_backoffs() -> None:
-    views = [view(s, decision="backoff" if s % 10 == 0 else ("growth" if s % 10 == 5 else "none")) for s in range(1, 80)]
+    views = [
+        view(s, decision="backoff" if s % 10 == 0 else ("growth" if s % 10 == 5 else "none")) for s in range(1, 80)
+    ]
     events = run_stream(views, split=40)
     assert kinds_at(events, "loss_scale_collapse") == []
     assert kinds_at(events, "loss_scale_growth") == list(range(5, 80, 10))

@@ -18,15 +18,29 @@ def _populate(client: httpx.Client, run: str, status: str = "running") -> None:
     client.post("/api/v1/runs", json=run_doc(run=run)).raise_for_status()
     counts = {name: array([1, 2, 3], "<i8") for name in protocol.FORMAT_COUNT_STATS}
     sampled = {
-        "update_ratio": array([1e-3, 2e-3, np.nan], "<f4"), "stale_fraction": array([0.0, 0.5, 0.25], "<f4"),
-        "adam_update_rms": array([0.25, 0.5, np.nan], "<f4"), "adam_eps_dominated": array([0.0, 0.5, np.nan], "<f4"),
+        "update_ratio": array([1e-3, 2e-3, np.nan], "<f4"),
+        "stale_fraction": array([0.0, 0.5, 0.25], "<f4"),
+        "adam_update_rms": array([0.25, 0.5, np.nan], "<f4"),
+        "adam_eps_dominated": array([0.0, 0.5, np.nan], "<f4"),
     }
     # The bias (third tensor) is not quantized: NaN; an exact tensor is +inf.
-    quantized = {f"quant_sqnr_{scheme}": array([np.inf, db, np.nan], "<f4") for scheme, db in (("int8", 40.5), ("int4", 12.5), ("nf4", 19.0), ("fp8", 31.25))}
-    forward = {"attention_logit_max": {"h.0.attn": 12.5, "h.1.attn": 40.25}, "output_logits": {"log_z_mean": 7.5, "log_z_max": 9.0, "absmax": 21.0}}
-    steps = [step_doc(1), step_doc(2, tensors={**counts, **sampled, **quantized}, **forward), step_doc(3, loss=float("nan"))]
+    quantized = {
+        f"quant_sqnr_{scheme}": array([np.inf, db, np.nan], "<f4")
+        for scheme, db in (("int8", 40.5), ("int4", 12.5), ("nf4", 19.0), ("fp8", 31.25))
+    }
+    forward = {
+        "attention_logit_max": {"h.0.attn": 12.5, "h.1.attn": 40.25},
+        "output_logits": {"log_z_mean": 7.5, "log_z_max": 9.0, "absmax": 21.0},
+    }
+    steps = [
+        step_doc(1),
+        step_doc(2, tensors={**counts, **sampled, **quantized}, **forward),
+        step_doc(3, loss=float("nan")),
+    ]
     body = protocol.dumps(batch_doc(run=run, steps=steps, status=status))
-    client.post(f"/api/v1/runs/{run}/batches", content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+    client.post(
+        f"/api/v1/runs/{run}/batches", content=body, headers={"Content-Type": "application/json"}
+    ).raise_for_status()
 
 
 def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> None:
@@ -49,9 +63,15 @@ def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> 
         assert 'numwatch_output_log_z_max{rank="0",run="live"} 9.0' in text
         assert 'numwatch_output_logit_absmax{rank="0",run="live"} 21.0' in text
         assert "numwatch_attention_logit_threshold 100.0" in text
-        assert 'numwatch_run_info{format="fp16",project="default",run="done",status="finished",world_size="1"} 1.0' in text
-        result = subprocess.run([require_binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
-        assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+        assert (
+            'numwatch_run_info{format="fp16",project="default",run="done",status="finished",world_size="1"} 1.0' in text
+        )
+        result = subprocess.run(
+            [require_binary("promtool"), "check", "metrics"], input=text, capture_output=True, text=True
+        )
+        assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", (
+            result.stdout + result.stderr
+        )
         time.sleep(2.5)  # past the finished-run grace period
         later = client.get("/metrics").text
         assert 'run="done"' not in later and 'run="live"' in later

@@ -13,15 +13,18 @@ from alembic import command
 
 from numwatch.monitor.store import db
 from numwatch.protocol import encode_float
-from tests.support.collector_docs import batch_doc, run_doc, step_doc
 from tests.collector.test_ingest import post_batch
+from tests.support.collector_docs import batch_doc, run_doc, step_doc
 
 NAN = math.nan
 
 
 def forward(step: int, h0: float, h1: float, log_z: float) -> dict:
-    return step_doc(step, attention_logit_max={"h.0.attn": encode_float(h0), "h.1.attn": encode_float(h1)},
-                    output_logits={"log_z_mean": log_z, "log_z_max": log_z + 2, "absmax": 3 * log_z})
+    return step_doc(
+        step,
+        attention_logit_max={"h.0.attn": encode_float(h0), "h.1.attn": encode_float(h1)},
+        output_logits={"log_z_mean": log_z, "log_z_max": log_z + 2, "absmax": 3 * log_z},
+    )
 
 
 @pytest.fixture
@@ -51,7 +54,10 @@ def test_events_at_the_crossing_steps_once_per_episode_and_series(api: httpx.Cli
 
     series = api.get("/api/v1/runs/r1/forward").json()
     assert series["steps"] == [1, 2, 4, 5, 6, 7]
-    assert series["attention_logit_max"] == {"h.0.attn": [10.0, 50.0, 120.0, 150.0, 80.0, 130.0], "h.1.attn": [5.0, 5.0, 5.0, "NaN", 5.0, 5.0]}
+    assert series["attention_logit_max"] == {
+        "h.0.attn": [10.0, 50.0, 120.0, 150.0, 80.0, 130.0],
+        "h.1.attn": [5.0, 5.0, 5.0, "NaN", 5.0, 5.0],
+    }
     assert series["run_max"] == {"value": "NaN", "call": "h.1.attn", "step": 5}
     assert series["log_z_mean"] == [10.0, 20.0, 31.0, 33.0, 40.0, -40.0]
     assert series["logit_absmax"] == [30.0, 60.0, 93.0, 99.0, 120.0, -120.0]
@@ -65,7 +71,12 @@ def test_events_at_the_crossing_steps_once_per_episode_and_series(api: httpx.Cli
 def test_a_retried_batch_stores_and_judges_nothing_twice(api: httpx.Client) -> None:
     batch = batch_doc(steps=[forward(1, 120.0, 5.0, 0.0)])
     assert post_batch(api, batch).json()["events"] == 1
-    assert post_batch(api, batch).json() == {"stored_steps": 0, "duplicate_steps": 1, "conflicting_steps": 0, "events": 0}
+    assert post_batch(api, batch).json() == {
+        "stored_steps": 0,
+        "duplicate_steps": 1,
+        "conflicting_steps": 0,
+        "events": 0,
+    }
     assert api.get("/api/v1/runs/r1/forward").json()["steps"] == [1]
 
 
@@ -90,26 +101,79 @@ def test_a_database_from_before_keeps_its_rows_readable(collector, tmp_path) -> 
         command.upgrade(config, "0004")
         tables = sa.MetaData()
         tables.reflect(connection)
-        run_id = connection.execute(tables.tables["runs"].insert().values(
-            name="old", project="default", format="fp16", world_size=1, tensors=run_doc()["tensors"], modules=[], config={},
-            status="running", started_at=sa.func.now(), created_at=sa.func.now(), last_seen_at=sa.func.now(),
-        )).inserted_primary_key[0]
-        connection.execute(tables.tables["steps"].insert().values(
-            run_id=run_id, rank=0, step=1, time=1.0, loss=2.5, skipped=False, lr=[], scalars={}, stat_names="", tensor_stats=b"",
-        ))
-        connection.execute(tables.tables["rank_state"].insert().values(
-            run_id=run_id, rank=0, last_step=1, last_step_time=1.0, steps_total=1, skipped_steps_total=0, nonfinite_steps_total=0,
-            nonfinite_loss_total=0, loss_scale_backoffs_total=0, loss_scale_growths_total=0, grad_norm_bucket_counts=[0] * 18,
-            grad_norm_sum=0.0, layers_nonfinite=0, lr=[], events_total={}, spike_state={}, quant_sqnr_min={},
-        ))
+        run_id = connection.execute(
+            tables.tables["runs"]
+            .insert()
+            .values(
+                name="old",
+                project="default",
+                format="fp16",
+                world_size=1,
+                tensors=run_doc()["tensors"],
+                modules=[],
+                config={},
+                status="running",
+                started_at=sa.func.now(),
+                created_at=sa.func.now(),
+                last_seen_at=sa.func.now(),
+            )
+        ).inserted_primary_key[0]
+        connection.execute(
+            tables.tables["steps"]
+            .insert()
+            .values(
+                run_id=run_id,
+                rank=0,
+                step=1,
+                time=1.0,
+                loss=2.5,
+                skipped=False,
+                lr=[],
+                scalars={},
+                stat_names="",
+                tensor_stats=b"",
+            )
+        )
+        connection.execute(
+            tables.tables["rank_state"]
+            .insert()
+            .values(
+                run_id=run_id,
+                rank=0,
+                last_step=1,
+                last_step_time=1.0,
+                steps_total=1,
+                skipped_steps_total=0,
+                nonfinite_steps_total=0,
+                nonfinite_loss_total=0,
+                loss_scale_backoffs_total=0,
+                loss_scale_growths_total=0,
+                grad_norm_bucket_counts=[0] * 18,
+                grad_norm_sum=0.0,
+                layers_nonfinite=0,
+                lr=[],
+                events_total={},
+                spike_state={},
+                quant_sqnr_min={},
+            )
+        )
     engine.dispose()
     with httpx.Client(base_url=collector(url), timeout=30) as client:  # upgrades to the head
         assert client.get("/api/v1/runs/old/steps/1").json()["loss"] == 2.5
         assert client.get("/api/v1/runs/old/forward").json() == {
-            "rank": 0, "steps": [], "attention_logit_max": {}, "run_max": None, "log_z_mean": [], "log_z_max": [], "logit_absmax": [],
+            "rank": 0,
+            "steps": [],
+            "attention_logit_max": {},
+            "run_max": None,
+            "log_z_mean": [],
+            "log_z_max": [],
+            "logit_absmax": [],
         }
         assert client.post("/api/v1/runs", json=run_doc(run="old")).status_code == 200
-        assert post_batch(client, batch_doc(run="old", steps=[forward(2, 101.0, 1.0, 0.0)]), run="old").json()["events"] == 1
+        assert (
+            post_batch(client, batch_doc(run="old", steps=[forward(2, 101.0, 1.0, 0.0)]), run="old").json()["events"]
+            == 1
+        )
         assert 'numwatch_attention_logit_max{rank="0",run="old"} 101.0' in client.get("/metrics").text
 
 
@@ -139,4 +203,6 @@ def test_a_nan_query_in_a_watched_model_is_an_event_naming_its_layer(collector) 
     assert event["step"] == 2
     # layer 2's logits are NaN, and so are those of every layer after it
     assert event["details"]["layers"] == [{"name": f"transformer.h.{i}.attn", "value": "NaN"} for i in (2, 3)]
-    assert all(isinstance(series["attention_logit_max"][f"transformer.h.{i}.attn"][1], float) for i in (0, 1))  # finite before it
+    assert all(
+        isinstance(series["attention_logit_max"][f"transformer.h.{i}.attn"][1], float) for i in (0, 1)
+    )  # finite before it

@@ -25,13 +25,17 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
-from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from numwatch import protocol
-from numwatch.monitor.store import db
 from numwatch.monitor.app import create_app
-from numwatch.monitor.store.auth import create_token
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.store import db
+from numwatch.monitor.store.auth import create_token
 from tests.support.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 EXAMPLES_PER_OPERATION = 25
@@ -65,9 +69,11 @@ def _histogram(step: int) -> dict:
     """A gradient histogram of every tensor at ``step``, one count in each bin."""
     n = len(TENSORS)
     return {
-        "step": step, "kind": "grad",
+        "step": step,
+        "kind": "grad",
         "exponent": array(np.ones(n * protocol.EXPONENT_BINS), "<i8"),
-        "linear_min": array([-1.0] * n, "<f4"), "linear_max": array([1.0] * n, "<f4"),
+        "linear_min": array([-1.0] * n, "<f4"),
+        "linear_max": array([1.0] * n, "<f4"),
         "linear": array(np.ones(n * protocol.LINEAR_BINS), "<i8"),
     }
 
@@ -85,7 +91,11 @@ def fuzz_collector(collector, tmp_path) -> FuzzCollector:
     batch = batch_doc(run=FUZZ_RUN, steps=steps, histograms=[_histogram(2)], events=[event])
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as client:
         client.post("/api/v1/runs", json=run_doc(run=FUZZ_RUN, project=FUZZ_PROJECT)).raise_for_status()
-        stored = client.post(f"/api/v1/runs/{FUZZ_RUN}/batches", content=protocol.dumps(batch), headers={"Content-Type": "application/json"})
+        stored = client.post(
+            f"/api/v1/runs/{FUZZ_RUN}/batches",
+            content=protocol.dumps(batch),
+            headers={"Content-Type": "application/json"},
+        )
         assert stored.status_code == 200 and stored.json()["stored_steps"] == 3, stored.text
     return FuzzCollector(url, token)
 
@@ -114,8 +124,13 @@ def _fuzz(operation: schemathesis.APIOperation, target: FuzzCollector, session: 
     statuses: Counter[int] = Counter()
 
     @given(case=_case_strategies(operation))
-    @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES_PER_OPERATION,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def requests_answer_without_server_errors(case: schemathesis.Case) -> None:
         # Sent with plain requests rather than case.call(): grafana-client's niquests installs
         # urllib3-future over urllib3, whose pool container breaks schemathesis' connection count.
@@ -131,7 +146,11 @@ def test_every_operation_answers_without_server_errors(fuzz_collector: FuzzColle
     schema = schemathesis.openapi.from_url(f"{fuzz_collector.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     served = {(operation.method.upper(), operation.path) for operation in operations}
-    documented = {(method.upper(), path) for path, methods in create_app(Settings(database_url="sqlite://")).openapi()["paths"].items() for method in methods}
+    documented = {
+        (method.upper(), path)
+        for path, methods in create_app(Settings(database_url="sqlite://")).openapi()["paths"].items()
+        for method in methods
+    }
     assert served == documented and len(served) >= 12
     failures, statuses = [], {}
     with requests.Session() as session:
@@ -139,7 +158,10 @@ def test_every_operation_answers_without_server_errors(fuzz_collector: FuzzColle
             label = f"{operation.method.upper()} {operation.path}"
             try:
                 statuses[label] = _fuzz(operation, fuzz_collector, session)
-            except (Exception, FailureGroup) as failure:  # every operation is fuzzed; all failures are reported together
+            except (
+                Exception,
+                FailureGroup,
+            ) as failure:  # every operation is fuzzed; all failures are reported together
                 failures.append(f"{label}: {failure}")
     assert not failures, "\n\n".join(failures)[:MAX_REPORT_CHARS]
     # The token and the aiming work: every operation answered some requests past auth (not 401/403).

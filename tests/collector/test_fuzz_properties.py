@@ -29,22 +29,33 @@ from pydantic import ValidationError
 from numwatch import protocol
 from numwatch.delivery.spool import DOCUMENT_KINDS, SpoolWriter, iter_spool, read_entries
 from numwatch.monitor.app import create_app, prepare_database
-from numwatch.monitor.store import packing
-from numwatch.monitor.store.packing import compress_arrays, pack_stats, unpack_stats
 from numwatch.monitor.ingest.schemas import HistogramDocument, StepDocument
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.store import packing
+from numwatch.monitor.store.packing import compress_arrays, pack_stats, unpack_stats
 from tests.support.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc, values
 
 MAX_EXAMPLES = 150
 N_TENSORS = len(TENSORS)
 MODULES = ["encoder", "head"]
-BOUNDED = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+BOUNDED = settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 JSON_TYPE = {"Content-Type": "application/json"}
 _run_numbers = count(1)
 
-json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=20)
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +94,11 @@ def test_arbitrary_json_values_are_refused_with_a_4xx(client: TestClient, docume
 def _valid_batch() -> dict[str, Any]:
     step = step_doc(1, activations={"absmax": array([1.0, 2.0], "<f4"), "nonfinite": array([0, 1], "<i8")})
     histogram = {
-        "step": 1, "kind": "grad",
+        "step": 1,
+        "kind": "grad",
         "exponent": array([1] * (N_TENSORS * protocol.EXPONENT_BINS), "<i8"),
-        "linear_min": array([-1.0] * N_TENSORS, "<f4"), "linear_max": array([1.0] * N_TENSORS, "<f4"),
+        "linear_min": array([-1.0] * N_TENSORS, "<f4"),
+        "linear_max": array([1.0] * N_TENSORS, "<f4"),
         "linear": array([1] * (N_TENSORS * protocol.LINEAR_BINS), "<i8"),
     }
     event = {"step": 1, "kind": "nonfinite_origin", "time": 1.0, "details": {"tensor": "head.bias"}}
@@ -151,7 +164,11 @@ def mutated_batches(draw: st.DrawFn) -> bytes:
     body = protocol.dumps(batch)
     if draw(st.booleans()):  # byte-level damage on top: cut, or flip one byte
         position = draw(st.integers(0, len(body) - 1))
-        body = body[:position] if draw(st.booleans()) else body[:position] + bytes([body[position] ^ draw(st.integers(1, 255))]) + body[position + 1:]
+        body = (
+            body[:position]
+            if draw(st.booleans())
+            else body[:position] + bytes([body[position] ^ draw(st.integers(1, 255))]) + body[position + 1 :]
+        )
     return body
 
 
@@ -164,7 +181,10 @@ def test_mutated_valid_batches_are_stored_or_refused_never_5xx(client: TestClien
 
 def test_the_unmutated_batch_is_stored(client: TestClient) -> None:
     """The mutation base is valid, so the mutations above start from an accepted batch."""
-    assert client.post("/api/v1/runs/r1/batches", content=protocol.dumps(_valid_batch()), headers=JSON_TYPE).status_code == 200
+    assert (
+        client.post("/api/v1/runs/r1/batches", content=protocol.dumps(_valid_batch()), headers=JSON_TYPE).status_code
+        == 200
+    )
 
 
 # --- the packed-array decoders raise their validation error, nothing else -----------------------
@@ -174,8 +194,14 @@ dtypes = st.sampled_from(sorted(set(protocol.TENSOR_STATS.values())))
 
 
 @BOUNDED
-@given(text=st.text(max_size=64) | st.binary(max_size=48).map(protocol.pack_bytes), dtype=dtypes, length=st.none() | st.integers(0, 10))
-def test_unpack_of_arbitrary_text_returns_whole_values_or_raises_value_error(text: str, dtype: str, length: int | None) -> None:
+@given(
+    text=st.text(max_size=64) | st.binary(max_size=48).map(protocol.pack_bytes),
+    dtype=dtypes,
+    length=st.none() | st.integers(0, 10),
+)
+def test_unpack_of_arbitrary_text_returns_whole_values_or_raises_value_error(
+    text: str, dtype: str, length: int | None
+) -> None:
     itemsize = int(dtype[2:])
     try:
         raw = protocol.check_raw(protocol.unpack_bytes(text), dtype, length)
@@ -214,24 +240,33 @@ def test_packed_stats_round_trip_and_the_wrong_size_raises_value_error(raw: byte
 
 
 @BOUNDED
-@given(n_values=st.integers(0, 2 * N_TENSORS).filter(lambda n: n != N_TENSORS), stat=st.sampled_from(list(protocol.TENSOR_STATS)))
+@given(
+    n_values=st.integers(0, 2 * N_TENSORS).filter(lambda n: n != N_TENSORS),
+    stat=st.sampled_from(list(protocol.TENSOR_STATS)),
+)
 def test_arrays_not_matching_the_runs_tensor_count_are_422(client: TestClient, n_values: int, stat: str) -> None:
     values = np.arange(n_values, dtype=protocol.TENSOR_STATS[stat])
     step = step_doc(1, tensors={stat: protocol.pack_bytes(values.tobytes())})
-    response = client.post("/api/v1/runs/r1/batches", content=protocol.dumps(batch_doc(steps=[step])), headers=JSON_TYPE)
+    response = client.post(
+        "/api/v1/runs/r1/batches", content=protocol.dumps(batch_doc(steps=[step])), headers=JSON_TYPE
+    )
     assert response.status_code == 422 and f"tensors.{stat}" in str(response.json()["detail"])
 
 
 # --- histogram counts round-trip in every layout, old blobs included ---------------------------------
 
 INT64 = np.iinfo(np.int64)
-counts_values = st.integers(0, 300) | st.integers(INT64.min, INT64.max) | st.sampled_from([INT64.min, INT64.max, INT64.min + 1, INT64.max - 1, -1, 0])
+counts_values = (
+    st.integers(0, 300)
+    | st.integers(INT64.min, INT64.max)
+    | st.sampled_from([INT64.min, INT64.max, INT64.min + 1, INT64.max - 1, -1, 0])
+)
 # Blobs written by the packing before the layouts (code 0..3: u1, u2, u4, 8 bytes), with their counts.
 OLD_COUNT_BLOBS = [
     ([[0, 3, 7, 2], [1, 0, 0, 250]], "00780163606667626460f80500014f0108"),
     ([[300, 0], [0, 1]], "017801d2616060048c91818101000171002f"),
     ([[1000, 70000]], "0278017a510010b320400c8c80313000000ac2016e"),
-    ([[-5, 2**62, -2**63]], "037801facdc000d07f060680fe333000f49f8101a0ff0c0c00fd676000e83f030360ff1d1a006c4c08b5"),
+    ([[-5, 2**62, -(2**63)]], "037801facdc000d07f060680fe333000f49f8101a0ff0c0c00fd676000e83f030360ff1d1a006c4c08b5"),
 ]
 
 
@@ -242,7 +277,10 @@ def reference_counts(blob: bytes, row_length: int) -> np.ndarray:
     n = len(data) // width
     values = [int.from_bytes(bytes(data[plane * n + i] for plane in range(width)), "little") for i in range(n)]
     n_rows = n // row_length
-    rows = [[values[c * n_rows + r] if code & 8 else values[r * row_length + c] for c in range(row_length)] for r in range(n_rows)]
+    rows = [
+        [values[c * n_rows + r] if code & 8 else values[r * row_length + c] for c in range(row_length)]
+        for r in range(n_rows)
+    ]
     if code & 4:  # zigzag-coded steps from 0 along each row
         rows = [list(itertools.accumulate((v >> 1) ^ -(v & 1) for v in row)) for row in rows]
     signed = [[(v + 2**63) % 2**64 - 2**63 for v in row] for row in rows]
@@ -252,9 +290,16 @@ def reference_counts(blob: bytes, row_length: int) -> np.ndarray:
 @BOUNDED
 @given(row_length=st.integers(1, 8), n_rows=st.integers(0, 5), data=st.data())
 def test_counts_round_trip_exactly_in_every_layout(row_length: int, n_rows: int, data: st.DataObject) -> None:
-    counts = np.array(data.draw(st.lists(counts_values, min_size=n_rows * row_length, max_size=n_rows * row_length)), dtype="<i8").reshape(n_rows, row_length)
-    for blob in [packing.compress_counts(counts.tobytes(), row_length), *(packing._stored_counts(counts, layout) for layout in packing.LAYOUTS)]:
-        assert np.array_equal(np.frombuffer(packing.decompress_counts(blob, row_length), "<i8").reshape(n_rows, row_length), counts)
+    counts = np.array(
+        data.draw(st.lists(counts_values, min_size=n_rows * row_length, max_size=n_rows * row_length)), dtype="<i8"
+    ).reshape(n_rows, row_length)
+    for blob in [
+        packing.compress_counts(counts.tobytes(), row_length),
+        *(packing._stored_counts(counts, layout) for layout in packing.LAYOUTS),
+    ]:
+        assert np.array_equal(
+            np.frombuffer(packing.decompress_counts(blob, row_length), "<i8").reshape(n_rows, row_length), counts
+        )
         assert np.array_equal(reference_counts(blob, row_length), counts)
 
 
@@ -298,26 +343,40 @@ storable_names = st.text(st.characters(exclude_categories=("Cs",), exclude_chara
 @st.composite
 def valid_steps(draw: st.DrawFn, number: int) -> dict[str, Any]:
     """A step with every scalar drawn (NaN and ±Inf included) and a drawn subset of per-tensor stats."""
-    stats = draw(st.lists(st.sampled_from(list(protocol.TENSOR_STATS)), unique=True, max_size=len(protocol.TENSOR_STATS)))
+    stats = draw(
+        st.lists(st.sampled_from(list(protocol.TENSOR_STATS)), unique=True, max_size=len(protocol.TENSOR_STATS))
+    )
     tensors = {}
     for stat in stats:
         dtype = protocol.TENSOR_STATS[stat]
-        tensors[stat] = array(draw(st.lists(float32s if dtype == "<f4" else counts, min_size=N_TENSORS, max_size=N_TENSORS)), dtype)
+        tensors[stat] = array(
+            draw(st.lists(float32s if dtype == "<f4" else counts, min_size=N_TENSORS, max_size=N_TENSORS)), dtype
+        )
     maybe = st.none() | any_float
     return {
-        "step": number, "time": draw(st.floats(0, 4e9)), "skipped": draw(st.booleans()),
+        "step": number,
+        "time": draw(st.floats(0, 4e9)),
+        "skipped": draw(st.booleans()),
         "scale_decision": draw(st.sampled_from([None, *get_args(protocol.ScaleDecision)])),
-        **{key: protocol.encode_float(draw(maybe)) for key in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits")},
+        **{
+            key: protocol.encode_float(draw(maybe))
+            for key in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits")
+        },
         "lr": [protocol.encode_float(v) for v in draw(st.lists(any_float, max_size=3))],
-        "scalars": {k: protocol.encode_float(v) for k, v in draw(st.dictionaries(storable_names, any_float, max_size=3)).items()},
-        "tensors": tensors, "activations": None,
+        "scalars": {
+            k: protocol.encode_float(v) for k, v in draw(st.dictionaries(storable_names, any_float, max_size=3)).items()
+        },
+        "tensors": tensors,
+        "activations": None,
     }
 
 
 def _same(sent: Any, received: Any) -> bool:
     """Protocol floats equal, NaN equal to NaN (they travel as the string "NaN")."""
     a, b = protocol.decode_float(sent), protocol.decode_float(received)
-    return (a is None and b is None) or (a is not None and b is not None and (a == b or (math.isnan(a) and math.isnan(b))))
+    return (a is None and b is None) or (
+        a is not None and b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
+    )
 
 
 @BOUNDED
@@ -327,15 +386,23 @@ def test_valid_steps_read_back_equal(client: TestClient, data: st.DataObject) ->
     assert client.post("/api/v1/runs", json=run_doc(run=run)).status_code == 200
     numbers = data.draw(st.lists(st.integers(1, 2**62), min_size=1, max_size=3, unique=True))
     steps = [data.draw(valid_steps(number)) for number in numbers]
-    response = client.post(f"/api/v1/runs/{run}/batches", content=protocol.dumps(batch_doc(run=run, steps=steps)), headers=JSON_TYPE)
+    response = client.post(
+        f"/api/v1/runs/{run}/batches", content=protocol.dumps(batch_doc(run=run, steps=steps)), headers=JSON_TYPE
+    )
     assert response.status_code == 200 and response.json()["stored_steps"] == len(steps), response.text
     for sent in steps:
         record = client.get(f"/api/v1/runs/{run}/steps/{sent['step']}").json()
-        assert record["time"] == sent["time"] and record["skipped"] == sent["skipped"] and record["scale_decision"] == sent["scale_decision"]
+        assert (
+            record["time"] == sent["time"]
+            and record["skipped"] == sent["skipped"]
+            and record["scale_decision"] == sent["scale_decision"]
+        )
         for key in ("step_time", "loss", "loss_scale", "new_loss_scale", "global_grad_norm", "headroom_bits"):
             assert _same(sent[key], record[key]), key
         assert len(record["lr"]) == len(sent["lr"]) and all(map(_same, sent["lr"], record["lr"]))
-        assert record["scalars"].keys() == sent["scalars"].keys() and all(_same(v, record["scalars"][k]) for k, v in sent["scalars"].items())
+        assert record["scalars"].keys() == sent["scalars"].keys() and all(
+            _same(v, record["scalars"][k]) for k, v in sent["scalars"].items()
+        )
         for stat, text in sent["tensors"].items():
             expected = values(text, protocol.TENSOR_STATS[stat], N_TENSORS).tolist()
             received = [record["tensors"][t["name"]][stat] for t in TENSORS]
@@ -351,9 +418,17 @@ spool_documents = st.lists(st.tuples(st.sampled_from(DOCUMENT_KINDS), spool_bodi
 
 
 @BOUNDED
-@given(segments=st.lists(st.binary(max_size=300) | spool_documents.map(lambda docs: b"".join(_line(*d) for d in docs)), min_size=1, max_size=3),
-       damage=st.binary(max_size=40))
-def test_reader_survives_arbitrary_segment_bytes_yielding_only_well_formed_lines(segments: list[bytes], damage: bytes) -> None:
+@given(
+    segments=st.lists(
+        st.binary(max_size=300) | spool_documents.map(lambda docs: b"".join(_line(*d) for d in docs)),
+        min_size=1,
+        max_size=3,
+    ),
+    damage=st.binary(max_size=40),
+)
+def test_reader_survives_arbitrary_segment_bytes_yielding_only_well_formed_lines(
+    segments: list[bytes], damage: bytes
+) -> None:
     with tempfile.TemporaryDirectory() as directory:
         files = []
         for number, content in enumerate(segments, start=1):
@@ -363,7 +438,7 @@ def test_reader_survives_arbitrary_segment_bytes_yielding_only_well_formed_lines
         for entry in entries:
             content = files[entry.end.segment - 1]
             line_start = content.rfind(b"\n", 0, entry.end.offset - 1) + 1
-            line = content[line_start:entry.end.offset]
+            line = content[line_start : entry.end.offset]
             assert line.endswith(b"\n") and entry.kind in DOCUMENT_KINDS
             assert protocol.loads(line) == {"type": entry.kind, "body": entry.body}
         assert [(kind, body) for kind, body in iter_spool(directory)] == [(e.kind, e.body) for e in entries]
@@ -375,7 +450,9 @@ def _line(kind: str, body: dict[str, Any]) -> bytes:
 
 @BOUNDED
 @given(documents=spool_documents, cut_share=st.floats(0, 1))
-def test_truncated_spool_reads_back_exactly_the_complete_prefix(documents: list[tuple[str, dict]], cut_share: float) -> None:
+def test_truncated_spool_reads_back_exactly_the_complete_prefix(
+    documents: list[tuple[str, dict]], cut_share: float
+) -> None:
     with tempfile.TemporaryDirectory() as directory:
         writer = SpoolWriter(directory)
         ends = [writer.append(kind, body).offset for kind, body in documents]
@@ -390,7 +467,9 @@ def test_truncated_spool_reads_back_exactly_the_complete_prefix(documents: list[
 
 @BOUNDED
 @given(documents=spool_documents, segment_bytes=st.integers(1, 400), loss=any_float)
-def test_spooled_documents_round_trip_across_segments(documents: list[tuple[str, dict]], segment_bytes: int, loss: float) -> None:
+def test_spooled_documents_round_trip_across_segments(
+    documents: list[tuple[str, dict]], segment_bytes: int, loss: float
+) -> None:
     documents = [*documents, ("batch", {"steps": [{"loss": protocol.encode_float(loss)}]})]
     with tempfile.TemporaryDirectory() as directory:
         writer = SpoolWriter(directory, segment_bytes=segment_bytes)

@@ -112,7 +112,9 @@ def _handler(state: FakeGrafana) -> type[BaseHTTPRequestHandler]:
                     return self._reply(400, {"message": error})
                 stored = {**body, "id": len(state.datasources) + 1}
                 state.datasources[body["name"]] = stored
-                return self._reply(200, {"datasource": stored, "id": stored["id"], "message": "Datasource added", "name": body["name"]})
+                return self._reply(
+                    200, {"datasource": stored, "id": stored["id"], "message": "Datasource added", "name": body["name"]}
+                )
             if self.path == "/api/dashboards/db":
                 if error := _check_dashboard_body(body):
                     return self._reply(400, {"message": error})
@@ -165,7 +167,9 @@ def fake_grafana() -> Iterator[FakeGrafana]:
 
 
 def _push(fake: FakeGrafana, **kwargs: Any) -> grafana.PushSummary:
-    return grafana.push_dashboards(fake.url, TOKEN, REPO_DASHBOARDS, "http://prometheus:9090", "http://collector:8428", **kwargs)
+    return grafana.push_dashboards(
+        fake.url, TOKEN, REPO_DASHBOARDS, "http://prometheus:9090", "http://collector:8428", **kwargs
+    )
 
 
 def test_push_creates_datasources_and_dashboards(fake_grafana: FakeGrafana) -> None:
@@ -174,9 +178,16 @@ def test_push_creates_datasources_and_dashboards(fake_grafana: FakeGrafana) -> N
     assert summary.datasources_updated == []
     assert sorted(summary.dashboards) == ["numwatch-overview", "numwatch-run"]
     assert all(r["authorization"] == f"Bearer {TOKEN}" for r in fake_grafana.requests)
-    assert fake_grafana.paths("GET") == ["/api/datasources/name/numwatch%20Prometheus", "/api/datasources/name/numwatch%20collector"]
+    assert fake_grafana.paths("GET") == [
+        "/api/datasources/name/numwatch%20Prometheus",
+        "/api/datasources/name/numwatch%20collector",
+    ]
     prometheus = fake_grafana.datasources["numwatch Prometheus"]
-    assert (prometheus["type"], prometheus["uid"], prometheus["url"]) == ("prometheus", "numwatch-prometheus", "http://prometheus:9090")
+    assert (prometheus["type"], prometheus["uid"], prometheus["url"]) == (
+        "prometheus",
+        "numwatch-prometheus",
+        "http://prometheus:9090",
+    )
     collector = fake_grafana.datasources["numwatch collector"]
     assert collector["type"] == "yesoreyeram-infinity-datasource" and collector["uid"] == "numwatch-collector"
     assert collector["jsonData"] == {"allowedHosts": ["http://collector:8428"], "auth_method": "bearerToken"}
@@ -201,7 +212,9 @@ def test_second_push_updates_in_place(fake_grafana: FakeGrafana) -> None:
 def test_push_from_the_cli(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
     parser = argparse.ArgumentParser(prog="numwatch")
     grafana.add_grafana_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, "--collector-url", "http://numwatch:8428"])
+    args = parser.parse_args(
+        ["grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, "--collector-url", "http://numwatch:8428"]
+    )
     assert args.func(args) == 0
     assert fake_grafana.datasources["numwatch collector"]["url"] == "http://numwatch:8428"
     assert set(fake_grafana.dashboards) == {"numwatch-overview", "numwatch-run"}
@@ -209,9 +222,16 @@ def test_push_from_the_cli(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("content", "complaint"),
-    [(None, "no dashboard JSON files"), ("{not json", "not a readable JSON file"), ("[1, 2]", "must be a JSON object"), ('{"uid": "x", "title": "t"}', "'panels' must be a list")],
+    [
+        (None, "no dashboard JSON files"),
+        ("{not json", "not a readable JSON file"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"uid": "x", "title": "t"}', "'panels' must be a list"),
+    ],
 )
-def test_push_sends_nothing_when_a_dashboard_file_is_bad(fake_grafana: FakeGrafana, tmp_path: Path, capsys, content: str | None, complaint: str) -> None:
+def test_push_sends_nothing_when_a_dashboard_file_is_bad(
+    fake_grafana: FakeGrafana, tmp_path: Path, capsys, content: str | None, complaint: str
+) -> None:
     """The files are checked before the first request: a bad file never leaves Grafana half-updated."""
     dashboards = tmp_path / "dashboards"
     dashboards.mkdir()
@@ -220,7 +240,9 @@ def test_push_sends_nothing_when_a_dashboard_file_is_bad(fake_grafana: FakeGrafa
         (dashboards / "b-bad.json").write_text(content)
     parser = argparse.ArgumentParser(prog="numwatch")
     grafana.add_grafana_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, "--dashboards-dir", str(dashboards)])
+    args = parser.parse_args(
+        ["grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, "--dashboards-dir", str(dashboards)]
+    )
     assert args.func(args) == 2
     assert complaint in capsys.readouterr().err
     assert fake_grafana.requests == []
@@ -229,7 +251,13 @@ def test_push_sends_nothing_when_a_dashboard_file_is_bad(fake_grafana: FakeGrafa
 def test_annotation_sink_posts_events(fake_grafana: FakeGrafana) -> None:
     sink = grafana.AnnotationSink(fake_grafana.url, TOKEN, dashboard_uid="numwatch-run")
     events = [
-        {"step": 41, "rank": 0, "kind": "nonfinite_grad", "details": {"tensors": ["fc1.weight"]}, "time": 1_700_000_000.123},
+        {
+            "step": 41,
+            "rank": 0,
+            "kind": "nonfinite_grad",
+            "details": {"tensors": ["fc1.weight"]},
+            "time": 1_700_000_000.123,
+        },
         {"step": 42, "rank": 1, "kind": "loss_scale_backoff", "details": {}, "time": 1.0, "time_ms": 1_700_000_001_500},
     ]
     assert all(sink.post(event, "gpt-fp16") for event in events)
@@ -244,7 +272,11 @@ def test_annotation_sink_posts_events(fake_grafana: FakeGrafana) -> None:
         "text": 'nonfinite_grad at step 41 (rank 0): {"tensors": ["fc1.weight"]}',
         "dashboardUID": "numwatch-run",
     }
-    assert (second["time"], second["tags"][1], second["text"]) == (1_700_000_001_500, "loss_scale_backoff", "loss_scale_backoff at step 42 (rank 1)")
+    assert (second["time"], second["tags"][1], second["text"]) == (
+        1_700_000_001_500,
+        "loss_scale_backoff",
+        "loss_scale_backoff at step 42 (rank 1)",
+    )
     assert all(r["authorization"] == f"Bearer {TOKEN}" for r in fake_grafana.requests)
 
 
@@ -262,7 +294,9 @@ def test_annotation_sink_never_blocks_and_counts_drops(fake_grafana: FakeGrafana
     fake_grafana.release_annotations.set()
     sink.close()
     assert (sink.posted, sink.failed) == (3, 0)
-    assert [a["text"] for a in fake_grafana.annotations] == [f"skipped_step at step {step} (rank 0)" for step in (1, 2, 3)]
+    assert [a["text"] for a in fake_grafana.annotations] == [
+        f"skipped_step at step {step} (rank 0)" for step in (1, 2, 3)
+    ]
 
 
 def test_annotation_sink_counts_failures(fake_grafana: FakeGrafana) -> None:

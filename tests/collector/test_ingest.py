@@ -20,11 +20,16 @@ def api(collector, database_url: str) -> httpx.Client:
 
 
 def post_batch(client: httpx.Client, doc: dict, run: str = "r1") -> httpx.Response:
-    return client.post(f"/api/v1/runs/{run}/batches", content=protocol.dumps(doc), headers={"Content-Type": "application/json"})
+    return client.post(
+        f"/api/v1/runs/{run}/batches", content=protocol.dumps(doc), headers={"Content-Type": "application/json"}
+    )
 
 
 def test_round_trip_keeps_values_nan_and_inf_exactly(api: httpx.Client) -> None:
-    steps = [step_doc(1), step_doc(2, norms=[0.5, float("nan"), float("inf")], loss=float("nan"), headroom_bits="-Infinity")]
+    steps = [
+        step_doc(1),
+        step_doc(2, norms=[0.5, float("nan"), float("inf")], loss=float("nan"), headroom_bits="-Infinity"),
+    ]
     response = post_batch(api, batch_doc(steps=steps))
     assert response.status_code == 200, response.text
     assert response.json()["stored_steps"] == 2
@@ -57,7 +62,12 @@ def test_retried_batch_stores_nothing_twice_and_conflicts_are_recorded(api: http
 
 def test_a_step_repeated_inside_one_batch_keeps_the_first_copy_and_records_the_conflict(api: httpx.Client) -> None:
     batch = batch_doc(steps=[step_doc(1), step_doc(2), step_doc(2), step_doc(2, norms=[9.0, 9.0, 9.0])])
-    assert post_batch(api, batch).json() == {"stored_steps": 2, "duplicate_steps": 2, "conflicting_steps": 1, "events": 0}
+    assert post_batch(api, batch).json() == {
+        "stored_steps": 2,
+        "duplicate_steps": 2,
+        "conflicting_steps": 1,
+        "events": 0,
+    }
     assert api.get("/api/v1/runs/r1/steps/2").json()["tensors"]["embed.weight"]["grad_norm"] == 0.5
     assert api.get("/api/v1/runs/r1").json()["steps_total"] == 2
 
@@ -82,13 +92,22 @@ def test_rank_state_counts_only_new_steps(api: httpx.Client) -> None:
     line = next(x for x in metrics.splitlines() if x.startswith("numwatch_grad_underflow_ratio{"))
     assert 'format="fp16"' in line and math.isclose(float(line.split()[-1]), expected_underflow, rel_tol=1e-12)
     events = api.get("/api/v1/runs/r1").json()["events"]
-    assert events == {"loss_scale_backoff": 1, "loss_scale_growth": 1, "nonfinite_grad": 1, "skipped_step": 1, "underflow_high": 1}
+    assert events == {
+        "loss_scale_backoff": 1,
+        "loss_scale_growth": 1,
+        "nonfinite_grad": 1,
+        "skipped_step": 1,
+        "underflow_high": 1,
+    }
 
 
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda b: b["steps"][1]["tensors"].update(grad_norm=array([1.0, 2.0], "<f4")), "steps[1].tensors.grad_norm: expected 3 values, got 2"),
+        (
+            lambda b: b["steps"][1]["tensors"].update(grad_norm=array([1.0, 2.0], "<f4")),
+            "steps[1].tensors.grad_norm: expected 3 values, got 2",
+        ),
         (lambda b: b["steps"][0]["tensors"].update(grad_norm="%%%"), "steps[0].tensors"),
         (lambda b: b["steps"][0].update(step=-4), "steps[0].step"),
         (lambda b: b["steps"][0].update(step=2**70), "steps[0].step"),
@@ -97,8 +116,13 @@ def test_rank_state_counts_only_new_steps(api: httpx.Client) -> None:
         (lambda b: b["steps"][0].update(scale_decision="maybe"), "steps[0].scale_decision"),
         (lambda b: b.update(protocol=4), "protocol"),
         # Version 1 batches stay accepted, but they predate the Adam-health and quantization stats.
-        (lambda b: (b.update(protocol=1), b["steps"][1]["tensors"].update(quant_sqnr_nf4=array([20.0, 20.0, np.nan], "<f4"))),
-         "steps[1].tensors.quant_sqnr_nf4: needs protocol 2, the batch says 1"),
+        (
+            lambda b: (
+                b.update(protocol=1),
+                b["steps"][1]["tensors"].update(quant_sqnr_nf4=array([20.0, 20.0, np.nan], "<f4")),
+            ),
+            "steps[1].tensors.quant_sqnr_nf4: needs protocol 2, the batch says 1",
+        ),
         (lambda b: b.update(run="other"), "run: the document is for"),
     ],
 )
@@ -112,11 +136,24 @@ def test_bad_batches_get_422_naming_the_field_and_store_nothing(api: httpx.Clien
 
 
 def test_transport_errors_are_4xx_with_reasons(api: httpx.Client) -> None:
-    assert api.post("/api/v1/runs/nope/batches", content=protocol.dumps(batch_doc(run="nope")), headers={"Content-Type": "application/json"}).status_code == 404
+    assert (
+        api.post(
+            "/api/v1/runs/nope/batches",
+            content=protocol.dumps(batch_doc(run="nope")),
+            headers={"Content-Type": "application/json"},
+        ).status_code
+        == 404
+    )
     assert api.post("/api/v1/runs/r1/batches", content=b"{}", headers={"Content-Type": "text/plain"}).status_code == 415
-    truncated = api.post("/api/v1/runs/r1/batches", content=protocol.dumps(batch_doc(steps=[step_doc(1)]))[:-7], headers={"Content-Type": "application/json"})
+    truncated = api.post(
+        "/api/v1/runs/r1/batches",
+        content=protocol.dumps(batch_doc(steps=[step_doc(1)]))[:-7],
+        headers={"Content-Type": "application/json"},
+    )
     assert truncated.status_code == 422 and "not valid JSON" in truncated.json()["detail"]
-    deep = api.post("/api/v1/runs/r1/batches", content=b"[" * 100_000 + b"]" * 100_000, headers={"Content-Type": "application/json"})
+    deep = api.post(
+        "/api/v1/runs/r1/batches", content=b"[" * 100_000 + b"]" * 100_000, headers={"Content-Type": "application/json"}
+    )
     assert deep.status_code == 422
     changed = run_doc(tensors=[*TENSORS[:2], {**TENSORS[2], "shape": [5]}])
     conflict = api.post("/api/v1/runs", json=changed)

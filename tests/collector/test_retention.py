@@ -17,31 +17,56 @@ import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
 from numwatch import protocol
-from numwatch.monitor.store import db
-from numwatch.monitor.store import retention
+from numwatch.monitor.store import db, retention
 from tests.support.collector_docs import TENSORS, array, batch_doc, run_doc, step_doc
 
 JSON = {"Content-Type": "application/json"}
-CHILD_TABLES = ("step_blocks", "histograms", "rollups", "forward_stats", "events", "conflicts", "run_instances", "rank_state")
+CHILD_TABLES = (
+    "step_blocks",
+    "histograms",
+    "rollups",
+    "forward_stats",
+    "events",
+    "conflicts",
+    "run_instances",
+    "rank_state",
+)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "numwatch.monitor.ops.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "numwatch.monitor.ops.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def _histogram(step: int) -> dict:
     n = len(TENSORS)
-    return {"step": step, "kind": "grad", "exponent": array(np.ones(n * protocol.EXPONENT_BINS), "<i8"), "linear_min": array(np.zeros(n), "<f4"),
-            "linear_max": array(np.ones(n), "<f4"), "linear": array(np.ones(n * protocol.LINEAR_BINS), "<i8")}
+    return {
+        "step": step,
+        "kind": "grad",
+        "exponent": array(np.ones(n * protocol.EXPONENT_BINS), "<i8"),
+        "linear_min": array(np.zeros(n), "<f4"),
+        "linear_max": array(np.ones(n), "<f4"),
+        "linear": array(np.ones(n * protocol.LINEAR_BINS), "<i8"),
+    }
 
 
 def _fill(client: httpx.Client, run: str, steps: int = 300, headers: dict | None = None) -> None:
     headers = headers or {}
     assert client.post("/api/v1/runs", json=run_doc(run=run, project="p"), headers=headers).status_code == 200
     for first in range(1, steps + 1, 100):
-        doc = batch_doc(run=run, steps=[step_doc(s, norms=[0.5, float("nan") if s % 7 == 0 else 1.0, 2.0],
-                                                 **({"attention_logit_max": {"h.0.attn": 1.5}} if s % 50 == 1 else {})) for s in range(first, first + 100)],
-                        histograms=[_histogram(first)])
+        doc = batch_doc(
+            run=run,
+            steps=[
+                step_doc(
+                    s,
+                    norms=[0.5, float("nan") if s % 7 == 0 else 1.0, 2.0],
+                    **({"attention_logit_max": {"h.0.attn": 1.5}} if s % 50 == 1 else {}),
+                )
+                for s in range(first, first + 100)
+            ],
+            histograms=[_histogram(first)],
+        )
         response = client.post(f"/api/v1/runs/{run}/batches", content=protocol.dumps(doc), headers={**JSON, **headers})
         assert response.status_code == 200, response.text
         assert response.json()["stored_steps"] == 100
@@ -50,9 +75,18 @@ def _fill(client: httpx.Client, run: str, steps: int = 300, headers: dict | None
 def _rows(database_url: str, run_id: int) -> dict[str, int]:
     engine = sa.create_engine(database_url)
     with engine.connect() as connection:
-        counts = {table: connection.execute(sa.text(f"SELECT count(*) FROM {table} WHERE run_id = :id"), {"id": run_id}).scalar() for table in CHILD_TABLES}
-        counts["runs"] = connection.execute(sa.text("SELECT count(*) FROM runs WHERE id = :id"), {"id": run_id}).scalar()
-        counts["steps"] = connection.execute(sa.text("SELECT coalesce(sum(count), 0) FROM step_blocks WHERE run_id = :id"), {"id": run_id}).scalar()
+        counts = {
+            table: connection.execute(
+                sa.text(f"SELECT count(*) FROM {table} WHERE run_id = :id"), {"id": run_id}
+            ).scalar()
+            for table in CHILD_TABLES
+        }
+        counts["runs"] = connection.execute(
+            sa.text("SELECT count(*) FROM runs WHERE id = :id"), {"id": run_id}
+        ).scalar()
+        counts["steps"] = connection.execute(
+            sa.text("SELECT coalesce(sum(count), 0) FROM step_blocks WHERE run_id = :id"), {"id": run_id}
+        ).scalar()
     engine.dispose()
     return counts
 
@@ -78,7 +112,10 @@ def test_deleting_through_the_api_removes_every_row_and_the_name_starts_afresh(c
         _fill(client, "doomed")
         _fill(client, "kept")
         doomed, kept = _run_id(database_url, "doomed"), _run_id(database_url, "kept")
-        assert all(_rows(database_url, doomed)[table] for table in ("step_blocks", "histograms", "rollups", "forward_stats", "rank_state"))
+        assert all(
+            _rows(database_url, doomed)[table]
+            for table in ("step_blocks", "histograms", "rollups", "forward_stats", "rank_state")
+        )
         kept_before = _rows(database_url, kept)
 
         response = client.delete("/api/v1/runs/doomed")
@@ -95,15 +132,25 @@ def test_deleting_through_the_api_removes_every_row_and_the_name_starts_afresh(c
         assert client.get("/api/v1/runs/doomed/series", params={"metric": "loss"}).json() == {"steps": [], "values": []}
         body = protocol.dumps(batch_doc(run="doomed", steps=[step_doc(1, loss=9.0)]))
         assert client.post("/api/v1/runs/doomed/batches", content=body, headers=JSON).json()["stored_steps"] == 1
-        assert client.get("/api/v1/runs/doomed/series", params={"metric": "loss"}).json() == {"steps": [1], "values": [9.0]}
+        assert client.get("/api/v1/runs/doomed/series", params={"metric": "loss"}).json() == {
+            "steps": [1],
+            "values": [9.0],
+        }
         assert "doomed" in client.get("/metrics").text
-        assert client.get("/api/v1/runs/kept/series", params={"metric": "loss", "max_points": 1000}).json()["steps"] == list(range(1, 301))
+        assert client.get("/api/v1/runs/kept/series", params={"metric": "loss", "max_points": 1000}).json()[
+            "steps"
+        ] == list(range(1, 301))
 
 
 def test_a_token_deletes_only_runs_of_its_project(collector, tmp_path) -> None:
     database_url = f"sqlite:///{tmp_path / 'auth.db'}"
     db.upgrade(database_url)
-    tokens = {project: run_cli("token", "create", "--project", project, "--database-url", database_url).stdout.strip().splitlines()[-1] for project in ("p", "q")}
+    tokens = {
+        project: run_cli("token", "create", "--project", project, "--database-url", database_url)
+        .stdout.strip()
+        .splitlines()[-1]
+        for project in ("p", "q")
+    }
     url = collector(database_url, "--auth", "token")
     with httpx.Client(base_url=url, timeout=30) as client:
         owner = {"Authorization": f"Bearer {tokens['p']}"}
@@ -128,7 +175,10 @@ def test_cli_delete_and_gc_remove_every_row_and_give_space_back(collector, datab
 
     engine = sa.create_engine(database_url)
     with engine.begin() as connection:
-        connection.execute(sa.text("UPDATE runs SET last_seen_at = :t WHERE name = 'old'"), {"t": "2020-01-01 00:00:00" if engine.dialect.name == "sqlite" else "2020-01-01T00:00:00+00:00"})
+        connection.execute(
+            sa.text("UPDATE runs SET last_seen_at = :t WHERE name = 'old'"),
+            {"t": "2020-01-01 00:00:00" if engine.dialect.name == "sqlite" else "2020-01-01T00:00:00+00:00"},
+        )
     engine.dispose()
     assert run_cli("gc", "--older-than", "x", "--database-url", database_url).returncode == 2
     result = run_cli("gc", "--older-than", "30d", "--database-url", database_url)
@@ -138,7 +188,9 @@ def test_cli_delete_and_gc_remove_every_row_and_give_space_back(collector, datab
     assert _rows(database_url, ids["recent"])["steps"] == 300
     if database_url.startswith("sqlite"):
         with sqlite3.connect(database_url.removeprefix("sqlite:///")) as connection:
-            assert connection.execute("PRAGMA freelist_count").fetchone()[0] == 0  # the freed pages went back to the file system
+            assert (
+                connection.execute("PRAGMA freelist_count").fetchone()[0] == 0
+            )  # the freed pages went back to the file system
 
 
 def test_a_run_deleted_by_hand_leaves_nothing_a_new_run_inherits(collector, tmp_path) -> None:
@@ -147,11 +199,15 @@ def test_a_run_deleted_by_hand_leaves_nothing_a_new_run_inherits(collector, tmp_
     with httpx.Client(base_url=url, timeout=30) as client:
         _fill(client, "first", steps=100)
         old = _run_id(database_url, "first")
-        with sqlite3.connect(tmp_path / "hand.db") as connection:  # the sqlite3 shell's way: foreign keys off, nothing cascades
+        with sqlite3.connect(
+            tmp_path / "hand.db"
+        ) as connection:  # the sqlite3 shell's way: foreign keys off, nothing cascades
             connection.execute("DELETE FROM runs WHERE id = ?", (old,))
         _fill(client, "second", steps=100)  # every step new: no old step of the reused id conflicts
         assert _run_id(database_url, "second") != old
-        assert client.get("/api/v1/runs/second/series", params={"metric": "loss"}).json()["steps"] == list(range(1, 101))
+        assert client.get("/api/v1/runs/second/series", params={"metric": "loss"}).json()["steps"] == list(
+            range(1, 101)
+        )
     assert _rows(database_url, old)["steps"] == 100
     result = run_cli("gc", "--older-than", "3650d", "--database-url", database_url)
     assert result.returncode == 0 and "rows of runs deleted by hand" in result.stdout, result.stdout + result.stderr
@@ -178,7 +234,9 @@ def test_the_vacuum_hands_back_every_free_page_in_bounded_transactions(tmp_path,
     engine = db.make_engine(database_url)
     with engine.begin() as connection:  # 20 MB of pages, then freed
         connection.exec_driver_sql("CREATE TABLE filler (data BLOB)")
-        connection.exec_driver_sql("INSERT INTO filler SELECT randomblob(4000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) SELECT i FROM n)")
+        connection.exec_driver_sql(
+            "INSERT INTO filler SELECT randomblob(4000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) SELECT i FROM n)"
+        )
     with engine.begin() as connection:
         connection.exec_driver_sql("DROP TABLE filler")
     with engine.connect() as connection:

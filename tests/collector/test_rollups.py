@@ -17,17 +17,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.store import db
-from numwatch.monitor.reads import queries
-from numwatch.monitor.store import rollups
-from numwatch.monitor.reads import series
-from numwatch.monitor.store import blocks as step_blocks
-from numwatch.monitor.store.auth import EVERYTHING
 from numwatch.monitor.detectors.rules import DetectorConfig
 from numwatch.monitor.ingest.batches import register_run, store_batch
-from numwatch.monitor.store.models import Rollup
-from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.ingest.schemas import BatchDocument, RunDocument
+from numwatch.monitor.reads import queries, series
+from numwatch.monitor.reads.queries import find_run
+from numwatch.monitor.store import blocks as step_blocks
+from numwatch.monitor.store import db, rollups
+from numwatch.monitor.store.auth import EVERYTHING
+from numwatch.monitor.store.models import Rollup
 from tests.support.collector_docs import TENSORS, array, run_doc
 
 N = len(TENSORS)
@@ -35,7 +33,9 @@ TOP = 600_000
 
 
 def _steps(rng: np.random.Generator) -> np.ndarray:
-    edges = [m * level + d for level in rollups.LEVELS for m in range(1, 4) for d in (-2, -1, 0, 1) if m * level + d <= TOP]
+    edges = [
+        m * level + d for level in rollups.LEVELS for m in range(1, 4) for d in (-2, -1, 0, 1) if m * level + d <= TOP
+    ]
     return np.unique(np.concatenate([np.arange(1, 200), edges, rng.integers(1, TOP, 700)]))
 
 
@@ -51,7 +51,14 @@ def _data(rng: np.random.Generator) -> dict[str, np.ndarray]:
     loss[np.flatnonzero(edge & (rng.random(len(steps)) < 0.1))] = np.inf
     counts = rng.integers(0, 5, (len(steps), N)) * (rng.random((len(steps), N)) < 0.05)
     # Some steps carry no loss: the loss series skips them (and the rollups must too).
-    return {"steps": steps, "grad_norm": norms, "loss": loss, "nan_count": counts.astype(np.int64), "format": steps % 50 == 1, "has_loss": steps % 5 != 3}
+    return {
+        "steps": steps,
+        "grad_norm": norms,
+        "loss": loss,
+        "nan_count": counts.astype(np.int64),
+        "format": steps % 50 == 1,
+        "has_loss": steps % 5 != 3,
+    }
 
 
 def _step_doc(i: int, data: dict[str, np.ndarray]) -> dict:
@@ -136,7 +143,13 @@ def test_every_level_and_window_equals_the_raw_rows_downsampled(stored) -> None:
             for level in rollups.LEVELS:
                 for factor in (1, 3):
                     width = level * factor
-                    got = [p for _, s in series.bucket_summaries(step_blocks.Reader(session, run.id, 0, N), name, low, high, width, level, column) for p in series.summary_points(s)]
+                    got = [
+                        p
+                        for _, s in series.bucket_summaries(
+                            step_blocks.Reader(session, run.id, 0, N), name, low, high, width, level, column
+                        )
+                        for p in series.summary_points(s)
+                    ]
                     _same(got, reference(steps[inside], values[inside], width))
 
 
@@ -144,7 +157,9 @@ def test_summaries_count_values_and_non_finite_ones(stored) -> None:
     session, run, data = stored
     steps, norms = data["steps"], data["grad_norm"]
     level = rollups.LEVELS[1]
-    for first, summary in series.bucket_summaries(step_blocks.Reader(session, run.id, 0, N), "grad_norm", int(steps[0]), int(steps[-1]), level, level, None):
+    for first, summary in series.bucket_summaries(
+        step_blocks.Reader(session, run.id, 0, N), "grad_norm", int(steps[0]), int(steps[-1]), level, level, None
+    ):
         members = (steps // level) == first // level
         assert summary.count.tolist() == [int(members.sum())] * N
         assert summary.nonfinite.tolist() == (~np.isfinite(norms[members])).sum(axis=0).tolist()
@@ -168,7 +183,10 @@ def test_a_short_window_is_the_raw_rows(stored) -> None:
     steps, norms = data["steps"], data["grad_norm"]
     answer = queries.series(session, run, "grad_norm", TENSORS[0]["name"], 0, 150, 300, 1000)
     inside = (steps >= 150) & (steps <= 300)
-    _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), [(int(s), float(v)) for s, v in zip(steps[inside], norms[inside, 0])])
+    _same(
+        list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])),
+        [(int(s), float(v)) for s, v in zip(steps[inside], norms[inside, 0])],
+    )
 
 
 def test_the_heatmap_covers_the_whole_run_in_bounded_columns(stored) -> None:
@@ -203,16 +221,36 @@ def test_buckets_without_coarse_rows_are_read_from_finer_levels(stored) -> None:
     extra = rng.lognormal(-2, 1, (len(more), N)).astype(np.float32)
     extra[5, 1] = np.nan
     for start in range(0, len(more), 64):
-        docs = [{"step": int(s), "time": 2e9 + int(s), "lr": [1e-3], "tensors": {"grad_norm": array(extra[i], "<f4"), "nan_count": array(np.zeros(N, np.int64), "<i8")}}
-                for i, s in enumerate(more[start:start + 64], start)]
-        store_batch(session, find_run(session, "r1", EVERYTHING), BatchDocument.model_validate({"protocol": 1, "run": "r1", "rank": 0, "steps": docs}), DetectorConfig())
+        docs = [
+            {
+                "step": int(s),
+                "time": 2e9 + int(s),
+                "lr": [1e-3],
+                "tensors": {"grad_norm": array(extra[i], "<f4"), "nan_count": array(np.zeros(N, np.int64), "<i8")},
+            }
+            for i, s in enumerate(more[start : start + 64], start)
+        ]
+        store_batch(
+            session,
+            find_run(session, "r1", EVERYTHING),
+            BatchDocument.model_validate({"protocol": 1, "run": "r1", "rank": 0, "steps": docs}),
+            DetectorConfig(),
+        )
         session.commit()
     all_steps, all_norms = np.concatenate([steps, more]), np.concatenate([norms, extra])
     low, high = int(all_steps[0]), int(all_steps[-1])
     for column in (1, 2):
         answer = queries.series(session, run, "grad_norm", TENSORS[column]["name"], 0, None, None, 1000)
-        expected = reference(all_steps, all_norms[:, column], series.bucket_width(low, high, 333, series.choose_level(low, high, 333)))
+        expected = reference(
+            all_steps, all_norms[:, column], series.bucket_width(low, high, 333, series.choose_level(low, high, 333))
+        )
         _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
         for level in rollups.LEVELS:
-            got = [p for _, s in series.bucket_summaries(step_blocks.Reader(session, run.id, 0, N), "grad_norm", low, high, level, level, column) for p in series.summary_points(s)]
+            got = [
+                p
+                for _, s in series.bucket_summaries(
+                    step_blocks.Reader(session, run.id, 0, N), "grad_norm", low, high, level, level, column
+                )
+                for p in series.summary_points(s)
+            ]
             _same(got, reference(all_steps, all_norms[:, column], level))

@@ -11,16 +11,15 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from numwatch.monitor.store import db
-from numwatch.monitor.reads import overview
-from numwatch.monitor.reads import queries
-from numwatch.monitor.store.auth import EVERYTHING
 from numwatch.monitor.detectors.rules import DetectorConfig
-from numwatch.monitor.metrics.exposition import NumwatchCollector
 from numwatch.monitor.ingest.batches import register_run, store_batch
-from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.ingest.schemas import BatchDocument, RunDocument
+from numwatch.monitor.metrics.exposition import NumwatchCollector
+from numwatch.monitor.reads import overview, queries
+from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.settings import Settings
+from numwatch.monitor.store import db
+from numwatch.monitor.store.auth import EVERYTHING
 from tests.support.collector_docs import batch_doc, run_doc, step_doc
 
 
@@ -44,18 +43,30 @@ def test_the_server_judges_with_the_configured_thresholds(collector) -> None:
     # Norms 3x their median: an explosion at factor 2 after 3 steps, not at the defaults (10x after 10).
     steps = [step_doc(s, norms=[1.0, 1.0, 1.0]) for s in range(1, 5)] + [step_doc(5, norms=[3.0, 3.0, 3.0])]
     found = {}
-    for label, env in (("configured", {"NUMWATCH_DETECT_EXPLOSION_FACTOR": "2", "NUMWATCH_DETECT_MIN_HISTORY": "3"}), ("defaults", {})):
+    for label, env in (
+        ("configured", {"NUMWATCH_DETECT_EXPLOSION_FACTOR": "2", "NUMWATCH_DETECT_MIN_HISTORY": "3"}),
+        ("defaults", {}),
+    ):
         with httpx.Client(base_url=collector(None, **env), timeout=30) as client:
             client.post("/api/v1/runs", json=run_doc()).raise_for_status()
             client.post("/api/v1/runs/r1/batches", json=batch_doc(steps=steps)).raise_for_status()
-            found[label] = [(e["step"], e["details"].get("factor")) for e in client.get("/api/v1/runs/r1/events", params={"kind": "grad_explosion"}).json()]
+            found[label] = [
+                (e["step"], e["details"].get("factor"))
+                for e in client.get("/api/v1/runs/r1/events", params={"kind": "grad_explosion"}).json()
+            ]
     assert found["configured"] == [(5, pytest.approx(3.0, rel=1e-6))]
     assert found["defaults"] == []
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {key: value for key, value in os.environ.items() if not key.startswith("NUMWATCH_")} | env
-    return subprocess.run([sys.executable, "-m", "numwatch.monitor.ops.cli", *args], capture_output=True, text=True, timeout=120, env=environ)
+    return subprocess.run(
+        [sys.executable, "-m", "numwatch.monitor.ops.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+    )
 
 
 def test_one_stale_rule_and_runs_show_follow_numwatch_stale_after_seconds(tmp_path) -> None:
@@ -70,7 +81,9 @@ def test_one_stale_rule_and_runs_show_follow_numwatch_stale_after_seconds(tmp_pa
             store_batch(session, find_run(session, "r1", EVERYTHING), batch, DetectorConfig())
         session.commit()
         # The read API's summary, the live tail (no steps after 100) and /metrics judge by the same rule.
-        collector = NumwatchCollector(db.make_session_factory(engine), Settings(database_url=url, stale_after_seconds=30, metrics_cache_seconds=0))
+        collector = NumwatchCollector(
+            db.make_session_factory(engine), Settings(database_url=url, stale_after_seconds=30, metrics_cache_seconds=0)
+        )
         run_info = next(metric for metric in collector.collect() if metric.name == "numwatch_run_info")
         run = find_run(session, "r1", EVERYTHING)
         for stale_after, expected in ((30.0, "stale"), (120.0, "running")):
@@ -86,11 +99,22 @@ def test_one_stale_rule_and_runs_show_follow_numwatch_stale_after_seconds(tmp_pa
         return line.split()[2] if command == "runs" else line.split()[1].rstrip(",")
 
     assert status("runs") == status("show") == "running"  # the 300 s default
-    assert status("runs", NUMWATCH_STALE_AFTER_SECONDS="30") == status("show", NUMWATCH_STALE_AFTER_SECONDS="30") == "stale"
+    assert (
+        status("runs", NUMWATCH_STALE_AFTER_SECONDS="30")
+        == status("show", NUMWATCH_STALE_AFTER_SECONDS="30")
+        == "stale"
+    )
     assert status("runs", NUMWATCH_STALE_AFTER_SECONDS="120") == "running"  # rank 1 is recent enough
     for command in ("show", "export"):
         missing = _cli(command, "nope", NUMWATCH_DATABASE_URL=url)
         assert missing.returncode == 1 and "unknown run 'nope'" in missing.stderr, missing.stderr
-    exported = _cli("export", "r1", "--output", str(tmp_path / "r1.html"), NUMWATCH_DATABASE_URL=url, NUMWATCH_STALE_AFTER_SECONDS="30")
+    exported = _cli(
+        "export",
+        "r1",
+        "--output",
+        str(tmp_path / "r1.html"),
+        NUMWATCH_DATABASE_URL=url,
+        NUMWATCH_STALE_AFTER_SECONDS="30",
+    )
     assert exported.returncode == 0, exported.stderr
     assert '"status":"stale"' in (tmp_path / "r1.html").read_text()  # the page's data, judged with the same setting

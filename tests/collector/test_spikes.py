@@ -94,7 +94,9 @@ def test_score_state_stays_bounded_and_counts_the_last_n_judged_values() -> None
     flags = [rng.random() < 0.02 or 5000 <= i < 5400 for i in range(30_000)]  # scattered spikes and one long episode
     state: dict = {}
     for start in range(0, len(flags), 777):
-        fresh = [spikes.Judgement(i, 0.0, 0.0, 0.0, 0.0, flag) for i, flag in enumerate(flags[start : start + 777], start)]
+        fresh = [
+            spikes.Judgement(i, 0.0, 0.0, 0.0, 0.0, flag) for i, flag in enumerate(flags[start : start + 777], start)
+        ]
         state = spikes.advance_score(state, {"loss": fresh}, 10_000)
         judged = min(start + 777, len(flags))
         expected = sum(flags[max(0, judged - 10_000) : judged]) / min(judged, 10_000)
@@ -107,8 +109,10 @@ def _metric_samples(client: httpx.Client, name: str, run: str) -> dict[str, floa
     families = text_string_to_metric_families(client.get("/metrics").text)
     return {
         sample.labels["signal"]: sample.value
-        for family in families if family.name == name
-        for sample in family.samples if sample.labels.get("run") == run
+        for family in families
+        if family.name == name
+        for sample in family.samples
+        if sample.labels.get("run") == run
     }
 
 
@@ -126,7 +130,11 @@ def test_spikes_fire_at_the_planted_steps_through_two_replicas(collector, tmp_pa
                 for step in range(start, stop)
             ]
             client = (a, b)[index % 2]
-            response = client.post("/api/v1/runs/r1/batches", content=protocol.dumps(batch_doc(steps=steps)), headers={"Content-Type": "application/json"})
+            response = client.post(
+                "/api/v1/runs/r1/batches",
+                content=protocol.dumps(batch_doc(steps=steps)),
+                headers={"Content-Type": "application/json"},
+            )
             assert response.status_code == 200, response.text
         events = a.get("/api/v1/runs/r1/events").json()
         loss_events = [e for e in events if e["kind"] == "loss_spike"]
@@ -148,18 +156,27 @@ def test_spikes_fire_at_the_planted_steps_through_two_replicas(collector, tmp_pa
 
         # The score: spike values among the last SCORE_STEPS judged values, on both replicas.
         def expected_score(values: list[float]) -> float:
-            judged = [s for s in range(1, STEPS + 1) if math.isfinite(values[s - 1]) and sum(math.isfinite(v) for v in values[: s - 1]) >= WINDOW]
+            judged = [
+                s
+                for s in range(1, STEPS + 1)
+                if math.isfinite(values[s - 1]) and sum(math.isfinite(v) for v in values[: s - 1]) >= WINDOW
+            ]
             recent = set(judged[-SCORE_STEPS:])
             return len(recent & set(reference_spikes(values))) / SCORE_STEPS
 
         expected = {"loss": expected_score(losses), "grad_norm": expected_score(norms)}
-        assert expected == {"loss": 1 / SCORE_STEPS, "grad_norm": 1 / SCORE_STEPS}  # 701 and 850 are in the window; 700 is not
+        assert expected == {
+            "loss": 1 / SCORE_STEPS,
+            "grad_norm": 1 / SCORE_STEPS,
+        }  # 701 and 850 are in the window; 700 is not
         for client in (a, b):
             assert _metric_samples(client, "numwatch_spike_score", "r1") == pytest.approx(expected, rel=1e-12)
 
 
 def test_detect_without_enough_history_judges_nothing() -> None:
     config = DetectorConfig()
-    views = [{"step": s, "time": 0.0, "loss": 1.0 if s < 100 else 100.0, "global_grad_norm": None} for s in range(1, 129)]
+    views = [
+        {"step": s, "time": 0.0, "loss": 1.0 if s < 100 else 100.0, "global_grad_norm": None} for s in range(1, 129)
+    ]
     events, fresh = spikes.detect({"loss": [], "grad_norm": []}, views, config)
     assert events == [] and fresh == {"loss": [], "grad_norm": []}

@@ -40,12 +40,23 @@ def get_json(url: str, token: str | None = None) -> Any:
 
 def model_and_optimizer(lr: float = 1e-3) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
     torch.manual_seed(0)
-    model = nn.Sequential(OrderedDict(embed=nn.Linear(16, 64), act=nn.GELU(), hidden=nn.Linear(64, 64), act2=nn.GELU(), head=nn.Linear(64, 4)))
+    model = nn.Sequential(
+        OrderedDict(
+            embed=nn.Linear(16, 64), act=nn.GELU(), hidden=nn.Linear(64, 64), act2=nn.GELU(), head=nn.Linear(64, 4)
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     return model, optimizer, torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10)
 
 
-def train(watcher: numwatch.Watcher, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, first: int, last: int) -> None:
+def train(
+    watcher: numwatch.Watcher,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    first: int,
+    last: int,
+) -> None:
     """The AMP loop users write (scale, backward, unscale, clip, step, update); ``BLOW_UP_AT`` gets a huge input."""
     generator = torch.Generator().manual_seed(first)
     for step in range(first, last + 1):
@@ -79,14 +90,36 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with browser.chromium() as driver, stack.running_collector(workdir, database_url) as url:
         train_attention_run(url)
         model, optimizer, scaler = model_and_optimizer()
-        with numwatch.watch(model, optimizer, scaler=scaler, run="mlp-fp16", url=url, token=None, histogram_every=5, format_every=5,
-                            trace_activations=True, on_nonfinite="ignore", config={"loop": "amp", "lr": 1e-3}) as watcher:
+        with numwatch.watch(
+            model,
+            optimizer,
+            scaler=scaler,
+            run="mlp-fp16",
+            url=url,
+            token=None,
+            histogram_every=5,
+            format_every=5,
+            trace_activations=True,
+            on_nonfinite="ignore",
+            config={"loop": "amp", "lr": 1e-3},
+        ) as watcher:
             train(watcher, model, optimizer, scaler, 1, STEPS)
         live_model, live_optimizer, live_scaler = model_and_optimizer(lr=1e-2)  # "lr A vs lr B" in the compare view
-        live = numwatch.watch(live_model, live_optimizer, scaler=live_scaler, run="mlp-live", url=url, token=None, histogram_every=5, on_nonfinite="ignore")
+        live = numwatch.watch(
+            live_model,
+            live_optimizer,
+            scaler=live_scaler,
+            run="mlp-live",
+            url=url,
+            token=None,
+            histogram_every=5,
+            on_nonfinite="ignore",
+        )
         try:
             train(live, live_model, live_optimizer, live_scaler, 1, 10)
-            yield Served(url, database_url, "mlp-fp16", "mlp-live", (live, live_model, live_optimizer, live_scaler), driver)
+            yield Served(
+                url, database_url, "mlp-fp16", "mlp-live", (live, live_model, live_optimizer, live_scaler), driver
+            )
         finally:
             live.close()
 
@@ -132,15 +165,27 @@ def test_runs_page_lists_the_runs(served: Served) -> None:
 
 
 def test_every_page_and_file_carries_the_security_headers(served: Served) -> None:
-    for path in ("/", "/runs/mlp-fp16", "/runs/mlp-fp16/steps/3", "/compare?run=mlp-fp16", "/static/run.js", "/static/vendor/uPlot.iife.min.js", "/api/v1/runs"):
+    for path in (
+        "/",
+        "/runs/mlp-fp16",
+        "/runs/mlp-fp16/steps/3",
+        "/compare?run=mlp-fp16",
+        "/static/run.js",
+        "/static/vendor/uPlot.iife.min.js",
+        "/api/v1/runs",
+    ):
         with urllib.request.urlopen(served.url + path, timeout=10) as response:
             policy = response.headers["Content-Security-Policy"]
-            assert "script-src 'self'" in policy and "default-src 'none'" in policy and "unsafe-inline" not in policy, path
+            assert "script-src 'self'" in policy and "default-src 'none'" in policy and "unsafe-inline" not in policy, (
+                path
+            )
             assert response.headers["X-Content-Type-Options"] == "nosniff", path
 
 
 def plotted(driver: Any, chart: str) -> dict:
-    return driver.execute_script(f"const c = Charts.registry[{json.dumps(chart)}]; return {{x: c.uplot.data[0], y: c.uplot.data.slice(1), marks: c.marks.nonfinite, log: c.log}};")
+    return driver.execute_script(
+        f"const c = Charts.registry[{json.dumps(chart)}]; return {{x: c.uplot.data[0], y: c.uplot.data.slice(1), marks: c.marks.nonfinite, log: c.log}};"
+    )
 
 
 def test_run_page_charts_hold_exactly_the_points_the_api_returns(served: Served) -> None:
@@ -152,12 +197,17 @@ def test_run_page_charts_hold_exactly_the_points_the_api_returns(served: Served)
     for chart in layout["series_charts"]:
         page_data = plotted(driver, chart["id"])
         for k, series in enumerate(chart["series"]):
-            api = get_json(f"{served.url}/api/v1/runs/mlp-fp16/series?" + urllib.parse.urlencode({"metric": series["metric"], "max_points": layout["max_points"], "end": last}))
+            api = get_json(
+                f"{served.url}/api/v1/runs/mlp-fp16/series?"
+                + urllib.parse.urlencode({"metric": series["metric"], "max_points": layout["max_points"], "end": last})
+            )
             assert page_data["x"] == api["steps"], chart["id"]
             marks = {m["step"]: m["kind"] for m in page_data["marks"]}
             for step, value, shown in zip(api["steps"], api["values"], page_data["y"][k]):
                 if isinstance(value, str):  # non-finite: a gap in the line, drawn as a coloured mark
-                    assert shown is None and marks[step] == {"NaN": "nan", "Infinity": "inf", "-Infinity": "ninf"}[value]
+                    assert (
+                        shown is None and marks[step] == {"NaN": "nan", "Infinity": "inf", "-Infinity": "ninf"}[value]
+                    )
                 elif page_data["log"] and value <= 0:
                     assert shown is None
                 else:
@@ -176,13 +226,19 @@ def test_attention_logit_lines_per_call_and_log_z_hold_the_api_values(served: Se
     assert calls == [f"transformer.h.{i}.attn" for i in range(4)] and api["steps"] == [1, 3, 5, 7, 9]
     chart = plotted(driver, "attention_logit_max")
     assert chart["x"] == api["steps"] and chart["y"] == [api["attention_logit_max"][name] for name in calls]
-    labels = driver.execute_script("return Charts.registry.attention_logit_max.uplot.series.slice(1).map((s) => s.label)")
+    labels = driver.execute_script(
+        "return Charts.registry.attention_logit_max.uplot.series.slice(1).map((s) => s.label)"
+    )
     assert labels == calls
     log_z = plotted(driver, "log_z")
     assert log_z["x"] == api["steps"] and log_z["y"] == [api["log_z_mean"], api["log_z_max"], api["logit_absmax"]]
-    (growth,) = [e for e in get_json(f"{served.url}/api/v1/runs/{ATTENTION_RUN}/events") if e["kind"] == "attention_logit_growth"]
+    (growth,) = [
+        e for e in get_json(f"{served.url}/api/v1/runs/{ATTENTION_RUN}/events") if e["kind"] == "attention_logit_growth"
+    ]
     assert driver.find_element("id", "attention-layers").text.startswith(f"{GROWING} (")
-    item = [li for li in driver.find_elements("css selector", "#diagnosis li") if "attention logits above 100" in li.text]
+    item = [
+        li for li in driver.find_elements("css selector", "#diagnosis li") if "attention logits above 100" in li.text
+    ]
     assert item and item[0].text.startswith(f"step {growth['step']}:")
     browser.screenshot(driver, "run-page-attention")
 
@@ -213,7 +269,9 @@ def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> N
     assert set(map(tuple, driver.execute_script(ranges))) == {(1, STEPS)}
     over = driver.find_element("css selector", "#chart-loss .u-over")
     width = over.size["width"]
-    ActionChains(driver).move_to_element_with_offset(over, -width // 4, 0).click_and_hold().move_by_offset(width // 4, 0).release().perform()
+    ActionChains(driver).move_to_element_with_offset(over, -width // 4, 0).click_and_hold().move_by_offset(
+        width // 4, 0
+    ).release().perform()
     zoomed = set(map(tuple, driver.execute_script(ranges)))
     assert len(zoomed) == 1  # every chart of the page follows
     low, high = zoomed.pop()
@@ -270,7 +328,9 @@ def test_histogram_shows_the_format_bands_at_torch_limits(served: Served) -> Non
     tensor = driver.execute_script("return document.getElementById('histogram-tensor').value")
     step = int(driver.execute_script("return document.getElementById('histogram-step').value"))
     assert step < BLOW_UP_AT  # the picture before the failure
-    api = get_json(f"{served.url}/api/v1/runs/mlp-fp16/histograms?" + urllib.parse.urlencode({"tensor": tensor, "step": step}))
+    api = get_json(
+        f"{served.url}/api/v1/runs/mlp-fp16/histograms?" + urllib.parse.urlencode({"tensor": tensor, "step": step})
+    )
     data = driver.execute_script("const u = Charts.registry.histogram.uplot; return [u.data[0], u.data[1]];")
     shown = {b: c for b, c in zip(*data) if c}
     assert shown == {b["binade"]: b["count"] for b in api["exponent"]}
@@ -343,20 +403,37 @@ def post(url: str, path: str, body: dict, token: str | None = None) -> dict:
         return json.loads(response.read())
 
 
-def post_run(url: str, run: str, project: str, specs: list[dict], token: str | None = None, modules: tuple[str, ...] = (), config: dict | None = None) -> None:
+def post_run(
+    url: str,
+    run: str,
+    project: str,
+    specs: list[dict],
+    token: str | None = None,
+    modules: tuple[str, ...] = (),
+    config: dict | None = None,
+) -> None:
     """A run of three tensors and ``XSS_STEP + 2`` steps posted as the protocol's documents; at
     ``XSS_STEP`` the first tensor's norm is NaN and the second's +Inf, the third finite."""
     from numwatch import protocol
     from tests.support.collector_docs import array, step_doc
 
-    post(url, "/api/v1/runs", dict(protocol.run_document(run, format="fp16", tensors=specs, project=project, modules=modules, config=config)), token)
+    post(
+        url,
+        "/api/v1/runs",
+        dict(protocol.run_document(run, format="fp16", tensors=specs, project=project, modules=modules, config=config)),
+        token,
+    )
     steps = []
     for step in range(1, XSS_STEP + 3):
         norms, inf = [0.5 * step, 0.25, 0.125], [0, 0, 0]
         if step == XSS_STEP:
             norms[:2], inf[1] = [math.nan, math.inf], 2
         steps.append(step_doc(step, norms, tensors={"inf_count": array(inf, "<i8")}))
-    origin = protocol.event_document(XSS_STEP, "nonfinite_origin", {"tensors": [{"name": specs[0]["name"], "nan": 3, "inf": 0}], "module": modules[0] if modules else None})
+    origin = protocol.event_document(
+        XSS_STEP,
+        "nonfinite_origin",
+        {"tensors": [{"name": specs[0]["name"], "nan": 3, "inf": 0}], "module": modules[0] if modules else None},
+    )
     path = "/api/v1/runs/" + urllib.parse.quote(run, safe="") + "/batches"
     post(url, path, dict(protocol.batch_document(run, steps=steps, events=[origin], status="finished")), token)
 
@@ -369,8 +446,12 @@ def test_client_strings_render_as_text_and_never_run(served: Served) -> None:
     post_run(served.url, IMG, SCRIPT, tensors(IMG, SCRIPT, "plain.weight"), modules=(SVG, IMG), config={IMG: SCRIPT})
     post_run(served.url, SVG, IMG, tensors(IMG, SCRIPT, "plain.weight"))
     driver = served.driver
-    pages = ["/", f"/runs/{urllib.parse.quote(IMG, safe='')}", f"/runs/{urllib.parse.quote(IMG, safe='')}/steps/{XSS_STEP}",
-             f"/compare?run={urllib.parse.quote(IMG, safe='')}&run={urllib.parse.quote(SVG, safe='')}&metric=global_grad_norm"]
+    pages = [
+        "/",
+        f"/runs/{urllib.parse.quote(IMG, safe='')}",
+        f"/runs/{urllib.parse.quote(IMG, safe='')}/steps/{XSS_STEP}",
+        f"/compare?run={urllib.parse.quote(IMG, safe='')}&run={urllib.parse.quote(SVG, safe='')}&metric=global_grad_norm",
+    ]
     for path in pages:
         page(served, path)
         assert driver.execute_script("return typeof window.__pwned") == "undefined", path
@@ -389,16 +470,25 @@ def test_client_strings_render_as_text_and_never_run(served: Served) -> None:
     assert heat == [IMG, SCRIPT, "plain.weight"]
     browser.screenshot(driver, "hostile-names-run-page")
     page(served, f"/runs/{urllib.parse.quote(IMG, safe='')}/steps/{XSS_STEP}")
-    names = [r.find_element("css selector", "td").text for r in driver.find_elements("css selector", "#tensor-table tbody tr")]
+    names = [
+        r.find_element("css selector", "td").text
+        for r in driver.find_elements("css selector", "#tensor-table tbody tr")
+    ]
     assert set(names[:2]) == {IMG, SCRIPT} and names[2] == "plain.weight"  # worst (non-finite) first
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
-
 
 
 def test_an_exported_page_of_hostile_names_keeps_them_text(served: Served, tmp_path: Path) -> None:
     from numwatch.monitor.ops.cli import main
 
-    post_run(served.url, "exported-" + IMG, SCRIPT, tensors(SCRIPT, IMG, "plain.weight"), modules=(SCRIPT,), config={SCRIPT: IMG})
+    post_run(
+        served.url,
+        "exported-" + IMG,
+        SCRIPT,
+        tensors(SCRIPT, IMG, "plain.weight"),
+        modules=(SCRIPT,),
+        config={SCRIPT: IMG},
+    )
     output = tmp_path / "hostile.html"
     assert main(["export", "exported-" + IMG, "-o", str(output), "--database-url", served.database_url]) == 0
     assert "</script>" not in output.read_text().split('id="numwatch-data">', 1)[1].rsplit("</script>", 1)[0]
@@ -438,12 +528,16 @@ def test_export_is_one_file_that_works_offline(served: Served, tmp_path: Path) -
     driver = served.driver
     assert not driver.find_elements("id", "page-error"), driver.find_element("id", "page-error").text
     assert browser.console_errors(driver) == []
-    assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0  # no request left the page
+    assert (
+        driver.execute_script("return performance.getEntriesByType('resource').length") == 0
+    )  # no request left the page
     assert driver.find_element("id", "origin-module").text == "embed"
     api = get_json(f"{served.url}/api/v1/runs/mlp-fp16/series?metric=global_grad_norm&max_points=1000&end={STEPS}")
     assert plotted(driver, "grad_norm")["x"] == api["steps"]
     forward = get_json(f"{served.url}/api/v1/runs/mlp-fp16/forward?max_points=1000")
-    assert forward["steps"] and plotted(driver, "log_z")["y"][0] == forward["log_z_mean"]  # the MLP's output is its logits
+    assert (
+        forward["steps"] and plotted(driver, "log_z")["y"][0] == forward["log_z_mean"]
+    )  # the MLP's output is its logits
     assert driver.execute_script("return Charts.registry.histogram.uplot.data[1].filter(v => v).length") > 0
 
 
@@ -481,7 +575,9 @@ def test_with_auth_pages_ask_for_a_token_and_show_only_its_project(served: Serve
         browser.screenshot(driver, "token-prompt")
         driver.find_element("id", "token-input").send_keys(token_a)
         driver.find_element("css selector", "#token-form button").click()
-        browser.wait_for(driver, "return document.body.dataset.ready === 'true' && !!document.getElementById('diagnosis')")
+        browser.wait_for(
+            driver, "return document.body.dataset.ready === 'true' && !!document.getElementById('diagnosis')"
+        )
         assert driver.find_element("id", "run-name").text == "run-of-a"
         assert token_a not in driver.current_url
         assert driver.execute_script("return sessionStorage.getItem('numwatch.readToken')") == token_a

@@ -16,7 +16,11 @@ def test_vendored_uplot_is_the_pinned_release_with_its_licence() -> None:
     manifest = json.loads((VENDOR / "vendor.json").read_text())
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((VENDOR / name).read_bytes()).hexdigest() == digest, name
-    assert (VENDOR / "uPlot.iife.min.js").read_text().startswith(f"/*! https://github.com/leeoniya/uPlot (v{manifest['version']}) */")
+    assert (
+        (VENDOR / "uPlot.iife.min.js")
+        .read_text()
+        .startswith(f"/*! https://github.com/leeoniya/uPlot (v{manifest['version']}) */")
+    )
     licence = (VENDOR / "uPlot.LICENSE").read_text()
     assert "The MIT License" in licence and "Leon Sorokin" in licence
 
@@ -35,5 +39,13 @@ def test_pages_load_only_their_own_scripts_and_styles() -> None:
 def test_our_scripts_never_parse_strings_as_html() -> None:
     for script in STATIC_DIR.glob("*.js"):
         text = script.read_text()
-        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function", "setAttribute(\"on"):
+        for sink in (
+            "innerHTML",
+            "outerHTML",
+            "insertAdjacentHTML",
+            "document.write",
+            "eval(",
+            "new Function",
+            'setAttribute("on',
+        ):
             assert sink not in text, (script.name, sink)

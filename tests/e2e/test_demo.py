@@ -67,9 +67,14 @@ def test_the_printed_page_tells_the_story(demo: Demo) -> None:
         lines = [li.text for li in driver.find_elements("css selector", "#diagnosis li")]
         steps = [int(re.match(r"step (\d+):", line).group(1)) for line in lines]
         assert steps == sorted(steps)
-        story = {kind: next(line for line in lines if line.startswith(f"step {first[kind]}:") and words in line)
-                 for kind, words in (("nonfinite_origin", "first non-finite values"), ("grad_explosion", "gradient explosion"),
-                                     ("nonfinite_loss", "the loss became NaN"))}
+        story = {
+            kind: next(line for line in lines if line.startswith(f"step {first[kind]}:") and words in line)
+            for kind, words in (
+                ("nonfinite_origin", "first non-finite values"),
+                ("grad_explosion", "gradient explosion"),
+                ("nonfinite_loss", "the loss became NaN"),
+            )
+        }
         assert lines.index(story["grad_explosion"]) < lines.index(story["nonfinite_loss"])
         browser.screenshot(driver, "demo-run-page")
         driver.set_window_size(1280, driver.execute_script("return document.body.scrollHeight") + 100)

@@ -38,9 +38,12 @@ ALERT_TIMEOUT_S = 60.0
 # Panels that are empty in a run like this one, by design: the model is an MLP regression
 # (no attention call, one output), so the forward-pass panels have nothing to show;
 # tests/test_e2e_attention.py checks them on a transformer run.
-FORWARD_PANELS: frozenset[str] = frozenset({
-    "Max attention logit (sampled forwards)", "Output logits: log Z = logsumexp over the vocabulary (sampled forwards)",
-})
+FORWARD_PANELS: frozenset[str] = frozenset(
+    {
+        "Max attention logit (sampled forwards)",
+        "Output logits: log Z = logsumexp over the vocabulary (sampled forwards)",
+    }
+)
 EXPECTED_EMPTY: frozenset[str] = FORWARD_PANELS
 
 
@@ -81,7 +84,9 @@ class Webhook:
         self.thread.join(timeout=10)
 
 
-def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, inputs: torch.Tensor) -> None:
+def _train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, inputs: torch.Tensor
+) -> None:
     targets = torch.ones(inputs.shape[0], 1)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -117,14 +122,18 @@ def trained_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler("cpu")
-        watcher = numwatch.watch(model, optimizer, scaler=scaler, run=RUN, url=collector, histogram_every=5, format_every=1, quant_every=10)
+        watcher = numwatch.watch(
+            model, optimizer, scaler=scaler, run=RUN, url=collector, histogram_every=5, format_every=1, quant_every=10
+        )
         resources.callback(watcher.close)
         for _ in range(HEALTHY_STEPS):
             _train_step(model, optimizer, scaler, torch.randn(8, 16))
         watcher.flush()
         # Prometheus has seen every healthy step before the NaN comes.
         seen = wait_for(
-            lambda: instant_query(prometheus, f'numwatch_steps_total{{run="{RUN}"}} >= {HEALTHY_STEPS}')["data"]["result"],
+            lambda: instant_query(prometheus, f'numwatch_steps_total{{run="{RUN}"}} >= {HEALTHY_STEPS}')["data"][
+                "result"
+            ],
             ALERT_TIMEOUT_S,
         )
         assert seen, "Prometheus never scraped the healthy steps from the collector"
@@ -159,7 +168,9 @@ def test_nan_alert_reaches_alertmanager_with_the_run_label(trained_stack: Stack)
     assert f"var-run={RUN}" in alerts[0]["annotations"]["dashboard"]
     # The critical route of deploy/alertmanager/alertmanager.yml pages (group_wait 10s).
     paged = wait_for(
-        lambda: [p for p in trained_stack.webhook_posts if p["receiver"] == "pager" and p["commonLabels"].get("run") == RUN],
+        lambda: [
+            p for p in trained_stack.webhook_posts if p["receiver"] == "pager" and p["commonLabels"].get("run") == RUN
+        ],
         ALERT_TIMEOUT_S,
     )
     assert paged, "the pager receiver never got the NaN alert"
@@ -198,4 +209,3 @@ def test_every_dashboard_panel_finds_the_run(trained_stack: Stack) -> None:
             if not has_data and panel["title"] not in EXPECTED_EMPTY:
                 empty.append(f"{name}: {panel['title']}: {target.get('expr') or target.get('url')}")
     assert empty == [], "panels without data after a demo-like run:\n" + "\n".join(empty)
-

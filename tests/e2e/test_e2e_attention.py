@@ -19,10 +19,17 @@ import pytest
 import torch
 
 import numwatch
-from tests.support.nanogpt import NanoGPT
-from tests.support.promstack import collector_and_prometheus, get_json, grafana_expr, instant_query, wait_for, wait_for_scraped_step
 from tests.client.test_attention import reference_max
 from tests.e2e.test_e2e_alerting import FORWARD_PANELS, _panels
+from tests.support.nanogpt import NanoGPT
+from tests.support.promstack import (
+    collector_and_prometheus,
+    get_json,
+    grafana_expr,
+    instant_query,
+    wait_for,
+    wait_for_scraped_step,
+)
 
 pytestmark = [pytest.mark.binaries, pytest.mark.slow]
 
@@ -62,7 +69,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         resources.callback(watcher.close)
         inputs: dict[str, torch.Tensor] = {}
         for name in LAYERS:
-            model.get_submodule(name).register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0].detach()))
+            model.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, n=name: inputs.__setitem__(n, a[0].detach())
+            )
         data = torch.Generator().manual_seed(1)
         maxima: dict[int, dict[str, float]] = {}
         crossing, alerts_before = 0, []
@@ -107,7 +116,9 @@ def test_the_event_is_at_the_crossing_step_and_names_the_layer(trained: Trained)
     assert series["steps"] == list(range(1, STEPS + 1, EVERY))
     assert list(series["attention_logit_max"]) == LAYERS
     for name in LAYERS:  # every recorded number is the loop's own
-        assert series["attention_logit_max"][name] == pytest.approx([trained.maxima[s][name] for s in series["steps"]], rel=1e-5)
+        assert series["attention_logit_max"][name] == pytest.approx(
+            [trained.maxima[s][name] for s in series["steps"]], rel=1e-5
+        )
     assert series["run_max"]["call"] == GROWING and series["run_max"]["step"] == series["steps"][-1]
 
 
@@ -121,7 +132,9 @@ def test_the_alert_fires_for_the_run(trained: Trained) -> None:
     assert alerts[0]["metric"]["severity"] == "warning" and alerts[0]["metric"]["rank"] == "0"
     value = instant_query(trained.prometheus, f'max without(instance) (numwatch_attention_logit_max{{run="{RUN}"}})')
     last_measured = STEPS - (STEPS - 1) % EVERY
-    assert float(value["data"]["result"][0]["value"][1]) == pytest.approx(max(trained.maxima[last_measured].values()), rel=1e-5)
+    assert float(value["data"]["result"][0]["value"][1]) == pytest.approx(
+        max(trained.maxima[last_measured].values()), rel=1e-5
+    )
 
 
 def test_the_forward_pass_panels_find_the_run(trained: Trained) -> None:
@@ -131,6 +144,8 @@ def test_the_forward_pass_panels_find_the_run(trained: Trained) -> None:
             continue
         for target in panel["targets"]:
             answer = instant_query(trained.prometheus, grafana_expr(target["expr"], RUN))
-            assert answer["status"] == "success" and answer["data"]["result"], f"{name}: {panel['title']}: {target['expr']}"
+            assert answer["status"] == "success" and answer["data"]["result"], (
+                f"{name}: {panel['title']}: {target['expr']}"
+            )
             checked += 1
     assert checked == 5

@@ -42,7 +42,9 @@ class Trained:
     norms: dict[int, float]
 
 
-def _batch(generator: torch.Generator, true_weight: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    generator: torch.Generator, true_weight: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     inputs = torch.randn(16, 8, generator=generator)
     targets = inputs @ true_weight + 0.1 * torch.randn(16, 1, generator=generator)
     return scale * inputs, scale * targets
@@ -86,7 +88,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
             if step == HEALTHY_STEPS:
                 watcher.flush()
                 seen = wait_for(
-                    lambda: instant_query(prometheus, f'numwatch_steps_total{{run="{RUN}"}} >= {HEALTHY_STEPS}')["data"]["result"], TIMEOUT_S
+                    lambda: instant_query(prometheus, f'numwatch_steps_total{{run="{RUN}"}} >= {HEALTHY_STEPS}')[
+                        "data"
+                    ]["result"],
+                    TIMEOUT_S,
                 )
                 assert seen, "Prometheus never scraped the healthy steps"
                 wait_for(lambda: False, 2.5)  # two more rule evaluations
@@ -105,7 +110,8 @@ def test_no_alert_on_the_healthy_steps(trained: Trained) -> None:
 def test_both_detectors_fire_at_the_spike_step_only(trained: Trained) -> None:
     events = get_json(f"{trained.collector}/api/v1/runs/{RUN}/events")
     assert sorted((e["step"], e["kind"]) for e in events if e["kind"].endswith("_spike")) == [
-        (SPIKE_STEP, "grad_norm_spike"), (SPIKE_STEP, "loss_spike")
+        (SPIKE_STEP, "grad_norm_spike"),
+        (SPIKE_STEP, "loss_spike"),
     ]
     loss_event = next(e for e in events if e["kind"] == "loss_spike")
     assert loss_event["details"]["loss"] == pytest.approx(trained.losses[SPIKE_STEP], rel=1e-6)
@@ -125,5 +131,7 @@ def test_spike_rate_alert_fires_for_the_run(trained: Trained) -> None:
     assert alerts, f"no spike-rate alert for {RUN} within {TIMEOUT_S}s"
     assert sorted(alert["metric"]["signal"] for alert in alerts) == ["grad_norm", "loss"]
     judged = SPIKE_STEP + AFTER_STEPS - 128
-    score = instant_query(trained.prometheus, f'max without(instance) (numwatch_spike_score{{run="{RUN}", signal="loss"}})')
+    score = instant_query(
+        trained.prometheus, f'max without(instance) (numwatch_spike_score{{run="{RUN}", signal="loss"}})'
+    )
     assert float(score["data"]["result"][0]["value"][1]) == pytest.approx(1 / judged, rel=1e-9)

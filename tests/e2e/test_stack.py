@@ -13,7 +13,9 @@ from tests.support.binaries import require_binary
 
 
 def test_prometheus_config_rewrites_addresses_and_keeps_rules(tmp_path: Path) -> None:
-    config = stack.prometheus_config("127.0.0.1:18428", "127.0.0.1:19093", interval="2s", self_address="127.0.0.1:19090")
+    config = stack.prometheus_config(
+        "127.0.0.1:18428", "127.0.0.1:19093", interval="2s", self_address="127.0.0.1:19090"
+    )
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["numwatch"]["static_configs"] == [{"targets": ["127.0.0.1:18428"]}]
     assert jobs["prometheus"]["static_configs"] == [{"targets": ["127.0.0.1:19090"]}]
@@ -21,9 +23,9 @@ def test_prometheus_config_rewrites_addresses_and_keeps_rules(tmp_path: Path) ->
     assert config["global"]["scrape_interval"] == config["global"]["evaluation_interval"] == "2s"
     assert config["rule_files"] == [str(stack.DEPLOY_DIR / "prometheus" / "rules" / "numwatch.rules.yml")]
     # The shipped file itself is untouched (the rewrite works on a copy).
-    assert yaml.safe_load((stack.DEPLOY_DIR / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0]["static_configs"] == [
-        {"targets": ["collector:8428"]}
-    ]
+    assert yaml.safe_load((stack.DEPLOY_DIR / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][0][
+        "static_configs"
+    ] == [{"targets": ["collector:8428"]}]
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     result = subprocess.run([require_binary("promtool"), "check", "config", str(path)], capture_output=True, text=True)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.collector.test_grafana import TOKEN, FakeGrafana, fake_grafana  # noqa: F401 - fake_grafana is a fixture
 from tests.support.binaries import require_binary
 from tests.support.promstack import free_port
-from tests.collector.test_grafana import TOKEN, FakeGrafana, fake_grafana  # noqa: F401 - fake_grafana is a fixture
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_DIRS = ("deploy", "dashboards")
@@ -66,7 +66,9 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)],
-        check=True, capture_output=True, timeout=300,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (built,) = out.glob("numwatch-*.whl")
     return built
@@ -96,7 +98,9 @@ def _wait_for(predicate, what: str, timeout: float = 90.0, process: subprocess.P
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"{what}: the process exited {process.returncode}:\n{process.stdout.read() if process.stdout else ''}")
+            raise AssertionError(
+                f"{what}: the process exited {process.returncode}:\n{process.stdout.read() if process.stdout else ''}"
+            )
         try:
             value = predicate()
         except OSError:
@@ -135,9 +139,17 @@ def test_wheel_holds_one_import_package_and_all_its_data(wheel: Path) -> None:
         assert shipped, folder
         missing = sorted(name for name in shipped if f"numwatch/{name}" not in names)
         assert not missing, f"not in the wheel: {missing}"
-    static = {path.relative_to(REPO / "monitor").as_posix() for path in (REPO / "monitor" / "web" / "static").rglob("*") if path.is_file()}
+    static = {
+        path.relative_to(REPO / "monitor").as_posix()
+        for path in (REPO / "monitor" / "web" / "static").rglob("*")
+        if path.is_file()
+    }
     assert static and not sorted(name for name in static if f"numwatch/monitor/{name}" not in names)
-    migrations = [name for name in names if name.startswith("numwatch/monitor/store/migrations/versions/") and name.endswith(".py")]
+    migrations = [
+        name
+        for name in names
+        if name.startswith("numwatch/monitor/store/migrations/versions/") and name.endswith(".py")
+    ]
     assert len(migrations) == len(list((REPO / "monitor" / "migrations" / "versions").glob("*.py")))
 
 
@@ -171,12 +183,17 @@ def test_client_install_is_light_and_spools_then_syncs(client_env: Venv, server_
     port = free_port()
     collector = subprocess.Popen(
         [server_env.bin("numwatch"), "serve", "--port", str(port), "--database-url", f"sqlite:///{tmp_path / 'c.db'}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_for(lambda: _get_json(f"{url}/readyz"), "the collector's /readyz", process=collector)
-        synced = client_env.run(client_env.bin("numwatch"), "sync", "--url", url, "--spool-dir", str(spool), cwd=tmp_path)
+        synced = client_env.run(
+            client_env.bin("numwatch"), "sync", "--url", url, "--spool-dir", str(spool), cwd=tmp_path
+        )
         assert synced.returncode == 0
         (run,) = [r for r in _get_json(f"{url}/api/v1/runs") if r["run"] == "from-wheel"]
         assert run["last_step"] == 5
@@ -200,11 +217,24 @@ def test_stack_from_the_wheel_scrapes_its_collector(server_env: Venv, tmp_path: 
     require_binary("prometheus-alertmanager")
     ports = {name: free_port() for name in ("collector", "prometheus", "alertmanager")}
     stack = subprocess.Popen(
-        _ignoring_sigint([server_env.bin("numwatch"), "stack", "--workdir", str(tmp_path / "stack"), "--interval", "1s",
-                          *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port)))]),
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        _ignoring_sigint(
+            [
+                server_env.bin("numwatch"),
+                "stack",
+                "--workdir",
+                str(tmp_path / "stack"),
+                "--interval",
+                "1s",
+                *(arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))),
+            ]
+        ),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
+
         def collector_target_up():
             targets = _get_json(f"http://127.0.0.1:{ports['prometheus']}/api/v1/targets")["data"]["activeTargets"]
             return [t for t in targets if t["labels"].get("job") == "numwatch" and t["health"] == "up"]
@@ -223,15 +253,22 @@ def test_stack_from_the_wheel_scrapes_its_collector(server_env: Venv, tmp_path: 
 
 
 def test_grafana_push_from_the_wheel(server_env: Venv, fake_grafana: FakeGrafana, tmp_path: Path) -> None:
-    server_env.run(server_env.bin("numwatch"), "grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, cwd=tmp_path)
+    server_env.run(
+        server_env.bin("numwatch"), "grafana", "push", "--url", fake_grafana.url, "--token", TOKEN, cwd=tmp_path
+    )
     assert set(fake_grafana.dashboards) == {"numwatch-overview", "numwatch-run"}
     assert set(fake_grafana.datasources) == {"numwatch Prometheus", "numwatch collector"}
 
 
 @pytest.mark.timeout(900)  # a fresh environment's install and the demo's training, on a shared machine
 def test_demo_from_the_wheel_serves_its_run_page_until_interrupted(full_env: Venv, tmp_path: Path) -> None:
-    demo = subprocess.Popen(_ignoring_sigint([full_env.bin("numwatch"), "demo", "--steps", "60"]), cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    demo = subprocess.Popen(
+        _ignoring_sigint([full_env.bin("numwatch"), "demo", "--steps", "60"]),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         output = []
         for line in demo.stdout:
@@ -243,7 +280,9 @@ def test_demo_from_the_wheel_serves_its_run_page_until_interrupted(full_env: Ven
         page = line.split()[1]
         with urllib.request.urlopen(page, timeout=10) as response:  # the page and its scripts come from the wheel
             assert response.status == 200 and b'src="/static/run.js"' in response.read()
-        with urllib.request.urlopen(page.split("/runs/")[0] + "/static/vendor/uPlot.iife.min.js", timeout=10) as response:
+        with urllib.request.urlopen(
+            page.split("/runs/")[0] + "/static/vendor/uPlot.iife.min.js", timeout=10
+        ) as response:
             assert response.status == 200
         demo.send_signal(signal.SIGINT)  # at once: the handler is in place before the URL is printed
         assert demo.wait(timeout=60) == 0
@@ -263,8 +302,13 @@ def test_installs_beside_a_distribution_that_ships_a_top_level_hooks(client_env:
         '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
         '[project]\nname = "hooks-other"\nversion = "1.0"\n[tool.setuptools]\npackages = ["hooks"]\n'
     )
-    client_env.run(client_env.bin("python"), "-m", "pip", "install", "-q", "--no-build-isolation", str(other), cwd=tmp_path)
+    client_env.run(
+        client_env.bin("python"), "-m", "pip", "install", "-q", "--no-build-isolation", str(other), cwd=tmp_path
+    )
     both = "import hooks, numwatch\nassert hooks.OWNER == 'hooks-other'\nassert callable(numwatch.watch)\n"
     client_env.python(both, cwd=tmp_path)
     client_env.run(client_env.bin("python"), "-m", "pip", "uninstall", "-y", "-q", "hooks-other", cwd=tmp_path)
-    client_env.python("import importlib.util, numwatch\nassert importlib.util.find_spec('hooks') is None\nassert callable(numwatch.watch)", cwd=tmp_path)
+    client_env.python(
+        "import importlib.util, numwatch\nassert importlib.util.find_spec('hooks') is None\nassert callable(numwatch.watch)",
+        cwd=tmp_path,
+    )

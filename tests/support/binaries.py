@@ -10,7 +10,9 @@ import pytest
 REQUIRE_ENV = "NUMWATCH_REQUIRE_BINARIES"
 
 
-DEFAULT_HINT = "Debian: apt-get install prometheus prometheus-alertmanager; PostgreSQL 15 server binaries for initdb/pg_ctl"
+DEFAULT_HINT = (
+    "Debian: apt-get install prometheus prometheus-alertmanager; PostgreSQL 15 server binaries for initdb/pg_ctl"
+)
 
 
 def require_binary(name: str, hint: str = DEFAULT_HINT) -> str:

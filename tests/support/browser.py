@@ -13,8 +13,18 @@ from typing import Any
 from tests.support.binaries import require_binary
 
 HINT = "Debian: apt-get install chromium chromium-driver"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,800", "--force-device-scale-factor=1")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,800",
+    "--force-device-scale-factor=1",
+)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
@@ -43,7 +53,11 @@ def chromium() -> Iterator[Any]:
 def open_page(driver: Any, url: str, timeout: float = 20.0) -> None:
     """Load ``url`` and wait until its script marks it ready (or shows an error or the token prompt)."""
     driver.get(url)
-    wait_for(driver, "return document.body.dataset.ready === 'true' || !!document.getElementById('page-error') || !!document.getElementById('token-form')", timeout)
+    wait_for(
+        driver,
+        "return document.body.dataset.ready === 'true' || !!document.getElementById('page-error') || !!document.getElementById('token-form')",
+        timeout,
+    )
 
 
 def wait_for(driver: Any, script: str, timeout: float = 20.0) -> Any:
@@ -63,8 +77,11 @@ READBACK_HINT = "willReadFrequently"
 
 def console_errors(driver: Any) -> list[str]:
     """The console's errors and warnings since the last call (the log is drained by reading)."""
-    return [entry["message"] for entry in driver.get_log("browser")
-            if entry["level"] in ("SEVERE", "WARNING") and READBACK_HINT not in entry["message"]]
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] in ("SEVERE", "WARNING") and READBACK_HINT not in entry["message"]
+    ]
 
 
 def heatmap_pixel(driver: Any, tensor: str, step: int) -> list[int]:
@@ -72,7 +89,9 @@ def heatmap_pixel(driver: Any, tensor: str, step: int) -> list[int]:
     return driver.execute_script(
         "const h = Charts.registry.heatmap, p = h.layout.cellCenter(arguments[0], arguments[1]);"
         "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * h.layout.px), 1, 1).data).slice(0, 3);",
-        tensor, step)
+        tensor,
+        step,
+    )
 
 
 def screenshot(driver: Any, name: str) -> Path:

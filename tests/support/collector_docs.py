@@ -17,8 +17,14 @@ TENSORS = [
 NUMEL = [40, 16, 4]
 
 
-def run_doc(run: str = "r1", project: str = "default", rank: int = 0, tensors: list[dict] | None = None) -> dict[str, Any]:
-    return dict(protocol.run_document(run, rank=rank, format="fp16", tensors=tensors or TENSORS, project=project, config={"lr": 0.001}))
+def run_doc(
+    run: str = "r1", project: str = "default", rank: int = 0, tensors: list[dict] | None = None
+) -> dict[str, Any]:
+    return dict(
+        protocol.run_document(
+            run, rank=rank, format="fp16", tensors=tensors or TENSORS, project=project, config={"lr": 0.001}
+        )
+    )
 
 
 def array(values: list[float] | np.ndarray, dtype: str) -> str:
@@ -42,10 +48,20 @@ def step_doc(step: int, norms: list[float] | None = None, loss: float | None = 1
     }
     tensors.update(fields.pop("tensors", {}))
     global_norm = float(np.sqrt(np.sum(np.square(np.asarray(norms, dtype=np.float64)))))
-    doc = dict(protocol.step_document(
-        step, time=time.time(), step_time=0.1, loss=loss, loss_scale=1024.0, new_loss_scale=1024.0, lr=[0.001],
-        global_grad_norm=global_norm, headroom_bits=5.0, tensors=tensors,
-    ))
+    doc = dict(
+        protocol.step_document(
+            step,
+            time=time.time(),
+            step_time=0.1,
+            loss=loss,
+            loss_scale=1024.0,
+            new_loss_scale=1024.0,
+            lr=[0.001],
+            global_grad_norm=global_norm,
+            headroom_bits=5.0,
+            tensors=tensors,
+        )
+    )
     doc.update(fields)
     return doc
 

@@ -80,9 +80,16 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     def family(name: str, kind: str, samples: list[tuple[str, str, float]]) -> None:
         lines.append(f"# HELP {name} numwatch contract metric {name}.")
         lines.append(f"# TYPE {name} {kind}")
-        lines.extend(f"{name}{suffix}{{{labels}}} {value!r}" if labels else f"{name}{suffix} {value!r}" for suffix, labels, value in samples)
+        lines.extend(
+            f"{name}{suffix}{{{labels}}} {value!r}" if labels else f"{name}{suffix} {value!r}"
+            for suffix, labels, value in samples
+        )
 
-    family("numwatch_run_info", "gauge", [("", f'run="{run}",project="demo",format="fp16",world_size="1",status="running"', 1.0)])
+    family(
+        "numwatch_run_info",
+        "gauge",
+        [("", f'run="{run}",project="demo",format="fp16",world_size="1",status="running"', 1.0)],
+    )
     gauges = {
         "numwatch_run_last_step": 120.0,
         "numwatch_run_last_step_timestamp_seconds": now,
@@ -100,11 +107,31 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     for name, value in gauges.items():
         family(name, "gauge", [("", run_rank, value)])
     family("numwatch_learning_rate", "gauge", [("", f'{run_rank},group="0"', 3e-4)])
-    for name in ("numwatch_grad_zero_ratio", "numwatch_grad_underflow_ratio", "numwatch_grad_subnormal_ratio", "numwatch_grad_overflow_ratio"):
+    for name in (
+        "numwatch_grad_zero_ratio",
+        "numwatch_grad_underflow_ratio",
+        "numwatch_grad_subnormal_ratio",
+        "numwatch_grad_overflow_ratio",
+    ):
         family(name, "gauge", [("", f'{run_rank},format="fp16"', 0.001)])
-    family("numwatch_spike_score", "gauge", [("", f'{run_rank},signal="{signal}"', 0.0) for signal in ("loss", "grad_norm")])
-    family("numwatch_quant_sqnr_min_decibels", "gauge", [("", f'{run_rank},scheme="{scheme}"', value) for scheme, value in (("int8", 38.0), ("int4", 17.5), ("nf4", 20.0), ("fp8", 31.0))])
-    family("numwatch_layer_grad_norm", "gauge", [("", f'{run_rank},tensor="fc{i}.weight"', 0.1 * (i + 1)) for i in range(3)])
+    family(
+        "numwatch_spike_score",
+        "gauge",
+        [("", f'{run_rank},signal="{signal}"', 0.0) for signal in ("loss", "grad_norm")],
+    )
+    family(
+        "numwatch_quant_sqnr_min_decibels",
+        "gauge",
+        [
+            ("", f'{run_rank},scheme="{scheme}"', value)
+            for scheme, value in (("int8", 38.0), ("int4", 17.5), ("nf4", 20.0), ("fp8", 31.0))
+        ],
+    )
+    family(
+        "numwatch_layer_grad_norm",
+        "gauge",
+        [("", f'{run_rank},tensor="fc{i}.weight"', 0.1 * (i + 1)) for i in range(3)],
+    )
     counters = {
         "numwatch_steps_total": 121.0,
         "numwatch_skipped_steps_total": float(nonfinite_steps),

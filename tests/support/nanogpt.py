@@ -48,10 +48,14 @@ class NanoGPT(nn.Module):
 
     def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, layers: int = 4, context: int = 16) -> None:
         super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab, d), wpe=nn.Embedding(context, d),
-            h=nn.ModuleList(Block(d, heads, imported=i % 2 == 1) for i in range(layers)), ln_f=nn.LayerNorm(d),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, d),
+                wpe=nn.Embedding(context, d),
+                h=nn.ModuleList(Block(d, heads, imported=i % 2 == 1) for i in range(layers)),
+                ln_f=nn.LayerNorm(d),
+            )
+        )
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
 

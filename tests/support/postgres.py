@@ -52,12 +52,29 @@ class PostgresServer:
 
     def start(self) -> None:
         subprocess.run(
-            _as_server_user([self.pg_ctl, "-D", str(self.data), "-o", self.options, "-l", str(self.log), "-w", "-t", str(START_TIMEOUT_S), "start"]),
-            check=True, capture_output=True,
+            _as_server_user(
+                [
+                    self.pg_ctl,
+                    "-D",
+                    str(self.data),
+                    "-o",
+                    self.options,
+                    "-l",
+                    str(self.log),
+                    "-w",
+                    "-t",
+                    str(START_TIMEOUT_S),
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
         )
 
     def stop(self, mode: str = "immediate") -> None:
-        subprocess.run(_as_server_user([self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop"]), capture_output=True)
+        subprocess.run(
+            _as_server_user([self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop"]), capture_output=True
+        )
 
 
 @contextmanager
@@ -85,8 +102,20 @@ def postgres_server(workdir: Path | None = None, *, durable: bool = False) -> It
                 shutil.chown(path, SERVICE_USER)
             os.chmod(root, 0o755)
         subprocess.run(
-            _as_server_user([binaries["initdb"], "-D", str(data), "-A", "trust", "-U", "postgres", *([] if durable else ["--no-sync"])]),
-            check=True, capture_output=True,
+            _as_server_user(
+                [
+                    binaries["initdb"],
+                    "-D",
+                    str(data),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    *([] if durable else ["--no-sync"]),
+                ]
+            ),
+            check=True,
+            capture_output=True,
         )
         port = _free_port()
         log = root / "postgres.log"

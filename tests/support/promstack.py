@@ -48,7 +48,9 @@ SILENT_ALERTMANAGER = {"route": {"receiver": "null", "group_by": ["run", "alertn
 @contextmanager
 def running_alertmanager(workdir: Path, config: dict | None = None) -> Iterator[str]:
     """A real Alertmanager (clustering off) with ``config`` (default: one silent receiver); yields its URL."""
-    with stack.running_alertmanager(require_binary("prometheus-alertmanager"), workdir, config or SILENT_ALERTMANAGER) as url:
+    with stack.running_alertmanager(
+        require_binary("prometheus-alertmanager"), workdir, config or SILENT_ALERTMANAGER
+    ) as url:
         yield url
 
 
@@ -61,7 +63,9 @@ def running_prometheus(
 ) -> Iterator[str]:
     """A real Prometheus from deploy/'s config scraping ``target`` every second; yields its URL."""
     alertmanager_address = urllib.parse.urlsplit(alertmanager).netloc if alertmanager else None
-    config = stack.prometheus_config(target, alertmanager_address, interval="1s", grafana_url=GRAFANA_URL, rule_files=rule_files)
+    config = stack.prometheus_config(
+        target, alertmanager_address, interval="1s", grafana_url=GRAFANA_URL, rule_files=rule_files
+    )
     with stack.running_prometheus(require_binary("prometheus"), workdir, config) as url:
         yield url
 
@@ -77,7 +81,9 @@ def collector_and_prometheus(resources: ExitStack, workdir: Path) -> tuple[str, 
 def wait_for_scraped_step(prometheus: str, run: str, step: int, timeout: float) -> None:
     """Until Prometheus holds a scrape of ``run`` at ``step`` or later (an alert may already fire
     from an earlier scrape, so a firing alert does not say the last values are in)."""
-    seen = wait_for(lambda: instant_query(prometheus, f'numwatch_run_last_step{{run="{run}"}} >= {step}')["data"]["result"], timeout)
+    seen = wait_for(
+        lambda: instant_query(prometheus, f'numwatch_run_last_step{{run="{run}"}} >= {step}')["data"]["result"], timeout
+    )
     assert seen, f"Prometheus never scraped step {step} of {run}"
 
 

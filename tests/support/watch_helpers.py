@@ -71,7 +71,9 @@ class BackwardInjection:
     """Writes values into a parameter's gradient inside the backward, at chosen steps: the
     way a real overflow arrives (numwatch reads the gradients when the backward ends)."""
 
-    def __init__(self, parameter: torch.Tensor, index: tuple, values: list[float], steps: set[int] | None = None) -> None:
+    def __init__(
+        self, parameter: torch.Tensor, index: tuple, values: list[float], steps: set[int] | None = None
+    ) -> None:
         self.step = 0
         self.index, self.values, self.steps = index, values, steps
         parameter.register_hook(self._inject)

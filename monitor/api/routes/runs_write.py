@@ -13,21 +13,27 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.store.auth import Principal
 from numwatch.monitor.api.deps import get_session, require_writer
-from numwatch.monitor.errors import Refused
-from numwatch.monitor.ingest.batches import batch_target, register_run, store_batch
-from numwatch.monitor.reads.queries import find_run
-from numwatch.monitor.store.retention import mark_deleting
 from numwatch.monitor.api.openapi_body import json_request_body
 from numwatch.monitor.api.responses import AUTH_RESPONSES, error_responses
-from numwatch.monitor.ingest.storable import find_unstorable_text
+from numwatch.monitor.errors import Refused
+from numwatch.monitor.ingest.batches import batch_target, register_run, store_batch
 from numwatch.monitor.ingest.schemas import BatchDocument, IngestResult, RunDeleting, RunDocument, RunRegistered
+from numwatch.monitor.ingest.storable import find_unstorable_text
+from numwatch.monitor.reads.queries import find_run
+from numwatch.monitor.store.auth import Principal
+from numwatch.monitor.store.retention import mark_deleting
 
 router = APIRouter(prefix="/api/v1", tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)})
 Document = TypeVar("Document", bound=BaseModel)
 COMMIT_ATTEMPTS = 3  # replicas racing on one step: the loser retries and finds it stored
-ANNOTATED_KINDS: tuple[protocol.DetectorEventKind, ...] = ("nonfinite_grad", "nonfinite_loss", "loss_scale_backoff", "grad_explosion", "loss_scale_collapse")
+ANNOTATED_KINDS: tuple[protocol.DetectorEventKind, ...] = (
+    "nonfinite_grad",
+    "nonfinite_loss",
+    "loss_scale_backoff",
+    "grad_explosion",
+    "loss_scale_collapse",
+)
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -93,17 +99,33 @@ _RUN_DOCUMENT = json_request_body(RunDocument)
 _BATCH_DOCUMENT = json_request_body(BatchDocument)
 
 
-@router.post("/runs", response_model=RunRegistered, summary="Register a run (once per rank)", openapi_extra=_RUN_DOCUMENT,
-             responses=error_responses(403, 409))
-async def post_run(request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)) -> RunRegistered:
+@router.post(
+    "/runs",
+    response_model=RunRegistered,
+    summary="Register a run (once per rank)",
+    openapi_extra=_RUN_DOCUMENT,
+    responses=error_responses(403, 409),
+)
+async def post_run(
+    request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)
+) -> RunRegistered:
     document = await read_document(request, RunDocument)
     registered = await run_in_threadpool(_in_transaction, session, lambda s: register_run(s, document, principal))
-    return RunRegistered(run=registered.run.name, rank=document.rank, created=registered.created, renamed=registered.renamed)
+    return RunRegistered(
+        run=registered.run.name, rank=document.rank, created=registered.created, renamed=registered.renamed
+    )
 
 
-@router.post("/runs/{run}/batches", response_model=IngestResult, summary="Store a batch; answered after commit", openapi_extra=_BATCH_DOCUMENT,
-             responses=error_responses(404, 409))
-async def post_batch(run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)) -> IngestResult:
+@router.post(
+    "/runs/{run}/batches",
+    response_model=IngestResult,
+    summary="Store a batch; answered after commit",
+    openapi_extra=_BATCH_DOCUMENT,
+    responses=error_responses(404, 409),
+)
+async def post_batch(
+    run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)
+) -> IngestResult:
     state = request.app.state
     state.ingest_metrics.requests.inc()
     started = time.perf_counter()
@@ -132,10 +154,16 @@ async def post_batch(run: str, request: Request, principal: Principal = Depends(
     return stored.result
 
 
-
-@router.delete("/runs/{run}", response_model=RunDeleting, status_code=202, responses=error_responses(404),
-               summary="Delete a run: it disappears at once, its rows go in the background")
-async def delete_run(run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)) -> RunDeleting:
+@router.delete(
+    "/runs/{run}",
+    response_model=RunDeleting,
+    status_code=202,
+    responses=error_responses(404),
+    summary="Delete a run: it disappears at once, its rows go in the background",
+)
+async def delete_run(
+    run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)
+) -> RunDeleting:
     await run_in_threadpool(_in_transaction, session, lambda s: mark_deleting(find_run(s, run, principal)))
     request.app.state.reaper.wake()
     return RunDeleting(run=run)

@@ -32,7 +32,11 @@ CHILD_TABLES = ("steps", "histograms", "events", "rank_state", "conflicts")
 # Compressed here already. EXTENDED (the default) and EXTERNAL move a value out of line once the
 # row passes ~2 KB, which a 300-tensor step row does: its TOAST chunks and their index cost more
 # than the row. MAIN keeps it in the row (three to a page) unless it cannot fit.
-COMPRESSED_COLUMNS = {"steps": ("tensor_stats",), "histograms": ("exponent", "linear_min", "linear_max", "linear"), "rollups": ("data",)}
+COMPRESSED_COLUMNS = {
+    "steps": ("tensor_stats",),
+    "histograms": ("exponent", "linear_min", "linear_max", "linear"),
+    "rollups": ("data",),
+}
 
 
 def _raw_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, bytes]:
@@ -40,7 +44,7 @@ def _raw_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, bytes]
     out, offset = {}, 0
     for name in filter(None, stat_names.split(",")):
         size = np.dtype(protocol.TENSOR_STATS[name]).itemsize * n_tensors
-        out[name] = blob[offset:offset + size]
+        out[name] = blob[offset : offset + size]
         offset += size
     return out
 
@@ -51,20 +55,40 @@ def _key(table: sa.Table, names: tuple[str, ...]) -> sa.ColumnElement:
 
 def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_tensors: int) -> None:
     keys = ("run_id", "rank", "step")
-    change = steps.update().where(_key(steps, keys)).values(stat_names=bindparam("new_names"), tensor_stats=bindparam("new_blob"))
+    change = (
+        steps.update()
+        .where(_key(steps, keys))
+        .values(stat_names=bindparam("new_names"), tensor_stats=bindparam("new_blob"))
+    )
     last = -1
     while True:
-        rows = session.execute(
-            select(steps).where(steps.c.run_id == run_id, steps.c.rank == rank, steps.c.step > last).order_by(steps.c.step).limit(CHUNK)
-        ).mappings().all()
+        rows = (
+            session.execute(
+                select(steps)
+                .where(steps.c.run_id == run_id, steps.c.rank == rank, steps.c.step > last)
+                .order_by(steps.c.step)
+                .limit(CHUNK)
+            )
+            .mappings()
+            .all()
+        )
         if not rows:
             return
         changes, views = [], []
         for row in rows:
             stat_names, blob = pack_stats(_raw_stats(row["stat_names"], bytes(row["tensor_stats"]), n_tensors))
             changes.append({**{f"key_{name}": row[name] for name in keys}, "new_names": stat_names, "new_blob": blob})
-            scalars = {name: protocol.decode_float(row[name]) for name in rollups.STEP_SCALARS}  # SQLite holds NaN as 'NaN'
-            views.append({**row, **scalars, "skipped": bool(row["skipped"]), "tensors": unpack_stats(stat_names, blob, n_tensors)})
+            scalars = {
+                name: protocol.decode_float(row[name]) for name in rollups.STEP_SCALARS
+            }  # SQLite holds NaN as 'NaN'
+            views.append(
+                {
+                    **row,
+                    **scalars,
+                    "skipped": bool(row["skipped"]),
+                    "tensors": unpack_stats(stat_names, blob, n_tensors),
+                }
+            )
         session.execute(change, changes)
         rollups.record(session, run_id, rank, views, n_tensors, max(last, 0))
         last = rows[-1]["step"]
@@ -73,17 +97,29 @@ def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_
 def _convert_histograms(session: Session, histograms: sa.Table) -> None:
     keys = ("run_id", "rank", "step", "kind")
     arrays = ("exponent", "linear_min", "linear_max", "linear")
-    change = histograms.update().where(_key(histograms, keys)).values(**{name: bindparam(f"new_{name}") for name in arrays})
+    change = (
+        histograms.update().where(_key(histograms, keys)).values(**{name: bindparam(f"new_{name}") for name in arrays})
+    )
     order = [histograms.c[name] for name in keys]
     last: tuple = (-1, -1, -1, "")
     while True:
-        rows = session.execute(select(histograms).where(sa.tuple_(*order) > last).order_by(*order).limit(CHUNK)).mappings().all()
+        rows = (
+            session.execute(select(histograms).where(sa.tuple_(*order) > last).order_by(*order).limit(CHUNK))
+            .mappings()
+            .all()
+        )
         if not rows:
             return
-        session.execute(change, [
-            {**{f"key_{name}": row[name] for name in keys}, **{f"new_{name}": compress_histogram_array(name, bytes(row[name])) for name in arrays}}
-            for row in rows
-        ])
+        session.execute(
+            change,
+            [
+                {
+                    **{f"key_{name}": row[name] for name in keys},
+                    **{f"new_{name}": compress_histogram_array(name, bytes(row[name])) for name in arrays},
+                }
+                for row in rows
+            ],
+        )
         last = tuple(rows[-1][name] for name in keys)
 
 
@@ -122,4 +158,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise RuntimeError("0004_compact_store compresses the stored arrays in place and cannot be undone: to go back, restore a backup taken before the upgrade")
+    raise RuntimeError(
+        "0004_compact_store compresses the stored arrays in place and cannot be undone: to go back, restore a backup taken before the upgrade"
+    )

@@ -17,8 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.store import rollups
 from numwatch.monitor.store import blocks as step_blocks
+from numwatch.monitor.store import rollups
 from numwatch.monitor.store.packing import unpack_stats
 
 revision = "0008"
@@ -34,9 +34,13 @@ FLOATS = step_blocks.FLOAT_FIELDS
 def _step(row: sa.RowMapping, n_tensors: int) -> dict:
     """An old step row as the blocks take it (SQLite held NaN floats as the text 'NaN')."""
     return {
-        "step": row["step"], **{name: protocol.decode_float(row[name]) for name in FLOATS},
-        "scale_decision": row["scale_decision"], "skipped": bool(row["skipped"]), "clipped": bool(row["clipped"]),
-        "lr": row["lr"] or [], "scalars": row["scalars"] or {},
+        "step": row["step"],
+        **{name: protocol.decode_float(row[name]) for name in FLOATS},
+        "scale_decision": row["scale_decision"],
+        "skipped": bool(row["skipped"]),
+        "clipped": bool(row["clipped"]),
+        "lr": row["lr"] or [],
+        "scalars": row["scalars"] or {},
         "tensors": unpack_stats(row["stat_names"], bytes(row["tensor_stats"]), n_tensors),
         **{name: None if row[name] is None else bytes(row[name]) for name in step_blocks.ACTIVATION_ARRAYS},
     }
@@ -52,10 +56,14 @@ def _convert(session: Session, steps: sa.Table, blocks: sa.Table, run_id: int, r
         if not rows:
             return
         converted = [_step(row, n_tensors) for row in rows]
-        session.execute(blocks.insert(), [
-            {"run_id": run_id, "rank": rank, **block}
-            for start in range(0, len(converted), BLOCK) for block in step_blocks.blocks_of(converted[start:start + BLOCK])
-        ])
+        session.execute(
+            blocks.insert(),
+            [
+                {"run_id": run_id, "rank": rank, **block}
+                for start in range(0, len(converted), BLOCK)
+                for block in step_blocks.blocks_of(converted[start : start + BLOCK])
+            ],
+        )
         rollups.record(session, run_id, rank, converted, n_tensors, max(last or 0, 0))
         last = rows[-1]["step"]
 
@@ -87,7 +95,9 @@ def upgrade() -> None:
     session = Session(bind=bind)
     session.execute(sa.text("DELETE FROM rollups"))
     tensors = {row.id: row.tensors for row in session.execute(select(runs.c.id, runs.c.tensors))}
-    for run_id, rank in session.execute(select(steps.c.run_id, steps.c.rank).distinct().order_by(steps.c.run_id, steps.c.rank)).all():
+    for run_id, rank in session.execute(
+        select(steps.c.run_id, steps.c.rank).distinct().order_by(steps.c.run_id, steps.c.rank)
+    ).all():
         if run_id in tensors:  # rows of a run deleted by hand are left behind
             _convert(session, steps, blocks, run_id, rank, len(tensors[run_id]))
     session.flush()
@@ -95,4 +105,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise RuntimeError("0008_step_blocks moves every step into blocks and cannot be undone: to go back, restore a backup taken before the upgrade")
+    raise RuntimeError(
+        "0008_step_blocks moves every step into blocks and cannot be undone: to go back, restore a backup taken before the upgrade"
+    )
