@@ -1,10 +1,11 @@
-"""The numwatch wire protocol, version 3: written down once, imported by both sides.
+"""The numwatch wire protocol, version 4: written down once, imported by both sides.
 
 Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``); version 3
 the forward-pass statistics of sampled steps (``attention_logit_max``, ``output_logits``),
 what clipping did (``clip_coef``, ``post_clip_grad_norm``, ``clipped``) and the run identity
-(``instance``, ``resume``). The collector still accepts older documents (old clients, old
-spools), which cannot carry them.
+(``instance``, ``resume``); version 4 each rank's local health before the gradient reduction
+(``local``). The collector still accepts older documents (old clients, old spools), which
+cannot carry them.
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
@@ -45,7 +46,23 @@ that name (``RunRegistered.run``, ``renamed``).
      "activations": {"absmax": array, "nonfinite": array} | null,
      # forwards of sampled steps (``attention_every``), version 3:
      "attention_logit_max": {str: float} | null,  # per attention call (calling module), forward order
-     "output_logits": {"log_z_mean": float, "log_z_max": float, "absmax": float} | null}
+     "output_logits": {"log_z_mean": float, "log_z_max": float, "absmax": float} | null,
+     # this rank's own health (version 4; null from single processes and older clients):
+     "local": local | null}
+
+``local`` (one rank's gradient before the data-parallel reduction, summed over its micro-batches)::
+
+    {"grad_norm": float,              # L2 norm of the rank's local gradient
+     "nonfinite": int,                # its NaN/Inf elements
+     "compute_time": float | null,    # seconds from the step's first forward to the local gradient being ready
+     "nonfinite_tensors": [str] | null,   # non-finite and sampled steps: tensors whose local gradient is not finite
+     "checksum": int | null,          # sampled steps: sum of the replicated weights' bit patterns (int64, wrapping)
+     "replicated_by": int | null}     # the rank that measured and sent the replicated (post-reduction)
+                                      # statistics of this step; null: this rank's ``tensors`` hold them
+
+A rank with ``replicated_by`` set sends no post-reduction statistics (``tensors`` holds only
+what is this rank's own, e.g. sharded optimizer state; ``global_grad_norm`` is null): after
+the reduction they are the same on every rank of its data-parallel group, and one rank sends them.
 
 ``histogram`` (sampled steps)::
 
@@ -80,7 +97,7 @@ from typing import Any, Literal, TypedDict, get_args
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
-ProtocolVersion = Literal[1, 2, 3]
+ProtocolVersion = Literal[1, 2, 3, 4]
 PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[-1]
 
 # Target formats the format counts are taken against (names on the wire).
@@ -228,6 +245,19 @@ OutputLogitStat = Literal["log_z_mean", "log_z_max", "absmax"]
 OUTPUT_LOGIT_STATS: tuple[OutputLogitStat, ...] = get_args(OutputLogitStat)
 # The first protocol version with the forward-pass fields of a step.
 FORWARD_STATS_VERSION = 3
+# The first protocol version with each rank's local health (``local``).
+LOCAL_HEALTH_VERSION = 4
+# At most this many non-finite local tensors are named per step.
+MAX_NONFINITE_TENSORS = 32
+
+
+class LocalHealth(TypedDict):
+    grad_norm: WireFloat
+    nonfinite: int
+    compute_time: WireFloat
+    nonfinite_tensors: list[str] | None
+    checksum: int | None
+    replicated_by: int | None
 
 
 class StepDocument(TypedDict):
@@ -250,6 +280,7 @@ class StepDocument(TypedDict):
     activations: Activations | None
     attention_logit_max: dict[str, WireFloat] | None
     output_logits: dict[OutputLogitStat, WireFloat] | None
+    local: LocalHealth | None
 
 
 class HistogramDocument(TypedDict):
@@ -368,6 +399,7 @@ def step_document(
     activations: Activations | None = None,
     attention_logit_max: dict[str, float] | None = None,
     output_logits: dict[OutputLogitStat, float] | None = None,
+    local: LocalHealth | None = None,
 ) -> StepDocument:
     """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
     return {
@@ -394,6 +426,27 @@ def step_document(
         "output_logits": None
         if output_logits is None
         else {name: encode_float(v) for name, v in output_logits.items()},
+        "local": local,
+    }
+
+
+def local_health(
+    grad_norm: float,
+    nonfinite: int,
+    *,
+    compute_time: float | None = None,
+    nonfinite_tensors: Sequence[str] | None = None,
+    checksum: int | None = None,
+    replicated_by: int | None = None,
+) -> LocalHealth:
+    """A step's ``local`` part from plain values (floats encoded here, at most ``MAX_NONFINITE_TENSORS`` named)."""
+    return {
+        "grad_norm": encode_float(grad_norm),
+        "nonfinite": int(nonfinite),
+        "compute_time": encode_float(compute_time),
+        "nonfinite_tensors": None if nonfinite_tensors is None else list(nonfinite_tensors)[:MAX_NONFINITE_TENSORS],
+        "checksum": checksum,
+        "replicated_by": replicated_by,
     }
 
 

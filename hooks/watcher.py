@@ -51,6 +51,7 @@ from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
 from numwatch.capture.clipping import ClipObserver
 from numwatch.capture.forward_probe import ForwardProbe
+from numwatch.capture.local_grads import LocalGradProbe, is_ddp
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.delivery.spool import default_spool_root, spool_directory
@@ -182,6 +183,13 @@ class Watcher:
             else None
         )
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
+        # ranks: each rank's gradient before DDP's reduction (numwatch.capture.local_grads)
+        self._local = (
+            LocalGradProbe(model, lambda: self.watched.cadence.sampled(self.steps + 1), self.guarded)
+            if is_ddp(model) and self.world_size > 1
+            else None
+        )
+        self._replicated_by: int | None = None
 
         self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
         self.monitoring_errors = 0
@@ -410,6 +418,9 @@ class Watcher:
             self.measurement = None
         module_parts = self.tracer.take_step(self.device) if self.tracer is not None else None
         forward_parts = self.probe.take_step() if self.probe is not None else None
+        local = self._local.take() if self._local is not None else None  # ranks
+        if local is not None:
+            measurement.parts.update(local.parts)
         if measurement.reading is None:
             return  # the step failed (counted in monitoring_errors): nothing to record
         self._count_nonfinite_if_due(measurement, skip_known)
@@ -420,6 +431,7 @@ class Watcher:
             module_parts=module_parts,
             forward_parts=forward_parts,
         )
+        record.local, record.replicated_by = (local.meta if local is not None else None), self._replicated_by  # ranks
         self._last_step_clock = now
         self.seal_ended_step()
         previous, self._unchecked = self._unchecked, None
@@ -543,7 +555,8 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer, self.probe):
+        hooks = (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer, self.probe)
+        for hook in (*hooks, self._local):
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)

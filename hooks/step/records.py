@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from numwatch import protocol
+from numwatch.capture.local_grads import LOCAL_CHECKSUM, LOCAL_NONFINITE, LOCAL_NORMS, LocalMeta
 from numwatch.delivery.transport import StepDocuments
 from numwatch.step.hostcopy import DeviceStack, HostStack
 
@@ -50,6 +51,8 @@ _ROWS: dict[str, tuple[str, ...]] = {
     QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
+# What a rank whose data-parallel group has another rank measure the post-reduction statistics leaves out.
+_REPLICATED = (GRAD, NONFINITE, FORMAT, UPDATE, WEIGHT, QUANT)
 
 
 def histogram_part(kind: str, field_name: str) -> str:
@@ -76,6 +79,8 @@ class StepRecord:
     events: list[dict[str, Any]] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
+    local: LocalMeta | None = None  # this rank's gradient before the reduction (LOCAL_* parts in ``host``)
+    replicated_by: int | None = None  # the rank sending the replicated statistics, when not this one
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     _late_parts: dict[str, torch.Tensor] = field(default_factory=dict)
     _logged_late: bool = False
@@ -173,6 +178,8 @@ class StepRecord:
         stats: dict[str, str] = {}
         for part, names in _ROWS.items():
             stack = next((stack for stack in self._stacks() if part in stack), None)
+            if self.replicated_by is not None and part in _REPLICATED:
+                continue
             if stack is None or (part == UPDATE and skipped):
                 continue  # an update measured across a skipped step says nothing
             rows = self._spread(stack.get(part), part)
@@ -181,6 +188,26 @@ class StepRecord:
         if EXP_AVG_SQ in self.host:
             stats[EXP_AVG_SQ] = protocol.pack_bytes(self.host.get(EXP_AVG_SQ, "<f4").tobytes())
         return stats
+
+    def local_health(self) -> protocol.LocalHealth | None:
+        """This rank's gradient before the reduction, when the step had a synchronising backward."""
+        if self.local is None or LOCAL_NORMS not in self.host:
+            return None
+        norms = self.host.get(LOCAL_NORMS)
+        nonfinite = int(self.host.get(LOCAL_NONFINITE))
+        with np.errstate(over="ignore", invalid="ignore"):
+            grad_norm = float(np.sqrt(np.sum(norms * norms)))
+        named = None
+        if nonfinite or self.local.sampled or not math.isfinite(grad_norm):
+            named = [name for name, norm in zip(self.local.names, norms, strict=True) if not math.isfinite(norm)]
+        return protocol.local_health(
+            grad_norm,
+            nonfinite,
+            compute_time=self.local.compute_time(),
+            nonfinite_tensors=named,
+            checksum=int(self.host.get(LOCAL_CHECKSUM)) if LOCAL_CHECKSUM in self.host else None,
+            replicated_by=self.replicated_by,
+        )
 
     def global_grad_norm(self) -> float:
         """sqrt(sum of squared per-tensor norms), in float64: what clip_grad_norm_ sees."""
@@ -247,6 +274,7 @@ class StepRecord:
                 if name.startswith(SCALAR_PREFIX):
                     scalars[name[len(SCALAR_PREFIX) :]] = stack.scalar(name)
         scaled = LOSS_SCALE in self.host
+        replicated_elsewhere = self.replicated_by is not None
         return protocol.step_document(
             self.step_number,
             time=self.time,
@@ -256,21 +284,22 @@ class StepRecord:
             new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
             skipped=skipped,
             lr=self.lr,
-            global_grad_norm=self.global_grad_norm(),
-            headroom_bits=self.headroom_bits(),
-            clip_coef=self.clip_coef(),
-            post_clip_grad_norm=self.post_clip_grad_norm(),
+            global_grad_norm=None if replicated_elsewhere else self.global_grad_norm(),
+            headroom_bits=None if replicated_elsewhere else self.headroom_bits(),
+            clip_coef=None if replicated_elsewhere else self.clip_coef(),
+            post_clip_grad_norm=None if replicated_elsewhere else self.post_clip_grad_norm(),
             scalars=scalars,
             tensors=self._tensor_stats(skipped),
             activations=self._activations(),
             attention_logit_max=self.attention_logit_max(),
             output_logits=self._output_logits(),
+            local=self.local_health(),
         )
 
     def _histograms(self) -> list[protocol.HistogramDocument]:
         documents = []
         for kind in protocol.HISTOGRAM_KINDS:
-            if histogram_part(kind, "exponent") not in self.host:
+            if histogram_part(kind, "exponent") not in self.host or self.replicated_by is not None:
                 continue
             spread = kind == "grad" and self.present is not None
             fields: dict[str, str] = {}

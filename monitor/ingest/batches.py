@@ -197,6 +197,11 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                         422,
                         f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}",
                     )
+        if step.local is not None and document.protocol < protocol.LOCAL_HEALTH_VERSION:
+            raise IngestError(
+                422,
+                f"steps[{i}].local: needs protocol {protocol.LOCAL_HEALTH_VERSION}, the batch says {document.protocol}",
+            )
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
                 raise IngestError(

@@ -145,6 +145,20 @@ class OutputLogits(Strict):
 
 
 AttentionCall = Annotated[str, Field(min_length=1, max_length=1000)]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class LocalHealth(Strict):
+    """One rank's gradient before the data-parallel reduction (protocol 4)."""
+
+    grad_norm: FiniteOrNonFinite
+    nonfinite: int = Field(ge=0, le=2**62)
+    compute_time: ProtocolFloat = None
+    nonfinite_tensors: list[Annotated[str, Field(max_length=1000)]] | None = Field(
+        default=None, max_length=protocol.MAX_NONFINITE_TENSORS
+    )
+    checksum: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
+    replicated_by: int | None = Field(default=None, ge=0, le=MAX_RANK)
 
 
 class StepDocument(Strict):
@@ -167,6 +181,7 @@ class StepDocument(Strict):
     activations: Activations | None = None
     attention_logit_max: dict[AttentionCall, FiniteOrNonFinite] | None = Field(default=None, max_length=10_000)
     output_logits: OutputLogits | None = None
+    local: LocalHealth | None = None
 
     @field_validator("tensors")
     @classmethod

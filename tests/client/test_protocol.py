@@ -17,6 +17,7 @@ PAIRS = [
     (protocol.BatchDocument, schemas.BatchDocument),
     (protocol.StepDocument, schemas.StepDocument),
     (protocol.Activations, schemas.Activations),
+    (protocol.LocalHealth, schemas.LocalHealth),
     (protocol.HistogramDocument, schemas.HistogramDocument),
     (protocol.EventDocument, schemas.EventDocument),
 ]
@@ -33,8 +34,8 @@ def test_every_wire_field_is_validated_by_the_collector(wire, model):
         (schemas.RunDocument, "format", protocol.FORMATS),
         (schemas.HistogramDocument, "kind", protocol.HISTOGRAM_KINDS),
         (schemas.BatchDocument, "status", get_args(protocol.RunStatus)),
-        (schemas.RunDocument, "protocol", (1, 2, 3)),  # older documents (old clients, old spools) stay readable
-        (schemas.BatchDocument, "protocol", (1, 2, 3)),
+        (schemas.RunDocument, "protocol", (1, 2, 3, 4)),  # older documents (old clients, old spools) stay readable
+        (schemas.BatchDocument, "protocol", (1, 2, 3, 4)),
     ],
 )
 def test_collector_accepts_exactly_the_protocol_values(model, field, values):

@@ -1,0 +1,241 @@
+"""Each rank's own gradient before DDP's reduction: its norm, NaN/Inf and the rank's compute time.
+
+After the all-reduce every rank holds the same gradient, so one rank's NaN is every rank's
+NaN and a slow rank looks like every other. Before it, the gradient is the rank's own: the
+sum over the micro-batches it accumulated (under ``no_sync``) of its own data's gradients,
+which is what DDP hands to the reduction. Two ways to see it:
+
+* A communication hook (the default): DDP passes each bucket of local gradients, flattened,
+  to one hook. The probe's hook measures the bucket and then runs the hook DDP would have
+  run: a hook the user registers later (``register_comm_hook`` on the DDP module is wrapped,
+  so fp16/bf16 compression, PowerSGD... still apply, unchanged), else DDP's own mean
+  all-reduce. A few kernels per bucket, one Python call per bucket.
+* Tensor hooks on the parameters, when a hook was registered before ``watch()``: DDP takes
+  one hook and keeps it, so it cannot be wrapped. Each parameter's hook sees its gradient
+  before it is accumulated and adds what was accumulated so far: the same local gradient,
+  at one Python call and a few kernels per parameter (slower; documented).
+
+Measured per bucket (or parameter), on the device, without host syncs: each tensor's L2
+norm (``_foreach_norm``, as ``clip_grad_norm_``), the count of NaN/Inf elements, and on
+sampled steps the bit-pattern sum of the weights (:mod:`numwatch.kernels.replica`), which
+must be equal on every rank. The compute time runs from the step's first forward of the
+wrapped module (after DDP's own pre-forward collectives) to the last bucket being handed
+to the reduction, before any wait on it: host time on CPU, CUDA events on GPUs (read with
+the step's host copy, a step later). Only backwards that synchronise count; under gradient
+accumulation without ``no_sync`` every backward synchronises and the last one's gradient
+(the accumulated reduced gradient plus the last micro-batch's) is the step's.
+
+Limits: DDP's python reducer and compiled DDP (which call hooks per parameter, not per
+bucket) are not probed; a ``Join`` context's changed divisor is not followed by the default
+all-reduce; a builtin C++ hook registered after ``watch()`` is refused (use its Python twin).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from numwatch.kernels.replica import bit_sum
+
+# Part names in the step's device stack.
+LOCAL_NORMS = "local:norms"  # float32 [t]: each local gradient's L2 norm, tensors in LocalMeta.names order
+LOCAL_NONFINITE = "local:nonfinite"  # int64: NaN/Inf elements of the local gradient
+LOCAL_CHECKSUM = "local:checksum"  # int64: bit-pattern sum of the replicated weights (sampled steps)
+
+Future = torch.futures.Future[torch.Tensor]
+CommHook = Callable[[Any, Any], Future]
+Guard = Callable[[str, Callable[..., Any]], Callable[..., Any]]
+
+
+@dataclass
+class LocalMeta:
+    """The host side of one step's local health."""
+
+    names: list[str]  # tensors of the LOCAL_NORMS entries
+    sampled: bool
+    seconds: float | None = None  # compute time measured on the host (CPU)
+    events: tuple[Any, Any] | None = None  # (start, end) CUDA events
+
+    def compute_time(self) -> float | None:
+        """Seconds of forward + backward before the reduction (None when not measured)."""
+        if self.events is not None:
+            start, end = self.events
+            return start.elapsed_time(end) / 1000.0 if end.query() else None
+        return self.seconds
+
+
+@dataclass
+class LocalStep:
+    parts: dict[str, torch.Tensor]
+    meta: LocalMeta
+
+
+@dataclass
+class _Backward:
+    """What the buckets (or parameters) of the synchronising backward under way handed over."""
+
+    norms: list[torch.Tensor] = field(default_factory=list)
+    counts: list[torch.Tensor] = field(default_factory=list)
+    sums: list[torch.Tensor] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    end: Any = None
+
+
+def is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+def _strip(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+class LocalGradProbe:
+    """Per-step local health of a DDP-wrapped model (see the module docstring)."""
+
+    def __init__(self, ddp: nn.parallel.DistributedDataParallel, sampled: Callable[[], bool], guard: Guard) -> None:
+        self.ddp = ddp
+        self._sampled = sampled
+        self._names = {id(p): _strip(name) for name, p in ddp.module.named_parameters()}
+        self._cuda = next(ddp.module.parameters()).device.type == "cuda"
+        self._start: Any = None
+        self._backward: _Backward | None = None
+        self._fresh = True  # a forward ran since the last bucket: the next bucket starts a backward
+        self._syncing = False  # the last forward prepared a synchronising backward (tensor-hook mode)
+        self._sampling = False
+        self._inner: tuple[CommHook, Any] | None = None
+        self._removed = False
+        self._measure = guard("local gradient probe", self._measure_tensors)
+        self._handles = [
+            ddp.register_forward_pre_hook(guard("local gradient probe", self._before_ddp_forward)),
+            ddp.module.register_forward_pre_hook(guard("local gradient probe", self._before_forward)),
+        ]
+        self.mode = "comm_hook"
+        try:
+            dist._register_comm_hook(ddp.reducer, None, self._comm_hook)  # type: ignore[attr-defined]
+        except RuntimeError:
+            # A hook is registered already (DDP keeps the first): read each parameter's gradient instead.
+            self.mode = "tensor_hooks"
+            self._handles += [
+                p.register_hook(functools.partial(self._tensor_hook, p))
+                for p in ddp.module.parameters()
+                if p.requires_grad
+            ]
+        else:
+            ddp._comm_hooks.append((self._comm_hook, None))
+            ddp.register_comm_hook = self._register_user_hook  # type: ignore[method-assign]
+            ddp._register_builtin_comm_hook = self._refuse_builtin_hook  # type: ignore[method-assign]
+
+    # -- DDP's side ----------------------------------------------------------------------
+
+    def _register_user_hook(self, state: object, hook: CommHook) -> None:
+        """``ddp.register_comm_hook`` after watch(): the user's hook runs inside the probe's."""
+        self.ddp._check_comm_hook(hook)  # type: ignore[no-untyped-call]
+        if self._inner is not None:
+            raise RuntimeError("register_comm_hook can only be called once (numwatch wraps the one registered)")
+        self._inner = (hook, state)
+
+    def _refuse_builtin_hook(self, comm_hook_type: Any) -> None:
+        raise RuntimeError(
+            "numwatch: a builtin DDP communication hook cannot be registered after numwatch.watch(); register "
+            "its Python equivalent (torch.distributed.algorithms.ddp_comm_hooks.default_hooks) or register it first"
+        )
+
+    def _comm_hook(self, state: object, bucket: Any) -> Future:
+        if not self._removed:
+            self._measure(bucket.gradients(), bucket.parameters(), bucket.is_last(), bucket.buffer())
+        if self._inner is not None:
+            hook, inner_state = self._inner
+            result: Future = hook(inner_state, bucket)
+            return result
+        return self._mean_all_reduce(bucket)
+
+    def _mean_all_reduce(self, bucket: Any) -> Future:
+        """What DDP does without a hook: divide by the group's size as it would, then sum across the group."""
+        buffer = bucket.buffer()
+        group = self.ddp.process_group
+        size = dist.get_world_size(group)
+        if self.ddp.gradient_as_bucket_view:
+            buffer.div_(size)
+        else:
+            buffer.mul_(1.0 / size)
+        work = dist.all_reduce(buffer, group=group, async_op=True)
+        assert work is not None
+        reduced: Future = work.get_future().then(lambda fut: fut.value()[0])
+        return reduced
+
+    def _tensor_hook(self, parameter: torch.Tensor, grad: torch.Tensor) -> None:
+        if self._syncing and not self._removed:
+            local = grad if parameter.grad is None else parameter.grad + grad
+            self._measure([local], [parameter], True, local)
+
+    # -- measuring ---------------------------------------------------------------------------
+
+    def _before_ddp_forward(self, module: nn.Module, args: Any) -> None:
+        self._fresh = True
+        self._syncing = torch.is_grad_enabled() and bool(self.ddp.require_backward_grad_sync)
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if self._start is None and torch.is_grad_enabled():
+            self._start = self._now()
+
+    def _now(self) -> Any:
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _measure_tensors(
+        self, grads: list[torch.Tensor], parameters: list[torch.Tensor], last: bool, flat: torch.Tensor
+    ) -> None:
+        """Measure local gradients ``grads`` (of ``parameters``; ``flat``: all their elements, one tensor)."""
+        if self._fresh:
+            self._fresh = False
+            self._backward = _Backward()
+            self._sampling = bool(self._sampled())
+        backward = self._backward
+        assert backward is not None
+        with torch.no_grad():
+            norms = torch._foreach_norm(grads)
+            backward.norms.append(torch.stack(norms).float() if len(norms) > 1 else norms[0].float().reshape(1))
+            backward.counts.append(flat.numel() - torch.isfinite(flat).sum())
+            if self._sampling:
+                backward.sums.append(bit_sum(parameters))
+        backward.names += [self._names.get(id(p), "?") for p in parameters]
+        if last:
+            backward.end = self._now()
+
+    def take(self) -> LocalStep | None:
+        """The step's local health (device parts and host meta), or None without a synchronising backward."""
+        backward, self._backward = self._backward, None
+        start, self._start = self._start, None
+        self._fresh = True
+        if backward is None or not backward.norms:
+            return None
+        parts = {
+            LOCAL_NORMS: torch.cat(backward.norms),
+            LOCAL_NONFINITE: torch.stack(backward.counts).sum(),
+        }
+        if backward.sums:
+            parts[LOCAL_CHECKSUM] = torch.stack(backward.sums).sum()
+        meta = LocalMeta(backward.names, self._sampling)
+        if start is not None and backward.end is not None:
+            if self._cuda:
+                meta.events = (start, backward.end)
+            else:
+                meta.seconds = backward.end - start
+        return LocalStep(parts, meta)
+
+    def remove(self) -> None:
+        """Stop measuring. A registered communication hook stays (DDP cannot drop it) and only forwards."""
+        self._removed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
