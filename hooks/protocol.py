@@ -200,6 +200,11 @@ DetectorEventKind = Literal[
     "grad_norm_spike",
     "attention_logit_growth",
     "log_z_drift",
+    # across ranks (numwatch.monitor.detectors.ranks)
+    "rank_nonfinite",
+    "rank_outlier",
+    "straggler",
+    "replica_divergence",
 ]
 EventKind = Literal[ClientEventKind, DetectorEventKind]
 

@@ -66,6 +66,25 @@ class DetectorConfig(BaseModel):
     # between likely tokens.
     log_z_low: float = Field(-32.0, description="mean output log Z below this is log-Z drift")
     log_z_high: float = Field(32.0, description="mean output log Z above this is log-Z drift")
+    # Across the ranks of a job (numwatch.monitor.detectors.ranks).
+    rank_wait_steps: int = Field(
+        16,
+        ge=0,
+        description="a step is judged across ranks once every rank sent it, or once more than half the ranks are this many steps past it (the missing ranks are named)",
+    )
+    rank_outlier_threshold: float = Field(
+        8.0,
+        gt=0,
+        description="a rank whose local grad norm (log) or loss is more than this many robust sigmas (MAD) from the ranks' median is an outlier",
+    )
+    rank_outlier_min_ranks: int = Field(4, ge=3, description="ranks needed before outliers among them are judged")
+    straggler_factor: float = Field(
+        1.2, gt=1, description="a rank whose compute time is above this many times the ranks' median is slow"
+    )
+    straggler_steps: int = Field(5, ge=1, description="slow for this many consecutive steps is a straggler")
+    straggler_min_excess: float = Field(
+        0.005, ge=0, description="seconds a slow rank's compute time must also exceed the median by (timer noise)"
+    )
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:

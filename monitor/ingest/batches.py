@@ -25,6 +25,7 @@ from numwatch import protocol
 from numwatch.monitor.detectors import forward_events, spikes
 from numwatch.monitor.detectors import rules as detectors
 from numwatch.monitor.errors import IngestError, NotFound
+from numwatch.monitor.ingest import cross_rank
 from numwatch.monitor.ingest.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
 from numwatch.monitor.reads import forward
 from numwatch.monitor.reads.queries import find_run
@@ -257,6 +258,21 @@ def _step_row(step: Any, raw: dict[str, bytes]) -> dict[str, Any]:
             if name in protocol.TENSOR_STATS
         },
         **{name: raw.get(name) for name in step_blocks.ACTIVATION_ARRAYS},
+        **_local_fields(step.local),
+    }
+
+
+def _local_fields(local: Any) -> dict[str, Any]:
+    """A step's ``local`` part as the step row's fields (all None without one)."""
+    if local is None:
+        return dict.fromkeys(step_blocks.LOCAL_FIELDS)
+    return {
+        "local_grad_norm": local.grad_norm,
+        "local_nonfinite": local.nonfinite,
+        "compute_time": local.compute_time,
+        "nonfinite_tensors": local.nonfinite_tensors,
+        "checksum": local.checksum,
+        "replicated_by": local.replicated_by,
     }
 
 
@@ -463,6 +479,8 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         views = new_rows
         history = reader.last(new_rows[0]["step"], config.window)
         step_blocks.store(session, run.id, rank, new_rows)
+        if run.world_size > 1:
+            cross_rank.inbox(session, run.id, rank, new_rows)
         new_events += detectors.detect(
             history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel
         )
@@ -541,6 +559,8 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         ]
         rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
     _count_events(state, stored_events)
+    if run.world_size > 1:
+        stored_events += cross_rank.judge(session, run, config, wait=document.status != "running")
     run.last_seen_at = utcnow()
     if document.status != "running" or run.status != "running":
         run.status = document.status

@@ -20,7 +20,7 @@ from numwatch.monitor.store import blocks as step_blocks
 from numwatch.monitor.store.auth import Principal
 from numwatch.monitor.store.models import DELETING, Event, Histogram, RankState, Run
 from numwatch.monitor.store.packing import decompress_histogram_array
-from numwatch.monitor.store.rollups import CLIP_SCALARS, SCALAR_SERIES, STEP_SCALARS
+from numwatch.monitor.store.rollups import CLIP_SCALARS, LOCAL_SERIES, SCALAR_SERIES, STEP_SCALARS
 
 
 def run_status(run: Run, states: Sequence[RankState], stale_after: float, now: float | None = None) -> str:
@@ -115,7 +115,7 @@ def series(
 ) -> dict[str, list]:
     """``{"steps", "values"}`` of a per-step scalar or a per-tensor stat: every point when at most ``max_points``,
     else per bucket of steps its minimum, maximum and first NaN (at most ``max_points`` points)."""
-    _check_series(metric, (*SCALAR_SERIES, *protocol.TENSOR_STATS), "metric")
+    _check_series(metric, (*SCALAR_SERIES, *LOCAL_SERIES, *protocol.TENSOR_STATS), "metric")
     index = _tensor_index(run, tensor) if metric in protocol.TENSOR_STATS else None
     rows, summaries = read_window(
         session, run.id, rank, metric, start, end, max_points, max(1, max_points // 3), len(run.tensors), index
@@ -124,6 +124,20 @@ def series(
         point for _, summary in summaries for point in summary_points(summary)
     ]
     return {"steps": [step for step, _ in points], "values": [protocol.encode_float(value) for _, value in points]}
+
+
+def _local_record(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The rank's own health at a step (its gradient before the reduction), as the protocol writes it."""
+    if row["local_grad_norm"] is None:
+        return None
+    return {
+        "grad_norm": protocol.encode_float(row["local_grad_norm"]),
+        "nonfinite": row["local_nonfinite"],
+        "compute_time": protocol.encode_float(row["compute_time"]),
+        "nonfinite_tensors": row["nonfinite_tensors"],
+        "checksum": None if row["checksum"] is None else str(row["checksum"]),
+        "replicated_by": row["replicated_by"],
+    }
 
 
 def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str, Any]:
@@ -155,6 +169,7 @@ def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str,
         "lr": row["lr"],
         "scalars": row["scalars"],
         **record,
+        "local": _local_record(row),
         "tensors": tensors,
         "events": [event_record(event) for event in events],
     }

@@ -56,6 +56,10 @@ FLOAT_FIELDS = (
     "post_clip_grad_norm",
 )
 OTHER_FIELDS = ("scale_decision", "skipped", "clipped", "lr", "scalars")
+# A rank's own health before the gradient reduction (protocol 4 ``step.local``), kept when present.
+LOCAL_FLOATS = ("local_grad_norm", "compute_time")
+LOCAL_OTHERS = ("local_nonfinite", "nonfinite_tensors", "checksum", "replicated_by")
+LOCAL_FIELDS = (*LOCAL_FLOATS, *LOCAL_OTHERS)
 # Array names besides the per-tensor stats: the traced modules' activations (one value per module).
 ACTIVATION_ARRAYS = {f"activation_{name}": dtype for name, dtype in protocol.ACTIVATION_STATS.items()}
 ARRAY_DTYPES: dict[str, str] = {**protocol.TENSOR_STATS, **ACTIVATION_ARRAYS}
@@ -96,6 +100,9 @@ def encode(steps: list[dict[str, Any]]) -> dict[str, Any]:
         for key in OTHER_FIELDS:
             if step.get(key):
                 entry[key] = step[key]
+        for key in LOCAL_FIELDS:
+            if step.get(key) is not None:
+                entry[key] = protocol.encode_float(step[key]) if key in LOCAL_FLOATS else step[key]
         marks = []
         for name in ARRAY_DTYPES:
             raw = _raw(step, name)
@@ -160,6 +167,8 @@ def decode(
             scalars=entry.get("scalars", {}),
             tensors={},
         )
+        step.update({key: entry.get(key) for key in LOCAL_OTHERS})
+        step.update({key: protocol.decode_float(entry.get(key)) for key in LOCAL_FLOATS})
         step["marks"] = [mark for mark in entry["stats"].split(",") if mark]
         step["stats"] = [mark.removesuffix(ZERO_SUFFIX) for mark in step["marks"]]
         steps.append(step)

@@ -252,6 +252,34 @@ class RankState(Base):
     spike_state: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+class RankInbox(Base):
+    """One rank's health at one step, kept until the step is judged across ranks (``numwatch.monitor.detectors.ranks``)."""
+
+    __tablename__ = "rank_inbox"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[float] = mapped_column(Float(precision=53))
+    loss: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    local_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    local_nonfinite: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    compute_time: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    checksum: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    nonfinite_tensors: Mapped[list | None] = mapped_column(JSON, nullable=True)
+
+
+class RankJudge(Base):
+    """A multi-rank run's cross-rank judging: the steps judged so far and the detectors' state between steps."""
+
+    __tablename__ = "rank_judge"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    judged_through: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[dict] = mapped_column(JSON, default=dict)
+    events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> {rank: count}
+
+
 class Conflict(Base):
     """A step received again with different content: the first stored version wins, this records the loser."""
 

@@ -27,6 +27,8 @@ from numwatch.monitor.store.models import (
     Event,
     ForwardStats,
     Histogram,
+    RankInbox,
+    RankJudge,
     RankState,
     Rollup,
     Run,
@@ -42,7 +44,19 @@ FIRST_CHUNK_ROWS = 50  # a step block holds up to 256 steps
 FIRST_VACUUM_PAGES = 1_000
 MAX_CHUNK_SIZE = 20_000  # rows or pages
 CHILD_TABLES: tuple[Table, ...] = tuple(
-    model.__table__ for model in (StepBlock, Histogram, Rollup, ForwardStats, Event, Conflict, RunInstance, RankState)
+    model.__table__
+    for model in (
+        StepBlock,
+        Histogram,
+        Rollup,
+        ForwardStats,
+        Event,
+        Conflict,
+        RunInstance,
+        RankInbox,
+        RankJudge,
+        RankState,
+    )
 )
 
 
@@ -61,6 +75,8 @@ def runs_to_delete(session: Session, older_than: timedelta, project: str | None 
 
 def _delete_chunk(session: Session, table: Table, run_id: int, limit: int) -> int:
     keys = [column for column in table.primary_key.columns if column.name != "run_id"]
+    if not keys:  # one row per run
+        return session.execute(delete(table).where(table.c.run_id == run_id)).rowcount
     chosen = select(*keys).where(table.c.run_id == run_id).limit(limit)
     key = keys[0] if len(keys) == 1 else tuple_(*keys)
     return session.execute(delete(table).where(table.c.run_id == run_id, key.in_(chosen))).rowcount

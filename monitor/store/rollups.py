@@ -37,8 +37,12 @@ SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS, *CLIP_SCALARS)
 # row to merge per level and batch instead of one per series. The scalars in SCALAR_SERIES order;
 # NaN/Inf counts; the format counts. Every other per-tensor stat has rows of its own.
 SCALARS = "scalars"
+# A rank's own health before the gradient reduction: a row of its own, only for steps that carry it.
+LOCAL = "local"
+LOCAL_SERIES = ("local_grad_norm", "local_nonfinite", "compute_time")
+SCALAR_ROWS: dict[str, tuple[str, ...]] = {SCALARS: SCALAR_SERIES, LOCAL: LOCAL_SERIES}
 ROW_GROUPS: dict[str, tuple[str, ...]] = {
-    SCALARS: SCALAR_SERIES,
+    **SCALAR_ROWS,
     "nonfinite": ("nan_count", "inf_count"),
     "format": protocol.FORMAT_COUNT_STATS,
 }
@@ -53,16 +57,16 @@ def value_dtype(row_series: str) -> np.dtype:
 
 def width(row_series: str, n_tensors: int) -> int:
     """Columns of a stored row: one per scalar, one per tensor and stat."""
-    if row_series == SCALARS:
-        return len(SCALAR_SERIES)
+    if row_series in SCALAR_ROWS:
+        return len(SCALAR_ROWS[row_series])
     return n_tensors * len(ROW_GROUPS.get(row_series, (row_series,)))
 
 
 def location(series: str, n_tensors: int) -> tuple[str, int, int]:
     """(stored row series, first column, columns) of ``series`` (a scalar, or a per-tensor stat's tensors)."""
     group, position = _GROUP_OF.get(series, (series, 0))
-    if group == SCALARS:
-        return SCALARS, position, 1
+    if group in SCALAR_ROWS:
+        return group, position, 1
     return group, position * n_tensors, n_tensors
 
 
@@ -256,10 +260,16 @@ def step_series(
         present = np.array([[value is not None for value in row] for row in rows])
         values = np.array([[np.nan if value is None else value for value in row] for row in rows], np.float64)
         out[SCALARS] = (np.array([view["step"] for view in views], np.int64), values, present)
+    local = [view for view in views if view.get("local_grad_norm") is not None] if scalars else []
+    if local:
+        rows = [[view.get(name) for name in LOCAL_SERIES] for view in local]
+        present = np.array([[value is not None for value in row] for row in rows])
+        values = np.array([[np.nan if value is None else value for value in row] for row in rows], np.float64)
+        out[LOCAL] = (np.array([view["step"] for view in local], np.int64), values, present)
     stats = [name for name in protocol.TENSOR_STATS if name not in _GROUP_OF]
     for row_series, members in [
         *((name, (name,)) for name in stats),
-        *((g, m) for g, m in ROW_GROUPS.items() if g != SCALARS),
+        *((g, m) for g, m in ROW_GROUPS.items() if g not in SCALAR_ROWS),
     ]:
         having = [view for view in views if any(name in view["tensors"] for name in members)]
         if not having:

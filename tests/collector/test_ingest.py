@@ -114,7 +114,15 @@ def test_rank_state_counts_only_new_steps(api: httpx.Client) -> None:
         (lambda b: b["steps"][0].update(loss="nan-ish"), "steps[0].loss"),
         (lambda b: b["steps"][0].update(time="NaN"), "steps[0].time"),
         (lambda b: b["steps"][0].update(scale_decision="maybe"), "steps[0].scale_decision"),
-        (lambda b: b.update(protocol=4), "protocol"),
+        (lambda b: b.update(protocol=5), "protocol"),
+        (
+            lambda b: (b.update(protocol=3), b["steps"][0].update(local=protocol.local_health(1.0, 0))),
+            "steps[0].local: needs protocol 4, the batch says 3",
+        ),
+        (
+            lambda b: b["steps"][0].update(local={**protocol.local_health(1.0, 0), "nonfinite": -1}),
+            "steps[0].local.nonfinite",
+        ),
         # Version 1 batches stay accepted, but they predate the Adam-health and quantization stats.
         (
             lambda b: (

@@ -1,0 +1,105 @@
+"""Judging a multi-rank run's steps across its ranks, as the ranks' batches arrive.
+
+Every new step of a rank of a run with more than one rank goes into ``rank_inbox`` (insert
+only: ranks never wait on each other's rows). Then one batch at a time per run judges the
+steps now ready, in step order (:mod:`numwatch.monitor.detectors.ranks` says when a step is
+ready and what is judged), advances ``rank_judge.judged_through`` and deletes the judged rows.
+
+On PostgreSQL the judging batch holds the run's ``rank_judge`` row; a batch that finds it
+held skips judging (``SKIP LOCKED``) instead of queueing all ranks behind one row: its steps
+are judged by the next batch of any rank. A run's last batches (a status other than
+"running") wait for the row instead, so the end of a run is judged too. SQLite runs one
+write transaction at a time anyway.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from numwatch.monitor.detectors import ranks as rank_detectors
+from numwatch.monitor.detectors.rules import DetectorConfig
+from numwatch.monitor.store.models import Event, RankInbox, RankJudge, RankState, Run
+
+INBOX_FIELDS = ("loss", "local_grad_norm", "local_nonfinite", "compute_time", "checksum", "nonfinite_tensors")
+
+
+def inbox(session: Session, run_id: int, rank: int, rows: list[dict[str, Any]]) -> None:
+    """Queue a rank's newly stored steps for judging across ranks."""
+    if rows:
+        session.execute(
+            insert(RankInbox),
+            [
+                {"run_id": run_id, "step": row["step"], "rank": rank, "time": row["time"]}
+                | {name: row.get(name) for name in INBOX_FIELDS}
+                for row in rows
+            ],
+        )
+
+
+def _judge_row(session: Session, run_id: int, wait: bool) -> RankJudge | None:
+    """The run's judge row, write-locked (None: another batch holds it and ``wait`` is False)."""
+    query = select(RankJudge).where(RankJudge.run_id == run_id).execution_options(populate_existing=True)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=not wait)
+    judge = session.execute(query).scalar_one_or_none()
+    if judge is None and session.execute(select(RankInbox.run_id).where(RankInbox.run_id == run_id)).first():
+        # The run's first multi-rank batch: two may race to create the row; the loser's commit fails and retries.
+        judge = RankJudge(run_id=run_id, judged_through=0, state=rank_detectors.empty_state(), events_total={})
+        session.add(judge)
+        session.flush()
+    return judge
+
+
+def _majority_step(session: Session, run: Run) -> int:
+    """The highest step that more than half the ranks (one of two) stored: a step this far behind it is not
+    waited for. A majority, so that one rank whose batch comes early does not judge the others' steps before they come."""
+    last = sorted(
+        session.execute(select(RankState.last_step).where(RankState.run_id == run.id)).scalars(), reverse=True
+    )
+    index = run.world_size // 2 if run.world_size > 2 else 0
+    return last[index] if index < len(last) else 0
+
+
+def judge(session: Session, run: Run, config: DetectorConfig, wait: bool) -> list[dict[str, Any]]:
+    """Judge the run's steps that are ready; the events stored (each with its ``rank``)."""
+    judge_row = _judge_row(session, run.id, wait)
+    if judge_row is None:
+        return []
+    rows = session.execute(
+        select(RankInbox)
+        .where(RankInbox.run_id == run.id, RankInbox.step > judge_row.judged_through)
+        .order_by(RankInbox.step, RankInbox.rank)
+    ).scalars()
+    by_step: dict[int, dict[int, rank_detectors.RankHealth]] = defaultdict(dict)
+    for row in rows:
+        by_step[row.step][row.rank] = rank_detectors.RankHealth(
+            rank=row.rank, time=row.time, **{name: getattr(row, name) for name in INBOX_FIELDS}
+        )
+    state = dict(judge_row.state) or rank_detectors.empty_state()
+    reached = _majority_step(session, run)
+    judged = judge_row.judged_through
+    events: list[dict[str, Any]] = []
+    for step in sorted(by_step):
+        ranks = by_step[step]
+        if len(ranks) < run.world_size and step > reached - config.rank_wait_steps:
+            break  # wait for the missing ranks
+        events += [
+            {"rank": rank, **event}
+            for rank, event in rank_detectors.judge_step(step, ranks, run.world_size, state, config)
+        ]
+        judged = step
+    if judged > judge_row.judged_through:
+        session.execute(delete(RankInbox).where(RankInbox.run_id == run.id, RankInbox.step <= judged))
+    if events:
+        session.execute(insert(Event), [{"run_id": run.id, **event} for event in events])
+        totals = {kind: dict(counts) for kind, counts in judge_row.events_total.items()}
+        for event in events:
+            counts = totals.setdefault(event["kind"], {})
+            counts[str(event["rank"])] = counts.get(str(event["rank"]), 0) + 1
+        judge_row.events_total = totals
+    judge_row.judged_through, judge_row.state = judged, state
+    return events
