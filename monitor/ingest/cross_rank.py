@@ -55,8 +55,8 @@ def _judge_row(session: Session, run_id: int, wait: bool) -> RankJudge | None:
 
 
 def _majority_step(session: Session, run: Run) -> int:
-    """The highest step that more than half the ranks (one of two) stored: a step this far behind it is not
-    waited for. A majority, so that one rank whose batch comes early does not judge the others' steps before they come."""
+    """The highest step that more than half the ranks (one of two) stored: a step far enough behind it is not
+    waited for. A majority, so that one rank whose batch comes early does not judge the others' steps early."""
     last = sorted(
         session.execute(select(RankState.last_step).where(RankState.run_id == run.id)).scalars(), reverse=True
     )

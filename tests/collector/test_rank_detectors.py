@@ -1,4 +1,4 @@
-"""The detectors across ranks: pure judging of one step, and judging as the ranks' batches arrive (SQLite, PostgreSQL)."""
+"""The detectors across ranks: judging one step, and judging as the ranks' batches arrive (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
