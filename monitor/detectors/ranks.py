@@ -13,8 +13,9 @@ recorded (:func:`note_missing`) and a late arrival is stored but not judged agai
   gradient is non-finite, so the local values are the only place the origin shows.
 * ``rank_outlier``: a rank whose local gradient norm (on a log scale) or loss is more than
   ``rank_outlier_threshold`` robust sigmas (1.4826 × the median absolute deviation) from the
-  ranks' median and also more than twice (norm) or double the distance of the median from
-  zero (loss) away: with few ranks the MAD alone can be tiny by chance. Once per episode per rank.
+  ranks' median and also ``rank_outlier_min_ratio`` times above or below it (norm), or that many
+  times the median's distance from zero away from it (loss): with few ranks the MAD alone can be
+  tiny by chance, and small batches' gradients differ by 2x. Once per episode per rank.
 * ``straggler``: a rank whose compute time is above ``straggler_factor`` × the ranks' median
   (and by more than ``straggler_min_excess`` seconds) for ``straggler_steps`` consecutive steps.
 * ``replica_divergence``: ranks whose replicated weights' checksum differs from the majority's
@@ -38,7 +39,6 @@ from numwatch.protocol import DetectorEventKind, encode_float, event_document
 MAX_GAPS = 256  # missing-rank records kept per run (the latest)
 OUTLIER_METRICS = ("local_grad_norm", "loss")
 MAD_SIGMA = 1.4826  # MAD of a normal distribution × this = its sigma
-OUTLIER_MIN_RATIO = 2.0
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,9 @@ def _outliers(
             sigma = MAD_SIGMA * statistics.median(abs(v - median) for v in scaled.values())
             for rank, value in sorted(scaled.items()):
                 far = (
-                    abs(value - median) > math.log(OUTLIER_MIN_RATIO)
+                    abs(value - median) > math.log(config.rank_outlier_min_ratio)
                     if metric == "local_grad_norm"
-                    else abs(value - median) > (OUTLIER_MIN_RATIO - 1) * abs(median)
+                    else abs(value - median) > config.rank_outlier_min_ratio * abs(median)
                 )
                 score = math.inf if sigma == 0 else abs(value - median) / sigma
                 if far and score > config.rank_outlier_threshold:

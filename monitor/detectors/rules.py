@@ -77,6 +77,11 @@ class DetectorConfig(BaseModel):
         gt=0,
         description="a rank whose local grad norm (log) or loss is more than this many robust sigmas (MAD) from the ranks' median is an outlier",
     )
+    rank_outlier_min_ratio: float = Field(
+        4.0,
+        gt=1,
+        description="an outlier's local grad norm is also this many times above or below the median (its loss this many times farther from the median than the median is from 0): small batches differ by 2x by chance",
+    )
     rank_outlier_min_ranks: int = Field(4, ge=3, description="ranks needed before outliers among them are judged")
     straggler_factor: float = Field(
         1.2, gt=1, description="a rank whose compute time is above this many times the ranks' median is slow"
