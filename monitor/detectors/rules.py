@@ -70,17 +70,20 @@ class DetectorConfig(BaseModel):
     rank_wait_steps: int = Field(
         16,
         ge=0,
-        description="a step is judged across ranks once every rank sent it, or once more than half the ranks are this many steps past it (the missing ranks are named)",
+        description="a step is judged across ranks once every rank sent it, or once more than half the ranks are "
+        "this many steps past it (the missing ranks are named)",
     )
     rank_outlier_threshold: float = Field(
         8.0,
         gt=0,
-        description="a rank whose local grad norm (log) or loss is more than this many robust sigmas (MAD) from the ranks' median is an outlier",
+        description="a rank whose local grad norm (log) or loss is more than this many robust sigmas (MAD) from "
+        "the ranks' median is an outlier",
     )
     rank_outlier_min_ratio: float = Field(
         4.0,
         gt=1,
-        description="an outlier's local grad norm is also this many times above or below the median (its loss this many times farther from the median than the median is from 0): small batches differ by 2x by chance",
+        description="an outlier's local grad norm is also this many times above or below the median (its loss "
+        "this many times farther from the median than the median is from 0): small batches differ by 2x by chance",
     )
     rank_outlier_min_ranks: int = Field(4, ge=3, description="ranks needed before outliers among them are judged")
     straggler_factor: float = Field(
