@@ -47,8 +47,9 @@ that name (``RunRegistered.run``, ``renamed``).
      # forwards of sampled steps (``attention_every``), version 3:
      "attention_logit_max": {str: float} | null,  # per attention call (calling module), forward order
      "output_logits": {"log_z_mean": float, "log_z_max": float, "absmax": float} | null,
-     # this rank's own health (version 4; null from single processes and older clients):
-     "local": local | null}
+     # version 4: this rank's own health (null from single processes and older clients), and the rank
+     # that sent this step's replicated statistics when not this one (see below)
+     "local": local | null, "replicated_by": int | null}
 
 ``local`` (one rank's gradient before the data-parallel reduction, summed over its micro-batches)::
 
@@ -56,13 +57,12 @@ that name (``RunRegistered.run``, ``renamed``).
      "nonfinite": int,                # its NaN/Inf elements
      "compute_time": float | null,    # seconds from the step's first forward to the local gradient being ready
      "nonfinite_tensors": [str] | null,   # non-finite and sampled steps: tensors whose local gradient is not finite
-     "checksum": int | null,          # sampled steps: sum of the replicated weights' bit patterns (int64, wrapping)
-     "replicated_by": int | null}     # the rank that measured and sent the replicated (post-reduction)
-                                      # statistics of this step; null: this rank's ``tensors`` hold them
+     "checksum": int | null}          # sampled steps: sum of the replicated weights' bit patterns (int64, wrapping)
 
-A rank with ``replicated_by`` set sends no post-reduction statistics (``tensors`` holds only
-what is this rank's own, e.g. sharded optimizer state; ``global_grad_norm`` is null): after
-the reduction they are the same on every rank of its data-parallel group, and one rank sends them.
+A step with ``replicated_by`` set carries no statistics of the watched tensors (``tensors`` is
+empty, ``global_grad_norm`` null, no histograms): after the data-parallel reduction (DDP) or
+combined across shards (FSDP2) they are the same on every rank of the group, and the group's
+first rank, ``replicated_by``, sends them once.
 
 ``histogram`` (sampled steps)::
 
@@ -262,7 +262,6 @@ class LocalHealth(TypedDict):
     compute_time: WireFloat
     nonfinite_tensors: list[str] | None
     checksum: int | None
-    replicated_by: int | None
 
 
 class StepDocument(TypedDict):
@@ -286,6 +285,7 @@ class StepDocument(TypedDict):
     attention_logit_max: dict[str, WireFloat] | None
     output_logits: dict[OutputLogitStat, WireFloat] | None
     local: LocalHealth | None
+    replicated_by: int | None
 
 
 class HistogramDocument(TypedDict):
@@ -405,6 +405,7 @@ def step_document(
     attention_logit_max: dict[str, float] | None = None,
     output_logits: dict[OutputLogitStat, float] | None = None,
     local: LocalHealth | None = None,
+    replicated_by: int | None = None,
 ) -> StepDocument:
     """A ``step`` document from plain floats (encoded here); the scale decision follows from the two scales."""
     return {
@@ -432,6 +433,7 @@ def step_document(
         if output_logits is None
         else {name: encode_float(v) for name, v in output_logits.items()},
         "local": local,
+        "replicated_by": replicated_by,
     }
 
 
@@ -442,7 +444,6 @@ def local_health(
     compute_time: float | None = None,
     nonfinite_tensors: Sequence[str] | None = None,
     checksum: int | None = None,
-    replicated_by: int | None = None,
 ) -> LocalHealth:
     """A step's ``local`` part from plain values (floats encoded here, at most ``MAX_NONFINITE_TENSORS`` named)."""
     return {
@@ -451,7 +452,6 @@ def local_health(
         "compute_time": encode_float(compute_time),
         "nonfinite_tensors": None if nonfinite_tensors is None else list(nonfinite_tensors)[:MAX_NONFINITE_TENSORS],
         "checksum": checksum,
-        "replicated_by": replicated_by,
     }
 
 

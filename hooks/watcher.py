@@ -62,6 +62,7 @@ from numwatch.kernels.sharded import refuse_unsupported
 from numwatch.step import records
 from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
 from numwatch.step.records import StepRecord
+from numwatch.step.replication import ReplicaTensors, replica_lead, shard_group_lead
 from numwatch.step.sites import (
     FrameworkSite,
     FusedScalerSite,
@@ -168,7 +169,10 @@ class Watcher:
         if not selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
         fmt = format_spec(format or ("fp16" if self.scaler else format_name_for_dtype(selected[0][1].dtype)))
-        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
+        # ranks: what is the same on every rank of a data-parallel group is measured (DDP) or sent (FSDP2) once
+        lead = replica_lead(model)
+        tensors = ReplicaTensors if lead is not None else WatchedTensors
+        self.watched = tensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
         self.tensor_names = self.watched.names
         self.device = self.watched.device
         self.format = fmt
@@ -189,7 +193,7 @@ class Watcher:
             if is_ddp(model) and self.world_size > 1
             else None
         )
-        self._replicated_by: int | None = None
+        self._replicated_by = lead if lead is not None else shard_group_lead(self.watched)
 
         self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
         self.monitoring_errors = 0

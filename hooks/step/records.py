@@ -51,8 +51,6 @@ _ROWS: dict[str, tuple[str, ...]] = {
     QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
-# What a rank whose data-parallel group has another rank measure the post-reduction statistics leaves out.
-_REPLICATED = (GRAD, NONFINITE, FORMAT, UPDATE, WEIGHT, QUANT)
 
 
 def histogram_part(kind: str, field_name: str) -> str:
@@ -176,10 +174,10 @@ class StepRecord:
 
     def _tensor_stats(self, skipped: bool) -> dict[str, str]:
         stats: dict[str, str] = {}
+        if self.replicated_by is not None:
+            return stats  # the group's first rank sends them
         for part, names in _ROWS.items():
             stack = next((stack for stack in self._stacks() if part in stack), None)
-            if self.replicated_by is not None and part in _REPLICATED:
-                continue
             if stack is None or (part == UPDATE and skipped):
                 continue  # an update measured across a skipped step says nothing
             rows = self._spread(stack.get(part), part)
@@ -200,13 +198,13 @@ class StepRecord:
         named = None
         if nonfinite or self.local.sampled or not math.isfinite(grad_norm):
             named = [name for name, norm in zip(self.local.names, norms, strict=True) if not math.isfinite(norm)]
+        compute_time = self.local.compute_time()
         return protocol.local_health(
             grad_norm,
             nonfinite,
-            compute_time=self.local.compute_time(),
+            compute_time=None if compute_time is None else round(compute_time, 6),  # microseconds are plenty
             nonfinite_tensors=named,
             checksum=int(self.host.get(LOCAL_CHECKSUM)) if LOCAL_CHECKSUM in self.host else None,
-            replicated_by=self.replicated_by,
         )
 
     def global_grad_norm(self) -> float:
@@ -273,8 +271,8 @@ class StepRecord:
             for name in stack.names():
                 if name.startswith(SCALAR_PREFIX):
                     scalars[name[len(SCALAR_PREFIX) :]] = stack.scalar(name)
-        scaled = LOSS_SCALE in self.host
-        replicated_elsewhere = self.replicated_by is not None
+        replicated_elsewhere = self.replicated_by is not None  # the group's first rank sends the shared values
+        scaled = LOSS_SCALE in self.host and not replicated_elsewhere
         return protocol.step_document(
             self.step_number,
             time=self.time,
@@ -283,7 +281,7 @@ class StepRecord:
             loss_scale=self.host.scalar(LOSS_SCALE) if scaled else None,
             new_loss_scale=self.host.scalar(NEW_LOSS_SCALE) if scaled else None,
             skipped=skipped,
-            lr=self.lr,
+            lr=[] if replicated_elsewhere else self.lr,
             global_grad_norm=None if replicated_elsewhere else self.global_grad_norm(),
             headroom_bits=None if replicated_elsewhere else self.headroom_bits(),
             clip_coef=None if replicated_elsewhere else self.clip_coef(),
@@ -294,6 +292,7 @@ class StepRecord:
             attention_logit_max=self.attention_logit_max(),
             output_logits=self._output_logits(),
             local=self.local_health(),
+            replicated_by=self.replicated_by,
         )
 
     def _histograms(self) -> list[protocol.HistogramDocument]:

@@ -4,7 +4,7 @@ After DDP's all-reduce every rank of the DDP process group holds the same gradie
 (bit-identical updates of bit-identical weights) the same weights: their statistics would be
 N copies of one set of numbers. The group's first rank measures and sends them; every other
 rank measures none of them (:class:`ReplicaTensors`) and says in each step which rank sent
-them (``local.replicated_by``), while still sending what is its own: its loss, its step time
+them (``replicated_by``), while still sending what is its own: its loss, its step time
 and its local gradient before the reduction (:mod:`numwatch.capture.local_grads`).
 
 What is not replicated is not deduplicated: a model that is not DDP-wrapped (pipeline
@@ -22,6 +22,15 @@ from torch import nn
 
 from numwatch.capture.local_grads import is_ddp
 from numwatch.step.measurement import GradientReading, WatchedTensors
+
+
+def shard_group_lead(watched: WatchedTensors) -> int | None:
+    """For sharded (FSDP2) tensors on a rank that is not its shard group's first: that first rank's global rank.
+    Every rank of the group measures its shards (the combining collectives need them all); the first sends."""
+    sharding = watched.sharding
+    if sharding is None or sharding.group_rank == 0:
+        return None
+    return dist.get_global_rank(sharding.group, 0)
 
 
 def replica_lead(model: nn.Module) -> int | None:

@@ -198,11 +198,12 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                         422,
                         f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}",
                     )
-        if step.local is not None and document.protocol < protocol.LOCAL_HEALTH_VERSION:
-            raise IngestError(
-                422,
-                f"steps[{i}].local: needs protocol {protocol.LOCAL_HEALTH_VERSION}, the batch says {document.protocol}",
-            )
+        for name in ("local", "replicated_by"):
+            if getattr(step, name) is not None and document.protocol < protocol.LOCAL_HEALTH_VERSION:
+                raise IngestError(
+                    422,
+                    f"steps[{i}].{name}: needs protocol {protocol.LOCAL_HEALTH_VERSION}, the batch says {document.protocol}",
+                )
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
                 raise IngestError(
@@ -259,20 +260,20 @@ def _step_row(step: Any, raw: dict[str, bytes]) -> dict[str, Any]:
         },
         **{name: raw.get(name) for name in step_blocks.ACTIVATION_ARRAYS},
         **_local_fields(step.local),
+        "replicated_by": step.replicated_by,
     }
 
 
 def _local_fields(local: Any) -> dict[str, Any]:
     """A step's ``local`` part as the step row's fields (all None without one)."""
     if local is None:
-        return dict.fromkeys(step_blocks.LOCAL_FIELDS)
+        return dict.fromkeys(cross_rank.LOCAL_FIELDS)
     return {
         "local_grad_norm": local.grad_norm,
         "local_nonfinite": local.nonfinite,
         "compute_time": local.compute_time,
         "nonfinite_tensors": local.nonfinite_tensors,
         "checksum": local.checksum,
-        "replicated_by": local.replicated_by,
     }
 
 

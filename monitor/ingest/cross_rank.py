@@ -24,6 +24,8 @@ from numwatch.monitor.detectors import ranks as rank_detectors
 from numwatch.monitor.detectors.rules import DetectorConfig
 from numwatch.monitor.store.models import Event, RankInbox, RankJudge, RankState, Run
 
+# A step's ``local`` part as step row fields.
+LOCAL_FIELDS = ("local_grad_norm", "local_nonfinite", "compute_time", "nonfinite_tensors", "checksum")
 INBOX_FIELDS = ("loss", "local_grad_norm", "local_nonfinite", "compute_time", "checksum", "nonfinite_tensors")
 
 

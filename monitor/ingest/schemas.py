@@ -158,7 +158,6 @@ class LocalHealth(Strict):
         default=None, max_length=protocol.MAX_NONFINITE_TENSORS
     )
     checksum: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX)
-    replicated_by: int | None = Field(default=None, ge=0, le=MAX_RANK)
 
 
 class StepDocument(Strict):
@@ -182,6 +181,9 @@ class StepDocument(Strict):
     attention_logit_max: dict[AttentionCall, FiniteOrNonFinite] | None = Field(default=None, max_length=10_000)
     output_logits: OutputLogits | None = None
     local: LocalHealth | None = None
+    replicated_by: int | None = Field(
+        default=None, ge=0, le=MAX_RANK, description="the rank that sent this step's replicated statistics"
+    )
 
     @field_validator("tensors")
     @classmethod

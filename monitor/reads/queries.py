@@ -136,7 +136,6 @@ def _local_record(row: dict[str, Any]) -> dict[str, Any] | None:
         "compute_time": protocol.encode_float(row["compute_time"]),
         "nonfinite_tensors": row["nonfinite_tensors"],
         "checksum": None if row["checksum"] is None else str(row["checksum"]),
-        "replicated_by": row["replicated_by"],
     }
 
 
@@ -170,6 +169,7 @@ def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str,
         "scalars": row["scalars"],
         **record,
         "local": _local_record(row),
+        "replicated_by": row["replicated_by"],
         "tensors": tensors,
         "events": [event_record(event) for event in events],
     }

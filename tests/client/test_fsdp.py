@@ -175,6 +175,12 @@ def test_gradient_statistics_describe_the_whole_tensor(fsdp_run):
         assert [s["step"] for s in spooled.steps] == list(range(1, STEPS + 2))
         assert spooled.runs[0]["config"]["sharded"] is True
         assert [t["shape"] for t in spooled.runs[0]["tensors"]] == [[17, 6], [17], [3, 17], [3]]
+        if rank == 1:
+            # Combined across the shards, the numbers are the same on both ranks: rank 0 sends them.
+            assert all(
+                (s["replicated_by"], s["tensors"], s["global_grad_norm"]) == (0, {}, None) for s in spooled.steps
+            )
+            continue
         for step, expected in zip(spooled.steps, saved["steps"]):
             np.testing.assert_allclose(spooled.stat(step, "grad_norm"), expected["grad_norm"], rtol=RTOL)
             np.testing.assert_allclose(spooled.stat(step, "grad_absmax"), expected["grad_absmax"], rtol=RTOL)
@@ -195,15 +201,17 @@ def test_gradient_statistics_describe_the_whole_tensor(fsdp_run):
 
 def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
     saved, per_rank = fsdp_run
-    for spooled in per_rank.values():
+    for rank, spooled in per_rank.items():
+        (event,) = [e for e in spooled.events if e["kind"] == "nonfinite_origin"]  # each rank's own check
+        assert event["details"]["tensors"][0] == {"name": "0.weight", "nan": 1, "inf": 0}
+        if rank == 1:
+            continue  # sent by rank 0
         last = spooled.steps[-1]
         norms, absmax = spooled.stat(last, "grad_norm"), spooled.stat(last, "grad_absmax")
         assert np.isnan(norms[0]) and np.isnan(absmax[0])
         assert np.all(np.isfinite(norms[1:])) and np.all(np.isfinite(absmax[1:]))
         np.testing.assert_array_equal(spooled.stat(last, "nan_count"), [1, 0, 0, 0])
         np.testing.assert_array_equal(spooled.stat(last, "inf_count"), [0, 0, 0, 0])
-        (event,) = [e for e in spooled.events if e["kind"] == "nonfinite_origin"]
-        assert event["details"]["tensors"][0] == {"name": "0.weight", "nan": 1, "inf": 0}
     # Read again after the NaN was written: norms and abs-max (one SUM, one MAX), then the NaN counts (one SUM).
     assert saved["collectives"][STEPS + 1] == 3
     # close() measures the final weights' quantization: the abs-maxima (a MAX and its NaN
@@ -213,7 +221,8 @@ def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
 
 def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensor(fsdp_run):
     saved, per_rank = fsdp_run
-    for spooled in per_rank.values():
+    assert per_rank[1].histograms == []  # sent by rank 0
+    for spooled in [per_rank[0]]:
         sampled = [s for s in spooled.steps if (s["step"] - 1) % HISTOGRAM_EVERY == 0]
         assert [s["step"] for s in sampled] == [1, 3]
         for step in sampled:

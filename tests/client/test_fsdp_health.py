@@ -128,7 +128,9 @@ def test_the_cases_are_the_planned_ones(fsdp_run):
 
 def test_adam_health_of_the_whole_tensors(fsdp_run):
     saved, per_rank = fsdp_run
-    for spooled in per_rank.values():
+    # Combined across the shards, the numbers are the same on both ranks: rank 0 sends them.
+    assert all(s["replicated_by"] == 0 and not s["tensors"] for s in per_rank[1].steps)
+    for spooled in [per_rank[0]]:
         sampled = [s for s in spooled.steps if "adam_update_rms" in s["tensors"]]
         assert [s["step"] for s in sampled] == [1, 3]
         for step in sampled:
@@ -140,7 +142,7 @@ def test_adam_health_of_the_whole_tensors(fsdp_run):
 
 def test_quantization_sqnr_of_the_whole_tensors_where_the_shards_allow(fsdp_run):
     saved, per_rank = fsdp_run
-    for spooled in per_rank.values():
+    for spooled in [per_rank[0]]:
         measured = [s for s in spooled.steps if "quant_sqnr_int8" in s["tensors"]]
         assert [s["step"] for s in measured] == [2, 4]
         for step in measured:
