@@ -121,7 +121,7 @@ def _train_for_bytes(rank: int, world_size: int, url: str) -> None:
 
 
 def stored_bytes(database_url: str, run: str) -> dict[str, int]:
-    """Bytes of a run's stored steps (the per-step scalars and health, the per-tensor arrays), histograms and rollups."""
+    """Bytes of a run's stored steps (per-step scalars and health; per-tensor arrays), histograms and rollups."""
     engine = sa.create_engine(database_url)
     columns = {
         "step_scalars": ("step_blocks", "length(header)"),
