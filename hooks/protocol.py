@@ -117,7 +117,12 @@ TensorStat = Literal[
     "quant_sqnr_nf4",
     "quant_sqnr_fp8",
 ]
-EVERY_STEP_STATS: tuple[TensorStat, ...] = ("grad_norm", "grad_absmax", "nan_count", "inf_count")
+# Stats measured together, in the row order of the array that holds them on both sides.
+GRAD_STATS: tuple[TensorStat, ...] = ("grad_norm", "grad_absmax")
+NONFINITE_STATS: tuple[TensorStat, ...] = ("nan_count", "inf_count")
+WEIGHT_STATS: tuple[TensorStat, ...] = ("weight_norm", "weight_absmax")
+UPDATE_STATS: tuple[TensorStat, ...] = ("update_ratio", "stale_fraction")
+EVERY_STEP_STATS: tuple[TensorStat, ...] = (*GRAD_STATS, *NONFINITE_STATS)
 QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
@@ -127,7 +132,7 @@ V3_STEP_FIELDS = ("attention_logit_max", "output_logits", "clip_coef", "post_cli
 V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
-_INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)
+_INTEGER_STATS = (*NONFINITE_STATS, *FORMAT_COUNT_STATS)
 # The dtype of each stat's array.
 TENSOR_STATS: dict[TensorStat, ArrayDtype] = {
     name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)

@@ -341,7 +341,7 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
                 float(view["tensors"][name].sum()) / total for name in protocol.FORMAT_COUNT_STATS
             )
             break
-    _set_sampled_means(state, views, ("update_ratio", "stale_fraction"))
+    _set_sampled_means(state, views, protocol.UPDATE_STATS)
     _set_sampled_means(state, views, protocol.ADAM_HEALTH_STATS)
 
 

@@ -39,7 +39,7 @@ SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS, *CLIP_SCALARS)
 SCALARS = "scalars"
 ROW_GROUPS: dict[str, tuple[str, ...]] = {
     SCALARS: SCALAR_SERIES,
-    "nonfinite": ("nan_count", "inf_count"),
+    "nonfinite": protocol.NONFINITE_STATS,
     "format": protocol.FORMAT_COUNT_STATS,
 }
 _GROUP_OF = {series: (group, i) for group, members in ROW_GROUPS.items() for i, series in enumerate(members)}
