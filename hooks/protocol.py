@@ -74,6 +74,7 @@ import base64
 import json
 import math
 import time as _time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, TypedDict, get_args
@@ -82,6 +83,9 @@ from typing import Any, Literal, TypedDict, get_args
 
 ProtocolVersion = Literal[1, 2, 3]
 PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[-1]
+
+# The collector's runs: POST here registers one; run_path(run) + "/batches", "/events", ... write and read it.
+RUNS_PATH = "/api/v1/runs"
 
 # Target formats the format counts are taken against (names on the wire).
 Format = Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
@@ -286,6 +290,11 @@ class BatchDocument(TypedDict):
 
 
 _NONFINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def run_path(run: str, safe: str = "") -> str:
+    """``RUNS_PATH/<run>``, the name percent-encoded as one path segment (but for the characters in ``safe``)."""
+    return f"{RUNS_PATH}/{urllib.parse.quote(run, safe=safe)}"
 
 
 def encode_float(value: float | None) -> float | str | None:

@@ -172,7 +172,7 @@ def batch_target(
     claim = session.get(RunInstance, document.instance)
     if claim is None or claim.requested_name != requested:
         raise NotFound(
-            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs first)"
+            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST {protocol.RUNS_PATH} first)"
         )
     run = session.get(Run, claim.run_id)
     assert run is not None

@@ -49,27 +49,26 @@ def _session(settings: Any) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from numwatch.monitor.app import create_app, prepare_database
     from numwatch.monitor.store.db import SchemaOutdated
 
-    settings = _settings(
-        args,
-        host=args.host,
-        port=args.port,
-        auth=args.auth,
-        open_reads=args.open_reads or None,
-        insecure_no_auth=args.insecure_no_auth or None,
-    )
+    try:
+        settings = _settings(
+            args,
+            host=args.host,
+            port=args.port,
+            auth=args.auth,
+            open_reads=args.open_reads or None,
+            insecure_no_auth=args.insecure_no_auth or None,
+        )
+    except ValidationError as error:
+        problems = (str(problem.get("ctx", {}).get("error", problem["msg"])) for problem in error.errors())
+        print(f"numwatch serve: {'; '.join(problems)}", file=sys.stderr)
+        return 2
     if "auth" not in settings.model_fields_set:  # neither --auth nor NUMWATCH_AUTH: off on loopback only
         settings = settings.model_copy(update={"auth": "off" if settings.loopback else "token"})
-    if not settings.auth_enabled and not settings.loopback and not settings.insecure_no_auth:
-        print(
-            f"numwatch serve: refusing to serve {settings.host} without auth: anyone who reaches it could write and read runs.\n"
-            "Create a token (`numwatch token create --project P`) and drop --auth off, or pass --insecure-no-auth.",
-            file=sys.stderr,
-        )
-        return 2
     try:
         prepare_database(settings)
     except SchemaOutdated as error:

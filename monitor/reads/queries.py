@@ -43,7 +43,7 @@ def find_run(session: Session, name: str, principal: Principal) -> Run:
     """The run called ``name`` if the caller may see it; NotFound otherwise (also for other projects' runs)."""
     run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
     if run is None or run.status == DELETING or not principal.may_access(run.project):
-        raise NotFound(f"unknown run {name!r} (a run exists once registered with POST /api/v1/runs)")
+        raise NotFound(f"unknown run {name!r} (a run exists once registered with POST {protocol.RUNS_PATH})")
     return run
 
 
