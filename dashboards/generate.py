@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from numwatch import protocol
+
 DASHBOARDS_DIR = Path(__file__).resolve().parent
 PROMETHEUS = {"type": "prometheus", "uid": "numwatch-prometheus"}
 COLLECTOR = {"type": "yesoreyeram-infinity-datasource", "uid": "numwatch-collector"}
@@ -30,6 +32,8 @@ GRID_WIDTH = 24
 # Run-level series are identical on every collector replica: drop `instance` so two
 # scraped replicas draw one line.
 RUN_SELECTOR = '{run="$run", rank=~"$rank"}'
+# The selected run in the collector's API (a Grafana variable in the path).
+RUN_API = protocol.RUNS_PATH + "/${run}"
 HISTOGRAM_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 Panel = dict[str, Any]
 
@@ -184,7 +188,7 @@ def exponent_histogram(fmt: FormatBinades, kind: str) -> Panel:
     """Bar chart of a tensor's exponent histogram, bars coloured by ``fmt``'s range."""
     region = f"{fmt.name}_range"
     target = collector(
-        f"/api/v1/runs/${{run}}/histograms?tensor=${{tensor}}&kind={kind}",
+        f"{RUN_API}/histograms?tensor=${{tensor}}&kind={kind}",
         [("binade", "number"), ("count", "number")],
         root_selector="exponent",
         computed_columns=[{"selector": region_expression(fmt), "text": region, "type": "number"}],
@@ -236,9 +240,7 @@ def tensor_variable() -> dict[str, Any]:
         "type": "query",
         "datasource": COLLECTOR,
         "query": {
-            "infinityQuery": collector(
-                "/api/v1/runs/${run}/heatmap?stat=grad_norm&max_steps=1", [("tensor", "string")]
-            ),
+            "infinityQuery": collector(f"{RUN_API}/heatmap?stat=grad_norm&max_steps=1", [("tensor", "string")]),
             "query": "",
             "queryType": "infinity",
         },
@@ -348,7 +350,7 @@ def build_run_dashboard() -> dict[str, Any]:
             "Per-layer gradient norm",
             [
                 collector(
-                    "/api/v1/runs/${run}/heatmap?stat=grad_norm",
+                    f"{RUN_API}/heatmap?stat=grad_norm",
                     [("step", "number"), ("tensor", "string"), ("value", "number")],
                 )
             ],
@@ -380,7 +382,7 @@ def build_run_dashboard() -> dict[str, Any]:
             "Events",
             [
                 collector(
-                    "/api/v1/runs/${run}/events",
+                    f"{RUN_API}/events",
                     [
                         ("time_ms", "timestamp_epoch"),
                         ("step", "number"),
@@ -425,7 +427,7 @@ def build_run_dashboard() -> dict[str, Any]:
             "enable": True,
             "iconColor": "red",
             "target": collector(
-                "/api/v1/runs/${run}/events",
+                f"{RUN_API}/events",
                 [("time_ms", "timestamp_epoch"), ("kind", "string"), ("step", "number")],
                 refId="events",
             ),
