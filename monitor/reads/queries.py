@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor.errors import NotFound
+from numwatch.monitor.reads import forward
 from numwatch.monitor.reads.series import read_window, summary_points
 from numwatch.monitor.store import blocks as step_blocks
 from numwatch.monitor.store.auth import Principal
@@ -156,6 +157,7 @@ def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str,
         "scalars": row["scalars"],
         **record,
         "tensors": tensors,
+        **forward.step_stats(session, run, rank, number),
         "events": [event_record(event) for event in events],
     }
 

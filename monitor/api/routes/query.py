@@ -68,7 +68,7 @@ def get_series(
 @router.get(
     "/{run}/steps/{step}",
     responses=RUN_RESPONSES,
-    summary="Everything recorded for one step, per-tensor stats by tensor name",
+    summary="Everything recorded for one step: per-tensor stats by tensor name, forward-pass stats, events",
 )
 def get_step(
     run: RunDep,
