@@ -27,12 +27,20 @@ def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = No
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
-    """The collector Settings: flags given on the command line over ``NUMWATCH_*`` over defaults."""
+    """The collector Settings: flags given on the command line over ``NUMWATCH_*`` over defaults.
+    Settings it refuses (auth off on a public address, say) end the command with status 2."""
+    from pydantic import ValidationError
+
     from numwatch.monitor.settings import Settings
 
     if args.database_url:
         overrides["database_url"] = args.database_url
-    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        problems = (str(problem.get("ctx", {}).get("error", problem["msg"])) for problem in error.errors())
+        print(f"numwatch {args.command}: {'; '.join(problems)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _session(settings: Any) -> Any:
@@ -49,24 +57,18 @@ def _session(settings: Any) -> Any:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from pydantic import ValidationError
 
     from numwatch.monitor.app import create_app, prepare_database
     from numwatch.monitor.store.db import SchemaOutdated
 
-    try:
-        settings = _settings(
-            args,
-            host=args.host,
-            port=args.port,
-            auth=args.auth,
-            open_reads=args.open_reads or None,
-            insecure_no_auth=args.insecure_no_auth or None,
-        )
-    except ValidationError as error:
-        problems = (str(problem.get("ctx", {}).get("error", problem["msg"])) for problem in error.errors())
-        print(f"numwatch serve: {'; '.join(problems)}", file=sys.stderr)
-        return 2
+    settings = _settings(
+        args,
+        host=args.host,
+        port=args.port,
+        auth=args.auth,
+        open_reads=args.open_reads or None,
+        insecure_no_auth=args.insecure_no_auth or None,
+    )
     if "auth" not in settings.model_fields_set:  # neither --auth nor NUMWATCH_AUTH: off on loopback only
         settings = settings.model_copy(update={"auth": "off" if settings.loopback else "token"})
     try:
