@@ -6,6 +6,12 @@ Prometheus panels read the collector's /metrics names; per-layer heatmaps, expon
 histograms and the events table read the collector's JSON API through the Infinity
 datasource plugin (per-tensor data are stored packed, which SQL cannot unpack). The
 format ranges drawn on the exponent histograms come from ``torch.finfo``.
+
+The models are plain dictionaries: Grafana's typed builders (``grafana-foundation-sdk``
+10.1) have no Infinity query type (the heatmap, exponent histograms, events table, tensor
+variable and events annotation use one), no ``definition`` on a query variable, no
+``step``/``titleFormat``/``textFormat`` on an annotation, no tooltip ``mode`` on a heatmap,
+and a fixed ``schemaVersion`` of 36.
 """
 
 from __future__ import annotations
