@@ -336,6 +336,24 @@ def build_run_dashboard() -> dict[str, Any]:
             width=24,
         ),
         timeseries(
+            "Ranks: each rank's own gradient norm before the all-reduce (multi-rank runs)",
+            [
+                prom(run_metric("numwatch_rank_local_grad_norm"), "rank {{rank}}"),
+                prom(dedup('numwatch_ranks_local_grad_norm{run="$run"}'), "{{stat}} over all ranks"),
+            ],
+            log_base=10,
+        ),
+        timeseries(
+            "Ranks: compute time before the reduction; stragglers and diverged replicas",
+            [
+                prom(run_metric("numwatch_rank_compute_seconds"), "rank {{rank}}"),
+                prom(dedup('numwatch_ranks_compute_seconds{run="$run"}'), "{{stat}} over all ranks"),
+                prom(run_metric("numwatch_rank_straggling"), "straggler: rank {{rank}}"),
+                prom(run_metric("numwatch_rank_replica_diverged"), "weights diverged: rank {{rank}}"),
+            ],
+            unit="s",
+        ),
+        timeseries(
             "Max attention logit (sampled forwards)",
             [
                 prom(run_metric("numwatch_attention_logit_max"), "largest over attention calls, rank {{rank}}"),

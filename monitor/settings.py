@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     stale_after_seconds: float = 300.0
     finished_grace_seconds: float = 300.0
     metrics_top_k: int = 10
+    # Jobs of up to this many ranks list every rank's own health in /metrics; larger ones the ranks the
+    # detectors name and those at the extremes, with the minimum, median and maximum over all ranks.
+    metrics_max_ranks: int = Field(default=64, ge=0)
     metrics_cache_seconds: float = 1.0
     # Detector thresholds, one env var each: NUMWATCH_DETECT_WINDOW, NUMWATCH_DETECT_VANISHING_FLOOR, ...
     detect: DetectorConfig = DetectorConfig()

@@ -363,6 +363,11 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
                 float(view["tensors"][name].sum()) / total for name in protocol.FORMAT_COUNT_STATS
             )
             break
+    for view in reversed(views):
+        if view.get("local_grad_norm") is not None:
+            state.local_grad_norm, state.local_nonfinite = view["local_grad_norm"], view["local_nonfinite"]
+            state.compute_time = view["compute_time"]
+            break
     _set_sampled_means(state, views, protocol.UPDATE_STATS)
     _set_sampled_means(state, views, protocol.ADAM_HEALTH_STATS)
 

@@ -22,10 +22,11 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, defer
 
 from numwatch.monitor.detectors import spikes
+from numwatch.monitor.metrics.ranks import RankFamilies
 from numwatch.monitor.reads.queries import run_status
 from numwatch.monitor.settings import Settings
 from numwatch.monitor.store import blocks as step_blocks
-from numwatch.monitor.store.models import DELETING, GRAD_NORM_BUCKETS, RankState, Run
+from numwatch.monitor.store.models import DELETING, GRAD_NORM_BUCKETS, RankJudge, RankState, Run
 from numwatch.protocol import decode_float
 
 RUN_LABELS = ("run", "rank")
@@ -98,6 +99,13 @@ class NumwatchCollector(Collector):
             by_run: dict[int, list[RankState]] = {}
             for state in states:
                 by_run.setdefault(state.run_id, []).append(state)
+            ranks = RankFamilies(self.settings.metrics_max_ranks)
+            judges = {
+                judge.run_id: judge
+                for judge in session.execute(select(RankJudge).where(RankJudge.run_id.in_([r.id for r in runs])))
+                .scalars()
+                .all()
+            }
             now = time.time()
             for run in runs:
                 run_states = by_run.get(run.id, [])
@@ -110,9 +118,12 @@ class NumwatchCollector(Collector):
                     m.add_rank(run, state)
                     if self.settings.metrics_top_k > 0:
                         self._top_layers(session, run, state, m.layer_grad_norm)
+                if run.world_size > 1:
+                    for kind, count in ranks.add_run(run, run_states, judges.get(run.id)).items():
+                        events[kind] = events.get(kind, 0) + count
                 for kind, count in sorted(events.items()):
                     m.events.add_metric([run.name, kind], count)
-        return m.families()
+        return m.families() + ranks.families()
 
     def _names(self, session: Session, run_id: int) -> list[str]:
         if run_id not in self._tensor_names:
@@ -292,6 +303,8 @@ class _Families:
         counts = np.cumsum(
             np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64)
         )
+        if counts[-1] == 0 and state.steps_total > 0:
+            return  # steps without a global norm: another rank sends the replicated statistics
         buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1])] + [
             ("+Inf", int(counts[-1]))
         ]

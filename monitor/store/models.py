@@ -248,6 +248,10 @@ class RankState(Base):
     log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     output_logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
+    # This rank's own health at its last step that carried it (its gradient before the reduction).
+    local_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
+    local_nonfinite: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    compute_time: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     # Rolling spike score per signal: judged-value count and recent spike episodes (numwatch.monitor.detectors.spikes).
     spike_state: Mapped[dict] = mapped_column(JSON, default=dict)
 

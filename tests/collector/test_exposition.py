@@ -43,11 +43,32 @@ def _populate(client: httpx.Client, run: str, status: str = "running") -> None:
     ).raise_for_status()
 
 
+def _populate_job(client: httpx.Client, run: str) -> None:
+    """A 4-rank job: rank 1 computes 10x slower, rank 3's replicated weights differ at step 1."""
+    for rank in range(4):
+        client.post("/api/v1/runs", json={**run_doc(run=run, rank=rank), "world_size": 4}).raise_for_status()
+    for rank in range(4):
+        steps = []
+        for number in range(1, 7):
+            local = protocol.local_health(
+                1.0 + rank,
+                0,
+                compute_time=1.0 if rank == 1 else 0.1,
+                checksum=(7 if rank == 3 else 5) if number == 1 else None,
+            )
+            steps.append(step_doc(number, local=local, replicated_by=None if rank == 0 else 0))
+        body = protocol.dumps(batch_doc(run=run, rank=rank, steps=steps))
+        client.post(
+            f"/api/v1/runs/{run}/batches", content=body, headers={"Content-Type": "application/json"}
+        ).raise_for_status()
+
+
 def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> None:
     url = collector(None, NUMWATCH_METRICS_CACHE_SECONDS="0", NUMWATCH_FINISHED_GRACE_SECONDS="2")
     with httpx.Client(base_url=url, timeout=30) as client:
         _populate(client, "live")
         _populate(client, "done", status="finished")
+        _populate_job(client, "job")
         text = client.get("/metrics").text
         names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
         assert SERIES_NAMES - names == set(), f"contract series missing from /metrics: {sorted(SERIES_NAMES - names)}"
@@ -63,6 +84,12 @@ def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> 
         assert 'numwatch_output_log_z_max{rank="0",run="live"} 9.0' in text
         assert 'numwatch_output_logit_absmax{rank="0",run="live"} 21.0' in text
         assert "numwatch_attention_logit_threshold 100.0" in text
+        assert 'numwatch_rank_local_grad_norm{rank="2",run="job"} 3.0' in text
+        assert 'numwatch_ranks_compute_seconds{run="job",stat="max"} 1.0' in text
+        assert 'numwatch_rank_straggling{rank="1",run="job"} 1.0' in text
+        assert 'numwatch_rank_replica_diverged{rank="3",run="job"} 1.0' in text
+        assert 'numwatch_rank_events_total{kind="replica_divergence",rank="3",run="job"} 1.0' in text
+        assert 'numwatch_events_total{kind="straggler",run="job"} 1.0' in text
         assert (
             'numwatch_run_info{format="fp16",project="default",run="done",status="finished",world_size="1"} 1.0' in text
         )
@@ -75,3 +102,29 @@ def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> 
         time.sleep(2.5)  # past the finished-run grace period
         later = client.get("/metrics").text
         assert 'run="done"' not in later and 'run="live"' in later
+
+
+def test_large_jobs_list_only_the_named_and_extreme_ranks() -> None:
+    from numwatch.monitor.metrics.ranks import RankFamilies
+    from numwatch.monitor.store.models import RankJudge, RankState, Run
+
+    def families(world_size: int) -> dict[str, list]:
+        run = Run(name="big", world_size=world_size)
+        states = [
+            RankState(rank=rank, local_grad_norm=float(rank + 1), local_nonfinite=0, compute_time=0.1)
+            for rank in range(world_size)
+        ]
+        judge = RankJudge(state={"stragglers": [7], "diverged": [], "nonfinite": [], "outliers": {}}, events_total={})
+        ranks = RankFamilies(max_ranks=64)
+        ranks.add_run(run, states, judge)
+        return {family.name: family.samples for family in ranks.families()}
+
+    big = families(512)
+    assert sorted(int(s.labels["rank"]) for s in big["numwatch_rank_local_grad_norm"]) == [0, 7, 511]
+    assert [(s.labels["stat"], s.value) for s in big["numwatch_ranks_local_grad_norm"]] == [
+        ("min", 1.0),
+        ("median", 256.5),
+        ("max", 512.0),
+    ]
+    assert [s.labels["rank"] for s in big["numwatch_rank_straggling"]] == ["7"]
+    assert len(families(64)["numwatch_rank_local_grad_norm"]) == 64

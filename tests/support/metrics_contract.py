@@ -35,6 +35,16 @@ GAUGES = (
     "numwatch_output_log_z_mean",
     "numwatch_output_log_z_max",
     "numwatch_output_logit_absmax",
+    # multi-rank runs
+    "numwatch_rank_local_grad_norm",
+    "numwatch_rank_local_nonfinite",
+    "numwatch_rank_compute_seconds",
+    "numwatch_ranks_local_grad_norm",
+    "numwatch_ranks_local_nonfinite",
+    "numwatch_ranks_compute_seconds",
+    "numwatch_rank_straggling",
+    "numwatch_rank_replica_diverged",
+    "numwatch_ranks_missing",
 )
 COUNTERS = (
     "numwatch_steps_total",
@@ -45,6 +55,7 @@ COUNTERS = (
     "numwatch_loss_scale_backoffs_total",
     "numwatch_loss_scale_growths_total",
     "numwatch_events_total",
+    "numwatch_rank_events_total",
     "numwatch_ingest_requests_total",
     "numwatch_ingest_rejected_batches_total",
     "numwatch_ingest_steps_total",
@@ -144,6 +155,25 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
     for name, value in counters.items():
         family(name, "counter", [("", run_rank, value)])
     family("numwatch_events_total", "counter", [("", f'run="{run}",kind="nonfinite_grad"', float(nonfinite_steps))])
+    # A healthy job's rank 1, beside rank 0: every rank's own health, nobody named by a cross-rank detector.
+    for rank in ("0", "1"):
+        labels = f'run="{run}",rank="{rank}"'
+        for name, value in (
+            ("numwatch_rank_local_grad_norm", 0.8),
+            ("numwatch_rank_local_nonfinite", 0.0),
+            ("numwatch_rank_compute_seconds", 0.2),
+        ):
+            family(name, "gauge", [("", labels, value)])
+    for name, value in (
+        ("numwatch_ranks_local_grad_norm", 0.8),
+        ("numwatch_ranks_local_nonfinite", 0.0),
+        ("numwatch_ranks_compute_seconds", 0.2),
+    ):
+        family(name, "gauge", [("", f'run="{run}",stat="{stat}"', value) for stat in ("min", "median", "max")])
+    family("numwatch_rank_straggling", "gauge", [])
+    family("numwatch_rank_replica_diverged", "gauge", [])
+    family("numwatch_ranks_missing", "gauge", [("", f'run="{run}"', 0.0)])
+    family("numwatch_rank_events_total", "counter", [])
     # All 121 global norms fell in the (0.1, 1] bucket.
     buckets = [(bound, 0.0 if bound < 1.0 else 121.0) for bound in (10.0**e for e in range(-8, 9))]
     family(

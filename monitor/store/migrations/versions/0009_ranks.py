@@ -1,4 +1,5 @@
-"""rank_inbox (each rank's health per step until judged across ranks) and rank_judge (per run)
+"""rank_inbox (each rank's health per step until judged across ranks), rank_judge (per run), and each
+rank's last local health in rank_state
 
 Revision ID: 0009
 Revises: 0008
@@ -44,8 +45,16 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["run_id"], ["runs.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("run_id"),
     )
+    with op.batch_alter_table("rank_state", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("local_grad_norm", exact, nullable=True))
+        batch_op.add_column(sa.Column("local_nonfinite", sa.BigInteger(), nullable=True))
+        batch_op.add_column(sa.Column("compute_time", exact, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("rank_state", schema=None) as batch_op:
+        batch_op.drop_column("compute_time")
+        batch_op.drop_column("local_nonfinite")
+        batch_op.drop_column("local_grad_norm")
     op.drop_table("rank_judge")
     op.drop_table("rank_inbox")
