@@ -47,7 +47,7 @@ class RankFamilies:
         }
         self.straggling = GaugeMetricFamily(
             "numwatch_rank_straggling",
-            "1 while the rank is a straggler (compute time above the ranks' median by the detector's factor for k steps).",
+            "1 while the rank is a straggler (compute time above the ranks' median by the factor for k steps).",
             labels=labels,
         )
         self.diverged = GaugeMetricFamily(
@@ -57,7 +57,7 @@ class RankFamilies:
         )
         self.events = CounterMetricFamily(
             "numwatch_rank_events",
-            "Cross-rank events (rank_nonfinite, rank_outlier, straggler, replica_divergence) by the rank they name first.",
+            "Cross-rank events (rank_nonfinite, rank_outlier, straggler, replica_divergence) by the first rank named.",
             labels=["run", "rank", "kind"],
         )
         self.missing = GaugeMetricFamily(
