@@ -21,9 +21,10 @@ sampled steps the bit-pattern sum of the weights (:mod:`numwatch.kernels.replica
 must be equal on every rank. The compute time runs from the step's first forward of the
 wrapped module (after DDP's own pre-forward collectives) to the last bucket being handed
 to the reduction, before any wait on it: host time on CPU, CUDA events on GPUs (read with
-the step's host copy, a step later). Only backwards that synchronise count; under gradient
-accumulation without ``no_sync`` every backward synchronises and the last one's gradient
-(the accumulated reduced gradient plus the last micro-batch's) is the step's.
+the step's host copy, a step later). Only backwards that synchronise count; when several do
+within one optimizer step (accumulation without ``no_sync``, or a loop that skipped the
+optimizer step after a non-finite gradient) the last one's norms are the step's, and the
+NaN/Inf count adds up all of them, so a non-finite backward is never hidden by a later one.
 
 Limits: DDP's python reducer and compiled DDP (which call hooks per parameter, not per
 bucket) are not probed; a ``Join`` context's changed divisor is not followed by the default
@@ -82,7 +83,6 @@ class _Backward:
     """What the buckets (or parameters) of the synchronising backward under way handed over."""
 
     norms: list[torch.Tensor] = field(default_factory=list)
-    counts: list[torch.Tensor] = field(default_factory=list)
     sums: list[torch.Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     end: Any = None
@@ -106,6 +106,7 @@ class LocalGradProbe:
         self._cuda = next(ddp.module.parameters()).device.type == "cuda"
         self._start: Any = None
         self._backward: _Backward | None = None
+        self._counts: list[torch.Tensor] = []  # NaN/Inf counts of every synchronising backward of the step
         self._fresh = True  # a forward ran since the last bucket: the next bucket starts a backward
         self._syncing = False  # the last forward prepared a synchronising backward (tensor-hook mode)
         self._sampling = False
@@ -205,7 +206,7 @@ class LocalGradProbe:
         with torch.no_grad():
             norms = torch._foreach_norm(grads)
             backward.norms.append(torch.stack(norms).float() if len(norms) > 1 else norms[0].float().reshape(1))
-            backward.counts.append(flat.numel() - torch.isfinite(flat).sum())
+            self._counts.append(flat.numel() - torch.isfinite(flat).sum())
             if self._sampling:
                 backward.sums.append(bit_sum(parameters))
         backward.names += [self._names.get(id(p), "?") for p in parameters]
@@ -215,13 +216,14 @@ class LocalGradProbe:
     def take(self) -> LocalStep | None:
         """The step's local health (device parts and host meta), or None without a synchronising backward."""
         backward, self._backward = self._backward, None
+        counts, self._counts = self._counts, []
         start, self._start = self._start, None
         self._fresh = True
         if backward is None or not backward.norms:
             return None
         parts = {
             LOCAL_NORMS: torch.cat(backward.norms),
-            LOCAL_NONFINITE: torch.stack(backward.counts).sum(),
+            LOCAL_NONFINITE: torch.stack(counts).sum(),
         }
         if backward.sums:
             parts[LOCAL_CHECKSUM] = torch.stack(backward.sums).sum()

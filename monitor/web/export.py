@@ -17,7 +17,7 @@ from urllib.parse import quote
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.reads import forward, overview, queries, readiness
+from numwatch.monitor.reads import forward, overview, queries, ranks, readiness
 from numwatch.monitor.store.auth import EVERYTHING
 from numwatch.monitor.web import STATIC_DIR, page_html
 
@@ -61,6 +61,9 @@ def run_page_responses(session: Session, name: str, stale_after: float) -> dict[
             responses[request_key(base + "/series", params)] = queries.series(
                 session, run, series["metric"], None, 0, None, end, points
             )
+    if run.world_size > 1:
+        params = {"max_steps": layout["heatmap"]["max_steps"], "max_points": points}
+        responses[request_key(base + "/ranks", params)] = ranks.rank_view(session, run, params["max_steps"], points)
     choice = overview.histogram_steps(session, run, "grad", 0)
     responses[request_key(base + "/histogram-steps", {"kind": "grad"})] = choice
     if choice["suggested"]:

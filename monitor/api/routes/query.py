@@ -10,7 +10,7 @@ from numwatch import protocol
 from numwatch.monitor.api.deps import ReaderDep, RunDep, SessionDep, SettingsDep
 from numwatch.monitor.api.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.ingest.schemas import MAX_RANK, MAX_STEP
-from numwatch.monitor.reads import forward, overview, queries, readiness
+from numwatch.monitor.reads import forward, overview, queries, ranks, readiness
 from numwatch.monitor.reads.read_models import ForwardSeries, HistogramSteps, QuantizationTable, Tail, TensorSummary
 
 router = APIRouter(prefix=protocol.RUNS_PATH, tags=["read"], responses=AUTH_RESPONSES)
@@ -132,6 +132,23 @@ def get_heatmap(
         queries.heatmap(session, run, stat, rank, max_steps, start, end).cells_json(),
         media_type="application/json",
     )
+
+
+@router.get(
+    "/{run}/ranks",
+    responses=RUN_RESPONSES,
+    summary="Each rank's own health: local gradient norm per rank and step (heatmap cells), compute time per rank, "
+    "latest values sorted by deviation from the ranks' median, missing ranks, cross-rank events",
+)
+def get_ranks(
+    run: RunDep,
+    session: SessionDep,
+    max_steps: int = Query(300, ge=2, le=10_000, description="heatmap columns at most (buckets keep the largest)"),
+    max_points: int = Query(1000, ge=2, le=100_000, description="compute-time points per rank at most"),
+    start: StepQuery = None,
+    end: StepQuery = None,
+) -> dict:
+    return ranks.rank_view(session, run, max_steps, max_points, start, end)
 
 
 @router.get(

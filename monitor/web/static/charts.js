@@ -236,7 +236,9 @@ const Charts = (() => {
   const LISTED_ROWS = 12;
 
   // Tensor x step heatmap of a per-tensor stat, log colour scale; cells: [{step, tensor, value}].
+  // spec.id (default "heatmap") prefixes the element ids, so a page can hold two.
   function heatmap(container, spec) {
+    const id = spec.id || "heatmap";
     const names = spec.tensors;
     const rowOf = new Map(names.map((n, i) => [n, i]));
     const steps = [...new Set(spec.cells.map((c) => c.step))].sort((a, b) => a - b);
@@ -255,17 +257,17 @@ const Charts = (() => {
       if (!Number.isFinite(v)) { const first = badRows.get(names[r]); if (first === undefined || cell.step < first) badRows.set(names[r], cell.step); }
     }
     if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
-    const box = el("section", { class: "chart heatmap", id: "chart-heatmap" });
+    const box = el("section", { class: "chart heatmap", id: "chart-" + id });
     box.append(el("h3", {}, spec.title), el("p", { class: "muted small" }, spec.subtitle));
     container.append(box);
-    if (!steps.length) { box.append(el("p", { class: "muted empty" }, "no per-tensor statistics recorded")); return null; }
+    if (!steps.length) { box.append(el("p", { class: "muted empty" }, spec.empty || "no per-tensor statistics recorded")); return null; }
     const labelW = 190, axisH = 34, pad = 8;
     const width = Math.max(400, box.clientWidth || 900);
     const rowH = Math.max(2, Math.min(16, Math.floor(420 / names.length)));
     const plotW = width - labelW - pad * 2, plotH = rowH * names.length;
     const colW = plotW / steps.length;
     const px = devicePixelRatio || 1;
-    const canvas = el("canvas", { id: "heatmap-canvas", width: Math.round(width * px), height: Math.round((plotH + axisH + pad) * px) });
+    const canvas = el("canvas", { id: id + "-canvas", width: Math.round(width * px), height: Math.round((plotH + axisH + pad) * px) });
     canvas.style.width = width + "px"; canvas.style.height = plotH + axisH + pad + "px";
     const ctx = canvas.getContext("2d");
     ctx.scale(px, px);
@@ -325,14 +327,14 @@ const Charts = (() => {
     box.append(colorBar(lo, hi, spec.stat));
     if (badRows.size) {
       const listed = [...badRows].sort((a, b) => a[1] - b[1]).slice(0, LISTED_ROWS);
-      box.append(el("p", { class: "nonfinite-rows", id: "heatmap-nonfinite" }, "Non-finite (earliest first): ",
+      box.append(el("p", { class: "nonfinite-rows", id: id + "-nonfinite" }, "Non-finite (earliest first): ",
         listed.map(([name, step], i) => [i ? ", " : "", el("span", { class: "mono" }, name), ` (from step ${step})`]),
         badRows.size > LISTED_ROWS ? ` and ${badRows.size - LISTED_ROWS} more` : ""));
     }
     const layout = { x0, y0, colW, rowH, steps, names, px,
       cellCenter: (tensor, step) => ({ x: x0 + (colOf.get(step) + 0.5) * colW, y: y0 + (rowOf.get(tensor) + 0.5) * rowH }) };
-    registry.heatmap = { layout, canvas, colors: NONFINITE };
-    return registry.heatmap;
+    registry[id] = { layout, canvas, colors: NONFINITE };
+    return registry[id];
   }
 
   function colorBar(lo, hi, stat) {

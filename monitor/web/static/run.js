@@ -1,4 +1,4 @@
-// The run page: diagnosis, charts, per-layer heatmap, exponent histogram, quantization readiness, events; live while running.
+// The run page: diagnosis, charts, ranks (multi-rank runs), per-layer heatmap, exponent histogram, quantization readiness, events; live while running.
 // Every read starts at once and each part is drawn as soon as its data arrives, in a slot laid out
 // up front (the page does not jump); the page is ready when every part is drawn.
 "use strict";
@@ -21,6 +21,7 @@ NW.start(async () => {
     "Downsampled to at most ", String(layout.max_points), " points per series keeping each bucket's minimum, maximum and every NaN/Inf. Drag to zoom (all charts follow), double-click to reset, click a point to open its step."), charts);
   const seriesSlots = layout.series_charts.map(() => slot(charts));
   const summarySlots = layout.summary_charts.map(() => slot(charts));
+  const ranksSlot = detail.world_size > 1 ? (main.append(el("h2", { id: "ranks" }, "Ranks")), slot(main)) : null;
   main.append(el("h2", {}, "Forward pass (sampled steps)"));
   const forwardSlot = slot(main);
   main.append(el("h2", {}, "Per layer"));
@@ -48,7 +49,9 @@ NW.start(async () => {
   const forward = apiRun(run, "/forward", { max_points: layout.max_points }).then((answer) => RunView.forwardCharts(forwardSlot, answer, events, onStep, xRange));
   const histogram = RunView.histogramSection(histogramSlot, run, detail);
   const quantization = apiRun(run, "/quantization").then((table) => quantSlot.append(RunView.quantizationTable(table)));
-  await Promise.all([...seriesCharts, summaryCharts, forward, heatmap, histogram, quantization]);
+  const ranks = ranksSlot ? apiRun(run, "/ranks", { max_steps: layout.heatmap.max_steps, max_points: layout.max_points })
+    .then((view) => RunView.ranksSection(ranksSlot, run, view, onStep, xRange)) : null;
+  await Promise.all([...seriesCharts, summaryCharts, forward, heatmap, histogram, quantization, ranks]);
   if (!NW.exported() && (detail.status === "running" || detail.status === "stale")) RunView.follow(run, end, live);
   NW.ready();
 });

@@ -83,10 +83,19 @@ const RunView = (() => {
       const d = drift.details || {};
       add(drift.step, `mean output log Z ${fmt(d.log_z_mean)} left the band [${fmt(d.low)}, ${fmt(d.high)}].`);
     }
+    // Across ranks: which rank went wrong (the collector's message says it in words).
+    for (const kind of ["rank_nonfinite", "straggler", "replica_divergence", "rank_outlier"]) {
+      const e = first(events, kind);
+      if (!e) continue;
+      const d = e.details || {};
+      const more = count(events, kind) > 1 ? ` (${plural(count(events, kind), "episode")})` : "";
+      add(e.step, el("span", { class: "rank-finding", id: "diagnosis-" + kind }, d.message || kind), d.diagnosis ? ": " + d.diagnosis : "", more, ".");
+    }
     const skipped = first(events, "skipped_step");
     if (skipped) add(skipped.step, `first skipped optimizer step; ${count(events, "skipped_step")} skipped, ${plural(count(events, "loss_scale_backoff"), "loss-scale backoff")} in all.`);
     const told = new Set(["nonfinite_origin", "nonfinite_grad", "grad_explosion", "nonfinite_loss", "loss_scale_collapse", "loss_spike", "grad_norm_spike",
-      "attention_logit_growth", "log_z_drift", "skipped_step", "loss_scale_backoff", "loss_scale_growth"]);
+      "attention_logit_growth", "log_z_drift", "skipped_step", "loss_scale_backoff", "loss_scale_growth",
+      "rank_nonfinite", "straggler", "replica_divergence", "rank_outlier"]);
     for (const kind of [...new Set(events.map((e) => e.kind))].filter((k) => !told.has(k))) {
       const e = first(events, kind);
       add(e.step, el("span", { class: "mono" }, kind), ` (${plural(count(events, kind), "event")}).`);
@@ -206,5 +215,37 @@ const RunView = (() => {
       el("table", { class: "quantization", id: "quantization-table" }, el("thead", {}, head), el("tbody", {}, rows)));
   }
 
-  return { summary, diagnosis, eventsTable, eventRow, histogramSection, forwardCharts, quantizationTable, follow, detailsText, badge };
+  // Multi-rank runs: each rank's own health (its gradient before the all-reduce, its compute time).
+  function ranksSection(slot, run, view, onStep, xRange) {
+    const named = [];
+    for (const kind of ["rank_nonfinite", "straggler", "replica_divergence", "rank_outlier"]) {
+      const e = view.events.find((x) => x.kind === kind);
+      if (e) named.push(el("li", {}, NW.link(NW.stepUrl(run, e.step), `step ${e.step}`), ": ", el("strong", {}, (e.details || {}).message || kind),
+        (e.details || {}).diagnosis ? ` — ${e.details.diagnosis}` : ""));
+    }
+    slot.append(el("div", { id: "ranks-named" }, named.length ? el("ol", {}, named)
+      : el("p", { class: "ok" }, `No rank stood out among ${view.ranks.length} ranks (judged through step ${view.judged_through}).`)));
+    Charts.heatmap(slot, { id: "ranks-heatmap", title: "Each rank's gradient norm before the all-reduce", stat: "local grad norm",
+      cells: view.local_grad_norm, tensors: view.ranks.map((r) => `rank ${r}`), onStep, empty: "no rank sent its local gradient (DDP only)",
+      subtitle: "Rows: ranks; columns: the whole run (each step, or each bucket of steps at its largest; NaN where the rank's own gradient held NaN/Inf). Log colour scale; NaN and +Inf in their own colours: a rank whose row turns first is where the values went non-finite." });
+    const lines = Object.entries(view.compute_time);
+    Charts.lineChart(slot, { id: "ranks-compute", title: "Compute time per rank", unit: "seconds", log: 0, sync: "run", xRange, onStep,
+      subtitle: `forward + backward before waiting on the reduction; ${lines.length < view.ranks.length ? `the ${lines.length} ranks farthest from the median` : "every rank"}`,
+      series: lines.map(([rank, s]) => ({ label: `rank ${rank}`, ...s })) });
+    const cell = (v) => el("td", { class: "num" }, v === null || v === undefined ? "–" : fmt(v));
+    const rows = view.latest.map((r) => el("tr", { class: NW.num(r.deviation) > Math.log(2) ? "deviating" : "" },
+      el("td", { class: "num" }, String(r.rank)), el("td", { class: "num" }, NW.link(NW.stepUrl(run, r.step), String(r.step))),
+      cell(r.local_grad_norm), el("td", { class: "num" }, r.local_nonfinite === null ? "–" : String(r.local_nonfinite)), cell(r.compute_time), cell(r.loss),
+      el("td", { class: "num" }, NW.num(r.deviation) === Infinity ? "non-finite" : `×${fmt(Math.exp(NW.num(r.deviation)), 3)}`)));
+    slot.append(el("h3", {}, "Latest per rank, farthest from the ranks' median first"),
+      el("div", { class: "table-wrap" }, el("table", { class: "ranks", id: "ranks-table" },
+        el("thead", {}, el("tr", {}, ["rank", "step", "local grad norm", "non-finite", "compute s", "loss", "off the median"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, rows))));
+    if (view.missing.length) {
+      slot.append(el("p", { class: "muted", id: "ranks-missing" }, "Missing when judged: ",
+        view.missing.slice(-10).map((g, i) => [i ? "; " : "", `steps ${g.first}–${g.last}: rank${g.ranks.length > 1 ? "s" : ""} ${g.ranks.join(", ")}`])));
+    }
+  }
+
+  return { summary, diagnosis, ranksSection, eventsTable, eventRow, histogramSection, forwardCharts, quantizationTable, follow, detailsText, badge };
 })();
