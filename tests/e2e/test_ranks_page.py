@@ -1,8 +1,9 @@
 """The run page's Ranks section in a real browser, for a real 4-rank DDP job streamed to a real collector.
 
-Rank 2's batch holds an Inf at step INF_AT (the loop skips that update); rank 1 sleeps in its forward. The section names rank 2
-(and says the others were finite), draws a rank x step heatmap whose rank 2 row turns non-finite
-first, a compute-time line per rank, and the latest values with the deviating ranks first.
+Rank 2's batch holds an Inf at step INF_AT (the loop skips that update); rank 1 sleeps in its
+forward. The section names rank 2 (and says the others were finite), draws a rank x step heatmap
+whose rank 2 row turns non-finite first, a compute-time line per rank, and the latest values with
+the deviating ranks first.
 Screenshots land in test-artifacts/.
 """
 
