@@ -64,7 +64,16 @@ class RankHealth:
 
 
 def empty_state() -> dict[str, Any]:
-    return {"nonfinite": [], "outliers": {}, "slow": {}, "stragglers": [], "diverged": [], "gaps": [], "last": 0}
+    return {
+        "nonfinite": [],
+        "outliers": {},
+        "slow": {},
+        "stragglers": [],
+        "diverged": [],
+        "gaps": [],
+        "last": 0,
+        "finished": [],  # ranks whose last batch came: once more than half did, nothing is waited for
+    }
 
 
 def _ranks_text(ranks: list[int]) -> str:

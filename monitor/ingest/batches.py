@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,9 @@ from numwatch.monitor.store.models import (
 )
 from numwatch.monitor.store.packing import compress_histogram_array
 
+# The run row is written at most this often by running batches: every rank of a job writes to it, and a
+# write holds the row until its transaction ends, so writing it with every batch would queue the ranks.
+LAST_SEEN_RESOLUTION = timedelta(seconds=5)
 # Statistics a re-sent copy of a stored step may add (see _supplements).
 SUPPLEMENT_STATS = frozenset(protocol.QUANT_SQNR_STATS.values())
 
@@ -57,6 +60,11 @@ class StoredBatch:
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def _aware(moment: datetime) -> datetime:
+    """``moment`` in UTC (SQLite hands back naive datetimes)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _schema_difference(old: list[dict], new: list[dict]) -> str | None:
@@ -566,9 +574,12 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
     _count_events(state, stored_events)
     if run.world_size > 1:
-        stored_events += cross_rank.judge(session, run, config, wait=document.status != "running")
-    run.last_seen_at = utcnow()
-    if document.status != "running" or run.status != "running":
+        stored_events += cross_rank.judge(session, run, config, rank if document.status != "running" else None)
+    now_utc = utcnow()
+    changed = document.status != "running" or run.status != "running"
+    if changed or now_utc - _aware(run.last_seen_at) >= LAST_SEEN_RESOLUTION:
+        run.last_seen_at = now_utc
+    if changed:
         run.status = document.status
         run.finished_at = run.last_seen_at if document.status != "running" else None
     result = IngestResult(

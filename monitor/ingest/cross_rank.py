@@ -48,7 +48,11 @@ def _judge_row(session: Session, run_id: int, wait: bool) -> RankJudge | None:
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=not wait)
     judge = session.execute(query).scalar_one_or_none()
-    if judge is None and session.execute(select(RankInbox.run_id).where(RankInbox.run_id == run_id)).first():
+    if judge is not None:
+        return judge
+    if session.execute(select(RankJudge.run_id).where(RankJudge.run_id == run_id)).first() is not None:
+        return None  # held by another batch (SKIP LOCKED)
+    if session.execute(select(RankInbox.run_id).where(RankInbox.run_id == run_id)).first():
         # The run's first multi-rank batch: two may race to create the row; the loser's commit fails and retries.
         judge = RankJudge(run_id=run_id, judged_through=0, state=rank_detectors.empty_state(), events_total={})
         session.add(judge)
@@ -66,9 +70,10 @@ def _majority_step(session: Session, run: Run) -> int:
     return last[index] if index < len(last) else 0
 
 
-def judge(session: Session, run: Run, config: DetectorConfig, wait: bool) -> list[dict[str, Any]]:
-    """Judge the run's steps that are ready; the events stored (each with its ``rank``)."""
-    judge_row = _judge_row(session, run.id, wait)
+def judge(session: Session, run: Run, config: DetectorConfig, finished_rank: int | None) -> list[dict[str, Any]]:
+    """Judge the run's steps that are ready; the events stored (each with its ``rank``). ``finished_rank``:
+    the rank whose last batch this is; once more than half the ranks sent theirs, every step left is judged."""
+    judge_row = _judge_row(session, run.id, wait=finished_rank is not None)
     if judge_row is None:
         return []
     rows = session.execute(
@@ -82,12 +87,15 @@ def judge(session: Session, run: Run, config: DetectorConfig, wait: bool) -> lis
             rank=row.rank, time=row.time, **{name: getattr(row, name) for name in INBOX_FIELDS}
         )
     state = dict(judge_row.state) or rank_detectors.empty_state()
+    finished = set(state.get("finished", [])) | ({finished_rank} if finished_rank is not None else set())
+    state["finished"] = sorted(finished)
+    ending = 2 * len(finished) > run.world_size
     reached = _majority_step(session, run)
     judged = judge_row.judged_through
     events: list[dict[str, Any]] = []
     for step in sorted(by_step):
         ranks = by_step[step]
-        if len(ranks) < run.world_size and step > reached - config.rank_wait_steps:
+        if len(ranks) < run.world_size and step > reached - config.rank_wait_steps and not ending:
             break  # wait for the missing ranks
         events += [
             {"rank": rank, **event}

@@ -100,13 +100,13 @@ def test_missing_ranks_are_recorded_per_step_range() -> None:
 # -- as batches arrive --------------------------------------------------------------------
 
 
-def _post(session, rank: int, numbers: list[int], local: dict | None = None) -> list[dict]:
+def _post(session, rank: int, numbers: list[int], local: dict | None = None, status: str = "running") -> list[dict]:
     steps = []
     for number in numbers:
         fields = (local or {}).get(number, {})
         health = protocol.local_health(fields.get("norm", 1.0 + rank), fields.get("nonfinite", 0), compute_time=0.1)
         steps.append(step_doc(number, local=health))
-    batch = BatchDocument.model_validate(batch_doc(rank=rank, steps=steps))
+    batch = BatchDocument.model_validate(batch_doc(rank=rank, steps=steps, status=status))
     stored = store_batch(session, find_run(session, "r1", EVERYTHING), batch, CONFIG)
     session.commit()
     return [event for event in stored.new_events if event["kind"].startswith("rank_")]
@@ -139,4 +139,10 @@ def test_batches_are_judged_when_the_last_rank_arrives_and_a_dead_rank_never_blo
         kinds = session.execute(select(Event.kind, Event.rank, Event.step)).all()
         assert [tuple(row) for row in kinds] == [("rank_nonfinite", 2, 3)]
         assert judge_row.events_total == {"rank_nonfinite": {"2": 1}}
+        # The job ends: once more than half the ranks sent their last batch, nothing is waited for.
+        for rank in range(3):
+            _post(session, rank, [last + 1], status="finished")
+        session.refresh(judge_row)
+        assert judge_row.judged_through == last + 1
+        assert judge_row.state["gaps"][-1] == [4, last + 1, [3]]
     engine.dispose()
