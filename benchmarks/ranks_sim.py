@@ -213,7 +213,8 @@ def main() -> int:
     latencies = 1e3 * result["latencies"]
     sent = result["steps"] * args.ranks
     print(
-        f"\nbatches: {len(latencies)} acknowledged of {sent}, errors {dict(result['errors'])}, {result['late']} sent late"
+        f"\nbatches: {len(latencies)} acknowledged of {sent}, errors {dict(result['errors'])}, "
+        f"{result['late']} sent late"
     )
     print(
         f"ingest latency: p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, "

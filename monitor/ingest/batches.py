@@ -208,10 +208,8 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                     )
         for name in ("local", "replicated_by"):
             if getattr(step, name) is not None and document.protocol < protocol.LOCAL_HEALTH_VERSION:
-                raise IngestError(
-                    422,
-                    f"steps[{i}].{name}: needs protocol {protocol.LOCAL_HEALTH_VERSION}, the batch says {document.protocol}",
-                )
+                needs = f"needs protocol {protocol.LOCAL_HEALTH_VERSION}, the batch says {document.protocol}"
+                raise IngestError(422, f"steps[{i}].{name}: {needs}")
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
                 raise IngestError(
