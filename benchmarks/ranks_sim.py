@@ -4,14 +4,15 @@
 
 Starts a throwaway PostgreSQL (durable: fsync on) and one real collector (``numwatch serve`` on a
 loopback port, ``NUMWATCH_METRICS_CACHE_SECONDS=0`` so every scrape builds /metrics), registers one
-run of ``--ranks`` ranks and, for ``--seconds``, posts every rank's step each second the way the
-client does at one step per second (one batch per rank per second, ``BATCH_SECONDS``): rank 0's
-step carries the replicated statistics of ``--tensors`` tensors (norms, abs-max, NaN/Inf counts)
-and its local health; every other rank its loss, step time and local health with
-``replicated_by=0``; sampled steps add the replicas' checksum. The ranks' posts are spread over
-each second. Prints ingest latency (p50/p99/max), batches acknowledged and late, stored bytes per
-step (step blocks, rollups, the cross-rank queue and state), the cross-rank judging's lag, and
-/metrics scrape time with all ranks.
+run of ``--ranks`` ranks and, for ``--seconds``, makes every rank produce one step per second (the
+ranks spread over each second). Each rank sends like the client's transport: what is due, at most
+64 steps a batch, at most one batch a second, waiting for each answer (so a slow collector gets
+fewer, larger batches). Rank 0's steps carry the replicated statistics of ``--tensors`` tensors
+(norms, abs-max, NaN/Inf counts) and its local health; every other rank's its loss, step time and
+local health with ``replicated_by=0``; sampled steps add the replicas' checksum. Prints steps and
+batches acknowledged, ingest latency per batch (p50/p99/max), stored bytes per step (step blocks,
+rollups, the tables on disk), how far the cross-rank judging got, and /metrics scrape time with
+all ranks (every ``SCRAPE_EVERY_S`` during the run, three times after).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from tests.support.postgres import postgres_server  # noqa: E402
 RUN = "ranks-sim"
 SCRAPE_EVERY_S = 10.0
 JSON = {"Content-Type": "application/json"}
+BATCH_STEPS, BATCH_SECONDS = 64, 1.0  # numwatch.delivery.transport's
 
 
 def _tensors(n: int) -> list[protocol.TensorSpec]:
@@ -86,66 +88,72 @@ async def simulate(url: str, ranks: int, seconds: float, n_tensors: int, sampled
             response = await client.post(protocol.RUNS_PATH, content=protocol.dumps(dict(document)), headers=JSON)
             response.raise_for_status()
         latencies: list[float] = []
-        late = 0
+        sizes: list[int] = []
         errors: Counter[str] = Counter()
         scrapes: list[float] = []
         start = time.monotonic()
         steps = int(seconds)
-        rngs = [np.random.default_rng(rank) for rank in range(ranks)]
 
-        async def post(rank: int, step: int, due: float) -> None:
-            nonlocal late
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                late += 1
-            sampled = (step - 1) % sampled_every == 0
-            batch = protocol.batch_document(
-                RUN,
-                rank=rank,
-                instance=instance,
-                steps=[step_document(rank, step, n_tensors, sampled, rngs[rank])],  # type: ignore[list-item]
-                status="finished" if step == steps else "running",
-            )
-            began = time.perf_counter()
-            try:
-                response = await client.post(
-                    f"{protocol.RUNS_PATH}/{RUN}/batches",
-                    content=protocol.dumps(dict(batch)),
-                    headers=JSON,
+        async def sender(rank: int) -> None:
+            """One rank's transport: its step s is due at start + s - 1 (ranks spread over the second); it sends
+            what is due, at most BATCH_STEPS steps, at most once per BATCH_SECONDS, and waits for the answer."""
+            rng = np.random.default_rng(rank)
+            offset = rank / ranks
+            produced = 0
+            while produced < steps:
+                now = time.monotonic() - start - offset
+                due = min(steps, int(now) + 1) if now >= 0 else 0
+                if due <= produced:
+                    await asyncio.sleep(produced + 1 - now)
+                    continue
+                numbers = list(range(produced + 1, min(due, produced + BATCH_STEPS) + 1))
+                documents = [
+                    step_document(rank, n, n_tensors, (n - 1) % sampled_every == 0, rng)  # type: ignore[arg-type]
+                    for n in numbers
+                ]
+                batch = protocol.batch_document(
+                    RUN,
+                    rank=rank,
+                    instance=instance,
+                    steps=documents,  # type: ignore[arg-type]
+                    status="finished" if numbers[-1] == steps else "running",
                 )
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - began)
-            except httpx.HTTPStatusError as error:
-                errors[f"{error.response.status_code} {error.response.text[:60]}"] += 1
-            except httpx.HTTPError as error:
-                errors[type(error).__name__] += 1
+                began = time.perf_counter()
+                try:
+                    response = await client.post(
+                        f"{protocol.RUNS_PATH}/{RUN}/batches", content=protocol.dumps(dict(batch)), headers=JSON
+                    )
+                    response.raise_for_status()
+                    latencies.append(time.perf_counter() - began)
+                    sizes.append(len(numbers))
+                    produced = numbers[-1]
+                except httpx.HTTPStatusError as error:
+                    errors[f"{error.response.status_code} {error.response.text[:60]}"] += 1
+                except httpx.HTTPError as error:
+                    errors[type(error).__name__] += 1
+                await asyncio.sleep(max(0.0, BATCH_SECONDS - (time.perf_counter() - began)))
 
         async def scraper() -> None:
-            while time.monotonic() - start < seconds:
+            while True:
                 await asyncio.sleep(SCRAPE_EVERY_S)
                 began = time.perf_counter()
                 (await client.get("/metrics")).raise_for_status()
                 scrapes.append(time.perf_counter() - began)
 
-        scraping = asyncio.create_task(scraper())
-        pending: set[asyncio.Task] = set()
-        for step in range(1, steps + 1):
-            second = start + step - 1
-            for rank in range(ranks):
-                task = asyncio.create_task(post(rank, step, second + rank / ranks))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await asyncio.sleep(max(0.0, second + 1 - time.monotonic()))
-            done = len(latencies)
-            if step % 10 == 0:
+        async def progress() -> None:
+            while True:
+                await asyncio.sleep(10)
+                recent = latencies[-2000:] or [0.0]
                 print(
-                    f"  t={time.monotonic() - start:5.0f}s step {step}: {done} batches acknowledged, "
-                    f"p50 {1e3 * np.median(latencies or [0]):.0f} ms, {len(pending)} in flight",
+                    f"  t={time.monotonic() - start:5.0f}s: {sum(sizes)} steps in {len(sizes)} batches acknowledged, "
+                    f"p50 {1e3 * np.median(recent):.0f} ms (last 2000), "
+                    f"{np.mean(sizes[-2000:] or [0]):.1f} steps/batch",
                     flush=True,
                 )
-        await asyncio.gather(*pending)
+
+        scraping, reporting = asyncio.create_task(scraper()), asyncio.create_task(progress())
+        await asyncio.gather(*(sender(rank) for rank in range(ranks)))
+        reporting.cancel()
         scraping.cancel()
         final = []
         for _ in range(3):
@@ -154,7 +162,8 @@ async def simulate(url: str, ranks: int, seconds: float, n_tensors: int, sampled
             final.append(time.perf_counter() - began)
         return {
             "latencies": np.sort(np.asarray(latencies)),
-            "late": late,
+            "steps_per_batch": float(np.mean(sizes)) if sizes else 0.0,
+            "acknowledged_steps": sum(sizes),
             "errors": errors,
             "steps": steps,
             "scrapes": scrapes + final,
@@ -213,8 +222,8 @@ def main() -> int:
     latencies = 1e3 * result["latencies"]
     sent = result["steps"] * args.ranks
     print(
-        f"\nbatches: {len(latencies)} acknowledged of {sent}, errors {dict(result['errors'])}, "
-        f"{result['late']} sent late"
+        f"\nsteps: {result['acknowledged_steps']} acknowledged of {sent} in {len(latencies)} batches "
+        f"({result['steps_per_batch']:.1f} steps/batch), errors {dict(result['errors'])}"
     )
     print(
         f"ingest latency: p50 {np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, "
