@@ -17,13 +17,15 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from numwatch.monitor.detectors import ranks as rank_detectors
 from numwatch.monitor.detectors.rules import DetectorConfig
 from numwatch.monitor.store.models import Event, RankInbox, RankJudge, RankState, Run
 
+# Steps one batch judges at most (the next batches judge the rest), so no batch takes long.
+MAX_STEPS_PER_BATCH = 64
 # A step's ``local`` part as step row fields.
 LOCAL_FIELDS = ("local_grad_norm", "local_nonfinite", "compute_time", "nonfinite_tensors", "checksum")
 INBOX_FIELDS = ("loss", "local_grad_norm", "local_nonfinite", "compute_time", "checksum", "nonfinite_tensors")
@@ -70,39 +72,60 @@ def _majority_step(session: Session, run: Run) -> int:
     return last[index] if index < len(last) else 0
 
 
+def _ready_steps(session: Session, run: Run, after: int, ending: bool, config: DetectorConfig) -> list[int]:
+    """The queued steps after ``after`` that can be judged now, ascending, at most ``MAX_STEPS_PER_BATCH``: each
+    complete, or far enough behind the majority (or the run ending). Counted first, so a backlog of steps still
+    waiting for a rank is not read again and again."""
+    counts = session.execute(
+        select(RankInbox.step, func.count())
+        .where(RankInbox.run_id == run.id, RankInbox.step > after)
+        .group_by(RankInbox.step)
+        .order_by(RankInbox.step)
+    ).all()
+    if not counts:
+        return []
+    reached = _majority_step(session, run) if not ending else 0
+    ready = []
+    for step, count in counts:
+        if count < run.world_size and step > reached - config.rank_wait_steps and not ending:
+            break  # wait for the missing ranks
+        ready.append(step)
+        if len(ready) == MAX_STEPS_PER_BATCH:
+            break
+    return ready
+
+
 def judge(session: Session, run: Run, config: DetectorConfig, finished_rank: int | None) -> list[dict[str, Any]]:
     """Judge the run's steps that are ready; the events stored (each with its ``rank``). ``finished_rank``:
-    the rank whose last batch this is; once more than half the ranks sent theirs, every step left is judged."""
+    the rank whose last batch this is; once more than half the ranks (one of two) sent theirs, every step left
+    is judged."""
     judge_row = _judge_row(session, run.id, wait=finished_rank is not None)
     if judge_row is None:
         return []
-    rows = session.execute(
-        select(RankInbox)
-        .where(RankInbox.run_id == run.id, RankInbox.step > judge_row.judged_through)
-        .order_by(RankInbox.step, RankInbox.rank)
-    ).scalars()
-    by_step: dict[int, dict[int, rank_detectors.RankHealth]] = defaultdict(dict)
-    for row in rows:
-        by_step[row.step][row.rank] = rank_detectors.RankHealth(
-            rank=row.rank, time=row.time, **{name: getattr(row, name) for name in INBOX_FIELDS}
-        )
     state = dict(judge_row.state) or rank_detectors.empty_state()
     finished = set(state.get("finished", [])) | ({finished_rank} if finished_rank is not None else set())
     state["finished"] = sorted(finished)
-    ending = 2 * len(finished) > run.world_size
-    reached = _majority_step(session, run)
+    ending = 2 * len(finished) > run.world_size or (run.world_size <= 2 and bool(finished))
+    ready = _ready_steps(session, run, judge_row.judged_through, ending, config)
+    by_step: dict[int, dict[int, rank_detectors.RankHealth]] = defaultdict(dict)
+    if ready:
+        rows = session.execute(
+            select(RankInbox).where(RankInbox.run_id == run.id, RankInbox.step.between(ready[0], ready[-1]))
+        ).scalars()
+        for row in rows:
+            by_step[row.step][row.rank] = rank_detectors.RankHealth(
+                rank=row.rank, time=row.time, **{name: getattr(row, name) for name in INBOX_FIELDS}
+            )
     judged = judge_row.judged_through
     events: list[dict[str, Any]] = []
-    for step in sorted(by_step):
-        ranks = by_step[step]
-        if len(ranks) < run.world_size and step > reached - config.rank_wait_steps and not ending:
-            break  # wait for the missing ranks
+    for step in ready:
         events += [
             {"rank": rank, **event}
-            for rank, event in rank_detectors.judge_step(step, ranks, run.world_size, state, config)
+            for rank, event in rank_detectors.judge_step(step, by_step[step], run.world_size, state, config)
         ]
         judged = step
-    if judged > judge_row.judged_through:
+    if judged > judge_row.judged_through or ending:
+        # Judged rows go, and so do late ones of steps judged before (stored for their rank's views).
         session.execute(delete(RankInbox).where(RankInbox.run_id == run.id, RankInbox.step <= judged))
     if events:
         session.execute(insert(Event), [{"run_id": run.id, **event} for event in events])

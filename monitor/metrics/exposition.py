@@ -112,11 +112,15 @@ class NumwatchCollector(Collector):
                 status = run_status(run, run_states, self.settings.stale_after_seconds, now)
                 m.run_info.add_metric([run.name, run.project, run.format, str(run.world_size), status], 1)
                 events: dict[str, int] = {}
+                listed = ranks.listed(run, run_states, judges.get(run.id))
                 for state in run_states:
                     for kind, count in state.events_total.items():
                         events[kind] = events.get(kind, 0) + count
+                    if state.rank not in listed:
+                        continue  # a large job's rank with nothing to single it out: in numwatch_ranks_*
                     m.add_rank(run, state)
-                    if self.settings.metrics_top_k > 0:
+                    # A rank whose steps carry no per-tensor statistics (another rank sends them) has no top layers.
+                    if self.settings.metrics_top_k > 0 and state.global_grad_norm is not None:
                         self._top_layers(session, run, state, m.layer_grad_norm)
                 if run.world_size > 1:
                     for kind, count in ranks.add_run(run, run_states, judges.get(run.id)).items():

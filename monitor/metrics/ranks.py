@@ -1,10 +1,12 @@
 """/metrics families of a multi-rank run's per-rank health, bounded for large jobs.
 
-Per rank (``rank`` label): its local gradient norm and non-finite count before the reduction,
-its compute time, and whether the cross-rank detectors hold it a straggler or its replicated
-weights diverged now. Up to ``metrics_max_ranks`` ranks every rank is listed; beyond, only
-the ranks the detectors name and the ranks holding the extreme values, so a 512-rank job
-adds a few series, not 512 per metric. ``numwatch_ranks_*`` always give the minimum, median
+Per rank (``rank`` label): its loss, its local gradient norm and non-finite count before the
+reduction, its compute time, and whether the cross-rank detectors hold it a straggler or its
+replicated weights diverged now. Up to ``metrics_max_ranks`` ranks every rank is listed;
+beyond, only the ranks the detectors name, those sending the replicated statistics and those
+holding the extreme values, so a 512-rank job adds a few series, not 512 per metric (the
+collector's other per-rank families, ``numwatch_loss``, ``numwatch_steps_total``..., list the
+same ranks then: :meth:`RankFamilies.listed`). ``numwatch_ranks_*`` always give the minimum, median
 and maximum over all ranks (``stat`` label) and how many ranks were missing at the last
 judged step.
 """
@@ -18,8 +20,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from numwatch.monitor.store.models import RankJudge, RankState, Run
 
-# (rank_state attribute, metric suffix, help)
+# (rank_state attribute, metric suffix, help); each has numwatch_ranks_<suffix> and, but the loss (which
+# numwatch_loss has per rank already), numwatch_rank_<suffix>.
 SIGNALS = (
+    ("loss", "loss", "The rank's own loss (last step)."),
     ("local_grad_norm", "local_grad_norm", "L2 norm of the rank's own gradient before the reduction (last step)."),
     ("local_nonfinite", "local_nonfinite", "NaN/Inf elements of the rank's own gradient before the reduction."),
     ("compute_time", "compute_seconds", "The rank's forward + backward time before waiting on the reduction."),
@@ -36,6 +40,7 @@ class RankFamilies:
         self.per_rank = {
             attribute: GaugeMetricFamily(f"numwatch_rank_{suffix}", text, labels=labels)
             for attribute, suffix, text in SIGNALS
+            if attribute != "loss"
         }
         self.across = {
             attribute: GaugeMetricFamily(
@@ -64,20 +69,31 @@ class RankFamilies:
             "numwatch_ranks_missing", "Ranks that had not sent the last step judged across ranks.", labels=["run"]
         )
 
-    def add_run(self, run: Run, states: Sequence[RankState], judge: RankJudge | None) -> dict[str, int]:
-        """Add a run's families; the cross-rank events counted so far by kind (to add to numwatch_events_total)."""
+    def listed(self, run: Run, states: Sequence[RankState], judge: RankJudge | None) -> set[int]:
+        """The ranks whose own series /metrics lists: all of them up to ``max_ranks``; beyond, those sending
+        the replicated statistics and those the cross-rank detectors name now."""
+        if run.world_size <= self.max_ranks:
+            return {s.rank for s in states}
         state = (judge.state if judge is not None else None) or {}
         named = {int(rank) for rank in state.get("stragglers", [])} | {int(rank) for rank in state.get("diverged", [])}
         named |= {int(rank) for rank in state.get("nonfinite", [])}
         named |= {int(rank) for ranks in state.get("outliers", {}).values() for rank in ranks}
-        listed = {s.rank for s in states} if run.world_size <= self.max_ranks else set(named)
-        for attribute, family in self.per_rank.items():
+        return named | {s.rank for s in states if s.global_grad_norm is not None}
+
+    def add_run(self, run: Run, states: Sequence[RankState], judge: RankJudge | None) -> dict[str, int]:
+        """Add a run's families; the cross-rank events counted so far by kind (to add to numwatch_events_total)."""
+        state = (judge.state if judge is not None else None) or {}
+        listed = self.listed(run, states, judge)
+        for attribute, _, _ in SIGNALS:
             having = [s for s in states if getattr(s, attribute) is not None]
             if not having:
                 continue
             values = [float(getattr(s, attribute)) for s in having]
             for stat, value in zip(STATS, (min(values), statistics.median(values), max(values)), strict=True):
                 self.across[attribute].add_metric([run.name, stat], value)
+            family = self.per_rank.get(attribute)
+            if family is None:
+                continue
             extremes = {min(having, key=lambda s: getattr(s, attribute)).rank}
             extremes.add(max(having, key=lambda s: getattr(s, attribute)).rank)
             for s in having:

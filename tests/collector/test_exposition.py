@@ -108,18 +108,25 @@ def test_large_jobs_list_only_the_named_and_extreme_ranks() -> None:
     from numwatch.monitor.metrics.ranks import RankFamilies
     from numwatch.monitor.store.models import RankJudge, RankState, Run
 
-    def families(world_size: int) -> dict[str, list]:
+    def families(world_size: int) -> tuple[dict[str, list], set[int]]:
         run = Run(name="big", world_size=world_size)
         states = [
-            RankState(rank=rank, local_grad_norm=float(rank + 1), local_nonfinite=0, compute_time=0.1)
+            RankState(
+                rank=rank,
+                local_grad_norm=float(rank + 1),
+                local_nonfinite=0,
+                compute_time=0.1,
+                global_grad_norm=1.0 if rank == 0 else None,  # rank 0 sends the replicated statistics
+            )
             for rank in range(world_size)
         ]
         judge = RankJudge(state={"stragglers": [7], "diverged": [], "nonfinite": [], "outliers": {}}, events_total={})
         ranks = RankFamilies(max_ranks=64)
         ranks.add_run(run, states, judge)
-        return {family.name: family.samples for family in ranks.families()}
+        return {family.name: family.samples for family in ranks.families()}, ranks.listed(run, states, judge)
 
-    big = families(512)
+    big, listed = families(512)
+    assert listed == {0, 7}  # the collector's other per-rank families: the sender and the named ranks
     assert sorted(int(s.labels["rank"]) for s in big["numwatch_rank_local_grad_norm"]) == [0, 7, 511]
     assert [(s.labels["stat"], s.value) for s in big["numwatch_ranks_local_grad_norm"]] == [
         ("min", 1.0),
@@ -127,4 +134,5 @@ def test_large_jobs_list_only_the_named_and_extreme_ranks() -> None:
         ("max", 512.0),
     ]
     assert [s.labels["rank"] for s in big["numwatch_rank_straggling"]] == ["7"]
-    assert len(families(64)["numwatch_rank_local_grad_norm"]) == 64
+    small, listed = families(64)
+    assert len(small["numwatch_rank_local_grad_norm"]) == 64 and listed == set(range(64))

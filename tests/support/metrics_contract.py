@@ -39,6 +39,7 @@ GAUGES = (
     "numwatch_rank_local_grad_norm",
     "numwatch_rank_local_nonfinite",
     "numwatch_rank_compute_seconds",
+    "numwatch_ranks_loss",
     "numwatch_ranks_local_grad_norm",
     "numwatch_ranks_local_nonfinite",
     "numwatch_ranks_compute_seconds",
@@ -165,6 +166,7 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
         ):
             family(name, "gauge", [("", labels, value)])
     for name, value in (
+        ("numwatch_ranks_loss", 2.5),
         ("numwatch_ranks_local_grad_norm", 0.8),
         ("numwatch_ranks_local_nonfinite", 0.0),
         ("numwatch_ranks_compute_seconds", 0.2),
