@@ -97,7 +97,7 @@ def _ready_steps(session: Session, run: Run, after: int, ending: bool, config: D
 
 def judge(session: Session, run: Run, config: DetectorConfig, finished_rank: int | None) -> list[dict[str, Any]]:
     """Judge the run's steps that are ready; the events stored (each with its ``rank``). ``finished_rank``:
-    the rank whose last batch this is; once more than half the ranks (one of two) sent theirs, every step left
+    the rank whose last batch this is; once more than half the ranks sent theirs, every step left
     is judged."""
     judge_row = _judge_row(session, run.id, wait=finished_rank is not None)
     if judge_row is None:
@@ -105,7 +105,7 @@ def judge(session: Session, run: Run, config: DetectorConfig, finished_rank: int
     state = dict(judge_row.state) or rank_detectors.empty_state()
     finished = set(state.get("finished", [])) | ({finished_rank} if finished_rank is not None else set())
     state["finished"] = sorted(finished)
-    ending = 2 * len(finished) > run.world_size or (run.world_size <= 2 and bool(finished))
+    ending = 2 * len(finished) > run.world_size
     ready = _ready_steps(session, run, judge_row.judged_through, ending, config)
     by_step: dict[int, dict[int, rank_detectors.RankHealth]] = defaultdict(dict)
     if ready:
