@@ -125,12 +125,48 @@ ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_domina
 # Step fields version 3 added: the forward statistics and what clipping did.
 V3_STEP_FIELDS = ("attention_logit_max", "output_logits", "clip_coef", "post_clip_grad_norm", "clipped")
 V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
+# Low-precision readiness of the matmuls (``gemm_every``): per Linear, stored under its weight
+# tensor's index, what each scheme's quantize -> dequantize round trip does to the operands the
+# matmul sees: X (input), W (weight), dY (output gradient). Per-tensor fp8 is e4m3 for X and W,
+# e5m2 for dY; MXFP8 with the OCP scale rule ("mxfp8") and a round-up one ("mxfp8_up"); NVFP4.
+GemmOperand = Literal["x", "w", "dy"]
+GEMM_OPERANDS: tuple[GemmOperand, ...] = get_args(GemmOperand)
+GemmScheme = Literal["e4m3", "e5m2", "mxfp8", "mxfp8_up", "nvfp4"]
+GEMM_SCHEMES: tuple[GemmScheme, ...] = get_args(GemmScheme)
+BLOCK_SCHEMES: tuple[GemmScheme, ...] = ("mxfp8", "mxfp8_up", "nvfp4")
+GEMM_OPERAND_SCHEMES: dict[GemmOperand, tuple[GemmScheme, ...]] = {
+    "x": ("e4m3", *BLOCK_SCHEMES),
+    "w": ("e4m3", *BLOCK_SCHEMES),
+    "dy": ("e5m2", *BLOCK_SCHEMES),
+}
+# SQNR in dB, the share of the non-zero elements flushed to zero, the share that saturates.
+GemmMeasure = Literal["sqnr", "flushed", "saturated"]
+GEMM_MEASURES: tuple[GemmMeasure, ...] = get_args(GemmMeasure)
+
+
+def gemm_stat(operand: GemmOperand, scheme: GemmScheme | None, measure: GemmMeasure | Literal["range"]) -> str:
+    """The stat name of one operand's measure under one scheme (``gemm_x_e4m3_sqnr``), or of its
+    dynamic range, log2(amax / smallest non-zero |x|), which no scheme changes (``gemm_x_range``)."""
+    return f"gemm_{operand}_range" if scheme is None else f"gemm_{operand}_{scheme}_{measure}"
+
+
+# Per operand: its schemes' measures (scheme-major), then its range. NaN for tensors that are no
+# Linear's weight, for operands not seen at that step, and for non-finite operands.
+GEMM_OPERAND_STATS: dict[GemmOperand, tuple[str, ...]] = {
+    operand: (
+        *(gemm_stat(operand, scheme, measure) for scheme in schemes for measure in GEMM_MEASURES),
+        gemm_stat(operand, None, "range"),
+    )
+    for operand, schemes in GEMM_OPERAND_SCHEMES.items()
+}
+GEMM_STATS: tuple[str, ...] = tuple(name for names in GEMM_OPERAND_STATS.values() for name in names)
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
 _INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)
 # The dtype of each stat's array.
-TENSOR_STATS: dict[TensorStat, ArrayDtype] = {
-    name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)
+TENSOR_STATS: dict[str, ArrayDtype] = {
+    **{name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)},
+    **dict.fromkeys(GEMM_STATS, "<f4"),
 }
 
 ActivationStat = Literal["absmax", "nonfinite"]

@@ -346,7 +346,7 @@ def _layout(keys: tuple[_Key, ...], chunk_elements: int) -> Layout:
     return Layout(keys, chunk_elements)
 
 
-def layout_of(tensors: Sequence[Tensor | None]) -> Layout:
+def layout_of(tensors: Sequence[Tensor | None], chunk_elements: int = CHUNK_ELEMENTS) -> Layout:
     """The cached :class:`Layout` of ``tensors`` (looked up by devices, dtypes and sizes)."""
     keys = tuple(None if t is None else (t.device, t.dtype, t.numel()) for t in tensors)
-    return _layout(keys, CHUNK_ELEMENTS)
+    return _layout(keys, chunk_elements)
