@@ -51,13 +51,14 @@ from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
 from numwatch.capture.clipping import ClipObserver
 from numwatch.capture.forward_probe import ForwardProbe
+from numwatch.capture.gemm import GemmProbe
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.delivery.spool import default_spool_root, spool_directory
 from numwatch.delivery.transport import Transport
 from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.kernels.chunks import release_scratch
-from numwatch.kernels.sharded import refuse_unsupported
+from numwatch.kernels.sharded import UnsupportedConfiguration, refuse_unsupported
 from numwatch.step import records
 from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
 from numwatch.step.records import StepRecord
@@ -137,6 +138,7 @@ class Watcher:
         attention_every: int | None,
         logits_module: str | None,
         quant_every: int,
+        gemm_every: int | None,
         format: str | None,
         on_nonfinite: str,
         measure: str,
@@ -179,6 +181,12 @@ class Watcher:
         self.probe = (
             ForwardProbe(model, self._forward_due, self._count_failure, logits_module)
             if self.attention_every > 0
+            else None
+        )
+        self.gemm_every = self._gemm_cadence(gemm_every)
+        self.gemm = (
+            GemmProbe(model, self.watched.local_parameters(), self._gemm_due, self._count_failure)
+            if self.gemm_every > 0
             else None
         )
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
@@ -301,6 +309,7 @@ class Watcher:
             "format_every": self.format_every,
             "attention_every": self.attention_every,
             "quant_every": self.watched.cadence.quant_every,
+            "gemm_every": self.gemm_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
         }
@@ -353,6 +362,23 @@ class Watcher:
     def _forward_due(self) -> bool:
         # A forward belongs to the step that has not been counted yet.
         return self.steps % self.attention_every == 0
+
+    def _gemm_due(self) -> bool:
+        return self.steps % self.gemm_every == 0
+
+    def _gemm_cadence(self, gemm_every: int | None) -> int:
+        """``gemm_every`` as given, else ``histogram_every``; sharded parameters reach ``F.linear`` as
+        unsharded copies numwatch cannot match to the watched tensors: off by default, refused when asked."""
+        if gemm_every is not None and gemm_every < 0:
+            raise ValueError(f"gemm_every must be >= 0 (0 turns it off), not {gemm_every}")
+        if self.watched.sharding is None:
+            return self.histogram_every if gemm_every is None else gemm_every
+        if gemm_every:
+            raise UnsupportedConfiguration(
+                "numwatch: gemm_every needs unsharded parameters (FSDP2/DTensor weights reach F.linear as "
+                "gathered copies); pass gemm_every=0"
+            )
+        return 0
 
     def count_step(self) -> StepMeasurement:
         """Count one optimizer-step attempt; the measurement it ends."""
@@ -410,6 +436,7 @@ class Watcher:
             self.measurement = None
         module_parts = self.tracer.take_step(self.device) if self.tracer is not None else None
         forward_parts = self.probe.take_step() if self.probe is not None else None
+        gemm = self.gemm.take_step() if self.gemm is not None else None
         if measurement.reading is None:
             return  # the step failed (counted in monitoring_errors): nothing to record
         self._count_nonfinite_if_due(measurement, skip_known)
@@ -419,6 +446,7 @@ class Watcher:
             step_time=now - self._last_step_clock if self._last_step_clock is not None else None,
             module_parts=module_parts,
             forward_parts=forward_parts,
+            gemm=gemm,
         )
         self._last_step_clock = now
         self.seal_ended_step()
@@ -543,7 +571,16 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        for hook in (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer, self.probe):
+        hooks = (
+            self._trigger,
+            self._root_listener,
+            self._optimizer_finder,
+            self._clips,
+            self.tracer,
+            self.probe,
+            self.gemm,
+        )
+        for hook in hooks:
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)
@@ -606,6 +643,7 @@ def watch(
     attention_every: int | None = None,
     logits_module: str | None = None,
     quant_every: int = 1000,
+    gemm_every: int | None = None,
     format: str | None = None,
     on_nonfinite: str = "warn",
     measure: str = "auto",
@@ -637,7 +675,10 @@ def watch(
     off). ``attention_every`` (default ``histogram_every``; 0 off) sets which steps' forwards
     are measured: the max attention logit of every ``scaled_dot_product_attention`` call and the
     output logits' log Z, read from the model's output (a tensor, a tuple's first element,
-    ``.logits``) or from the output of the submodule named ``logits_module``. ``format`` is the target format
+    ``.logits``) or from the output of the submodule named ``logits_module``. ``gemm_every`` (default
+    ``histogram_every``; 0 off) sets the steps whose ``F.linear`` calls are measured: what fp8, MXFP8 and
+    NVFP4 would do to each watched Linear weight's matmul operands X, W and dY (:mod:`numwatch.capture.gemm`;
+    refused with sharded parameters). ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
@@ -661,6 +702,7 @@ def watch(
         attention_every=attention_every,
         logits_module=logits_module,
         quant_every=quant_every,
+        gemm_every=gemm_every,
         format=format,
         on_nonfinite=on_nonfinite,
         measure=measure,

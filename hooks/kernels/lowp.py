@@ -44,9 +44,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -240,7 +239,9 @@ def _round_trip_sums(chunk: Chunk, rounded: _Rounded, nonzero: Tensor) -> list[T
     return [noise, flushed, saturated]
 
 
-def _round_trips(chunk: Chunk, x: Tensor, absolute: Tensor, amax: Tensor, per_tensor: ElementFormat) -> list[Any]:
+def _round_trips(
+    chunk: Chunk, x: Tensor, absolute: Tensor, amax: Tensor, per_tensor: ElementFormat
+) -> list[Callable[[], _Rounded]]:
     """The four schemes' round trips of a chunk, in row order, each made when it is iterated to
     (they share the chunk's scratch)."""
     blocks32 = absolute.view(-1, MX_BLOCK).amax(1)

@@ -307,6 +307,7 @@ class StepMeasurement:
         step_time: float | None,
         module_parts: tuple[torch.Tensor, list[int]] | None,
         forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+        gemm: torch.Tensor | None = None,
     ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
         reading, device = self.reading, watched.device
@@ -345,6 +346,8 @@ class StepMeasurement:
                 stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
             if output_logits is not None:
                 stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
+        if gemm is not None:
+            stack.add(records.GEMM, gemm.to(device))
         return StepRecord(
             step_number=self.number,
             time=time.time(),

@@ -38,6 +38,7 @@ POST_CLIP = "post_clip"  # float32 [k]: each tensor's norm after a clip function
 ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
 ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, names in StepRecord.attention_calls
 OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
+GEMM = "gemm"  # float32 [len(protocol.GEMM_STATS), n]: matmul operands' low-precision readiness, per weight
 SCALAR_PREFIX = "scalar:"
 
 _ROWS: dict[str, tuple[str, ...]] = {
@@ -48,6 +49,7 @@ _ROWS: dict[str, tuple[str, ...]] = {
     WEIGHT: ("weight_norm", "weight_absmax"),
     ADAM: protocol.ADAM_HEALTH_STATS,
     QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
+    GEMM: protocol.GEMM_STATS,
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
 
