@@ -219,6 +219,7 @@ DetectorEventKind = Literal[
     "grad_norm_spike",
     "attention_logit_growth",
     "log_z_drift",
+    "gemm_sqnr_low",
 ]
 EventKind = Literal[ClientEventKind, DetectorEventKind]
 

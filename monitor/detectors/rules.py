@@ -66,6 +66,11 @@ class DetectorConfig(BaseModel):
     # between likely tokens.
     log_z_low: float = Field(-32.0, description="mean output log Z below this is log-Z drift")
     log_z_high: float = Field(32.0, description="mean output log Z above this is log-Z drift")
+    # 20 dB: the error's RMS is a tenth of the operand's, where fp8 training recipes start to diverge
+    # from their bf16 baselines; per-tensor e4m3 of well-scaled operands gives about 31 dB.
+    gemm_sqnr_threshold: float = Field(
+        20.0, description="a Linear's e4m3 forward SQNR (dB, the lower of its input's and its weight's) below this"
+    )
 
 
 def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:

@@ -22,7 +22,7 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.detectors import forward_events, spikes
+from numwatch.monitor.detectors import forward_events, gemm_events, spikes
 from numwatch.monitor.detectors import rules as detectors
 from numwatch.monitor.errors import IngestError, NotFound
 from numwatch.monitor.ingest.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
@@ -458,9 +458,10 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         views = new_rows
         history = reader.last(new_rows[0]["step"], config.window)
         step_blocks.store(session, run.id, rank, new_rows)
-        new_events += detectors.detect(
-            history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel
-        )
+        names = [t["name"] for t in run.tensors]
+        new_events += detectors.detect(history, views, config, tensor_names=names, tensor_numel=numel)
+        low_precision_events, state.gemm_state = gemm_events.detect(dict(state.gemm_state or {}), views, config, names)
+        new_events += low_precision_events
         spike_history = spikes.stored_history(session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window)
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events

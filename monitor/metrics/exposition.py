@@ -87,7 +87,8 @@ class NumwatchCollector(Collector):
         )
 
     def _build(self) -> list[Metric]:
-        m = _Families(self.settings.detect.spike_score_steps, self.settings.detect.attention_logit_threshold)
+        detect = self.settings.detect
+        m = _Families(detect.spike_score_steps, detect.attention_logit_threshold, detect.gemm_sqnr_threshold)
         with self.session_factory() as session:
             runs = self._visible_runs(session)
             states = (
@@ -135,7 +136,7 @@ class NumwatchCollector(Collector):
 class _Families:
     """The families of one scrape, filled run by run."""
 
-    def __init__(self, score_steps: int, attention_logit_threshold: float) -> None:
+    def __init__(self, score_steps: int, attention_logit_threshold: float, gemm_sqnr_threshold: float) -> None:
         self.score_steps = score_steps
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
         self.run_info = gauge(
@@ -206,6 +207,11 @@ class _Families:
             "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the alert compares with.",
         )
         self.attention_logit_threshold.add_metric([], attention_logit_threshold)
+        self.gemm_sqnr_threshold = gauge(
+            "numwatch_gemm_sqnr_threshold_decibels",
+            "The collector's gemm_sqnr_low threshold (NUMWATCH_DETECT_GEMM_SQNR_THRESHOLD), which the alert compares with.",
+        )
+        self.gemm_sqnr_threshold.add_metric([], gemm_sqnr_threshold)
         self.counters = {
             "steps_total": counter("numwatch_steps", "Optimizer-step attempts stored.", labels=RUN_LABELS),
             "skipped_steps_total": counter(
@@ -254,6 +260,12 @@ class _Families:
             "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last quantization step).",
             labels=[*RUN_LABELS, "scheme"],
         )
+        self.gemm_sqnr_min = gauge(
+            "numwatch_gemm_sqnr_min_decibels",
+            "Lowest SQNR over the Linear layers of a matmul operand (x input, w weight, dy output gradient) under a "
+            "low-precision scheme, 10 log10(sum x^2 / sum (x - Q(x))^2) (last step whose matmuls were measured).",
+            labels=[*RUN_LABELS, "operand", "scheme"],
+        )
         self.learning_rate = gauge(
             "numwatch_learning_rate",
             "Learning rate of each param group at the last step.",
@@ -287,6 +299,9 @@ class _Families:
             )
         for scheme, value in sorted((state.quant_sqnr_min or {}).items()):
             self.quant_sqnr_min.add_metric([*labels, scheme], _finite_or_nan(decode_float(value)))
+        for pair, value in sorted(((state.gemm_state or {}).get("sqnr_min") or {}).items()):
+            operand, scheme = pair.split(":")
+            self.gemm_sqnr_min.add_metric([*labels, operand, scheme], _finite_or_nan(decode_float(value)))
         for group, lr in enumerate(state.lr or []):
             self.learning_rate.add_metric([*labels, str(group)], _finite_or_nan(decode_float(lr)))
         counts = np.cumsum(
@@ -302,10 +317,12 @@ class _Families:
             self.run_info,
             *self.scalar_gauges.values(),
             self.attention_logit_threshold,
+            self.gemm_sqnr_threshold,
             *self.counters.values(),
             *self.ratios.values(),
             self.spike_score,
             self.quant_sqnr_min,
+            self.gemm_sqnr_min,
             self.learning_rate,
             self.grad_norm_distribution,
             self.layer_grad_norm,

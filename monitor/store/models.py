@@ -241,6 +241,9 @@ class RankState(Base):
     adam_eps_dominated: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     # Lowest SQNR (dB, protocol-encoded floats) over tensors per scheme at the last quantization step.
     quant_sqnr_min: Mapped[dict] = mapped_column(JSON, default=dict)
+    # The last step whose matmul operands were measured (numwatch.monitor.detectors.gemm_events):
+    # {"step": n, "sqnr_min": {"<operand>:<scheme>": protocol-encoded dB}, "below": [tensor indices]}.
+    gemm_state: Mapped[dict] = mapped_column(JSON, default=dict)
     # The last step whose forward was measured: largest max attention logit over its attention
     # calls, and the output logits' statistics.
     attention_logit_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)

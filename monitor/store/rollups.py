@@ -41,6 +41,7 @@ ROW_GROUPS: dict[str, tuple[str, ...]] = {
     SCALARS: SCALAR_SERIES,
     "nonfinite": ("nan_count", "inf_count"),
     "format": protocol.FORMAT_COUNT_STATS,
+    "gemm": protocol.GEMM_STATS,
 }
 _GROUP_OF = {series: (group, i) for group, members in ROW_GROUPS.items() for i, series in enumerate(members)}
 _NO_STEP = np.uint32(0xFFFFFFFF)  # an offset meaning "no such step in this bucket"

@@ -33,6 +33,7 @@ EXPECTED_ALERTS = {
     "NumwatchVanishingGradients",
     "NumwatchSpikeRateHigh",
     "NumwatchAttentionLogitHigh",
+    "NumwatchGemmSqnrLow",
     "NumwatchRunStalled",
     "NumwatchCollectorDown",
     "NumwatchCollectorRejectingBatches",
