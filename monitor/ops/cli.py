@@ -230,7 +230,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _session(settings) as session:
         try:
-            page = export_run_page(session, args.run, settings.stale_after_seconds)
+            page = export_run_page(session, args.run, settings.stale_after_seconds, settings.detect.gemm_sqnr_threshold)
         except NotFound as error:
             print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
             return 1

@@ -13,7 +13,15 @@ from numwatch.monitor.api.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.errors import Refused
 from numwatch.monitor.ingest.schemas import MAX_RANK, MAX_STEP
 from numwatch.monitor.reads import forward, overview, queries, readiness
-from numwatch.monitor.reads.read_models import ForwardSeries, HistogramSteps, QuantizationTable, Tail, TensorSummary
+from numwatch.monitor.reads.read_models import (
+    ForwardSeries,
+    GemmRecipe,
+    GemmTable,
+    HistogramSteps,
+    QuantizationTable,
+    Tail,
+    TensorSummary,
+)
 from numwatch.monitor.settings import Settings
 from numwatch.monitor.store.auth import Principal
 
@@ -189,6 +197,25 @@ def get_quantization(
     session: Session = Depends(get_session),
 ) -> dict:
     return readiness.quantization_table(session, _run(session, run, principal), rank, sort)
+
+
+@router.get(
+    "/runs/{run}/gemm",
+    responses=RUN_RESPONSES,
+    response_model=GemmTable,
+    summary="Per Linear, what fp8/MXFP8/NVFP4 would do to its matmul operands X, W, dY at the last measured step, "
+    "worst first (the layers to keep in bf16)",
+)
+def get_gemm(
+    run: str,
+    rank: RankQuery = 0,
+    recipe: GemmRecipe = "fp8",
+    principal: Principal = Depends(require_reader),
+    session: Session = Depends(get_session),
+    settings: Settings = Depends(get_settings),
+) -> dict:
+    threshold = settings.detect.gemm_sqnr_threshold
+    return readiness.gemm_table(session, _run(session, run, principal), rank, recipe, threshold)
 
 
 @router.get(
