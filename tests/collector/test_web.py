@@ -596,3 +596,22 @@ def test_with_auth_pages_ask_for_a_token_and_show_only_its_project(served: Serve
         assert not driver.find_elements("id", "token-form")
         assert driver.find_element("id", "run-name").text == "run-of-b"
     browser.console_errors(driver)  # the refused reads above are logged by the browser; drop them
+
+
+def test_run_page_lists_the_linears_to_keep_in_bf16_and_maps_their_input_sqnr(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    assert browser.console_errors(driver) == []
+    table = get_json(f"{served.url}/api/v1/runs/mlp-fp16/gemm")
+    assert table["step"] == 36  # gemm_every defaults to histogram_every (5): steps 1, 6, ..., 36
+    rows = driver.find_elements("css selector", "#gemm-table tbody tr")
+    names = [r.find_element("css selector", "td").text for r in rows]
+    assert names == [layer["tensor"] for layer in table["layers"]]
+    assert sorted(names) == ["embed.weight", "head.weight", "hidden.weight"]  # the biases are no matmul weights
+    assert ["keep-bf16" in r.get_attribute("class") for r in rows] == [layer["keep_bf16"] for layer in table["layers"]]
+    worst = [float(r.find_elements("css selector", "td")[3].text) for r in rows]
+    assert worst == sorted(worst)
+    heat = driver.execute_script("return Charts.registry['gemm-heatmap'].layout")
+    assert heat["names"] == ["embed.weight", "hidden.weight", "head.weight"]  # model order
+    assert heat["steps"] == list(range(1, STEPS + 1, 5))
+    driver.execute_script("document.getElementById('gemm-box').scrollIntoView()")
+    browser.screenshot(driver, "gemm-readiness")

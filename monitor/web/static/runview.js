@@ -221,7 +221,7 @@ const RunView = (() => {
         return el("td", { class: "num" + (low ? " low" : ""), title: `${operand} · ${scheme}: flushed ${pct(m.flushed)}, saturated ${pct(m.saturated)}` }, fmt(m.sqnr_db, 3));
       }));
       return el("tr", { class: layer.keep_bf16 ? "keep-bf16" : "" },
-        el("td", { class: "mono" }, layer.tensor), el("td", {}, layer.keep_bf16 ? el("strong", {}, "bf16") : "low precision"),
+        el("td", { class: "mono" }, layer.tensor), el("td", {}, layer.keep_bf16 ? el("strong", {}, "yes") : "no"),
         el("td", { class: "mono" }, `${layer.worst.operand} · ${layer.worst.scheme}`), el("td", { class: "num" }, fmt(layer.worst.sqnr_db, 3)),
         el("td", { class: "num" }, pct(worst.flushed)), el("td", { class: "num" }, pct(worst.saturated)), cells,
         GEMM_OPERANDS.map(([operand]) => el("td", { class: "num" }, fmt(layer.operands[operand].range_bits, 3))));
@@ -231,7 +231,7 @@ const RunView = (() => {
   function gemmTable(table) {
     if (table.step === null) return el("p", { class: "muted", id: "gemm-none" }, "no matmul measured yet (every gemm_every steps, F.linear calls of watched weights)");
     const top = el("tr", {}, el("th", { colspan: 6 }, ""), GEMM_OPERANDS.map(([, label]) => el("th", { colspan: 4 }, `${label} SQNR dB`)), el("th", { colspan: 3 }, "range (bits)"));
-    const head = el("tr", {}, ["layer (weight)", "keep in", "worst pair", "worst dB", "flushed", "saturated"].map((h) => el("th", {}, h)),
+    const head = el("tr", {}, ["layer (weight)", "keep in bf16", "worst pair", "worst dB", "flushed", "saturated"].map((h) => el("th", {}, h)),
       GEMM_OPERANDS.flatMap(([, , fp8]) => [fp8, "mxfp8", "mxfp8_up", "nvfp4"].map((s) => el("th", { title: s }, GEMM_SCHEMES[s]))),
       GEMM_OPERANDS.map(([operand]) => el("th", {}, operand)));
     const keep = table.layers.filter((l) => l.keep_bf16).length;
