@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from numwatch.kernels.chunks import Chunk, layout_of, scratch, to_device
-from numwatch.kernels.quantization import sqnr_from_sums
+from numwatch.kernels.quantization import _one_cpu_thread, sqnr_from_sums
 from numwatch.kernels.stats import _absmax
 from numwatch.protocol import GemmScheme
 
@@ -89,10 +89,10 @@ E5M2 = ElementFormat("e5m2", 57344.0, _below(61440.0), torch.float8_e5m2)  # 614
 E2M1 = ElementFormat("e2m1", E2M1_MAX, _below(7.0), None)  # 7: tie to 8 (even)
 PER_TENSOR = {"e4m3": E4M3, "e5m2": E5M2}
 
-# e2m1 by comparisons: the code of |y| is how many of these it exceeds. The midpoints between
-# neighbours, those whose tie goes up (to the even neighbour) moved one float32 down.
-_E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_E2M1_CUTS = (0.25, _below(0.75), 1.25, _below(1.75), 2.5, _below(3.5), 5.0)
+# e2m1's spacing is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]: |y| + C − C with C = 2^22 · 2·spacing
+# rounds |y| to it (C's float32 spacing is the grid's), nearest even by float32's own rounding.
+# C = 2^(22 + max(e, 0)), e = the exponent of |y| in [0, 2], from its bits.
+_E2M1_BIASED_EXPONENTS = (127, 129)  # the exponent field of |y| in [1, 2) and [4, 6]
 
 # The rows of operand_sums, summed over a tensor's pieces except amax (max) and min_nonzero (min).
 SIGNAL, NONZERO, AMAX, MIN_NONZERO = range(4)
@@ -146,18 +146,22 @@ def _pow2_double(exponent: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- element rounding
 
 
-def round_fp8(y: Tensor, fmt: ElementFormat, out: Tensor | None = None) -> Tensor:
-    """float32 ``y`` rounded to ``fmt`` (fp8), saturating: torch's cast of the clamped value."""
-    clamped = torch.clamp(y, -fmt.max, fmt.max, out=out)
-    return clamped.copy_(clamped.to(fmt.dtype))
+def round_fp8(y: Tensor, fmt: ElementFormat, out: Tensor | None = None, clamp: bool = True) -> Tensor:
+    """float32 ``y`` rounded to ``fmt`` (fp8), saturating: torch's cast of the clamped value. ``clamp=False``
+    where |y| is known not to exceed the format's largest value by more than float32 rounding (a cast
+    rounds that back to it; torch before 2.12 gives NaN for values rounding past it)."""
+    out = torch.empty_like(y) if out is None else out
+    source = torch.clamp(y, -fmt.max, fmt.max, out=out) if clamp else y
+    return out.copy_(source.to(fmt.dtype))
 
 
 def round_e2m1(y: Tensor, out: Tensor | None = None) -> Tensor:
     """float32 ``y`` rounded to e2m1 (nearest, ties to even), saturating at ±6."""
-    cuts = _constant(_E2M1_CUTS, y.device)
-    codes = torch.bucketize(y.abs(), cuts)
-    values = torch.index_select(_constant(_E2M1_VALUES, y.device), 0, codes.view(-1)).view_as(y)
-    return torch.copysign(values, y, out=out) if out is not None else values.copysign_(y)
+    magnitude = torch.abs(y, out=out).clamp_(max=E2M1_MAX)
+    low, high = _E2M1_BIASED_EXPONENTS
+    field = magnitude.view(torch.int32).bitwise_right_shift(23).clamp_(low, high)
+    offset = field.add_(22).bitwise_left_shift_(23).view(torch.float32)  # 2^(22 + max(e, 0)), e clamped
+    return magnitude.add_(offset).sub_(offset).copysign_(y)
 
 
 # --------------------------------------------------------------------------- the schemes on a chunk
@@ -173,13 +177,15 @@ class _Rounded:
     decode: Tensor
     block: int
     fmt: ElementFormat
+    saturates: bool = True  # False: |y| never rounds past the format's largest value (saturated count 0)
 
 
 def _per_tensor(chunk: Chunk, x: Tensor, amax: Tensor, fmt: ElementFormat) -> _Rounded:
     scale = torch.where(amax > 0, (fmt.max / amax).clamp_(max=FLOAT32_MAX), 1.0)
     y = chunk.per_segment_(scratch(chunk.numel, torch.float32, x.device, _Y).copy_(x), ("mul", scale))
-    q = round_fp8(y, fmt, out=scratch(chunk.numel, torch.float32, x.device, _Q))
-    return _Rounded(y, q, scale.double().reciprocal(), 0, fmt)
+    # |y| ≤ M up to float32 rounding: nothing saturates.
+    q = round_fp8(y, fmt, out=scratch(chunk.numel, torch.float32, x.device, _Q), clamp=False)
+    return _Rounded(y, q, scale.double().reciprocal(), 0, fmt, saturates=False)
 
 
 def mx_exponents(block_amax: Tensor, round_up: bool) -> Tensor:
@@ -195,8 +201,9 @@ def _mx(x: Tensor, block_amax: Tensor, round_up: bool) -> _Rounded:
     e = mx_exponents(block_amax, round_up)
     y = scratch(x.numel(), torch.float32, x.device, _Y)
     torch.mul(x.view(-1, MX_BLOCK), _pow2(-e).unsqueeze(1), out=y.view(-1, MX_BLOCK))
-    q = round_fp8(y, E4M3, out=scratch(x.numel(), torch.float32, x.device, _Q))
-    return _Rounded(y, q, _pow2_double(e), MX_BLOCK, E4M3)
+    # Rounded up, amax / 2^e ≤ 448 exactly (and 2^e is exact): nothing saturates.
+    q = round_fp8(y, E4M3, out=scratch(x.numel(), torch.float32, x.device, _Q), clamp=not round_up)
+    return _Rounded(y, q, _pow2_double(e), MX_BLOCK, E4M3, saturates=not round_up)
 
 
 def nvfp4_block_scales(block_amax: Tensor, tensor_amax: Tensor) -> Tensor:
@@ -226,8 +233,11 @@ def _round_trip_sums(chunk: Chunk, rounded: _Rounded, nonzero: Tensor) -> list[T
     device, numel = y.device, chunk.numel
     flags = scratch(numel, torch.bool, device, _FLAGS)
     marks = scratch(numel, torch.float32, device, _MARKS)
-    magnitude = torch.abs(y, out=scratch(numel, torch.float32, device, _TEMP))
-    saturated = chunk.sums(marks.copy_(torch.gt(magnitude, rounded.fmt.saturates_above, out=flags))).double()
+    if rounded.saturates:
+        magnitude = torch.abs(y, out=scratch(numel, torch.float32, device, _TEMP))
+        saturated = chunk.sums(marks.copy_(torch.gt(magnitude, rounded.fmt.saturates_above, out=flags))).double()
+    else:
+        saturated = torch.zeros(len(chunk.lengths), dtype=torch.float64, device=device)
     flushed = chunk.sums(marks.copy_(torch.eq(q, 0, out=flags)).mul_(nonzero)).double()
     error = y.sub_(q)  # exact: q is within a factor 2 of y, or 0
     if rounded.block == 0:
@@ -330,15 +340,16 @@ def operand_sums(operands: Sequence[Tensor], per_tensor: str) -> Tensor:
     device = detached[0].device if detached else torch.device("cpu")
     aligned = [i for i, t in enumerate(detached) if t.numel() and _row_length(t) % ALIGN == 0]
     padded = [i for i, t in enumerate(detached) if t.numel() and _row_length(t) % ALIGN]
-    if aligned and len(aligned) == len(detached):
-        return _aligned_sums(detached, fmt, None)
-    result = torch.zeros((SUM_ROWS, len(detached)), dtype=torch.float64, device=device)
-    if aligned:
-        columns = _aligned_sums([detached[i] for i in aligned], fmt, None)
-        result.index_copy_(1, to_device(torch.tensor(aligned), device), columns)
-    for i in padded:
-        result[:, i] = _padded_sums(detached[i], fmt)
-    return result
+    with _one_cpu_thread(device):
+        if aligned and len(aligned) == len(detached):
+            return _aligned_sums(detached, fmt, None)
+        result = torch.zeros((SUM_ROWS, len(detached)), dtype=torch.float64, device=device)
+        if aligned:
+            columns = _aligned_sums([detached[i] for i in aligned], fmt, None)
+            result.index_copy_(1, to_device(torch.tensor(aligned), device), columns)
+        for i in padded:
+            result[:, i] = _padded_sums(detached[i], fmt)
+        return result
 
 
 def readiness(sums: Tensor, owners: Sequence[int] | None = None, n: int | None = None) -> Tensor:
