@@ -4,7 +4,9 @@ Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``
 the forward-pass statistics of sampled steps (``attention_logit_max``, ``output_logits``),
 what clipping did (``clip_coef``, ``post_clip_grad_norm``, ``clipped``) and the run identity
 (``instance``, ``resume``). The collector still accepts older documents (old clients, old
-spools), which cannot carry them.
+spools), which cannot carry them. The matmuls' low-precision readiness (``GEMM_STATS``) came
+later as per-tensor statistics of sampled steps, in any version (old clients just never send
+them; a collector that predates them refuses them as unknown statistics).
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
