@@ -102,7 +102,7 @@ SUM_ROWS = 4 + 4 * SCHEME_ROWS
 STAT_ROWS = 4 * 3 + 1
 
 # Scratch slots (numwatch.kernels.chunks.scratch) of this module's chunk-sized temporaries.
-_X, _ABS, _NONZERO, _Y, _Q, _TEMP, _MARKS, _FLAGS = range(10, 18)
+_X, _ABS, _Y, _Q, _TEMP, _MARKS, _FLAGS = range(10, 17)
 
 
 def schemes(per_tensor: str) -> tuple[GemmScheme, ...]:
@@ -227,8 +227,8 @@ def _nvfp4(chunk: Chunk, x: Tensor, block_amax: Tensor, amax: Tensor) -> _Rounde
 
 
 def _round_trip_sums(chunk: Chunk, rounded: _Rounded, nonzero: Tensor) -> list[Tensor]:
-    """[segments] float64 each: Σ(x − Q(x))², flushed count, saturated count of the chunk's segments.
-    Overwrites ``rounded.y`` with the error."""
+    """[segments] float64 each: Σ(x − Q(x))², flushed count, saturated count of the chunk's segments,
+    given their counts of non-zero x (float64). Overwrites ``rounded.y`` with the error."""
     y, q = rounded.y, rounded.q
     device, numel = y.device, chunk.numel
     flags = scratch(numel, torch.bool, device, _FLAGS)
@@ -238,7 +238,8 @@ def _round_trip_sums(chunk: Chunk, rounded: _Rounded, nonzero: Tensor) -> list[T
         saturated = chunk.sums(marks.copy_(torch.gt(magnitude, rounded.fmt.saturates_above, out=flags))).double()
     else:
         saturated = torch.zeros(len(chunk.lengths), dtype=torch.float64, device=device)
-    flushed = chunk.sums(marks.copy_(torch.eq(q, 0, out=flags)).mul_(nonzero)).double()
+    # Q(x) = 0 for x = 0: the flushed are the non-zero x less the non-zero q (an L1 norm of sign(q) counts those).
+    flushed = nonzero - chunk.sums(torch.sign(q, out=marks)).double()
     error = y.sub_(q)  # exact: q is within a factor 2 of y, or 0
     if rounded.block == 0:
         norms = torch.stack(torch._foreach_norm(chunk.split(error), 2, dtype=torch.float64))
@@ -269,14 +270,14 @@ def _chunk_sums(chunk: Chunk, x: Tensor, amax: Tensor, per_tensor: ElementFormat
     each segment's tensor amax (float32); the AMAX row is left 0 (the caller fills it)."""
     device, numel = x.device, chunk.numel
     absolute = torch.abs(x, out=scratch(numel, torch.float32, device, _ABS))
-    nonzero = torch.sign(absolute, out=scratch(numel, torch.float32, device, _NONZERO))
+    nonzero = chunk.sums(torch.sign(x, out=scratch(numel, torch.float32, device, _TEMP))).double()
     # The smallest non-zero |x| as −max(−|x|) with zeros as −inf (NaN too: a NaN tensor reports NaN anyway).
     positive = torch.gt(absolute, 0, out=scratch(numel, torch.bool, device, _FLAGS))
     infinity = _constant((math.inf,), device)[0]
     negated = torch.where(positive, absolute, infinity, out=scratch(numel, torch.float32, device, _TEMP)).neg_()
     rows = [
         torch.stack(torch._foreach_norm(chunk.split(x), 2, dtype=torch.float64)).square_(),
-        chunk.sums(nonzero).double(),
+        nonzero,
         torch.zeros(len(chunk.lengths), dtype=torch.float64, device=device),
         torch.stack(torch._foreach_max(chunk.split(negated))).double().neg_(),
     ]
