@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from numwatch import protocol
+from numwatch import protocol, settings
 from numwatch.capture.activations import ActivationTracer
 from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
@@ -93,9 +93,7 @@ def _run_identity(model: nn.Module, run: str | None, world_size: int) -> tuple[s
     time; the instance identifies this watching process. Rank 0's pair on every rank: the
     ranks of one job are one run, a second job is another instance."""
     name = (
-        run
-        or os.environ.get("NUMWATCH_RUN")
-        or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        run or settings.read(settings.RUN) or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     )
     identity = [name, uuid.uuid4().hex]
     if world_size > 1:
@@ -214,8 +212,8 @@ class Watcher:
                 )
 
         self._project, self._config = project, config
-        self._url = url if url is not None else os.environ.get("NUMWATCH_URL") or None
-        self._token = token if token is not None else os.environ.get("NUMWATCH_TOKEN") or None
+        self._url = url if url is not None else settings.read(settings.URL)
+        self._token = token if token is not None else settings.read(settings.TOKEN)
         root = spool_dir if spool_dir is not None else default_spool_root()
         self.spool_dir = spool_directory(root, self.run, self.rank, self.instance)
         self._transport: Transport | None = None
@@ -291,7 +289,7 @@ class Watcher:
             }
             for n, p in zip(self.watched.names, self.watched.parameters)
         ]
-        settings = {
+        run_config = {
             "model": type(self.model).__name__,
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "grad_scaler": self.scaler is not None,
@@ -310,9 +308,9 @@ class Watcher:
             world_size=self.world_size,
             format=self.format.name,
             tensors=tensors,
-            project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
+            project=project or settings.read(settings.PROJECT) or "default",
             modules=self.tracer.module_names if self.tracer else [],
-            config=settings,
+            config=run_config,
             instance=self.instance,
             resume=self.resume,
         )

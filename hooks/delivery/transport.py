@@ -21,7 +21,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +32,7 @@ from numwatch.delivery.spool import (
     read_entries,
     read_uploaded_mark,
 )
+from numwatch.step.records import StepDocuments
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ HTTP_TIMEOUT_SECONDS = 5.0
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 30.0
-
-
-@dataclass
-class StepDocuments:
-    """What one step contributes to a batch."""
-
-    step: protocol.StepDocument
-    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
-    events: list[protocol.EventDocument] = field(default_factory=list)
 
 
 class StepSource(Protocol):

@@ -37,17 +37,10 @@ from numwatch.kernels.chunks import to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
 from numwatch.kernels.sharded import ShardReduction, local_tensor
+from numwatch.naming import tensor_name
 from numwatch.step import records
 from numwatch.step.hostcopy import DeviceStack
 from numwatch.step.records import StepRecord, histogram_part
-
-# torch.compile wraps a module as ``_orig_mod``; names must not depend on it.
-COMPILE_WRAPPER = "_orig_mod"
-
-
-def tensor_name(name: str) -> str:
-    """A parameter's name with every compile wrapper component removed."""
-    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
 
 
 def select_parameters(
