@@ -256,12 +256,25 @@ class StepMeasurement:
         self.lr: list[float] = []
         self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
         self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.optimizer_stepped = False  # the optimizer's step ran (a GradScaler's update() tells a skip by it)
         self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
 
     @property
     def started(self) -> bool:
         """Whether the gradients were read (or the attempt failed): the step is under way."""
         return self.phase is not Phase.OPEN
+
+    @property
+    def failed(self) -> bool:
+        """Whether monitoring failed in this step (it records nothing)."""
+        return self.phase is Phase.FAILED
+
+    def clip_effect(self) -> ClipEffect:
+        """What clipping did to the read gradients, starting from their pre-clip norms at the first clip."""
+        assert self.reading is not None, "clipping is only followed once the gradients were read"
+        if self.clip is None:
+            self.clip = ClipEffect(self.reading.norms[0])
+        return self.clip
 
     def read(
         self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
