@@ -170,9 +170,13 @@ class StepLedger:
         """The measurement of the step under way (MEASURING or COUNTED), if any."""
         return self._under_way.measurement if self._under_way is not None else None
 
-    @property
-    def stage_under_way(self) -> Stage | None:
-        return self._under_way.stage if self._under_way is not None else None
+    def stage_of(self, number: int) -> Stage | None:
+        """The stage of step ``number`` while the ledger holds it (the step under way, the one
+        that ended, the one awaiting its host copy, the last one that ended); else None."""
+        for entry in (self._under_way, self._ended, self._awaiting, self._last):
+            if entry is not None and entry.number == number:
+                return entry.stage
+        return None
 
     # -- the step under way ---------------------------------------------------------------
 

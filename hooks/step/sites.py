@@ -58,6 +58,18 @@ class StepSite:
             self.ledger.reader.read(measurement)
         measurement.lr = learning_rates(self.optimizer)
 
+    def _end_counted(self, prepare: Callable[[], None], skip_known: bool | None) -> None:
+        """Complete the counted step under way with ``prepare`` (reads, weight statistics) and end
+        it. When ``prepare`` fails the step ends discarded, so that one failure costs one step
+        (the guard around the hook logs and counts it)."""
+        try:
+            prepare()
+        except Exception:
+            self.ledger.fail()
+            self.ledger.end_step(skip_known=None)
+            raise
+        self.ledger.end_step(skip_known=skip_known)
+
     def _add_weight_parts(self, measurement: StepMeasurement) -> None:
         watched = self.ledger.watched
         if measurement.reading is None:
@@ -82,16 +94,17 @@ class OptimizerHookSite(StepSite):
         if counted is not None and not counted.failed:
             return  # this step was counted already (the hook ran twice while attaching)
         measurement = self.ledger.count_step()
-        self._ensure_read(measurement)
-        if not (self.ledger.watched.cadence.after_update(measurement.number) or _has_closure(args, kwargs)):
-            self.ledger.end_step(skip_known=None)
-        # else it stays COUNTED and ends in the post-hook, after the update
+        if self.ledger.watched.cadence.after_update(measurement.number) or _has_closure(args, kwargs):
+            # It stays COUNTED and ends in the post-hook, after the update; a failed read leaves it
+            # failed until then, so a closure's backward inside the step cannot reach the next one.
+            self._ensure_read(measurement)
+        else:
+            self._end_counted(lambda: self._ensure_read(measurement), skip_known=None)
 
     def _after_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         measurement = self.ledger.counted()
         if measurement is not None:
-            self._add_weight_parts(measurement)
-            self.ledger.end_step(skip_known=None)
+            self._end_counted(lambda: self._add_weight_parts(measurement), skip_known=None)
 
 
 class ScalerSite(StepSite):
@@ -170,6 +183,21 @@ class ScalerSite(StepSite):
     def _after_update(
         self, measurement: StepMeasurement, before: tuple[torch.Tensor | None, torch.Tensor | None] | None
     ) -> None:
+        if not self.ends_steps:
+            self._add_update_parts(measurement, before)
+            measurement.skip_known = self.skip_known(measurement)
+            return
+
+        def prepare() -> None:
+            self._add_update_parts(measurement, before)
+            self._add_weight_parts(measurement)
+
+        self._end_counted(prepare, skip_known=self.skip_known(measurement))
+
+    def _add_update_parts(
+        self, measurement: StepMeasurement, before: tuple[torch.Tensor | None, torch.Tensor | None] | None
+    ) -> None:
+        """The gradients (if no backward read them), the scale before and after update() and the Inf flags."""
         self._ensure_read(measurement)
         scale_before, found_inf = before if before is not None else (None, None)
         if scale_before is not None:
@@ -177,11 +205,6 @@ class ScalerSite(StepSite):
             measurement.parts[records.NEW_LOSS_SCALE] = self.adapter.scale()
         if found_inf is not None:
             measurement.parts[records.FOUND_INF] = found_inf
-        if not self.ends_steps:
-            measurement.skip_known = self.skip_known(measurement)
-            return
-        self._add_weight_parts(measurement)
-        self.ledger.end_step(skip_known=self.skip_known(measurement))
 
 
 class FusedScalerSite(ScalerSite):
@@ -200,8 +223,7 @@ class FrameworkSite(StepSite):
         if measurement is None or not measurement.started:
             return
         self.ledger.count_step()
-        self._add_weight_parts(measurement)
-        self.ledger.end_step(skip_known=measurement.skip_known)
+        self._end_counted(lambda: self._add_weight_parts(measurement), skip_known=measurement.skip_known)
 
 
 class StepCallSite(StepSite):
@@ -209,6 +231,9 @@ class StepCallSite(StepSite):
 
     def step(self) -> None:
         measurement = self.ledger.count_step()
-        self._ensure_read(measurement)
-        self._add_weight_parts(measurement)
-        self.ledger.end_step(skip_known=None)
+
+        def prepare() -> None:
+            self._ensure_read(measurement)
+            self._add_weight_parts(measurement)
+
+        self._end_counted(prepare, skip_known=None)
