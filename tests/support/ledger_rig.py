@@ -75,12 +75,17 @@ def linear_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
 
 
-def backward(model: nn.Module, seed: int, scale: float = 1.0) -> torch.Tensor:
-    """One forward and backward on a fixed batch; the loss (unscaled)."""
+def loss_of(model: nn.Module, seed: int) -> torch.Tensor:
+    """The model's mean squared error on a fixed batch (a graph to backpropagate)."""
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.randn(6, 4, generator=generator), torch.randn(6, 2, generator=generator)
-    loss = (model(x) - y).pow(2).mean()
-    (loss * scale).backward()
+    return (model(x) - y).pow(2).mean()
+
+
+def backward(model: nn.Module, seed: int) -> torch.Tensor:
+    """One forward and backward on a fixed batch; the loss."""
+    loss = loss_of(model, seed)
+    loss.backward()
     return loss.detach()
 
 
