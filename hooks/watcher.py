@@ -116,6 +116,10 @@ class Watcher:
     transport sends them.
     """
 
+    run: str
+    instance: str
+    _ledger: StepLedger
+
     def __init__(
         self,
         model: nn.Module,

@@ -17,7 +17,7 @@ observer reports to the step under way through :class:`ClipTarget` (the step led
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 import torch.nn.utils.clip_grad as clip_grad
@@ -25,6 +25,9 @@ import torch.nn.utils.clip_grad as clip_grad
 from numwatch.capture.guard import Guard
 from numwatch.capture.patches import SharedPatch
 from numwatch.kernels.sharded import is_dtensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 NORM_EPSILON = 1e-6  # torch's, in the clip coefficient
 
@@ -131,7 +134,7 @@ class ClipObserver:
         columns = self._columns(parameters)
         if not columns:
             return
-        total = total_norm.full_tensor() if is_dtensor(total_norm) else total_norm
+        total = cast("DTensor", total_norm).full_tensor() if is_dtensor(total_norm) else total_norm
         effect = self._target.clip_effect()
         # The coefficient exactly as torch computes it.
         coefficient = torch.clamp(float(max_norm) / (total.to(effect.norms.device) + NORM_EPSILON), max=1.0)

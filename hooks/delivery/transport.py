@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,7 +118,7 @@ class Transport:
 
     def __init__(
         self,
-        run_document: dict[str, Any],
+        run_document: Mapping[str, Any],
         *,
         url: str | None,
         token: str | None,
@@ -134,7 +135,7 @@ class Transport:
         queue_steps = queue_steps or QUEUE_STEPS
         http_timeout = http_timeout or HTTP_TIMEOUT_SECONDS
         retry_seconds = retry_seconds or RETRY_SECONDS
-        self.run_document = run_document
+        self.run_document = dict(run_document)
         self.run = run_document["run"]
         self.stored_as = self.run  # the collector's name for it, once registered (another process may hold ``run``)
         self.rank = run_document["rank"]
@@ -218,8 +219,9 @@ class Transport:
             self.dropped_steps += steps
         if first:
             log.error(
-                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
-                "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
+                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. "
+                "Lost steps are counted in Watcher.dropped_steps and reported to the collector "
+                "as a monitoring_dropped event. Check the spool %s.",
                 steps,
                 self.run,
                 reason,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from numwatch.capture.attention import AttentionMaxima
 from numwatch.capture.clipping import ClipEffect
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
@@ -123,8 +124,9 @@ class WatchedTensors:
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
         ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
         """
-        present = [i for i, p in enumerate(self.parameters) if p.grad is not None]
-        grads = [local_tensor(self.parameters[i].grad) for i in present]
+        with_grad = [(i, p.grad) for i, p in enumerate(self.parameters) if p.grad is not None]
+        present = [i for i, _ in with_grad]
+        grads = [local_tensor(grad) for _, grad in with_grad]
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
@@ -146,7 +148,7 @@ class WatchedTensors:
         if counts:
             reading.parts[records.FORMAT] = counts[0]
         if sampled:
-            unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
+            unscaled = list(torch._foreach_mul(grads, grad_multiplier)) if grad_multiplier is not None else grads
             self._add_histograms(reading.parts, "grad", unscaled, positions, exponent)
         return reading
 
@@ -312,7 +314,7 @@ class StepMeasurement:
         *,
         step_time: float | None,
         module_parts: tuple[torch.Tensor, list[int]] | None,
-        forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+        forward_parts: tuple[AttentionMaxima, torch.Tensor | None] | None = None,
     ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
         reading, device = self.reading, watched.device
@@ -346,7 +348,7 @@ class StepMeasurement:
         attention_calls: list[str] = []
         if forward_parts is not None:
             attention, output_logits = forward_parts
-            if attention:
+            if attention and attention.stacked is not None:
                 attention_calls = list(attention)
                 stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
             if output_logits is not None:

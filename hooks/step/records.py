@@ -39,7 +39,7 @@ ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, 
 OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
-_ROWS: dict[str, tuple[str, ...]] = {
+_ROWS: dict[str, tuple[protocol.TensorStat, ...]] = {
     GRAD: ("grad_norm", "grad_absmax"),
     NONFINITE: ("nan_count", "inf_count"),
     FORMAT: protocol.FORMAT_COUNT_STATS,
@@ -81,7 +81,7 @@ class StepRecord:
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
     attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[protocol.EventDocument] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -229,7 +229,7 @@ class StepRecord:
             return math.inf
         return math.log2(self.format_max / largest) if math.isfinite(largest) else -math.inf
 
-    def _activations(self) -> dict[str, str] | None:
+    def _activations(self) -> protocol.Activations | None:
         if ACTIVATION_ABSMAX not in self.host:
             return None
         absmax = self.host.get(ACTIVATION_ABSMAX, "<f4")

@@ -200,9 +200,10 @@ class ScalerSite(StepSite):
         """The gradients (if no backward read them), the scale before and after update() and the Inf flags."""
         self._ensure_read(measurement)
         scale_before, found_inf = before if before is not None else (None, None)
-        if scale_before is not None:
+        scale_after = self.adapter.scale()
+        if scale_before is not None and scale_after is not None:
             measurement.parts[records.LOSS_SCALE] = scale_before
-            measurement.parts[records.NEW_LOSS_SCALE] = self.adapter.scale()
+            measurement.parts[records.NEW_LOSS_SCALE] = scale_after
         if found_inf is not None:
             measurement.parts[records.FOUND_INF] = found_inf
 
