@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -74,8 +73,8 @@ def _classify(status: int) -> str:
 def document_path(kind: str, document: dict[str, Any]) -> str:
     """Where a protocol document is posted: run documents register, batches go under their run."""
     if kind == "run":
-        return "/api/v1/runs"
-    return f"/api/v1/runs/{urllib.parse.quote(document['run'], safe='')}/batches"
+        return protocol.RUNS_PATH
+    return protocol.run_path(document["run"]) + "/batches"
 
 
 def post_document(url: str, token: str | None, path: str, document: dict[str, Any], timeout: float) -> tuple[str, str]:

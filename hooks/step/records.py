@@ -40,11 +40,11 @@ OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
 _ROWS: dict[str, tuple[protocol.TensorStat, ...]] = {
-    GRAD: ("grad_norm", "grad_absmax"),
-    NONFINITE: ("nan_count", "inf_count"),
+    GRAD: protocol.GRAD_STATS,
+    NONFINITE: protocol.NONFINITE_STATS,
     FORMAT: protocol.FORMAT_COUNT_STATS,
-    UPDATE: ("update_ratio", "stale_fraction"),
-    WEIGHT: ("weight_norm", "weight_absmax"),
+    UPDATE: protocol.UPDATE_STATS,
+    WEIGHT: protocol.WEIGHT_STATS,
     ADAM: protocol.ADAM_HEALTH_STATS,
     QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
 }

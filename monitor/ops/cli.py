@@ -34,12 +34,20 @@ def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = No
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
-    """The collector Settings: flags given on the command line over ``NUMWATCH_*`` over defaults."""
+    """The collector Settings: flags given on the command line over ``NUMWATCH_*`` over defaults.
+    Settings it refuses (auth off on a public address, say) end the command with status 2."""
+    from pydantic import ValidationError
+
     from numwatch.monitor.settings import Settings
 
     if args.database_url:
         overrides["database_url"] = args.database_url
-    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        problems = (str(problem.get("ctx", {}).get("error", problem["msg"])) for problem in error.errors())
+        print(f"numwatch {args.command}: {'; '.join(problems)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _session(settings: Any) -> Any:
@@ -70,13 +78,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if "auth" not in settings.model_fields_set:  # neither --auth nor NUMWATCH_AUTH: off on loopback only
         settings = settings.model_copy(update={"auth": "off" if settings.loopback else "token"})
-    if not settings.auth_enabled and not settings.loopback and not settings.insecure_no_auth:
-        print(
-            f"numwatch serve: refusing to serve {settings.host} without auth: anyone who reaches it could write and read runs.\n"
-            "Create a token (`numwatch token create --project P`) and drop --auth off, or pass --insecure-no-auth.",
-            file=sys.stderr,
-        )
-        return 2
     try:
         prepare_database(settings)
     except SchemaOutdated as error:
