@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.hooks import RemovableHandle
 
 from numwatch.kernels.chunks import to_device
-from numwatch.step.measurement import tensor_name
+from numwatch.naming import tensor_name
 
 # Logits (float32) per chunk: 16 MiB, plus the same count of mask bytes when masked.
 LOGIT_CHUNK_ELEMENTS = 1 << 22
@@ -132,7 +132,7 @@ def _max_logits(
 
 def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     bound = dict(_SDPA_DEFAULTS)
-    bound.update(zip(_SDPA_PARAMETERS, args))
+    bound.update(zip(_SDPA_PARAMETERS, args, strict=False))  # positional arguments may stop early
     bound.update(kwargs)
     return bound
 
@@ -314,7 +314,7 @@ class AttentionCapture(TorchFunctionMode):
         # Forwards with different calls (rare): merged call by call.
         merged: dict[str, torch.Tensor] = {}
         for call_names, maxima in forwards:
-            for name, value in zip(call_names, maxima.unbind()):
+            for name, value in zip(call_names, maxima.unbind(), strict=True):
                 merged[name] = value if name not in merged else torch.maximum(merged[name], value)
         return AttentionMaxima(names, torch.stack([merged[name] for name in names]))
 

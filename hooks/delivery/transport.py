@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from numwatch.delivery.spool import (
     read_entries,
     read_uploaded_mark,
 )
+from numwatch.step.records import StepDocuments
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,6 @@ HTTP_TIMEOUT_SECONDS = 5.0
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 30.0
-
-
-@dataclass
-class StepDocuments:
-    """What one step contributes to a batch."""
-
-    step: protocol.StepDocument
-    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
-    events: list[protocol.EventDocument] = field(default_factory=list)
 
 
 class StepSource(Protocol):
@@ -125,7 +117,7 @@ class Transport:
 
     def __init__(
         self,
-        run_document: dict[str, Any],
+        run_document: Mapping[str, Any],
         *,
         url: str | None,
         token: str | None,
@@ -142,7 +134,7 @@ class Transport:
         queue_steps = queue_steps or QUEUE_STEPS
         http_timeout = http_timeout or HTTP_TIMEOUT_SECONDS
         retry_seconds = retry_seconds or RETRY_SECONDS
-        self.run_document = run_document
+        self.run_document = dict(run_document)
         self.run = run_document["run"]
         self.stored_as = self.run  # the collector's name for it, once registered (another process may hold ``run``)
         self.rank = run_document["rank"]
@@ -226,8 +218,9 @@ class Transport:
             self.dropped_steps += steps
         if first:
             log.error(
-                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
-                "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
+                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. "
+                "Lost steps are counted in Watcher.dropped_steps and reported to the collector "
+                "as a monitoring_dropped event. Check the spool %s.",
                 steps,
                 self.run,
                 reason,

@@ -7,9 +7,10 @@ FastAPI) can still run ``numwatch sync``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
+
+from numwatch import settings as client_settings
 
 DATABASE_HELP = "database URL (default: env NUMWATCH_DATABASE_URL, else a SQLite file under the user's data directory)"
 
@@ -21,9 +22,15 @@ def _add_database(parser: argparse.ArgumentParser) -> None:
 
 def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = None) -> None:
     parser.add_argument(
-        "--url", default=os.environ.get("NUMWATCH_URL", default_url), help="collector URL (env NUMWATCH_URL)"
+        "--url",
+        default=client_settings.read(client_settings.URL) or default_url,
+        help=f"collector URL (env {client_settings.URL})",
     )
-    parser.add_argument("--token", default=os.environ.get("NUMWATCH_TOKEN"), help="write token (env NUMWATCH_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=client_settings.read(client_settings.TOKEN),
+        help=f"write token (env {client_settings.TOKEN})",
+    )
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -99,7 +106,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     with _session(_settings(args)) as session:
         token = create_token(session, args.project, args.name)
         session.commit()
-    print(f"token for project {args.project!r} (shown once; store it as NUMWATCH_TOKEN):", file=sys.stderr)
+    print(f"token for project {args.project!r} (shown once; store it as {client_settings.TOKEN}):", file=sys.stderr)
     print(token)
     return 0
 
@@ -266,7 +273,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     root = args.spool_dir or default_spool_root()
     if not args.url:
-        print("numwatch sync: no collector URL: pass --url or set NUMWATCH_URL", file=sys.stderr)
+        print(f"numwatch sync: no collector URL: pass --url or set {client_settings.URL}", file=sys.stderr)
         return 2
     total = pending_documents(root)
     if total == 0:
@@ -393,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--spool-dir",
         default=None,
-        help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)",
+        help=f"spool root (default: env {client_settings.SPOOL_DIR}, else ~/.local/share/numwatch/spool)",
     )
     sync.set_defaults(func=cmd_sync)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import queue
 import sys
 import threading
@@ -23,6 +22,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from numwatch import settings as client_settings
 from numwatch.monitor.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -284,8 +284,8 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     push.add_argument(
         "--collector-token",
-        default=os.environ.get("NUMWATCH_TOKEN"),
-        help="read token for the collector API (env NUMWATCH_TOKEN)",
+        default=client_settings.read(client_settings.TOKEN),
+        help=f"read token for the collector API (env {client_settings.TOKEN})",
     )
     push.add_argument("--folder-uid", default=None, help="Grafana folder uid for the dashboards")
     push.set_defaults(func=_push_command)
