@@ -54,7 +54,6 @@ from torch import Tensor
 from numwatch.kernels.chunks import Chunk, layout_of, scratch, to_device
 from numwatch.kernels.quantization import _one_cpu_thread, sqnr_from_sums
 from numwatch.kernels.stats import _absmax
-from numwatch.protocol import GemmScheme
 
 MX_BLOCK = 32
 NVFP4_BLOCK = 16
@@ -105,11 +104,6 @@ STAT_ROWS = 4 * 3 + 1
 _X, _ABS, _Y, _Q, _TEMP, _MARKS, _FLAGS = range(10, 17)
 
 
-def schemes(per_tensor: str) -> tuple[GemmScheme, ...]:
-    """The schemes measured, in row order, for operands whose per-tensor format is ``per_tensor``."""
-    return (per_tensor, "mxfp8", "mxfp8_up", "nvfp4")  # type: ignore[return-value]
-
-
 def _chunk_elements(device: torch.device) -> int:
     return CPU_CHUNK if device.type == "cpu" else DEVICE_CHUNK
 
@@ -119,7 +113,7 @@ def _constant(values: tuple[float, ...], device: torch.device) -> Tensor:
     return to_device(torch.tensor(values, dtype=torch.float32), device)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _block_owner(lengths: tuple[int, ...], block: int, device: torch.device) -> Tensor:
     """int64 [blocks]: the segment of each ``block``-element block of a chunk with segments of ``lengths``."""
     counts = torch.tensor([length // block for length in lengths])
@@ -334,7 +328,7 @@ def _padded_sums(tensor: Tensor, per_tensor: ElementFormat) -> Tensor:
 @torch.no_grad()
 def operand_sums(operands: Sequence[Tensor], per_tensor: str) -> Tensor:
     """float64 [SUM_ROWS, n] of each operand: Σx², non-zero count, amax, smallest non-zero |x|, then
-    per scheme of :func:`schemes` (``per_tensor`` is "e4m3" or "e5m2"): Σ(x − Q(x))², flushed and
+    per scheme (``per_tensor``, "e4m3" or "e5m2", then "mxfp8", "mxfp8_up", "nvfp4"): Σ(x − Q(x))², flushed and
     saturated counts. Rows run along the last dimension. An empty operand has every sum 0."""
     fmt = PER_TENSOR[per_tensor]
     detached = [tensor.detach() for tensor in operands]
