@@ -57,6 +57,7 @@ from numwatch.delivery.spool import default_spool_root, spool_directory
 from numwatch.delivery.transport import Transport
 from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.kernels.chunks import release_scratch
+from numwatch.kernels.device import accelerator_path
 from numwatch.kernels.sharded import refuse_unsupported
 from numwatch.step import records
 from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
@@ -368,7 +369,7 @@ class Watcher:
         reading = measurement.reading
         if reading is None or not reading.grads or reading.has_counts:
             return
-        if self.device.type == "cpu":
+        if not accelerator_path(self.device):
             # The norms are ordinary host memory: reading them costs nothing.
             due = not bool(torch.isfinite(reading.norms[0]).all())
         elif skip_known is not None:
@@ -394,7 +395,7 @@ class Watcher:
     def _scaler_verdict(self) -> bool | None:
         """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
         reads the same flags on the host right after the clip, so reading them first adds no sync."""
-        if self.device.type == "cpu" or self._scaler is None or not self._scaler.unscaled(self.optimizer):
+        if not accelerator_path(self.device) or self._scaler is None or not self._scaler.unscaled(self.optimizer):
             return None
         found_inf = self._scaler.found_inf(self.optimizer, self.device)
         return bool(found_inf.item()) if found_inf is not None else None
@@ -426,7 +427,7 @@ class Watcher:
         if previous is not None:
             self._hand_on(previous)
         self._ended = self._last_record = record
-        if self.device.type == "cpu":
+        if not accelerator_path(self.device):
             self._checker.check(record)  # before the update, where the step site allows
 
     def seal_ended_step(self) -> None:
@@ -436,7 +437,7 @@ class Watcher:
         if record is None:
             return
         logged_late = record.seal()
-        if self.device.type != "cpu":
+        if accelerator_path(self.device):
             self._unchecked = record
             return
         try:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.hooks import RemovableHandle
 
-from numwatch.kernels.chunks import to_device
+from numwatch.kernels.device import to_device
 from numwatch.step.measurement import tensor_name
 
 # Logits (float32) per chunk: 16 MiB, plus the same count of mask bytes when masked.

@@ -27,18 +27,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from numwatch.kernels.device import accelerator_path, to_device
+
 # 2**24 elements: the 16-layer benchmark model (13 M parameters) is one chunk per group;
 # the work on a chunk holds about 32 bytes per element (512 MiB at most) while it runs.
 CHUNK_ELEMENTS = 1 << 24
 
 _Key = tuple[torch.device, torch.dtype, int] | None
-
-
-def to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device``, copied from pinned memory on CUDA so the copy does not synchronize."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 class _Scratch(threading.local):
@@ -62,7 +57,7 @@ INPUT, WORK, SECOND, FLAGS = 0, 1, 2, 3
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
     """An uninitialised 1-D ``dtype`` tensor of ``numel`` elements for a temporary of one call.
 
-    On the CPU a view of a buffer kept for ``slot`` between calls; elsewhere fresh memory
+    On the CPU path a view of a buffer kept for ``slot`` between calls; elsewhere fresh memory
     (the device's caching allocator reuses blocks itself). A caller uses each slot for one
     temporary at a time and never returns it; the buffers stay bounded by the chunk size
     and are dropped by :func:`release_scratch`."""
@@ -70,7 +65,7 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
 
 
 def _scratch_shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
-    if device.type != "cpu":
+    if accelerator_path(device):
         return torch.empty(shape, dtype=dtype, device=device)
     views = _scratch.views
     view = views.get((slot, shape, dtype))
@@ -152,8 +147,9 @@ class Chunk:
         dtype, device = dtype or parts[0].dtype, parts[0].device
         if len(parts) == 1:
             return scratch(self.numel, dtype, device, slot).copy_(parts[0].reshape(-1))
-        torch._chunk_cat(parts, 0, 1, out=_scratch_shaped((1, self.numel), dtype, device, slot))
-        return scratch(self.numel, dtype, device, slot)
+        out = _scratch_shaped((1, self.numel), dtype, device, slot)
+        torch._chunk_cat(parts, 0, 1, out=out)
+        return out.view(-1)
 
     def copy(self, members: Sequence[Tensor]) -> Tensor:
         """Like :meth:`flat`, but always fresh memory."""
@@ -203,7 +199,7 @@ class Chunk:
         if len(self.pieces) == 1:
             for name, values in operations:
                 getattr(flat, f"{name}_")(values.reshape(()))
-        elif flat.device.type == "cpu":
+        elif not accelerator_path(flat.device):
             views = self.split(flat)
             for name, values in operations:
                 getattr(torch, f"_foreach_{name}_")(views, list(values.split(1)))

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from numwatch.kernels.chunks import SECOND, WORK, layout_of, scratch, to_device
+from numwatch.kernels.chunks import SECOND, WORK, layout_of, scratch
+from numwatch.kernels.device import accelerator_path, to_device
 from numwatch.kernels.sharded import local_tensor
 
 CHUNK = 1 << 22  # elements per pass: bounds the float32 temporaries to a few of these
@@ -39,9 +40,12 @@ Scalar = float | Tensor
 
 
 def _step_count(step: Any) -> Scalar:
-    """The step count as the optimizer reads it: a float where it lives on the CPU, else a device tensor."""
+    """The step count: a float where it lives on the host, else a device tensor (float64 where the
+    device has it: the bias corrections and RAdam's rectification cancel digits, as in float math)."""
     if isinstance(step, Tensor):
-        return float(step) if step.device.type == "cpu" else step.float()
+        if not accelerator_path(step.device):
+            return float(step)
+        return step.float() if step.device.type == "mps" else step.double()
     return float(step)
 
 
@@ -93,7 +97,7 @@ def _nadam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Te
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
     mu_product = state["mu_product"]
-    mu_product = float(mu_product) if mu_product.device.type == "cpu" else mu_product
+    mu_product = mu_product if accelerator_path(mu_product.device) else float(mu_product)
     grad_factor, moment_factor = (1.0 - mu) / (1.0 - mu_product), mu_next / (1.0 - mu_product * mu_next)
     sign = -1.0 if group.get("maximize") else 1.0
 
@@ -161,7 +165,7 @@ def _adam_batches(
         step = state["step"]
         if not isinstance(step, Tensor):
             batches.setdefault((groups[id(param)], float(step)), []).append(position)
-        elif step.device.type == "cpu":
+        elif not accelerator_path(step.device):
             on_host.append(position)
             host_steps.append(step)
         else:

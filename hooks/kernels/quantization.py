@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from numwatch.kernels.chunks import to_device
+from numwatch.kernels.device import accelerator_path, to_device
 from numwatch.protocol import QUANT_SCHEMES
 
 SCHEMES = QUANT_SCHEMES  # the rows of quantization_sqnr
@@ -97,7 +97,7 @@ def _accumulator(device: torch.device) -> torch.dtype:
 
 
 def _chunk_elements(device: torch.device) -> int:
-    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
+    return DEVICE_CHUNK if accelerator_path(device) else CHUNK
 
 
 def _row_chunks(weight: Tensor) -> Iterator[Tensor]:
@@ -208,7 +208,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     it saves, and idle workers spinning between the many small ops take the core from the
     pass (measured 10x slower with 2 threads on a shared 2-core machine)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if accelerator_path(device) or threads == 1:
         yield
         return
     torch.set_num_threads(1)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from numwatch.formats import FormatSpec
-from numwatch.kernels.chunks import FLAGS, INPUT, SECOND, WORK, Chunk, Layout, layout_of, scratch, to_device
+from numwatch.kernels.chunks import FLAGS, INPUT, SECOND, WORK, Chunk, Layout, layout_of, scratch
+from numwatch.kernels.device import accelerator_path, cuda_kernels, to_device
 from numwatch.protocol import (
     EXPONENT_BINS,
     EXPONENT_INF_BIN,
@@ -59,7 +60,7 @@ def _count_values(codes: Tensor, bins: int) -> Tensor:
     exact in float64, and so are counts up to 2**53.
     """
     flat = codes.reshape(-1)
-    if flat.device.type == "cpu":
+    if not accelerator_path(flat.device):
         return torch.bincount(flat, minlength=bins)
     return _histc_count(flat, bins)
 
@@ -161,7 +162,7 @@ def _absmax(members: list[Tensor]) -> list[Tensor]:
     One multi-tensor kernel either way: ``_foreach_norm(ord=inf)`` on CUDA reads each
     tensor once; on the CPU it is ~100x slower than ``_foreach_max`` of ``_foreach_abs``
     (see benchmarks/stats_pass.py)."""
-    if members[0].device.type == "cuda":
+    if cuda_kernels(members[0].device):
         return torch._foreach_norm(members, math.inf)
     return torch._foreach_max(torch._foreach_abs(members))
 

@@ -33,7 +33,7 @@ from torch import nn
 from numwatch.capture.clipping import ClipEffect
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
-from numwatch.kernels.chunks import to_device
+from numwatch.kernels.device import to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
 from numwatch.kernels.sharded import ShardReduction, local_tensor

@@ -16,6 +16,9 @@ from tests.client.test_output_logits import reference
 from tests.support.nanogpt import NanoGPT
 from tests.support.watch_helpers import read_spool
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 LAYERS = [f"transformer.h.{i}.attn" for i in range(4)]
 ACCUMULATION = 2
 

@@ -12,6 +12,9 @@ from torch import nn
 from numwatch.kernels import optim_health
 from numwatch.kernels.optim_health import adam_health
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 EPS = 1e-8
 
 

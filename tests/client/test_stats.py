@@ -24,6 +24,9 @@ from numwatch.protocol import (
     LINEAR_BINS,
 )
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 NAN = math.nan
 INF = math.inf
 SCALES = (1.0, 2.0**16, 2.0**-3)
