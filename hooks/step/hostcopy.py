@@ -4,8 +4,9 @@ Every statistic of a step is added as a named part; :meth:`DeviceStack.to_host` 
 them out in ONE float64 device tensor (floats widened, which is exact for float32 and
 float64; int64 parts reinterpreted bit for bit with ``Tensor.view``) and starts ONE
 non-blocking copy into host memory (:class:`numwatch.kernels.device.HostCopy`: pinned on
-CUDA, with an event to know when it landed). Nothing here waits on the device: :meth:`HostStack.wait` does, later, when the
-copy has long finished (next step or the sender thread).
+CUDA, with an event to know when it landed). Nothing here waits on the device:
+:meth:`HostStack.wait` does, later, when the copy has long finished (next step or the
+sender thread).
 """
 
 from __future__ import annotations
