@@ -24,7 +24,8 @@ Where the numbers are taken:
 NaN/Inf counts are only meaningful for tensors whose norm is not finite, and are taken
 when that is known without a host-device sync: on CPU (reading is free) when the norms
 are read; on accelerators on sampled steps, for a while after non-finite values were
-seen, and on a step the (non-fused) GradScaler skipped, which the host knows. On devices
+seen, and on a step the (non-fused) GradScaler skipped, which the host knows (unless a clip
+rewrote the gradients before: they are counted before a clip, never after). On devices
 other than the CPU the host copy of a step is read at the next step, so ``on_nonfinite``
 acts one step late there.
 """
@@ -367,8 +368,8 @@ class Watcher:
 
     def _count_nonfinite_if_due(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
         reading = measurement.reading
-        if reading is None or not reading.grads or reading.has_counts:
-            return
+        if reading is None or not reading.grads or reading.has_counts or measurement.clip is not None:
+            return  # (after a clip the gradients are no longer the ones read: their NaN/Inf changed)
         if not accelerator_path(self.device):
             # The norms are ordinary host memory: reading them costs nothing.
             due = not bool(torch.isfinite(reading.norms[0]).all())
@@ -390,15 +391,9 @@ class Watcher:
         """A clip function is about to rewrite the step's gradients: the last moment to count their NaN/Inf."""
         measurement = self.measurement
         if measurement is not None and measurement.reading is not None:
-            self._count_nonfinite_if_due(measurement, self._scaler_verdict())
-
-    def _scaler_verdict(self) -> bool | None:
-        """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
-        reads the same flags on the host right after the clip, so reading them first adds no sync."""
-        if not accelerator_path(self.device) or self._scaler is None or not self._scaler.unscaled(self.optimizer):
-            return None
-        found_inf = self._scaler.found_inf(self.optimizer, self.device)
-        return bool(found_inf.item()) if found_inf is not None else None
+            # On accelerators the GradScaler's verdict is not on the host yet (reading it would wait
+            # for the device): the usual rule decides.
+            self._count_nonfinite_if_due(measurement, None)
 
     def read_norms_now(self) -> torch.Tensor:
         """The per-tensor L2 norms of the step's gradients as they are now (after a value clip)."""

@@ -123,7 +123,9 @@ class ClipObserver:
         total = total_norm.full_tensor() if is_dtensor(total_norm) else total_norm
         effect = self._effect()
         # The coefficient exactly as torch computes it.
-        coefficient = torch.clamp(float(max_norm) / (total.to(effect.norms.device) + NORM_EPSILON), max=1.0)
+        coefficient = torch.clamp(
+            float(max_norm) / (total.to(effect.norms.device, non_blocking=True) + NORM_EPSILON), max=1.0
+        )
         index = self._on_device(columns, effect.norms.device)
         effect.norms[index] = effect.norms[index] * coefficient.to(effect.norms.dtype)
 

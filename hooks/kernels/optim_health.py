@@ -241,7 +241,7 @@ def adam_sums(
             rows.append(column.to(device, non_blocking=True).reshape(1, 2))
             order.append(position)
     # One gather puts the blocks in parameter order; a NaN row and a zero row stand for the rest.
-    rows.append(torch.tensor([[math.nan, math.nan], [0.0, 0.0]], dtype=torch.float32, device=device))
+    rows += [torch.full((1, 2), math.nan, device=device), torch.zeros((1, 2), device=device)]
     row_of = {position: row for row, position in enumerate(order)}
     fill = {position: len(order) + 1 for position in empty}
     index = to_device(

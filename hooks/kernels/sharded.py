@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from numwatch.kernels.device import to_device
 from numwatch.kernels.quantization import NF4_BLOCK, SCHEMES, quantization_sums, sqnr_from_sums, tensor_absmax
 
 
@@ -125,7 +126,7 @@ class ShardReduction:
     def _owned(self, positions: Sequence[int] | None, device: torch.device) -> Tensor:
         """bool [k]: whether this rank's values of those tensors enter the sums."""
         sharded = self._sharded if positions is None else self._sharded[list(positions)]
-        return (sharded | (self.group_rank == 0)).to(device)
+        return to_device(sharded | (self.group_rank == 0), device)
 
     def reduce(
         self, sums: Sequence[Tensor], maxes: Sequence[Tensor], positions: Sequence[int] | None = None
@@ -192,7 +193,7 @@ class ShardReduction:
             whole_blocks = layout is None or layout.empty or (layout.dim == 0 and layout.flat_offset % NF4_BLOCK == 0)
             local = {"int8": whole_rows, "int4": whole_rows, "nf4": whole_blocks, "fp8": True}
             rows.append([False, *(not local[scheme] for scheme in SCHEMES)])
-        return torch.tensor(rows, dtype=torch.bool).t().to(device)
+        return to_device(torch.tensor(rows, dtype=torch.bool).t(), device)
 
     def quantization_sqnr(self, shards: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
         """float32 [len(SCHEMES), n] SQNR of the whole tensors from this rank's ``shards`` of
@@ -202,7 +203,7 @@ class ShardReduction:
         sums = quantization_sums(shards, amax)
         sums = sums.masked_fill(self._unmeasured(sums.device), math.nan)
         (summed,) = self.sums([sums])
-        empty = torch.tensor([n == 0 for n in numels], device=summed.device)
+        empty = to_device(torch.tensor([n == 0 for n in numels]), summed.device)
         return sqnr_from_sums(summed).masked_fill(empty, math.nan)
 
 

@@ -323,7 +323,7 @@ class StepMeasurement:
             if isinstance(value, torch.Tensor):
                 stack.add(
                     records.LOSS if name == "loss" else records.SCALAR_PREFIX + name,
-                    value.detach().reshape(()).to(device),
+                    value.detach().reshape(()).to(device, non_blocking=True),
                 )
             elif name == "loss":
                 logged_loss = float(value)
@@ -332,7 +332,10 @@ class StepMeasurement:
         if self.losses and "loss" not in self.logged:
             # The loss whose gradient the step applies: the sum over the step's backwards
             # (micro-batches under accumulation, each usually divided by their number).
-            stack.add(records.LOSS, torch.stack([loss.float().reshape(()).to(device) for loss in self.losses]).sum())
+            stack.add(
+                records.LOSS,
+                torch.stack([loss.float().reshape(()).to(device, non_blocking=True) for loss in self.losses]).sum(),
+            )
         module_order: list[int] = []
         if module_parts is not None:
             absmax, module_order = module_parts
@@ -342,9 +345,9 @@ class StepMeasurement:
             attention, output_logits = forward_parts
             if attention:
                 attention_calls = list(attention)
-                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
+                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device, non_blocking=True))
             if output_logits is not None:
-                stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(device, non_blocking=True))
         return StepRecord(
             step_number=self.number,
             time=time.time(),
