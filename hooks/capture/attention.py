@@ -20,6 +20,7 @@ reports itself with :func:`observe_attention`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -140,9 +141,11 @@ def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
 class AttentionCapture(TorchFunctionMode):
     """While entered: every SDPA call's max logit, named by the innermost running module of ``model``.
 
-    Module names come from global module forward hooks that exist only while the capture is
-    entered. A module that calls attention more than once per forward gets ``name#2``, ...;
-    the same call in several forwards of one step (gradient accumulation) keeps the largest value.
+    Module names come from forward hooks on the model's submodules that exist only while the
+    capture is entered (per-module hooks: under torch.compile, unlike global ones, they add no
+    guard that changes from one measured forward to the next). A module that calls attention
+    more than once per forward gets ``name#2``, ...; the same call in several forwards of one
+    step (gradient accumulation) keeps the largest value.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class AttentionCapture(TorchFunctionMode):
         super().__init__()
         self._failed = failed  # told about a failed measurement, which then never reaches the model; None: raise
         self._names = {id(module): tensor_name(name) for name, module in model.named_modules()}
+        self._submodules = [(module, tensor_name(name)) for name, module in model.named_modules() if name]
         self._root_name = type(model).__name__
         self.chunk_elements = chunk_elements
         self._running: list[str] = []
@@ -167,10 +171,12 @@ class AttentionCapture(TorchFunctionMode):
         """Start intercepting (the forward of a measured step begins)."""
         self._running = []
         self._calls = {}
-        self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._module_entered),
-            nn.modules.module.register_module_forward_hook(self._module_left, always_call=True),
-        ]
+        self._handles = []
+        for module, name in self._submodules:
+            self._handles.append(module.register_forward_pre_hook(functools.partial(self._module_entered, name)))
+            self._handles.append(
+                module.register_forward_hook(self._module_left)
+            )  # (reset at the next begin if it raised)
         _active.append(self)
         self.__enter__()
 
@@ -254,13 +260,11 @@ class AttentionCapture(TorchFunctionMode):
         finally:
             self.end()
 
-    def _module_entered(self, module: nn.Module, inputs: Any) -> None:
-        name = self._names.get(id(module))
-        if name is not None:
-            self._running.append(name or self._root_name)
+    def _module_entered(self, name: str, module: nn.Module, inputs: Any) -> None:
+        self._running.append(name)
 
     def _module_left(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._running and id(module) in self._names:
+        if self._running:
             self._running.pop()
 
     # -- the calls --------------------------------------------------------------------
