@@ -13,9 +13,9 @@ not be queued nor spooled is counted (``dropped_steps``), logged once and report
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import queue
 import threading
 import time
 import urllib.error
@@ -60,6 +60,62 @@ class StepSource(Protocol):
     step_number: int
 
     def build(self) -> StepDocuments: ...
+
+
+class _Inbox:
+    """What the training thread hands the sender: steps (at most ``capacity``) and requests.
+
+    Handing over never wakes the sender by itself: a wake-up per step would hand it the GIL in
+    the middle of the training thread's step. It wakes when a batch is full or a request
+    arrives, else at its own deadline (:meth:`take`)."""
+
+    def __init__(self, capacity: int, batch: int) -> None:
+        self._items: collections.deque[StepSource | _Control] = collections.deque()
+        self._steps = 0
+        self._capacity = capacity
+        self._batch = batch
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def put_step(self, source: StepSource) -> bool:
+        """Queue a step; False when ``capacity`` steps wait already."""
+        with self._lock:
+            if self._steps >= self._capacity:
+                return False
+            self._items.append(source)
+            self._steps += 1
+            full = self._steps >= self._batch
+        if full:
+            self._ready.set()
+        return True
+
+    def put_request(self, control: _Control) -> None:
+        with self._lock:
+            self._items.append(control)
+        self._ready.set()
+
+    def take(self, limit: int, timeout: float) -> tuple[list[StepSource], list[_Control]]:
+        """Up to ``limit`` steps in order, stopping after the first request, once a batch is full,
+        a request waits or ``timeout`` passed."""
+        self._ready.wait(timeout)
+        sources: list[StepSource] = []
+        controls: list[_Control] = []
+        with self._lock:
+            self._ready.clear()
+            while self._items and len(sources) < limit:
+                item = self._items.popleft()
+                if isinstance(item, _Control):
+                    controls.append(item)
+                    break
+                sources.append(item)
+                self._steps -= 1
+            if self._steps >= self._batch or any(isinstance(item, _Control) for item in self._items):
+                self._ready.set()
+        return sources, controls
 
 
 class _Control:
@@ -161,7 +217,7 @@ class Transport:
         self.dropped_steps = 0
         self._count_lock = threading.Lock()
         self._reported_dropped = 0
-        self._queue: queue.Queue[StepSource | _Control] = queue.Queue(maxsize=queue_steps)
+        self._inbox = _Inbox(queue_steps, batch_steps)
         self._spool: SpoolWriter | None = None
         self._spool_lock = threading.Lock()
         self._run_acknowledged = False
@@ -178,7 +234,7 @@ class Transport:
     @property
     def queued_steps(self) -> int:
         """Steps waiting in memory for the sender (at most ``queue_steps``; beyond, they spool)."""
-        return self._queue.qsize()
+        return self._inbox.steps
 
     # -- training thread -------------------------------------------------------------
 
@@ -186,9 +242,7 @@ class Transport:
         """Queue a step without blocking; a full queue sends it to the spool instead."""
         if self._closed:
             return
-        try:
-            self._queue.put_nowait(source)
-        except queue.Full:
+        if not self._inbox.put_step(source):
             self._spool_overflow(source)
 
     def flush(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> bool:
@@ -207,11 +261,7 @@ class Transport:
     def _request(self, control: _Control, timeout: float) -> bool:
         if self._closed or not self._thread.is_alive():
             return False
-        try:
-            self._queue.put(control, timeout=timeout)
-        except queue.Full:
-            log.warning("numwatch: the sender queue stayed full for %.0f s; not waiting for it", timeout)
-            return False
+        self._inbox.put_request(control)
         return control.done.wait(timeout)
 
     def _spool_overflow(self, source: StepSource) -> None:
@@ -263,24 +313,9 @@ class Transport:
             )
 
     def _collect(self) -> tuple[list[StepSource], list[_Control]]:
-        """Wait for steps: up to ``batch_steps`` of them, ``batch_seconds`` after the first,
-        or until a flush/close request arrives."""
-        sources: list[StepSource] = []
-        controls: list[_Control] = []
-        deadline = time.monotonic() + self.batch_seconds
-        while len(sources) < self.batch_steps:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if isinstance(item, _Control):
-                controls.append(item)
-                break
-            sources.append(item)
-        return sources, controls
+        """Wait for steps: up to ``batch_steps`` of them, at most ``batch_seconds``, or until a
+        flush/close request arrives."""
+        return self._inbox.take(self.batch_steps, self.batch_seconds)
 
     def _deliver_steps(self, sources: list[StepSource], status: protocol.RunStatus) -> None:
         documents = []

@@ -23,6 +23,7 @@ import functools
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -96,22 +97,27 @@ def _index(values: Sequence[int], device: torch.device) -> Tensor:
 class Chunk:
     """Consecutive segments of a group: (member, start, stop) element ranges of its tensors."""
 
-    def __init__(self, pieces: list[tuple[int, int, int]], device: torch.device) -> None:
+    def __init__(self, pieces: list[tuple[int, int, int]], device: torch.device, numels: Sequence[int]) -> None:
         self.pieces = pieces
         self.lengths = [stop - start for _, start, stop in pieces]
         self.numel = sum(self.lengths)
         self._starts = _index([sum(self.lengths[:i]) for i in range(1, len(pieces))], device)
+        # Decided once from the sizes (``numels``: the group's), not per call: the pieces' members,
+        # those that are cut, and the whole one-element ones (which may be 0-d).
+        self._members = [member for member, _, _ in pieces]
+        self._cut = [i for i, (member, start, stop) in enumerate(pieces) if stop - start != numels[member]]
+        self._single = [i for i, (member, start, stop) in enumerate(pieces) if numels[member] == 1]
 
     def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
         """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
         (no per-tensor reshape op), cut ones as 1-D slices."""
-        parts = []
-        for member, start, stop in self.pieces:
-            tensor = members[member]
-            if start == 0 and stop == tensor.numel():
-                parts.append(tensor if tensor.dim() else tensor.reshape(1))
-            else:
-                parts.append(tensor.reshape(-1)[start:stop])
+        parts = [members[member] for member in self._members]
+        for i in self._single:
+            if not parts[i].dim():
+                parts[i] = parts[i].reshape(1)
+        for i in self._cut:
+            _, start, stop = self.pieces[i]
+            parts[i] = parts[i].reshape(-1)[start:stop]
         return parts
 
     def flat(self, members: Sequence[Tensor]) -> Tensor:
@@ -232,7 +238,7 @@ class Group:
         self.members = members  # positions in the input list
         self.numels = numels
         plans = _plan(numels, chunk_elements)
-        self.chunks = [Chunk(plan, device) for plan in plans]
+        self.chunks = [Chunk(plan, device, numels) for plan in plans]
         segment_members = [member for plan in plans for member, _, _ in plan]
         # Members cut into several segments: their results are combined through this index.
         self._segment_members = _index(segment_members, device) if len(segment_members) > len(members) else None
@@ -296,6 +302,9 @@ class Layout:
 
     def __init__(self, keys: tuple[_Key, ...], chunk_elements: int) -> None:
         self.n = len(keys)
+        self.keys = keys
+        self.chunk_elements = chunk_elements
+        self.derived: dict[str, Any] = {}  # plans a statistic derives from the layout, kept with it
         self.device = next((key[0] for key in keys if key is not None), torch.device("cpu"))
         by_group: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[int]]] = {}
         for position, key in enumerate(keys):

@@ -167,9 +167,24 @@ def _absmax(members: list[Tensor]) -> list[Tensor]:
     return torch._foreach_max(torch._foreach_abs(members))
 
 
-def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
-    """float32 [2, n]: L2 norm (accumulated in float32) and abs-max of each tensor."""
-    layout = layout_of(tensors)
+def _l2_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout | None = None) -> Tensor:
+    """float32 [2, n]: L2 norm (accumulated in float32, float64 for small tensors on the CPU
+    path) and abs-max of each tensor (``layout``: theirs, when the caller knows it)."""
+    layout = layout or layout_of(tensors)
+    split = None if accelerator_path(layout.device) else _size_split(layout)
+    if split is None:
+        return _foreach_norm_and_absmax(tensors, layout)
+    large = _foreach_norm_and_absmax([tensors[i] for i in split.large], split.large_layout) if split.large else None
+    small = _flat_norm_and_absmax([tensors[i] for i in split.small], split.small_layout)  # type: ignore[misc]
+    return (
+        small.index_select(1, split.order)
+        if large is None
+        else torch.cat([large, small], 1).index_select(1, split.order)
+    )
+
+
+def _foreach_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout | None = None) -> Tensor:
+    layout = layout or layout_of(tensors)
     results = []
     for group in layout.groups:
         members = group.tensors(tensors)
@@ -180,15 +195,71 @@ def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
     return layout.columns(results, 0.0, torch.float32, 2)
 
 
+# On the CPU path a multi-tensor op spends a few microseconds of dispatch per tensor, more than
+# the arithmetic on a small one: tensors up to this size are measured from their chunks' flat copies.
+SMALL_TENSOR = 1 << 12
+
+
+@dataclass(frozen=True)
+class _SizeSplit:
+    small: tuple[int, ...]  # positions of the small (non-empty) tensors
+    large: tuple[int, ...]  # the others (None and empty ones too)
+    order: Tensor  # columns of cat(large results, small results) in input order
+    small_layout: Layout
+    large_layout: Layout
+
+
+def _size_split(layout: Layout) -> _SizeSplit | None:
+    """Which tensors take the flat path (kept with the layout); None when fewer than two would."""
+    if "size_split" not in layout.derived:
+        keys = layout.keys
+        small = tuple(i for i, key in enumerate(keys) if key is not None and 0 < key[2] <= SMALL_TENSOR)
+        split = None
+        if len(small) >= 2:
+            large = tuple(i for i in range(len(keys)) if i not in set(small))
+            column = {position: c for c, position in enumerate(large + small)}
+            split = _SizeSplit(
+                small,
+                large,
+                torch.tensor([column[i] for i in range(len(keys))], dtype=torch.int64),
+                Layout(tuple(keys[i] for i in small), layout.chunk_elements),
+                Layout(tuple(keys[i] for i in large), layout.chunk_elements),
+            )
+        layout.derived["size_split"] = split
+    return layout.derived["size_split"]
+
+
+def _flat_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout) -> Tensor:
+    """float32 [2, n] of non-empty CPU tensors (``layout`` theirs) from their chunks' flat copies:
+    squares summed per segment in float64 (one index_add), abs-maxima by one scatter_reduce; NaN
+    propagates."""
+    results = []
+    for group in layout.groups:
+        members = group.tensors(tensors)
+        sums, maxima = [], []
+        for chunk in group.chunks:
+            flat = chunk.read(members, INPUT)
+            ids = chunk.segment_ids()
+            wide = flat.to(torch.float64)
+            segments = len(chunk.pieces)
+            sums.append(wide.new_zeros(segments).index_add_(0, ids, wide * wide))
+            maxima.append(wide.new_zeros(segments).scatter_reduce_(0, ids, wide.abs(), "amax", include_self=False))
+        total, largest = group.per_member(sums, "sum"), group.per_member(maxima, "amax")
+        largest = largest.masked_fill_(total.isnan(), math.nan)  # a NaN element makes its sum NaN
+        results.append(torch.stack([total.sqrt_(), largest]).float())
+    return layout.columns(results, 0.0, torch.float32, 2)
+
+
 @torch.no_grad()
-def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None) -> Tensor:
-    """float32 [2, n]: row 0 = L2 norm, row 1 = abs-max, of each grad times ``multiplier``.
+def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None, layout: Layout | None = None) -> Tensor:
+    """float32 [2, n]: row 0 = L2 norm, row 1 = abs-max, of each grad times ``multiplier``
+    (``layout``: the grads' :func:`~numwatch.kernels.chunks.layout_of`, when the caller keeps it).
 
     ``multiplier`` is the factor that unscales stored gradients (e.g. 1/S for a fused
     optimizer whose ``.grad`` is still scaled); None means 1. Norms are accumulated in
     float32. NaN/Inf propagate: a grad holding NaN has NaN norm and NaN abs-max.
     """
-    stats = _l2_norm_and_absmax(grads)
+    stats = _l2_norm_and_absmax(grads, layout)
     # ||m*g|| = |m|*||g|| and max|m*g| = |m|*max|g|: scale the 2n results, not every element.
     if multiplier is None:
         return stats

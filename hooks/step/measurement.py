@@ -33,10 +33,11 @@ from torch import nn
 from numwatch.capture.clipping import ClipEffect
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
+from numwatch.kernels.chunks import Layout, layout_of
 from numwatch.kernels.device import to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
-from numwatch.kernels.sharded import ShardReduction, local_tensor
+from numwatch.kernels.sharded import ShardReduction, is_dtensor, local_tensor
 from numwatch.step import records
 from numwatch.step.hostcopy import DeviceStack
 from numwatch.step.records import StepRecord, histogram_part
@@ -114,9 +115,22 @@ class WatchedTensors:
         self.names = [name for name, _ in selected]
         self.parameters = [parameter for _, parameter in selected]
         self.sharding = ShardReduction.for_parameters(selected)
+        self._dtensors = any(is_dtensor(p) for p in self.parameters)
+        self._layouts: dict[tuple[int, ...], Layout] = {}
         self.device = self.parameters[0].device
         self.format = fmt
         self.cadence = cadence
+
+    def _grad_layout(self, present: list[int]) -> Layout:
+        """The layout of these parameters' gradients, kept (torch gives a gradient its parameter's
+        device, dtype and size): working it out from the gradients costs more than the statistic."""
+        key = tuple(present)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= 16:  # gradients present that keep changing: start over
+                self._layouts.clear()
+            layout = self._layouts[key] = layout_of([local_tensor(self.parameters[i]) for i in present])
+        return layout
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
@@ -130,12 +144,13 @@ class WatchedTensors:
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
         ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
         """
-        present = [i for i, p in enumerate(self.parameters) if p.grad is not None]
-        grads = [local_tensor(self.parameters[i].grad) for i in present]
+        every = [p.grad for p in self.parameters]  # (each .grad read costs: once per step)
+        present = [i for i, grad in enumerate(every) if grad is not None]
+        grads = [local_tensor(every[i]) for i in present] if self._dtensors else [every[i] for i in present]
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
-        norms = stats.grad_norms(grads, multiplier=grad_multiplier)
+        norms = stats.grad_norms(grads, multiplier=grad_multiplier, layout=self._grad_layout(present))
         sampled, exponent = self.cadence.sampled(step), None
         if sampled and self.cadence.format_due(step):
             # One read of the gradients for both the format counts and the exponent histogram.

@@ -61,6 +61,9 @@ def _mixed_model_tensors() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return grads + [torch.zeros(0, dtype=torch.bfloat16)], weights + [torch.zeros(0, dtype=torch.bfloat16)]
 
 
+NORMS = ("grad_norms", "weight")
+
+
 def _all_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     before = stats.snapshot(weights)
     after = [w * 0.75 + 2.0**-12 for w in weights]
@@ -99,7 +102,7 @@ def _one_by_one(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> dict[
 
 @pytest.mark.parametrize("chunk_elements", [chunks.CHUNK_ELEMENTS, 7])
 def test_each_statistic_of_a_mixed_dtype_model_equals_it_tensor_by_tensor(
-    chunk_elements: int, monkeypatch: pytest.MonkeyPatch
+    chunk_elements: int, monkeypatch: pytest.MonkeyPatch, device_path: str
 ) -> None:
     grads, weights = _mixed_model_tensors()
     assert {g.dtype for g in grads} == {torch.float32, torch.bfloat16, torch.float16, torch.float64}
@@ -108,8 +111,9 @@ def test_each_statistic_of_a_mixed_dtype_model_equals_it_tensor_by_tensor(
     monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk_elements)
     batched = _all_statistics(grads, weights)
     for name, result in batched.items():
-        if name == "update" and chunk_elements == 7:
-            # Norms of cut tensors combine their pieces' norms: float32 rounding differs.
+        if name == "update" and chunk_elements == 7 or name in NORMS and device_path == "cpu":
+            # Norms of cut tensors combine their pieces' norms, and on the CPU path small tensors'
+            # squares are summed in float64 from their chunk: the rounding differs.
             np.testing.assert_allclose(result.numpy(), expected[name].numpy(), rtol=1e-6, err_msg=name)
         else:
             np.testing.assert_array_equal(result.numpy(), expected[name].numpy(), err_msg=name)

@@ -1,201 +1,38 @@
 """On the accelerator path a watched step adds no host sync: nothing that makes the device
 wait for the host, except the step's one documented host copy (tests/support/syncs.py).
 
-Each kind of step runs twice on the accelerator path (the CPU's tensors sent down it): once
-unwatched and once watched, the same loop from the same seed, under a :class:`SyncRecorder`.
-Whatever the watched run records beyond the unwatched one is numwatch's. The first steps run
-before recording: they build cached tables and layouts on the host once (host work, which the
-simulation cannot tell from device work), so each loop watches one kind of step whose cadence
-comes round during them.
+Each kind of step (tests/support/step_kinds.py) runs twice on the accelerator path (the CPU's
+tensors sent down it): once unwatched and once watched, the same loop from the same seed,
+under a :class:`SyncRecorder`. Whatever the watched run records beyond the unwatched one is
+numwatch's. benchmarks/gpu_check.py runs the same loops on a GPU.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import socket
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-import numwatch
 from numwatch.kernels.device import simulate_accelerator
-from tests.support.nanogpt import NanoGPT
+from tests.support.step_kinds import LOOPS, RECORDED, WARMUP, Loop, added, inputs, mlp, record
 from tests.support.syncs import SyncRecorder
-from tests.support.watch_helpers import BackwardInjection, read_spool
 
-WARMUP = 2  # steps run before recording (every cadence below is 1 or 2)
-RECORDED = 3
-
-
-@dataclass
-class Loop:
-    """One kind of training step: the model, its optimizer (and scaler) and one step of it."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    step: Callable[[int], None]
-    scaler: torch.amp.GradScaler | None = None
-    watch: dict[str, Any] = field(default_factory=dict)
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(12, 32), nn.GELU(), nn.Linear(32, 32), nn.LayerNorm(32), nn.Linear(32, 4))
-
-
-def _inputs(step: int) -> torch.Tensor:
-    return torch.randn(16, 12, generator=torch.Generator().manual_seed(step))
-
-
-def _plain(
-    optimizer: Callable[[Any], torch.optim.Optimizer] = lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
-    clip: Callable[[nn.Module, int], None] | None = None,
-    **watch: Any,
-) -> Callable[[], Loop]:
-    def build() -> Loop:
-        model = _mlp()
-        opt = optimizer(model.parameters())
-
-        def step(number: int) -> None:
-            model(_inputs(number)).pow(2).mean().backward()
-            if clip is not None:
-                clip(model, number)
-            opt.step()
-            opt.zero_grad()
-
-        return Loop(model, opt, step, watch=watch)
-
-    return build
-
-
-def _scaled(fused: bool) -> Callable[[], Loop]:
-    def build() -> Loop:
-        model = _mlp()
-        opt = (
-            torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-            if fused
-            else torch.optim.SGD(model.parameters(), lr=1e-2)
-        )
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-
-        def step(number: int) -> None:
-            scaler.scale(model(_inputs(number)).pow(2).mean()).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # after unscale_: the usual AMP recipe
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad()
-
-        return Loop(model, opt, step, scaler=scaler, watch={"histogram_every": 2, "format_every": 1, "quant_every": 0})
-
-    return build
-
-
-def _forward_probe() -> Loop:
-    torch.manual_seed(0)
-    model = NanoGPT(vocab=32, d=16, heads=2, layers=2, context=8)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(number: int) -> None:
-        generator = torch.Generator().manual_seed(number)
-        tokens = torch.randint(0, 32, (2, 9), generator=generator)
-        _, loss = model(tokens[:, :-1], tokens[:, 1:].contiguous())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-
-    return Loop(model, opt, step, watch={"attention_every": 1, "histogram_every": 0, "quant_every": 0})
-
-
-def _nonfinite() -> Loop:
-    loop = _plain(histogram_every=2, quant_every=0, on_nonfinite="ignore")()
-    injection = BackwardInjection(loop.model[0].weight, (0, slice(0, 2)), [float("nan"), float("inf")], {3})
-    inner = loop.step
-
-    def step(number: int) -> None:
-        injection.step = number
-        inner(number)
-
-    loop.step = step
-    return loop
-
-
-def _clip(model: nn.Module, number: int) -> None:
-    if number % 2:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-    else:
-        torch.nn.utils.clip_grad_value_(model.parameters(), 0.01)
-
-
-def _adamw(parameters: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameters, lr=1e-3)
-
-
-LOOPS: dict[str, Callable[[], Loop]] = {
-    "every step": _plain(histogram_every=0, format_every=0, quant_every=0),
-    "format count": _plain(histogram_every=0, format_every=1, quant_every=0),
-    "sampled, Adam health": _plain(_adamw, histogram_every=1, format_every=2, quant_every=0),
-    "quantization": _plain(histogram_every=0, quant_every=1),
-    "forward probe": _forward_probe,
-    "clipping": _plain(clip=_clip, histogram_every=2, quant_every=0),
-    "GradScaler": _scaled(fused=False),
-    "GradScaler, fused optimizer": _scaled(fused=True),
-    "non-finite gradients": _nonfinite,
-    "activation tracing": _plain(histogram_every=0, quant_every=0, trace_activations=True),
-}
-
-
-@dataclass
-class Recorded:
-    kinds: collections.Counter[str]
-    syncs: list[str]
-    host_copies: int
-    steps: list[dict[str, Any]]
-
-
-def _record(build: Callable[[], Loop], spool: Path | None) -> Recorded:
-    loop = build()
-    watcher = (
-        numwatch.watch(loop.model, loop.optimizer, scaler=loop.scaler, spool_dir=spool, run="syncs", **loop.watch)
-        if spool is not None
-        else None
-    )
-    for number in range(1, WARMUP + 1):
-        loop.step(number)
-    with SyncRecorder() as recorder:
-        for number in range(WARMUP + 1, WARMUP + RECORDED + 1):
-            loop.step(number)
-        if watcher is not None:
-            watcher.close()
-    steps: list[dict[str, Any]] = []
-    if watcher is not None:
-        assert watcher.monitoring_errors == 0
-        steps = read_spool(watcher.spool_dir).steps
-    return Recorded(recorder.kinds(), [str(sync) for sync in recorder.syncs], recorder.host_copies, steps)
-
-
-def _added(baseline: Recorded, watched: Recorded) -> list[str]:
-    """The watched run's syncs of the kinds it has more of than the unwatched run (all of them, for the message)."""
-    extra = watched.kinds - baseline.kinds
-    added = [sync for sync in watched.syncs if sync.split(" (")[0] in extra]
-    return [sync for sync in added if " at hooks/" in sync] or added  # numwatch's own first
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("kind", list(LOOPS))
 def test_a_watched_step_adds_no_host_sync(kind: str, tmp_path: Path) -> None:
     with simulate_accelerator():
-        baseline = _record(LOOPS[kind], None)
-        watched = _record(LOOPS[kind], tmp_path)
-    assert not _added(baseline, watched), "\n".join(_added(baseline, watched))
+        baseline = record(LOOPS[kind], CPU, None)
+        watched = record(LOOPS[kind], CPU, tmp_path)
+    assert not added(baseline, watched), "\n".join(added(baseline, watched))
     # One copy per step; close() may add one for the final weights' statistics.
     assert RECORDED <= watched.host_copies <= RECORDED + 1
     assert len(watched.steps) == WARMUP + RECORDED
@@ -253,8 +90,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _distributed_loop(wrap: str) -> Loop:
-    model = _mlp()
+def _distributed_loop(wrap: str, device: torch.device) -> Loop:
+    model = mlp(device)
     if wrap == "ddp":
         model = nn.parallel.DistributedDataParallel(model)
     else:
@@ -269,7 +106,7 @@ def _distributed_loop(wrap: str) -> Loop:
     rank = torch.distributed.get_rank()
 
     def step(number: int) -> None:
-        model(_inputs(number * WORLD_SIZE + rank)).pow(2).mean().backward()
+        model(inputs(number * WORLD_SIZE + rank, device)).pow(2).mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         opt.step()
         opt.zero_grad()
@@ -284,9 +121,9 @@ def _distributed(rank: int, wrap: str, port: int, spool_root: str, root: str) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     with simulate_accelerator():
-        baseline = _record(lambda: _distributed_loop(wrap), None)
-        watched = _record(lambda: _distributed_loop(wrap), Path(spool_root, "spool"))
-    result = {"added": _added(baseline, watched), "copies": watched.host_copies, "steps": len(watched.steps)}
+        baseline = record(lambda device: _distributed_loop(wrap, device), CPU, None)
+        watched = record(lambda device: _distributed_loop(wrap, device), CPU, Path(spool_root, "spool"))
+    result = {"added": added(baseline, watched), "copies": watched.host_copies, "steps": len(watched.steps)}
     Path(spool_root, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     os._exit(0)  # gloo aborts at interpreter exit otherwise
