@@ -107,6 +107,7 @@ class Chunk:
         self._members = [member for member, _, _ in pieces]
         self._cut = [i for i, (member, start, stop) in enumerate(pieces) if stop - start != numels[member]]
         self._single = [i for i, (member, start, stop) in enumerate(pieces) if numels[member] == 1]
+        self._ids: Tensor | None = None
 
     def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
         """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
@@ -172,11 +173,17 @@ class Chunk:
         cheaper than a count over keys on the CPU and without atomics on a few counters on a GPU."""
         return torch.stack(torch._foreach_norm(self.split(marks), 1))
 
-    def segment_ids(self) -> Tensor:
+    def segment_ids(self, keep: bool = False) -> Tensor:
         """int64 [numel]: the segment of each element (ones at segment starts, summed up:
-        on the CPU ten times cheaper than ``repeat_interleave``, and sync-free on CUDA)."""
+        on the CPU ten times cheaper than ``repeat_interleave``, and sync-free on CUDA);
+        ``keep``: kept with the chunk for the next call (for chunks of small tensors)."""
+        if self._ids is not None:
+            return self._ids
         ids = torch.zeros(self.numel, dtype=torch.int64, device=self._starts.device)
-        return ids.index_fill_(0, self._starts, 1).cumsum_(0)
+        ids = ids.index_fill_(0, self._starts, 1).cumsum_(0)
+        if keep:
+            self._ids = ids
+        return ids
 
     def keys(self, codes: Tensor, bins: int) -> Tensor:
         """segment * bins + code for each element's code 0..bins-1: counting these keys

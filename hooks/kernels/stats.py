@@ -174,13 +174,11 @@ def _l2_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout | None = None)
     split = None if accelerator_path(layout.device) else _size_split(layout)
     if split is None:
         return _foreach_norm_and_absmax(tensors, layout)
-    large = _foreach_norm_and_absmax([tensors[i] for i in split.large], split.large_layout) if split.large else None
+    if not split.large:  # all small (in input order): nothing to reorder
+        return _flat_norm_and_absmax(tensors, split.small_layout)
+    large = _foreach_norm_and_absmax([tensors[i] for i in split.large], split.large_layout)
     small = _flat_norm_and_absmax([tensors[i] for i in split.small], split.small_layout)  # type: ignore[misc]
-    return (
-        small.index_select(1, split.order)
-        if large is None
-        else torch.cat([large, small], 1).index_select(1, split.order)
-    )
+    return torch.cat([large, small], 1).index_select(1, split.order)
 
 
 def _foreach_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout | None = None) -> Tensor:
@@ -239,7 +237,7 @@ def _flat_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout) -> Tensor:
         sums, maxima = [], []
         for chunk in group.chunks:
             flat = chunk.read(members, INPUT)
-            ids = chunk.segment_ids()
+            ids = chunk.segment_ids(keep=True)
             wide = flat.to(torch.float64)
             segments = len(chunk.pieces)
             sums.append(wide.new_zeros(segments).index_add_(0, ids, wide * wide))

@@ -1,7 +1,8 @@
 """On a CUDA device: the watcher's measurements never synchronize the host with the GPU, and
 its numbers equal a float64 reference (also through fp16 autocast and a GradScaler).
 
-Skipped without CUDA (CI has no GPU); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped without CUDA (CI has no GPU); on a GPU machine ``python benchmarks/gpu_check.py`` runs it
+with the other GPU checks (docs/gpu.md).
 """
 
 from __future__ import annotations
