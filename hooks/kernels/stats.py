@@ -177,7 +177,7 @@ def _l2_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout | None = None)
     if not split.large:  # all small (in input order): nothing to reorder
         return _flat_norm_and_absmax(tensors, split.small_layout)
     large = _foreach_norm_and_absmax([tensors[i] for i in split.large], split.large_layout)
-    small = _flat_norm_and_absmax([tensors[i] for i in split.small], split.small_layout)  # type: ignore[misc]
+    small = _flat_norm_and_absmax([tensors[i] for i in split.small], split.small_layout)
     return torch.cat([large, small], 1).index_select(1, split.order)
 
 
@@ -224,7 +224,8 @@ def _size_split(layout: Layout) -> _SizeSplit | None:
                 Layout(tuple(keys[i] for i in large), layout.chunk_elements),
             )
         layout.derived["size_split"] = split
-    return layout.derived["size_split"]
+    kept: _SizeSplit | None = layout.derived["size_split"]
+    return kept
 
 
 def _flat_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout) -> Tensor:
