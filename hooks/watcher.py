@@ -647,6 +647,7 @@ def watch(
     Raises :class:`~numwatch.kernels.sharded.UnsupportedConfiguration` for setups it cannot measure
     correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
     """
+    refuse_unsupported(model, optimizer)  # before unwrapping: a wrapper may hide what it wraps
     optimizer, scaler = unwrap_optimizer(optimizer, scaler)
     return Watcher(
         model,
