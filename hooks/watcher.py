@@ -50,6 +50,7 @@ from numwatch.capture.activations import ActivationTracer
 from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
 from numwatch.capture.clipping import ClipObserver
+from numwatch.capture.deepspeed import EngineAdapter, ZeroPartition, deepspeed_engine
 from numwatch.capture.forward_probe import ForwardProbe
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
@@ -60,6 +61,7 @@ from numwatch.kernels.chunks import release_scratch
 from numwatch.kernels.sharded import refuse_unsupported
 from numwatch.step import records
 from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
+from numwatch.step.deepspeed_site import DeepSpeedSite
 from numwatch.step.records import StepRecord
 from numwatch.step.sites import (
     FrameworkSite,
@@ -146,10 +148,14 @@ class Watcher:
         spool_dir: str | os.PathLike[str] | None,
         config: dict[str, Any] | None,
         resume: bool,
+        deepspeed: Any = None,
     ) -> None:
         if measure not in MEASURE_MODES:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
-        refuse_unsupported(model, optimizer)
+        # DeepSpeed (an engine, checked by deepspeed_engine): its optimizer's step reads and ends each step.
+        self._deepspeed = EngineAdapter(deepspeed) if deepspeed is not None else None
+        if deepspeed is None:
+            refuse_unsupported(model, optimizer)
         if model in _watched_models:
             raise RuntimeError(
                 f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that watcher first"
@@ -167,7 +173,8 @@ class Watcher:
         if not selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
         fmt = format_spec(format or ("fp16" if self.scaler else format_name_for_dtype(selected[0][1].dtype)))
-        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
+        partition = ZeroPartition(deepspeed, [p for _, p in selected]) if deepspeed is not None else None
+        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every), partition)
         self.tensor_names = self.watched.names
         self.device = self.watched.device
         self.format = fmt
@@ -201,7 +208,7 @@ class Watcher:
         self._root_listener: RootListener | None = None
         self._optimizer_finder: Any = None
         self._clips = ClipObserver(self)
-        if measure == "auto":
+        if measure == "auto" and self._deepspeed is None:
             self._trigger = BackwardEndTrigger(
                 model,
                 self.guarded("end-of-backward read", self._backward_ended),
@@ -227,6 +234,8 @@ class Watcher:
     # -- setup ------------------------------------------------------------------------
 
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:
+        if self._deepspeed is not None:
+            return [DeepSpeedSite(self, self._deepspeed)]
         if self.measure == "manual":
             framework: list[StepSite] = [FrameworkSite(self)]
             return framework + (
@@ -285,11 +294,11 @@ class Watcher:
         tensors: list[protocol.TensorSpec] = [
             {
                 "name": n,
-                "shape": list(p.shape),
+                "shape": list(shape),
                 "dtype": str(p.dtype).removeprefix("torch."),
                 "group": groups.get(id(p), protocol.NO_PARAM_GROUP),
             }
-            for n, p in zip(self.watched.names, self.watched.parameters)
+            for n, p, shape in zip(self.watched.names, self.watched.parameters, self.watched.shapes)
         ]
         settings = {
             "model": type(self.model).__name__,
@@ -493,7 +502,7 @@ class Watcher:
         times 1/S. The step still ends where it would (optimizer step, ``scaler.update()``)
         or, with ``measure="manual"``, at :meth:`finish_step`.
         """
-        if not self._closed:
+        if not self._closed and self._deepspeed is None:  # DeepSpeed's optimizer step reads them
             self.guarded("watcher.gradients_ready", self._read_now)()
 
     def _read_now(self) -> None:
@@ -506,7 +515,7 @@ class Watcher:
     def finish_step(self) -> None:
         """End a step measured by :meth:`gradients_ready` (``measure="manual"``), after the
         optimizer update (and ``scaler.update()``). Does nothing when no step was measured."""
-        if self._closed or self.measure != "manual":
+        if self._closed or self.measure != "manual" or self._deepspeed is not None:
             return
         (framework,) = [site for site in self._sites if isinstance(site, FrameworkSite)]
         self.guarded("watcher.finish_step", framework.finish_step)()
@@ -644,11 +653,17 @@ def watch(
     before clipping; a :meth:`Watcher.gradients_ready` call reads again) or "manual" (for
     framework adapters: only ``gradients_ready()`` reads; :meth:`Watcher.finish_step` ends
     each step).
+    ``model`` may be a DeepSpeed engine (ZeRO stages 1, 2, 3): ``watch(engine)`` and
+    ``watch(engine.module, engine.optimizer)`` are the same; see ``docs/frameworks-deepspeed.md``.
     Raises :class:`~numwatch.kernels.sharded.UnsupportedConfiguration` for setups it cannot measure
-    correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
+    correctly (DeepSpeed offload and other parallelisms, FSDP1 flat parameters, some DTensor placements).
     """
-    refuse_unsupported(model, optimizer)  # before unwrapping: a wrapper may hide what it wraps
-    optimizer, scaler = unwrap_optimizer(optimizer, scaler)
+    engine = deepspeed_engine(model, optimizer)  # refuses what it cannot measure
+    if engine is not None:
+        model, optimizer = engine.module, engine.optimizer
+    else:
+        refuse_unsupported(model, optimizer)  # before unwrapping: a wrapper may hide what it wraps
+        optimizer, scaler = unwrap_optimizer(optimizer, scaler)
     return Watcher(
         model,
         optimizer,
@@ -671,4 +686,5 @@ def watch(
         spool_dir=spool_dir,
         config=config,
         resume=resume,
+        deepspeed=engine,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from numwatch.capture.clipping import ClipEffect
+from numwatch.capture.deepspeed import ZeroPartition
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
 from numwatch.kernels.chunks import to_device
@@ -110,28 +112,42 @@ class GradientReading:
 class WatchedTensors:
     """The watched parameters and how their statistics are taken."""
 
-    def __init__(self, selected: list[tuple[str, nn.Parameter]], fmt: FormatSpec, cadence: Cadence) -> None:
+    def __init__(
+        self,
+        selected: list[tuple[str, nn.Parameter]],
+        fmt: FormatSpec,
+        cadence: Cadence,
+        partition: ZeroPartition | None = None,
+    ) -> None:
         self.names = [name for name, _ in selected]
         self.parameters = [parameter for _, parameter in selected]
-        self.sharding = ShardReduction.for_parameters(selected)
+        # DeepSpeed ZeRO: the gradients, weights and Adam state are this rank's fragments of them.
+        self.partition = partition
+        self.sharding = partition.reduction if partition is not None else ShardReduction.for_parameters(selected)
+        self.shapes = partition.shapes if partition is not None else [tuple(p.shape) for p in self.parameters]
         self.device = self.parameters[0].device
         self.format = fmt
         self.cadence = cadence
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
+        if self.partition is not None:
+            return self.partition.weights()
         return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
     def read_gradients(
-        self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, step: int, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
 
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
         ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
         """
-        present = [i for i, p in enumerate(self.parameters) if p.grad is not None]
-        grads = [local_tensor(self.parameters[i].grad) for i in present]
+        if self.partition is not None:
+            present, grads = list(range(len(self.parameters))), self.partition.gradients()
+        else:
+            present = [i for i, p in enumerate(self.parameters) if p.grad is not None]
+            grads = [local_tensor(self.parameters[i].grad) for i in present]
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
@@ -209,8 +225,11 @@ class WatchedTensors:
         self._add_histograms(parts, "weight", weights, None)
         if self.sharding is not None:
             # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards.
-            if adam_family(optimizer):
-                (sums,) = self.sharding.sums([adam_sums(optimizer, self.parameters)])
+            adam_optimizer, adam_parameters = (
+                self.partition.adam_view() if self.partition is not None else (optimizer, self.parameters)
+            )
+            if adam_family(adam_optimizer):
+                (sums,) = self.sharding.sums([adam_sums(adam_optimizer, adam_parameters)])
                 parts[records.ADAM] = health_from_sums(sums, self._numels(sums.device))
             return parts
         if snapshot is not None and reading is not None and reading.grads:
@@ -230,7 +249,7 @@ class WatchedTensors:
 
     def _numels(self, device: torch.device) -> torch.Tensor:
         """float [n]: the whole tensors' element counts."""
-        return to_device(torch.tensor([float(p.numel()) for p in self.parameters]), device)
+        return to_device(torch.tensor([float(math.prod(shape)) for shape in self.shapes]), device)
 
     def quant_parts(self) -> dict[str, torch.Tensor]:
         """The weights' SQNR under each quantization scheme, as they are now (of the whole
@@ -238,7 +257,7 @@ class WatchedTensors:
         if self.sharding is not None:
             return {
                 records.QUANT: self.sharding.quantization_sqnr(
-                    self.local_parameters(), [p.numel() for p in self.parameters]
+                    self.local_parameters(), [math.prod(shape) for shape in self.shapes]
                 )
             }
         return {records.QUANT: quantization_sqnr(self.local_parameters())}
@@ -271,7 +290,7 @@ class StepMeasurement:
         return self.phase is not Phase.OPEN
 
     def read(
-        self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, watched: WatchedTensors, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> None:
         """Read the gradients, replacing an earlier reading of this step."""
         if self.phase is Phase.FAILED:

@@ -1,0 +1,336 @@
+"""Everything numwatch reads from a DeepSpeed engine beyond its public API, in one place.
+
+DeepSpeed's ZeRO optimizers (stages 1 and 2: ``DeepSpeedZeroOptimizer``; stage 3:
+``DeepSpeedZeroOptimizer_Stage3``) keep no gradient in ``.grad``: after the backward each
+rank holds the reduced (averaged) gradient of its partition only, loss-scaled under fp16.
+What this module reads, and where:
+
+* Which elements of each parameter this rank holds (:class:`ZeroPartition`): under stages
+  1 and 2, the parameter's ``_hp_mapping`` (a ``tensor_fragment``: its slice of the flat
+  partition); under stage 3, the parameter's own partition (``ds_tensor``), the
+  ``partition_numel()`` elements from rank × that, the last rank's padding left out.
+* The gradient of that fragment at the start of the optimizer's ``step()``, before DeepSpeed
+  unscales and clips it: ``_hp_mapping.get_lp_grad_fragment`` (stages 1, 2; the list
+  ``averaged_gradients`` DeepSpeed's own norm reads) or ``averaged_gradients[sub group][i]``
+  (stage 3). ``safe_get_full_grad`` would give the same values but costs a collective per tensor.
+* The fp32 optimizer state of the fragment (Adam's moments): the inner torch optimizer's
+  state of the flat fp32 partition, sliced at the fragment's place.
+* The loss scale (``loss_scale``: the dynamic scaler's current scale, hysteresis and all),
+  whether the step overflowed and was skipped (``overflow``), the global norm it computed
+  (``_global_grad_norm``, which ``engine.get_global_grad_norm()`` returns), the clipping
+  threshold (``clip_grad``).
+
+:func:`deepspeed_engine` finds the engine behind what ``watch()`` was given and refuses,
+with :class:`UnsupportedConfiguration` naming it, every DeepSpeed setup these readings do not
+cover. DeepSpeed is never imported here: a process that uses it has imported it already.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from numwatch.kernels.fragments import Fragment, FragmentReduction
+from numwatch.kernels.sharded import UnsupportedConfiguration, from_deepspeed
+
+ZERO_OPTIMIZERS = {"DeepSpeedZeroOptimizer": (1, 2), "DeepSpeedZeroOptimizer_Stage3": (3,)}
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# DeepSpeed's clip coefficient: max(1, (‖g‖ + ε) / clip), as in its unscale_and_clip_grads.
+CLIP_EPSILON = 1e-6
+
+
+def _is_engine(obj: object) -> bool:
+    return any(
+        cls.__name__ == "DeepSpeedEngine" and cls.__module__.startswith("deepspeed.") for cls in type(obj).__mro__
+    )
+
+
+def _managed_by_deepspeed(model: object) -> bool:
+    """Whether the parameters belong to a ZeRO optimizer (stage 1/2 fragments, stage 3 partitions)."""
+    parameters = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in parameters)
+
+
+def _find(match: Callable[[Any], bool]) -> Any:
+    """The live DeepSpeed engine ``match`` accepts, or None (one walk over the collector's
+    objects, once when watching starts: the engine keeps no reference its parts could follow)."""
+    return next((obj for obj in gc.get_objects() if _is_engine(obj) and match(obj)), None)
+
+
+def deepspeed_engine(model: object, optimizer: object | None) -> Any:
+    """The DeepSpeed engine ``watch(model, optimizer)`` is about, or None when DeepSpeed has no
+    part in them. ``model`` may be the engine or its module; ``optimizer`` the engine's
+    optimizer, a wrapper of it (Accelerate's ``.optimizer``), or None.
+
+    Raises :class:`UnsupportedConfiguration` for DeepSpeed setups numwatch cannot measure
+    exactly, and for DeepSpeed objects it finds no engine for.
+    """
+    if "deepspeed" not in sys.modules:
+        return None
+    wrapped = getattr(optimizer, "optimizer", None)
+    zero = next((o for o in (optimizer, wrapped) if o is not None and from_deepspeed(o)), None)
+    engine: Any
+    if _is_engine(model):
+        engine = model
+    elif zero is not None:
+        engine = _find(lambda candidate: bool(candidate.optimizer is zero))
+    elif _managed_by_deepspeed(model) or from_deepspeed(model):
+        engine = _find(lambda candidate: bool(candidate.module is model))
+    else:
+        return None
+    if engine is None:
+        raise UnsupportedConfiguration(
+            "numwatch: these DeepSpeed (ZeRO) objects belong to no live DeepSpeed engine; watch the engine "
+            "deepspeed.initialize returned: numwatch.watch(engine)"
+        )
+    if zero is not None and zero is not engine.optimizer:
+        raise UnsupportedConfiguration("numwatch: this optimizer is not the DeepSpeed engine's; pass engine.optimizer")
+    refuse_unsupported_engine(engine)
+    return engine
+
+
+def _offload_device(offload: Any) -> str | None:
+    device = getattr(offload, "device", None)
+    name = str(getattr(device, "value", device)) if device is not None else None
+    return None if name in (None, "none") else name
+
+
+def refuse_unsupported_engine(engine: Any) -> None:
+    """Raise :class:`UnsupportedConfiguration` naming the first feature of ``engine`` whose
+    gradients or optimizer state are not where :class:`ZeroPartition` reads them."""
+    stage = engine.zero_optimization_stage()
+    optimizer = engine.optimizer
+    kind = type(optimizer).__name__
+    refusal = None
+    zero = engine._config.zero_config
+    offloaded = {
+        "optimizer": _offload_device(zero.offload_optimizer),
+        "parameters": _offload_device(zero.offload_param),
+    }
+    if type(engine).__name__ == "PipelineEngine":
+        refusal = "pipeline parallelism (PipelineEngine)"
+    elif "nvme" in offloaded.values():
+        what = [name for name, device in offloaded.items() if device == "nvme"]
+        refusal = f"ZeRO-Infinity offload of the {' and '.join(what)} to NVMe"
+    elif any(offloaded.values()):
+        what = [f"{name} to {device}" for name, device in offloaded.items() if device]
+        refusal = f"ZeRO-Offload of the {' and '.join(what)}"
+    elif kind == "MiCS_Optimizer" or getattr(zero, "mics_shard_size", -1) > 0:
+        refusal = "MiCS (mics_shard_size)"
+    elif stage == 0 or kind not in ZERO_OPTIMIZERS:
+        refusal = f"ZeRO stage {stage} with {kind} (numwatch supports ZeRO stages 1, 2 and 3)"
+    elif stage not in ZERO_OPTIMIZERS[kind]:
+        refusal = f"{kind} at ZeRO stage {stage}"
+    elif zero.zero_hpz_partition_size > 1 or zero.zero_quantized_weights or zero.zero_quantized_gradients:
+        refusal = "ZeRO++ (hpZ partitions, quantized weights or gradients)"
+    elif engine.has_moe_layers:
+        refusal = "mixture-of-experts layers (expert parameters reduce over their own groups)"
+    elif engine.mpu is not None or engine.autotp_size() > 1:
+        refusal = "model or tensor parallelism (mpu, AutoTP)"
+    elif getattr(engine, "zenflow", False):
+        refusal = "ZenFlow"
+    elif engine.is_deepcompile_active():
+        refusal = "DeepCompile"
+    elif getattr(optimizer, "torch_autocast_gradscaler", None) is not None or engine.torch_autocast_enabled():
+        refusal = "torch_autocast (DeepSpeed's GradScaler path)"
+    elif any(group.get("use_muon") for group in optimizer.param_groups):
+        refusal = "the Muon optimizer (its update replaces the gradient before the norm)"
+    elif _partition_group(optimizer, stage) is None:
+        refusal = "parameter groups reduced over different process groups"
+    elif dist.get_world_size(_partition_group(optimizer, stage)) != dist.get_world_size():
+        refusal = "a data-parallel group smaller than the world (sequence, tensor or expert parallelism)"
+    if refusal is not None:
+        raise UnsupportedConfiguration(
+            f"numwatch: DeepSpeed with {refusal} is not supported: its gradients are not where numwatch reads them "
+            "exactly. Supported: ZeRO stages 1, 2 and 3 without offload, in fp32, bf16 or fp16."
+        )
+
+
+def _partition_group(optimizer: Any, stage: int) -> Any:
+    """The process group the ZeRO partitions span; None when the param groups differ."""
+    if stage == 3:
+        groups = {
+            id(getattr(p, "ds_process_group", optimizer.dp_process_group)): p for g in optimizer.fp16_groups for p in g
+        }
+        return optimizer.dp_process_group if len(groups) <= 1 else None
+    real = list(optimizer.real_dp_process_group)
+    return real[0] if all(group is real[0] for group in real) else None
+
+
+@dataclass
+class _StateSlot:
+    """Where one parameter's fragment lies in the inner optimizer's flat fp32 partition."""
+
+    flat: Tensor  # the inner optimizer's parameter (a flat fp32 partition)
+    group: int  # its param group in the inner optimizer
+    start: int
+    numel: int
+
+
+class ZeroPartition:
+    """The watched parameters as this rank holds them under ZeRO: fragments of their
+    gradients, weights and Adam state, and the reduction that combines them."""
+
+    def __init__(self, engine: Any, parameters: list[Any]) -> None:
+        # Any: DeepSpeed adds its attributes (ds_shape, _hp_mapping...) to the parameters.
+        self.optimizer = engine.optimizer
+        self.stage = engine.zero_optimization_stage()
+        self.parameters = parameters
+        group = _partition_group(self.optimizer, self.stage)
+        self.shapes = [tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape) for p in parameters]
+        if self.stage == 3:
+            rank = dist.get_rank(group)
+            starts = [rank * p.partition_numel() for p in parameters]
+            numels = [max(0, min(p.partition_numel(), p.ds_numel - s)) for p, s in zip(parameters, starts, strict=True)]
+            place = {id(p): (i, j) for i, sub in enumerate(self.optimizer.fp16_groups) for j, p in enumerate(sub)}
+            self._places = [place[id(p)] for p in parameters]
+        else:
+            mappings = [p._hp_mapping for p in parameters]
+            starts = [m.lp_fragment_address.start if m is not None else 0 for m in mappings]
+            numels = [m.lp_fragment_address.numel if m is not None else 0 for m in mappings]
+        self.fragments = [Fragment(shape, s, n) for shape, s, n in zip(self.shapes, starts, numels, strict=True)]
+        self.reduction = FragmentReduction(group, self.fragments)
+        self._empty = torch.empty(0, dtype=parameters[0].dtype, device=parameters[0].device)
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(shape) for shape in self.shapes]
+
+    def gradients(self) -> list[Tensor]:
+        """Flat gradient fragments as DeepSpeed holds them before its step (reduced, averaged,
+        loss-scaled under fp16), one per watched parameter (empty where this rank holds none)."""
+        grads = []
+        for parameter, fragment in zip(self.parameters, self.fragments, strict=True):
+            if fragment.numel == 0:
+                grads.append(self._empty)
+            elif self.stage == 3:
+                sub_group, index = self._places[len(grads)]
+                grads.append(self.optimizer.averaged_gradients[sub_group][index].reshape(-1)[: fragment.numel])
+            else:
+                grad = parameter._hp_mapping.get_lp_grad_fragment(parameter._index_in_param_group).reshape(-1)
+                if grad.numel() != fragment.numel:  # a buffer of the whole parameter (as get_full_hp_grad reads it)
+                    grad = grad.narrow(0, fragment.start, fragment.numel)
+                grads.append(grad)
+        return grads
+
+    def weights(self) -> list[Tensor]:
+        """Flat fragments of the weights the model computes with (its dtype), aligned with the gradients'."""
+        if self.stage == 3:
+            return [p.ds_tensor.reshape(-1)[: f.numel] for p, f in zip(self.parameters, self.fragments, strict=True)]
+        return [
+            p.detach().reshape(-1).narrow(0, f.start, f.numel)
+            for p, f in zip(self.parameters, self.fragments, strict=True)
+        ]
+
+    def _slots(self) -> list[_StateSlot | None]:
+        """Each fragment's place in the inner optimizer's flat fp32 partitions (None: none held)."""
+        slots: list[_StateSlot | None] = []
+        for position, (parameter, fragment) in enumerate(zip(self.parameters, self.fragments, strict=True)):
+            if fragment.numel == 0:
+                slots.append(None)
+            elif self.stage == 3:
+                sub_group, _ = self._places[position]
+                _, offset, _ = self.optimizer.grad_position[self.optimizer.get_param_id(parameter)]
+                flat = self.optimizer.fp32_partitioned_groups_flat[sub_group]
+                slots.append(_StateSlot(flat, self.optimizer.sub_group_to_group_id[sub_group], offset, fragment.numel))
+            else:
+                mapping = parameter._hp_mapping
+                group = mapping.param_group_index
+                flat = self.optimizer.single_partition_of_fp32_groups[group]
+                slots.append(_StateSlot(flat, group, mapping.hp_fragment_address.start, fragment.numel))
+        return slots
+
+    def adam_view(self) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+        """The inner torch optimizer seen through this rank's fragments: an object of its
+        class whose parameters are the fragments of the fp32 master weights, each with the
+        matching slices of its state (step count included), and those fragments in watched
+        order. Before the first update nothing has state (NaN); after it, a fragment this
+        rank does not hold has an empty state, which adds nothing to the combined sums."""
+        inner = self.optimizer.optimizer
+        view = object.__new__(type(inner))  # only param_groups and state are read
+        groups = [{**group, "params": []} for group in inner.param_groups]
+        state: dict[Tensor, dict[str, Any]] = {}
+        stepped = any("exp_avg" in held for held in inner.state.values())
+        keys = []
+        for slot in self._slots():
+            if slot is None:
+                key = self._empty.new_empty(0, dtype=torch.float32)
+                if stepped:
+                    state[key] = {"exp_avg": key}
+            else:
+                key = slot.flat.detach().narrow(0, slot.start, slot.numel)
+                groups[slot.group]["params"].append(key)
+                held = inner.state.get(slot.flat)
+                if held and "exp_avg" in held:
+                    state[key] = {
+                        name: value.narrow(0, slot.start, slot.numel) if name in ADAM_STATE else value
+                        for name, value in held.items()
+                    }
+            keys.append(key)
+        view.param_groups, view.state = groups, state
+        return view, keys
+
+
+class EngineAdapter:
+    """Read-only views of one engine's per-step state, and the patches numwatch puts on it."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.optimizer = engine.optimizer
+        self._patched: list[tuple[object, str]] = []
+
+    @property
+    def loss_scaled(self) -> bool:
+        """Whether the gradients are loss-scaled (fp16)."""
+        return bool(self.engine.fp16_enabled())
+
+    def loss_scale(self) -> float:
+        """The current loss scale (1 outside fp16)."""
+        return float(self.optimizer.loss_scale) if self.loss_scaled else 1.0
+
+    def overflowed(self) -> bool:
+        """Whether the last step found Inf/NaN gradients and skipped the update."""
+        return bool(self.optimizer.overflow)
+
+    def global_grad_norm(self) -> float | None:
+        """The norm the optimizer's last step computed (the engine copies it after the step returns)."""
+        norm = getattr(self.optimizer, "_global_grad_norm", None)
+        return None if norm is None else float(norm)
+
+    def accumulation_steps(self) -> int:
+        return int(self.engine.gradient_accumulation_steps())
+
+    def applied_factor(self, scale_before: float) -> float | None:
+        """The factor DeepSpeed multiplied the unscaled gradients by before the update of the
+        step that just ran (clipping to ``gradient_clipping``, and unscaling by the scale as
+        it stood after its update, which differs from ``scale_before`` on a step where the
+        scale grows); None without clipping."""
+        clip = float(self.optimizer.clip_grad)
+        norm = self.global_grad_norm()
+        if clip <= 0.0 or norm is None:
+            return None
+        scale_after = self.loss_scale()
+        # The scaled norm DeepSpeed clips with: stage 3 divides it by the scale after the update.
+        scaled = norm * (scale_after if self.engine.zero_optimization_stage() == 3 else scale_before)
+        coefficient = max(1.0, (scaled / scale_after + CLIP_EPSILON) / clip)
+        return scale_before / (coefficient * scale_after)
+
+    def patch(self, owner: object, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Replace ``owner``'s method ``name`` (on the instance) by ``wrapper(original)`` until :meth:`restore`."""
+        if name in vars(owner):
+            raise RuntimeError(f"this DeepSpeed {type(owner).__name__}.{name} is already patched (watched twice?)")
+        setattr(owner, name, wrapper(getattr(owner, name)))
+        self._patched.append((owner, name))
+
+    def restore(self) -> None:
+        for owner, name in reversed(self._patched):
+            delattr(owner, name)
+        self._patched.clear()
