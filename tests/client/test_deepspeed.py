@@ -20,6 +20,7 @@ import torch
 
 from numwatch import protocol
 from tests.support.deepspeed_ranks import WORLD_SIZE, init_deepspeed, run_rank, spawn, zero_config
+from tests.support.collector_docs import values
 from tests.support.watch_helpers import Spooled, read_spool
 
 BATCH = 8  # the combined batch of both ranks
@@ -30,7 +31,8 @@ OVERFLOW_STEPS = (3, 4)  # fp16: an Inf in rank 1's batch; hysteresis 2 skips st
 STAGES = (1, 2, 3)
 DTYPES = ("fp32", "bf16", "fp16")
 LR = 1e-2
-SHAPES = [(17, 6), (17,), (3, 17), (3,)]
+SHAPES = [(17, 6), (17,), (4, 17), (4,)]
+QUANT_EVERY = 2  # steps 2 and 4 measure the weights' quantization SQNR
 # Per-tensor norms equal DeepSpeed's gathered gradient's up to float32 rounding; the float32
 # reference's only for fp32 (bf16 and fp16 train on rounded weights and activations).
 RTOL = 1e-5
@@ -39,15 +41,17 @@ REFERENCE_RTOL = {"fp32": 1e-5, "bf16": 5e-2, "fp16": 5e-3}
 
 def _model() -> torch.nn.Module:
     torch.manual_seed(0)
-    # Odd sizes: ZeRO's partitions cut tensors at uneven places.
-    return torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
+    # Odd sizes: ZeRO's partitions cut tensors at uneven places. Under stages 1 and 2 the
+    # first weight is split between the ranks on a row boundary (whole rows: int8 and int4
+    # combine), under stage 3 at element 51 (inside a row: they report NaN).
+    return torch.nn.Sequential(torch.nn.Linear(6, 17), torch.nn.Tanh(), torch.nn.Linear(17, 4))
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(100 + step)
     inputs = torch.randn(BATCH, 6, generator=generator)
     inputs[:, 0] = 0.0  # column 0 of the first weight's gradient is exactly zero: 17 known zeros
-    return inputs, 20.0 * torch.randn(BATCH, 3, generator=generator)
+    return inputs, 20.0 * torch.randn(BATCH, 4, generator=generator)
 
 
 def _half(rank: int, tensor: torch.Tensor) -> torch.Tensor:
@@ -109,11 +113,28 @@ def _reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, st
     return {"loss": float(loss), "grads": grads, "global_norm": norm}
 
 
+def _count_collectives() -> list[int]:
+    """Counts, per step (append a 0 to start one), the all-reduces numwatch's reductions issue."""
+    from numwatch.kernels.sharded import ShardReduction
+
+    counts: list[int] = []
+    original = ShardReduction._all_reduce
+
+    def counted(self: ShardReduction, parts: list[torch.Tensor], op: Any) -> list[torch.Tensor]:
+        if counts:
+            counts[-1] += bool(parts)
+        return original(self, parts, op)
+
+    ShardReduction._all_reduce = counted  # type: ignore[method-assign]  # this process only
+    return counts
+
+
 def _configurations(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
     """Every stage × dtype, watched with watch(engine), against DeepSpeed and the reference."""
     import numwatch
 
     results: dict[str, Any] = {}
+    collectives = _count_collectives()
     for stage in STAGES:
         for dtype in DTYPES:
             engine = _engine(deepspeed, stage, dtype)
@@ -123,12 +144,14 @@ def _configurations(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
                 spool_dir=spool,
                 format_every=1,
                 histogram_every=HISTOGRAM_EVERY,
-                quant_every=2,
+                quant_every=QUANT_EVERY,
             )
             reference = _model() if rank == 0 else None
             reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR) if reference else None
-            seen: dict[str, list] = {"deepspeed": [], "reference": []}
+            seen: dict[str, list] = {"deepspeed": [], "reference": [], "collectives": collectives}
+            collectives.clear()
             for step in range(1, STEPS + 1):
+                collectives.append(0)
                 inputs, targets = _batch(step)
                 inputs = _half(rank, inputs).clone()
                 if dtype == "fp16" and step in OVERFLOW_STEPS and rank == 1:
@@ -138,7 +161,58 @@ def _configurations(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
                 if reference is not None:
                     seen["reference"].append(_reference_step(reference, reference_optimizer, step, said["applied"]))
             watcher.close()
+            seen["collectives"] = list(collectives)
             results[f"zero{stage}-{dtype}"] = seen
+    collectives.clear()
+    return results
+
+
+def _train(engine: Any, steps: int, rank: int, accumulation: int = 1) -> list[dict[str, Any]]:
+    """``steps`` optimizer steps of ``accumulation`` micro-batches each; DeepSpeed's norm, the
+    gathered gradients and the losses backpropagated, per optimizer step."""
+    from deepspeed.utils import safe_get_full_grad
+
+    seen = []
+    for step in range(1, steps + 1):
+        losses = []
+        for micro in range(accumulation):
+            inputs, targets = _batch(10 * step + micro)
+            loss = torch.nn.functional.mse_loss(engine(_half(rank, inputs)), _half(rank, targets))
+            engine.backward(loss)
+            losses.append(float(loss))
+            if micro < accumulation - 1:
+                engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+        grads = [_full(safe_get_full_grad(p)) for p in engine.module.parameters()]
+        engine.step()
+        seen.append({"global_norm": float(engine.get_global_grad_norm()), "grads": grads, "losses": losses})
+    return seen
+
+
+def _accumulation(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
+    """gradient_accumulation_steps 2 in every stage: one numwatch step per optimizer step."""
+    import numwatch
+
+    results = {}
+    for stage in STAGES:
+        engine = _engine(deepspeed, stage, "fp32", gradient_accumulation_steps=2)
+        with numwatch.watch(engine, run=f"accumulation{stage}", spool_dir=spool) as watcher:
+            results[stage] = _train(engine, 2, rank, accumulation=2)
+        results[f"{stage}-steps"] = watcher.steps
+    return results
+
+
+def _unwrapped(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
+    """watch(engine.module, engine.optimizer), accepted and wrong before, against watch(engine)
+    on an identical engine trained identically."""
+    import numwatch
+
+    results = {}
+    for stage in STAGES:
+        for form in ("engine", "unwrapped"):
+            engine = _engine(deepspeed, stage, "fp32")
+            watched = (engine,) if form == "engine" else (engine.module, engine.optimizer)
+            with numwatch.watch(*watched, run=f"{form}{stage}", spool_dir=spool):
+                results[f"{form}{stage}"] = _train(engine, 2, rank)
     return results
 
 
@@ -161,7 +235,12 @@ def _refusals(deepspeed: Any, spool: str) -> dict[str, str]:
 def _ranks(rank: int, port: int, out: str) -> None:
     def body() -> None:
         deepspeed = init_deepspeed(rank, port)
-        results = {"configurations": _configurations(deepspeed, rank, out), "refusals": _refusals(deepspeed, out)}
+        results = {
+            "configurations": _configurations(deepspeed, rank, out),
+            "accumulation": _accumulation(deepspeed, rank, out),
+            "unwrapped": _unwrapped(deepspeed, rank, out),
+            "refusals": _refusals(deepspeed, out),
+        }
         torch.save(results, Path(out) / f"rank{rank}.pt")
 
     run_rank(body)
@@ -248,3 +327,131 @@ def test_global_norm_loss_scale_skips_and_clipping_are_deepspeeds(ranks) -> None
             # Hysteresis 2: the first overflow is skipped at the same scale, the second backs off.
             third, fourth = deepspeed[2], deepspeed[3]
             assert third["new_scale"] == third["scale"] and fourth["new_scale"] == fourth["scale"] / 2
+
+
+def _sampled(spooled: Spooled) -> list[dict[str, Any]]:
+    return [s for s in spooled.steps if (s["step"] - 1) % HISTOGRAM_EVERY == 0]
+
+
+def test_sampled_weight_statistics_and_histograms_cover_the_whole_tensors(ranks) -> None:
+    numels = [math.prod(shape) for shape in SHAPES]
+    for _, spooled, deepspeed, _ in _configuration_runs(ranks):
+        assert [s["step"] for s in _sampled(spooled)] == [1, 3]
+        for step in _sampled(spooled):
+            weights = deepspeed[step["step"] - 1]["weights"]  # after that step's update
+            np.testing.assert_allclose(
+                spooled.stat(step, "weight_norm"), [np.linalg.norm(w) for w in weights], rtol=RTOL
+            )
+            np.testing.assert_allclose(
+                spooled.stat(step, "weight_absmax"), [np.abs(w).max() for w in weights], rtol=RTOL
+            )
+        assert {(h["step"], h["kind"]) for h in spooled.histograms} == {
+            (1, "grad"),
+            (1, "weight"),
+            (3, "grad"),
+            (3, "weight"),
+        }
+        for histogram in spooled.histograms:
+            exponent = values(histogram["exponent"], "<i8").reshape(len(SHAPES), -1)
+            linear = values(histogram["linear"], "<i8").reshape(len(SHAPES), -1)
+            # Every element of every whole tensor is counted exactly once, in both histograms.
+            np.testing.assert_array_equal(exponent.sum(axis=1), numels)
+            if histogram["kind"] == "weight":
+                np.testing.assert_array_equal(linear.sum(axis=1), numels)
+                weights = deepspeed[histogram["step"] - 1]["weights"]
+                np.testing.assert_allclose(
+                    values(histogram["linear_min"], "<f4"), [w.min() for w in weights], rtol=RTOL
+                )
+                np.testing.assert_allclose(
+                    values(histogram["linear_max"], "<f4"), [w.max() for w in weights], rtol=RTOL
+                )
+
+
+def _adam_reference(state: dict[str, np.ndarray], t: int) -> tuple[float, float]:
+    """float64 AdamW health from the full moments after ``t`` updates (torch's defaults)."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    root = np.sqrt(state["exp_avg_sq"] / (1 - beta2**t))
+    update = state["exp_avg"] / (1 - beta1**t) / (root + eps)
+    return float(np.sqrt(np.mean(update**2))), float(np.mean(root < eps))
+
+
+def test_adam_health_is_read_from_deepspeeds_fp32_optimizer_state(ranks) -> None:
+    for _, spooled, deepspeed, _ in _configuration_runs(ranks):
+        for step in _sampled(spooled):
+            updates = sum(said["applied"] for said in deepspeed[: step["step"]])
+            state = deepspeed[step["step"] - 1]["adam"]
+            expected = np.array([_adam_reference(tensor, updates) for tensor in state]).T
+            np.testing.assert_allclose(spooled.stat(step, "adam_update_rms"), expected[0], rtol=1e-4)
+            np.testing.assert_allclose(spooled.stat(step, "adam_eps_dominated"), expected[1], atol=1e-7)
+
+
+def test_quantization_sqnr_is_the_whole_tensors_or_nan_where_a_partition_cuts_a_row(ranks) -> None:
+    from numwatch.kernels.quantization import quantization_sqnr
+
+    measured = set()
+    for _, spooled, deepspeed, _ in _configuration_runs(ranks):
+        steps = [s for s in spooled.steps if s["step"] % QUANT_EVERY == 0]
+        assert [s["step"] for s in steps] == [2, 4]
+        for step in steps:
+            weights = [
+                torch.from_numpy(w).float().reshape(shape)
+                for w, shape in zip(deepspeed[step["step"] - 1]["weights"], SHAPES)
+            ]
+            expected = quantization_sqnr(weights).numpy()
+            for row, scheme in enumerate(protocol.QUANT_SCHEMES):
+                got = spooled.stat(step, protocol.QUANT_SQNR_STATS[scheme])
+                for tensor, (value, reference) in enumerate(zip(got, expected[row])):
+                    if len(SHAPES[tensor]) < 2:
+                        assert np.isnan(value)
+                    elif not np.isnan(value):
+                        assert value == pytest.approx(reference, rel=1e-4)
+                        measured.add((scheme, tensor))
+                    else:
+                        assert scheme != "fp8", "fp8 scales by the global abs-max: always measured"
+    # Whole rows split between the ranks (stages 1 and 2) and one rank's whole tensor combine.
+    assert {("int8", 0), ("int4", 0), ("int8", 2), ("nf4", 2), ("fp8", 0)} <= measured
+
+
+def test_one_sum_and_one_max_per_step(ranks) -> None:
+    _, results = ranks
+    for rank_results in results:
+        for run, seen in rank_results["configurations"].items():
+            # Step 2 (not sampled, finite): the norms and format counts of every tensor in one
+            # SUM, their abs-maxima in one MAX; then the weights' quantization (a MAX and its
+            # NaN flags' SUM, then one SUM of the squared norms).
+            assert seen["collectives"][1] == 2 + 3, run
+
+
+def test_gradient_accumulation_gives_one_step_per_optimizer_step(ranks) -> None:
+    out, results = ranks
+    for stage in STAGES:
+        for rank in range(WORLD_SIZE):
+            said = results[rank]["accumulation"][stage]
+            spooled = _spooled(out, f"accumulation{stage}", rank)
+            assert results[rank]["accumulation"][f"{stage}-steps"] == 2
+            assert [s["step"] for s in spooled.steps] == [1, 2]
+            for step, expected in zip(spooled.steps, said, strict=True):
+                # The loss whose gradient the step applies: each micro-batch's loss / 2, summed.
+                assert _float(step["loss"]) == pytest.approx(sum(expected["losses"]) / 2, rel=1e-6)
+                assert _float(step["global_grad_norm"]) == pytest.approx(expected["global_norm"], rel=RTOL)
+                np.testing.assert_allclose(
+                    spooled.stat(step, "grad_norm"), [np.linalg.norm(g) for g in expected["grads"]], rtol=RTOL
+                )
+
+
+def test_watching_the_module_and_optimizer_is_watching_the_engine(ranks) -> None:
+    # watch(engine.module, engine.optimizer) under ZeRO-1/2 used to be accepted and record each
+    # rank's local, unreduced norm (e.g. 2.874 and 6.806 where DeepSpeed's was 3.759).
+    out, results = ranks
+    for stage in STAGES:
+        for rank in range(WORLD_SIZE):
+            engine, unwrapped = (_spooled(out, f"{form}{stage}", rank) for form in ("engine", "unwrapped"))
+            said = results[rank]["unwrapped"][f"unwrapped{stage}"]
+            twin = results[rank]["unwrapped"][f"engine{stage}"]
+            assert [(s["global_norm"], s["losses"]) for s in twin] == [(s["global_norm"], s["losses"]) for s in said]
+            assert len(engine.steps) == len(unwrapped.steps) == 2
+            for first, second, expected in zip(engine.steps, unwrapped.steps, said, strict=True):
+                assert first["tensors"] == second["tensors"]
+                assert first["global_grad_norm"] == second["global_grad_norm"]
+                assert _float(second["global_grad_norm"]) == pytest.approx(expected["global_norm"], rel=RTOL)
+                assert second["clipped"] is True
