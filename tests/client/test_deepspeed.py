@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from numwatch import protocol
-from tests.support.deepspeed_ranks import WORLD_SIZE, init_deepspeed, run_rank, spawn, zero_config
 from tests.support.collector_docs import values
+from tests.support.deepspeed_ranks import WORLD_SIZE, init_deepspeed, run_rank, spawn, zero_config
 from tests.support.watch_helpers import Spooled, read_spool
 
 BATCH = 8  # the combined batch of both ranks
@@ -395,12 +395,12 @@ def test_quantization_sqnr_is_the_whole_tensors_or_nan_where_a_partition_cuts_a_
         for step in steps:
             weights = [
                 torch.from_numpy(w).float().reshape(shape)
-                for w, shape in zip(deepspeed[step["step"] - 1]["weights"], SHAPES)
+                for w, shape in zip(deepspeed[step["step"] - 1]["weights"], SHAPES, strict=True)
             ]
             expected = quantization_sqnr(weights).numpy()
             for row, scheme in enumerate(protocol.QUANT_SCHEMES):
                 got = spooled.stat(step, protocol.QUANT_SQNR_STATS[scheme])
-                for tensor, (value, reference) in enumerate(zip(got, expected[row])):
+                for tensor, (value, reference) in enumerate(zip(got, expected[row], strict=True)):
                     if len(SHAPES[tensor]) < 2:
                         assert np.isnan(value)
                     elif not np.isnan(value):
