@@ -76,21 +76,22 @@ def deepspeed_engine(model: object, optimizer: object | None) -> Any:
     if "deepspeed" not in sys.modules:
         return None
     wrapped = getattr(optimizer, "optimizer", None)
-    zero = next((o for o in (optimizer, wrapped) if o is not None and from_deepspeed(o)), None)
+    given = [o for o in (optimizer, wrapped) if o is not None]
+    zero = next((o for o in given if from_deepspeed(o)), None)
     engine: Any
     if _is_engine(model):
         engine = model
-    elif zero is not None:
-        engine = _find(lambda candidate: bool(candidate.optimizer is zero))
-    elif _managed_by_deepspeed(model) or from_deepspeed(model):
-        engine = _find(lambda candidate: bool(candidate.module is model))
     else:
-        return None
+        # Also an engine without ZeRO, whose optimizer is the user's own: its reductions and
+        # clipping run outside the autograd backward numwatch would read.
+        engine = _find(lambda candidate: candidate.module is model or any(candidate.optimizer is o for o in given))
     if engine is None:
-        raise UnsupportedConfiguration(
-            "numwatch: these DeepSpeed (ZeRO) objects belong to no live DeepSpeed engine; watch the engine "
-            "deepspeed.initialize returned: numwatch.watch(engine)"
-        )
+        if zero is not None or from_deepspeed(model) or _managed_by_deepspeed(model):
+            raise UnsupportedConfiguration(
+                "numwatch: these DeepSpeed (ZeRO) objects belong to no live DeepSpeed engine; watch the engine "
+                "deepspeed.initialize returned: numwatch.watch(engine)"
+            )
+        return None
     if zero is not None and zero is not engine.optimizer:
         raise UnsupportedConfiguration("numwatch: this optimizer is not the DeepSpeed engine's; pass engine.optimizer")
     refuse_unsupported_engine(engine)
@@ -123,12 +124,12 @@ def refuse_unsupported_engine(engine: Any) -> None:
     elif any(offloaded.values()):
         what = [f"{name} to {device}" for name, device in offloaded.items() if device]
         refusal = f"ZeRO-Offload of the {' and '.join(what)}"
-    elif kind == "MiCS_Optimizer" or getattr(zero, "mics_shard_size", -1) > 0:
-        refusal = "MiCS (mics_shard_size)"
-    elif stage == 0 or kind not in ZERO_OPTIMIZERS:
-        refusal = f"ZeRO stage {stage} with {kind} (numwatch supports ZeRO stages 1, 2 and 3)"
-    elif stage not in ZERO_OPTIMIZERS[kind]:
-        refusal = f"{kind} at ZeRO stage {stage}"
+    elif stage == 0:
+        refusal = f"no ZeRO (stage 0, {kind})"
+    elif kind == "BF16_Optimizer":
+        refusal = "BF16_Optimizer (bf16 with fp32 gradient accumulation at ZeRO stage 1)"
+    elif kind not in ZERO_OPTIMIZERS or stage not in ZERO_OPTIMIZERS[kind]:
+        refusal = f"the optimizer {kind} at ZeRO stage {stage}"
     elif zero.zero_hpz_partition_size > 1 or zero.zero_quantized_weights or zero.zero_quantized_gradients:
         refusal = "ZeRO++ (hpZ partitions, quantized weights or gradients)"
     elif engine.has_moe_layers:
@@ -150,7 +151,8 @@ def refuse_unsupported_engine(engine: Any) -> None:
     if refusal is not None:
         raise UnsupportedConfiguration(
             f"numwatch: DeepSpeed with {refusal} is not supported: its gradients are not where numwatch reads them "
-            "exactly. Supported: ZeRO stages 1, 2 and 3 without offload, in fp32, bf16 or fp16."
+            "exactly. Supported: ZeRO stages 1, 2 and 3 without offload, in fp32, bf16 or fp16 "
+            "(see docs/frameworks-deepspeed.md)."
         )
 
 

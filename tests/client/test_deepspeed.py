@@ -11,6 +11,7 @@ torch model trained on the combined batch of both ranks in float32 (rank 0).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,22 +214,85 @@ def _unwrapped(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
             watched = (engine,) if form == "engine" else (engine.module, engine.optimizer)
             with numwatch.watch(*watched, run=f"{form}{stage}", spool_dir=spool):
                 results[f"{form}{stage}"] = _train(engine, 2, rank)
+            patched = [n for n in ("step", "_update_scale") if n in vars(engine.optimizer)]
+            results[f"{form}{stage}-left"] = patched + [n for n in ("backward", "scale") if n in vars(engine)]
     return results
 
 
 def _refusals(deepspeed: Any, spool: str) -> dict[str, str]:
-    """What watch() said to each setup it must refuse."""
+    """What watch() said to each DeepSpeed setup it must refuse: the refusal, or "accepted".
+    Setups that need hardware or ops this machine lacks (NVMe, expert or tensor parallelism,
+    ...) are a real engine with that part of its configuration or state set afterwards: what
+    the refusal reads."""
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
     import numwatch
 
+    def fresh(stage: int = 2) -> Any:
+        return _engine(deepspeed, stage, "fp32")
+
+    def nvme() -> Any:
+        engine = fresh(3)
+        engine._config.zero_config.offload_optimizer = DeepSpeedZeroOffloadOptimizerConfig(
+            device="nvme", nvme_path="/x"
+        )
+        return engine
+
+    def changed(stage: int, change: Callable[[Any], None]) -> Callable[[], Any]:
+        def make() -> Any:
+            engine = fresh(stage)
+            change(engine)
+            return engine
+
+        return make
+
+    singles = [torch.distributed.new_group([rank]) for rank in range(WORLD_SIZE)]  # every rank creates every group
+    mine = singles[torch.distributed.get_rank()]
+    setups: dict[str, Callable[[], Any]] = {
+        "stage0": lambda: _engine(deepspeed, 0, "fp32"),
+        "stage0-fp16": lambda: _engine(deepspeed, 0, "fp16"),
+        "bf16-fp32-accumulation": lambda: _engine(deepspeed, 1, "bf16", data_types={"grad_accum_dtype": "fp32"}),
+        "offload-optimizer": lambda: _engine(
+            deepspeed,
+            2,
+            "fp32",
+            zero_optimization={"offload_optimizer": {"device": "cpu"}},
+            zero_force_ds_cpu_optimizer=False,
+        ),
+        "offload-param": lambda: _engine(deepspeed, 3, "fp32", zero_optimization={"offload_param": {"device": "cpu"}}),
+        "hpz": lambda: _engine(deepspeed, 3, "fp32", zero_optimization={"zero_hpz_partition_size": 2}),
+        "autocast": lambda: _engine(deepspeed, 2, "fp32", torch_autocast={"enabled": True, "dtype": "bfloat16"}),
+        "nvme": nvme,
+        "moe": changed(2, lambda engine: setattr(engine, "has_moe_layers", True)),
+        "tensor-parallel": changed(3, lambda engine: setattr(engine, "mpu", object())),
+        "zenflow": changed(2, lambda engine: setattr(engine, "zenflow", True)),
+        "deepcompile": changed(3, lambda engine: setattr(engine, "is_deepcompile_active", lambda: True)),
+        "muon": changed(2, lambda engine: engine.optimizer.param_groups[0].update(use_muon=True)),
+        "smaller-group": changed(2, lambda engine: setattr(engine.optimizer, "real_dp_process_group", [mine])),
+    }
     said = {}
-    setups: dict[str, tuple[int, str, dict[str, Any]]] = {}
-    for name, (stage, dtype, extra) in setups.items():
-        engine = _engine(deepspeed, stage, dtype, **extra)
-        try:
-            numwatch.watch(engine, run=f"refused-{name}", spool_dir=spool).close()
-            said[name] = "accepted"
-        except numwatch.UnsupportedConfiguration as refusal:
-            said[name] = str(refusal)
+    for name, make in setups.items():
+        engine = make()
+        for form, watched in (("", (engine,)), ("-unwrapped", (engine.module, engine.optimizer))):
+            try:
+                numwatch.watch(*watched, run=f"refused-{name}", spool_dir=spool).close()
+                said[name + form] = "accepted"
+            except numwatch.UnsupportedConfiguration as refusal:
+                said[name + form] = str(refusal)
+    try:
+        _engine(deepspeed, 3, "fp32", zero_optimization={"mics_shard_size": 1})
+        said["mics"] = "configured"
+    except Exception as error:  # DeepSpeed itself removed MiCS
+        said["mics"] = str(error)
+    # Last: a pipeline engine leaves DeepSpeed's model-parallel state set for later engines.
+    stages = deepspeed.pipe.PipelineModule(layers=list(_model()), num_stages=WORLD_SIZE, loss_fn=torch.nn.MSELoss())
+    config = zero_config(1, "fp32", micro_batch=BATCH // WORLD_SIZE)
+    pipeline, *_ = deepspeed.initialize(model=stages, optimizer=torch.optim.AdamW(stages.parameters()), config=config)
+    try:
+        numwatch.watch(pipeline, run="refused-pipeline", spool_dir=spool).close()
+        said["pipeline"] = "accepted"
+    except numwatch.UnsupportedConfiguration as refusal:
+        said["pipeline"] = str(refusal)
     return said
 
 
@@ -447,6 +511,7 @@ def test_watching_the_module_and_optimizer_is_watching_the_engine(ranks) -> None
         for rank in range(WORLD_SIZE):
             engine, unwrapped = (_spooled(out, f"{form}{stage}", rank) for form in ("engine", "unwrapped"))
             said = results[rank]["unwrapped"][f"unwrapped{stage}"]
+            assert results[rank]["unwrapped"][f"engine{stage}-left"] == []  # close() removed every patch
             twin = results[rank]["unwrapped"][f"engine{stage}"]
             assert [(s["global_norm"], s["losses"]) for s in twin] == [(s["global_norm"], s["losses"]) for s in said]
             assert len(engine.steps) == len(unwrapped.steps) == 2
@@ -455,3 +520,33 @@ def test_watching_the_module_and_optimizer_is_watching_the_engine(ranks) -> None
                 assert first["global_grad_norm"] == second["global_grad_norm"]
                 assert _float(second["global_grad_norm"]) == pytest.approx(expected["global_norm"], rel=RTOL)
                 assert second["clipped"] is True
+
+
+REFUSED = {
+    "stage0": "no ZeRO (stage 0, AdamW)",
+    "stage0-fp16": "no ZeRO (stage 0, FP16_UnfusedOptimizer)",
+    "bf16-fp32-accumulation": "BF16_Optimizer",
+    "offload-optimizer": "ZeRO-Offload of the optimizer to cpu",
+    "offload-param": "ZeRO-Offload of the parameters to cpu",
+    "hpz": "ZeRO++",
+    "autocast": "torch_autocast",
+    "nvme": "ZeRO-Infinity offload of the optimizer to NVMe",
+    "moe": "mixture-of-experts",
+    "tensor-parallel": "model or tensor parallelism",
+    "zenflow": "ZenFlow",
+    "deepcompile": "DeepCompile",
+    "muon": "Muon",
+    "smaller-group": "a data-parallel group smaller than the world",
+}
+
+
+def test_every_unsupported_deepspeed_setup_is_refused_by_name(ranks) -> None:
+    _, results = ranks
+    for rank_results in results:
+        said = rank_results["refusals"]
+        for name, words in REFUSED.items():
+            for form in ("", "-unwrapped"):  # watch(engine), watch(engine.module, engine.optimizer)
+                assert said[name + form].startswith("numwatch: DeepSpeed with "), (name + form, said[name + form])
+                assert words in said[name + form], (name + form, said[name + form])
+        assert "pipeline parallelism (PipelineEngine)" in said["pipeline"]
+        assert "MiCS" in said["mics"] and "removed" in said["mics"]  # DeepSpeed 0.19.8 refuses it itself
