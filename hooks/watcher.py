@@ -493,6 +493,11 @@ class Watcher:
         """Whether a step has been measured and not yet ended."""
         return self.measurement is not None and self.measurement.started
 
+    @property
+    def ended_step(self) -> int | None:
+        """The number of the step that ended and still takes ``log()`` values, if any."""
+        return self._ended.step_number if self._ended is not None else None
+
     def gradients_ready(self) -> None:
         """Read the gradients of the coming optimizer step now (replacing an earlier read).
 

@@ -287,7 +287,7 @@ class EngineAdapter:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.optimizer = engine.optimizer
-        self._patched: list[tuple[object, str]] = []
+        self._patched: list[tuple[object, str, Callable[..., Any]]] = []
 
     @property
     def loss_scaled(self) -> bool:
@@ -329,10 +329,13 @@ class EngineAdapter:
         """Replace ``owner``'s method ``name`` (on the instance) by ``wrapper(original)`` until :meth:`restore`."""
         if name in vars(owner):
             raise RuntimeError(f"this DeepSpeed {type(owner).__name__}.{name} is already patched (watched twice?)")
-        setattr(owner, name, wrapper(getattr(owner, name)))
-        self._patched.append((owner, name))
+        patched = wrapper(getattr(owner, name))
+        setattr(owner, name, patched)
+        self._patched.append((owner, name, patched))
 
     def restore(self) -> None:
-        for owner, name in reversed(self._patched):
-            delattr(owner, name)
+        """Remove the patches still in place (one replaced since is left to whoever replaced it)."""
+        for owner, name, patched in reversed(self._patched):
+            if vars(owner).get(name) is patched:
+                delattr(owner, name)
         self._patched.clear()
