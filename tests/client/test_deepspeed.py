@@ -202,6 +202,20 @@ def _accumulation(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
     return results
 
 
+def _growth(deepspeed: Any, rank: int, spool: str) -> dict[int, list[dict[str, Any]]]:
+    """fp16 with the loss scale doubling after every 2 good steps: step 3 grows it."""
+    import numwatch
+
+    results = {}
+    for stage in STAGES:
+        engine = _engine(deepspeed, stage, "fp16", fp16={"loss_scale_window": 2})
+        with numwatch.watch(engine, run=f"growth{stage}", spool_dir=spool):
+            results[stage] = [
+                _deepspeed_step(deepspeed, engine, *(_half(rank, t) for t in _batch(step))) for step in range(1, 4)
+            ]
+    return results
+
+
 def _unwrapped(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
     """watch(engine.module, engine.optimizer), accepted and wrong before, against watch(engine)
     on an identical engine trained identically."""
@@ -302,6 +316,7 @@ def _ranks(rank: int, port: int, out: str) -> None:
         results = {
             "configurations": _configurations(deepspeed, rank, out),
             "accumulation": _accumulation(deepspeed, rank, out),
+            "growth": _growth(deepspeed, rank, out),
             "unwrapped": _unwrapped(deepspeed, rank, out),
             "refusals": _refusals(deepspeed, out),
         }
@@ -501,6 +516,24 @@ def test_gradient_accumulation_gives_one_step_per_optimizer_step(ranks) -> None:
                 np.testing.assert_allclose(
                     spooled.stat(step, "grad_norm"), [np.linalg.norm(g) for g in expected["grads"]], rtol=RTOL
                 )
+
+
+def test_a_step_that_grows_the_loss_scale_records_the_true_norm(ranks) -> None:
+    # DeepSpeed raises the scale before it unscales: ZeRO-3's get_global_grad_norm() divides
+    # by the new scale (half the true norm); stages 1 and 2 divide by the old one. Both clip
+    # with the scale they raised, which cancels out when they clip.
+    out, results = ranks
+    for stage in STAGES:
+        for rank in range(WORLD_SIZE):
+            spooled = _spooled(out, f"growth{stage}", rank)
+            said = results[rank]["growth"][stage]
+            assert [(s["scale"], s["new_scale"]) for s in said] == [(4096, 4096), (4096, 4096), (4096, 8192)]
+            for step, expected in zip(spooled.steps, said, strict=True):
+                true_norm = np.sqrt(sum(np.sum(g**2) for g in expected["grads"]))
+                assert _float(step["global_grad_norm"]) == pytest.approx(true_norm, rel=RTOL)
+                halved = stage == 3 and expected["new_scale"] > expected["scale"]
+                assert expected["global_norm"] == pytest.approx(true_norm / 2 if halved else true_norm, rel=RTOL)
+                assert _float(step["post_clip_grad_norm"]) == pytest.approx(CLIP, rel=RTOL)
 
 
 def test_watching_the_module_and_optimizer_is_watching_the_engine(ranks) -> None:
