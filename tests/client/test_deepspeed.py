@@ -28,7 +28,12 @@ BATCH = 8  # the combined batch of both ranks
 STEPS = 4
 CLIP = 1.0  # below every step's norm (the targets are large): every applied step is clipped
 HISTOGRAM_EVERY = 2  # steps 1 and 3 are sampled
-OVERFLOW_STEPS = (3, 4)  # fp16: an Inf in rank 1's batch; hysteresis 2 skips step 3 and backs off at step 4
+OVERFLOW_STEPS = (3, 4)
+NONFINITE_DTYPES = (
+    "fp32",
+    "bf16",
+    "bf16-unchecked",
+)  # fp16: an Inf in rank 1's batch; hysteresis 2 skips step 3 and backs off at step 4
 STAGES = (1, 2, 3)
 DTYPES = ("fp32", "bf16", "fp16")
 LR = 1e-2
@@ -216,6 +221,26 @@ def _growth(deepspeed: Any, rank: int, spool: str) -> dict[int, list[dict[str, A
     return results
 
 
+def _nonfinite(deepspeed: Any, rank: int, spool: str) -> dict[str, list[dict[str, Any]]]:
+    """fp32 and bf16: an Inf in rank 1's batch at step 2 (DeepSpeed skips the step, or not)."""
+    import numwatch
+
+    results = {}
+    for stage in STAGES:
+        for dtype in NONFINITE_DTYPES:
+            unchecked = {"bf16": {"check_grad_overflow": False}} if dtype == "bf16-unchecked" else {}
+            engine = _engine(deepspeed, stage, dtype.split("-")[0], **unchecked)
+            with numwatch.watch(engine, run=f"nonfinite{stage}-{dtype}", spool_dir=spool):
+                seen = []
+                for step in (1, 2):
+                    inputs, targets = (_half(rank, t).clone() for t in _batch(step))
+                    if step == 2 and rank == 1:
+                        inputs[0, 1] = math.inf
+                    seen.append(_deepspeed_step(deepspeed, engine, inputs, targets))
+            results[f"{stage}-{dtype}"] = seen
+    return results
+
+
 def _unwrapped(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
     """watch(engine.module, engine.optimizer), accepted and wrong before, against watch(engine)
     on an identical engine trained identically."""
@@ -317,6 +342,7 @@ def _ranks(rank: int, port: int, out: str) -> None:
             "configurations": _configurations(deepspeed, rank, out),
             "accumulation": _accumulation(deepspeed, rank, out),
             "growth": _growth(deepspeed, rank, out),
+            "nonfinite": _nonfinite(deepspeed, rank, out),
             "unwrapped": _unwrapped(deepspeed, rank, out),
             "refusals": _refusals(deepspeed, out),
         }
@@ -516,6 +542,27 @@ def test_gradient_accumulation_gives_one_step_per_optimizer_step(ranks) -> None:
                 np.testing.assert_allclose(
                     spooled.stat(step, "grad_norm"), [np.linalg.norm(g) for g in expected["grads"]], rtol=RTOL
                 )
+
+
+def test_non_finite_gradients_in_fp32_and_bf16_are_counted_and_deepspeeds_skip_recorded(ranks) -> None:
+    out, results = ranks
+    for stage in STAGES:
+        for dtype in NONFINITE_DTYPES:
+            for rank in range(WORLD_SIZE):
+                spooled = _spooled(out, f"nonfinite{stage}-{dtype}", rank)
+                first, second = results[rank]["nonfinite"][f"{stage}-{dtype}"]
+                # DeepSpeed skips a non-finite norm, except bf16 with check_grad_overflow off under ZeRO-1/2.
+                assert second["applied"] is (dtype == "bf16-unchecked" and stage < 3)
+                assert [s["skipped"] for s in spooled.steps] == [False, not second["applied"]]
+                grads = second["grads"]
+                np.testing.assert_array_equal(
+                    spooled.stat(spooled.steps[1], "nan_count"), [np.isnan(g).sum() for g in grads]
+                )
+                np.testing.assert_array_equal(
+                    spooled.stat(spooled.steps[1], "inf_count"), [np.isinf(g).sum() for g in grads]
+                )
+                assert sum(np.isnan(g).sum() + np.isinf(g).sum() for g in grads) > 0
+                assert first["applied"] and not np.isfinite(_float(spooled.steps[1]["global_grad_norm"]))
 
 
 def test_a_step_that_grows_the_loss_scale_records_the_true_norm(ranks) -> None:
