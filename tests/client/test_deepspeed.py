@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -244,15 +245,22 @@ def _nonfinite(deepspeed: Any, rank: int, spool: str) -> dict[str, list[dict[str
 def _unwrapped(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
     """watch(engine.module, engine.optimizer), accepted and wrong before, against watch(engine)
     on an identical engine trained identically."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
     import numwatch
 
     results = {}
     for stage in STAGES:
-        for form in ("engine", "unwrapped"):
+        for form in ("engine", "unwrapped", "unwatched"):
             engine = _engine(deepspeed, stage, "fp32")
             watched = (engine,) if form == "engine" else (engine.module, engine.optimizer)
-            with numwatch.watch(*watched, run=f"{form}{stage}", spool_dir=spool):
+            with (
+                numwatch.watch(*watched, run=f"{form}{stage}", spool_dir=spool)
+                if form != "unwatched"
+                else nullcontext()
+            ):
                 results[f"{form}{stage}"] = _train(engine, 2, rank)
+            results[f"{form}{stage}-weights"] = [_full(safe_get_full_fp32_param(p)) for p in engine.module.parameters()]
             patched = [n for n in ("step", "_update_scale") if n in vars(engine.optimizer)]
             results[f"{form}{stage}-left"] = patched + [n for n in ("backward", "scale") if n in vars(engine)]
     return results
@@ -592,8 +600,18 @@ def test_watching_the_module_and_optimizer_is_watching_the_engine(ranks) -> None
             engine, unwrapped = (_spooled(out, f"{form}{stage}", rank) for form in ("engine", "unwrapped"))
             said = results[rank]["unwrapped"][f"unwrapped{stage}"]
             assert results[rank]["unwrapped"][f"engine{stage}-left"] == []  # close() removed every patch
-            twin = results[rank]["unwrapped"][f"engine{stage}"]
-            assert [(s["global_norm"], s["losses"]) for s in twin] == [(s["global_norm"], s["losses"]) for s in said]
+            # Watching changes nothing in training: the same norms, losses and final weights, bit for bit.
+            for form in ("engine", "unwatched"):
+                twin = results[rank]["unwrapped"][f"{form}{stage}"]
+                assert [(s["global_norm"], s["losses"]) for s in twin] == [
+                    (s["global_norm"], s["losses"]) for s in said
+                ]
+                for a, b in zip(
+                    results[rank]["unwrapped"][f"{form}{stage}-weights"],
+                    results[rank]["unwrapped"][f"unwrapped{stage}-weights"],
+                    strict=True,
+                ):
+                    np.testing.assert_array_equal(a, b)
             assert len(engine.steps) == len(unwrapped.steps) == 2
             for first, second, expected in zip(engine.steps, unwrapped.steps, said, strict=True):
                 assert first["tensors"] == second["tensors"]
