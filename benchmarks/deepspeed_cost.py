@@ -1,6 +1,7 @@
 """Per-step cost numwatch adds under DeepSpeed ZeRO-2 and ZeRO-3, and under DDP on the same model.
 
     python benchmarks/deepspeed_cost.py [--steps 100] [--repeat 2] [--setups ddp zero2 zero3]
+    python benchmarks/deepspeed_cost.py --ops
 
 Two gloo ranks on the CPU (``DS_ACCELERATOR=cpu``, one torch thread each) train the benchmark
 model (:class:`numwatch.demo_model.TinyGPT`, d_model 256, 4 layers, fp32, AdamW, gradient
@@ -11,6 +12,10 @@ machine load hits both alike. Rank 0 prints, per setup and run: the mean step ti
 ratio (total watched time / total unwatched time) and the median of the per-step ratios.
 Each step ends with the optimizer's update and waits for no one else: both copies' collectives
 keep the ranks in step.
+
+``--ops`` counts instead the aten ops the training thread dispatches in one step (a
+``TorchDispatchMode``: independent of the machine's load) with and without the watcher, for a
+regular step and a sampled one (``histogram_every=1``); the difference is what numwatch adds.
 """
 
 from __future__ import annotations
@@ -131,6 +136,43 @@ def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     return build()
 
 
+def _count_ops(make: Callable[[torch.nn.Module, int], tuple[Copy, tuple[Any, ...]]], spool: str) -> list[int]:
+    """Aten ops numwatch adds to one regular step and to one sampled step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import numwatch
+    from numwatch.demo_model import TinyGPT
+
+    class Counter(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(trainer: Copy) -> int:
+        with Counter() as counter:
+            trainer.step()
+        return counter.ops
+
+    added = []
+    for histogram_every in (0, 1):
+        base, _ = make(_seeded(TinyGPT), 1)
+        watched, target = make(_seeded(TinyGPT), 1)
+        for trainer in (base, watched):  # Adam state exists from the second step on
+            trainer.step()
+            trainer.step()
+        options = {"histogram_every": histogram_every, "format_every": 0, "quant_every": 0}
+        with numwatch.watch(
+            *target, run=f"ops-{time.monotonic_ns()}", spool_dir=tempfile.mkdtemp(dir=spool), **options
+        ):
+            watched.step()  # cached layouts and tables are built
+            added.append(ops(watched) - ops(base))
+    return added
+
+
 def _rank(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
     sys.path.insert(0, root)
     os.environ.update(
@@ -151,7 +193,11 @@ def _rank(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
         deepspeed.ops.__compatible_ops__ = {}  # no shared-memory op build: training on gloo needs none
         deepspeed.init_distributed(dist_backend="gloo")
         with tempfile.TemporaryDirectory() as spool:
-            for run in range(1, args.repeat + 1):
+            for name in args.setups if args.ops else ():
+                regular, sampled = _count_ops(SETUPS[name], spool)
+                if rank == 0:
+                    print(f"{name:<6} {regular:>14} {sampled:>14}", flush=True)
+            for run in range(1, 0 if args.ops else args.repeat + 1):
                 for name in args.setups:
                     result = _measure(SETUPS[name], args.steps, spool)
                     if rank == 0:
@@ -172,12 +218,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="paired steps per setup and run")
     parser.add_argument("--repeat", type=int, default=2, help="runs of every setup")
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--ops", action="store_true", help="count the aten ops added per step instead of timing")
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {WORLD_SIZE} gloo ranks on the CPU, 1 thread each; TinyGPT d_model 256, "
         f"4 layers, batch {BATCH} per rank, fp32; {args.steps} paired alternating steps per row; load {os.getloadavg()}"
     )
-    print(f"{'':<12}{'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7}")
+    if args.ops:
+        print(f"{'aten ops added per step':<7} {'regular step':>14} {'sampled step':>14}")
+    else:
+        print(f"{'':<12}{'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7}")
     root = str(Path(__file__).resolve().parents[1])
     mp.spawn(_rank, args=(_free_port(), args, root), nprocs=WORLD_SIZE, join=True)
 

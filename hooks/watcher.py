@@ -288,7 +288,9 @@ class Watcher:
 
     def _run_document(self, project: str | None, config: dict[str, Any] | None) -> protocol.RunDocument:
         groups = {}
-        if self.optimizer is not None:
+        if self.watched.partition is not None:
+            groups = self.watched.partition.param_groups()  # ZeRO's groups hold flat partitions
+        elif self.optimizer is not None:
             for index, group in enumerate(self.optimizer.param_groups):
                 groups.update({id(p): index for p in group["params"]})
         tensors: list[protocol.TensorSpec] = [

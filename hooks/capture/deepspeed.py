@@ -28,7 +28,6 @@ cover. DeepSpeed is never imported here: a process that uses it has imported it 
 from __future__ import annotations
 
 import gc
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -167,6 +166,13 @@ def _partition_group(optimizer: Any, stage: int) -> Any:
     return real[0] if all(group is real[0] for group in real) else None
 
 
+def _flat_range(tensor: Tensor, start: int, numel: int) -> Tensor:
+    """``numel`` elements of ``tensor`` flattened, from ``start``; no view op where none is needed
+    (each is an op dispatched per tensor per step)."""
+    flat = tensor if tensor.dim() == 1 else tensor.reshape(-1)
+    return flat if start == 0 and numel == flat.numel() else flat.narrow(0, start, numel)
+
+
 @dataclass
 class _StateSlot:
     """Where one parameter's fragment lies in the inner optimizer's flat fp32 partition."""
@@ -202,35 +208,37 @@ class ZeroPartition:
         self.reduction = FragmentReduction(group, self.fragments)
         self._empty = torch.empty(0, dtype=parameters[0].dtype, device=parameters[0].device)
 
-    @property
-    def numels(self) -> list[int]:
-        return [math.prod(shape) for shape in self.shapes]
+    def param_groups(self) -> dict[int, int]:
+        """The optimizer's param group of each parameter, by ``id`` (its groups hold flat partitions)."""
+        if self.stage == 3:
+            by_sub_group = self.optimizer.sub_group_to_group_id
+            return {id(p): by_sub_group[i] for i, sub in enumerate(self.optimizer.fp16_groups) for p in sub}
+        return {id(p): i for i, group in enumerate(self.optimizer.bit16_groups) for p in group}
 
     def gradients(self) -> list[Tensor]:
         """Flat gradient fragments as DeepSpeed holds them before its step (reduced, averaged,
         loss-scaled under fp16), one per watched parameter (empty where this rank holds none)."""
         grads = []
-        for parameter, fragment in zip(self.parameters, self.fragments, strict=True):
+        for position, (parameter, fragment) in enumerate(zip(self.parameters, self.fragments, strict=True)):
             if fragment.numel == 0:
                 grads.append(self._empty)
-            elif self.stage == 3:
-                sub_group, index = self._places[len(grads)]
-                grads.append(self.optimizer.averaged_gradients[sub_group][index].reshape(-1)[: fragment.numel])
+                continue
+            if self.stage == 3:
+                sub_group, index = self._places[position]
+                grad = self.optimizer.averaged_gradients[sub_group][index]  # the partition, the last rank's padded
+                start = 0
             else:
-                grad = parameter._hp_mapping.get_lp_grad_fragment(parameter._index_in_param_group).reshape(-1)
-                if grad.numel() != fragment.numel:  # a buffer of the whole parameter (as get_full_hp_grad reads it)
-                    grad = grad.narrow(0, fragment.start, fragment.numel)
-                grads.append(grad)
+                # A buffer of the whole parameter (as get_full_hp_grad reads it) or the fragment itself.
+                grad = parameter._hp_mapping.get_lp_grad_fragment(parameter._index_in_param_group)
+                start = fragment.start if grad.numel() != fragment.numel else 0
+            grads.append(_flat_range(grad, start, fragment.numel))
         return grads
 
     def weights(self) -> list[Tensor]:
         """Flat fragments of the weights the model computes with (its dtype), aligned with the gradients'."""
         if self.stage == 3:
-            return [p.ds_tensor.reshape(-1)[: f.numel] for p, f in zip(self.parameters, self.fragments, strict=True)]
-        return [
-            p.detach().reshape(-1).narrow(0, f.start, f.numel)
-            for p, f in zip(self.parameters, self.fragments, strict=True)
-        ]
+            return [_flat_range(p.ds_tensor, 0, f.numel) for p, f in zip(self.parameters, self.fragments, strict=True)]
+        return [_flat_range(p.detach(), f.start, f.numel) for p, f in zip(self.parameters, self.fragments, strict=True)]
 
     def _slots(self) -> list[_StateSlot | None]:
         """Each fragment's place in the inner optimizer's flat fp32 partitions (None: none held)."""

@@ -394,6 +394,7 @@ def _overflowed(dtype: str, step: int) -> bool:
 def test_per_tensor_gradient_statistics_are_the_full_reduced_unscaled_gradient(ranks) -> None:
     for dtype, spooled, deepspeed, reference in _configuration_runs(ranks):
         assert [t["shape"] for t in spooled.runs[0]["tensors"]] == [list(s) for s in SHAPES]
+        assert [t["group"] for t in spooled.runs[0]["tensors"]] == [0] * len(SHAPES)
         assert [s["step"] for s in spooled.steps] == list(range(1, STEPS + 1))
         for step, said, expected in zip(spooled.steps, deepspeed, reference, strict=True):
             norms = np.array([np.linalg.norm(g) for g in said["grads"]])
