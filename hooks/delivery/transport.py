@@ -19,9 +19,8 @@ import queue
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +32,7 @@ from numwatch.delivery.spool import (
     read_entries,
     read_uploaded_mark,
 )
+from numwatch.step.records import StepDocuments
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +43,6 @@ HTTP_TIMEOUT_SECONDS = 5.0
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 30.0
-
-
-@dataclass
-class StepDocuments:
-    """What one step contributes to a batch."""
-
-    step: protocol.StepDocument
-    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
-    events: list[protocol.EventDocument] = field(default_factory=list)
 
 
 class StepSource(Protocol):
@@ -82,8 +73,8 @@ def _classify(status: int) -> str:
 def document_path(kind: str, document: dict[str, Any]) -> str:
     """Where a protocol document is posted: run documents register, batches go under their run."""
     if kind == "run":
-        return "/api/v1/runs"
-    return f"/api/v1/runs/{urllib.parse.quote(document['run'], safe='')}/batches"
+        return protocol.RUNS_PATH
+    return protocol.run_path(document["run"]) + "/batches"
 
 
 def post_document(url: str, token: str | None, path: str, document: dict[str, Any], timeout: float) -> tuple[str, str]:
@@ -126,7 +117,7 @@ class Transport:
 
     def __init__(
         self,
-        run_document: dict[str, Any],
+        run_document: Mapping[str, Any],
         *,
         url: str | None,
         token: str | None,
@@ -143,7 +134,7 @@ class Transport:
         queue_steps = queue_steps or QUEUE_STEPS
         http_timeout = http_timeout or HTTP_TIMEOUT_SECONDS
         retry_seconds = retry_seconds or RETRY_SECONDS
-        self.run_document = run_document
+        self.run_document = dict(run_document)
         self.run = run_document["run"]
         self.stored_as = self.run  # the collector's name for it, once registered (another process may hold ``run``)
         self.rank = run_document["rank"]
@@ -227,8 +218,9 @@ class Transport:
             self.dropped_steps += steps
         if first:
             log.error(
-                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
-                "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
+                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. "
+                "Lost steps are counted in Watcher.dropped_steps and reported to the collector "
+                "as a monitoring_dropped event. Check the spool %s.",
                 steps,
                 self.run,
                 reason,

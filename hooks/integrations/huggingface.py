@@ -72,7 +72,7 @@ class NumwatchCallback(TrainerCallback):
         if self.watcher is None:
             return
         # Under DeepSpeed the step ended inside the engine's step, before the Trainer logs it.
-        ended = self.watcher.ended_step == state.global_step and "loss" in (logs or {})
+        ended = self.watcher.takes_logs_for(state.global_step) and "loss" in (logs or {})
         if not (self.watcher.step_in_progress or ended):
             return  # evaluation and end-of-training logs belong to no optimizer step
         numbers = {

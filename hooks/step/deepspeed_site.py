@@ -18,18 +18,17 @@ the step applies. ``engine.scale(loss)`` before a direct ``backward()`` counts t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from numwatch.capture.clipping import ClipEffect
 from numwatch.capture.deepspeed import EngineAdapter
+from numwatch.capture.guard import Guard
 from numwatch.step import records
+from numwatch.step.ledger import StepLedger
 from numwatch.step.measurement import StepMeasurement
-from numwatch.step.sites import StepSite, learning_rates
-
-if TYPE_CHECKING:
-    from numwatch.watcher import Watcher
+from numwatch.step.reading import learning_rates
+from numwatch.step.sites import StepSite
 
 
 def _scale_wrt_gas(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -40,10 +39,9 @@ def _scale_wrt_gas(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 class DeepSpeedSite(StepSite):
     """A DeepSpeed engine: its ZeRO optimizer's ``step()`` reads, counts and ends each step."""
 
-    def __init__(self, watcher: Watcher, adapter: EngineAdapter) -> None:
-        super().__init__(watcher)
+    def __init__(self, ledger: StepLedger, guard: Guard, adapter: EngineAdapter) -> None:
+        super().__init__(ledger, guard, adapter.optimizer)
         self.adapter = adapter
-        self._overflow: bool | None = None  # DeepSpeed's verdict on the step under way
         adapter.patch(adapter.optimizer, "step", self._wrap_step)
         adapter.patch(adapter.optimizer, "_update_scale", self._wrap_update_scale)
         adapter.patch(adapter.engine, "backward", self._wrap_backward)
@@ -62,11 +60,11 @@ class DeepSpeedSite(StepSite):
     # -- the loss ------------------------------------------------------------------------
 
     def _add_loss(self, loss: torch.Tensor, divisor: int) -> None:
-        self.watcher.seal_ended_step()  # a backward belongs to the next step
-        self.watcher.current().add_losses([loss.detach() / divisor])
+        self.ledger.seal_ended()  # a backward belongs to the next step
+        self.ledger.current().add_losses([loss.detach() / divisor])
 
     def _wrap_backward(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        capture = self.watcher.guarded("engine.backward wrapper", self._add_loss)
+        capture = self.guard("engine.backward wrapper", self._add_loss)
 
         def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
@@ -77,7 +75,7 @@ class DeepSpeedSite(StepSite):
         return backward
 
     def _wrap_scale(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        capture = self.watcher.guarded("engine.scale wrapper", self._add_loss)
+        capture = self.guard("engine.scale wrapper", self._add_loss)
 
         def scale(loss: torch.Tensor) -> Any:
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
@@ -90,32 +88,31 @@ class DeepSpeedSite(StepSite):
     # -- the step ------------------------------------------------------------------------
 
     def _wrap_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        before = self.watcher.guarded("DeepSpeed step wrapper", self._before_step)
-        after = self.watcher.guarded("DeepSpeed step wrapper", self._after_step)
+        before = self.guard("DeepSpeed step wrapper", self._before_step)
+        after = self.guard("DeepSpeed step wrapper", self._after_step)
 
         def step(*args: Any, **kwargs: Any) -> Any:
-            measurement = self.watcher.current()
+            measurement = self.ledger.current()
             scale = self.adapter.loss_scale()
-            self._overflow = None
             before(measurement)
             result = original(*args, **kwargs)
-            self.watcher.count_step()  # an attempt counts even when measuring it fails
+            self.ledger.count_step()  # an attempt counts even when measuring it fails
             after(measurement, scale)
             return result
 
         return step
 
     def _before_step(self, measurement: StepMeasurement) -> None:
-        self.watcher.seal_ended_step()
-        measurement.read(self.watcher.watched, *self.scaling())
-        measurement.lr = learning_rates(self.watcher.optimizer)
-        self.watcher.before_clip()  # DeepSpeed is about to unscale, clip and free them: count NaN/Inf if due
+        self.ledger.seal_ended()
+        measurement.read(self.ledger.watched, *self.scaling())
+        measurement.lr = learning_rates(self.optimizer)
+        # DeepSpeed is about to unscale, clip and free them: the last moment to count NaN/Inf (when due).
+        self.ledger.reader.count_nonfinite_if_due(measurement, None)
 
     def _wrap_update_scale(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        count = self.watcher.guarded("DeepSpeed loss-scale wrapper", self._count_overflow)
+        count = self.guard("DeepSpeed loss-scale wrapper", self._count_overflow)
 
         def update_scale(has_overflow: bool = False, *args: Any, **kwargs: Any) -> Any:
-            self._overflow = bool(has_overflow)
             if has_overflow:
                 count()
             return original(has_overflow, *args, **kwargs)
@@ -124,22 +121,25 @@ class DeepSpeedSite(StepSite):
 
     def _count_overflow(self) -> None:
         """The gradients overflowed (every rank knows it): count their NaN/Inf before DeepSpeed frees them."""
-        measurement = self.watcher.measurement
+        measurement = self.ledger.under_way
         if measurement is not None and measurement.reading is not None:
-            self.watcher.watched.count_nonfinite(measurement.reading)
+            self.ledger.watched.count_nonfinite(measurement.reading)
 
     def _after_step(self, measurement: StepMeasurement, scale_before: float) -> None:
-        if measurement.reading is None:
-            return
         skipped = self.adapter.overflowed()
-        device = self.watcher.device
-        # Filled on the device from host numbers: no host-to-device copy to wait for.
-        measurement.parts[records.FOUND_INF] = torch.full((), float(skipped), device=device)
-        if self.adapter.loss_scaled:
-            measurement.parts[records.LOSS_SCALE] = torch.full((), scale_before, device=device)
-            measurement.parts[records.NEW_LOSS_SCALE] = torch.full((), self.adapter.loss_scale(), device=device)
-        factor = None if skipped else self.adapter.applied_factor(scale_before)
-        if factor is not None:
-            measurement.clip = ClipEffect(measurement.reading.norms[0] * factor)
-        self._add_weight_parts(measurement)
-        self.watcher.end_step(measurement, skip_known=skipped)
+
+        def prepare() -> None:
+            if measurement.reading is None:
+                return  # failed: the step ends discarded
+            device = self.ledger.watched.device
+            # Filled on the device from host numbers: no host-to-device copy to wait for.
+            measurement.parts[records.FOUND_INF] = torch.full((), float(skipped), device=device)
+            if self.adapter.loss_scaled:
+                measurement.parts[records.LOSS_SCALE] = torch.full((), scale_before, device=device)
+                measurement.parts[records.NEW_LOSS_SCALE] = torch.full((), self.adapter.loss_scale(), device=device)
+            factor = None if skipped else self.adapter.applied_factor(scale_before)
+            if factor is not None:
+                measurement.clip_effect().norms.mul_(factor)
+            self._add_weight_parts(measurement)
+
+        self._end_counted(prepare, skip_known=skipped)

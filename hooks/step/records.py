@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from numwatch import protocol
-from numwatch.delivery.transport import StepDocuments
 from numwatch.step.hostcopy import DeviceStack, HostStack
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
@@ -40,16 +39,25 @@ ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, 
 OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
-_ROWS: dict[str, tuple[str, ...]] = {
-    GRAD: ("grad_norm", "grad_absmax"),
-    NONFINITE: ("nan_count", "inf_count"),
+_ROWS: dict[str, tuple[protocol.TensorStat, ...]] = {
+    GRAD: protocol.GRAD_STATS,
+    NONFINITE: protocol.NONFINITE_STATS,
     FORMAT: protocol.FORMAT_COUNT_STATS,
-    UPDATE: ("update_ratio", "stale_fraction"),
-    WEIGHT: ("weight_norm", "weight_absmax"),
+    UPDATE: protocol.UPDATE_STATS,
+    WEIGHT: protocol.WEIGHT_STATS,
     ADAM: protocol.ADAM_HEALTH_STATS,
     QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
+
+
+@dataclass
+class StepDocuments:
+    """What one step contributes to a batch."""
+
+    step: protocol.StepDocument
+    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
+    events: list[protocol.EventDocument] = field(default_factory=list)
 
 
 def histogram_part(kind: str, field_name: str) -> str:
@@ -73,7 +81,7 @@ class StepRecord:
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
     attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[protocol.EventDocument] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -176,7 +184,7 @@ class StepRecord:
             if stack is None or (part == UPDATE and skipped):
                 continue  # an update measured across a skipped step says nothing
             rows = self._spread(stack.get(part), part)
-            for name, row in zip(names, rows):
+            for name, row in zip(names, rows, strict=True):
                 stats[name] = protocol.pack_bytes(row.astype(protocol.TENSOR_STATS[name]).tobytes())
         if EXP_AVG_SQ in self.host:
             stats[EXP_AVG_SQ] = protocol.pack_bytes(self.host.get(EXP_AVG_SQ, "<f4").tobytes())
@@ -221,7 +229,7 @@ class StepRecord:
             return math.inf
         return math.log2(self.format_max / largest) if math.isfinite(largest) else -math.inf
 
-    def _activations(self) -> dict[str, str] | None:
+    def _activations(self) -> protocol.Activations | None:
         if ACTIVATION_ABSMAX not in self.host:
             return None
         absmax = self.host.get(ACTIVATION_ABSMAX, "<f4")
@@ -232,12 +240,12 @@ class StepRecord:
         """The step's max attention logit per attention call, when its forward was measured."""
         if ATTENTION_LOGIT_MAX not in self.host:
             return None
-        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist()))
+        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist(), strict=True))
 
     def _output_logits(self) -> dict[protocol.OutputLogitStat, float] | None:
         if OUTPUT_LOGITS not in self.host:
             return None
-        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist()))
+        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist(), strict=True))
 
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import queue
 import sys
 import threading
@@ -23,6 +22,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from numwatch import settings as client_settings
 from numwatch.monitor.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ COLLECTOR_DATASOURCE = {
     "type": "yesoreyeram-infinity-datasource",
 }
 DEFAULT_DASHBOARDS_DIR = Path(str(files("numwatch.dashboards")))
+DEFAULT_GRAFANA_URL = "http://localhost:3000"
 HTTP_NOT_FOUND = 404
 
 
@@ -242,10 +243,12 @@ class AnnotationSink:
 
 
 def _push_command(args: argparse.Namespace) -> int:
+    # The same Grafana the collector posts annotations to, from the same settings.
+    settings = Settings()
     try:
         summary = push_dashboards(
-            args.url,
-            args.token,
+            args.url or settings.grafana_url or DEFAULT_GRAFANA_URL,
+            args.token or settings.grafana_token,
             args.dashboards_dir,
             args.prometheus_url,
             args.collector_url,
@@ -267,16 +270,11 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     grafana = subparsers.add_parser("grafana", help="Grafana dashboards and datasources")
     commands = grafana.add_subparsers(dest="grafana_command", required=True)
     push = commands.add_parser("push", help="create or update numwatch's datasources and dashboards in Grafana")
-    # The same Grafana the collector posts annotations to, from the same settings.
-    settings = Settings()
+    # Defaults are read when the push runs: building the parser must not depend on valid server settings.
     push.add_argument(
-        "--url",
-        default=settings.grafana_url or "http://localhost:3000",
-        help="Grafana base URL (env NUMWATCH_GRAFANA_URL)",
+        "--url", default=None, help=f"Grafana base URL (env NUMWATCH_GRAFANA_URL, else {DEFAULT_GRAFANA_URL})"
     )
-    push.add_argument(
-        "--token", default=settings.grafana_token, help="Grafana service-account token (env NUMWATCH_GRAFANA_TOKEN)"
-    )
+    push.add_argument("--token", default=None, help="Grafana service-account token (env NUMWATCH_GRAFANA_TOKEN)")
     push.add_argument(
         "--dashboards-dir", type=Path, default=DEFAULT_DASHBOARDS_DIR, help="directory of dashboard JSON files"
     )
@@ -286,8 +284,8 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     push.add_argument(
         "--collector-token",
-        default=os.environ.get("NUMWATCH_TOKEN"),
-        help="read token for the collector API (env NUMWATCH_TOKEN)",
+        default=client_settings.read(client_settings.TOKEN),
+        help=f"read token for the collector API (env {client_settings.TOKEN})",
     )
     push.add_argument("--folder-uid", default=None, help="Grafana folder uid for the dashboards")
     push.set_defaults(func=_push_command)
