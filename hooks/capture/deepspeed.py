@@ -6,13 +6,15 @@ rank holds the reduced (averaged) gradient of its partition only, loss-scaled un
 What this module reads, and where:
 
 * Which elements of each parameter this rank holds (:class:`ZeroPartition`): under stages
-  1 and 2, the parameter's ``_hp_mapping`` (a ``tensor_fragment``: its slice of the flat
-  partition); under stage 3, the parameter's own partition (``ds_tensor``), the
+  1 and 2, DeepSpeed's record of where it inserts each gradient into the rank's flat partition
+  (``grad_start_offset``, ``grad_partition_insertion_offset``), which its flat fp32 partition
+  shares; under stage 3, the parameter's own partition (``ds_tensor``), the
   ``partition_numel()`` elements from rank × that, the last rank's padding left out.
 * The gradient of that fragment at the start of the optimizer's ``step()``, before DeepSpeed
-  unscales and clips it: ``_hp_mapping.get_lp_grad_fragment`` (stages 1, 2; the list
-  ``averaged_gradients`` DeepSpeed's own norm reads) or ``averaged_gradients[sub group][i]``
-  (stage 3). ``safe_get_full_grad`` would give the same values but costs a collective per tensor.
+  unscales and clips it, from ``averaged_gradients``, the lists DeepSpeed's own norm reads:
+  aligned with ``params_in_partition`` once the zero padding is left out (stages 1, 2), with
+  ``fp16_groups`` (stage 3). ``safe_get_full_grad`` gives the same values at a collective per
+  tensor (and, with ``round_robin_gradients``, picks another parameter's gradient).
 * The fp32 optimizer state of the fragment (Adam's moments): the inner torch optimizer's
   state of the flat fp32 partition, sliced at the fragment's place.
 * The loss scale (``loss_scale``: the dynamic scaler's current scale, hysteresis and all),
@@ -188,25 +190,55 @@ class ZeroPartition:
     gradients, weights and Adam state, and the reduction that combines them."""
 
     def __init__(self, engine: Any, parameters: list[Any]) -> None:
-        # Any: DeepSpeed adds its attributes (ds_shape, _hp_mapping...) to the parameters.
+        # Any: DeepSpeed adds its attributes (ds_shape, ds_numel...) to the parameters.
         self.optimizer = engine.optimizer
         self.stage = engine.zero_optimization_stage()
         self.parameters = parameters
         group = _partition_group(self.optimizer, self.stage)
+        rank = dist.get_rank(group)
         self.shapes = [tuple(p.ds_shape) if self.stage == 3 else tuple(p.shape) for p in parameters]
+        # Where each parameter's gradient is in averaged_gradients: the lists DeepSpeed's own norm
+        # reads, aligned with fp16_groups (stage 3) or, padding left out, params_in_partition.
+        groups = self.optimizer.fp16_groups if self.stage == 3 else self.optimizer.params_in_partition
+        place = {id(p): (i, j) for i, members in enumerate(groups) for j, p in enumerate(members)}
+        self._places = [place.get(id(p)) for p in parameters]
         if self.stage == 3:
-            rank = dist.get_rank(group)
             starts = [rank * p.partition_numel() for p in parameters]
             numels = [max(0, min(p.partition_numel(), p.ds_numel - s)) for p, s in zip(parameters, starts, strict=True)]
-            place = {id(p): (i, j) for i, sub in enumerate(self.optimizer.fp16_groups) for j, p in enumerate(sub)}
-            self._places = [place[id(p)] for p in parameters]
+            self._offsets = [0] * len(parameters)  # set per sub group by _slots (grad_position)
         else:
-            mappings = [p._hp_mapping for p in parameters]
-            starts = [m.lp_fragment_address.start if m is not None else 0 for m in mappings]
-            numels = [m.lp_fragment_address.numel if m is not None else 0 for m in mappings]
+            starts, numels, self._offsets = self._partition_layout(parameters, rank)
         self.fragments = [Fragment(shape, s, n) for shape, s, n in zip(self.shapes, starts, numels, strict=True)]
         self.reduction = FragmentReduction(group, self.fragments)
         self._empty = torch.empty(0, dtype=parameters[0].dtype, device=parameters[0].device)
+
+    def _partition_layout(self, parameters: list[Any], rank: int) -> tuple[list[int], list[int], list[int]]:
+        """Stages 1, 2: each parameter's fragment in this rank's partition, from DeepSpeed's own
+        bookkeeping of where it inserts the gradients (which the flat fp32 partition shares):
+        (first element in the parameter, elements, offset in the partition); 0s where none is held.
+        (``_hp_mapping`` places the fp32 fragments wrongly under ``round_robin_gradients``.)"""
+        optimizer = self.optimizer
+        group_of = {id(p): i for i, members in enumerate(optimizer.bit16_groups) for p in members}
+        starts, numels, offsets = [], [], []
+        for parameter, where in zip(parameters, self._places, strict=True):
+            group = group_of[id(parameter)]
+            param_id = optimizer.get_param_id(parameter)
+            offset = optimizer.grad_partition_insertion_offset[group][rank].get(param_id)
+            if where is None or offset is None:
+                if (where is None) != (offset is None):
+                    raise UnsupportedConfiguration(
+                        "numwatch: DeepSpeed's partition bookkeeping (params_in_partition, insertion offsets) "
+                        "disagrees; this DeepSpeed version or setup is not supported"
+                    )
+                starts.append(0)
+                numels.append(0)
+                offsets.append(0)
+                continue
+            start = int(optimizer.grad_start_offset[group][rank][param_id])
+            starts.append(start)
+            numels.append(int(min(parameter.numel() - start, int(optimizer.partition_size[group]) - offset)))
+            offsets.append(int(offset))
+        return starts, numels, offsets
 
     def param_groups(self) -> dict[int, int]:
         """The optimizer's param group of each parameter, by ``id`` (its groups hold flat partitions)."""
@@ -218,19 +250,21 @@ class ZeroPartition:
     def gradients(self) -> list[Tensor]:
         """Flat gradient fragments as DeepSpeed holds them before its step (reduced, averaged,
         loss-scaled under fp16), one per watched parameter (empty where this rank holds none)."""
+        averaged = self.optimizer.averaged_gradients
+        lists: dict[int, list[Tensor]] = {}
         grads = []
-        for position, (parameter, fragment) in enumerate(zip(self.parameters, self.fragments, strict=True)):
-            if fragment.numel == 0:
+        for where, fragment in zip(self._places, self.fragments, strict=True):
+            if where is None:
                 grads.append(self._empty)
                 continue
-            if self.stage == 3:
-                sub_group, index = self._places[position]
-                grad = self.optimizer.averaged_gradients[sub_group][index]  # the partition, the last rank's padded
-                start = 0
-            else:
-                # A buffer of the whole parameter (as get_full_hp_grad reads it) or the fragment itself.
-                grad = parameter._hp_mapping.get_lp_grad_fragment(parameter._index_in_param_group)
-                start = fragment.start if grad.numel() != fragment.numel else 0
+            group, index = where
+            if group not in lists:
+                # Stages 1 and 2 put zero padding between the fragments (marked); stage 3 has none.
+                lists[group] = [g for g in averaged[group] if not getattr(g, "_zero_padding", False)]
+            grad = lists[group][index]  # stage 3: the partition, the last rank's padded
+            start = (
+                fragment.start if grad.numel() > fragment.numel and self.stage < 3 else 0
+            )  # a whole-parameter buffer
             grads.append(_flat_range(grad, start, fragment.numel))
         return grads
 
@@ -243,19 +277,20 @@ class ZeroPartition:
     def _slots(self) -> list[_StateSlot | None]:
         """Each fragment's place in the inner optimizer's flat fp32 partitions (None: none held)."""
         slots: list[_StateSlot | None] = []
-        for position, (parameter, fragment) in enumerate(zip(self.parameters, self.fragments, strict=True)):
-            if fragment.numel == 0:
+        for parameter, fragment, where, offset in zip(
+            self.parameters, self.fragments, self._places, self._offsets, strict=True
+        ):
+            if fragment.numel == 0 or where is None:
                 slots.append(None)
             elif self.stage == 3:
-                sub_group, _ = self._places[position]
+                sub_group = where[0]
                 _, offset, _ = self.optimizer.grad_position[self.optimizer.get_param_id(parameter)]
                 flat = self.optimizer.fp32_partitioned_groups_flat[sub_group]
                 slots.append(_StateSlot(flat, self.optimizer.sub_group_to_group_id[sub_group], offset, fragment.numel))
             else:
-                mapping = parameter._hp_mapping
-                group = mapping.param_group_index
+                group = where[0]
                 flat = self.optimizer.single_partition_of_fp32_groups[group]
-                slots.append(_StateSlot(flat, group, mapping.hp_fragment_address.start, fragment.numel))
+                slots.append(_StateSlot(flat, group, offset, fragment.numel))
         return slots
 
     def adam_view(self) -> tuple[torch.optim.Optimizer, list[Tensor]]:

@@ -79,8 +79,11 @@ def _full(tensor: torch.Tensor | None) -> np.ndarray:
     return tensor.detach().double().numpy().ravel()
 
 
-def _deepspeed_step(deepspeed: Any, engine: Any, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
-    """One training step on this rank's half of the batch; what DeepSpeed itself says about it."""
+def _deepspeed_step(
+    deepspeed: Any, engine: Any, inputs: torch.Tensor, targets: torch.Tensor, gather: bool = True
+) -> dict[str, Any]:
+    """One training step on this rank's half of the batch; what DeepSpeed itself says about it
+    (``gather``: with the full gradients)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     dtype = next(engine.module.parameters()).dtype
@@ -88,7 +91,7 @@ def _deepspeed_step(deepspeed: Any, engine: Any, inputs: torch.Tensor, targets: 
     engine.backward(loss)
     scale = float(engine.optimizer.loss_scale)
     # Collectives, in the same order on every rank; still loss-scaled under fp16.
-    grads = [_full(safe_get_full_grad(p)) / scale for p in engine.module.parameters()]
+    grads = [_full(safe_get_full_grad(p)) / scale for p in engine.module.parameters()] if gather else []
     engine.step()
     weights = [_full(safe_get_full_fp32_param(p).to(dtype)) for p in engine.module.parameters()]
     adam = [
@@ -205,6 +208,33 @@ def _accumulation(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
         with numwatch.watch(engine, run=f"accumulation{stage}", spool_dir=spool) as watcher:
             results[stage] = _train(engine, 2, rank, accumulation=2)
         results[f"{stage}-steps"] = watcher.steps
+    return results
+
+
+# ZeRO settings that change where the partitions' gradients live, as configs in use set them.
+VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
+    "zero2-overlap": (2, {"overlap_comm": True}),
+    # DeepSpeed's fragment API (safe_get_full_grad, _fp32_param, _optimizer_state) picks another
+    # parameter's values here: compared with zero2-overlap, the same training, instead.
+    "zero2-round-robin": (2, {"round_robin_gradients": True}),
+    "zero2-allreduce": (2, {"reduce_scatter": False, "contiguous_gradients": False}),
+    "zero1-allreduce": (1, {"reduce_scatter": False}),
+    "zero3-sub-groups": (3, {"sub_group_size": 64, "overlap_comm": False}),
+}
+
+
+def _variants(deepspeed: Any, rank: int, spool: str) -> dict[str, list[dict[str, Any]]]:
+    """Two steps of each ZeRO variant (fp32, histograms on both: Adam health too)."""
+    import numwatch
+
+    results = {}
+    for name, (stage, zero) in VARIANTS.items():
+        engine = _engine(deepspeed, stage, "fp32", zero_optimization=zero)
+        with numwatch.watch(engine, run=name, spool_dir=spool, histogram_every=1):
+            results[name] = [
+                _deepspeed_step(deepspeed, engine, *(_half(rank, t) for t in _batch(step)), gather="round" not in name)
+                for step in (1, 2)
+            ]
     return results
 
 
@@ -350,6 +380,7 @@ def _ranks(rank: int, port: int, out: str) -> None:
             "configurations": _configurations(deepspeed, rank, out),
             "accumulation": _accumulation(deepspeed, rank, out),
             "growth": _growth(deepspeed, rank, out),
+            "variants": _variants(deepspeed, rank, out),
             "nonfinite": _nonfinite(deepspeed, rank, out),
             "unwrapped": _unwrapped(deepspeed, rank, out),
             "refusals": _refusals(deepspeed, out),
@@ -572,6 +603,26 @@ def test_non_finite_gradients_in_fp32_and_bf16_are_counted_and_deepspeeds_skip_r
                 )
                 assert sum(np.isnan(g).sum() + np.isinf(g).sum() for g in grads) > 0
                 assert first["applied"] and not np.isfinite(_float(spooled.steps[1]["global_grad_norm"]))
+
+
+def test_zero_variants_that_move_the_partitions_give_the_same_definitions(ranks) -> None:
+    out, results = ranks
+    for name in VARIANTS:
+        for rank in range(WORLD_SIZE):
+            spooled = _spooled(out, name, rank)
+            said = results[rank]["variants"][name]
+            gathered = results[rank]["variants"]["zero2-overlap" if "round" in name else name]
+            for step, expected, full in zip(spooled.steps, said, gathered, strict=True):
+                np.testing.assert_allclose(
+                    spooled.stat(step, "grad_norm"), [np.linalg.norm(g) for g in full["grads"]], rtol=RTOL
+                )
+                assert _float(step["global_grad_norm"]) == pytest.approx(expected["global_norm"], rel=RTOL)
+                rms = [_adam_reference(state, step["step"])[0] for state in full["adam"]]
+                np.testing.assert_allclose(spooled.stat(step, "adam_update_rms"), rms, rtol=1e-4)
+                weights = full["weights"]
+                np.testing.assert_allclose(
+                    spooled.stat(step, "weight_norm"), [np.linalg.norm(w) for w in weights], rtol=RTOL
+                )
 
 
 def test_a_step_that_grows_the_loss_scale_records_the_true_norm(ranks) -> None:
