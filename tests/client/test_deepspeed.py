@@ -214,6 +214,8 @@ def _accumulation(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
 # ZeRO settings that change where the partitions' gradients live, as configs in use set them.
 VARIANTS: dict[str, tuple[int, dict[str, Any]]] = {
     "zero2-overlap": (2, {"overlap_comm": True}),
+    # bf16 weights, fp32 gradient accumulation: ZeRO-2 keeps one compact fp32 partition buffer.
+    "zero2-bf16-fp32-accumulation": (2, {}),
     # DeepSpeed's fragment API (safe_get_full_grad, _fp32_param, _optimizer_state) picks another
     # parameter's values here: compared with zero2-overlap, the same training, instead.
     "zero2-round-robin": (2, {"round_robin_gradients": True}),
@@ -229,7 +231,10 @@ def _variants(deepspeed: Any, rank: int, spool: str) -> dict[str, list[dict[str,
 
     results = {}
     for name, (stage, zero) in VARIANTS.items():
-        engine = _engine(deepspeed, stage, "fp32", zero_optimization=zero)
+        if "bf16" in name:
+            engine = _engine(deepspeed, stage, "bf16", data_types={"grad_accum_dtype": "fp32"})
+        else:
+            engine = _engine(deepspeed, stage, "fp32", zero_optimization=zero)
         with numwatch.watch(engine, run=name, spool_dir=spool, histogram_every=1):
             results[name] = [
                 _deepspeed_step(deepspeed, engine, *(_half(rank, t) for t in _batch(step)), gather="round" not in name)
