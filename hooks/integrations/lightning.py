@@ -9,6 +9,7 @@ skipped steps are the scaler's. The loss is the sum of what went into the step's
 backwards (Lightning divides it by ``accumulate_grad_batches``), so the batch mean.
 
 Works with ``import lightning`` and with ``import pytorch_lightning``, whichever is installed.
+Lightning's DeepSpeed strategy is refused (:class:`UnsupportedConfiguration`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ class NumwatchCallback(Callback):
         self._loss: torch.Tensor | None = None  # sum of the losses backpropagated into this step
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
+            raise UnsupportedConfiguration(
+                "numwatch: the Lightning callback does not support Lightning's DeepSpeed strategy (Lightning runs it "
+                "on CUDA only, where this adapter is untested). numwatch supports DeepSpeed ZeRO through the engine: "
+                "numwatch.watch(engine) with DeepSpeed, the Hugging Face Trainer or Accelerate."
+            )
         if len(trainer.optimizers) != 1:
             raise UnsupportedConfiguration(
                 f"numwatch: the Lightning callback watches one optimizer; this module configures {len(trainer.optimizers)}. "

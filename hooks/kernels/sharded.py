@@ -207,23 +207,26 @@ class ShardReduction:
         return sqnr_from_sums(summed).masked_fill(empty, math.nan)
 
 
-def _from_deepspeed(obj: object) -> bool:
+def from_deepspeed(obj: object) -> bool:
+    """Whether ``obj``'s class comes from the ``deepspeed`` package."""
     return type(obj).__module__.split(".")[0] == "deepspeed"
 
 
 def refuse_unsupported(model: torch.nn.Module, optimizer: object | None) -> None:
     """Raise :class:`UnsupportedConfiguration` for setups whose ``.grad`` does not hold the
-    gradients numwatch would report: DeepSpeed engines and ZeRO optimizers (gradients live in
-    the engine's partitioned buffers) and FSDP1 wrappers (flattened, padded shards)."""
+    gradients numwatch would report: DeepSpeed objects other than through their engine
+    (gradients live in the engine's partitioned buffers; see :mod:`numwatch.capture.deepspeed`)
+    and FSDP1 wrappers (flattened, padded shards)."""
     inner = getattr(optimizer, "optimizer", None)  # framework wrappers (Accelerate, Lightning)
     if (
-        _from_deepspeed(model)
-        or _from_deepspeed(optimizer)
-        or _from_deepspeed(inner)
-        or any(hasattr(p, "ds_id") for p in model.parameters())
+        from_deepspeed(model)
+        or from_deepspeed(optimizer)
+        or from_deepspeed(inner)
+        or any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in model.parameters())
     ):
         raise UnsupportedConfiguration(
-            "numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP."
+            "numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers, read through its engine: "
+            "watch the engine deepspeed.initialize returned, numwatch.watch(engine)"
         )
     if dist.is_available():
         from torch.distributed.fsdp import FullyShardedDataParallel

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from torch import nn
 
 from numwatch.capture.attention import AttentionMaxima
 from numwatch.capture.clipping import ClipEffect
+from numwatch.capture.deepspeed import ZeroPartition
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
 from numwatch.kernels.chunks import Layout, layout_of
@@ -105,10 +107,19 @@ class GradientReading:
 class WatchedTensors:
     """The watched parameters and how their statistics are taken."""
 
-    def __init__(self, selected: list[tuple[str, nn.Parameter]], fmt: FormatSpec, cadence: Cadence) -> None:
+    def __init__(
+        self,
+        selected: list[tuple[str, nn.Parameter]],
+        fmt: FormatSpec,
+        cadence: Cadence,
+        partition: ZeroPartition | None = None,
+    ) -> None:
         self.names = [name for name, _ in selected]
         self.parameters = [parameter for _, parameter in selected]
-        self.sharding = ShardReduction.for_parameters(selected)
+        # DeepSpeed ZeRO: the gradients, weights and Adam state are this rank's fragments of them.
+        self.partition = partition
+        self.sharding = partition.reduction if partition is not None else ShardReduction.for_parameters(selected)
+        self.shapes = partition.shapes if partition is not None else [tuple(p.shape) for p in self.parameters]
         self._dtensors = any(is_dtensor(p) for p in self.parameters)
         self._layouts: dict[tuple[int, ...], Layout] = {}
         self.device = self.parameters[0].device
@@ -128,23 +139,30 @@ class WatchedTensors:
 
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
+        if self.partition is not None:
+            return self.partition.weights()
         return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
     def read_gradients(
-        self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, step: int, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
 
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
         ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
         """
-        every = [p.grad for p in self.parameters]  # (each .grad read costs: once per step)
-        present = [i for i, grad in enumerate(every) if grad is not None]
-        grads = [local_tensor(every[i]) for i in present] if self._dtensors else [every[i] for i in present]
+        layout: Layout | None = None
+        if self.partition is not None:
+            present, grads = list(range(len(self.parameters))), self.partition.gradients()
+        else:
+            every = [p.grad for p in self.parameters]  # (each .grad read costs: once per step)
+            present = [i for i, grad in enumerate(every) if grad is not None]
+            grads = [local_tensor(every[i]) for i in present] if self._dtensors else [every[i] for i in present]
+            layout = self._grad_layout(present)
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
-        norms = stats.grad_norms(grads, multiplier=grad_multiplier, layout=self._grad_layout(present))
+        norms = stats.grad_norms(grads, multiplier=grad_multiplier, layout=layout)
         sampled, exponent = self.cadence.sampled(step), None
         if sampled and self.cadence.format_due(step):
             # One read of the gradients for both the format counts and the exponent histogram.
@@ -218,8 +236,11 @@ class WatchedTensors:
         self._add_histograms(parts, "weight", weights, None)
         if self.sharding is not None:
             # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards.
-            if adam_family(optimizer):
-                (sums,) = self.sharding.sums([adam_sums(optimizer, self.parameters)])
+            adam_optimizer, adam_parameters = (
+                self.partition.adam_view() if self.partition is not None else (optimizer, self.parameters)
+            )
+            if adam_family(adam_optimizer):
+                (sums,) = self.sharding.sums([adam_sums(adam_optimizer, adam_parameters)])
                 parts[records.ADAM] = health_from_sums(sums, self._numels(sums.device))
             return parts
         if snapshot is not None and reading is not None and reading.grads:
@@ -239,7 +260,7 @@ class WatchedTensors:
 
     def _numels(self, device: torch.device) -> torch.Tensor:
         """float [n]: the whole tensors' element counts."""
-        return to_device(torch.tensor([float(p.numel()) for p in self.parameters]), device)
+        return to_device(torch.tensor([float(math.prod(shape)) for shape in self.shapes]), device)
 
     def quant_parts(self) -> dict[str, torch.Tensor]:
         """The weights' SQNR under each quantization scheme, as they are now (of the whole
@@ -247,7 +268,7 @@ class WatchedTensors:
         if self.sharding is not None:
             return {
                 records.QUANT: self.sharding.quantization_sqnr(
-                    self.local_parameters(), [p.numel() for p in self.parameters]
+                    self.local_parameters(), [math.prod(shape) for shape in self.shapes]
                 )
             }
         return {records.QUANT: quantization_sqnr(self.local_parameters())}
@@ -293,7 +314,7 @@ class StepMeasurement:
         return self.clip
 
     def read(
-        self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, watched: WatchedTensors, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> None:
         """Read the gradients, replacing an earlier reading of this step."""
         if self.phase is Phase.FAILED:
