@@ -402,7 +402,7 @@ def build_run_dashboard() -> dict[str, Any]:
     ]
     annotations = [
         {
-            # Posted by numwatch.monitor.ops.grafana.AnnotationSink, tagged [numwatch, kind, run].
+            # Posted by numwatch.monitor.metrics.annotations.AnnotationSink, tagged [numwatch, kind, run].
             "name": "numwatch annotations",
             "datasource": {"type": "grafana", "uid": "-- Grafana --"},
             "enable": True,

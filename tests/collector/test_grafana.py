@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from numwatch.monitor.metrics.annotations import AnnotationSink
 from numwatch.monitor.ops import grafana
 from tests.support.promstack import free_port
 
@@ -249,7 +250,7 @@ def test_push_sends_nothing_when_a_dashboard_file_is_bad(
 
 
 def test_annotation_sink_posts_events(fake_grafana: FakeGrafana) -> None:
-    sink = grafana.AnnotationSink(fake_grafana.url, TOKEN, dashboard_uid="numwatch-run")
+    sink = AnnotationSink(fake_grafana.url, TOKEN, dashboard_uid="numwatch-run")
     events = [
         {
             "step": 41,
@@ -284,7 +285,7 @@ def test_annotation_sink_never_blocks_and_counts_drops(fake_grafana: FakeGrafana
     """With Grafana stuck on the first post, the queue fills and further posts return
     False at once instead of waiting."""
     fake_grafana.release_annotations.clear()
-    sink = grafana.AnnotationSink(fake_grafana.url, TOKEN, max_queue=2)
+    sink = AnnotationSink(fake_grafana.url, TOKEN, max_queue=2)
     event = {"step": 1, "rank": 0, "kind": "skipped_step", "details": {}, "time": 1_700_000_000.0}
     assert sink.post(event, "r")
     assert fake_grafana.first_annotation_seen.wait(timeout=30)  # the worker holds event 1
@@ -302,8 +303,8 @@ def test_annotation_sink_never_blocks_and_counts_drops(fake_grafana: FakeGrafana
 def test_annotation_sink_counts_failures(fake_grafana: FakeGrafana) -> None:
     fake_grafana.annotation_status = 500
     event = {"step": 1, "rank": 0, "kind": "grad_explosion", "details": {}, "time": 1_700_000_000.0}
-    failing = grafana.AnnotationSink(fake_grafana.url, TOKEN)
-    unreachable = grafana.AnnotationSink(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2.0)
+    failing = AnnotationSink(fake_grafana.url, TOKEN)
+    unreachable = AnnotationSink(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2.0)
     for sink in (failing, unreachable):
         assert sink.post(event, "r") and sink.post(event, "r")
         sink.close()
