@@ -128,8 +128,8 @@ V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_S
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
 _INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)
-# The dtype of each stat's array.
-TENSOR_STATS: dict[TensorStat, ArrayDtype] = {
+# The dtype of each stat's array; keyed by str, as the names read off the wire and out of the store are.
+TENSOR_STATS: dict[str, ArrayDtype] = {
     name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)
 }
 
