@@ -17,7 +17,8 @@ bearer = HTTPBearer(auto_error=False, description="a token from `numwatch token 
 
 
 def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+    settings: Settings = request.app.state.settings  # set by the app factory
+    return settings
 
 
 def get_session(request: Request) -> Iterator[Session]:
