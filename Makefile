@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps lint test demo stack bench vendor-uplot clean
+.PHONY: install system-deps lint test docs demo stack bench vendor-uplot clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -34,7 +34,12 @@ lint: install
 	PYTHONPATH=$(LINT_TREE) $(VENV)/bin/lint-imports
 
 test: install system-deps lint
+	$(MAKE) --no-print-directory docs
 	$(PY) -m pytest -q -ra
+
+# The documentation site, strict: a broken link or a page missing from the nav fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 demo: install
 	$(VENV)/bin/numwatch demo

@@ -43,7 +43,7 @@ def make_engine(database_url: str) -> Engine:
             # Freed pages are handed back by PRAGMA incremental_vacuum after a deletion.
             cursor.execute("PRAGMA auto_vacuum=INCREMENTAL")
             # WAL: readers (/metrics, queries) never block the writer. NORMAL survives a process crash;
-            # a power loss may undo the last commits (README, Guarantees: use PostgreSQL for that).
+            # a power loss may undo the last commits (docs/guarantees.md, Durability: use PostgreSQL for that).
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA busy_timeout=30000")
