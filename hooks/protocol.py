@@ -76,7 +76,7 @@ import math
 import time as _time
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, TypedDict, get_args
+from typing import Any, Literal, TypedDict, get_args, overload
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
@@ -133,8 +133,8 @@ TENSOR_STATS: dict[str, ArrayDtype] = {
     name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)
 }
 
-ActivationStat = Literal["absmax", "nonfinite"]
-ACTIVATION_STATS: dict[ActivationStat, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
+# Per-module activation statistics of a step, and their dtypes.
+ACTIVATION_STATS: dict[str, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
 
 # Exponent histogram layout: one bin per binade floor(log2|x|) from EXPONENT_MIN to
 # EXPONENT_MAX (the float32 range, subnormals included), then zero, +-Inf and NaN bins.
@@ -150,8 +150,8 @@ LINEAR_BINS = 64
 HistogramKind = Literal["grad", "weight"]
 HISTOGRAM_KINDS: tuple[HistogramKind, ...] = get_args(HistogramKind)
 HistogramField = Literal["exponent", "linear_min", "linear_max", "linear"]
-# Each histogram field's dtype, and how many values it holds per tensor.
-HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {
+# Each histogram field's dtype (keyed by str, like TENSOR_STATS), and how many values it holds per tensor.
+HISTOGRAM_DTYPES: dict[str, ArrayDtype] = {
     "exponent": "<i8",
     "linear_min": "<f4",
     "linear_max": "<f4",
@@ -295,7 +295,13 @@ def encode_float(value: float | None) -> float | str | None:
     return "Infinity" if value > 0 else "-Infinity"
 
 
-def decode_float(value: float | int | str | None) -> float | None:
+@overload
+def decode_float(value: float | str) -> float: ...
+@overload
+def decode_float(value: None) -> None: ...
+@overload
+def decode_float(value: float | str | None) -> float | None: ...
+def decode_float(value: float | str | None) -> float | None:
     """Inverse of :func:`encode_float`; raises ValueError on any other string."""
     if value is None:
         return None

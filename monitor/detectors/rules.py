@@ -159,7 +159,9 @@ def detect(
         if loss is not None and not math.isfinite(loss):
             events.append(_event(view, "nonfinite_loss", loss=encode_float(loss)))
         if view["scale_decision"] in ("backoff", "growth"):
-            kind = "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
+            kind: DetectorEventKind = (
+                "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
+            )
             events.append(
                 _event(view, kind, loss_scale=view.get("loss_scale"), new_loss_scale=view.get("new_loss_scale"))
             )

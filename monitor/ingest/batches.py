@@ -25,7 +25,15 @@ from numwatch import protocol
 from numwatch.monitor.detectors import forward_events, spikes
 from numwatch.monitor.detectors import rules as detectors
 from numwatch.monitor.errors import IngestError, NotFound
-from numwatch.monitor.ingest.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
+from numwatch.monitor.ingest.schemas import (
+    MAX_RUN_NAME,
+    BatchDocument,
+    EventDocument,
+    HistogramDocument,
+    IngestResult,
+    RunDocument,
+    StepDocument,
+)
 from numwatch.monitor.reads import forward
 from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.store import blocks as step_blocks
@@ -180,7 +188,12 @@ def batch_target(
     if not claim.step_offset:
         return run, document
     shifted = document.model_copy(deep=True)
-    for item in (*shifted.steps, *shifted.histograms, *shifted.events):
+    items: tuple[StepDocument | HistogramDocument | EventDocument, ...] = (
+        *shifted.steps,
+        *shifted.histograms,
+        *shifted.events,
+    )
+    for item in items:
         item.step += claim.step_offset
     return run, shifted
 
@@ -467,9 +480,9 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
         new_steps = {row["step"] for row in new_rows}
         forward_rows = [
-            row
+            forward_stats
             for step in document.steps
-            if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None
+            if step.step in new_steps and (forward_stats := forward.forward_row(run.id, rank, step)) is not None
         ]
         forward_rows = sorted(
             {row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"]
@@ -497,7 +510,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
                 )
             )
         }
-        fresh = {}
+        fresh: dict[tuple[int, str], dict[str, Any]] = {}
         for h in document.histograms:
             if (h.step, h.kind) not in existing:
                 fresh.setdefault(

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 def grafana_api(url: str, token: str | None, timeout: float) -> Any:
     """A ``grafana_client.GrafanaApi`` for ``url``, authenticated with a bearer ``token``."""
-    from grafana_client import GrafanaApi  # lazy: only Grafana users need grafana-client
+    from grafana_client.api import GrafanaApi  # lazy: only Grafana users need grafana-client
 
     return GrafanaApi.from_url(url, credential=token, timeout=timeout)
 

@@ -275,8 +275,8 @@ class _Families:
             value = getattr(state, attribute)
             if value is not None:
                 family.add_metric(labels, float(value))
-        for attribute, family in self.counters.items():
-            family.add_metric(labels, getattr(state, attribute))
+        for attribute, counter in self.counters.items():
+            counter.add_metric(labels, getattr(state, attribute))
         for attribute, family in self.ratios.items():
             value = getattr(state, attribute)
             if value is not None:

@@ -18,7 +18,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import quote
 
 from numwatch.monitor.ops.stack import running_collector, serve_until_interrupted
@@ -113,7 +113,7 @@ def report(url: str, run: str, out: TextIO, timeout: float = 30.0) -> list[dict]
         time.sleep(0.3)
     events = _get_json(f"{url}/api/v1/runs/{run}/events")
     by_kind = Counter(e["kind"] for e in events)
-    first = {}
+    first: dict[str, dict[str, Any]] = {}
     for event in sorted(events, key=lambda e: e["step"]):
         first.setdefault(event["kind"], event)
     out.write(f"\nThe collector detected {len(events)} events in run {run!r}:\n")

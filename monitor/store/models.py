@@ -73,7 +73,8 @@ class ExactFloat(TypeDecorator[float]):
         return process
 
     def process_result_value(self, value: Any, dialect: Any) -> float | None:
-        return decode_float(value)
+        stored: float | str | None = value  # a REAL, or SQLite's 'NaN' text
+        return decode_float(stored)
 
 
 class Base(DeclarativeBase):
