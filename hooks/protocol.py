@@ -75,7 +75,7 @@ import json
 import math
 import time as _time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypedDict, get_args, overload
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
@@ -477,7 +477,7 @@ def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
     return raw
 
 
-def dumps(document: dict[str, Any]) -> bytes:
+def dumps(document: Mapping[str, Any]) -> bytes:
     """A protocol document as compact UTF-8 JSON. Floats must already be encoded:
     a bare NaN/Inf raises instead of producing invalid JSON."""
     return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from numwatch.capture.attention import CHUNK_ELEMENTS, AttentionCapture
+from numwatch.capture.attention import CHUNK_ELEMENTS, AttentionCapture, AttentionMaxima
 from numwatch.capture.output_logits import LogZ, find_logits
 
 
@@ -101,12 +101,12 @@ class ForwardProbe:
             self._logits_handle.remove()
             self._logits_handle = None
 
-    def take_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def take_step(self) -> tuple[AttentionMaxima, torch.Tensor | None]:
         """The step's max logit per attention call and its [mean log Z, max log Z, max |logit|]; resets."""
         measured = self.capture.take_step(), self.log_z.take_step()
         if self._step_failed:
             self._step_failed = False
-            return {}, None
+            return AttentionMaxima([], None), None
         return measured
 
     def remove(self) -> None:

@@ -21,6 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,14 +80,16 @@ def _classify(status: int) -> str:
     return "rejected"
 
 
-def document_path(kind: str, document: dict[str, Any]) -> str:
+def document_path(kind: str, document: Mapping[str, Any]) -> str:
     """Where a protocol document is posted: run documents register, batches go under their run."""
     if kind == "run":
         return "/api/v1/runs"
     return f"/api/v1/runs/{urllib.parse.quote(document['run'], safe='')}/batches"
 
 
-def post_document(url: str, token: str | None, path: str, document: dict[str, Any], timeout: float) -> tuple[str, str]:
+def post_document(
+    url: str, token: str | None, path: str, document: Mapping[str, Any], timeout: float
+) -> tuple[str, str]:
     """POST one document to the collector at ``url``: ('ok' | 'retry' | 'rejected', detail);
     the detail of an accepted document is the collector's answer."""
     headers = {"Content-Type": "application/json"}
@@ -102,7 +105,7 @@ def post_document(url: str, token: str | None, path: str, document: dict[str, An
         return "retry", f"unreachable: {error}"
 
 
-def renamed_run(document: dict[str, Any], answer: str) -> str | None:
+def renamed_run(document: Mapping[str, Any], answer: str) -> str | None:
     """The name the collector stored a registered run under, when it is not the name asked for
     (the name belonged to another process)."""
     try:
@@ -126,7 +129,7 @@ class Transport:
 
     def __init__(
         self,
-        run_document: dict[str, Any],
+        run_document: protocol.RunDocument,
         *,
         url: str | None,
         token: str | None,
@@ -245,7 +248,8 @@ class Transport:
             closing = next((c for c in controls if c.status is not None), None)
             try:
                 if sources or closing is not None:
-                    self._deliver_steps(sources, closing.status if closing else "running")
+                    status = closing.status if closing is not None and closing.status is not None else "running"
+                    self._deliver_steps(sources, status)
                 elif self._spool_pending and self.url and time.monotonic() >= self._next_retry:
                     self._drain_spool()
             except Exception as error:  # typically the spool: disk full, directory not writable
@@ -306,7 +310,7 @@ class Transport:
             status=status,
         )
 
-    def _dropped_event(self, documents: list[StepDocuments]) -> list[dict[str, Any]]:
+    def _dropped_event(self, documents: list[StepDocuments]) -> list[protocol.EventDocument]:
         """A ``monitoring_dropped`` event when steps were dropped since the last report."""
         with self._count_lock:
             dropped = self.dropped_steps
@@ -319,7 +323,7 @@ class Transport:
             protocol.event_document(step, "monitoring_dropped", {"dropped_steps": dropped, "since_last_report": newly})
         ]
 
-    def _deliver(self, batch: dict[str, Any]) -> None:
+    def _deliver(self, batch: protocol.BatchDocument) -> None:
         if self.url is None:
             self._spool_batch(batch)
             return
@@ -360,7 +364,7 @@ class Transport:
         """Create the spool now (spool-only runs), so the run document is on disk at once."""
         self._ensure_spool()
 
-    def _spool_batch(self, batch: dict[str, Any]) -> None:
+    def _spool_batch(self, batch: protocol.BatchDocument) -> None:
         spool = self._ensure_spool()
         spool.append("batch", batch)
         with self._count_lock:
@@ -411,7 +415,7 @@ class Transport:
         discard_uploaded_segments(self.spool_dir)
         log.info("numwatch: spool %s drained to %s", self.spool_dir, self.url)
 
-    def _post(self, path: str, document: dict[str, Any]) -> tuple[str, str]:
+    def _post(self, path: str, document: Mapping[str, Any]) -> tuple[str, str]:
         """POST one document; ('ok' | 'retry' | 'rejected' (logged and counted), detail)."""
         assert self.url is not None
         outcome, detail = post_document(self.url, self.token, path, document, self.http_timeout)

@@ -155,7 +155,7 @@ def _bucket_counts(chunk: Chunk, x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
 # --------------------------------------------------------------------------- gradients
 
 
-def _absmax(members: list[Tensor]) -> list[Tensor]:
+def _absmax(members: list[Tensor]) -> Sequence[Tensor]:
     """max |x| of each (non-empty) tensor, as 0-d tensors of its dtype; NaN propagates.
 
     One multi-tensor kernel either way: ``_foreach_norm(ord=inf)`` on CUDA reads each
@@ -191,7 +191,8 @@ def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None) -> Tensor
     # ||m*g|| = |m|*||g|| and max|m*g| = |m|*max|g|: scale the 2n results, not every element.
     if multiplier is None:
         return stats
-    return stats * abs(_as_factor(multiplier, stats.device))
+    factor = _as_factor(multiplier, stats.device)
+    return stats * (factor.abs() if isinstance(factor, Tensor) else abs(factor))
 
 
 @torch.no_grad()
@@ -218,11 +219,11 @@ def _float32_at_most(value: float) -> float:
     largest = float(torch.finfo(torch.float32).max)
     if value >= largest:
         return largest
-    nearest = struct.unpack("<f", struct.pack("<f", value))[0]
+    nearest = float(struct.unpack("<f", struct.pack("<f", value))[0])
     if nearest <= value:
         return nearest
     (bits,) = struct.unpack("<I", struct.pack("<f", nearest))
-    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+    return float(struct.unpack("<f", struct.pack("<I", bits - 1))[0])
 
 
 def _float32_below(value: float) -> float:
@@ -231,7 +232,7 @@ def _float32_below(value: float) -> float:
     if at_most < value:
         return at_most
     (bits,) = struct.unpack("<I", struct.pack("<f", at_most))
-    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+    return float(struct.unpack("<f", struct.pack("<I", bits - 1))[0])
 
 
 @functools.cache
@@ -265,7 +266,7 @@ def _format_limits(fmt: FormatSpec) -> tuple[float, float, float, float, float]:
 
 def _float_bits(value: float) -> int:
     """The bit pattern of a float32 value, as a signed int32."""
-    return struct.unpack("<i", struct.pack("<f", value))[0]
+    return int(struct.unpack("<i", struct.pack("<f", value))[0])
 
 
 # Buckets of |x| between the limits: zero, underflow, subnormal, normal, overflow, non-finite.
@@ -562,9 +563,9 @@ def _bits(tensor: Tensor) -> Tensor:
 def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     """Tensors whose non-zero elements are those with grad != 0, all of one dtype: the grads
     themselves when they share one, else (mixed or missing grads, rare) per-tensor masks."""
-    dtypes = {grad.dtype for grad in grads if grad is not None}
-    if len(dtypes) == 1 and all(grad is not None for grad in grads):
-        return grads  # type: ignore[return-value]
+    present = [grad for grad in grads if grad is not None]
+    if len(present) == len(grads) and len({grad.dtype for grad in present}) == 1:
+        return present
     return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
 
 

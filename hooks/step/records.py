@@ -73,7 +73,7 @@ class StepRecord:
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
     attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[protocol.EventDocument] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
     _late_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -221,7 +221,7 @@ class StepRecord:
             return math.inf
         return math.log2(self.format_max / largest) if math.isfinite(largest) else -math.inf
 
-    def _activations(self) -> dict[str, str] | None:
+    def _activations(self) -> protocol.Activations | None:
         if ACTIVATION_ABSMAX not in self.host:
             return None
         absmax = self.host.get(ACTIVATION_ABSMAX, "<f4")
