@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -127,7 +128,7 @@ def test_radam_after_warmup_is_rectified() -> None:
 def test_fused_and_foreach_adamw_agree() -> None:
     results = []
     for flags in ({"foreach": True}, {"fused": True}):
-        model, optimizer, _ = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, **flags), steps=4)
+        model, optimizer, _ = _train(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01, **flags), steps=4)
         results.append(adam_health(optimizer, list(model.parameters())))
     assert torch.allclose(results[0], results[1], rtol=1e-6, atol=0)
     assert torch.isfinite(results[0]).all()

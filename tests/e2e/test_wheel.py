@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.collector.test_grafana import TOKEN, FakeGrafana, fake_grafana  # noqa: F401 - fake_grafana is a fixture
 from tests.support.binaries import require_binary
+from tests.support.grafana import TOKEN, FakeGrafana
 from tests.support.promstack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
