@@ -162,7 +162,7 @@ def count_ops(args: argparse.Namespace, spool: str) -> None:
 
 
 def _ratios(base: list[float], watched: list[float]) -> list[float]:
-    return [w / b for b, w in zip(base, watched)]
+    return [w / b for b, w in zip(base, watched, strict=True)]
 
 
 def measure(variant: dict, autocast_dtype, batch_size: int, args: argparse.Namespace, spool: str) -> dict[str, float]:

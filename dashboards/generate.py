@@ -73,7 +73,7 @@ def panel(
 ) -> Panel:
     """A panel of visualisation ``kind``; ``extra`` adds fieldConfig/options/etc."""
     refs = "ABCDEFGHIJ"
-    for ref, target in zip(refs, targets):
+    for ref, target in zip(refs, targets, strict=False):  # refs has letters to spare
         target["refId"] = ref
     datasource = targets[0]["datasource"] if targets else PROMETHEUS
     return {

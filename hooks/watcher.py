@@ -289,7 +289,7 @@ class Watcher:
                 "dtype": str(p.dtype).removeprefix("torch."),
                 "group": groups.get(id(p), protocol.NO_PARAM_GROUP),
             }
-            for n, p in zip(self.watched.names, self.watched.parameters)
+            for n, p in zip(self.watched.names, self.watched.parameters, strict=True)
         ]
         settings = {
             "model": type(self.model).__name__,

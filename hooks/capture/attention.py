@@ -132,7 +132,7 @@ def _max_logits(
 
 def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     bound = dict(_SDPA_DEFAULTS)
-    bound.update(zip(_SDPA_PARAMETERS, args))
+    bound.update(zip(_SDPA_PARAMETERS, args, strict=False))  # the arguments given by position
     bound.update(kwargs)
     return bound
 
@@ -315,7 +315,7 @@ class AttentionCapture(TorchFunctionMode):
         # Forwards with different calls (rare): merged call by call.
         merged: dict[str, torch.Tensor] = {}
         for call_names, maxima in forwards:
-            for name, value in zip(call_names, maxima.unbind()):
+            for name, value in zip(call_names, maxima.unbind(), strict=True):
                 merged[name] = value if name not in merged else torch.maximum(merged[name], value)
         return AttentionMaxima(names, torch.stack([merged[name] for name in names]))
 

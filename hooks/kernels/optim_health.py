@@ -175,7 +175,7 @@ def _adam_batches(
         else:
             singles.append(position)
     # Every host step count read at once (one stack, one read), not one read per tensor.
-    for position, t in zip(on_host, torch.stack(host_steps).tolist() if host_steps else []):
+    for position, t in zip(on_host, torch.stack(host_steps).tolist() if host_steps else [], strict=True):
         batches.setdefault((groups[id(parameters[position])], float(t)), []).append(position)
     return batches, singles
 

@@ -148,7 +148,9 @@ class ShardReduction:
         summed = self._all_reduce(summed, dist.ReduceOp.SUM)
         maxed = self._all_reduce(maxed, dist.ReduceOp.MAX)
         flags = summed[len(sums) :]
-        return summed[: len(sums)], [torch.where(flag > 0, math.nan, part) for part, flag in zip(maxed, flags)]
+        return summed[: len(sums)], [
+            torch.where(flag > 0, math.nan, part) for part, flag in zip(maxed, flags, strict=True)
+        ]
 
     def _all_reduce(self, parts: list[Tensor], op: dist.ReduceOp.RedOpType) -> list[Tensor]:
         if not parts:

@@ -514,7 +514,9 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         width = (high - low).masked_fill_(~(high > low), 1.0)
         members = group.tensors(tensors)
         per_chunk = []
-        for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
+        for chunk, chunk_low, chunk_width in zip(
+            group.chunks, group.chunk_slices(low), group.chunk_slices(width), strict=True
+        ):
             # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
             values = chunk.into(members, WORK, torch.float64).nan_to_num_(
                 nan=math.nan, posinf=math.nan, neginf=math.nan
@@ -547,11 +549,11 @@ def snapshot(weights: Sequence[Tensor]) -> list[Tensor]:
         members = group.tensors(weights)
         pieces: dict[int, list[Tensor]] = {}
         for chunk in group.chunks:
-            for (member, _, _), view in zip(chunk.pieces, chunk.split(chunk.copy(members))):
+            for (member, _, _), view in zip(chunk.pieces, chunk.split(chunk.copy(members)), strict=True):
                 pieces.setdefault(member, []).append(view)
         for member, views in pieces.items():
             copies[group.members[member]] = views[0] if len(views) == 1 else torch.cat(views)
-    return [weight.detach().clone() if copy is None else copy for weight, copy in zip(weights, copies)]
+    return [weight.detach().clone() if copy is None else copy for weight, copy in zip(weights, copies, strict=True)]
 
 
 def _bits(tensor: Tensor) -> Tensor:
@@ -566,7 +568,7 @@ def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tens
     present = [grad for grad in grads if grad is not None]
     if len(present) == len(grads) and len({grad.dtype for grad in present}) == 1:
         return present
-    return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
+    return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like, strict=True)]
 
 
 @torch.no_grad()

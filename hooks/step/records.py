@@ -176,7 +176,7 @@ class StepRecord:
             if stack is None or (part == UPDATE and skipped):
                 continue  # an update measured across a skipped step says nothing
             rows = self._spread(stack.get(part), part)
-            for name, row in zip(names, rows):
+            for name, row in zip(names, rows, strict=True):
                 stats[name] = protocol.pack_bytes(row.astype(protocol.TENSOR_STATS[name]).tobytes())
         if EXP_AVG_SQ in self.host:
             stats[EXP_AVG_SQ] = protocol.pack_bytes(self.host.get(EXP_AVG_SQ, "<f4").tobytes())
@@ -232,12 +232,12 @@ class StepRecord:
         """The step's max attention logit per attention call, when its forward was measured."""
         if ATTENTION_LOGIT_MAX not in self.host:
             return None
-        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist()))
+        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist(), strict=True))
 
     def _output_logits(self) -> dict[protocol.OutputLogitStat, float] | None:
         if OUTPUT_LOGITS not in self.host:
             return None
-        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist()))
+        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist(), strict=True))
 
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()

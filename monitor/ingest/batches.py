@@ -72,7 +72,7 @@ def _schema_difference(old: list[dict], new: list[dict]) -> str | None:
         return None
     if len(old_key) != len(new_key):
         return f"{len(new_key)} tensors, the registered schema has {len(old_key)}"
-    index = next(i for i, (a, b) in enumerate(zip(old_key, new_key)) if a != b)
+    index = next(i for i, (a, b) in enumerate(zip(old_key, new_key, strict=True)) if a != b)
     return f"tensor {index} is {new_key[index]}, the registered schema has {old_key[index]}"
 
 
@@ -428,7 +428,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     # Within one batch the first copy of a step wins too.
     rows_by_step: dict[int, dict[str, Any]] = {}
     conflicts: list[int] = []
-    for step, raw in zip(document.steps, decoded):
+    for step, raw in zip(document.steps, decoded, strict=True):
         row = _step_row(step, raw)
         first = rows_by_step.setdefault(step.step, row)
         if first is not row and not _same_content(first, row):

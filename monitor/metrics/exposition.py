@@ -292,7 +292,7 @@ class _Families:
         counts = np.cumsum(
             np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64)
         )
-        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1])] + [
+        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1], strict=True)] + [
             ("+Inf", int(counts[-1]))
         ]
         self.grad_norm_distribution.add_metric(labels, buckets, sum_value=state.grad_norm_sum)

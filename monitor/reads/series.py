@@ -58,7 +58,7 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[
     """Every point when at most ``max_points``, else each bucket's kept points (ascending ``steps``)."""
     if len(steps) <= max_points:
         return steps, values
-    rows = list(zip(steps.tolist(), values.reshape(-1, 1)))
+    rows = list(zip(steps.tolist(), values.reshape(-1, 1), strict=True))
     points = [
         p
         for _, summary in raw_buckets(

@@ -177,7 +177,7 @@ def decode(
             arrays[offset : offset + size], [(dtype.itemsize * length * len(having), dtype.itemsize)]
         )
         values = np.frombuffer(raw, dtype=dtype).reshape(len(having), length)
-        for step, row in zip(having, values):
+        for step, row in zip(having, values, strict=True):
             step["tensors"][name] = row
     for step in steps:
         for mark in step.pop("marks"):

@@ -183,7 +183,7 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
         (np.dtype(TENSOR_STATS[name]).itemsize * n_tensors, np.dtype(TENSOR_STATS[name]).itemsize) for name in stored
     ]
     try:
-        arrays = dict(zip(stored, decompress_arrays(blob, sizes)))
+        arrays = dict(zip(stored, decompress_arrays(blob, sizes), strict=True))
     except zlib.error as error:
         raise ValueError(f"packed stats are not a zlib stream: {error}") from None
     out: dict[str, np.ndarray] = {}

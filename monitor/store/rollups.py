@@ -154,7 +154,7 @@ def decode(blob: bytes, origin: int, dtype: np.dtype, n: int) -> Summary:
         for name in _FIELDS
     ]
     fields = {}
-    for name, raw in zip(_FIELDS, decompress_arrays(blob, sizes)):
+    for name, raw in zip(_FIELDS, decompress_arrays(blob, sizes), strict=True):
         if name in _VALUE_FIELDS:
             fields[name] = np.frombuffer(raw, dtype=dtype)
         else:
