@@ -47,10 +47,12 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(
-        f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; fp32, AdamW; medians of {args.repeats} repeats"
+        f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; fp32, AdamW; medians of "
+        f"{args.repeats} repeats"
     )
     print(
-        f"{'model':<20} {'params':>7} {'step ms':>9} {'adam ms':>9} {'adam/step':>10} {'(CPU)':>7} {'quant ms':>9} {'quant/step':>11} {'(CPU)':>7}"
+        f"{'model':<20} {'params':>7} {'step ms':>9} {'adam ms':>9} {'adam/step':>10} {'(CPU)':>7} {'quant ms':>9} "
+        f"{'quant/step':>11} {'(CPU)':>7}"
     )
     for name, (d_model, layers, batch) in MODELS.items():
         cfg = GPTConfig(d_model=d_model, n_layers=layers, context=args.context, n_heads=max(4, d_model // 64))

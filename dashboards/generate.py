@@ -492,7 +492,8 @@ def build_overview_dashboard() -> dict[str, Any]:
             "Collector write latency p99",
             [
                 prom(
-                    "histogram_quantile(0.99, sum by(le) (rate(numwatch_ingest_write_latency_seconds_bucket[$__rate_interval])))",
+                    "histogram_quantile(0.99, sum by(le) "
+                    "(rate(numwatch_ingest_write_latency_seconds_bucket[$__rate_interval])))",
                     "p99",
                 )
             ],

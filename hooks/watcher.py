@@ -152,7 +152,8 @@ class Watcher:
         refuse_unsupported(model, optimizer)
         if model in _watched_models:
             raise RuntimeError(
-                f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that watcher first"
+                f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that "
+                "watcher first"
             )
         self.model = model
         self.optimizer = optimizer

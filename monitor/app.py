@@ -57,7 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="numwatch collector",
         version="1",
-        description="Stores numeric-health statistics of PyTorch training runs, judges them, and exposes them to Prometheus.",
+        description=(
+            "Stores numeric-health statistics of PyTorch training runs, judges them, and exposes them to Prometheus."
+        ),
         lifespan=lifespan,
     )
     engine = db.make_engine(settings.database_url)

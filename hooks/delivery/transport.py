@@ -230,8 +230,9 @@ class Transport:
             self.dropped_steps += steps
         if first:
             log.error(
-                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
-                "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
+                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. "
+                "Lost steps are counted in Watcher.dropped_steps and reported to the collector "
+                "as a monitoring_dropped event. Check the spool %s.",
                 steps,
                 self.run,
                 reason,

@@ -44,7 +44,8 @@ class NumwatchCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if len(trainer.optimizers) != 1:
             raise UnsupportedConfiguration(
-                f"numwatch: the Lightning callback watches one optimizer; this module configures {len(trainer.optimizers)}. "
+                "numwatch: the Lightning callback watches one optimizer; "
+                f"this module configures {len(trainer.optimizers)}. "
                 "Call numwatch.watch(module, optimizer, include=[...]) per optimizer instead."
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)

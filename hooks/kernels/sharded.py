@@ -69,11 +69,13 @@ def _shard_dim(parameter: DTensor, name: str) -> tuple[DTensor, Any, int] | None
             sharded.append(mesh_dim)
         elif not isinstance(placement, Replicate):
             raise UnsupportedConfiguration(
-                f"numwatch: parameter {name!r} has placement {type(placement).__name__} ({placement}); only Shard and Replicate DTensor parameters are supported"
+                f"numwatch: parameter {name!r} has placement {type(placement).__name__} ({placement}); only Shard and "
+                "Replicate DTensor parameters are supported"
             )
     if len(sharded) > 1:
         raise UnsupportedConfiguration(
-            f"numwatch: parameter {name!r} is sharded over {len(sharded)} mesh dimensions (e.g. FSDP + tensor parallel); only one is supported"
+            f"numwatch: parameter {name!r} is sharded over {len(sharded)} mesh dimensions (e.g. FSDP + tensor "
+            "parallel); only one is supported"
         )
     return (parameter, parameter.device_mesh, sharded[0]) if sharded else None
 
@@ -121,7 +123,8 @@ class ShardReduction:
             return None
         if len(groups) > 1:
             raise UnsupportedConfiguration(
-                "numwatch: parameters are sharded over different process groups; watch each group's parameters separately (include=/exclude=)"
+                "numwatch: parameters are sharded over different process groups; watch each group's parameters "
+                "separately (include=/exclude=)"
             )
         (group,) = groups.values()
         return cls(group, [None if s is None else _shard_layout(*s) for s in shards])
@@ -231,12 +234,14 @@ def refuse_unsupported(model: torch.nn.Module, optimizer: object | None) -> None
         or any(hasattr(p, "ds_id") for p in model.parameters())
     ):
         raise UnsupportedConfiguration(
-            "numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP."
+            "numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers; it is not supported. Use "
+            "FSDP2 (torch.distributed.fsdp.fully_shard) or DDP."
         )
     if dist.is_available():
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
             raise UnsupportedConfiguration(
-                "numwatch: FSDP1 (FullyShardedDataParallel) flattens and pads parameters; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard)."
+                "numwatch: FSDP1 (FullyShardedDataParallel) flattens and pads parameters; it is not supported. Use "
+                "FSDP2 (torch.distributed.fsdp.fully_shard)."
             )

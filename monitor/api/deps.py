@@ -34,7 +34,8 @@ def _principal(
     if credentials is None:
         raise HTTPException(
             401,
-            "missing bearer token: send `Authorization: Bearer <token>` (create one with `numwatch token create --project P`)",
+            "missing bearer token: send `Authorization: Bearer <token>` (create one with `numwatch token create "
+            "--project P`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     try:

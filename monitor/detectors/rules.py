@@ -59,7 +59,10 @@ class DetectorConfig(BaseModel):
     attention_logit_threshold: float = Field(
         100.0,
         gt=0,
-        description="an attention call's max logit above this is attention logit growth (QK-clip's default threshold in Megatron-LM and Kimi K2)",
+        description=(
+            "an attention call's max logit above this is attention logit growth (QK-clip's default threshold "
+            "in Megatron-LM and Kimi K2)"
+        ),
     )
     # At initialisation log Z is about log(vocabulary), at most 12.5 for 262k tokens, and z-loss
     # holds it at 0; beyond 32 in magnitude bf16 logits are 0.25 apart, coarser than the gaps

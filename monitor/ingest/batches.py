@@ -180,7 +180,8 @@ def batch_target(
     claim = session.get(RunInstance, document.instance)
     if claim is None or claim.requested_name != requested:
         raise NotFound(
-            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs first)"
+            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs "
+            "first)"
         )
     run = session.get(Run, claim.run_id)
     assert run is not None
@@ -208,7 +209,8 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                 if getattr(step, name) not in (None, False):
                     raise IngestError(
                         422,
-                        f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}",
+                        f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says "
+                        f"{document.protocol}",
                     )
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:

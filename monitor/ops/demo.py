@@ -80,7 +80,8 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
                     group["lr"] = plan.base_lr * (plan.spike_lr / plan.base_lr) ** progress
                 if step == plan.spike_at:
                     out.write(
-                        f"  step {step}: learning rate starts climbing to {plan.spike_lr} over {plan.ramp_steps} steps (the mistake)\n"
+                        f"  step {step}: learning rate starts climbing to {plan.spike_lr} over {plan.ramp_steps} "
+                        "steps (the mistake)\n"
                     )
             inputs, targets = next(batches)
             with torch.autocast("cpu", dtype=torch.float16):
@@ -159,7 +160,8 @@ def run_demo(
         if keep_serving and database is not None:
             serve_until_interrupted(
                 f"\nOpen {run_page_url(url, run)} in a browser. The collector serves it until Ctrl-C; its temporary\n"
-                f"database goes then. To keep the page: numwatch export {run} --database-url sqlite:///{database} -o {run}.html\n",
+                f"database goes then. To keep the page: numwatch export {run} --database-url sqlite:///{database} -o "
+                f"{run}.html\n",
                 out,
             )
         return run, events

@@ -60,9 +60,11 @@ def render_run(session: Session, name: str, stale_after: float) -> str:
     detail = queries.run_detail(session, run, stale_after)
     last = detail["last_step_time"]
     lines = [
-        f"run          {detail['run']} (project {detail['project']}, {detail['format']}, world size {detail['world_size']})",
+        f"run          {detail['run']} (project {detail['project']}, {detail['format']}, world size "
+        f"{detail['world_size']})",
         f"status       {detail['status']}" + (f", last step {time.time() - last:.0f} s ago" if last else ""),
-        f"last step    {detail['last_step']}  ({detail['steps_total']} attempts, {detail['skipped_steps_total']} skipped)",
+        f"last step    {detail['last_step']}  ({detail['steps_total']} attempts, {detail['skipped_steps_total']} "
+        "skipped)",
         f"loss         {_number(detail['loss'])}",
         f"grad norm    {_number(detail['global_grad_norm'])}",
         f"loss scale   {_number(detail['loss_scale'])}",

@@ -109,7 +109,8 @@ def inflate(blob: bytes) -> bytes:
 
 
 def element(shuffled: bytes, offset: int, n: int, itemsize: int, index: int) -> bytes:
-    """The bytes of element ``index`` of the shuffled ``n``-element array at ``offset``: one value without unshuffling all."""
+    """The bytes of element ``index`` of the shuffled ``n``-element array at ``offset``: one value without
+    unshuffling all."""
     return bytes(shuffled[offset + j * n + index] for j in range(itemsize))
 
 
@@ -197,7 +198,8 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
 
 
 def compress_histogram_array(name: HistogramField, raw: bytes) -> bytes:
-    """A histogram document's array as stored: counts filtered and narrowed (``exponent``, ``linear``), bounds as they are."""
+    """A histogram document's array as stored: counts filtered and narrowed (``exponent``, ``linear``),
+    bounds as they are."""
     if name in ("exponent", "linear"):
         return compress_counts(raw, HISTOGRAM_LENGTHS[name])
     return compress_array(raw, np.dtype("<f4"))

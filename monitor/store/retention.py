@@ -6,8 +6,8 @@ to take about ``CHUNK_SECONDS``, with a pause between them longer than SQLite's 
 busy-handler sleep, so a batch of another run waiting for SQLite's single write lock gets
 it within a chunk. The run row goes last, so a purge cut short (a restart) is finished by
 the next sweep. On SQLite the freed pages are then handed back to the file system
-(incremental vacuum, in transactions sized the same way); PostgreSQL reuses them after its autovacuum (``VACUUM FULL`` to
-shrink the files, which locks the tables).
+(incremental vacuum, in transactions sized the same way); PostgreSQL reuses them after its
+autovacuum (``VACUUM FULL`` to shrink the files, which locks the tables).
 """
 
 from __future__ import annotations

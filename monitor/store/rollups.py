@@ -457,7 +457,8 @@ def cover(
     last: int,
     decoder: Callable[[bytes, int], Summary],
 ) -> list[tuple[int, int, Summary]]:
-    """``(level, bucket, summary)`` of the stored rows that together hold buckets ``first..last`` of ``level``, ascending.
+    """``(level, bucket, summary)`` of the stored rows that together hold buckets ``first..last`` of ``level``,
+    ascending.
 
     A bucket without a row (incomplete, written before its level existed, or empty) is covered by the
     next finer level's rows, and so on down to the finest, which every step is written to."""

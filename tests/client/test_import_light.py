@@ -52,7 +52,10 @@ def test_hooks_imports_and_watches_with_server_packages_blocked(tmp_path):
 
 
 def test_protocol_imports_without_torch(tmp_path):
-    script = "import sys, numwatch.protocol, numwatch.delivery.spool; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    script = (
+        "import sys, numwatch.protocol, numwatch.delivery.spool; assert 'torch' not in sys.modules, 'torch "
+        "imported'; print('ok')"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

@@ -184,7 +184,8 @@ def test_every_page_and_file_carries_the_security_headers(served: Served) -> Non
 
 def plotted(driver: Any, chart: str) -> dict:
     return driver.execute_script(
-        f"const c = Charts.registry[{json.dumps(chart)}]; return {{x: c.uplot.data[0], y: c.uplot.data.slice(1), marks: c.marks.nonfinite, log: c.log}};"
+        f"const c = Charts.registry[{json.dumps(chart)}]; return "
+        f"{{x: c.uplot.data[0], y: c.uplot.data.slice(1), marks: c.marks.nonfinite, log: c.log}};"
     )
 
 
@@ -265,7 +266,10 @@ def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> N
     from selenium.webdriver.common.action_chains import ActionChains
 
     driver = page(served, "/runs/mlp-fp16")
-    ranges = "return Object.values(Charts.registry).filter(c => c.uplot && c.uplot.syncKey === 'run').map(c => [c.uplot.scales.x.min, c.uplot.scales.x.max])"
+    ranges = (
+        "return Object.values(Charts.registry).filter(c => c.uplot && c.uplot.syncKey === 'run').map(c => "
+        "[c.uplot.scales.x.min, c.uplot.scales.x.max])"
+    )
     assert set(map(tuple, driver.execute_script(ranges))) == {(1, STEPS)}
     over = driver.find_element("css selector", "#chart-loss .u-over")
     width = over.size["width"]
@@ -450,7 +454,8 @@ def test_client_strings_render_as_text_and_never_run(served: Served) -> None:
         "/",
         f"/runs/{urllib.parse.quote(IMG, safe='')}",
         f"/runs/{urllib.parse.quote(IMG, safe='')}/steps/{XSS_STEP}",
-        f"/compare?run={urllib.parse.quote(IMG, safe='')}&run={urllib.parse.quote(SVG, safe='')}&metric=global_grad_norm",
+        f"/compare?run={urllib.parse.quote(IMG, safe='')}&run={urllib.parse.quote(SVG, safe='')}"
+        "&metric=global_grad_norm",
     ]
     for path in pages:
         page(served, path)

@@ -161,5 +161,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     raise RuntimeError(
-        "0004_compact_store compresses the stored arrays in place and cannot be undone: to go back, restore a backup taken before the upgrade"
+        "0004_compact_store compresses the stored arrays in place and cannot be undone: to go back, restore a backup "
+        "taken before the upgrade"
     )

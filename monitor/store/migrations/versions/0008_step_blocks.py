@@ -108,5 +108,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     raise RuntimeError(
-        "0008_step_blocks moves every step into blocks and cannot be undone: to go back, restore a backup taken before the upgrade"
+        "0008_step_blocks moves every step into blocks and cannot be undone: to go back, restore a backup taken "
+        "before the upgrade"
     )
