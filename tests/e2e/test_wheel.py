@@ -150,7 +150,7 @@ def test_wheel_holds_one_import_package_and_all_its_data(wheel: Path) -> None:
         for name in names
         if name.startswith("numwatch/monitor/store/migrations/versions/") and name.endswith(".py")
     ]
-    assert len(migrations) == len(list((REPO / "monitor" / "migrations" / "versions").glob("*.py")))
+    assert len(migrations) == len(list((REPO / "monitor" / "store" / "migrations" / "versions").glob("*.py")))
 
 
 def test_client_install_is_light_and_spools_then_syncs(client_env: Venv, server_env: Venv, tmp_path: Path) -> None:
