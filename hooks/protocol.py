@@ -120,6 +120,7 @@ TensorStat = Literal[
 EVERY_STEP_STATS: tuple[TensorStat, ...] = ("grad_norm", "grad_absmax", "nan_count", "inf_count")
 QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
+# An f-string is a plain str to mypy; each of these names is a TensorStat.
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
 ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
 # Step fields version 3 added: the forward statistics and what clipping did.

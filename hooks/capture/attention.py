@@ -172,12 +172,13 @@ class AttentionCapture(TorchFunctionMode):
             nn.modules.module.register_module_forward_hook(self._module_left, always_call=True),
         ]
         _active.append(self)
-        self.__enter__()  # type: ignore[no-untyped-call]  # TorchFunctionMode's, unannotated in torch
+        # TorchFunctionMode's own __enter__ and __exit__ are unannotated in torch.
+        self.__enter__()  # type: ignore[no-untyped-call]
 
     def end(self) -> None:
         """Stop intercepting and measure the forward's calls; what was measured stays until :meth:`take_step`."""
         try:
-            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # as in begin()
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # unannotated, as in begin()
         finally:
             for handle in self._handles:
                 handle.remove()

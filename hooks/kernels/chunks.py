@@ -243,8 +243,8 @@ class Group:
         self._positions = _index(members, device)
 
     def tensors(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
-        # The group's members are the positions whose tensor is present.
-        return [tensors[position] for position in self.members]  # type: ignore[misc]  # Tensor | None, never None here
+        # Tensor | None to mypy; never None here, as the group's members are the positions whose tensor is present.
+        return [tensors[position] for position in self.members]  # type: ignore[misc]
 
     def select(self, per_position: Tensor) -> Tensor:
         """Rows of a per-input-position tensor for this group's members, on its device."""

@@ -98,7 +98,9 @@ class DeviceStack:
 class HostStack:
     """The host side of a :class:`DeviceStack`: named numpy arrays once the copy has landed."""
 
-    def __init__(self, parts: dict[str, _Part], host: torch.Tensor | np.ndarray, event: object | None) -> None:
+    def __init__(
+        self, parts: dict[str, _Part], host: torch.Tensor | np.ndarray, event: torch.cuda.Event | None
+    ) -> None:
         self._parts = parts
         self._host = host
         self._event = event
@@ -116,7 +118,7 @@ class HostStack:
         if self._values is not None:
             return
         if self._event is not None:
-            self._event.synchronize()  # type: ignore[attr-defined]
+            self._event.synchronize()
         host = self._host
         self._values = host.numpy() if isinstance(host, torch.Tensor) else host
 
