@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from numwatch.capture.attention import CHUNK_ELEMENTS, max_attention_logit
+from numwatch.capture.attention import LOGIT_CHUNK_ELEMENTS, max_attention_logit
 from numwatch.capture.forward_probe import ForwardProbe
 from numwatch.capture.output_logits import LogZ
 from numwatch.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
@@ -126,8 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; medians of {args.rounds} interleaved "
-        "rounds; "
-        f"chunk {CHUNK_ELEMENTS} logits ({CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB float32)"
+        f"rounds; chunk {LOGIT_CHUNK_ELEMENTS} logits ({LOGIT_CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB float32)"
     )
     print(
         f"{'case':<34} {'step ms':>8} {'sampled ms':>10} {'added ms':>9} {'vs step':>8} {'attn fwd ms':>11} "

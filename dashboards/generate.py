@@ -6,6 +6,12 @@ Prometheus panels read the collector's /metrics names; per-layer heatmaps, expon
 histograms and the events table read the collector's JSON API through the Infinity
 datasource plugin (per-tensor data are stored packed, which SQL cannot unpack). The
 format ranges drawn on the exponent histograms come from ``torch.finfo``.
+
+The models are plain dictionaries: Grafana's typed builders (``grafana-foundation-sdk``
+10.1) have no Infinity query type (the heatmap, exponent histograms, events table, tensor
+variable and events annotation use one), no ``definition`` on a query variable, no
+``step``/``titleFormat``/``textFormat`` on an annotation, no tooltip ``mode`` on a heatmap,
+and a fixed ``schemaVersion`` of 36.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from typing import Any
 
 import torch
 
+from numwatch import protocol
+
 DASHBOARDS_DIR = Path(__file__).resolve().parent
 PROMETHEUS = {"type": "prometheus", "uid": "numwatch-prometheus"}
 COLLECTOR = {"type": "yesoreyeram-infinity-datasource", "uid": "numwatch-collector"}
@@ -30,6 +38,8 @@ GRID_WIDTH = 24
 # Run-level series are identical on every collector replica: drop `instance` so two
 # scraped replicas draw one line.
 RUN_SELECTOR = '{run="$run", rank=~"$rank"}'
+# The selected run in the collector's API (a Grafana variable in the path).
+RUN_API = protocol.RUNS_PATH + "/${run}"
 HISTOGRAM_FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 Panel = dict[str, Any]
 
@@ -184,7 +194,7 @@ def exponent_histogram(fmt: FormatBinades, kind: str) -> Panel:
     """Bar chart of a tensor's exponent histogram, bars coloured by ``fmt``'s range."""
     region = f"{fmt.name}_range"
     target = collector(
-        f"/api/v1/runs/${{run}}/histograms?tensor=${{tensor}}&kind={kind}",
+        f"{RUN_API}/histograms?tensor=${{tensor}}&kind={kind}",
         [("binade", "number"), ("count", "number")],
         root_selector="exponent",
         computed_columns=[{"selector": region_expression(fmt), "text": region, "type": "number"}],
@@ -236,9 +246,7 @@ def tensor_variable() -> dict[str, Any]:
         "type": "query",
         "datasource": COLLECTOR,
         "query": {
-            "infinityQuery": collector(
-                "/api/v1/runs/${run}/heatmap?stat=grad_norm&max_steps=1", [("tensor", "string")]
-            ),
+            "infinityQuery": collector(f"{RUN_API}/heatmap?stat=grad_norm&max_steps=1", [("tensor", "string")]),
             "query": "",
             "queryType": "infinity",
         },
@@ -348,7 +356,7 @@ def build_run_dashboard() -> dict[str, Any]:
             "Per-layer gradient norm",
             [
                 collector(
-                    "/api/v1/runs/${run}/heatmap?stat=grad_norm",
+                    f"{RUN_API}/heatmap?stat=grad_norm",
                     [("step", "number"), ("tensor", "string"), ("value", "number")],
                 )
             ],
@@ -380,7 +388,7 @@ def build_run_dashboard() -> dict[str, Any]:
             "Events",
             [
                 collector(
-                    "/api/v1/runs/${run}/events",
+                    f"{RUN_API}/events",
                     [
                         ("time_ms", "timestamp_epoch"),
                         ("step", "number"),
@@ -425,7 +433,7 @@ def build_run_dashboard() -> dict[str, Any]:
             "enable": True,
             "iconColor": "red",
             "target": collector(
-                "/api/v1/runs/${run}/events",
+                f"{RUN_API}/events",
                 [("time_ms", "timestamp_epoch"), ("kind", "string"), ("step", "number")],
                 refId="events",
             ),

@@ -74,6 +74,7 @@ import base64
 import json
 import math
 import time as _time
+import urllib.parse
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, TypedDict, get_args, overload
@@ -82,6 +83,9 @@ from typing import Any, Literal, TypedDict, get_args, overload
 
 ProtocolVersion = Literal[1, 2, 3]
 PROTOCOL_VERSION: ProtocolVersion = get_args(ProtocolVersion)[-1]
+
+# The collector's runs: POST here registers one; run_path(run) + "/batches", "/events", ... write and read it.
+RUNS_PATH = "/api/v1/runs"
 
 # Target formats the format counts are taken against (names on the wire).
 Format = Literal["fp16", "bf16", "fp8_e4m3", "fp8_e5m2", "fp32"]
@@ -117,7 +121,12 @@ TensorStat = Literal[
     "quant_sqnr_nf4",
     "quant_sqnr_fp8",
 ]
-EVERY_STEP_STATS: tuple[TensorStat, ...] = ("grad_norm", "grad_absmax", "nan_count", "inf_count")
+# Stats measured together, in the row order of the array that holds them on both sides.
+GRAD_STATS: tuple[TensorStat, ...] = ("grad_norm", "grad_absmax")
+NONFINITE_STATS: tuple[TensorStat, ...] = ("nan_count", "inf_count")
+WEIGHT_STATS: tuple[TensorStat, ...] = ("weight_norm", "weight_absmax")
+UPDATE_STATS: tuple[TensorStat, ...] = ("update_ratio", "stale_fraction")
+EVERY_STEP_STATS: tuple[TensorStat, ...] = (*GRAD_STATS, *NONFINITE_STATS)
 QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
 # An f-string is a plain str to mypy; each of these names is a TensorStat.
@@ -128,7 +137,7 @@ V3_STEP_FIELDS = ("attention_logit_max", "output_logits", "clip_coef", "post_cli
 V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
-_INTEGER_STATS = ("nan_count", "inf_count", *FORMAT_COUNT_STATS)
+_INTEGER_STATS = (*NONFINITE_STATS, *FORMAT_COUNT_STATS)
 # The dtype of each stat's array; keyed by str, as the names read off the wire and out of the store are.
 TENSOR_STATS: dict[str, ArrayDtype] = {
     name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)
@@ -282,6 +291,11 @@ class BatchDocument(TypedDict):
 
 
 _NONFINITE_TEXT = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def run_path(run: str, safe: str = "") -> str:
+    """``RUNS_PATH/<run>``, the name percent-encoded as one path segment (but for the characters in ``safe``)."""
+    return f"{RUNS_PATH}/{urllib.parse.quote(run, safe=safe)}"
 
 
 def encode_float(value: float | None) -> float | str | None:

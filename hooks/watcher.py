@@ -21,12 +21,9 @@ Where the numbers are taken:
 * Sharded (DTensor, FSDP2) parameters: each rank measures its shard and
   :mod:`numwatch.kernels.sharded` combines them into whole-tensor statistics.
 
-NaN/Inf counts are only meaningful for tensors whose norm is not finite, and are taken
-when that is known without a host-device sync: on CPU (reading is free) when the norms
-are read; on accelerators on sampled steps, for a while after non-finite values were
-seen, and on a step the (non-fused) GradScaler skipped, which the host knows. On devices
-other than the CPU the host copy of a step is read at the next step, so ``on_nonfinite``
-acts one step late there.
+NaN/Inf counts are taken when that costs no host-device sync (:mod:`numwatch.step.reading`).
+On devices other than the CPU the host copy of a step is read at the next step, so
+``on_nonfinite`` acts one step late there.
 """
 
 from __future__ import annotations
@@ -38,19 +35,21 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
-from numwatch import protocol
+from numwatch import protocol, settings
 from numwatch.capture.activations import ActivationTracer
 from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
 from numwatch.capture.clipping import ClipObserver
 from numwatch.capture.forward_probe import ForwardProbe
+from numwatch.capture.guard import Guard
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.delivery.spool import default_spool_root, spool_directory
@@ -59,25 +58,17 @@ from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.kernels.chunks import release_scratch
 from numwatch.kernels.sharded import refuse_unsupported
 from numwatch.step import records
-from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
+from numwatch.step.ledger import StepLedger
+from numwatch.step.measurement import Cadence, WatchedTensors, select_parameters
+from numwatch.step.reading import GradientReader, learning_rates
 from numwatch.step.records import StepRecord
-from numwatch.step.sites import (
-    FrameworkSite,
-    FusedScalerSite,
-    OptimizerHookSite,
-    ScalerSite,
-    StepCallSite,
-    StepSite,
-    learning_rates,
-)
+from numwatch.step.sites import FrameworkSite, FusedScalerSite, OptimizerHookSite, ScalerSite, StepCallSite, StepSite
 
 __all__ = ["NonFiniteError", "Watcher", "watch"]
 
 log = logging.getLogger("numwatch")
 
 MEASURE_MODES = ("auto", "manual")
-# Accelerators count NaN/Inf per tensor for this many steps after non-finite values were seen.
-NONFINITE_RECOUNT_STEPS = 10
 
 _watched_models: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
 
@@ -93,9 +84,7 @@ def _run_identity(model: nn.Module, run: str | None, world_size: int) -> tuple[s
     time; the instance identifies this watching process. Rank 0's pair on every rank: the
     ranks of one job are one run, a second job is another instance."""
     name = (
-        run
-        or os.environ.get("NUMWATCH_RUN")
-        or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        run or settings.read(settings.RUN) or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     )
     identity = [name, uuid.uuid4().hex]
     if world_size > 1:
@@ -120,7 +109,16 @@ def _json_safe(value: Any) -> Any:
 
 
 class Watcher:
-    """Watches one model (and optimizer, scaler); create it with :func:`watch`."""
+    """Watches one model (and optimizer, scaler); create it with :func:`watch`.
+
+    Wiring only: the step ledger (:mod:`numwatch.step.ledger`) owns the steps, the step sites
+    (:mod:`numwatch.step.sites`) count and end them, the capture hooks feed them, and the
+    transport sends them.
+    """
+
+    run: str
+    instance: str
+    _ledger: StepLedger
 
     def __init__(
         self,
@@ -152,11 +150,10 @@ class Watcher:
         refuse_unsupported(model, optimizer)
         if model in _watched_models:
             raise RuntimeError(
-                f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that "
-                "watcher first"
+                f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); "
+                "close() that watcher first"
             )
         self.model = model
-        self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.histogram_every = histogram_every
         self.format_every = format_every
@@ -175,48 +172,49 @@ class Watcher:
         self.rank, self.world_size = _distributed_rank()
         self.run, self.instance = _run_identity(model, run, self.world_size)
         self.resume = resume
+        self._closed = False
+
+        # A failure anywhere drops the step under way whole (the ledger is made below, before any hook runs).
+        self._guard = Guard(lambda: self._ledger.fail(), passthrough=(NonFiniteError,))
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
         self.probe = (
-            ForwardProbe(model, self._forward_due, self._count_failure, logits_module)
+            ForwardProbe(model, self._forward_due, self._guard.failed, logits_module)
             if self.attention_every > 0
             else None
         )
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
-
-        self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
-        self.monitoring_errors = 0
-        self._failed_sites: set[str] = set()
-        self.measurement: StepMeasurement | None = None  # the step under way
-        self._ended: StepRecord | None = None  # ended, still taking watcher.log values
-        self._last_record: StepRecord | None = None  # of the last step that ended (close() may supplement it)
-        self._unchecked: StepRecord | None = None  # accelerators: sealed, host copy read at the next step's end
-        self._last_step_clock: float | None = None
-        self._supplement: StepRecord | None = None
-        self._roots: tuple[torch.Tensor, ...] = ()  # scalar roots of the backward under way
-        self._step_site: StepCallSite | None = None
-        self._closed = False
+        self._reader = GradientReader(self.watched, self._scaler, self._checker, optimizer)
+        self._ledger = StepLedger(
+            self._reader,
+            self._checker,
+            self._submit,
+            defer_checks=self.device.type != "cpu",
+            tracer=self.tracer,
+            probe=self.probe,
+        )
 
         self._sites: list[StepSite] = self._make_sites(optimizer)
+        self._step_site: StepCallSite | None = None  # made by the first watcher.step()
         self._trigger: BackwardEndTrigger | None = None
         self._root_listener: RootListener | None = None
-        self._optimizer_finder: Any = None
-        self._clips = ClipObserver(self)
+        self._optimizer_finder: RemovableHandle | None = None
+        self._clips = ClipObserver(self.watched.parameters, self._ledger, self._guard)
         if measure == "auto":
             self._trigger = BackwardEndTrigger(
                 model,
-                self.guarded("end-of-backward read", self._backward_ended),
-                on_forward=self.guarded("forward hook", self.seal_ended_step),
+                self._guard("end-of-backward read", self._backward_ended),
+                on_forward=self._guard("forward hook", self._ledger.seal_ended),
             )
-            self._root_listener = RootListener(self.guarded("backward root listener", self._saw_roots))
+            self._root_listener = RootListener(self._guard)
             if optimizer is None:
                 self._optimizer_finder = register_optimizer_step_pre_hook(
-                    self.guarded("optimizer finder", self._find_optimizer)
+                    self._guard("optimizer finder", self._find_optimizer)
                 )
 
         self._project, self._config = project, config
-        self._url = url if url is not None else os.environ.get("NUMWATCH_URL") or None
-        self._token = token if token is not None else os.environ.get("NUMWATCH_TOKEN") or None
+        self._url = url if url is not None else settings.read(settings.URL)
+        self._token = token if token is not None else settings.read(settings.TOKEN)
         root = spool_dir if spool_dir is not None else default_spool_root()
         self.spool_dir = spool_directory(root, self.run, self.rank, self.instance)
         self._transport: Transport | None = None
@@ -227,16 +225,24 @@ class Watcher:
 
     # -- setup ------------------------------------------------------------------------
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The watched optimizer (None until a framework that builds it late steps it)."""
+        return self._reader.optimizer
+
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:
+        ledger, guard = self._ledger, self._guard
         if self.measure == "manual":
-            framework: list[StepSite] = [FrameworkSite(self)]
+            framework: list[StepSite] = [FrameworkSite(ledger, guard, optimizer)]
             return framework + (
-                [ScalerSite(self, optimizer, self._scaler, ends_steps=False)] if self._scaler is not None else []
+                [ScalerSite(ledger, guard, optimizer, self._scaler, ends_steps=False)]
+                if self._scaler is not None
+                else []
             )
         if self._scaler is not None:
             fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-            return [(FusedScalerSite if fused else ScalerSite)(self, optimizer, self._scaler)]
-        return [OptimizerHookSite(self, optimizer)]
+            return [(FusedScalerSite if fused else ScalerSite)(ledger, guard, optimizer, self._scaler)]
+        return [OptimizerHookSite(ledger, guard, optimizer)]
 
     def _find_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Frameworks that build the optimizer late: the first optimizer stepped that holds
@@ -247,7 +253,7 @@ class Watcher:
         if not any(id(p) in watched for group in optimizer.param_groups for p in group["params"]):
             return
         refuse_unsupported(self.model, optimizer)
-        self.optimizer = optimizer
+        self._reader.optimizer = optimizer
         for site in self._sites:
             site.remove()
         self._sites = self._make_sites(optimizer)
@@ -278,6 +284,9 @@ class Watcher:
         assert self._transport is not None
         return self._transport
 
+    def _submit(self, record: StepRecord) -> None:
+        self.transport.submit(record)
+
     def _run_document(self, project: str | None, config: dict[str, Any] | None) -> protocol.RunDocument:
         groups = {}
         if self.optimizer is not None:
@@ -292,7 +301,7 @@ class Watcher:
             }
             for n, p in zip(self.watched.names, self.watched.parameters, strict=True)
         ]
-        settings = {
+        run_config = {
             "model": type(self.model).__name__,
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "grad_scaler": self.scaler is not None,
@@ -311,179 +320,48 @@ class Watcher:
             world_size=self.world_size,
             format=self.format.name,
             tensors=tensors,
-            project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
+            project=project or settings.read(settings.PROJECT) or "default",
             modules=self.tracer.module_names if self.tracer else [],
-            config=settings,
+            config=run_config,
             instance=self.instance,
             resume=self.resume,
         )
 
-    def guarded(self, site: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        """``function`` made harmless to training: a failure is logged once per site, counted,
-        and discards the step under way whole."""
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return function(*args, **kwargs)
-            except NonFiniteError:
-                raise
-            except Exception:
-                self._count_failure(site)
-                return None
-
-        return guarded
-
-    def _count_failure(self, site: str) -> None:
-        self.monitoring_errors += 1
-        if self.measurement is not None:
-            self.measurement.fail()
-        if site not in self._failed_sites:
-            self._failed_sites.add(site)
-            log.exception(
-                "numwatch: monitoring failed in the %s (training continues; counted in monitoring_errors)", site
-            )
-
-    # -- the step under way (used by the step sites) --------------------------------------
-
-    def current(self) -> StepMeasurement:
-        """The measurement of the step under way, created for the next step number if none."""
-        if self.measurement is None:
-            self.measurement = StepMeasurement(self.steps + 1)
-        return self.measurement
+    # -- hooks ------------------------------------------------------------------------------
 
     def _forward_due(self) -> bool:
         # A forward belongs to the step that has not been counted yet.
-        return self.steps % self.attention_every == 0
-
-    def count_step(self) -> StepMeasurement:
-        """Count one optimizer-step attempt; the measurement it ends."""
-        measurement = self.current()
-        self.steps += 1
-        return measurement
-
-    def scaling(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(gradient multiplier, format multiplier) for gradients read now (see ScalerAdapter.scaling)."""
-        return self._scaler.scaling(self.optimizer) if self._scaler is not None else (None, None)
-
-    def _count_nonfinite_if_due(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
-        reading = measurement.reading
-        if reading is None or not reading.grads or reading.has_counts:
-            return
-        if self.device.type == "cpu":
-            # The norms are ordinary host memory: reading them costs nothing.
-            due = not bool(torch.isfinite(reading.norms[0]).all())
-        elif skip_known is not None:
-            due = skip_known  # the GradScaler's verdict, read on the host already
-        else:
-            # Reading this step's norms would synchronise, and counting every tensor every step
-            # costs ~4 kernel launches per tensor (+10 ms per step for 100 tensors on an H100).
-            # Count on sampled steps and while non-finite gradients were seen lately; the
-            # per-tensor norms flag every non-finite tensor at every step regardless.
-            due = (
-                self.watched.cadence.sampled(measurement.number)
-                or self._checker.seen_at >= measurement.number - NONFINITE_RECOUNT_STEPS
-            )
-        if due:
-            self.watched.count_nonfinite(reading)
-
-    def before_clip(self) -> None:
-        """A clip function is about to rewrite the step's gradients: the last moment to count their NaN/Inf."""
-        measurement = self.measurement
-        if measurement is not None and measurement.reading is not None:
-            self._count_nonfinite_if_due(measurement, self._scaler_verdict())
-
-    def _scaler_verdict(self) -> bool | None:
-        """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
-        reads the same flags on the host right after the clip, so reading them first adds no sync."""
-        if self.device.type == "cpu" or self._scaler is None or not self._scaler.unscaled(self.optimizer):
-            return None
-        found_inf = self._scaler.found_inf(self.optimizer, self.device)
-        return bool(found_inf.item()) if found_inf is not None else None
-
-    def read_norms_now(self) -> torch.Tensor:
-        """The per-tensor L2 norms of the step's gradients as they are now (after a value clip)."""
-        assert self.measurement is not None and self.measurement.reading is not None
-        return self.watched.norms_now(self.measurement.reading, self.scaling()[0])
-
-    def end_step(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
-        """End ``measurement``'s step: its record starts its host copy and takes late logs."""
-        if measurement is self.measurement:
-            self.measurement = None
-        module_parts = self.tracer.take_step(self.device) if self.tracer is not None else None
-        forward_parts = self.probe.take_step() if self.probe is not None else None
-        if measurement.reading is None:
-            return  # the step failed (counted in monitoring_errors): nothing to record
-        self._count_nonfinite_if_due(measurement, skip_known)
-        now = time.perf_counter()
-        record = measurement.finish(
-            self.watched,
-            step_time=now - self._last_step_clock if self._last_step_clock is not None else None,
-            module_parts=module_parts,
-            forward_parts=forward_parts,
-        )
-        self._last_step_clock = now
-        self.seal_ended_step()
-        previous, self._unchecked = self._unchecked, None
-        if previous is not None:
-            self._hand_on(previous)
-        self._ended = self._last_record = record
-        if self.device.type == "cpu":
-            self._checker.check(record)  # before the update, where the step site allows
-
-    def seal_ended_step(self) -> None:
-        """The step that ended takes no more logged values: send it on (or, on accelerators,
-        keep it until its host copy is read at the next step's end)."""
-        record, self._ended = self._ended, None
-        if record is None:
-            return
-        logged_late = record.seal()
-        if self.device.type != "cpu":
-            self._unchecked = record
-            return
-        try:
-            if logged_late:
-                self._checker.check(record, gradients=False)  # the gradients were checked when it ended
-        finally:
-            self.transport.submit(record)
-
-    def _hand_on(self, record: StepRecord) -> None:
-        """Check a measured step for non-finite values (may raise), then queue it."""
-        try:
-            self._checker.check(record)
-        finally:
-            self.transport.submit(record)
-
-    # -- hooks ------------------------------------------------------------------------------
-
-    def _saw_roots(self, roots: tuple[torch.Tensor, ...]) -> None:
-        self._roots = tuple(
-            root.detach() for root in roots if root.numel() == 1 and root.requires_grad and root.is_floating_point()
-        )
+        return self._ledger.steps % self.attention_every == 0
 
     def _backward_ended(self) -> None:
-        self.seal_ended_step()
-        measurement = self.current()
-        measurement.read(self.watched, *self.scaling())
-        self._count_nonfinite_if_due(measurement, None)
+        measurement = self._ledger.read_gradients()
+        roots = self._root_listener.take() if self._root_listener is not None else ()
         if self._scaler is None:
-            measurement.add_losses(self._roots)  # with a scaler, scaler.scale() saw the unscaled loss
-        self._roots = ()
+            measurement.add_losses(roots)  # with a scaler, scaler.scale() saw the unscaled loss
 
     # -- public API ---------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """Optimizer-step attempts counted by the step site (skipped ones included)."""
+        return self._ledger.steps
+
+    @property
+    def monitoring_errors(self) -> int:
+        """Failures of the monitoring itself, each caught before it reached training."""
+        return self._guard.errors
 
     def log(self, **scalars: float | torch.Tensor) -> None:
         """Attach scalars (``loss=...``, custom values) to a step: the step that ended, until
         the model's next forward; else the step under way. Tensors stay on the device and
         travel with the step's host copy."""
-        if self._ended is not None:
-            self._ended.log_late(scalars)
-        else:
-            self.current().log(scalars)
+        self._ledger.log(scalars)
 
     @property
     def step_in_progress(self) -> bool:
         """Whether a step has been measured and not yet ended."""
-        return self.measurement is not None and self.measurement.started
+        measurement = self._ledger.under_way
+        return measurement is not None and measurement.started
 
     def gradients_ready(self) -> None:
         """Read the gradients of the coming optimizer step now (replacing an earlier read).
@@ -495,14 +373,11 @@ class Watcher:
         or, with ``measure="manual"``, at :meth:`finish_step`.
         """
         if not self._closed:
-            self.guarded("watcher.gradients_ready", self._read_now)()
+            self._guard("watcher.gradients_ready", self._read_now)()
 
     def _read_now(self) -> None:
-        self.seal_ended_step()
-        measurement = self.current()
-        measurement.read(self.watched, *self.scaling())
+        measurement = self._ledger.read_gradients()
         measurement.lr = learning_rates(self.optimizer)
-        self._count_nonfinite_if_due(measurement, None)
 
     def finish_step(self) -> None:
         """End a step measured by :meth:`gradients_ready` (``measure="manual"``), after the
@@ -510,7 +385,7 @@ class Watcher:
         if self._closed or self.measure != "manual":
             return
         (framework,) = [site for site in self._sites if isinstance(site, FrameworkSite)]
-        self.guarded("watcher.finish_step", framework.finish_step)()
+        self._guard("watcher.finish_step", framework.finish_step)()
 
     def step(self) -> None:
         """Mark a step by hand (loops without an optimizer object)."""
@@ -521,8 +396,8 @@ class Watcher:
                 "numwatch: this watcher counts the steps of its optimizer; watcher.step() is for loops without one"
             )
         if self._step_site is None:
-            self._step_site = StepCallSite(self)
-        self.guarded("watcher.step", self._step_site.step)()
+            self._step_site = StepCallSite(self._ledger, self._guard, None)
+        self._guard("watcher.step", self._step_site.step)()
 
     @property
     def dropped_steps(self) -> int:
@@ -531,10 +406,7 @@ class Watcher:
 
     def flush(self) -> None:
         """Send (or spool) everything measured so far and wait for it."""
-        self.seal_ended_step()
-        record, self._unchecked = self._unchecked, None
-        if record is not None:
-            self._hand_on(record)
+        self._ledger.settle()
         self.transport.flush()
 
     def close(self, status: protocol.RunStatus = "finished") -> None:
@@ -552,13 +424,8 @@ class Watcher:
             release_scratch()  # the statistics' CPU scratch buffers: no watcher needs them now
         atexit.unregister(self._close_at_exit)
         try:
-            self.guarded("close: final quantization", self._measure_final_weights)()
-            self.seal_ended_step()
-            record, self._unchecked = self._unchecked, None
-            if record is not None:
-                self._hand_on(record)
-            if self._supplement is not None:
-                self.transport.submit(self._supplement)  # behind the step it supplements
+            self._guard("close: final quantization", self._measure_final_weights)()
+            self._ledger.close()
         except NonFiniteError:
             pass  # closing is not the place to stop training
         finally:
@@ -568,20 +435,14 @@ class Watcher:
             log.warning("numwatch: run %r dropped %d steps of monitoring data", self.run, self.dropped_steps)
 
     def _measure_final_weights(self) -> None:
-        """The last step takes the final weights' quantization SQNR, unless it has it: its open
-        record, or a copy of the record sent already (a forward, flush() or the next step's
-        backward closed it), which the collector merges into the stored step."""
-        self._supplement = None
-        record = self._last_record
+        """The last step takes the final weights' quantization SQNR, unless it has it (see
+        :meth:`StepLedger.add_final_parts <numwatch.step.ledger.StepLedger.add_final_parts>`)."""
+        record = self._ledger.last_record
         if record is None or self.watched.cadence.quant_every <= 0 or record.has_part(records.QUANT):
             return
         parts = self.watched.quant_parts()
-        if not parts:
-            return
-        if record is self._ended:
-            record.add_late_parts(parts)
-        else:
-            self._supplement = record.supplemented(parts)
+        if parts:
+            self._ledger.add_final_parts(parts)
 
     def _close_at_exit(self) -> None:
         self.close("finished")
@@ -589,7 +450,7 @@ class Watcher:
     def __enter__(self) -> Watcher:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
         self.close("crashed" if exc_type is not None else "finished")
 
 

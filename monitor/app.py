@@ -7,16 +7,17 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
+from numwatch.monitor.api import responses
 from numwatch.monitor.api.ratelimit import RateLimiter
 from numwatch.monitor.api.routes import health, metrics, pages, query, runs_write
 from numwatch.monitor.api.security_headers import SecurityHeaders
+from numwatch.monitor.errors import Refused
 from numwatch.monitor.metrics.exposition import IngestMetrics, NumwatchCollector
 from numwatch.monitor.settings import Settings
 from numwatch.monitor.store import db
@@ -57,9 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="numwatch collector",
         version="1",
-        description=(
-            "Stores numeric-health statistics of PyTorch training runs, judges them, and exposes them to Prometheus."
-        ),
+        description="Stores numeric-health statistics of PyTorch training runs, judges them, "
+        "and exposes them to Prometheus.",
         lifespan=lifespan,
     )
     engine = db.make_engine(settings.database_url)
@@ -79,9 +79,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.state.annotations = AnnotationSink(settings.grafana_url, settings.grafana_token)
 
-    @app.exception_handler(OperationalError)
-    async def database_unavailable(request: Request, error: OperationalError) -> JSONResponse:
-        return JSONResponse({"detail": "database unavailable, retry later"}, status_code=503)
+    # One handler per family of errors: a refusal (Refused and its kinds), a database that is down.
+    app.add_exception_handler(Refused, responses.refused)
+    app.add_exception_handler(OperationalError, responses.database_unavailable)
 
     for router in (health.router, runs_write.router, query.router, metrics.router, pages.router):
         app.include_router(router)

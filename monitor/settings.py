@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from numwatch.monitor.detectors.rules import DetectorConfig
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     database_url: str = Field(default_factory=default_database_url)
     host: str = "127.0.0.1"
     port: int = 8428
-    # Auth: "token" (bearer tokens from `numwatch token create`) or "off" (loopback only).
+    # Auth: "token" (bearer tokens from `numwatch token create`) or "off" (loopback only, unless insecure_no_auth).
     auth: Literal["token", "off"] = "token"
     open_reads: bool = False
     insecure_no_auth: bool = False
@@ -50,8 +50,6 @@ class Settings(BaseSettings):
     # Grafana annotations for events (off when no URL).
     grafana_url: str | None = None
     grafana_token: str | None = None
-    # Test hook for the fault tests: delay every batch response by this many seconds.
-    debug_response_delay_seconds: float = 0.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -60,3 +58,14 @@ class Settings(BaseSettings):
     @property
     def loopback(self) -> bool:
         return self.host in LOOPBACK_HOSTS
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> Settings:
+        """Auth off on an address others can reach lets anyone write and read runs: only when asked twice."""
+        if not self.auth_enabled and not self.loopback and not self.insecure_no_auth:
+            raise ValueError(
+                f"refusing to serve {self.host} without auth: anyone who reaches it could write and read runs. "
+                "Create a token (`numwatch token create --project P`) and drop --auth off, "
+                "or pass --insecure-no-auth (NUMWATCH_INSECURE_NO_AUTH=1)"
+            )
+        return self

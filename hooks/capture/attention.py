@@ -31,10 +31,10 @@ from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.hooks import RemovableHandle
 
 from numwatch.kernels.chunks import to_device
-from numwatch.step.measurement import tensor_name
+from numwatch.naming import tensor_name
 
 # Logits (float32) per chunk: 16 MiB, plus the same count of mask bytes when masked.
-CHUNK_ELEMENTS = 1 << 22
+LOGIT_CHUNK_ELEMENTS = 1 << 22
 
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS: dict[str, Any] = {
@@ -69,7 +69,7 @@ def max_attention_logit(
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     enable_gqa: bool = False,
-    chunk_elements: int = CHUNK_ELEMENTS,
+    chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
 ) -> torch.Tensor:
     """The largest ``scale * q @ k^T`` over batch, heads and unmasked positions, as a 0-d device tensor.
 
@@ -132,7 +132,7 @@ def _max_logits(
 
 def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     bound = dict(_SDPA_DEFAULTS)
-    bound.update(zip(_SDPA_PARAMETERS, args, strict=False))  # the arguments given by position
+    bound.update(zip(_SDPA_PARAMETERS, args, strict=False))  # positional arguments may stop early
     bound.update(kwargs)
     return bound
 
@@ -146,7 +146,7 @@ class AttentionCapture(TorchFunctionMode):
     """
 
     def __init__(
-        self, model: nn.Module, chunk_elements: int = CHUNK_ELEMENTS, failed: Callable[[str], None] | None = None
+        self, model: nn.Module, chunk_elements: int = LOGIT_CHUNK_ELEMENTS, failed: Callable[[str], None] | None = None
     ) -> None:
         super().__init__()
         self._failed = failed  # told about a failed measurement, which then never reaches the model; None: raise

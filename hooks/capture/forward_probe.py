@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from numwatch.capture.attention import CHUNK_ELEMENTS, AttentionCapture, AttentionMaxima
+from numwatch.capture.attention import LOGIT_CHUNK_ELEMENTS, AttentionCapture, AttentionMaxima
 from numwatch.capture.output_logits import LogZ, find_logits
 
 
@@ -32,7 +32,7 @@ class ForwardProbe:
         due: Callable[[], bool],
         failed: Callable[[str], None],
         logits_module: str | None = None,
-        chunk_elements: int = CHUNK_ELEMENTS,
+        chunk_elements: int = LOGIT_CHUNK_ELEMENTS,
     ) -> None:
         self._logits_source = None
         if logits_module is not None:

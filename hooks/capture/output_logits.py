@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from numwatch.capture.attention import CHUNK_ELEMENTS
+from numwatch.capture.attention import LOGIT_CHUNK_ELEMENTS
 
 
 def find_logits(output: Any) -> torch.Tensor | None:
@@ -39,7 +39,7 @@ def find_logits(output: Any) -> torch.Tensor | None:
 class LogZ:
     """Running log Z statistics over the tokens of one step's forwards (micro-batches add up)."""
 
-    def __init__(self, chunk_elements: int = CHUNK_ELEMENTS) -> None:
+    def __init__(self, chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> None:
         self.chunk_elements = chunk_elements
         self._sum: torch.Tensor | None = None  # sum of log Z over tokens
         self._tokens = 0

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from numwatch import protocol
+from numwatch import protocol, settings
 
 log = logging.getLogger(__name__)
 
-SPOOL_ENV = "NUMWATCH_SPOOL_DIR"
 DOCUMENT_KINDS = ("run", "batch")
 # A writer starts a new segment past this size, so fully uploaded segments can be deleted.
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -37,8 +36,9 @@ _UPLOADED_FILE = "uploaded"
 
 def default_spool_root() -> Path:
     """``$NUMWATCH_SPOOL_DIR``, else ``$XDG_DATA_HOME/numwatch/spool``, else ``~/.local/share/numwatch/spool``."""
-    if os.environ.get(SPOOL_ENV):
-        return Path(os.environ[SPOOL_ENV])
+    configured = settings.read(settings.SPOOL_DIR)
+    if configured is not None:
+        return Path(configured)
     data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(data_home) / "numwatch" / "spool"
 

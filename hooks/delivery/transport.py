@@ -19,10 +19,8 @@ import queue
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +32,7 @@ from numwatch.delivery.spool import (
     read_entries,
     read_uploaded_mark,
 )
+from numwatch.step.documents import StepDocuments
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +43,6 @@ HTTP_TIMEOUT_SECONDS = 5.0
 RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 30.0
-
-
-@dataclass
-class StepDocuments:
-    """What one step contributes to a batch."""
-
-    step: protocol.StepDocument
-    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
-    events: list[protocol.EventDocument] = field(default_factory=list)
 
 
 class StepSource(Protocol):
@@ -83,8 +73,8 @@ def _classify(status: int) -> str:
 def document_path(kind: str, document: Mapping[str, Any]) -> str:
     """Where a protocol document is posted: run documents register, batches go under their run."""
     if kind == "run":
-        return "/api/v1/runs"
-    return f"/api/v1/runs/{urllib.parse.quote(document['run'], safe='')}/batches"
+        return protocol.RUNS_PATH
+    return protocol.run_path(document["run"]) + "/batches"
 
 
 def post_document(
@@ -129,7 +119,7 @@ class Transport:
 
     def __init__(
         self,
-        run_document: protocol.RunDocument,
+        run_document: Mapping[str, Any],
         *,
         url: str | None,
         token: str | None,
@@ -146,7 +136,7 @@ class Transport:
         queue_steps = queue_steps or QUEUE_STEPS
         http_timeout = http_timeout or HTTP_TIMEOUT_SECONDS
         retry_seconds = retry_seconds or RETRY_SECONDS
-        self.run_document = run_document
+        self.run_document = dict(run_document)
         self.run = run_document["run"]
         self.stored_as = self.run  # the collector's name for it, once registered (another process may hold ``run``)
         self.rank = run_document["rank"]

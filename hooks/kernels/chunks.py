@@ -2,7 +2,7 @@
 
 A statistic computed tensor by tensor dispatches O(n) ops for n tensors: kernel launches
 on an accelerator, Python dispatch on the CPU. Here the non-empty tensors of each (device,
-dtype) group are concatenated into flat chunks of at most ``CHUNK_ELEMENTS`` elements (one
+dtype) group are concatenated into flat chunks of at most ``FLAT_CHUNK_ELEMENTS`` elements (one
 ``_chunk_cat`` each), elementwise work runs once per chunk, and per-tensor results come
 from ``split`` + ``torch._foreach_*`` reductions or from one count over
 ``segment * bins + bin`` keys. So the ops per call grow with the number of groups and
@@ -29,7 +29,7 @@ from torch import Tensor
 
 # 2**24 elements: the 16-layer benchmark model (13 M parameters) is one chunk per group;
 # the work on a chunk holds about 32 bytes per element (512 MiB at most) while it runs.
-CHUNK_ELEMENTS = 1 << 24
+FLAT_CHUNK_ELEMENTS = 1 << 24
 
 _Key = tuple[torch.device, torch.dtype, int] | None
 
@@ -350,4 +350,4 @@ def _layout(keys: tuple[_Key, ...], chunk_elements: int) -> Layout:
 def layout_of(tensors: Sequence[Tensor | None]) -> Layout:
     """The cached :class:`Layout` of ``tensors`` (looked up by devices, dtypes and sizes)."""
     keys = tuple(None if t is None else (t.device, t.dtype, t.numel()) for t in tensors)
-    return _layout(keys, CHUNK_ELEMENTS)
+    return _layout(keys, FLAT_CHUNK_ELEMENTS)

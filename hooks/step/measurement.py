@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from numwatch.capture.attention import AttentionMaxima
 from numwatch.capture.clipping import ClipEffect
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
@@ -37,17 +38,10 @@ from numwatch.kernels.chunks import to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
 from numwatch.kernels.sharded import ShardReduction, local_tensor
+from numwatch.naming import tensor_name
 from numwatch.step import records
 from numwatch.step.hostcopy import DeviceStack
 from numwatch.step.records import StepRecord, histogram_part
-
-# torch.compile wraps a module as ``_orig_mod``; names must not depend on it.
-COMPILE_WRAPPER = "_orig_mod"
-
-
-def tensor_name(name: str) -> str:
-    """A parameter's name with every compile wrapper component removed."""
-    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
 
 
 def select_parameters(
@@ -130,8 +124,9 @@ class WatchedTensors:
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
         ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
         """
-        present = [i for i, p in enumerate(self.parameters) if p.grad is not None]
-        grads = [local_tensor(self.parameters[i].grad) for i in present]
+        with_grad = [(i, p.grad) for i, p in enumerate(self.parameters) if p.grad is not None]
+        present = [i for i, _ in with_grad]
+        grads = [local_tensor(grad) for _, grad in with_grad]
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
@@ -153,7 +148,7 @@ class WatchedTensors:
         if counts:
             reading.parts[records.FORMAT] = counts[0]
         if sampled:
-            unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
+            unscaled = list(torch._foreach_mul(grads, grad_multiplier)) if grad_multiplier is not None else grads
             self._add_histograms(reading.parts, "grad", unscaled, positions, exponent)
         return reading
 
@@ -263,12 +258,25 @@ class StepMeasurement:
         self.lr: list[float] = []
         self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
         self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.optimizer_stepped = False  # the optimizer's step ran (a GradScaler's update() tells a skip by it)
         self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
 
     @property
     def started(self) -> bool:
         """Whether the gradients were read (or the attempt failed): the step is under way."""
         return self.phase is not Phase.OPEN
+
+    @property
+    def failed(self) -> bool:
+        """Whether monitoring failed in this step (it records nothing)."""
+        return self.phase is Phase.FAILED
+
+    def clip_effect(self) -> ClipEffect:
+        """What clipping did to the read gradients, starting from their pre-clip norms at the first clip."""
+        assert self.reading is not None, "clipping is only followed once the gradients were read"
+        if self.clip is None:
+            self.clip = ClipEffect(self.reading.norms[0])
+        return self.clip
 
     def read(
         self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
@@ -306,7 +314,7 @@ class StepMeasurement:
         *,
         step_time: float | None,
         module_parts: tuple[torch.Tensor, list[int]] | None,
-        forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+        forward_parts: tuple[AttentionMaxima, torch.Tensor | None] | None = None,
     ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
         reading, device = self.reading, watched.device
@@ -340,7 +348,7 @@ class StepMeasurement:
         attention_calls: list[str] = []
         if forward_parts is not None:
             attention, output_logits = forward_parts
-            if attention:
+            if attention and attention.stacked is not None:
                 attention_calls = list(attention)
                 stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
             if output_logits is not None:

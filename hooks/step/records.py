@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from numwatch import protocol
-from numwatch.delivery.transport import StepDocuments
+from numwatch.step.documents import StepDocuments
 from numwatch.step.hostcopy import DeviceStack, HostStack
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
@@ -40,12 +40,12 @@ ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, 
 OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 SCALAR_PREFIX = "scalar:"
 
-_ROWS: dict[str, tuple[str, ...]] = {
-    GRAD: ("grad_norm", "grad_absmax"),
-    NONFINITE: ("nan_count", "inf_count"),
+_ROWS: dict[str, tuple[protocol.TensorStat, ...]] = {
+    GRAD: protocol.GRAD_STATS,
+    NONFINITE: protocol.NONFINITE_STATS,
     FORMAT: protocol.FORMAT_COUNT_STATS,
-    UPDATE: ("update_ratio", "stale_fraction"),
-    WEIGHT: ("weight_norm", "weight_absmax"),
+    UPDATE: protocol.UPDATE_STATS,
+    WEIGHT: protocol.WEIGHT_STATS,
     ADAM: protocol.ADAM_HEALTH_STATS,
     QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
 }

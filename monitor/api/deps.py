@@ -1,17 +1,20 @@
-"""FastAPI dependencies: settings, a database session per request, and auth."""
+"""FastAPI dependencies, as ``Annotated`` aliases the routers take as parameters: settings, a
+database session per request, the caller (auth and rate limit) and the run a path names."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from numwatch.monitor.api.ratelimit import retry_after_header
+from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.settings import Settings
 from numwatch.monitor.store.auth import EVERYTHING, Principal, authenticate
+from numwatch.monitor.store.models import Run
 
 bearer = HTTPBearer(auto_error=False, description="a token from `numwatch token create --project P`")
 
@@ -26,6 +29,13 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+# One session per request: FastAPI caches a dependency within a request, so the caller's
+# lookup, the run's and the route's work share it.
+SessionDep = Annotated[Session, Depends(get_session)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
 def _principal(
     request: Request, credentials: HTTPAuthorizationCredentials | None, session: Session, required: bool
 ) -> Principal:
@@ -34,14 +44,11 @@ def _principal(
     if credentials is None:
         raise HTTPException(
             401,
-            "missing bearer token: send `Authorization: Bearer <token>` (create one with `numwatch token create "
-            "--project P`)",
+            "missing bearer token: send `Authorization: Bearer <token>` "
+            "(create one with `numwatch token create --project P`)",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    try:
-        principal = authenticate(session, credentials.credentials)
-    except OperationalError as error:
-        raise HTTPException(503, "database unavailable, retry later") from error
+    principal = authenticate(session, credentials.credentials)
     if principal is None:
         # Never echo the token: it may be a real one with a typo.
         raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
@@ -51,21 +58,23 @@ def _principal(
     return principal
 
 
-def require_writer(
-    request: Request,
-    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
-    session: Session = Depends(get_session),
-    settings: Settings = Depends(get_settings),
-) -> Principal:
+def require_writer(request: Request, credentials: Credentials, session: SessionDep, settings: SettingsDep) -> Principal:
     """The caller of a write endpoint: a valid token unless auth is off."""
     return _principal(request, credentials, session, settings.auth_enabled)
 
 
-def require_reader(
-    request: Request,
-    credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
-    session: Session = Depends(get_session),
-    settings: Settings = Depends(get_settings),
-) -> Principal:
+def require_reader(request: Request, credentials: Credentials, session: SessionDep, settings: SettingsDep) -> Principal:
     """The caller of a read endpoint: a valid token unless auth is off or reads are open."""
     return _principal(request, credentials, session, settings.auth_enabled and not settings.open_reads)
+
+
+WriterDep = Annotated[Principal, Depends(require_writer)]
+ReaderDep = Annotated[Principal, Depends(require_reader)]
+
+
+def readable_run(run: str, session: SessionDep, principal: ReaderDep) -> Run:
+    """The run the path's ``{run}`` names, if this reader may see it (else ``NotFound``, a 404)."""
+    return find_run(session, run, principal)
+
+
+RunDep = Annotated[Run, Depends(readable_run)]

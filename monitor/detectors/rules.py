@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from numwatch.protocol import FORMAT_COUNT_STATS, DetectorEventKind, encode_float, event_document
+from numwatch.protocol import FORMAT_COUNT_STATS, NONFINITE_STATS, DetectorEventKind, encode_float, event_document
 
 MAX_NAMED_TENSORS = 10
 
@@ -77,7 +77,7 @@ def nonfinite_tensor_mask(tensors: dict[str, np.ndarray]) -> np.ndarray:
     mask = np.zeros(0 if norms is None else len(norms), dtype=bool)
     if norms is not None:
         mask = ~np.isfinite(norms)
-    for name in ("nan_count", "inf_count"):
+    for name in NONFINITE_STATS:
         if name in tensors:
             counts = tensors[name] > 0
             mask = counts if mask.size == 0 else mask | counts

@@ -180,8 +180,8 @@ def batch_target(
     claim = session.get(RunInstance, document.instance)
     if claim is None or claim.requested_name != requested:
         raise NotFound(
-            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST /api/v1/runs "
-            "first)"
+            f"run {requested!r} has no registered instance {document.instance!r} "
+            f"(register it with POST {protocol.RUNS_PATH} first)"
         )
     run = session.get(Run, claim.run_id)
     assert run is not None
@@ -356,7 +356,7 @@ def _update_rank_state(state: RankState, views: list[dict[str, Any]], numel: np.
                 float(view["tensors"][name].sum()) / total for name in protocol.FORMAT_COUNT_STATS
             )
             break
-    _set_sampled_means(state, views, ("update_ratio", "stale_fraction"))
+    _set_sampled_means(state, views, protocol.UPDATE_STATS)
     _set_sampled_means(state, views, protocol.ADAM_HEALTH_STATS)
 
 

@@ -7,9 +7,10 @@ FastAPI) can still run ``numwatch sync``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
+
+from numwatch import settings as client_settings
 
 DATABASE_HELP = "database URL (default: env NUMWATCH_DATABASE_URL, else a SQLite file under the user's data directory)"
 
@@ -21,18 +22,32 @@ def _add_database(parser: argparse.ArgumentParser) -> None:
 
 def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = None) -> None:
     parser.add_argument(
-        "--url", default=os.environ.get("NUMWATCH_URL", default_url), help="collector URL (env NUMWATCH_URL)"
+        "--url",
+        default=client_settings.read(client_settings.URL) or default_url,
+        help=f"collector URL (env {client_settings.URL})",
     )
-    parser.add_argument("--token", default=os.environ.get("NUMWATCH_TOKEN"), help="write token (env NUMWATCH_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=client_settings.read(client_settings.TOKEN),
+        help=f"write token (env {client_settings.TOKEN})",
+    )
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
-    """The collector Settings: flags given on the command line over ``NUMWATCH_*`` over defaults."""
+    """The collector Settings: flags given on the command line over ``NUMWATCH_*`` over defaults.
+    Settings it refuses (auth off on a public address, say) end the command with status 2."""
+    from pydantic import ValidationError
+
     from numwatch.monitor.settings import Settings
 
     if args.database_url:
         overrides["database_url"] = args.database_url
-    return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    try:
+        return Settings(**{key: value for key, value in overrides.items() if value is not None})
+    except ValidationError as error:
+        problems = (str(problem.get("ctx", {}).get("error", problem["msg"])) for problem in error.errors())
+        print(f"numwatch {args.command}: {'; '.join(problems)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _session(settings: Any) -> Any:
@@ -63,14 +78,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if "auth" not in settings.model_fields_set:  # neither --auth nor NUMWATCH_AUTH: off on loopback only
         settings = settings.model_copy(update={"auth": "off" if settings.loopback else "token"})
-    if not settings.auth_enabled and not settings.loopback and not settings.insecure_no_auth:
-        print(
-            f"numwatch serve: refusing to serve {settings.host} without auth: anyone who reaches it could write and "
-            "read runs.\n"
-            "Create a token (`numwatch token create --project P`) and drop --auth off, or pass --insecure-no-auth.",
-            file=sys.stderr,
-        )
-        return 2
     try:
         prepare_database(settings)
     except SchemaOutdated as error:
@@ -99,7 +106,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     with _session(_settings(args)) as session:
         token = create_token(session, args.project, args.name)
         session.commit()
-    print(f"token for project {args.project!r} (shown once; store it as NUMWATCH_TOKEN):", file=sys.stderr)
+    print(f"token for project {args.project!r} (shown once; store it as {client_settings.TOKEN}):", file=sys.stderr)
     print(token)
     return 0
 
@@ -267,7 +274,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     root = args.spool_dir or default_spool_root()
     if not args.url:
-        print("numwatch sync: no collector URL: pass --url or set NUMWATCH_URL", file=sys.stderr)
+        print(f"numwatch sync: no collector URL: pass --url or set {client_settings.URL}", file=sys.stderr)
         return 2
     total = pending_documents(root)
     if total == 0:
@@ -400,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--spool-dir",
         default=None,
-        help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)",
+        help=f"spool root (default: env {client_settings.SPOOL_DIR}, else ~/.local/share/numwatch/spool)",
     )
     sync.set_defaults(func=cmd_sync)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from numwatch import protocol
 from numwatch.monitor.ops.stack import running_collector, serve_until_interrupted
 
 
@@ -108,11 +109,11 @@ def report(url: str, run: str, out: TextIO, timeout: float = 30.0) -> list[dict]
     deadline = time.monotonic() + timeout
     info = {}
     while time.monotonic() < deadline:
-        info = _get_json(f"{url}/api/v1/runs/{run}")
+        info = _get_json(url + protocol.run_path(run))
         if info.get("status") in ("finished", "crashed"):
             break
         time.sleep(0.3)
-    events = _get_json(f"{url}/api/v1/runs/{run}/events")
+    events = _get_json(url + protocol.run_path(run) + "/events")
     by_kind = Counter(e["kind"] for e in events)
     first: dict[str, dict[str, Any]] = {}
     for event in sorted(events, key=lambda e: e["step"]):
@@ -126,7 +127,7 @@ def report(url: str, run: str, out: TextIO, timeout: float = 30.0) -> list[dict]
         "\nWhere to look:\n"
         f"  run page: {run_page_url(url, run)}   (diagnosis, charts, per-layer heatmap, histograms, events)\n"
         f"  all runs: {url}/\n"
-        f"  JSON API: {url}/api/v1/runs/{quote(run, safe='')}/events   (and /docs)\n"
+        f"  JSON API: {url}{protocol.run_path(run)}/events   (and /docs)\n"
         f"  metrics:  {url}/metrics   (what Prometheus scrapes; alert rules in deploy/prometheus/)\n"
     )
     return events

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from numwatch import settings as client_settings
 from numwatch.monitor.metrics.annotations import grafana_api
 from numwatch.monitor.settings import Settings
 
@@ -29,6 +29,7 @@ COLLECTOR_DATASOURCE = {
     "type": "yesoreyeram-infinity-datasource",
 }
 DEFAULT_DASHBOARDS_DIR = Path(str(files("numwatch.dashboards")))
+DEFAULT_GRAFANA_URL = "http://localhost:3000"
 HTTP_NOT_FOUND = 404
 
 
@@ -151,10 +152,12 @@ def push_dashboards(
 
 
 def _push_command(args: argparse.Namespace) -> int:
+    # The same Grafana the collector posts annotations to, from the same settings.
+    settings = Settings()
     try:
         summary = push_dashboards(
-            args.url,
-            args.token,
+            args.url or settings.grafana_url or DEFAULT_GRAFANA_URL,
+            args.token or settings.grafana_token,
             args.dashboards_dir,
             args.prometheus_url,
             args.collector_url,
@@ -176,16 +179,11 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     grafana = subparsers.add_parser("grafana", help="Grafana dashboards and datasources")
     commands = grafana.add_subparsers(dest="grafana_command", required=True)
     push = commands.add_parser("push", help="create or update numwatch's datasources and dashboards in Grafana")
-    # The same Grafana the collector posts annotations to, from the same settings.
-    settings = Settings()
+    # Defaults are read when the push runs: building the parser must not depend on valid server settings.
     push.add_argument(
-        "--url",
-        default=settings.grafana_url or "http://localhost:3000",
-        help="Grafana base URL (env NUMWATCH_GRAFANA_URL)",
+        "--url", default=None, help=f"Grafana base URL (env NUMWATCH_GRAFANA_URL, else {DEFAULT_GRAFANA_URL})"
     )
-    push.add_argument(
-        "--token", default=settings.grafana_token, help="Grafana service-account token (env NUMWATCH_GRAFANA_TOKEN)"
-    )
+    push.add_argument("--token", default=None, help="Grafana service-account token (env NUMWATCH_GRAFANA_TOKEN)")
     push.add_argument(
         "--dashboards-dir", type=Path, default=DEFAULT_DASHBOARDS_DIR, help="directory of dashboard JSON files"
     )
@@ -195,8 +193,8 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     push.add_argument(
         "--collector-token",
-        default=os.environ.get("NUMWATCH_TOKEN"),
-        help="read token for the collector API (env NUMWATCH_TOKEN)",
+        default=client_settings.read(client_settings.TOKEN),
+        help=f"read token for the collector API (env {client_settings.TOKEN})",
     )
     push.add_argument("--folder-uid", default=None, help="Grafana folder uid for the dashboards")
     push.set_defaults(func=_push_command)

@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from numwatch.monitor.detectors.forward_events import attention_maxima
 from numwatch.monitor.store.models import ForwardStats, RankState, Run
-from numwatch.protocol import encode_float
+from numwatch.protocol import OUTPUT_LOGIT_STATS, encode_float
 
-LOG_Z_COLUMNS = ("log_z_mean", "log_z_max", "logit_absmax")
+LOG_Z_COLUMNS = ("log_z_mean", "log_z_max", "logit_absmax")  # the columns of protocol.OUTPUT_LOGIT_STATS
 
 
 def forward_row(run_id: int, rank: int, step: Any) -> dict[str, Any] | None:
@@ -30,6 +30,22 @@ def forward_row(run_id: int, rank: int, step: Any) -> dict[str, Any] | None:
         "log_z_max": logits.log_z_max if logits else None,
         "logit_absmax": logits.absmax if logits else None,
     }
+
+
+def step_stats(session: Session, run: Run, rank: int, step: int) -> dict[str, Any]:
+    """One step's forward statistics as its step document carried them: ``attention_logit_max``
+    per attention call and ``output_logits``, each null where that step's forward was not measured."""
+    row = session.get(ForwardStats, (run.id, rank, step))
+    attention = None
+    logits = None
+    if row is not None and row.attention_calls:
+        attention = dict(zip(row.attention_calls, row.attention_logit_max, strict=True))  # stored protocol-encoded
+    if row is not None and row.log_z_mean is not None:
+        logits = {
+            stat: encode_float(getattr(row, column))
+            for stat, column in zip(OUTPUT_LOGIT_STATS, LOG_Z_COLUMNS, strict=True)
+        }
+    return {"attention_logit_max": attention, "output_logits": logits}
 
 
 def _row_dict(row: ForwardStats) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from numwatch.monitor.reads.series import downsample
 from numwatch.monitor.store import blocks as step_blocks
 from numwatch.monitor.store.models import Event, Histogram, Run
 
-MEAN_STATS = ("update_ratio", "stale_fraction")
+MEAN_STATS = protocol.UPDATE_STATS
 ORIGIN_KINDS = ("nonfinite_origin", "nonfinite_grad")
 TAIL_SCALARS = (
     "loss",

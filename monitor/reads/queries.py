@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from numwatch import protocol
 from numwatch.monitor.errors import NotFound
+from numwatch.monitor.reads import forward
 from numwatch.monitor.reads.series import read_window, summary_points
 from numwatch.monitor.store import blocks as step_blocks
 from numwatch.monitor.store.auth import Principal
@@ -43,7 +44,7 @@ def find_run(session: Session, name: str, principal: Principal) -> Run:
     """The run called ``name`` if the caller may see it; NotFound otherwise (also for other projects' runs)."""
     run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
     if run is None or run.status == DELETING or not principal.may_access(run.project):
-        raise NotFound(f"unknown run {name!r} (a run exists once registered with POST /api/v1/runs)")
+        raise NotFound(f"unknown run {name!r} (a run exists once registered with POST {protocol.RUNS_PATH})")
     return run
 
 
@@ -156,6 +157,7 @@ def step_record(session: Session, run: Run, number: int, rank: int) -> dict[str,
         "scalars": row["scalars"],
         **record,
         "tensors": tensors,
+        **forward.step_stats(session, run, rank, number),
         "events": [event_record(event) for event in events],
     }
 

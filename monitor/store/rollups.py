@@ -40,7 +40,7 @@ SCALAR_SERIES = (*STEP_SCALARS, *DERIVED_SCALARS, *CLIP_SCALARS)
 SCALARS = "scalars"
 ROW_GROUPS: dict[str, tuple[str, ...]] = {
     SCALARS: SCALAR_SERIES,
-    "nonfinite": ("nan_count", "inf_count"),
+    "nonfinite": protocol.NONFINITE_STATS,
     "format": protocol.FORMAT_COUNT_STATS,
 }
 _GROUP_OF = {series: (group, i) for group, members in ROW_GROUPS.items() for i, series in enumerate(members)}
@@ -500,25 +500,11 @@ def read_range(
     """:func:`cover` of ``series``: one tensor's column if given, else every tensor's (a scalar's own column)."""
     row_series, start, columns = location(series, n_tensors)
     dtype, n = value_dtype(row_series), width(row_series, n_tensors)
-    if column is not None or columns == 1:
-        index = start + (column or 0)
-        return cover(
-            session,
-            run_id,
-            rank,
-            row_series,
-            level,
-            first,
-            last,
-            lambda blob, origin: decode_column(blob, origin, dtype, n, index),
-        )
-    return cover(
-        session,
-        run_id,
-        rank,
-        row_series,
-        level,
-        first,
-        last,
-        lambda blob, origin: columns_of(decode(blob, origin, dtype, n), start, columns),
-    )
+    one = column is not None or columns == 1
+
+    def decoder(blob: bytes, origin: int) -> Summary:
+        if one:  # decode that column alone
+            return decode_column(blob, origin, dtype, n, start + (column or 0))
+        return columns_of(decode(blob, origin, dtype, n), start, columns)
+
+    return cover(session, run_id, rank, row_series, level, first, last, decoder)

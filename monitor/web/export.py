@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session
 
+from numwatch import protocol
 from numwatch.monitor.reads import forward, overview, queries, readiness
 from numwatch.monitor.store.auth import EVERYTHING
 from numwatch.monitor.web import STATIC_DIR, page_html
@@ -41,7 +42,7 @@ def run_page_responses(session: Session, name: str, stale_after: float) -> dict[
     run = queries.find_run(session, name, EVERYTHING)
     layout = json.loads((STATIC_DIR / "charts.json").read_text())
     detail = queries.run_detail(session, run, stale_after)
-    base = "/api/v1/runs/" + quote(name, safe=_URI_COMPONENT_SAFE)
+    base = protocol.run_path(name, safe=_URI_COMPONENT_SAFE)
     points, end = layout["max_points"], detail["last_step"]
     responses: dict[str, Any] = {
         "/static/charts.json": layout,

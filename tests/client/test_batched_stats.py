@@ -94,7 +94,7 @@ def _one_by_one(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> dict[
     return joined
 
 
-@pytest.mark.parametrize("chunk_elements", [chunks.CHUNK_ELEMENTS, 7])
+@pytest.mark.parametrize("chunk_elements", [chunks.FLAT_CHUNK_ELEMENTS, 7])
 def test_each_statistic_of_a_mixed_dtype_model_equals_it_tensor_by_tensor(
     chunk_elements: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -102,7 +102,7 @@ def test_each_statistic_of_a_mixed_dtype_model_equals_it_tensor_by_tensor(
     assert {g.dtype for g in grads} == {torch.float32, torch.bfloat16, torch.float16, torch.float64}
     expected = _one_by_one(grads, weights)
     # Tiny chunks: tensors are cut into pieces and pieces of several tensors share a chunk.
-    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(chunks, "FLAT_CHUNK_ELEMENTS", chunk_elements)
     batched = _all_statistics(grads, weights)
     for name, result in batched.items():
         if name == "update" and chunk_elements == 7:
@@ -125,7 +125,7 @@ def test_format_counts_at_the_rounding_boundaries_in_one_batched_call(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fmt = format_spec(name)
-    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", 5)  # chunk edges fall inside the boundary lists
+    monkeypatch.setattr(chunks, "FLAT_CHUNK_ELEMENTS", 5)  # chunk edges fall inside the boundary lists
     values = torch.tensor(_boundary_values(fmt), dtype=torch.float32)
     for scale in SCALES:
         grads = [(values / scale).to(dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float32)]
@@ -231,7 +231,7 @@ class _Pair(nn.Module):
         return 2 * x, torch.full_like(x, -INF).bfloat16()
 
 
-@pytest.mark.parametrize("chunk_elements", [chunks.CHUNK_ELEMENTS, 7])
+@pytest.mark.parametrize("chunk_elements", [chunks.FLAT_CHUNK_ELEMENTS, 7])
 @pytest.mark.parametrize(
     ("multiplier", "histogram_multiplier"), [(None, None), (torch.tensor(2.0**12), None), (None, torch.tensor(0.37))]
 )
@@ -239,7 +239,7 @@ def test_the_shared_pass_equals_format_counts_and_exponent_histogram(
     chunk_elements, multiplier, histogram_multiplier, monkeypatch
 ) -> None:
     grads, _ = _mixed_model_tensors()
-    monkeypatch.setattr(chunks, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(chunks, "FLAT_CHUNK_ELEMENTS", chunk_elements)
     unscaled = grads if histogram_multiplier is None else torch._foreach_mul(grads, histogram_multiplier)
     for name in ("fp16", "bf16", "fp8_e4m3"):
         fmt = format_spec(name)

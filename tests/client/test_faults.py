@@ -31,6 +31,7 @@ from numwatch.delivery.spool import read_entries
 from numwatch.delivery.sync import pending_documents
 from numwatch.monitor.ops import stack
 from numwatch.monitor.store import db
+from tests.support import slow_collector
 from tests.support.collector_docs import batch_doc, run_doc, step_doc
 from tests.support.watch_helpers import batch, small_model
 
@@ -51,9 +52,10 @@ def fast_transport(monkeypatch: pytest.MonkeyPatch) -> None:
 class KillableCollector:
     """``numwatch serve`` on a fixed loopback port that a test kills (SIGKILL) and starts again."""
 
-    def __init__(self, workdir: Path, database_url: str, **env: str) -> None:
+    def __init__(self, workdir: Path, database_url: str, response_delay: float | None = None, **env: str) -> None:
         self.workdir = workdir
         self.database_url = database_url
+        self.response_delay = response_delay  # seconds each batch answer waits (a slow collector), None: none
         self.env = env
         self.port = stack.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -65,8 +67,12 @@ class KillableCollector:
     def start(self) -> None:
         self.starts += 1
         log = open(self.workdir / f"collector-{self.starts}.log", "wb")
+        if self.response_delay is None:
+            argv = stack.collector_argv(self.port, self.database_url)
+        else:
+            argv = slow_collector.argv(self.port, self.database_url, self.response_delay)
         self.process = subprocess.Popen(
-            stack.collector_argv(self.port, self.database_url),
+            argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
@@ -98,9 +104,10 @@ def killable(tmp_path: Path):
     """Factory of :class:`KillableCollector` (not started); all stopped at the end of the test."""
     made: list[KillableCollector] = []
 
-    def make(database_url: str | None = None, **env: str) -> KillableCollector:
+    def make(database_url: str | None = None, response_delay: float | None = None, **env: str) -> KillableCollector:
         workdir = tmp_path / f"killable-{len(made)}"
-        made.append(KillableCollector(workdir, database_url or f"sqlite:///{workdir / 'numwatch.db'}", **env))
+        database_url = database_url or f"sqlite:///{workdir / 'numwatch.db'}"
+        made.append(KillableCollector(workdir, database_url, response_delay, **env))
         return made[-1]
 
     yield make
@@ -235,7 +242,7 @@ def test_slow_collector_keeps_the_queue_bounded_spools_and_recovers(killable, tm
     queue_steps = 16
     monkeypatch.setattr(transport, "QUEUE_STEPS", queue_steps)
     monkeypatch.setattr(transport, "HTTP_TIMEOUT_SECONDS", 0.5)
-    server = killable(NUMWATCH_DEBUG_RESPONSE_DELAY_SECONDS="1.5")  # answers after the client gave up
+    server = killable(response_delay=1.5)  # answers after the client gave up
     server.start()
     queue_depths: list[int] = []
 
@@ -244,7 +251,7 @@ def test_slow_collector_keeps_the_queue_bounded_spools_and_recovers(killable, tm
 
     def become_fast(watcher: numwatch.Watcher) -> None:
         server.stop()
-        server.env = {}
+        server.response_delay = None
         server.start()
 
     schedule: dict[int, Callable[[numwatch.Watcher], Any]] = {step: record_queue_depth for step in range(1, 240)}

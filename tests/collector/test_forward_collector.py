@@ -67,6 +67,24 @@ def test_events_at_the_crossing_steps_once_per_episode_and_series(api: httpx.Cli
     assert api.get("/api/v1/runs/r1/steps/4").status_code == 200
 
 
+def test_the_step_record_carries_its_forward_statistics(api: httpx.Client) -> None:
+    steps = [
+        forward(1, 12.5, NAN, -3.0),
+        step_doc(2),
+        step_doc(3, output_logits=forward(3, 0, 0, 7.0)["output_logits"]),
+    ]
+    assert post_batch(api, batch_doc(steps=steps)).status_code == 200
+    first = api.get("/api/v1/runs/r1/steps/1").json()
+    assert first["attention_logit_max"] == {"h.0.attn": 12.5, "h.1.attn": "NaN"}  # forward order, NaN kept
+    assert first["output_logits"] == {"log_z_mean": -3.0, "log_z_max": -1.0, "absmax": -9.0}
+    unmeasured = api.get("/api/v1/runs/r1/steps/2").json()
+    assert unmeasured["attention_logit_max"] is None and unmeasured["output_logits"] is None
+    logits_only = api.get("/api/v1/runs/r1/steps/3").json()
+    assert logits_only["attention_logit_max"] is None
+    assert logits_only["output_logits"] == {"log_z_mean": 7.0, "log_z_max": 9.0, "absmax": 21.0}
+    assert api.get("/api/v1/runs/r1/steps/1", params={"rank": 1}).status_code == 404
+
+
 def test_a_retried_batch_stores_and_judges_nothing_twice(api: httpx.Client) -> None:
     batch = batch_doc(steps=[forward(1, 120.0, 5.0, 0.0)])
     assert post_batch(api, batch).json()["events"] == 1

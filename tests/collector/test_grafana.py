@@ -72,6 +72,18 @@ def test_push_from_the_cli(fake_grafana: FakeGrafana, tmp_path: Path) -> None:
     assert set(fake_grafana.dashboards) == {"numwatch-overview", "numwatch-run"}
 
 
+def test_push_reads_grafana_from_the_collector_settings(fake_grafana: FakeGrafana, monkeypatch) -> None:
+    """Without --url and --token, the push goes where the collector posts its annotations (NUMWATCH_GRAFANA_*)."""
+    monkeypatch.setenv("NUMWATCH_GRAFANA_URL", fake_grafana.url)
+    monkeypatch.setenv("NUMWATCH_GRAFANA_TOKEN", TOKEN)
+    parser = argparse.ArgumentParser(prog="numwatch")
+    grafana.add_grafana_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["grafana", "push"])
+    assert args.func(args) == 0
+    assert set(fake_grafana.dashboards) == {"numwatch-overview", "numwatch-run"}
+    assert all(r["authorization"] == f"Bearer {TOKEN}" for r in fake_grafana.requests)
+
+
 @pytest.mark.parametrize(
     ("content", "complaint"),
     [

@@ -17,7 +17,7 @@ from numwatch.monitor.ingest.schemas import BatchDocument, RunDocument
 from numwatch.monitor.metrics.exposition import NumwatchCollector
 from numwatch.monitor.reads import overview, queries
 from numwatch.monitor.reads.queries import find_run
-from numwatch.monitor.settings import Settings
+from numwatch.monitor.settings import LOOPBACK_HOSTS, Settings
 from numwatch.monitor.store import db
 from numwatch.monitor.store.auth import EVERYTHING
 from tests.support.collector_docs import batch_doc, run_doc, step_doc
@@ -37,6 +37,24 @@ def test_detector_thresholds_read_their_env_names(monkeypatch) -> None:
     monkeypatch.setenv("NUMWATCH_DETECT_WINDOWS", "7")
     with pytest.raises(ValidationError, match="windows"):
         Settings()  # a misspelt threshold is an error, not silently the default
+
+
+def test_auth_off_is_refused_where_others_can_reach_the_collector(monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith("NUMWATCH_")]:
+        monkeypatch.delenv(name)
+    for host in LOOPBACK_HOSTS:
+        assert not Settings(host=host, auth="off").auth_enabled
+    with pytest.raises(ValidationError, match="refusing to serve 0.0.0.0 without auth.*--insecure-no-auth"):
+        Settings(host="0.0.0.0", auth="off")
+    assert not Settings(host="0.0.0.0", auth="off", insecure_no_auth=True).auth_enabled
+    assert Settings(host="0.0.0.0").auth_enabled
+    # The environment is held to the same rule as arguments.
+    monkeypatch.setenv("NUMWATCH_HOST", "192.0.2.7")
+    monkeypatch.setenv("NUMWATCH_AUTH", "off")
+    with pytest.raises(ValidationError, match="refusing to serve 192.0.2.7 without auth"):
+        Settings()
+    monkeypatch.setenv("NUMWATCH_INSECURE_NO_AUTH", "1")
+    assert not Settings().auth_enabled
 
 
 def test_the_server_judges_with_the_configured_thresholds(collector) -> None:

@@ -262,6 +262,21 @@ def test_gradient_norm_chart_shows_the_norm_before_and_after_clipping(served: Se
     browser.screenshot(driver, "run-page-charts")
 
 
+def test_a_chart_with_nothing_recorded_keeps_its_height_and_says_so(served: Served) -> None:
+    driver = page(served, f"/runs/{ATTENTION_RUN}")  # no clip function ran in this run
+    clip = get_json(f"{served.url}/api/v1/runs/{ATTENTION_RUN}/series?metric=clip_coef")
+    assert clip["steps"] == []
+    boxes = driver.execute_script(
+        "const empty = document.querySelector('#chart-clip_coef .plot');"
+        "const drawn = document.querySelector('#chart-grad_norm .u-wrap');"
+        "return {empty: empty.getBoundingClientRect().height, drawn: drawn.getBoundingClientRect().height,"
+        " text: empty.textContent, uplot: Charts.registry.clip_coef.uplot};"
+    )
+    assert boxes["text"] == "nothing recorded for this chart" and boxes["uplot"] is None
+    assert boxes["drawn"] > 150 and boxes["empty"] == boxes["drawn"]
+    assert browser.console_errors(driver) == []
+
+
 def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 

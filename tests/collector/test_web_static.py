@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 
+from numwatch import protocol
 from numwatch.monitor.web import PAGE_SCRIPTS, STATIC_DIR, page_html
 
 VENDOR = STATIC_DIR / "vendor"
@@ -49,3 +50,11 @@ def test_our_scripts_never_parse_strings_as_html() -> None:
             'setAttribute("on',
         ):
             assert sink not in text, (script.name, sink)
+
+
+def test_the_runs_path_is_spelled_once_in_the_scripts() -> None:
+    """The pages read the API under the protocol's RUNS_PATH, declared once in common.js."""
+    declaration = f'const RUNS_PATH = "{protocol.RUNS_PATH}";'
+    assert declaration in (STATIC_DIR / "common.js").read_text()
+    for script in STATIC_DIR.glob("*.js"):
+        assert script.read_text().count(protocol.RUNS_PATH) == (script.name == "common.js"), script.name

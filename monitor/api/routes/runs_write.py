@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.api.deps import get_session, require_writer
+from numwatch.monitor.api.deps import SessionDep, WriterDep
 from numwatch.monitor.api.openapi_body import json_request_body
 from numwatch.monitor.api.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.errors import Refused
@@ -22,10 +21,11 @@ from numwatch.monitor.ingest.batches import StoredBatch, batch_target, register_
 from numwatch.monitor.ingest.schemas import BatchDocument, IngestResult, RunDeleting, RunDocument, RunRegistered
 from numwatch.monitor.ingest.storable import find_unstorable_text
 from numwatch.monitor.reads.queries import find_run
-from numwatch.monitor.store.auth import Principal
 from numwatch.monitor.store.retention import mark_deleting
 
-router = APIRouter(prefix="/api/v1", tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)})
+router = APIRouter(
+    prefix=protocol.RUNS_PATH, tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)}
+)
 Document = TypeVar("Document", bound=BaseModel)
 Result = TypeVar("Result")
 COMMIT_ATTEMPTS = 3  # replicas racing on one step: the loser retries and finds it stored
@@ -78,22 +78,20 @@ async def read_document(request: Request, model: type[Document]) -> Document:
 
 
 def _in_transaction(session: Session, work: Callable[[Session], Result]) -> Result:
-    """Run ``work(session)`` and commit, retrying a lost unique-key race; 503 while the database is down."""
+    """Run ``work(session)`` and commit, retrying a lost unique-key race; anything else rolls back
+    and goes to the app's handlers (a refusal, a database that is down)."""
     for attempt in range(COMMIT_ATTEMPTS):
         try:
             result = work(session)
             session.commit()
             return result
-        except Refused as error:
-            session.rollback()
-            raise HTTPException(error.status, error.message) from None
         except IntegrityError:
             session.rollback()
             if attempt == COMMIT_ATTEMPTS - 1:
                 raise HTTPException(503, "conflicting concurrent writes; retry the batch") from None
-        except OperationalError as error:
+        except (Refused, SQLAlchemyError):
             session.rollback()
-            raise HTTPException(503, "database unavailable, the batch was not stored; retry later") from error
+            raise
     raise AssertionError("unreachable")
 
 
@@ -102,15 +100,13 @@ _BATCH_DOCUMENT = json_request_body(BatchDocument)
 
 
 @router.post(
-    "/runs",
+    "",
     response_model=RunRegistered,
     summary="Register a run (once per rank)",
     openapi_extra=_RUN_DOCUMENT,
     responses=error_responses(403, 409),
 )
-async def post_run(
-    request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)
-) -> RunRegistered:
+async def post_run(request: Request, principal: WriterDep, session: SessionDep) -> RunRegistered:
     document = await read_document(request, RunDocument)
     registered = await run_in_threadpool(_in_transaction, session, lambda s: register_run(s, document, principal))
     return RunRegistered(
@@ -119,15 +115,13 @@ async def post_run(
 
 
 @router.post(
-    "/runs/{run}/batches",
+    "/{run}/batches",
     response_model=IngestResult,
     summary="Store a batch; answered after commit",
     openapi_extra=_BATCH_DOCUMENT,
     responses=error_responses(404, 409),
 )
-async def post_batch(
-    run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)
-) -> IngestResult:
+async def post_batch(run: str, request: Request, principal: WriterDep, session: SessionDep) -> IngestResult:
     state = request.app.state
     state.ingest_metrics.requests.inc()
     started = time.perf_counter()
@@ -141,8 +135,8 @@ async def post_batch(
             return store_batch(s, target, batch, state.settings.detect), target.name
 
         stored, stored_as = await run_in_threadpool(_in_transaction, session, work)
-    except HTTPException as error:
-        if 400 <= error.status_code < 500:
+    except (HTTPException, Refused) as error:
+        if 400 <= (error.status if isinstance(error, Refused) else error.status_code) < 500:
             state.ingest_metrics.rejected_batches.inc()
         raise
     state.ingest_metrics.write_latency.observe(time.perf_counter() - started)
@@ -151,21 +145,17 @@ async def post_batch(
         for event in stored.new_events:
             if event["kind"] in ANNOTATED_KINDS:
                 state.annotations.post(event, stored_as)
-    if state.settings.debug_response_delay_seconds > 0:
-        await asyncio.sleep(state.settings.debug_response_delay_seconds)
     return stored.result
 
 
 @router.delete(
-    "/runs/{run}",
+    "/{run}",
     response_model=RunDeleting,
     status_code=202,
     responses=error_responses(404),
     summary="Delete a run: it disappears at once, its rows go in the background",
 )
-async def delete_run(
-    run: str, request: Request, principal: Principal = Depends(require_writer), session: Session = Depends(get_session)
-) -> RunDeleting:
+async def delete_run(run: str, request: Request, principal: WriterDep, session: SessionDep) -> RunDeleting:
     await run_in_threadpool(_in_transaction, session, lambda s: mark_deleting(find_run(s, run, principal)))
     request.app.state.reaper.wake()
     return RunDeleting(run=run)

@@ -135,9 +135,12 @@ const Charts = (() => {
     const note = el("div", {});
     box.append(note);
     container.append(box);
-    const empty = aligned.data[0].length === 0;
-    if (empty) {
-      plot.append(el("p", { class: "muted empty" }, "nothing recorded for this chart"));
+    const height = spec.height || 210;
+    if (aligned.data[0].length === 0) {
+      // An empty box as tall as a drawn chart, so the grid keeps its rows and the note is not lost.
+      plot.classList.add("nothing-recorded");
+      plot.style.height = height + "px";
+      plot.append(el("p", { class: "muted" }, "nothing recorded for this chart"));
       registry[spec.id] = { uplot: null, source: spec.series };
       return null;
     }
@@ -149,7 +152,7 @@ const Charts = (() => {
     };
     const opts = {
       width: Math.max(300, plot.clientWidth || container.clientWidth || 600),
-      height: spec.height || 210,
+      height,
       scales: { x: { time: false, range: xRange }, y: yScale },
       axes: [
         { label: "step", size: 40, labelSize: 18, incrs: STEP_INCREMENTS, values: (u, splits) => splits.map((v) => String(v)) },

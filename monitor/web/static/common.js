@@ -5,6 +5,7 @@
 
 const NW = (() => {
   const TOKEN_KEY = "numwatch.readToken";
+  const RUNS_PATH = "/api/v1/runs"; // numwatch.protocol.RUNS_PATH (a test keeps them equal)
   let bundle;
 
   class AuthNeeded extends Error {}
@@ -52,7 +53,7 @@ const NW = (() => {
   }
 
   function apiRun(run, tail, params) {
-    return api("/api/v1/runs/" + encodeURIComponent(run) + (tail || ""), params);
+    return api(RUNS_PATH + "/" + encodeURIComponent(run) + (tail || ""), params);
   }
 
   // el("a", {href: url, class: "x"}, "text", child): attributes by setAttribute, children as text nodes.
@@ -182,5 +183,5 @@ const NW = (() => {
     if (out) document.getElementById("top").append(out);
   }
 
-  return { api, apiRun, requestKey, el, clear, num, fmt, fmtTime, ago, runUrl, stepUrl, link, context, main, start, ready, header, exported, showError, ApiError, AuthNeeded };
+  return { RUNS_PATH, api, apiRun, requestKey, el, clear, num, fmt, fmtTime, ago, runUrl, stepUrl, link, context, main, start, ready, header, exported, showError, ApiError, AuthNeeded };
 })();

@@ -5,7 +5,7 @@ const MAX_COMPARE = 8;
 
 NW.start(async () => {
   const { el, fmt } = NW;
-  const runs = await NW.api("/api/v1/runs");
+  const runs = await NW.api(NW.RUNS_PATH);
   NW.header(el("span", {}, "runs"));
   const main = NW.clear(NW.main());
   const params = new URLSearchParams(location.search);
