@@ -178,12 +178,13 @@ class AttentionCapture(TorchFunctionMode):
                 module.register_forward_hook(self._module_left)
             )  # (reset at the next begin if it raised)
         _active.append(self)
-        self.__enter__()
+        # TorchFunctionMode's own __enter__ and __exit__ are unannotated in torch.
+        self.__enter__()  # type: ignore[no-untyped-call]
 
     def end(self) -> None:
         """Stop intercepting and measure the forward's calls; what was measured stays until :meth:`take_step`."""
         try:
-            self.__exit__(None, None, None)
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # unannotated, as in begin()
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -202,7 +203,7 @@ class AttentionCapture(TorchFunctionMode):
     @torch.no_grad()
     def _measure(self, pending: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
         """float32 [calls]: the max logit of each pending call, the calls alike measured together."""
-        alike: dict[tuple, list[int]] = {}
+        alike: dict[tuple[Any, ...], list[int]] = {}
         for index, (_, query, key, arguments) in enumerate(pending):
             mask = arguments["attn_mask"]
             signature = (
@@ -220,7 +221,8 @@ class AttentionCapture(TorchFunctionMode):
         parts, order = [], []
         for indices in alike.values():
             query, key, arguments = pending[indices[0]][1:]
-            queries, keys = (torch.stack([pending[i][part] for i in indices]) for part in (1, 2))
+            queries = torch.stack([pending[i][1] for i in indices])
+            keys = torch.stack([pending[i][2] for i in indices])
             mask = arguments["attn_mask"]
             if mask is not None:
                 # One mask per call (they may differ), aligned from the right with a call's logits.
@@ -323,7 +325,7 @@ class AttentionCapture(TorchFunctionMode):
         return AttentionMaxima(names, torch.stack([merged[name] for name in names]))
 
 
-class AttentionMaxima(Mapping):
+class AttentionMaxima(Mapping[str, torch.Tensor]):
     """A step's max logit per attention call name (first-call order), held as one float32
     device tensor (``stacked``, one entry per name) that joins the step's host copy whole."""
 

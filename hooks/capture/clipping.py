@@ -17,7 +17,7 @@ observer reports to the step under way through :class:`ClipTarget` (the step led
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.utils.clip_grad as clip_grad
@@ -28,7 +28,7 @@ from numwatch.kernels.device import to_device
 from numwatch.kernels.sharded import is_dtensor
 
 if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
+    pass
 
 NORM_EPSILON = 1e-6  # torch's, in the clip coefficient
 
@@ -135,7 +135,7 @@ class ClipObserver:
         columns = self._columns(parameters)
         if not columns:
             return
-        total = cast("DTensor", total_norm).full_tensor() if is_dtensor(total_norm) else total_norm
+        total = total_norm.full_tensor() if is_dtensor(total_norm) else total_norm
         effect = self._target.clip_effect()
         # The coefficient exactly as torch computes it.
         coefficient = torch.clamp(

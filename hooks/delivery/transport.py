@@ -32,7 +32,7 @@ from numwatch.delivery.spool import (
     read_entries,
     read_uploaded_mark,
 )
-from numwatch.step.records import StepDocuments
+from numwatch.step.documents import StepDocuments
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +126,16 @@ def _classify(status: int) -> str:
     return "rejected"
 
 
-def document_path(kind: str, document: dict[str, Any]) -> str:
+def document_path(kind: str, document: Mapping[str, Any]) -> str:
     """Where a protocol document is posted: run documents register, batches go under their run."""
     if kind == "run":
         return protocol.RUNS_PATH
     return protocol.run_path(document["run"]) + "/batches"
 
 
-def post_document(url: str, token: str | None, path: str, document: dict[str, Any], timeout: float) -> tuple[str, str]:
+def post_document(
+    url: str, token: str | None, path: str, document: Mapping[str, Any], timeout: float
+) -> tuple[str, str]:
     """POST one document to the collector at ``url``: ('ok' | 'retry' | 'rejected', detail);
     the detail of an accepted document is the collector's answer."""
     headers = {"Content-Type": "application/json"}
@@ -149,7 +151,7 @@ def post_document(url: str, token: str | None, path: str, document: dict[str, An
         return "retry", f"unreachable: {error}"
 
 
-def renamed_run(document: dict[str, Any], answer: str) -> str | None:
+def renamed_run(document: Mapping[str, Any], answer: str) -> str | None:
     """The name the collector stored a registered run under, when it is not the name asked for
     (the name belonged to another process)."""
     try:
@@ -287,7 +289,8 @@ class Transport:
             closing = next((c for c in controls if c.status is not None), None)
             try:
                 if sources or closing is not None:
-                    self._deliver_steps(sources, closing.status if closing else "running")
+                    status = closing.status if closing is not None and closing.status is not None else "running"
+                    self._deliver_steps(sources, status)
                 elif self._spool_pending and self.url and time.monotonic() >= self._next_retry:
                     self._drain_spool()
             except Exception as error:  # typically the spool: disk full, directory not writable
@@ -333,7 +336,7 @@ class Transport:
             status=status,
         )
 
-    def _dropped_event(self, documents: list[StepDocuments]) -> list[dict[str, Any]]:
+    def _dropped_event(self, documents: list[StepDocuments]) -> list[protocol.EventDocument]:
         """A ``monitoring_dropped`` event when steps were dropped since the last report."""
         with self._count_lock:
             dropped = self.dropped_steps
@@ -346,7 +349,7 @@ class Transport:
             protocol.event_document(step, "monitoring_dropped", {"dropped_steps": dropped, "since_last_report": newly})
         ]
 
-    def _deliver(self, batch: dict[str, Any]) -> None:
+    def _deliver(self, batch: protocol.BatchDocument) -> None:
         if self.url is None:
             self._spool_batch(batch)
             return
@@ -387,7 +390,7 @@ class Transport:
         """Create the spool now (spool-only runs), so the run document is on disk at once."""
         self._ensure_spool()
 
-    def _spool_batch(self, batch: dict[str, Any]) -> None:
+    def _spool_batch(self, batch: protocol.BatchDocument) -> None:
         spool = self._ensure_spool()
         spool.append("batch", batch)
         with self._count_lock:
@@ -438,7 +441,7 @@ class Transport:
         discard_uploaded_segments(self.spool_dir)
         log.info("numwatch: spool %s drained to %s", self.spool_dir, self.url)
 
-    def _post(self, path: str, document: dict[str, Any]) -> tuple[str, str]:
+    def _post(self, path: str, document: Mapping[str, Any]) -> tuple[str, str]:
         """POST one document; ('ok' | 'retry' | 'rejected' (logged and counted), detail)."""
         assert self.url is not None
         outcome, detail = post_document(self.url, self.token, path, document, self.http_timeout)

@@ -14,17 +14,21 @@ Lightning's DeepSpeed strategy is refused (:class:`UnsupportedConfiguration`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from numwatch.kernels.sharded import UnsupportedConfiguration
+from numwatch.protocol import RunStatus
 from numwatch.watcher import Watcher, watch
 
-try:
-    from lightning.pytorch import Callback
-except ImportError:
+if TYPE_CHECKING:  # the same class under either name; checked against pytorch_lightning
     from pytorch_lightning import Callback
+else:
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        from pytorch_lightning import Callback
 
 
 class NumwatchCallback(Callback):
@@ -47,7 +51,8 @@ class NumwatchCallback(Callback):
             )
         if len(trainer.optimizers) != 1:
             raise UnsupportedConfiguration(
-                f"numwatch: the Lightning callback watches one optimizer; this module configures {len(trainer.optimizers)}. "
+                "numwatch: the Lightning callback watches one optimizer; "
+                f"this module configures {len(trainer.optimizers)}. "
                 "Call numwatch.watch(module, optimizer, include=[...]) per optimizer instead."
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -95,7 +100,7 @@ class NumwatchCallback(Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close("crashed")
 
-    def _close(self, status: str) -> None:
+    def _close(self, status: RunStatus) -> None:
         if self.watcher is not None:
             self.watcher.finish_step()
             self.watcher.close(status)

@@ -165,7 +165,7 @@ class Chunk:
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-segment views of a chunk-shaped tensor (one op)."""
-        return list(flat.split(self.lengths))
+        return list(torch.split(flat, self.lengths))
 
     def sums(self, marks: Tensor) -> Tensor:
         """[segments]: how many elements of each segment are 1 in float 0/1 ``marks``, in
@@ -215,7 +215,7 @@ class Chunk:
         elif not accelerator_path(flat.device):
             views = self.split(flat)
             for name, values in operations:
-                getattr(torch, f"_foreach_{name}_")(views, list(values.split(1)))
+                getattr(torch, f"_foreach_{name}_")(views, list(torch.split(values, 1)))
         else:
             ids = self.segment_ids()
             for name, values in operations:
@@ -252,6 +252,7 @@ class Group:
         self._positions = _index(members, device)
 
     def tensors(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
+        # Tensor | None to mypy; never None here, as the group's members are the positions whose tensor is present.
         return [tensors[position] for position in self.members]  # type: ignore[misc]
 
     def select(self, per_position: Tensor) -> Tensor:
@@ -264,7 +265,7 @@ class Group:
 
     def chunk_slices(self, per_segment: Tensor) -> list[Tensor]:
         """A per-segment tensor cut into the chunks' parts."""
-        return list(per_segment.split([len(chunk.pieces) for chunk in self.chunks]))
+        return list(torch.split(per_segment, [len(chunk.pieces) for chunk in self.chunks]))
 
     def per_member(self, per_chunk: list[Tensor], how: str) -> Tensor:
         """Per-member results from the chunks' per-segment ones; ``how`` combines the

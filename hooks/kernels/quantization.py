@@ -89,7 +89,8 @@ def _nf4_host_tables() -> tuple[Tensor, Tensor]:
 
 @functools.cache
 def _nf4_tables(device: torch.device) -> tuple[Tensor, Tensor]:
-    return tuple(to_device(table, device) for table in _nf4_host_tables())  # type: ignore[return-value]
+    boundary, values = _nf4_host_tables()
+    return to_device(boundary, device), to_device(values, device)
 
 
 def _accumulator(device: torch.device) -> torch.dtype:
@@ -147,7 +148,8 @@ def _rounding_error(scaled: Tensor) -> Tensor:
 
 def _scaled_norm_squared(errors: Tensor, scale: Tensor) -> Tensor:
     """Σ over the last dimension's vectors of (scale · ‖error‖)², ``scale`` one per vector (kept dim)."""
-    return torch.linalg.vector_norm(errors, dim=-1).mul_(scale.squeeze(-1)).square_().sum()
+    norms: Tensor = torch.linalg.vector_norm(errors, dim=-1)  # torch.linalg's functions are unannotated
+    return norms.mul_(scale.squeeze(-1)).square_().sum()
 
 
 def _integer_noise(weight: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:

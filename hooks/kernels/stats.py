@@ -156,7 +156,7 @@ def _bucket_counts(chunk: Chunk, x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
 # --------------------------------------------------------------------------- gradients
 
 
-def _absmax(members: list[Tensor]) -> list[Tensor]:
+def _absmax(members: list[Tensor]) -> Sequence[Tensor]:
     """max |x| of each (non-empty) tensor, as 0-d tensors of its dtype; NaN propagates.
 
     One multi-tensor kernel either way: ``_foreach_norm(ord=inf)`` on CUDA reads each
@@ -262,7 +262,8 @@ def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None, layout: L
     # ||m*g|| = |m|*||g|| and max|m*g| = |m|*max|g|: scale the 2n results, not every element.
     if multiplier is None:
         return stats
-    return stats * abs(_as_factor(multiplier, stats.device))
+    factor = _as_factor(multiplier, stats.device)
+    return stats * (factor.abs() if isinstance(factor, Tensor) else abs(factor))
 
 
 @torch.no_grad()
@@ -289,11 +290,11 @@ def _float32_at_most(value: float) -> float:
     largest = float(torch.finfo(torch.float32).max)
     if value >= largest:
         return largest
-    nearest = struct.unpack("<f", struct.pack("<f", value))[0]
+    nearest = float(struct.unpack("<f", struct.pack("<f", value))[0])
     if nearest <= value:
         return nearest
     (bits,) = struct.unpack("<I", struct.pack("<f", nearest))
-    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+    return float(struct.unpack("<f", struct.pack("<I", bits - 1))[0])
 
 
 def _float32_below(value: float) -> float:
@@ -302,7 +303,7 @@ def _float32_below(value: float) -> float:
     if at_most < value:
         return at_most
     (bits,) = struct.unpack("<I", struct.pack("<f", at_most))
-    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+    return float(struct.unpack("<f", struct.pack("<I", bits - 1))[0])
 
 
 @functools.cache
@@ -336,7 +337,7 @@ def _format_limits(fmt: FormatSpec) -> tuple[float, float, float, float, float]:
 
 def _float_bits(value: float) -> int:
     """The bit pattern of a float32 value, as a signed int32."""
-    return struct.unpack("<i", struct.pack("<f", value))[0]
+    return int(struct.unpack("<i", struct.pack("<f", value))[0])
 
 
 # Buckets of |x| between the limits: zero, underflow, subnormal, normal, overflow, non-finite.
@@ -584,7 +585,9 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         width = (high - low).masked_fill_(~(high > low), 1.0)
         members = group.tensors(tensors)
         per_chunk = []
-        for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
+        for chunk, chunk_low, chunk_width in zip(
+            group.chunks, group.chunk_slices(low), group.chunk_slices(width), strict=True
+        ):
             # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
             values = chunk.into(members, WORK, torch.float64).nan_to_num_(
                 nan=math.nan, posinf=math.nan, neginf=math.nan
@@ -617,11 +620,11 @@ def snapshot(weights: Sequence[Tensor]) -> list[Tensor]:
         members = group.tensors(weights)
         pieces: dict[int, list[Tensor]] = {}
         for chunk in group.chunks:
-            for (member, _, _), view in zip(chunk.pieces, chunk.split(chunk.copy(members))):
+            for (member, _, _), view in zip(chunk.pieces, chunk.split(chunk.copy(members)), strict=True):
                 pieces.setdefault(member, []).append(view)
         for member, views in pieces.items():
             copies[group.members[member]] = views[0] if len(views) == 1 else torch.cat(views)
-    return [weight.detach().clone() if copy is None else copy for weight, copy in zip(weights, copies)]
+    return [weight.detach().clone() if copy is None else copy for weight, copy in zip(weights, copies, strict=True)]
 
 
 def _bits(tensor: Tensor) -> Tensor:
@@ -633,10 +636,10 @@ def _bits(tensor: Tensor) -> Tensor:
 def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     """Tensors whose non-zero elements are those with grad != 0, all of one dtype: the grads
     themselves when they share one, else (mixed or missing grads, rare) per-tensor masks."""
-    dtypes = {grad.dtype for grad in grads if grad is not None}
-    if len(dtypes) == 1 and all(grad is not None for grad in grads):
-        return grads  # type: ignore[return-value]
-    return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
+    present = [grad for grad in grads if grad is not None]
+    if len(present) == len(grads) and len({grad.dtype for grad in present}) == 1:
+        return present
+    return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like, strict=True)]
 
 
 @torch.no_grad()

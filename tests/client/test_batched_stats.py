@@ -91,7 +91,7 @@ def _all_statistics(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> d
 
 def _one_by_one(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same statistics, each tensor on its own (no group, no concatenation)."""
-    singles = [_all_statistics([g], [w]) for g, w in zip(grads, weights)]
+    singles = [_all_statistics([g], [w]) for g, w in zip(grads, weights, strict=True)]
     joined = {}
     for name in singles[0]:
         parts = [single[name] for single in singles]

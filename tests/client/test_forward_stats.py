@@ -101,7 +101,7 @@ def test_watched_training_is_bit_identical_to_unwatched(tmp_path):
     watched = copy.deepcopy(plain)
     train(plain, 6)
     train(watched, 6, watcher=dict(run="same", spool_dir=tmp_path, histogram_every=1))
-    for (name, a), b in zip(plain.named_parameters(), watched.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), watched.parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
