@@ -157,7 +157,8 @@ class WatchedTensors:
         else:
             every = [p.grad for p in self.parameters]  # (each .grad read costs: once per step)
             present = [i for i, grad in enumerate(every) if grad is not None]
-            grads = [local_tensor(every[i]) for i in present] if self._dtensors else [every[i] for i in present]
+            found = [grad for grad in every if grad is not None]
+            grads = [local_tensor(grad) for grad in found] if self._dtensors else found
             layout = self._grad_layout(present)
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
