@@ -78,8 +78,8 @@ import math
 import time as _time
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal, TypedDict, get_args
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, TypedDict, get_args, overload
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
@@ -131,6 +131,7 @@ UPDATE_STATS: tuple[TensorStat, ...] = ("update_ratio", "stale_fraction")
 EVERY_STEP_STATS: tuple[TensorStat, ...] = (*GRAD_STATS, *NONFINITE_STATS)
 QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
+# An f-string is a plain str to mypy; each of these names is a TensorStat.
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
 ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
 # Step fields version 3 added: the forward statistics and what clipping did.
@@ -174,14 +175,14 @@ GEMM_STATS: tuple[str, ...] = tuple(name for names in GEMM_OPERAND_STATS.values(
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
 _INTEGER_STATS = (*NONFINITE_STATS, *FORMAT_COUNT_STATS)
-# The dtype of each stat's array.
+# The dtype of each stat's array; keyed by str, as the names read off the wire and out of the store are.
 TENSOR_STATS: dict[str, ArrayDtype] = {
     **{name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)},
     **dict.fromkeys(GEMM_STATS, "<f4"),
 }
 
-ActivationStat = Literal["absmax", "nonfinite"]
-ACTIVATION_STATS: dict[ActivationStat, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
+# Per-module activation statistics of a step, and their dtypes.
+ACTIVATION_STATS: dict[str, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
 
 # Exponent histogram layout: one bin per binade floor(log2|x|) from EXPONENT_MIN to
 # EXPONENT_MAX (the float32 range, subnormals included), then zero, +-Inf and NaN bins.
@@ -197,8 +198,8 @@ LINEAR_BINS = 64
 HistogramKind = Literal["grad", "weight"]
 HISTOGRAM_KINDS: tuple[HistogramKind, ...] = get_args(HistogramKind)
 HistogramField = Literal["exponent", "linear_min", "linear_max", "linear"]
-# Each histogram field's dtype, and how many values it holds per tensor.
-HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {
+# Each histogram field's dtype (keyed by str, like TENSOR_STATS), and how many values it holds per tensor.
+HISTOGRAM_DTYPES: dict[str, ArrayDtype] = {
     "exponent": "<i8",
     "linear_min": "<f4",
     "linear_max": "<f4",
@@ -348,7 +349,13 @@ def encode_float(value: float | None) -> float | str | None:
     return "Infinity" if value > 0 else "-Infinity"
 
 
-def decode_float(value: float | int | str | None) -> float | None:
+@overload
+def decode_float(value: float | str) -> float: ...
+@overload
+def decode_float(value: None) -> None: ...
+@overload
+def decode_float(value: float | str | None) -> float | None: ...
+def decode_float(value: float | str | None) -> float | None:
     """Inverse of :func:`encode_float`; raises ValueError on any other string."""
     if value is None:
         return None
@@ -524,7 +531,7 @@ def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
     return raw
 
 
-def dumps(document: dict[str, Any]) -> bytes:
+def dumps(document: Mapping[str, Any]) -> bytes:
     """A protocol document as compact UTF-8 JSON. Floats must already be encoded:
     a bare NaN/Inf raises instead of producing invalid JSON."""
     return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")

@@ -20,6 +20,8 @@ Where the numbers are taken:
   forward (with gradients) belong to the step that ended; from that forward on, to the next.
 * Sharded (DTensor, FSDP2) parameters: each rank measures its shard and
   :mod:`numwatch.kernels.sharded` combines them into whole-tensor statistics.
+* DeepSpeed ZeRO: the engine's optimizer step reads, counts and ends each step
+  (:mod:`numwatch.step.deepspeed_site`), from each rank's partition (:mod:`numwatch.capture.deepspeed`).
 
 NaN/Inf counts are taken when that costs no host-device sync (:mod:`numwatch.step.reading`).
 On devices other than the CPU the host copy of a step is read at the next step, so
@@ -48,6 +50,7 @@ from numwatch.capture.activations import ActivationTracer
 from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
 from numwatch.capture.clipping import ClipObserver
+from numwatch.capture.deepspeed import EngineAdapter, ZeroPartition, deepspeed_engine
 from numwatch.capture.forward_probe import ForwardProbe
 from numwatch.capture.gemm import GemmProbe
 from numwatch.capture.guard import Guard
@@ -57,9 +60,11 @@ from numwatch.delivery.spool import default_spool_root, spool_directory
 from numwatch.delivery.transport import Transport
 from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.kernels.chunks import release_scratch
+from numwatch.kernels.device import accelerator_path
 from numwatch.kernels.sharded import UnsupportedConfiguration, refuse_unsupported
 from numwatch.step import records
-from numwatch.step.ledger import StepLedger
+from numwatch.step.deepspeed_site import DeepSpeedSite
+from numwatch.step.ledger import Stage, StepLedger
 from numwatch.step.measurement import Cadence, WatchedTensors, select_parameters
 from numwatch.step.reading import GradientReader, learning_rates
 from numwatch.step.records import StepRecord
@@ -146,10 +151,14 @@ class Watcher:
         spool_dir: str | os.PathLike[str] | None,
         config: dict[str, Any] | None,
         resume: bool,
+        deepspeed: Any = None,
     ) -> None:
         if measure not in MEASURE_MODES:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
-        refuse_unsupported(model, optimizer)
+        # DeepSpeed: the engine (checked by deepspeed_engine) whose optimizer step reads and ends each step.
+        self._deepspeed = EngineAdapter(deepspeed) if deepspeed is not None else None
+        if deepspeed is None:
+            refuse_unsupported(model, optimizer)
         if model in _watched_models:
             raise RuntimeError(
                 f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); "
@@ -167,7 +176,8 @@ class Watcher:
         if not selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
         fmt = format_spec(format or ("fp16" if self.scaler else format_name_for_dtype(selected[0][1].dtype)))
-        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
+        partition = ZeroPartition(deepspeed, [p for _, p in selected]) if deepspeed is not None else None
+        self.watched = WatchedTensors(selected, fmt, Cadence(histogram_every, format_every, quant_every), partition)
         self.tensor_names = self.watched.names
         self.device = self.watched.device
         self.format = fmt
@@ -187,7 +197,7 @@ class Watcher:
         )
         self.gemm_every = self._gemm_cadence(gemm_every)
         self.gemm = (
-            GemmProbe(model, self.watched.local_parameters(), self._gemm_due, self._guard.failed)
+            GemmProbe(model, self.watched.parameters, self._gemm_due, self._guard.failed)
             if self.gemm_every > 0
             else None
         )
@@ -197,7 +207,7 @@ class Watcher:
             self._reader,
             self._checker,
             self._submit,
-            defer_checks=self.device.type != "cpu",
+            defer_checks=accelerator_path(self.device),
             tracer=self.tracer,
             probe=self.probe,
             gemm=self.gemm,
@@ -209,7 +219,7 @@ class Watcher:
         self._root_listener: RootListener | None = None
         self._optimizer_finder: RemovableHandle | None = None
         self._clips = ClipObserver(self.watched.parameters, self._ledger, self._guard)
-        if measure == "auto":
+        if measure == "auto" and self._deepspeed is None:
             self._trigger = BackwardEndTrigger(
                 model,
                 self._guard("end-of-backward read", self._backward_ended),
@@ -241,6 +251,8 @@ class Watcher:
 
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:
         ledger, guard = self._ledger, self._guard
+        if self._deepspeed is not None:
+            return [DeepSpeedSite(ledger, guard, self._deepspeed)]
         if self.measure == "manual":
             framework: list[StepSite] = [FrameworkSite(ledger, guard, optimizer)]
             return framework + (
@@ -298,17 +310,19 @@ class Watcher:
 
     def _run_document(self, project: str | None, config: dict[str, Any] | None) -> protocol.RunDocument:
         groups = {}
-        if self.optimizer is not None:
+        if self.watched.partition is not None:
+            groups = self.watched.partition.param_groups()  # ZeRO's groups hold flat partitions
+        elif self.optimizer is not None:
             for index, group in enumerate(self.optimizer.param_groups):
                 groups.update({id(p): index for p in group["params"]})
         tensors: list[protocol.TensorSpec] = [
             {
                 "name": n,
-                "shape": list(p.shape),
+                "shape": list(shape),
                 "dtype": str(p.dtype).removeprefix("torch."),
                 "group": groups.get(id(p), protocol.NO_PARAM_GROUP),
             }
-            for n, p in zip(self.watched.names, self.watched.parameters, strict=True)
+            for n, p, shape in zip(self.watched.names, self.watched.parameters, self.watched.shapes, strict=True)
         ]
         run_config = {
             "model": type(self.model).__name__,
@@ -347,16 +361,17 @@ class Watcher:
         return self._ledger.steps % self.gemm_every == 0
 
     def _gemm_cadence(self, gemm_every: int | None) -> int:
-        """``gemm_every`` as given, else ``histogram_every``; sharded parameters reach ``F.linear`` as
-        unsharded copies numwatch cannot match to the watched tensors: off by default, refused when asked."""
+        """``gemm_every`` as given, else ``histogram_every``. Sharded parameters (FSDP2, DTensor, DeepSpeed
+        ZeRO) reach ``F.linear`` as gathered copies, or are released again before the forward ends: off by
+        default, refused when asked."""
         if gemm_every is not None and gemm_every < 0:
             raise ValueError(f"gemm_every must be >= 0 (0 turns it off), not {gemm_every}")
-        if self.watched.sharding is None:
+        if self.watched.sharding is None and self.watched.partition is None:
             return self.histogram_every if gemm_every is None else gemm_every
         if gemm_every:
             raise UnsupportedConfiguration(
-                "numwatch: gemm_every needs unsharded parameters (FSDP2/DTensor weights reach F.linear as "
-                "gathered copies); pass gemm_every=0"
+                "numwatch: gemm_every needs unsharded parameters (FSDP2, DTensor and DeepSpeed ZeRO weights reach "
+                "F.linear as gathered copies); pass gemm_every=0"
             )
         return 0
 
@@ -390,6 +405,10 @@ class Watcher:
         measurement = self._ledger.under_way
         return measurement is not None and measurement.started
 
+    def takes_logs_for(self, step: int) -> bool:
+        """Whether step ``step`` ended and still takes ``log()`` values (until the model's next forward)."""
+        return self._ledger.stage_of(step) is Stage.ENDED
+
     def gradients_ready(self) -> None:
         """Read the gradients of the coming optimizer step now (replacing an earlier read).
 
@@ -399,7 +418,7 @@ class Watcher:
         times 1/S. The step still ends where it would (optimizer step, ``scaler.update()``)
         or, with ``measure="manual"``, at :meth:`finish_step`.
         """
-        if not self._closed:
+        if not self._closed and self._deepspeed is None:  # DeepSpeed's optimizer step reads them
             self._guard("watcher.gradients_ready", self._read_now)()
 
     def _read_now(self) -> None:
@@ -409,7 +428,7 @@ class Watcher:
     def finish_step(self) -> None:
         """End a step measured by :meth:`gradients_ready` (``measure="manual"``), after the
         optimizer update (and ``scaler.update()``). Does nothing when no step was measured."""
-        if self._closed or self.measure != "manual":
+        if self._closed or self.measure != "manual" or self._deepspeed is not None:
             return
         (framework,) = [site for site in self._sites if isinstance(site, FrameworkSite)]
         self._guard("watcher.finish_step", framework.finish_step)()
@@ -546,10 +565,17 @@ def watch(
     before clipping; a :meth:`Watcher.gradients_ready` call reads again) or "manual" (for
     framework adapters: only ``gradients_ready()`` reads; :meth:`Watcher.finish_step` ends
     each step).
+    ``model`` may be a DeepSpeed engine (ZeRO stages 1, 2, 3): ``watch(engine)`` and
+    ``watch(engine.module, engine.optimizer)`` are the same; see ``docs/frameworks-deepspeed.md``.
     Raises :class:`~numwatch.kernels.sharded.UnsupportedConfiguration` for setups it cannot measure
-    correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
+    correctly (DeepSpeed offload and other parallelisms, FSDP1 flat parameters, some DTensor placements).
     """
-    optimizer, scaler = unwrap_optimizer(optimizer, scaler)
+    engine = deepspeed_engine(model, optimizer)  # refuses the DeepSpeed setups it cannot measure
+    if engine is not None:
+        model, optimizer = engine.module, engine.optimizer
+    else:
+        refuse_unsupported(model, optimizer)  # before unwrapping: a wrapper may hide what it wraps
+        optimizer, scaler = unwrap_optimizer(optimizer, scaler)
     return Watcher(
         model,
         optimizer,
@@ -573,4 +599,5 @@ def watch(
         spool_dir=spool_dir,
         config=config,
         resume=resume,
+        deepspeed=engine,
     )

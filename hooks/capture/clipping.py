@@ -17,17 +17,18 @@ observer reports to the step under way through :class:`ClipTarget` (the step led
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.utils.clip_grad as clip_grad
 
 from numwatch.capture.guard import Guard
 from numwatch.capture.patches import SharedPatch
+from numwatch.kernels.device import to_device
 from numwatch.kernels.sharded import is_dtensor
 
 if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
+    pass
 
 NORM_EPSILON = 1e-6  # torch's, in the clip coefficient
 
@@ -134,10 +135,12 @@ class ClipObserver:
         columns = self._columns(parameters)
         if not columns:
             return
-        total = cast("DTensor", total_norm).full_tensor() if is_dtensor(total_norm) else total_norm
+        total = total_norm.full_tensor() if is_dtensor(total_norm) else total_norm
         effect = self._target.clip_effect()
         # The coefficient exactly as torch computes it.
-        coefficient = torch.clamp(float(max_norm) / (total.to(effect.norms.device) + NORM_EPSILON), max=1.0)
+        coefficient = torch.clamp(
+            float(max_norm) / (total.to(effect.norms.device, non_blocking=True) + NORM_EPSILON), max=1.0
+        )
         index = self._on_device(columns, effect.norms.device)
         effect.norms[index] = effect.norms[index] * coefficient.to(effect.norms.dtype)
 
@@ -153,5 +156,5 @@ class ClipObserver:
     def _on_device(self, columns: list[int], device: torch.device) -> torch.Tensor:
         key = tuple(columns)
         if key not in self._device_columns:
-            self._device_columns[key] = torch.tensor(columns, device=device)
+            self._device_columns[key] = to_device(torch.tensor(columns), device)
         return self._device_columns[key]

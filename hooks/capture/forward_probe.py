@@ -49,9 +49,11 @@ class ForwardProbe:
         self.log_z = LogZ(chunk_elements)
         self._depth = 0  # > 0 while a measured forward runs (a model may call itself)
         self._logits_handle: RemovableHandle | None = None
+        # Under torch.compile the root module's hooks run as frames of their own: they run eagerly,
+        # never traced (no graph break, no guard on numwatch's state).
         self._handles = [
-            model.register_forward_pre_hook(self._before),
-            model.register_forward_hook(self._after, always_call=True),
+            model.register_forward_pre_hook(torch.compiler.disable(self._before)),
+            model.register_forward_hook(torch.compiler.disable(self._after), always_call=True),
         ]
 
     def _before(self, module: nn.Module, inputs: Any) -> None:

@@ -43,7 +43,9 @@ class ScalerAdapter:
         state = self._state(optimizer)
         if state is None or not state["found_inf_per_device"]:
             return None
-        return torch.stack([flag.to(device) for flag in state["found_inf_per_device"].values()]).sum()
+        return torch.stack(
+            [flag.to(device, non_blocking=True) for flag in state["found_inf_per_device"].values()]
+        ).sum()
 
     def scaling(self, optimizer: torch.optim.Optimizer | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(gradient multiplier, format multiplier) for gradients read now: 1/S while they are

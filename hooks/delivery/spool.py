@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,7 @@ class SpoolWriter:
                 self._torn = reader.read(1) != b"\n"
         return handle
 
-    def append(self, kind: str, body: dict[str, Any]) -> SpoolPosition:
+    def append(self, kind: str, body: Mapping[str, Any]) -> SpoolPosition:
         """Write one document as a line; returns where it ends.
 
         Raises ``OSError`` when the disk refuses it (full, read-only); the next append then

@@ -294,7 +294,9 @@ class StepLedger:
         """A clip function is about to rewrite the step's gradients: the last moment to count their NaN/Inf."""
         measurement = self.under_way
         if measurement is not None and measurement.reading is not None:
-            self.reader.count_nonfinite_if_due(measurement, self.reader.scaler_verdict())
+            # On accelerators the GradScaler's verdict is still on the device (reading it would wait
+            # for the device): the usual rule decides.
+            self.reader.count_nonfinite_if_due(measurement, None)
 
     def clip_effect(self) -> ClipEffect:
         measurement = self.under_way

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ from torch import nn
 
 from numwatch.capture.attention import AttentionMaxima
 from numwatch.capture.clipping import ClipEffect
+from numwatch.capture.deepspeed import ZeroPartition
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
-from numwatch.kernels.chunks import to_device
+from numwatch.kernels.chunks import Layout, layout_of
+from numwatch.kernels.device import to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
-from numwatch.kernels.sharded import ShardReduction, local_tensor
+from numwatch.kernels.sharded import ShardReduction, is_dtensor, local_tensor
 from numwatch.naming import tensor_name
 from numwatch.step import records
 from numwatch.step.hostcopy import DeviceStack
@@ -104,33 +107,63 @@ class GradientReading:
 class WatchedTensors:
     """The watched parameters and how their statistics are taken."""
 
-    def __init__(self, selected: list[tuple[str, nn.Parameter]], fmt: FormatSpec, cadence: Cadence) -> None:
+    def __init__(
+        self,
+        selected: list[tuple[str, nn.Parameter]],
+        fmt: FormatSpec,
+        cadence: Cadence,
+        partition: ZeroPartition | None = None,
+    ) -> None:
         self.names = [name for name, _ in selected]
         self.parameters = [parameter for _, parameter in selected]
-        self.sharding = ShardReduction.for_parameters(selected)
+        # DeepSpeed ZeRO: the gradients, weights and Adam state are this rank's fragments of them.
+        self.partition = partition
+        self.sharding = partition.reduction if partition is not None else ShardReduction.for_parameters(selected)
+        self.shapes = partition.shapes if partition is not None else [tuple(p.shape) for p in self.parameters]
+        self._dtensors = any(is_dtensor(p) for p in self.parameters)
+        self._layouts: dict[tuple[int, ...], Layout] = {}
         self.device = self.parameters[0].device
         self.format = fmt
         self.cadence = cadence
 
+    def _grad_layout(self, present: list[int]) -> Layout:
+        """The layout of these parameters' gradients, kept (torch gives a gradient its parameter's
+        device, dtype and size): working it out from the gradients costs more than the statistic."""
+        key = tuple(present)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= 16:  # gradients present that keep changing: start over
+                self._layouts.clear()
+            layout = self._layouts[key] = layout_of([local_tensor(self.parameters[i]) for i in present])
+        return layout
+
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
+        if self.partition is not None:
+            return self.partition.weights()
         return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
     def read_gradients(
-        self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, step: int, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
 
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
         ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
         """
-        with_grad = [(i, p.grad) for i, p in enumerate(self.parameters) if p.grad is not None]
-        present = [i for i, _ in with_grad]
-        grads = [local_tensor(grad) for _, grad in with_grad]
+        layout: Layout | None = None
+        if self.partition is not None:
+            present, grads = list(range(len(self.parameters))), self.partition.gradients()
+        else:
+            every = [p.grad for p in self.parameters]  # (each .grad read costs: once per step)
+            present = [i for i, grad in enumerate(every) if grad is not None]
+            found = [grad for grad in every if grad is not None]
+            grads = [local_tensor(grad) for grad in found] if self._dtensors else found
+            layout = self._grad_layout(present)
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
-        norms = stats.grad_norms(grads, multiplier=grad_multiplier)
+        norms = stats.grad_norms(grads, multiplier=grad_multiplier, layout=layout)
         sampled, exponent = self.cadence.sampled(step), None
         if sampled and self.cadence.format_due(step):
             # One read of the gradients for both the format counts and the exponent histogram.
@@ -204,8 +237,11 @@ class WatchedTensors:
         self._add_histograms(parts, "weight", weights, None)
         if self.sharding is not None:
             # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards.
-            if adam_family(optimizer):
-                (sums,) = self.sharding.sums([adam_sums(optimizer, self.parameters)])
+            adam_optimizer, adam_parameters = (
+                self.partition.adam_view() if self.partition is not None else (optimizer, self.parameters)
+            )
+            if adam_family(adam_optimizer):
+                (sums,) = self.sharding.sums([adam_sums(adam_optimizer, adam_parameters)])
                 parts[records.ADAM] = health_from_sums(sums, self._numels(sums.device))
             return parts
         if snapshot is not None and reading is not None and reading.grads:
@@ -225,7 +261,7 @@ class WatchedTensors:
 
     def _numels(self, device: torch.device) -> torch.Tensor:
         """float [n]: the whole tensors' element counts."""
-        return to_device(torch.tensor([float(p.numel()) for p in self.parameters]), device)
+        return to_device(torch.tensor([float(math.prod(shape)) for shape in self.shapes]), device)
 
     def quant_parts(self) -> dict[str, torch.Tensor]:
         """The weights' SQNR under each quantization scheme, as they are now (of the whole
@@ -233,7 +269,7 @@ class WatchedTensors:
         if self.sharding is not None:
             return {
                 records.QUANT: self.sharding.quantization_sqnr(
-                    self.local_parameters(), [p.numel() for p in self.parameters]
+                    self.local_parameters(), [math.prod(shape) for shape in self.shapes]
                 )
             }
         return {records.QUANT: quantization_sqnr(self.local_parameters())}
@@ -279,7 +315,7 @@ class StepMeasurement:
         return self.clip
 
     def read(
-        self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, watched: WatchedTensors, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> None:
         """Read the gradients, replacing an earlier reading of this step."""
         if self.phase is Phase.FAILED:
@@ -332,7 +368,7 @@ class StepMeasurement:
             if isinstance(value, torch.Tensor):
                 stack.add(
                     records.LOSS if name == "loss" else records.SCALAR_PREFIX + name,
-                    value.detach().reshape(()).to(device),
+                    value.detach().reshape(()).to(device, non_blocking=True),
                 )
             elif name == "loss":
                 logged_loss = float(value)
@@ -341,7 +377,10 @@ class StepMeasurement:
         if self.losses and "loss" not in self.logged:
             # The loss whose gradient the step applies: the sum over the step's backwards
             # (micro-batches under accumulation, each usually divided by their number).
-            stack.add(records.LOSS, torch.stack([loss.float().reshape(()).to(device) for loss in self.losses]).sum())
+            stack.add(
+                records.LOSS,
+                torch.stack([loss.float().reshape(()).to(device, non_blocking=True) for loss in self.losses]).sum(),
+            )
         module_order: list[int] = []
         if module_parts is not None:
             absmax, module_order = module_parts
@@ -351,11 +390,11 @@ class StepMeasurement:
             attention, output_logits = forward_parts
             if attention and attention.stacked is not None:
                 attention_calls = list(attention)
-                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
+                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device, non_blocking=True))
             if output_logits is not None:
-                stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(device, non_blocking=True))
         if gemm is not None:
-            stack.add(records.GEMM, gemm.to(device))
+            stack.add(records.GEMM, gemm.to(device, non_blocking=True))
         return StepRecord(
             step_number=self.number,
             time=time.time(),

@@ -3,16 +3,20 @@
 NaN/Inf counts are only meaningful for tensors whose norm is not finite, and are taken when
 that is known without a host-device sync: on CPU (reading is free) when the norms are read;
 on accelerators on sampled steps, for a while after non-finite values were seen, and on a
-step the (non-fused) GradScaler skipped, which the host knows.
+step the (non-fused) GradScaler skipped, which the host knows. A clip rewrites the gradients:
+they are counted before one (on accelerators by the same rule: the GradScaler's verdict is still
+on the device then), never after.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
 
 from numwatch.capture.scaler import ScalerAdapter
+from numwatch.kernels.device import accelerator_path
 from numwatch.step.measurement import GradientReading, StepMeasurement, WatchedTensors
 
 # Accelerators count NaN/Inf per tensor for this many steps after non-finite values were seen.
@@ -64,25 +68,17 @@ class GradientReader:
         """The per-tensor L2 norms of the reading's gradients as they are now (after a value clip)."""
         return self.watched.norms_now(reading, self.scaling()[0])
 
-    def scaler_verdict(self) -> bool | None:
-        """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
-        reads the same flags on the host right after a clip, so reading them first adds no sync."""
-        if self.watched.device.type == "cpu" or self.scaler is None or not self.scaler.unscaled(self.optimizer):
-            return None
-        found_inf = self.scaler.found_inf(self.optimizer, self.watched.device)
-        return bool(found_inf.item()) if found_inf is not None else None
-
     def count_nonfinite_if_due(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
         """Add the per-tensor NaN/Inf counts of the read gradients, when they are due (see the module docstring).
 
         ``skip_known``: the GradScaler's verdict when the host knows it (True: it skipped the step).
         """
         reading = measurement.reading
-        if reading is None or not reading.grads or reading.has_counts:
-            return
-        if self.watched.device.type == "cpu":
-            # The norms are ordinary host memory: reading them costs nothing.
-            due = not bool(torch.isfinite(reading.norms[0]).all())
+        if reading is None or not reading.grads or reading.has_counts or measurement.clip is not None:
+            return  # (after a clip the gradients are no longer the ones read)
+        if not accelerator_path(self.watched.device):
+            # The norms are ordinary host memory: reading them costs nothing (a NaN or Inf makes the sum so).
+            due = not math.isfinite(float(reading.norms[0].numpy().sum()))
         elif skip_known is not None:
             due = skip_known  # the GradScaler's verdict, read on the host already
         else:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from numwatch import protocol
+from numwatch.step.documents import StepDocuments
 from numwatch.step.hostcopy import DeviceStack, HostStack
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
@@ -51,15 +52,6 @@ _ROWS: dict[str, tuple[protocol.TensorStat, ...]] = {
     GEMM: protocol.GEMM_STATS,
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
-
-
-@dataclass
-class StepDocuments:
-    """What one step contributes to a batch."""
-
-    step: protocol.StepDocument
-    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
-    events: list[protocol.EventDocument] = field(default_factory=list)
 
 
 def histogram_part(kind: str, field_name: str) -> str:

@@ -25,7 +25,15 @@ from numwatch import protocol
 from numwatch.monitor.detectors import forward_events, gemm_events, spikes
 from numwatch.monitor.detectors import rules as detectors
 from numwatch.monitor.errors import IngestError, NotFound
-from numwatch.monitor.ingest.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
+from numwatch.monitor.ingest.schemas import (
+    MAX_RUN_NAME,
+    BatchDocument,
+    EventDocument,
+    HistogramDocument,
+    IngestResult,
+    RunDocument,
+    StepDocument,
+)
 from numwatch.monitor.reads import forward
 from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.store import blocks as step_blocks
@@ -64,7 +72,7 @@ def _schema_difference(old: list[dict], new: list[dict]) -> str | None:
         return None
     if len(old_key) != len(new_key):
         return f"{len(new_key)} tensors, the registered schema has {len(old_key)}"
-    index = next(i for i, (a, b) in enumerate(zip(old_key, new_key)) if a != b)
+    index = next(i for i, (a, b) in enumerate(zip(old_key, new_key, strict=True)) if a != b)
     return f"tensor {index} is {new_key[index]}, the registered schema has {old_key[index]}"
 
 
@@ -172,7 +180,8 @@ def batch_target(
     claim = session.get(RunInstance, document.instance)
     if claim is None or claim.requested_name != requested:
         raise NotFound(
-            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST {protocol.RUNS_PATH} first)"
+            f"run {requested!r} has no registered instance {document.instance!r} "
+            f"(register it with POST {protocol.RUNS_PATH} first)"
         )
     run = session.get(Run, claim.run_id)
     assert run is not None
@@ -180,7 +189,12 @@ def batch_target(
     if not claim.step_offset:
         return run, document
     shifted = document.model_copy(deep=True)
-    for item in (*shifted.steps, *shifted.histograms, *shifted.events):
+    items: tuple[StepDocument | HistogramDocument | EventDocument, ...] = (
+        *shifted.steps,
+        *shifted.histograms,
+        *shifted.events,
+    )
+    for item in items:
         item.step += claim.step_offset
     return run, shifted
 
@@ -195,7 +209,8 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                 if getattr(step, name) not in (None, False):
                     raise IngestError(
                         422,
-                        f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}",
+                        f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says "
+                        f"{document.protocol}",
                     )
         for name, values in step.tensors.items():
             if name in protocol.V2_TENSOR_STATS and document.protocol < 2:
@@ -415,7 +430,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     # Within one batch the first copy of a step wins too.
     rows_by_step: dict[int, dict[str, Any]] = {}
     conflicts: list[int] = []
-    for step, raw in zip(document.steps, decoded):
+    for step, raw in zip(document.steps, decoded, strict=True):
         row = _step_row(step, raw)
         first = rows_by_step.setdefault(step.step, row)
         if first is not row and not _same_content(first, row):
@@ -468,9 +483,9 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
         new_steps = {row["step"] for row in new_rows}
         forward_rows = [
-            row
+            forward_stats
             for step in document.steps
-            if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None
+            if step.step in new_steps and (forward_stats := forward.forward_row(run.id, rank, step)) is not None
         ]
         forward_rows = sorted(
             {row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"]
@@ -498,7 +513,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
                 )
             )
         }
-        fresh = {}
+        fresh: dict[tuple[int, str], dict[str, Any]] = {}
         for h in document.histograms:
             if (h.step, h.kind) not in existing:
                 fresh.setdefault(

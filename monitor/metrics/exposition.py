@@ -164,7 +164,8 @@ class _Families:
             ),
             "headroom_bits": gauge(
                 "numwatch_headroom_log2",
-                "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the last step; promtool rejects a _bits suffix.",
+                "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the "
+                "last step; promtool rejects a _bits suffix.",
                 labels=RUN_LABELS,
             ),
             "stale_fraction": gauge(
@@ -177,7 +178,8 @@ class _Families:
             ),
             "adam_update_rms": gauge(
                 "numwatch_adam_update_rms",
-                "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) (last sampled step).",
+                "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) "
+                "(last sampled step).",
                 labels=RUN_LABELS,
             ),
             "adam_eps_dominated": gauge(
@@ -187,12 +189,14 @@ class _Families:
             ),
             "attention_logit_max": gauge(
                 "numwatch_attention_logit_max",
-                "Largest pre-softmax attention logit scale*q.k over attention calls, batch, heads and unmasked positions (last measured forward; NaN allowed).",
+                "Largest pre-softmax attention logit scale*q.k over attention calls, batch, heads and unmasked "
+                "positions (last measured forward; NaN allowed).",
                 labels=RUN_LABELS,
             ),
             "log_z_mean": gauge(
                 "numwatch_output_log_z_mean",
-                "Mean over tokens of log Z = logsumexp of the output logits over the vocabulary (last measured forward).",
+                "Mean over tokens of log Z = logsumexp of the output logits over the vocabulary (last measured "
+                "forward).",
                 labels=RUN_LABELS,
             ),
             "log_z_max": gauge(
@@ -204,7 +208,8 @@ class _Families:
         }
         self.attention_logit_threshold = gauge(
             "numwatch_attention_logit_threshold",
-            "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the alert compares with.",
+            "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the "
+            "alert compares with.",
         )
         self.attention_logit_threshold.add_metric([], attention_logit_threshold)
         self.gemm_sqnr_threshold = gauge(
@@ -219,12 +224,14 @@ class _Families:
             ),
             "clipped_steps_total": counter(
                 "numwatch_clipped_steps",
-                "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with numwatch_steps_total, the clipping rate.",
+                "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with "
+                "numwatch_steps_total, the clipping rate.",
                 labels=RUN_LABELS,
             ),
             "nonfinite_steps_total": counter(
                 "numwatch_nonfinite_steps",
-                "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as skipped steps instead).",
+                "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as "
+                "skipped steps instead).",
                 labels=RUN_LABELS,
             ),
             "nonfinite_loss_total": counter(
@@ -252,12 +259,14 @@ class _Families:
         }
         self.spike_score = gauge(
             "numwatch_spike_score",
-            "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 before any is judged.",
+            "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 "
+            "before any is judged.",
             labels=[*RUN_LABELS, "signal"],
         )
         self.quant_sqnr_min = gauge(
             "numwatch_quant_sqnr_min_decibels",
-            "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last quantization step).",
+            "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last "
+            "quantization step).",
             labels=[*RUN_LABELS, "scheme"],
         )
         self.gemm_sqnr_min = gauge(
@@ -287,8 +296,8 @@ class _Families:
             value = getattr(state, attribute)
             if value is not None:
                 family.add_metric(labels, float(value))
-        for attribute, family in self.counters.items():
-            family.add_metric(labels, getattr(state, attribute))
+        for attribute, counter in self.counters.items():
+            counter.add_metric(labels, getattr(state, attribute))
         for attribute, family in self.ratios.items():
             value = getattr(state, attribute)
             if value is not None:
@@ -307,7 +316,7 @@ class _Families:
         counts = np.cumsum(
             np.asarray(state.grad_norm_bucket_counts or [0] * (len(GRAD_NORM_BUCKETS) + 1), dtype=np.int64)
         )
-        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1])] + [
+        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1], strict=True)] + [
             ("+Inf", int(counts[-1]))
         ]
         self.grad_norm_distribution.add_metric(labels, buckets, sum_value=state.grad_norm_sum)

@@ -131,7 +131,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         for token in list_tokens(session):
             state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
             print(
-                f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  {state}"
+                f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  "
+                f"{state}"
             )
     return 0
 
@@ -287,7 +288,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"rejected by the collector (not retried): {line}", file=sys.stderr)
     if report.unreachable:
         print(
-            f"\nnumwatch sync: stopped, collector unavailable ({report.unreachable}); run it again later — it resumes where it stopped",
+            f"\nnumwatch sync: stopped, collector unavailable ({report.unreachable}); run it again later — it resumes "
+            "where it stopped",
             file=sys.stderr,
         )
         return 1
@@ -309,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numwatch",
         description="numwatch: numeric-health monitoring for PyTorch training (collector, tokens, runs, sync, demo).",
-        epilog="Training side: `import numwatch; numwatch.watch(model, optimizer, scaler=scaler)`. Each command has its own --help.",
+        epilog=(
+            "Training side: `import numwatch; numwatch.watch(model, optimizer, scaler=scaler)`. Each command has "
+            "its own --help."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -318,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the collector (HTTP API, /metrics)",
         description=(
             "Run the collector. On 127.0.0.1 auth is off unless --auth token; elsewhere tokens are required. "
-            "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db upgrade`."
+            "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db "
+            "upgrade`."
         ),
     )
     serve.add_argument("--host", default=None, help="address to bind (default: env NUMWATCH_HOST, else 127.0.0.1)")
@@ -374,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         "gc",
         help="delete runs not heard from for a while, and rows of runs deleted by hand",
         description=(
-            "Delete every run whose last batch or registration is older than --older-than (of --project only, if given), "
-            "finish deletions cut short, remove rows left by runs deleted by hand, and give the space back (SQLite)."
+            "Delete every run whose last batch or registration is older than --older-than "
+            "(of --project only, if given), finish deletions cut short, remove rows left by runs deleted by hand, "
+            "and give the space back (SQLite)."
         ),
     )
     gc.add_argument("--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m, 2w")

@@ -38,7 +38,10 @@ class HistogramSteps(BaseModel):
     rank: int
     steps: list[int] = Field(description="the sampled steps that have this kind of histogram, ascending")
     suggested: HistogramChoice | None = Field(
-        description="what to show first: the first tensor that went non-finite, at the last sampled step before it (else the latest)"
+        description=(
+            "what to show first: the first tensor that went non-finite, at the last sampled step before it "
+            "(else the latest)"
+        )
     )
 
 

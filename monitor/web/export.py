@@ -105,7 +105,8 @@ def export_run_page(session: Session, name: str, stale_after: float, gemm_thresh
     page = re.sub(r'<link rel="icon"[^>]*>\n?', "", page)
     page = _ASSET.sub(inline, page)
     policy = (
-        f"default-src 'none'; script-src {' '.join(map(_digest, scripts))}; style-src {' '.join(map(_digest, styles))}; "
+        f"default-src 'none'; script-src {' '.join(map(_digest, scripts))}; style-src "
+        f"{' '.join(map(_digest, styles))}; "
         "img-src data:; base-uri 'none'; form-action 'none'"
     )
     page = page.replace(

@@ -77,5 +77,5 @@ def test_both_ranks_spool_their_records(tmp_path):
         assert all(s["clipped"] for s in spooled.steps)
         assert spooled.statuses[-1] == "finished"
     # Measured after the all-reduce: both ranks see the same averaged gradients.
-    for step0, step1 in zip(per_rank[0].steps, per_rank[1].steps):
+    for step0, step1 in zip(per_rank[0].steps, per_rank[1].steps, strict=True):
         np.testing.assert_array_equal(per_rank[0].stat(step0, "grad_norm"), per_rank[1].stat(step1, "grad_norm"))
