@@ -17,7 +17,7 @@ compiled kernels) are not seen, nor are calls whose weight is no watched paramet
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -79,7 +79,7 @@ class GemmCapture(TorchFunctionMode):
     (their positions are the columns of :meth:`take_step`). ``failed(site)`` is told about any
     exception, which never reaches the model; the step's measurements are then dropped."""
 
-    def __init__(self, weights: list[torch.Tensor], failed: Callable[[str], None]) -> None:
+    def __init__(self, weights: Sequence[torch.Tensor], failed: Callable[[str], None]) -> None:
         super().__init__()
         self._index = {id(weight): i for i, weight in enumerate(weights)}
         self._n = len(weights)
@@ -175,7 +175,7 @@ class GemmProbe:
     """Enters a :class:`GemmCapture` for the forwards (with gradients) for which ``due()`` is true."""
 
     def __init__(
-        self, model: nn.Module, weights: list[torch.Tensor], due: Callable[[], bool], failed: Callable[[str], None]
+        self, model: nn.Module, weights: Sequence[torch.Tensor], due: Callable[[], bool], failed: Callable[[str], None]
     ) -> None:
         self.capture = GemmCapture(weights, failed)
         self._due = due
@@ -192,7 +192,7 @@ class GemmProbe:
             return
         try:
             if torch.is_grad_enabled() and self._due():
-                self.capture.__enter__()
+                self.capture.__enter__()  # type: ignore[no-untyped-call]  # unannotated in torch
                 self._depth = 1
         except Exception:
             self._failed("gemm forward pre-hook")
@@ -207,7 +207,7 @@ class GemmProbe:
     def _leave(self) -> None:
         self._depth = 0
         try:
-            self.capture.__exit__(None, None, None)
+            self.capture.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # as in _before
         finally:
             self.capture.forward_ended()
 

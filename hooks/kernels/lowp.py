@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from numwatch.kernels.chunks import Chunk, layout_of, scratch, to_device
+from numwatch.kernels.chunks import Chunk, layout_of, scratch
+from numwatch.kernels.device import to_device
 from numwatch.kernels.quantization import _one_cpu_thread, sqnr_from_sums
 from numwatch.kernels.stats import _absmax
 
@@ -294,7 +295,7 @@ def _aligned_sums(members: list[Tensor], per_tensor: ElementFormat, amax: Tensor
     per_group = []
     for group in layout.groups:
         tensors = group.tensors(members)
-        member_amax = torch.stack(_absmax(tensors)).float() if amax is None else group.select(amax)
+        member_amax = torch.stack(list(_absmax(tensors))).float() if amax is None else group.select(amax)
         per_chunk = [
             _chunk_sums(chunk, chunk.into(tensors, _X, torch.float32), chunk_amax, per_tensor)
             for chunk, chunk_amax in zip(group.chunks, group.chunk_slices(group.per_segment(member_amax)), strict=True)
@@ -312,7 +313,7 @@ def _padded_sums(tensor: Tensor, per_tensor: ElementFormat) -> Tensor:
     length = _row_length(tensor)
     rows = tensor.reshape(-1, length)
     padded_length = -(-length // ALIGN) * ALIGN
-    amax = torch.stack(_absmax([tensor])).float()
+    amax = torch.stack(list(_absmax([tensor]))).float()
     per_slice = max(1, _chunk_elements(tensor.device) // padded_length)
     slices = [
         _aligned_sums([F.pad(rows[start : start + per_slice].float(), (0, padded_length - length))], per_tensor, amax)

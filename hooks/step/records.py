@@ -41,7 +41,7 @@ OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
 GEMM = "gemm"  # float32 [len(protocol.GEMM_STATS), n]: matmul operands' low-precision readiness, per weight
 SCALAR_PREFIX = "scalar:"
 
-_ROWS: dict[str, tuple[protocol.TensorStat, ...]] = {
+_ROWS: dict[str, tuple[str, ...]] = {
     GRAD: protocol.GRAD_STATS,
     NONFINITE: protocol.NONFINITE_STATS,
     FORMAT: protocol.FORMAT_COUNT_STATS,

@@ -214,7 +214,8 @@ class _Families:
         self.attention_logit_threshold.add_metric([], attention_logit_threshold)
         self.gemm_sqnr_threshold = gauge(
             "numwatch_gemm_sqnr_threshold_decibels",
-            "The collector's gemm_sqnr_low threshold (NUMWATCH_DETECT_GEMM_SQNR_THRESHOLD), which the alert compares with.",
+            "The collector's gemm_sqnr_low threshold (NUMWATCH_DETECT_GEMM_SQNR_THRESHOLD), "
+            "which the alert compares with.",
         )
         self.gemm_sqnr_threshold.add_metric([], gemm_sqnr_threshold)
         self.counters = {

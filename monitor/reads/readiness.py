@@ -64,7 +64,7 @@ def gemm_table(session: Session, run: Run, rank: int, recipe: str, threshold: fl
         row = next((step for step in steps if key in step["tensors"]), None)
     finally:
         steps.close()
-    empty = {"step": None, "rank": rank, "recipe": recipe, "threshold_db": threshold, "layers": []}
+    empty: dict[str, Any] = {"step": None, "rank": rank, "recipe": recipe, "threshold_db": threshold, "layers": []}
     if row is None:
         return empty
     stats = row["tensors"]

@@ -186,7 +186,7 @@ def get_gemm(
     settings: SettingsDep,
     rank: RankQuery = 0,
     recipe: GemmRecipe = "fp8",
-) -> dict:
+) -> dict[str, Any]:
     return readiness.gemm_table(session, run, rank, recipe, settings.detect.gemm_sqnr_threshold)
 
 
