@@ -92,6 +92,10 @@ class GemmCapture(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():
+            # Inside a graph dynamo traces, recording would be a side effect it cannot keep: compiled
+            # regions' matmuls are not measured (docs/lowp.md), rather than the graph broken.
+            return func(*args, **kwargs)
         if func in _CALLS_LINEAR_INSIDE:
             with self:
                 return redispatch_function(func, types, args, kwargs)
@@ -168,7 +172,7 @@ class GemmCapture(TorchFunctionMode):
         if not present:
             return None
         nan = torch.full((lowp.STAT_ROWS, self._n), float("nan"), device=present[0].device)
-        return torch.cat([nan if part is None else part.to(nan.device) for part in parts.values()])
+        return torch.cat([nan if part is None else part.to(nan.device, non_blocking=True) for part in parts.values()])
 
 
 class GemmProbe:
@@ -182,8 +186,9 @@ class GemmProbe:
         self._failed = failed
         self._depth = 0  # > 0 while a measured forward runs (a model may call itself)
         self._handles: list[RemovableHandle] = [
-            model.register_forward_pre_hook(self._before),
-            model.register_forward_hook(self._after, always_call=True),
+            # Eager even in a compiled model: entering the mode is no part of the traced graph.
+            model.register_forward_pre_hook(torch.compiler.disable(self._before)),
+            model.register_forward_hook(torch.compiler.disable(self._after), always_call=True),
         ]
 
     def _before(self, module: nn.Module, inputs: Any) -> None:
