@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps test docs demo stack bench vendor-uplot clean
+.PHONY: install system-deps lint test docs demo stack bench vendor-uplot clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	python3 -m venv $(VENV)
@@ -22,7 +22,18 @@ system-deps:
 		apt-get update -qq && apt-get install -y -qq prometheus prometheus-alertmanager chromium chromium-driver >/dev/null; \
 	else echo "note: prometheus/alertmanager/chromium not installed and not root: tests that need them will skip"; fi
 
-test: install system-deps
+# mypy and import-linter read numwatch from folders, as one tree: build/lint/numwatch is hooks/ with
+# monitor/ inside, made of links (setuptools maps the two folders; these tools cannot follow that).
+LINT_TREE := build/lint
+lint: install
+	rm -rf $(LINT_TREE) && mkdir -p $(LINT_TREE)/numwatch
+	ln -s $(CURDIR)/hooks/* $(LINT_TREE)/numwatch/ && ln -s $(CURDIR)/monitor $(LINT_TREE)/numwatch/monitor
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	PYTHONPATH=$(LINT_TREE) $(VENV)/bin/lint-imports
+
+test: install system-deps lint
 	$(MAKE) --no-print-directory docs
 	$(PY) -m pytest -q -ra
 

@@ -125,19 +125,24 @@ def main() -> None:
     )
     args = parser.parse_args()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; medians of {args.rounds} interleaved rounds; "
-        f"chunk {LOGIT_CHUNK_ELEMENTS} logits ({LOGIT_CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB float32)"
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; medians of {args.rounds} interleaved "
+        f"rounds; chunk {LOGIT_CHUNK_ELEMENTS} logits ({LOGIT_CHUNK_ELEMENTS * 4 / 2**20:.0f} MiB float32)"
     )
     print(
-        f"{'case':<34} {'step ms':>8} {'sampled ms':>10} {'added ms':>9} {'vs step':>8} {'attn fwd ms':>11} {'vs attn':>8} "
-        f"{'per step @100':>13} {'largest MiB':>11} {'BxHxTxT MiB':>11} {'added GFLOP':>11} {'vs step':>8} {'vs attn':>8}"
+        f"{'case':<34} {'step ms':>8} {'sampled ms':>10} {'added ms':>9} {'vs step':>8} {'attn fwd ms':>11} "
+        f"{'vs attn':>8} "
+        f"{'per step @100':>13} {'largest MiB':>11} {'BxHxTxT MiB':>11} {'added GFLOP':>11} {'vs step':>8} "
+        f"{'vs attn':>8}"
     )
     for name, (context, batch) in CASES.items():
         r = run_case(context, batch, args.rounds)
         print(
-            f"{name:<34} {r['step_ms']:>8.2f} {r['sampled_ms']:>10.2f} {r['added_ms']:>+9.2f} {r['added_ms'] / r['step_ms']:>7.1%} "
-            f"{r['attention_ms']:>11.2f} {r['added_ms'] / r['attention_ms']:>7.2f}x {r['added_ms'] / DEFAULT_CADENCE / r['step_ms']:>12.2%} "
-            f"{r['largest_mib']:>11.2f} {r['full_mib']:>11.2f} {r['added_gflop']:>11.3f} {r['added_gflop'] / r['step_gflop']:>7.1%} "
+            f"{name:<34} {r['step_ms']:>8.2f} {r['sampled_ms']:>10.2f} {r['added_ms']:>+9.2f} "
+            f"{r['added_ms'] / r['step_ms']:>7.1%} "
+            f"{r['attention_ms']:>11.2f} {r['added_ms'] / r['attention_ms']:>7.2f}x "
+            f"{r['added_ms'] / DEFAULT_CADENCE / r['step_ms']:>12.2%} "
+            f"{r['largest_mib']:>11.2f} {r['full_mib']:>11.2f} {r['added_gflop']:>11.3f} "
+            f"{r['added_gflop'] / r['step_gflop']:>7.1%} "
             f"{r['added_gflop'] / r['attention_gflop']:>7.2f}x",
             flush=True,
         )

@@ -47,45 +47,54 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(
-        f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; fp32, AdamW; medians of {args.repeats} repeats"
+        f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; fp32, AdamW; medians of "
+        f"{args.repeats} repeats"
     )
     print(
-        f"{'model':<20} {'params':>7} {'step ms':>9} {'adam ms':>9} {'adam/step':>10} {'(CPU)':>7} {'quant ms':>9} {'quant/step':>11} {'(CPU)':>7}"
+        f"{'model':<20} {'params':>7} {'step ms':>9} {'adam ms':>9} {'adam/step':>10} {'(CPU)':>7} {'quant ms':>9} "
+        f"{'quant/step':>11} {'(CPU)':>7}"
     )
     for name, (d_model, layers, batch) in MODELS.items():
-        torch.manual_seed(0)
         cfg = GPTConfig(d_model=d_model, n_layers=layers, context=args.context, n_heads=max(4, d_model // 64))
-        model = TinyGPT(cfg).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        batches = synthetic_batches(cfg, batch, seed=1)
-        parameters = list(model.parameters())
+        measure(name, cfg, batch, device, args.repeats)
 
-        def train_step() -> None:
-            inputs, targets = (t.to(device) for t in next(batches))
-            lm_loss(model(inputs), targets).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
-        train_step()  # warm-up; creates the Adam state
-        adam_health(optimizer, parameters)
-        quantization_sqnr(parameters)
-        rows = []
-        for _ in range(args.repeats):
-            step = timed(train_step, device)
-            adam = timed(lambda: adam_health(optimizer, parameters), device)
-            quant = timed(lambda: quantization_sqnr(parameters), device)
-            rows.append((step, adam, quant))
+def measure(name: str, cfg: GPTConfig, batch: int, device: torch.device, repeats: int) -> None:
+    """Time a training step, the Adam-health pass and the quantization pass of one model; print a row."""
+    torch.manual_seed(0)
+    model = TinyGPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = synthetic_batches(cfg, batch, seed=1)
+    parameters = list(model.parameters())
 
-        def median(pick: Callable[[tuple], float]) -> float:
-            return statistics.median(pick(row) for row in rows)
+    def train_step() -> None:
+        inputs, targets = (t.to(device) for t in next(batches))
+        lm_loss(model(inputs), targets).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-        count = sum(p.numel() for p in parameters)
-        print(
-            f"{name:<20} {count / 1e6:>6.1f}M {median(lambda r: r[0][0]) * 1e3:>9.1f} {median(lambda r: r[1][0]) * 1e3:>9.1f}"
-            f" {median(lambda r: r[1][0] / r[0][0]):>9.2f}x {median(lambda r: r[1][1] / r[0][1]):>6.2f}x"
-            f" {median(lambda r: r[2][0]) * 1e3:>9.1f} {median(lambda r: r[2][0] / r[0][0]):>10.2f}x {median(lambda r: r[2][1] / r[0][1]):>6.2f}x",
-            flush=True,
-        )
+    train_step()  # warm-up; creates the Adam state
+    adam_health(optimizer, parameters)
+    quantization_sqnr(parameters)
+    rows = []
+    for _ in range(repeats):
+        step = timed(train_step, device)
+        adam = timed(lambda: adam_health(optimizer, parameters), device)
+        quant = timed(lambda: quantization_sqnr(parameters), device)
+        rows.append((step, adam, quant))
+
+    def median(pick: Callable[[tuple], float]) -> float:
+        return statistics.median(pick(row) for row in rows)
+
+    count = sum(p.numel() for p in parameters)
+    print(
+        f"{name:<20} {count / 1e6:>6.1f}M {median(lambda r: r[0][0]) * 1e3:>9.1f}"
+        f" {median(lambda r: r[1][0]) * 1e3:>9.1f}"
+        f" {median(lambda r: r[1][0] / r[0][0]):>9.2f}x {median(lambda r: r[1][1] / r[0][1]):>6.2f}x"
+        f" {median(lambda r: r[2][0]) * 1e3:>9.1f} {median(lambda r: r[2][0] / r[0][0]):>10.2f}x"
+        f" {median(lambda r: r[2][1] / r[0][1]):>6.2f}x",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

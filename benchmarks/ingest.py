@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             except PostgresUnavailable as reason:
                 print(f"postgresql: skipped ({reason})")
         print(
-            f"{args.tensors} tensors, {args.steps_per_batch}-step batches, {args.batches} batches, format counts every {args.format_every} steps"
+            f"{args.tensors} tensors, {args.steps_per_batch}-step batches, {args.batches} batches, format counts "
+            f"every {args.format_every} steps"
         )
         for name, database_url in databases.items():
             workdir = Path(tmp) / name
@@ -119,14 +120,16 @@ def main(argv: list[str] | None = None) -> int:
             with stack.running_collector(workdir, database_url) as url:
                 result = bench_ingest(url, args)
                 print(
-                    f"ingest {name:<10} {result['values_per_s'] / 1e6:6.2f} M values/s  {result['steps_per_s']:7.0f} steps/s  "
+                    f"ingest {name:<10} {result['values_per_s'] / 1e6:6.2f} M values/s  {result['steps_per_s']:7.0f} "
+                    "steps/s  "
                     f"p50 {result['p50_ms']:6.1f} ms  p99 {result['p99_ms']:6.1f} ms per batch",
                     flush=True,
                 )
                 if name == "sqlite":
                     metrics = bench_metrics(url, args)
                     print(
-                        f"/metrics   {args.runs} runs x {args.tensors} tensors: median {metrics['median_ms']:.0f} ms, max {metrics['max_ms']:.0f} ms, {metrics['series']} series"
+                        f"/metrics   {args.runs} runs x {args.tensors} tensors: median {metrics['median_ms']:.0f} ms, "
+                        f"max {metrics['max_ms']:.0f} ms, {metrics['series']} series"
                     )
     return 0
 

@@ -148,7 +148,8 @@ def print_table(result: LoadResult, steps_per_batch: int) -> None:
         ),
         (
             "batch latency",
-            f"p50 {np.percentile(latencies, 50):.0f} ms  p99 {np.percentile(latencies, 99):.0f} ms  max {latencies[-1]:.0f} ms"
+            f"p50 {np.percentile(latencies, 50):.0f} ms  p99 {np.percentile(latencies, 99):.0f} ms  max "
+            f"{latencies[-1]:.0f} ms"
             if len(latencies)
             else "no batch acknowledged",
         ),
@@ -215,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
 
     databases = ("sqlite", "postgresql") if args.database == "both" else (args.database,)
     print(
-        f"{args.clients} client processes x {args.seconds:g} s; runs of {args.tensors} tensors, {args.steps_per_batch}-step batches, "
-        f"format counts every {args.format_every} steps, histograms every {args.histogram_every}; machine: {os.cpu_count()} CPU cores"
+        f"{args.clients} client processes x {args.seconds:g} s; runs of {args.tensors} tensors, "
+        f"{args.steps_per_batch}-step batches, "
+        f"format counts every {args.format_every} steps, histograms every {args.histogram_every}; machine: "
+        f"{os.cpu_count()} CPU cores"
     )
     failed = False
     for database in databases:
@@ -238,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  exactly once: FAILED for {len(problems)} runs:\n    " + "\n    ".join(problems))
         else:
             print(
-                f"  exactly once: OK, {result.total('acknowledged_steps'):,} acknowledged steps of {len(result.reports)} runs "
+                f"  exactly once: OK, {result.total('acknowledged_steps'):,} acknowledged steps of "
+                f"{len(result.reports)} runs "
                 "each stored once (database rows and read API steps_total)",
                 flush=True,
             )

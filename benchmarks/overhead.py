@@ -132,7 +132,8 @@ def count_ops(args: argparse.Namespace, spool: str) -> None:
     """Aten ops the watcher adds per step, by step kind, per model size and precision."""
     device = torch.device(args.device)
     print(
-        f"aten ops added per step by the watcher (watched step - unwatched step; torch {torch.__version__}, {args.device})",
+        f"aten ops added per step by the watcher (watched step - unwatched step; torch {torch.__version__}, "
+        f"{args.device})",
         flush=True,
     )
     print(f"{'precision':<10} {'layers':>6} {'tensors':>8} " + " ".join(f"{kind:>28}" for kind in OP_KINDS))
@@ -162,7 +163,7 @@ def count_ops(args: argparse.Namespace, spool: str) -> None:
 
 
 def _ratios(base: list[float], watched: list[float]) -> list[float]:
-    return [w / b for b, w in zip(base, watched)]
+    return [w / b for b, w in zip(base, watched, strict=True)]
 
 
 def measure(variant: dict, autocast_dtype, batch_size: int, args: argparse.Namespace, spool: str) -> dict[str, float]:
@@ -211,11 +212,14 @@ def _precisions(args: argparse.Namespace):
 
 def time_steps(args: argparse.Namespace, spool: str, resources: ExitStack) -> None:
     print(
-        f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads; d_model {args.d_model}, {args.layers[0]} layers, "
-        f"context {args.context}; paired alternating steps: {args.steps} per row, {args.uniform_steps} for 'every step' rows"
+        f"torch {torch.__version__} on {args.device}, {torch.get_num_threads()} CPU threads; d_model {args.d_model}, "
+        f"{args.layers[0]} layers, "
+        f"context {args.context}; paired alternating steps: {args.steps} per row, {args.uniform_steps} for 'every "
+        "step' rows"
     )
     print(
-        f"{'precision':<10} {'configuration':<26} {'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7} {'sampled':>8}"
+        f"{'precision':<10} {'configuration':<26} {'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7} "
+        f"{'sampled':>8}"
     )
     variants = {
         name: variant
@@ -238,13 +242,15 @@ def time_steps(args: argparse.Namespace, spool: str, resources: ExitStack) -> No
             result = measure(variant, dtype, batch, args, spool)
             added[name] = result["watched_ms"] - result["base_ms"]
             print(
-                f"{precision:<10} {name:<26} {result['base_ms']:>12.2f} {result['watched_ms']:>11.2f} {result['mean']:>6.3f}x {result['median']:>6.3f}x "
+                f"{precision:<10} {name:<26} {result['base_ms']:>12.2f} {result['watched_ms']:>11.2f} "
+                f"{result['mean']:>6.3f}x {result['median']:>6.3f}x "
                 f"{result['sampled']:>7.3f}x",
                 flush=True,
             )
         if "collector down" in added:
             print(
-                f"{precision:<10} collector down - healthy: {added['collector down'] - added['collector healthy']:+.2f} ms per step (target <= 1 ms)",
+                f"{precision:<10} collector down - healthy: "
+                f"{added['collector down'] - added['collector healthy']:+.2f} ms per step (target <= 1 ms)",
                 flush=True,
             )
 

@@ -59,7 +59,8 @@ TABLES = (
 
 
 def stored_bytes(engine: sa.Engine) -> int:
-    """Bytes the database uses for numwatch's tables (SQLite: pages in use; PostgreSQL: relations with TOAST and indexes)."""
+    """Bytes the database uses for numwatch's tables (SQLite: pages in use; PostgreSQL: relations with
+    TOAST and indexes)."""
     with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
             connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
@@ -78,7 +79,8 @@ def table_bytes(engine: sa.Engine) -> dict[str, int]:
     with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
             rows = connection.exec_driver_sql(
-                "SELECT s.tbl_name, sum(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS s ON d.name = s.name GROUP BY s.tbl_name"
+                "SELECT s.tbl_name, sum(d.pgsize) FROM dbstat AS d JOIN sqlite_master AS s ON d.name = s.name GROUP "
+                "BY s.tbl_name"
             ).all()
             return {name: int(size) for name, size in rows if name in TABLES}
         return {
@@ -317,9 +319,12 @@ def bench(name: str, database_url: str, workdir: Path, args: argparse.Namespace)
         print(f"after VACUUM FULL (live rows only): {compacted / total_steps:,.0f} bytes/step")
     files = f", file {deletion['file_mb'][0]:.0f} -> {deletion['file_mb'][1]:.0f} MB" if deletion["file_mb"] else ""
     print(
-        f"delete {args.sizes[-1]:,}-step run while another run ingests: gone in {deletion['seconds']:.1f} s; bystander {deletion['batches']} batches, "
-        f"worst {deletion['worst_ms']:.0f} ms, median {deletion['p50_ms']:.0f} ms, refusals {deletion['refusals'] or 'none'}; "
-        f"stored {deletion['freed_mb']:.0f} MB less (the bystander's new rows included){files}; collector peak RSS {peak:.0f} MB",
+        f"delete {args.sizes[-1]:,}-step run while another run ingests: gone in {deletion['seconds']:.1f} s; "
+        f"bystander {deletion['batches']} batches, "
+        f"worst {deletion['worst_ms']:.0f} ms, median {deletion['p50_ms']:.0f} ms, refusals "
+        f"{deletion['refusals'] or 'none'}; "
+        f"stored {deletion['freed_mb']:.0f} MB less (the bystander's new rows included){files}; collector peak RSS "
+        f"{peak:.0f} MB",
         flush=True,
     )
 

@@ -90,15 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         driver = resources.enter_context(browser.chromium())
         loads = [load(driver, url) for _ in range(args.loads)]
         print(
-            f"\nrun page of {args.steps} steps x {args.tensors} tensors, {args.loads} loads in headless Chromium (1280x800):"
+            f"\nrun page of {args.steps} steps x {args.tensors} tensors, {args.loads} loads in headless Chromium "
+            "(1280x800):"
         )
         ready = [entry["ready_ms"] / 1e3 for entry in loads]
         print(
-            f"  time to interactive: {', '.join(f'{r:.2f} s' for r in ready)} (median {statistics.median(ready):.2f} s; target 2 s)"
+            f"  time to interactive: {', '.join(f'{r:.2f} s' for r in ready)} (median {statistics.median(ready):.2f} "
+            "s; target 2 s)"
         )
         last_read = max(end for _, _, end, _ in loads[-1]["reads"])
         print(
-            f"  of the last load: reads done at {last_read / 1e3:.2f} s, drawing after the last read {(loads[-1]['ready_ms'] - last_read) / 1e3:.2f} s"
+            f"  of the last load: reads done at {last_read / 1e3:.2f} s, drawing after the last read "
+            f"{(loads[-1]['ready_ms'] - last_read) / 1e3:.2f} s"
         )
         print("  reads of the last load, all in flight at once (server time = request sent to first byte):")
         for name, start, end, server in sorted(loads[-1]["reads"], key=lambda r: -r[3]):

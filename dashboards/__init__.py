@@ -1,1 +1,2 @@
-"""Grafana dashboard JSON shipped as package data (``importlib.resources.files("numwatch.dashboards")``); ``generate.py`` writes them."""
+"""Grafana dashboard JSON shipped as package data (``importlib.resources.files("numwatch.dashboards")``);
+``generate.py`` writes them."""

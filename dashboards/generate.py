@@ -83,7 +83,7 @@ def panel(
 ) -> Panel:
     """A panel of visualisation ``kind``; ``extra`` adds fieldConfig/options/etc."""
     refs = "ABCDEFGHIJ"
-    for ref, target in zip(refs, targets):
+    for ref, target in zip(refs, targets, strict=False):  # refs has letters to spare
         target["refId"] = ref
     datasource = targets[0]["datasource"] if targets else PROMETHEUS
     return {
@@ -428,7 +428,7 @@ def build_run_dashboard() -> dict[str, Any]:
     ]
     annotations = [
         {
-            # Posted by numwatch.monitor.ops.grafana.AnnotationSink, tagged [numwatch, kind, run].
+            # Posted by numwatch.monitor.metrics.annotations.AnnotationSink, tagged [numwatch, kind, run].
             "name": "numwatch annotations",
             "datasource": {"type": "grafana", "uid": "-- Grafana --"},
             "enable": True,
@@ -518,7 +518,8 @@ def build_overview_dashboard() -> dict[str, Any]:
             "Collector write latency p99",
             [
                 prom(
-                    "histogram_quantile(0.99, sum by(le) (rate(numwatch_ingest_write_latency_seconds_bucket[$__rate_interval])))",
+                    "histogram_quantile(0.99, sum by(le) "
+                    "(rate(numwatch_ingest_write_latency_seconds_bucket[$__rate_interval])))",
                     "p99",
                 )
             ],

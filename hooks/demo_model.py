@@ -5,6 +5,7 @@ Random weights and generated data: nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +33,16 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)
-        x = x + self.attn(h, h, h, attn_mask=causal_mask, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
+        attended: torch.Tensor = self.attn(h, h, h, attn_mask=causal_mask, need_weights=False)[0]
+        x = x + attended
+        mixed: torch.Tensor = self.mlp(self.ln2(x))
+        return x + mixed
 
 
 class TinyGPT(nn.Module):
     """Decoder-only transformer: token + position embeddings, pre-LN blocks, tied head."""
+
+    causal_mask: torch.Tensor  # a buffer
 
     def __init__(self, cfg: GPTConfig = GPTConfig()) -> None:
         super().__init__()
@@ -60,10 +65,11 @@ class TinyGPT(nn.Module):
         mask = self.causal_mask[:t, :t]
         for block in self.blocks:
             x = block(x, mask)
-        return self.head(self.ln_f(x))
+        logits: torch.Tensor = self.head(self.ln_f(x))
+        return logits
 
 
-def synthetic_batches(cfg: GPTConfig, batch_size: int, seed: int = 0):
+def synthetic_batches(cfg: GPTConfig, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (inputs, targets) batches of a learnable pattern: each sequence counts
     upwards from a random start, so the loss falls quickly from log(vocab)."""
     gen = torch.Generator().manual_seed(seed)

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from numwatch.protocol import FORMATS
+from numwatch.protocol import FORMATS, Format
 
 
 @dataclass(frozen=True)
 class FormatSpec:
     """A floating-point format gradients are cast to, with the limits that define its counts."""
 
-    name: str  # one of numwatch.protocol.FORMATS
+    name: Format
     dtype: torch.dtype
     max: float
     smallest_normal: float
@@ -21,7 +21,7 @@ class FormatSpec:
     has_inf: bool  # False for float8_e4m3fn: its casts saturate instead of overflowing to Inf
 
 
-_FORMAT_DTYPES: dict[str, torch.dtype] = {
+_FORMAT_DTYPES: dict[Format, torch.dtype] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
     "fp8_e4m3": torch.float8_e4m3fn,
@@ -33,11 +33,11 @@ assert tuple(_FORMAT_DTYPES) == FORMATS, "format table out of step with the wire
 # Formats whose encoding has no Inf: out-of-range casts saturate (or give NaN), never Inf.
 _FORMATS_WITHOUT_INF = frozenset({"fp8_e4m3"})
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _FORMAT_DTYPES.items()}
+_DTYPE_NAMES: dict[torch.dtype, Format] = {dtype: name for name, dtype in _FORMAT_DTYPES.items()}
 _DTYPE_NAMES[torch.float64] = "fp32"  # no wider target format: fp64 tensors are judged against fp32
 
 
-def _build_spec(name: str) -> FormatSpec:
+def _build_spec(name: Format) -> FormatSpec:
     dtype = _FORMAT_DTYPES[name]
     info = torch.finfo(dtype)
     return FormatSpec(
@@ -62,7 +62,7 @@ def format_spec(name: str) -> FormatSpec:
         raise ValueError(f"unknown format {name!r}; valid formats: {', '.join(FORMATS)}") from None
 
 
-def format_name_for_dtype(dtype: torch.dtype) -> str:
+def format_name_for_dtype(dtype: torch.dtype) -> Format:
     """The wire format name of a floating dtype (float64 maps to 'fp32', the widest target)."""
     try:
         return _DTYPE_NAMES[dtype]

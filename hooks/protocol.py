@@ -4,8 +4,11 @@ Version 2 added the Adam-health and quantization statistics (``V2_TENSOR_STATS``
 the forward-pass statistics of sampled steps (``attention_logit_max``, ``output_logits``),
 what clipping did (``clip_coef``, ``post_clip_grad_norm``, ``clipped``) and the run identity
 (``instance``, ``resume``); version 4 each rank's local health before the gradient reduction
-(``local``). The collector still accepts older documents (old clients, old spools), which
-cannot carry them.
+(``local``) and which rank sent a step's replicated statistics (``replicated_by``). The
+collector still accepts older documents (old clients, old spools), which cannot carry them.
+The matmuls' low-precision readiness (``GEMM_STATS``) came later as per-tensor statistics of
+sampled steps, in any version (old clients just never send them; a collector that predates
+them refuses them as unknown statistics).
 
 Standard library only, so the collector can import it without the training stack
 and the training side can import it without the server stack.
@@ -59,10 +62,11 @@ that name (``RunRegistered.run``, ``renamed``).
      "nonfinite_tensors": [str] | null,   # non-finite and sampled steps: tensors whose local gradient is not finite
      "checksum": int | null}          # sampled steps: sum of the replicated weights' bit patterns (int64, wrapping)
 
-A step with ``replicated_by`` set carries no statistics of the watched tensors (``tensors`` is
-empty, ``global_grad_norm`` null, no histograms): after the data-parallel reduction (DDP) or
-combined across shards (FSDP2) they are the same on every rank of the group, and the group's
-first rank, ``replicated_by``, sends them once.
+A step with ``replicated_by`` set carries no statistics of the watched tensors (``tensors``
+holds only the matmuls' readiness, whose inputs are the rank's own; ``global_grad_norm`` is
+null; no histograms): after the data-parallel reduction (DDP) or combined across shards (FSDP2)
+they are the same on every rank of the group, and the group's first rank, ``replicated_by``,
+sends them once.
 
 ``histogram`` (sampled steps)::
 
@@ -93,8 +97,8 @@ import math
 import time as _time
 import urllib.parse
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal, TypedDict, get_args
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, TypedDict, get_args, overload
 
 # -- wire types: each value set written once, as a Literal; the tuples derive from it --
 
@@ -146,21 +150,58 @@ UPDATE_STATS: tuple[TensorStat, ...] = ("update_ratio", "stale_fraction")
 EVERY_STEP_STATS: tuple[TensorStat, ...] = (*GRAD_STATS, *NONFINITE_STATS)
 QuantScheme = Literal["int8", "int4", "nf4", "fp8"]
 QUANT_SCHEMES: tuple[QuantScheme, ...] = get_args(QuantScheme)
+# An f-string is a plain str to mypy; each of these names is a TensorStat.
 QUANT_SQNR_STATS: dict[QuantScheme, TensorStat] = {scheme: f"quant_sqnr_{scheme}" for scheme in QUANT_SCHEMES}  # type: ignore[misc]
 ADAM_HEALTH_STATS: tuple[TensorStat, ...] = ("adam_update_rms", "adam_eps_dominated")
 # Step fields version 3 added: the forward statistics and what clipping did.
 V3_STEP_FIELDS = ("attention_logit_max", "output_logits", "clip_coef", "post_clip_grad_norm", "clipped")
 V2_TENSOR_STATS: frozenset[TensorStat] = frozenset((*ADAM_HEALTH_STATS, *QUANT_SQNR_STATS.values()))
+# Low-precision readiness of the matmuls (``gemm_every``): per Linear, stored under its weight
+# tensor's index, what each scheme's quantize -> dequantize round trip does to the operands the
+# matmul sees: X (input), W (weight), dY (output gradient). Per-tensor fp8 is e4m3 for X and W,
+# e5m2 for dY; MXFP8 with the OCP scale rule ("mxfp8") and a round-up one ("mxfp8_up"); NVFP4.
+GemmOperand = Literal["x", "w", "dy"]
+GEMM_OPERANDS: tuple[GemmOperand, ...] = get_args(GemmOperand)
+GemmScheme = Literal["e4m3", "e5m2", "mxfp8", "mxfp8_up", "nvfp4"]
+GEMM_SCHEMES: tuple[GemmScheme, ...] = get_args(GemmScheme)
+BLOCK_SCHEMES: tuple[GemmScheme, ...] = ("mxfp8", "mxfp8_up", "nvfp4")
+GEMM_OPERAND_SCHEMES: dict[GemmOperand, tuple[GemmScheme, ...]] = {
+    "x": ("e4m3", *BLOCK_SCHEMES),
+    "w": ("e4m3", *BLOCK_SCHEMES),
+    "dy": ("e5m2", *BLOCK_SCHEMES),
+}
+# SQNR in dB, the share of the non-zero elements flushed to zero, the share that saturates.
+GemmMeasure = Literal["sqnr", "flushed", "saturated"]
+GEMM_MEASURES: tuple[GemmMeasure, ...] = get_args(GemmMeasure)
+
+
+def gemm_stat(operand: GemmOperand, scheme: GemmScheme | None, measure: GemmMeasure | Literal["range"]) -> str:
+    """The stat name of one operand's measure under one scheme (``gemm_x_e4m3_sqnr``), or of its
+    dynamic range, log2(amax / smallest non-zero |x|), which no scheme changes (``gemm_x_range``)."""
+    return f"gemm_{operand}_range" if scheme is None else f"gemm_{operand}_{scheme}_{measure}"
+
+
+# Per operand: its schemes' measures (scheme-major), then its range. NaN for tensors that are no
+# Linear's weight, for operands not seen at that step, and for non-finite operands.
+GEMM_OPERAND_STATS: dict[GemmOperand, tuple[str, ...]] = {
+    operand: (
+        *(gemm_stat(operand, scheme, measure) for scheme in schemes for measure in GEMM_MEASURES),
+        gemm_stat(operand, None, "range"),
+    )
+    for operand, schemes in GEMM_OPERAND_SCHEMES.items()
+}
+GEMM_STATS: tuple[str, ...] = tuple(name for names in GEMM_OPERAND_STATS.values() for name in names)
 FormatCountStat = Literal["zeros", "underflow", "subnormal", "overflow"]
 FORMAT_COUNT_STATS: tuple[FormatCountStat, ...] = get_args(FormatCountStat)
 _INTEGER_STATS = (*NONFINITE_STATS, *FORMAT_COUNT_STATS)
-# The dtype of each stat's array.
-TENSOR_STATS: dict[TensorStat, ArrayDtype] = {
-    name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)
+# The dtype of each stat's array; keyed by str, as the names read off the wire and out of the store are.
+TENSOR_STATS: dict[str, ArrayDtype] = {
+    **{name: "<i8" if name in _INTEGER_STATS else "<f4" for name in get_args(TensorStat)},
+    **dict.fromkeys(GEMM_STATS, "<f4"),
 }
 
-ActivationStat = Literal["absmax", "nonfinite"]
-ACTIVATION_STATS: dict[ActivationStat, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
+# Per-module activation statistics of a step, and their dtypes.
+ACTIVATION_STATS: dict[str, ArrayDtype] = {"absmax": "<f4", "nonfinite": "<i8"}
 
 # Exponent histogram layout: one bin per binade floor(log2|x|) from EXPONENT_MIN to
 # EXPONENT_MAX (the float32 range, subnormals included), then zero, +-Inf and NaN bins.
@@ -176,8 +217,8 @@ LINEAR_BINS = 64
 HistogramKind = Literal["grad", "weight"]
 HISTOGRAM_KINDS: tuple[HistogramKind, ...] = get_args(HistogramKind)
 HistogramField = Literal["exponent", "linear_min", "linear_max", "linear"]
-# Each histogram field's dtype, and how many values it holds per tensor.
-HISTOGRAM_DTYPES: dict[HistogramField, ArrayDtype] = {
+# Each histogram field's dtype (keyed by str, like TENSOR_STATS), and how many values it holds per tensor.
+HISTOGRAM_DTYPES: dict[str, ArrayDtype] = {
     "exponent": "<i8",
     "linear_min": "<f4",
     "linear_max": "<f4",
@@ -209,6 +250,7 @@ DetectorEventKind = Literal[
     "grad_norm_spike",
     "attention_logit_growth",
     "log_z_drift",
+    "gemm_sqnr_low",
     # across ranks (numwatch.monitor.detectors.ranks)
     "rank_nonfinite",
     "rank_outlier",
@@ -345,7 +387,13 @@ def encode_float(value: float | None) -> float | str | None:
     return "Infinity" if value > 0 else "-Infinity"
 
 
-def decode_float(value: float | int | str | None) -> float | None:
+@overload
+def decode_float(value: float | str) -> float: ...
+@overload
+def decode_float(value: None) -> None: ...
+@overload
+def decode_float(value: float | str | None) -> float | None: ...
+def decode_float(value: float | str | None) -> float | None:
     """Inverse of :func:`encode_float`; raises ValueError on any other string."""
     if value is None:
         return None
@@ -543,7 +591,7 @@ def check_raw(raw: bytes, dtype: str, length: int | None = None) -> bytes:
     return raw
 
 
-def dumps(document: dict[str, Any]) -> bytes:
+def dumps(document: Mapping[str, Any]) -> bytes:
     """A protocol document as compact UTF-8 JSON. Floats must already be encoded:
     a bare NaN/Inf raises instead of producing invalid JSON."""
     return json.dumps(document, separators=(",", ":"), allow_nan=False).encode("utf-8")

@@ -20,13 +20,12 @@ Where the numbers are taken:
   forward (with gradients) belong to the step that ended; from that forward on, to the next.
 * Sharded (DTensor, FSDP2) parameters: each rank measures its shard and
   :mod:`numwatch.kernels.sharded` combines them into whole-tensor statistics.
+* DeepSpeed ZeRO: the engine's optimizer step reads, counts and ends each step
+  (:mod:`numwatch.step.deepspeed_site`), from each rank's partition (:mod:`numwatch.capture.deepspeed`).
 
-NaN/Inf counts are only meaningful for tensors whose norm is not finite, and are taken
-when that is known without a host-device sync: on CPU (reading is free) when the norms
-are read; on accelerators on sampled steps, for a while after non-finite values were
-seen, and on a step the (non-fused) GradScaler skipped, which the host knows. On devices
-other than the CPU the host copy of a step is read at the next step, so ``on_nonfinite``
-acts one step late there.
+NaN/Inf counts are taken when that costs no host-device sync (:mod:`numwatch.step.reading`).
+On devices other than the CPU the host copy of a step is read at the next step, so
+``on_nonfinite`` acts one step late there.
 """
 
 from __future__ import annotations
@@ -38,19 +37,23 @@ import os
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
-from numwatch import protocol
+from numwatch import protocol, settings
 from numwatch.capture.activations import ActivationTracer
 from numwatch.capture.backward_end import BackwardEndTrigger
 from numwatch.capture.backward_roots import RootListener
 from numwatch.capture.clipping import ClipObserver
+from numwatch.capture.deepspeed import EngineAdapter, ZeroPartition, deepspeed_engine
 from numwatch.capture.forward_probe import ForwardProbe
+from numwatch.capture.gemm import GemmProbe
+from numwatch.capture.guard import Guard
 from numwatch.capture.local_grads import LocalGradProbe, is_ddp
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
@@ -58,28 +61,22 @@ from numwatch.delivery.spool import default_spool_root, spool_directory
 from numwatch.delivery.transport import Transport
 from numwatch.formats import format_name_for_dtype, format_spec
 from numwatch.kernels.chunks import release_scratch
-from numwatch.kernels.sharded import refuse_unsupported
+from numwatch.kernels.device import accelerator_path
+from numwatch.kernels.sharded import UnsupportedConfiguration, refuse_unsupported
 from numwatch.step import records
-from numwatch.step.measurement import Cadence, StepMeasurement, WatchedTensors, select_parameters
+from numwatch.step.deepspeed_site import DeepSpeedSite
+from numwatch.step.ledger import Stage, StepLedger
+from numwatch.step.measurement import Cadence, WatchedTensors, select_parameters
+from numwatch.step.reading import GradientReader, learning_rates
 from numwatch.step.records import StepRecord
 from numwatch.step.replication import ReplicaTensors, replica_lead, shard_group_lead
-from numwatch.step.sites import (
-    FrameworkSite,
-    FusedScalerSite,
-    OptimizerHookSite,
-    ScalerSite,
-    StepCallSite,
-    StepSite,
-    learning_rates,
-)
+from numwatch.step.sites import FrameworkSite, FusedScalerSite, OptimizerHookSite, ScalerSite, StepCallSite, StepSite
 
 __all__ = ["NonFiniteError", "Watcher", "watch"]
 
 log = logging.getLogger("numwatch")
 
 MEASURE_MODES = ("auto", "manual")
-# Accelerators count NaN/Inf per tensor for this many steps after non-finite values were seen.
-NONFINITE_RECOUNT_STEPS = 10
 
 _watched_models: weakref.WeakKeyDictionary[nn.Module, Watcher] = weakref.WeakKeyDictionary()
 
@@ -95,9 +92,7 @@ def _run_identity(model: nn.Module, run: str | None, world_size: int) -> tuple[s
     time; the instance identifies this watching process. Rank 0's pair on every rank: the
     ranks of one job are one run, a second job is another instance."""
     name = (
-        run
-        or os.environ.get("NUMWATCH_RUN")
-        or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        run or settings.read(settings.RUN) or f"{type(model).__name__}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     )
     identity = [name, uuid.uuid4().hex]
     if world_size > 1:
@@ -122,7 +117,16 @@ def _json_safe(value: Any) -> Any:
 
 
 class Watcher:
-    """Watches one model (and optimizer, scaler); create it with :func:`watch`."""
+    """Watches one model (and optimizer, scaler); create it with :func:`watch`.
+
+    Wiring only: the step ledger (:mod:`numwatch.step.ledger`) owns the steps, the step sites
+    (:mod:`numwatch.step.sites`) count and end them, the capture hooks feed them, and the
+    transport sends them.
+    """
+
+    run: str
+    instance: str
+    _ledger: StepLedger
 
     def __init__(
         self,
@@ -139,6 +143,7 @@ class Watcher:
         attention_every: int | None,
         logits_module: str | None,
         quant_every: int,
+        gemm_every: int | None,
         format: str | None,
         on_nonfinite: str,
         measure: str,
@@ -148,16 +153,20 @@ class Watcher:
         spool_dir: str | os.PathLike[str] | None,
         config: dict[str, Any] | None,
         resume: bool,
+        deepspeed: Any = None,
     ) -> None:
         if measure not in MEASURE_MODES:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
-        refuse_unsupported(model, optimizer)
+        # DeepSpeed: the engine (checked by deepspeed_engine) whose optimizer step reads and ends each step.
+        self._deepspeed = EngineAdapter(deepspeed) if deepspeed is not None else None
+        if deepspeed is None:
+            refuse_unsupported(model, optimizer)
         if model in _watched_models:
             raise RuntimeError(
-                f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); close() that watcher first"
+                f"this {type(model).__name__} is already watched (run {_watched_models[model].run!r}); "
+                "close() that watcher first"
             )
         self.model = model
-        self.optimizer = optimizer
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.histogram_every = histogram_every
         self.format_every = format_every
@@ -169,65 +178,75 @@ class Watcher:
         if not selected:
             raise ValueError("no trainable parameter matches include/exclude: nothing to watch")
         fmt = format_spec(format or ("fp16" if self.scaler else format_name_for_dtype(selected[0][1].dtype)))
+        partition = ZeroPartition(deepspeed, [p for _, p in selected]) if deepspeed is not None else None
         # ranks: what is the same on every rank of a data-parallel group is measured (DDP) or sent (FSDP2) once
         lead = replica_lead(model)
         tensors = ReplicaTensors if lead is not None else WatchedTensors
-        self.watched = tensors(selected, fmt, Cadence(histogram_every, format_every, quant_every))
+        self.watched = tensors(selected, fmt, Cadence(histogram_every, format_every, quant_every), partition)
         self.tensor_names = self.watched.names
         self.device = self.watched.device
         self.format = fmt
         self.rank, self.world_size = _distributed_rank()
         self.run, self.instance = _run_identity(model, run, self.world_size)
         self.resume = resume
+        self._closed = False
+
+        # A failure anywhere drops the step under way whole (the ledger is made below, before any hook runs).
+        self._guard = Guard(lambda: self._ledger.fail(), passthrough=(NonFiniteError,))
         self._scaler = ScalerAdapter(self.scaler) if self.scaler is not None else None
         self.tracer = ActivationTracer(model) if trace_activations else None
         self.probe = (
-            ForwardProbe(model, self._forward_due, self._count_failure, logits_module)
+            ForwardProbe(model, self._forward_due, self._guard.failed, logits_module)
             if self.attention_every > 0
+            else None
+        )
+        self.gemm_every = self._gemm_cadence(gemm_every)
+        self.gemm = (
+            GemmProbe(model, self.watched.parameters, self._gemm_due, self._guard.failed)
+            if self.gemm_every > 0
             else None
         )
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
         # ranks: each rank's gradient before DDP's reduction (numwatch.capture.local_grads)
         self._local = (
-            LocalGradProbe(model, lambda: self.watched.cadence.sampled(self.steps + 1), self.guarded)
+            LocalGradProbe(model, lambda: self.watched.cadence.sampled(self._ledger.steps + 1), self._guard)
             if is_ddp(model) and self.world_size > 1
             else None
         )
-        self._replicated_by = lead if lead is not None else shard_group_lead(self.watched)
-
-        self.steps = 0  # optimizer-step attempts counted by the step site (skipped ones included)
-        self.monitoring_errors = 0
-        self._failed_sites: set[str] = set()
-        self.measurement: StepMeasurement | None = None  # the step under way
-        self._ended: StepRecord | None = None  # ended, still taking watcher.log values
-        self._last_record: StepRecord | None = None  # of the last step that ended (close() may supplement it)
-        self._unchecked: StepRecord | None = None  # accelerators: sealed, host copy read at the next step's end
-        self._last_step_clock: float | None = None
-        self._supplement: StepRecord | None = None
-        self._roots: tuple[torch.Tensor, ...] = ()  # scalar roots of the backward under way
-        self._step_site: StepCallSite | None = None
-        self._closed = False
+        self._reader = GradientReader(self.watched, self._scaler, self._checker, optimizer)
+        self._ledger = StepLedger(
+            self._reader,
+            self._checker,
+            self._submit,
+            defer_checks=accelerator_path(self.device),
+            tracer=self.tracer,
+            probe=self.probe,
+            gemm=self.gemm,
+            local=self._local,
+            replicated_by=lead if lead is not None else shard_group_lead(self.watched),
+        )
 
         self._sites: list[StepSite] = self._make_sites(optimizer)
+        self._step_site: StepCallSite | None = None  # made by the first watcher.step()
         self._trigger: BackwardEndTrigger | None = None
         self._root_listener: RootListener | None = None
-        self._optimizer_finder: Any = None
-        self._clips = ClipObserver(self)
-        if measure == "auto":
+        self._optimizer_finder: RemovableHandle | None = None
+        self._clips = ClipObserver(self.watched.parameters, self._ledger, self._guard)
+        if measure == "auto" and self._deepspeed is None:
             self._trigger = BackwardEndTrigger(
                 model,
-                self.guarded("end-of-backward read", self._backward_ended),
-                on_forward=self.guarded("forward hook", self.seal_ended_step),
+                self._guard("end-of-backward read", self._backward_ended),
+                on_forward=self._guard("forward hook", self._ledger.seal_ended),
             )
-            self._root_listener = RootListener(self.guarded("backward root listener", self._saw_roots))
+            self._root_listener = RootListener(self._guard)
             if optimizer is None:
                 self._optimizer_finder = register_optimizer_step_pre_hook(
-                    self.guarded("optimizer finder", self._find_optimizer)
+                    self._guard("optimizer finder", self._find_optimizer)
                 )
 
         self._project, self._config = project, config
-        self._url = url if url is not None else os.environ.get("NUMWATCH_URL") or None
-        self._token = token if token is not None else os.environ.get("NUMWATCH_TOKEN") or None
+        self._url = url if url is not None else settings.read(settings.URL)
+        self._token = token if token is not None else settings.read(settings.TOKEN)
         root = spool_dir if spool_dir is not None else default_spool_root()
         self.spool_dir = spool_directory(root, self.run, self.rank, self.instance)
         self._transport: Transport | None = None
@@ -238,16 +257,26 @@ class Watcher:
 
     # -- setup ------------------------------------------------------------------------
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The watched optimizer (None until a framework that builds it late steps it)."""
+        return self._reader.optimizer
+
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:
+        ledger, guard = self._ledger, self._guard
+        if self._deepspeed is not None:
+            return [DeepSpeedSite(ledger, guard, self._deepspeed)]
         if self.measure == "manual":
-            framework: list[StepSite] = [FrameworkSite(self)]
+            framework: list[StepSite] = [FrameworkSite(ledger, guard, optimizer)]
             return framework + (
-                [ScalerSite(self, optimizer, self._scaler, ends_steps=False)] if self._scaler is not None else []
+                [ScalerSite(ledger, guard, optimizer, self._scaler, ends_steps=False)]
+                if self._scaler is not None
+                else []
             )
         if self._scaler is not None:
             fused = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-            return [(FusedScalerSite if fused else ScalerSite)(self, optimizer, self._scaler)]
-        return [OptimizerHookSite(self, optimizer)]
+            return [(FusedScalerSite if fused else ScalerSite)(ledger, guard, optimizer, self._scaler)]
+        return [OptimizerHookSite(ledger, guard, optimizer)]
 
     def _find_optimizer(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Frameworks that build the optimizer late: the first optimizer stepped that holds
@@ -258,7 +287,7 @@ class Watcher:
         if not any(id(p) in watched for group in optimizer.param_groups for p in group["params"]):
             return
         refuse_unsupported(self.model, optimizer)
-        self.optimizer = optimizer
+        self._reader.optimizer = optimizer
         for site in self._sites:
             site.remove()
         self._sites = self._make_sites(optimizer)
@@ -289,21 +318,26 @@ class Watcher:
         assert self._transport is not None
         return self._transport
 
+    def _submit(self, record: StepRecord) -> None:
+        self.transport.submit(record)
+
     def _run_document(self, project: str | None, config: dict[str, Any] | None) -> protocol.RunDocument:
         groups = {}
-        if self.optimizer is not None:
+        if self.watched.partition is not None:
+            groups = self.watched.partition.param_groups()  # ZeRO's groups hold flat partitions
+        elif self.optimizer is not None:
             for index, group in enumerate(self.optimizer.param_groups):
                 groups.update({id(p): index for p in group["params"]})
         tensors: list[protocol.TensorSpec] = [
             {
                 "name": n,
-                "shape": list(p.shape),
+                "shape": list(shape),
                 "dtype": str(p.dtype).removeprefix("torch."),
                 "group": groups.get(id(p), protocol.NO_PARAM_GROUP),
             }
-            for n, p in zip(self.watched.names, self.watched.parameters)
+            for n, p, shape in zip(self.watched.names, self.watched.parameters, self.watched.shapes, strict=True)
         ]
-        settings = {
+        run_config = {
             "model": type(self.model).__name__,
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
             "grad_scaler": self.scaler is not None,
@@ -313,6 +347,7 @@ class Watcher:
             "format_every": self.format_every,
             "attention_every": self.attention_every,
             "quant_every": self.watched.cadence.quant_every,
+            "gemm_every": self.gemm_every,
             "torch": torch.__version__,
             "user": _json_safe(config),
         }
@@ -322,183 +357,70 @@ class Watcher:
             world_size=self.world_size,
             format=self.format.name,
             tensors=tensors,
-            project=project or os.environ.get("NUMWATCH_PROJECT") or "default",
+            project=project or settings.read(settings.PROJECT) or "default",
             modules=self.tracer.module_names if self.tracer else [],
-            config=settings,
+            config=run_config,
             instance=self.instance,
             resume=self.resume,
         )
 
-    def guarded(self, site: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        """``function`` made harmless to training: a failure is logged once per site, counted,
-        and discards the step under way whole."""
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return function(*args, **kwargs)
-            except NonFiniteError:
-                raise
-            except Exception:
-                self._count_failure(site)
-                return None
-
-        return guarded
-
-    def _count_failure(self, site: str) -> None:
-        self.monitoring_errors += 1
-        if self.measurement is not None:
-            self.measurement.fail()
-        if site not in self._failed_sites:
-            self._failed_sites.add(site)
-            log.exception(
-                "numwatch: monitoring failed in the %s (training continues; counted in monitoring_errors)", site
-            )
-
-    # -- the step under way (used by the step sites) --------------------------------------
-
-    def current(self) -> StepMeasurement:
-        """The measurement of the step under way, created for the next step number if none."""
-        if self.measurement is None:
-            self.measurement = StepMeasurement(self.steps + 1)
-        return self.measurement
+    # -- hooks ------------------------------------------------------------------------------
 
     def _forward_due(self) -> bool:
         # A forward belongs to the step that has not been counted yet.
-        return self.steps % self.attention_every == 0
+        return self._ledger.steps % self.attention_every == 0
 
-    def count_step(self) -> StepMeasurement:
-        """Count one optimizer-step attempt; the measurement it ends."""
-        measurement = self.current()
-        self.steps += 1
-        return measurement
+    def _gemm_due(self) -> bool:
+        return self._ledger.steps % self.gemm_every == 0
 
-    def scaling(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(gradient multiplier, format multiplier) for gradients read now (see ScalerAdapter.scaling)."""
-        return self._scaler.scaling(self.optimizer) if self._scaler is not None else (None, None)
-
-    def _count_nonfinite_if_due(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
-        reading = measurement.reading
-        if reading is None or not reading.grads or reading.has_counts:
-            return
-        if self.device.type == "cpu":
-            # The norms are ordinary host memory: reading them costs nothing.
-            due = not bool(torch.isfinite(reading.norms[0]).all())
-        elif skip_known is not None:
-            due = skip_known  # the GradScaler's verdict, read on the host already
-        else:
-            # Reading this step's norms would synchronise, and counting every tensor every step
-            # costs ~4 kernel launches per tensor (+10 ms per step for 100 tensors on an H100).
-            # Count on sampled steps and while non-finite gradients were seen lately; the
-            # per-tensor norms flag every non-finite tensor at every step regardless.
-            due = (
-                self.watched.cadence.sampled(measurement.number)
-                or self._checker.seen_at >= measurement.number - NONFINITE_RECOUNT_STEPS
+    def _gemm_cadence(self, gemm_every: int | None) -> int:
+        """``gemm_every`` as given, else ``histogram_every``. Sharded parameters (FSDP2, DTensor, DeepSpeed
+        ZeRO) reach ``F.linear`` as gathered copies, or are released again before the forward ends: off by
+        default, refused when asked."""
+        if gemm_every is not None and gemm_every < 0:
+            raise ValueError(f"gemm_every must be >= 0 (0 turns it off), not {gemm_every}")
+        if self.watched.sharding is None and self.watched.partition is None:
+            return self.histogram_every if gemm_every is None else gemm_every
+        if gemm_every:
+            raise UnsupportedConfiguration(
+                "numwatch: gemm_every needs unsharded parameters (FSDP2, DTensor and DeepSpeed ZeRO weights reach "
+                "F.linear as gathered copies); pass gemm_every=0"
             )
-        if due:
-            self.watched.count_nonfinite(reading)
-
-    def before_clip(self) -> None:
-        """A clip function is about to rewrite the step's gradients: the last moment to count their NaN/Inf."""
-        measurement = self.measurement
-        if measurement is not None and measurement.reading is not None:
-            self._count_nonfinite_if_due(measurement, self._scaler_verdict())
-
-    def _scaler_verdict(self) -> bool | None:
-        """On accelerators, after ``unscale_``: whether the GradScaler found Inf/NaN. ``scaler.step()``
-        reads the same flags on the host right after the clip, so reading them first adds no sync."""
-        if self.device.type == "cpu" or self._scaler is None or not self._scaler.unscaled(self.optimizer):
-            return None
-        found_inf = self._scaler.found_inf(self.optimizer, self.device)
-        return bool(found_inf.item()) if found_inf is not None else None
-
-    def read_norms_now(self) -> torch.Tensor:
-        """The per-tensor L2 norms of the step's gradients as they are now (after a value clip)."""
-        assert self.measurement is not None and self.measurement.reading is not None
-        return self.watched.norms_now(self.measurement.reading, self.scaling()[0])
-
-    def end_step(self, measurement: StepMeasurement, skip_known: bool | None) -> None:
-        """End ``measurement``'s step: its record starts its host copy and takes late logs."""
-        if measurement is self.measurement:
-            self.measurement = None
-        module_parts = self.tracer.take_step(self.device) if self.tracer is not None else None
-        forward_parts = self.probe.take_step() if self.probe is not None else None
-        local = self._local.take() if self._local is not None else None  # ranks
-        if local is not None:
-            measurement.parts.update(local.parts)
-        if measurement.reading is None:
-            return  # the step failed (counted in monitoring_errors): nothing to record
-        self._count_nonfinite_if_due(measurement, skip_known)
-        now = time.perf_counter()
-        record = measurement.finish(
-            self.watched,
-            step_time=now - self._last_step_clock if self._last_step_clock is not None else None,
-            module_parts=module_parts,
-            forward_parts=forward_parts,
-        )
-        record.local, record.replicated_by = (local.meta if local is not None else None), self._replicated_by  # ranks
-        self._last_step_clock = now
-        self.seal_ended_step()
-        previous, self._unchecked = self._unchecked, None
-        if previous is not None:
-            self._hand_on(previous)
-        self._ended = self._last_record = record
-        if self.device.type == "cpu":
-            self._checker.check(record)  # before the update, where the step site allows
-
-    def seal_ended_step(self) -> None:
-        """The step that ended takes no more logged values: send it on (or, on accelerators,
-        keep it until its host copy is read at the next step's end)."""
-        record, self._ended = self._ended, None
-        if record is None:
-            return
-        logged_late = record.seal()
-        if self.device.type != "cpu":
-            self._unchecked = record
-            return
-        try:
-            if logged_late:
-                self._checker.check(record, gradients=False)  # the gradients were checked when it ended
-        finally:
-            self.transport.submit(record)
-
-    def _hand_on(self, record: StepRecord) -> None:
-        """Check a measured step for non-finite values (may raise), then queue it."""
-        try:
-            self._checker.check(record)
-        finally:
-            self.transport.submit(record)
-
-    # -- hooks ------------------------------------------------------------------------------
-
-    def _saw_roots(self, roots: tuple[torch.Tensor, ...]) -> None:
-        self._roots = tuple(
-            root.detach() for root in roots if root.numel() == 1 and root.requires_grad and root.is_floating_point()
-        )
+        return 0
 
     def _backward_ended(self) -> None:
-        self.seal_ended_step()
-        measurement = self.current()
-        measurement.read(self.watched, *self.scaling())
-        self._count_nonfinite_if_due(measurement, None)
+        measurement = self._ledger.read_gradients()
+        roots = self._root_listener.take() if self._root_listener is not None else ()
         if self._scaler is None:
-            measurement.add_losses(self._roots)  # with a scaler, scaler.scale() saw the unscaled loss
-        self._roots = ()
+            measurement.add_losses(roots)  # with a scaler, scaler.scale() saw the unscaled loss
 
     # -- public API ---------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """Optimizer-step attempts counted by the step site (skipped ones included)."""
+        return self._ledger.steps
+
+    @property
+    def monitoring_errors(self) -> int:
+        """Failures of the monitoring itself, each caught before it reached training."""
+        return self._guard.errors
 
     def log(self, **scalars: float | torch.Tensor) -> None:
         """Attach scalars (``loss=...``, custom values) to a step: the step that ended, until
         the model's next forward; else the step under way. Tensors stay on the device and
         travel with the step's host copy."""
-        if self._ended is not None:
-            self._ended.log_late(scalars)
-        else:
-            self.current().log(scalars)
+        self._ledger.log(scalars)
 
     @property
     def step_in_progress(self) -> bool:
         """Whether a step has been measured and not yet ended."""
-        return self.measurement is not None and self.measurement.started
+        measurement = self._ledger.under_way
+        return measurement is not None and measurement.started
+
+    def takes_logs_for(self, step: int) -> bool:
+        """Whether step ``step`` ended and still takes ``log()`` values (until the model's next forward)."""
+        return self._ledger.stage_of(step) is Stage.ENDED
 
     def gradients_ready(self) -> None:
         """Read the gradients of the coming optimizer step now (replacing an earlier read).
@@ -509,23 +431,20 @@ class Watcher:
         times 1/S. The step still ends where it would (optimizer step, ``scaler.update()``)
         or, with ``measure="manual"``, at :meth:`finish_step`.
         """
-        if not self._closed:
-            self.guarded("watcher.gradients_ready", self._read_now)()
+        if not self._closed and self._deepspeed is None:  # DeepSpeed's optimizer step reads them
+            self._guard("watcher.gradients_ready", self._read_now)()
 
     def _read_now(self) -> None:
-        self.seal_ended_step()
-        measurement = self.current()
-        measurement.read(self.watched, *self.scaling())
+        measurement = self._ledger.read_gradients()
         measurement.lr = learning_rates(self.optimizer)
-        self._count_nonfinite_if_due(measurement, None)
 
     def finish_step(self) -> None:
         """End a step measured by :meth:`gradients_ready` (``measure="manual"``), after the
         optimizer update (and ``scaler.update()``). Does nothing when no step was measured."""
-        if self._closed or self.measure != "manual":
+        if self._closed or self.measure != "manual" or self._deepspeed is not None:
             return
         (framework,) = [site for site in self._sites if isinstance(site, FrameworkSite)]
-        self.guarded("watcher.finish_step", framework.finish_step)()
+        self._guard("watcher.finish_step", framework.finish_step)()
 
     def step(self) -> None:
         """Mark a step by hand (loops without an optimizer object)."""
@@ -536,8 +455,8 @@ class Watcher:
                 "numwatch: this watcher counts the steps of its optimizer; watcher.step() is for loops without one"
             )
         if self._step_site is None:
-            self._step_site = StepCallSite(self)
-        self.guarded("watcher.step", self._step_site.step)()
+            self._step_site = StepCallSite(self._ledger, self._guard, None)
+        self._guard("watcher.step", self._step_site.step)()
 
     @property
     def dropped_steps(self) -> int:
@@ -546,10 +465,7 @@ class Watcher:
 
     def flush(self) -> None:
         """Send (or spool) everything measured so far and wait for it."""
-        self.seal_ended_step()
-        record, self._unchecked = self._unchecked, None
-        if record is not None:
-            self._hand_on(record)
+        self._ledger.settle()
         self.transport.flush()
 
     def close(self, status: protocol.RunStatus = "finished") -> None:
@@ -559,8 +475,17 @@ class Watcher:
         self._closed = True
         for site in self._sites:
             site.remove()
-        hooks = (self._trigger, self._root_listener, self._optimizer_finder, self._clips, self.tracer, self.probe)
-        for hook in (*hooks, self._local):
+        hooks = (
+            self._trigger,
+            self._root_listener,
+            self._optimizer_finder,
+            self._clips,
+            self.tracer,
+            self.probe,
+            self.gemm,
+            self._local,
+        )
+        for hook in hooks:
             if hook is not None:
                 hook.remove()
         _watched_models.pop(self.model, None)
@@ -568,13 +493,8 @@ class Watcher:
             release_scratch()  # the statistics' CPU scratch buffers: no watcher needs them now
         atexit.unregister(self._close_at_exit)
         try:
-            self.guarded("close: final quantization", self._measure_final_weights)()
-            self.seal_ended_step()
-            record, self._unchecked = self._unchecked, None
-            if record is not None:
-                self._hand_on(record)
-            if self._supplement is not None:
-                self.transport.submit(self._supplement)  # behind the step it supplements
+            self._guard("close: final quantization", self._measure_final_weights)()
+            self._ledger.close()
         except NonFiniteError:
             pass  # closing is not the place to stop training
         finally:
@@ -584,20 +504,14 @@ class Watcher:
             log.warning("numwatch: run %r dropped %d steps of monitoring data", self.run, self.dropped_steps)
 
     def _measure_final_weights(self) -> None:
-        """The last step takes the final weights' quantization SQNR, unless it has it: its open
-        record, or a copy of the record sent already (a forward, flush() or the next step's
-        backward closed it), which the collector merges into the stored step."""
-        self._supplement = None
-        record = self._last_record
+        """The last step takes the final weights' quantization SQNR, unless it has it (see
+        :meth:`StepLedger.add_final_parts <numwatch.step.ledger.StepLedger.add_final_parts>`)."""
+        record = self._ledger.last_record
         if record is None or self.watched.cadence.quant_every <= 0 or record.has_part(records.QUANT):
             return
         parts = self.watched.quant_parts()
-        if not parts:
-            return
-        if record is self._ended:
-            record.add_late_parts(parts)
-        else:
-            self._supplement = record.supplemented(parts)
+        if parts:
+            self._ledger.add_final_parts(parts)
 
     def _close_at_exit(self) -> None:
         self.close("finished")
@@ -605,7 +519,7 @@ class Watcher:
     def __enter__(self) -> Watcher:
         return self
 
-    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
         self.close("crashed" if exc_type is not None else "finished")
 
 
@@ -623,6 +537,7 @@ def watch(
     attention_every: int | None = None,
     logits_module: str | None = None,
     quant_every: int = 1000,
+    gemm_every: int | None = None,
     format: str | None = None,
     on_nonfinite: str = "warn",
     measure: str = "auto",
@@ -654,17 +569,27 @@ def watch(
     off). ``attention_every`` (default ``histogram_every``; 0 off) sets which steps' forwards
     are measured: the max attention logit of every ``scaled_dot_product_attention`` call and the
     output logits' log Z, read from the model's output (a tensor, a tuple's first element,
-    ``.logits``) or from the output of the submodule named ``logits_module``. ``format`` is the target format
+    ``.logits``) or from the output of the submodule named ``logits_module``. ``gemm_every`` (default
+    ``histogram_every``; 0 off) sets the steps whose ``F.linear`` calls are measured: what fp8, MXFP8 and
+    NVFP4 would do to each watched Linear weight's matmul operands X, W and dY (:mod:`numwatch.capture.gemm`;
+    refused with sharded parameters). ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
     before clipping; a :meth:`Watcher.gradients_ready` call reads again) or "manual" (for
     framework adapters: only ``gradients_ready()`` reads; :meth:`Watcher.finish_step` ends
     each step).
+    ``model`` may be a DeepSpeed engine (ZeRO stages 1, 2, 3): ``watch(engine)`` and
+    ``watch(engine.module, engine.optimizer)`` are the same; see ``docs/frameworks-deepspeed.md``.
     Raises :class:`~numwatch.kernels.sharded.UnsupportedConfiguration` for setups it cannot measure
-    correctly (DeepSpeed, FSDP1 flat parameters, some DTensor placements).
+    correctly (DeepSpeed offload and other parallelisms, FSDP1 flat parameters, some DTensor placements).
     """
-    optimizer, scaler = unwrap_optimizer(optimizer, scaler)
+    engine = deepspeed_engine(model, optimizer)  # refuses the DeepSpeed setups it cannot measure
+    if engine is not None:
+        model, optimizer = engine.module, engine.optimizer
+    else:
+        refuse_unsupported(model, optimizer)  # before unwrapping: a wrapper may hide what it wraps
+        optimizer, scaler = unwrap_optimizer(optimizer, scaler)
     return Watcher(
         model,
         optimizer,
@@ -678,6 +603,7 @@ def watch(
         attention_every=attention_every,
         logits_module=logits_module,
         quant_every=quant_every,
+        gemm_every=gemm_every,
         format=format,
         on_nonfinite=on_nonfinite,
         measure=measure,
@@ -687,4 +613,5 @@ def watch(
         spool_dir=spool_dir,
         config=config,
         resume=resume,
+        deepspeed=engine,
     )

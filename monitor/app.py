@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics_registry = registry
     app.state.annotations = None
     if settings.grafana_url:
-        from numwatch.monitor.ops.grafana import AnnotationSink
+        from numwatch.monitor.metrics.annotations import AnnotationSink
 
         app.state.annotations = AnnotationSink(settings.grafana_url, settings.grafana_token)
 

@@ -13,6 +13,7 @@ import pytest
 from numwatch.monitor.ops import stack
 from tests.support import postgres
 from tests.support.binaries import require_binary
+from tests.support.grafana import FakeGrafana, serving_fake_grafana
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
 
@@ -108,3 +109,10 @@ def collector(tmp_path: Path) -> Iterator[Callable[..., str]]:
                         os.environ[key] = value
 
         yield start
+
+
+@pytest.fixture
+def fake_grafana() -> Iterator[FakeGrafana]:
+    """A fake Grafana (tests/support/grafana.py) for the provisioning and annotation tests."""
+    with serving_fake_grafana() as state:
+        yield state

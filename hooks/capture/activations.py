@@ -68,8 +68,8 @@ class ActivationTracer:
         if not self._ranges:
             return torch.zeros(0, dtype=torch.float32, device=device), []
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        lows = torch.stack([zero if r is None else r[0].to(device) for r in self._ranges]).float()
-        highs = torch.stack([zero if r is None else r[1].to(device) for r in self._ranges]).float()
+        lows = torch.stack([zero if r is None else r[0].to(device, non_blocking=True) for r in self._ranges]).float()
+        highs = torch.stack([zero if r is None else r[1].to(device, non_blocking=True) for r in self._ranges]).float()
         absmax = torch.maximum(highs, lows.neg_())  # NaN propagates
         order = self._first_seen
         self._ranges = [None] * len(self._ranges)

@@ -20,6 +20,7 @@ reports itself with :func:`observe_attention`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -30,8 +31,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, redispatch_function
 from torch.utils.hooks import RemovableHandle
 
-from numwatch.kernels.chunks import to_device
-from numwatch.step.measurement import tensor_name
+from numwatch.kernels.device import to_device
+from numwatch.naming import tensor_name
 
 # Logits (float32) per chunk: 16 MiB, plus the same count of mask bytes when masked.
 LOGIT_CHUNK_ELEMENTS = 1 << 22
@@ -132,7 +133,7 @@ def _max_logits(
 
 def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     bound = dict(_SDPA_DEFAULTS)
-    bound.update(zip(_SDPA_PARAMETERS, args))
+    bound.update(zip(_SDPA_PARAMETERS, args, strict=False))  # positional arguments may stop early
     bound.update(kwargs)
     return bound
 
@@ -140,9 +141,11 @@ def _sdpa_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, 
 class AttentionCapture(TorchFunctionMode):
     """While entered: every SDPA call's max logit, named by the innermost running module of ``model``.
 
-    Module names come from global module forward hooks that exist only while the capture is
-    entered. A module that calls attention more than once per forward gets ``name#2``, ...;
-    the same call in several forwards of one step (gradient accumulation) keeps the largest value.
+    Module names come from forward hooks on the model's submodules that exist only while the
+    capture is entered (per-module hooks: under torch.compile, unlike global ones, they add no
+    guard that changes from one measured forward to the next). A module that calls attention
+    more than once per forward gets ``name#2``, ...; the same call in several forwards of one
+    step (gradient accumulation) keeps the largest value.
     """
 
     def __init__(
@@ -151,6 +154,7 @@ class AttentionCapture(TorchFunctionMode):
         super().__init__()
         self._failed = failed  # told about a failed measurement, which then never reaches the model; None: raise
         self._names = {id(module): tensor_name(name) for name, module in model.named_modules()}
+        self._submodules = [(module, tensor_name(name)) for name, module in model.named_modules() if name]
         self._root_name = type(model).__name__
         self.chunk_elements = chunk_elements
         self._running: list[str] = []
@@ -167,17 +171,20 @@ class AttentionCapture(TorchFunctionMode):
         """Start intercepting (the forward of a measured step begins)."""
         self._running = []
         self._calls = {}
-        self._handles = [
-            nn.modules.module.register_module_forward_pre_hook(self._module_entered),
-            nn.modules.module.register_module_forward_hook(self._module_left, always_call=True),
-        ]
+        self._handles = []
+        for module, name in self._submodules:
+            self._handles.append(module.register_forward_pre_hook(functools.partial(self._module_entered, name)))
+            self._handles.append(
+                module.register_forward_hook(self._module_left)
+            )  # (reset at the next begin if it raised)
         _active.append(self)
-        self.__enter__()
+        # TorchFunctionMode's own __enter__ and __exit__ are unannotated in torch.
+        self.__enter__()  # type: ignore[no-untyped-call]
 
     def end(self) -> None:
         """Stop intercepting and measure the forward's calls; what was measured stays until :meth:`take_step`."""
         try:
-            self.__exit__(None, None, None)
+            self.__exit__(None, None, None)  # type: ignore[no-untyped-call]  # unannotated, as in begin()
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -196,7 +203,7 @@ class AttentionCapture(TorchFunctionMode):
     @torch.no_grad()
     def _measure(self, pending: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
         """float32 [calls]: the max logit of each pending call, the calls alike measured together."""
-        alike: dict[tuple, list[int]] = {}
+        alike: dict[tuple[Any, ...], list[int]] = {}
         for index, (_, query, key, arguments) in enumerate(pending):
             mask = arguments["attn_mask"]
             signature = (
@@ -214,7 +221,8 @@ class AttentionCapture(TorchFunctionMode):
         parts, order = [], []
         for indices in alike.values():
             query, key, arguments = pending[indices[0]][1:]
-            queries, keys = (torch.stack([pending[i][part] for i in indices]) for part in (1, 2))
+            queries = torch.stack([pending[i][1] for i in indices])
+            keys = torch.stack([pending[i][2] for i in indices])
             mask = arguments["attn_mask"]
             if mask is not None:
                 # One mask per call (they may differ), aligned from the right with a call's logits.
@@ -254,13 +262,11 @@ class AttentionCapture(TorchFunctionMode):
         finally:
             self.end()
 
-    def _module_entered(self, module: nn.Module, inputs: Any) -> None:
-        name = self._names.get(id(module))
-        if name is not None:
-            self._running.append(name or self._root_name)
+    def _module_entered(self, name: str, module: nn.Module, inputs: Any) -> None:
+        self._running.append(name)
 
     def _module_left(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._running and id(module) in self._names:
+        if self._running:
             self._running.pop()
 
     # -- the calls --------------------------------------------------------------------
@@ -314,12 +320,12 @@ class AttentionCapture(TorchFunctionMode):
         # Forwards with different calls (rare): merged call by call.
         merged: dict[str, torch.Tensor] = {}
         for call_names, maxima in forwards:
-            for name, value in zip(call_names, maxima.unbind()):
+            for name, value in zip(call_names, maxima.unbind(), strict=True):
                 merged[name] = value if name not in merged else torch.maximum(merged[name], value)
         return AttentionMaxima(names, torch.stack([merged[name] for name in names]))
 
 
-class AttentionMaxima(Mapping):
+class AttentionMaxima(Mapping[str, torch.Tensor]):
     """A step's max logit per attention call name (first-call order), held as one float32
     device tensor (``stacked``, one entry per name) that joins the step's host copy whole."""
 

@@ -39,7 +39,8 @@ class BackwardEndTrigger:
         self._callback = callback
         self._on_forward = on_forward
         self._queued_task = -1  # graph task the callback is queued for
-        self._handle = module.register_forward_hook(self._mark_outputs)
+        # Eager under torch.compile too (see numwatch.capture.forward_probe): never traced.
+        self._handle = module.register_forward_hook(torch.compiler.disable(self._mark_outputs))
 
     def _mark_outputs(self, module: nn.Module, args: Any, output: Any) -> None:
         # Recomputation inside a backward (activation checkpointing) is not a new step.

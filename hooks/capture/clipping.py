@@ -10,22 +10,25 @@ before watching, and clipping by hand, go unseen: the step's clip fields stay em
 pre-clip numbers are right regardless).
 
 Per step (:class:`ClipEffect`): the post-clip norm of each watched tensor (its pre-clip norm
-times the coefficient for norm clipping, measured after the clamp for value clipping).
+times the coefficient for norm clipping, measured after the clamp for value clipping). The
+observer reports to the step under way through :class:`ClipTarget` (the step ledger).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.utils.clip_grad as clip_grad
 
+from numwatch.capture.guard import Guard
 from numwatch.capture.patches import SharedPatch
+from numwatch.kernels.device import to_device
 from numwatch.kernels.sharded import is_dtensor
 
 if TYPE_CHECKING:
-    from numwatch.watcher import Watcher
+    pass
 
 NORM_EPSILON = 1e-6  # torch's, in the clip coefficient
 
@@ -73,16 +76,36 @@ class ClipEffect:
         self.norms = pre_clip.clone()
 
 
-class ClipObserver:
-    """One watcher's view of the clip calls: those touching its gradients change its step's ClipEffect."""
+class ClipTarget(Protocol):
+    """The step under way, as the clip observer reports to it."""
 
-    def __init__(self, watcher: Watcher) -> None:
-        self.watcher = watcher
-        self._index = {id(p): i for i, p in enumerate(watcher.watched.parameters)}
-        self._device_columns: dict[
-            tuple[int, ...], torch.Tensor
-        ] = {}  # made once: a host-to-device copy per step could synchronise
-        guard = watcher.guarded
+    def gradient_columns(self) -> list[int] | None:
+        """Schema indices of the gradients read for the step, in column order (None: all of them);
+        [] when its gradients were not read."""
+        ...
+
+    def before_clip(self) -> None:
+        """The read gradients are about to be rewritten."""
+        ...
+
+    def clip_effect(self) -> ClipEffect:
+        """The step's ClipEffect (made from the pre-clip norms at the first clip)."""
+        ...
+
+    def norms_now(self) -> torch.Tensor:
+        """The per-tensor L2 norms of the read gradients as they are now."""
+        ...
+
+
+class ClipObserver:
+    """One watcher's view of the clip calls: those touching its gradients (``parameters``, in
+    schema order) change the ClipEffect of ``target``'s step."""
+
+    def __init__(self, parameters: Sequence[torch.Tensor], target: ClipTarget, guard: Guard) -> None:
+        self._target = target
+        self._index = {id(p): i for i, p in enumerate(parameters)}
+        # Made once: a host-to-device copy per step could synchronise.
+        self._device_columns: dict[tuple[int, ...], torch.Tensor] = {}
         self.before_clip = guard("clip wrapper", self._before_clip)
         self.after_norm_clip = guard("clip wrapper", self._after_norm_clip)
         self.after_value_clip = guard("clip wrapper", self._after_value_clip)
@@ -95,35 +118,29 @@ class ClipObserver:
 
     def _columns(self, parameters: list[torch.Tensor]) -> list[int]:
         """Columns of the step's reading that these parameters' gradients fill."""
-        measurement = self.watcher.measurement
-        if measurement is None or measurement.reading is None:
+        present = self._target.gradient_columns()
+        if present == []:
             return []
-        present = measurement.reading.present
         schema = [self._index[id(p)] for p in parameters if id(p) in self._index and p.grad is not None]
         if present is None:
             return schema
         column = {index: c for c, index in enumerate(present)}
         return [column[i] for i in schema if i in column]
 
-    def _effect(self) -> ClipEffect:
-        measurement = self.watcher.measurement
-        assert measurement is not None and measurement.reading is not None
-        if measurement.clip is None:
-            measurement.clip = ClipEffect(measurement.reading.norms[0])
-        return measurement.clip
-
     def _before_clip(self, parameters: list[torch.Tensor]) -> None:
         if self._columns(parameters):
-            self.watcher.before_clip()
+            self._target.before_clip()
 
     def _after_norm_clip(self, parameters: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
         columns = self._columns(parameters)
         if not columns:
             return
         total = total_norm.full_tensor() if is_dtensor(total_norm) else total_norm
-        effect = self._effect()
+        effect = self._target.clip_effect()
         # The coefficient exactly as torch computes it.
-        coefficient = torch.clamp(float(max_norm) / (total.to(effect.norms.device) + NORM_EPSILON), max=1.0)
+        coefficient = torch.clamp(
+            float(max_norm) / (total.to(effect.norms.device, non_blocking=True) + NORM_EPSILON), max=1.0
+        )
         index = self._on_device(columns, effect.norms.device)
         effect.norms[index] = effect.norms[index] * coefficient.to(effect.norms.dtype)
 
@@ -131,13 +148,13 @@ class ClipObserver:
         columns = self._columns(parameters)
         if not columns:
             return
-        effect = self._effect()
-        after = self.watcher.read_norms_now()
+        effect = self._target.clip_effect()
+        after = self._target.norms_now()
         index = self._on_device(columns, effect.norms.device)
         effect.norms[index] = after[index].to(effect.norms.dtype)
 
     def _on_device(self, columns: list[int], device: torch.device) -> torch.Tensor:
         key = tuple(columns)
         if key not in self._device_columns:
-            self._device_columns[key] = torch.tensor(columns, device=device)
+            self._device_columns[key] = to_device(torch.tensor(columns), device)
         return self._device_columns[key]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from numwatch.capture.attention import LOGIT_CHUNK_ELEMENTS, AttentionCapture
+from numwatch.capture.attention import LOGIT_CHUNK_ELEMENTS, AttentionCapture, AttentionMaxima
 from numwatch.capture.output_logits import LogZ, find_logits
 
 
@@ -49,9 +49,11 @@ class ForwardProbe:
         self.log_z = LogZ(chunk_elements)
         self._depth = 0  # > 0 while a measured forward runs (a model may call itself)
         self._logits_handle: RemovableHandle | None = None
+        # Under torch.compile the root module's hooks run as frames of their own: they run eagerly,
+        # never traced (no graph break, no guard on numwatch's state).
         self._handles = [
-            model.register_forward_pre_hook(self._before),
-            model.register_forward_hook(self._after, always_call=True),
+            model.register_forward_pre_hook(torch.compiler.disable(self._before)),
+            model.register_forward_hook(torch.compiler.disable(self._after), always_call=True),
         ]
 
     def _before(self, module: nn.Module, inputs: Any) -> None:
@@ -101,12 +103,12 @@ class ForwardProbe:
             self._logits_handle.remove()
             self._logits_handle = None
 
-    def take_step(self) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    def take_step(self) -> tuple[AttentionMaxima, torch.Tensor | None]:
         """The step's max logit per attention call and its [mean log Z, max log Z, max |logit|]; resets."""
         measured = self.capture.take_step(), self.log_z.take_step()
         if self._step_failed:
             self._step_failed = False
-            return {}, None
+            return AttentionMaxima([], None), None
         return measured
 
     def remove(self) -> None:

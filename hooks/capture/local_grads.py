@@ -37,12 +37,13 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from numwatch.capture.guard import Guard
 from numwatch.kernels.replica import bit_sum
 
 # Part names in the step's device stack.
@@ -52,7 +53,6 @@ LOCAL_CHECKSUM = "local:checksum"  # int64: bit-pattern sum of the replicated we
 
 Future = torch.futures.Future[torch.Tensor]
 CommHook = Callable[[Any, Any], Future]
-Guard = Callable[[str, Callable[..., Any]], Callable[..., Any]]
 
 
 @dataclass
@@ -88,7 +88,7 @@ class _Backward:
     end: Any = None
 
 
-def is_ddp(model: nn.Module) -> bool:
+def is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
     return isinstance(model, nn.parallel.DistributedDataParallel)
 
 
@@ -137,7 +137,7 @@ class LocalGradProbe:
 
     def _register_user_hook(self, state: object, hook: CommHook) -> None:
         """``ddp.register_comm_hook`` after watch(): the user's hook runs inside the probe's."""
-        self.ddp._check_comm_hook(hook)  # type: ignore[no-untyped-call]
+        self.ddp._check_comm_hook(hook)
         if self._inner is not None:
             raise RuntimeError("register_comm_hook can only be called once (numwatch wraps the one registered)")
         self._inner = (hook, state)
@@ -188,7 +188,7 @@ class LocalGradProbe:
 
     def _now(self) -> Any:
         if self._cuda:
-            event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
         return time.perf_counter()

@@ -32,13 +32,13 @@ class SharedPatch:
         with self._lock:
             if not self._listeners:
                 self._originals = [getattr(owner, name) for owner, name in self._places]
-                for (owner, name), original in zip(self._places, self._originals):
+                for (owner, name), original in zip(self._places, self._originals, strict=True):
                     setattr(owner, name, self._wrap(original, self))
             self._listeners[id(listener)] = listener
 
     def remove(self, listener: Any) -> None:
         with self._lock:
             if self._listeners.pop(id(listener), None) is not None and not self._listeners:
-                for (owner, name), original in zip(self._places, self._originals):
+                for (owner, name), original in zip(self._places, self._originals, strict=True):
                     setattr(owner, name, original)
                 self._originals = []

@@ -38,17 +38,14 @@ class ScalerAdapter:
         state = self._state(optimizer)
         return state is not None and state["stage"] is not OptState.READY
 
-    def ready_to_step(self, optimizer: torch.optim.Optimizer | None) -> bool:
-        """Whether ``unscale_`` has not run yet this step (a fused optimizer will unscale in its kernel)."""
-        state = self._state(optimizer)
-        return state is not None and state["stage"] is OptState.READY
-
     def found_inf(self, optimizer: torch.optim.Optimizer | None, device: torch.device) -> torch.Tensor | None:
-        """Sum of the per-device Inf/NaN flags ``unscale_`` (or a fused step) left, on ``device``; None when none yet."""
+        """Sum of the per-device Inf/NaN flags ``unscale_`` (or a fused step) left, on ``device``; None if none yet."""
         state = self._state(optimizer)
         if state is None or not state["found_inf_per_device"]:
             return None
-        return torch.stack([flag.to(device) for flag in state["found_inf_per_device"].values()]).sum()
+        return torch.stack(
+            [flag.to(device, non_blocking=True) for flag in state["found_inf_per_device"].values()]
+        ).sum()
 
     def scaling(self, optimizer: torch.optim.Optimizer | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(gradient multiplier, format multiplier) for gradients read now: 1/S while they are

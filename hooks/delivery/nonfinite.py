@@ -91,7 +91,10 @@ class NonFiniteCheck:
         described = ", ".join(f"{o['name']} (nan={o['nan']}, inf={o['inf']})" for o in offenders) or "all finite"
         more = f" and {len(bad) - len(offenders)} more" if len(bad) > len(offenders) else ""
         origin = f"; first non-finite module output: {module}" if module else ""
-        message = f"numwatch: non-finite values at step {record.step_number} of run {self.run!r}: loss={loss}; gradients: {described}{more}{origin}"
+        message = (
+            f"numwatch: non-finite values at step {record.step_number} of run {self.run!r}: loss={loss}; "
+            f"gradients: {described}{more}{origin}"
+        )
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message)
         if self.on_nonfinite == "warn":

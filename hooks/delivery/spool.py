@@ -18,16 +18,15 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from numwatch import protocol
+from numwatch import protocol, settings
 
 log = logging.getLogger(__name__)
 
-SPOOL_ENV = "NUMWATCH_SPOOL_DIR"
 DOCUMENT_KINDS = ("run", "batch")
 # A writer starts a new segment past this size, so fully uploaded segments can be deleted.
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -37,8 +36,9 @@ _UPLOADED_FILE = "uploaded"
 
 def default_spool_root() -> Path:
     """``$NUMWATCH_SPOOL_DIR``, else ``$XDG_DATA_HOME/numwatch/spool``, else ``~/.local/share/numwatch/spool``."""
-    if os.environ.get(SPOOL_ENV):
-        return Path(os.environ[SPOOL_ENV])
+    configured = settings.read(settings.SPOOL_DIR)
+    if configured is not None:
+        return Path(configured)
     data_home = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(data_home) / "numwatch" / "spool"
 
@@ -188,7 +188,7 @@ class SpoolWriter:
                 self._torn = reader.read(1) != b"\n"
         return handle
 
-    def append(self, kind: str, body: dict[str, Any]) -> SpoolPosition:
+    def append(self, kind: str, body: Mapping[str, Any]) -> SpoolPosition:
         """Write one document as a line; returns where it ends.
 
         Raises ``OSError`` when the disk refuses it (full, read-only); the next append then

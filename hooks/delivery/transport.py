@@ -13,14 +13,14 @@ not be queued nor spooled is counted (``dropped_steps``), logged once and report
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
-import queue
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from numwatch.delivery.spool import (
     read_entries,
     read_uploaded_mark,
 )
+from numwatch.step.documents import StepDocuments
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,68 @@ MAX_RETRY_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 30.0
 
 
-@dataclass
-class StepDocuments:
-    """What one step contributes to a batch."""
-
-    step: protocol.StepDocument
-    histograms: list[protocol.HistogramDocument] = field(default_factory=list)
-    events: list[protocol.EventDocument] = field(default_factory=list)
-
-
 class StepSource(Protocol):
     """A step measured on the training thread, turned into documents on the sender thread."""
 
     step_number: int
 
     def build(self) -> StepDocuments: ...
+
+
+class _Inbox:
+    """What the training thread hands the sender: steps (at most ``capacity``) and requests.
+
+    Handing over never wakes the sender by itself: a wake-up per step would hand it the GIL in
+    the middle of the training thread's step. It wakes when a batch is full or a request
+    arrives, else at its own deadline (:meth:`take`)."""
+
+    def __init__(self, capacity: int, batch: int) -> None:
+        self._items: collections.deque[StepSource | _Control] = collections.deque()
+        self._steps = 0
+        self._capacity = capacity
+        self._batch = batch
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def put_step(self, source: StepSource) -> bool:
+        """Queue a step; False when ``capacity`` steps wait already."""
+        with self._lock:
+            if self._steps >= self._capacity:
+                return False
+            self._items.append(source)
+            self._steps += 1
+            full = self._steps >= self._batch
+        if full:
+            self._ready.set()
+        return True
+
+    def put_request(self, control: _Control) -> None:
+        with self._lock:
+            self._items.append(control)
+        self._ready.set()
+
+    def take(self, limit: int, timeout: float) -> tuple[list[StepSource], list[_Control]]:
+        """Up to ``limit`` steps in order, stopping after the first request, once a batch is full,
+        a request waits or ``timeout`` passed."""
+        self._ready.wait(timeout)
+        sources: list[StepSource] = []
+        controls: list[_Control] = []
+        with self._lock:
+            self._ready.clear()
+            while self._items and len(sources) < limit:
+                item = self._items.popleft()
+                if isinstance(item, _Control):
+                    controls.append(item)
+                    break
+                sources.append(item)
+                self._steps -= 1
+            if self._steps >= self._batch or any(isinstance(item, _Control) for item in self._items):
+                self._ready.set()
+        return sources, controls
 
 
 class _Control:
@@ -78,14 +126,16 @@ def _classify(status: int) -> str:
     return "rejected"
 
 
-def document_path(kind: str, document: dict[str, Any]) -> str:
+def document_path(kind: str, document: Mapping[str, Any]) -> str:
     """Where a protocol document is posted: run documents register, batches go under their run."""
     if kind == "run":
         return protocol.RUNS_PATH
     return protocol.run_path(document["run"]) + "/batches"
 
 
-def post_document(url: str, token: str | None, path: str, document: dict[str, Any], timeout: float) -> tuple[str, str]:
+def post_document(
+    url: str, token: str | None, path: str, document: Mapping[str, Any], timeout: float
+) -> tuple[str, str]:
     """POST one document to the collector at ``url``: ('ok' | 'retry' | 'rejected', detail);
     the detail of an accepted document is the collector's answer."""
     headers = {"Content-Type": "application/json"}
@@ -101,7 +151,7 @@ def post_document(url: str, token: str | None, path: str, document: dict[str, An
         return "retry", f"unreachable: {error}"
 
 
-def renamed_run(document: dict[str, Any], answer: str) -> str | None:
+def renamed_run(document: Mapping[str, Any], answer: str) -> str | None:
     """The name the collector stored a registered run under, when it is not the name asked for
     (the name belonged to another process)."""
     try:
@@ -125,7 +175,7 @@ class Transport:
 
     def __init__(
         self,
-        run_document: dict[str, Any],
+        run_document: Mapping[str, Any],
         *,
         url: str | None,
         token: str | None,
@@ -142,7 +192,7 @@ class Transport:
         queue_steps = queue_steps or QUEUE_STEPS
         http_timeout = http_timeout or HTTP_TIMEOUT_SECONDS
         retry_seconds = retry_seconds or RETRY_SECONDS
-        self.run_document = run_document
+        self.run_document = dict(run_document)
         self.run = run_document["run"]
         self.stored_as = self.run  # the collector's name for it, once registered (another process may hold ``run``)
         self.rank = run_document["rank"]
@@ -160,7 +210,7 @@ class Transport:
         self.dropped_steps = 0
         self._count_lock = threading.Lock()
         self._reported_dropped = 0
-        self._queue: queue.Queue[StepSource | _Control] = queue.Queue(maxsize=queue_steps)
+        self._inbox = _Inbox(queue_steps, batch_steps)
         self._spool: SpoolWriter | None = None
         self._spool_lock = threading.Lock()
         self._run_acknowledged = False
@@ -177,7 +227,7 @@ class Transport:
     @property
     def queued_steps(self) -> int:
         """Steps waiting in memory for the sender (at most ``queue_steps``; beyond, they spool)."""
-        return self._queue.qsize()
+        return self._inbox.steps
 
     # -- training thread -------------------------------------------------------------
 
@@ -185,9 +235,7 @@ class Transport:
         """Queue a step without blocking; a full queue sends it to the spool instead."""
         if self._closed:
             return
-        try:
-            self._queue.put_nowait(source)
-        except queue.Full:
+        if not self._inbox.put_step(source):
             self._spool_overflow(source)
 
     def flush(self, timeout: float = CLOSE_TIMEOUT_SECONDS) -> bool:
@@ -206,11 +254,7 @@ class Transport:
     def _request(self, control: _Control, timeout: float) -> bool:
         if self._closed or not self._thread.is_alive():
             return False
-        try:
-            self._queue.put(control, timeout=timeout)
-        except queue.Full:
-            log.warning("numwatch: the sender queue stayed full for %.0f s; not waiting for it", timeout)
-            return False
+        self._inbox.put_request(control)
         return control.done.wait(timeout)
 
     def _spool_overflow(self, source: StepSource) -> None:
@@ -226,8 +270,9 @@ class Transport:
             self.dropped_steps += steps
         if first:
             log.error(
-                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. Lost steps are counted in "
-                "Watcher.dropped_steps and reported to the collector as a monitoring_dropped event. Check the spool %s.",
+                "numwatch: lost %d step(s) of monitoring data for run %r (%s); training goes on. "
+                "Lost steps are counted in Watcher.dropped_steps and reported to the collector "
+                "as a monitoring_dropped event. Check the spool %s.",
                 steps,
                 self.run,
                 reason,
@@ -244,7 +289,8 @@ class Transport:
             closing = next((c for c in controls if c.status is not None), None)
             try:
                 if sources or closing is not None:
-                    self._deliver_steps(sources, closing.status if closing else "running")
+                    status = closing.status if closing is not None and closing.status is not None else "running"
+                    self._deliver_steps(sources, status)
                 elif self._spool_pending and self.url and time.monotonic() >= self._next_retry:
                     self._drain_spool()
             except Exception as error:  # typically the spool: disk full, directory not writable
@@ -262,24 +308,9 @@ class Transport:
             )
 
     def _collect(self) -> tuple[list[StepSource], list[_Control]]:
-        """Wait for steps: up to ``batch_steps`` of them, ``batch_seconds`` after the first,
-        or until a flush/close request arrives."""
-        sources: list[StepSource] = []
-        controls: list[_Control] = []
-        deadline = time.monotonic() + self.batch_seconds
-        while len(sources) < self.batch_steps:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                item = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if isinstance(item, _Control):
-                controls.append(item)
-                break
-            sources.append(item)
-        return sources, controls
+        """Wait for steps: up to ``batch_steps`` of them, at most ``batch_seconds``, or until a
+        flush/close request arrives."""
+        return self._inbox.take(self.batch_steps, self.batch_seconds)
 
     def _deliver_steps(self, sources: list[StepSource], status: protocol.RunStatus) -> None:
         documents = []
@@ -305,7 +336,7 @@ class Transport:
             status=status,
         )
 
-    def _dropped_event(self, documents: list[StepDocuments]) -> list[dict[str, Any]]:
+    def _dropped_event(self, documents: list[StepDocuments]) -> list[protocol.EventDocument]:
         """A ``monitoring_dropped`` event when steps were dropped since the last report."""
         with self._count_lock:
             dropped = self.dropped_steps
@@ -318,7 +349,7 @@ class Transport:
             protocol.event_document(step, "monitoring_dropped", {"dropped_steps": dropped, "since_last_report": newly})
         ]
 
-    def _deliver(self, batch: dict[str, Any]) -> None:
+    def _deliver(self, batch: protocol.BatchDocument) -> None:
         if self.url is None:
             self._spool_batch(batch)
             return
@@ -359,7 +390,7 @@ class Transport:
         """Create the spool now (spool-only runs), so the run document is on disk at once."""
         self._ensure_spool()
 
-    def _spool_batch(self, batch: dict[str, Any]) -> None:
+    def _spool_batch(self, batch: protocol.BatchDocument) -> None:
         spool = self._ensure_spool()
         spool.append("batch", batch)
         with self._count_lock:
@@ -410,7 +441,7 @@ class Transport:
         discard_uploaded_segments(self.spool_dir)
         log.info("numwatch: spool %s drained to %s", self.spool_dir, self.url)
 
-    def _post(self, path: str, document: dict[str, Any]) -> tuple[str, str]:
+    def _post(self, path: str, document: Mapping[str, Any]) -> tuple[str, str]:
         """POST one document; ('ok' | 'retry' | 'rejected' (logged and counted), detail)."""
         assert self.url is not None
         outcome, detail = post_document(self.url, self.token, path, document, self.http_timeout)

@@ -1,9 +1,9 @@
 """Framework adapters over :func:`numwatch.watch`, each imported only when used.
 
-``from numwatch.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``) or ``LightningCallback``
-(``lightning.pytorch.Callback``);
-importing ``numwatch`` or this package imports no framework. Accelerate needs no adapter: ``numwatch.watch(model, optimizer)``
-on the objects ``accelerator.prepare`` returned.
+``from numwatch.integrations import HuggingFaceCallback`` (``transformers.TrainerCallback``) or
+``LightningCallback`` (``lightning.pytorch.Callback``); importing ``numwatch`` or this package imports no
+framework. Accelerate needs no adapter: ``numwatch.watch(model, optimizer)`` on the objects
+``accelerator.prepare`` returned.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ are measured at the end of that backward (:class:`BackwardEndTrigger`): the numb
 pre-clipping ones, whose global norm is the ``grad_norm`` the Trainer logs. The step ends
 after the optimizer update; on logging steps it carries the Trainer's logged values (loss
 as ``loss``, the others as ``trainer_<name>`` scalars).
+
+With a DeepSpeed config (``TrainingArguments(deepspeed=...)``) the engine's step reads and
+ends each step (:mod:`numwatch.step.deepspeed_site`); the Trainer's logged values join it
+until the next backward.
 """
 
 from __future__ import annotations
@@ -65,7 +69,11 @@ class NumwatchCallback(TrainerCallback):
             self.watcher.finish_step()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if self.watcher is None or not self.watcher.step_in_progress:
+        if self.watcher is None:
+            return
+        # Under DeepSpeed the step ended inside the engine's step, before the Trainer logs it.
+        ended = self.watcher.takes_logs_for(state.global_step) and "loss" in (logs or {})
+        if not (self.watcher.step_in_progress or ended):
             return  # evaluation and end-of-training logs belong to no optimizer step
         numbers = {
             name: float(value)

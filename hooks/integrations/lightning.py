@@ -9,21 +9,26 @@ skipped steps are the scaler's. The loss is the sum of what went into the step's
 backwards (Lightning divides it by ``accumulate_grad_batches``), so the batch mean.
 
 Works with ``import lightning`` and with ``import pytorch_lightning``, whichever is installed.
+Lightning's DeepSpeed strategy is refused (:class:`UnsupportedConfiguration`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from numwatch.kernels.sharded import UnsupportedConfiguration
+from numwatch.protocol import RunStatus
 from numwatch.watcher import Watcher, watch
 
-try:
-    from lightning.pytorch import Callback
-except ImportError:
+if TYPE_CHECKING:  # the same class under either name; checked against pytorch_lightning
     from pytorch_lightning import Callback
+else:
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        from pytorch_lightning import Callback
 
 
 class NumwatchCallback(Callback):
@@ -38,9 +43,16 @@ class NumwatchCallback(Callback):
         self._loss: torch.Tensor | None = None  # sum of the losses backpropagated into this step
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
+            raise UnsupportedConfiguration(
+                "numwatch: the Lightning callback does not support Lightning's DeepSpeed strategy (Lightning runs it "
+                "on CUDA only, where this adapter is untested). numwatch supports DeepSpeed ZeRO through the engine: "
+                "numwatch.watch(engine) with DeepSpeed, the Hugging Face Trainer or Accelerate."
+            )
         if len(trainer.optimizers) != 1:
             raise UnsupportedConfiguration(
-                f"numwatch: the Lightning callback watches one optimizer; this module configures {len(trainer.optimizers)}. "
+                "numwatch: the Lightning callback watches one optimizer; "
+                f"this module configures {len(trainer.optimizers)}. "
                 "Call numwatch.watch(module, optimizer, include=[...]) per optimizer instead."
             )
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -88,7 +100,7 @@ class NumwatchCallback(Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._close("crashed")
 
-    def _close(self, status: str) -> None:
+    def _close(self, status: RunStatus) -> None:
         if self.watcher is not None:
             self.watcher.finish_step()
             self.watcher.close(status)

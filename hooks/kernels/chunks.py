@@ -23,22 +23,18 @@ import functools
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from numwatch.kernels.device import accelerator_path, to_device
 
 # 2**24 elements: the 16-layer benchmark model (13 M parameters) is one chunk per group;
 # the work on a chunk holds about 32 bytes per element (512 MiB at most) while it runs.
 FLAT_CHUNK_ELEMENTS = 1 << 24
 
 _Key = tuple[torch.device, torch.dtype, int] | None
-
-
-def to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A host tensor on ``device``, copied from pinned memory on CUDA so the copy does not synchronize."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
 
 
 class _Scratch(threading.local):
@@ -62,7 +58,7 @@ INPUT, WORK, SECOND, FLAGS = 0, 1, 2, 3
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
     """An uninitialised 1-D ``dtype`` tensor of ``numel`` elements for a temporary of one call.
 
-    On the CPU a view of a buffer kept for ``slot`` between calls; elsewhere fresh memory
+    On the CPU path a view of a buffer kept for ``slot`` between calls; elsewhere fresh memory
     (the device's caching allocator reuses blocks itself). A caller uses each slot for one
     temporary at a time and never returns it; the buffers stay bounded by the chunk size
     and are dropped by :func:`release_scratch`."""
@@ -70,7 +66,7 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int) -> 
 
 
 def _scratch_shaped(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int) -> Tensor:
-    if device.type != "cpu":
+    if accelerator_path(device):
         return torch.empty(shape, dtype=dtype, device=device)
     views = _scratch.views
     view = views.get((slot, shape, dtype))
@@ -101,22 +97,28 @@ def _index(values: Sequence[int], device: torch.device) -> Tensor:
 class Chunk:
     """Consecutive segments of a group: (member, start, stop) element ranges of its tensors."""
 
-    def __init__(self, pieces: list[tuple[int, int, int]], device: torch.device) -> None:
+    def __init__(self, pieces: list[tuple[int, int, int]], device: torch.device, numels: Sequence[int]) -> None:
         self.pieces = pieces
         self.lengths = [stop - start for _, start, stop in pieces]
         self.numel = sum(self.lengths)
         self._starts = _index([sum(self.lengths[:i]) for i in range(1, len(pieces))], device)
+        # Decided once from the sizes (``numels``: the group's), not per call: the pieces' members,
+        # those that are cut, and the whole one-element ones (which may be 0-d).
+        self._members = [member for member, _, _ in pieces]
+        self._cut = [i for i, (member, start, stop) in enumerate(pieces) if stop - start != numels[member]]
+        self._single = [i for i, (member, start, stop) in enumerate(pieces) if numels[member] == 1]
+        self._ids: Tensor | None = None
 
     def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
         """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
         (no per-tensor reshape op), cut ones as 1-D slices."""
-        parts = []
-        for member, start, stop in self.pieces:
-            tensor = members[member]
-            if start == 0 and stop == tensor.numel():
-                parts.append(tensor if tensor.dim() else tensor.reshape(1))
-            else:
-                parts.append(tensor.reshape(-1)[start:stop])
+        parts = [members[member] for member in self._members]
+        for i in self._single:
+            if not parts[i].dim():
+                parts[i] = parts[i].reshape(1)
+        for i in self._cut:
+            _, start, stop = self.pieces[i]
+            parts[i] = parts[i].reshape(-1)[start:stop]
         return parts
 
     def flat(self, members: Sequence[Tensor]) -> Tensor:
@@ -152,8 +154,9 @@ class Chunk:
         dtype, device = dtype or parts[0].dtype, parts[0].device
         if len(parts) == 1:
             return scratch(self.numel, dtype, device, slot).copy_(parts[0].reshape(-1))
-        torch._chunk_cat(parts, 0, 1, out=_scratch_shaped((1, self.numel), dtype, device, slot))
-        return scratch(self.numel, dtype, device, slot)
+        out = _scratch_shaped((1, self.numel), dtype, device, slot)
+        torch._chunk_cat(parts, 0, 1, out=out)
+        return out.view(-1)
 
     def copy(self, members: Sequence[Tensor]) -> Tensor:
         """Like :meth:`flat`, but always fresh memory."""
@@ -162,7 +165,7 @@ class Chunk:
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """Per-segment views of a chunk-shaped tensor (one op)."""
-        return list(flat.split(self.lengths))
+        return list(torch.split(flat, self.lengths))
 
     def sums(self, marks: Tensor) -> Tensor:
         """[segments]: how many elements of each segment are 1 in float 0/1 ``marks``, in
@@ -170,11 +173,17 @@ class Chunk:
         cheaper than a count over keys on the CPU and without atomics on a few counters on a GPU."""
         return torch.stack(torch._foreach_norm(self.split(marks), 1))
 
-    def segment_ids(self) -> Tensor:
+    def segment_ids(self, keep: bool = False) -> Tensor:
         """int64 [numel]: the segment of each element (ones at segment starts, summed up:
-        on the CPU ten times cheaper than ``repeat_interleave``, and sync-free on CUDA)."""
+        on the CPU ten times cheaper than ``repeat_interleave``, and sync-free on CUDA);
+        ``keep``: kept with the chunk for the next call (for chunks of small tensors)."""
+        if self._ids is not None:
+            return self._ids
         ids = torch.zeros(self.numel, dtype=torch.int64, device=self._starts.device)
-        return ids.index_fill_(0, self._starts, 1).cumsum_(0)
+        ids = ids.index_fill_(0, self._starts, 1).cumsum_(0)
+        if keep:
+            self._ids = ids
+        return ids
 
     def keys(self, codes: Tensor, bins: int) -> Tensor:
         """segment * bins + code for each element's code 0..bins-1: counting these keys
@@ -203,10 +212,10 @@ class Chunk:
         if len(self.pieces) == 1:
             for name, values in operations:
                 getattr(flat, f"{name}_")(values.reshape(()))
-        elif flat.device.type == "cpu":
+        elif not accelerator_path(flat.device):
             views = self.split(flat)
             for name, values in operations:
-                getattr(torch, f"_foreach_{name}_")(views, list(values.split(1)))
+                getattr(torch, f"_foreach_{name}_")(views, list(torch.split(values, 1)))
         else:
             ids = self.segment_ids()
             for name, values in operations:
@@ -236,13 +245,14 @@ class Group:
         self.members = members  # positions in the input list
         self.numels = numels
         plans = _plan(numels, chunk_elements)
-        self.chunks = [Chunk(plan, device) for plan in plans]
+        self.chunks = [Chunk(plan, device, numels) for plan in plans]
         segment_members = [member for plan in plans for member, _, _ in plan]
         # Members cut into several segments: their results are combined through this index.
         self._segment_members = _index(segment_members, device) if len(segment_members) > len(members) else None
         self._positions = _index(members, device)
 
     def tensors(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
+        # Tensor | None to mypy; never None here, as the group's members are the positions whose tensor is present.
         return [tensors[position] for position in self.members]  # type: ignore[misc]
 
     def select(self, per_position: Tensor) -> Tensor:
@@ -255,7 +265,7 @@ class Group:
 
     def chunk_slices(self, per_segment: Tensor) -> list[Tensor]:
         """A per-segment tensor cut into the chunks' parts."""
-        return list(per_segment.split([len(chunk.pieces) for chunk in self.chunks]))
+        return list(torch.split(per_segment, [len(chunk.pieces) for chunk in self.chunks]))
 
     def per_member(self, per_chunk: list[Tensor], how: str) -> Tensor:
         """Per-member results from the chunks' per-segment ones; ``how`` combines the
@@ -300,6 +310,9 @@ class Layout:
 
     def __init__(self, keys: tuple[_Key, ...], chunk_elements: int) -> None:
         self.n = len(keys)
+        self.keys = keys
+        self.chunk_elements = chunk_elements
+        self.derived: dict[str, Any] = {}  # plans a statistic derives from the layout, kept with it
         self.device = next((key[0] for key in keys if key is not None), torch.device("cpu"))
         by_group: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[int]]] = {}
         for position, key in enumerate(keys):
@@ -346,7 +359,7 @@ def _layout(keys: tuple[_Key, ...], chunk_elements: int) -> Layout:
     return Layout(keys, chunk_elements)
 
 
-def layout_of(tensors: Sequence[Tensor | None]) -> Layout:
+def layout_of(tensors: Sequence[Tensor | None], chunk_elements: int = FLAT_CHUNK_ELEMENTS) -> Layout:
     """The cached :class:`Layout` of ``tensors`` (looked up by devices, dtypes and sizes)."""
     keys = tuple(None if t is None else (t.device, t.dtype, t.numel()) for t in tensors)
-    return _layout(keys, FLAT_CHUNK_ELEMENTS)
+    return _layout(keys, chunk_elements)

@@ -25,23 +25,30 @@ on the CPU is read there; one on the device stays a tensor), memory bounded by c
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from numwatch.kernels.chunks import SECOND, WORK, layout_of, scratch, to_device
+from numwatch.kernels.chunks import SECOND, WORK, layout_of, scratch
+from numwatch.kernels.device import accelerator_path, to_device
 from numwatch.kernels.sharded import local_tensor
 
 CHUNK = 1 << 22  # elements per pass: bounds the float32 temporaries to a few of these
 Scalar = float | Tensor
+State = dict[str, Any]  # an optimizer's per-parameter state or param group
+# Per-parameter sums of one optimizer kind: (state, param group, param, weights before) -> [2] or None.
+Measure = Callable[[State, State, Tensor, Tensor | None], Tensor | None]
 
 
 def _step_count(step: Any) -> Scalar:
-    """The step count as the optimizer reads it: a float where it lives on the CPU, else a device tensor."""
+    """The step count: a float where it lives on the host, else a device tensor (float64 where the
+    device has it: the bias corrections and RAdam's rectification cancel digits, as in float math)."""
     if isinstance(step, Tensor):
-        return float(step) if step.device.type == "cpu" else step.float()
+        if not accelerator_path(step.device):
+            return float(step)
+        return step.float() if step.device.type == "mps" else step.double()
     return float(step)
 
 
@@ -69,7 +76,7 @@ def _normalised(moment: Tensor, root: Tensor, eps: Scalar) -> tuple[Tensor, Tens
     return moment.div_(root.add_(eps)), count
 
 
-def _adam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Tensor:
+def _adam(state: State, group: State, param: Tensor, before: Tensor | None) -> Tensor:
     beta1, beta2 = group["betas"]
     eps, t = group["eps"], _step_count(state["step"])
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
@@ -83,7 +90,7 @@ def _adam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Ten
     return _sums(parts(), param.device)
 
 
-def _nadam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Tensor | None:
+def _nadam(state: State, group: State, param: Tensor, before: Tensor | None) -> Tensor | None:
     coupled_decay = 0.0 if group.get("decoupled_weight_decay", False) else group["weight_decay"]
     if param.grad is None or (coupled_decay != 0 and before is None):
         return None
@@ -93,7 +100,7 @@ def _nadam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Te
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
     mu_product = state["mu_product"]
-    mu_product = float(mu_product) if mu_product.device.type == "cpu" else mu_product
+    mu_product = mu_product if accelerator_path(mu_product.device) else float(mu_product)
     grad_factor, moment_factor = (1.0 - mu) / (1.0 - mu_product), mu_next / (1.0 - mu_product * mu_next)
     sign = -1.0 if group.get("maximize") else 1.0
 
@@ -107,7 +114,7 @@ def _nadam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Te
     return _sums(parts(), param.device)
 
 
-def _radam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Tensor:
+def _radam(state: State, group: State, param: Tensor, before: Tensor | None) -> Tensor:
     beta1, beta2 = group["betas"]
     eps, t = group["eps"], _step_count(state["step"])
     bc1, bc2 = 1 - beta1**t, 1 - beta2**t
@@ -128,9 +135,14 @@ def _radam(state: dict, group: dict, param: Tensor, before: Tensor | None) -> Te
     return _sums(parts(), param.device)
 
 
-def _measure(optimizer: torch.optim.Optimizer) -> Any:
+def _measure(optimizer: torch.optim.Optimizer) -> Measure | None:
     # NAdam and RAdam first: AdamW subclasses Adam, and the others must not fall through to it.
-    for kind, measure in ((torch.optim.NAdam, _nadam), (torch.optim.RAdam, _radam), (torch.optim.Adam, _adam)):
+    measures: tuple[tuple[type[torch.optim.Optimizer], Measure], ...] = (
+        (torch.optim.NAdam, _nadam),
+        (torch.optim.RAdam, _radam),
+        (torch.optim.Adam, _adam),
+    )
+    for kind, measure in measures:
         if isinstance(optimizer, kind):
             return measure
     return None
@@ -147,12 +159,12 @@ def _local_numel(param: Tensor) -> int:
 
 def _adam_batches(
     optimizer: torch.optim.Optimizer, parameters: Sequence[Tensor]
-) -> tuple[dict[tuple, list[int]], list[int]]:
+) -> tuple[dict[tuple[int, float], list[int]], list[int]]:
     """Adam/AdamW parameters with state (and local elements), by (param group, step count)
     when the count lives on the host (the usual case: the same bias correction for the whole
     batch), and the others."""
     groups = {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
-    batches: dict[tuple, list[int]] = {}
+    batches: dict[tuple[int, float], list[int]] = {}
     singles, on_host, host_steps = [], [], []
     for position, param in enumerate(parameters):
         state = optimizer.state.get(param)
@@ -161,18 +173,18 @@ def _adam_batches(
         step = state["step"]
         if not isinstance(step, Tensor):
             batches.setdefault((groups[id(param)], float(step)), []).append(position)
-        elif step.device.type == "cpu":
+        elif not accelerator_path(step.device):
             on_host.append(position)
             host_steps.append(step)
         else:
             singles.append(position)
     # Every host step count read at once (one stack, one read), not one read per tensor.
-    for position, t in zip(on_host, torch.stack(host_steps).tolist() if host_steps else []):
+    for position, t in zip(on_host, torch.stack(host_steps).tolist() if host_steps else [], strict=True):
         batches.setdefault((groups[id(parameters[position])], float(t)), []).append(position)
     return batches, singles
 
 
-def _adam_batch(optimizer: torch.optim.Optimizer, group: dict, t: float, params: list[Tensor]) -> Tensor:
+def _adam_batch(optimizer: torch.optim.Optimizer, group: State, t: float, params: list[Tensor]) -> Tensor:
     """float32 [k, 2] sums for Adam/AdamW parameters sharing a param group and a step count:
     each flat chunk of the moments is read once (ops independent of k)."""
     beta1, beta2 = group["betas"]
@@ -206,10 +218,11 @@ def adam_sums(
     measure = _measure(optimizer) if optimizer is not None else None
     if not parameters:
         return torch.zeros((2, 0), dtype=torch.float32, device=device)
+    if optimizer is None or measure is None:  # no Adam-family state to read
+        return torch.full((2, len(parameters)), math.nan, dtype=torch.float32, device=device)
     rows: list[Tensor] = []  # [k, 2] blocks, for the positions in `order`
     order: list[int] = []
     if measure is _adam:
-        assert optimizer is not None
         batches, singles = _adam_batches(optimizer, parameters)
         for (group_index, t), positions in batches.items():
             rows.append(
@@ -219,13 +232,13 @@ def adam_sums(
             )
             order += positions
     else:
-        singles = list(range(len(parameters))) if measure else []
-    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]} if measure else {}
+        singles = list(range(len(parameters)))
+    groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     # With state but no local elements (an empty shard): they add nothing.
     empty = {
         p
         for p, param in enumerate(parameters)
-        if measure and _local_numel(param) == 0 and "exp_avg" in optimizer.state.get(param, {})
+        if _local_numel(param) == 0 and "exp_avg" in optimizer.state.get(param, {})
     }
     for position in singles:
         param = parameters[position]
@@ -237,7 +250,7 @@ def adam_sums(
             rows.append(column.to(device, non_blocking=True).reshape(1, 2))
             order.append(position)
     # One gather puts the blocks in parameter order; a NaN row and a zero row stand for the rest.
-    rows.append(torch.tensor([[math.nan, math.nan], [0.0, 0.0]], dtype=torch.float32, device=device))
+    rows += [torch.full((1, 2), math.nan, device=device), torch.zeros((1, 2), device=device)]
     row_of = {position: row for row, position in enumerate(order)}
     fill = {position: len(order) + 1 for position in empty}
     index = to_device(

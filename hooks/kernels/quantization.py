@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from numwatch.kernels.chunks import to_device
+from numwatch.kernels.device import accelerator_path, to_device
 from numwatch.protocol import QUANT_SCHEMES
 
 SCHEMES = QUANT_SCHEMES  # the rows of quantization_sqnr
@@ -89,7 +89,8 @@ def _nf4_host_tables() -> tuple[Tensor, Tensor]:
 
 @functools.cache
 def _nf4_tables(device: torch.device) -> tuple[Tensor, Tensor]:
-    return tuple(to_device(table, device) for table in _nf4_host_tables())  # type: ignore[return-value]
+    boundary, values = _nf4_host_tables()
+    return to_device(boundary, device), to_device(values, device)
 
 
 def _accumulator(device: torch.device) -> torch.dtype:
@@ -97,7 +98,7 @@ def _accumulator(device: torch.device) -> torch.dtype:
 
 
 def _chunk_elements(device: torch.device) -> int:
-    return CHUNK if device.type == "cpu" else DEVICE_CHUNK
+    return DEVICE_CHUNK if accelerator_path(device) else CHUNK
 
 
 def _row_chunks(weight: Tensor) -> Iterator[Tensor]:
@@ -147,7 +148,8 @@ def _rounding_error(scaled: Tensor) -> Tensor:
 
 def _scaled_norm_squared(errors: Tensor, scale: Tensor) -> Tensor:
     """Σ over the last dimension's vectors of (scale · ‖error‖)², ``scale`` one per vector (kept dim)."""
-    return torch.linalg.vector_norm(errors, dim=-1).mul_(scale.squeeze(-1)).square_().sum()
+    norms: Tensor = torch.linalg.vector_norm(errors, dim=-1)  # torch.linalg's functions are unannotated
+    return norms.mul_(scale.squeeze(-1)).square_().sum()
 
 
 def _integer_noise(weight: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -208,7 +210,7 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
     it saves, and idle workers spinning between the many small ops take the core from the
     pass (measured 10x slower with 2 threads on a shared 2-core machine)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if accelerator_path(device) or threads == 1:
         yield
         return
     torch.set_num_threads(1)

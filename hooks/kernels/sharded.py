@@ -23,13 +23,17 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from numwatch.kernels.device import to_device
 from numwatch.kernels.quantization import NF4_BLOCK, SCHEMES, quantization_sums, sqnr_from_sums, tensor_absmax
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class UnsupportedConfiguration(RuntimeError):
@@ -45,7 +49,7 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
-def is_dtensor(tensor: Tensor) -> bool:
+def is_dtensor(tensor: Tensor) -> TypeGuard[DTensor]:
     """Whether ``tensor`` is a DTensor (without importing DTensor where distributed is unavailable)."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
@@ -56,8 +60,8 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def _shard_dim(parameter: Tensor, name: str) -> tuple[Any, int] | None:
-    """(mesh, mesh dim) a DTensor parameter is sharded over; None when it is replicated."""
+def _shard_dim(parameter: DTensor, name: str) -> tuple[DTensor, Any, int] | None:
+    """(the parameter, mesh, mesh dim) a DTensor parameter is sharded over; None when it is replicated."""
     from torch.distributed.tensor import Replicate, Shard
 
     sharded = []
@@ -66,13 +70,15 @@ def _shard_dim(parameter: Tensor, name: str) -> tuple[Any, int] | None:
             sharded.append(mesh_dim)
         elif not isinstance(placement, Replicate):
             raise UnsupportedConfiguration(
-                f"numwatch: parameter {name!r} has placement {type(placement).__name__} ({placement}); only Shard and Replicate DTensor parameters are supported"
+                f"numwatch: parameter {name!r} has placement {type(placement).__name__} ({placement}); only Shard and "
+                "Replicate DTensor parameters are supported"
             )
     if len(sharded) > 1:
         raise UnsupportedConfiguration(
-            f"numwatch: parameter {name!r} is sharded over {len(sharded)} mesh dimensions (e.g. FSDP + tensor parallel); only one is supported"
+            f"numwatch: parameter {name!r} is sharded over {len(sharded)} mesh dimensions (e.g. FSDP + tensor "
+            "parallel); only one is supported"
         )
-    return (parameter.device_mesh, sharded[0]) if sharded else None
+    return (parameter, parameter.device_mesh, sharded[0]) if sharded else None
 
 
 @dataclass(frozen=True)
@@ -84,14 +90,15 @@ class ShardLayout:
     empty: bool
 
 
-def _shard_layout(parameter: Tensor, mesh: Any, mesh_dim: int) -> ShardLayout:
+def _shard_layout(parameter: DTensor, mesh: Any, mesh_dim: int) -> ShardLayout:
+    from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(parameter.shape, mesh, parameter.placements)
     strides = [math.prod(parameter.shape[i + 1 :]) for i in range(parameter.dim())]
-    return ShardLayout(
-        parameter.placements[mesh_dim].dim, sum(o * s for o, s in zip(offset, strides)), math.prod(shape) == 0
-    )
+    placement = parameter.placements[mesh_dim]
+    assert isinstance(placement, Shard)  # _shard_dim found it so
+    return ShardLayout(placement.dim, sum(o * s for o, s in zip(offset, strides, strict=True)), math.prod(shape) == 0)
 
 
 class ShardReduction:
@@ -112,20 +119,21 @@ class ShardReduction:
         several sharded mesh dimensions, shards over different process groups).
         """
         shards = [_shard_dim(p, name) if is_dtensor(p) else None for name, p in named_parameters]
-        groups = {id(mesh.get_group(dim)): mesh.get_group(dim) for mesh, dim in (s for s in shards if s is not None)}
+        groups = {id(mesh.get_group(dim)): mesh.get_group(dim) for _, mesh, dim in (s for s in shards if s is not None)}
         if not groups:
             return None
         if len(groups) > 1:
             raise UnsupportedConfiguration(
-                "numwatch: parameters are sharded over different process groups; watch each group's parameters separately (include=/exclude=)"
+                "numwatch: parameters are sharded over different process groups; watch each group's parameters "
+                "separately (include=/exclude=)"
             )
         (group,) = groups.values()
-        return cls(group, [None if s is None else _shard_layout(p, *s) for (_, p), s in zip(named_parameters, shards)])
+        return cls(group, [None if s is None else _shard_layout(*s) for s in shards])
 
     def _owned(self, positions: Sequence[int] | None, device: torch.device) -> Tensor:
         """bool [k]: whether this rank's values of those tensors enter the sums."""
         sharded = self._sharded if positions is None else self._sharded[list(positions)]
-        return (sharded | (self.group_rank == 0)).to(device)
+        return to_device(sharded | (self.group_rank == 0), device)
 
     def reduce(
         self, sums: Sequence[Tensor], maxes: Sequence[Tensor], positions: Sequence[int] | None = None
@@ -144,14 +152,19 @@ class ShardReduction:
         summed = self._all_reduce(summed, dist.ReduceOp.SUM)
         maxed = self._all_reduce(maxed, dist.ReduceOp.MAX)
         flags = summed[len(sums) :]
-        return summed[: len(sums)], [torch.where(flag > 0, math.nan, part) for part, flag in zip(maxed, flags)]
+        return summed[: len(sums)], [
+            torch.where(flag > 0, math.nan, part) for part, flag in zip(maxed, flags, strict=True)
+        ]
 
-    def _all_reduce(self, parts: list[Tensor], op: dist.ReduceOp) -> list[Tensor]:
+    def _all_reduce(self, parts: list[Tensor], op: dist.ReduceOp.RedOpType) -> list[Tensor]:
         if not parts:
             return []
         flat = torch.cat([part.reshape(-1) for part in parts])
         dist.all_reduce(flat, op=op, group=self.group)
-        return [piece.view_as(part) for piece, part in zip(flat.split([part.numel() for part in parts]), parts)]
+        return [
+            piece.view_as(part)
+            for piece, part in zip(torch.split(flat, [part.numel() for part in parts]), parts, strict=True)
+        ]
 
     def norms(
         self, norm_stats: Tensor, counts: Sequence[Tensor], positions: Sequence[int] | None
@@ -192,7 +205,7 @@ class ShardReduction:
             whole_blocks = layout is None or layout.empty or (layout.dim == 0 and layout.flat_offset % NF4_BLOCK == 0)
             local = {"int8": whole_rows, "int4": whole_rows, "nf4": whole_blocks, "fp8": True}
             rows.append([False, *(not local[scheme] for scheme in SCHEMES)])
-        return torch.tensor(rows, dtype=torch.bool).t().to(device)
+        return to_device(torch.tensor(rows, dtype=torch.bool).t(), device)
 
     def quantization_sqnr(self, shards: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
         """float32 [len(SCHEMES), n] SQNR of the whole tensors from this rank's ``shards`` of
@@ -202,32 +215,36 @@ class ShardReduction:
         sums = quantization_sums(shards, amax)
         sums = sums.masked_fill(self._unmeasured(sums.device), math.nan)
         (summed,) = self.sums([sums])
-        empty = torch.tensor([n == 0 for n in numels], device=summed.device)
+        empty = to_device(torch.tensor([n == 0 for n in numels]), summed.device)
         return sqnr_from_sums(summed).masked_fill(empty, math.nan)
 
 
-def _from_deepspeed(obj: object) -> bool:
+def from_deepspeed(obj: object) -> bool:
+    """Whether ``obj``'s class comes from the ``deepspeed`` package."""
     return type(obj).__module__.split(".")[0] == "deepspeed"
 
 
 def refuse_unsupported(model: torch.nn.Module, optimizer: object | None) -> None:
     """Raise :class:`UnsupportedConfiguration` for setups whose ``.grad`` does not hold the
-    gradients numwatch would report: DeepSpeed engines and ZeRO optimizers (gradients live in
-    the engine's partitioned buffers) and FSDP1 wrappers (flattened, padded shards)."""
+    gradients numwatch would report: DeepSpeed objects other than through their engine
+    (gradients live in the engine's partitioned buffers; see :mod:`numwatch.capture.deepspeed`)
+    and FSDP1 wrappers (flattened, padded shards)."""
     inner = getattr(optimizer, "optimizer", None)  # framework wrappers (Accelerate, Lightning)
     if (
-        _from_deepspeed(model)
-        or _from_deepspeed(optimizer)
-        or _from_deepspeed(inner)
-        or any(hasattr(p, "ds_id") for p in model.parameters())
+        from_deepspeed(model)
+        or from_deepspeed(optimizer)
+        or from_deepspeed(inner)
+        or any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in model.parameters())
     ):
         raise UnsupportedConfiguration(
-            "numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP."
+            "numwatch: DeepSpeed (ZeRO) keeps gradients in its own partitioned buffers, read through its engine: "
+            "watch the engine deepspeed.initialize returned, numwatch.watch(engine)"
         )
     if dist.is_available():
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
             raise UnsupportedConfiguration(
-                "numwatch: FSDP1 (FullyShardedDataParallel) flattens and pads parameters; it is not supported. Use FSDP2 (torch.distributed.fsdp.fully_shard)."
+                "numwatch: FSDP1 (FullyShardedDataParallel) flattens and pads parameters; it is not supported. Use "
+                "FSDP2 (torch.distributed.fsdp.fully_shard)."
             )

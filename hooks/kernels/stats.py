@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from numwatch.formats import FormatSpec
-from numwatch.kernels.chunks import FLAGS, INPUT, SECOND, WORK, Chunk, Layout, layout_of, scratch, to_device
+from numwatch.kernels.chunks import FLAGS, INPUT, SECOND, WORK, Chunk, Layout, layout_of, scratch
+from numwatch.kernels.device import accelerator_path, cuda_kernels, to_device
 from numwatch.protocol import (
     EXPONENT_BINS,
     EXPONENT_INF_BIN,
@@ -59,7 +60,7 @@ def _count_values(codes: Tensor, bins: int) -> Tensor:
     exact in float64, and so are counts up to 2**53.
     """
     flat = codes.reshape(-1)
-    if flat.device.type == "cpu":
+    if not accelerator_path(flat.device):
         return torch.bincount(flat, minlength=bins)
     return _histc_count(flat, bins)
 
@@ -155,20 +156,33 @@ def _bucket_counts(chunk: Chunk, x: Tensor, cuts: _Cuts, slot: int) -> Tensor:
 # --------------------------------------------------------------------------- gradients
 
 
-def _absmax(members: list[Tensor]) -> list[Tensor]:
+def _absmax(members: list[Tensor]) -> Sequence[Tensor]:
     """max |x| of each (non-empty) tensor, as 0-d tensors of its dtype; NaN propagates.
 
     One multi-tensor kernel either way: ``_foreach_norm(ord=inf)`` on CUDA reads each
     tensor once; on the CPU it is ~100x slower than ``_foreach_max`` of ``_foreach_abs``
     (see benchmarks/stats_pass.py)."""
-    if members[0].device.type == "cuda":
+    if cuda_kernels(members[0].device):
         return torch._foreach_norm(members, math.inf)
     return torch._foreach_max(torch._foreach_abs(members))
 
 
-def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
-    """float32 [2, n]: L2 norm (accumulated in float32) and abs-max of each tensor."""
-    layout = layout_of(tensors)
+def _l2_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout | None = None) -> Tensor:
+    """float32 [2, n]: L2 norm (accumulated in float32, float64 for small tensors on the CPU
+    path) and abs-max of each tensor (``layout``: theirs, when the caller knows it)."""
+    layout = layout or layout_of(tensors)
+    split = None if accelerator_path(layout.device) else _size_split(layout)
+    if split is None:
+        return _foreach_norm_and_absmax(tensors, layout)
+    if not split.large:  # all small (in input order): nothing to reorder
+        return _flat_norm_and_absmax(tensors, split.small_layout)
+    large = _foreach_norm_and_absmax([tensors[i] for i in split.large], split.large_layout)
+    small = _flat_norm_and_absmax([tensors[i] for i in split.small], split.small_layout)
+    return torch.cat([large, small], 1).index_select(1, split.order)
+
+
+def _foreach_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout | None = None) -> Tensor:
+    layout = layout or layout_of(tensors)
     results = []
     for group in layout.groups:
         members = group.tensors(tensors)
@@ -179,19 +193,77 @@ def _l2_norm_and_absmax(tensors: Sequence[Tensor]) -> Tensor:
     return layout.columns(results, 0.0, torch.float32, 2)
 
 
+# On the CPU path a multi-tensor op spends a few microseconds of dispatch per tensor, more than
+# the arithmetic on a small one: tensors up to this size are measured from their chunks' flat copies.
+SMALL_TENSOR = 1 << 12
+
+
+@dataclass(frozen=True)
+class _SizeSplit:
+    small: tuple[int, ...]  # positions of the small (non-empty) tensors
+    large: tuple[int, ...]  # the others (None and empty ones too)
+    order: Tensor  # columns of cat(large results, small results) in input order
+    small_layout: Layout
+    large_layout: Layout
+
+
+def _size_split(layout: Layout) -> _SizeSplit | None:
+    """Which tensors take the flat path (kept with the layout); None when fewer than two would."""
+    if "size_split" not in layout.derived:
+        keys = layout.keys
+        small = tuple(i for i, key in enumerate(keys) if key is not None and 0 < key[2] <= SMALL_TENSOR)
+        split = None
+        if len(small) >= 2:
+            large = tuple(i for i in range(len(keys)) if i not in set(small))
+            column = {position: c for c, position in enumerate(large + small)}
+            split = _SizeSplit(
+                small,
+                large,
+                torch.tensor([column[i] for i in range(len(keys))], dtype=torch.int64),
+                Layout(tuple(keys[i] for i in small), layout.chunk_elements),
+                Layout(tuple(keys[i] for i in large), layout.chunk_elements),
+            )
+        layout.derived["size_split"] = split
+    kept: _SizeSplit | None = layout.derived["size_split"]
+    return kept
+
+
+def _flat_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout) -> Tensor:
+    """float32 [2, n] of non-empty CPU tensors (``layout`` theirs) from their chunks' flat copies:
+    squares summed per segment in float64 (one index_add), abs-maxima by one scatter_reduce; NaN
+    propagates."""
+    results = []
+    for group in layout.groups:
+        members = group.tensors(tensors)
+        sums, maxima = [], []
+        for chunk in group.chunks:
+            flat = chunk.read(members, INPUT)
+            ids = chunk.segment_ids(keep=True)
+            wide = flat.to(torch.float64)
+            segments = len(chunk.pieces)
+            sums.append(wide.new_zeros(segments).index_add_(0, ids, wide * wide))
+            maxima.append(wide.new_zeros(segments).scatter_reduce_(0, ids, wide.abs(), "amax", include_self=False))
+        total, largest = group.per_member(sums, "sum"), group.per_member(maxima, "amax")
+        largest = largest.masked_fill_(total.isnan(), math.nan)  # a NaN element makes its sum NaN
+        results.append(torch.stack([total.sqrt_(), largest]).float())
+    return layout.columns(results, 0.0, torch.float32, 2)
+
+
 @torch.no_grad()
-def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None) -> Tensor:
-    """float32 [2, n]: row 0 = L2 norm, row 1 = abs-max, of each grad times ``multiplier``.
+def grad_norms(grads: Sequence[Tensor], multiplier: Multiplier = None, layout: Layout | None = None) -> Tensor:
+    """float32 [2, n]: row 0 = L2 norm, row 1 = abs-max, of each grad times ``multiplier``
+    (``layout``: the grads' :func:`~numwatch.kernels.chunks.layout_of`, when the caller keeps it).
 
     ``multiplier`` is the factor that unscales stored gradients (e.g. 1/S for a fused
     optimizer whose ``.grad`` is still scaled); None means 1. Norms are accumulated in
     float32. NaN/Inf propagate: a grad holding NaN has NaN norm and NaN abs-max.
     """
-    stats = _l2_norm_and_absmax(grads)
+    stats = _l2_norm_and_absmax(grads, layout)
     # ||m*g|| = |m|*||g|| and max|m*g| = |m|*max|g|: scale the 2n results, not every element.
     if multiplier is None:
         return stats
-    return stats * abs(_as_factor(multiplier, stats.device))
+    factor = _as_factor(multiplier, stats.device)
+    return stats * (factor.abs() if isinstance(factor, Tensor) else abs(factor))
 
 
 @torch.no_grad()
@@ -218,11 +290,11 @@ def _float32_at_most(value: float) -> float:
     largest = float(torch.finfo(torch.float32).max)
     if value >= largest:
         return largest
-    nearest = struct.unpack("<f", struct.pack("<f", value))[0]
+    nearest = float(struct.unpack("<f", struct.pack("<f", value))[0])
     if nearest <= value:
         return nearest
     (bits,) = struct.unpack("<I", struct.pack("<f", nearest))
-    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+    return float(struct.unpack("<f", struct.pack("<I", bits - 1))[0])
 
 
 def _float32_below(value: float) -> float:
@@ -231,7 +303,7 @@ def _float32_below(value: float) -> float:
     if at_most < value:
         return at_most
     (bits,) = struct.unpack("<I", struct.pack("<f", at_most))
-    return struct.unpack("<f", struct.pack("<I", bits - 1))[0]
+    return float(struct.unpack("<f", struct.pack("<I", bits - 1))[0])
 
 
 @functools.cache
@@ -265,7 +337,7 @@ def _format_limits(fmt: FormatSpec) -> tuple[float, float, float, float, float]:
 
 def _float_bits(value: float) -> int:
     """The bit pattern of a float32 value, as a signed int32."""
-    return struct.unpack("<i", struct.pack("<f", value))[0]
+    return int(struct.unpack("<i", struct.pack("<f", value))[0])
 
 
 # Buckets of |x| between the limits: zero, underflow, subnormal, normal, overflow, non-finite.
@@ -513,7 +585,9 @@ def linear_histogram_counts(tensors: Sequence[Tensor], lows: Tensor, highs: Tens
         width = (high - low).masked_fill_(~(high > low), 1.0)
         members = group.tensors(tensors)
         per_chunk = []
-        for chunk, chunk_low, chunk_width in zip(group.chunks, group.chunk_slices(low), group.chunk_slices(width)):
+        for chunk, chunk_low, chunk_width in zip(
+            group.chunks, group.chunk_slices(low), group.chunk_slices(width), strict=True
+        ):
             # Non-finite values become NaN, which every step below keeps, and then the dropped bin.
             values = chunk.into(members, WORK, torch.float64).nan_to_num_(
                 nan=math.nan, posinf=math.nan, neginf=math.nan
@@ -546,11 +620,11 @@ def snapshot(weights: Sequence[Tensor]) -> list[Tensor]:
         members = group.tensors(weights)
         pieces: dict[int, list[Tensor]] = {}
         for chunk in group.chunks:
-            for (member, _, _), view in zip(chunk.pieces, chunk.split(chunk.copy(members))):
+            for (member, _, _), view in zip(chunk.pieces, chunk.split(chunk.copy(members)), strict=True):
                 pieces.setdefault(member, []).append(view)
         for member, views in pieces.items():
             copies[group.members[member]] = views[0] if len(views) == 1 else torch.cat(views)
-    return [weight.detach().clone() if copy is None else copy for weight, copy in zip(weights, copies)]
+    return [weight.detach().clone() if copy is None else copy for weight, copy in zip(weights, copies, strict=True)]
 
 
 def _bits(tensor: Tensor) -> Tensor:
@@ -562,10 +636,10 @@ def _bits(tensor: Tensor) -> Tensor:
 def _gradient_marks(grads: list[Tensor | None], like: list[Tensor]) -> list[Tensor]:
     """Tensors whose non-zero elements are those with grad != 0, all of one dtype: the grads
     themselves when they share one, else (mixed or missing grads, rare) per-tensor masks."""
-    dtypes = {grad.dtype for grad in grads if grad is not None}
-    if len(dtypes) == 1 and all(grad is not None for grad in grads):
-        return grads  # type: ignore[return-value]
-    return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like)]
+    present = [grad for grad in grads if grad is not None]
+    if len(present) == len(grads) and len({grad.dtype for grad in present}) == 1:
+        return present
+    return [torch.zeros_like(w, dtype=torch.bool) if g is None else g != 0 for g, w in zip(grads, like, strict=True)]
 
 
 @torch.no_grad()

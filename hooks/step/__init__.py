@@ -1,1 +1,1 @@
-"""One optimizer step's measurement: cadence, the measurement itself, the step ledger, records, the host copy and the step sites."""
+"""One optimizer step: its measurement and reading, the step ledger, its record and host copy, the step sites."""

@@ -3,9 +3,10 @@
 Every statistic of a step is added as a named part; :meth:`DeviceStack.to_host` lays
 them out in ONE float64 device tensor (floats widened, which is exact for float32 and
 float64; int64 parts reinterpreted bit for bit with ``Tensor.view``) and starts ONE
-non-blocking copy into (pinned, on CUDA) host memory, with a CUDA event to know when it
-landed. Nothing here waits on the device: :meth:`HostStack.wait` does, later, when the
-copy has long finished (next step or the sender thread).
+non-blocking copy into host memory (:class:`numwatch.kernels.device.HostCopy`: pinned on
+CUDA, with an event to know when it landed). Nothing here waits on the device:
+:meth:`HostStack.wait` does, later, when the copy has long finished (next step or the
+sender thread).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from numwatch.kernels.device import HostCopy
 
 _FLOAT_KINDS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
 _INT_KINDS = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
@@ -53,7 +56,7 @@ class DeviceStack:
         """Start the one device-to-host copy; the result is read with :meth:`HostStack.wait`."""
         parts: dict[str, _Part] = {}
         if not self._tensors:
-            return HostStack(parts, np.zeros(0), None)
+            return HostStack(parts, np.zeros(0))
         device = next(iter(self._tensors.values())).device
         by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
         for name, tensor in self._tensors.items():
@@ -84,24 +87,15 @@ class DeviceStack:
             if blocks
             else torch.zeros(0, dtype=torch.float64, device=device)
         )
-        if device.type == "cuda":
-            # Pinned blocks come from torch's caching host allocator: reused, not re-pinned.
-            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-            host.copy_(stacked, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            return HostStack(parts, host, event)
-        # CPU: a plain copy (cat already made fresh memory). Other accelerators copy synchronously.
-        return HostStack(parts, stacked.to("cpu"), None)
+        return HostStack(parts, HostCopy(stacked))
 
 
 class HostStack:
     """The host side of a :class:`DeviceStack`: named numpy arrays once the copy has landed."""
 
-    def __init__(self, parts: dict[str, _Part], host: torch.Tensor | np.ndarray, event: object | None) -> None:
+    def __init__(self, parts: dict[str, _Part], host: HostCopy | np.ndarray) -> None:
         self._parts = parts
         self._host = host
-        self._event = event
         self._values: np.ndarray | None = None
 
     def __contains__(self, name: str) -> bool:
@@ -113,12 +107,8 @@ class HostStack:
 
     def wait(self) -> None:
         """Wait until the copy has landed (it was started a step ago, so this rarely waits)."""
-        if self._values is not None:
-            return
-        if self._event is not None:
-            self._event.synchronize()  # type: ignore[attr-defined]
-        host = self._host
-        self._values = host.numpy() if isinstance(host, torch.Tensor) else host
+        if self._values is None:
+            self._values = self._host.values() if isinstance(self._host, HostCopy) else self._host
 
     def get(self, name: str, dtype: str | None = None) -> np.ndarray:
         """The statistic ``name`` with its original shape, as float64 or int64, or cast to

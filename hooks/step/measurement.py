@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,24 +31,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from numwatch.capture.attention import AttentionMaxima
 from numwatch.capture.clipping import ClipEffect
+from numwatch.capture.deepspeed import ZeroPartition
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
-from numwatch.kernels.chunks import to_device
+from numwatch.kernels.chunks import Layout, layout_of
+from numwatch.kernels.device import to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
-from numwatch.kernels.sharded import ShardReduction, local_tensor
+from numwatch.kernels.sharded import ShardReduction, is_dtensor, local_tensor
+from numwatch.naming import tensor_name
 from numwatch.step import records
 from numwatch.step.hostcopy import DeviceStack
 from numwatch.step.records import StepRecord, histogram_part
-
-# torch.compile wraps a module as ``_orig_mod``; names must not depend on it.
-COMPILE_WRAPPER = "_orig_mod"
-
-
-def tensor_name(name: str) -> str:
-    """A parameter's name with every compile wrapper component removed."""
-    return ".".join(part for part in name.split(".") if part != COMPILE_WRAPPER)
 
 
 def select_parameters(
@@ -110,32 +107,63 @@ class GradientReading:
 class WatchedTensors:
     """The watched parameters and how their statistics are taken."""
 
-    def __init__(self, selected: list[tuple[str, nn.Parameter]], fmt: FormatSpec, cadence: Cadence) -> None:
+    def __init__(
+        self,
+        selected: list[tuple[str, nn.Parameter]],
+        fmt: FormatSpec,
+        cadence: Cadence,
+        partition: ZeroPartition | None = None,
+    ) -> None:
         self.names = [name for name, _ in selected]
         self.parameters = [parameter for _, parameter in selected]
-        self.sharding = ShardReduction.for_parameters(selected)
+        # DeepSpeed ZeRO: the gradients, weights and Adam state are this rank's fragments of them.
+        self.partition = partition
+        self.sharding = partition.reduction if partition is not None else ShardReduction.for_parameters(selected)
+        self.shapes = partition.shapes if partition is not None else [tuple(p.shape) for p in self.parameters]
+        self._dtensors = any(is_dtensor(p) for p in self.parameters)
+        self._layouts: dict[tuple[int, ...], Layout] = {}
         self.device = self.parameters[0].device
         self.format = fmt
         self.cadence = cadence
 
+    def _grad_layout(self, present: list[int]) -> Layout:
+        """The layout of these parameters' gradients, kept (torch gives a gradient its parameter's
+        device, dtype and size): working it out from the gradients costs more than the statistic."""
+        key = tuple(present)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= 16:  # gradients present that keep changing: start over
+                self._layouts.clear()
+            layout = self._layouts[key] = layout_of([local_tensor(self.parameters[i]) for i in present])
+        return layout
+
     def local_parameters(self) -> list[torch.Tensor]:
         """The watched parameters, or this rank's shards of the sharded ones."""
+        if self.partition is not None:
+            return self.partition.weights()
         return [local_tensor(p) for p in self.parameters]  # the stats run under no_grad: no per-tensor detach
 
     def read_gradients(
-        self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, step: int, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> GradientReading:
         """The gradient statistics of the coming step ``step`` from ``.grad`` as it is now.
 
         ``grad_multiplier`` unscales gradients still scaled by the GradScaler (1/S);
         ``format_multiplier`` is S when they are unscaled already (the format counts are about g*S).
         """
-        present = [i for i, p in enumerate(self.parameters) if p.grad is not None]
-        grads = [local_tensor(self.parameters[i].grad) for i in present]
+        layout: Layout | None = None
+        if self.partition is not None:
+            present, grads = list(range(len(self.parameters))), self.partition.gradients()
+        else:
+            every = [p.grad for p in self.parameters]  # (each .grad read costs: once per step)
+            present = [i for i, grad in enumerate(every) if grad is not None]
+            found = [grad for grad in every if grad is not None]
+            grads = [local_tensor(grad) for grad in found] if self._dtensors else found
+            layout = self._grad_layout(present)
         positions = None if len(present) == len(self.parameters) else present
         if not grads:
             return GradientReading(positions, [], torch.zeros((2, 0), device=self.device))
-        norms = stats.grad_norms(grads, multiplier=grad_multiplier)
+        norms = stats.grad_norms(grads, multiplier=grad_multiplier, layout=layout)
         sampled, exponent = self.cadence.sampled(step), None
         if sampled and self.cadence.format_due(step):
             # One read of the gradients for both the format counts and the exponent histogram.
@@ -153,7 +181,7 @@ class WatchedTensors:
         if counts:
             reading.parts[records.FORMAT] = counts[0]
         if sampled:
-            unscaled = torch._foreach_mul(grads, grad_multiplier) if grad_multiplier is not None else grads
+            unscaled = list(torch._foreach_mul(grads, grad_multiplier)) if grad_multiplier is not None else grads
             self._add_histograms(reading.parts, "grad", unscaled, positions, exponent)
         return reading
 
@@ -209,8 +237,11 @@ class WatchedTensors:
         self._add_histograms(parts, "weight", weights, None)
         if self.sharding is not None:
             # update_ratio, stale_fraction and exp_avg_sq shares are not combined across shards.
-            if adam_family(optimizer):
-                (sums,) = self.sharding.sums([adam_sums(optimizer, self.parameters)])
+            adam_optimizer, adam_parameters = (
+                self.partition.adam_view() if self.partition is not None else (optimizer, self.parameters)
+            )
+            if adam_family(adam_optimizer):
+                (sums,) = self.sharding.sums([adam_sums(adam_optimizer, adam_parameters)])
                 parts[records.ADAM] = health_from_sums(sums, self._numels(sums.device))
             return parts
         if snapshot is not None and reading is not None and reading.grads:
@@ -230,7 +261,7 @@ class WatchedTensors:
 
     def _numels(self, device: torch.device) -> torch.Tensor:
         """float [n]: the whole tensors' element counts."""
-        return to_device(torch.tensor([float(p.numel()) for p in self.parameters]), device)
+        return to_device(torch.tensor([float(math.prod(shape)) for shape in self.shapes]), device)
 
     def quant_parts(self) -> dict[str, torch.Tensor]:
         """The weights' SQNR under each quantization scheme, as they are now (of the whole
@@ -238,7 +269,7 @@ class WatchedTensors:
         if self.sharding is not None:
             return {
                 records.QUANT: self.sharding.quantization_sqnr(
-                    self.local_parameters(), [p.numel() for p in self.parameters]
+                    self.local_parameters(), [math.prod(shape) for shape in self.shapes]
                 )
             }
         return {records.QUANT: quantization_sqnr(self.local_parameters())}
@@ -263,6 +294,7 @@ class StepMeasurement:
         self.lr: list[float] = []
         self.parts: dict[str, torch.Tensor] = {}  # added by the step site (loss scale, found_inf, weights)
         self.skip_known: bool | None = None  # the GradScaler's verdict, when a framework site ends the step
+        self.optimizer_stepped = False  # the optimizer's step ran (a GradScaler's update() tells a skip by it)
         self.clip: ClipEffect | None = None  # what a clip function did to the reading's gradients
 
     @property
@@ -270,8 +302,20 @@ class StepMeasurement:
         """Whether the gradients were read (or the attempt failed): the step is under way."""
         return self.phase is not Phase.OPEN
 
+    @property
+    def failed(self) -> bool:
+        """Whether monitoring failed in this step (it records nothing)."""
+        return self.phase is Phase.FAILED
+
+    def clip_effect(self) -> ClipEffect:
+        """What clipping did to the read gradients, starting from their pre-clip norms at the first clip."""
+        assert self.reading is not None, "clipping is only followed once the gradients were read"
+        if self.clip is None:
+            self.clip = ClipEffect(self.reading.norms[0])
+        return self.clip
+
     def read(
-        self, watched: WatchedTensors, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, watched: WatchedTensors, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> None:
         """Read the gradients, replacing an earlier reading of this step."""
         if self.phase is Phase.FAILED:
@@ -306,7 +350,8 @@ class StepMeasurement:
         *,
         step_time: float | None,
         module_parts: tuple[torch.Tensor, list[int]] | None,
-        forward_parts: tuple[dict[str, torch.Tensor], torch.Tensor | None] | None = None,
+        forward_parts: tuple[AttentionMaxima, torch.Tensor | None] | None = None,
+        gemm: torch.Tensor | None = None,
     ) -> StepRecord:
         """The step's record, its one host copy started. Only for a READ measurement."""
         reading, device = self.reading, watched.device
@@ -323,7 +368,7 @@ class StepMeasurement:
             if isinstance(value, torch.Tensor):
                 stack.add(
                     records.LOSS if name == "loss" else records.SCALAR_PREFIX + name,
-                    value.detach().reshape(()).to(device),
+                    value.detach().reshape(()).to(device, non_blocking=True),
                 )
             elif name == "loss":
                 logged_loss = float(value)
@@ -332,7 +377,10 @@ class StepMeasurement:
         if self.losses and "loss" not in self.logged:
             # The loss whose gradient the step applies: the sum over the step's backwards
             # (micro-batches under accumulation, each usually divided by their number).
-            stack.add(records.LOSS, torch.stack([loss.float().reshape(()).to(device) for loss in self.losses]).sum())
+            stack.add(
+                records.LOSS,
+                torch.stack([loss.float().reshape(()).to(device, non_blocking=True) for loss in self.losses]).sum(),
+            )
         module_order: list[int] = []
         if module_parts is not None:
             absmax, module_order = module_parts
@@ -340,11 +388,13 @@ class StepMeasurement:
         attention_calls: list[str] = []
         if forward_parts is not None:
             attention, output_logits = forward_parts
-            if attention:
+            if attention and attention.stacked is not None:
                 attention_calls = list(attention)
-                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device))
+                stack.add(records.ATTENTION_LOGIT_MAX, attention.stacked.to(device, non_blocking=True))
             if output_logits is not None:
-                stack.add(records.OUTPUT_LOGITS, output_logits.to(device))
+                stack.add(records.OUTPUT_LOGITS, output_logits.to(device, non_blocking=True))
+        if gemm is not None:
+            stack.add(records.GEMM, gemm.to(device, non_blocking=True))
         return StepRecord(
             step_number=self.number,
             time=time.time(),

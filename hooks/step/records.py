@@ -19,7 +19,7 @@ import torch
 
 from numwatch import protocol
 from numwatch.capture.local_grads import LOCAL_CHECKSUM, LOCAL_NONFINITE, LOCAL_NORMS, LocalMeta
-from numwatch.delivery.transport import StepDocuments
+from numwatch.step.documents import StepDocuments
 from numwatch.step.hostcopy import DeviceStack, HostStack
 
 # Part names in the device stack, and the protocol statistics each one holds (rows).
@@ -39,6 +39,7 @@ POST_CLIP = "post_clip"  # float32 [k]: each tensor's norm after a clip function
 ACTIVATION_ABSMAX = "activation_absmax"  # float32 [m]
 ATTENTION_LOGIT_MAX = "attention_logit_max"  # float32 [a]: per attention call, names in StepRecord.attention_calls
 OUTPUT_LOGITS = "output_logits"  # [3]: protocol.OUTPUT_LOGIT_STATS
+GEMM = "gemm"  # float32 [len(protocol.GEMM_STATS), n]: matmul operands' low-precision readiness, per weight
 SCALAR_PREFIX = "scalar:"
 
 _ROWS: dict[str, tuple[str, ...]] = {
@@ -49,6 +50,7 @@ _ROWS: dict[str, tuple[str, ...]] = {
     WEIGHT: protocol.WEIGHT_STATS,
     ADAM: protocol.ADAM_HEALTH_STATS,
     QUANT: tuple(protocol.QUANT_SQNR_STATS[scheme] for scheme in protocol.QUANT_SCHEMES),
+    GEMM: protocol.GEMM_STATS,
 }
 _GRAD_BASED = (GRAD, NONFINITE, FORMAT, UPDATE)
 
@@ -74,7 +76,7 @@ class StepRecord:
     loss: float | None = None  # host value given to watcher.log
     module_order: list[int] = field(default_factory=list)  # traced modules in first-call order
     attention_calls: list[str] = field(default_factory=list)  # names of the ATTENTION_LOGIT_MAX values
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[protocol.EventDocument] = field(default_factory=list)
     late: HostStack | None = None  # device values logged or measured after the step ended, copied by seal()
     supplement: HostStack | None = None  # statistics a re-sent copy of the step adds (see supplemented)
     local: LocalMeta | None = None  # this rank's gradient before the reduction (LOCAL_* parts in ``host``)
@@ -174,16 +176,16 @@ class StepRecord:
 
     def _tensor_stats(self, skipped: bool) -> dict[str, str]:
         stats: dict[str, str] = {}
-        if self.replicated_by is not None:
-            return stats  # the group's first rank sends them
         for part, names in _ROWS.items():
+            if self.replicated_by is not None and part != GEMM:
+                continue  # the group's first rank sends them; the matmuls' inputs are this rank's own
             stack = next((stack for stack in self._stacks() if part in stack), None)
             if stack is None or (part == UPDATE and skipped):
                 continue  # an update measured across a skipped step says nothing
             rows = self._spread(stack.get(part), part)
-            for name, row in zip(names, rows):
+            for name, row in zip(names, rows, strict=True):
                 stats[name] = protocol.pack_bytes(row.astype(protocol.TENSOR_STATS[name]).tobytes())
-        if EXP_AVG_SQ in self.host:
+        if EXP_AVG_SQ in self.host and self.replicated_by is None:
             stats[EXP_AVG_SQ] = protocol.pack_bytes(self.host.get(EXP_AVG_SQ, "<f4").tobytes())
         return stats
 
@@ -246,7 +248,7 @@ class StepRecord:
             return math.inf
         return math.log2(self.format_max / largest) if math.isfinite(largest) else -math.inf
 
-    def _activations(self) -> dict[str, str] | None:
+    def _activations(self) -> protocol.Activations | None:
         if ACTIVATION_ABSMAX not in self.host:
             return None
         absmax = self.host.get(ACTIVATION_ABSMAX, "<f4")
@@ -257,12 +259,12 @@ class StepRecord:
         """The step's max attention logit per attention call, when its forward was measured."""
         if ATTENTION_LOGIT_MAX not in self.host:
             return None
-        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist()))
+        return dict(zip(self.attention_calls, self.host.get(ATTENTION_LOGIT_MAX).tolist(), strict=True))
 
     def _output_logits(self) -> dict[protocol.OutputLogitStat, float] | None:
         if OUTPUT_LOGITS not in self.host:
             return None
-        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist()))
+        return dict(zip(protocol.OUTPUT_LOGIT_STATS, self.host.get(OUTPUT_LOGITS).tolist(), strict=True))
 
     def _step_document(self) -> protocol.StepDocument:
         skipped = self.skipped()

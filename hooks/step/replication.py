@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from numwatch.capture.local_grads import is_ddp
+from numwatch.kernels import stats
 from numwatch.step.measurement import GradientReading, WatchedTensors
 
 
@@ -28,8 +29,8 @@ def shard_group_lead(watched: WatchedTensors) -> int | None:
     """For sharded (FSDP2) tensors on a rank that is not its shard group's first: that first rank's global rank.
     Every rank of the group measures its shards (the combining collectives need them all); the first sends."""
     sharding = watched.sharding
-    if sharding is None or sharding.group_rank == 0:
-        return None
+    if sharding is None or watched.partition is not None or sharding.group_rank == 0:
+        return None  # DeepSpeed ZeRO's partitions: every rank sends its combined numbers (not deduplicated yet)
     return dist.get_global_rank(sharding.group, 0)
 
 
@@ -37,7 +38,7 @@ def replica_lead(model: nn.Module) -> int | None:
     """For a DDP model on a rank that is not its process group's first: that first rank's global rank; else None."""
     if not is_ddp(model) or not dist.is_initialized():
         return None
-    group: dist.ProcessGroup = model.process_group  # type: ignore[assignment]
+    group: dist.ProcessGroup = model.process_group
     if dist.get_world_size(group) <= 1 or dist.get_rank(group) == 0:
         return None
     return dist.get_global_rank(group, 0)
@@ -50,7 +51,7 @@ class ReplicaTensors(WatchedTensors):
         return []  # no weight snapshot, no weight statistics
 
     def read_gradients(
-        self, step: int, grad_multiplier: torch.Tensor | None, format_multiplier: torch.Tensor | None
+        self, step: int, grad_multiplier: stats.Multiplier, format_multiplier: stats.Multiplier
     ) -> GradientReading:
         return GradientReading([], [], torch.zeros((2, 0), device=self.device))
 

@@ -1,9 +1,11 @@
 """Where a step is counted and ended: one small class per place a training loop marks its steps.
 
-Each site counts a step in exactly one place (``count_step``) and ends it with ``end_step``.
-The gradients themselves are read at the end of the step's backward (see
-:mod:`numwatch.watcher`); a site reads them only when no backward through the watched model
-was seen (a model called other than through ``model(...)``), as a fallback.
+Each site counts a step in exactly one place and ends it, both in the
+:class:`~numwatch.step.ledger.StepLedger` (``count_step``, ``end_step``). The gradients
+themselves are read at the end of the step's backward (see :mod:`numwatch.watcher`); a site
+reads them only when no backward through the watched model was seen (a model called other
+than through ``model(...)``), as a fallback. Every hook a site installs runs through the
+watcher's :class:`~numwatch.capture.guard.Guard`.
 
 * :class:`OptimizerHookSite` — no GradScaler: the optimizer's step pre-hook counts the step;
   it ends there, or after the update on sampled and quantization steps (weight statistics) and for
@@ -20,21 +22,16 @@ was seen (a model called other than through ``model(...)``), as a fallback.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from numwatch.capture.guard import Guard
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.step import records
+from numwatch.step.ledger import StepLedger
 from numwatch.step.measurement import StepMeasurement
-
-if TYPE_CHECKING:
-    from numwatch.watcher import Watcher
-
-
-def learning_rates(optimizer: torch.optim.Optimizer | None) -> list[float]:
-    """The rates the coming update uses, one per param group."""
-    return [float(group["lr"]) for group in optimizer.param_groups] if optimizer is not None else []
+from numwatch.step.reading import learning_rates
 
 
 def _has_closure(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -43,33 +40,42 @@ def _has_closure(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 
 class StepSite:
-    """Base: the hooks a site installed, removed by :meth:`remove`."""
+    """Base: reports to the ledger; the hooks it installed are removed by :meth:`remove`."""
 
-    def __init__(self, watcher: Watcher) -> None:
-        self.watcher = watcher
+    def __init__(self, ledger: StepLedger, guard: Guard, optimizer: torch.optim.Optimizer | None) -> None:
+        self.ledger = ledger
+        self.guard = guard
+        self.optimizer = optimizer
         self._handles: list[Any] = []
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """The optimizer became known (frameworks that build it late)."""
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _ensure_read(self, measurement: StepMeasurement, optimizer: torch.optim.Optimizer | None) -> None:
+    def _ensure_read(self, measurement: StepMeasurement) -> None:
         if measurement.reading is None:
-            measurement.read(self.watcher.watched, *self.watcher.scaling())
-        measurement.lr = learning_rates(optimizer)
+            self.ledger.reader.read(measurement)
+        measurement.lr = learning_rates(self.optimizer)
+
+    def _end_counted(self, prepare: Callable[[], None], skip_known: bool | None) -> None:
+        """Complete the counted step under way with ``prepare`` (reads, weight statistics) and end
+        it. When ``prepare`` fails the step ends discarded, so that one failure costs one step
+        (the guard around the hook logs and counts it)."""
+        try:
+            prepare()
+        except Exception:
+            self.ledger.fail()
+            self.ledger.end_step(skip_known=None)
+            raise
+        self.ledger.end_step(skip_known=skip_known)
 
     def _add_weight_parts(self, measurement: StepMeasurement) -> None:
-        watched = self.watcher.watched
+        watched = self.ledger.watched
         if measurement.reading is None:
             return
         if watched.cadence.sampled(measurement.number):
-            measurement.parts.update(
-                watched.weight_parts(measurement.reading, measurement.snapshot, self.watcher.optimizer)
-            )
+            measurement.parts.update(watched.weight_parts(measurement.reading, measurement.snapshot, self.optimizer))
         if watched.cadence.quant_due(measurement.number):
             measurement.parts.update(watched.quant_parts())
 
@@ -77,37 +83,28 @@ class StepSite:
 class OptimizerHookSite(StepSite):
     """No GradScaler: counted in the optimizer's step pre-hook."""
 
-    def __init__(self, watcher: Watcher, optimizer: torch.optim.Optimizer | None) -> None:
-        super().__init__(watcher)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._open: StepMeasurement | None = None  # counted, to be ended after the update
+    def __init__(self, ledger: StepLedger, guard: Guard, optimizer: torch.optim.Optimizer | None) -> None:
+        super().__init__(ledger, guard, optimizer)
         if optimizer is not None:
-            self.attach(optimizer)
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self._handles.append(
-            optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step))
-        )
-        self._handles.append(
-            optimizer.register_step_post_hook(self.watcher.guarded("optimizer step post-hook", self._after_step))
-        )
+            self._handles.append(optimizer.register_step_pre_hook(guard("optimizer step pre-hook", self.before_step)))
+            self._handles.append(optimizer.register_step_post_hook(guard("optimizer step post-hook", self._after_step)))
 
     def before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self._open is not None:
+        counted = self.ledger.counted()
+        if counted is not None and not counted.failed:
             return  # this step was counted already (the hook ran twice while attaching)
-        measurement = self.watcher.count_step()
-        self._ensure_read(measurement, optimizer)
-        if self.watcher.watched.cadence.after_update(measurement.number) or _has_closure(args, kwargs):
-            self._open = measurement
+        measurement = self.ledger.count_step()
+        if self.ledger.watched.cadence.after_update(measurement.number) or _has_closure(args, kwargs):
+            # It stays COUNTED and ends in the post-hook, after the update; a failed read leaves it
+            # failed until then, so a closure's backward inside the step cannot reach the next one.
+            self._ensure_read(measurement)
         else:
-            self.watcher.end_step(measurement, skip_known=None)
+            self._end_counted(lambda: self._ensure_read(measurement), skip_known=None)
 
     def _after_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        measurement, self._open = self._open, None
+        measurement = self.ledger.counted()
         if measurement is not None:
-            self._add_weight_parts(measurement)
-            self.watcher.end_step(measurement, skip_known=None)
+            self._end_counted(lambda: self._add_weight_parts(measurement), skip_known=None)
 
 
 class ScalerSite(StepSite):
@@ -118,30 +115,27 @@ class ScalerSite(StepSite):
     """
 
     def __init__(
-        self, watcher: Watcher, optimizer: torch.optim.Optimizer | None, adapter: ScalerAdapter, ends_steps: bool = True
+        self,
+        ledger: StepLedger,
+        guard: Guard,
+        optimizer: torch.optim.Optimizer | None,
+        adapter: ScalerAdapter,
+        ends_steps: bool = True,
     ) -> None:
-        super().__init__(watcher)
+        super().__init__(ledger, guard, optimizer)
         self.adapter = adapter
         self.ends_steps = ends_steps
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._stepped = False  # the optimizer's step ran since the last update()
         adapter.patch("scale", self._wrap_scale)
         adapter.patch("update", self._wrap_update)
         if optimizer is not None:
-            self.attach(optimizer)
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-        self._handles.append(
-            optimizer.register_step_pre_hook(self.watcher.guarded("optimizer step pre-hook", self.before_step))
-        )
+            self._handles.append(optimizer.register_step_pre_hook(guard("optimizer step pre-hook", self.before_step)))
 
     def remove(self) -> None:
         super().remove()
         self.adapter.restore()
 
     def _wrap_scale(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        capture = self.watcher.guarded("scaler.scale wrapper", lambda loss: self.watcher.current().add_losses([loss]))
+        capture = self.guard("scaler.scale wrapper", self._add_loss)
 
         def scale(outputs: Any) -> Any:
             if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
@@ -150,24 +144,28 @@ class ScalerSite(StepSite):
 
         return scale
 
+    def _add_loss(self, loss: torch.Tensor) -> None:
+        self.ledger.current().add_losses([loss])
+
     def before_step(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._stepped = True
-        self._ensure_read(self.watcher.current(), optimizer)
+        measurement = self.ledger.current()
+        measurement.optimizer_stepped = True
+        self._ensure_read(measurement)
 
     def _wrap_update(self, original: Callable[..., Any]) -> Callable[..., Any]:
-        before = self.watcher.guarded("scaler.update wrapper", self._scale_before)
-        after = self.watcher.guarded("scaler.update wrapper", self._after_update)
+        before = self.guard("scaler.update wrapper", self._scale_before)
+        after = self.guard("scaler.update wrapper", self._after_update)
 
         def update(*args: Any, **kwargs: Any) -> Any:
-            measurement = self.watcher.current()
+            measurement = self.ledger.current()
             scale = before()
             result = original(*args, **kwargs)
             if self.ends_steps:
-                self.watcher.count_step()  # an attempt counts even when measuring it fails
+                self.ledger.count_step()  # an attempt counts even when measuring it fails
             try:
                 after(measurement, scale)
             finally:
-                self._stepped = False
+                measurement.optimizer_stepped = False
             return result
 
         return update
@@ -175,35 +173,46 @@ class ScalerSite(StepSite):
     def _scale_before(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The scale and the Inf flags before update() resets them (None: update() before any scale())."""
         scale = self.adapter.scale()
-        found_inf = self.adapter.found_inf(self.optimizer, self.watcher.watched.device)
+        found_inf = self.adapter.found_inf(self.optimizer, self.ledger.watched.device)
         return (scale.clone() if scale is not None else None), found_inf
 
-    def skip_known(self) -> bool | None:
+    def skip_known(self, measurement: StepMeasurement) -> bool | None:
         """Whether the scaler skipped this step, when the host knows it without a sync."""
-        return not self._stepped if self.optimizer is not None else None
+        return not measurement.optimizer_stepped if self.optimizer is not None else None
 
     def _after_update(
         self, measurement: StepMeasurement, before: tuple[torch.Tensor | None, torch.Tensor | None] | None
     ) -> None:
-        self._ensure_read(measurement, self.optimizer)
+        if not self.ends_steps:
+            self._add_update_parts(measurement, before)
+            measurement.skip_known = self.skip_known(measurement)
+            return
+
+        def prepare() -> None:
+            self._add_update_parts(measurement, before)
+            self._add_weight_parts(measurement)
+
+        self._end_counted(prepare, skip_known=self.skip_known(measurement))
+
+    def _add_update_parts(
+        self, measurement: StepMeasurement, before: tuple[torch.Tensor | None, torch.Tensor | None] | None
+    ) -> None:
+        """The gradients (if no backward read them), the scale before and after update() and the Inf flags."""
+        self._ensure_read(measurement)
         scale_before, found_inf = before if before is not None else (None, None)
-        if scale_before is not None:
+        scale_after = self.adapter.scale()
+        if scale_before is not None and scale_after is not None:
             measurement.parts[records.LOSS_SCALE] = scale_before
-            measurement.parts[records.NEW_LOSS_SCALE] = self.adapter.scale()
+            measurement.parts[records.NEW_LOSS_SCALE] = scale_after
         if found_inf is not None:
             measurement.parts[records.FOUND_INF] = found_inf
-        if not self.ends_steps:
-            measurement.skip_known = self.skip_known()
-            return
-        self._add_weight_parts(measurement)
-        self.watcher.end_step(measurement, skip_known=self.skip_known())
 
 
 class FusedScalerSite(ScalerSite):
     """A fused optimizer (``_step_supports_amp_scaling``) with an enabled GradScaler: its step
     runs even when the scaler skips, so the skip is only on the device (``found_inf``)."""
 
-    def skip_known(self) -> bool | None:
+    def skip_known(self, measurement: StepMeasurement) -> bool | None:
         return None
 
 
@@ -211,19 +220,21 @@ class FrameworkSite(StepSite):
     """``measure="manual"``: the adapter reads the gradients (``gradients_ready()``) and ends the step here."""
 
     def finish_step(self) -> None:
-        measurement = self.watcher.measurement
+        measurement = self.ledger.under_way
         if measurement is None or not measurement.started:
             return
-        self.watcher.count_step()
-        self._add_weight_parts(measurement)
-        self.watcher.end_step(measurement, skip_known=measurement.skip_known)
+        self.ledger.count_step()
+        self._end_counted(lambda: self._add_weight_parts(measurement), skip_known=measurement.skip_known)
 
 
 class StepCallSite(StepSite):
     """No optimizer object: ``watcher.step()`` counts and ends the step."""
 
     def step(self) -> None:
-        measurement = self.watcher.count_step()
-        self._ensure_read(measurement, None)
-        self._add_weight_parts(measurement)
-        self.watcher.end_step(measurement, skip_known=None)
+        measurement = self.ledger.count_step()
+
+        def prepare() -> None:
+            self._ensure_read(measurement)
+            self._add_weight_parts(measurement)
+
+        self._end_counted(prepare, skip_known=None)

@@ -20,7 +20,7 @@ bearer = HTTPBearer(auto_error=False, description="a token from `numwatch token 
 
 
 def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
+    settings: Settings = request.app.state.settings  # set by the app factory
     return settings
 
 

@@ -26,7 +26,10 @@ def _outside(value: float | None, config: DetectorConfig) -> bool:
 
 def attention_maxima(row: dict[str, Any]) -> dict[str, float]:
     """The row's max logit per attention call (decoded floats), forward order."""
-    return {name: decode_float(value) for name, value in zip(row["attention_calls"], row["attention_logit_max"])}
+    return {
+        name: decode_float(value)
+        for name, value in zip(row["attention_calls"], row["attention_logit_max"], strict=True)
+    }
 
 
 def detect(

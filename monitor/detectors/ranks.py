@@ -3,7 +3,8 @@
 Each rank sends its own health per step (``step.local``: its gradient before the reduction,
 its compute time, on sampled steps its replicated weights' checksum; and its own loss). A step
 is judged when every rank of the job sent it, or, so that a dead or late rank never holds the
-others back, once more than half the ranks are ``rank_wait_steps`` steps past it; the ranks missing then are
+others back, once more than half the ranks are ``rank_wait_steps`` steps past it, or once every rank
+missing it sent its last batch or stalled that far behind the majority; the ranks missing then are
 recorded (:func:`note_missing`) and a late arrival is stored but not judged again.
 
 * ``rank_nonfinite``: the first step of an episode where some rank's local gradient or loss is
@@ -72,7 +73,7 @@ def empty_state() -> dict[str, Any]:
         "diverged": [],
         "gaps": [],
         "last": 0,
-        "finished": [],  # ranks whose last batch came: once more than half did, nothing is waited for
+        "finished": [],  # ranks whose last batch came: a step they lack is not waited for
     }
 
 

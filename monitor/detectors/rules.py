@@ -59,7 +59,10 @@ class DetectorConfig(BaseModel):
     attention_logit_threshold: float = Field(
         100.0,
         gt=0,
-        description="an attention call's max logit above this is attention logit growth (QK-clip's default threshold in Megatron-LM and Kimi K2)",
+        description=(
+            "an attention call's max logit above this is attention logit growth (QK-clip's default threshold "
+            "in Megatron-LM and Kimi K2)"
+        ),
     )
     # At initialisation log Z is about log(vocabulary), at most 12.5 for 262k tokens, and z-loss
     # holds it at 0; beyond 32 in magnitude bf16 logits are 0.25 apart, coarser than the gaps
@@ -92,6 +95,11 @@ class DetectorConfig(BaseModel):
     straggler_steps: int = Field(5, ge=1, description="slow for this many consecutive steps is a straggler")
     straggler_min_excess: float = Field(
         0.005, ge=0, description="seconds a slow rank's compute time must also exceed the median by (timer noise)"
+    )
+    # 20 dB: the error's RMS is a tenth of the operand's, where fp8 training recipes start to diverge
+    # from their bf16 baselines; per-tensor e4m3 of well-scaled operands gives about 31 dB.
+    gemm_sqnr_threshold: float = Field(
+        20.0, description="a Linear's e4m3 forward SQNR (dB, the lower of its input's and its weight's) below this"
     )
 
 
@@ -186,7 +194,9 @@ def detect(
         if loss is not None and not math.isfinite(loss):
             events.append(_event(view, "nonfinite_loss", loss=encode_float(loss)))
         if view["scale_decision"] in ("backoff", "growth"):
-            kind = "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
+            kind: DetectorEventKind = (
+                "loss_scale_backoff" if view["scale_decision"] == "backoff" else "loss_scale_growth"
+            )
             events.append(
                 _event(view, kind, loss_scale=view.get("loss_scale"), new_loss_scale=view.get("new_loss_scale"))
             )

@@ -60,7 +60,7 @@ def judge(points: Sequence[tuple[int, float]], sigmas: float, window: int) -> li
     thresholds = means + sigmas * stds
     return [
         Judgement(step, value, float(mean), float(std), float(threshold), bool(value > threshold))
-        for (step, value), mean, std, threshold in zip(finite[window:], means, stds, thresholds)
+        for (step, value), mean, std, threshold in zip(finite[window:], means, stds, thresholds, strict=True)
     ]
 
 

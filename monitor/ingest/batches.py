@@ -22,11 +22,19 @@ from sqlalchemy import insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
-from numwatch.monitor.detectors import forward_events, spikes
+from numwatch.monitor.detectors import forward_events, gemm_events, spikes
 from numwatch.monitor.detectors import rules as detectors
 from numwatch.monitor.errors import IngestError, NotFound
 from numwatch.monitor.ingest import cross_rank
-from numwatch.monitor.ingest.schemas import MAX_RUN_NAME, BatchDocument, IngestResult, RunDocument
+from numwatch.monitor.ingest.schemas import (
+    MAX_RUN_NAME,
+    BatchDocument,
+    EventDocument,
+    HistogramDocument,
+    IngestResult,
+    RunDocument,
+    StepDocument,
+)
 from numwatch.monitor.reads import forward
 from numwatch.monitor.reads.queries import find_run
 from numwatch.monitor.store import blocks as step_blocks
@@ -73,7 +81,7 @@ def _schema_difference(old: list[dict], new: list[dict]) -> str | None:
         return None
     if len(old_key) != len(new_key):
         return f"{len(new_key)} tensors, the registered schema has {len(old_key)}"
-    index = next(i for i, (a, b) in enumerate(zip(old_key, new_key)) if a != b)
+    index = next(i for i, (a, b) in enumerate(zip(old_key, new_key, strict=True)) if a != b)
     return f"tensor {index} is {new_key[index]}, the registered schema has {old_key[index]}"
 
 
@@ -181,7 +189,8 @@ def batch_target(
     claim = session.get(RunInstance, document.instance)
     if claim is None or claim.requested_name != requested:
         raise NotFound(
-            f"run {requested!r} has no registered instance {document.instance!r} (register it with POST {protocol.RUNS_PATH} first)"
+            f"run {requested!r} has no registered instance {document.instance!r} "
+            f"(register it with POST {protocol.RUNS_PATH} first)"
         )
     run = session.get(Run, claim.run_id)
     assert run is not None
@@ -189,7 +198,12 @@ def batch_target(
     if not claim.step_offset:
         return run, document
     shifted = document.model_copy(deep=True)
-    for item in (*shifted.steps, *shifted.histograms, *shifted.events):
+    items: tuple[StepDocument | HistogramDocument | EventDocument, ...] = (
+        *shifted.steps,
+        *shifted.histograms,
+        *shifted.events,
+    )
+    for item in items:
         item.step += claim.step_offset
     return run, shifted
 
@@ -204,7 +218,8 @@ def _decode_steps(document: BatchDocument, n_tensors: int, n_modules: int) -> li
                 if getattr(step, name) not in (None, False):
                     raise IngestError(
                         422,
-                        f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says {document.protocol}",
+                        f"steps[{i}].{name}: needs protocol {protocol.FORWARD_STATS_VERSION}, the batch says "
+                        f"{document.protocol}",
                     )
         for name in ("local", "replicated_by"):
             if getattr(step, name) is not None and document.protocol < protocol.LOCAL_HEALTH_VERSION:
@@ -448,7 +463,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
     # Within one batch the first copy of a step wins too.
     rows_by_step: dict[int, dict[str, Any]] = {}
     conflicts: list[int] = []
-    for step, raw in zip(document.steps, decoded):
+    for step, raw in zip(document.steps, decoded, strict=True):
         row = _step_row(step, raw)
         first = rows_by_step.setdefault(step.step, row)
         if first is not row and not _same_content(first, row):
@@ -493,18 +508,19 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         step_blocks.store(session, run.id, rank, new_rows)
         if run.world_size > 1:
             cross_rank.inbox(session, run.id, rank, new_rows)
-        new_events += detectors.detect(
-            history, views, config, tensor_names=[t["name"] for t in run.tensors], tensor_numel=numel
-        )
+        names = [t["name"] for t in run.tensors]
+        new_events += detectors.detect(history, views, config, tensor_names=names, tensor_numel=numel)
+        low_precision_events, state.gemm_state = gemm_events.detect(dict(state.gemm_state or {}), views, config, names)
+        new_events += low_precision_events
         spike_history = spikes.stored_history(session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window)
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
         new_steps = {row["step"] for row in new_rows}
         forward_rows = [
-            row
+            forward_stats
             for step in document.steps
-            if step.step in new_steps and (row := forward.forward_row(run.id, rank, step)) is not None
+            if step.step in new_steps and (forward_stats := forward.forward_row(run.id, rank, step)) is not None
         ]
         forward_rows = sorted(
             {row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"]
@@ -532,7 +548,7 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
                 )
             )
         }
-        fresh = {}
+        fresh: dict[tuple[int, str], dict[str, Any]] = {}
         for h in document.histograms:
             if (h.step, h.kind) not in existing:
                 fresh.setdefault(

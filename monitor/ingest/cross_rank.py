@@ -2,8 +2,9 @@
 
 Every new step of a rank of a run with more than one rank goes into ``rank_inbox`` (insert
 only: ranks never wait on each other's rows). Then one batch at a time per run judges the
-steps now ready, in step order (:mod:`numwatch.monitor.detectors.ranks` says when a step is
-ready and what is judged), advances ``rank_judge.judged_through`` and deletes the judged rows.
+steps now ready, in step order (:func:`_ready_steps` says when a step is ready,
+:mod:`numwatch.monitor.detectors.ranks` what is judged), advances ``rank_judge.judged_through``
+and deletes the judged rows.
 
 On PostgreSQL the judging batch holds the run's ``rank_judge`` row; a batch that finds it
 held skips judging (``SKIP LOCKED``) instead of queueing all ranks behind one row: its steps
@@ -62,20 +63,25 @@ def _judge_row(session: Session, run_id: int, wait: bool) -> RankJudge | None:
     return judge
 
 
-def _majority_step(session: Session, run: Run) -> int:
+def _progress(session: Session, run: Run) -> dict[int, int]:
+    """Each registered rank's highest stored step."""
+    rows = session.execute(select(RankState.rank, RankState.last_step).where(RankState.run_id == run.id))
+    return {rank: last for rank, last in rows}
+
+
+def _majority_step(progress: dict[int, int], world_size: int) -> int:
     """The highest step that more than half the ranks (one of two) stored: a step far enough behind it is not
     waited for. A majority, so that one rank whose batch comes early does not judge the others' steps early."""
-    last = sorted(
-        session.execute(select(RankState.last_step).where(RankState.run_id == run.id)).scalars(), reverse=True
-    )
-    index = run.world_size // 2 if run.world_size > 2 else 0
+    last = sorted(progress.values(), reverse=True)
+    index = world_size // 2 if world_size > 2 else 0
     return last[index] if index < len(last) else 0
 
 
-def _ready_steps(session: Session, run: Run, after: int, ending: bool, config: DetectorConfig) -> list[int]:
-    """The queued steps after ``after`` that can be judged now, ascending, at most ``MAX_STEPS_PER_BATCH``: each
-    complete, or far enough behind the majority (or the run ending). Counted first, so a backlog of steps still
-    waiting for a rank is not read again and again."""
+def _ready_steps(session: Session, run: Run, after: int, finished: set[int], config: DetectorConfig) -> list[int]:
+    """The queued steps after ``after`` that can be judged now, ascending, at most ``MAX_STEPS_PER_BATCH``. A step
+    is ready when every rank sent it; or when it is ``rank_wait_steps`` behind the step a majority reached; or
+    when every rank missing it is done (sent its last batch) or stalled (its last stored step that far behind
+    the majority's). Counted first, so a backlog still waiting for a rank is not read again and again."""
     counts = session.execute(
         select(RankInbox.step, func.count())
         .where(RankInbox.run_id == run.id, RankInbox.step > after)
@@ -84,11 +90,21 @@ def _ready_steps(session: Session, run: Run, after: int, ending: bool, config: D
     ).all()
     if not counts:
         return []
-    reached = _majority_step(session, run) if not ending else 0
+    progress = _progress(session, run)
+    reached = _majority_step(progress, run.world_size)
     ready = []
     for step, count in counts:
-        if count < run.world_size and step > reached - config.rank_wait_steps and not ending:
-            break  # wait for the missing ranks
+        if count < run.world_size and step > reached - config.rank_wait_steps:
+            present = set(
+                session.execute(
+                    select(RankInbox.rank).where(RankInbox.run_id == run.id, RankInbox.step == step)
+                ).scalars()
+            )
+            missing = set(range(run.world_size)) - present
+            if not all(
+                rank in finished or progress.get(rank, 0) <= reached - config.rank_wait_steps for rank in missing
+            ):
+                break  # wait for the missing ranks
         ready.append(step)
         if len(ready) == MAX_STEPS_PER_BATCH:
             break
@@ -97,16 +113,14 @@ def _ready_steps(session: Session, run: Run, after: int, ending: bool, config: D
 
 def judge(session: Session, run: Run, config: DetectorConfig, finished_rank: int | None) -> list[dict[str, Any]]:
     """Judge the run's steps that are ready; the events stored (each with its ``rank``). ``finished_rank``:
-    the rank whose last batch this is; once more than half the ranks sent theirs, every step left
-    is judged."""
+    the rank whose last batch this is (no step it lacks is waited for any more)."""
     judge_row = _judge_row(session, run.id, wait=finished_rank is not None)
     if judge_row is None:
         return []
     state = dict(judge_row.state) or rank_detectors.empty_state()
     finished = set(state.get("finished", [])) | ({finished_rank} if finished_rank is not None else set())
     state["finished"] = sorted(finished)
-    ending = 2 * len(finished) > run.world_size
-    ready = _ready_steps(session, run, judge_row.judged_through, ending, config)
+    ready = _ready_steps(session, run, judge_row.judged_through, finished, config)
     by_step: dict[int, dict[int, rank_detectors.RankHealth]] = defaultdict(dict)
     if ready:
         rows = session.execute(
@@ -124,7 +138,7 @@ def judge(session: Session, run: Run, config: DetectorConfig, finished_rank: int
             for rank, event in rank_detectors.judge_step(step, by_step[step], run.world_size, state, config)
         ]
         judged = step
-    if judged > judge_row.judged_through or ending:
+    if judged > judge_row.judged_through or finished_rank is not None:
         # Judged rows go, and so do late ones of steps judged before (stored for their rank's views).
         session.execute(delete(RankInbox).where(RankInbox.run_id == run.id, RankInbox.step <= judged))
     if events:

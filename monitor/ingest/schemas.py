@@ -6,6 +6,7 @@ decoded to bytes and checked against their dtype here, and against the run's ten
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,9 @@ from pydantic import (
 )
 
 from numwatch import protocol
+
+# By name: inside a document the name ``protocol`` is its version field.
+from numwatch.protocol import Format, RunStatus
 
 MAX_STEP = 2**62  # BIGINT with room to spare
 MAX_RANK = 1_000_000
@@ -82,7 +86,7 @@ ArrayBytes = Annotated[
 ]
 
 
-def _check_arrays(arrays: dict[str, bytes], dtypes: dict[str, str]) -> dict[str, bytes]:
+def _check_arrays(arrays: dict[str, bytes], dtypes: Mapping[str, str]) -> dict[str, bytes]:
     for name, raw in arrays.items():
         if name not in dtypes:
             raise ValueError(f"unknown stat {name!r}; known: {', '.join(dtypes)}")
@@ -93,10 +97,11 @@ def _check_arrays(arrays: dict[str, bytes], dtypes: dict[str, str]) -> dict[str,
     return arrays
 
 
-def _fields_of_dtypes(dtypes: dict[str, str]) -> Any:
+def _fields_of_dtypes(dtypes: Mapping[str, str]) -> Any:
     """A validator checking each array field named in ``dtypes`` against its dtype there."""
 
     def check(cls: type, raw: bytes, info: ValidationInfo) -> bytes:
+        assert info.field_name is not None  # set for a field validator
         _check_arrays({info.field_name: raw}, dtypes)
         return raw
 
@@ -122,7 +127,7 @@ class RunDocument(Strict):
     project: ProjectName = "default"
     rank: int = Field(ge=0, le=MAX_RANK)
     world_size: int = Field(ge=1, le=MAX_RANK)
-    format: protocol.Format
+    format: Format
     tensors: list[TensorSpec] = Field(max_length=1_000_000)
     modules: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
@@ -218,7 +223,7 @@ class BatchDocument(Strict):
     steps: list[StepDocument] = Field(default_factory=list, max_length=100_000)
     histograms: list[HistogramDocument] = Field(default_factory=list, max_length=100_000)
     events: list[EventDocument] = Field(default_factory=list, max_length=100_000)
-    status: protocol.RunStatus = "running"
+    status: RunStatus = "running"
 
 
 class ErrorDetail(BaseModel):

@@ -88,7 +88,8 @@ class NumwatchCollector(Collector):
         )
 
     def _build(self) -> list[Metric]:
-        m = _Families(self.settings.detect.spike_score_steps, self.settings.detect.attention_logit_threshold)
+        detect = self.settings.detect
+        m = _Families(detect.spike_score_steps, detect.attention_logit_threshold, detect.gemm_sqnr_threshold)
         with self.session_factory() as session:
             runs = self._visible_runs(session)
             states = (
@@ -150,7 +151,7 @@ class NumwatchCollector(Collector):
 class _Families:
     """The families of one scrape, filled run by run."""
 
-    def __init__(self, score_steps: int, attention_logit_threshold: float) -> None:
+    def __init__(self, score_steps: int, attention_logit_threshold: float, gemm_sqnr_threshold: float) -> None:
         self.score_steps = score_steps
         gauge, counter = GaugeMetricFamily, CounterMetricFamily
         self.run_info = gauge(
@@ -178,7 +179,8 @@ class _Families:
             ),
             "headroom_bits": gauge(
                 "numwatch_headroom_log2",
-                "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the last step; promtool rejects a _bits suffix.",
+                "Headroom in powers of two (bits of exponent): log2(format max / (scale x max grad abs-max)) at the "
+                "last step; promtool rejects a _bits suffix.",
                 labels=RUN_LABELS,
             ),
             "stale_fraction": gauge(
@@ -191,7 +193,8 @@ class _Families:
             ),
             "adam_update_rms": gauge(
                 "numwatch_adam_update_rms",
-                "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) (last sampled step).",
+                "Mean over tensors of the RMS of Adam's update before the learning rate, m_hat/(sqrt(v_hat)+eps) "
+                "(last sampled step).",
                 labels=RUN_LABELS,
             ),
             "adam_eps_dominated": gauge(
@@ -201,12 +204,14 @@ class _Families:
             ),
             "attention_logit_max": gauge(
                 "numwatch_attention_logit_max",
-                "Largest pre-softmax attention logit scale*q.k over attention calls, batch, heads and unmasked positions (last measured forward; NaN allowed).",
+                "Largest pre-softmax attention logit scale*q.k over attention calls, batch, heads and unmasked "
+                "positions (last measured forward; NaN allowed).",
                 labels=RUN_LABELS,
             ),
             "log_z_mean": gauge(
                 "numwatch_output_log_z_mean",
-                "Mean over tokens of log Z = logsumexp of the output logits over the vocabulary (last measured forward).",
+                "Mean over tokens of log Z = logsumexp of the output logits over the vocabulary (last measured "
+                "forward).",
                 labels=RUN_LABELS,
             ),
             "log_z_max": gauge(
@@ -218,9 +223,16 @@ class _Families:
         }
         self.attention_logit_threshold = gauge(
             "numwatch_attention_logit_threshold",
-            "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the alert compares with.",
+            "The collector's attention_logit_growth threshold (NUMWATCH_DETECT_ATTENTION_LOGIT_THRESHOLD), which the "
+            "alert compares with.",
         )
         self.attention_logit_threshold.add_metric([], attention_logit_threshold)
+        self.gemm_sqnr_threshold = gauge(
+            "numwatch_gemm_sqnr_threshold_decibels",
+            "The collector's gemm_sqnr_low threshold (NUMWATCH_DETECT_GEMM_SQNR_THRESHOLD), "
+            "which the alert compares with.",
+        )
+        self.gemm_sqnr_threshold.add_metric([], gemm_sqnr_threshold)
         self.counters = {
             "steps_total": counter("numwatch_steps", "Optimizer-step attempts stored.", labels=RUN_LABELS),
             "skipped_steps_total": counter(
@@ -228,12 +240,14 @@ class _Families:
             ),
             "clipped_steps_total": counter(
                 "numwatch_clipped_steps",
-                "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with numwatch_steps_total, the clipping rate.",
+                "Steps whose gradients a clip function scaled down (clip_coef below 1, or not finite); with "
+                "numwatch_steps_total, the clipping rate.",
                 labels=RUN_LABELS,
             ),
             "nonfinite_steps_total": counter(
                 "numwatch_nonfinite_steps",
-                "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as skipped steps instead).",
+                "Steps whose non-finite gradients reached the optimizer (GradScaler-skipped overflows count as "
+                "skipped steps instead).",
                 labels=RUN_LABELS,
             ),
             "nonfinite_loss_total": counter(
@@ -261,13 +275,21 @@ class _Families:
         }
         self.spike_score = gauge(
             "numwatch_spike_score",
-            "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 before any is judged.",
+            "Share of spikes (above mean + k sigma of the last W values) among the signal's last N judged values; 0 "
+            "before any is judged.",
             labels=[*RUN_LABELS, "signal"],
         )
         self.quant_sqnr_min = gauge(
             "numwatch_quant_sqnr_min_decibels",
-            "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last quantization step).",
+            "Lowest SQNR over the weight tensors if quantized with the scheme, 20 log10(||w||/||w - Q(w)||) (last "
+            "quantization step).",
             labels=[*RUN_LABELS, "scheme"],
+        )
+        self.gemm_sqnr_min = gauge(
+            "numwatch_gemm_sqnr_min_decibels",
+            "Lowest SQNR over the Linear layers of a matmul operand (x input, w weight, dy output gradient) under a "
+            "low-precision scheme, 10 log10(sum x^2 / sum (x - Q(x))^2) (last step whose matmuls were measured).",
+            labels=[*RUN_LABELS, "operand", "scheme"],
         )
         self.learning_rate = gauge(
             "numwatch_learning_rate",
@@ -290,8 +312,8 @@ class _Families:
             value = getattr(state, attribute)
             if value is not None:
                 family.add_metric(labels, float(value))
-        for attribute, family in self.counters.items():
-            family.add_metric(labels, getattr(state, attribute))
+        for attribute, counter in self.counters.items():
+            counter.add_metric(labels, getattr(state, attribute))
         for attribute, family in self.ratios.items():
             value = getattr(state, attribute)
             if value is not None:
@@ -302,6 +324,9 @@ class _Families:
             )
         for scheme, value in sorted((state.quant_sqnr_min or {}).items()):
             self.quant_sqnr_min.add_metric([*labels, scheme], _finite_or_nan(decode_float(value)))
+        for pair, value in sorted(((state.gemm_state or {}).get("sqnr_min") or {}).items()):
+            operand, scheme = pair.split(":")
+            self.gemm_sqnr_min.add_metric([*labels, operand, scheme], _finite_or_nan(decode_float(value)))
         for group, lr in enumerate(state.lr or []):
             self.learning_rate.add_metric([*labels, str(group)], _finite_or_nan(decode_float(lr)))
         counts = np.cumsum(
@@ -309,7 +334,7 @@ class _Families:
         )
         if counts[-1] == 0 and state.steps_total > 0:
             return  # steps without a global norm: another rank sends the replicated statistics
-        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1])] + [
+        buckets = [(repr(bound), int(count)) for bound, count in zip(GRAD_NORM_BUCKETS, counts[:-1], strict=True)] + [
             ("+Inf", int(counts[-1]))
         ]
         self.grad_norm_distribution.add_metric(labels, buckets, sum_value=state.grad_norm_sum)
@@ -319,10 +344,12 @@ class _Families:
             self.run_info,
             *self.scalar_gauges.values(),
             self.attention_logit_threshold,
+            self.gemm_sqnr_threshold,
             *self.counters.values(),
             *self.ratios.values(),
             self.spike_score,
             self.quant_sqnr_min,
+            self.gemm_sqnr_min,
             self.learning_rate,
             self.grad_norm_distribution,
             self.layer_grad_norm,

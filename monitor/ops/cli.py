@@ -7,9 +7,10 @@ FastAPI) can still run ``numwatch sync``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
+
+from numwatch import settings as client_settings
 
 DATABASE_HELP = "database URL (default: env NUMWATCH_DATABASE_URL, else a SQLite file under the user's data directory)"
 
@@ -21,9 +22,15 @@ def _add_database(parser: argparse.ArgumentParser) -> None:
 
 def _add_collector(parser: argparse.ArgumentParser, default_url: str | None = None) -> None:
     parser.add_argument(
-        "--url", default=os.environ.get("NUMWATCH_URL", default_url), help="collector URL (env NUMWATCH_URL)"
+        "--url",
+        default=client_settings.read(client_settings.URL) or default_url,
+        help=f"collector URL (env {client_settings.URL})",
     )
-    parser.add_argument("--token", default=os.environ.get("NUMWATCH_TOKEN"), help="write token (env NUMWATCH_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=client_settings.read(client_settings.TOKEN),
+        help=f"write token (env {client_settings.TOKEN})",
+    )
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -99,7 +106,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     with _session(_settings(args)) as session:
         token = create_token(session, args.project, args.name)
         session.commit()
-    print(f"token for project {args.project!r} (shown once; store it as NUMWATCH_TOKEN):", file=sys.stderr)
+    print(f"token for project {args.project!r} (shown once; store it as {client_settings.TOKEN}):", file=sys.stderr)
     print(token)
     return 0
 
@@ -124,7 +131,8 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         for token in list_tokens(session):
             state = f"revoked {token.revoked_at:%Y-%m-%d %H:%M}" if token.revoked_at else "active"
             print(
-                f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  {state}"
+                f"{token.id:>4}  {token.project:<20} {token.name:<20} created {token.created_at:%Y-%m-%d %H:%M}  "
+                f"{state}"
             )
     return 0
 
@@ -231,7 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _session(settings) as session:
         try:
-            page = export_run_page(session, args.run, settings.stale_after_seconds)
+            page = export_run_page(session, args.run, settings.stale_after_seconds, settings.detect.gemm_sqnr_threshold)
         except NotFound as error:
             print(f"numwatch: {error.message} (see `numwatch runs`)", file=sys.stderr)
             return 1
@@ -266,7 +274,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     root = args.spool_dir or default_spool_root()
     if not args.url:
-        print("numwatch sync: no collector URL: pass --url or set NUMWATCH_URL", file=sys.stderr)
+        print(f"numwatch sync: no collector URL: pass --url or set {client_settings.URL}", file=sys.stderr)
         return 2
     total = pending_documents(root)
     if total == 0:
@@ -280,7 +288,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         print(f"rejected by the collector (not retried): {line}", file=sys.stderr)
     if report.unreachable:
         print(
-            f"\nnumwatch sync: stopped, collector unavailable ({report.unreachable}); run it again later — it resumes where it stopped",
+            f"\nnumwatch sync: stopped, collector unavailable ({report.unreachable}); run it again later — it resumes "
+            "where it stopped",
             file=sys.stderr,
         )
         return 1
@@ -302,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numwatch",
         description="numwatch: numeric-health monitoring for PyTorch training (collector, tokens, runs, sync, demo).",
-        epilog="Training side: `import numwatch; numwatch.watch(model, optimizer, scaler=scaler)`. Each command has its own --help.",
+        epilog=(
+            "Training side: `import numwatch; numwatch.watch(model, optimizer, scaler=scaler)`. Each command has "
+            "its own --help."
+        ),
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -311,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the collector (HTTP API, /metrics)",
         description=(
             "Run the collector. On 127.0.0.1 auth is off unless --auth token; elsewhere tokens are required. "
-            "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db upgrade`."
+            "The embedded SQLite database is created and migrated on first start; other databases need `numwatch db "
+            "upgrade`."
         ),
     )
     serve.add_argument("--host", default=None, help="address to bind (default: env NUMWATCH_HOST, else 127.0.0.1)")
@@ -367,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         "gc",
         help="delete runs not heard from for a while, and rows of runs deleted by hand",
         description=(
-            "Delete every run whose last batch or registration is older than --older-than (of --project only, if given), "
-            "finish deletions cut short, remove rows left by runs deleted by hand, and give the space back (SQLite)."
+            "Delete every run whose last batch or registration is older than --older-than "
+            "(of --project only, if given), finish deletions cut short, remove rows left by runs deleted by hand, "
+            "and give the space back (SQLite)."
         ),
     )
     gc.add_argument("--older-than", type=duration, required=True, metavar="AGE", help="e.g. 30d, 12h, 90m, 2w")
@@ -393,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--spool-dir",
         default=None,
-        help="spool root (default: env NUMWATCH_SPOOL_DIR, else ~/.local/share/numwatch/spool)",
+        help=f"spool root (default: env {client_settings.SPOOL_DIR}, else ~/.local/share/numwatch/spool)",
     )
     sync.set_defaults(func=cmd_sync)
 

@@ -18,7 +18,7 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import quote
 
 from numwatch import protocol
@@ -81,7 +81,8 @@ def train(url: str, run: str, plan: DemoPlan, out: TextIO) -> None:
                     group["lr"] = plan.base_lr * (plan.spike_lr / plan.base_lr) ** progress
                 if step == plan.spike_at:
                     out.write(
-                        f"  step {step}: learning rate starts climbing to {plan.spike_lr} over {plan.ramp_steps} steps (the mistake)\n"
+                        f"  step {step}: learning rate starts climbing to {plan.spike_lr} over {plan.ramp_steps} "
+                        "steps (the mistake)\n"
                     )
             inputs, targets = next(batches)
             with torch.autocast("cpu", dtype=torch.float16):
@@ -114,7 +115,7 @@ def report(url: str, run: str, out: TextIO, timeout: float = 30.0) -> list[dict]
         time.sleep(0.3)
     events = _get_json(url + protocol.run_path(run) + "/events")
     by_kind = Counter(e["kind"] for e in events)
-    first = {}
+    first: dict[str, dict[str, Any]] = {}
     for event in sorted(events, key=lambda e: e["step"]):
         first.setdefault(event["kind"], event)
     out.write(f"\nThe collector detected {len(events)} events in run {run!r}:\n")
@@ -160,7 +161,8 @@ def run_demo(
         if keep_serving and database is not None:
             serve_until_interrupted(
                 f"\nOpen {run_page_url(url, run)} in a browser. The collector serves it until Ctrl-C; its temporary\n"
-                f"database goes then. To keep the page: numwatch export {run} --database-url sqlite:///{database} -o {run}.html\n",
+                f"database goes then. To keep the page: numwatch export {run} --database-url sqlite:///{database} -o "
+                f"{run}.html\n",
                 out,
             )
         return run, events

@@ -1,10 +1,7 @@
-"""Grafana integration: push numwatch's datasources and dashboards, post events as annotations.
+"""Grafana provisioning: push numwatch's datasources and dashboards.
 
-The design card names ``grafana-api``; that package is unmaintained ("not supported
-anymore", last release 2020). ``grafana-client`` is its maintained fork with the same
-API (``GrafanaApi.from_url``, ``dashboard.update_dashboard``,
-``annotations.add_annotation``), and is what this module uses. It is imported lazily:
-the collector runs without Grafana, and importing this module costs nothing.
+Grafana is reached through ``grafana-client`` (see :mod:`numwatch.monitor.metrics.annotations`,
+which also posts the collector's events as annotations), imported lazily: importing this module costs nothing.
 
 CLI: :func:`add_grafana_cli` adds ``numwatch grafana push --url --token ...``.
 """
@@ -13,19 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
-import queue
 import sys
-import threading
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from numwatch import settings as client_settings
+from numwatch.monitor.metrics.annotations import grafana_api
 from numwatch.monitor.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 # Datasource uids the dashboards reference (dashboards/generate.py and the file
 # provisioning under deploy/grafana use the same ones).
@@ -38,13 +31,6 @@ COLLECTOR_DATASOURCE = {
 DEFAULT_DASHBOARDS_DIR = Path(str(files("numwatch.dashboards")))
 DEFAULT_GRAFANA_URL = "http://localhost:3000"
 HTTP_NOT_FOUND = 404
-
-
-def _grafana_api(url: str, token: str | None, timeout: float) -> Any:
-    """A ``grafana_client.GrafanaApi`` for ``url``, authenticated with a bearer ``token``."""
-    from grafana_client import GrafanaApi  # lazy: only Grafana users need grafana-client
-
-    return GrafanaApi.from_url(url, credential=token, timeout=timeout)
 
 
 def datasource_models(
@@ -147,7 +133,7 @@ def push_dashboards(
     reference. Dashboards are written with ``overwrite`` so a push is idempotent.
     """
     dashboards = load_dashboards(Path(dashboards_dir))
-    api = _grafana_api(url, token, timeout)
+    api = grafana_api(url, token, timeout)
     summary = PushSummary()
     for model in datasource_models(prometheus_url, collector_url, collector_token):
         _upsert_datasource(api, model, summary)
@@ -163,83 +149,6 @@ def push_dashboards(
         api.dashboard.update_dashboard(payload)
         summary.dashboards.append(model["uid"])
     return summary
-
-
-def annotation_for(event: dict[str, Any], run: str) -> dict[str, Any]:
-    """``add_annotation`` arguments for a collector event ({"step","rank","kind","details","time"[, "time_ms"]})."""
-    time_ms = event.get("time_ms")
-    if time_ms is None:
-        time_ms = round(float(event["time"]) * 1000)
-    details = event.get("details") or {}
-    text = f"{event['kind']} at step {event['step']} (rank {event.get('rank', 0)})"
-    if details:
-        text += f": {json.dumps(details, sort_keys=True, default=str)}"
-    return {"time_from": int(time_ms), "time_to": int(time_ms), "tags": ["numwatch", event["kind"], run], "text": text}
-
-
-class AnnotationSink:
-    """Posts events to Grafana as annotations from a background thread.
-
-    :meth:`post` never blocks: it puts the event on a bounded queue and returns False
-    (counted in ``dropped``) when the queue is full. Failed posts are counted in
-    ``failed`` and not retried, so a down Grafana costs the collector nothing.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        token: str | None,
-        *,
-        max_queue: int = 1000,
-        timeout: float = 5.0,
-        dashboard_uid: str | None = None,
-    ) -> None:
-        self._url = url
-        self._token = token
-        self._timeout = timeout
-        self._dashboard_uid = dashboard_uid
-        self._queue: queue.Queue[tuple[dict[str, Any], str]] = queue.Queue(maxsize=max_queue)
-        self._stop = threading.Event()
-        # Each counter has one writer: the worker (posted, failed) or the caller (dropped).
-        self.posted = 0
-        self.failed = 0
-        self.dropped = 0
-        self._thread = threading.Thread(target=self._work, name="numwatch-annotations", daemon=True)
-        self._thread.start()
-
-    def post(self, event: dict[str, Any], run: str) -> bool:
-        """Queue ``event`` of ``run`` for posting; False when it was dropped (queue full or closed)."""
-        if self._stop.is_set():
-            self.dropped += 1
-            return False
-        try:
-            self._queue.put_nowait((event, run))
-        except queue.Full:
-            self.dropped += 1
-            return False
-        return True
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Post what is queued (within ``timeout`` seconds), then stop the worker."""
-        self._stop.set()
-        self._thread.join(timeout)
-
-    def _work(self) -> None:
-        api = None
-        while True:
-            try:
-                event, run = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            try:
-                api = api or _grafana_api(self._url, self._token, self._timeout)
-                api.annotations.add_annotation(dashboard_uid=self._dashboard_uid, **annotation_for(event, run))
-                self.posted += 1
-            except Exception as error:  # any failure (network, 4xx, 5xx) only counts
-                self.failed += 1
-                logger.debug("annotation post to %s failed: %s", self._url, error)
 
 
 def _push_command(args: argparse.Namespace) -> int:
@@ -284,8 +193,8 @@ def add_grafana_cli(subparsers: Any) -> argparse.ArgumentParser:
     )
     push.add_argument(
         "--collector-token",
-        default=os.environ.get("NUMWATCH_TOKEN"),
-        help="read token for the collector API (env NUMWATCH_TOKEN)",
+        default=client_settings.read(client_settings.TOKEN),
+        help=f"read token for the collector API (env {client_settings.TOKEN})",
     )
     push.add_argument("--folder-uid", default=None, help="Grafana folder uid for the dashboards")
     push.set_defaults(func=_push_command)

@@ -127,7 +127,8 @@ def load_deploy_yaml(relative: str, deploy_dir: Path = DEPLOY_DIR) -> dict:
     path = deploy_dir / relative
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: the numwatch installation is incomplete; reinstall it (pip install --force-reinstall numwatch)"
+            f"{path} not found: the numwatch installation is incomplete; reinstall it (pip install --force-reinstall "
+            "numwatch)"
         )
     return yaml.safe_load(path.read_text())
 

@@ -111,7 +111,7 @@ def series(
     for maxima in per_row:
         calls.update(dict.fromkeys(maxima))
     run_max: dict[str, Any] | None = None
-    for row, maxima in zip(rows, per_row):
+    for row, maxima in zip(rows, per_row, strict=True):
         for name, value in maxima.items():
             if run_max is None or (math.isnan(value) and not math.isnan(run_max["value"])) or value > run_max["value"]:
                 run_max = {"value": value, "call": name, "step": row["step"]}

@@ -230,13 +230,17 @@ def histograms(session: Session, run: Run, tensor: str, kind: str, rank: int, st
         "rank": rank,
         "step": row.step,
         # Non-empty binades only (a numeric x axis for Grafana); zero/Inf/NaN counts beside them.
-        "exponent": [{"binade": binade, "count": int(count)} for binade, count in zip(binades, exponent) if count],
+        "exponent": [
+            {"binade": binade, "count": int(count)}
+            for binade, count in zip(binades, exponent[: protocol.EXPONENT_BINADES], strict=True)
+            if count
+        ],
         "zero": int(exponent[protocol.EXPONENT_ZERO_BIN]),
         "inf": int(exponent[protocol.EXPONENT_INF_BIN]),
         "nan": int(exponent[protocol.EXPONENT_NAN_BIN]),
         "linear": [
             {"low": protocol.encode_float(a), "high": protocol.encode_float(b), "count": int(c)}
-            for a, b, c in zip(edges[:-1].tolist(), edges[1:].tolist(), linear)
+            for a, b, c in zip(edges[:-1].tolist(), edges[1:].tolist(), linear, strict=True)
         ],
     }
 
@@ -253,17 +257,17 @@ class Heatmap:
         """Flat ``[{"step", "tensor", "value"}]``, column by column."""
         return [
             {"step": step, "tensor": name, "value": protocol.encode_float(value)}
-            for step, row in zip(self.steps, self.values.tolist())
-            for name, value in zip(self.tensors, row)
+            for step, row in zip(self.steps, self.values.tolist(), strict=True)
+            for name, value in zip(self.tensors, row, strict=True)
         ]
 
     def cells_json(self) -> bytes:
         """:meth:`cells` as JSON text, rendered without building a dict per cell (60k cells in tens of ms)."""
         names = [json.dumps(name) for name in self.tensors]
         parts = []
-        for step, row in zip(self.steps, self.values.tolist()):
+        for step, row in zip(self.steps, self.values.tolist(), strict=True):
             head = f'{{"step":{step},"tensor":'
-            parts += [f'{head}{name},"value":{_json_float(value)}}}' for name, value in zip(names, row)]
+            parts += [f'{head}{name},"value":{_json_float(value)}}}' for name, value in zip(names, row, strict=True)]
         return ("[" + ",".join(parts) + "]").encode()
 
 

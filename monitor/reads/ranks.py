@@ -73,28 +73,27 @@ def rank_view(
     states = queries.rank_states(session, run)
     norm_median = _median([s.local_grad_norm for s in states])
     time_median = _median([s.compute_time for s in states])
-    latest = []
-    for s in states:
-        deviation = max(_deviation(s.local_grad_norm, norm_median), _deviation(s.compute_time, time_median))
-        if s.local_nonfinite:
-            deviation = math.inf
-        latest.append(
-            {
-                "rank": s.rank,
-                "step": s.last_step,
-                "local_grad_norm": protocol.encode_float(s.local_grad_norm),
-                "local_nonfinite": s.local_nonfinite,
-                "compute_time": protocol.encode_float(s.compute_time),
-                "loss": protocol.encode_float(s.loss),
-                "deviation": protocol.encode_float(deviation),
-                "_sort": deviation,
-            }
-        )
-    latest.sort(key=lambda row: (-row["_sort"], row["rank"]))
-    for row in latest:
-        del row["_sort"]
+    deviations = {
+        s.rank: math.inf
+        if s.local_nonfinite
+        else max(_deviation(s.local_grad_norm, norm_median), _deviation(s.compute_time, time_median))
+        for s in states
+    }
+    by_deviation = sorted(states, key=lambda s: (-deviations[s.rank], s.rank))
+    latest = [
+        {
+            "rank": s.rank,
+            "step": s.last_step,
+            "local_grad_norm": protocol.encode_float(s.local_grad_norm),
+            "local_nonfinite": s.local_nonfinite,
+            "compute_time": protocol.encode_float(s.compute_time),
+            "loss": protocol.encode_float(s.loss),
+            "deviation": protocol.encode_float(deviations[s.rank]),
+        }
+        for s in by_deviation
+    ]
     cells = [cell for s in states for cell in _cells(session, run, s.rank, start, end, max_steps)]
-    drawn = sorted(row["rank"] for row in latest[:MAX_LINES])
+    drawn = sorted(s.rank for s in by_deviation[:MAX_LINES])
     compute = {
         str(rank): queries.series(session, run, "compute_time", None, rank, start, end, max_points) for rank in drawn
     }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from numwatch.protocol import HistogramKind, QuantScheme, WireFloat
+from numwatch.protocol import GemmOperand, GemmScheme, HistogramKind, QuantScheme, WireFloat
+
+# What the gemm table sorts by: the fp8 recipe (e4m3 for X and W, e5m2 for dY) or one block scheme for all.
+GemmRecipe = Literal["fp8", "mxfp8", "mxfp8_up", "nvfp4"]
 
 
 class Series(BaseModel):
@@ -35,7 +38,10 @@ class HistogramSteps(BaseModel):
     rank: int
     steps: list[int] = Field(description="the sampled steps that have this kind of histogram, ascending")
     suggested: HistogramChoice | None = Field(
-        description="what to show first: the first tensor that went non-finite, at the last sampled step before it (else the latest)"
+        description=(
+            "what to show first: the first tensor that went non-finite, at the last sampled step before it "
+            "(else the latest)"
+        )
     )
 
 
@@ -75,6 +81,43 @@ class QuantizationTable(BaseModel):
     rank: int
     sort: QuantScheme
     tensors: list[QuantizedTensor] = Field(description="weight tensors (2-D and up), lowest SQNR of `sort` first")
+
+
+class GemmMeasures(BaseModel):
+    sqnr_db: WireFloat = Field(
+        description="10 log10(sum x^2 / sum (x - Q(x))^2); Infinity when exact, NaN if not finite"
+    )
+    flushed: WireFloat = Field(description="share of the non-zero elements Q flushes to zero")
+    saturated: WireFloat = Field(
+        description="share of the non-zero elements that saturate at the format's largest value"
+    )
+
+
+class GemmOperandReadiness(BaseModel):
+    range_bits: WireFloat = Field(description="log2(amax / smallest non-zero |x|); 0 for an all-zero operand")
+    schemes: dict[GemmScheme, GemmMeasures]
+
+
+class GemmPair(BaseModel):
+    operand: GemmOperand
+    scheme: GemmScheme
+    sqnr_db: WireFloat
+
+
+class GemmLayer(BaseModel):
+    tensor: str = Field(description="the Linear's weight: the matmuls measured are the F.linear calls using it")
+    shape: list[int]
+    worst: GemmPair = Field(description="the operand with the lowest SQNR under the sorted recipe")
+    keep_bf16: bool = Field(description="the worst SQNR is below the threshold (or not finite)")
+    operands: dict[GemmOperand, GemmOperandReadiness]
+
+
+class GemmTable(BaseModel):
+    step: int | None = Field(description="the last step whose matmuls were measured; null before the first")
+    rank: int
+    recipe: GemmRecipe
+    threshold_db: float = Field(description="the collector's gemm_sqnr_low threshold")
+    layers: list[GemmLayer] = Field(description="measured Linear weights, lowest SQNR under `recipe` first")
 
 
 class AttentionRunMax(BaseModel):

@@ -21,8 +21,11 @@ def _number(value: float | str | None) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -57,9 +60,11 @@ def render_run(session: Session, name: str, stale_after: float) -> str:
     detail = queries.run_detail(session, run, stale_after)
     last = detail["last_step_time"]
     lines = [
-        f"run          {detail['run']} (project {detail['project']}, {detail['format']}, world size {detail['world_size']})",
+        f"run          {detail['run']} (project {detail['project']}, {detail['format']}, world size "
+        f"{detail['world_size']})",
         f"status       {detail['status']}" + (f", last step {time.time() - last:.0f} s ago" if last else ""),
-        f"last step    {detail['last_step']}  ({detail['steps_total']} attempts, {detail['skipped_steps_total']} skipped)",
+        f"last step    {detail['last_step']}  ({detail['steps_total']} attempts, {detail['skipped_steps_total']} "
+        "skipped)",
         f"loss         {_number(detail['loss'])}",
         f"grad norm    {_number(detail['global_grad_norm'])}",
         f"loss scale   {_number(detail['loss_scale'])}",

@@ -58,7 +58,7 @@ def downsample(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[
     """Every point when at most ``max_points``, else each bucket's kept points (ascending ``steps``)."""
     if len(steps) <= max_points:
         return steps, values
-    rows = list(zip(steps.tolist(), values.reshape(-1, 1)))
+    rows = list(zip(steps.tolist(), values.reshape(-1, 1), strict=True))
     points = [
         p
         for _, summary in raw_buckets(
@@ -87,7 +87,8 @@ def raw_values(
 
 
 def choose_level(low: int, high: int, buckets: int) -> int:
-    """The finest rollup level covering ``low..high`` in at most ``ROWS_PER_BUCKET * buckets`` rows (else the coarsest)."""
+    """The finest rollup level covering ``low..high`` in at most ``ROWS_PER_BUCKET * buckets`` rows
+    (else the coarsest)."""
     budget = ROWS_PER_BUCKET * max(1, buckets)
     return next((level for level in rollups.LEVELS if high // level - low // level + 1 <= budget), rollups.LEVELS[-1])
 
@@ -123,7 +124,8 @@ def _runs(parts: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
 def bucket_summaries(
     reader: step_blocks.Reader, name: str, low: int, high: int, width: int, level: int, column: int | None
 ) -> Iterator[tuple[int, rollups.Summary]]:
-    """(first step, summary) of each ``width``-step bucket of ``low..high`` holding values, from rollups up to ``level``."""
+    """(first step, summary) of each ``width``-step bucket of ``low..high`` holding values, from rollups
+    up to ``level``."""
     found: list[tuple[int, rollups.Summary]] = []
     for part_level, first, last in _runs(pieces(low, high, level)):
         if part_level == 1:

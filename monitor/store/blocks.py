@@ -30,7 +30,7 @@ import heapq
 import itertools
 import json
 import zlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Generator, Iterable
 from typing import Any
 
 import numpy as np
@@ -91,7 +91,9 @@ def _raw(step: dict[str, Any], name: str) -> bytes | None:
 def encode(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """The columns of one block (``run_id`` and ``rank`` aside) of ``steps``, ascending and within ``MAX_SPAN``:
     each as :func:`decode` gives them (the fields above, ``tensors``: name -> array, activations as raw bytes)."""
-    header_steps, segments, names = [], {}, set()
+    header_steps: list[dict[str, Any]] = []
+    segments: dict[str, list[bytes]] = {}
+    names: set[str] = set()
     for step in steps:
         entry: dict[str, Any] = {"step": step["step"]}
         for key in FLOAT_FIELDS:
@@ -133,7 +135,8 @@ def encode(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def blocks_of(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``steps`` (ascending, distinct) as the blocks to store: at most ``MAX_STEPS`` each, within ``MAX_SPAN``."""
-    out, current = [], []
+    out: list[dict[str, Any]] = []
+    current: list[dict[str, Any]] = []
     for step in steps:
         if current and (len(current) == MAX_STEPS or step["step"] - current[0]["step"] >= MAX_SPAN):
             out.append(encode(current))
@@ -183,7 +186,7 @@ def decode(
             arrays[offset : offset + size], [(dtype.itemsize * length * len(having), dtype.itemsize)]
         )
         values = np.frombuffer(raw, dtype=dtype).reshape(len(having), length)
-        for step, row in zip(having, values):
+        for step, row in zip(having, values, strict=True):
             step["tensors"][name] = row
     for step in steps:
         for mark in step.pop("marks"):
@@ -203,16 +206,20 @@ class Reader:
         self.n_tensors, self.n_modules = n_tensors, n_modules
 
     def _blocks(
-        self, query: Select, having: Iterable[str], wanted: Collection[str] | None, key: Any = StepBlock.first_step
-    ) -> Iterator[tuple[int, list[dict[str, Any]]]]:
-        """(``key``, decoded steps) of the blocks ``query`` selects, streamed."""
+        self,
+        blocks: Select[int],
+        having: Iterable[str],
+        wanted: Collection[str] | None,
+        key: Any = StepBlock.first_step,
+    ) -> Generator[tuple[int, list[dict[str, Any]]], None, None]:
+        """(``key``, decoded steps) of the blocks ``blocks`` selects, streamed."""
         fetched = needed(wanted)
-        query = query.with_only_columns(
+        query = blocks.with_only_columns(
             key.label("key"), StepBlock.header, *(getattr(StepBlock, column) for column in fetched)
         ).where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank)
-        having = list(having)
-        if having:
-            query = query.where(or_(*(StepBlock.names.contains(f",{name},", autoescape=True) for name in having)))
+        names = list(having)
+        if names:
+            query = query.where(or_(*(StepBlock.names.contains(f",{name},", autoescape=True) for name in names)))
         rows = self.session.execute(query.execution_options(yield_per=16))
         try:
             for row in rows:
@@ -227,7 +234,7 @@ class Reader:
         high: int | None = None,
         wanted: Collection[str] | None = ALL,
         having: Iterable[str] = (),
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any], None, None]:
         """The stored steps ``low..high`` (None: unbounded) in step order, streamed; ``having``: only from
         blocks holding one of these names (a step of such a block may still lack them)."""
         pending: list[tuple[int, int, dict[str, Any]]] = []
@@ -244,7 +251,7 @@ class Reader:
 
     def before(
         self, before: int | None = None, wanted: Collection[str] | None = ALL, having: Iterable[str] = ()
-    ) -> Iterator[dict[str, Any]]:
+    ) -> Generator[dict[str, Any], None, None]:
         """The stored steps below ``before`` (None: all), latest first, streamed."""
         query = select(StepBlock.first_step)
         if before is not None:
@@ -294,10 +301,11 @@ class Reader:
         if first is None:
             return None
         last = _first(self.before(None if end is None else end + 1, wanted=()))
+        assert last is not None  # the step found first is one
         return first["step"], last["step"]
 
 
-def _overlapping(low: int | None, high: int | None) -> Select:
+def _overlapping(low: int | None, high: int | None) -> Select[int]:
     """The blocks that may hold steps ``low..high`` (None: unbounded): a range of the first-step index."""
     query = select(StepBlock.first_step)
     if low is not None:
@@ -307,7 +315,7 @@ def _overlapping(low: int | None, high: int | None) -> Select:
     return query
 
 
-def _first(steps: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
+def _first(steps: Generator[dict[str, Any], None, None]) -> dict[str, Any] | None:
     """The first of ``steps``, closing the stream (and its cursor) at once."""
     try:
         return next(steps, None)

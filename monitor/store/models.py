@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -27,6 +27,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
@@ -42,7 +43,7 @@ GRAD_NORM_BUCKETS: tuple[float, ...] = tuple(10.0**e for e in range(-8, 9))
 DELETING = "deleting"  # a run's status while its rows are deleted
 
 
-class ExactFloat(TypeDecorator):
+class ExactFloat(TypeDecorator[float]):
     """A float column that keeps NaN and ±Inf on every backend.
 
     PostgreSQL's double precision holds them natively; SQLite turns a NaN REAL into
@@ -72,11 +73,14 @@ class ExactFloat(TypeDecorator):
         return process
 
     def process_result_value(self, value: Any, dialect: Any) -> float | None:
-        return decode_float(value)
+        stored: float | str | None = value  # a REAL, or SQLite's 'NaN' text
+        return decode_float(stored)
 
 
 class Base(DeclarativeBase):
-    pass
+    if TYPE_CHECKING:
+        # Each model maps one Table (no joins or other selectables), which the Core statements here rely on.
+        __table__: ClassVar[Table]
 
 
 class Token(Base):
@@ -101,9 +105,9 @@ class Run(Base):
     project: Mapped[str] = mapped_column(String(200), index=True)
     format: Mapped[str] = mapped_column(String(16))
     world_size: Mapped[int] = mapped_column(Integer, default=1)
-    tensors: Mapped[list] = mapped_column(JSON)  # [{"name","shape","dtype","group"}]
-    modules: Mapped[list] = mapped_column(JSON, default=list)
-    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    tensors: Mapped[list[Any]] = mapped_column(JSON)  # [{"name","shape","dtype","group"}]
+    modules: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # running | finished | crashed | deleting; "stale" is derived at read time from last_seen_at.
     # A deleting run is invisible and refuses writes while its rows go, a bounded transaction at a time.
     status: Mapped[str] = mapped_column(String(16), default="running")
@@ -167,8 +171,8 @@ class ForwardStats(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     rank: Mapped[int] = mapped_column(Integer, primary_key=True)
     step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    attention_calls: Mapped[list] = mapped_column(JSON, default=list)  # calling module names
-    attention_logit_max: Mapped[list] = mapped_column(JSON, default=list)  # one protocol-encoded float per call
+    attention_calls: Mapped[list[Any]] = mapped_column(JSON, default=list)  # calling module names
+    attention_logit_max: Mapped[list[Any]] = mapped_column(JSON, default=list)  # one protocol-encoded float per call
     log_z_mean: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
@@ -197,7 +201,7 @@ class Event(Base):
     step: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(32), index=True)
     time: Mapped[float] = mapped_column(Float(precision=53))
-    details: Mapped[dict] = mapped_column(JSON, default=dict)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class RankState(Base):
@@ -218,7 +222,7 @@ class RankState(Base):
     loss_scale_growths_total: Mapped[int] = mapped_column(BigInteger, default=0)
     # Classic histogram of global_grad_norm: non-cumulative counts per GRAD_NORM_BUCKETS
     # bound plus a final +Inf (and NaN) bucket, and the sum of finite observations.
-    grad_norm_bucket_counts: Mapped[list] = mapped_column(JSON, default=list)
+    grad_norm_bucket_counts: Mapped[list[Any]] = mapped_column(JSON, default=list)
     grad_norm_sum: Mapped[float] = mapped_column(Float(precision=53), default=0.0)
     # Last values (of the highest step seen).
     loss: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
@@ -227,7 +231,7 @@ class RankState(Base):
     max_layer_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     layers_nonfinite: Mapped[int] = mapped_column(Integer, default=0)
     headroom_bits: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    lr: Mapped[list] = mapped_column(JSON, default=list)
+    lr: Mapped[list[Any]] = mapped_column(JSON, default=list)
     # Share of gradient elements per format-count outcome at the last step that had them.
     zero_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     underflow_ratio: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
@@ -240,24 +244,27 @@ class RankState(Base):
     adam_update_rms: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     adam_eps_dominated: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     # Lowest SQNR (dB, protocol-encoded floats) over tensors per scheme at the last quantization step.
-    quant_sqnr_min: Mapped[dict] = mapped_column(JSON, default=dict)
+    quant_sqnr_min: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The last step whose matmul operands were measured (numwatch.monitor.detectors.gemm_events):
+    # {"step": n, "sqnr_min": {"<operand>:<scheme>": protocol-encoded dB}, "below": [tensor indices]}.
+    gemm_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # The last step whose forward was measured: largest max attention logit over its attention
     # calls, and the output logits' statistics.
     attention_logit_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     log_z_mean: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     log_z_max: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     output_logit_absmax: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
-    events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> count
+    events_total: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # kind -> count
     # This rank's own health at its last step that carried it (its gradient before the reduction).
     local_grad_norm: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     local_nonfinite: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     compute_time: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     # Rolling spike score per signal: judged-value count and recent spike episodes (numwatch.monitor.detectors.spikes).
-    spike_state: Mapped[dict] = mapped_column(JSON, default=dict)
+    spike_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class RankInbox(Base):
-    """One rank's health at one step, kept until the step is judged across ranks (``numwatch.monitor.detectors.ranks``)."""
+    """One rank's health at one step, kept until the step is judged across ranks (numwatch.monitor.detectors.ranks)."""
 
     __tablename__ = "rank_inbox"
 
@@ -270,7 +277,7 @@ class RankInbox(Base):
     local_nonfinite: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     compute_time: Mapped[float | None] = mapped_column(ExactFloat, nullable=True)
     checksum: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    nonfinite_tensors: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    nonfinite_tensors: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class RankJudge(Base):
@@ -280,8 +287,8 @@ class RankJudge(Base):
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     judged_through: Mapped[int] = mapped_column(BigInteger, default=0)
-    state: Mapped[dict] = mapped_column(JSON, default=dict)
-    events_total: Mapped[dict] = mapped_column(JSON, default=dict)  # kind -> {rank: count}
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    events_total: Mapped[dict[str, dict[str, int]]] = mapped_column(JSON, default=dict)  # kind -> {rank: count}
 
 
 class Conflict(Base):

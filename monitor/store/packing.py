@@ -35,7 +35,7 @@ import zlib
 
 import numpy as np
 
-from numwatch.protocol import HISTOGRAM_LENGTHS, TENSOR_STATS
+from numwatch.protocol import HISTOGRAM_LENGTHS, TENSOR_STATS, HistogramField
 
 ZERO_SUFFIX = "=0"
 # zlib level 1 with run-length matches only: shuffled planes hold runs (the zero high bytes of
@@ -54,11 +54,11 @@ SAMPLE_ROWS = 16
 
 def _planes(raw: bytes, itemsize: int) -> np.ndarray:
     """The byte planes of an array of ``itemsize``-byte elements, one per row."""
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T
+    return np.transpose(np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize))
 
 
 def _unshuffle(shuffled: bytes, itemsize: int) -> bytes:
-    return np.frombuffer(shuffled, dtype=np.uint8).reshape(itemsize, -1).T.tobytes()
+    return np.transpose(np.frombuffer(shuffled, dtype=np.uint8).reshape(itemsize, -1)).tobytes()
 
 
 def _blocks(planes: np.ndarray, floating: bool) -> list[np.ndarray]:
@@ -77,15 +77,17 @@ def compress_arrays(arrays: list[tuple[bytes, np.dtype]], blocks: bool = True) -
     if not blocks:
         return zlib.compress(b"".join(_planes(raw, dtype.itemsize).tobytes() for raw, dtype in arrays), LEVEL)
     compressor = zlib.compressobj(LEVEL, zlib.DEFLATED, zlib.MAX_WBITS, 8, STRATEGY)
-    blocks = [block for raw, dtype in arrays for block in _blocks(_planes(raw, dtype.itemsize), dtype.kind == "f")]
+    deflate_blocks = [
+        block for raw, dtype in arrays for block in _blocks(_planes(raw, dtype.itemsize), dtype.kind == "f")
+    ]
     parts = []
-    for block in blocks[:-1]:
+    for block in deflate_blocks[:-1]:
         parts.append(compressor.compress(block.tobytes()))
         # A block costs a Huffman table and its time; constant planes (zero high bytes) are a few
         # run-length codes in any block.
         if block.size and not (block == block[:, :1]).all():
             parts.append(compressor.flush(zlib.Z_BLOCK))
-    return b"".join(parts) + compressor.compress(blocks[-1].tobytes()) + compressor.flush()
+    return b"".join(parts) + compressor.compress(deflate_blocks[-1].tobytes()) + compressor.flush()
 
 
 def decompress_arrays(blob: bytes, sizes: list[tuple[int, int]]) -> list[bytes]:
@@ -107,7 +109,8 @@ def inflate(blob: bytes) -> bytes:
 
 
 def element(shuffled: bytes, offset: int, n: int, itemsize: int, index: int) -> bytes:
-    """The bytes of element ``index`` of the shuffled ``n``-element array at ``offset``: one value without unshuffling all."""
+    """The bytes of element ``index`` of the shuffled ``n``-element array at ``offset``: one value without
+    unshuffling all."""
     return bytes(shuffled[offset + j * n + index] for j in range(itemsize))
 
 
@@ -181,7 +184,7 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
         (np.dtype(TENSOR_STATS[name]).itemsize * n_tensors, np.dtype(TENSOR_STATS[name]).itemsize) for name in stored
     ]
     try:
-        arrays = dict(zip(stored, decompress_arrays(blob, sizes)))
+        arrays = dict(zip(stored, decompress_arrays(blob, sizes), strict=True))
     except zlib.error as error:
         raise ValueError(f"packed stats are not a zlib stream: {error}") from None
     out: dict[str, np.ndarray] = {}
@@ -194,14 +197,15 @@ def unpack_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, np.n
     return out
 
 
-def compress_histogram_array(name: str, raw: bytes) -> bytes:
-    """A histogram document's array as stored: counts filtered and narrowed (``exponent``, ``linear``), bounds as they are."""
+def compress_histogram_array(name: HistogramField, raw: bytes) -> bytes:
+    """A histogram document's array as stored: counts filtered and narrowed (``exponent``, ``linear``),
+    bounds as they are."""
     if name in ("exponent", "linear"):
         return compress_counts(raw, HISTOGRAM_LENGTHS[name])
     return compress_array(raw, np.dtype("<f4"))
 
 
-def decompress_histogram_array(name: str, blob: bytes) -> bytes:
+def decompress_histogram_array(name: HistogramField, blob: bytes) -> bytes:
     return (
         decompress_counts(blob, HISTOGRAM_LENGTHS[name])
         if name in ("exponent", "linear")

@@ -6,8 +6,8 @@ to take about ``CHUNK_SECONDS``, with a pause between them longer than SQLite's 
 busy-handler sleep, so a batch of another run waiting for SQLite's single write lock gets
 it within a chunk. The run row goes last, so a purge cut short (a restart) is finished by
 the next sweep. On SQLite the freed pages are then handed back to the file system
-(incremental vacuum, in transactions sized the same way); PostgreSQL reuses them after its autovacuum (``VACUUM FULL`` to
-shrink the files, which locks the tables).
+(incremental vacuum, in transactions sized the same way); PostgreSQL reuses them after its
+autovacuum (``VACUUM FULL`` to shrink the files, which locks the tables).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from functools import partial
 
-from sqlalchemy import Table, delete, select, tuple_
+from sqlalchemy import CursorResult, Delete, Table, delete, select, tuple_
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from numwatch.monitor.store.models import (
@@ -73,24 +75,37 @@ def runs_to_delete(session: Session, older_than: timedelta, project: str | None 
     return list(session.execute(query.order_by(Run.id)).scalars())
 
 
-def _delete_chunk(session: Session, table: Table, run_id: int, limit: int) -> int:
+def _deleted(session: Session, statement: Delete) -> int:
+    """Run ``statement``; how many rows it deleted."""
+    result = session.execute(statement)
+    assert isinstance(result, CursorResult)  # as every DELETE's is; Session.execute's signature does not say so
+    return result.rowcount
+
+
+def _delete_chunk(session: Session, limit: int, *, table: Table, run_id: int) -> int:
     keys = [column for column in table.primary_key.columns if column.name != "run_id"]
     if not keys:  # one row per run
-        return session.execute(delete(table).where(table.c.run_id == run_id)).rowcount
+        return _deleted(session, delete(table).where(table.c.run_id == run_id))
     chosen = select(*keys).where(table.c.run_id == run_id).limit(limit)
     key = keys[0] if len(keys) == 1 else tuple_(*keys)
-    return session.execute(delete(table).where(table.c.run_id == run_id, key.in_(chosen))).rowcount
+    return _deleted(session, delete(table).where(table.c.run_id == run_id, key.in_(chosen)))
+
+
+def _free_pages(connection: Connection) -> int:
+    return int(connection.exec_driver_sql("PRAGMA freelist_count").scalar_one())
 
 
 def _vacuum_chunk(session: Session, limit: int) -> int:
     """Hand back up to ``limit`` free pages; how many went."""
     connection = session.connection()
-    free = connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+    free = _free_pages(connection)
     if free:
         # The pragma frees one page per step of its statement and a DB-API execute steps once;
         # executescript runs it to the end, in a transaction of its own.
-        connection.connection.driver_connection.executescript(f"PRAGMA incremental_vacuum({min(free, limit)});")
-    return free - connection.exec_driver_sql("PRAGMA freelist_count").scalar()
+        sqlite = connection.connection.driver_connection
+        assert sqlite is not None  # the session's connection is checked out
+        sqlite.executescript(f"PRAGMA incremental_vacuum({min(free, limit)});")
+    return free - _free_pages(connection)
 
 
 class Cancelled(Exception):
@@ -138,11 +153,9 @@ class Purger:
 
     def purge(self, run_id: int) -> int:
         """Delete every row of run ``run_id``, then the run; the number of rows deleted."""
-        total = sum(
-            self._chunks(lambda s, n, table=table: _delete_chunk(s, table, run_id, n)) for table in CHILD_TABLES
-        )
+        total = sum(self._chunks(partial(_delete_chunk, table=table, run_id=run_id)) for table in CHILD_TABLES)
         with self.session_factory() as session:
-            total += session.execute(delete(Run).where(Run.id == run_id)).rowcount
+            total += _deleted(session, delete(Run).where(Run.id == run_id))
             session.commit()
         return total
 
@@ -158,9 +171,7 @@ class Purger:
                 ).scalars()
             }
         for run_id in sorted(lost):
-            total += sum(
-                self._chunks(lambda s, n, table=table: _delete_chunk(s, table, run_id, n)) for table in CHILD_TABLES
-            )
+            total += sum(self._chunks(partial(_delete_chunk, table=table, run_id=run_id)) for table in CHILD_TABLES)
         return total
 
     def vacuum(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sqlalchemy import bindparam, select, tuple_, update
@@ -45,6 +46,7 @@ ROW_GROUPS: dict[str, tuple[str, ...]] = {
     **SCALAR_ROWS,
     "nonfinite": protocol.NONFINITE_STATS,
     "format": protocol.FORMAT_COUNT_STATS,
+    "gemm": protocol.GEMM_STATS,
 }
 _GROUP_OF = {series: (group, i) for group, members in ROW_GROUPS.items() for i, series in enumerate(members)}
 _NO_STEP = np.uint32(0xFFFFFFFF)  # an offset meaning "no such step in this bucket"
@@ -157,7 +159,7 @@ def decode(blob: bytes, origin: int, dtype: np.dtype, n: int) -> Summary:
         for name in _FIELDS
     ]
     fields = {}
-    for name, raw in zip(_FIELDS, decompress_arrays(blob, sizes)):
+    for name, raw in zip(_FIELDS, decompress_arrays(blob, sizes), strict=True):
         if name in _VALUE_FIELDS:
             fields[name] = np.frombuffer(raw, dtype=dtype)
         else:
@@ -240,12 +242,12 @@ def row(summary: Summary, index: int) -> Summary:
     return Summary(*(getattr(summary, name)[index] for name in _FIELDS))
 
 
-def _lr(encoded: list | None) -> float | None:
+def _lr(encoded: list[float | str | None] | None) -> float | None:
     return protocol.decode_float(encoded[0]) if encoded else None
 
 
 def step_series(
-    views: list[dict], n_tensors: int, scalars: bool = True
+    views: list[dict[str, Any]], n_tensors: int, scalars: bool = True
 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Stored row series -> (steps, values[steps, columns], present or None when all are) of ``views`` (ascending)."""
     out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
@@ -302,7 +304,7 @@ def _finest(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]])
     return fresh
 
 
-def _row(run_id: int, rank: int, name: str, level: int, bucket: int, summary: Summary) -> dict:
+def _row(run_id: int, rank: int, name: str, level: int, bucket: int, summary: Summary) -> dict[str, Any]:
     return {
         "run_id": run_id,
         "rank": rank,
@@ -362,7 +364,7 @@ def record(
     session: Session,
     run_id: int,
     rank: int,
-    views: list[dict],
+    views: list[dict[str, Any]],
     n_tensors: int,
     previous_last: int,
     scalars: bool = True,
@@ -466,7 +468,8 @@ def cover(
     last: int,
     decoder: Callable[[bytes, int], Summary],
 ) -> list[tuple[int, int, Summary]]:
-    """``(level, bucket, summary)`` of the stored rows that together hold buckets ``first..last`` of ``level``, ascending.
+    """``(level, bucket, summary)`` of the stored rows that together hold buckets ``first..last`` of ``level``,
+    ascending.
 
     A bucket without a row (incomplete, written before its level existed, or empty) is covered by the
     next finer level's rows, and so on down to the finest, which every step is written to."""

@@ -37,7 +37,7 @@ def request_key(path: str, params: dict[str, Any] | None = None) -> str:
     return f"{path}?{query}" if query else path
 
 
-def run_page_responses(session: Session, name: str, stale_after: float) -> dict[str, Any]:
+def run_page_responses(session: Session, name: str, stale_after: float, gemm_threshold: float) -> dict[str, Any]:
     """Every read the run page makes for run ``name``, keyed as the page asks for them."""
     run = queries.find_run(session, name, EVERYTHING)
     layout = json.loads((STATIC_DIR / "charts.json").read_text())
@@ -51,6 +51,10 @@ def run_page_responses(session: Session, name: str, stale_after: float) -> dict[
         request_key(base + "/tensor-summary", {"max_points": points}): overview.tensor_summary(session, run, 0, points),
         request_key(base + "/forward", {"max_points": points}): forward.series(session, run, 0, None, None, points),
         request_key(base + "/quantization"): readiness.quantization_table(session, run, 0, "int4"),
+        request_key(base + "/gemm"): readiness.gemm_table(session, run, 0, "fp8", gemm_threshold),
+        request_key(base + "/heatmap", layout["gemm_heatmap"]): queries.heatmap(
+            session, run, layout["gemm_heatmap"]["stat"], 0, layout["gemm_heatmap"]["max_steps"]
+        ).cells(),
         request_key(base + "/heatmap", layout["heatmap"]): queries.heatmap(
             session, run, layout["heatmap"]["stat"], 0, layout["heatmap"]["max_steps"]
         ).cells(),
@@ -84,9 +88,9 @@ def _digest(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-def export_run_page(session: Session, name: str, stale_after: float) -> str:
+def export_run_page(session: Session, name: str, stale_after: float, gemm_threshold: float) -> str:
     """The run page of ``name`` with its data, as one HTML document."""
-    bundle = {"context": {"run": name}, "responses": run_page_responses(session, name, stale_after)}
+    bundle = {"context": {"run": name}, "responses": run_page_responses(session, name, stale_after, gemm_threshold)}
     # JSON in a non-executed script element; "<" escaped so no string in it can close the element.
     data = json.dumps(bundle, allow_nan=False, separators=(",", ":")).replace("<", "\\u003c")
     scripts: list[str] = []
@@ -104,7 +108,8 @@ def export_run_page(session: Session, name: str, stale_after: float) -> str:
     page = re.sub(r'<link rel="icon"[^>]*>\n?', "", page)
     page = _ASSET.sub(inline, page)
     policy = (
-        f"default-src 'none'; script-src {' '.join(map(_digest, scripts))}; style-src {' '.join(map(_digest, styles))}; "
+        f"default-src 'none'; script-src {' '.join(map(_digest, scripts))}; style-src "
+        f"{' '.join(map(_digest, styles))}; "
         "img-src data:; base-uri 'none'; form-action 'none'"
     )
     page = page.replace(

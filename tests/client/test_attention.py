@@ -15,6 +15,9 @@ from numwatch import observe_attention
 from numwatch.capture.attention import AttentionCapture, max_attention_logit
 from tests.support.nanogpt import NanoGPT
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 
 def reference_max(q, k, *, scale=None, mask=None, is_causal=False, enable_gqa=False) -> float:
     """Materialise scale * q @ k^T in float64, mask it, take the max (NaN if an unmasked logit is NaN)."""

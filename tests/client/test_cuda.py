@@ -1,7 +1,8 @@
 """On a CUDA device: the watcher's measurements never synchronize the host with the GPU, and
 its numbers equal a float64 reference (also through fp16 autocast and a GradScaler).
 
-Skipped without CUDA (CI has no GPU); run on a GPU machine with ``pytest tests/test_cuda.py``.
+Skipped without CUDA (CI has no GPU); on a GPU machine ``python benchmarks/gpu_check.py`` runs it
+with the other GPU checks (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def test_measuring_a_step_never_synchronizes_and_matches_float64(tmp_path) -> No
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
     assert [s["step"] for s in spooled.steps] == list(range(1, STEPS + 1))
-    for step, reference in zip(spooled.steps, references):
+    for step, reference in zip(spooled.steps, references, strict=True):
         np.testing.assert_allclose(spooled.stat(step, "grad_norm"), reference, rtol=1e-5)
     assert any("underflow" in step["tensors"] for step in spooled.steps) and spooled.histograms
 
@@ -81,7 +82,7 @@ def test_fp16_autocast_with_grad_scaler_reports_unscaled_norms(tmp_path) -> None
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
     assert [s["loss_scale"] for s in spooled.steps] == scales
-    for step, reference in zip(spooled.steps, references):
+    for step, reference in zip(spooled.steps, references, strict=True):
         np.testing.assert_allclose(spooled.stat(step, "grad_norm"), reference, rtol=1e-5)
 
 
@@ -114,8 +115,8 @@ def test_non_finite_gradients_are_flagged_every_step_and_counted_soon_after(tmp_
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
     counted = []
-    for step, reference in zip(spooled.steps, references):
-        norms, absmax, nans, infs = (np.array(column) for column in zip(*reference))
+    for step, reference in zip(spooled.steps, references, strict=True):
+        norms, absmax, nans, infs = (np.array(column) for column in zip(*reference, strict=True))
         _nan_equal(spooled.stat(step, "grad_norm"), norms)
         _nan_equal(spooled.stat(step, "grad_absmax"), absmax)
         if "nan_count" in step["tensors"]:

@@ -325,7 +325,9 @@ TRAINING_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-    watcher = numwatch.watch(model, optimizer, run="killed", url=url, spool_dir=spool_root, format_every=2, histogram_every=5)
+    watcher = numwatch.watch(
+        model, optimizer, run="killed", url=url, spool_dir=spool_root, format_every=2, histogram_every=5
+    )
     for step in range(1, 100_000):
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(torch.randn(8, 6)), torch.randn(8, 3)).backward()

@@ -16,6 +16,9 @@ from tests.client.test_output_logits import reference
 from tests.support.nanogpt import NanoGPT
 from tests.support.watch_helpers import read_spool
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 LAYERS = [f"transformer.h.{i}.attn" for i in range(4)]
 ACCUMULATION = 2
 
@@ -98,7 +101,7 @@ def test_watched_training_is_bit_identical_to_unwatched(tmp_path):
     watched = copy.deepcopy(plain)
     train(plain, 6)
     train(watched, 6, watcher=dict(run="same", spool_dir=tmp_path, histogram_every=1))
-    for (name, a), b in zip(plain.named_parameters(), watched.parameters()):
+    for (name, a), b in zip(plain.named_parameters(), watched.parameters(), strict=True):
         assert torch.equal(a, b), name
 
 

@@ -149,7 +149,7 @@ def test_quantization_sqnr_of_the_whole_tensors_where_the_shards_allow(fsdp_run)
             weights = saved["weights"][step["step"]]
             for scheme, reference in REFERENCES.items():
                 got = spooled.stat(step, f"quant_sqnr_{scheme}")
-                for name, value, w in zip(NAMES, got, weights):
+                for name, value, w in zip(NAMES, got, weights, strict=True):
                     if scheme in MEASURED.get(name, set()):
                         assert value == pytest.approx(sqnr_db(w, reference(w)), abs=1e-3), (name, scheme)
                     else:

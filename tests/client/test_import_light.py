@@ -51,8 +51,13 @@ def test_hooks_imports_and_watches_with_server_packages_blocked(tmp_path):
     assert result.stdout.strip() == "ok"
 
 
-def test_protocol_imports_without_torch(tmp_path):
-    script = "import sys, numwatch.protocol, numwatch.delivery.spool; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+def test_protocol_spool_and_sync_import_without_torch(tmp_path):
+    """What `numwatch sync` and the collector use of the client loads no torch."""
+    script = (
+        "import sys, numwatch.protocol, numwatch.delivery.spool, numwatch.delivery.sync\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "print('ok')"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

@@ -49,7 +49,7 @@ def test_one_record_per_synchronised_step_with_the_accumulated_gradients(tmp_pat
     spooled, expected, _ = _train(tmp_path, "accelerate", clip=None)
     assert len(spooled.steps) == BATCHES // ACCUMULATION == len(expected)
     assert spooled.runs[0]["config"]["optimizer"] == "AdamW"  # the torch optimizer inside the wrapper
-    for step, norms in zip(spooled.steps, expected):
+    for step, norms in zip(spooled.steps, expected, strict=True):
         np.testing.assert_allclose(spooled.stat(step, "grad_norm"), norms, rtol=1e-6)
         assert step["lr"] == [pytest.approx(1e-2)]
 
@@ -57,7 +57,7 @@ def test_one_record_per_synchronised_step_with_the_accumulated_gradients(tmp_pat
 def test_gradients_ready_before_clipping_records_what_clip_grad_norm_saw(tmp_path):
     spooled, expected, clip_norms = _train(tmp_path, "clipped", clip=0.01)
     assert len(spooled.steps) == BATCHES // ACCUMULATION == len(clip_norms)
-    for step, norms, clip_norm in zip(spooled.steps, expected, clip_norms):
+    for step, norms, clip_norm in zip(spooled.steps, expected, clip_norms, strict=True):
         assert clip_norm > 0.01
         np.testing.assert_allclose(spooled.stat(step, "grad_norm"), norms, rtol=1e-6)
         assert step["global_grad_norm"] == pytest.approx(clip_norm, rel=1e-5)

@@ -60,7 +60,7 @@ def test_one_step_per_optimizer_step_with_the_trainers_pre_clipping_grad_norm(fo
     assert [s["step"] for s in spooled.steps] == list(range(1, MAX_STEPS + 1))
     logged = [entry for entry in trainer.state.log_history if "grad_norm" in entry]
     assert [entry["step"] for entry in logged] == list(range(1, MAX_STEPS + 1))
-    for step, entry in zip(spooled.steps, logged):
+    for step, entry in zip(spooled.steps, logged, strict=True):
         # Pre-clipping: far above max_grad_norm, and equal to what the Trainer logged.
         assert entry["grad_norm"] > 0.05
         assert step["global_grad_norm"] == pytest.approx(entry["grad_norm"], rel=RTOL)
@@ -84,7 +84,7 @@ def test_fused_and_foreach_adamw_give_the_same_numbers(foreach_run, tmp_path):
     _, foreach = foreach_run
     _, fused = _train(tmp_path, "fused", "adamw_torch_fused")
     assert [s["step"] for s in fused.steps] == [s["step"] for s in foreach.steps]
-    for a, b in zip(foreach.steps, fused.steps):
+    for a, b in zip(foreach.steps, fused.steps, strict=True):
         assert b["global_grad_norm"] == pytest.approx(a["global_grad_norm"], rel=RTOL)
         np.testing.assert_allclose(fused.stat(b, "grad_norm"), foreach.stat(a, "grad_norm"), rtol=1e-4, atol=1e-9)
     assert fused.runs[0]["config"]["optimizer"] == "AdamW"

@@ -80,7 +80,7 @@ def test_bf16_mixed_norms_equal_lightnings_grad_norm(tmp_path):
     trainer, module, spooled = _fit_bf16(tmp_path, "bf16", fused=False, clip=0.01)
     assert trainer.global_step == MAX_STEPS == len(spooled.steps) == len(module.lightning_norms)
     names = [t["name"] for t in spooled.runs[0]["tensors"]]
-    for number, (step, lightning) in enumerate(zip(spooled.steps, module.lightning_norms), start=1):
+    for number, (step, lightning) in enumerate(zip(spooled.steps, module.lightning_norms, strict=True), start=1):
         assert step["step"] == number
         expected = [lightning[f"grad_2.0_norm/{name}"] for name in names]
         np.testing.assert_allclose(spooled.stat(step, "grad_norm"), expected, rtol=1e-6)

@@ -110,7 +110,7 @@ def test_nanogpt_style_loop_records_preclip_norms_schedule_and_accumulated_loss(
     assert [s["step"] for s in spooled.steps] == list(range(1, iterations + 1))
     assert max(norms) > 0.5  # the loop did clip: a post-clip number could not pass below
     assert any(s["clipped"] for s in spooled.steps) and not all(s["clipped"] for s in spooled.steps)
-    for step, norm, loss, lr in zip(spooled.steps, norms, losses, rates):
+    for step, norm, loss, lr in zip(spooled.steps, norms, losses, rates, strict=True):
         assert _global(step) == pytest.approx(norm, rel=RTOL)
         _check_norm_clip(step, norm, 0.5)
         assert step["loss"] == pytest.approx(loss, rel=1e-6)  # sum of the micro-batch losses / 4: their mean
@@ -153,7 +153,7 @@ def test_amp_loop_keeps_the_truth_on_skipped_steps(tmp_path, fused):
     spooled, truth = _amp_loop(tmp_path, fused, inf_steps)
     assert [s["step"] for s in spooled.steps] == list(range(1, 13))
     assert [s["skipped"] for s in spooled.steps] == [i in inf_steps for i in range(1, 13)]
-    for step, expected in zip(spooled.steps, truth):
+    for step, expected in zip(spooled.steps, truth, strict=True):
         assert step["loss"] == pytest.approx(expected["loss"], rel=1e-6)
         norm, absmax = reference_norms(expected["grads"])
         if step["skipped"]:
@@ -190,7 +190,7 @@ def test_clip_grad_value_leaves_the_recorded_absmax_alone(tmp_path):
         optimizer.zero_grad()
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
-    for step, grads, clipped in zip(spooled.steps, before, after):
+    for step, grads, clipped in zip(spooled.steps, before, after, strict=True):
         norm, absmax = reference_norms(grads)
         assert absmax.max() > 0.01
         np.testing.assert_allclose(spooled.stat(step, "grad_absmax"), absmax, rtol=RTOL)
@@ -222,7 +222,7 @@ def test_get_total_norm_and_clip_grads_with_norm(tmp_path):
     spooled = read_spool(watcher.spool_dir)
     assert min(totals) > 0.25
     assert [_global(s) for s in spooled.steps] == pytest.approx(totals, rel=RTOL)
-    for step, total in zip(spooled.steps, totals):
+    for step, total in zip(spooled.steps, totals, strict=True):
         _check_norm_clip(step, total, 0.25)
 
 
@@ -253,7 +253,7 @@ def test_log_before_and_after_the_optimizer_step_belongs_to_that_step(tmp_path):
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
     assert [s["step"] for s in spooled.steps] == [1, 2, 3, 4, 5]
-    for step, loss in zip(spooled.steps, losses):
+    for step, loss in zip(spooled.steps, losses, strict=True):
         assert step["scalars"] == {"before_step": step["step"], "after_step": 10 * step["step"]}
         assert step["loss"] == loss
 
@@ -381,7 +381,7 @@ def test_a_trainer_that_builds_its_optimizer_late_is_watched_from_its_first_step
         0 if name.endswith("weight") and p.dim() >= 2 else 1 for name, p in model.named_parameters()
     ]
     assert [s["step"] for s in spooled.steps] == [1, 2, 3, 4, 5, 6]
-    for step, (loss, norm) in zip(spooled.steps, seen):
+    for step, (loss, norm) in zip(spooled.steps, seen, strict=True):
         assert step["loss"] == pytest.approx(loss, rel=1e-6)
         assert _global(step) == pytest.approx(norm, rel=RTOL)
         _check_norm_clip(step, norm, 0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -11,6 +12,9 @@ from torch import nn
 
 from numwatch.kernels import optim_health
 from numwatch.kernels.optim_health import adam_health
+
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
 
 EPS = 1e-8
 
@@ -79,7 +83,7 @@ def _train(
         before = [p.detach().clone() for p in model.parameters()]
         optimizer.step()
     lr = optimizer.param_groups[0]["lr"]
-    return model, optimizer, [(b - p.detach()) / lr for b, p in zip(before, model.parameters())]
+    return model, optimizer, [(b - p.detach()) / lr for b, p in zip(before, model.parameters(), strict=True)]
 
 
 @pytest.mark.parametrize(
@@ -110,7 +114,7 @@ def test_rms_is_the_update_the_optimizer_applied(factory) -> None:
     decay = (
         optimizer.param_groups[0]["weight_decay"] if optimizer.param_groups[0].get("decoupled_weight_decay") else 0.0
     )
-    for i, (param, update) in enumerate(zip(model.parameters(), applied)):
+    for i, (param, update) in enumerate(zip(model.parameters(), applied, strict=True)):
         # Decoupled decay moved w by lr·λ·w_before on top: take it out.
         before = param.detach() + update * optimizer.param_groups[0]["lr"]
         update = update - decay * before
@@ -127,7 +131,7 @@ def test_radam_after_warmup_is_rectified() -> None:
 def test_fused_and_foreach_adamw_agree() -> None:
     results = []
     for flags in ({"foreach": True}, {"fused": True}):
-        model, optimizer, _ = _train(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, **flags), steps=4)
+        model, optimizer, _ = _train(functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.01, **flags), steps=4)
         results.append(adam_health(optimizer, list(model.parameters())))
     assert torch.allclose(results[0], results[1], rtol=1e-6, atol=0)
     assert torch.isfinite(results[0]).all()
@@ -163,14 +167,14 @@ def test_measuring_changes_neither_state_nor_weights() -> None:
         model.float()  # float32 state chunks are the state tensors themselves
         optimizer.state = {
             p: {k: v.float() if v.is_floating_point() and v.dim() else v for k, v in s.items()}
-            for p, s in zip(model.parameters(), optimizer.state.values())
+            for p, s in zip(model.parameters(), optimizer.state.values(), strict=True)
         }
         before = {id(p): [v.clone() for v in s.values()] for p, s in optimizer.state.items()}
         weights = [p.detach().clone() for p in model.parameters()]
         adam_health(optimizer, list(model.parameters()))
         for p, s in optimizer.state.items():
-            assert all(torch.equal(a, b) for a, b in zip(before[id(p)], s.values()))
-        assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+            assert all(torch.equal(a, b) for a, b in zip(before[id(p)], s.values(), strict=True))
+        assert all(torch.equal(a, p) for a, p in zip(weights, model.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("maximize", [False, True])
@@ -230,7 +234,7 @@ def test_the_watcher_reports_nadam_with_coupled_weight_decay(tmp_path) -> None:
             optimizer.zero_grad()
             applied[step] = [
                 ((b - p.detach()) / 1e-2).double().square().mean().sqrt().item()
-                for b, p in zip(before, model.parameters())
+                for b, p in zip(before, model.parameters(), strict=True)
             ]
     spooled = read_spool(watcher.spool_dir)
     sampled = [s for s in spooled.steps if "adam_update_rms" in s["tensors"]]

@@ -11,6 +11,9 @@ import torch
 
 from numwatch.capture.output_logits import LogZ, find_logits
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 
 def reference(*batches: torch.Tensor) -> tuple[float, float, float]:
     """mean and max over tokens of log(sum(exp(x))) over the vocabulary, and max |x|, in float64."""

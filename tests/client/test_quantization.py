@@ -12,6 +12,9 @@ import torch
 from numwatch.kernels import quantization
 from numwatch.kernels.quantization import SCHEMES, nf4_codebook, quantization_sqnr
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 # The NF4 values as published with QLoRA (bitsandbytes' table).
 PUBLISHED_NF4 = [
     -1.0,

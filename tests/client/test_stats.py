@@ -24,6 +24,9 @@ from numwatch.protocol import (
     LINEAR_BINS,
 )
 
+# Every statistic here holds on the CPU path and on the accelerator path (tests/client/conftest.py).
+pytestmark = pytest.mark.usefixtures("device_path")
+
 NAN = math.nan
 INF = math.inf
 SCALES = (1.0, 2.0**16, 2.0**-3)
@@ -192,7 +195,7 @@ def test_format_counts_fp16_by_hand() -> None:
         -INF,  # none
     ]
     result = stats.format_counts([torch.tensor(x)], fmt)
-    assert dict(zip(FORMAT_COUNT_STATS, result[:, 0].tolist())) == {
+    assert dict(zip(FORMAT_COUNT_STATS, result[:, 0].tolist(), strict=True)) == {
         "zeros": 2,
         "underflow": 2,
         "subnormal": 4,
@@ -330,7 +333,7 @@ def test_exponent_histogram_random_mixed_tensors() -> None:
     values[::101] = NAN
     tensors = [values.float(), values[:1000].half(), values[1000:3000].bfloat16(), values[3000:]]
     result = stats.exponent_histogram(tensors)
-    for row, tensor in zip(result, tensors):
+    for row, tensor in zip(result, tensors, strict=True):
         np.testing.assert_array_equal(
             row.numpy(), np.bincount(reference_exponent_bins(tensor), minlength=EXPONENT_BINS)
         )
@@ -403,7 +406,7 @@ def test_update_stats_bf16_update_below_half_an_ulp() -> None:
     assert result.dtype == torch.float32 and result.shape == (2, 3)
     ratios = [
         np.linalg.norm(w.detach().double().numpy() - b.double().numpy()) / np.linalg.norm(b.double().numpy())
-        for b, w in zip(before[:2], weights[:2])
+        for b, w in zip(before[:2], weights[:2], strict=True)
     ]
     np.testing.assert_allclose(result[0, :2].numpy(), ratios, rtol=1e-6)
     assert result[0, 2] == 0.0  # 0 / 0

@@ -16,7 +16,8 @@ import torch
 
 import numwatch
 from numwatch import protocol
-from numwatch.delivery.transport import StepDocuments, Transport
+from numwatch.delivery.transport import Transport
+from numwatch.step.documents import StepDocuments
 from tests.support.collector_docs import values
 from tests.support.watch_helpers import BackwardInjection, batch, read_spool, small_model
 

@@ -66,7 +66,7 @@ def test_scaler_history_skips_and_unscaled_norms(tmp_path, fused):
     assert [(s["loss_scale"], s["new_loss_scale"]) for s in spooled.steps] == [(t["before"], t["after"]) for t in truth]
     decisions = [s["scale_decision"] for s in spooled.steps]
     assert decisions == ["none", "growth", "backoff", "backoff", "none", "growth", "none", "growth", "backoff", "none"]
-    for step, reference in zip(spooled.steps, truth):
+    for step, reference in zip(spooled.steps, truth, strict=True):
         assert step["loss"] == pytest.approx(reference["loss"], rel=1e-6)
         norm, absmax = reference["norms"]
         np.testing.assert_allclose(spooled.stat(step, "grad_norm"), norm, rtol=1e-5)
@@ -130,7 +130,7 @@ def test_one_record_per_optimizer_step_with_accumulation(tmp_path):
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
     assert [s["step"] for s in spooled.steps] == [1, 2, 3]
-    for step, grads, loss in zip(spooled.steps, seen, losses):
+    for step, grads, loss in zip(spooled.steps, seen, losses, strict=True):
         norm, absmax = reference_norms(grads)
         np.testing.assert_allclose(spooled.stat(step, "grad_norm"), norm, rtol=1e-5)
         np.testing.assert_allclose(spooled.stat(step, "grad_absmax"), absmax, rtol=1e-6)
@@ -162,7 +162,7 @@ def test_update_ratio_matches_the_applied_step(tmp_path):
     after = [p.detach().double() for p in model.parameters()]
     watcher.close()
     spooled = read_spool(watcher.spool_dir)
-    expected = [float((a - b).norm() / b.norm()) for a, b in zip(after, before)]
+    expected = [float((a - b).norm() / b.norm()) for a, b in zip(after, before, strict=True)]
     np.testing.assert_allclose(spooled.stat(spooled.steps[0], "update_ratio"), expected, rtol=1e-4)
     weight_norms = [float(a.norm()) for a in after]
     np.testing.assert_allclose(spooled.stat(spooled.steps[0], "weight_norm"), weight_norms, rtol=1e-5)
@@ -244,7 +244,7 @@ def test_watched_run_is_bit_identical_and_close_removes_everything(tmp_path):
     assert "update" not in vars(scaler) and "scale" not in vars(scaler)
     _train(model, optimizer, scaler, range(4, 7))  # the rest of the run unwatched
 
-    for watched, plain in zip(model.parameters(), plain_model.parameters()):
+    for watched, plain in zip(model.parameters(), plain_model.parameters(), strict=True):
         assert torch.equal(watched, plain)
     assert scaler.state_dict() == plain_scaler.state_dict()
     assert len(read_spool(watcher.spool_dir).steps) == 3

@@ -36,6 +36,7 @@ EXPECTED_ALERTS = {
     "NumwatchRankNonFinite",
     "NumwatchStraggler",
     "NumwatchReplicaDivergence",
+    "NumwatchGemmSqnrLow",
     "NumwatchRunStalled",
     "NumwatchCollectorDown",
     "NumwatchCollectorRejectingBatches",

@@ -28,13 +28,18 @@ def _populate(client: httpx.Client, run: str, status: str = "running") -> None:
         f"quant_sqnr_{scheme}": array([np.inf, db, np.nan], "<f4")
         for scheme, db in (("int8", 40.5), ("int4", 12.5), ("nf4", 19.0), ("fp8", 31.25))
     }
+    # Per Linear weight (the first two tensors); the bias is no matmul weight: NaN. The x input's
+    # e4m3 SQNR dips below the 20 dB threshold in the second layer.
+    gemm = {name: array([30.0, 25.0, np.nan], "<f4") for name in protocol.GEMM_STATS}
+    gemm["gemm_x_e4m3_sqnr"] = array([30.0, 17.5, np.nan], "<f4")
+    gemm["gemm_dy_e5m2_sqnr"] = array([np.inf, 24.75, np.nan], "<f4")
     forward = {
         "attention_logit_max": {"h.0.attn": 12.5, "h.1.attn": 40.25},
         "output_logits": {"log_z_mean": 7.5, "log_z_max": 9.0, "absmax": 21.0},
     }
     steps = [
         step_doc(1),
-        step_doc(2, tensors={**counts, **sampled, **quantized}, **forward),
+        step_doc(2, tensors={**counts, **sampled, **quantized, **gemm}, **forward),
         step_doc(3, loss=float("nan")),
     ]
     body = protocol.dumps(batch_doc(run=run, steps=steps, status=status))
@@ -90,6 +95,10 @@ def test_exposition_has_every_contract_series_and_passes_promtool(collector) -> 
         assert 'numwatch_rank_replica_diverged{rank="3",run="job"} 1.0' in text
         assert 'numwatch_rank_events_total{kind="replica_divergence",rank="3",run="job"} 1.0' in text
         assert 'numwatch_events_total{kind="straggler",run="job"} 1.0' in text
+        assert 'numwatch_gemm_sqnr_min_decibels{operand="x",rank="0",run="live",scheme="e4m3"} 17.5' in text
+        assert 'numwatch_gemm_sqnr_min_decibels{operand="dy",rank="0",run="live",scheme="e5m2"} 24.75' in text
+        assert 'numwatch_gemm_sqnr_min_decibels{operand="w",rank="0",run="live",scheme="nvfp4"} 25.0' in text
+        assert "numwatch_gemm_sqnr_threshold_decibels 20.0" in text
         assert (
             'numwatch_run_info{format="fp16",project="default",run="done",status="finished",world_size="1"} 1.0' in text
         )

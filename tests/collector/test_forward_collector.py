@@ -13,8 +13,7 @@ from alembic import command
 
 from numwatch.monitor.store import db
 from numwatch.protocol import encode_float
-from tests.collector.test_ingest import post_batch
-from tests.support.collector_docs import batch_doc, run_doc, step_doc
+from tests.support.collector_docs import batch_doc, post_batch, run_doc, step_doc
 
 NAN = math.nan
 

@@ -461,7 +461,7 @@ def test_truncated_spool_reads_back_exactly_the_complete_prefix(
         content = segment.read_bytes()
         cut = round(cut_share * len(content))
         segment.write_bytes(content[:cut])
-        expected = [document for document, end in zip(documents, ends) if end <= cut]
+        expected = [document for document, end in zip(documents, ends, strict=True) if end <= cut]
         assert list(iter_spool(directory)) == expected
 
 

@@ -1,169 +1,21 @@
-"""numwatch.monitor.ops.grafana against a real local HTTP server that checks each request the way
-Grafana's documented HTTP API accepts it (grafana-client uses niquests, which
-responses/requests_mock cannot intercept)."""
+"""numwatch.monitor.ops.grafana and the annotation sink against a fake Grafana (tests/support/grafana.py):
+a real local HTTP server that checks each request the way Grafana's documented HTTP API accepts it."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from numwatch.monitor.metrics.annotations import AnnotationSink
 from numwatch.monitor.ops import grafana
+from tests.support.grafana import TOKEN, FakeGrafana
 from tests.support.promstack import free_port
 
-TOKEN = "glsa_test_token"
 REPO_DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
-
-
-@dataclass
-class FakeGrafana:
-    """State and request log of the fake Grafana."""
-
-    url: str = ""
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    datasources: dict[str, dict[str, Any]] = field(default_factory=dict)  # by name
-    dashboards: dict[str, dict[str, Any]] = field(default_factory=dict)  # by uid
-    annotations: list[dict[str, Any]] = field(default_factory=list)
-    annotation_status: int = 200
-    first_annotation_seen: threading.Event = field(default_factory=threading.Event)
-    release_annotations: threading.Event = field(default_factory=threading.Event)
-
-    def paths(self, method: str) -> list[str]:
-        return [r["path"] for r in self.requests if r["method"] == method]
-
-
-def _check_datasource_body(body: dict[str, Any]) -> str | None:
-    for key, kind in (("name", str), ("type", str), ("url", str), ("access", str)):
-        if not isinstance(body.get(key), kind):
-            return f"datasource field {key!r} missing or not {kind.__name__}"
-    if body["access"] not in {"proxy", "direct"}:
-        return "access must be proxy or direct"
-    return None
-
-
-def _check_dashboard_body(body: dict[str, Any]) -> str | None:
-    dashboard = body.get("dashboard")
-    if not isinstance(dashboard, dict) or not isinstance(dashboard.get("uid"), str) or not dashboard.get("title"):
-        return "dashboard object with uid and title required"
-    if dashboard.get("id") is not None:
-        return "id must be null when importing by uid"
-    if not isinstance(body.get("overwrite"), bool):
-        return "overwrite must be a boolean"
-    if "folderUid" in body and not isinstance(body["folderUid"], str):
-        return "folderUid must be a string"
-    return None
-
-
-def _check_annotation_body(body: dict[str, Any]) -> str | None:
-    for key in ("time", "timeEnd"):
-        if not isinstance(body.get(key), int) or body[key] < 10**12:
-            return f"{key} must be epoch milliseconds"
-    if not (isinstance(body.get("tags"), list) and all(isinstance(tag, str) for tag in body["tags"])):
-        return "tags must be a list of strings"
-    if not isinstance(body.get("text"), str) or not body["text"]:
-        return "text required"
-    return None
-
-
-def _handler(state: FakeGrafana) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def _reply(self, status: int, body: Any) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _record(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            entry = {
-                "method": self.command,
-                "path": self.path,
-                "authorization": self.headers.get("Authorization"),
-                "content_type": self.headers.get("Content-Type"),
-                "json": json.loads(raw) if raw else None,
-            }
-            state.requests.append(entry)
-            return entry
-
-        def do_GET(self) -> None:  # noqa: N802
-            self._record()
-            prefix = "/api/datasources/name/"
-            if self.path.startswith(prefix):
-                name = self.path[len(prefix) :].replace("%20", " ")
-                if name in state.datasources:
-                    return self._reply(200, state.datasources[name])
-                return self._reply(404, {"message": "Data source not found"})
-            self._reply(404, {"message": "Not found"})
-
-        def do_POST(self) -> None:  # noqa: N802
-            body = self._record()["json"] or {}
-            if self.path == "/api/datasources":
-                if error := _check_datasource_body(body):
-                    return self._reply(400, {"message": error})
-                stored = {**body, "id": len(state.datasources) + 1}
-                state.datasources[body["name"]] = stored
-                return self._reply(
-                    200, {"datasource": stored, "id": stored["id"], "message": "Datasource added", "name": body["name"]}
-                )
-            if self.path == "/api/dashboards/db":
-                if error := _check_dashboard_body(body):
-                    return self._reply(400, {"message": error})
-                uid = body["dashboard"]["uid"]
-                state.dashboards[uid] = body
-                return self._reply(200, {"id": 1, "uid": uid, "url": f"/d/{uid}/x", "status": "success", "version": 1})
-            if self.path == "/api/annotations":
-                state.first_annotation_seen.set()
-                state.release_annotations.wait(timeout=30)
-                if error := _check_annotation_body(body):
-                    return self._reply(400, {"message": error})
-                if state.annotation_status != 200:
-                    return self._reply(state.annotation_status, {"message": "internal error"})
-                state.annotations.append(body)
-                return self._reply(200, {"message": "Annotation added", "id": len(state.annotations)})
-            self._reply(404, {"message": "Not found"})
-
-        def do_PUT(self) -> None:  # noqa: N802
-            body = self._record()["json"] or {}
-            prefix = "/api/datasources/"
-            if self.path.startswith(prefix) and self.path[len(prefix) :].isdigit():
-                if error := _check_datasource_body(body):
-                    return self._reply(400, {"message": error})
-                ds_id = int(self.path[len(prefix) :])
-                state.datasources[body["name"]] = {**body, "id": ds_id}
-                return self._reply(200, {"message": "Datasource updated", "id": ds_id, "name": body["name"]})
-            self._reply(404, {"message": "Not found"})
-
-        def log_message(self, format: str, *args: Any) -> None:
-            return
-
-    return Handler
-
-
-@pytest.fixture
-def fake_grafana() -> Iterator[FakeGrafana]:
-    state = FakeGrafana()
-    state.release_annotations.set()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.release_annotations.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def _push(fake: FakeGrafana, **kwargs: Any) -> grafana.PushSummary:
@@ -261,7 +113,7 @@ def test_push_sends_nothing_when_a_dashboard_file_is_bad(
 
 
 def test_annotation_sink_posts_events(fake_grafana: FakeGrafana) -> None:
-    sink = grafana.AnnotationSink(fake_grafana.url, TOKEN, dashboard_uid="numwatch-run")
+    sink = AnnotationSink(fake_grafana.url, TOKEN, dashboard_uid="numwatch-run")
     events = [
         {
             "step": 41,
@@ -296,7 +148,7 @@ def test_annotation_sink_never_blocks_and_counts_drops(fake_grafana: FakeGrafana
     """With Grafana stuck on the first post, the queue fills and further posts return
     False at once instead of waiting."""
     fake_grafana.release_annotations.clear()
-    sink = grafana.AnnotationSink(fake_grafana.url, TOKEN, max_queue=2)
+    sink = AnnotationSink(fake_grafana.url, TOKEN, max_queue=2)
     event = {"step": 1, "rank": 0, "kind": "skipped_step", "details": {}, "time": 1_700_000_000.0}
     assert sink.post(event, "r")
     assert fake_grafana.first_annotation_seen.wait(timeout=30)  # the worker holds event 1
@@ -314,8 +166,8 @@ def test_annotation_sink_never_blocks_and_counts_drops(fake_grafana: FakeGrafana
 def test_annotation_sink_counts_failures(fake_grafana: FakeGrafana) -> None:
     fake_grafana.annotation_status = 500
     event = {"step": 1, "rank": 0, "kind": "grad_explosion", "details": {}, "time": 1_700_000_000.0}
-    failing = grafana.AnnotationSink(fake_grafana.url, TOKEN)
-    unreachable = grafana.AnnotationSink(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2.0)
+    failing = AnnotationSink(fake_grafana.url, TOKEN)
+    unreachable = AnnotationSink(f"http://127.0.0.1:{free_port()}", TOKEN, timeout=2.0)
     for sink in (failing, unreachable):
         assert sink.post(event, "r") and sink.post(event, "r")
         sink.close()

@@ -9,20 +9,7 @@ import numpy as np
 import pytest
 
 from numwatch import protocol
-from tests.support.collector_docs import NUMEL, TENSORS, array, batch_doc, run_doc, step_doc
-
-
-@pytest.fixture
-def api(collector, database_url: str) -> httpx.Client:
-    with httpx.Client(base_url=collector(database_url), timeout=30) as client:
-        assert client.post("/api/v1/runs", json=run_doc()).status_code == 200
-        yield client
-
-
-def post_batch(client: httpx.Client, doc: dict, run: str = "r1") -> httpx.Response:
-    return client.post(
-        f"/api/v1/runs/{run}/batches", content=protocol.dumps(doc), headers={"Content-Type": "application/json"}
-    )
+from tests.support.collector_docs import NUMEL, TENSORS, array, batch_doc, post_batch, run_doc, step_doc
 
 
 def test_round_trip_keeps_values_nan_and_inf_exactly(api: httpx.Client) -> None:

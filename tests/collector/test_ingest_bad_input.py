@@ -9,8 +9,7 @@ from __future__ import annotations
 import httpx
 
 from numwatch import protocol
-from tests.collector.test_ingest import api, post_batch  # noqa: F401 - api is a fixture
-from tests.support.collector_docs import TENSORS, batch_doc, run_doc, step_doc
+from tests.support.collector_docs import TENSORS, batch_doc, post_batch, run_doc, step_doc
 
 
 def test_step_and_rank_past_bigint_in_read_parameters_are_422(api: httpx.Client) -> None:

@@ -127,22 +127,34 @@ def test_batches_are_judged_when_the_last_rank_arrives_and_a_dead_rank_never_blo
         assert (event["rank"], event["step"], event["details"]["ranks"]) == (2, 3, [2])
         judge_row = session.get(RankJudge, find_run(session, "r1", EVERYTHING).id)
         assert judge_row.judged_through == 3 and session.execute(select(RankInbox)).first() is None
-        # Rank 3 dies: ranks 0-2 go on; its steps are judged once some rank is rank_wait_steps ahead.
+        # Rank 3 dies: ranks 0-2 go on; while 2 of them are behind, nothing is judged without rank 3.
         last = 3 + CONFIG.rank_wait_steps + 2
-        for rank in range(3):
+        _post(session, 0, list(range(4, last + 1)))
+        session.refresh(judge_row)
+        assert judge_row.judged_through == 3
+        # Once a majority is rank_wait_steps past rank 3's last step, rank 3 is not waited for any more.
+        for rank in (1, 2):
             _post(session, rank, list(range(4, last + 1)))
         session.refresh(judge_row)
-        assert judge_row.judged_through == last - CONFIG.rank_wait_steps
-        assert judge_row.state["gaps"] == [[4, last - CONFIG.rank_wait_steps, [3]]]
+        assert judge_row.judged_through == last
+        assert judge_row.state["gaps"] == [[4, last, [3]]]
         # A late step of rank 3 is stored for its own views and judged no more.
         assert _post(session, 3, [4], {4: {"norm": math.nan, "nonfinite": 1}}) == []
         kinds = session.execute(select(Event.kind, Event.rank, Event.step)).all()
         assert [tuple(row) for row in kinds] == [("rank_nonfinite", 2, 3)]
         assert judge_row.events_total == {"rank_nonfinite": {"2": 1}}
-        # The job ends: once more than half the ranks sent their last batch, nothing is waited for.
-        for rank in range(3):
-            _post(session, rank, [last + 1], status="finished")
+        # A rank that sent its last batch is not waited for: the job ends with the others' last step.
+        _post(session, 0, [last + 1, last + 2])
+        _post(session, 1, [last + 1], status="finished")
+        _post(session, 2, [last + 1, last + 2], status="finished")
         session.refresh(judge_row)
-        assert judge_row.judged_through == last + 1
-        assert judge_row.state["gaps"][-1] == [4, last + 1, [3]]
+        assert judge_row.judged_through == last + 2  # missing rank 1 is done, rank 3 stalled
+        _post(session, 0, [last + 3], status="finished")
+        session.refresh(judge_row)
+        assert judge_row.judged_through == last + 3
+        assert judge_row.state["gaps"][-3:] == [
+            [4, last + 1, [3]],
+            [last + 2, last + 2, [1, 3]],
+            [last + 3, last + 3, [1, 2, 3]],
+        ]
     engine.dispose()

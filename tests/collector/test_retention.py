@@ -1,4 +1,5 @@
-"""Deleting runs through the API, `numwatch runs delete`, `numwatch gc` and the retention setting, on SQLite and PostgreSQL.
+"""Deleting runs through the API, `numwatch runs delete`, `numwatch gc` and the retention setting,
+on SQLite and PostgreSQL.
 
 After a deletion no row of the run is left in any table, other runs keep every row, the
 name can be registered again and the new run (a new id) sees none of the old rows.
@@ -235,7 +236,8 @@ def test_the_vacuum_hands_back_every_free_page_in_bounded_transactions(tmp_path,
     with engine.begin() as connection:  # 20 MB of pages, then freed
         connection.exec_driver_sql("CREATE TABLE filler (data BLOB)")
         connection.exec_driver_sql(
-            "INSERT INTO filler SELECT randomblob(4000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) SELECT i FROM n)"
+            "INSERT INTO filler SELECT randomblob(4000) FROM (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 "
+            "FROM n WHERE i < 5000) SELECT i FROM n)"
         )
     with engine.begin() as connection:
         connection.exec_driver_sql("DROP TABLE filler")

@@ -72,7 +72,7 @@ def _step_doc(i: int, data: dict[str, np.ndarray]) -> dict:
 def reference(steps: np.ndarray, values: np.ndarray, width: int) -> list[tuple[int, float]]:
     """Per bucket of ``width`` steps: the first minimum, first maximum (±Inf count) and first NaN, in step order."""
     by_bucket: dict[int, list[tuple[int, float]]] = {}
-    for s, v in zip(steps.tolist(), values.tolist()):
+    for s, v in zip(steps.tolist(), values.tolist(), strict=True):
         by_bucket.setdefault(s // width, []).append((s, float(v)))
     out = []
     for bucket in sorted(by_bucket):
@@ -175,7 +175,7 @@ def test_the_series_api_answers_a_long_run_from_rollups_exactly(stored) -> None:
         level = series.choose_level(low, high, 333)
         expected = reference(*_series(data, name, column), series.bucket_width(low, high, 333, level))
         assert len(answer["steps"]) <= 1000
-        _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
+        _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]], strict=True)), expected)
 
 
 def test_a_short_window_is_the_raw_rows(stored) -> None:
@@ -184,8 +184,8 @@ def test_a_short_window_is_the_raw_rows(stored) -> None:
     answer = queries.series(session, run, "grad_norm", TENSORS[0]["name"], 0, 150, 300, 1000)
     inside = (steps >= 150) & (steps <= 300)
     _same(
-        list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])),
-        [(int(s), float(v)) for s, v in zip(steps[inside], norms[inside, 0])],
+        list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]], strict=True)),
+        [(int(s), float(v)) for s, v in zip(steps[inside], norms[inside, 0], strict=True)],
     )
 
 
@@ -244,7 +244,7 @@ def test_buckets_without_coarse_rows_are_read_from_finer_levels(stored) -> None:
         expected = reference(
             all_steps, all_norms[:, column], series.bucket_width(low, high, 333, series.choose_level(low, high, 333))
         )
-        _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]])), expected)
+        _same(list(zip(answer["steps"], [protocol.decode_float(v) for v in answer["values"]], strict=True)), expected)
         for level in rollups.LEVELS:
             got = [
                 p

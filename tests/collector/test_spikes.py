@@ -9,6 +9,7 @@ steps as sent.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import statistics
@@ -124,7 +125,7 @@ def test_spikes_fire_at_the_planted_steps_through_two_replicas(collector, tmp_pa
     base = np.array([0.5, 0.25, 0.125])
     with httpx.Client(base_url=urls[0], timeout=30) as a, httpx.Client(base_url=urls[1], timeout=30) as b:
         assert a.post("/api/v1/runs", json=run_doc()).status_code == 200
-        for index, (start, stop) in enumerate(zip(BOUNDARIES, BOUNDARIES[1:])):
+        for index, (start, stop) in enumerate(itertools.pairwise(BOUNDARIES)):
             steps = [
                 step_doc(step, norms=list(base * norms[step - 1] / np.linalg.norm(base)), loss=losses[step - 1])
                 for step in range(start, stop)

@@ -184,7 +184,8 @@ def test_every_page_and_file_carries_the_security_headers(served: Served) -> Non
 
 def plotted(driver: Any, chart: str) -> dict:
     return driver.execute_script(
-        f"const c = Charts.registry[{json.dumps(chart)}]; return {{x: c.uplot.data[0], y: c.uplot.data.slice(1), marks: c.marks.nonfinite, log: c.log}};"
+        f"const c = Charts.registry[{json.dumps(chart)}]; return "
+        f"{{x: c.uplot.data[0], y: c.uplot.data.slice(1), marks: c.marks.nonfinite, log: c.log}};"
     )
 
 
@@ -203,7 +204,7 @@ def test_run_page_charts_hold_exactly_the_points_the_api_returns(served: Served)
             )
             assert page_data["x"] == api["steps"], chart["id"]
             marks = {m["step"]: m["kind"] for m in page_data["marks"]}
-            for step, value, shown in zip(api["steps"], api["values"], page_data["y"][k]):
+            for step, value, shown in zip(api["steps"], api["values"], page_data["y"][k], strict=True):
                 if isinstance(value, str):  # non-finite: a gap in the line, drawn as a coloured mark
                     assert (
                         shown is None and marks[step] == {"NaN": "nan", "Infinity": "inf", "-Infinity": "ninf"}[value]
@@ -249,7 +250,7 @@ def test_gradient_norm_chart_shows_the_norm_before_and_after_clipping(served: Se
     labels = driver.execute_script("return Charts.registry.grad_norm.uplot.series.slice(1).map(s => s.label)")
     assert labels == ["pre-clip", "post-clip"]
     clipped = 0
-    for pre, post in zip(*data["y"]):
+    for pre, post in zip(*data["y"], strict=True):
         if pre is None:  # the non-finite step
             continue
         assert post == pytest.approx(min(pre, MAX_NORM), rel=1e-4)
@@ -280,7 +281,10 @@ def test_dragging_zooms_every_chart_and_double_click_resets(served: Served) -> N
     from selenium.webdriver.common.action_chains import ActionChains
 
     driver = page(served, "/runs/mlp-fp16")
-    ranges = "return Object.values(Charts.registry).filter(c => c.uplot && c.uplot.syncKey === 'run').map(c => [c.uplot.scales.x.min, c.uplot.scales.x.max])"
+    ranges = (
+        "return Object.values(Charts.registry).filter(c => c.uplot && c.uplot.syncKey === 'run').map(c => "
+        "[c.uplot.scales.x.min, c.uplot.scales.x.max])"
+    )
     assert set(map(tuple, driver.execute_script(ranges))) == {(1, STEPS)}
     over = driver.find_element("css selector", "#chart-loss .u-over")
     width = over.size["width"]
@@ -347,7 +351,7 @@ def test_histogram_shows_the_format_bands_at_torch_limits(served: Served) -> Non
         f"{served.url}/api/v1/runs/mlp-fp16/histograms?" + urllib.parse.urlencode({"tensor": tensor, "step": step})
     )
     data = driver.execute_script("const u = Charts.registry.histogram.uplot; return [u.data[0], u.data[1]];")
-    shown = {b: c for b, c in zip(*data) if c}
+    shown = {b: c for b, c in zip(*data, strict=True) if c}
     assert shown == {b["binade"]: b["count"] for b in api["exponent"]}
 
 
@@ -385,8 +389,8 @@ def test_compare_view_overlays_two_runs(served: Served) -> None:
     data = plotted(driver, "compare")
     for k, run in enumerate(("mlp-fp16", "mlp-live")):
         api = get_json(f"{served.url}/api/v1/runs/{run}/series?metric=loss&max_points=1000")
-        finite = {s: v for s, v in zip(api["steps"], api["values"]) if not isinstance(v, str)}
-        assert {x: y for x, y in zip(data["x"], data["y"][k]) if y is not None} == finite
+        finite = {s: v for s, v in zip(api["steps"], api["values"], strict=True) if not isinstance(v, str)}
+        assert {x: y for x, y in zip(data["x"], data["y"][k], strict=True) if y is not None} == finite
     browser.screenshot(driver, "compare-page")
 
 
@@ -465,7 +469,8 @@ def test_client_strings_render_as_text_and_never_run(served: Served) -> None:
         "/",
         f"/runs/{urllib.parse.quote(IMG, safe='')}",
         f"/runs/{urllib.parse.quote(IMG, safe='')}/steps/{XSS_STEP}",
-        f"/compare?run={urllib.parse.quote(IMG, safe='')}&run={urllib.parse.quote(SVG, safe='')}&metric=global_grad_norm",
+        f"/compare?run={urllib.parse.quote(IMG, safe='')}&run={urllib.parse.quote(SVG, safe='')}"
+        "&metric=global_grad_norm",
     ]
     for path in pages:
         page(served, path)
@@ -611,3 +616,22 @@ def test_with_auth_pages_ask_for_a_token_and_show_only_its_project(served: Serve
         assert not driver.find_elements("id", "token-form")
         assert driver.find_element("id", "run-name").text == "run-of-b"
     browser.console_errors(driver)  # the refused reads above are logged by the browser; drop them
+
+
+def test_run_page_lists_the_linears_to_keep_in_bf16_and_maps_their_input_sqnr(served: Served) -> None:
+    driver = page(served, "/runs/mlp-fp16")
+    assert browser.console_errors(driver) == []
+    table = get_json(f"{served.url}/api/v1/runs/mlp-fp16/gemm")
+    assert table["step"] == 36  # gemm_every defaults to histogram_every (5): steps 1, 6, ..., 36
+    rows = driver.find_elements("css selector", "#gemm-table tbody tr")
+    names = [r.find_element("css selector", "td").text for r in rows]
+    assert names == [layer["tensor"] for layer in table["layers"]]
+    assert sorted(names) == ["embed.weight", "head.weight", "hidden.weight"]  # the biases are no matmul weights
+    assert ["keep-bf16" in r.get_attribute("class") for r in rows] == [layer["keep_bf16"] for layer in table["layers"]]
+    worst = [float(r.find_elements("css selector", "td")[3].text) for r in rows]
+    assert worst == sorted(worst)
+    heat = driver.execute_script("return Charts.registry['gemm-heatmap'].layout")
+    assert heat["names"] == ["embed.weight", "hidden.weight", "head.weight"]  # model order
+    assert heat["steps"] == list(range(1, STEPS + 1, 5))
+    driver.execute_script("document.getElementById('gemm-box').scrollIntoView()")
+    browser.screenshot(driver, "gemm-readiness")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.collector.test_grafana import TOKEN, FakeGrafana, fake_grafana  # noqa: F401 - fake_grafana is a fixture
 from tests.support.binaries import require_binary
+from tests.support.grafana import TOKEN, FakeGrafana
 from tests.support.promstack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -309,6 +309,7 @@ def test_installs_beside_a_distribution_that_ships_a_top_level_hooks(client_env:
     client_env.python(both, cwd=tmp_path)
     client_env.run(client_env.bin("python"), "-m", "pip", "uninstall", "-y", "-q", "hooks-other", cwd=tmp_path)
     client_env.python(
-        "import importlib.util, numwatch\nassert importlib.util.find_spec('hooks') is None\nassert callable(numwatch.watch)",
+        "import importlib.util, numwatch\nassert importlib.util.find_spec('hooks') is None\nassert "
+        "callable(numwatch.watch)",
         cwd=tmp_path,
     )

@@ -55,7 +55,8 @@ def open_page(driver: Any, url: str, timeout: float = 20.0) -> None:
     driver.get(url)
     wait_for(
         driver,
-        "return document.body.dataset.ready === 'true' || !!document.getElementById('page-error') || !!document.getElementById('token-form')",
+        "return document.body.dataset.ready === 'true' || !!document.getElementById('page-error') || "
+        "!!document.getElementById('token-form')",
         timeout,
     )
 
@@ -88,7 +89,8 @@ def heatmap_pixel(driver: Any, tensor: str, step: int) -> list[int]:
     """RGB of the heatmap's cell (tensor, step), read from the canvas."""
     return driver.execute_script(
         "const h = Charts.registry.heatmap, p = h.layout.cellCenter(arguments[0], arguments[1]);"
-        "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * h.layout.px), 1, 1).data).slice(0, 3);",
+        "return Array.from(h.canvas.getContext('2d').getImageData(Math.round(p.x * h.layout.px), Math.round(p.y * "
+        "h.layout.px), 1, 1).data).slice(0, 3);",
         tensor,
         step,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import httpx
 import numpy as np
 
 from numwatch import protocol
@@ -68,3 +69,10 @@ def step_doc(step: int, norms: list[float] | None = None, loss: float | None = 1
 
 def batch_doc(run: str = "r1", steps: list[dict] | None = None, rank: int = 0, **fields: Any) -> dict[str, Any]:
     return {**protocol.batch_document(run, rank=rank, steps=steps or []), **fields}
+
+
+def post_batch(client: httpx.Client, doc: dict[str, Any], run: str = "r1") -> httpx.Response:
+    """POST a batch document as the client sends it (protocol JSON)."""
+    return client.post(
+        f"/api/v1/runs/{run}/batches", content=protocol.dumps(doc), headers={"Content-Type": "application/json"}
+    )

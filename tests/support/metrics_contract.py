@@ -30,6 +30,8 @@ GAUGES = (
     "numwatch_adam_update_rms",
     "numwatch_adam_eps_dominated",
     "numwatch_quant_sqnr_min_decibels",
+    "numwatch_gemm_sqnr_min_decibels",
+    "numwatch_gemm_sqnr_threshold_decibels",
     "numwatch_attention_logit_max",
     "numwatch_attention_logit_threshold",
     "numwatch_output_log_z_mean",
@@ -139,6 +141,15 @@ def sample_exposition(run: str, now: float, nonfinite_steps: int = 1) -> str:
             for scheme, value in (("int8", 38.0), ("int4", 17.5), ("nf4", 20.0), ("fp8", 31.0))
         ],
     )
+    family(
+        "numwatch_gemm_sqnr_min_decibels",
+        "gauge",
+        [
+            ("", f'{run_rank},operand="{operand}",scheme="{scheme}"', value)
+            for operand, scheme, value in (("x", "e4m3", 31.0), ("w", "e4m3", 31.5), ("dy", "e5m2", 25.5))
+        ],
+    )
+    family("numwatch_gemm_sqnr_threshold_decibels", "gauge", [("", "", 20.0)])
     family(
         "numwatch_layer_grad_norm",
         "gauge",

@@ -60,7 +60,7 @@ class NanoGPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1)))
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.size(1), device=idx.device))
         for block in self.transformer.h:
             x = block(x)
         logits = self.lm_head(self.transformer.ln_f(x))

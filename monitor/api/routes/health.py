@@ -23,6 +23,6 @@ def readyz(request: Request) -> JSONResponse:
     except SchemaOutdated as error:
         return JSONResponse({"status": "unavailable", "detail": str(error)}, status_code=503)
     except SQLAlchemyError as error:
-        reason = str(error.orig if getattr(error, "orig", None) else error).splitlines()[0]
+        reason = str(getattr(error, "orig", None) or error).splitlines()[0]
         return JSONResponse({"status": "unavailable", "detail": f"database unreachable: {reason}"}, status_code=503)
     return JSONResponse({"status": "ready"})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
 
@@ -11,7 +11,15 @@ from numwatch.monitor.api.deps import ReaderDep, RunDep, SessionDep, SettingsDep
 from numwatch.monitor.api.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.ingest.schemas import MAX_RANK, MAX_STEP
 from numwatch.monitor.reads import forward, overview, queries, ranks, readiness
-from numwatch.monitor.reads.read_models import ForwardSeries, HistogramSteps, QuantizationTable, Tail, TensorSummary
+from numwatch.monitor.reads.read_models import (
+    ForwardSeries,
+    GemmRecipe,
+    GemmTable,
+    HistogramSteps,
+    QuantizationTable,
+    Tail,
+    TensorSummary,
+)
 
 router = APIRouter(prefix=protocol.RUNS_PATH, tags=["read"], responses=AUTH_RESPONSES)
 RUN_RESPONSES = error_responses(404, 422)
@@ -25,7 +33,7 @@ def list_runs(
     principal: ReaderDep,
     session: SessionDep,
     settings: SettingsDep,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     return [
         queries.run_summary(session, run, settings.stale_after_seconds)
         for run in queries.visible_runs(session, principal)
@@ -37,7 +45,7 @@ def get_run(
     run: RunDep,
     session: SessionDep,
     settings: SettingsDep,
-) -> dict:
+) -> dict[str, Any]:
     return queries.run_detail(session, run, settings.stale_after_seconds)
 
 
@@ -61,7 +69,7 @@ def get_series(
         description="at most this many points: every point when the window holds no more, "
         "else 3 per bucket of steps (min, max, first NaN)",
     ),
-) -> dict:
+) -> dict[str, Any]:
     return queries.series(session, run, metric, tensor, rank, start, end, max_points)
 
 
@@ -75,7 +83,7 @@ def get_step(
     session: SessionDep,
     step: Annotated[int, Path(ge=0, le=MAX_STEP)],
     rank: RankQuery = 0,
-) -> dict:
+) -> dict[str, Any]:
     return queries.step_record(session, run, step, rank)
 
 
@@ -89,7 +97,7 @@ def get_histograms(
     kind: protocol.HistogramKind = "grad",
     rank: RankQuery = 0,
     step: Annotated[int | None, Query(ge=0, le=MAX_STEP, description="default: the latest sampled step")] = None,
-) -> dict:
+) -> dict[str, Any]:
     return queries.histograms(session, run, tensor, kind, rank, step)
 
 
@@ -102,13 +110,13 @@ def get_events(
     run: RunDep,
     session: SessionDep,
     kind: str | None = None,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     return queries.events(session, run, kind)
 
 
 @router.get(
     "/{run}/heatmap",
-    response_model=list[dict],
+    response_model=list[dict[str, Any]],
     responses=RUN_RESPONSES,
     summary="Flat [{step, tensor, value}] of a per-tensor stat over the run or a window",
 )
@@ -147,7 +155,7 @@ def get_ranks(
     max_points: int = Query(1000, ge=2, le=100_000, description="compute-time points per rank at most"),
     start: StepQuery = None,
     end: StepQuery = None,
-) -> dict:
+) -> dict[str, Any]:
     return ranks.rank_view(session, run, max_steps, max_points, start, end)
 
 
@@ -163,7 +171,7 @@ def get_tensor_summary(
     session: SessionDep,
     rank: RankQuery = 0,
     max_points: int = Query(1000, ge=2, le=100_000),
-) -> dict:
+) -> dict[str, Any]:
     return overview.tensor_summary(session, run, rank, max_points)
 
 
@@ -178,8 +186,25 @@ def get_quantization(
     session: SessionDep,
     rank: RankQuery = 0,
     sort: protocol.QuantScheme = "int4",
-) -> dict:
+) -> dict[str, Any]:
     return readiness.quantization_table(session, run, rank, sort)
+
+
+@router.get(
+    "/{run}/gemm",
+    responses=RUN_RESPONSES,
+    response_model=GemmTable,
+    summary="Per Linear, what fp8/MXFP8/NVFP4 would do to its matmul operands X, W, dY at the last measured step, "
+    "worst first (the layers to keep in bf16)",
+)
+def get_gemm(
+    run: RunDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    rank: RankQuery = 0,
+    recipe: GemmRecipe = "fp8",
+) -> dict[str, Any]:
+    return readiness.gemm_table(session, run, rank, recipe, settings.detect.gemm_sqnr_threshold)
 
 
 @router.get(
@@ -195,7 +220,7 @@ def get_forward(
     start: StepQuery = None,
     end: StepQuery = None,
     max_points: int = Query(1000, ge=2, le=100_000),
-) -> dict:
+) -> dict[str, Any]:
     return forward.series(session, run, rank, start, end, max_points)
 
 
@@ -210,7 +235,7 @@ def get_histogram_steps(
     session: SessionDep,
     kind: protocol.HistogramKind = "grad",
     rank: RankQuery = 0,
-) -> dict:
+) -> dict[str, Any]:
     return overview.histogram_steps(session, run, kind, rank)
 
 
@@ -226,5 +251,5 @@ def get_tail(
     settings: SettingsDep,
     after: Annotated[int, Query(ge=0, le=MAX_STEP)] = 0,
     rank: RankQuery = 0,
-) -> dict:
+) -> dict[str, Any]:
     return overview.tail(session, run, rank, after, settings.stale_after_seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request
@@ -16,7 +17,7 @@ from numwatch.monitor.api.deps import SessionDep, WriterDep
 from numwatch.monitor.api.openapi_body import json_request_body
 from numwatch.monitor.api.responses import AUTH_RESPONSES, error_responses
 from numwatch.monitor.errors import Refused
-from numwatch.monitor.ingest.batches import batch_target, register_run, store_batch
+from numwatch.monitor.ingest.batches import StoredBatch, batch_target, register_run, store_batch
 from numwatch.monitor.ingest.schemas import BatchDocument, IngestResult, RunDeleting, RunDocument, RunRegistered
 from numwatch.monitor.ingest.storable import find_unstorable_text
 from numwatch.monitor.reads.queries import find_run
@@ -26,6 +27,7 @@ router = APIRouter(
     prefix=protocol.RUNS_PATH, tags=["write"], responses={**AUTH_RESPONSES, **error_responses(413, 415, 422)}
 )
 Document = TypeVar("Document", bound=BaseModel)
+Result = TypeVar("Result")
 COMMIT_ATTEMPTS = 3  # replicas racing on one step: the loser retries and finds it stored
 ANNOTATED_KINDS: tuple[protocol.DetectorEventKind, ...] = (
     "nonfinite_grad",
@@ -75,7 +77,7 @@ async def read_document(request: Request, model: type[Document]) -> Document:
         raise HTTPException(422, "body is nested too deeply") from None
 
 
-def _in_transaction(session: Session, work: Any) -> Any:
+def _in_transaction(session: Session, work: Callable[[Session], Result]) -> Result:
     """Run ``work(session)`` and commit, retrying a lost unique-key race; anything else rolls back
     and goes to the app's handlers (a refusal, a database that is down)."""
     for attempt in range(COMMIT_ATTEMPTS):
@@ -128,7 +130,7 @@ async def post_batch(run: str, request: Request, principal: WriterDep, session: 
         if document.run != run:
             raise HTTPException(422, f"run: the document is for {document.run!r}, the path for {run!r}")
 
-        def work(s: Session) -> Any:
+        def work(s: Session) -> tuple[StoredBatch, str]:
             target, batch = batch_target(s, run, document, principal)
             return store_batch(s, target, batch, state.settings.detect), target.name
 

@@ -235,10 +235,12 @@ const Charts = (() => {
   const ZERO_COLOR = "#cfd4dc";
   const LISTED_ROWS = 12;
 
-  // Tensor x step heatmap of a per-tensor stat, log colour scale; cells: [{step, tensor, value}].
-  // spec.id (default "heatmap") prefixes the element ids, so a page can hold two.
+  // Tensor x step heatmap of a per-tensor stat, log colour scale (spec.linear: linear, for values already
+  // logarithmic such as dB); cells: [{step, tensor, value}]; spec.id names its elements (default "heatmap").
   function heatmap(container, spec) {
     const id = spec.id || "heatmap";
+    const scaled = spec.linear ? (v) => v : Math.log10;
+    const colored = spec.linear ? Number.isFinite : (v) => Number.isFinite(v) && v > 0;
     const names = spec.tensors;
     const rowOf = new Map(names.map((n, i) => [n, i]));
     const steps = [...new Set(spec.cells.map((c) => c.step))].sort((a, b) => a - b);
@@ -253,7 +255,7 @@ const Charts = (() => {
       const v = num(cell.value);
       values[r * steps.length + c] = v;
       present[r * steps.length + c] = 1;
-      if (Number.isFinite(v) && v > 0) { const l = Math.log10(v); lo = Math.min(lo, l); hi = Math.max(hi, l); }
+      if (colored(v)) { const l = scaled(v); lo = Math.min(lo, l); hi = Math.max(hi, l); }
       if (!Number.isFinite(v)) { const first = badRows.get(names[r]); if (first === undefined || cell.step < first) badRows.set(names[r], cell.step); }
     }
     if (hi - lo < 1e-9) { lo -= 0.5; hi += 0.5; }
@@ -273,7 +275,7 @@ const Charts = (() => {
     ctx.scale(px, px);
     const x0 = labelW + pad, y0 = pad;
     const colorOf = (v) => Number.isNaN(v) ? NONFINITE.nan : v === Infinity ? NONFINITE.inf : v === -Infinity ? NONFINITE.ninf
-      : v <= 0 ? ZERO_COLOR : viridis((Math.log10(v) - lo) / (hi - lo));
+      : !colored(v) ? ZERO_COLOR : viridis((scaled(v) - lo) / (hi - lo));
     for (let r = 0; r < names.length; r++) {
       for (let c = 0; c < steps.length; c++) {
         const k = r * steps.length + c;
@@ -324,7 +326,7 @@ const Charts = (() => {
     });
     canvas.addEventListener("mouseleave", () => { tip.hidden = true; });
     if (spec.onStep) canvas.addEventListener("click", (event) => { const cell = cellAt(event); if (cell) spec.onStep(steps[cell.c]); });
-    box.append(colorBar(lo, hi, spec.stat));
+    box.append(colorBar(lo, hi, spec.stat, spec.linear));
     if (badRows.size) {
       const listed = [...badRows].sort((a, b) => a[1] - b[1]).slice(0, LISTED_ROWS);
       box.append(el("p", { class: "nonfinite-rows", id: id + "-nonfinite" }, "Non-finite (earliest first): ",
@@ -337,7 +339,7 @@ const Charts = (() => {
     return registry[id];
   }
 
-  function colorBar(lo, hi, stat) {
+  function colorBar(lo, hi, stat, linear) {
     const w = 260, h = 12;
     const px = devicePixelRatio || 1;
     const canvas = el("canvas", { width: w * px, height: h * px, class: "colorbar" });
@@ -345,7 +347,8 @@ const Charts = (() => {
     const ctx = canvas.getContext("2d");
     for (let i = 0; i < w * px; i++) { ctx.fillStyle = viridis(i / (w * px)); ctx.fillRect(i, 0, 1, h * px); }
     const swatch = (color, label) => { const s = el("span", { class: "swatch box" }); s.style.background = color; return el("span", { class: "key" }, s, label); };
-    return el("div", { class: "chart-note" }, el("span", { class: "key" }, `${stat} 10^${lo.toFixed(1)}`, canvas, `10^${hi.toFixed(1)} (log scale)`),
+    const ends = linear ? [fmt(lo, 3), `${fmt(hi, 3)}`] : [`10^${lo.toFixed(1)}`, `10^${hi.toFixed(1)} (log scale)`];
+    return el("div", { class: "chart-note" }, el("span", { class: "key" }, `${stat} ${ends[0]}`, canvas, ends[1]),
       swatch(ZERO_COLOR, "0"), swatch(NONFINITE.nan, "NaN"), swatch(NONFINITE.inf, "+Inf"), swatch(NONFINITE.ninf, "−Inf"));
   }
 

@@ -1,4 +1,4 @@
-// The run page: diagnosis, charts, ranks (multi-rank runs), per-layer heatmap, exponent histogram, quantization readiness, events; live while running.
+// The run page: diagnosis, charts, ranks (multi-rank runs), per-layer heatmap, exponent histogram, quantization and matmul readiness, events; live while running.
 // Every read starts at once and each part is drawn as soon as its data arrives, in a slot laid out
 // up front (the page does not jump); the page is ready when every part is drawn.
 "use strict";
@@ -30,6 +30,9 @@ NW.start(async () => {
   const histogramSlot = slot(main);
   main.append(el("h2", {}, "Quantization readiness"));
   const quantSlot = slot(main);
+  main.append(el("h2", {}, "Low-precision readiness of the matmuls (sampled steps)"));
+  const gemmSlot = slot(main);
+  const gemmHeatSlot = slot(main);
   main.append(el("h2", {}, `Events (${events.length})`), RunView.eventsTable(run, events));
 
   const live = [];
@@ -51,7 +54,15 @@ NW.start(async () => {
   const quantization = apiRun(run, "/quantization").then((table) => quantSlot.append(RunView.quantizationTable(table)));
   const ranks = ranksSlot ? apiRun(run, "/ranks", { max_steps: layout.heatmap.max_steps, max_points: layout.max_points })
     .then((view) => RunView.ranksSection(ranksSlot, run, view, onStep, xRange)) : null;
-  await Promise.all([...seriesCharts, summaryCharts, forward, heatmap, histogram, quantization, ranks]);
+  const gemm = Promise.all([apiRun(run, "/gemm"), apiRun(run, "/heatmap", layout.gemm_heatmap)]).then(([table, cells]) => {
+    gemmSlot.append(RunView.gemmTable(table));
+    if (table.step === null) return;
+    const layers = new Set(table.layers.map((l) => l.tensor));
+    Charts.heatmap(gemmHeatSlot, { id: "gemm-heatmap", linear: true, title: "e4m3 SQNR of each Linear's input X (dB)", stat: layout.gemm_heatmap.stat, onStep,
+      cells, tensors: detail.tensors.map((t) => t.name).filter((n) => layers.has(n)),
+      subtitle: `Rows: the Linear layers (by weight) in model order; columns: the measured steps, at most ${layout.gemm_heatmap.max_steps} (buckets of steps at their maximum). Linear colour scale: dark is low SQNR, what fp8 per-tensor scaling would lose.` });
+  });
+  await Promise.all([...seriesCharts, summaryCharts, forward, heatmap, histogram, quantization, gemm, ranks]);
   if (!NW.exported() && (detail.status === "running" || detail.status === "stale")) RunView.follow(run, end, live);
   NW.ready();
 });

@@ -247,5 +247,42 @@ const RunView = (() => {
     }
   }
 
-  return { summary, diagnosis, ranksSection, eventsTable, eventRow, histogramSection, forwardCharts, quantizationTable, follow, detailsText, badge };
+  // Low-precision readiness of the matmuls: per Linear the SQNR of each scheme on X, W and dY, the layers
+  // with the worst pair under the chosen recipe first; those below the threshold are to be kept in bf16.
+  const GEMM_OPERANDS = [["x", "X (input)", "e4m3"], ["w", "W (weight)", "e4m3"], ["dy", "dY (output grad)", "e5m2"]];
+  const GEMM_SCHEMES = { e4m3: "e4m3", e5m2: "e5m2", mxfp8: "MX", mxfp8_up: "MX↑", nvfp4: "NV" };
+  const pct = (v) => { const n = NW.num(v); return n === null ? "–" : Number.isFinite(n) ? `${(100 * n).toPrecision(2)}%` : fmt(v); };
+
+  function gemmRows(table) {
+    return table.layers.map((layer) => {
+      const worst = layer.operands[layer.worst.operand].schemes[layer.worst.scheme];
+      const cells = GEMM_OPERANDS.flatMap(([operand, , fp8]) => [fp8, "mxfp8", "mxfp8_up", "nvfp4"].map((scheme) => {
+        const m = layer.operands[operand].schemes[scheme];
+        const low = !(NW.num(m.sqnr_db) >= table.threshold_db);
+        return el("td", { class: "num" + (low ? " low" : ""), title: `${operand} · ${scheme}: flushed ${pct(m.flushed)}, saturated ${pct(m.saturated)}` }, fmt(m.sqnr_db, 3));
+      }));
+      return el("tr", { class: layer.keep_bf16 ? "keep-bf16" : "" },
+        el("td", { class: "mono" }, layer.tensor), el("td", {}, layer.keep_bf16 ? el("strong", {}, "yes") : "no"),
+        el("td", { class: "mono" }, `${layer.worst.operand} · ${layer.worst.scheme}`), el("td", { class: "num" }, fmt(layer.worst.sqnr_db, 3)),
+        el("td", { class: "num" }, pct(worst.flushed)), el("td", { class: "num" }, pct(worst.saturated)), cells,
+        GEMM_OPERANDS.map(([operand]) => el("td", { class: "num" }, fmt(layer.operands[operand].range_bits, 3))));
+    });
+  }
+
+  function gemmTable(table) {
+    if (table.step === null) return el("p", { class: "muted", id: "gemm-none" }, "no matmul measured yet (every gemm_every steps, F.linear calls of watched weights)");
+    const top = el("tr", {}, el("th", { colspan: 6 }, ""), GEMM_OPERANDS.map(([, label]) => el("th", { colspan: 4 }, `${label} SQNR dB`)), el("th", { colspan: 3 }, "range (bits)"));
+    const head = el("tr", {}, ["layer (weight)", "keep in bf16", "worst pair", "worst dB", "flushed", "saturated"].map((h) => el("th", {}, h)),
+      GEMM_OPERANDS.flatMap(([, , fp8]) => [fp8, "mxfp8", "mxfp8_up", "nvfp4"].map((s) => el("th", { title: s }, GEMM_SCHEMES[s]))),
+      GEMM_OPERANDS.map(([operand]) => el("th", {}, operand)));
+    const keep = table.layers.filter((l) => l.keep_bf16).length;
+    return el("div", { id: "gemm-box" },
+      el("p", { class: "muted small" }, `Step ${table.step}: what each scheme's quantize→dequantize round trip would do to every Linear's matmul operands. `,
+        `Sorted by the lowest SQNR under the ${table.recipe} recipe; `, el("strong", { id: "gemm-keep" }, `keep these layers in bf16: ${keep} of ${table.layers.length}`),
+        ` (SQNR below ${fmt(table.threshold_db)} dB). e4m3/e5m2: fp8 with one per-tensor scale; MX: MXFP8, blocks of 32 with the OCP scale rule; MX↑: MXFP8 with a round-up scale (never saturates); `,
+        "NV: NVFP4, blocks of 16. Flushed and saturated: shares of the non-zero elements, for the worst pair (each cell's tooltip has its own)."),
+      el("div", { class: "table-wrap" }, el("table", { class: "gemm", id: "gemm-table" }, el("thead", {}, top, head), el("tbody", {}, gemmRows(table)))));
+  }
+
+  return { summary, diagnosis, ranksSection, eventsTable, eventRow, histogramSection, forwardCharts, quantizationTable, gemmTable, follow, detailsText, badge };
 })();

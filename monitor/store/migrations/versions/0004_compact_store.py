@@ -12,6 +12,8 @@ which later revisions may extend.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import sqlalchemy as sa
 from alembic import op
@@ -49,7 +51,7 @@ def _raw_stats(stat_names: str, blob: bytes, n_tensors: int) -> dict[str, bytes]
     return out
 
 
-def _key(table: sa.Table, names: tuple[str, ...]) -> sa.ColumnElement:
+def _key(table: sa.Table, names: tuple[str, ...]) -> sa.ColumnElement[bool]:
     return sa.and_(*(table.c[name] == bindparam(f"key_{name}") for name in names))
 
 
@@ -96,12 +98,12 @@ def _convert_steps(session: Session, steps: sa.Table, run_id: int, rank: int, n_
 
 def _convert_histograms(session: Session, histograms: sa.Table) -> None:
     keys = ("run_id", "rank", "step", "kind")
-    arrays = ("exponent", "linear_min", "linear_max", "linear")
+    arrays: tuple[protocol.HistogramField, ...] = ("exponent", "linear_min", "linear_max", "linear")
     change = (
         histograms.update().where(_key(histograms, keys)).values(**{name: bindparam(f"new_{name}") for name in arrays})
     )
     order = [histograms.c[name] for name in keys]
-    last: tuple = (-1, -1, -1, "")
+    last: tuple[Any, ...] = (-1, -1, -1, "")
     while True:
         rows = (
             session.execute(select(histograms).where(sa.tuple_(*order) > last).order_by(*order).limit(CHUNK))
@@ -159,5 +161,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     raise RuntimeError(
-        "0004_compact_store compresses the stored arrays in place and cannot be undone: to go back, restore a backup taken before the upgrade"
+        "0004_compact_store compresses the stored arrays in place and cannot be undone: to go back, restore a backup "
+        "taken before the upgrade"
     )

@@ -11,6 +11,8 @@ same steps: their rows no longer hold each bucket's last value.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy import select
@@ -31,7 +33,7 @@ BLOCK = 64
 FLOATS = step_blocks.FLOAT_FIELDS
 
 
-def _step(row: sa.RowMapping, n_tensors: int) -> dict:
+def _step(row: sa.RowMapping, n_tensors: int) -> dict[str, Any]:
     """An old step row as the blocks take it (SQLite held NaN floats as the text 'NaN')."""
     return {
         "step": row["step"],
@@ -106,5 +108,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     raise RuntimeError(
-        "0008_step_blocks moves every step into blocks and cannot be undone: to go back, restore a backup taken before the upgrade"
+        "0008_step_blocks moves every step into blocks and cannot be undone: to go back, restore a backup taken "
+        "before the upgrade"
     )

@@ -1,8 +1,8 @@
 """rank_inbox (each rank's health per step until judged across ranks), rank_judge (per run), and each
 rank's last local health in rank_state
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from alembic import op
 
 import numwatch.monitor.store.models
 
-revision = "0009"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
