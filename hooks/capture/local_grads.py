@@ -129,7 +129,7 @@ class LocalGradProbe:
                 if p.requires_grad
             ]
         else:
-            ddp._comm_hooks.append((self._comm_hook, None))
+            # Not in ddp._comm_hooks, which compiled DDP calls per parameter: there the user's hook runs alone.
             ddp.register_comm_hook = self._register_user_hook  # type: ignore[method-assign]
             ddp._register_builtin_comm_hook = self._refuse_builtin_hook  # type: ignore[method-assign]
 
@@ -141,6 +141,7 @@ class LocalGradProbe:
         if self._inner is not None:
             raise RuntimeError("register_comm_hook can only be called once (numwatch wraps the one registered)")
         self._inner = (hook, state)
+        self.ddp._comm_hooks.append((hook, state))
 
     def _refuse_builtin_hook(self, comm_hook_type: Any) -> None:
         raise RuntimeError(
