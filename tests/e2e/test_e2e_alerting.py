@@ -44,7 +44,15 @@ FORWARD_PANELS: frozenset[str] = frozenset(
         "Output logits: log Z = logsumexp over the vocabulary (sampled forwards)",
     }
 )
-EXPECTED_EMPTY: frozenset[str] = FORWARD_PANELS
+# A demo-like run is one process: the per-rank panels show data only for multi-rank runs
+# (their data are checked in tests/e2e's rank tests and tests/collector/test_exposition.py).
+RANK_PANELS: frozenset[str] = frozenset(
+    {
+        "Ranks: each rank's own gradient norm before the all-reduce (multi-rank runs)",
+        "Ranks: compute time before the reduction; stragglers and diverged replicas",
+    }
+)
+EXPECTED_EMPTY: frozenset[str] = FORWARD_PANELS | RANK_PANELS
 
 
 @dataclass
