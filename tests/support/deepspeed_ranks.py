@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.support.binaries import REQUIRE_ENV
+
 WORLD_SIZE = 2
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -75,6 +77,9 @@ def zero_config(stage: int, dtype: str, *, micro_batch: int, accumulation: int =
 def spawn(target: Callable[..., None], *args: Any) -> None:
     """Run ``target(rank, port, *args)`` in WORLD_SIZE fresh processes (skips without DeepSpeed)."""
     if importlib.util.find_spec("deepspeed") is None:  # not imported here: only the ranks need it
+        # requirements-dev.txt pins it: in CI a missing DeepSpeed is a broken install, not a skip.
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail("deepspeed is not installed (requirements-dev.txt pins it; run make install)")
         pytest.skip("deepspeed is not installed")
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
