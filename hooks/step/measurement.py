@@ -98,10 +98,17 @@ class GradientReading:
     grads: list[torch.Tensor]
     norms: torch.Tensor  # float32 [2, k]: grad_norm, grad_absmax (unscaled)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # format counts, histograms, NaN/Inf counts
+    finite: bool | None = None  # whether every norm is finite, once read on the host (CPU path)
 
     @property
     def has_counts(self) -> bool:
         return records.NONFINITE in self.parts
+
+    def all_finite(self) -> bool:
+        """Whether every norm is finite: read from host memory once (CPU path only: elsewhere a sync)."""
+        if self.finite is None:
+            self.finite = math.isfinite(float(self.norms[0].numpy().sum()))  # NaN or Inf makes the sum so
+        return self.finite
 
 
 class WatchedTensors:
