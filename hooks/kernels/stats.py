@@ -241,7 +241,7 @@ def _flat_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout) -> Tensor:
             flat, ids = chunk.read_by_shape(members, INPUT)
             wide = flat.to(torch.float64)
             both = wide.new_zeros((2, len(chunk.pieces)))
-            total, largest = both  # row views
+            total, largest = both.unbind()  # row views (one op; iterating a tensor costs more)
             total.index_add_(0, ids, wide * wide)
             largest.scatter_reduce_(0, ids, wide.abs_() if wide is not flat else wide.abs(), "amax", include_self=False)
             sums.append(total)
