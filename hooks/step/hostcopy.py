@@ -41,9 +41,13 @@ class DeviceStack:
 
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
+        self._owned: set[str] = set()
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Add a device tensor (any float or integer dtype; read back as float32/float64 or int64)."""
+    def add(self, name: str, tensor: torch.Tensor, owned: bool = False) -> None:
+        """Add a device tensor (any float or integer dtype; read back as float32/float64 or int64).
+        ``owned``: made for this step and written by nothing after (the CPU path need not copy it)."""
+        if owned:
+            self._owned.add(name)
         if name in self._tensors:
             raise ValueError(f"statistic {name!r} added twice")
         if tensor.dtype not in _FLOAT_KINDS and tensor.dtype not in _INT_KINDS:
@@ -62,7 +66,9 @@ class DeviceStack:
         if not accelerator_path(device):
             # Host memory already: a copy of each (some alias live state, such as the GradScaler's
             # scale) is fewer ops than packing them, for the few statistics of a regular step.
-            return HostStack(parts, np.zeros(0), {name: tensor.clone() for name, tensor in self._tensors.items()})
+            owned = self._owned
+            copies = {name: tensor if name in owned else tensor.clone() for name, tensor in self._tensors.items()}
+            return HostStack(parts, np.zeros(0), copies)
         by_dtype: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
         for name, tensor in self._tensors.items():
             by_dtype.setdefault(tensor.dtype, []).append((name, tensor.to(device, non_blocking=True)))
@@ -134,6 +140,8 @@ class HostStack:
 
     def scalar(self, name: str) -> float:
         """A one-element float statistic as a Python float."""
+        if self._tensors is not None:
+            return float(self._tensors[name].item())
         return float(self.get(name).reshape(-1)[0])
 
 

@@ -376,7 +376,7 @@ class StepMeasurement:
         reading, device = self.reading, watched.device
         assert self.phase is Phase.READ and reading is not None
         stack = DeviceStack()
-        stack.add(records.GRAD, reading.norms)
+        stack.add(records.GRAD, reading.norms, owned=True)  # (a clip's effect starts from a copy)
         for name, part in {**reading.parts, **self.parts}.items():
             stack.add(name, part)
         if self.clip is not None:
