@@ -1,7 +1,7 @@
 """Cost of one gemm-readiness step (the low-precision readiness of every F.linear's X, W and dY) as a
 fraction of a training step.
 
-    python benchmarks/gemm_readiness.py [--rounds 7] [--device cpu] [--cases benchmark,d1024x8] [--rows 64]
+    python benchmarks/gemm_readiness.py [--rounds 7] [--device cpu] [--cases benchmark,d1024x8] [--rows 32]
 
 Models: the benchmark GPT (TinyGPT: 4 layers, d_model 256, context 64, batch 16) and a d_model 1024 x
 8 layers one (same context and batch). Paired and interleaved in one process: a training step
