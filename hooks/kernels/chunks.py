@@ -335,9 +335,12 @@ class Group:
         # Members cut into several segments: their results are combined through this index.
         self._segment_members = _index(segment_members, device) if len(segment_members) > len(members) else None
         self._positions = _index(members, device)
+        self.every = False  # whether the members are every input position, in order (set by the Layout)
 
     def tensors(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
         # Tensor | None to mypy; never None here, as the group's members are the positions whose tensor is present.
+        if self.every:  # (the usual case: a copy of the list in C, no loop in Python)
+            return list(tensors)  # type: ignore[arg-type]
         return [tensors[position] for position in self.members]  # type: ignore[misc]
 
     def select(self, per_position: Tensor) -> Tensor:
@@ -409,6 +412,8 @@ class Layout:
             Group(device, dtype, members, numels, chunk_elements)
             for (device, dtype), (members, numels) in by_group.items()
         ]
+        if len(self.groups) == 1 and len(self.groups[0].members) == self.n:
+            self.groups[0].every = True
         # Row of each input position in cat(group results..., fill row); None when that is the identity.
         present = sum(len(group.members) for group in self.groups)
         rows = [present] * self.n  # the fill row
