@@ -36,7 +36,7 @@ from numwatch.monitor.ingest.schemas import (
     StepDocument,
 )
 from numwatch.monitor.reads import forward
-from numwatch.monitor.reads.queries import find_run
+from numwatch.monitor.reads.queries import find_run, visible_run
 from numwatch.monitor.store import blocks as step_blocks
 from numwatch.monitor.store import rollups
 from numwatch.monitor.store.auth import Principal
@@ -186,15 +186,19 @@ def batch_target(
     moved past the resumed run's earlier steps."""
     if document.instance is None:
         return find_run(session, requested, principal), document
-    claim = session.get(RunInstance, document.instance)
+    found = session.execute(
+        select(RunInstance, Run)
+        .join(Run, Run.id == RunInstance.run_id)
+        .where(RunInstance.instance == document.instance)
+    ).first()
+    claim, run = found if found is not None else (None, None)
     if claim is None or claim.requested_name != requested:
         raise NotFound(
             f"run {requested!r} has no registered instance {document.instance!r} "
             f"(register it with POST {protocol.RUNS_PATH} first)"
         )
-    run = session.get(Run, claim.run_id)
     assert run is not None
-    run = find_run(session, run.name, principal)
+    run = visible_run(run, run.name, principal)
     if not claim.step_offset:
         return run, document
     shifted = document.model_copy(deep=True)
@@ -440,13 +444,16 @@ def _locked_rank_state(session: Session, run_id: int, rank: int) -> RankState | 
     earlier one's increments and last values. A no-op UPDATE as the transaction's first
     write takes the row lock on PostgreSQL and the database write lock on SQLite (where a
     SELECT ... FOR UPDATE does not exist), so the second batch waits, then reads the first's
-    committed state and steps.
+    committed state and steps. The UPDATE returns the row it locked (one statement, not two).
     """
     key = (RankState.run_id == run_id) & (RankState.rank == rank)
-    session.execute(
-        update(RankState).where(key).values(last_step=RankState.last_step).execution_options(synchronize_session=False)
-    )
-    return session.execute(select(RankState).where(key).execution_options(populate_existing=True)).scalar_one_or_none()
+    return session.execute(
+        update(RankState)
+        .where(key)
+        .values(last_step=RankState.last_step)
+        .returning(RankState)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).scalar_one_or_none()
 
 
 def store_batch(session: Session, run: Run, document: BatchDocument, config: detectors.DetectorConfig) -> StoredBatch:
@@ -472,13 +479,14 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             else:
                 conflicts.append(step.step)
     reader = step_blocks.Reader(session, run.id, rank, n_tensors, n_modules)
+    # Steps past the rank's last stored step (the usual batch) cannot be stored already.
     stored = (
         {
             step["step"]: step
             for step in reader.range(min(rows_by_step), max(rows_by_step))
             if step["step"] in rows_by_step
         }
-        if rows_by_step
+        if rows_by_step and min(rows_by_step) <= state.last_step
         else {}
     )
     new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
@@ -512,7 +520,11 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
         new_events += detectors.detect(history, views, config, tensor_names=names, tensor_numel=numel)
         low_precision_events, state.gemm_state = gemm_events.detect(dict(state.gemm_state or {}), views, config, names)
         new_events += low_precision_events
-        spike_history = spikes.stored_history(session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window)
+        # Every stored global gradient norm is counted in the rank's histogram.
+        absent = () if sum(state.grad_norm_bucket_counts or ()) else ("global_grad_norm",)
+        spike_history = spikes.stored_history(
+            session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window, absent
+        )
         spike_events, judged = spikes.detect(spike_history, views, config)
         new_events += spike_events
         state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
