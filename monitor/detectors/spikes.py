@@ -65,16 +65,23 @@ def judge(points: Sequence[tuple[int, float]], sigmas: float, window: int) -> li
 
 
 def stored_history(
-    session: Session, run_id: int, rank: int, before: int, count: int, absent: Collection[str] = ()
+    session: Session,
+    run_id: int,
+    rank: int,
+    before: int,
+    count: int,
+    absent: Collection[str] = (),
+    recent: list[dict[str, Any]] | None = None,
 ) -> dict[str, Points]:
     """Per signal, the last ``count`` stored values below step ``before``, ascending.
 
-    The last ``count`` steps serve every signal that has a value at each of them (the usual case);
-    a signal some of those steps lack is read further back, from the blocks that hold it, unless its
-    column is in ``absent`` (no stored step of the rank has it: a rank whose steps leave the replicated
-    statistics to another rank never has a global gradient norm)."""
+    The last ``count`` steps (``recent``, when the caller read them) serve every signal that has a value at
+    each of them (the usual case); a signal some of those steps lack is read further back, from the blocks
+    that hold it, unless its column is in ``absent`` (no stored step of the rank has it: a rank whose steps
+    leave the replicated statistics to another rank never has a global gradient norm)."""
     reader = step_blocks.Reader(session, run_id, rank, 0)
-    recent = reader.last(before, count, wanted=())
+    if recent is None:
+        recent = reader.last(before, count, wanted=())
     out = {}
     for signal, (column, _) in SIGNALS.items():
         points = [(step["step"], step[column]) for step in recent if step[column] is not None]

@@ -264,15 +264,17 @@ class Reader:
         while pending:
             yield heapq.heappop(pending)[2]
 
-    def last(self, before: int | None, count: int, wanted: Collection[str] | None = ALL) -> list[dict[str, Any]]:
-        """The last ``count`` stored steps below ``before``, ascending.
+    def last(
+        self, before: int | None, count: int, wanted: Collection[str] | None = ALL, full: int = 0
+    ) -> list[dict[str, Any]]:
+        """The last ``count`` stored steps below ``before``, ascending, with the ``wanted`` arrays; the latest
+        ``full`` of them with every array (a batch's detectors want a few steps whole and more steps' scalars).
 
         Read in one query (each batch reads a rank's last steps, and a cursor streaming them costs a round
         trip per fetch): the latest blocks whose counts reach ``count``. Those hold the answer unless
         blocks interleave (steps that arrived out of order); that case streams :meth:`before` instead."""
         if count <= 0:
             return []
-        fetched = needed(wanted)
         latest = StepBlock.last_step.desc()
         listed = (
             _before(before)
@@ -280,34 +282,40 @@ class Reader:
                 StepBlock.last_step,
                 StepBlock.count,
                 func.sum(StepBlock.count).over(order_by=latest).label("through"),
-                *(getattr(StepBlock, column) for column in ("header", *fetched)),
+                StepBlock.header,
+                *(getattr(StepBlock, column) for column in COLUMNS),
             )
             .where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank)
             .order_by(latest)
             .limit(count + 1)
             .subquery()
         )
-        read = listed.c.through - listed.c["count"] < count  # the blocks before it hold fewer than ``count`` steps
+        earlier = listed.c.through - listed.c["count"]  # the steps of the blocks before it
+        partial = needed(wanted)
         rows = self.session.execute(
-            select(listed.c.last_step, *(case((read, listed.c[column])) for column in ("header", *fetched))).order_by(
-                listed.c.last_step.desc()
-            )
+            select(
+                listed.c.last_step,
+                earlier < full,
+                case((earlier < count, listed.c.header)),
+                *(case((earlier < (count if column in partial else full), listed.c[column])) for column in COLUMNS),
+            ).order_by(listed.c.last_step.desc())
         ).all()
         steps: list[dict[str, Any]] = []
+        whole: set[int] = set()  # the steps read with every array
         unread = None  # the highest last step of a block not read
-        for last, header, *columns in rows:
+        for last, every, header, *columns in rows:
             if header is None:
                 unread = last
                 break
-            data = {column: bytes(value) for column, value in zip(fetched, columns, strict=True)}
-            steps += [
-                step
-                for step in decode(header, data, self.n_tensors, self.n_modules, wanted)
-                if before is None or step["step"] < before
-            ]
+            data = {column: bytes(value) for column, value in zip(COLUMNS, columns, strict=True) if value is not None}
+            block = decode(header, data, self.n_tensors, self.n_modules, ALL if every else wanted)
+            steps += [step for step in block if before is None or step["step"] < before]
+            whole.update(step["step"] for step in block if every)
         steps.sort(key=lambda step: step["step"], reverse=True)
-        if unread is not None and (len(steps) < count or steps[count - 1]["step"] < unread):
-            return list(itertools.islice(self.before(before, wanted), count))[::-1]
+        if (unread is not None and (len(steps) < count or steps[count - 1]["step"] < unread)) or any(
+            step["step"] not in whole for step in steps[: min(full, count)]
+        ):
+            return list(itertools.islice(self.before(before, ALL if full else wanted), count))[::-1]
         return steps[:count][::-1]
 
     def find(self, number: int, wanted: Collection[str] | None = ALL) -> dict[str, Any] | None:
