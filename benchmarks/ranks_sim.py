@@ -5,11 +5,11 @@
 Starts a throwaway PostgreSQL (durable: fsync on) and one real collector (``numwatch serve`` on a
 loopback port, ``NUMWATCH_METRICS_CACHE_SECONDS=0`` so every scrape builds /metrics), registers one
 run of ``--ranks`` ranks and, for ``--seconds``, makes every rank produce one step per second (the
-ranks spread over each second). Each rank sends like the client's transport: what is due, at most
-64 steps a batch, at most one batch a second, waiting for each answer (so a slow collector gets
-fewer, larger batches). Rank 0's steps carry the replicated statistics of ``--tensors`` tensors
-(norms, abs-max, NaN/Inf counts) and its local health; every other rank's its loss, step time and
-local health with ``replicated_by=0``; sampled steps add the replicas' checksum. Prints steps and
+ranks spread over each second). Each rank sends like the client's transport, on a connection of its
+own: what is due, at most 64 steps a batch, at most one batch a second, waiting for each answer (so
+a slow collector gets fewer, larger batches). Rank 0's steps carry the replicated statistics of
+``--tensors`` tensors (norms, abs-max, NaN/Inf counts) and its local health; every other rank's its
+loss, step time and local health with ``replicated_by=0``; sampled steps add the replicas' checksum. Prints steps and
 batches acknowledged, ingest latency per batch (p50/p99/max), stored bytes per step (step blocks,
 rollups, the tables on disk), how far the cross-rank judging got, and /metrics scrape time with
 all ranks (every ``SCRAPE_EVERY_S`` during the run, three times after).
@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 
 import httpx
@@ -79,8 +79,16 @@ def step_document(rank: int, step: int, n_tensors: int, sampled: bool, rng: np.r
 
 async def simulate(url: str, ranks: int, seconds: float, n_tensors: int, sampled_every: int) -> dict:
     instance = uuid.uuid4().hex
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    # A client per rank, as each rank of a job has its own transport: one pool queueing 512 ranks' requests
+    # would cost the simulator more CPU than the collector (its pool is scanned for every request).
+    async with AsyncExitStack() as clients:
+        client = await clients.enter_async_context(httpx.AsyncClient(base_url=url, timeout=60))
+        own = [
+            await clients.enter_async_context(
+                httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=1))
+            )
+            for _ in range(ranks)
+        ]
         for rank in range(ranks):
             document = protocol.run_document(
                 RUN, rank=rank, world_size=ranks, format="bf16", tensors=_tensors(n_tensors), instance=instance
@@ -120,7 +128,7 @@ async def simulate(url: str, ranks: int, seconds: float, n_tensors: int, sampled
                 )
                 began = time.perf_counter()
                 try:
-                    response = await client.post(
+                    response = await own[rank].post(
                         f"{protocol.RUNS_PATH}/{RUN}/batches", content=protocol.dumps(dict(batch)), headers=JSON
                     )
                     response.raise_for_status()
