@@ -52,6 +52,7 @@ from numwatch.capture.backward_roots import RootListener
 from numwatch.capture.clipping import ClipObserver
 from numwatch.capture.deepspeed import EngineAdapter, ZeroPartition, deepspeed_engine
 from numwatch.capture.forward_probe import ForwardProbe
+from numwatch.capture.gemm import ROWS as GEMM_ROWS
 from numwatch.capture.gemm import GemmProbe
 from numwatch.capture.guard import Guard
 from numwatch.capture.local_grads import LocalGradProbe, is_ddp
@@ -144,6 +145,7 @@ class Watcher:
         logits_module: str | None,
         quant_every: int,
         gemm_every: int | None,
+        gemm_rows: int,
         format: str | None,
         on_nonfinite: str,
         measure: str,
@@ -157,6 +159,8 @@ class Watcher:
     ) -> None:
         if measure not in MEASURE_MODES:
             raise ValueError(f"measure must be one of {MEASURE_MODES}, not {measure!r}")
+        if gemm_rows < 0:
+            raise ValueError(f"gemm_rows must be >= 0 (0 quantizes every row), not {gemm_rows}")
         # DeepSpeed: the engine (checked by deepspeed_engine) whose optimizer step reads and ends each step.
         self._deepspeed = EngineAdapter(deepspeed) if deepspeed is not None else None
         if deepspeed is None:
@@ -201,8 +205,9 @@ class Watcher:
             else None
         )
         self.gemm_every = self._gemm_cadence(gemm_every)
+        self.gemm_rows = gemm_rows
         self.gemm = (
-            GemmProbe(model, self.watched.parameters, self._gemm_due, self._guard.failed)
+            GemmProbe(model, self.watched.parameters, self._gemm_due, self._guard.failed, gemm_rows)
             if self.gemm_every > 0
             else None
         )
@@ -348,6 +353,7 @@ class Watcher:
             "attention_every": self.attention_every,
             "quant_every": self.watched.cadence.quant_every,
             "gemm_every": self.gemm_every,
+            "gemm_rows": self.gemm_rows,
             "torch": torch.__version__,
             "user": _json_safe(config),
         }
@@ -538,6 +544,7 @@ def watch(
     logits_module: str | None = None,
     quant_every: int = 1000,
     gemm_every: int | None = None,
+    gemm_rows: int = GEMM_ROWS,
     format: str | None = None,
     on_nonfinite: str = "warn",
     measure: str = "auto",
@@ -572,7 +579,9 @@ def watch(
     ``.logits``) or from the output of the submodule named ``logits_module``. ``gemm_every`` (default
     ``histogram_every``; 0 off) sets the steps whose ``F.linear`` calls are measured: what fp8, MXFP8 and
     NVFP4 would do to each watched Linear weight's matmul operands X, W and dY (:mod:`numwatch.capture.gemm`;
-    refused with sharded parameters). ``format`` is the target format
+    refused with sharded parameters); of an operand with more rows (tokens of X and dY, output features of
+    W), ``gemm_rows`` evenly spaced rows are quantized under the whole operand's scales, so those numbers
+    are estimates (0: every row, exact). ``format`` is the target format
     of the counts (default fp16 with a GradScaler, else the parameters' dtype).
     ``on_nonfinite``: "warn", "raise" (:class:`NonFiniteError`) or "ignore".
     ``measure``: "auto" (gradients read at the end of each backward through ``model``, so
@@ -604,6 +613,7 @@ def watch(
         logits_module=logits_module,
         quant_every=quant_every,
         gemm_every=gemm_every,
+        gemm_rows=gemm_rows,
         format=format,
         on_nonfinite=on_nonfinite,
         measure=measure,

@@ -13,6 +13,11 @@ range, and their shares are over all their elements; W is measured once per step
 
 Matmuls not written as ``F.linear`` (``x @ w.T``, ``torch.matmul``, ``torch.addmm``, fused or
 compiled kernels) are not seen, nor are calls whose weight is no watched parameter.
+
+Of an operand with more than ``rows`` rows (tokens of X and dY, output features of W), ``rows`` evenly
+spaced rows are quantized, under the scales of the whole operand (its amax is read whole): the SQNR
+and shares are then estimates from those rows (:func:`numwatch.kernels.lowp.operand_sums`), at a
+cost that no longer grows with the tokens per step. ``rows=0`` quantizes every row.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ from numwatch.kernels import lowp
 # Elements of operands held for a batched measurement before it runs early (bounds the memory of
 # the dY kept past their use; X is mostly saved for the backward anyway).
 PENDING_ELEMENTS = 1 << 26
+# Rows of an operand quantized per call by default: on the CPU a measured step then costs about half
+# a training step of the benchmark GPT (benchmarks/gemm_readiness.py); the SQNR estimate's spread
+# on Gaussian operands is a few tenths of a dB.
+ROWS = 64
 # Python-level torch functions that call F.linear inside: the mode is re-entered for their bodies.
 _CALLS_LINEAR_INSIDE = (F.multi_head_attention_forward,)
 _PER_TENSOR = {"x": "e4m3", "w": "e4m3", "dy": "e5m2"}
@@ -40,8 +49,9 @@ _PER_TENSOR = {"x": "e4m3", "w": "e4m3", "dy": "e5m2"}
 class _Operands:
     """One operand kind's measurements of a step: pending tensors, then measured sums per batch."""
 
-    def __init__(self, per_tensor: str) -> None:
+    def __init__(self, per_tensor: str, rows: int) -> None:
         self.per_tensor = per_tensor
+        self.rows = rows
         self.pending: list[tuple[int, torch.Tensor]] = []  # (weight index, tensor)
         self.pending_elements = 0
         self.sums: list[torch.Tensor] = []  # [SUM_ROWS, calls] per measured batch
@@ -58,7 +68,7 @@ class _Operands:
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
-        self.sums.append(lowp.operand_sums([tensor for _, tensor in pending], self.per_tensor))
+        self.sums.append(lowp.operand_sums([tensor for _, tensor in pending], self.per_tensor, self.rows))
         self.owners += [index for index, _ in pending]
 
     def take(self, n: int) -> torch.Tensor | None:
@@ -79,12 +89,12 @@ class GemmCapture(TorchFunctionMode):
     (their positions are the columns of :meth:`take_step`). ``failed(site)`` is told about any
     exception, which never reaches the model; the step's measurements are then dropped."""
 
-    def __init__(self, weights: Sequence[torch.Tensor], failed: Callable[[str], None]) -> None:
+    def __init__(self, weights: Sequence[torch.Tensor], failed: Callable[[str], None], rows: int = ROWS) -> None:
         super().__init__()
         self._index = {id(weight): i for i, weight in enumerate(weights)}
         self._n = len(weights)
         self._failed = failed
-        self._operands = {operand: _Operands(_PER_TENSOR[operand]) for operand in protocol.GEMM_OPERANDS}
+        self._operands = {operand: _Operands(_PER_TENSOR[operand], rows) for operand in protocol.GEMM_OPERANDS}
         self._weights_seen: set[int] = set()
         self._step_failed = False
 
@@ -179,9 +189,14 @@ class GemmProbe:
     """Enters a :class:`GemmCapture` for the forwards (with gradients) for which ``due()`` is true."""
 
     def __init__(
-        self, model: nn.Module, weights: Sequence[torch.Tensor], due: Callable[[], bool], failed: Callable[[str], None]
+        self,
+        model: nn.Module,
+        weights: Sequence[torch.Tensor],
+        due: Callable[[], bool],
+        failed: Callable[[str], None],
+        rows: int = ROWS,
     ) -> None:
-        self.capture = GemmCapture(weights, failed)
+        self.capture = GemmCapture(weights, failed, rows)
         self._due = due
         self._failed = failed
         self._depth = 0  # > 0 while a measured forward runs (a model may call itself)

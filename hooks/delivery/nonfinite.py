@@ -64,8 +64,9 @@ class NonFiniteCheck:
         """Check the record's gradients (unless ``gradients`` is False) and loss; may raise."""
         bad = []
         if gradients:
-            grad_norm = record.grad_rows()[0]
-            bad = [int(i) for i in record.present_indices()[~np.isfinite(grad_norm)]]
+            finite = np.isfinite(record.grad_rows()[0])
+            if not finite.all():
+                bad = [int(i) for i in record.present_indices()[~finite]]
         loss = record.loss_value()
         loss_bad = loss is not None and not math.isfinite(loss)
         if not bad and not loss_bad:

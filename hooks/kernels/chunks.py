@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +109,7 @@ class Chunk:
         self._cut = [i for i, (member, start, stop) in enumerate(pieces) if stop - start != numels[member]]
         self._single = [i for i, (member, start, stop) in enumerate(pieces) if numels[member] == 1]
         self._ids: Tensor | None = None
+        self._by_shape: _ShapePlan | None = None
 
     def _parts(self, members: Sequence[Tensor]) -> list[Tensor]:
         """The chunk's pieces of ``members`` (the group's tensors): whole tensors as they are
@@ -144,6 +146,26 @@ class Chunk:
         parts = self._parts(members)
         view = self._view(parts)
         return self._into(parts, slot) if view is None else view
+
+    def read_by_shape(self, members: Sequence[Tensor], slot: int) -> tuple[Tensor, Tensor]:
+        """Like :meth:`read`, but the elements in an order of their own, with each element's segment
+        (int64): for per-segment reductions of chunks of whole (small) members on the CPU.
+
+        The members of one trailing shape are gathered by one ``cat`` (a ``stack`` for 0-d ones)
+        into scratch ``slot``: no op per tensor, where ``_chunk_cat`` reshapes each one, which for
+        hundreds of small tensors costs a few times more than the copy."""
+        assert not self._cut, "whole members only"
+        view = self._view(self._parts(members)) if len(self.pieces) <= 2 else None
+        if view is not None:
+            return view, self.segment_ids(keep=True)
+        plan = self._by_shape
+        if plan is not None and plan.fits(members):
+            try:
+                return plan.gather(members, slot), plan.ids
+            except RuntimeError:  # a member of another shape (of the same size) than planned: cat refuses it
+                pass
+        plan = self._by_shape = _ShapePlan(self, members)
+        return plan.gather(members, slot), plan.ids
 
     def into(self, members: Sequence[Tensor], slot: int, dtype: torch.dtype | None = None) -> Tensor:
         """The chunk's elements of ``members`` copied into scratch ``slot`` (converted to
@@ -221,6 +243,67 @@ class Chunk:
             for name, values in operations:
                 getattr(flat, f"{name}_")(values.index_select(0, ids))
         return flat
+
+
+def _picker(positions: list[int]) -> Callable[[Sequence[Tensor]], tuple[Tensor, ...]]:
+    """A function taking these positions of a sequence, as a tuple (one C call, not a loop)."""
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda items: (items[only],)
+    return operator.itemgetter(*positions)
+
+
+class _ShapePlan:
+    """How :meth:`Chunk.read_by_shape` gathers a chunk's members: per trailing shape (dims after the
+    first; 0-d members apart) the members, and where their elements go in the chunk's copy."""
+
+    def __init__(self, chunk: Chunk, members: Sequence[Tensor]) -> None:
+        buckets: dict[tuple[int, ...] | None, list[int]] = {}  # None: the 0-d members
+        for member in chunk._members:
+            tensor = members[member]
+            buckets.setdefault(tuple(tensor.shape[1:]) if tensor.dim() else None, []).append(member)
+        self._shapes = [tuple(members[member].shape) for member in chunk._members]
+        self._members = chunk._members
+        self._dtype, self._device, self._numel = members[chunk._members[0]].dtype, chunk._starts.device, chunk.numel
+        self._spans: list[tuple[int, int, tuple[int, ...] | None]] = []
+        self._pickers = []
+        order: list[int] = []  # the chunk's segment of each member, in gathered order
+        segment_of = {member: segment for segment, member in enumerate(chunk._members)}
+        start = 0
+        for trailing, bucket in buckets.items():
+            stop = start + sum(chunk.lengths[segment_of[member]] for member in bucket)
+            self._spans.append((start, stop, trailing))
+            self._pickers.append(_picker(bucket))
+            order.extend(segment_of[member] for member in bucket)
+            start = stop
+        lengths = [chunk.lengths[segment] for segment in order]
+        self.ids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int64), torch.tensor(lengths)).to(
+            self._device
+        )
+        self._base: Tensor | None = None
+        self._outs: list[Tensor] = []
+
+    def fits(self, members: Sequence[Tensor]) -> bool:
+        """Whether ``members`` look like the ones planned for (the first and the last shape; a layout is
+        kept per set of parameters, whose shapes do not change). Any other member of another shape
+        makes ``cat`` raise, as its trailing dims differ from its bucket's."""
+        first, last = self._members[0], self._members[-1]
+        return members[first].shape == self._shapes[0] and members[last].shape == self._shapes[-1]
+
+    def gather(self, members: Sequence[Tensor], slot: int) -> Tensor:
+        base = scratch(self._numel, self._dtype, self._device, slot)
+        if base is not self._base:  # the scratch buffer is new: views of it, kept while it lasts
+            self._base = base
+            self._outs = [
+                base[start:stop] if trailing is None else base[start:stop].view(-1, *trailing)
+                for start, stop, trailing in self._spans
+            ]
+        for pick, out, (_, _, trailing) in zip(self._pickers, self._outs, self._spans, strict=True):
+            if trailing is None:
+                torch.stack(pick(members), out=out)
+            else:
+                torch.cat(pick(members), out=out)
+        return base
 
 
 def _back_to_back(parts: list[Tensor]) -> bool:

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from numwatch.kernels.chunks import Chunk, layout_of, scratch
-from numwatch.kernels.device import to_device
+from numwatch.kernels.device import accelerator_path, to_device
 from numwatch.kernels.quantization import _one_cpu_thread, sqnr_from_sums
 from numwatch.kernels.stats import _absmax
 
@@ -307,13 +307,13 @@ def _aligned_sums(members: list[Tensor], per_tensor: ElementFormat, amax: Tensor
     return layout.columns(per_group, 0.0, torch.float64, SUM_ROWS)
 
 
-def _padded_sums(tensor: Tensor, per_tensor: ElementFormat) -> Tensor:
+def _padded_sums(tensor: Tensor, per_tensor: ElementFormat, amax: Tensor | None = None) -> Tensor:
     """float64 [SUM_ROWS]: :func:`_aligned_sums` of a tensor whose rows are zero-padded to whole blocks,
-    a slice of rows at a time."""
+    a slice of rows at a time (``amax``: float32 [1], by default the tensor's)."""
     length = _row_length(tensor)
     rows = tensor.reshape(-1, length)
     padded_length = -(-length // ALIGN) * ALIGN
-    amax = torch.stack(list(_absmax([tensor]))).float()
+    amax = torch.stack(list(_absmax([tensor]))).float() if amax is None else amax
     per_slice = max(1, _chunk_elements(tensor.device) // padded_length)
     slices = [
         _aligned_sums([F.pad(rows[start : start + per_slice].float(), (0, padded_length - length))], per_tensor, amax)
@@ -326,25 +326,56 @@ def _padded_sums(tensor: Tensor, per_tensor: ElementFormat) -> Tensor:
     return torch.cat([total[:AMAX], amax.double(), stacked[MIN_NONZERO].amin().reshape(1), total[MIN_NONZERO + 1 :]])
 
 
+def _amax_each(tensors: list[Tensor]) -> Tensor:
+    """float32 [len(tensors)]: max |x| of each non-empty tensor (NaN propagates). On the CPU one
+    ``aminmax`` read each (a multi-tensor abs would first write a copy of every tensor); elsewhere
+    one multi-tensor kernel."""
+    if accelerator_path(tensors[0].device):
+        return torch.stack(list(_absmax(tensors))).float()
+    return torch.stack([torch.maximum(high, low.neg()) for low, high in map(torch.aminmax, tensors)]).float()
+
+
+def _sampled_rows(tensor: Tensor, max_rows: int) -> Tensor:
+    """At most ``max_rows`` evenly spaced rows (along the last dimension) of ``tensor``, as a view."""
+    rows = tensor.reshape(-1, _row_length(tensor))
+    return rows if rows.shape[0] <= max_rows else rows[:: -(-rows.shape[0] // max_rows)]
+
+
 @torch.no_grad()
-def operand_sums(operands: Sequence[Tensor], per_tensor: str) -> Tensor:
+def operand_sums(operands: Sequence[Tensor], per_tensor: str, max_rows: int = 0) -> Tensor:
     """float64 [SUM_ROWS, n] of each operand: Σx², non-zero count, amax, smallest non-zero |x|, then
     per scheme (``per_tensor``, "e4m3" or "e5m2", then "mxfp8", "mxfp8_up", "nvfp4"): Σ(x − Q(x))², flushed and
-    saturated counts. Rows run along the last dimension. An empty operand has every sum 0."""
+    saturated counts. Rows run along the last dimension. An empty operand has every sum 0.
+
+    ``max_rows`` > 0: of an operand with more rows, only that many evenly spaced rows are quantized
+    (whole rows hold whole blocks, so each sampled block is quantized as in the full tensor); the amax,
+    and with it the per-tensor scales, is still the whole operand's. The sums are then the sample's:
+    the SQNR and shares they give are estimates, the smallest non-zero |x| that of the sample."""
     fmt = PER_TENSOR[per_tensor]
     detached = [tensor.detach() for tensor in operands]
     device = detached[0].device if detached else torch.device("cpu")
     aligned = [i for i, t in enumerate(detached) if t.numel() and _row_length(t) % ALIGN == 0]
     padded = [i for i, t in enumerate(detached) if t.numel() and _row_length(t) % ALIGN]
     with _one_cpu_thread(device):
+        amax: Tensor | None = None
+        if max_rows > 0 and any(t.numel() > max_rows * _row_length(t) for t in detached):
+            filled = aligned + padded
+            amax = torch.zeros(len(detached), dtype=torch.float32, device=device)
+            if filled:  # one read of the whole operands
+                maxima = _amax_each([detached[i] for i in filled])
+                amax = amax.index_copy_(0, to_device(torch.tensor(filled), device), maxima)
+            detached = [_sampled_rows(t, max_rows) if t.numel() else t for t in detached]
         if aligned and len(aligned) == len(detached):
-            return _aligned_sums(detached, fmt, None)
+            return _aligned_sums(detached, fmt, amax)
         result = torch.zeros((SUM_ROWS, len(detached)), dtype=torch.float64, device=device)
         if aligned:
-            columns = _aligned_sums([detached[i] for i in aligned], fmt, None)
-            result.index_copy_(1, to_device(torch.tensor(aligned), device), columns)
+            subset = to_device(torch.tensor(aligned), device)
+            columns = _aligned_sums(
+                [detached[i] for i in aligned], fmt, amax.index_select(0, subset) if amax is not None else None
+            )
+            result.index_copy_(1, subset, columns)
         for i in padded:
-            result[:, i] = _padded_sums(detached[i], fmt)
+            result[:, i] = _padded_sums(detached[i], fmt, amax[i : i + 1] if amax is not None else None)
         return result
 
 

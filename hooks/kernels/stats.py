@@ -230,22 +230,27 @@ def _size_split(layout: Layout) -> _SizeSplit | None:
 
 def _flat_norm_and_absmax(tensors: Sequence[Tensor], layout: Layout) -> Tensor:
     """float32 [2, n] of non-empty CPU tensors (``layout`` theirs) from their chunks' flat copies:
-    squares summed per segment in float64 (one index_add), abs-maxima by one scatter_reduce; NaN
-    propagates."""
+    squares summed per segment in float64 (one index_add), abs-maxima by one scatter_reduce (which
+    propagates NaN, as the sum does), both written into one [2, segments] result. Few ops: after a
+    backward the caches are cold and every op costs several microseconds here."""
     results = []
     for group in layout.groups:
         members = group.tensors(tensors)
         sums, maxima = [], []
         for chunk in group.chunks:
-            flat = chunk.read(members, INPUT)
-            ids = chunk.segment_ids(keep=True)
+            flat, ids = chunk.read_by_shape(members, INPUT)
             wide = flat.to(torch.float64)
-            segments = len(chunk.pieces)
-            sums.append(wide.new_zeros(segments).index_add_(0, ids, wide * wide))
-            maxima.append(wide.new_zeros(segments).scatter_reduce_(0, ids, wide.abs(), "amax", include_self=False))
+            both = wide.new_zeros((2, len(chunk.pieces)))
+            total, largest = both.unbind()  # row views (one op; iterating a tensor costs more)
+            total.index_add_(0, ids, wide * wide)
+            largest.scatter_reduce_(0, ids, wide.abs_() if wide is not flat else wide.abs(), "amax", include_self=False)
+            sums.append(total)
+            maxima.append(largest)
         total, largest = group.per_member(sums, "sum"), group.per_member(maxima, "amax")
-        largest = largest.masked_fill_(total.isnan(), math.nan)  # a NaN element makes its sum NaN
-        results.append(torch.stack([total.sqrt_(), largest]).float())
+        total.sqrt_()
+        # One chunk of whole members: its rows are the members' already (no stacking op).
+        whole = len(sums) == 1 and total is sums[0] and largest is maxima[0]
+        results.append((both if whole else torch.stack([total, largest])).float())
     return layout.columns(results, 0.0, torch.float32, 2)
 
 

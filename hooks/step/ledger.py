@@ -259,7 +259,8 @@ class StepLedger:
         self._hand_on_awaiting()
         self._ended = self._last = entry
         if not self._defer_checks:
-            self._checker.check(entry.record)  # before the update, where the step site allows
+            # Before the update, where the step site allows; gradients already seen finite are not read again.
+            self._checker.check(entry.record, gradients=measurement.reading.finite is not True)
 
     # -- values logged late ----------------------------------------------------------------
 

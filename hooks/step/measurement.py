@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import functools
 import math
+import operator
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -90,6 +92,10 @@ class Cadence:
         return self.format_every > 0 and (step - 1) % self.format_every == 0
 
 
+_GRAD = operator.attrgetter("grad")
+_IS_NONE = functools.partial(operator.is_, None)
+
+
 @dataclass
 class GradientReading:
     """One read of the gradients: their statistics (device tensors) and the gradients themselves."""
@@ -98,10 +104,18 @@ class GradientReading:
     grads: list[torch.Tensor]
     norms: torch.Tensor  # float32 [2, k]: grad_norm, grad_absmax (unscaled)
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # format counts, histograms, NaN/Inf counts
+    finite: bool | None = None  # whether every norm is finite, once read on the host (CPU path)
 
     @property
     def has_counts(self) -> bool:
         return records.NONFINITE in self.parts
+
+    def all_finite(self) -> bool:
+        """Whether every norm and abs-max is finite: read from host memory once (CPU path only:
+        elsewhere a sync). A NaN or Inf makes the sum so."""
+        if self.finite is None:
+            self.finite = math.isfinite(self.norms.numpy().sum())
+        return self.finite
 
 
 class WatchedTensors:
@@ -122,6 +136,8 @@ class WatchedTensors:
         self.shapes = partition.shapes if partition is not None else [tuple(p.shape) for p in self.parameters]
         self._dtensors = any(is_dtensor(p) for p in self.parameters)
         self._layouts: dict[tuple[int, ...], Layout] = {}
+        self._every_position = list(range(len(self.parameters)))
+        self._every_key = tuple(self._every_position)
         self.device = self.parameters[0].device
         self.format = fmt
         self.cadence = cadence
@@ -129,7 +145,7 @@ class WatchedTensors:
     def _grad_layout(self, present: list[int]) -> Layout:
         """The layout of these parameters' gradients, kept (torch gives a gradient its parameter's
         device, dtype and size): working it out from the gradients costs more than the statistic."""
-        key = tuple(present)
+        key = self._every_key if present is self._every_position else tuple(present)
         layout = self._layouts.get(key)
         if layout is None:
             if len(self._layouts) >= 16:  # gradients present that keep changing: start over
@@ -155,9 +171,12 @@ class WatchedTensors:
         if self.partition is not None:
             present, grads = list(range(len(self.parameters))), self.partition.gradients()
         else:
-            every = [p.grad for p in self.parameters]  # (each .grad read costs: once per step)
-            present = [i for i, grad in enumerate(every) if grad is not None]
-            found = [grad for grad in every if grad is not None]
+            every = list(map(_GRAD, self.parameters))  # (each .grad read costs: once per step)
+            if any(map(_IS_NONE, every)):
+                present = [i for i, grad in enumerate(every) if grad is not None]
+                found = [grad for grad in every if grad is not None]
+            else:  # (the usual case, without a loop in Python)
+                present, found = self._every_position, every
             grads = [local_tensor(grad) for grad in found] if self._dtensors else found
             layout = self._grad_layout(present)
         positions = None if len(present) == len(self.parameters) else present
@@ -357,7 +376,7 @@ class StepMeasurement:
         reading, device = self.reading, watched.device
         assert self.phase is Phase.READ and reading is not None
         stack = DeviceStack()
-        stack.add(records.GRAD, reading.norms)
+        stack.add(records.GRAD, reading.norms, owned=True)  # (a clip's effect starts from a copy)
         for name, part in {**reading.parts, **self.parts}.items():
             stack.add(name, part)
         if self.clip is not None:
@@ -377,9 +396,15 @@ class StepMeasurement:
         if self.losses and "loss" not in self.logged:
             # The loss whose gradient the step applies: the sum over the step's backwards
             # (micro-batches under accumulation, each usually divided by their number).
+            # One backward (the usual case): the loss itself, which the host copy snapshots.
+            loss = self.losses[0] if len(self.losses) == 1 else None
             stack.add(
                 records.LOSS,
-                torch.stack([loss.float().reshape(()).to(device, non_blocking=True) for loss in self.losses]).sum(),
+                loss
+                if loss is not None
+                else torch.stack(
+                    [loss.float().reshape(()).to(device, non_blocking=True) for loss in self.losses]
+                ).sum(),
             )
         module_order: list[int] = []
         if module_parts is not None:

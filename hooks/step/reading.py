@@ -10,7 +10,6 @@ on the device then), never after.
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -77,8 +76,7 @@ class GradientReader:
         if reading is None or not reading.grads or reading.has_counts or measurement.clip is not None:
             return  # (after a clip the gradients are no longer the ones read)
         if not accelerator_path(self.watched.device):
-            # The norms are ordinary host memory: reading them costs nothing (a NaN or Inf makes the sum so).
-            due = not math.isfinite(float(reading.norms[0].numpy().sum()))
+            due = not reading.all_finite()  # the norms are ordinary host memory: reading them costs no sync
         elif skip_known is not None:
             due = skip_known  # the GradScaler's verdict, read on the host already
         else:

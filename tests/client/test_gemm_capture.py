@@ -63,12 +63,17 @@ class Recorder:
         return record
 
 
-def expected(calls: list[dict[str, torch.Tensor]], operand: str) -> list[float]:
-    """The reference over a step's calls: lowest SQNR and largest range, shares over all elements."""
+def expected(calls: list[dict[str, torch.Tensor]], operand: str, max_rows: int = 1 << 30) -> list[float]:
+    """The reference over a step's calls: lowest SQNR and largest range, shares over all elements
+    (of the evenly spaced ``max_rows`` rows of an operand with more)."""
     per_tensor = "e5m2" if operand == "dy" else "e4m3"
     tensors = [calls[0]["w"]] if operand == "w" else [call[operand] for call in calls]
-    stats = [ref_stats(tensor, per_tensor) for tensor in tensors]
-    nonzero = [int((tensor != 0).sum()) for tensor in tensors]
+    samples = [slice(None, None, -(-tensor.reshape(-1, tensor.shape[-1]).shape[0] // max_rows)) for tensor in tensors]
+    stats = [ref_stats(tensor, per_tensor, rows) for tensor, rows in zip(tensors, samples, strict=True)]
+    nonzero = [
+        int((tensor.reshape(-1, tensor.shape[-1])[rows] != 0).sum())
+        for tensor, rows in zip(tensors, samples, strict=True)
+    ]
     out = []
     for row in range(lowp.STAT_ROWS - 1):
         if row % 3 == 0:
@@ -103,6 +108,26 @@ def train(model: Planted, watcher: Any, steps: int, micro_batches: int = 1) -> N
             model(inputs(micro)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_a_row_budget_measures_evenly_spaced_rows_of_every_operand(tmp_path: Any) -> None:
+    # 32 tokens, weights of 64 and 48 rows, a budget of 8 rows: every 4th token of X and dY, every
+    # 8th or 6th row of W, under the scales of the whole operands.
+    model = Planted()
+    recorder = Recorder(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
+    with numwatch.watch(model, optimizer, run="rows", spool_dir=tmp_path, histogram_every=1, gemm_rows=8) as w:
+        train(model, w, steps=1, micro_batches=2)
+    spooled = run_spool(tmp_path, "rows")
+    assert spooled.runs[0]["config"]["gemm_rows"] == 8
+    names = [tensor["name"] for tensor in spooled.runs[0]["tensors"]]
+    (step,) = spooled.steps
+    for layer in ("fc1", "fc2", "proj"):
+        for operand in protocol.GEMM_OPERANDS:
+            got = measured(spooled, step, names.index(f"{layer}.weight"), operand)
+            assert_close(got, expected(recorder.calls[layer], operand, max_rows=8))
+    with pytest.raises(ValueError, match="gemm_rows"):
+        numwatch.watch(Planted(), run="bad", spool_dir=tmp_path, gemm_rows=-1)
 
 
 def test_every_operand_matches_the_reference_over_micro_batches(tmp_path: Any) -> None:

@@ -107,9 +107,9 @@ class Element:
     saturated: bool
 
 
-def ref_per_tensor(values: list[float], name: str) -> list[Element]:
+def ref_per_tensor(values: list[float], name: str, amax: float | None = None) -> list[Element]:
     fmt, largest = PER_TENSOR[name]
-    amax = max((abs(v) for v in values), default=0.0)
+    amax = max((abs(v) for v in values), default=0.0) if amax is None else amax
     scale = min(f32(largest / amax), FLOAT32_MAX) if amax > 0 else 1.0
     out = []
     for x in values:
@@ -154,14 +154,15 @@ def ref_nvfp4(block: list[float], amax: float) -> list[Element]:
     return out
 
 
-def ref_round_trip(matrix: np.ndarray, scheme: str) -> list[list[Element]]:
-    """Per row of the (rows, K) float32 matrix: each element's round trip; blocks end at the row's end."""
+def ref_round_trip(matrix: np.ndarray, scheme: str, amax: float | None = None) -> list[list[Element]]:
+    """Per row of the (rows, K) float32 matrix: each element's round trip; blocks end at the row's end
+    (``amax``: the tensor's, when the rows are a sample of it)."""
     rows = [[float(v) for v in row] for row in matrix]
     if scheme in PER_TENSOR:
-        flat = ref_per_tensor([v for row in rows for v in row], scheme)
+        flat = ref_per_tensor([v for row in rows for v in row], scheme, amax)
         width = matrix.shape[1]
         return [flat[i * width : (i + 1) * width] for i in range(len(rows))]
-    amax = max((abs(v) for row in rows for v in row), default=0.0)
+    amax = max((abs(v) for row in rows for v in row), default=0.0) if amax is None else amax
     block = 16 if scheme == "nvfp4" else 32
     out = []
     for row in rows:
@@ -173,16 +174,19 @@ def ref_round_trip(matrix: np.ndarray, scheme: str) -> list[list[Element]]:
     return out
 
 
-def ref_stats(tensor: torch.Tensor, per_tensor: str) -> list[float]:
-    """The STAT_ROWS values of one operand: per scheme SQNR (dB), flushed share, saturated share; range."""
-    matrix = tensor.detach().float().reshape(-1, tensor.shape[-1] if tensor.dim() else 1).numpy()
+def ref_stats(tensor: torch.Tensor, per_tensor: str, rows: slice = slice(None)) -> list[float]:
+    """The STAT_ROWS values of one operand: per scheme SQNR (dB), flushed share, saturated share; range.
+    ``rows``: those of the operand's rows quantized (a sample), under the whole operand's amax."""
+    whole = tensor.detach().float().reshape(-1, tensor.shape[-1] if tensor.dim() else 1).numpy()
+    amax = float(np.abs(whole).max()) if whole.size else 0.0
+    matrix = whole[rows]
     flat = [float(v) for v in matrix.reshape(-1)]
     if not all(math.isfinite(v) for v in flat):
         return [math.nan] * lowp.STAT_ROWS
     nonzero = [abs(v) for v in flat if v != 0]
     out = []
     for scheme in SCHEMES_OF[per_tensor]:
-        elements = [e for row in ref_round_trip(matrix, scheme) for e in row]
+        elements = [e for row in ref_round_trip(matrix, scheme, amax) for e in row]
         signal = sum(x * x for x in flat)
         noise = sum((x - e.q) ** 2 for x, e in zip(flat, elements, strict=True))
         out.append(math.inf if noise == 0 else 10 * math.log10(signal / noise))
@@ -190,7 +194,7 @@ def ref_stats(tensor: torch.Tensor, per_tensor: str) -> list[float]:
         out.append(
             sum(e.saturated and x != 0 for x, e in zip(flat, elements, strict=True)) / len(nonzero) if nonzero else 0.0
         )
-    out.append(math.log2(max(nonzero) / min(nonzero)) if nonzero else 0.0)
+    out.append(math.log2(amax / min(nonzero)) if nonzero else 0.0)
     return out
 
 
@@ -271,6 +275,22 @@ def test_batched_statistics_match_the_reference_per_operand(per_tensor: str) -> 
     assert stats.shape == (lowp.STAT_ROWS, len(operands))
     for i, operand in enumerate(operands):
         assert_stats_match(stats[:, i], ref_stats(operand, per_tensor))
+
+
+@pytest.mark.parametrize("per_tensor", ["e4m3", "e5m2"])
+def test_a_row_budget_quantizes_evenly_spaced_rows_under_the_whole_operands_scales(per_tensor: str) -> None:
+    # 300 rows with a budget of 64: every 5th row (60 rows); the largest element lies outside the
+    # sample, so the per-tensor and NVFP4 scales and the amax must come from the whole operand.
+    big = _sample((300, 96), seed=7)
+    big[3, 40] = 4 * float(big.abs().max())
+    small = _sample((50, 64), seed=8)  # within the budget: every row, exact
+    padded = _sample((130, 40), seed=9)  # rows padded to whole blocks: every 3rd row
+    stats = lowp.readiness(lowp.operand_sums([big, small, padded], per_tensor, max_rows=64))
+    assert_stats_match(stats[:, 0], ref_stats(big, per_tensor, slice(None, None, 5)))
+    assert_stats_match(stats[:, 1], ref_stats(small, per_tensor))
+    assert_stats_match(stats[:, 2], ref_stats(padded, per_tensor, slice(None, None, 3)))
+    exact = lowp.readiness(lowp.operand_sums([big], per_tensor))[:, 0]
+    assert_stats_match(exact, ref_stats(big, per_tensor))
 
 
 def test_bf16_operands_are_measured_as_stored() -> None:

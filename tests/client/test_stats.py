@@ -466,3 +466,21 @@ def test_no_stat_function_reads_values_on_the_host(monkeypatch: pytest.MonkeyPat
     ]
     monkeypatch.undo()
     assert all(isinstance(result, torch.Tensor) for result in results)
+
+
+def test_grad_norms_of_many_small_tensors_of_every_shape() -> None:
+    # The CPU path gathers small tensors by trailing shape (one cat per shape, 0-d ones stacked):
+    # interleaved shapes, then the same sizes in other shapes (the gathering is planned anew).
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(), (4, 4), (4,), (1,), (2, 3, 4), (6,), (4, 4), (), (3, 8), (1, 1), (24,), (5, 4)] * 7
+    grads = [torch.randn(shape, generator=gen) * 2.0 ** (i % 16 - 8) for i, shape in enumerate(shapes)]
+    np.testing.assert_allclose(stats.grad_norms(grads).double().numpy(), _reference_norms(grads), rtol=2e-6)
+    middle = [g.reshape(-1) if i == 4 else g for i, g in enumerate(grads)]  # first and last as planned
+    np.testing.assert_allclose(stats.grad_norms(middle).double().numpy(), _reference_norms(grads), rtol=2e-6)
+    reshaped = [g.reshape(-1) if g.dim() == 3 else g.reshape(g.shape[::-1]) for g in grads]
+    np.testing.assert_allclose(stats.grad_norms(reshaped).double().numpy(), _reference_norms(grads), rtol=2e-6)
+    strided = [g.t() if g.dim() == 2 else g for g in grads]  # not contiguous
+    np.testing.assert_allclose(stats.grad_norms(strided).double().numpy(), _reference_norms(grads), rtol=2e-6)
+    grads[30] = grads[30].clone().fill_(NAN)
+    result = stats.grad_norms(grads)
+    assert torch.isnan(result[:, 30]).all() and torch.isfinite(result[:, :30]).all()
