@@ -1,7 +1,7 @@
 """Cost of one gemm-readiness step (the low-precision readiness of every F.linear's X, W and dY) as a
 fraction of a training step.
 
-    python benchmarks/gemm_readiness.py [--rounds 7] [--device cpu] [--cases benchmark,d1024x8]
+    python benchmarks/gemm_readiness.py [--rounds 7] [--device cpu] [--cases benchmark,d1024x8] [--rows 32]
 
 Models: the benchmark GPT (TinyGPT: 4 layers, d_model 256, context 64, batch 16) and a d_model 1024 x
 8 layers one (same context and batch). Paired and interleaved in one process: a training step
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from numwatch.capture.gemm import GemmProbe
+from numwatch.capture.gemm import ROWS, GemmProbe
 from numwatch.demo_model import GPTConfig, TinyGPT, lm_loss, synthetic_batches
 
 CASES = {
@@ -38,12 +38,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(cfg: GPTConfig, rounds: int, device: torch.device) -> dict[str, float]:
+def run_case(cfg: GPTConfig, rounds: int, device: torch.device, rows: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = TinyGPT(cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     failures: list[str] = []
-    probe = GemmProbe(model, list(model.parameters()), due=lambda: measuring, failed=failures.append)
+    probe = GemmProbe(model, list(model.parameters()), due=lambda: measuring, failed=failures.append, rows=rows)
     batches = synthetic_batches(cfg, BATCH)
     measuring = False
 
@@ -78,12 +78,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--rows", type=int, default=ROWS, help="gemm_rows: rows quantized per operand (0: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads; load {os.getloadavg()}")
+    print(
+        f"torch {torch.__version__} on {device}, {torch.get_num_threads()} CPU threads, gemm_rows {args.rows}; "
+        f"load {os.getloadavg()}"
+    )
     for name in args.cases.split(","):
         cfg = CASES[name]
-        r = run_case(cfg, args.rounds, device)
+        r = run_case(cfg, args.rounds, device, args.rows)
         params = sum(p.numel() for p in TinyGPT(cfg).parameters()) / 1e6
         print(
             f"{name} ({params:.1f}M parameters, {BATCH}x{cfg.context} tokens): step {r['step_s'] * 1e3:.0f} ms, "

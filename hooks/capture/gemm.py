@@ -40,7 +40,7 @@ PENDING_ELEMENTS = 1 << 26
 # Rows of an operand quantized per call by default: on the CPU a measured step then costs about half
 # a training step of the benchmark GPT (benchmarks/gemm_readiness.py); the SQNR estimate's spread
 # on Gaussian operands is a few tenths of a dB.
-ROWS = 64
+ROWS = 32
 # Python-level torch functions that call F.linear inside: the mode is re-entered for their bodies.
 _CALLS_LINEAR_INSIDE = (F.multi_head_attention_forward,)
 _PER_TENSOR = {"x": "e4m3", "w": "e4m3", "dy": "e5m2"}

@@ -280,8 +280,7 @@ class _ShapePlan:
         self.ids = torch.repeat_interleave(torch.tensor(order, dtype=torch.int64), torch.tensor(lengths)).to(
             self._device
         )
-        self._base: Tensor | None = None
-        self._outs: list[Tensor] = []
+        self._views = threading.local()  # per thread, as the scratch buffers are: (buffer, its views)
 
     def fits(self, members: Sequence[Tensor]) -> bool:
         """Whether ``members`` look like the ones planned for (the first and the last shape; a layout is
@@ -292,13 +291,16 @@ class _ShapePlan:
 
     def gather(self, members: Sequence[Tensor], slot: int) -> Tensor:
         base = scratch(self._numel, self._dtype, self._device, slot)
-        if base is not self._base:  # the scratch buffer is new: views of it, kept while it lasts
-            self._base = base
-            self._outs = [
-                base[start:stop] if trailing is None else base[start:stop].view(-1, *trailing)
-                for start, stop, trailing in self._spans
-            ]
-        for pick, out, (_, _, trailing) in zip(self._pickers, self._outs, self._spans, strict=True):
+        kept: tuple[Tensor, list[Tensor]] | None = getattr(self._views, "kept", None)
+        if kept is None or kept[0] is not base:  # a new scratch buffer: views of it, kept while it lasts
+            kept = self._views.kept = (
+                base,
+                [
+                    base[start:stop] if trailing is None else base[start:stop].view(-1, *trailing)
+                    for start, stop, trailing in self._spans
+                ],
+            )
+        for pick, out, (_, _, trailing) in zip(self._pickers, kept[1], self._spans, strict=True):
             if trailing is None:
                 torch.stack(pick(members), out=out)
             else:

@@ -307,6 +307,17 @@ def _aligned_sums(members: list[Tensor], per_tensor: ElementFormat, amax: Tensor
     return layout.columns(per_group, 0.0, torch.float64, SUM_ROWS)
 
 
+def _padded_numel(tensor: Tensor) -> int:
+    return tensor.numel() // _row_length(tensor) * (-(-_row_length(tensor) // ALIGN) * ALIGN)
+
+
+def _padded(tensor: Tensor) -> Tensor:
+    """float32 (rows, K'): the tensor's rows zero-padded to whole blocks (K' a multiple of ALIGN). The
+    zeros change no sum, count, amax or block scale: a padded row measures as the row."""
+    length = _row_length(tensor)
+    return F.pad(tensor.reshape(-1, length).float(), (0, -(-length // ALIGN) * ALIGN - length))
+
+
 def _padded_sums(tensor: Tensor, per_tensor: ElementFormat, amax: Tensor | None = None) -> Tensor:
     """float64 [SUM_ROWS]: :func:`_aligned_sums` of a tensor whose rows are zero-padded to whole blocks,
     a slice of rows at a time (``amax``: float32 [1], by default the tensor's)."""
@@ -374,8 +385,18 @@ def operand_sums(operands: Sequence[Tensor], per_tensor: str, max_rows: int = 0)
                 [detached[i] for i in aligned], fmt, amax.index_select(0, subset) if amax is not None else None
             )
             result.index_copy_(1, subset, columns)
+        # Operands whose rows need padding: padded copies measured together when each fits a chunk
+        # (the ops then do not grow with their number), else a slice of rows at a time.
+        limit = _chunk_elements(device)
+        whole = [i for i in padded if _padded_numel(detached[i]) <= limit]
+        if whole:
+            subset = to_device(torch.tensor(whole), device)
+            copies = [_padded(detached[i]) for i in whole]
+            columns = _aligned_sums(copies, fmt, amax.index_select(0, subset) if amax is not None else None)
+            result.index_copy_(1, subset, columns)
         for i in padded:
-            result[:, i] = _padded_sums(detached[i], fmt, amax[i : i + 1] if amax is not None else None)
+            if i not in whole:
+                result[:, i] = _padded_sums(detached[i], fmt, amax[i : i + 1] if amax is not None else None)
         return result
 
 

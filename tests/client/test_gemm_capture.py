@@ -134,7 +134,7 @@ def test_every_operand_matches_the_reference_over_micro_batches(tmp_path: Any) -
     model = Planted()
     recorder = Recorder(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
-    with numwatch.watch(model, optimizer, run="gemm", spool_dir=tmp_path, histogram_every=1) as watcher:
+    with numwatch.watch(model, optimizer, run="gemm", spool_dir=tmp_path, histogram_every=1, gemm_rows=0) as watcher:
         train(model, watcher, steps=1, micro_batches=2)
     spooled = run_spool(tmp_path, "gemm")
     names = [tensor["name"] for tensor in spooled.runs[0]["tensors"]]
@@ -195,7 +195,7 @@ def test_held_operands_are_measured_early_past_the_limit(tmp_path: Any, monkeypa
     model = Planted()
     recorder = Recorder(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
-    with numwatch.watch(model, optimizer, run="limit", spool_dir=tmp_path, histogram_every=1) as watcher:
+    with numwatch.watch(model, optimizer, run="limit", spool_dir=tmp_path, histogram_every=1, gemm_rows=0) as watcher:
         train(model, watcher, steps=1)
     spooled = run_spool(tmp_path, "limit")
     names = [tensor["name"] for tensor in spooled.runs[0]["tensors"]]

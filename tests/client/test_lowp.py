@@ -291,6 +291,8 @@ def test_a_row_budget_quantizes_evenly_spaced_rows_under_the_whole_operands_scal
     assert_stats_match(stats[:, 2], ref_stats(padded, per_tensor, slice(None, None, 3)))
     exact = lowp.readiness(lowp.operand_sums([big], per_tensor))[:, 0]
     assert_stats_match(exact, ref_stats(big, per_tensor))
+    big[7, 0] = math.nan  # outside the sample: the whole operand's amax still reports it
+    assert torch.isnan(lowp.readiness(lowp.operand_sums([big, small], per_tensor, max_rows=64))[:, 0]).all()
 
 
 def test_bf16_operands_are_measured_as_stored() -> None:

@@ -59,7 +59,7 @@ def test_every_operand_through_the_collector(collector: Any, tmp_path: Any) -> N
     names = {id(p): name for name, p in model.named_parameters()}
     batches = synthetic_batches(cfg, 2)
     seen: dict[int, list[dict[str, torch.Tensor]]] = {}
-    with numwatch.watch(model, optimizer, run=RUN, url=url, histogram_every=EVERY) as watcher:
+    with numwatch.watch(model, optimizer, run=RUN, url=url, histogram_every=EVERY, gemm_rows=0) as watcher:
         for step in range(1, STEPS + 1):
             x, y = next(batches)
             recorder = LinearCalls()
