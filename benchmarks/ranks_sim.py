@@ -1,13 +1,14 @@
 """A simulated large job against the real collector on PostgreSQL: many ranks, one step per second each.
 
-    python benchmarks/ranks_sim.py [--ranks 512] [--seconds 180] [--tensors 100] [--sampled-every 10]
+    python benchmarks/ranks_sim.py [--ranks 512] [--seconds 180] [--tensors 100] [--sampled-every 10] [--replicas 1]
 
 Starts a throwaway PostgreSQL (durable: fsync on) and one real collector (``numwatch serve`` on a
-loopback port, ``NUMWATCH_METRICS_CACHE_SECONDS=0`` so every scrape builds /metrics), registers one
-run of ``--ranks`` ranks and, for ``--seconds``, makes every rank produce one step per second (the
-ranks spread over each second). Each rank sends like the client's transport: what is due, at most
-64 steps a batch, at most one batch a second, waiting for each answer (so a slow collector gets
-fewer, larger batches). Rank 0's steps carry the replicated statistics of ``--tensors`` tensors
+loopback port, ``NUMWATCH_METRICS_CACHE_SECONDS=0`` so every scrape builds /metrics; ``--replicas N``:
+N of them on the one database, rank r sending to the (r mod N)-th), registers one run of ``--ranks``
+ranks and, for ``--seconds``, makes every rank produce one step per second (the ranks spread over
+each second). Each rank sends like the client's transport, on a connection of its own: what is due,
+at most 64 steps a batch, at most one batch a second, waiting for each answer (so a slow collector
+gets fewer, larger batches). Rank 0's steps carry the replicated statistics of ``--tensors`` tensors
 (norms, abs-max, NaN/Inf counts) and its local health; every other rank's its loss, step time and
 local health with ``replicated_by=0``; sampled steps add the replicas' checksum. Prints steps and
 batches acknowledged, ingest latency per batch (p50/p99/max), stored bytes per step (step blocks,
@@ -26,7 +27,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 
 import httpx
@@ -77,10 +78,19 @@ def step_document(rank: int, step: int, n_tensors: int, sampled: bool, rng: np.r
     return dict(protocol.step_document(step, tensors=tensors, lr=[3e-4], global_grad_norm=global_norm, **common))
 
 
-async def simulate(url: str, ranks: int, seconds: float, n_tensors: int, sampled_every: int) -> dict:
+async def simulate(urls: list[str], ranks: int, seconds: float, n_tensors: int, sampled_every: int) -> dict:
+    url = urls[0]  # registration and /metrics
     instance = uuid.uuid4().hex
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    # A client per rank, as each rank of a job has its own transport: one pool queueing 512 ranks' requests
+    # would cost the simulator more CPU than the collector (its pool is scanned for every request).
+    async with AsyncExitStack() as clients:
+        client = await clients.enter_async_context(httpx.AsyncClient(base_url=url, timeout=60))
+        own = [
+            await clients.enter_async_context(
+                httpx.AsyncClient(base_url=urls[rank % len(urls)], timeout=60, limits=httpx.Limits(max_connections=1))
+            )
+            for rank in range(ranks)
+        ]
         for rank in range(ranks):
             document = protocol.run_document(
                 RUN, rank=rank, world_size=ranks, format="bf16", tensors=_tensors(n_tensors), instance=instance
@@ -120,7 +130,7 @@ async def simulate(url: str, ranks: int, seconds: float, n_tensors: int, sampled
                 )
                 began = time.perf_counter()
                 try:
-                    response = await client.post(
+                    response = await own[rank].post(
                         f"{protocol.RUNS_PATH}/{RUN}/batches", content=protocol.dumps(dict(batch)), headers=JSON
                     )
                     response.raise_for_status()
@@ -204,6 +214,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=180.0)
     parser.add_argument("--tensors", type=int, default=100)
     parser.add_argument("--sampled-every", type=int, default=10)
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="collector processes on the one database; rank r sends to r %% N"
+    )
     parser.add_argument("--keep-log", type=int, default=0, help="print the last N characters of the collector's log")
     args = parser.parse_args()
     with ExitStack() as resources:
@@ -212,13 +225,20 @@ def main() -> int:
         database_url = server.url
         db.upgrade(database_url)
         os.environ["NUMWATCH_METRICS_CACHE_SECONDS"] = "0"
-        url = resources.enter_context(stack.running_collector(workdir, database_url))
-        print(f"collector log: {workdir / 'collector.log'}", flush=True)
-        print(f"{args.ranks} ranks x 1 step/s for {args.seconds:.0f} s, {args.tensors} tensors, PostgreSQL", flush=True)
-        result = asyncio.run(simulate(url, args.ranks, args.seconds, args.tensors, args.sampled_every))
+        urls = [
+            resources.enter_context(stack.running_collector(workdir / f"collector{i}", database_url))
+            for i in range(args.replicas)
+        ]
+        print(f"collector log: {workdir / 'collector0' / 'collector.log'}", flush=True)
+        print(
+            f"{args.ranks} ranks x 1 step/s for {args.seconds:.0f} s, {args.tensors} tensors, PostgreSQL, "
+            f"{args.replicas} collector process(es)",
+            flush=True,
+        )
+        result = asyncio.run(simulate(urls, args.ranks, args.seconds, args.tensors, args.sampled_every))
         sizes = stored(database_url)
         if args.keep_log:
-            print((workdir / "collector.log").read_text()[-args.keep_log :])
+            print((workdir / "collector0" / "collector.log").read_text()[-args.keep_log :])
     latencies = 1e3 * result["latencies"]
     sent = result["steps"] * args.ranks
     print(

@@ -3,10 +3,11 @@ database session per request, the caller (auth and rate limit) and the run a pat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -19,14 +20,26 @@ from numwatch.monitor.store.models import Run
 bearer = HTTPBearer(auto_error=False, description="a token from `numwatch token create --project P`")
 
 
-def get_settings(request: Request) -> Settings:
+# The dependencies that do no I/O are ``async``: FastAPI runs a plain function in the thread pool, and
+# under load each such hop (a queue, a thread wake-up, a wake-up of the event loop) costs more than the work.
+
+
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings  # set by the app factory
     return settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """A session for the request; closed in the thread pool only when it still holds a connection (a
+    read left its transaction open: closing rolls it back), else here (no I/O)."""
+    session: Session = request.app.state.session_factory()
+    try:
         yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -58,14 +71,27 @@ def _principal(
     return principal
 
 
-def require_writer(request: Request, credentials: Credentials, session: SessionDep, settings: SettingsDep) -> Principal:
+async def _caller(
+    request: Request, credentials: HTTPAuthorizationCredentials | None, session: Session, required: bool
+) -> Principal:
+    """:func:`_principal`, in the thread pool when it looks the token up."""
+    if not required:
+        return EVERYTHING
+    return await run_in_threadpool(_principal, request, credentials, session, required)
+
+
+async def require_writer(
+    request: Request, credentials: Credentials, session: SessionDep, settings: SettingsDep
+) -> Principal:
     """The caller of a write endpoint: a valid token unless auth is off."""
-    return _principal(request, credentials, session, settings.auth_enabled)
+    return await _caller(request, credentials, session, settings.auth_enabled)
 
 
-def require_reader(request: Request, credentials: Credentials, session: SessionDep, settings: SettingsDep) -> Principal:
+async def require_reader(
+    request: Request, credentials: Credentials, session: SessionDep, settings: SettingsDep
+) -> Principal:
     """The caller of a read endpoint: a valid token unless auth is off or reads are open."""
-    return _principal(request, credentials, session, settings.auth_enabled and not settings.open_reads)
+    return await _caller(request, credentials, session, settings.auth_enabled and not settings.open_reads)
 
 
 WriterDep = Annotated[Principal, Depends(require_writer)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,17 +64,28 @@ def judge(points: Sequence[tuple[int, float]], sigmas: float, window: int) -> li
     ]
 
 
-def stored_history(session: Session, run_id: int, rank: int, before: int, count: int) -> dict[str, Points]:
+def stored_history(
+    session: Session,
+    run_id: int,
+    rank: int,
+    before: int,
+    count: int,
+    absent: Collection[str] = (),
+    recent: list[dict[str, Any]] | None = None,
+) -> dict[str, Points]:
     """Per signal, the last ``count`` stored values below step ``before``, ascending.
 
-    The last ``count`` steps serve every signal that has a value at each of them (the usual case);
-    a signal some of those steps lack is read further back, from the blocks that hold it."""
+    The last ``count`` steps (``recent``, when the caller read them) serve every signal that has a value at
+    each of them (the usual case); a signal some of those steps lack is read further back, from the blocks
+    that hold it, unless its column is in ``absent`` (no stored step of the rank has it: a rank whose steps
+    leave the replicated statistics to another rank never has a global gradient norm)."""
     reader = step_blocks.Reader(session, run_id, rank, 0)
-    recent = reader.last(before, count, wanted=())
+    if recent is None:
+        recent = reader.last(before, count, wanted=())
     out = {}
     for signal, (column, _) in SIGNALS.items():
         points = [(step["step"], step[column]) for step in recent if step[column] is not None]
-        if len(points) < len(recent) and len(recent) == count:
+        if len(points) < len(recent) and len(recent) == count and column not in absent:
             having = (step for step in reader.before(before, wanted=(), having=(column,)) if step[column] is not None)
             points = [(step["step"], step[column]) for step in itertools.islice(having, count)][::-1]
         out[signal] = points

@@ -36,7 +36,7 @@ from numwatch.monitor.ingest.schemas import (
     StepDocument,
 )
 from numwatch.monitor.reads import forward
-from numwatch.monitor.reads.queries import find_run
+from numwatch.monitor.reads.queries import find_run, visible_run
 from numwatch.monitor.store import blocks as step_blocks
 from numwatch.monitor.store import rollups
 from numwatch.monitor.store.auth import Principal
@@ -186,15 +186,19 @@ def batch_target(
     moved past the resumed run's earlier steps."""
     if document.instance is None:
         return find_run(session, requested, principal), document
-    claim = session.get(RunInstance, document.instance)
+    found = session.execute(
+        select(RunInstance, Run)
+        .join(Run, Run.id == RunInstance.run_id)
+        .where(RunInstance.instance == document.instance)
+    ).first()
+    claim, run = found if found is not None else (None, None)
     if claim is None or claim.requested_name != requested:
         raise NotFound(
             f"run {requested!r} has no registered instance {document.instance!r} "
             f"(register it with POST {protocol.RUNS_PATH} first)"
         )
-    run = session.get(Run, claim.run_id)
     assert run is not None
-    run = find_run(session, run.name, principal)
+    run = visible_run(run, run.name, principal)
     if not claim.step_offset:
         return run, document
     shifted = document.model_copy(deep=True)
@@ -440,13 +444,16 @@ def _locked_rank_state(session: Session, run_id: int, rank: int) -> RankState | 
     earlier one's increments and last values. A no-op UPDATE as the transaction's first
     write takes the row lock on PostgreSQL and the database write lock on SQLite (where a
     SELECT ... FOR UPDATE does not exist), so the second batch waits, then reads the first's
-    committed state and steps.
+    committed state and steps. The UPDATE returns the row it locked (one statement, not two).
     """
     key = (RankState.run_id == run_id) & (RankState.rank == rank)
-    session.execute(
-        update(RankState).where(key).values(last_step=RankState.last_step).execution_options(synchronize_session=False)
-    )
-    return session.execute(select(RankState).where(key).execution_options(populate_existing=True)).scalar_one_or_none()
+    return session.execute(
+        update(RankState)
+        .where(key)
+        .values(last_step=RankState.last_step)
+        .returning(RankState)
+        .execution_options(synchronize_session=False, populate_existing=True)
+    ).scalar_one_or_none()
 
 
 def store_batch(session: Session, run: Run, document: BatchDocument, config: detectors.DetectorConfig) -> StoredBatch:
@@ -460,133 +467,146 @@ def store_batch(session: Session, run: Run, document: BatchDocument, config: det
             409, f"rank {rank} of run {run.name!r} is not registered: POST the run document for this rank first"
         )
 
-    # Within one batch the first copy of a step wins too.
-    rows_by_step: dict[int, dict[str, Any]] = {}
-    conflicts: list[int] = []
-    for step, raw in zip(document.steps, decoded, strict=True):
-        row = _step_row(step, raw)
-        first = rows_by_step.setdefault(step.step, row)
-        if first is not row and not _same_content(first, row):
-            if _supplements(first, row):
-                rows_by_step[step.step] = row
-            else:
-                conflicts.append(step.step)
-    reader = step_blocks.Reader(session, run.id, rank, n_tensors, n_modules)
-    stored = (
-        {
-            step["step"]: step
-            for step in reader.range(min(rows_by_step), max(rows_by_step))
-            if step["step"] in rows_by_step
-        }
-        if rows_by_step
-        else {}
-    )
-    new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
-    supplemented = []
-    for number, row in sorted(rows_by_step.items()):
-        if number in stored and not _same_content(stored[number], row):
-            if _supplements(stored[number], row):
-                supplemented.append(row)
-            else:
-                conflicts.append(number)
-    reader.replace({row["step"]: row for row in supplemented})
-    now = time.time()
-    if conflicts:
-        session.execute(
-            insert(Conflict),
-            [
-                {"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now}
-                for n in conflicts
-            ],
+    # The rank's state goes out in one UPDATE (when judging across ranks reads it, or at commit), not once
+    # per query after each change.
+    with session.no_autoflush:
+        # Within one batch the first copy of a step wins too.
+        rows_by_step: dict[int, dict[str, Any]] = {}
+        conflicts: list[int] = []
+        for step, raw in zip(document.steps, decoded, strict=True):
+            row = _step_row(step, raw)
+            first = rows_by_step.setdefault(step.step, row)
+            if first is not row and not _same_content(first, row):
+                if _supplements(first, row):
+                    rows_by_step[step.step] = row
+                else:
+                    conflicts.append(step.step)
+        reader = step_blocks.Reader(session, run.id, rank, n_tensors, n_modules)
+        # Steps past the rank's last stored step (the usual batch) cannot be stored already.
+        stored = (
+            {
+                step["step"]: step
+                for step in reader.range(min(rows_by_step), max(rows_by_step))
+                if step["step"] in rows_by_step
+            }
+            if rows_by_step and min(rows_by_step) <= state.last_step
+            else {}
         )
-
-    new_events: list[dict[str, Any]] = [event.model_dump() for event in document.events]
-    numel = np.array([math.prod(t["shape"]) for t in run.tensors], dtype=np.float64)
-    if new_rows:
-        views = new_rows
-        history = reader.last(new_rows[0]["step"], config.window)
-        step_blocks.store(session, run.id, rank, new_rows)
-        if run.world_size > 1:
-            cross_rank.inbox(session, run.id, rank, new_rows)
-        names = [t["name"] for t in run.tensors]
-        new_events += detectors.detect(history, views, config, tensor_names=names, tensor_numel=numel)
-        low_precision_events, state.gemm_state = gemm_events.detect(dict(state.gemm_state or {}), views, config, names)
-        new_events += low_precision_events
-        spike_history = spikes.stored_history(session, run.id, rank, new_rows[0]["step"], 2 * config.spike_window)
-        spike_events, judged = spikes.detect(spike_history, views, config)
-        new_events += spike_events
-        state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
-        new_steps = {row["step"] for row in new_rows}
-        forward_rows = [
-            forward_stats
-            for step in document.steps
-            if step.step in new_steps and (forward_stats := forward.forward_row(run.id, rank, step)) is not None
-        ]
-        forward_rows = sorted(
-            {row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"]
-        )  # first copy wins
-        rollups.record(session, run.id, rank, views, n_tensors, state.last_step)
-    else:
-        views, forward_rows = [], []
-    if forward_rows:
-        session.execute(insert(ForwardStats), forward_rows)
-        previous = forward.previous_row(session, run.id, rank, forward_rows[0]["step"])
-        new_events += forward_events.detect(
-            previous, forward_rows, config, {row["step"]: row["time"] for row in new_rows}
-        )
-        forward.update_rank_state(state, forward_rows)
-
-    histogram_keys = {(h.step, h.kind) for h in document.histograms}
-    if histogram_keys:
-        existing = {
-            tuple(row)
-            for row in session.execute(
-                select(Histogram.step, Histogram.kind).where(
-                    Histogram.run_id == run.id,
-                    Histogram.rank == rank,
-                    tuple_(Histogram.step, Histogram.kind).in_(list(histogram_keys)),
-                )
+        new_rows = [row for number, row in sorted(rows_by_step.items()) if number not in stored]
+        supplemented = []
+        for number, row in sorted(rows_by_step.items()):
+            if number in stored and not _same_content(stored[number], row):
+                if _supplements(stored[number], row):
+                    supplemented.append(row)
+                else:
+                    conflicts.append(number)
+        reader.replace({row["step"]: row for row in supplemented})
+        now = time.time()
+        if conflicts:
+            session.execute(
+                insert(Conflict),
+                [
+                    {"run_id": run.id, "rank": rank, "step": n, "batch_id": document.batch_id, "received_at": now}
+                    for n in conflicts
+                ],
             )
-        }
-        fresh: dict[tuple[int, str], dict[str, Any]] = {}
-        for h in document.histograms:
-            if (h.step, h.kind) not in existing:
-                fresh.setdefault(
-                    (h.step, h.kind),
-                    {
-                        "run_id": run.id,
-                        "rank": rank,
-                        "step": h.step,
-                        "kind": h.kind,
-                        **{
-                            name: compress_histogram_array(name, getattr(h, name))
-                            for name in protocol.HISTOGRAM_LENGTHS
-                        },
-                    },
+
+        new_events: list[dict[str, Any]] = [event.model_dump() for event in document.events]
+        numel = np.array([math.prod(t["shape"]) for t in run.tensors], dtype=np.float64)
+        if new_rows:
+            views = new_rows
+            # One read serves the rules (the last steps whole) and the spikes (more steps' scalars).
+            spike_count = 2 * config.spike_window
+            recent = reader.last(new_rows[0]["step"], max(config.window, spike_count), wanted=(), full=config.window)
+            history = recent[-config.window :]
+            step_blocks.store(session, run.id, rank, new_rows)
+            if run.world_size > 1:
+                cross_rank.inbox(session, run.id, rank, new_rows)
+            names = [t["name"] for t in run.tensors]
+            new_events += detectors.detect(history, views, config, tensor_names=names, tensor_numel=numel)
+            low_precision_events, state.gemm_state = gemm_events.detect(
+                dict(state.gemm_state or {}), views, config, names
+            )
+            new_events += low_precision_events
+            # Every stored global gradient norm is counted in the rank's histogram.
+            absent = () if sum(state.grad_norm_bucket_counts or ()) else ("global_grad_norm",)
+            spike_history = spikes.stored_history(
+                session, run.id, rank, new_rows[0]["step"], spike_count, absent, recent[-spike_count:]
+            )
+            spike_events, judged = spikes.detect(spike_history, views, config)
+            new_events += spike_events
+            state.spike_state = spikes.advance_score(state.spike_state, judged, config.spike_score_steps)
+            new_steps = {row["step"] for row in new_rows}
+            forward_rows = [
+                forward_stats
+                for step in document.steps
+                if step.step in new_steps and (forward_stats := forward.forward_row(run.id, rank, step)) is not None
+            ]
+            forward_rows = sorted(
+                {row["step"]: row for row in reversed(forward_rows)}.values(), key=lambda row: row["step"]
+            )  # first copy wins
+            rollups.record(session, run.id, rank, views, n_tensors, state.last_step)
+        else:
+            views, forward_rows = [], []
+        if forward_rows:
+            session.execute(insert(ForwardStats), forward_rows)
+            previous = forward.previous_row(session, run.id, rank, forward_rows[0]["step"])
+            new_events += forward_events.detect(
+                previous, forward_rows, config, {row["step"]: row["time"] for row in new_rows}
+            )
+            forward.update_rank_state(state, forward_rows)
+
+        histogram_keys = {(h.step, h.kind) for h in document.histograms}
+        if histogram_keys:
+            existing = {
+                tuple(row)
+                for row in session.execute(
+                    select(Histogram.step, Histogram.kind).where(
+                        Histogram.run_id == run.id,
+                        Histogram.rank == rank,
+                        tuple_(Histogram.step, Histogram.kind).in_(list(histogram_keys)),
+                    )
                 )
-        if fresh:
-            session.execute(Histogram.__table__.insert(), list(fresh.values()))
+            }
+            fresh: dict[tuple[int, str], dict[str, Any]] = {}
+            for h in document.histograms:
+                if (h.step, h.kind) not in existing:
+                    fresh.setdefault(
+                        (h.step, h.kind),
+                        {
+                            "run_id": run.id,
+                            "rank": rank,
+                            "step": h.step,
+                            "kind": h.kind,
+                            **{
+                                name: compress_histogram_array(name, getattr(h, name))
+                                for name in protocol.HISTOGRAM_LENGTHS
+                            },
+                        },
+                    )
+            if fresh:
+                session.execute(Histogram.__table__.insert(), list(fresh.values()))
 
-    existing_events = _existing_event_keys(session, run.id, rank, new_events)
-    unique_events: dict[tuple[int, str], dict[str, Any]] = {}
-    for event in new_events:
-        key = (event["step"], event["kind"])
-        if key not in existing_events:
-            unique_events.setdefault(key, event)
-    stored_events = list(unique_events.values())
-    if stored_events:
-        session.execute(insert(Event), [{"run_id": run.id, "rank": rank, **event} for event in stored_events])
+        existing_events = _existing_event_keys(session, run.id, rank, new_events)
+        unique_events: dict[tuple[int, str], dict[str, Any]] = {}
+        for event in new_events:
+            key = (event["step"], event["kind"])
+            if key not in existing_events:
+                unique_events.setdefault(key, event)
+        stored_events = list(unique_events.values())
+        if stored_events:
+            session.execute(insert(Event), [{"run_id": run.id, "rank": rank, **event} for event in stored_events])
 
-    if views:
-        _update_rank_state(state, views, numel)
-    _update_quant_state(state, views + supplemented)
-    if supplemented:  # the added stats only: the step's other series are in the rollups already
-        added = [
-            {"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}}
-            for view in supplemented
-        ]
-        rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
-    _count_events(state, stored_events)
+        if views:
+            _update_rank_state(state, views, numel)
+        _update_quant_state(state, views + supplemented)
+        if supplemented:  # the added stats only: the step's other series are in the rollups already
+            added = [
+                {"step": view["step"], "tensors": {k: v for k, v in view["tensors"].items() if k in SUPPLEMENT_STATS}}
+                for view in supplemented
+            ]
+            rollups.record(session, run.id, rank, added, n_tensors, state.last_step, scalars=False)
+        _count_events(state, stored_events)
     if run.world_size > 1:
         stored_events += cross_rank.judge(session, run, config, rank if document.status != "running" else None)
     now_utc = utcnow()

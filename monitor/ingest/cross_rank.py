@@ -87,6 +87,7 @@ def _ready_steps(session: Session, run: Run, after: int, finished: set[int], con
         .where(RankInbox.run_id == run.id, RankInbox.step > after)
         .group_by(RankInbox.step)
         .order_by(RankInbox.step)
+        .limit(MAX_STEPS_PER_BATCH)  # the loop below looks at no more
     ).all()
     if not counts:
         return []

@@ -42,7 +42,11 @@ def visible_runs(session: Session, principal: Principal) -> list[Run]:
 
 def find_run(session: Session, name: str, principal: Principal) -> Run:
     """The run called ``name`` if the caller may see it; NotFound otherwise (also for other projects' runs)."""
-    run = session.execute(select(Run).where(Run.name == name)).scalar_one_or_none()
+    return visible_run(session.execute(select(Run).where(Run.name == name)).scalar_one_or_none(), name, principal)
+
+
+def visible_run(run: Run | None, name: str, principal: Principal) -> Run:
+    """``run`` (looked up as ``name``) if the caller may see it; NotFound otherwise."""
     if run is None or run.status == DELETING or not principal.may_access(run.project):
         raise NotFound(f"unknown run {name!r} (a run exists once registered with POST {protocol.RUNS_PATH})")
     return run

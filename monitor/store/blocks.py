@@ -34,7 +34,7 @@ from collections.abc import Collection, Generator, Iterable
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Select, func, insert, or_, select, update
+from sqlalchemy import Select, case, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from numwatch import protocol
@@ -253,13 +253,8 @@ class Reader:
         self, before: int | None = None, wanted: Collection[str] | None = ALL, having: Iterable[str] = ()
     ) -> Generator[dict[str, Any], None, None]:
         """The stored steps below ``before`` (None: all), latest first, streamed."""
-        query = select(StepBlock.first_step)
-        if before is not None:
-            # The bound on last_step is implied by the one on first_step; stated, it lets the database walk
-            # the last_step index in order instead of sorting every earlier block.
-            query = query.where(StepBlock.first_step < before, StepBlock.last_step < before + MAX_SPAN)
         pending: list[tuple[int, int, dict[str, Any]]] = []
-        blocks = self._blocks(query.order_by(StepBlock.last_step.desc()), having, wanted, StepBlock.last_step)
+        blocks = self._blocks(_before(before).order_by(StepBlock.last_step.desc()), having, wanted, StepBlock.last_step)
         for order, (last, steps) in enumerate(blocks):
             while pending and -pending[0][0] > last:  # every later block ends at or below ``last``
                 yield heapq.heappop(pending)[2]
@@ -269,9 +264,59 @@ class Reader:
         while pending:
             yield heapq.heappop(pending)[2]
 
-    def last(self, before: int | None, count: int, wanted: Collection[str] | None = ALL) -> list[dict[str, Any]]:
-        """The last ``count`` stored steps below ``before``, ascending."""
-        return list(itertools.islice(self.before(before, wanted), count))[::-1]
+    def last(
+        self, before: int | None, count: int, wanted: Collection[str] | None = ALL, full: int = 0
+    ) -> list[dict[str, Any]]:
+        """The last ``count`` stored steps below ``before``, ascending, with the ``wanted`` arrays; the latest
+        ``full`` of them with every array (a batch's detectors want a few steps whole and more steps' scalars).
+
+        Read in one query (each batch reads a rank's last steps, and a cursor streaming them costs a round
+        trip per fetch): the latest blocks whose counts reach ``count``. Those hold the answer unless
+        blocks interleave (steps that arrived out of order); that case streams :meth:`before` instead."""
+        if count <= 0:
+            return []
+        latest = StepBlock.last_step.desc()
+        listed = (
+            _before(before)
+            .with_only_columns(
+                StepBlock.last_step,
+                StepBlock.count,
+                func.sum(StepBlock.count).over(order_by=latest).label("through"),
+                StepBlock.header,
+                *(getattr(StepBlock, column) for column in COLUMNS),
+            )
+            .where(StepBlock.run_id == self.run_id, StepBlock.rank == self.rank)
+            .order_by(latest)
+            .limit(count + 1)
+            .subquery()
+        )
+        earlier = listed.c.through - listed.c["count"]  # the steps of the blocks before it
+        partial = needed(wanted)
+        rows = self.session.execute(
+            select(
+                listed.c.last_step,
+                earlier < full,
+                case((earlier < count, listed.c.header)),
+                *(case((earlier < (count if column in partial else full), listed.c[column])) for column in COLUMNS),
+            ).order_by(listed.c.last_step.desc())
+        ).all()
+        steps: list[dict[str, Any]] = []
+        whole: set[int] = set()  # the steps read with every array
+        unread = None  # the highest last step of a block not read
+        for last, every, header, *columns in rows:
+            if header is None:
+                unread = last
+                break
+            data = {column: bytes(value) for column, value in zip(COLUMNS, columns, strict=True) if value is not None}
+            block = decode(header, data, self.n_tensors, self.n_modules, ALL if every else wanted)
+            steps += [step for step in block if before is None or step["step"] < before]
+            whole.update(step["step"] for step in block if every)
+        steps.sort(key=lambda step: step["step"], reverse=True)
+        if (unread is not None and (len(steps) < count or steps[count - 1]["step"] < unread)) or any(
+            step["step"] not in whole for step in steps[: min(full, count)]
+        ):
+            return list(itertools.islice(self.before(before, ALL if full else wanted), count))[::-1]
+        return steps[:count][::-1]
 
     def find(self, number: int, wanted: Collection[str] | None = ALL) -> dict[str, Any] | None:
         """Stored step ``number``, or None."""
@@ -312,6 +357,16 @@ def _overlapping(low: int | None, high: int | None) -> Select[int]:
         query = query.where(StepBlock.first_step > low - MAX_SPAN, StepBlock.last_step >= low)
     if high is not None:
         query = query.where(StepBlock.first_step <= high)
+    return query
+
+
+def _before(before: int | None) -> Select[int]:
+    """The blocks that may hold steps below ``before`` (None: every block)."""
+    query = select(StepBlock.first_step)
+    if before is not None:
+        # The bound on last_step is implied by the one on first_step; stated, it lets the database walk
+        # the last_step index in order instead of sorting every earlier block.
+        query = query.where(StepBlock.first_step < before, StepBlock.last_step < before + MAX_SPAN)
     return query
 
 

@@ -165,7 +165,17 @@ def test_the_reader_finds_steps_in_order_across_interleaved_blocks(session: Sess
     for before in (1, 12, 31, 36, 38, 46, 150, 901, None):
         want = [n for n in order if before is None or n < before][::-1]
         assert [step["step"] for step in reader.before(before, wanted=())] == want
-        assert [step["step"] for step in reader.last(before, 5, wanted=())] == want[:5][::-1]
+        for count in (1, 5, 12, 40, 1000):  # read in one query, or streamed where blocks interleave
+            got = reader.last(before, count)
+            assert [step["step"] for step in got] == want[:count][::-1]
+            for step in got:
+                _same(step, stored[step["step"]])
+            scalars = reader.last(before, count, wanted=(), full=3)  # the latest 3 whole, the others' fields
+            assert [step["step"] for step in scalars] == want[:count][::-1]
+            for step in scalars[-3:]:
+                _same(step, stored[step["step"]])
+            for step in scalars:
+                assert repr(step["loss"]) == repr(got[scalars.index(step)]["loss"])
     assert [step["step"] for step in reader.before(None, wanted=(), having=("zeros",)) if "zeros" in step["stats"]] == [
         n for n in order if n % 3 == 0
     ][::-1]
