@@ -39,7 +39,7 @@ from numwatch.capture.deepspeed import ZeroPartition
 from numwatch.formats import FormatSpec, format_name_for_dtype, format_spec
 from numwatch.kernels import stats
 from numwatch.kernels.chunks import Layout, layout_of
-from numwatch.kernels.device import to_device
+from numwatch.kernels.device import accelerator_path, to_device
 from numwatch.kernels.optim_health import adam_family, adam_health, adam_sums, health_from_sums
 from numwatch.kernels.quantization import quantization_sqnr
 from numwatch.kernels.sharded import ShardReduction, is_dtensor, local_tensor
@@ -396,16 +396,20 @@ class StepMeasurement:
         if self.losses and "loss" not in self.logged:
             # The loss whose gradient the step applies: the sum over the step's backwards
             # (micro-batches under accumulation, each usually divided by their number).
-            # One backward (the usual case): the loss itself, which the host copy snapshots.
+            # One backward (the usual case): the loss itself, which the host copy snapshots, or in
+            # host memory already, read at once.
             loss = self.losses[0] if len(self.losses) == 1 else None
-            stack.add(
-                records.LOSS,
-                loss
-                if loss is not None
-                else torch.stack(
-                    [loss.float().reshape(()).to(device, non_blocking=True) for loss in self.losses]
-                ).sum(),
-            )
+            if loss is not None and not accelerator_path(loss.device):
+                logged_loss = float(loss.item())
+            else:
+                stack.add(
+                    records.LOSS,
+                    loss
+                    if loss is not None
+                    else torch.stack(
+                        [loss.float().reshape(()).to(device, non_blocking=True) for loss in self.losses]
+                    ).sum(),
+                )
         module_order: list[int] = []
         if module_parts is not None:
             absmax, module_order = module_parts
