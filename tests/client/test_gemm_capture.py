@@ -110,18 +110,23 @@ def train(model: Planted, watcher: Any, steps: int, micro_batches: int = 1) -> N
         optimizer.zero_grad()
 
 
-def test_a_row_budget_measures_evenly_spaced_rows_of_every_operand(tmp_path: Any) -> None:
-    # 32 tokens, weights of 64 and 48 rows, a budget of 8 rows: every 4th token of X and dY, every
-    # 8th or 6th row of W, under the scales of the whole operands.
+def one_watched_step(tmp_path: Any, run: str, gemm_rows: int) -> tuple[Recorder, Any, list[str], dict[str, Any]]:
+    """One step of two micro-batches of the planted model, watched: its recorder, spool, tensor names, step."""
     model = Planted()
     recorder = Recorder(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
-    with numwatch.watch(model, optimizer, run="rows", spool_dir=tmp_path, histogram_every=1, gemm_rows=8) as w:
+    with numwatch.watch(model, optimizer, run=run, spool_dir=tmp_path, histogram_every=1, gemm_rows=gemm_rows) as w:
         train(model, w, steps=1, micro_batches=2)
-    spooled = run_spool(tmp_path, "rows")
-    assert spooled.runs[0]["config"]["gemm_rows"] == 8
-    names = [tensor["name"] for tensor in spooled.runs[0]["tensors"]]
+    spooled = run_spool(tmp_path, run)
+    assert spooled.runs[0]["config"]["gemm_rows"] == gemm_rows
     (step,) = spooled.steps
+    return recorder, spooled, [tensor["name"] for tensor in spooled.runs[0]["tensors"]], step
+
+
+def test_a_row_budget_measures_evenly_spaced_rows_of_every_operand(tmp_path: Any) -> None:
+    # 32 tokens, weights of 64 and 48 rows, a budget of 8 rows: every 4th token of X and dY, every
+    # 8th or 6th row of W, under the scales of the whole operands.
+    recorder, spooled, names, step = one_watched_step(tmp_path, "rows", gemm_rows=8)
     for layer in ("fc1", "fc2", "proj"):
         for operand in protocol.GEMM_OPERANDS:
             got = measured(spooled, step, names.index(f"{layer}.weight"), operand)
@@ -131,14 +136,7 @@ def test_a_row_budget_measures_evenly_spaced_rows_of_every_operand(tmp_path: Any
 
 
 def test_every_operand_matches_the_reference_over_micro_batches(tmp_path: Any) -> None:
-    model = Planted()
-    recorder = Recorder(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)
-    with numwatch.watch(model, optimizer, run="gemm", spool_dir=tmp_path, histogram_every=1, gemm_rows=0) as watcher:
-        train(model, watcher, steps=1, micro_batches=2)
-    spooled = run_spool(tmp_path, "gemm")
-    names = [tensor["name"] for tensor in spooled.runs[0]["tensors"]]
-    (step,) = spooled.steps
+    recorder, spooled, names, step = one_watched_step(tmp_path, "gemm", gemm_rows=0)  # every row: exact
     for layer, weight in (("fc1", "fc1.weight"), ("fc2", "fc2.weight"), ("proj", "proj.weight")):
         calls = recorder.calls[layer]
         assert len(calls) == 2
