@@ -18,13 +18,15 @@ which is what DDP hands to the reduction. Two ways to see it:
 Measured per bucket (or parameter), on the device, without host syncs: each tensor's L2
 norm (``_foreach_norm``, as ``clip_grad_norm_``), the count of NaN/Inf elements, and on
 sampled steps the bit-pattern sum of the weights (:mod:`numwatch.kernels.replica`), which
-must be equal on every rank. The compute time runs from the step's first forward of the
-wrapped module (after DDP's own pre-forward collectives) to the last bucket being handed
-to the reduction, before any wait on it: host time on CPU, CUDA events on GPUs (read with
-the step's host copy, a step later). Only backwards that synchronise count; when several do
-within one optimizer step (accumulation without ``no_sync``, or a loop that skipped the
-optimizer step after a non-finite gradient) the last one's norms are the step's, and the
-NaN/Inf count adds up all of them, so a non-finite backward is never hidden by a later one.
+must be equal on every rank. The compute time runs from the first forward of the wrapped
+module (after DDP's own pre-forward collectives) to the last bucket of the synchronising
+backward that follows being handed to the reduction, before any wait on it; a step with
+several synchronising backwards adds up those spans, so the waits between them stay out:
+host time on CPU, CUDA events on GPUs (read with the step's host copy, a step later). Only
+backwards that synchronise count; when several do within one optimizer step (accumulation
+without ``no_sync``, or a loop that skipped the optimizer step after a non-finite gradient)
+the last one's norms are the step's, and the NaN/Inf count adds up all of them, so a
+non-finite backward is never hidden by a later one.
 
 Limits: DDP's python reducer and compiled DDP (which call hooks per parameter, not per
 bucket) are not probed; a ``Join`` context's changed divisor is not followed by the default
@@ -62,13 +64,14 @@ class LocalMeta:
     names: list[str]  # tensors of the LOCAL_NORMS entries
     sampled: bool
     seconds: float | None = None  # compute time measured on the host (CPU)
-    events: tuple[Any, Any] | None = None  # (start, end) CUDA events
+    events: list[tuple[Any, Any]] | None = None  # (start, end) CUDA events of each synchronising backward
 
     def compute_time(self) -> float | None:
         """Seconds of forward + backward before the reduction (None when not measured)."""
         if self.events is not None:
-            start, end = self.events
-            return start.elapsed_time(end) / 1000.0 if end.query() else None
+            if not all(end.query() for _, end in self.events):
+                return None
+            return float(sum(start.elapsed_time(end) for start, end in self.events)) / 1000.0
         return self.seconds
 
 
@@ -85,6 +88,7 @@ class _Backward:
     norms: list[torch.Tensor] = field(default_factory=list)
     sums: list[torch.Tensor] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    start: Any = None  # the first forward's since the previous synchronising backward
     end: Any = None
 
 
@@ -105,6 +109,7 @@ class LocalGradProbe:
         self._names = {id(p): _strip(name) for name, p in ddp.module.named_parameters()}
         self._cuda = next(ddp.module.parameters()).device.type == "cuda"
         self._start: Any = None
+        self._spans: list[tuple[Any, Any]] = []  # (start, end) of this step's earlier synchronising backwards
         self._backward: _Backward | None = None
         self._counts: list[torch.Tensor] = []  # NaN/Inf counts of every synchronising backward of the step
         self._fresh = True  # a forward ran since the last bucket: the next bucket starts a backward
@@ -200,7 +205,10 @@ class LocalGradProbe:
         """Measure local gradients ``grads`` (of ``parameters``; ``flat``: all their elements, one tensor)."""
         if self._fresh:
             self._fresh = False
-            self._backward = _Backward()
+            if self._backward is not None and self._backward.start is not None and self._backward.end is not None:
+                self._spans.append((self._backward.start, self._backward.end))  # an earlier one of this step
+            self._backward = _Backward(start=self._start)
+            self._start = None  # the next synchronising backward's span starts at its own forward
             self._sampling = bool(self._sampled())
         backward = self._backward
         assert backward is not None
@@ -218,7 +226,8 @@ class LocalGradProbe:
         """The step's local health (device parts and host meta), or None without a synchronising backward."""
         backward, self._backward = self._backward, None
         counts, self._counts = self._counts, []
-        start, self._start = self._start, None
+        spans, self._spans = self._spans, []
+        self._start = None
         self._fresh = True
         if backward is None or not backward.norms:
             return None
@@ -229,11 +238,13 @@ class LocalGradProbe:
         if backward.sums:
             parts[LOCAL_CHECKSUM] = torch.stack(backward.sums).sum()
         meta = LocalMeta(backward.names, self._sampling)
-        if start is not None and backward.end is not None:
+        if backward.start is not None and backward.end is not None:
+            spans.append((backward.start, backward.end))
+        if spans:
             if self._cuda:
-                meta.events = (start, backward.end)
+                meta.events = spans
             else:
-                meta.seconds = backward.end - start
+                meta.seconds = sum(end - start for start, end in spans)
         return LocalStep(parts, meta)
 
     def remove(self) -> None:

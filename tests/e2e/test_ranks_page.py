@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 
+import httpx
 import pytest
 import torch
 from torch import nn
@@ -51,6 +52,12 @@ def _train(rank: int, world_size: int, url: str) -> None:
 def test_ranks_section_names_the_rank_and_draws_each_ranks_health(collector) -> None:
     url = collector(None, NUMWATCH_DETECT_STRAGGLER_MIN_EXCESS="0.05")
     spawn(_train, WORLD_SIZE, url)
+    # Step INF_AT holds two synchronising backwards (the loop skipped that optimizer step): their
+    # spans add up, without the other ranks' wait for rank 1's reduction between them.
+    with httpx.Client(base_url=url, timeout=30) as client:
+        compute = client.get(f"/api/v1/runs/{RUN}/ranks").json()["compute_time"]
+    at = {int(rank): dict(zip(s["steps"], s["values"], strict=True))[INF_AT] for rank, s in compute.items()}
+    assert at[1] >= 0.8 and all(at[rank] < 0.2 for rank in (0, 2, 3)), at
     with browser.chromium() as driver:
         browser.open_page(driver, f"{url}/runs/{RUN}")
         assert browser.console_errors(driver) == []
