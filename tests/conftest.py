@@ -12,7 +12,7 @@ import pytest
 
 from numwatch.monitor.ops import stack
 from tests.support import postgres
-from tests.support.binaries import require_binary
+from tests.support.binaries import missing, require_binary
 from tests.support.grafana import FakeGrafana, serving_fake_grafana
 from tests.support.postgres import PostgresServer, PostgresUnavailable
 
@@ -42,9 +42,7 @@ def start_postgres(resources: ExitStack) -> PostgresServer:
     try:
         return resources.enter_context(postgres.postgres_server())
     except PostgresUnavailable as reason:
-        if os.environ.get("NUMWATCH_REQUIRE_BINARIES") == "1":
-            pytest.fail(f"PostgreSQL unavailable: {reason}")
-        pytest.skip(f"PostgreSQL unavailable: {reason}")
+        missing(f"PostgreSQL unavailable: {reason}")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.support.binaries import missing
 from tests.support.collector_docs import values
 from tests.support.watch_helpers import read_spool
 
@@ -151,7 +152,7 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
 def spawn_ranks(train, spool: Path) -> None:
     """Run ``train(rank, port, spool, repository root)`` in WORLD_SIZE fresh processes."""
     if not dist.is_available():
-        pytest.skip("torch.distributed is not available in this build")
+        missing("torch.distributed is not available in this build")
     root = str(Path(__file__).resolve().parents[2])
     mp.spawn(train, args=(_free_port(), str(spool), root), nprocs=WORLD_SIZE, join=True)
 

@@ -1,9 +1,10 @@
-"""Locating external server binaries for tests: skip locally when absent, fail in CI."""
+"""What tests need from the machine (server binaries, DeepSpeed, torch.distributed): skipped locally, failed in CI."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from typing import NoReturn
 
 import pytest
 
@@ -21,7 +22,12 @@ def require_binary(name: str, hint: str = DEFAULT_HINT) -> str:
     path = shutil.which(name)
     if path:
         return path
-    reason = f"{name} is not installed ({hint})"
+    missing(f"{name} is not installed ({hint})")
+
+
+def missing(reason: str) -> NoReturn:
+    """Something the test needs is missing: skip it, or fail when NUMWATCH_REQUIRE_BINARIES=1
+    (CI installs everything the tests need and must not skip)."""
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{reason}, and {REQUIRE_ENV}=1 requires it")
     pytest.skip(reason)

@@ -18,10 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
-from tests.support.binaries import REQUIRE_ENV
+from tests.support.binaries import missing
 
 WORLD_SIZE = 2
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -77,12 +76,9 @@ def zero_config(stage: int, dtype: str, *, micro_batch: int, accumulation: int =
 def spawn(target: Callable[..., None], *args: Any) -> None:
     """Run ``target(rank, port, *args)`` in WORLD_SIZE fresh processes (skips without DeepSpeed)."""
     if importlib.util.find_spec("deepspeed") is None:  # not imported here: only the ranks need it
-        # requirements-dev.txt pins it: in CI a missing DeepSpeed is a broken install, not a skip.
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail("deepspeed is not installed (requirements-dev.txt pins it; run make install)")
-        pytest.skip("deepspeed is not installed")
+        missing("deepspeed is not installed (requirements-dev.txt pins it; run make install)")
     if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
+        missing("torch.distributed is not available in this build")
     torch.multiprocessing.spawn(target, args=(free_port(), *args), nprocs=WORLD_SIZE, join=True)
 
 

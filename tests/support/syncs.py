@@ -137,19 +137,30 @@ class SyncRecorder:
         self.syncs.append(Sync(kind, str(getattr(op, "__name__", op)), where or "?"))
 
 
-class _Dispatch(TorchDispatchMode):
+class _Recording:
+    """What both modes do with each call: record it when it is a sync, then run it."""
+
     def __init__(self, recorder: SyncRecorder) -> None:
         super().__init__()
         self.recorder = recorder
 
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
+    def _record_and_run(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None) -> Any:
         kwargs = kwargs or {}
         kind = self._sync_kind(func, args, kwargs)
         if kind is not None:
             self.recorder.record(kind, func)
         return func(*args, **kwargs)
+
+    @staticmethod
+    def _sync_kind(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
+        raise NotImplementedError
+
+
+class _Dispatch(_Recording, TorchDispatchMode):
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        return self._record_and_run(func, args, kwargs)
 
     @staticmethod
     def _sync_kind(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
@@ -192,21 +203,13 @@ def _copy_kind(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | 
     return None if non_blocking else "blocking copy to the device"
 
 
-class _Functions(TorchFunctionMode):
+class _Functions(_Recording, TorchFunctionMode):
     """Host reads that dispatch nothing on a CPU tensor, and transfers that may block."""
-
-    def __init__(self, recorder: SyncRecorder) -> None:
-        super().__init__()
-        self.recorder = recorder
 
     def __torch_function__(
         self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
-        kwargs = kwargs or {}
-        kind = self._sync_kind(func, args, kwargs)
-        if kind is not None:
-            self.recorder.record(kind, func)
-        return func(*args, **kwargs)
+        return self._record_and_run(func, args, kwargs)
 
     @staticmethod
     def _sync_kind(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> str | None:
