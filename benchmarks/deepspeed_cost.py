@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,14 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-WORLD_SIZE = 2
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support from a checkout
+
+from numwatch.monitor.ops.stack import free_port  # noqa: E402
+from tests.support.deepspeed_ranks import WORLD_SIZE, init_deepspeed  # noqa: E402
+
 BATCH = 8  # per rank
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Copy:
@@ -173,25 +170,11 @@ def _count_ops(make: Callable[[torch.nn.Module, int], tuple[Copy, tuple[Any, ...
     return added
 
 
-def _rank(rank: int, port: int, args: argparse.Namespace, root: str) -> None:
-    sys.path.insert(0, root)
-    os.environ.update(
-        DS_ACCELERATOR="cpu",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD_SIZE),
-        LOCAL_WORLD_SIZE=str(WORLD_SIZE),
-    )
+def _rank(rank: int, port: int, args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     status = 1
     try:
-        import deepspeed
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__ = {}  # no shared-memory op build: training on gloo needs none
-        deepspeed.init_distributed(dist_backend="gloo")
+        init_deepspeed(rank, port)  # DeepSpeed's environment, gloo, no shared-memory op build
         with tempfile.TemporaryDirectory() as spool:
             for name in args.setups if args.ops else ():
                 regular, sampled = _count_ops(SETUPS[name], spool)
@@ -228,8 +211,7 @@ def main() -> None:
         print(f"{'aten ops added per step':<7} {'regular step':>14} {'sampled step':>14}")
     else:
         print(f"{'':<12}{'unwatched ms':>12} {'watched ms':>11} {'mean':>7} {'median':>7}")
-    root = str(Path(__file__).resolve().parents[1])
-    mp.spawn(_rank, args=(_free_port(), args, root), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_rank, args=(free_port(), args), nprocs=WORLD_SIZE, join=True)
 
 
 if __name__ == "__main__":

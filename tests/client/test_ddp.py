@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -15,16 +14,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from numwatch import protocol
+from numwatch.monitor.ops.stack import free_port
 from tests.support.watch_helpers import read_spool
 
 WORLD_SIZE = 2
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _train(rank: int, port: int, spool_root: str, root: str) -> None:
@@ -56,7 +50,7 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
 
 def test_both_ranks_spool_their_records(tmp_path):
     root = str(Path(__file__).resolve().parents[2])
-    mp.spawn(_train, args=(_free_port(), str(tmp_path), root), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_train, args=(free_port(), str(tmp_path), root), nprocs=WORLD_SIZE, join=True)
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]  # the ranks of one job: one run, one instance
     per_rank = {rank: read_spool(run_dir / f"rank{rank}") for rank in range(WORLD_SIZE)}
     for rank, spooled in per_rank.items():

@@ -9,7 +9,6 @@ tensors: equal to the reference, not to one rank's shard.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from numwatch.monitor.ops.stack import free_port
 from tests.support.binaries import missing
 from tests.support.collector_docs import values
 from tests.support.watch_helpers import read_spool
@@ -29,12 +29,6 @@ HISTOGRAM_EVERY = 2  # steps 1 and 3 are sampled
 BATCH = 8
 RTOL = 1e-5
 CLIP = 0.05  # below every step's norm: each step is clipped
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _model() -> torch.nn.Module:
@@ -154,7 +148,7 @@ def spawn_ranks(train, spool: Path) -> None:
     if not dist.is_available():
         missing("torch.distributed is not available in this build")
     root = str(Path(__file__).resolve().parents[2])
-    mp.spawn(train, args=(_free_port(), str(spool), root), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(train, args=(free_port(), str(spool), root), nprocs=WORLD_SIZE, join=True)
 
 
 @pytest.fixture(scope="module")

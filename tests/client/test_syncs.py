@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from numwatch.kernels.device import simulate_accelerator
+from numwatch.monitor.ops.stack import free_port
 from tests.support.step_kinds import LOOPS, RECORDED, WARMUP, Loop, added, inputs, mlp, record
 from tests.support.syncs import SyncRecorder
 
@@ -84,12 +84,6 @@ def test_the_recorder_sees_every_kind_of_sync() -> None:
 WORLD_SIZE = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _distributed_loop(wrap: str, device: torch.device) -> Loop:
     model = mlp(device)
     if wrap == "ddp":
@@ -133,7 +127,7 @@ def _distributed(rank: int, wrap: str, port: int, spool_root: str, root: str) ->
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_distributed_steps_add_no_host_sync(wrap: str, tmp_path: Path) -> None:
     root = str(Path(__file__).resolve().parents[2])
-    mp.spawn(_distributed, args=(wrap, _free_port(), str(tmp_path), root), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_distributed, args=(wrap, free_port(), str(tmp_path), root), nprocs=WORLD_SIZE, join=True)
     for rank in range(WORLD_SIZE):
         result = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert not result["added"], "\n".join(result["added"])

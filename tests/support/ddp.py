@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -13,13 +12,9 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from numwatch.monitor.ops.stack import free_port
+
 ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, function: Callable[..., None], args: tuple[Any, ...]) -> None:

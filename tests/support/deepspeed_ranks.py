@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,16 +19,11 @@ from typing import Any
 
 import torch
 
+from numwatch.monitor.ops.stack import free_port
 from tests.support.binaries import missing
 
 WORLD_SIZE = 2
 ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def init_deepspeed(rank: int, port: int) -> Any:

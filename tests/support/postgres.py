@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -17,18 +16,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from numwatch.monitor.ops.stack import free_port
+
 SERVICE_USER = "postgres"
 START_TIMEOUT_S = 60
 
 
 class PostgresUnavailable(RuntimeError):
     """PostgreSQL cannot be started here (binaries missing, no unprivileged user)."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _as_server_user(argv: list[str]) -> list[str]:
@@ -117,7 +112,7 @@ def postgres_server(workdir: Path | None = None, *, durable: bool = False) -> It
             check=True,
             capture_output=True,
         )
-        port = _free_port()
+        port = free_port()
         log = root / "postgres.log"
         if os.geteuid() == 0:
             log.touch()
