@@ -55,7 +55,7 @@ from numwatch.capture.forward_probe import ForwardProbe
 from numwatch.capture.gemm import ROWS as GEMM_ROWS
 from numwatch.capture.gemm import GemmProbe
 from numwatch.capture.guard import Guard
-from numwatch.capture.local_grads import LocalGradProbe, is_ddp
+from numwatch.capture.local_grads import LocalGradProbe, LocalProbe, ZeroLocalProbe, is_ddp
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.delivery.spool import default_spool_root, spool_directory
@@ -212,12 +212,8 @@ class Watcher:
             else None
         )
         self._checker = NonFiniteCheck(self.run, self.tensor_names, on_nonfinite, self.tracer)
-        # ranks: each rank's gradient before DDP's reduction (numwatch.capture.local_grads)
-        self._local = (
-            LocalGradProbe(model, lambda: self.watched.cadence.sampled(self._ledger.steps + 1), self._guard)
-            if is_ddp(model) and self.world_size > 1
-            else None
-        )
+        # ranks: each rank's gradient before the reduction (numwatch.capture.local_grads)
+        self._local = self._local_probe(model)
         self._reader = GradientReader(self.watched, self._scaler, self._checker, optimizer)
         self._ledger = StepLedger(
             self._reader,
@@ -266,6 +262,19 @@ class Watcher:
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The watched optimizer (None until a framework that builds it late steps it)."""
         return self._reader.optimizer
+
+    def _local_probe(self, model: nn.Module) -> LocalProbe | None:
+        """The probe of this rank's own gradient, where the job has several ranks and it can be seen."""
+        if self.world_size == 1:
+            return None
+        sampled = lambda: self.watched.cadence.sampled(self._ledger.steps + 1)  # noqa: E731
+        if self._deepspeed is not None:
+            if self._deepspeed.accumulation_steps() > 1:
+                return None  # the rank's own sum over the micro-batches never exists (see local_grads)
+            engine = self._deepspeed.engine
+            whole = engine.zero_optimization_stage() < 3  # stages 1, 2: every rank holds every weight
+            return ZeroLocalProbe(engine.module, self._deepspeed.loss_scale, sampled, self._guard, replicated=whole)
+        return LocalGradProbe(model, sampled, self._guard) if is_ddp(model) else None
 
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:
         ledger, guard = self._ledger, self._guard

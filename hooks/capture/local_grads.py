@@ -31,6 +31,16 @@ non-finite backward is never hidden by a later one.
 Limits: DDP's python reducer and compiled DDP (which call hooks per parameter, not per
 bucket) are not probed; a ``Join`` context's changed divisor is not followed by the default
 all-reduce; a builtin C++ hook registered after ``watch()`` is refused (use its Python twin).
+
+Under DeepSpeed ZeRO (:class:`ZeroLocalProbe`) a hook on each parameter sees the rank's own
+gradient before DeepSpeed's hooks take it for the reduction: full-shape in every stage, in
+the model's dtype, times the loss scale under fp16 (divided out here). Measured only with
+``gradient_accumulation_steps`` 1: with more, ZeRO-2/3 reduce every micro-batch and the
+rank's own sum over them never exists, so no number would be exact. The compute time is not
+measured: ZeRO's collectives run inside the forward (stage 3's parameter gathers) and the
+backward (the reductions), so a rank's forward-backward time includes waiting for the
+slowest rank. The weights' checksum is taken under stages 1 and 2, where every rank holds
+them whole.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -90,6 +100,14 @@ class _Backward:
     names: list[str] = field(default_factory=list)
     start: Any = None  # the first forward's since the previous synchronising backward
     end: Any = None
+
+
+class LocalProbe(Protocol):
+    """What the step ledger takes from a local-health probe at the end of each step."""
+
+    def take(self) -> LocalStep | None: ...
+
+    def remove(self) -> None: ...
 
 
 def is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
@@ -250,6 +268,79 @@ class LocalGradProbe:
     def remove(self) -> None:
         """Stop measuring. A registered communication hook stays (DDP cannot drop it) and only forwards."""
         self._removed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class ZeroLocalProbe:
+    """Per-step local health under DeepSpeed ZeRO, ``gradient_accumulation_steps`` 1: each
+    parameter's own gradient as autograd hands it over (see the module docstring)."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_scale: Callable[[], float],
+        sampled: Callable[[], bool],
+        guard: Guard,
+        *,
+        replicated: bool,
+    ) -> None:
+        self._loss_scale = loss_scale
+        self._sampled = sampled
+        named = [(_strip(name), p) for name, p in module.named_parameters() if p.requires_grad]
+        # Stages 1 and 2 keep every weight whole on every rank: its checksum must agree.
+        self._replicated = [p for _, p in named] if replicated else None
+        self._fresh = True
+        self._scale = 1.0
+        self._sampling = False
+        self._norms: list[torch.Tensor] = []
+        self._names: list[str] = []
+        self._finite: list[torch.Tensor] = []  # finite elements, per parameter, of every backward of the step
+        self._numel = 0  # elements those counts are of
+        self._checksum: torch.Tensor | None = None
+        measure = guard("local gradient probe", self._measure)
+        self._handles = [module.register_forward_pre_hook(guard("local gradient probe", self._before_forward))]
+        self._handles += [p.register_hook(functools.partial(measure, name)) for name, p in named]
+
+    def _before_forward(self, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():
+            self._fresh = True
+
+    def _measure(self, name: str, grad: torch.Tensor) -> None:
+        if self._fresh:
+            # A backward's first gradient: as for DDP, the step's norms are its last backward's.
+            self._fresh = False
+            self._norms, self._names = [], []
+            self._scale = self._loss_scale()
+            self._sampling = bool(self._sampled())
+            if self._sampling and self._replicated is not None:
+                self._checksum = bit_sum(self._replicated)
+        with torch.no_grad():
+            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
+            self._finite.append(torch.isfinite(grad).sum())
+        self._numel += grad.numel()
+        self._names.append(name)
+
+    def take(self) -> LocalStep | None:
+        """The step's local health, or None when no backward ran since the last step."""
+        norms, self._norms = self._norms, []
+        finite, self._finite = self._finite, []
+        numel, self._numel = self._numel, 0
+        checksum, self._checksum = self._checksum, None
+        self._fresh = True
+        if not norms:
+            return None
+        with torch.no_grad():
+            stacked = torch.stack(norms)
+            if self._scale != 1.0:
+                stacked.mul_(1.0 / self._scale)
+            parts = {LOCAL_NORMS: stacked, LOCAL_NONFINITE: numel - torch.stack(finite).sum()}
+        if checksum is not None:
+            parts[LOCAL_CHECKSUM] = checksum
+        return LocalStep(parts, LocalMeta(self._names, self._sampling))
+
+    def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

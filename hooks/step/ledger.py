@@ -44,7 +44,7 @@ from numwatch.capture.activations import ActivationTracer
 from numwatch.capture.clipping import ClipEffect
 from numwatch.capture.forward_probe import ForwardProbe
 from numwatch.capture.gemm import GemmProbe
-from numwatch.capture.local_grads import LocalGradProbe
+from numwatch.capture.local_grads import LocalProbe
 from numwatch.step.measurement import StepMeasurement, WatchedTensors
 from numwatch.step.reading import GradientReader
 from numwatch.step.records import StepRecord
@@ -144,7 +144,7 @@ class StepLedger:
         tracer: ActivationTracer | None = None,
         probe: ForwardProbe | None = None,
         gemm: GemmProbe | None = None,
-        local: LocalGradProbe | None = None,
+        local: LocalProbe | None = None,
         replicated_by: int | None = None,
     ) -> None:
         self.reader = reader

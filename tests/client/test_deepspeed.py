@@ -5,7 +5,8 @@ this module and saves what each rank saw; the tests below read those results. Ev
 numwatch spooled is checked against DeepSpeed's own: ``safe_get_full_grad`` (the full
 reduced gradient, gathered with a collective per tensor, divided by the loss scale here),
 ``get_global_grad_norm()``, the loss scale and ``was_step_applied()``, and against a plain
-torch model trained on the combined batch of both ranks in float32 (rank 0).
+torch model trained on the combined batch of both ranks in float32 (on each rank, which
+also gives that rank's own gradient before the reduction).
 """
 
 from __future__ import annotations
@@ -110,9 +111,15 @@ def _deepspeed_step(
     }
 
 
-def _reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, applied: bool) -> dict:
-    """The same step in float32 on the combined batch (the mean loss: the averaged gradient)."""
+def _reference_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int, applied: bool, rank: int
+) -> dict:
+    """The same step in float32 on the combined batch (the mean loss: the averaged gradient);
+    ``local_norm``: the norm of the gradient of ``rank``'s own half, before any reduction."""
     inputs, targets = _batch(step)
+    own = torch.nn.functional.mse_loss(model(_half(rank, inputs)), _half(rank, targets))
+    local = torch.autograd.grad(own, list(model.parameters()))
+    local_norm = float(np.linalg.norm(np.concatenate([_full(g) for g in local])))
     loss = torch.nn.functional.mse_loss(model(inputs), targets)
     loss.backward()
     grads = [_full(p.grad) for p in model.parameters()]
@@ -120,7 +127,7 @@ def _reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, st
     if applied:
         optimizer.step()
     optimizer.zero_grad()
-    return {"loss": float(loss), "grads": grads, "global_norm": norm}
+    return {"loss": float(loss), "grads": grads, "global_norm": norm, "local_norm": local_norm}
 
 
 def _count_collectives() -> list[int]:
@@ -156,8 +163,8 @@ def _configurations(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
                 histogram_every=HISTOGRAM_EVERY,
                 quant_every=QUANT_EVERY,
             )
-            reference = _model() if rank == 0 else None
-            reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR) if reference else None
+            reference = _model()
+            reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR)
             seen: dict[str, list] = {"deepspeed": [], "reference": [], "collectives": collectives}
             collectives.clear()
             for step in range(1, STEPS + 1):
@@ -168,8 +175,7 @@ def _configurations(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
                     inputs[0, 1] = math.inf
                 said = _deepspeed_step(deepspeed, engine, inputs, _half(rank, targets))
                 seen["deepspeed"].append(said)
-                if reference is not None:
-                    seen["reference"].append(_reference_step(reference, reference_optimizer, step, said["applied"]))
+                seen["reference"].append(_reference_step(reference, reference_optimizer, step, said["applied"], rank))
             watcher.close()
             seen["collectives"] = list(collectives)
             results[f"zero{stage}-{dtype}"] = seen
@@ -572,6 +578,37 @@ def test_one_sum_and_one_max_per_step(ranks) -> None:
             assert seen["collectives"][1] == 2 + 3, run
 
 
+def test_each_ranks_local_health_is_its_own_gradient_before_the_reduction(ranks) -> None:
+    out, results = ranks
+    for stage in STAGES:
+        for dtype in DTYPES:
+            run = f"zero{stage}-{dtype}"
+            checksums: dict[int, set[int | None]] = {}
+            for rank in range(WORLD_SIZE):
+                spooled = _spooled(out, run, rank)
+                reference = results[rank]["configurations"][run]["reference"]
+                for step, expected in zip(spooled.steps, reference, strict=True):
+                    local = step["local"]
+                    assert local["compute_time"] is None  # ZeRO's collectives run inside forward and backward
+                    sampled = (step["step"] - 1) % HISTOGRAM_EVERY == 0
+                    if stage < 3 and sampled:
+                        checksums.setdefault(step["step"], set()).add(local["checksum"])
+                    else:
+                        assert local["checksum"] is None
+                    if _overflowed(dtype, step["step"]) and rank == 1:  # the Inf was in rank 1's batch only
+                        assert local["nonfinite"] > 0 and not math.isfinite(_float(local["grad_norm"]))
+                        continue
+                    assert local["nonfinite"] == 0, (run, rank, step["step"])
+                    assert _float(local["grad_norm"]) == pytest.approx(
+                        expected["local_norm"], rel=REFERENCE_RTOL[dtype]
+                    ), (run, rank, step["step"])
+                    # The rank's own gradient, not the reduced one every rank holds.
+                    assert _float(local["grad_norm"]) != pytest.approx(expected["global_norm"], rel=1e-2)
+            # Stages 1 and 2: each sampled step's weights are the same on both ranks.
+            assert all(len(sums) == 1 and None not in sums for sums in checksums.values()), (run, checksums)
+            assert sorted(checksums) == ([1, 3] if stage < 3 else [])
+
+
 def test_gradient_accumulation_gives_one_step_per_optimizer_step(ranks) -> None:
     out, results = ranks
     for stage in STAGES:
@@ -580,6 +617,8 @@ def test_gradient_accumulation_gives_one_step_per_optimizer_step(ranks) -> None:
             spooled = _spooled(out, f"accumulation{stage}", rank)
             assert results[rank]["accumulation"][f"{stage}-steps"] == 2
             assert [s["step"] for s in spooled.steps] == [1, 2]
+            # ZeRO-2/3 reduce every micro-batch: the rank's own sum over them is never held.
+            assert [s["local"] for s in spooled.steps] == [None, None]
             for step, expected in zip(spooled.steps, said, strict=True):
                 # The loss whose gradient the step applies: each micro-batch's loss / 2, summed.
                 assert _float(step["loss"]) == pytest.approx(sum(expected["losses"]) / 2, rel=1e-6)
