@@ -46,6 +46,7 @@ them whole.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ import torch.distributed as dist
 from torch import nn
 
 from numwatch.capture.guard import Guard
+from numwatch.kernels.device import accelerator_path
 from numwatch.kernels.replica import bit_sum
 
 # Part names in the step's device stack.
@@ -108,6 +110,27 @@ class LocalProbe(Protocol):
     def take(self) -> LocalStep | None: ...
 
     def remove(self) -> None: ...
+
+
+def nonfinite_elements(tensor: torch.Tensor) -> torch.Tensor:
+    """float64 scalar: the NaN/Inf elements of ``tensor``, in two ops (``isfinite().sum()`` takes
+    five): x·0 is NaN exactly there, and the 0-"norm" counts the elements that are not 0."""
+    count: torch.Tensor = torch.linalg.vector_norm(tensor.mul(0), 0, dtype=torch.float64)
+    return count
+
+
+def counted_if_not_finite(tensor: torch.Tensor, norms: torch.Tensor) -> torch.Tensor | None:
+    """``tensor``'s NaN/Inf elements, given the norms of what it holds; None for none.
+
+    Each count is another pass over the gradients' memory, which on a CPU costs as much as the
+    norm itself: there the norms are read (free: no device to wait for) and only a tensor whose
+    norm is not finite is counted. On accelerators it is counted on the device, with no host sync."""
+    if accelerator_path(tensor.device):
+        return nonfinite_elements(tensor)
+    # The norms' sum is finite when all of them are (one that overflows is counted: still exact).
+    if not math.isfinite(float(norms if norms.dim() == 0 else norms.sum())):
+        return nonfinite_elements(tensor)
+    return None
 
 
 def is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
@@ -232,8 +255,11 @@ class LocalGradProbe:
         assert backward is not None
         with torch.no_grad():
             norms = torch._foreach_norm(grads)
-            backward.norms.append(torch.stack(norms).float() if len(norms) > 1 else norms[0].float().reshape(1))
-            self._counts.append(flat.numel() - torch.isfinite(flat).sum())
+            stacked = torch.stack(norms).float() if len(norms) > 1 else norms[0].float().reshape(1)
+            backward.norms.append(stacked)
+            count = counted_if_not_finite(flat, stacked)
+            if count is not None:
+                self._counts.append(count)
             if self._sampling:
                 backward.sums.append(bit_sum(parameters))
         backward.names += [self._names.get(id(p), "?") for p in parameters]
@@ -249,10 +275,7 @@ class LocalGradProbe:
         self._fresh = True
         if backward is None or not backward.norms:
             return None
-        parts = {
-            LOCAL_NORMS: torch.cat(backward.norms),
-            LOCAL_NONFINITE: torch.stack(counts).sum(),
-        }
+        parts = {LOCAL_NORMS: torch.cat(backward.norms), LOCAL_NONFINITE: _total(counts)}
         if backward.sums:
             parts[LOCAL_CHECKSUM] = torch.stack(backward.sums).sum()
         meta = LocalMeta(backward.names, self._sampling)
@@ -316,10 +339,11 @@ class ZeroLocalProbe:
             if self._sampling and self._replicated is not None:
                 self._checksum = bit_sum(self._replicated)
         with torch.no_grad():
-            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))
-            # NaN/Inf elements in two ops (isfinite().sum() takes five): x·0 is NaN exactly
-            # there, and the 0-"norm" counts the elements that are not 0, exactly in float64.
-            self._nonfinite.append(torch.linalg.vector_norm(grad.mul(0), 0, dtype=torch.float64))
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            self._norms.append(norm)
+            count = counted_if_not_finite(grad, norm)
+            if count is not None:
+                self._nonfinite.append(count)
         self._names.append(name)
 
     def take(self) -> LocalStep | None:
@@ -334,7 +358,7 @@ class ZeroLocalProbe:
             stacked = torch.stack(norms)
             if self._scale != 1.0:
                 stacked.mul_(1.0 / self._scale)
-            parts = {LOCAL_NORMS: stacked, LOCAL_NONFINITE: torch.stack(nonfinite).sum().to(torch.int64)}
+            parts = {LOCAL_NORMS: stacked, LOCAL_NONFINITE: _total(nonfinite)}
         if checksum is not None:
             parts[LOCAL_CHECKSUM] = checksum
         return LocalStep(parts, LocalMeta(self._names, self._sampling))
@@ -343,3 +367,10 @@ class ZeroLocalProbe:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _total(counts: list[torch.Tensor]) -> torch.Tensor:
+    """int64 scalar: the sum of ``counts`` (0 for none)."""
+    if not counts:
+        return torch.zeros((), dtype=torch.int64)
+    return (torch.stack(counts).sum() if len(counts) > 1 else counts[0]).to(torch.int64)

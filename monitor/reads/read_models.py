@@ -117,6 +117,10 @@ class GemmTable(BaseModel):
     rank: int
     recipe: GemmRecipe
     threshold_db: float = Field(description="the collector's gemm_sqnr_low threshold")
+    rows: int | None = Field(
+        description="rows of each operand quantized (the run's gemm_rows): the numbers are estimates from them; "
+        "null: every row, exact"
+    )
     layers: list[GemmLayer] = Field(description="measured Linear weights, lowest SQNR under `recipe` first")
 
 

@@ -64,7 +64,15 @@ def gemm_table(session: Session, run: Run, rank: int, recipe: str, threshold: fl
         row = next((step for step in steps if key in step["tensors"]), None)
     finally:
         steps.close()
-    empty: dict[str, Any] = {"step": None, "rank": rank, "recipe": recipe, "threshold_db": threshold, "layers": []}
+    rows = (run.config or {}).get("gemm_rows")  # runs from before gemm_rows measured every row
+    empty: dict[str, Any] = {
+        "step": None,
+        "rank": rank,
+        "recipe": recipe,
+        "threshold_db": threshold,
+        "rows": rows if isinstance(rows, int) and rows > 0 else None,
+        "layers": [],
+    }
     if row is None:
         return empty
     stats = row["tensors"]

@@ -623,6 +623,8 @@ def test_run_page_lists_the_linears_to_keep_in_bf16_and_maps_their_input_sqnr(se
     assert browser.console_errors(driver) == []
     table = get_json(f"{served.url}/api/v1/runs/mlp-fp16/gemm")
     assert table["step"] == 36  # gemm_every defaults to histogram_every (5): steps 1, 6, ..., 36
+    assert table["rows"] == 32  # the default row sample: the page says the numbers are estimates
+    assert "Estimates from 32 evenly spaced rows" in driver.find_element("id", "gemm-rows").text
     rows = driver.find_elements("css selector", "#gemm-table tbody tr")
     names = [r.find_element("css selector", "td").text for r in rows]
     assert names == [layer["tensor"] for layer in table["layers"]]

@@ -75,6 +75,7 @@ def test_every_operand_through_the_collector(collector: Any, tmp_path: Any) -> N
     with httpx.Client(base_url=url, timeout=30) as api:
         table = api.get(f"/api/v1/runs/{RUN}/gemm").json()
         assert table["step"] == 3 and table["threshold_db"] == THRESHOLD
+        assert table["rows"] is None  # gemm_rows=0: every row, exact
         calls = {names[id(call["id"])]: call for call in seen[3]}
         assert sorted(layer["tensor"] for layer in table["layers"]) == sorted(calls)  # every Linear, tied head too
         for layer in table["layers"]:

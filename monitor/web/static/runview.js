@@ -280,7 +280,9 @@ const RunView = (() => {
       el("p", { class: "muted small" }, `Step ${table.step}: what each scheme's quantize→dequantize round trip would do to every Linear's matmul operands. `,
         `Sorted by the lowest SQNR under the ${table.recipe} recipe; `, el("strong", { id: "gemm-keep" }, `keep these layers in bf16: ${keep} of ${table.layers.length}`),
         ` (SQNR below ${fmt(table.threshold_db)} dB). e4m3/e5m2: fp8 with one per-tensor scale; MX: MXFP8, blocks of 32 with the OCP scale rule; MX↑: MXFP8 with a round-up scale (never saturates); `,
-        "NV: NVFP4, blocks of 16. Flushed and saturated: shares of the non-zero elements, for the worst pair (each cell's tooltip has its own)."),
+        "NV: NVFP4, blocks of 16. Flushed and saturated: shares of the non-zero elements, for the worst pair (each cell's tooltip has its own). ",
+        table.rows ? el("strong", { id: "gemm-rows" }, `Estimates from ${table.rows} evenly spaced rows of each operand, under the whole operand's scales (gemm_rows=${table.rows}; 0 measures every row).`)
+          : el("span", { id: "gemm-rows" }, "Every row measured (exact).")),
       el("div", { class: "table-wrap" }, el("table", { class: "gemm", id: "gemm-table" }, el("thead", {}, top, head), el("tbody", {}, gemmRows(table)))));
   }
 
