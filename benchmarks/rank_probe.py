@@ -10,7 +10,8 @@ parts. Printed per configuration (median over ``--steps`` steps after a warm-up,
 - ops: the aten ops the probe dispatches per step (a dispatch mode counting inside the probe
   only; device independent);
 - probe time: wall time inside the probe's hooks and ``take()`` per step. On CPU it includes the
-  kernels' work (two passes over the gradients: the norms and the NaN/Inf count);
+  kernels' work (a pass over the gradients for the norms; NaN/Inf elements are counted only in a
+  bucket whose norm is not finite);
 - host time: the same with every parameter shrunk to one element (same parameters, same bucket
   layout), where the kernels' work vanishes: what is left is the Python and dispatch time the
   probe adds on the host, which on a GPU is what a step pays (kernels run asynchronously there).
