@@ -1,4 +1,4 @@
-"""Each rank's own gradient before DDP's reduction: its norm, NaN/Inf and the rank's compute time.
+"""Each rank's own gradient before the data-parallel reduction (DDP, DeepSpeed ZeRO): its norm, NaN/Inf, compute time.
 
 After the all-reduce every rank holds the same gradient, so one rank's NaN is every rank's
 NaN and a slow rank looks like every other. Before it, the gradient is the rank's own: the
