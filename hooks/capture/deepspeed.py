@@ -345,27 +345,28 @@ class EngineAdapter:
         """Whether the last step found Inf/NaN gradients and skipped the update."""
         return bool(self.optimizer.overflow)
 
-    def global_grad_norm(self) -> float | None:
-        """The norm the optimizer's last step computed (the engine copies it after the step returns)."""
-        norm = getattr(self.optimizer, "_global_grad_norm", None)
-        return None if norm is None else float(norm)
-
     def accumulation_steps(self) -> int:
         return int(self.engine.gradient_accumulation_steps())
 
-    def applied_factor(self, scale_before: float) -> float | None:
+    def applied_factor(self, scale_before: float) -> Tensor | float | None:
         """The factor DeepSpeed multiplied the unscaled gradients by before the update of the
         step that just ran (clipping to ``gradient_clipping``, and unscaling by the scale as
         it stood after its update, which differs from ``scale_before`` on a step where the
-        scale grows); None without clipping."""
+        scale grows); None without clipping. Computed where DeepSpeed's norm is (a device
+        tensor, or a float), so reading it never waits for the device."""
         clip = float(self.optimizer.clip_grad)
-        norm = self.global_grad_norm()
+        # What engine.get_global_grad_norm() returns: the norm the optimizer's step computed.
+        norm = getattr(self.optimizer, "_global_grad_norm", None)
         if clip <= 0.0 or norm is None:
             return None
         scale_after = self.loss_scale()
         # The scaled norm DeepSpeed clips with: stage 3 divides it by the scale after the update.
-        scaled = norm * (scale_after if self.engine.zero_optimization_stage() == 3 else scale_before)
-        coefficient = max(1.0, (scaled / scale_after + CLIP_EPSILON) / clip)
+        scaled_by = scale_after if self.engine.zero_optimization_stage() == 3 else scale_before
+        ratio = scaled_by / scale_after
+        if isinstance(norm, Tensor):
+            coefficient: Tensor | float = ((norm.double() * ratio + CLIP_EPSILON) / clip).clamp(min=1.0)
+        else:
+            coefficient = max(1.0, (float(norm) * ratio + CLIP_EPSILON) / clip)
         return scale_before / (coefficient * scale_after)
 
     def patch(self, owner: object, name: str, wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:

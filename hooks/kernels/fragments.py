@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from numwatch.kernels.device import to_device
 from numwatch.kernels.quantization import NF4_BLOCK, SCHEMES
 from numwatch.kernels.sharded import ShardLayout, ShardReduction
 
@@ -73,7 +74,7 @@ class FragmentReduction(ShardReduction):
                 "fp8": True,
             }
             rows.append([False, *(not local[scheme] for scheme in SCHEMES)])
-        return torch.tensor(rows, dtype=torch.bool).t().to(device)
+        return to_device(torch.tensor(rows, dtype=torch.bool).t(), device)
 
     def quantization_sqnr(self, shards: Sequence[Tensor], numels: Sequence[int]) -> Tensor:
         """As :meth:`ShardReduction.quantization_sqnr`, from flat fragments."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +23,8 @@ from torch import nn
 
 from numwatch.kernels.device import simulate_accelerator
 from numwatch.monitor.ops.stack import free_port
+from tests.support.deepspeed_ranks import init_deepspeed, run_rank, zero_config
+from tests.support.deepspeed_ranks import spawn as zero_spawn
 from tests.support.step_kinds import LOOPS, RECORDED, WARMUP, Loop, added, inputs, mlp, record
 from tests.support.syncs import SyncRecorder
 
@@ -133,3 +137,57 @@ def test_distributed_steps_add_no_host_sync(wrap: str, tmp_path: Path) -> None:
         assert not result["added"], "\n".join(result["added"])
         assert RECORDED <= result["copies"] <= RECORDED + 1
         assert result["steps"] == WARMUP + RECORDED
+
+
+# --------------------------------------------------------------------------- DeepSpeed ZeRO, two gloo ranks
+
+ZERO_SETUPS = ((1, "fp32"), (2, "bf16"), (3, "fp16"))
+
+
+def _zero_loop(deepspeed: Any, stage: int, dtype: str) -> Callable[[torch.device], Loop]:
+    def build(device: torch.device) -> Loop:
+        model = mlp(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        config = zero_config(stage, dtype, micro_batch=16, gradient_clipping=0.5)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        rank = torch.distributed.get_rank()
+        low = next(engine.module.parameters()).dtype
+
+        def step(number: int) -> None:
+            engine.backward(engine(inputs(number * WORLD_SIZE + rank, device).to(low)).float().pow(2).mean())
+            engine.step()
+
+        return Loop(engine, engine.optimizer, step, watch={"histogram_every": 2, "format_every": 1, "quant_every": 2})
+
+    return build
+
+
+def _zero(rank: int, port: int, out: str) -> None:
+    def body() -> None:
+        deepspeed = init_deepspeed(rank, port)
+        results = {}
+        for stage, dtype in ZERO_SETUPS:
+            # DeepSpeed's own syncs (its overflow check) are in both runs; only numwatch's are added.
+            with simulate_accelerator():
+                baseline = record(_zero_loop(deepspeed, stage, dtype), CPU, None)
+                watched = record(_zero_loop(deepspeed, stage, dtype), CPU, Path(out, f"spool-{stage}"))
+            results[f"zero{stage}-{dtype}"] = {
+                "added": added(baseline, watched),
+                "copies": watched.host_copies,
+                "steps": len(watched.steps),
+            }
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+    run_rank(body)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero_steps_add_no_host_sync(tmp_path: Path) -> None:
+    zero_spawn(_zero, str(tmp_path))
+    for rank in range(WORLD_SIZE):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert sorted(results) == sorted(f"zero{stage}-{dtype}" for stage, dtype in ZERO_SETUPS)
+        for setup, result in results.items():
+            assert not result["added"], (setup, result["added"])
+            assert RECORDED <= result["copies"] <= RECORDED + 1, setup
+            assert result["steps"] == WARMUP + RECORDED, setup
