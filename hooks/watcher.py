@@ -269,11 +269,19 @@ class Watcher:
             return None
         sampled = lambda: self.watched.cadence.sampled(self._ledger.steps + 1)  # noqa: E731
         if self._deepspeed is not None:
-            if self._deepspeed.accumulation_steps() > 1:
-                return None  # the rank's own sum over the micro-batches never exists (see local_grads)
             engine = self._deepspeed.engine
-            whole = engine.zero_optimization_stage() < 3  # stages 1, 2: every rank holds every weight
-            return ZeroLocalProbe(engine.module, self._deepspeed.loss_scale, sampled, self._guard, replicated=whole)
+            stage = engine.zero_optimization_stage()
+            accumulated = self._deepspeed if self._deepspeed.accumulation_steps() > 1 else None
+            if accumulated is not None and stage > 1:
+                return None  # ZeRO-2/3: the rank's own sum over the micro-batches never exists (see local_grads)
+            return ZeroLocalProbe(
+                engine.module,
+                self._deepspeed.loss_scale,
+                sampled,
+                self._guard,
+                replicated=stage < 3,  # stages 1, 2: every rank holds every weight
+                accumulated=accumulated,
+            )
         return LocalGradProbe(model, sampled, self._guard) if is_ddp(model) else None
 
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:

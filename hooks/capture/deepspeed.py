@@ -348,6 +348,19 @@ class EngineAdapter:
     def accumulation_steps(self) -> int:
         return int(self.engine.gradient_accumulation_steps())
 
+    def boundary(self) -> bool:
+        """Whether the backward under way is the accumulation boundary's (its step follows)."""
+        return bool(self.engine.is_gradient_accumulation_boundary())
+
+    def held(self, parameter: Tensor) -> Tensor | None:
+        """ZeRO-1 with accumulation: the rank's own gradient of ``parameter`` summed over the
+        step's earlier micro-batches (in ``.grad``, or in ``grad_accum`` when DeepSpeed
+        accumulates in another dtype), before the boundary reduces it."""
+        if getattr(self.optimizer, "use_grad_accum_attribute", False):
+            held: Tensor | None = getattr(parameter, "grad_accum", None)
+            return held
+        return parameter.grad
+
     def applied_factor(self, scale_before: float) -> Tensor | float | None:
         """The factor DeepSpeed multiplied the unscaled gradients by before the update of the
         step that just ran (clipping to ``gradient_clipping``, and unscaling by the scale as

@@ -34,9 +34,11 @@ all-reduce; a builtin C++ hook registered after ``watch()`` is refused (use its 
 
 Under DeepSpeed ZeRO (:class:`ZeroLocalProbe`) a hook on each parameter sees the rank's own
 gradient before DeepSpeed's hooks take it for the reduction: full-shape in every stage, in
-the model's dtype, times the loss scale under fp16 (divided out here). Measured only with
-``gradient_accumulation_steps`` 1: with more, ZeRO-2/3 reduce every micro-batch and the
-rank's own sum over them never exists, so no number would be exact. The compute time is not
+the model's dtype, times the loss scale under fp16 (divided out here). With
+``gradient_accumulation_steps`` above 1, ZeRO-1 keeps the rank's own sum of the earlier
+micro-batches' gradients until the boundary, and the last micro-batch's hook adds its own
+to it; ZeRO-2/3 reduce every micro-batch, so the rank's own sum never exists and is not
+measured (no number would be exact). The compute time is not
 measured: ZeRO's collectives run inside the forward (stage 3's parameter gathers) and the
 backward (the reductions), so a rank's forward-backward time includes waiting for the
 slowest rank. The weights' checksum is taken under stages 1 and 2, where every rank holds
@@ -296,6 +298,18 @@ class LocalGradProbe:
         self._handles.clear()
 
 
+class Accumulated(Protocol):
+    """Where ZeRO-1 keeps a rank's own gradient summed over the micro-batches until the boundary."""
+
+    def boundary(self) -> bool:
+        """Whether the backward under way is the last micro-batch's (the engine then reduces)."""
+        ...
+
+    def held(self, parameter: torch.Tensor) -> torch.Tensor | None:
+        """The parameter's own gradient summed over the earlier micro-batches (None: none yet)."""
+        ...
+
+
 class ZeroLocalProbe:
     """Per-step local health under DeepSpeed ZeRO, ``gradient_accumulation_steps`` 1: each
     parameter's own gradient as autograd hands it over (see the module docstring)."""
@@ -308,8 +322,10 @@ class ZeroLocalProbe:
         guard: Guard,
         *,
         replicated: bool,
+        accumulated: Accumulated | None = None,
     ) -> None:
         self._loss_scale = loss_scale
+        self._accumulated = accumulated
         self._sampled = sampled
         named = [(_strip(name), p) for name, p in module.named_parameters() if p.requires_grad]
         # Stages 1 and 2 keep every weight whole on every rank: its checksum must agree.
@@ -323,13 +339,19 @@ class ZeroLocalProbe:
         self._checksum: torch.Tensor | None = None
         measure = guard("local gradient probe", self._measure)
         self._handles = [module.register_forward_pre_hook(guard("local gradient probe", self._before_forward))]
-        self._handles += [p.register_hook(functools.partial(measure, name)) for name, p in named]
+        self._handles += [p.register_hook(functools.partial(measure, name, p)) for name, p in named]
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():
             self._fresh = True
 
-    def _measure(self, name: str, grad: torch.Tensor) -> None:
+    def _measure(self, name: str, parameter: torch.Tensor, grad: torch.Tensor) -> None:
+        if self._accumulated is not None:
+            if not self._accumulated.boundary():
+                return  # an earlier micro-batch: in what the boundary's backward adds its own to
+            held = self._accumulated.held(parameter)
+            if held is not None:
+                grad = held.view_as(grad) + grad
         if self._fresh:
             # A backward's first gradient: as for DDP, the step's norms are its last backward's.
             self._fresh = False

@@ -183,14 +183,34 @@ def _configurations(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
     return results
 
 
-def _train(engine: Any, steps: int, rank: int, accumulation: int = 1) -> list[dict[str, Any]]:
+def _own_gradient_norm(
+    weights: list[torch.Tensor], rank: int, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> float:
+    """float64 norm of ``rank``'s own gradient summed over ``batches`` (each loss / their count, as the
+    engine differentiates it), at ``weights``, in a float32 copy of the model."""
+    model = _model()
+    with torch.no_grad():
+        for parameter, weight in zip(model.parameters(), weights, strict=True):
+            parameter.copy_(weight.view_as(parameter))
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in model.parameters()]
+    for inputs, targets in batches:
+        loss = torch.nn.functional.mse_loss(model(_half(rank, inputs)), _half(rank, targets)) / len(batches)
+        for sum_, grad in zip(total, torch.autograd.grad(loss, list(model.parameters())), strict=True):
+            sum_ += grad.double()
+    return float(torch.linalg.vector_norm(torch.cat([t.ravel() for t in total])))
+
+
+def _train(engine: Any, steps: int, rank: int, accumulation: int = 1, own: bool = False) -> list[dict[str, Any]]:
     """``steps`` optimizer steps of ``accumulation`` micro-batches each; DeepSpeed's norm, the
-    gathered gradients and the losses backpropagated, per optimizer step."""
-    from deepspeed.utils import safe_get_full_grad
+    gathered gradients and the losses backpropagated, per optimizer step (``own``: and the
+    norm of this rank's own gradient before the reduction, from a float32 copy)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     seen = []
     for step in range(1, steps + 1):
         losses = []
+        # Collectives, in the same order on every rank.
+        weights = [safe_get_full_fp32_param(p) for p in engine.module.parameters()] if own else []
         for micro in range(accumulation):
             inputs, targets = _batch(10 * step + micro)
             loss = torch.nn.functional.mse_loss(engine(_half(rank, inputs)), _half(rank, targets))
@@ -201,6 +221,9 @@ def _train(engine: Any, steps: int, rank: int, accumulation: int = 1) -> list[di
         grads = [_full(safe_get_full_grad(p)) for p in engine.module.parameters()]
         engine.step()
         seen.append({"global_norm": float(engine.get_global_grad_norm()), "grads": grads, "losses": losses})
+        if own:
+            batches = [_batch(10 * step + micro) for micro in range(accumulation)]
+            seen[-1]["own_norm"] = _own_gradient_norm(weights, rank, batches)
     return seen
 
 
@@ -212,7 +235,7 @@ def _accumulation(deepspeed: Any, rank: int, spool: str) -> dict[str, Any]:
     for stage in STAGES:
         engine = _engine(deepspeed, stage, "fp32", gradient_accumulation_steps=2)
         with numwatch.watch(engine, run=f"accumulation{stage}", spool_dir=spool) as watcher:
-            results[stage] = _train(engine, 2, rank, accumulation=2)
+            results[stage] = _train(engine, 2, rank, accumulation=2, own=True)
         results[f"{stage}-steps"] = watcher.steps
     return results
 
@@ -617,9 +640,14 @@ def test_gradient_accumulation_gives_one_step_per_optimizer_step(ranks) -> None:
             spooled = _spooled(out, f"accumulation{stage}", rank)
             assert results[rank]["accumulation"][f"{stage}-steps"] == 2
             assert [s["step"] for s in spooled.steps] == [1, 2]
-            # ZeRO-2/3 reduce every micro-batch: the rank's own sum over them is never held.
-            assert [s["local"] for s in spooled.steps] == [None, None]
             for step, expected in zip(spooled.steps, said, strict=True):
+                if stage == 1:  # the rank's own gradient, summed over its two micro-batches
+                    own = _float(step["local"]["grad_norm"])
+                    assert own == pytest.approx(expected["own_norm"], rel=RTOL), (stage, rank)
+                    assert own != pytest.approx(expected["global_norm"], rel=1e-2)
+                    assert step["local"]["nonfinite"] == 0
+                else:  # ZeRO-2/3 reduce every micro-batch: the rank's own sum over them is never held
+                    assert step["local"] is None
                 # The loss whose gradient the step applies: each micro-batch's loss / 2, summed.
                 assert _float(step["loss"]) == pytest.approx(sum(expected["losses"]) / 2, rel=1e-6)
                 assert _float(step["global_grad_norm"]) == pytest.approx(expected["global_norm"], rel=RTOL)

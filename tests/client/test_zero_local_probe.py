@@ -71,3 +71,35 @@ def test_the_last_backward_of_a_step_gives_the_norms_and_every_backward_its_nan_
     probe.remove()
     model(ca, torch.zeros(3, 2), 1.0).backward()
     assert probe.take() is None
+
+
+class _Accumulation:
+    """ZeRO-1's accumulation as the probe sees it: the rank's own sum kept in ``.grad``."""
+
+    def __init__(self) -> None:
+        self.at_boundary = False
+
+    def boundary(self) -> bool:
+        return self.at_boundary
+
+    def held(self, parameter: torch.Tensor) -> torch.Tensor | None:
+        return parameter.grad
+
+
+def test_with_accumulation_the_boundary_measures_the_sum_of_every_micro_batch() -> None:
+    model = Scaled()
+    accumulation = _Accumulation()
+    guard = Guard(lambda: pytest.fail("the probe failed"))
+    probe = ZeroLocalProbe(model, lambda: 8.0, lambda: False, guard, replicated=False, accumulated=accumulation)
+    first = (torch.tensor([1.0, 2.0, 0.0, 0.0, math.inf], dtype=torch.bfloat16), torch.ones(3, 2))
+    second = (torch.tensor([2.0, -2.0, 1.0, 0.0, 0.0], dtype=torch.bfloat16), torch.full((3, 2), 2.0))
+    model(*first, 8.0).backward()  # not the boundary: only accumulated into .grad
+    assert probe.take() is None
+    accumulation.at_boundary = True
+    model(*second, 8.0).backward()
+    step = probe.take()
+    assert step is not None
+    norms = dict(zip(step.meta.names, step.parts[LOCAL_NORMS].tolist(), strict=True))
+    assert math.isinf(norms["a"])  # the first micro-batch's Inf is in the sum
+    assert norms["b"] == pytest.approx(3.0 * math.sqrt(6.0), rel=1e-6)  # (1 + 2) · 8 / 8 per element
+    assert int(step.parts[LOCAL_NONFINITE]) == 1
