@@ -55,7 +55,14 @@ from numwatch.capture.forward_probe import ForwardProbe
 from numwatch.capture.gemm import ROWS as GEMM_ROWS
 from numwatch.capture.gemm import GemmProbe
 from numwatch.capture.guard import Guard
-from numwatch.capture.local_grads import LocalGradProbe, LocalProbe, ZeroLocalProbe, is_ddp
+from numwatch.capture.local_grads import (
+    FsdpLocalProbe,
+    LocalGradProbe,
+    LocalProbe,
+    ZeroLocalProbe,
+    is_ddp,
+    is_fsdp2,
+)
 from numwatch.capture.scaler import ScalerAdapter
 from numwatch.delivery.nonfinite import NonFiniteCheck, NonFiniteError
 from numwatch.delivery.spool import default_spool_root, spool_directory
@@ -282,6 +289,8 @@ class Watcher:
                 replicated=stage < 3,  # stages 1, 2: every rank holds every weight
                 accumulated=accumulated,
             )
+        if is_fsdp2(model):
+            return FsdpLocalProbe(model, sampled, self._guard)
         return LocalGradProbe(model, sampled, self._guard) if is_ddp(model) else None
 
     def _make_sites(self, optimizer: torch.optim.Optimizer | None) -> list[StepSite]:

@@ -348,7 +348,7 @@ class EngineAdapter:
     def accumulation_steps(self) -> int:
         return int(self.engine.gradient_accumulation_steps())
 
-    def boundary(self) -> bool:
+    def boundary(self, parameter: Tensor) -> bool:
         """Whether the backward under way is the accumulation boundary's (its step follows)."""
         return bool(self.engine.is_gradient_accumulation_boundary())
 

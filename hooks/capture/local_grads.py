@@ -42,7 +42,8 @@ measured (no number would be exact). The compute time is not
 measured: ZeRO's collectives run inside the forward (stage 3's parameter gathers) and the
 backward (the reductions), so a rank's forward-backward time includes waiting for the
 slowest rank. The weights' checksum is taken under stages 1 and 2, where every rank holds
-them whole.
+them whole. FSDP2 (:class:`FsdpLocalProbe`) is read the same way, from its unsharded
+parameters, with the same two omissions.
 """
 
 from __future__ import annotations
@@ -133,6 +134,13 @@ def counted_if_not_finite(tensor: torch.Tensor, norms: torch.Tensor) -> torch.Te
     if not math.isfinite(float(norms if norms.dim() == 0 else norms.sum())):
         return nonfinite_elements(tensor)
     return None
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` is the root of an FSDP2 ``fully_shard`` tree."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def is_ddp(model: nn.Module) -> TypeGuard[nn.parallel.DistributedDataParallel]:
@@ -299,10 +307,10 @@ class LocalGradProbe:
 
 
 class Accumulated(Protocol):
-    """Where ZeRO-1 keeps a rank's own gradient summed over the micro-batches until the boundary."""
+    """Where a rank's own gradient is kept, summed over the micro-batches, until the boundary."""
 
-    def boundary(self) -> bool:
-        """Whether the backward under way is the last micro-batch's (the engine then reduces)."""
+    def boundary(self, parameter: torch.Tensor) -> bool:
+        """Whether the backward under way reduces ``parameter``'s gradient (the last micro-batch's)."""
         ...
 
     def held(self, parameter: torch.Tensor) -> torch.Tensor | None:
@@ -311,8 +319,8 @@ class Accumulated(Protocol):
 
 
 class ZeroLocalProbe:
-    """Per-step local health under DeepSpeed ZeRO, ``gradient_accumulation_steps`` 1: each
-    parameter's own gradient as autograd hands it over (see the module docstring)."""
+    """Per-step local health under DeepSpeed ZeRO: each parameter's own gradient as autograd
+    hands it over (see the module docstring)."""
 
     def __init__(
         self,
@@ -323,11 +331,14 @@ class ZeroLocalProbe:
         *,
         replicated: bool,
         accumulated: Accumulated | None = None,
+        hook_parameters: bool = True,
     ) -> None:
         self._loss_scale = loss_scale
         self._accumulated = accumulated
         self._sampled = sampled
-        named = [(_strip(name), p) for name, p in module.named_parameters() if p.requires_grad]
+        named: list[tuple[str, torch.Tensor]] = []
+        if hook_parameters:
+            named = [(_strip(name), p) for name, p in module.named_parameters() if p.requires_grad]
         # Stages 1 and 2 keep every weight whole on every rank: its checksum must agree.
         self._replicated = [p for _, p in named] if replicated else None
         self._fresh = True
@@ -337,9 +348,12 @@ class ZeroLocalProbe:
         self._names: list[str] = []
         self._nonfinite: list[torch.Tensor] = []  # per parameter, of every backward of the step
         self._checksum: torch.Tensor | None = None
-        measure = guard("local gradient probe", self._measure)
+        self._measure_guarded = guard("local gradient probe", self._measure)
         self._handles = [module.register_forward_pre_hook(guard("local gradient probe", self._before_forward))]
-        self._handles += [p.register_hook(functools.partial(measure, name, p)) for name, p in named]
+        self._hook(named)
+
+    def _hook(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self._handles += [p.register_hook(functools.partial(self._measure_guarded, name, p)) for name, p in named]
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
         if torch.is_grad_enabled():
@@ -347,7 +361,7 @@ class ZeroLocalProbe:
 
     def _measure(self, name: str, parameter: torch.Tensor, grad: torch.Tensor) -> None:
         if self._accumulated is not None:
-            if not self._accumulated.boundary():
+            if not self._accumulated.boundary(parameter):
                 return  # an earlier micro-batch: in what the boundary's backward adds its own to
             held = self._accumulated.held(parameter)
             if held is not None:
@@ -396,3 +410,44 @@ def _total(counts: list[torch.Tensor]) -> torch.Tensor:
     if not counts:
         return torch.zeros((), dtype=torch.int64)
     return (torch.stack(counts).sum() if len(counts) > 1 else counts[0]).to(torch.int64)
+
+
+class FsdpLocalProbe(ZeroLocalProbe):
+    """Per-step local health under FSDP2 (``fully_shard``): each unsharded parameter's gradient
+    as autograd hands it over, before FSDP reduce-scatters it (see the module docstring).
+
+    The unsharded parameters exist from each group's first all-gather on, and FSDP keeps them:
+    their hooks are added when the first forward with gradients has ended. With gradient sync
+    off (``set_requires_gradient_sync(False)``) FSDP keeps the rank's own sum over the
+    micro-batches, in the unsharded gradient or its accumulated copy in the reduce dtype; the
+    backward that reduces adds its own gradient to that sum."""
+
+    def __init__(self, module: nn.Module, sampled: Callable[[], bool], guard: Guard) -> None:
+        super().__init__(module, lambda: 1.0, sampled, guard, replicated=False, accumulated=self, hook_parameters=False)
+        self._handles.append(module.register_forward_hook(guard("local gradient probe", self._after_forward)))
+        self._groups: dict[int, Any] = {}  # id(unsharded parameter) -> (its FSDP param group, its FSDPParam)
+        self._attached = False
+
+    def _after_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._attached or not torch.is_grad_enabled():
+            return
+        self._attached = True
+        named = []
+        for submodule in module.modules():
+            state = getattr(submodule, "_get_fsdp_state", None)
+            group = state()._fsdp_param_group if state is not None else None
+            for fsdp_param in group.fsdp_params if group is not None else ():
+                unsharded = fsdp_param._unsharded_param
+                if unsharded.requires_grad:
+                    self._groups[id(unsharded)] = (group, fsdp_param)
+                    named.append((_strip(fsdp_param._param_fqn), unsharded))
+        self._hook(named)
+
+    def boundary(self, parameter: torch.Tensor) -> bool:
+        group, _ = self._groups[id(parameter)]
+        return bool(group.reduce_grads)
+
+    def held(self, parameter: torch.Tensor) -> torch.Tensor | None:
+        _, fsdp_param = self._groups[id(parameter)]
+        accumulated: torch.Tensor | None = getattr(fsdp_param, "unsharded_accumulated_grad", None)
+        return accumulated if accumulated is not None else parameter.grad

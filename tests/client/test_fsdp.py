@@ -98,9 +98,9 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
             histogram_every=HISTOGRAM_EVERY,
         )
 
-        reference = _model() if rank == 0 else None
-        reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5) if reference is not None else None
-        saved: dict[str, list] = {"steps": [], "weights": [], "clip_returned": []}
+        reference = _model()
+        reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+        saved: dict[str, list] = {"steps": [], "weights": [], "clip_returned": [], "own_norms": []}
         half = BATCH // WORLD_SIZE
         for step in range(1, STEPS + 1):
             inputs, targets = _batch(step)
@@ -111,6 +111,11 @@ def _train(rank: int, port: int, spool_root: str, root: str) -> None:
             saved["clip_returned"].append(float(returned.full_tensor() if isinstance(returned, DTensor) else returned))
             optimizer.step()
             optimizer.zero_grad()
+            # This rank's own gradient, before the reduce-scatter: its half of the batch.
+            own = torch.autograd.grad(
+                torch.nn.functional.mse_loss(reference(inputs[mine]), targets[mine]), list(reference.parameters())
+            )
+            saved["own_norms"].append(float(torch.linalg.vector_norm(torch.cat([g.double().ravel() for g in own]))))
             if reference is not None:
                 # Mean loss over the whole batch: the gradient FSDP's averaged reduce-scatter gives.
                 torch.nn.functional.mse_loss(reference(inputs), targets).backward()
@@ -156,9 +161,9 @@ def fsdp_run(tmp_path_factory):
     spool = tmp_path_factory.mktemp("fsdp")
     spawn_ranks(_train, spool)
     saved = torch.load(spool / "reference0.pt", weights_only=False)
-    saved["clip_returned_by_rank"] = [
-        torch.load(spool / f"reference{rank}.pt", weights_only=False)["clip_returned"] for rank in range(WORLD_SIZE)
-    ]
+    by_rank = [torch.load(spool / f"reference{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    saved["clip_returned_by_rank"] = [ranks["clip_returned"] for ranks in by_rank]
+    saved["own_norms_by_rank"] = [ranks["own_norms"] for ranks in by_rank]
     (run_dir,) = spool.glob("fsdp.*")  # both ranks are one instance
     per_rank = {rank: read_spool(run_dir / f"rank{rank}") for rank in range(WORLD_SIZE)}
     return saved, per_rank
@@ -193,6 +198,22 @@ def test_gradient_statistics_describe_the_whole_tensor(fsdp_run):
                 step["clip_coef"] == pytest.approx(min(1.0, CLIP / (returned + 1e-6)), rel=RTOL)
                 and step["clipped"] is True
             )
+
+
+def test_each_ranks_local_health_is_its_own_gradient_before_the_reduce_scatter(fsdp_run):
+    saved, per_rank = fsdp_run
+    for rank, spooled in per_rank.items():
+        own = saved["own_norms_by_rank"][rank]
+        assert len(own) == STEPS
+        for step, expected in zip(spooled.steps[:STEPS], own, strict=True):
+            local = step["local"]
+            assert local["grad_norm"] == pytest.approx(expected, rel=RTOL), (rank, step["step"])
+            assert local["nonfinite"] == 0
+            # FSDP gathers parameters in the forward: a rank's time includes waiting for the others.
+            assert local["compute_time"] is None and local["checksum"] is None
+        assert own[0] != pytest.approx(saved["own_norms_by_rank"][1 - rank][0], rel=1e-3)  # each rank its own
+        # The NaN was written into the reduced shard after the backward: every rank's own gradient was finite.
+        assert spooled.steps[-1]["local"]["nonfinite"] == 0
 
 
 def test_a_nan_in_one_shard_reaches_every_rank(fsdp_run):
@@ -251,3 +272,65 @@ def test_reductions_are_batched_per_step_and_unsupported_placements_refused(fsdp
     assert saved["collectives"][1] == 2
     assert saved["collectives"][0] == saved["collectives"][2] == 2 + 2 * 2 + 2
     assert "Partial" in saved["refusal"]
+
+
+def _accumulate(rank: int, port: int, spool_root: str, root: str) -> None:
+    """Two optimizer steps of two micro-batches each, gradient sync off for the first: in
+    float32, and with bf16 parameters reduced in float32 (FSDP keeps the sum in float32)."""
+    sys.path.insert(0, root)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import init_device_mesh
+
+    import numwatch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        saved: dict[str, list[float]] = {}
+        for name, policy in (
+            ("fp32", MixedPrecisionPolicy()),
+            ("bf16", MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)),
+        ):
+            model = _model()
+            reference = _model()
+            for layer in (model[0], model[2]):
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+            watcher = numwatch.watch(model, optimizer, run=f"accumulate-{name}", spool_dir=spool_root)
+            own_norms = []
+            for step in (1, 2):
+                weights = [p.full_tensor().detach() for p in model.parameters()]  # collectives, every rank
+                with torch.no_grad():
+                    for parameter, weight in zip(reference.parameters(), weights, strict=True):
+                        parameter.copy_(weight)
+                own = [torch.zeros_like(p, dtype=torch.float64) for p in reference.parameters()]
+                for micro in (0, 1):
+                    inputs, targets = _batch(10 * step + micro)
+                    mine = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+                    model.set_requires_gradient_sync(micro == 1)
+                    (torch.nn.functional.mse_loss(model(inputs[mine]), targets[mine]) / 2).backward()
+                    loss = torch.nn.functional.mse_loss(reference(inputs[mine]), targets[mine]) / 2
+                    for sum_, grad in zip(own, torch.autograd.grad(loss, list(reference.parameters())), strict=True):
+                        sum_ += grad.double()
+                optimizer.step()
+                optimizer.zero_grad()
+                own_norms.append(float(torch.linalg.vector_norm(torch.cat([g.ravel() for g in own]))))
+            watcher.close()
+            saved[name] = own_norms
+        torch.save(saved, Path(spool_root) / f"accumulate{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_with_gradient_sync_off_the_local_gradient_is_the_ranks_sum_over_its_micro_batches(tmp_path):
+    spawn_ranks(_accumulate, tmp_path)
+    for rank in range(WORLD_SIZE):
+        saved = torch.load(tmp_path / f"accumulate{rank}.pt", weights_only=False)
+        for name, rtol in (("fp32", RTOL), ("bf16", 2e-2)):
+            (run_dir,) = tmp_path.glob(f"accumulate-{name}.*")
+            steps = read_spool(run_dir / f"rank{rank}").steps
+            assert [s["step"] for s in steps] == [1, 2]  # one step per optimizer step
+            for step, expected in zip(steps, saved[name], strict=True):
+                assert step["local"]["grad_norm"] == pytest.approx(expected, rel=rtol), (name, rank, step["step"])

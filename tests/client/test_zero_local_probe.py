@@ -79,7 +79,7 @@ class _Accumulation:
     def __init__(self) -> None:
         self.at_boundary = False
 
-    def boundary(self) -> bool:
+    def boundary(self, parameter: torch.Tensor) -> bool:
         return self.at_boundary
 
     def held(self, parameter: torch.Tensor) -> torch.Tensor | None:
