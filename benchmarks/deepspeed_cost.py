@@ -1,11 +1,12 @@
-"""Per-step cost numwatch adds under DeepSpeed ZeRO-2 and ZeRO-3, and under DDP on the same model.
+"""Per-step cost numwatch adds under DeepSpeed ZeRO-2 and ZeRO-3, and under DDP and FSDP2 on the same model.
 
-    python benchmarks/deepspeed_cost.py [--steps 100] [--repeat 2] [--setups ddp zero2 zero3]
+    python benchmarks/deepspeed_cost.py [--steps 100] [--repeat 2] [--setups ddp fsdp2 zero2 zero3]
     python benchmarks/deepspeed_cost.py --ops
 
 Two gloo ranks on the CPU (``DS_ACCELERATOR=cpu``, one torch thread each) train the benchmark
 model (:class:`numwatch.demo_model.TinyGPT`, d_model 256, 4 layers, fp32, AdamW, gradient
-clipping 1.0) under each setup. As in ``benchmarks/overhead.py``: two identical copies (same
+clipping 1.0) under each setup (FSDP2: ``fully_shard`` on each block and on the model).
+As in ``benchmarks/overhead.py``: two identical copies (same
 weights, same batches) take alternating steps, numwatch attached to one of them at its default
 cadences (after a throwaway watcher ran first, so one-time costs are not counted), so drift in
 machine load hits both alike. Rank 0 prints, per setup and run: the mean step times, the mean
@@ -74,6 +75,27 @@ def _ddp_copy(model: torch.nn.Module, seed: int) -> tuple[Copy, tuple[Any, ...]]
     return Copy(ddp, step, seed), (ddp, optimizer)
 
 
+def _fsdp_copy(model: torch.nn.Module, seed: int) -> tuple[Copy, tuple[Any, ...]]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from numwatch.demo_model import lm_loss
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    for block in model.blocks:  # type: ignore[union-attr]  # TinyGPT's transformer blocks
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        lm_loss(model(inputs), targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return Copy(model, step, seed), (model, optimizer)
+
+
 def _zero_copy(stage: int) -> Callable[[torch.nn.Module, int], tuple[Copy, tuple[Any, ...]]]:
     def make(model: torch.nn.Module, seed: int) -> tuple[Copy, tuple[Any, ...]]:
         import deepspeed
@@ -98,7 +120,7 @@ def _zero_copy(stage: int) -> Callable[[torch.nn.Module, int], tuple[Copy, tuple
     return make
 
 
-SETUPS = {"ddp": _ddp_copy, "zero2": _zero_copy(2), "zero3": _zero_copy(3)}
+SETUPS = {"ddp": _ddp_copy, "fsdp2": _fsdp_copy, "zero2": _zero_copy(2), "zero3": _zero_copy(3)}
 
 
 def _measure(make: Callable[[torch.nn.Module, int], tuple[Copy, tuple[Any, ...]]], steps: int, spool: str) -> dict:
