@@ -61,39 +61,33 @@ class Copy:
 
 
 def _ddp_copy(model: torch.nn.Module, seed: int) -> tuple[Copy, tuple[Any, ...]]:
+    return _torch_copy(torch.nn.parallel.DistributedDataParallel(model), seed)
+
+
+def _torch_copy(wrapped: torch.nn.Module, seed: int) -> tuple[Copy, tuple[Any, ...]]:
+    """A torch-wrapped model's copy: backward, ``clip_grad_norm_``, AdamW step, as a torch loop does."""
     from numwatch.demo_model import lm_loss
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-3)
 
     def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        lm_loss(ddp(inputs), targets).backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+        lm_loss(wrapped(inputs), targets).backward()
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return Copy(ddp, step, seed), (ddp, optimizer)
+    return Copy(wrapped, step, seed), (wrapped, optimizer)
 
 
 def _fsdp_copy(model: torch.nn.Module, seed: int) -> tuple[Copy, tuple[Any, ...]]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from numwatch.demo_model import lm_loss
-
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     for block in model.blocks:  # type: ignore[union-attr]  # TinyGPT's transformer blocks
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        lm_loss(model(inputs), targets).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return Copy(model, step, seed), (model, optimizer)
+    return _torch_copy(model, seed)
 
 
 def _zero_copy(stage: int) -> Callable[[torch.nn.Module, int], tuple[Copy, tuple[Any, ...]]]:
